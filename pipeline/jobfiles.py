@@ -1,0 +1,140 @@
+"""A job's files in its output storage: the source of truth, Redis being only a cache.
+
+    OUTPUT/_jobs/<job_id>/job.json                   the JobSpec
+    OUTPUT/_jobs/<job_id>/inputs/<shard>.jsonl       the listing: Items, in index order
+    OUTPUT/_jobs/<job_id>/parts/<chunk>-<seq>.jsonl  one ItemRecord per line, per chain
+    OUTPUT/_jobs/<job_id>/manifest.jsonl             merged parts, one line per item
+
+Parts are written whole and never appended, so a redelivered chain just rewrites its part.
+A resubmission (``seq`` + 1) writes new parts; the merge keeps the newest line per item.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from typing import Iterable, Iterator
+
+from pipeline import constants as C
+from pipeline.messages import Item, ItemRecord, JobSpec
+from pipeline.storage import Storage, StorageNotFoundError, join_uri
+
+
+def job_root(output: str, job_id: str) -> str:
+    return join_uri(output, C.JOBS_DIR, job_id)
+
+
+def spec_uri(output: str, job_id: str) -> str:
+    return join_uri(job_root(output, job_id), C.JOB_SPEC_NAME)
+
+
+def manifest_uri(output: str, job_id: str) -> str:
+    return join_uri(job_root(output, job_id), C.MANIFEST_NAME)
+
+
+def _shard_uri(output: str, job_id: str, shard: int) -> str:
+    return join_uri(job_root(output, job_id), "inputs", f"{shard:08d}.jsonl")
+
+
+def _parts_prefix(output: str, job_id: str) -> str:
+    return join_uri(job_root(output, job_id), "parts", "")
+
+
+def part_uri(output: str, job_id: str, chunk: int, seq: int, part: str = "") -> str:
+    suffix = f"-{part}" if part else ""
+    return join_uri(job_root(output, job_id), "parts", f"{chunk:08d}-{seq:06d}{suffix}.jsonl")
+
+
+def write_spec(storage: Storage, spec: JobSpec) -> None:
+    storage.put(spec_uri(spec.output, spec.job_id), spec.model_dump_json(indent=2).encode(), "application/json")
+
+
+def read_spec(storage: Storage, output: str, job_id: str) -> JobSpec:
+    return JobSpec.model_validate_json(storage.get(spec_uri(output, job_id)))
+
+
+def write_listing(storage: Storage, output: str, job_id: str, items: Iterable[Item]) -> int:
+    """Stream items into listing shards; returns how many were written."""
+    total = 0
+    shard: list[str] = []
+    for item in items:
+        shard.append(item.model_dump_json())
+        total += 1
+        if len(shard) == C.LISTING_SHARD_SIZE:
+            storage.put(_shard_uri(output, job_id, total // C.LISTING_SHARD_SIZE - 1), _lines(shard))
+            shard = []
+    if shard:
+        storage.put(_shard_uri(output, job_id, total // C.LISTING_SHARD_SIZE), _lines(shard))
+    return total
+
+
+def _lines(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+@functools.lru_cache(maxsize=8)
+def _read_shard(storage: Storage, uri: str) -> tuple[Item, ...]:
+    # Shards are immutable once written, so caching them per process is safe.
+    return tuple(Item.model_validate_json(line) for line in storage.get(uri).splitlines() if line.strip())
+
+
+def read_chunk(storage: Storage, output: str, job_id: str, chunk: int, chunk_size: int) -> list[Item]:
+    start, stop = chunk * chunk_size, (chunk + 1) * chunk_size
+    items: list[Item] = []
+    for shard in range(start // C.LISTING_SHARD_SIZE, (stop - 1) // C.LISTING_SHARD_SIZE + 1):
+        try:
+            rows = _read_shard(storage, _shard_uri(output, job_id, shard))
+        except StorageNotFoundError:
+            if items:
+                break  # the chunk runs past the last shard
+            raise
+        base = shard * C.LISTING_SHARD_SIZE
+        items.extend(rows[max(0, start - base) : max(0, stop - base)])
+    return items
+
+
+def write_part(
+    storage: Storage, output: str, job_id: str, chunk: int, seq: int, records: list[ItemRecord], part: str = ""
+) -> None:
+    lines = [manifest_line(r) for r in records]
+    storage.put(part_uri(output, job_id, chunk, seq, part), _lines(lines), "application/x-ndjson")
+
+
+def manifest_line(record: ItemRecord) -> str:
+    row = record.model_dump(mode="json")
+    if record.status != "done":
+        row["output"] = None  # never point at an object that was not written
+    return json.dumps(row, separators=(",", ":"))
+
+
+def iter_part_records(storage: Storage, output: str, job_id: str) -> Iterator[dict]:
+    """Yield the newest manifest row per item, in index order."""
+    by_chunk: dict[int, list[tuple[int, str]]] = {}
+    for uri in storage.list(_parts_prefix(output, job_id)):
+        name = uri.rsplit("/", 1)[-1]
+        if not name.endswith(".jsonl"):
+            continue
+        chunk, seq = name[: -len(".jsonl")].split("-")[:2]
+        by_chunk.setdefault(int(chunk), []).append((int(seq), uri))
+    for chunk in sorted(by_chunk):
+        newest: dict[int, tuple[int, dict]] = {}
+        for seq, uri in sorted(by_chunk[chunk]):
+            for line in storage.get(uri).splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    newest[row["index"]] = (seq, row)
+        for index in sorted(newest):
+            yield newest[index][1]
+
+
+def merge_manifest(storage: Storage, output: str, job_id: str) -> dict[str, int]:
+    """Merge every part into manifest.jsonl (atomically); returns counts by status."""
+    counts = {"done": 0, "failed": 0}
+    with tempfile.TemporaryFile() as tmp:
+        for row in iter_part_records(storage, output, job_id):
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+            tmp.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
+        tmp.seek(0)
+        storage.put_file(manifest_uri(output, job_id), tmp)
+    return counts

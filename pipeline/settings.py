@@ -1,0 +1,116 @@
+"""Typed settings: flags override the environment (``PIXELRELAY_*``), which overrides defaults.
+
+``Settings.from_env`` fails fast with ``ConfigError`` naming the bad variable. The Redis URL
+may carry a password: it is a SecretStr and ``redacted_redis_url`` is the only form logged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline import constants as C
+
+ENV_PREFIX = "PIXELRELAY_"
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    redis_url: SecretStr = SecretStr(C.DEFAULT_REDIS_URL)
+    s3_endpoint_url: str | None = None
+    max_image_pixels: int = Field(C.DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    chunk_size: int = Field(C.DEFAULT_CHUNK_SIZE, ge=1, le=4096)
+    window: int = Field(C.DEFAULT_WINDOW, ge=1)
+    batch_size: int = Field(C.DEFAULT_BATCH_SIZE, ge=1, le=1024)
+    visibility_timeout_s: int = Field(C.DEFAULT_VISIBILITY_TIMEOUT_S, ge=60)
+    max_retries: int = Field(C.DEFAULT_MAX_RETRIES, ge=0, le=100)
+    device: str = "cpu"
+    torch_threads: int = Field(0, ge=0, le=1024)  # 0: torch's default
+    encoder: str = C.DEFAULT_ENCODER
+    planner: str = C.DEFAULT_PLANNER
+    decoder: str = C.DEFAULT_DECODER
+    log_level: str = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if raw and urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL (or empty for the embedded server)")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value or None
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("encoder", "planner", "decoder")
+    @classmethod
+    def _check_backend(cls, value: str, info) -> str:
+        from pipeline.stages.registry import validate_spec
+
+        return validate_spec(info.field_name, value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "Settings":
+        """Build from the environment plus explicit overrides (None values are ignored)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else "?"
+                source = "--" + name.replace("_", "-") if name in given else ENV_PREFIX + name.upper()
+                problems.append(f"{source}: {err['msg']}")
+            raise ConfigError("bad setting: " + "; ".join(problems)) from None
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url.get_secret_value()
+
+    @property
+    def redacted_redis_url(self) -> str:
+        return redact_url(self.redis)
+
+
+def redact_url(url: str) -> str:
+    """Hide any password in a URL, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.username:
+        netloc = f"{parts.username}:***@{netloc}"
+    else:
+        netloc = f":***@{netloc}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

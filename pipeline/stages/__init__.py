@@ -1,0 +1,24 @@
+"""The three stages (encoder, planner, decoder), their interfaces and backend registry."""
+
+from pipeline.stages.base import (
+    Decoder,
+    Encoder,
+    ModelUnavailableError,
+    Planner,
+    RestoredImage,
+    StageSpec,
+)
+from pipeline.stages.registry import create_decoder, create_encoder, create_planner, known_backends
+
+__all__ = [
+    "Decoder",
+    "Encoder",
+    "ModelUnavailableError",
+    "Planner",
+    "RestoredImage",
+    "StageSpec",
+    "create_decoder",
+    "create_encoder",
+    "create_planner",
+    "known_backends",
+]

@@ -1,0 +1,71 @@
+"""Backend registry: ``KIND`` -> the class implementing it, imported lazily.
+
+Lazy imports keep torch/transformers out of processes that only need the names
+(the producer, ``pixelrelay models list``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from pipeline.stages.base import Decoder, Encoder, Planner, StageSpec
+
+# stage -> kind -> "module:Class"
+BACKENDS: dict[str, dict[str, str]] = {
+    "encoder": {
+        "analysis": "pipeline.stages.encoders.analysis:AnalysisEncoder",
+    },
+    "planner": {
+        "rules": "pipeline.stages.planners.rules:RulesPlanner",
+    },
+    "decoder": {
+        "classic": "pipeline.stages.decoders.classic:ClassicDecoder",
+    },
+}
+
+
+class UnknownBackendError(ValueError):
+    pass
+
+
+def known_backends(stage: str) -> list[str]:
+    return sorted(BACKENDS[stage])
+
+
+def backend_class(stage: str, spec: str | StageSpec) -> type:
+    parsed = spec if isinstance(spec, StageSpec) else StageSpec.parse(spec)
+    try:
+        target = BACKENDS[stage][parsed.kind]
+    except KeyError:
+        raise UnknownBackendError(
+            f"unknown {stage} backend {parsed.kind!r}; known: {', '.join(known_backends(stage))}"
+        ) from None
+    module_name, _, class_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def validate_spec(stage: str, spec: str) -> str:
+    """Check a spec names a known backend without importing it; returns the spec."""
+    parsed = StageSpec.parse(spec)
+    if parsed.kind not in BACKENDS[stage]:
+        raise UnknownBackendError(
+            f"unknown {stage} backend {parsed.kind!r}; known: {', '.join(known_backends(stage))}"
+        )
+    return str(parsed)
+
+
+def _create(stage: str, spec: str, device: str):
+    parsed = StageSpec.parse(spec)
+    return backend_class(stage, parsed)(model=parsed.model, device=device)
+
+
+def create_encoder(spec: str, device: str = "cpu") -> Encoder:
+    return _create("encoder", spec, device)
+
+
+def create_planner(spec: str, device: str = "cpu") -> Planner:
+    return _create("planner", spec, device)
+
+
+def create_decoder(spec: str, device: str = "cpu") -> Decoder:
+    return _create("decoder", spec, device)

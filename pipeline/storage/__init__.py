@@ -1,0 +1,23 @@
+"""Storage backends behind one small interface: ``s3://bucket/prefix`` or a local path."""
+
+from pipeline.storage.base import (
+    Storage,
+    StorageError,
+    StorageNotFoundError,
+    TransientStorageError,
+    is_s3,
+    join_uri,
+    open_storage,
+    split_uri,
+)
+
+__all__ = [
+    "Storage",
+    "StorageError",
+    "StorageNotFoundError",
+    "TransientStorageError",
+    "is_s3",
+    "join_uri",
+    "open_storage",
+    "split_uri",
+]

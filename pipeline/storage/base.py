@@ -1,0 +1,77 @@
+"""The storage interface, its errors, and URI helpers.
+
+Every object is addressed by a full URI (a local path or ``s3://bucket/key``). Writes are
+atomic: readers never see a partial object (local: temp file + rename; S3: one PUT or a
+completed multipart upload).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import BinaryIO, Iterator
+
+
+class StorageError(Exception):
+    """A permanent storage error (missing object, access denied, bad bucket)."""
+
+
+class StorageNotFoundError(StorageError):
+    pass
+
+
+class TransientStorageError(Exception):
+    """A storage error worth retrying (timeout, connection reset, throttling, 5xx)."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ("bucket", "a/b"); a local path -> ("", path)."""
+    if is_s3(uri):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return bucket, key
+    return "", uri
+
+
+def join_uri(root: str, *parts: str) -> str:
+    if is_s3(root):
+        return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return os.path.join(root, *parts)
+
+
+class Storage(ABC):
+    """Byte-level object access by URI."""
+
+    @abstractmethod
+    def get(self, uri: str) -> bytes: ...
+
+    @abstractmethod
+    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None: ...
+
+    @abstractmethod
+    def put_file(self, uri: str, fileobj: BinaryIO) -> None:
+        """Upload a (possibly large) file object atomically."""
+
+    @abstractmethod
+    def exists(self, uri: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[str]:
+        """Yield the URIs of every object under ``prefix`` in sorted order."""
+
+    @abstractmethod
+    def delete(self, uri: str) -> None: ...
+
+
+def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
+    """The storage that serves ``uri``. S3 clients are cached per endpoint."""
+    if is_s3(uri):
+        from pipeline.storage.s3 import S3Storage
+
+        return S3Storage.shared(endpoint_url)
+    from pipeline.storage.local import LocalStorage
+
+    return LocalStorage()

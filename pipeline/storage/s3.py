@@ -1,0 +1,137 @@
+"""S3-compatible storage (AWS S3, MinIO, Ceph, R2) through boto3.
+
+Credentials come from the standard AWS chain (``AWS_*`` variables, profiles, roles); the
+endpoint from ``PIXELRELAY_S3_ENDPOINT_URL`` for non-AWS services. Single objects are one
+PUT; large files go through boto3's managed multipart upload, which is only visible once
+completed. Errors are mapped to StorageError (permanent) or TransientStorageError (retry).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import BinaryIO, Iterator
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+
+from pipeline.storage.base import (
+    Storage,
+    StorageError,
+    StorageNotFoundError,
+    TransientStorageError,
+    split_uri,
+)
+
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+    "503",
+    "500",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_NETWORK_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+
+
+def _map_error(exc: Exception, uri: str) -> Exception:
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _NOT_FOUND_CODES:
+            return StorageNotFoundError(f"no such object: {uri}")
+        if code in _TRANSIENT_CODES or status >= 500:
+            return TransientStorageError(f"S3 {code or status} for {uri}")
+        return StorageError(f"S3 {code or status} for {uri}")
+    if isinstance(exc, (*_NETWORK_ERRORS, ConnectionError, TimeoutError)):
+        return TransientStorageError(f"S3 connection problem for {uri}: {type(exc).__name__}")
+    if isinstance(exc, BotoCoreError):
+        return StorageError(f"S3 client error for {uri}: {exc}")
+    return exc
+
+
+class S3Storage(Storage):
+    _clients: dict[tuple[int, str | None], "S3Storage"] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, endpoint_url: str | None = None) -> None:
+        config = Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=32,
+        )
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+        self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
+
+    @classmethod
+    def shared(cls, endpoint_url: str | None = None) -> "S3Storage":
+        # Keyed by pid too: a client must not cross a fork.
+        key = (os.getpid(), endpoint_url or os.environ.get("PIXELRELAY_S3_ENDPOINT_URL") or None)
+        with cls._lock:
+            if key not in cls._clients:
+                cls._clients[key] = cls(key[1])
+            return cls._clients[key]
+
+    def get(self, uri: str) -> bytes:
+        bucket, key = split_uri(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            raise _map_error(exc, uri) from None
+
+    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
+        bucket, key = split_uri(uri)
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+        except Exception as exc:
+            raise _map_error(exc, uri) from None
+
+    def put_file(self, uri: str, fileobj: BinaryIO) -> None:
+        bucket, key = split_uri(uri)
+        try:
+            self.client.upload_fileobj(fileobj, bucket, key, Config=self.transfer)
+        except Exception as exc:
+            raise _map_error(getattr(exc, "last_exception", None) or exc, uri) from None
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = split_uri(uri)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as exc:
+            mapped = _map_error(exc, uri)
+            if isinstance(mapped, StorageNotFoundError):
+                return False
+            raise mapped from None
+
+    def list(self, prefix: str) -> Iterator[str]:
+        bucket, key_prefix = split_uri(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
+                for obj in page.get("Contents", []):
+                    yield f"s3://{bucket}/{obj['Key']}"
+        except Exception as exc:
+            raise _map_error(exc, prefix) from None
+
+    def delete(self, uri: str) -> None:
+        bucket, key = split_uri(uri)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise _map_error(exc, uri) from None

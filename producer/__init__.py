@@ -1,0 +1,1 @@
+"""Submission, input listing, status and the ``pixelrelay`` CLI. Never imports torch."""

@@ -1,0 +1,175 @@
+"""The ``pixelrelay`` command line.
+
+Exit codes: 0 every item done; 1 some items failed (a summary is printed); 2 usage or
+configuration error. ``submit`` and ``status`` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.settings import ConfigError, Settings
+
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="broker Redis URL (env PIXELRELAY_REDIS_URL)")
+    parser.add_argument("--s3-endpoint-url", help="S3 endpoint for MinIO/Ceph/R2 (env PIXELRELAY_S3_ENDPOINT_URL)")
+
+
+def _backend_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", metavar="KIND[:MODEL]", help="encoder backend")
+    parser.add_argument("--planner", metavar="KIND[:MODEL]", help="planner backend")
+    parser.add_argument("--decoder", metavar="KIND[:MODEL]", help="decoder backend")
+
+
+def _job_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="local folder, s3://bucket/prefix, or a manifest file")
+    parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    parser.add_argument("--task", choices=["restore", "upscale"], default="restore")
+    parser.add_argument("--scale", type=int, choices=[1, 2, 4])
+    parser.add_argument("--instruction", default="", help="free-text instruction for the planner")
+    parser.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: keep)")
+    parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
+    parser.add_argument("--chunk-size", type=int, help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
+    parser.add_argument("--window", type=int, help="chains in flight per job (env PIXELRELAY_WINDOW)")
+    _common(parser)
+
+
+def _worker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, help="items per model call (env PIXELRELAY_BATCH_SIZE)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (env PIXELRELAY_DEVICE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelrelay", description="Batch image restoration and upscaling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="enqueue a job and print its id")
+    _job_flags(p)
+    _backend_flags(p)
+    p.add_argument("--wait", action="store_true", help="wait for the job and exit 0/1")
+
+    p = sub.add_parser("status", help="show a job's progress")
+    p.add_argument("job_id")
+    p.add_argument("--wait", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("worker", help="run one stage's worker pool")
+    p.add_argument("--stage", required=True, choices=["encode", "plan", "decode"])
+    p.add_argument("--concurrency", type=int, default=1, help="worker processes (1: solo pool)")
+    p.add_argument("--loglevel", help="DEBUG, INFO, WARNING or ERROR")
+    _worker_flags(p)
+    _backend_flags(p)
+    _common(p)
+
+    p = sub.add_parser("run", help="run the whole system on this machine for one job")
+    _job_flags(p)
+    _worker_flags(p)
+    _backend_flags(p)
+
+    p = sub.add_parser("demo", help="write generated sample images to a folder")
+    p.add_argument("folder")
+    p.add_argument("--count", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    fields = (
+        "redis_url", "s3_endpoint_url", "chunk_size", "window", "batch_size", "device",
+        "encoder", "planner", "decoder",
+    )
+    return Settings.from_env(**{name: getattr(args, name, None) for name in fields})
+
+
+def _job_options(args: argparse.Namespace):
+    from pipeline.messages import JobOptions
+
+    return JobOptions(task=args.task, scale=args.scale, instruction=args.instruction, format=args.format)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.messages import Backends
+    from producer.status import show_status
+    from producer.submit import submit
+
+    settings = _settings(args)
+    backends = Backends(encoder=args.encoder, planner=args.planner, decoder=args.decoder)
+    submission = submit(settings, args.input, args.out, _job_options(args), backends, args.job_id)
+    print(submission.job_id, flush=True)
+    if submission.resumed:
+        print(f"resuming: {submission.already_done} of {submission.total} items already done", file=sys.stderr)
+    if args.wait:
+        return show_status(settings, submission.job_id, wait=True, stream=sys.stderr)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from producer.status import show_status
+
+    return show_status(_settings(args), args.job_id, args.wait)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import export_settings, run_worker
+
+    _settings(args)  # validate flags before exporting them
+    export_settings(
+        redis_url=args.redis_url, s3_endpoint_url=args.s3_endpoint_url, batch_size=args.batch_size,
+        device=args.device, encoder=args.encoder, planner=args.planner, decoder=args.decoder,
+    )
+    return run_worker(args.stage, args.concurrency, args.loglevel)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.messages import Backends
+    from producer.run import run_local
+
+    settings = _settings(args)
+    worker_args: list[str] = []
+    for flag in ("batch_size", "device", "encoder", "planner", "decoder", "s3_endpoint_url"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            worker_args += ["--" + flag.replace("_", "-"), str(value)]
+    per_stage = {stage: worker_args for stage in ("encode", "plan", "decode")}
+    # The workers load the chosen backends at start-up; the job itself uses their defaults.
+    return run_local(settings, args.input, args.out, _job_options(args), Backends(), args.job_id, per_stage)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from producer.demo import write_demo_images
+
+    paths = write_demo_images(args.folder, args.count, args.seed)
+    print(f"wrote {len(paths)} sample images to {args.folder}")
+    return 0
+
+
+COMMANDS = {
+    "submit": _cmd_submit,
+    "status": _cmd_status,
+    "worker": _cmd_worker,
+    "run": _cmd_run,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from producer.listing import InputError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, InputError) as exc:
+        print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

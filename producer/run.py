@@ -1,0 +1,81 @@
+"""``pixelrelay run``: the whole system on one machine, through the production code path.
+
+Starts an embedded Redis when none is configured, one worker process per stage (the same
+``pixelrelay worker`` a cluster runs), submits the job, shows progress, waits, and shuts
+everything down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+
+from pipeline import constants as C
+from pipeline.messages import Backends, JobOptions
+from pipeline.settings import Settings
+from producer.embedded import EmbeddedRedis
+from producer.status import summarize, wait_for_job
+from producer.submit import redis_client, submit
+from workers.jobstate import JobState
+
+
+class LocalWorkers:
+    def __init__(self, env: dict[str, str], worker_args: dict[str, list[str]]) -> None:
+        self.env = env
+        self.worker_args = worker_args
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logdir = tempfile.mkdtemp(prefix="pixelrelay-workers-")
+
+    def start(self) -> None:
+        for stage in C.STAGES:
+            log = open(os.path.join(self.logdir, f"{stage}.log"), "wb")
+            cmd = [sys.executable, "-m", "producer.cli", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
+            self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def problem(self) -> str | None:
+        for stage, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = open(os.path.join(self.logdir, f"{stage}.log"), "rb").read()[-2000:].decode(errors="replace")
+                return f"the {stage} worker exited with code {proc.returncode}:\n{tail}"
+        return None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_local(
+    settings: Settings,
+    input_uri: str,
+    output_uri: str,
+    options: JobOptions,
+    backends: Backends,
+    job_id: str | None,
+    worker_args: dict[str, list[str]],
+) -> int:
+    with ExitStack() as stack:
+        env = dict(os.environ)
+        if not settings.redis:
+            server = stack.enter_context(EmbeddedRedis())
+            env["PIXELRELAY_REDIS_URL"] = server.url
+            settings = settings.model_copy(update={"redis_url": type(settings.redis_url)(server.url)})
+        # Share the cores between the three local workers unless told otherwise.
+        env.setdefault("PIXELRELAY_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+        workers = LocalWorkers(env, worker_args)
+        stack.callback(workers.stop)
+        workers.start()
+        submission = submit(settings, input_uri, output_uri, options, backends, job_id)
+        print(submission.job_id, flush=True)
+        state = JobState(redis_client(settings), submission.job_id)
+        wait_for_job(state, settings, sys.stderr, health=workers.problem)
+        return summarize(state, settings, sys.stderr)

@@ -1,0 +1,141 @@
+"""Session fixtures with real parts: a Redis server, an S3 server (moto, over HTTP) and
+real Celery stage workers as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+
+from producer.embedded import EmbeddedRedis, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_BACKENDS = {"encoder": "analysis", "planner": "rules", "decoder": "classic"}
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """``REDIS_URL`` when set, else a fresh redis-server on a free port for this session."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        redis.Redis.from_url(url).ping()
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PIXELRELAY_S3_ENDPOINT_URL": endpoint,
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    name = "pr-" + uuid.uuid4().hex[:12]
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server):
+    return boto3.client("s3", endpoint_url=s3_server)
+
+
+def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PIXELRELAY_REDIS_URL=redis_url,
+        PIXELRELAY_TORCH_THREADS="1",
+        PIXELRELAY_BATCH_SIZE="4",
+        PIXELRELAY_CHUNK_SIZE="4",
+        PIXELRELAY_WINDOW="4",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+class WorkerPool:
+    """The three stage workers, as real ``pixelrelay worker`` subprocesses."""
+
+    def __init__(self, env: dict[str, str], logdir: Path, backends: dict[str, str]) -> None:
+        self.env, self.logdir, self.backends = env, logdir, backends
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> "WorkerPool":
+        flags = {"encode": ["--encoder", self.backends["encoder"]],
+                 "plan": ["--planner", self.backends["planner"]],
+                 "decode": ["--decoder", self.backends["decoder"]]}
+        for stage, extra in flags.items():
+            log = open(self.logdir / f"{stage}.log", "wb")
+            cmd = [sys.executable, "-m", "producer.cli", "worker", "--stage", stage, "--loglevel", "WARNING", *extra]
+            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+        return self
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="session")
+def stage_workers(redis_url, s3_server, tmp_path_factory):
+    pool = WorkerPool(worker_env(redis_url), tmp_path_factory.mktemp("worker-logs"), TEST_BACKENDS).start()
+    yield pool
+    pool.stop()
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")

@@ -1,0 +1,51 @@
+"""The Celery app and its configuration (see the ``workers`` package docstring for the
+delivery semantics). Importing this module imports no torch."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from pipeline import constants as C
+from pipeline.settings import Settings
+
+
+def queue_name(stage: str) -> str:
+    return C.QUEUE_PREFIX + stage
+
+
+def task_name(stage: str) -> str:
+    return C.TASK_PREFIX + stage
+
+
+def configure(app: Celery, settings: Settings) -> Celery:
+    app.conf.update(
+        broker_url=settings.redis,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        task_routes={task_name(stage): {"queue": queue_name(stage)} for stage in C.STAGES},
+        task_default_queue=queue_name("encode"),
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_pool_limit=4,
+    )
+    return app
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    if not settings.redis:
+        from pipeline.settings import ConfigError
+
+        raise ConfigError("PIXELRELAY_REDIS_URL: not set (use `pixelrelay run` for the embedded Redis)")
+    app = Celery("pixelrelay", set_as_current=True)
+    return configure(app, settings)

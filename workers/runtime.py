@@ -1,0 +1,65 @@
+"""Per-process state of a stage worker: settings, Redis, storage and the loaded models.
+
+A model is built once per process and reused for every batch. In a prefork pool this
+happens in each child after fork, so the parent never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+
+import redis
+
+from pipeline.settings import Settings
+from pipeline.stages.registry import create_decoder, create_encoder, create_planner
+from pipeline.storage import Storage, open_storage
+
+log = logging.getLogger("pixelrelay.worker")
+
+_FACTORIES = {"encode": create_encoder, "plan": create_planner, "decode": create_decoder}
+_SETTING_FOR_STAGE = {"encode": "encoder", "plan": "planner", "decode": "decoder"}
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stages: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+        self._redis: redis.Redis | None = None
+        self._redis_pid = 0
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None or self._redis_pid != os.getpid():
+            self._redis = redis.Redis.from_url(self.settings.redis, socket_timeout=30, health_check_interval=30)
+            self._redis_pid = os.getpid()
+        return self._redis
+
+    def storage(self, uri: str) -> Storage:
+        return open_storage(uri, self.settings.s3_endpoint_url)
+
+    def default_spec(self, stage: str) -> str:
+        return getattr(self.settings, _SETTING_FOR_STAGE[stage])
+
+    def stage(self, stage: str, spec: str | None = None):
+        """The backend for ``stage`` (the job's choice, else the worker's), built once."""
+        spec = spec or self.default_spec(stage)
+        key = (stage, spec)
+        with self._lock:
+            if key not in self._stages:
+                log.info("loading %s backend %s on %s", stage, spec, self.settings.device)
+                self._stages[key] = _FACTORIES[stage](spec, device=self.settings.device)
+            return self._stages[key]
+
+
+@functools.cache
+def runtime() -> Runtime:
+    settings = Settings.from_env()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    return Runtime(settings)
