@@ -108,8 +108,7 @@ def manifest_line(record: ItemRecord) -> str:
     return json.dumps(row, separators=(",", ":"))
 
 
-def iter_part_records(storage: Storage, output: str, job_id: str) -> Iterator[dict]:
-    """Yield the newest manifest row per item, in index order."""
+def _parts_by_chunk(storage: Storage, output: str, job_id: str) -> dict[int, list[tuple[int, str]]]:
     by_chunk: dict[int, list[tuple[int, str]]] = {}
     for uri in storage.list(_parts_prefix(output, job_id)):
         name = uri.rsplit("/", 1)[-1]
@@ -117,6 +116,17 @@ def iter_part_records(storage: Storage, output: str, job_id: str) -> Iterator[di
             continue
         chunk, seq = name[: -len(".jsonl")].split("-")[:2]
         by_chunk.setdefault(int(chunk), []).append((int(seq), uri))
+    return by_chunk
+
+
+def latest_seq(storage: Storage, output: str, job_id: str) -> int:
+    """The newest submission number that wrote a part (0 if none)."""
+    return max((seq for parts in _parts_by_chunk(storage, output, job_id).values() for seq, _ in parts), default=0)
+
+
+def iter_part_records(storage: Storage, output: str, job_id: str) -> Iterator[dict]:
+    """Yield the newest manifest row per item, in index order."""
+    by_chunk = _parts_by_chunk(storage, output, job_id)
     for chunk in sorted(by_chunk):
         newest: dict[int, tuple[int, dict]] = {}
         for seq, uri in sorted(by_chunk[chunk]):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
-from pipeline.jobfiles import iter_part_records, read_spec, spec_uri, write_listing, write_spec
+from pipeline.jobfiles import iter_part_records, latest_seq, read_spec, spec_uri, write_listing, write_spec
 from pipeline.messages import Backends, JobOptions, JobSpec
 from pipeline.settings import ConfigError, Settings
 from pipeline.storage import is_s3, open_storage
@@ -83,7 +83,8 @@ def submit(
     elif out_storage.exists(spec_uri(output_uri, job_id)):
         spec = read_spec(out_storage, output_uri, job_id)
         _check_same(spec, input_uri, output_uri, options, backends)
-        state.restore_done([row["index"] for row in iter_part_records(out_storage, output_uri, job_id) if row["status"] == "done"])
+        done = [row["index"] for row in iter_part_records(out_storage, output_uri, job_id) if row["status"] == "done"]
+        state.restore(latest_seq(out_storage, output_uri, job_id), done)
     else:
         resumed = False
         in_storage = open_storage(input_uri, settings.s3_endpoint_url)

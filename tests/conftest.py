@@ -16,6 +16,10 @@ import redis
 
 from producer.embedded import EmbeddedRedis, free_port
 
+import logging
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_BACKENDS = {"encoder": "analysis", "planner": "rules", "decoder": "classic"}
 
@@ -120,7 +124,8 @@ class WorkerPool:
 
 @pytest.fixture(scope="session")
 def stage_workers(redis_url, s3_server, tmp_path_factory):
-    pool = WorkerPool(worker_env(redis_url), tmp_path_factory.mktemp("worker-logs"), TEST_BACKENDS).start()
+    env = worker_env(redis_url, PIXELRELAY_MAX_IMAGE_PIXELS="4000000")
+    pool = WorkerPool(env, tmp_path_factory.mktemp("worker-logs"), TEST_BACKENDS).start()
     yield pool
     pool.stop()
 

@@ -97,10 +97,12 @@ class JobState:
         seq = pipe.execute()[2]
         return int(seq)
 
-    def restore_done(self, indices: list[int]) -> None:
-        """Rebuild done bits from storage (the job's Redis state was lost)."""
+    def restore(self, last_seq: int, done_indices: list[int]) -> None:
+        """Rebuild the job from storage (its Redis state was lost): the submission counter
+        continues after the newest part, and done items get their bits back."""
         pipe = self.r.pipeline(transaction=False)
-        for index in indices:
+        pipe.hset(self.key, "seq", last_seq)
+        for index in done_indices:
             pipe.setbit(self.done_key, index, 1)
         pipe.execute()
 

@@ -1,0 +1,72 @@
+"""Generated test images, good and bad (no third-party images)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def photo_like(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack(
+        [128 + 90 * np.sin(x / (5 + seed % 7)), 128 + 90 * np.cos(y / 9.0), 255 * x / max(1, w - 1)], -1
+    )
+    base += rng.normal(0, 3, base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def good_images(n: int) -> dict[str, bytes]:
+    """n images of varied sizes and formats, keyed by relative path."""
+    out = {}
+    for i in range(n):
+        w, h = 24 + (i * 7) % 40, 20 + (i * 5) % 36
+        fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][i % 3]
+        sub = "nested/" if i % 4 == 0 else ""
+        out[f"{sub}img{i:03d}.{ext}"] = encode(photo_like(w, h, i), fmt, **({"quality": 90} if ext != "png" else {}))
+    return out
+
+
+def bad_and_odd_images() -> tuple[dict[str, bytes], dict[str, str]]:
+    """(files, expected failure reason fragment per failing file). Files not in the second
+    dict must succeed."""
+    files: dict[str, bytes] = {}
+    good = encode(photo_like(40, 30, 1), "PNG")
+    files["truncated.png"] = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG")[:2000]
+    files["zero.jpg"] = b""
+    files["notes.png"] = b"these are meeting notes, not a picture\n" * 20
+    files["bomb.png"] = encode(Image.new("L", (3000, 3000)), "PNG")  # 9 Mpx > the test limit
+    cmyk = Image.new("CMYK", (20, 16), (0, 200, 200, 10))
+    files["cmyk.jpg"] = encode(cmyk, "JPEG")
+    files["deep16.png"] = encode(Image.fromarray((np.arange(30 * 20).reshape(20, 30) * 100).astype(np.uint16)), "PNG")
+    pal = photo_like(24, 18, 3).convert("P", palette=Image.ADAPTIVE, colors=16)
+    files["palette.png"] = encode(pal, "PNG")
+    rgba = photo_like(30, 22, 4).convert("RGBA")
+    alpha = np.zeros((22, 30), np.uint8)
+    alpha[:, 15:] = 255
+    rgba.putalpha(Image.fromarray(alpha))
+    files["alpha.png"] = encode(rgba, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files["rotated.jpg"] = encode(photo_like(40, 20, 5), "JPEG", exif=exif.tobytes(), quality=92)
+    frames = [Image.new("RGB", (16, 16), c) for c in ((250, 10, 10), (10, 10, 250))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    files["animated.gif"] = buf.getvalue()
+    files["tiny.png"] = encode(Image.new("RGB", (2, 1), (10, 200, 30)), "PNG")
+    files["good.png"] = good
+    expected_failures = {
+        "truncated.png": "corrupt",
+        "zero.jpg": "empty file",
+        "notes.png": "not a recognised image format",
+        "bomb.png": "decompression bomb",
+    }
+    return files, expected_failures
