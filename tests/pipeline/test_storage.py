@@ -1,0 +1,45 @@
+"""Storage backends: local folders and S3 over HTTP (moto server), with error mapping."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from pipeline.storage import StorageNotFoundError, TransientStorageError, open_storage
+from pipeline.storage.s3 import S3Storage
+
+
+def test_local_round_trip_and_atomic_writes(tmp_path):
+    storage = open_storage(str(tmp_path))
+    target = str(tmp_path / "a" / "b.bin")
+    storage.put(target, b"hello")
+    assert storage.get(target) == b"hello" and storage.exists(target)
+    storage.put_file(str(tmp_path / "big.bin"), io.BytesIO(b"x" * 100_000))
+    assert sorted(os.listdir(tmp_path)) == ["a", "big.bin"]  # no temp files left behind
+    assert list(storage.list(str(tmp_path))) == [str(tmp_path / "a" / "b.bin"), str(tmp_path / "big.bin")]
+    with pytest.raises(StorageNotFoundError):
+        storage.get(str(tmp_path / "missing"))
+
+
+def test_s3_round_trip_over_http(s3_bucket):
+    storage = open_storage(f"s3://{s3_bucket}/x")
+    assert isinstance(storage, S3Storage)
+    for name in ("p/2.png", "p/1.png", "q/3.png"):
+        storage.put(f"s3://{s3_bucket}/{name}", name.encode())
+    assert list(storage.list(f"s3://{s3_bucket}/p/")) == [f"s3://{s3_bucket}/p/1.png", f"s3://{s3_bucket}/p/2.png"]
+    assert storage.get(f"s3://{s3_bucket}/q/3.png") == b"q/3.png"
+    assert storage.exists(f"s3://{s3_bucket}/q/3.png") and not storage.exists(f"s3://{s3_bucket}/q/4.png")
+    storage.put_file(f"s3://{s3_bucket}/big", io.BytesIO(b"y" * 300_000))
+    assert len(storage.get(f"s3://{s3_bucket}/big")) == 300_000
+    with pytest.raises(StorageNotFoundError):
+        storage.get(f"s3://{s3_bucket}/nope")
+
+
+def test_unreachable_endpoint_is_transient(s3_server):
+    from producer.embedded import free_port
+
+    storage = S3Storage(endpoint_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TransientStorageError):
+        storage.get("s3://bucket/key")

@@ -1,0 +1,63 @@
+"""Job state in a real Redis: exact counts under duplicate delivery, few bytes per item."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from pipeline.messages import JobSpec
+from workers.jobstate import JobState
+
+
+@pytest.fixture()
+def state(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    job = JobState(client, "js-" + uuid.uuid4().hex[:8])
+    yield job
+    client.delete(*(client.keys(f"pixelrelay:job:{job.job_id}*") or [b"none"]))
+
+
+def _spec(job_id: str, total: int) -> JobSpec:
+    return JobSpec(job_id=job_id, input="/in", output="/out", total=total, chunk_size=4)
+
+
+def test_duplicate_marks_do_not_double_count(state):
+    seq = state.start_submission(_spec(state.job_id, 10))
+    assert state.mark(seq, [(0, "done"), (1, "failed")]) == (1, 1)
+    assert state.mark(seq, [(0, "done"), (1, "failed")]) == (1, 1)  # redelivered
+    assert state.mark(seq, [(1, "done")]) == (2, 0)  # a later success clears the failure
+    assert state.mark(seq, [(1, "failed")]) == (2, 0)  # a late duplicate failure can't undo it
+    counts = state.counts()
+    assert (counts.total, counts.done, counts.failed, counts.pending) == (10, 2, 0, 8)
+
+
+def test_resubmission_retries_failures_and_ignores_stale_failures(state):
+    seq1 = state.start_submission(_spec(state.job_id, 3))
+    state.mark(seq1, [(0, "done"), (1, "failed"), (2, "failed")])
+    seq2 = state.start_submission(_spec(state.job_id, 3))
+    assert seq2 == seq1 + 1
+    assert state.counts().failed == 0  # failed items are pending again
+    state.mark(seq1, [(1, "failed")])  # late duplicate from the old submission
+    assert state.counts().failed == 0
+    state.mark(seq1, [(2, "done")])  # but a late success still counts
+    assert state.counts().done == 2
+
+
+def test_finalize_claim_is_exclusive(state):
+    seq = state.start_submission(_spec(state.job_id, 1))
+    assert state.claim_finalize(seq) is True
+    assert state.claim_finalize(seq) is False
+    state.release_finalize(seq)
+    assert state.claim_finalize(seq) is True
+
+
+def test_redis_memory_per_finished_item_is_bits(state):
+    total = 100_000
+    seq = state.start_submission(_spec(state.job_id, total))
+    for start in range(0, total, 5000):
+        state.mark(seq, [(i, "done") for i in range(start, start + 5000)])
+    assert state.counts().done == total
+    used = sum(state.r.memory_usage(k) or 0 for k in state.r.keys(f"pixelrelay:job:{state.job_id}*"))
+    assert used / total < 1.0  # bytes per finished item
