@@ -1,0 +1,1 @@
+"""Decoders: image + Plan -> restored image."""

@@ -1,0 +1,1 @@
+"""Image encoders: image -> Description."""

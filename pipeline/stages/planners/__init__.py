@@ -1,0 +1,1 @@
+"""Planners: Description + JobOptions -> Plan."""

@@ -1,0 +1,204 @@
+"""Deterministic rule-based planner.
+
+Turns a Description (its degradation estimates and metrics) plus the job's options into a
+Plan: which classic operations to run and how hard, the output scale and format, prompts for
+text-guided decoders, and a rationale naming the reason for every choice. Same input, same
+plan, always; no model and no randomness.
+
+Thresholds are set so that a clean image (noise ~0-2, no blocking, sharp or smooth) gets no
+operation at all: restoring what isn't broken only does harm.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+from pipeline.messages import Description, JobOptions, Operation, OperationName, Plan
+from pipeline.stages.base import Planner
+
+# Noise sigma (0-255, per channel) from which we denoise; clean images read ~0-2.
+DENOISE_MIN_SIGMA = 4.0
+# Blocking ratio (boundary/inside differences) from which we deblock; PNGs read ~1.0,
+# JPEG q75 ~1.6, q30 ~2.5, q10 ~10.
+DEBLOCK_MIN_BLOCKINESS = 1.8
+DEBLOCK_MAX_QUALITY = 85.0  # when the encoder knows the JPEG quality
+# Gaussian blur sigma (pixels) from which we sharpen (soft) or deblur (blurry).
+SHARPEN_MIN_BLUR = 1.0
+DEBLUR_MIN_BLUR = 1.5
+# Sharpening amplifies noise: above this sigma we skip it unless the user asks for it.
+SHARPEN_MAX_NOISE = 8.0
+FORCED_STRENGTH = 0.5  # strength of an op the instruction asks for but the image doesn't need
+OPERATION_ORDER: tuple[OperationName, ...] = ("deblock", "denoise", "deblur", "sharpen")
+
+# Instruction phrases, matched on whole words in lower-case text.
+OPERATION_PHRASES: dict[OperationName, tuple[str, ...]] = {
+    "denoise": (
+        r"denois\w*",
+        r"de-nois\w*",
+        r"(?:remove|reduce|clean up|suppress|get rid of)(?: the)? (?:noise|grain)",
+        r"noise reduction",
+        r"less (?:noise|grain)",
+    ),
+    "sharpen": (r"sharpen\w*", r"sharper", r"crisper"),
+    "deblur": (
+        r"deblur\w*",
+        r"de-blur\w*",
+        r"unblur\w*",
+        r"(?:remove|reduce|fix)(?: the)? blur",
+        r"less blur\w*",
+    ),
+    "deblock": (
+        r"deblock\w*",
+        r"de-block\w*",
+        r"(?:remove|reduce|fix)(?: the)? (?:jpeg|compression|block\w*)(?: artifacts| artefacts)?",
+    ),
+}
+# A negation up to two words before a phrase, in the same clause, turns "sharpen" into
+# "don't sharpen" ("no sharpening", "do not over-sharpen", "without any denoising").
+NEGATION = re.compile(r"\b(?:no|not|don't|dont|without|skip|avoid|never|stop)\b(?:\s+[\w'-]+){0,2}\s*$")
+GENTLE_WORDS = re.compile(r"\b(?:gentle|gently|light|lightly|subtle|subtly|mild|mildly|slight|slightly)\b")
+STRONG_WORDS = re.compile(r"\b(?:strong|strongly|aggressive|aggressively|heavy|heavily)\b")
+
+PROMPT_TEMPLATE = "a clean, sharp, high-resolution photo{subject}, natural detail, realistic texture"
+NEGATIVE_BASE = ["blur", "oversharpened", "halos", "painting", "cartoon", "lowres", "watermark"]
+
+
+def _clamp(value: float, low: float = 0.0, high: float = 1.0) -> float:
+    return min(high, max(low, value))
+
+
+def _known(value: float | None, fallback: float | None) -> float | None:
+    """The learned estimate when there is one, else the measured metric."""
+    if value is not None and math.isfinite(value):
+        return float(value)
+    if fallback is not None and math.isfinite(fallback):
+        return float(fallback)
+    return None
+
+
+def instruction_requests(instruction: str) -> tuple[dict[OperationName, bool], float, list[str]]:
+    """Parse the user's instruction.
+
+    Returns ({op: True to force it, False to forbid it}, strength multiplier, notes).
+    """
+    text = " ".join(instruction.lower().replace("\u2019", "'").split())
+    requests: dict[OperationName, bool] = {}
+    notes: list[str] = []
+    for name in OPERATION_ORDER:
+        for phrase in OPERATION_PHRASES[name]:
+            for match in re.finditer(rf"\b{phrase}\b", text):
+                wanted = NEGATION.search(text[: match.start()]) is None
+                # A "no" anywhere wins over a "yes": forbidding is the safer reading.
+                requests[name] = requests.get(name, True) and wanted
+    # "No sharpening" covers deblur as well: both are unsharp masks on the output.
+    if requests.get("sharpen") is False and "deblur" not in requests:
+        requests["deblur"] = False
+    for name, wanted in requests.items():
+        notes.append(f"instruction {'asks for' if wanted else 'forbids'} {name}")
+
+    multiplier = 1.0
+    if GENTLE_WORDS.search(text):
+        multiplier *= 0.5
+        notes.append("instruction asks for a gentle touch (strengths x0.5)")
+    if STRONG_WORDS.search(text):
+        multiplier *= 1.5
+        notes.append("instruction asks for a strong touch (strengths x1.5)")
+    return requests, multiplier, notes
+
+
+class RulesPlanner(Planner):
+    """Maps measured degradations and job options to a Plan by fixed, documented rules."""
+
+    kind = "rules"
+
+    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
+        if len(descriptions) != len(options):
+            raise ValueError(f"{len(descriptions)} descriptions but {len(options)} option sets")
+        return [self.plan_one(description, option) for description, option in zip(descriptions, options)]
+
+    def plan_one(self, description: Description, options: JobOptions) -> Plan:
+        metrics = description.metrics
+        noise = _known(description.noise_sigma, metrics.get("noise_sigma")) or 0.0
+        blur = _known(description.blur_sigma, metrics.get("blur_sigma"))
+        quality = _known(description.jpeg_quality, None)
+        blocks = _known(None, metrics.get("blockiness")) or 1.0
+
+        strengths: dict[OperationName, float] = {}
+        reasons: list[str] = []
+
+        # Deblock: from the learned JPEG quality when known, else the blocking ratio.
+        if quality is not None and quality < DEBLOCK_MAX_QUALITY:
+            strengths["deblock"] = _clamp((DEBLOCK_MAX_QUALITY - quality) / 65.0 + 0.2)
+            reasons.append(f"deblock: JPEG quality~{quality:.0f} < {DEBLOCK_MAX_QUALITY:.0f}")
+        elif quality is None and blocks >= DEBLOCK_MIN_BLOCKINESS:
+            strengths["deblock"] = _clamp(0.3 + 0.5 * math.log2(blocks / DEBLOCK_MIN_BLOCKINESS))
+            reasons.append(f"deblock: blockiness {blocks:.2f} >= {DEBLOCK_MIN_BLOCKINESS}")
+
+        # Denoise: strength rises with sigma, 0.3 at the threshold, 1 from sigma 18.
+        if noise >= DENOISE_MIN_SIGMA:
+            strengths["denoise"] = _clamp(0.3 + (noise - DENOISE_MIN_SIGMA) / 20.0)
+            reasons.append(f"denoise: noise sigma~{noise:.1f} >= {DENOISE_MIN_SIGMA}")
+        else:
+            reasons.append(f"no denoise: noise sigma~{noise:.1f} < {DENOISE_MIN_SIGMA}")
+
+        # Deblur / sharpen: only when edges are measurably soft, and not on a noisy image.
+        if blur is None or blur < SHARPEN_MIN_BLUR:
+            reasons.append("no sharpen: edges are sharp" if blur is not None else "no sharpen: blur unknown")
+        elif noise > SHARPEN_MAX_NOISE:
+            reasons.append(f"no sharpen/deblur: blur sigma~{blur:.1f} but too noisy (sigma~{noise:.1f})")
+        elif blur >= DEBLUR_MIN_BLUR:
+            strengths["deblur"] = _clamp(0.25 + (blur - DEBLUR_MIN_BLUR) / 2.0)
+            reasons.append(f"deblur: blur sigma~{blur:.1f} >= {DEBLUR_MIN_BLUR}")
+        else:
+            strengths["sharpen"] = _clamp(0.3 + (blur - SHARPEN_MIN_BLUR))
+            reasons.append(f"sharpen: slightly soft (blur sigma~{blur:.1f})")
+
+        # The user's instruction overrides the measurements.
+        requests, multiplier, notes = instruction_requests(options.instruction)
+        for name, wanted in requests.items():
+            if not wanted:
+                strengths.pop(name, None)
+            elif name not in strengths:
+                strengths[name] = FORCED_STRENGTH
+        reasons.extend(notes)
+
+        operations = [
+            Operation(name=name, strength=round(_clamp(strengths[name] * multiplier), 3))
+            for name in OPERATION_ORDER
+            if name in strengths
+        ]
+        operations = [op for op in operations if op.strength > 0.0]
+
+        scale = options.effective_scale()
+        reasons.append(f"scale x{scale} ({options.task}{', as asked' if options.scale is not None else ''})")
+        return Plan(
+            operations=operations,
+            scale=scale,
+            output_format=options.format or "png",
+            prompt=self._prompt(description),
+            negative_prompt=self._negative_prompt(strengths),
+            noise_sigma=round(_clamp(noise, 0.0, 100.0), 3),
+            blur_sigma=round(_clamp(blur or 0.0, 0.0, 10.0), 3),
+            jpeg_quality=None if quality is None else _clamp(quality, 1.0, 100.0),
+            rationale="; ".join(reasons),
+        )
+
+    @staticmethod
+    def _prompt(description: Description) -> str:
+        subject = (description.caption or "").strip().rstrip(".")
+        return PROMPT_TEMPLATE.format(subject=f" of {subject}" if subject else "")
+
+    @staticmethod
+    def _negative_prompt(strengths: dict[OperationName, float]) -> str:
+        # Lead with what this image actually suffers from.
+        terms: list[str] = []
+        if "denoise" in strengths:
+            terms += ["noise", "grain"]
+        if "deblock" in strengths:
+            terms += ["jpeg artifacts", "compression blocks"]
+        for term in ["noise", "grain", "jpeg artifacts", *NEGATIVE_BASE]:
+            if term not in terms:
+                terms.append(term)
+        return ", ".join(terms)
