@@ -20,6 +20,7 @@ QUEUE_PREFIX = "pixelrelay."  # queue per stage: pixelrelay.encode, ...
 TASK_PREFIX = "pixelrelay."  # task names: pixelrelay.encode, ...
 DEFAULT_VISIBILITY_TIMEOUT_S = 2 * 3600  # longer than the longest batch
 DEFAULT_MAX_RETRIES = 5
+DEFAULT_MAX_DELIVERIES = 3  # a chunk whose worker died this often is split into single items
 RETRY_BACKOFF_BASE_S = 2.0
 RETRY_BACKOFF_MAX_S = 120.0
 

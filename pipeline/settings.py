@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     chunk_size: int = Field(C.DEFAULT_CHUNK_SIZE, ge=1, le=4096)
     window: int = Field(C.DEFAULT_WINDOW, ge=1)
     batch_size: int = Field(C.DEFAULT_BATCH_SIZE, ge=1, le=1024)
-    visibility_timeout_s: int = Field(C.DEFAULT_VISIBILITY_TIMEOUT_S, ge=60)
+    visibility_timeout_s: int = Field(C.DEFAULT_VISIBILITY_TIMEOUT_S, ge=1)
     max_retries: int = Field(C.DEFAULT_MAX_RETRIES, ge=0, le=100)
+    max_deliveries: int = Field(C.DEFAULT_MAX_DELIVERIES, ge=1, le=100)
     device: str = "cpu"
     torch_threads: int = Field(0, ge=0, le=1024)  # 0: torch's default
     encoder: str = C.DEFAULT_ENCODER

@@ -95,13 +95,13 @@ class WorkerPool:
         self.env, self.logdir, self.backends = env, logdir, backends
         self.procs: list[subprocess.Popen] = []
 
-    def start(self) -> "WorkerPool":
+    def start(self, decode_args: list[str] = ()) -> "WorkerPool":
         flags = {"encode": ["--encoder", self.backends["encoder"]],
                  "plan": ["--planner", self.backends["planner"]],
-                 "decode": ["--decoder", self.backends["decoder"]]}
+                 "decode": ["--decoder", self.backends["decoder"], *decode_args]}
         for stage, extra in flags.items():
             log = open(self.logdir / f"{stage}.log", "wb")
-            cmd = [sys.executable, "-m", "producer.cli", "worker", "--stage", stage, "--loglevel", "WARNING", *extra]
+            cmd = [sys.executable, "-m", "producer.cli", "worker", "--stage", stage, "--loglevel", os.environ.get("PIXELRELAY_TEST_WORKER_LOGLEVEL", "WARNING"), *extra]
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         return self
 

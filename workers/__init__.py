@@ -13,7 +13,7 @@ Delivery guarantee: **at-least-once**. Every stage task is therefore idempotent.
   the output object already exists; manifest parts are overwritten whole. Job counts are
   bitmaps (one bit per item), so a duplicate delivery cannot count an item twice.
 - A message that kills its worker repeatedly (a poison pill) is delivered at most
-  ``MAX_DELIVERIES`` times; then its items fail with that reason and the job goes on.
+  ``PIXELRELAY_MAX_DELIVERIES`` times (default 3); then its items fail with that reason and the job goes on.
 - GPU safety: nothing touches CUDA in a parent process before fork. Models load once per
   worker process: in the process itself for the solo pool (concurrency 1), and in each child
   after fork (``worker_process_init``) for prefork pools.

@@ -29,7 +29,6 @@ log = logging.getLogger("pixelrelay.worker")
 
 app = create_app()
 
-MAX_DELIVERIES = 3  # a chunk whose worker died this often is split into single items
 TRANSIENT_ERRORS = (TransientStorageError, redis.ConnectionError, redis.TimeoutError)
 
 In = TypeVar("In")
@@ -221,7 +220,7 @@ def run_stage(task: Task, stage: str, body: dict, work: Callable[[Runtime, JobSt
     state = JobState(rt.redis, msg.job_id)
     delivery_key = f"{msg.part or 'all'}:{task.request.retries}"
     deliveries = state.count_delivery(stage, msg.seq, f"{msg.chunk}:{delivery_key}")
-    if deliveries > MAX_DELIVERIES:
+    if deliveries > rt.settings.max_deliveries:
         if len([r for r in msg.records if r.status is None]) > 1:
             log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, stage, deliveries - 1)
             _split_chunk(msg)

@@ -7,6 +7,7 @@ Lazy imports keep torch/transformers out of processes that only need the names
 from __future__ import annotations
 
 import importlib
+import os
 
 from pipeline.stages.base import Decoder, Encoder, Planner, StageSpec
 
@@ -24,15 +25,33 @@ BACKENDS: dict[str, dict[str, str]] = {
 }
 
 
+PLUGINS_ENV = "PIXELRELAY_PLUGINS"  # comma-separated modules that call register()
+_loaded_plugins: set[str] = set()
+
+
 class UnknownBackendError(ValueError):
     pass
 
 
+def register(stage: str, kind: str, target: str) -> None:
+    """Add a backend (``target`` is "module:Class"); plugin modules call this on import."""
+    BACKENDS[stage][kind] = target
+
+
+def _load_plugins() -> None:
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if module not in _loaded_plugins:
+            importlib.import_module(module)
+            _loaded_plugins.add(module)
+
+
 def known_backends(stage: str) -> list[str]:
+    _load_plugins()
     return sorted(BACKENDS[stage])
 
 
 def backend_class(stage: str, spec: str | StageSpec) -> type:
+    _load_plugins()
     parsed = spec if isinstance(spec, StageSpec) else StageSpec.parse(spec)
     try:
         target = BACKENDS[stage][parsed.kind]
@@ -47,6 +66,7 @@ def backend_class(stage: str, spec: str | StageSpec) -> type:
 def validate_spec(stage: str, spec: str) -> str:
     """Check a spec names a known backend without importing it; returns the spec."""
     parsed = StageSpec.parse(spec)
+    _load_plugins()
     if parsed.kind not in BACKENDS[stage]:
         raise UnknownBackendError(
             f"unknown {stage} backend {parsed.kind!r}; known: {', '.join(known_backends(stage))}"
