@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     max_retries: int = Field(C.DEFAULT_MAX_RETRIES, ge=0, le=100)
     max_deliveries: int = Field(C.DEFAULT_MAX_DELIVERIES, ge=1, le=100)
     device: str = "cpu"
+    io_threads: int = Field(4, ge=1, le=256)  # storage + image codec threads per worker process
     torch_threads: int = Field(0, ge=0, le=1024)  # 0: torch's default
     encoder: str = C.DEFAULT_ENCODER
     planner: str = C.DEFAULT_PLANNER

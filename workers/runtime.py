@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
@@ -30,6 +31,25 @@ class Runtime:
         self._lock = threading.Lock()
         self._redis: redis.Redis | None = None
         self._redis_pid = 0
+        self._pools: tuple[int, ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+
+    def _thread_pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        # Threads don't survive a fork: make the pools in the process that uses them.
+        if self._pools is None or self._pools[0] != os.getpid():
+            io = ThreadPoolExecutor(self.settings.io_threads, thread_name_prefix="pixelrelay-io")
+            prefetch = ThreadPoolExecutor(1, thread_name_prefix="pixelrelay-prefetch")
+            self._pools = (os.getpid(), io, prefetch)
+        return self._pools[1], self._pools[2]
+
+    @property
+    def io(self) -> ThreadPoolExecutor:
+        """Threads for storage reads/writes and image decode/encode (they release the GIL)."""
+        return self._thread_pools()[0]
+
+    @property
+    def prefetch(self) -> ThreadPoolExecutor:
+        """One thread that loads the next batch while the model runs on this one."""
+        return self._thread_pools()[1]
 
     @property
     def redis(self) -> redis.Redis:

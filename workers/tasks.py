@@ -69,21 +69,32 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _load_one(rt: Runtime, record: ItemRecord, stage: str) -> DecodedImage | None:
+    try:
+        data = rt.storage(record.input).get(record.input)
+        return decode_image(data, rt.settings.max_image_pixels)
+    except ImageDecodeError as exc:
+        record.fail(stage, str(exc))
+    except StorageError as exc:
+        record.fail(stage, f"cannot read input: {exc}")
+    return None
+
+
 def _load_images(rt: Runtime, records: Sequence[ItemRecord], stage: str) -> list[tuple[ItemRecord, DecodedImage]]:
-    """Read and decode sources; records that can't be read fail here."""
-    loaded = []
-    for record in records:
-        try:
-            data = rt.storage(record.input).get(record.input)
-            image = decode_image(data, rt.settings.max_image_pixels)
-        except ImageDecodeError as exc:
-            record.fail(stage, str(exc))
-            continue
-        except StorageError as exc:
-            record.fail(stage, f"cannot read input: {exc}")
-            continue
-        loaded.append((record, image))
-    return loaded
+    """Read and decode sources in parallel threads; records that can't be read fail here."""
+    images = list(rt.io.map(lambda r: _load_one(rt, r, stage), records))
+    return [(r, image) for r, image in zip(records, images) if image is not None]
+
+
+def _prefetched(rt: Runtime, records: Sequence[ItemRecord], stage: str):
+    """Yield (batch, loaded images) per model batch while the next batch loads, so the
+    model (the GPU) does not wait for storage."""
+    batches = _batches(records, rt.settings.batch_size)
+    upcoming = rt.prefetch.submit(_load_images, rt, batches[0], stage) if batches else None
+    for i, batch in enumerate(batches):
+        loaded = upcoming.result()
+        upcoming = rt.prefetch.submit(_load_images, rt, batches[i + 1], stage) if i + 1 < len(batches) else None
+        yield batch, loaded
 
 
 def _stage_backend(rt: Runtime, stage: str, spec: str | None, records: Sequence[ItemRecord]):
@@ -106,9 +117,8 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     encoder = _stage_backend(rt, "encode", msg.backends.encoder, pending)
     if encoder is None:
         return
-    for batch in _batches(pending, rt.settings.batch_size):
+    for batch, loaded in _prefetched(rt, pending, "encode"):
         started = time.perf_counter()
-        loaded = _load_images(rt, batch, "encode")
         for record, image in loaded:
             record.notes.extend(image.notes)
             record.source_size = (image.width, image.height)
@@ -147,9 +157,10 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
 
 def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     pending = [r for r in msg.records if r.status is None]
+    present = rt.io.map(lambda r: rt.storage(r.output).exists(r.output), pending)
     todo = []
-    for record in pending:
-        if rt.storage(record.output).exists(record.output):
+    for record, exists in zip(pending, present):
+        if exists:
             record.status = "done"  # written by an earlier delivery of this chain
             record.notes.append("output already present: decode skipped")
         else:
@@ -157,26 +168,28 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     decoder = _stage_backend(rt, "decode", msg.backends.decoder, todo)
     if decoder is None:
         return
-    for batch in _batches(todo, rt.settings.batch_size):
+    writes = []
+    for batch, loaded in _prefetched(rt, todo, "decode"):
         started = time.perf_counter()
-        loaded = _load_images(rt, batch, "decode")
         results = _call_isolated(
             lambda pairs: decoder.restore([img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
         )
+        share = (time.perf_counter() - started) / max(1, len(batch))
         for (record, image), result in zip(loaded, results):
             record.backends["decoder"] = decoder.spec
             if isinstance(result, Exception):
                 record.fail("decode", _reason(result))
-                continue
-            try:
-                _write_output(rt, record, image, result)
-            except TRANSIENT_ERRORS:
-                raise
-            except Exception as exc:
-                record.fail("decode", f"cannot write output: {_reason(exc)}")
-        share = (time.perf_counter() - started) / max(1, len(batch))
+            else:  # encode + upload in the background while the next batch runs
+                writes.append((record, rt.io.submit(_write_output, rt, record, image, result)))
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
+    for record, write in writes:
+        try:
+            write.result()
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            record.fail("decode", f"cannot write output: {_reason(exc)}")
 
 
 def _write_output(rt: Runtime, record: ItemRecord, image: DecodedImage, restored) -> None:
