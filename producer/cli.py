@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_flags(p)
     _backend_flags(p)
 
+    for name, help_text in DELEGATED_HELP.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("demo", help="write generated sample images to a folder")
     p.add_argument("folder")
     p.add_argument("--count", type=int, default=24)
@@ -148,6 +152,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands whose own parser lives with their code: ``pixelrelay NAME ...`` -> module.main(argv).
+DELEGATED = {
+    "models": "pipeline.models_cli",
+    "train": "pipeline.training.train",
+    "bench": "pipeline.quality",
+}
+DELEGATED_HELP = {
+    "models": "list the backends and their weights; pull weights into the cache",
+    "train": "train the builtin encoder or decoder: train encoder|decoder --data DIR --out PATH",
+    "bench": "quality benchmark: bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic]",
+}
+
+
+def _delegate(argv: list[str]) -> int:
+    import importlib
+
+    name, rest = argv[0], argv[1:]
+    if name == "bench":
+        if not rest or rest[0] != "quality":
+            print("pixelrelay bench: usage: pixelrelay bench quality --data DIR [...]", file=sys.stderr)
+            return EXIT_USAGE
+        rest = rest[1:]
+    return importlib.import_module(DELEGATED[name]).main(rest)
+
+
 COMMANDS = {
     "submit": _cmd_submit,
     "status": _cmd_status,
@@ -158,6 +187,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return _delegate(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from producer.listing import InputError
