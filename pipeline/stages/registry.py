@@ -15,12 +15,16 @@ from pipeline.stages.base import Decoder, Encoder, Planner, StageSpec
 BACKENDS: dict[str, dict[str, str]] = {
     "encoder": {
         "analysis": "pipeline.stages.encoders.analysis:AnalysisEncoder",
+        "hf-caption": "pipeline.stages.encoders.hf_caption:HFCaptionEncoder",
     },
     "planner": {
         "rules": "pipeline.stages.planners.rules:RulesPlanner",
+        "hf-llm": "pipeline.stages.planners.hf_llm:HFLLMPlanner",
     },
     "decoder": {
         "classic": "pipeline.stages.decoders.classic:ClassicDecoder",
+        "hf-sr": "pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
+        "sd-upscale": "pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
     },
 }
 

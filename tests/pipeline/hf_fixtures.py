@@ -198,3 +198,112 @@ def make_tiny_swin2sr(
     model.save_pretrained(path)
     Swin2SRImageProcessor(size_divisor=window_size).save_pretrained(path)
     return path
+
+
+def make_clip_tokenizer():
+    """A CLIP BPE tokenizer over single byte-level characters (no merges), built offline."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    for ch in alphabet:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+
+
+def make_tiny_sd_upscaler(path: str | Path, seed: int = 0) -> Path:
+    """A StableDiffusionUpscalePipeline with tiny random UNet/VAE/CLIP (needs diffusers)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    tok = make_clip_tokenizer()
+    _seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        num_class_embeds=351,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 16, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=256,  # VAE tiling (on by default in the decoder) only above this
+        scaling_factor=0.08333,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            vocab_size=len(tok),
+            max_position_embeddings=32,
+            projection_dim=16,
+        )
+    )
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(),
+        scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        max_noise_level=350,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+# --- sharing across test modules ---------------------------------------------------------
+
+_BUILT: dict[tuple, Path] = {}
+
+
+def tiny_model(tmp_path_factory, builder, name: str, **kwargs) -> Path:
+    """Build a tiny model once per test session (cached by builder + arguments)."""
+    key = (builder.__name__, name, tuple(sorted(kwargs.items())))
+    if key not in _BUILT:
+        _BUILT[key] = builder(tmp_path_factory.mktemp("hf-models") / name, **kwargs)
+    return _BUILT[key]
+
+
+def install_in_hub_cache(folder: str | Path, cache_dir: str | Path, repo_id: str, commit: str = "0" * 40) -> Path:
+    """Lay ``folder`` out in ``cache_dir`` exactly as the hub downloader does
+    (models--org--name/{refs/main, snapshots/<commit>/...}), so ``repo_id`` resolves from
+    the cache without any network."""
+    import shutil
+
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -1,0 +1,219 @@
+"""Shared helpers for the Hugging Face backends.
+
+A backend ``MODEL`` is either a local folder (anything that exists on disk, or starts with
+``/``, ``./``, ``../`` or ``~``) or a hub id such as ``caidas/swin2SR-classical-sr-x2-64``.
+Weights are only ever *loaded* from that folder or from the Hugging Face cache
+(``local_files_only=True``): the network is touched by ``pixelrelay models pull`` and by
+nothing else, so a worker never downloads mid-batch, and with ``HF_HUB_OFFLINE=1`` nothing
+touches the network at all.
+
+torch and transformers are imported lazily so that ``pixelrelay models list`` and the
+producer stay light.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.stages.base import ModelUnavailableError
+
+# Files a usable checkpoint folder must hold (any one of each group).
+CONFIG_FILES = ("config.json", "model_index.json")
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.safetensors.index.json",
+    "*.bin.index.json",
+)
+# What `models pull` fetches: configs, tokenizer/processor files and safetensors weights
+# (pickled .bin files only when a repo has no safetensors).
+PULL_PATTERNS = (
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+    "*.jinja",
+    "*.safetensors",
+)
+PULL_FALLBACK_PATTERNS = ("*.bin",)
+
+
+def is_local_model(model: str) -> bool:
+    """True when ``model`` names a folder on disk rather than a hub id."""
+    if model.startswith(("/", "./", "../", "~")) or os.path.isabs(model):
+        return True
+    return Path(model).expanduser().is_dir()
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(any(folder.rglob(p)) for p in WEIGHT_PATTERNS)
+
+
+def _has_config(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in CONFIG_FILES)
+
+
+def pull_hint(stage: str, model: str, kind: str | None = None) -> str:
+    if is_local_model(model):
+        return (
+            f"the folder {model!r} must hold a save_pretrained() checkpoint "
+            f"(config.json + weights)"
+        )
+    spec = f"{kind}:{model}" if kind else model
+    return (
+        f"fetch it ahead of time with `pixelrelay models pull {spec}` "
+        f"(or `hf download {model}`), or pass a local folder: --{stage} {kind or 'KIND'}:/path/to/model"
+    )
+
+
+def local_snapshot(model: str) -> Path | None:
+    """The folder holding ``model`` locally, or None when it is not there. Never downloads."""
+    if is_local_model(model):
+        folder = Path(model).expanduser()
+        return folder if folder.is_dir() else None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(model, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+    except Exception:  # e.g. an invalid repo id: treat as missing, the caller names it
+        return None
+    return Path(path)
+
+
+def model_present(model: str) -> bool:
+    folder = local_snapshot(model)
+    return folder is not None and _has_config(folder) and _has_weights(folder)
+
+
+def require_model(model: str, stage_kind: str, kind: str | None = None) -> Path:
+    """Return the local folder for ``model`` or raise ModelUnavailableError naming it.
+
+    Cheap: no torch, no CUDA, no network. Workers call this at start-up (check_available).
+    """
+    folder = local_snapshot(model)
+    if folder is None:
+        where = "folder does not exist" if is_local_model(model) else (
+            f"not in the Hugging Face cache ({hub_cache_dir()})"
+        )
+        raise ModelUnavailableError(
+            f"{stage_kind} model {model!r} is not available: {where}; {pull_hint(stage_kind, model, kind)}"
+        )
+    missing = []
+    if not _has_config(folder):
+        missing.append("config.json")
+    if not _has_weights(folder):
+        missing.append("weights (*.safetensors / *.bin)")
+    if missing:
+        raise ModelUnavailableError(
+            f"{stage_kind} model {model!r} at {folder} is incomplete (missing "
+            f"{', '.join(missing)}); {pull_hint(stage_kind, model, kind)}"
+        )
+    return folder
+
+
+def load_path(model: str, stage_kind: str, kind: str | None = None) -> str:
+    """The path to hand to ``from_pretrained`` (always a local folder)."""
+    return str(require_model(model, stage_kind, kind))
+
+
+def pull_model(model: str, extra_patterns: Iterable[str] = ()) -> str:
+    """Download ``model`` into the HF cache (configs, tokenizer files, safetensors weights).
+
+    Returns the snapshot folder. A local folder is only checked.
+    """
+    if is_local_model(model):
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            raise ModelUnavailableError(f"local model folder {model!r} does not exist")
+        return str(folder)
+    from huggingface_hub import snapshot_download
+
+    patterns = list(PULL_PATTERNS) + list(extra_patterns)
+    path = Path(snapshot_download(model, allow_patterns=patterns))
+    if not _has_weights(path):  # repo ships pickled weights only
+        path = Path(snapshot_download(model, allow_patterns=patterns + list(PULL_FALLBACK_PATTERNS)))
+    return str(path)
+
+
+# --- devices and dtypes ------------------------------------------------------------------
+
+
+def torch_device(device: str) -> Any:
+    import torch
+
+    return torch.device(device)
+
+
+def choose_dtype(device: str, prefer: str | None = None) -> Any:
+    """fp32 on CPU; on CUDA bf16 where supported, else fp16.
+
+    ``prefer`` (or env ``PIXELRELAY_DTYPE``) may force "fp32", "fp16" or "bf16" on GPU.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return torch.float32
+    prefer = (prefer or os.environ.get("PIXELRELAY_DTYPE", "")).lower()
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if prefer in table:
+        return table[prefer]
+    try:
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+    except Exception:  # pragma: no cover - very old drivers
+        pass
+    return torch.float16
+
+
+def oom_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "out of device memory"."""
+    import torch
+
+    types: list[type[BaseException]] = []
+    for name in ("OutOfMemoryError",):
+        t = getattr(torch, name, None)
+        if isinstance(t, type):
+            types.append(t)
+    t = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if isinstance(t, type) and t not in types:
+        types.append(t)
+    return tuple(types)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, oom_errors()):
+        return True
+    # Some kernels raise a plain RuntimeError with the allocator's message.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def empty_cache(device: str | Any = None) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # pragma: no cover
+            pass

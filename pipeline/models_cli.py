@@ -1,0 +1,212 @@
+"""``pixelrelay models list|pull``: see and fetch the weights the stage backends need.
+
+    pixelrelay models list [--encoder SPEC] [--planner SPEC] [--decoder SPEC] [--check]
+    pixelrelay models pull SPEC [SPEC ...]
+
+``list`` shows every backend, its default model, what is configured (flags, else
+``PIXELRELAY_ENCODER`` / ``_PLANNER`` / ``_DECODER``, else the defaults) and whether each model
+is present locally (a folder, or the Hugging Face cache). It never touches the network;
+``--check`` exits 1 when a configured model is missing.
+
+``pull`` fills the Hugging Face cache ahead of time, so workers start offline
+(``HF_HUB_OFFLINE=1``). SPEC is ``KIND[:MODEL]`` as given to ``--encoder`` & co, e.g.
+``hf-sr:caidas/swin2SR-classical-sr-x2-64,caidas/swin2SR-classical-sr-x4-64``; without a
+MODEL the backend's default is pulled. Until the ``pixelrelay`` CLI forwards to it, run
+``python -m pipeline.models_cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+from pipeline import constants as C
+from pipeline import hf
+from pipeline.stages.base import StageSpec
+
+EXIT_OK, EXIT_MISSING, EXIT_USAGE = 0, 1, 2
+STAGES = ("encoder", "planner", "decoder")
+
+
+@dataclass(frozen=True)
+class WeightedBackend:
+    stage: str
+    target: str  # "module:Class"
+    default_model: str
+    split_models: bool = False  # MODEL may be a comma-separated list
+    needs: str | None = None  # an optional package it needs
+
+
+# Backends that load weights. Their registry entries are the same "module:Class" targets.
+HF_BACKENDS: dict[str, WeightedBackend] = {
+    "hf-caption": WeightedBackend(
+        "encoder", "pipeline.stages.encoders.hf_caption:HFCaptionEncoder", "Salesforce/blip-image-captioning-base"
+    ),
+    "hf-llm": WeightedBackend("planner", "pipeline.stages.planners.hf_llm:HFLLMPlanner", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "hf-sr": WeightedBackend(
+        "decoder",
+        "pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
+        "caidas/swin2SR-classical-sr-x2-64",
+        split_models=True,
+    ),
+    "sd-upscale": WeightedBackend(
+        "decoder",
+        "pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
+        "stabilityai/stable-diffusion-x4-upscaler",
+        needs="diffusers",
+    ),
+}
+DEFAULTS = {"encoder": C.DEFAULT_ENCODER, "planner": C.DEFAULT_PLANNER, "decoder": C.DEFAULT_DECODER}
+
+
+def all_backends() -> dict[str, dict[str, str]]:
+    """stage -> kind -> target: the registry, plus the HF backends if not registered yet."""
+    from pipeline.stages.registry import BACKENDS
+
+    merged = {stage: dict(kinds) for stage, kinds in BACKENDS.items()}
+    for kind, backend in HF_BACKENDS.items():
+        merged.setdefault(backend.stage, {}).setdefault(kind, backend.target)
+    return merged
+
+
+def stage_of(kind: str) -> str | None:
+    for stage, kinds in all_backends().items():
+        if kind in kinds:
+            return stage
+    return None
+
+
+def models_for(spec: StageSpec) -> list[str]:
+    backend = HF_BACKENDS.get(spec.kind)
+    if backend is None:
+        return []
+    model = spec.model or backend.default_model
+    if backend.split_models:
+        return [m.strip() for m in model.split(",") if m.strip()]
+    return [model]
+
+
+def _package_missing(backend: WeightedBackend) -> bool:
+    if not backend.needs:
+        return False
+    try:
+        importlib.import_module(backend.needs)
+    except ImportError:
+        return True
+    return False
+
+
+def configured_specs(args: argparse.Namespace) -> dict[str, str]:
+    out = {}
+    for stage in STAGES:
+        flag = getattr(args, stage, None)
+        out[stage] = flag or os.environ.get(f"PIXELRELAY_{stage.upper()}") or DEFAULTS[stage]
+    return out
+
+
+def _status(model: str) -> str:
+    folder = hf.local_snapshot(model)
+    if folder is None:
+        return "missing"
+    return "present" if hf.model_present(model) else "incomplete"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    configured = configured_specs(args)
+    rows: list[tuple[str, str, str, str, str]] = []
+    missing_configured: list[str] = []
+    for stage, kinds in all_backends().items():
+        conf = StageSpec.parse(configured.get(stage, DEFAULTS.get(stage, "")))
+        for kind in sorted(kinds):
+            mark = "*" if conf.kind == kind else ""
+            backend = HF_BACKENDS.get(kind)
+            if backend is None:
+                rows.append((stage, kind + mark, "-", "built-in, no weights", ""))
+                continue
+            default_models = models_for(StageSpec(kind, None))
+            conf_models = models_for(conf) if conf.kind == kind else []
+            needs = _package_missing(backend)
+            for model in dict.fromkeys(default_models + conf_models):
+                status = _status(model) + (f" (needs {backend.needs})" if needs else "")
+                tags = [t for t, hit in (("default", model in default_models), ("configured", model in conf_models)) if hit]
+                rows.append((stage, kind + mark, model, status, ", ".join(tags)))
+                if model in conf_models and (needs or not status.startswith("present")):
+                    missing_configured.append(f"{stage} {kind}:{model}")
+    widths = [max(len(r[i]) for r in rows + [("stage", "backend", "model", "status", "")]) for i in range(4)]
+    print(f"{'stage':<{widths[0]}}  {'backend':<{widths[1]}}  {'model':<{widths[2]}}  {'status':<{widths[3]}}")
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip())
+    print()
+    print("configured (*): " + "  ".join(f"{s}={configured[s]}" for s in STAGES))
+    print(f"hub cache: {hf.hub_cache_dir()}{'  (HF_HUB_OFFLINE=1)' if hf.hub_offline() else ''}")
+    if missing_configured:
+        print("missing: " + "; ".join(missing_configured) + " -- fetch with `pixelrelay models pull SPEC`")
+        if args.check:
+            return EXIT_MISSING
+    return EXIT_OK
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for raw in args.specs:
+        try:
+            spec = StageSpec.parse(raw)
+        except ValueError as exc:
+            print(f"pixelrelay models pull: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        stage = stage_of(spec.kind)
+        if stage is None:
+            known = ", ".join(sorted(k for kinds in all_backends().values() for k in kinds))
+            print(f"pixelrelay models pull: unknown backend {spec.kind!r}; known: {known}", file=sys.stderr)
+            return EXIT_USAGE
+        models = models_for(spec)
+        if not models:
+            print(f"{stage} {spec.kind}: built-in, nothing to pull")
+            continue
+        backend = HF_BACKENDS[spec.kind]
+        if _package_missing(backend):
+            print(f"note: {spec.kind} also needs the {backend.needs} package (pip install 'pixelrelay[{backend.needs}]')")
+        for model in models:
+            if hf.model_present(model):
+                print(f"{stage} {spec.kind}:{model}: present at {hf.local_snapshot(model)}")
+                continue
+            if hf.is_local_model(model):
+                print(f"{stage} {spec.kind}:{model}: local folder missing or incomplete", file=sys.stderr)
+                status = EXIT_MISSING
+                continue
+            if hf.hub_offline():
+                print(f"{stage} {spec.kind}:{model}: missing, and HF_HUB_OFFLINE=1 forbids downloading", file=sys.stderr)
+                status = EXIT_MISSING
+                continue
+            try:
+                path = hf.pull_model(model)
+            except Exception as exc:  # network, auth, unknown repo: report and go on
+                print(f"{stage} {spec.kind}:{model}: download failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                status = EXIT_MISSING
+                continue
+            print(f"{stage} {spec.kind}:{model}: pulled to {path}")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelrelay models", description="List and fetch backend model weights.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="backends, configured specs and which models are present")
+    for stage in STAGES:
+        p_list.add_argument(f"--{stage}", metavar="SPEC", help=f"{stage} spec KIND[:MODEL] (default: env/defaults)")
+    p_list.add_argument("--check", action="store_true", help="exit 1 when a configured model is missing")
+    p_pull = sub.add_parser("pull", help="download models into the Hugging Face cache")
+    p_pull.add_argument("specs", nargs="+", metavar="SPEC", help="KIND[:MODEL], e.g. hf-llm:Qwen/Qwen2.5-0.5B-Instruct")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"list": cmd_list, "pull": cmd_pull}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+"""Planner backed by an instruction-tuned causal LM (``hf-llm:MODEL``).
+
+The LLM reads the encoder's Description (caption + measurements), the job's instruction
+and a rule-based prior, and writes a JSON plan. Decoding is *constrained to the plan
+schema*: the JSON skeleton is forced token by token, every closed field (degradation
+class, operation strengths, scale) can only take one of its allowed values, and the two
+free-text fields (prompt, negative prompt) may only use tokens that keep the JSON string
+valid and are cut at a token budget. Whatever the model's weights, the text it writes
+parses, and maps onto a schema-valid Plan; the raw text is kept in ``Plan.raw``.
+
+Fields the LLM does not choose come from the RulesPlanner prior (degradation estimates,
+output format, rationale). The user's explicit wishes are hard constraints, not hints:
+``--scale`` fixes the scale; an instruction that forbids an operation ("no sharpening")
+pins its strength to 0, one that asks for it excludes 0.
+
+Generation is batched with left padding and greedy, so a batch of N gives the same
+plans as N single calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from pipeline import hf
+from pipeline.messages import Description, JobOptions, Operation, Plan
+from pipeline.stages.base import Planner
+from pipeline.stages.planners.rules import OPERATION_ORDER, RulesPlanner, instruction_requests
+
+log = logging.getLogger("pixelrelay.planner.hf_llm")
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_BATCH_SIZE = 16
+PROMPT_MAX_TOKENS = 40
+NEGATIVE_MAX_TOKENS = 24
+
+STRENGTH_CHOICES = ("0", "0.25", "0.5", "0.75", "1")
+# Degradation class -> the decoder variant it calls for (hf-sr understands these names).
+DEGRADATIONS = {
+    "clean": "classical",
+    "noise": "realworld",
+    "blur": "realworld",
+    "jpeg": "compressed",
+    "mixed": "realworld",
+}
+
+SYSTEM_PROMPT = (
+    "You plan image restoration. Given an image description, measurements and the user's "
+    "instruction, reply with one JSON object: the main degradation (clean, noise, blur, "
+    "jpeg or mixed); the strength, from 0 to 1, of each operation: deblock (JPEG "
+    "artifacts), denoise, deblur, sharpen (0 when not needed; never restore what is not "
+    "broken); the output scale; a short positive prompt describing the restored image; "
+    "and a short negative prompt listing what to avoid."
+)
+
+
+# --- the constrained-decoding grammar ----------------------------------------------------
+
+
+@dataclass
+class _Seg:
+    kind: str  # "lit" | "choice" | "free"
+    key: str = ""
+    tokens: list[int] = field(default_factory=list)  # lit
+    trie: dict | None = None  # choice: token -> subtrie; {} marks the end of an option
+    limit: int = 0  # free: max tokens
+    close: int = -1  # free: the token that ends the string (first token of the next literal)
+
+
+def _build_trie(seqs: Sequence[Sequence[int]]) -> dict:
+    root: dict = {}
+    for seq in seqs:
+        node = root
+        for i, tok in enumerate(seq):
+            if tok in node and (node[tok] == {} or i == len(seq) - 1):
+                raise ValueError("choice options must be prefix-free")
+            node = node.setdefault(tok, {})
+    return root
+
+
+class _Grammar:
+    """A flat JSON template of literals, closed choices and bounded free strings."""
+
+    def __init__(self, tokenizer: Any, template: list[tuple], free_mask: Any) -> None:
+        # Merge the first character of the literal after each choice into the options,
+        # so no option is a prefix of another ("0," vs "0.25,").
+        parts = [list(p) for p in template]
+        for i, part in enumerate(parts):
+            if part[0] == "choice":
+                nxt = parts[i + 1]
+                assert nxt[0] == "lit" and nxt[1], "a choice must be followed by a literal"
+                delim = nxt[1][0]
+                part[2] = [opt + delim for opt in part[2]]
+                nxt[1] = nxt[1][1:]
+        self.segs: list[_Seg] = []
+        encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        for i, part in enumerate(parts):
+            if part[0] == "lit":
+                if part[1]:
+                    self.segs.append(_Seg("lit", tokens=encode(part[1])))
+            elif part[0] == "choice":
+                opts = part[2]
+                seqs = [encode(o) for o in opts]
+                self.segs.append(_Seg("choice", key=part[1], trie=_build_trie(seqs)))
+            elif part[0] == "free":
+                nxt = parts[i + 1]
+                assert nxt[0] == "lit" and nxt[1].startswith('"')
+                self.segs.append(_Seg("free", key=part[1], limit=part[2]))
+        # A free string ends with the first token of the following literal, which must
+        # start with the closing quote; keep that token out of the literal's rest.
+        for i, seg in enumerate(self.segs):
+            if seg.kind == "free":
+                lit = self.segs[i + 1]
+                seg.close = lit.tokens[0]
+                if free_mask[seg.close]:
+                    raise ValueError("closing token is allowed inside free text")
+        self.free_mask = free_mask
+        self.max_tokens = sum(
+            len(s.tokens) if s.kind == "lit" else s.limit + 1 if s.kind == "free" else _depth(s.trie)
+            for s in self.segs
+        ) + 1
+
+
+def _depth(trie: dict) -> int:
+    return 0 if not trie else 1 + max(_depth(t) for t in trie.values())
+
+
+class _RowState:
+    __slots__ = ("seg", "pos", "node", "count", "done")
+
+    def __init__(self) -> None:
+        self.seg, self.pos, self.node, self.count, self.done = 0, 0, None, 0, False
+
+
+class SchemaLogitsProcessor:
+    """Masks logits so that each row's continuation follows its grammar."""
+
+    def __init__(self, grammars: Sequence[_Grammar], eos_token_id: int) -> None:
+        self.grammars = list(grammars)
+        self.eos = eos_token_id
+        self.states = [_RowState() for _ in grammars]
+        self.prompt_len: int | None = None
+        for g, st in zip(self.grammars, self.states):
+            self._enter(g, st)
+
+    def _enter(self, g: _Grammar, st: _RowState) -> None:
+        while st.seg < len(g.segs):
+            seg = g.segs[st.seg]
+            st.pos, st.count, st.node = 0, 0, seg.trie if seg.kind == "choice" else None
+            if seg.kind == "lit" and not seg.tokens:
+                st.seg += 1
+                continue
+            return
+        st.done = True
+
+    def _advance(self, g: _Grammar, st: _RowState, tok: int) -> None:
+        if st.done:
+            return
+        seg = g.segs[st.seg]
+        if seg.kind == "lit":
+            st.pos += 1
+            if st.pos >= len(seg.tokens):
+                st.seg += 1
+                self._enter(g, st)
+        elif seg.kind == "choice":
+            st.node = st.node[tok]
+            if not st.node:
+                st.seg += 1
+                self._enter(g, st)
+        else:  # free
+            if tok == seg.close:
+                st.seg += 1
+                self._enter(g, st)
+                lit = g.segs[st.seg]  # the closing literal; its first token is consumed
+                st.pos = 1
+                if st.pos >= len(lit.tokens):
+                    st.seg += 1
+                    self._enter(g, st)
+            else:
+                st.count += 1
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        elif input_ids.shape[1] > self.prompt_len:
+            last = input_ids[:, -1].tolist()
+            for g, st, tok in zip(self.grammars, self.states, last):
+                self._advance(g, st, tok)
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        for row, (g, st) in enumerate(zip(self.grammars, self.states)):
+            if st.done:
+                mask[row, self.eos] = True
+                continue
+            seg = g.segs[st.seg]
+            if seg.kind == "lit":
+                mask[row, seg.tokens[st.pos]] = True
+            elif seg.kind == "choice":
+                mask[row, list(st.node.keys())] = True
+            else:
+                if st.count < seg.limit:
+                    mask[row] = g.free_mask.to(scores.device)
+                mask[row, seg.close] = True
+        return scores.masked_fill(~mask, float("-inf"))
+
+
+# --- the planner -------------------------------------------------------------------------
+
+
+class HFLLMPlanner(Planner):
+    kind = "hf-llm"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(model=model, device=device)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_id = model or DEFAULT_MODEL
+        path = hf.load_path(self.model_id, "planner", self.kind)
+        self.batch_size = batch_size
+        self.dtype = dtype or hf.choose_dtype(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"planner model {self.model_id!r} has no chat template")
+        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, local_files_only=True)
+        self.lm.to(torch.device(device)).eval()
+        self.eos_token_id = self._eos_id()
+        self.rules = RulesPlanner()
+        self._free_mask = self._make_free_mask()
+        self._grammars: dict[tuple, _Grammar] = {}
+
+    @classmethod
+    def check_available(cls, model: str | None) -> None:
+        hf.require_model(model or DEFAULT_MODEL, "planner", cls.kind)
+
+    # -- setup helpers
+
+    def _eos_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            gen_eos = getattr(self.lm.generation_config, "eos_token_id", None)
+            eos = gen_eos[0] if isinstance(gen_eos, (list, tuple)) else gen_eos
+        if eos is None:
+            raise ValueError(f"planner model {self.model_id!r} has no end-of-sequence token")
+        return int(eos)
+
+    def _make_free_mask(self) -> Any:
+        """Tokens allowed inside a JSON string: printable, no quote/backslash/newline."""
+        import torch
+
+        vocab_out = int(self.lm.get_output_embeddings().weight.shape[0])
+        n = min(len(self.tokenizer), vocab_out)
+        special = set(self.tokenizer.all_special_ids)
+        texts = self.tokenizer.batch_decode([[i] for i in range(n)])
+        mask = torch.zeros(vocab_out, dtype=torch.bool)
+        for i, text in enumerate(texts):
+            if (
+                i in special
+                or not text
+                or '"' in text
+                or "\\" in text
+                or "\ufffd" in text
+                or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
+            ):
+                continue
+            mask[i] = True
+        # Added (non-special) tokens such as chat markers are not text either.
+        for tok_id in getattr(self.tokenizer, "added_tokens_decoder", {}) or {}:
+            if tok_id < vocab_out:
+                mask[tok_id] = False
+        return mask
+
+    def _grammar(self, scale_choices: tuple[int, ...], op_choices: tuple[tuple[str, ...], ...]) -> _Grammar:
+        key = (scale_choices, op_choices)
+        if key not in self._grammars:
+            template: list[tuple] = [("lit", '{"degradation": "'), ("choice", "degradation", list(DEGRADATIONS)),
+                                     ("lit", '", ')]
+            for i, (name, choices) in enumerate(zip(OPERATION_ORDER, op_choices)):
+                template.append(("lit", f'"{name}": ' if i else f'"{name}": '))
+                template.append(("choice", name, list(choices)))
+                template.append(("lit", ", "))
+            template.append(("lit", '"scale": '))
+            template.append(("choice", "scale", [str(s) for s in scale_choices]))
+            template.append(("lit", ', "prompt": "'))
+            template.append(("free", "prompt", PROMPT_MAX_TOKENS))
+            template.append(("lit", '", "negative_prompt": "'))
+            template.append(("free", "negative_prompt", NEGATIVE_MAX_TOKENS))
+            template.append(("lit", '"}'))
+            # Merge adjacent literals so each is tokenized once.
+            merged: list[tuple] = []
+            for part in template:
+                if part[0] == "lit" and merged and merged[-1][0] == "lit":
+                    merged[-1] = ("lit", merged[-1][1] + part[1])
+                else:
+                    merged.append(part)
+            self._grammars[key] = _Grammar(self.tokenizer, merged, self._free_mask)
+        return self._grammars[key]
+
+    # -- planning
+
+    @staticmethod
+    def _constraints(options: JobOptions) -> tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]:
+        if options.scale is not None:
+            scales: tuple[int, ...] = (options.scale,)
+        elif options.task == "upscale":
+            scales = (2, 4)
+        else:
+            scales = (1,)
+        requests, _, _ = instruction_requests(options.instruction)
+        ops = []
+        for name in OPERATION_ORDER:
+            wanted = requests.get(name)
+            if wanted is False:
+                ops.append(("0",))
+            elif wanted is True:
+                ops.append(tuple(c for c in STRENGTH_CHOICES if c != "0"))
+            else:
+                ops.append(STRENGTH_CHOICES)
+        return scales, tuple(ops)
+
+    def _user_message(self, description: Description, options: JobOptions, prior: Plan) -> str:
+        lines = []
+        if description.caption:
+            lines.append(f"Caption: {description.caption}")
+        lines.append(f"Measurements: {description.text}")
+        est = []
+        if description.noise_sigma is not None:
+            est.append(f"noise sigma {description.noise_sigma:.1f}")
+        if description.blur_sigma is not None:
+            est.append(f"blur sigma {description.blur_sigma:.1f}")
+        if description.jpeg_quality is not None:
+            est.append(f"JPEG quality {description.jpeg_quality:.0f}")
+        if est:
+            lines.append("Estimates: " + ", ".join(est))
+        ops = ", ".join(f"{op.name} {op.strength:.2f}" for op in prior.operations) or "none"
+        lines.append(f"Rule-based suggestion: {ops}")
+        lines.append(f"Task: {options.task}, scale x{options.effective_scale()}")
+        lines.append(f"Instruction: {options.instruction.strip() or '(none)'}")
+        return "\n".join(lines)
+
+    def _prompt_text(self, description: Description, options: JobOptions, prior: Plan) -> str:
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": self._user_message(description, options, prior)},
+        ]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _generate(self, prompts: Sequence[str], grammars: Sequence[_Grammar]) -> list[str]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.lm.device) for k, v in enc.items()}
+        proc = SchemaLogitsProcessor(grammars, self.eos_token_id)
+        config = GenerationConfig(
+            max_new_tokens=max(g.max_tokens for g in grammars),
+            do_sample=False,
+            num_beams=1,
+            # Explicit neutral values: unset fields would be filled from the model's own
+            # generation_config (Qwen's samples, with a repetition penalty).
+            temperature=1.0,
+            top_p=1.0,
+            top_k=50,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        with torch.inference_mode():
+            out = self.lm.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([proc]))
+        new = out[:, enc["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def _plan_batch(self, items: Sequence[tuple[Description, JobOptions, Plan]]) -> list[Plan]:
+        prompts = [self._prompt_text(d, o, p) for d, o, p in items]
+        grammars = [self._grammar(*self._constraints(o)) for _, o, _ in items]
+        raws = self._generate(prompts, grammars)
+        return [self._to_plan(raw, d, o, p) for raw, (d, o, p) in zip(raws, items)]
+
+    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
+        from pipeline.tiling import map_batches_with_oom
+
+        if len(descriptions) != len(options):
+            raise ValueError(f"{len(descriptions)} descriptions but {len(options)} option sets")
+        priors = self.rules.plan(descriptions, options)
+        items = list(zip(descriptions, options, priors))
+        return map_batches_with_oom(self._plan_batch, items, self.batch_size, what="planner")
+
+    def _to_plan(self, raw: str, description: Description, options: JobOptions, prior: Plan) -> Plan:
+        """Map the constrained JSON onto a Plan; anything off-schema falls back to the prior."""
+        scales, op_choices = self._constraints(options)
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:  # cannot happen under the grammar; never trust it blindly
+            log.warning("planner output not JSON (%s): %r", exc, raw[:200])
+            plan = prior.model_copy(deep=True)
+            plan.raw = raw
+            plan.rationale = f"LLM output unparseable, rule-based plan used; {prior.rationale}"
+            return plan
+
+        operations: list[Operation] = []
+        for name, allowed in zip(OPERATION_ORDER, op_choices):
+            value = _as_choice(data.get(name), allowed)
+            strength = float(value)
+            if strength > 0:
+                operations.append(Operation(name=name, strength=strength))
+        scale = int(data.get("scale")) if _is_int(data.get("scale")) and int(data["scale"]) in scales else scales[0]
+        degradation = data.get("degradation") if data.get("degradation") in DEGRADATIONS else "clean"
+        prompt = _clean_text(data.get("prompt")) or prior.prompt
+        negative = _clean_text(data.get("negative_prompt")) or prior.negative_prompt
+        summary = ", ".join(f"{op.name} {op.strength:g}" for op in operations) or "no operation"
+        return Plan(
+            operations=operations,
+            scale=scale,  # type: ignore[arg-type]
+            output_format=prior.output_format,
+            prompt=prompt,
+            negative_prompt=negative,
+            noise_sigma=prior.noise_sigma,
+            blur_sigma=prior.blur_sigma,
+            jpeg_quality=prior.jpeg_quality,
+            model=DEGRADATIONS[degradation],
+            rationale=f"LLM ({self.model_id}): degradation {degradation}; {summary}; x{scale}",
+            raw=raw,
+        )
+
+
+def _as_choice(value: Any, allowed: Sequence[str]) -> str:
+    for choice in allowed:
+        try:
+            if value is not None and abs(float(value) - float(choice)) < 1e-9:
+                return choice
+        except (TypeError, ValueError):
+            break
+    return allowed[0]
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        return float(value) == int(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _clean_text(value: Any, limit: int = 300) -> str:
+    if not isinstance(value, str):
+        return ""
+    return " ".join(value.split())[:limit].strip(" ,;")

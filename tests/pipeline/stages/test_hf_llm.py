@@ -1,0 +1,123 @@
+"""hf-llm planner on a tiny random Qwen2ForCausalLM with a ChatML template, offline.
+
+A random LLM writes nonsense; the planner must still return schema-valid Plans that honour
+the user's hard constraints, with the raw (constrained) text kept in Plan.raw."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.messages import Description, JobOptions, Plan
+from pipeline.stages.base import ModelUnavailableError
+from pipeline.stages.planners.hf_llm import DEGRADATIONS, HFLLMPlanner, SchemaLogitsProcessor
+from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_qwen2, tiny_model
+
+
+@pytest.fixture(scope="session")
+def qwen(tmp_path_factory):
+    return tiny_model(tmp_path_factory, make_tiny_qwen2, "tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def planner(qwen):
+    return HFLLMPlanner(str(qwen), batch_size=8)
+
+
+DESCRIPTIONS = [
+    Description(text="noisy photo", metrics={"noise_sigma": 14.0}, noise_sigma=14.0, caption="a cat on a sofa"),
+    Description(text="a clean image", metrics={"blur_sigma": 0.2}),
+    Description(text="blocky JPEG", metrics={"blockiness": 3.1}, jpeg_quality=30.0),
+]
+OPTIONS = [
+    JobOptions(task="upscale"),
+    JobOptions(instruction="denoise it, but no sharpening please"),
+    JobOptions(task="upscale", scale=4, format="webp"),
+]
+
+
+def _check(plan: Plan, options: JobOptions) -> dict:
+    Plan.model_validate(plan.model_dump())  # schema-valid, round-trips
+    data = json.loads(plan.raw)  # the raw LLM text is the constrained JSON
+    assert set(data) == {"degradation", "deblock", "denoise", "deblur", "sharpen", "scale", "prompt", "negative_prompt"}
+    assert plan.model == DEGRADATIONS[data["degradation"]]
+    for op in plan.operations:
+        assert 0.0 < op.strength <= 1.0 and float(data[op.name]) == op.strength
+    if options.scale is not None:
+        assert plan.scale == options.scale
+    elif options.task == "restore":
+        assert plan.scale == 1
+    else:
+        assert plan.scale in (2, 4)
+    if options.format:
+        assert plan.output_format == options.format
+    assert plan.prompt and plan.negative_prompt and '"' not in plan.prompt
+    return data
+
+
+def test_random_llm_gives_valid_plans(planner):
+    plans = planner.plan(DESCRIPTIONS, OPTIONS)
+    assert len(plans) == 3
+    for plan, options in zip(plans, OPTIONS):
+        _check(plan, options)
+    # the instruction's hard constraints: denoise asked for, sharpen (and deblur) forbidden
+    assert plans[1].strength("denoise") > 0
+    assert plans[1].strength("sharpen") == 0 and plans[1].strength("deblur") == 0
+    # fields the LLM does not choose come from the rules prior
+    assert plans[0].noise_sigma == pytest.approx(14.0) and plans[2].jpeg_quality == pytest.approx(30.0)
+
+
+def test_other_random_weights_still_valid(tmp_path_factory):
+    other = tiny_model(tmp_path_factory, make_tiny_qwen2, "tiny-qwen2-b", seed=7, layers=1)
+    planner = HFLLMPlanner(str(other))
+    for plan, options in zip(planner.plan(DESCRIPTIONS, OPTIONS), OPTIONS):
+        _check(plan, options)
+
+
+def test_batch_equals_single_calls(planner):
+    batch = planner.plan(DESCRIPTIONS, OPTIONS)
+    singles = [planner.plan([d], [o])[0] for d, o in zip(DESCRIPTIONS, OPTIONS)]
+    assert batch == singles
+
+
+def test_grammar_holds_against_adversarial_logits(planner):
+    """Whatever the logits say (random, or a model that wants quotes and newlines), the
+    decoded text is the schema's JSON."""
+    quote_ids = [i for i in range(len(planner.tokenizer)) if '"' in planner.tokenizer.decode([i])]
+    vocab = planner.lm.get_output_embeddings().weight.shape[0]
+    for seed in range(6):
+        grammars = [planner._grammar(*planner._constraints(o)) for o in OPTIONS]
+        proc = SchemaLogitsProcessor(grammars, planner.eos_token_id)
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.zeros((len(OPTIONS), 1), dtype=torch.long)
+        finished = torch.zeros(len(OPTIONS), dtype=torch.bool)
+        for _ in range(max(g.max_tokens for g in grammars)):
+            scores = torch.randn((len(OPTIONS), vocab), generator=gen) * 5
+            if seed % 2:
+                scores[:, quote_ids] += 50.0  # the model "wants" to break out of strings
+            nxt = proc(ids, scores).argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, planner.eos_token_id), nxt)
+            finished |= nxt == planner.eos_token_id
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if finished.all():
+                break
+        assert finished.all()
+        for row, options in zip(ids[:, 1:], OPTIONS):
+            text = planner.tokenizer.decode(row, skip_special_tokens=True)
+            plan = planner._to_plan(text, DESCRIPTIONS[0], options, planner.rules.plan_one(DESCRIPTIONS[0], options))
+            _check(plan, options)
+
+
+def test_missing_model_fails_at_startup_and_cache_loads(tmp_path, monkeypatch, qwen):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelUnavailableError, match=r"Qwen/Qwen2.5-0.5B-Instruct.*pixelrelay models pull hf-llm"):
+        HFLLMPlanner.check_available(None)
+    install_in_hub_cache(qwen, tmp_path / "hub", "Qwen/Qwen2.5-0.5B-Instruct")
+    HFLLMPlanner.check_available(None)
+    plan = HFLLMPlanner(None).plan(DESCRIPTIONS[:1], OPTIONS[:1])[0]
+    _check(plan, OPTIONS[0])

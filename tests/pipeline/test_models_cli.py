@@ -1,0 +1,60 @@
+"""`pixelrelay models list|pull` (pipeline.models_cli.main), offline."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import models_cli
+from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_swin2sr, tiny_model
+
+
+@pytest.fixture(scope="session")
+def sr_x2(tmp_path_factory):
+    return tiny_model(tmp_path_factory, make_tiny_swin2sr, "swin2SR-classical-sr-x2", upscale=2)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for stage in ("ENCODER", "PLANNER", "DECODER"):
+        monkeypatch.delenv(f"PIXELRELAY_{stage}", raising=False)
+    return cache
+
+
+def test_list_shows_backends_and_presence(offline_cache, sr_x2, capsys):
+    install_in_hub_cache(sr_x2, offline_cache, "caidas/swin2SR-classical-sr-x2-64")
+    rc = models_cli.main(["list", "--decoder", f"hf-sr:caidas/swin2SR-classical-sr-x2-64,{sr_x2}", "--check"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for kind in ("analysis", "hf-caption", "rules", "hf-llm", "classic", "hf-sr*", "sd-upscale"):
+        assert kind in out
+    lines = {line.split()[2]: line for line in out.splitlines() if line.startswith("decoder  hf-sr")}
+    assert "present" in lines["caidas/swin2SR-classical-sr-x2-64"] and "configured" in lines[str(sr_x2)]
+    assert "missing" in next(line for line in out.splitlines() if "Qwen/Qwen2.5-0.5B-Instruct" in line)
+
+
+def test_list_check_fails_when_configured_model_missing(offline_cache, capsys, monkeypatch):
+    monkeypatch.setenv("PIXELRELAY_PLANNER", "hf-llm")
+    assert models_cli.main(["list", "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "planner=hf-llm" in out and "missing: planner hf-llm:Qwen/Qwen2.5-0.5B-Instruct" in out
+    assert models_cli.main(["list"]) == 0  # without --check it only reports
+
+
+def test_pull(offline_cache, sr_x2, capsys):
+    assert models_cli.main(["pull", f"hf-sr:{sr_x2}", "rules"]) == 0
+    out = capsys.readouterr().out
+    assert "present" in out and "nothing to pull" in out
+    # offline and not cached: a clear refusal, no network
+    assert models_cli.main(["pull", "hf-llm"]) == 1
+    assert "HF_HUB_OFFLINE=1" in capsys.readouterr().err
+    assert models_cli.main(["pull", "no-such-backend"]) == 2
+    # once in the cache, pull is a no-op that says where it is
+    install_in_hub_cache(sr_x2, offline_cache, "caidas/swin2SR-classical-sr-x4-64")
+    assert models_cli.main(["pull", "hf-sr:caidas/swin2SR-classical-sr-x4-64"]) == 0
+    assert str(offline_cache) in capsys.readouterr().out
