@@ -164,14 +164,18 @@ def torch_device(device: str) -> Any:
 def choose_dtype(device: str, prefer: str | None = None) -> Any:
     """fp32 on CPU; on CUDA bf16 where supported, else fp16.
 
-    ``prefer`` (or env ``PIXELRELAY_DTYPE``) may force "fp32", "fp16" or "bf16" on GPU.
+    ``prefer`` (or the ``PIXELRELAY_DTYPE`` setting) may force "fp32", "fp16" or "bf16" on GPU.
     """
     import torch
 
     dev = torch.device(device)
     if dev.type != "cuda":
         return torch.float32
-    prefer = (prefer or os.environ.get("PIXELRELAY_DTYPE", "")).lower()
+    if prefer is None:
+        from pipeline.settings import Settings
+
+        prefer = Settings.from_env().dtype
+    prefer = prefer.lower()
     table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
              "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if prefer in table:

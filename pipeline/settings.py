@@ -7,7 +7,7 @@ may carry a password: it is a SecretStr and ``redacted_redis_url`` is the only f
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -42,6 +42,18 @@ class Settings(BaseSettings):
     planner: str = C.DEFAULT_PLANNER
     decoder: str = C.DEFAULT_DECODER
     log_level: str = "INFO"
+    # Learned decoders: precision on GPU (CPU is always fp32) and tiled inference.
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    sr_tile: int = Field(256, ge=16)
+    sr_overlap: int = Field(32, ge=0)
+    sr_tile_batch: int = Field(4, ge=1)
+    sr_min_tile: int = Field(32, ge=8)
+    sd_tile: int = Field(128, ge=16)
+    sd_overlap: int = Field(32, ge=0)
+    sd_tile_batch: int = Field(2, ge=1)
+    sd_min_tile: int = Field(32, ge=8)
+    sd_steps: int = Field(25, ge=1, le=1000)
+    sd_guidance: float = Field(7.5, ge=0.0, le=50.0)
 
     @field_validator("redis_url")
     @classmethod

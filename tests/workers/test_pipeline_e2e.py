@@ -7,7 +7,6 @@ import json
 import uuid
 
 import numpy as np
-import pytest
 import redis
 from PIL import Image
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 
 import redis
-from PIL import Image
 
-from tests.conftest import REPO, WorkerPool, run_cli, worker_env
+from tests.conftest import WorkerPool, run_cli, worker_env
 from tests.images import photo_like
 
 

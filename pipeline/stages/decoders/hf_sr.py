@@ -27,7 +27,6 @@ re-attached.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -35,6 +34,7 @@ import numpy as np
 
 from pipeline import hf
 from pipeline.imageio import DecodedImage
+from pipeline.settings import Settings
 from pipeline.messages import Plan
 from pipeline.stages.base import Decoder, RestoredImage
 
@@ -48,10 +48,6 @@ KNOWN_MODELS = (
     "caidas/swin2SR-compressed-sr-x4-48",
 )
 VARIANTS = ("classical", "realworld", "compressed", "lightweight")
-DEFAULT_TILE = int(os.environ.get("PIXELRELAY_SR_TILE", "256"))
-DEFAULT_OVERLAP = int(os.environ.get("PIXELRELAY_SR_OVERLAP", "32"))
-DEFAULT_TILE_BATCH = int(os.environ.get("PIXELRELAY_SR_TILE_BATCH", "4"))
-DEFAULT_MIN_TILE = int(os.environ.get("PIXELRELAY_SR_MIN_TILE", "32"))
 JPEG_COMPRESSED_BELOW = 90.0
 NOISY_ABOVE_SIGMA = 5.0
 
@@ -87,14 +83,20 @@ class HFSuperResolutionDecoder(Decoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        tile: int = DEFAULT_TILE,
-        overlap: int = DEFAULT_OVERLAP,
-        tile_batch: int = DEFAULT_TILE_BATCH,
-        min_tile: int = DEFAULT_MIN_TILE,
+        tile: int | None = None,
+        overlap: int | None = None,
+        tile_batch: int | None = None,
+        min_tile: int | None = None,
         dtype: Any = None,
         alpha_mode: str = "lanczos",
     ) -> None:
+        """Tile settings default to PIXELRELAY_SR_TILE / _OVERLAP / _TILE_BATCH / _MIN_TILE."""
         super().__init__(model=model, device=device)
+        settings = Settings.from_env()
+        tile = settings.sr_tile if tile is None else tile
+        overlap = settings.sr_overlap if overlap is None else overlap
+        tile_batch = settings.sr_tile_batch if tile_batch is None else tile_batch
+        min_tile = settings.sr_min_tile if min_tile is None else min_tile
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageToImage
 

@@ -19,7 +19,6 @@ tile's own pixels, so results do not depend on batching or on neighbouring items
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 from pipeline import hf
 from pipeline.imageio import DecodedImage
 from pipeline.messages import Plan
+from pipeline.settings import Settings
 from pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage
 
 log = logging.getLogger("pixelrelay.decoder.sd_upscale")
@@ -35,12 +35,6 @@ log = logging.getLogger("pixelrelay.decoder.sd_upscale")
 DEFAULT_MODEL = "stabilityai/stable-diffusion-x4-upscaler"
 NATIVE_SCALE = 4
 ALIGN = 8
-DEFAULT_TILE = int(os.environ.get("PIXELRELAY_SD_TILE", "128"))
-DEFAULT_OVERLAP = int(os.environ.get("PIXELRELAY_SD_OVERLAP", "32"))
-DEFAULT_TILE_BATCH = int(os.environ.get("PIXELRELAY_SD_TILE_BATCH", "2"))
-DEFAULT_MIN_TILE = int(os.environ.get("PIXELRELAY_SD_MIN_TILE", "32"))
-DEFAULT_STEPS = int(os.environ.get("PIXELRELAY_SD_STEPS", "25"))
-DEFAULT_GUIDANCE = float(os.environ.get("PIXELRELAY_SD_GUIDANCE", "7.5"))
 BASE_NOISE_LEVEL = 20
 MAX_NOISE_LEVEL = 100
 FALLBACK_PROMPT = "a clean, sharp, high-resolution photo, natural detail, realistic texture"
@@ -74,18 +68,25 @@ class SDUpscaleDecoder(Decoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        tile: int = DEFAULT_TILE,
-        overlap: int = DEFAULT_OVERLAP,
-        tile_batch: int = DEFAULT_TILE_BATCH,
-        min_tile: int = DEFAULT_MIN_TILE,
-        steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE,
+        tile: int | None = None,
+        overlap: int | None = None,
+        tile_batch: int | None = None,
+        min_tile: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         dtype: Any = None,
         attention_slicing: bool = True,
         vae_tiling: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(model=model, device=device)
+        settings = Settings.from_env()  # defaults: PIXELRELAY_SD_TILE, _OVERLAP, _STEPS, ...
+        tile = settings.sd_tile if tile is None else tile
+        overlap = settings.sd_overlap if overlap is None else overlap
+        tile_batch = settings.sd_tile_batch if tile_batch is None else tile_batch
+        min_tile = settings.sd_min_tile if min_tile is None else min_tile
+        steps = settings.sd_steps if steps is None else steps
+        guidance_scale = settings.sd_guidance if guidance_scale is None else guidance_scale
         if not diffusers_available():
             raise ModelUnavailableError(INSTALL_HINT)
         import torch
