@@ -16,6 +16,7 @@ JOB_KEY_TTL_S = 7 * 24 * 3600  # Redis job state kept this long after the job fi
 
 # --- Celery -------------------------------------------------------------------------
 STAGES = ("encode", "plan", "decode")
+STAGE_BACKEND = {"encode": "encoder", "plan": "planner", "decode": "decoder"}  # stage -> backend kind
 QUEUE_PREFIX = "pixelrelay."  # queue per stage: pixelrelay.encode, ...
 TASK_PREFIX = "pixelrelay."  # task names: pixelrelay.encode, ...
 DEFAULT_VISIBILITY_TIMEOUT_S = 2 * 3600  # longer than the longest batch

@@ -19,8 +19,6 @@ from workers.app import queue_name
 
 log = logging.getLogger("pixelrelay.worker")
 
-_SETTING_FOR_STAGE = {"encode": "encoder", "plan": "planner", "decode": "decoder"}
-_STAGE_KIND = {"encode": "encoder", "plan": "planner", "decode": "decoder"}
 
 
 def export_settings(**values) -> None:
@@ -36,9 +34,9 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
     settings = Settings.from_env()
     if not settings.redis:
         raise ConfigError("PIXELRELAY_REDIS_URL: not set; a worker needs the job broker's Redis URL")
-    spec = getattr(settings, _SETTING_FOR_STAGE[stage])
+    spec = getattr(settings, C.STAGE_BACKEND[stage])
     try:
-        backend_class(_STAGE_KIND[stage], spec).check_available(spec.partition(":")[2] or None)
+        backend_class(C.STAGE_BACKEND[stage], spec).check_available(spec.partition(":")[2] or None)
     except ModelUnavailableError as exc:
         log.error("%s", exc)
         print(f"pixelrelay worker: {exc}", flush=True)

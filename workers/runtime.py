@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from pipeline import constants as C
 from pipeline.settings import Settings
 from pipeline.stages.registry import create_decoder, create_encoder, create_planner
 from pipeline.storage import Storage, open_storage
@@ -21,7 +22,6 @@ from pipeline.storage import Storage, open_storage
 log = logging.getLogger("pixelrelay.worker")
 
 _FACTORIES = {"encode": create_encoder, "plan": create_planner, "decode": create_decoder}
-_SETTING_FOR_STAGE = {"encode": "encoder", "plan": "planner", "decode": "decoder"}
 
 
 class Runtime:
@@ -62,7 +62,7 @@ class Runtime:
         return open_storage(uri, self.settings.s3_endpoint_url)
 
     def default_spec(self, stage: str) -> str:
-        return getattr(self.settings, _SETTING_FOR_STAGE[stage])
+        return getattr(self.settings, C.STAGE_BACKEND[stage])
 
     def stage(self, stage: str, spec: str | None = None):
         """The backend for ``stage`` (the job's choice, else the worker's), built once."""
