@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         return _delegate(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.storage import StorageError
     from producer.listing import InputError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, InputError) as exc:
+    except (ConfigError, InputError, StorageError) as exc:
         print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

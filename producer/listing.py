@@ -54,7 +54,7 @@ def _manifest_uris(uri: str, storage: Storage) -> list[str]:
         if not is_s3(line) and not os.path.isabs(line):
             line = join_uri(base, line)
         uris.append(line)
-    return uris
+    return list(dict.fromkeys(uris))  # a URI listed twice is one item
 
 
 def _common_root(uris: list[str]) -> str:

@@ -88,8 +88,11 @@ def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures:
     info = state.info()
     spec = state.spec()
     done, failed = int(info.get("manifest_done", 0)), int(info.get("manifest_failed", 0))
+    missing = int(info.get("manifest_missing", 0))
     manifest = manifest_uri(spec.output, spec.job_id)
     stream.write(f"job {spec.job_id}: {done} done, {failed} failed; manifest {manifest}\n")
+    if missing:
+        stream.write(f"  {missing} items have no manifest line (their part could not be written); re-submit to retry\n")
     if failed:
         storage = open_storage(manifest, settings.s3_endpoint_url)
         shown = 0
@@ -101,7 +104,7 @@ def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures:
                 if shown >= max_failures:
                     stream.write(f"  ... and {failed - shown} more (see the manifest)\n")
                     break
-    return EXIT_FAILED_ITEMS if failed else EXIT_OK
+    return EXIT_FAILED_ITEMS if failed or missing else EXIT_OK
 
 
 def show_status(settings: Settings, job_id: str, wait: bool, stream: TextIO = sys.stdout) -> int:

@@ -69,5 +69,6 @@ def finalize_if_complete(state: JobState, storage: Storage, spec: JobSpec, seq: 
     except BaseException:
         state.release_finalize(seq)
         raise
-    state.finish(seq, manifest_uri(spec.output, spec.job_id), counts.get("done", 0), counts.get("failed", 0))
+    missing = spec.total - counts.get("done", 0) - counts.get("failed", 0)
+    state.finish(seq, manifest_uri(spec.output, spec.job_id), counts.get("done", 0), counts.get("failed", 0), missing)
     return True

@@ -154,7 +154,7 @@ class JobState:
     def release_finalize(self, seq: int) -> None:
         self.r.delete(C.FINALIZED_KEY.format(job_id=self.job_id, seq=seq))
 
-    def finish(self, seq: int, manifest: str, done: int, failed: int) -> None:
+    def finish(self, seq: int, manifest: str, done: int, failed: int, missing: int = 0) -> None:
         pipe = self.r.pipeline()
         pipe.hset(
             self.key,
@@ -164,6 +164,7 @@ class JobState:
                 "manifest": manifest,
                 "manifest_done": done,
                 "manifest_failed": failed,
+                "manifest_missing": missing,
             },
         )
         for key in (self.key, self.done_key, self.failed_key, self.cursor_key):

@@ -247,6 +247,9 @@ def run_stage(task: Task, stage: str, body: dict, work: Callable[[Runtime, JobSt
                 _fail_pending(msg, stage, f"gave up after {task.request.retries} retries: {_reason(exc)}")
             else:
                 raise _retry(task, rt, stage, msg, exc) from None
+        except Exception as exc:  # a bug or a permanent fault: the items still get a reason
+            log.exception("%s chunk %s/%d failed", stage, msg.job_id, msg.chunk)
+            _fail_pending(msg, stage, f"internal error: {_reason(exc)}")
     state.clear_delivery(stage, msg.seq, f"{msg.chunk}:{delivery_key}")
     if stage == "decode":
         try:
@@ -271,7 +274,14 @@ def _retry(task: Task, rt: Runtime, stage: str, msg: ChunkMessage, exc: Exceptio
 def _finish_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     _fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
     storage = rt.storage(msg.output)
-    write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
+    try:
+        write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
+    except StorageError as exc:
+        # Permanent (e.g. access denied): count the items anyway so the job can end; the
+        # manifest then reports them as missing, and a re-submission retries them.
+        log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
+        for record in msg.records:
+            record.fail("decode", f"manifest part not written: {exc}")
     state.mark(msg.seq, [(r.index, r.status) for r in msg.records])
     spec = state.spec()
     if msg.feeds:

@@ -33,7 +33,7 @@ def test_colliding_outputs_keep_their_old_extension(tmp_path):
 def test_manifest_text_and_jsonl(tmp_path):
     for rel in ("x/1.png", "x/y/2.jpg"):
         _touch(tmp_path / rel)
-    (tmp_path / "list.txt").write_text("# images\nx/1.png\n\n" + str(tmp_path / "x/y/2.jpg") + "\n")
+    (tmp_path / "list.txt").write_text("# images\nx/1.png\n\n" + str(tmp_path / "x/y/2.jpg") + "\nx/1.png\n")
     items = list(list_items(str(tmp_path / "list.txt"), "/out", open_storage(str(tmp_path)), "webp"))
     assert [i.output for i in items] == ["/out/1.webp", "/out/y/2.webp"]
     rows = [json.dumps({"uri": "s3://b/p/q/1.png"}), json.dumps({"uri": "s3://b/p/r/2.png", "extra": 1})]

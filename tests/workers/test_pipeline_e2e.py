@@ -130,3 +130,10 @@ def test_resubmitting_with_other_options_is_a_usage_error(stage_workers, redis_u
     assert _submit(redis_url, s3_bucket, job_id).returncode == 0
     again = _submit(redis_url, s3_bucket, job_id, "--scale", "4")
     assert again.returncode == 2 and "different options" in again.stderr
+
+
+def test_unwritable_output_is_a_clear_usage_error(redis_url, s3_bucket, s3_client):
+    _upload(s3_client, s3_bucket, "in", good_images(1))
+    result = run_cli(["submit", f"s3://{s3_bucket}/in", "--out", "s3://no-such-bucket-here/out"], worker_env(redis_url))
+    assert result.returncode == 2
+    assert "no-such-bucket-here" in result.stderr and "Traceback" not in result.stderr
