@@ -35,6 +35,6 @@ FINALIZED_KEY = KEY_PREFIX + "job:{job_id}:finalized:{seq}"  # manifest written 
 
 # --- defaults for the embedded setup ------------------------------------------------
 DEFAULT_REDIS_URL = ""  # empty: `pixelrelay run` starts an embedded Redis
-DEFAULT_ENCODER = "analysis"
+DEFAULT_ENCODER = "builtin"  # pixelrelay's own trained models, shipped in the package
 DEFAULT_PLANNER = "rules"
-DEFAULT_DECODER = "classic"
+DEFAULT_DECODER = "builtin"

@@ -14,6 +14,7 @@ from pipeline.stages.base import Decoder, Encoder, Planner, StageSpec
 # stage -> kind -> "module:Class"
 BACKENDS: dict[str, dict[str, str]] = {
     "encoder": {
+        "builtin": "pipeline.stages.encoders.builtin:BuiltinEncoder",
         "analysis": "pipeline.stages.encoders.analysis:AnalysisEncoder",
         "hf-caption": "pipeline.stages.encoders.hf_caption:HFCaptionEncoder",
     },
@@ -22,6 +23,7 @@ BACKENDS: dict[str, dict[str, str]] = {
         "hf-llm": "pipeline.stages.planners.hf_llm:HFLLMPlanner",
     },
     "decoder": {
+        "builtin": "pipeline.stages.decoders.builtin:BuiltinDecoder",
         "classic": "pipeline.stages.decoders.classic:ClassicDecoder",
         "hf-sr": "pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
         "sd-upscale": "pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",

@@ -44,20 +44,21 @@ def test_status_of_unknown_job(redis_url):
     assert result.returncode == 2 and "unknown job" in result.stdout
 
 
-def test_run_local_folder_with_embedded_redis(tmp_path):
+def test_run_local_folder_with_embedded_redis_and_default_backends(tmp_path):
     env = worker_env("")
     env.pop("PIXELRELAY_REDIS_URL")
     assert run_cli(["demo", str(tmp_path / "in"), "--count", "6"], env, timeout=60).returncode == 0
     job_id = "run-" + uuid.uuid4().hex[:6]
     result = run_cli(
-        ["run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--task", "upscale", "--job-id", job_id,
-         "--encoder", "analysis", "--planner", "rules", "--decoder", "classic"],
+        ["run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--task", "upscale", "--job-id", job_id],
         env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == job_id
     rows = [json.loads(line) for line in (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["status"] == "done" for r in rows)
+    # No backend flags: the shipped, trained models are the defaults.
+    assert all(r["backends"] == {"encoder": "builtin", "planner": "rules", "decoder": "builtin"} for r in rows)
     for row in rows:
         src, dst = Image.open(row["input"]), Image.open(row["output"])
         assert dst.size == (src.width * 2, src.height * 2)

@@ -1,0 +1,266 @@
+"""The one degradation synthesis module, shared by training and evaluation.
+
+A Real-ESRGAN / BSRGAN style one-stage model: Gaussian blur, a downscale (bicubic, bilinear
+or area), Gaussian or Poisson noise in random order, then JPEG at a random quality (the final
+save). Everything is driven by an explicit ``numpy.random.Generator``, so a seed reproduces
+the exact degraded image.
+
+Each call returns the degraded image (HxWx3 uint8) and the *true* parameters, expressed
+where the encoder sees them, i.e. on the output (low-resolution) pixel grid:
+
+* ``noise_sigma``: the standard deviation (0-255) of the noise as it is present in the
+  output before JPEG. Noise added before a blur or a downscale is weakened by them; we track a
+  clean copy through the same linear steps and measure the difference, so this is exact.
+* ``blur_sigma``: the Gaussian blur sigma in output pixels (0: none).
+* ``jpeg_quality``: the JPEG quality (None: not compressed).
+* ``downscaled``: whether a downscale step happened; ``scale`` the factor.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+RESIZE_MODES = ("bicubic", "bilinear", "area")
+
+
+@dataclass
+class DegradationConfig:
+    """Probabilities and ranges of the random degradation model."""
+
+    p_blur: float = 0.5
+    blur_sigma: tuple[float, float] = (0.3, 2.0)  # in output pixels
+    p_noise: float = 0.6
+    noise_sigma: tuple[float, float] = (1.0, 50.0)  # 0-255, as added
+    p_poisson: float = 0.3  # share of noisy samples that get Poisson instead of Gaussian noise
+    p_gray_noise: float = 0.3  # share of Gaussian noise that is the same on all channels
+    p_jpeg: float = 0.6
+    jpeg_quality: tuple[int, int] = (15, 95)
+    resize_modes: tuple[str, ...] = RESIZE_MODES
+    shuffle: bool = True  # random order of blur / downscale / noise (JPEG is always last)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "DegradationConfig":
+        d = dict(d or {})
+        out = cls()
+        for k, v in d.items():
+            if not hasattr(out, k):
+                raise ValueError(f"unknown degradation option {k!r}")
+            setattr(out, k, tuple(v) if isinstance(v, list) else v)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DegradationParams:
+    scale: int = 1
+    downscaled: bool = False
+    resize_mode: str | None = None
+    blur_sigma: float = 0.0  # output pixels
+    noise_kind: str | None = None  # "gaussian" | "gaussian-gray" | "poisson"
+    noise_added: float = 0.0  # sigma as added, 0-255 (Poisson: its nominal sigma)
+    noise_sigma: float = 0.0  # effective sigma in the output before JPEG, 0-255
+    jpeg_quality: int | None = None
+    order: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- primitive operations (torch, 1x3xHxW float in [0, 1]) ---------------------------
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 (or float in [0,1]) -> 1x3xHxW float32."""
+    arr = np.asarray(img)
+    t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)[None].float()
+    return t / 255.0 if arr.dtype == np.uint8 else t
+
+
+def to_uint8(t: torch.Tensor) -> np.ndarray:
+    """1x3xHxW (or 3xHxW) float in [0,1] -> HxWx3 uint8 (rounded)."""
+    if t.dim() == 4:
+        t = t[0]
+    return (t.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Isotropic Gaussian blur (reflect border, kernel truncated at 3 sigma)."""
+    if sigma <= 0:
+        return t
+    from scipy.ndimage import gaussian_filter
+
+    arr = gaussian_filter(t.numpy(), sigma=(0, 0, sigma, sigma), mode="reflect", truncate=3.0)
+    return torch.from_numpy(arr)
+
+
+def resize(t: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize to (h, w). Downscales are anti-aliased (like PIL / MATLAB imresize)."""
+    h, w = size
+    if (h, w) == tuple(t.shape[-2:]):
+        return t
+    if mode == "area":
+        return F.interpolate(t, size=(h, w), mode="area")
+    down = h < t.shape[-2] or w < t.shape[-1]
+    return F.interpolate(t, size=(h, w), mode=mode, align_corners=False, antialias=down)
+
+
+def downscale(t: torch.Tensor, scale: int, mode: str = "bicubic") -> torch.Tensor:
+    h, w = t.shape[-2:]
+    return resize(t, (h // scale, w // scale), mode)
+
+
+def upscale_bicubic(t: torch.Tensor, scale: int) -> torch.Tensor:
+    """The bicubic baseline upscale used everywhere (benchmark baseline, decoder base)."""
+    if scale == 1:
+        return t
+    return F.interpolate(t, scale_factor=scale, mode="bicubic", align_corners=False)
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """Round-trip an HxWx3 uint8 image through JPEG (PIL/libjpeg, 4:2:0 below q 90)."""
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def crop_to_multiple(img: np.ndarray, scale: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    return img[: h - h % scale, : w - w % scale]
+
+
+# --- the random model -----------------------------------------------------------------
+
+
+def _uniform(rng: np.random.Generator, lo_hi: Sequence[float]) -> float:
+    lo, hi = lo_hi
+    return float(rng.uniform(lo, hi))
+
+
+def degrade(
+    hr: np.ndarray,
+    scale: int,
+    rng: np.random.Generator,
+    config: DegradationConfig | None = None,
+    force: Sequence[str] = (),
+) -> tuple[np.ndarray, DegradationParams]:
+    """Degrade an HR image (HxWx3 uint8, cropped to a multiple of ``scale``).
+
+    ``force`` names steps ("blur", "noise", "jpeg") applied with probability 1.
+    Returns the degraded image (H/scale x W/scale x 3 uint8) and its true parameters.
+    """
+    cfg = config or DegradationConfig()
+    hr = crop_to_multiple(hr, scale)
+    p = DegradationParams(scale=scale)
+    steps = []
+    if "blur" in force or rng.random() < cfg.p_blur:
+        steps.append("blur")
+    if scale > 1:
+        steps.append("downscale")
+    if "noise" in force or rng.random() < cfg.p_noise:
+        steps.append("noise")
+    if cfg.shuffle:
+        steps = [steps[i] for i in rng.permutation(len(steps))]
+    do_jpeg = "jpeg" in force or rng.random() < cfg.p_jpeg
+    # Parameters are drawn in a fixed order so the RNG stream does not depend on the order.
+    blur_lr = _uniform(rng, cfg.blur_sigma)
+    mode = cfg.resize_modes[int(rng.integers(len(cfg.resize_modes)))]
+    noise_added = _uniform(rng, cfg.noise_sigma)
+    u_kind = rng.random()
+    u_gray = rng.random()
+    quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
+    noise_seed = int(rng.integers(2**31 - 1))
+
+    x = to_tensor(hr)
+    clean = x.clone()  # the same linear steps, without noise: measures the effective noise
+    at_lr = False
+    for step in steps:
+        if step == "blur":
+            s = blur_lr if (at_lr or scale == 1) else blur_lr * scale
+            x, clean = gaussian_blur(x, s), gaussian_blur(clean, s)
+            p.blur_sigma = blur_lr
+        elif step == "downscale":
+            x, clean = downscale(x, scale, mode), downscale(clean, scale, mode)
+            at_lr = True
+            p.downscaled, p.resize_mode = True, mode
+        elif step == "noise":
+            g = np.random.default_rng(noise_seed)
+            sigma = noise_added / 255.0
+            shape = tuple(x.shape)
+            if u_kind < cfg.p_poisson:
+                p.noise_kind = "poisson"
+                # peak chosen so the noise std at mid-grey (0.5) equals sigma
+                peak = 0.5 / max(sigma, 1e-4) ** 2
+                lam = x.clamp(0, 1).numpy().astype(np.float64) * peak
+                x = torch.from_numpy((g.poisson(lam) / peak).astype(np.float32))
+            elif u_gray < cfg.p_gray_noise:
+                p.noise_kind = "gaussian-gray"
+                n = g.standard_normal((1, 1) + shape[2:], dtype=np.float32) * sigma
+                x = x + torch.from_numpy(n)
+            else:
+                p.noise_kind = "gaussian"
+                x = x + torch.from_numpy(g.standard_normal(shape, dtype=np.float32) * sigma)
+            x = x.clamp(0, 1)
+            p.noise_added = noise_added
+        p.order.append(step)
+    if "noise" in p.order:
+        p.noise_sigma = float((x - clean).std().item() * 255.0)
+    out = to_uint8(x)
+    if do_jpeg:
+        out = jpeg(out, quality)
+        p.jpeg_quality = quality
+        p.order.append("jpeg")
+    return out, p
+
+
+def bicubic_pair(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """The classic benchmark degradation: HR cropped to a multiple of scale, bicubic down."""
+    hr = crop_to_multiple(hr, scale)
+    return hr, to_uint8(downscale(to_tensor(hr), scale, "bicubic"))
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def rgb_to_y(img: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma (16-235) as float64, from HxWx3 uint8/float 0-255."""
+    x = np.asarray(img, dtype=np.float64) / 255.0
+    return 16.0 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]
+
+
+def _crop_border(a: np.ndarray, border: int) -> np.ndarray:
+    return a[border:-border, border:-border] if border > 0 else a
+
+
+def psnr_y(a: np.ndarray, b: np.ndarray, border: int = 0) -> float:
+    ya, yb = _crop_border(rgb_to_y(a), border), _crop_border(rgb_to_y(b), border)
+    mse = float(np.mean((ya - yb) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+def ssim_y(a: np.ndarray, b: np.ndarray, border: int = 0) -> float:
+    """SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5) on the Y channel."""
+    from scipy.ndimage import gaussian_filter
+
+    x, y = _crop_border(rgb_to_y(a), border), _crop_border(rgb_to_y(b), border)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def filt(z: np.ndarray) -> np.ndarray:
+        return gaussian_filter(z, 1.5, truncate=3.5, mode="reflect")
+
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx * mx, filt(y * y) - my * my, filt(x * y) - mx * my
+    num = (2 * mx * my + c1) * (2 * sxy + c2)
+    den = (mx * mx + my * my + c1) * (sxx + syy + c2)
+    m = num / den
+    r = 5  # drop the window's half-width, as the reference implementation does
+    return float(m[r:-r, r:-r].mean()) if min(m.shape) > 2 * r else float(m.mean())

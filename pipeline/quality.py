@@ -1,0 +1,294 @@
+"""``pixelrelay bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic]``
+
+Measures restoration quality on the validation part of DIR (every fifth file of each folder,
+see ``pipeline.training.data``; ``--split all`` for every file) and prints a table.
+
+Each validation image is the ground truth; its degraded version comes from the one synthesis
+module (``pipeline.degradations``), seeded per image:
+
+* ``bicubic``: bicubic (anti-aliased) downscale by the scale;
+* ``realistic``: Gaussian blur, downscale (bicubic/bilinear/area) and Gaussian/Poisson noise
+  in random order, then JPEG at a random quality: all three of blur, noise and JPEG always
+  applied, the training distribution otherwise.
+
+Three whole pipelines restore it back to full size:
+
+* ``bicubic``: plain bicubic upscaling (the baseline);
+* ``classic``: analysis encoder -> rules planner -> classic decoder;
+* ``builtin``: builtin encoder -> rules planner -> builtin decoder;
+
+and, for reference, ``builtin-net (true params)``: the bare network given the true degradation.
+PSNR and SSIM are on the Y channel (BT.601), with ``scale`` pixels of border cropped.
+The encoder's estimates are checked against the true parameters (on the realistic images,
+and on extra noise-only and JPEG-only versions of each image), and the builtin decoder is
+timed at batch 8 on 512x512 outputs. Floors from the issue are checked and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pipeline import degradations as D
+from pipeline.imageio import DecodedImage
+from pipeline.messages import JobOptions
+from pipeline.training import data
+
+SEED = 2024
+FLOORS = {
+    "bicubic_x2_gain_db": 2.5,  # builtin over bicubic
+    "bicubic_x4_gain_db": 1.2,
+    "realistic_x2_gain_over_classic_db": 2.0,
+    "noise_abs_err": 3.0,
+    "jpeg_quality_abs_err": 10.0,
+    "seconds_per_512_output": 0.5,
+}
+
+
+def _pipelines(device: str):
+    from pipeline.stages.decoders.builtin import BuiltinDecoder
+    from pipeline.stages.decoders.classic import ClassicDecoder
+    from pipeline.stages.encoders.analysis import AnalysisEncoder
+    from pipeline.stages.encoders.builtin import BuiltinEncoder
+    from pipeline.stages.planners.rules import RulesPlanner
+
+    planner = RulesPlanner()
+    return {
+        "classic": (AnalysisEncoder(device=device), planner, ClassicDecoder(device=device)),
+        "builtin": (BuiltinEncoder(device=device), planner, BuiltinDecoder(device=device)),
+    }
+
+
+def run_pipeline(stages, lrs: Sequence[np.ndarray], scale: int, batch: int = 8):
+    enc, planner, dec = stages
+    outs, descs, plans = [], [], []
+    for k in range(0, len(lrs), batch):
+        ims = [DecodedImage(rgb=lr) for lr in lrs[k : k + batch]]
+        d = enc.describe(ims)
+        p = planner.plan(d, [JobOptions(task="upscale", scale=scale)] * len(ims))
+        outs += [r.rgb for r in dec.restore(ims, p)]
+        descs += d
+        plans += p
+    return outs, descs, plans
+
+
+def make_set(hrs: list[np.ndarray], scale: int, degradation: str, seed: int = SEED):
+    """[(hr, lr, params or None)] for the given degradation, seeded per image."""
+    out = []
+    for i, hr in enumerate(hrs):
+        if degradation == "bicubic":
+            h, lr = D.bicubic_pair(hr, scale)
+            out.append((h, lr, None))
+        else:
+            rng = np.random.default_rng(seed + 7919 * i + scale)
+            lr, p = D.degrade(hr, scale, rng, force=("blur", "noise", "jpeg"))
+            out.append((D.crop_to_multiple(hr, scale), lr, p))
+    return out
+
+
+def score(outs, hrs, scale) -> tuple[float, float]:
+    ps = [D.psnr_y(o, h, border=scale) for o, h in zip(outs, hrs)]
+    ss = [D.ssim_y(o, h, border=scale) for o, h in zip(outs, hrs)]
+    return float(np.mean(ps)), float(np.mean(ss))
+
+
+@torch.inference_mode()
+def bare_net(dec, lrs, params, scale) -> list[np.ndarray]:
+    from pipeline.nets import cond_vector
+
+    outs = []
+    for lr, p in zip(lrs, params):
+        c = cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality) if p is not None else cond_vector(0, 0, None)
+        x = D.to_tensor(lr)
+        outs.append(D.to_uint8(dec._forward(x, torch.tensor([c]), scale)[0]))
+    return outs
+
+
+def evaluate(hrs, scale: int, degradation: str, pipes, log=print) -> dict[str, Any]:
+    t0 = time.time()
+    items = make_set(hrs, scale, degradation)
+    gts, lrs, params = [i[0] for i in items], [i[1] for i in items], [i[2] for i in items]
+    res: dict[str, Any] = {"scale": scale, "degradation": degradation, "images": len(items)}
+    bic = [D.to_uint8(D.upscale_bicubic(D.to_tensor(lr), scale)) for lr in lrs]
+    res["bicubic"] = score(bic, gts, scale)
+    for name, stages in pipes.items():
+        outs, descs, plans = run_pipeline(stages, lrs, scale)
+        res[name] = score(outs, gts, scale)
+        res[f"{name}_ops"] = float(np.mean([len(p.operations) > 0 for p in plans]))
+        if name == "builtin":
+            res["builtin_descs"] = descs
+    if degradation == "realistic" or scale in (2, 4):
+        dec = pipes["builtin"][2]
+        res["builtin-net (true params)"] = score(bare_net(dec, lrs, params, scale), gts, scale)
+    res["params"] = params
+    res["seconds"] = time.time() - t0
+    log(f"# {degradation} x{scale}: {len(items)} images in {res['seconds']:.0f}s")
+    return res
+
+
+def encoder_errors(hrs, enc, seed: int = SEED) -> dict[str, Any]:
+    """Estimation errors on noise-only (x1, Gaussian/Poisson sigma 0-50) and JPEG-only
+    (x1, quality 10-95) versions of each image."""
+    noise_cfg = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=0, noise_sigma=(0.0, 50.0))
+    jpeg_cfg = D.DegradationConfig(p_blur=0, p_noise=0, p_jpeg=1, jpeg_quality=(10, 95))
+    n_true, n_est, q_true, q_est = [], [], [], []
+    for i, hr in enumerate(hrs):
+        rng = np.random.default_rng(seed + 31 * i)
+        lr, p = D.degrade(hr, 1, rng, noise_cfg)
+        n_true.append(p.noise_sigma)
+        n_est.append(enc.estimate([DecodedImage(rgb=lr)])[0]["noise_sigma"])
+        lr, p = D.degrade(hr, 1, rng, jpeg_cfg)
+        q_true.append(p.jpeg_quality)
+        e = enc.estimate([DecodedImage(rgb=lr)])[0]["jpeg_quality"]
+        q_est.append(100.0 if e is None else e)
+    n_err = np.abs(np.array(n_est) - np.array(n_true))
+    q_err = np.abs(np.array(q_est) - np.array(q_true, dtype=float))
+    return {"noise_only_mae": float(n_err.mean()), "noise_only_within3": float((n_err <= 3).mean()),
+            "jpeg_only_mae": float(q_err.mean()), "jpeg_only_within10": float((q_err <= 10).mean())}
+
+
+def realistic_encoder_errors(res: dict[str, Any]) -> dict[str, float]:
+    ests = res["builtin_descs"]
+    params = res["params"]
+    n_err = np.array([abs((d.noise_sigma or 0.0) - p.noise_sigma) for d, p in zip(ests, params)])
+    q_err = np.array([abs((d.jpeg_quality if d.jpeg_quality is not None else 100.0) - p.jpeg_quality)
+                      for d, p in zip(ests, params)])
+    b_err = np.array([abs((d.blur_sigma or 0.0) - p.blur_sigma) for d, p in zip(ests, params)])
+    return {"noise_mae": float(n_err.mean()), "noise_within3": float((n_err <= 3).mean()),
+            "jpeg_mae": float(q_err.mean()), "jpeg_within10": float((q_err <= 10).mean()),
+            "blur_mae": float(b_err.mean())}
+
+
+def clean_estimates(res: dict[str, Any]) -> dict[str, float]:
+    ests = res["builtin_descs"]
+    return {"clean_noise_mean": float(np.mean([d.noise_sigma or 0.0 for d in ests])),
+            "clean_jpeg_flagged": float(np.mean([d.jpeg_quality is not None for d in ests])),
+            "clean_with_ops": float(res["builtin_ops"])}
+
+
+def time_decoder(dec, batch: int = 8, out_size: int = 512, scale: int = 2, repeats: int = 2) -> float:
+    from pipeline.messages import Plan
+
+    rng = np.random.default_rng(0)
+    n = out_size // scale
+    base = rng.integers(0, 256, (n // 8, n // 8, 3)).astype(np.uint8)
+    img = np.asarray(D.to_uint8(D.upscale_bicubic(D.to_tensor(base), 8)))
+    ims = [DecodedImage(rgb=img.copy()) for _ in range(batch)]
+    plans = [Plan(scale=scale)] * batch
+    dec.restore(ims[:1], plans[:1])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dec.restore(ims, plans)
+        best = min(best, time.perf_counter() - t)
+    return best / batch
+
+
+def _fmt_row(name: str, ps: tuple[float, float], ref: tuple[float, float] | None = None) -> str:
+    gain = f"{ps[0] - ref[0]:+6.2f}" if ref else "      "
+    return f"  {name:28s} {ps[0]:7.2f} dB {ps[1]:7.4f}   {gain}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pixelrelay bench quality", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--scale", type=int, choices=(2, 4), default=None, help="default: 2 and 4")
+    ap.add_argument("--degradation", choices=("bicubic", "realistic"), default=None,
+                    help="default: bicubic x2, bicubic x4, realistic x2")
+    ap.add_argument("--split", choices=("val", "all"), default="val")
+    ap.add_argument("--limit", type=int, default=None, help="first N images only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    train_files, val_files = data.split(args.data)
+    files = val_files if args.split == "val" else sorted(train_files + val_files)
+    if args.limit:
+        files = files[: args.limit]
+    hrs = data.load_images(files)
+    if args.degradation is None and args.scale is None:
+        configs = [("bicubic", 2), ("bicubic", 4), ("realistic", 2)]
+    else:
+        degs = [args.degradation] if args.degradation else ["bicubic", "realistic"]
+        scales = [args.scale] if args.scale else [2, 4]
+        configs = [(d, s) for d in degs for s in scales]
+    pipes = _pipelines(args.device)
+    print(f"pixelrelay quality bench: {len(files)} {args.split} images from {args.data}")
+    figures: dict[str, Any] = {}
+    lines = []
+    for deg, scale in configs:
+        res = evaluate(hrs, scale, deg, pipes)
+        lines.append(f"{deg} x{scale} ({res['images']} images)          PSNR-Y     SSIM-Y   vs bicubic")
+        lines.append(_fmt_row("bicubic", res["bicubic"]))
+        lines.append(_fmt_row("classic (analysis/rules)", res["classic"], res["bicubic"]))
+        lines.append(_fmt_row("builtin (builtin/rules)", res["builtin"], res["bicubic"]))
+        if "builtin-net (true params)" in res:
+            lines.append(_fmt_row("builtin-net (true params)", res["builtin-net (true params)"], res["bicubic"]))
+        key = f"{deg}_x{scale}"
+        figures[key] = {k: res[k] for k in ("bicubic", "classic", "builtin") if k in res}
+        figures[key]["builtin_gain_over_bicubic_db"] = res["builtin"][0] - res["bicubic"][0]
+        figures[key]["builtin_gain_over_classic_db"] = res["builtin"][0] - res["classic"][0]
+        if "builtin-net (true params)" in res:
+            figures[key]["builtin_net_true_params"] = res["builtin-net (true params)"]
+        lines.append(f"  builtin - classic: {figures[key]['builtin_gain_over_classic_db']:+.2f} dB; "
+                     f"plans with operations: builtin {res['builtin_ops']:.0%}, classic {res['classic_ops']:.0%}")
+        if deg == "realistic":
+            e = realistic_encoder_errors(res)
+            figures[key]["encoder"] = e
+            lines.append(f"  encoder on these: noise |err| {e['noise_mae']:.2f} (within 3: {e['noise_within3']:.0%}), "
+                         f"JPEG quality |err| {e['jpeg_mae']:.1f} (within 10: {e['jpeg_within10']:.0%}), "
+                         f"blur |err| {e['blur_mae']:.2f}")
+        else:
+            c = clean_estimates(res)
+            figures[key]["clean"] = c
+            lines.append(f"  encoder on clean inputs: mean noise estimate {c['clean_noise_mean']:.2f}, "
+                         f"JPEG flagged {c['clean_jpeg_flagged']:.0%}, plans with operations {c['clean_with_ops']:.0%}")
+        lines.append("")
+    enc_err = encoder_errors(hrs, pipes["builtin"][0])
+    figures["encoder"] = enc_err
+    lines.append("encoder estimation errors (x1, one degradation at a time)")
+    lines.append(f"  noise sigma 0-50 (Gaussian/Poisson): mean |err| {enc_err['noise_only_mae']:.2f}, "
+                 f"within +-3: {enc_err['noise_only_within3']:.0%}")
+    lines.append(f"  JPEG quality 10-95:                  mean |err| {enc_err['jpeg_only_mae']:.2f}, "
+                 f"within +-10: {enc_err['jpeg_only_within10']:.0%}")
+    if not args.no_speed:
+        sp = time_decoder(pipes["builtin"][2])
+        figures["seconds_per_512_output"] = sp
+        lines.append("")
+        lines.append(f"speed: builtin decoder x2, batch 8, 512x512 outputs, {torch.get_num_threads()} threads: "
+                     f"{sp:.3f} s per output")
+    # Floors
+    checks = []
+    if "bicubic_x2" in figures:
+        checks.append(("bicubic x2 over bicubic >= 2.5 dB", figures["bicubic_x2"]["builtin_gain_over_bicubic_db"], 2.5, True))
+    if "bicubic_x4" in figures:
+        checks.append(("bicubic x4 over bicubic >= 1.2 dB", figures["bicubic_x4"]["builtin_gain_over_bicubic_db"], 1.2, True))
+    if "realistic_x2" in figures:
+        checks.append(("realistic x2 over classic >= 2 dB", figures["realistic_x2"]["builtin_gain_over_classic_db"], 2.0, True))
+    checks.append(("noise sigma mean |err| <= 3", enc_err["noise_only_mae"], 3.0, False))
+    checks.append(("JPEG quality mean |err| <= 10", enc_err["jpeg_only_mae"], 10.0, False))
+    if "seconds_per_512_output" in figures:
+        checks.append(("s per 512x512 output <= 0.5", figures["seconds_per_512_output"], 0.5, False))
+    lines.append("")
+    lines.append("floors")
+    for name, value, floor, higher in checks:
+        ok = value >= floor if higher else value <= floor
+        lines.append(f"  {'PASS' if ok else 'MISS'}  {name:36s} {value:8.3f}")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training of the builtin encoder and decoder (``pixelrelay train encoder|decoder``)."""

@@ -1,0 +1,335 @@
+"""``pixelrelay train encoder|decoder --data DIR --out PATH [--config FILE] [--seed N] [--steps N]``
+
+Trains the builtin degradation estimator (encoder) or the conditional restorer (decoder)
+on random crops of the training part of DIR (the fixed split of ``pipeline.training.data``),
+degraded on the fly by ``pipeline.degradations``. Writes the weights as safetensors (the net
+config and training config ride in its metadata) and a JSON-lines log of the loss and of the
+validation metrics next to it (``--log`` to put it elsewhere). Reproducible: the seed fixes
+the crops, the degradations and the initialisation (on a given torch build and thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import degradations as D
+from pipeline import nets
+from pipeline.training import data
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+def load_config(kind: str, path: str | None) -> dict[str, Any]:
+    with open(path or CONFIG_DIR / f"{kind}.json") as f:
+        return json.load(f)
+
+
+class Log:
+    def __init__(self, path: Path, echo: bool = True) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "w")
+        self.echo = echo
+
+    def write(self, **rec: Any) -> None:
+        line = json.dumps(rec, default=float)
+        self.f.write(line + "\n")
+        self.f.flush()
+        if self.echo:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def lr_at(step: int, cfg: dict[str, Any]) -> float:
+    base, warm, total = cfg["lr"], cfg.get("warmup", 100), cfg["steps"]
+    if step < warm:
+        return base * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.get("lr_min", base * 0.01) + 0.5 * (base - cfg.get("lr_min", base * 0.01)) * (1 + math.cos(math.pi * t))
+
+
+class single_thread:
+    """Degradation synthesis works on small tensors: torch's intra-op threads only add
+    overhead there (a lot of it on a loaded machine), so it runs on one thread."""
+
+    def __enter__(self) -> None:
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.n)
+
+
+def stack(imgs: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.cat([D.to_tensor(i) for i in imgs], dim=0)
+
+
+# --- decoder ---------------------------------------------------------------------------
+
+
+def jittered_cond(p: D.DegradationParams, rng: np.random.Generator, jit: dict[str, float]) -> list[float]:
+    """The conditioning a decoder would get from an (imperfect) encoder for these params."""
+    noise = p.noise_sigma + rng.normal(0, jit.get("noise", 0.0)) if p.noise_sigma > 0 else 0.0
+    blur = p.blur_sigma + rng.normal(0, jit.get("blur", 0.0)) if p.blur_sigma > 0 else 0.0
+    q = p.jpeg_quality
+    if q is not None:
+        q = float(np.clip(q + rng.normal(0, jit.get("quality", 0.0)), 1, 100))
+    return nets.cond_vector(max(0.0, noise), max(0.0, blur), q)
+
+
+def decoder_sample(
+    imgs: list[np.ndarray], scale: int, cfg: dict[str, Any], dcfg: D.DegradationConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    p_lr = cfg["lr_patch"]
+    hr = data.random_crop(imgs[int(rng.integers(len(imgs)))], p_lr * scale, rng)
+    clean_p = cfg["p_clean"].get(str(scale), 0.3)
+    if rng.random() < clean_p:
+        lr = hr if scale == 1 else D.bicubic_pair(hr, scale)[1]
+        return lr, hr, nets.cond_vector(0.0, 0.0, None)
+    lr, params = D.degrade(hr, scale, rng, dcfg)
+    return lr, hr, jittered_cond(params, rng, cfg.get("cond_jitter", {}))
+
+
+def decoder_val_set(val_imgs: list[np.ndarray], cfg: dict[str, Any], dcfg: D.DegradationConfig, seed: int):
+    """Fixed validation crops: (name, scale, lr batch, hr batch, cond) groups."""
+    size = cfg.get("val_crop", 192)
+    crops = [data.center_crop(im, size) for im in val_imgs]
+    groups = []
+    for scale in (2, 4):
+        pairs = [D.bicubic_pair(c, scale) for c in crops]
+        groups.append((f"bicubic_x{scale}", scale, [p[1] for p in pairs], [p[0] for p in pairs],
+                       [nets.cond_vector(0, 0, None)] * len(pairs)))
+    rng = np.random.default_rng(seed + 1000)
+    lrs, hrs, conds = [], [], []
+    for c in crops:
+        lr, p = D.degrade(c, 2, rng, dcfg, force=("blur", "noise", "jpeg"))
+        lrs.append(lr), hrs.append(D.crop_to_multiple(c, 2)), conds.append(
+            nets.cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality))
+    groups.append(("realistic_x2", 2, lrs, hrs, conds))
+    return groups
+
+
+@torch.inference_mode()
+def decoder_validate(net: torch.nn.Module, groups) -> dict[str, float]:
+    net.eval()
+    out: dict[str, float] = {}
+    for name, scale, lrs, hrs, conds in groups:
+        x = stack(lrs)
+        y = net(x, torch.tensor(conds, dtype=torch.float32), scale)
+        base = D.upscale_bicubic(x, scale)
+        gains, ps = [], []
+        for i, hr in enumerate(hrs):
+            p_net = D.psnr_y(D.to_uint8(y[i]), hr, border=scale)
+            p_bic = D.psnr_y(D.to_uint8(base[i]), hr, border=scale)
+            ps.append(p_net), gains.append(p_net - p_bic)
+        out[f"{name}_psnr"] = float(np.mean(ps))
+        out[f"{name}_gain_db"] = float(np.mean(gains))
+    net.train()
+    return out
+
+
+def build_net(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
+    """A fresh network, or one initialised from ``cfg["init"]`` (a safetensors file of this
+    kind, e.g. an earlier stage of a multi-stage schedule); the file's net config wins."""
+    init = cfg.get("init")
+    if not init:
+        return nets.build(kind, cfg.get("net"))
+    path = Path(init)
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parents[2] / init
+    net, _ = nets.load_model(str(path), kind=kind)
+    cfg["net"] = net.config
+    return net.train()
+
+
+def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, float]:
+    dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    net = build_net("decoder", cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
+    with single_thread():
+        groups = decoder_val_set(val_imgs, cfg, dcfg, seed)
+    scales = [int(s) for s in cfg["scale_probs"]]
+    probs = np.array([cfg["scale_probs"][str(s)] for s in scales], dtype=np.float64)
+    probs /= probs.sum()
+    t0, running, metrics = time.time(), [], {}
+    for step in range(cfg["steps"]):
+        scale = scales[int(rng.choice(len(scales), p=probs))]
+        with single_thread():
+            batch = [decoder_sample(train_imgs, scale, cfg, dcfg, rng) for _ in range(cfg["batch"])]
+        x, y = stack([b[0] for b in batch]), stack([b[1] for b in batch])
+        cond = torch.tensor([b[2] for b in batch], dtype=torch.float32)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss = F.l1_loss(net(x, cond, scale), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.get("clip", 1.0))
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % cfg.get("log_every", 50) == 0:
+            log.write(step=step + 1, loss=float(np.mean(running)), lr=lr_at(step, cfg), elapsed_s=time.time() - t0)
+            running = []
+        if (step + 1) % cfg.get("val_every", 500) == 0 or step + 1 == cfg["steps"]:
+            metrics = decoder_validate(net, groups)
+            log.write(event="val", step=step + 1, elapsed_s=time.time() - t0, **metrics)
+            nets.save_model(net, "decoder", str(out), {"step": step + 1, "seed": seed, "train_config": cfg})
+    return metrics
+
+
+# --- encoder ---------------------------------------------------------------------------
+
+
+def encoder_target(p: D.DegradationParams) -> list[float]:
+    return [
+        p.noise_sigma / 50.0,
+        p.blur_sigma / 3.0,
+        0.0 if p.jpeg_quality is None else 1.0,
+        (p.jpeg_quality or 100) / 100.0,
+        1.0 if p.downscaled else 0.0,
+    ]
+
+
+def encoder_sample(imgs, cfg, dcfg, rng) -> tuple[np.ndarray, list[float]]:
+    scales = [int(s) for s in cfg["scale_probs"]]
+    probs = np.array([cfg["scale_probs"][str(s)] for s in scales], dtype=np.float64)
+    scale = scales[int(rng.choice(len(scales), p=probs / probs.sum()))]
+    patch = cfg["patch"]
+    hr = data.random_crop(imgs[int(rng.integers(len(imgs)))], patch * scale, rng)
+    if rng.random() < cfg.get("p_clean", 0.15):
+        lr = hr if scale == 1 else D.downscale(D.to_tensor(hr), scale, "bicubic")
+        lr = lr if scale == 1 else D.to_uint8(lr)
+        return lr, encoder_target(D.DegradationParams(scale=scale, downscaled=scale > 1))
+    lr, params = D.degrade(hr, scale, rng, dcfg)
+    return lr, encoder_target(params)
+
+
+def encoder_loss(pred: torch.Tensor, tgt: torch.Tensor, w: dict[str, float]) -> torch.Tensor:
+    is_jpeg = tgt[:, 2]
+    l_noise = F.l1_loss(pred[:, 0], tgt[:, 0])
+    l_blur = F.l1_loss(pred[:, 1], tgt[:, 1])
+    l_jpeg = F.binary_cross_entropy_with_logits(pred[:, 2], is_jpeg)
+    l_q = ((pred[:, 3] - tgt[:, 3]).abs() * is_jpeg).sum() / is_jpeg.sum().clamp(min=1.0)
+    l_down = F.binary_cross_entropy_with_logits(pred[:, 4], tgt[:, 4])
+    return (w.get("noise", 1.0) * l_noise + w.get("blur", 0.5) * l_blur + w.get("jpeg", 0.2) * l_jpeg
+            + w.get("quality", 1.0) * l_q + w.get("down", 0.1) * l_down)
+
+
+@torch.inference_mode()
+def encoder_validate(net, x: torch.Tensor, tgt: torch.Tensor) -> dict[str, float]:
+    net.eval()
+    pred = net(x)
+    net.train()
+    is_jpeg = tgt[:, 2] > 0.5
+    pj = pred[:, 2] > 0
+    q_err = ((pred[:, 3] - tgt[:, 3]).abs() * 100.0)[is_jpeg]
+    noisy = tgt[:, 0] > 0
+    n_err = (pred[:, 0] - tgt[:, 0]).abs() * 50.0
+    return {
+        "noise_mae": float(n_err.mean()),
+        "noise_within3": float((n_err <= 3).float().mean()),
+        "noise_mae_noisy": float(n_err[noisy].mean()) if noisy.any() else 0.0,
+        "blur_mae": float(((pred[:, 1] - tgt[:, 1]).abs() * 3.0).mean()),
+        "jpeg_acc": float((pj == is_jpeg).float().mean()),
+        "quality_mae": float(q_err.mean()) if q_err.numel() else 0.0,
+        "quality_within10": float((q_err <= 10).float().mean()) if q_err.numel() else 0.0,
+        "down_acc": float(((pred[:, 4] > 0) == (tgt[:, 4] > 0.5)).float().mean()),
+    }
+
+
+def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, float]:
+    dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    net = build_net("encoder", cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
+    vrng = np.random.default_rng(seed + 1000)
+    with single_thread():
+        vs = [encoder_sample(val_imgs, cfg, dcfg, vrng) for _ in range(cfg.get("val_samples", 256))]
+    vx, vt = stack([s[0] for s in vs]), torch.tensor([s[1] for s in vs], dtype=torch.float32)
+    weights = cfg.get("loss_weights", {})
+    t0, running, metrics = time.time(), [], {}
+    for step in range(cfg["steps"]):
+        with single_thread():
+            batch = [encoder_sample(train_imgs, cfg, dcfg, rng) for _ in range(cfg["batch"])]
+        x = stack([b[0] for b in batch])
+        tgt = torch.tensor([b[1] for b in batch], dtype=torch.float32)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss = encoder_loss(net(x), tgt, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.get("clip", 1.0))
+        opt.step()
+        running.append(loss.item())
+        if (step + 1) % cfg.get("log_every", 50) == 0:
+            log.write(step=step + 1, loss=float(np.mean(running)), lr=lr_at(step, cfg), elapsed_s=time.time() - t0)
+            running = []
+        if (step + 1) % cfg.get("val_every", 500) == 0 or step + 1 == cfg["steps"]:
+            metrics = encoder_validate(net, vx, vt)
+            log.write(event="val", step=step + 1, elapsed_s=time.time() - t0, **metrics)
+            nets.save_model(net, "encoder", str(out), {"step": step + 1, "seed": seed, "train_config": cfg})
+    return metrics
+
+
+# --- entry -----------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="pixelrelay train", description="Train a builtin model.")
+    ap.add_argument("kind", choices=("encoder", "decoder"))
+    ap.add_argument("--data", required=True, help="image folder (sub-folders each split 4:1)")
+    ap.add_argument("--out", required=True, help="output .safetensors path")
+    ap.add_argument("--config", default=None, help="JSON config (default: the shipped one)")
+    ap.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    ap.add_argument("--steps", type=int, default=None, help="overrides the config's steps")
+    ap.add_argument("--init", default=None, help="start from these weights (overrides the config's init)")
+    ap.add_argument("--log", default=None, help="JSON-lines log (default: OUT with .jsonl)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: config, 2)")
+    ap.add_argument("--quiet", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.kind, args.config)
+    if args.steps is not None:
+        cfg["steps"] = args.steps
+    if args.init is not None:
+        cfg["init"] = args.init
+    seed = args.seed if args.seed is not None else cfg.get("seed", 0)
+    torch.set_num_threads(args.threads or cfg.get("threads", 2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = Log(Path(args.log) if args.log else out.with_suffix(".jsonl"), echo=not args.quiet)
+    train_files, val_files = data.split(args.data)
+    if not train_files:
+        raise SystemExit("no training images (every fifth file is validation)")
+    if not val_files:  # tiny folders: validate on the training files rather than not at all
+        val_files = train_files[:1]
+    log.write(event="config", kind=args.kind, seed=seed, config=cfg, data=str(args.data),
+              train_files=len(train_files), val_files=len(val_files), torch=torch.__version__,
+              threads=torch.get_num_threads(), argv=list(argv) if argv is not None else sys.argv[1:])
+    t0 = time.time()
+    train_imgs, val_imgs = data.load_images(train_files), data.load_images(val_files)
+    fn = train_decoder if args.kind == "decoder" else train_encoder
+    metrics = fn(cfg, train_imgs, val_imgs, seed, log, out)
+    log.write(event="done", elapsed_s=time.time() - t0, out=str(out), **metrics)
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The builtin encoder and decoder: shipped weights load and restore."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import degradations as D
+from pipeline.imageio import DecodedImage
+from pipeline.messages import Description, JobOptions, Operation, Plan
+from pipeline.stages.base import ModelUnavailableError
+from pipeline.stages.decoders.builtin import BuiltinDecoder, plan_condition
+from pipeline.stages.encoders.builtin import BuiltinEncoder
+
+torch.set_num_threads(2)
+
+
+def scene(size=128):
+    """A fixed synthetic photo-like scene: gradient sky, hard-edged shapes, stripes, texture."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.stack([0.3 + 0.4 * yy, 0.5 + 0.2 * xx, 0.8 - 0.3 * yy], -1)
+    disc = (xx - 0.3) ** 2 + (yy - 0.35) ** 2 < 0.04
+    img[disc] = [0.9, 0.25, 0.2]
+    box = (xx > 0.55) & (xx < 0.9) & (yy > 0.2) & (yy < 0.5)
+    img[box] = [0.15, 0.2, 0.3]
+    stripes = (yy > 0.6) & (np.sin(xx * size / 3.0) > 0)
+    img[stripes] = [0.95, 0.95, 0.85]
+    ring = np.abs(np.hypot(xx - 0.7, yy - 0.8) - 0.12) < 0.02
+    img[ring] = [0.1, 0.6, 0.1]
+    rng = np.random.default_rng(0)
+    tex = rng.normal(0, 1, (size // 4, size // 4))
+    tex = np.kron(tex, np.ones((4, 4)))
+    img = img + 0.03 * tex[..., None] * (yy < 0.6)[..., None]
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return BuiltinEncoder()
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return BuiltinDecoder()
+
+
+def test_weights_ship_and_load(encoder, decoder):
+    BuiltinEncoder.check_available(None)
+    BuiltinDecoder.check_available(None)
+    assert encoder.meta["kind"] == "encoder" and decoder.meta["kind"] == "decoder"
+    with pytest.raises(ModelUnavailableError):
+        BuiltinDecoder.check_available("/nonexistent/weights.safetensors")
+    with pytest.raises(ModelUnavailableError):
+        BuiltinEncoder("no_such_model")
+
+
+def test_x2_beats_bicubic(decoder):
+    hr, lr = D.bicubic_pair(scene(), 2)
+    out = decoder.restore([DecodedImage(rgb=lr)], [Plan(scale=2)])[0].rgb
+    bic = D.to_uint8(D.upscale_bicubic(D.to_tensor(lr), 2))
+    assert out.shape == hr.shape
+    assert D.psnr_y(out, hr, border=2) > D.psnr_y(bic, hr, border=2) + 0.3
+
+
+def test_whole_pipeline_beats_bicubic_on_noisy_jpeg(encoder, decoder):
+    from pipeline.stages.planners.rules import RulesPlanner
+
+    hr = scene()
+    cfg = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=1, p_poisson=0, noise_sigma=(15, 15),
+                              jpeg_quality=(50, 50), shuffle=False, resize_modes=("bicubic",))
+    lr, _ = D.degrade(hr, 2, np.random.default_rng(0), cfg)
+    im = DecodedImage(rgb=lr)
+    plan = RulesPlanner().plan(encoder.describe([im]), [JobOptions(task="upscale", scale=2)])[0]
+    assert plan.strength("denoise") > 0
+    out = decoder.restore([im], [plan])[0].rgb
+    bic = D.to_uint8(D.upscale_bicubic(D.to_tensor(lr), 2))
+    assert D.psnr_y(out, hr, border=2) > D.psnr_y(bic, hr, border=2) + 1.0
+
+
+def test_encoder_estimates_noise(encoder):
+    img = scene(192)
+    rng = np.random.default_rng(1)
+    noisy = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).round().astype(np.uint8)
+    clean, noisy_d = encoder.describe([DecodedImage(rgb=img), DecodedImage(rgb=noisy)])
+    assert abs(noisy_d.noise_sigma - 20) < 5
+    assert clean.noise_sigma < 4
+    assert "estimated noise sigma" in noisy_d.text
+    assert "noise_sigma" in noisy_d.metrics  # the analysis measurements ride along
+    assert 0 <= noisy_d.downscaled <= 1
+
+
+def test_encoder_estimates_jpeg_quality(encoder):
+    img = scene(192)
+    d = encoder.describe([DecodedImage(rgb=D.jpeg(img, 30)), DecodedImage(rgb=img)])
+    assert d[0].jpeg_quality is not None and abs(d[0].jpeg_quality - 30) <= 15
+    assert d[1].jpeg_quality is None
+
+
+def test_encoder_batch_equals_singles(encoder):
+    ims = [DecodedImage(rgb=scene(s)) for s in (64, 96, 128)]
+    ims.append(DecodedImage(rgb=np.zeros((3, 5, 3), np.uint8)))
+    batch = encoder.estimate(ims)
+    singles = [encoder.estimate([im])[0] for im in ims]
+    for b, s in zip(batch, singles):
+        assert b["noise_sigma"] == pytest.approx(s["noise_sigma"], abs=0.02)
+        assert b["p_jpeg"] == pytest.approx(s["p_jpeg"], abs=0.002)
+
+
+def test_decoder_batch_equals_singles(decoder):
+    rng = np.random.default_rng(0)
+    a, b = scene(64), scene(64)[::-1].copy()
+    c = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    ims = [DecodedImage(rgb=x) for x in (a, b, c)]
+    plans = [Plan(scale=2), Plan(scale=2, noise_sigma=10, operations=[Operation(name="denoise", strength=0.5)]),
+             Plan(scale=2)]
+    batch = decoder.restore(ims, plans)
+    for im, plan, out in zip(ims, plans, batch):
+        single = decoder.restore([im], [plan])[0]
+        assert np.abs(single.rgb.astype(int) - out.rgb.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_decoder_sizes_alpha_and_tiny_images(decoder, scale):
+    sizes = [(1, 1), (3, 5), (17, 9), (40, 300)]
+    ims = []
+    for h, w in sizes:
+        im = DecodedImage(rgb=np.random.default_rng(h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+        if w == 5:
+            im.alpha = np.full((h, w), 200, np.uint8)
+        ims.append(im)
+    plans = [Plan(scale=scale, noise_sigma=12, operations=[Operation(name="denoise", strength=0.6)])] * len(ims)
+    outs = decoder.restore(ims, plans)
+    for (h, w), im, out in zip(sizes, ims, outs):
+        assert out.rgb.shape == (h * scale, w * scale, 3) and out.rgb.dtype == np.uint8
+        if im.alpha is None:
+            assert out.alpha is None
+        else:
+            assert out.alpha.shape == (h * scale, w * scale) and (out.alpha == 200).all()
+
+
+def test_decoder_tiles_large_images(decoder):
+    img = np.tile(scene(128), (3, 3, 1))[:300, :290]  # bigger than one tile
+    out = decoder.restore([DecodedImage(rgb=img)], [Plan(scale=2)])[0].rgb
+    assert out.shape == (600, 580, 3)
+    bic = D.to_uint8(D.upscale_bicubic(D.to_tensor(img), 2))
+    assert np.abs(out.astype(int) - bic.astype(int)).mean() < 10  # restores, no tile garbage
+
+
+def test_clean_plan_changes_nothing_at_x1(decoder):
+    img = scene(64)
+    out = decoder.restore([DecodedImage(rgb=img)], [Plan(scale=1)])[0]
+    assert np.array_equal(out.rgb, img)
+
+
+def test_plan_condition_gates_on_operations():
+    # Estimates alone (a clean image's small readings) do not switch anything on.
+    assert plan_condition(Plan(scale=2, noise_sigma=3.0, blur_sigma=0.6, jpeg_quality=92)) == [0, 0, 0, 0]
+    c = plan_condition(Plan(scale=2, noise_sigma=20, jpeg_quality=40, blur_sigma=1.6, operations=[
+        Operation(name="denoise", strength=1.0), Operation(name="deblock", strength=0.9),
+        Operation(name="deblur", strength=0.3)]))
+    assert c == pytest.approx([20 / 50, 1.6 / 3, 1.0, 0.6])
+    # A JPEG with mild noise: the sub-threshold noise estimate is passed on too.
+    c = plan_condition(Plan(scale=2, noise_sigma=3.0, blur_sigma=0.5, jpeg_quality=40,
+                            operations=[Operation(name="deblock", strength=0.9)]))
+    assert c == pytest.approx([3 / 50, 0.5 / 3, 1.0, 0.6])
+    # Turned down on purpose (e.g. "no denoising"): noise past the threshold without denoise.
+    c = plan_condition(Plan(scale=2, noise_sigma=20, jpeg_quality=40,
+                            operations=[Operation(name="deblock", strength=0.9)]))
+    assert c[0] == 0 and c[2] == 1.0
+
+
+def test_described_noise_flows_into_plan(encoder):
+    from pipeline.stages.planners.rules import RulesPlanner
+
+    d = Description(text="x", noise_sigma=20.0, blur_sigma=0.2, jpeg_quality=None)
+    plan = RulesPlanner().plan([d], [JobOptions(task="upscale")])[0]
+    assert plan.noise_sigma == 20.0 and plan_condition(plan)[0] == pytest.approx(0.4)
