@@ -70,3 +70,33 @@ def bad_and_odd_images() -> tuple[dict[str, bytes], dict[str, str]]:
         "bomb.png": "decompression bomb",
     }
     return files, expected_failures
+
+
+def smooth_field(height: int, width: int, period: float = 20.0) -> np.ndarray:
+    """Slowly varying colour fields: no edges, no noise, mid-range values (no clipping)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    red = 128 + 50 * np.sin(xx / period) * np.cos(yy / (1.25 * period))
+    green = 120 + 40 * np.cos(xx / (1.5 * period) + yy / (2.0 * period))
+    blue = 110 + 30 * np.sin((xx - yy) / (1.75 * period))
+    return np.clip(np.stack([red, green, blue], -1), 0, 255).round().astype(np.uint8)
+
+
+def clean_photo(height: int, width: int, period: float = 20.0) -> np.ndarray:
+    """A clean synthetic 'photo': smooth_field with sharp-edged shapes placed by size."""
+    from PIL import ImageDraw
+
+    image = Image.fromarray(smooth_field(height, width, period))
+    draw = ImageDraw.Draw(image)
+
+    def box(x0, y0, x1, y1):
+        return [int(x0 * width), int(y0 * height), int(x1 * width), int(y1 * height)]
+
+    draw.rectangle(box(0.10, 0.19, 0.45, 0.62), fill=(220, 40, 40))
+    draw.ellipse(box(0.55, 0.12, 0.90, 0.56), fill=(30, 60, 200))
+    draw.rectangle(box(0.30, 0.69, 0.85, 0.87), fill=(240, 240, 80))
+    return np.asarray(image)
+
+
+def add_noise(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(image + rng.normal(0.0, sigma, image.shape), 0, 255).round().astype(np.uint8)

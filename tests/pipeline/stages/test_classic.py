@@ -7,35 +7,24 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from pipeline.imageio import DecodedImage
 from pipeline.messages import Operation, Plan
 from pipeline.stages.decoders.classic import ClassicDecoder
 from pipeline.stages.encoders.analysis import AnalysisEncoder
+from tests.images import add_noise, clean_photo, smooth_field
 
 ALL_OPS = [Operation(name=n, strength=0.7) for n in ("deblock", "denoise", "deblur", "sharpen")]
 
 
-def smooth_image(height: int = 64, width: int = 80) -> np.ndarray:
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    red = 128 + 50 * np.sin(xx / 9) * np.cos(yy / 11)
-    green = 120 + 40 * np.cos(xx / 13 + yy / 17)
-    blue = 110 + 30 * np.sin((xx - yy) / 15)
-    return np.clip(np.stack([red, green, blue], -1), 0, 255).round().astype(np.uint8)
 
 
-def photo_like(height: int = 64, width: int = 80) -> np.ndarray:
-    image = Image.fromarray(smooth_image(height, width))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([8, 10, 35, 40], fill=(220, 40, 40))
-    draw.ellipse([45, 12, 75, 50], fill=(30, 60, 200))
-    return np.asarray(image)
 
 
-def add_noise(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(image + rng.normal(0.0, sigma, image.shape), 0, 255).round().astype(np.uint8)
+
+
+
 
 
 def random_image(height: int, width: int, seed: int, alpha: bool = False) -> DecodedImage:
@@ -82,7 +71,7 @@ def test_output_is_exactly_scale_times_input(decoder, scale, height, width, ops)
 def test_mixed_batch_equals_single_calls():
     sizes = [(1, 1), (2, 3), (13, 17), (40, 29), (24, 64), (9, 8), (33, 33)]
     images = [random_image(h, w, seed=i, alpha=i % 2 == 0) for i, (h, w) in enumerate(sizes)]
-    images[4] = DecodedImage(rgb=add_noise(photo_like(24, 64), 12))
+    images[4] = DecodedImage(rgb=add_noise(clean_photo(24, 64, period=9.0), 12))
     plans = [
         Plan(operations=ALL_OPS, scale=1, noise_sigma=12.0, blur_sigma=1.5),
         Plan(operations=[Operation(name="denoise", strength=1.0)], scale=2, noise_sigma=25.0),
@@ -107,7 +96,7 @@ def test_mixed_batch_equals_single_calls():
 
 
 def test_denoise_reduces_error(decoder):
-    clean = photo_like()
+    clean = clean_photo(64, 80, period=9.0)
     noisy = add_noise(clean, 15)
     plan = Plan(operations=[Operation(name="denoise", strength=1.0)], noise_sigma=15.0)
     restored = restore_one(decoder, noisy, plan).rgb
@@ -119,24 +108,24 @@ def test_denoise_reduces_error(decoder):
 
 def test_deblock_reduces_jpeg_blocking(decoder):
     buffer = io.BytesIO()
-    Image.fromarray(smooth_image(96, 96)).save(buffer, "JPEG", quality=10)
+    Image.fromarray(smooth_field(96, 96, period=9.0)).save(buffer, "JPEG", quality=10)
     blocky = np.asarray(Image.open(buffer).convert("RGB"))
     restored = restore_one(decoder, blocky, Plan(operations=[Operation(name="deblock", strength=1.0)])).rgb
     encoder = AnalysisEncoder()
     before, after = (encoder.describe([DecodedImage(rgb=im)])[0].metrics["blockiness"] for im in (blocky, restored))
     assert after < 0.5 * before
-    assert mse(restored, smooth_image(96, 96)) < mse(blocky, smooth_image(96, 96))
+    assert mse(restored, smooth_field(96, 96, period=9.0)) < mse(blocky, smooth_field(96, 96, period=9.0))
 
 
 def test_deblur_reduces_error_on_blurred_image(decoder):
-    sharp = photo_like()
+    sharp = clean_photo(64, 80, period=9.0)
     blurred = np.asarray(Image.fromarray(sharp).filter(ImageFilter.GaussianBlur(2)))
     plan = Plan(operations=[Operation(name="deblur", strength=0.8)], blur_sigma=2.0)
     assert mse(restore_one(decoder, blurred, plan).rgb, sharp) < mse(blurred, sharp)
 
 
 def test_upscale_beats_nearest_neighbour(decoder):
-    original = smooth_image(64, 80)
+    original = smooth_field(64, 80, period=9.0)
     small = np.asarray(Image.fromarray(original).resize((40, 32), Image.Resampling.BOX))
     upscaled = restore_one(decoder, small, Plan(scale=2)).rgb
     nearest = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)
@@ -145,7 +134,7 @@ def test_upscale_beats_nearest_neighbour(decoder):
 
 
 def test_alpha_is_kept_and_resized(decoder):
-    rgb = photo_like(20, 30)
+    rgb = clean_photo(20, 30, period=9.0)
     alpha = np.zeros((20, 30), np.uint8)
     alpha[:, 15:] = 255
     alpha[5, 3] = 77
@@ -168,13 +157,13 @@ def test_op_free_plan_at_scale_one_is_identity(decoder, height, width):
 
 
 def test_zero_strength_ops_are_identity(decoder):
-    rgb = photo_like()
+    rgb = clean_photo(64, 80, period=9.0)
     plan = Plan(operations=[Operation(name=op.name, strength=0.0) for op in ALL_OPS], noise_sigma=20.0)
     assert np.array_equal(restore_one(decoder, rgb, plan).rgb, rgb)
 
 
 def test_read_only_input_and_mismatched_batch(decoder):
-    rgb = photo_like(16, 16)
+    rgb = clean_photo(16, 16, period=9.0)
     rgb.setflags(write=False)
     assert restore_one(decoder, rgb, Plan(scale=2)).rgb.shape == (32, 32, 3)
     with pytest.raises(ValueError):

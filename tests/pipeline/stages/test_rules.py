@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from pipeline.imageio import DecodedImage
 from pipeline.messages import Description, JobOptions, Plan
 from pipeline.stages.encoders.analysis import AnalysisEncoder
 from pipeline.stages.planners.rules import RulesPlanner
-
-
-def photo_like(height: int = 120, width: int = 160) -> np.ndarray:
-    """Smooth colour fields with a few sharp-edged shapes: a clean synthetic 'photo'."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    red = 128 + 50 * np.sin(xx / 20) * np.cos(yy / 25)
-    green = 120 + 40 * np.cos(xx / 30 + yy / 40)
-    blue = 110 + 30 * np.sin((xx - yy) / 35)
-    base = np.stack([red, green, blue], -1)
-    image = Image.fromarray(np.clip(base, 0, 255).round().astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([15, 20, 70, 80], fill=(220, 40, 40))
-    draw.ellipse([90, 15, 150, 75], fill=(30, 60, 200))
-    return np.asarray(image)
-
-
-def add_noise(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(image + rng.normal(0.0, sigma, image.shape), 0, 255).round().astype(np.uint8)
+from tests.images import add_noise, clean_photo
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def op_names(plan: Plan) -> list[str]:
 
 @pytest.mark.parametrize("task", ["restore", "upscale"])
 def test_clean_image_gets_no_operations(encoder, planner, task):
-    plan = plan_for(planner, measured(encoder, photo_like()), task=task)
+    plan = plan_for(planner, measured(encoder, clean_photo(120, 160)), task=task)
     assert plan.operations == []
     assert "no denoise" in plan.rationale and "no sharpen" in plan.rationale
 
@@ -65,7 +47,7 @@ def test_clean_image_gets_no_operations(encoder, planner, task):
 def test_noisy_image_gets_denoise_rising_with_sigma(encoder, planner):
     strengths = []
     for sigma in (6, 10, 14):
-        plan = plan_for(planner, measured(encoder, add_noise(photo_like(), sigma)))
+        plan = plan_for(planner, measured(encoder, add_noise(clean_photo(120, 160), sigma)))
         assert "denoise" in op_names(plan), plan.rationale
         assert "sharpen" not in op_names(plan)
         assert plan.noise_sigma == pytest.approx(sigma, abs=2.5)
@@ -74,7 +56,7 @@ def test_noisy_image_gets_denoise_rising_with_sigma(encoder, planner):
 
 
 def test_blur_leads_to_deblur_and_soft_to_sharpen(encoder, planner):
-    blurred = np.asarray(Image.fromarray(photo_like()).filter(ImageFilter.GaussianBlur(2.5)))
+    blurred = np.asarray(Image.fromarray(clean_photo(120, 160)).filter(ImageFilter.GaussianBlur(2.5)))
     plan = plan_for(planner, measured(encoder, blurred))
     assert op_names(plan) == ["deblur"]
     assert plan.blur_sigma == pytest.approx(2.5, abs=0.8)
@@ -164,8 +146,8 @@ def test_prompts(planner):
 
 def test_plans_are_schema_valid_and_deterministic(encoder, planner):
     descriptions = [
-        measured(encoder, photo_like()),
-        measured(encoder, add_noise(photo_like(), 20)),
+        measured(encoder, clean_photo(120, 160)),
+        measured(encoder, add_noise(clean_photo(120, 160), 20)),
         measured(encoder, np.zeros((1, 1, 3), np.uint8)),
         Description(text="extreme", noise_sigma=500.0, blur_sigma=50.0, jpeg_quality=0.0),
         Description(text="nan", noise_sigma=float("nan"), metrics={"blockiness": float("inf")}),
