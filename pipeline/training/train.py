@@ -153,27 +153,15 @@ def build_net(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
     return net.train()
 
 
-def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, float]:
-    dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    net = build_net("decoder", cfg)
+def optimise(kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validate) -> dict[str, float]:
+    """The loop both models share: Adam on the config's schedule with gradient clipping, the
+    mean loss logged every ``log_every`` steps, validation and a checkpoint every ``val_every``."""
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
-    with single_thread():
-        groups = decoder_val_set(val_imgs, cfg, dcfg, seed)
-    scales = [int(s) for s in cfg["scale_probs"]]
-    probs = np.array([cfg["scale_probs"][str(s)] for s in scales], dtype=np.float64)
-    probs /= probs.sum()
     t0, running, metrics = time.time(), [], {}
     for step in range(cfg["steps"]):
-        scale = scales[int(rng.choice(len(scales), p=probs))]
-        with single_thread():
-            batch = [decoder_sample(train_imgs, scale, cfg, dcfg, rng) for _ in range(cfg["batch"])]
-        x, y = stack([b[0] for b in batch]), stack([b[1] for b in batch])
-        cond = torch.tensor([b[2] for b in batch], dtype=torch.float32)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = F.l1_loss(net(x, cond, scale), y)
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.get("clip", 1.0))
@@ -183,10 +171,32 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
             log.write(step=step + 1, loss=float(np.mean(running)), lr=lr_at(step, cfg), elapsed_s=time.time() - t0)
             running = []
         if (step + 1) % cfg.get("val_every", 500) == 0 or step + 1 == cfg["steps"]:
-            metrics = decoder_validate(net, groups)
+            metrics = validate()
             log.write(event="val", step=step + 1, elapsed_s=time.time() - t0, **metrics)
-            nets.save_model(net, "decoder", str(out), {"step": step + 1, "seed": seed, "train_config": cfg})
+            nets.save_model(net, kind, str(out), {"step": step + 1, "seed": seed, "train_config": cfg})
     return metrics
+
+
+def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, float]:
+    dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    net = build_net("decoder", cfg)
+    with single_thread():
+        groups = decoder_val_set(val_imgs, cfg, dcfg, seed)
+    scales = [int(s) for s in cfg["scale_probs"]]
+    probs = np.array([cfg["scale_probs"][str(s)] for s in scales], dtype=np.float64)
+    probs /= probs.sum()
+
+    def batch_loss() -> torch.Tensor:
+        scale = scales[int(rng.choice(len(scales), p=probs))]
+        with single_thread():
+            batch = [decoder_sample(train_imgs, scale, cfg, dcfg, rng) for _ in range(cfg["batch"])]
+        x, y = stack([b[0] for b in batch]), stack([b[1] for b in batch])
+        cond = torch.tensor([b[2] for b in batch], dtype=torch.float32)
+        return F.l1_loss(net(x, cond, scale), y)
+
+    return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups))
 
 
 # --- encoder ---------------------------------------------------------------------------
@@ -254,34 +264,20 @@ def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     net = build_net("encoder", cfg)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
     vrng = np.random.default_rng(seed + 1000)
     with single_thread():
         vs = [encoder_sample(val_imgs, cfg, dcfg, vrng) for _ in range(cfg.get("val_samples", 256))]
     vx, vt = stack([s[0] for s in vs]), torch.tensor([s[1] for s in vs], dtype=torch.float32)
     weights = cfg.get("loss_weights", {})
-    t0, running, metrics = time.time(), [], {}
-    for step in range(cfg["steps"]):
+
+    def batch_loss() -> torch.Tensor:
         with single_thread():
             batch = [encoder_sample(train_imgs, cfg, dcfg, rng) for _ in range(cfg["batch"])]
         x = stack([b[0] for b in batch])
         tgt = torch.tensor([b[1] for b in batch], dtype=torch.float32)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        loss = encoder_loss(net(x), tgt, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.get("clip", 1.0))
-        opt.step()
-        running.append(loss.item())
-        if (step + 1) % cfg.get("log_every", 50) == 0:
-            log.write(step=step + 1, loss=float(np.mean(running)), lr=lr_at(step, cfg), elapsed_s=time.time() - t0)
-            running = []
-        if (step + 1) % cfg.get("val_every", 500) == 0 or step + 1 == cfg["steps"]:
-            metrics = encoder_validate(net, vx, vt)
-            log.write(event="val", step=step + 1, elapsed_s=time.time() - t0, **metrics)
-            nets.save_model(net, "encoder", str(out), {"step": step + 1, "seed": seed, "train_config": cfg})
-    return metrics
+        return encoder_loss(net(x), tgt, weights)
+
+    return optimise("encoder", net, cfg, seed, log, out, batch_loss, lambda: encoder_validate(net, vx, vt))
 
 
 # --- entry -----------------------------------------------------------------------------
