@@ -31,17 +31,16 @@ def progress_line(counts: Counts, rate: float, width: int = 30) -> str:
     )
 
 
-def _rate(state: JobState, counts: Counts) -> float:
-    info = state.info()
+def _rate(info: dict[str, str], counts: Counts) -> float:
     started = float(info.get("submitted_at", 0) or 0)
     base = int(info.get("done_at_submit", 0) or 0)
     elapsed = max(1e-6, (float(info.get("finished_at", 0) or 0) or time.time()) - started)
     return max(0, counts.done + counts.failed - base) / elapsed
 
 
-def is_finished(state: JobState) -> bool:
-    info = state.info()
-    return bool(info.get("finished_at")) and int(info.get("finished_seq", -1)) == state.seq()
+def is_finished(info: dict[str, str]) -> bool:
+    """The manifest of the job's current submission is written (``info``: JobState.info())."""
+    return bool(info.get("finished_at")) and info.get("finished_seq") == info.get("seq")
 
 
 def wait_for_job(
@@ -58,15 +57,15 @@ def wait_for_job(
     complete_since: float | None = None
     last_line = ""
     while True:
-        counts = state.counts()
-        line = progress_line(counts, _rate(state, counts))
+        counts, info = state.counts(), state.info()  # one read of the job hash per tick
+        line = progress_line(counts, _rate(info, counts))
         if tty:
             stream.write("\r" + line)
         elif line != last_line and (counts.complete or int(time.time()) % 5 == 0):
             stream.write(line + "\n")
         stream.flush()
         last_line = line
-        if is_finished(state):
+        if is_finished(info):
             break
         if counts.complete:
             complete_since = complete_since or time.monotonic()
@@ -114,8 +113,8 @@ def show_status(settings: Settings, job_id: str, wait: bool, stream: TextIO = sy
         return EXIT_USAGE
     if wait:
         wait_for_job(state, settings, sys.stderr)
-    counts = state.counts()
-    stream.write(progress_line(counts, _rate(state, counts)) + "\n")
-    if is_finished(state):
+    counts, info = state.counts(), state.info()
+    stream.write(progress_line(counts, _rate(info, counts)) + "\n")
+    if is_finished(info):
         return summarize(state, settings, stream)
     return EXIT_OK
