@@ -141,7 +141,9 @@ def decoder_validate(net: torch.nn.Module, groups) -> dict[str, float]:
 
 def build_net(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
     """A fresh network, or one initialised from ``cfg["init"]`` (a safetensors file of this
-    kind, e.g. an earlier stage of a multi-stage schedule); the file's net config wins."""
+    kind, e.g. an earlier stage of a multi-stage schedule). The file's net config wins, except
+    that ``cfg["grow"]`` may add modules to it (e.g. a decoder's context branch): those start
+    from their own (zero-output) initialisation and every other weight comes from the file."""
     init = cfg.get("init")
     if not init:
         return nets.build(kind, cfg.get("net"))
@@ -149,6 +151,14 @@ def build_net(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
     if not path.is_absolute() and not path.exists():
         path = Path(__file__).resolve().parents[2] / init
     net, _ = nets.load_model(str(path), kind=kind)
+    if cfg.get("grow"):
+        grown = nets.build(kind, {**net.config, **cfg["grow"]})
+        result = grown.load_state_dict(net.state_dict(), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"grow: {path} has weights the grown net lacks: {result.unexpected_keys[:5]}")
+        new = sorted({k.split(".")[0] for k in result.missing_keys})
+        print(f"grow: new modules {new} ({len(result.missing_keys)} tensors) start fresh", file=sys.stderr)
+        net = grown
     cfg["net"] = net.config
     return net.train()
 
@@ -181,7 +191,7 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
     dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    net = build_net("decoder", cfg)
+    net = build_net("decoder", cfg).to(memory_format=torch.channels_last)  # faster convs on CPU
     with single_thread():
         groups = decoder_val_set(val_imgs, cfg, dcfg, seed)
     scales = [int(s) for s in cfg["scale_probs"]]
@@ -194,7 +204,7 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
             batch = [decoder_sample(train_imgs, scale, cfg, dcfg, rng) for _ in range(cfg["batch"])]
         x, y = stack([b[0] for b in batch]), stack([b[1] for b in batch])
         cond = torch.tensor([b[2] for b in batch], dtype=torch.float32)
-        return F.l1_loss(net(x, cond, scale), y)
+        return F.l1_loss(net(x.contiguous(memory_format=torch.channels_last), cond, scale), y)
 
     return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups))
 

@@ -34,6 +34,33 @@ def test_shipped_configs_are_valid():
         cfg = train.load_config(kind, None)
         assert cfg["steps"] > 0 and "seed" in cfg
         nets.build(kind, cfg["net"])
+    for path in sorted(train.CONFIG_DIR.glob("decoder_*.json")):  # warm restarts from --init
+        cfg = train.load_config("decoder", str(path))
+        assert cfg["steps"] > 0 and "seed" in cfg and "init" not in cfg, path.name
+        nets.build("decoder", {"channels": 8, "blocks": 1, "hidden": 8, **cfg.get("grow", {})})
+
+
+def test_grow_keeps_the_function_and_adds_the_context_branch(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    small = nets.RestoreNet(channels=8, blocks=2, hidden=8)
+    for p in small.parameters():  # non-zero heads, so the output depends on every weight
+        torch.nn.init.normal_(p, std=0.05)
+    nets.save_model(small, "decoder", str(tmp_path / "small.safetensors"))
+    cfg = {"init": str(tmp_path / "small.safetensors"),
+           "grow": {"context_channels": [8, 16], "context_blocks": [1, 1], "context_after": 1}}
+    grown = train.build_net("decoder", cfg).eval()
+    assert cfg["net"]["context_channels"] == [8, 16] and grown.context is not None
+    x, cond = torch.rand(2, 3, 18, 22), torch.rand(2, nets.COND_DIM)
+    with torch.no_grad():
+        for scale in (1, 2, 4):
+            xs = x[..., :18, :20] if scale == 1 else x
+            assert torch.allclose(grown(xs, cond, scale), small.eval()(xs, cond, scale), atol=1e-6)
+        # Once the branch's last conv is non-zero, it changes the output, at odd sizes too.
+        torch.nn.init.normal_(grown.context.ups[0].weight, std=0.05)
+        y = grown(x, cond, 2)
+    assert y.shape == (2, 3, 36, 44) and not torch.allclose(y, small(x, cond, 2), atol=1e-4)
 
 
 TINY = {
