@@ -319,13 +319,19 @@ def build(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
 # --- weights I/O (safetensors; the net config travels in the file's metadata) ----------
 
 
-def save_model(net: nn.Module, kind: str, path: str, extra: dict[str, Any] | None = None) -> None:
+def save_model(
+    net: nn.Module, kind: str, path: str, extra: dict[str, Any] | None = None, dtype: str = "float32"
+) -> None:
+    """Weights as safetensors, floating tensors stored as ``dtype`` ("float16" halves the file;
+    ``load_model`` always returns a float32 net)."""
     import json
 
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    meta = {"kind": kind, "config": json.dumps(getattr(net, "config", {}))}
+    store = getattr(torch, dtype)
+    state = {k: (v.to(store) if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
+    meta = {"kind": kind, "config": json.dumps(getattr(net, "config", {})), "stored_dtype": dtype}
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     save_file(state, str(path), metadata=meta)

@@ -183,7 +183,8 @@ def optimise(kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validat
         if (step + 1) % cfg.get("val_every", 500) == 0 or step + 1 == cfg["steps"]:
             metrics = validate()
             log.write(event="val", step=step + 1, elapsed_s=time.time() - t0, **metrics)
-            nets.save_model(net, kind, str(out), {"step": step + 1, "seed": seed, "train_config": cfg})
+            nets.save_model(net, kind, str(out), {"step": step + 1, "seed": seed, "train_config": cfg},
+                            dtype=cfg.get("save_dtype", "float32"))
     return metrics
 
 
