@@ -17,11 +17,14 @@ Three whole pipelines restore it back to full size:
 * ``classic``: analysis encoder -> rules planner -> classic decoder;
 * ``builtin``: builtin encoder -> rules planner -> builtin decoder;
 
-and, for reference, ``builtin-net (true params)``: the bare network given the true degradation.
+and, for reference, ``builtin-net (true params)``: the bare network the plan would route to
+(the restorer for a degraded image, the upscaler for a clean one) given the true degradation.
 PSNR and SSIM are on the Y channel (BT.601), with ``scale`` pixels of border cropped.
 The encoder's estimates are checked against the true parameters (on the realistic images,
 and on extra noise-only and JPEG-only versions of each image), and the builtin decoder is
-timed at batch 8 on 512x512 outputs. Floors from the issue are checked and reported.
+timed at batch 8 on 512x512 outputs, on a clean plan (the upscaler) and on a degraded one
+(the restorer, the slower network, which the speed floor is checked on). Floors from the
+issue are checked and reported.
 """
 
 from __future__ import annotations
@@ -172,7 +175,18 @@ def clean_estimates(res: dict[str, Any]) -> dict[str, float]:
             "clean_with_ops": float(res["builtin_ops"])}
 
 
-def time_decoder(dec, batch: int = 8, out_size: int = 512, scale: int = 2, repeats: int = 2) -> float:
+def degraded_plan(scale: int):
+    """A plan with operations: the builtin decoder runs its restorer (the slower network)."""
+    from pipeline.messages import Operation, Plan
+
+    return Plan(scale=scale, noise_sigma=15.0, jpeg_quality=50.0,
+                operations=[Operation(name="denoise", strength=0.6), Operation(name="deblock", strength=0.5)])
+
+
+def time_decoder(dec, batch: int = 8, out_size: int = 512, scale: int = 2, repeats: int = 2,
+                 degraded: bool = False) -> float:
+    """Best-of-``repeats`` seconds per output of ``dec.restore`` on a batch of ``batch`` images:
+    a clean plan (the upscaler), or with ``degraded`` a plan with operations (the restorer)."""
     from pipeline.messages import Plan
 
     rng = np.random.default_rng(0)
@@ -180,7 +194,7 @@ def time_decoder(dec, batch: int = 8, out_size: int = 512, scale: int = 2, repea
     base = rng.integers(0, 256, (n // 8, n // 8, 3)).astype(np.uint8)
     img = np.asarray(D.to_uint8(D.upscale_bicubic(D.to_tensor(base), 8)))
     ims = [DecodedImage(rgb=img.copy()) for _ in range(batch)]
-    plans = [Plan(scale=scale)] * batch
+    plans = [degraded_plan(scale) if degraded else Plan(scale=scale)] * batch
     dec.restore(ims[:1], plans[:1])  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -261,11 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines.append(f"  JPEG quality 10-95:                  mean |err| {enc_err['jpeg_only_mae']:.2f}, "
                  f"within +-10: {enc_err['jpeg_only_within10']:.0%}")
     if not args.no_speed:
-        sp = time_decoder(pipes["builtin"][2])
-        figures["seconds_per_512_output"] = sp
+        dec = pipes["builtin"][2]
+        clean_s, degraded_s = time_decoder(dec), time_decoder(dec, degraded=True)
+        figures["seconds_per_512_output_clean"] = clean_s
+        figures["seconds_per_512_output"] = sp = max(clean_s, degraded_s)
         lines.append("")
         lines.append(f"speed: builtin decoder x2, batch 8, 512x512 outputs, {torch.get_num_threads()} threads: "
-                     f"{sp:.3f} s per output")
+                     f"{clean_s:.3f} s per output on a clean plan (upscaler), {degraded_s:.3f} s on a "
+                     f"degraded one (restorer)")
     # Floors
     checks = []
     if "bicubic_x2" in figures:
@@ -277,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks.append(("noise sigma mean |err| <= 3", enc_err["noise_only_mae"], 3.0, False))
     checks.append(("JPEG quality mean |err| <= 10", enc_err["jpeg_only_mae"], 10.0, False))
     if "seconds_per_512_output" in figures:
-        checks.append(("s per 512x512 output <= 0.5", figures["seconds_per_512_output"], 0.5, False))
+        checks.append(("s per 512x512 output <= 0.5 (slower net)", figures["seconds_per_512_output"], 0.5, False))
     lines.append("")
     lines.append("floors")
     for name, value, floor, higher in checks:

@@ -24,3 +24,10 @@ def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path):
     with torch.no_grad():
         assert (loaded(x, c, 2) - net.eval()(x, c, 2)).abs().max() < 2e-3
 
+
+
+def test_shipped_weights_fit_the_5_mb_budget():
+    files = sorted(WEIGHTS.glob("*.safetensors"))
+    assert {f.name for f in files} >= {"builtin_encoder.safetensors", "builtin_upscaler.safetensors",
+                                       "builtin_restorer.safetensors"}
+    assert sum(f.stat().st_size for f in files) <= 5 * 1000 * 1000

@@ -1,18 +1,20 @@
-"""The builtin learned decoder: a compact conditional restoration network for x1, x2, x4.
+"""The builtin learned decoder: conditional restoration + upscaling for x1, x2, x4.
 
-``pipeline.nets.RestoreNet`` (weights shipped in ``pipeline/weights/``) removes noise, JPEG
-blocking and blur while upscaling; it predicts a residual over bicubic and is FiLM-conditioned
-on the degradations the plan asks it to remove:
+Two ``pipeline.nets.RestoreNet`` networks ship in ``pipeline/weights/``, and the plan picks
+one per item (``route``):
 
-* a plan without operations (a clean image) gets the zero condition;
-* otherwise the plan's estimates of noise sigma, blur sigma and JPEG quality, less any
-  degradation whose operation the planner turned down on purpose (see ``plan_condition``),
-  with strengths scaling the noise condition and standing in for missing estimates.
+* the **upscaler** (``builtin_upscaler.safetensors``) for a plan without operations: a clean
+  image gets plain super-resolution at x2/x4 (and at x1 is returned untouched). It is trained
+  on clean inputs only, so it never denoises, deblocks or sharpens;
+* the **restorer** (``builtin_restorer.safetensors``) for a plan with operations: it removes
+  noise, JPEG blocking and blur while upscaling, FiLM-conditioned on the plan's estimates of
+  the degradations it is asked to remove (``plan_condition``). It adds a multi-scale context
+  branch (a wide receptive field for heavy noise) and is trained on degraded inputs only.
 
-A clean image thus gets plain super-resolution at x2/x4, and at x1 is returned untouched.
-Items of one scale and size are batched together; images larger than one tile run tiled
-(``pipeline.tiling``). Alpha is upscaled separately (bilinear) and re-attached. Output is
-exactly ``scale`` x the input size.
+Both predict a residual over bicubic. ``model`` may name one weights file (used for every
+item) or ``UPSCALER,RESTORER``. Items of one network, scale and size are batched together;
+images larger than one tile run tiled (``pipeline.tiling``). Alpha is upscaled separately
+(bilinear) and re-attached. Output is exactly ``scale`` x the input size.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from pipeline.messages import Plan
 from pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "builtin_decoder.safetensors"
+DEFAULT_WEIGHTS = {
+    "upscaler": WEIGHTS_DIR / "builtin_upscaler.safetensors",
+    "restorer": WEIGHTS_DIR / "builtin_restorer.safetensors",
+}
+ROLES = ("upscaler", "restorer")
 TILE = 256  # input pixels; bigger images run tiled
 OVERLAP = 32
 TILE_BATCH = 4
@@ -37,11 +43,26 @@ NOISE_FULL_STRENGTH = 0.3  # the rules planner's strength at its denoise thresho
 FORCED_NOISE_PER_STRENGTH = 25.0
 
 
-def _weights_path(model: str | None) -> Path:
-    if model:
-        path = Path(model)
-        return path if path.suffix else WEIGHTS_DIR / f"{model}.safetensors"
-    return DEFAULT_WEIGHTS
+def _weights_file(name: str) -> Path:
+    path = Path(name)
+    return path if path.suffix else WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def weights_paths(model: str | None) -> dict[str, Path]:
+    """Role -> weights file: the shipped pair, ``model`` for both roles, or ``UPSCALER,RESTORER``."""
+    if not model:
+        return dict(DEFAULT_WEIGHTS)
+    names = [m.strip() for m in model.split(",")]
+    if len(names) == 1:
+        names *= 2
+    if len(names) != 2 or not all(names):
+        raise ModelUnavailableError(f"builtin decoder model {model!r}: give one weights file or UPSCALER,RESTORER")
+    return {role: _weights_file(n) for role, n in zip(ROLES, names)}
+
+
+def route(cond: Sequence[float]) -> str:
+    """The network for a plan's condition: the restorer when there is anything to remove."""
+    return "restorer" if any(cond) else "upscaler"
 
 
 def _rules_thresholds() -> tuple[float, float, float, float]:
@@ -125,27 +146,38 @@ class BuiltinDecoder(Decoder):
 
         self.check_available(model)
         self.torch_device = torch.device(device)
-        self.net, self.meta = nets.load_model(str(_weights_path(model)), kind="decoder", device=device)
-        self.net.float()
+        self.nets: dict[str, torch.nn.Module] = {}
+        self.metas: dict[str, dict[str, str]] = {}
+        loaded: dict[Path, tuple[torch.nn.Module, dict[str, str]]] = {}
+        for role, path in weights_paths(model).items():
+            if path not in loaded:  # one file for both roles loads once
+                net, meta = nets.load_model(str(path), kind="decoder", device=device)
+                # channels-last: the faster conv layout on CPU (oneDNN) and on tensor cores
+                loaded[path] = (net.float().to(memory_format=torch.channels_last), meta)
+            self.nets[role], self.metas[role] = loaded[path]
+        self.meta = self.metas["restorer"]
         self.batch_size = max(1, batch_size)
 
     @classmethod
     def check_available(cls, model: str | None) -> None:
-        path = _weights_path(model)
-        if not path.is_file():
-            raise ModelUnavailableError(
-                f"builtin decoder weights {path} are missing; they ship with pixelrelay "
-                f"(reinstall it) or train them: pixelrelay train decoder --data DIR --out {path}"
-            )
+        for path in weights_paths(model).values():
+            if not path.is_file():
+                raise ModelUnavailableError(
+                    f"builtin decoder weights {path} are missing; they ship with pixelrelay "
+                    f"(reinstall it) or train them: pixelrelay train decoder --data DIR --out {path}"
+                )
 
-    def _forward(self, x: torch.Tensor, cond: torch.Tensor, scale: int) -> torch.Tensor:
-        """x: Bx3xHxW on the CPU; returns Bx3x(sH)x(sW) on the CPU."""
+    def _forward(self, x: torch.Tensor, cond: torch.Tensor, scale: int, role: str | None = None) -> torch.Tensor:
+        """x: Bx3xHxW on the CPU; returns Bx3x(sH)x(sW) on the CPU. ``role`` defaults to the
+        route of the first condition (all rows of one call share a network)."""
+        net = self.nets[role or route(cond[0].tolist())]
         h, w = x.shape[-2:]
         ph, pw = (h % 2, w % 2) if scale == 1 else (0, 0)
         if ph or pw:  # x1 runs pixel-unshuffled: needs even sizes
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         dev = self.torch_device
-        y = self.net(x.to(dev), cond.to(dev), scale).float().cpu()
+        x = x.to(dev).contiguous(memory_format=torch.channels_last)
+        y = net(x, cond.to(dev), scale).float().cpu()
         return y[:, :, : h * scale, : w * scale]
 
     @torch.inference_mode()
@@ -154,28 +186,28 @@ class BuiltinDecoder(Decoder):
             raise ValueError(f"{len(images)} images but {len(plans)} plans")
         results: list[RestoredImage | None] = [None] * len(images)
         conds = [plan_condition(p) for p in plans]
-        groups: dict[tuple[int, int, int], list[int]] = {}
+        groups: dict[tuple[str, int, int, int], list[int]] = {}
         for i, (im, plan) in enumerate(zip(images, plans)):
             if plan.scale == 1 and not any(conds[i]):
                 # Nothing to remove and nothing to upscale: leave the image alone.
                 results[i] = RestoredImage(rgb=im.rgb.copy(), alpha=None if im.alpha is None else im.alpha.copy(),
                                            notes=("builtin: no operation planned at x1, image unchanged",))
                 continue
-            groups.setdefault((plan.scale, im.height, im.width), []).append(i)
-        for (scale, h, w), idx in groups.items():
-            outs = self._restore_group([images[i] for i in idx], [conds[i] for i in idx], scale, h, w)
+            groups.setdefault((route(conds[i]), plan.scale, im.height, im.width), []).append(i)
+        for (role, scale, h, w), idx in groups.items():
+            outs = self._restore_group([images[i] for i in idx], [conds[i] for i in idx], role, scale, h, w)
             for i, rgb in zip(idx, outs):
                 alpha = images[i].alpha
                 results[i] = RestoredImage(rgb=rgb, alpha=None if alpha is None else resize_alpha(alpha, scale))
         return results  # type: ignore[return-value]
 
-    def _restore_group(self, images, conds, scale: int, h: int, w: int) -> list[np.ndarray]:
+    def _restore_group(self, images, conds, role: str, scale: int, h: int, w: int) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         if h <= TILE and w <= TILE:
             for k in range(0, len(images), self.batch_size):
                 x = torch.stack([_to_tensor(im.rgb) for im in images[k : k + self.batch_size]])
                 c = torch.tensor(conds[k : k + self.batch_size], dtype=torch.float32)
-                y = self._forward(x, c, scale)
+                y = self._forward(x, c, scale, role)
                 out.extend(_to_uint8(t) for t in y)
             return out
         from pipeline.tiling import run_tiled
@@ -184,7 +216,7 @@ class BuiltinDecoder(Decoder):
             c1 = torch.tensor([cond], dtype=torch.float32)
             x = _to_tensor(im.rgb)[None]
             y = run_tiled(
-                lambda tiles: self._forward(tiles, c1.expand(tiles.shape[0], -1), scale),
+                lambda tiles: self._forward(tiles, c1.expand(tiles.shape[0], -1), scale, role),
                 x, scale, TILE, OVERLAP, batch_size=TILE_BATCH, align=2 if scale == 1 else 1,
             )
             out.append(_to_uint8(y[0]))

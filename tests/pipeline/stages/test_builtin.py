@@ -1,5 +1,7 @@
 """The builtin encoder and decoder: shipped weights load and restore."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from pipeline import degradations as D
 from pipeline.imageio import DecodedImage
 from pipeline.messages import Description, JobOptions, Operation, Plan
 from pipeline.stages.base import ModelUnavailableError
-from pipeline.stages.decoders.builtin import BuiltinDecoder, plan_condition
+from pipeline.stages.decoders.builtin import BuiltinDecoder, plan_condition, route, weights_paths
 from pipeline.stages.encoders.builtin import BuiltinEncoder
 
 torch.set_num_threads(2)
@@ -47,6 +49,8 @@ def test_weights_ship_and_load(encoder, decoder):
     BuiltinEncoder.check_available(None)
     BuiltinDecoder.check_available(None)
     assert encoder.meta["kind"] == "encoder" and decoder.meta["kind"] == "decoder"
+    assert decoder.nets["upscaler"] is not decoder.nets["restorer"]
+    assert "context_channels" in decoder.nets["restorer"].config  # the restorer's multi-scale branch
     with pytest.raises(ModelUnavailableError):
         BuiltinDecoder.check_available("/nonexistent/weights.safetensors")
     with pytest.raises(ModelUnavailableError):
@@ -137,9 +141,11 @@ def test_decoder_sizes_alpha_and_tiny_images(decoder, scale):
             assert out.alpha.shape == (h * scale, w * scale) and (out.alpha == 200).all()
 
 
-def test_decoder_tiles_large_images(decoder):
+@pytest.mark.parametrize("plan", [Plan(scale=2), Plan(scale=2, noise_sigma=8, operations=[
+    Operation(name="denoise", strength=0.4)])], ids=["upscaler", "restorer"])
+def test_decoder_tiles_large_images(decoder, plan):
     img = np.tile(scene(128), (3, 3, 1))[:300, :290]  # bigger than one tile
-    out = decoder.restore([DecodedImage(rgb=img)], [Plan(scale=2)])[0].rgb
+    out = decoder.restore([DecodedImage(rgb=img)], [plan])[0].rgb
     assert out.shape == (600, 580, 3)
     bic = D.to_uint8(D.upscale_bicubic(D.to_tensor(img), 2))
     assert np.abs(out.astype(int) - bic.astype(int)).mean() < 10  # restores, no tile garbage
@@ -174,3 +180,27 @@ def test_described_noise_flows_into_plan(encoder):
     d = Description(text="x", noise_sigma=20.0, blur_sigma=0.2, jpeg_quality=None)
     plan = RulesPlanner().plan([d], [JobOptions(task="upscale")])[0]
     assert plan.noise_sigma == 20.0 and plan_condition(plan)[0] == pytest.approx(0.4)
+
+
+def test_model_names_one_file_or_a_pair(tmp_path):
+    assert weights_paths(None)["upscaler"].name == "builtin_upscaler.safetensors"
+    one = weights_paths("/w/a.safetensors")
+    assert one["upscaler"] == one["restorer"] == Path("/w/a.safetensors")
+    pair = weights_paths("builtin_upscaler,/w/b.safetensors")
+    assert pair["upscaler"].name == "builtin_upscaler.safetensors" and pair["restorer"] == Path("/w/b.safetensors")
+    with pytest.raises(ModelUnavailableError):
+        weights_paths("a,b,c")
+    with pytest.raises(ModelUnavailableError):  # the restorer of the pair is missing
+        BuiltinDecoder.check_available(f"builtin_upscaler,{tmp_path / 'missing.safetensors'}")
+
+
+def test_plan_routes_clean_to_upscaler_and_degraded_to_restorer(decoder):
+    clean = Plan(scale=2)
+    noisy = Plan(scale=2, noise_sigma=15, operations=[Operation(name="denoise", strength=0.6)])
+    assert route(plan_condition(clean)) == "upscaler" and route(plan_condition(noisy)) == "restorer"
+    up_only, restorer_only = BuiltinDecoder(model="builtin_upscaler"), BuiltinDecoder(model="builtin_restorer")
+    im = DecodedImage(rgb=scene(64))
+    both = decoder.restore([im, im], [clean, noisy])  # one call, two networks
+    assert np.array_equal(both[0].rgb, up_only.restore([im], [clean])[0].rgb)
+    assert np.array_equal(both[1].rgb, restorer_only.restore([im], [noisy])[0].rgb)
+    assert not np.array_equal(both[1].rgb, up_only.restore([im], [noisy])[0].rgb)
