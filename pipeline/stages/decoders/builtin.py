@@ -26,9 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import degradations as D
 from pipeline.imageio import DecodedImage
 from pipeline.messages import Plan
 from pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage
+from pipeline.stages.decoders.classic import resize_alpha
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 DEFAULT_WEIGHTS = {
@@ -69,13 +71,9 @@ def _rules_thresholds() -> tuple[float, float, float, float]:
     """(denoise min sigma, sharpen min blur, sharpen max noise, deblock max quality) of the
     rules planner: an estimate past its threshold whose operation is missing from the plan
     was turned down on purpose (an instruction, or the noise guard on sharpening)."""
-    try:
-        from pipeline.stages.planners import rules
+    from pipeline.stages.planners import rules
 
-        return (rules.DENOISE_MIN_SIGMA, rules.SHARPEN_MIN_BLUR, rules.SHARPEN_MAX_NOISE,
-                rules.DEBLOCK_MAX_QUALITY)
-    except (ImportError, AttributeError):  # pragma: no cover - planner not installed
-        return 4.0, 1.0, 8.0, 85.0
+    return rules.DENOISE_MIN_SIGMA, rules.SHARPEN_MIN_BLUR, rules.SHARPEN_MAX_NOISE, rules.DEBLOCK_MAX_QUALITY
 
 
 def plan_condition(plan: Plan) -> list[float]:
@@ -116,23 +114,6 @@ def plan_condition(plan: Plan) -> list[float]:
     elif quality is not None and quality < max_quality:
         quality = None  # turned down on purpose
     return cond_vector(noise, blur, quality)
-
-
-def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    arr = np.require(rgb, dtype=np.uint8, requirements=["C", "W"])
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-
-
-def _to_uint8(t: torch.Tensor) -> np.ndarray:
-    return t.clamp(0, 1).mul(255.0).add_(0.5).to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
-
-
-def resize_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
-    if scale == 1:
-        return alpha.copy()
-    t = torch.from_numpy(np.ascontiguousarray(alpha)).float()[None, None]
-    out = F.interpolate(t, scale_factor=scale, mode="bilinear", align_corners=False)
-    return out[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 class BuiltinDecoder(Decoder):
@@ -205,19 +186,19 @@ class BuiltinDecoder(Decoder):
         out: list[np.ndarray] = []
         if h <= TILE and w <= TILE:
             for k in range(0, len(images), self.batch_size):
-                x = torch.stack([_to_tensor(im.rgb) for im in images[k : k + self.batch_size]])
+                x = torch.cat([D.to_tensor(im.rgb) for im in images[k : k + self.batch_size]])
                 c = torch.tensor(conds[k : k + self.batch_size], dtype=torch.float32)
                 y = self._forward(x, c, scale, role)
-                out.extend(_to_uint8(t) for t in y)
+                out.extend(D.to_uint8(t) for t in y)
             return out
         from pipeline.tiling import run_tiled
 
         for im, cond in zip(images, conds):
             c1 = torch.tensor([cond], dtype=torch.float32)
-            x = _to_tensor(im.rgb)[None]
+            x = D.to_tensor(im.rgb)
             y = run_tiled(
                 lambda tiles: self._forward(tiles, c1.expand(tiles.shape[0], -1), scale, role),
                 x, scale, TILE, OVERLAP, batch_size=TILE_BATCH, align=2 if scale == 1 else 1,
             )
-            out.append(_to_uint8(y[0]))
+            out.append(D.to_uint8(y))
         return out

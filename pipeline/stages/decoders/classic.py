@@ -194,7 +194,7 @@ class ClassicDecoder(Decoder):
             for i, rgb in zip(group, rgbs):
                 alpha = images[i].alpha
                 results[i] = RestoredImage(
-                    rgb=rgb, alpha=None if alpha is None else self._resize_alpha(alpha, plans[i].scale)
+                    rgb=rgb, alpha=None if alpha is None else resize_alpha(alpha, plans[i].scale, self.torch_device)
                 )
         return results  # type: ignore[return-value]
 
@@ -290,10 +290,11 @@ class ClassicDecoder(Decoder):
         blurred = canvas.repad(_gaussian_blur(x, _gaussian_taps(sigmas, self.torch_device)))
         return (x + self._per_item(amounts) * (x - blurred)).clamp_(0, 1)
 
-    def _resize_alpha(self, alpha: np.ndarray, scale: int) -> np.ndarray:
-        """Alpha is resized on its own (bilinear) and otherwise left exactly as it was."""
-        if scale == 1:
-            return alpha.copy()
-        a = torch.from_numpy(_writable(alpha)).to(self.torch_device)[None, None].float()
-        a = F.interpolate(a, scale_factor=scale, mode="bilinear", align_corners=False)
-        return a.round_().clamp_(0, 255).to(torch.uint8)[0, 0].cpu().numpy()
+
+def resize_alpha(alpha: np.ndarray, scale: int, device: torch.device | str = "cpu") -> np.ndarray:
+    """Alpha is resized on its own (bilinear) and otherwise left exactly as it was."""
+    if scale == 1:
+        return alpha.copy()
+    a = torch.from_numpy(_writable(alpha)).to(device)[None, None].float()
+    a = F.interpolate(a, scale_factor=scale, mode="bilinear", align_corners=False)
+    return a.round_().clamp_(0, 255).to(torch.uint8)[0, 0].cpu().numpy()
