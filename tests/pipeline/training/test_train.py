@@ -125,3 +125,26 @@ def test_second_stage_starts_from_init_weights(tmp_path):
     b, _ = nets.load_model(str(second))
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and np.allclose(va.numpy(), vb.numpy(), atol=1e-6)  # lr 0: unchanged
+
+
+def test_bfloat16_autocast_trains_in_float32_weights(tmp_path):
+    import torch
+
+    _write_images(tmp_path / "data" / "set", 6)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(dict(TINY["decoder"], steps=2, val_every=2, autocast="bfloat16")))
+    out = tmp_path / "bf16.safetensors"
+    assert train.main(["decoder", "--data", str(tmp_path / "data"), "--out", str(out),
+                       "--config", str(cfg_path), "--log", str(tmp_path / "log.jsonl"), "--quiet"]) == 0
+    net, _ = nets.load_model(str(out))
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    # The convolutions really run in bfloat16 inside the context, and in float32 outside it.
+    x = torch.rand(1, 3, 8, 8)
+    with train.autocast({"autocast": "bfloat16"}):
+        assert net.inputs["x2"](x).dtype == torch.bfloat16
+    with train.autocast({}):
+        assert net.inputs["x2"](x).dtype == torch.float32
+    with pytest.raises(ValueError, match="autocast"):
+        train.autocast({"autocast": "fp8"})
