@@ -88,9 +88,66 @@ def jittered_cond(p: D.DegradationParams, rng: np.random.Generator, jit: dict[st
     return nets.cond_vector(max(0.0, noise), max(0.0, blur), q)
 
 
-def decoder_sample(
-    imgs: list[np.ndarray], scale: int, cfg: dict[str, Any], dcfg: D.DegradationConfig, rng: np.random.Generator
+class PipelineCondition:
+    """The condition the deployed pipeline gives a degraded image: the builtin encoder reads
+    it, the rules planner plans it and ``plan_condition`` turns the plan into the network's
+    input; None when the plan has no operations (the pipeline sends such an image to the
+    upscaler). A restorer trained on this rather than on the true parameters learns what the
+    estimates mean, e.g. that noise reads low under strong JPEG."""
+
+    def __init__(self, encoder_model: str | None = None) -> None:
+        from pipeline.stages.encoders.builtin import BuiltinEncoder
+        from pipeline.stages.planners.rules import RulesPlanner
+
+        self.encoder = BuiltinEncoder(model=encoder_model)
+        self.planner = RulesPlanner()
+
+    def __call__(self, lr: np.ndarray, scale: int) -> list[float] | None:
+        from pipeline.imageio import DecodedImage
+        from pipeline.messages import JobOptions
+        from pipeline.stages.decoders.builtin import plan_condition
+
+        description = self.encoder.describe([DecodedImage(rgb=lr)])[0]
+        options = JobOptions(task="upscale" if scale > 1 else "restore", scale=scale)
+        plan = self.planner.plan_one(description, options)
+        return plan_condition(plan) if plan.operations else None
+
+
+MAX_CONDITION_REDRAWS = 8
+
+
+def pipeline_conditioned_sample(
+    imgs: list[np.ndarray], scale: int, cfg: dict[str, Any], dcfg: D.DegradationConfig,
+    rng: np.random.Generator, condition: PipelineCondition,
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A degraded patch with the pipeline's condition: a ``cond_context``-pixel (low-res)
+    region is degraded and read as a whole, as the encoder reads an image, and an
+    ``lr_patch`` crop of it is trained on. Regions the plan sends to the upscaler are redrawn."""
+    p_lr = cfg["lr_patch"]
+    ctx = max(p_lr, int(cfg.get("cond_context", 96)))
+    for _ in range(MAX_CONDITION_REDRAWS):
+        hr = data.random_crop(imgs[int(rng.integers(len(imgs)))], ctx * scale, rng)
+        lr, _ = D.degrade(hr, scale, rng, dcfg)
+        cond = condition(lr, scale)
+        if cond is not None:
+            break
+    else:
+        cond = nets.cond_vector(0.0, 0.0, None)
+    y, x = (int(v) for v in rng.integers(0, ctx - p_lr + 1, 2))
+    s = scale
+    return (np.ascontiguousarray(lr[y : y + p_lr, x : x + p_lr]),
+            np.ascontiguousarray(hr[y * s : (y + p_lr) * s, x * s : (x + p_lr) * s]), cond)
+
+
+def decoder_sample(
+    imgs: list[np.ndarray], scale: int, cfg: dict[str, Any], dcfg: D.DegradationConfig, rng: np.random.Generator,
+    condition: PipelineCondition | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A (low-res, high-res, condition) training triple: a clean pair with the zero condition
+    (``p_clean``), else a degraded one conditioned on its jittered true parameters, or with
+    ``condition`` (the config's ``"cond_source": "pipeline"``) on what the pipeline reads."""
+    if condition is not None:
+        return pipeline_conditioned_sample(imgs, scale, cfg, dcfg, rng, condition)
     p_lr = cfg["lr_patch"]
     hr = data.random_crop(imgs[int(rng.integers(len(imgs)))], p_lr * scale, rng)
     clean_p = cfg["p_clean"].get(str(scale), 0.3)
@@ -101,8 +158,11 @@ def decoder_sample(
     return lr, hr, jittered_cond(params, rng, cfg.get("cond_jitter", {}))
 
 
-def decoder_val_set(val_imgs: list[np.ndarray], cfg: dict[str, Any], dcfg: D.DegradationConfig, seed: int):
-    """Fixed validation crops: (name, scale, lr batch, hr batch, cond) groups."""
+def decoder_val_set(val_imgs: list[np.ndarray], cfg: dict[str, Any], dcfg: D.DegradationConfig, seed: int,
+                    condition: PipelineCondition | None = None):
+    """Fixed validation crops: (name, scale, lr batch, hr batch, cond) groups. The realistic
+    group is conditioned on its true parameters, or with ``condition`` on what the pipeline
+    reads (as the net is trained)."""
     size = cfg.get("val_crop", 192)
     crops = [data.center_crop(im, size) for im in val_imgs]
     groups = []
@@ -114,8 +174,9 @@ def decoder_val_set(val_imgs: list[np.ndarray], cfg: dict[str, Any], dcfg: D.Deg
     lrs, hrs, conds = [], [], []
     for c in crops:
         lr, p = D.degrade(c, 2, rng, dcfg, force=("blur", "noise", "jpeg"))
+        read = condition(lr, 2) if condition is not None else None
         lrs.append(lr), hrs.append(D.crop_to_multiple(c, 2)), conds.append(
-            nets.cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality))
+            read if read is not None else nets.cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality))
     groups.append(("realistic_x2", 2, lrs, hrs, conds))
     return groups
 
@@ -167,9 +228,10 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def autocast(cfg: dict[str, Any]) -> torch.autocast:
-    """The forward pass's mixed precision: the config's ``autocast`` ("bfloat16" halves the
-    step time on CPUs with AVX512-BF16 or AMX); off by default. Weights, the optimiser and the
-    loss stay float32, and validation always runs in float32."""
+    """The training forward pass's mixed precision: the config's ``autocast`` ("bfloat16"
+    halves the step time on CPUs with AVX512-BF16 or AMX); off by default. Only the trained
+    net's forward runs under it: data synthesis, the loss, the weights, the optimiser and
+    validation stay float32."""
     name = cfg.get("autocast")
     if name is not None and name not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or absent, not {name!r}")
@@ -185,8 +247,7 @@ def optimise(kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validat
     for step in range(cfg["steps"]):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        with autocast(cfg):
-            loss = batch_loss()
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.get("clip", 1.0))
@@ -208,8 +269,12 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     net = build_net("decoder", cfg).to(memory_format=torch.channels_last)  # faster convs on CPU
+    source = cfg.get("cond_source", "true")
+    if source not in ("true", "pipeline"):
+        raise ValueError(f"cond_source must be 'true' or 'pipeline', not {source!r}")
+    condition = PipelineCondition(cfg.get("cond_encoder")) if source == "pipeline" else None
     with single_thread():
-        groups = decoder_val_set(val_imgs, cfg, dcfg, seed)
+        groups = decoder_val_set(val_imgs, cfg, dcfg, seed, condition)
     scales = [int(s) for s in cfg["scale_probs"]]
     probs = np.array([cfg["scale_probs"][str(s)] for s in scales], dtype=np.float64)
     probs /= probs.sum()
@@ -217,10 +282,12 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
     def batch_loss() -> torch.Tensor:
         scale = scales[int(rng.choice(len(scales), p=probs))]
         with single_thread():
-            batch = [decoder_sample(train_imgs, scale, cfg, dcfg, rng) for _ in range(cfg["batch"])]
+            batch = [decoder_sample(train_imgs, scale, cfg, dcfg, rng, condition) for _ in range(cfg["batch"])]
         x, y = stack([b[0] for b in batch]), stack([b[1] for b in batch])
         cond = torch.tensor([b[2] for b in batch], dtype=torch.float32)
-        return F.l1_loss(net(x.contiguous(memory_format=torch.channels_last), cond, scale).float(), y)
+        with autocast(cfg):
+            out = net(x.contiguous(memory_format=torch.channels_last), cond, scale)
+        return F.l1_loss(out.float(), y)
 
     return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups))
 
@@ -301,7 +368,9 @@ def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
             batch = [encoder_sample(train_imgs, cfg, dcfg, rng) for _ in range(cfg["batch"])]
         x = stack([b[0] for b in batch])
         tgt = torch.tensor([b[1] for b in batch], dtype=torch.float32)
-        return encoder_loss(net(x).float(), tgt, weights)
+        with autocast(cfg):
+            pred = net(x)
+        return encoder_loss(pred.float(), tgt, weights)
 
     return optimise("encoder", net, cfg, seed, log, out, batch_loss, lambda: encoder_validate(net, vx, vt))
 

@@ -148,3 +148,41 @@ def test_bfloat16_autocast_trains_in_float32_weights(tmp_path):
         assert net.inputs["x2"](x).dtype == torch.float32
     with pytest.raises(ValueError, match="autocast"):
         train.autocast({"autocast": "fp8"})
+
+
+def test_pipeline_condition_reads_the_degraded_region_like_the_deployed_path(tmp_path):
+    from pipeline import degradations as D
+
+    _write_images(tmp_path / "set", 2, size=(200, 200))
+    imgs = data.load_images(sorted((tmp_path / "set").iterdir()))
+    condition = train.PipelineCondition()
+    cfg = {"lr_patch": 24, "cond_context": 96}
+    noisy = D.DegradationConfig(p_blur=0, p_noise=1, noise_sigma=(30.0, 30.0), p_poisson=0, p_jpeg=0)
+    lr, hr, cond = train.decoder_sample(imgs, 2, cfg, noisy, np.random.default_rng(0), condition)
+    assert lr.shape == (24, 24, 3) and hr.shape == (48, 48, 3)
+    # Heavy noise: the plan denoises, and the condition carries a noise level near 30.
+    assert 15 / 50 < cond[0] < 45 / 50 and cond[2] == 0.0
+    # The patch is the low-res view of its high-res target (aligned, not shifted).
+    down = np.asarray(D.to_uint8(D.downscale(D.to_tensor(hr), 2, "bicubic")))
+    shifted = np.asarray(D.to_uint8(D.downscale(D.to_tensor(np.roll(hr, 8, axis=1)), 2, "bicubic")))
+    assert D.psnr_y(lr, down) > D.psnr_y(lr, shifted) + 3
+    # A region whose plan has no operation (the upscaler's) is redrawn, then given up on.
+    calls = []
+    *_, cond = train.decoder_sample(imgs, 1, cfg, noisy, np.random.default_rng(0),
+                                    lambda lr, scale: calls.append(lr.shape))
+    assert cond == nets.cond_vector(0.0, 0.0, None)
+    assert calls == [(96, 96, 3)] * train.MAX_CONDITION_REDRAWS
+
+
+def test_tiny_training_run_with_pipeline_conditions(tmp_path):
+    _write_images(tmp_path / "data" / "set", 6)
+    cfg = dict(TINY["decoder"], steps=2, val_every=2, cond_source="pipeline", cond_context=32,
+               p_clean={"1": 0, "2": 0, "4": 0})
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    args = ["decoder", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o.safetensors"),
+            "--config", str(cfg_path), "--quiet"]
+    assert train.main(args) == 0
+    cfg_path.write_text(json.dumps(dict(cfg, cond_source="estimates")))
+    with pytest.raises(ValueError, match="cond_source"):
+        train.main(args)
