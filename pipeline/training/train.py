@@ -11,6 +11,7 @@ the crops, the degradations and the initialisation (on a given torch build and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -96,21 +97,22 @@ class PipelineCondition:
     estimates mean, e.g. that noise reads low under strong JPEG."""
 
     def __init__(self, encoder_model: str | None = None) -> None:
+        # Imported here, not at the top: only this training mode needs the stages.
+        from pipeline.imageio import DecodedImage
+        from pipeline.messages import JobOptions
+        from pipeline.stages.decoders.builtin import plan_condition
         from pipeline.stages.encoders.builtin import BuiltinEncoder
         from pipeline.stages.planners.rules import RulesPlanner
 
         self.encoder = BuiltinEncoder(model=encoder_model)
         self.planner = RulesPlanner()
+        self.options = {s: JobOptions(task="upscale" if s > 1 else "restore", scale=s) for s in nets.SCALES}
+        self._image, self._plan_condition = DecodedImage, plan_condition
 
     def __call__(self, lr: np.ndarray, scale: int) -> list[float] | None:
-        from pipeline.imageio import DecodedImage
-        from pipeline.messages import JobOptions
-        from pipeline.stages.decoders.builtin import plan_condition
-
-        description = self.encoder.describe([DecodedImage(rgb=lr)])[0]
-        options = JobOptions(task="upscale" if scale > 1 else "restore", scale=scale)
-        plan = self.planner.plan_one(description, options)
-        return plan_condition(plan) if plan.operations else None
+        description = self.encoder.describe([self._image(rgb=lr)])[0]
+        plan = self.planner.plan_one(description, self.options[scale])
+        return self._plan_condition(plan) if plan.operations else None
 
 
 MAX_CONDITION_REDRAWS = 8
@@ -134,9 +136,8 @@ def pipeline_conditioned_sample(
     else:
         cond = nets.cond_vector(0.0, 0.0, None)
     y, x = (int(v) for v in rng.integers(0, ctx - p_lr + 1, 2))
-    s = scale
-    return (np.ascontiguousarray(lr[y : y + p_lr, x : x + p_lr]),
-            np.ascontiguousarray(hr[y * s : (y + p_lr) * s, x * s : (x + p_lr) * s]), cond)
+    hr_patch = hr[y * scale : (y + p_lr) * scale, x * scale : (x + p_lr) * scale]
+    return np.ascontiguousarray(lr[y : y + p_lr, x : x + p_lr]), np.ascontiguousarray(hr_patch), cond
 
 
 def decoder_sample(
@@ -162,7 +163,7 @@ def decoder_val_set(val_imgs: list[np.ndarray], cfg: dict[str, Any], dcfg: D.Deg
                     condition: PipelineCondition | None = None):
     """Fixed validation crops: (name, scale, lr batch, hr batch, cond) groups. The realistic
     group is conditioned on its true parameters, or with ``condition`` on what the pipeline
-    reads (as the net is trained)."""
+    reads (as the net is trained; the true parameters where that plan has no operation)."""
     size = cfg.get("val_crop", 192)
     crops = [data.center_crop(im, size) for im in val_imgs]
     groups = []
@@ -227,16 +228,17 @@ def build_net(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def autocast(cfg: dict[str, Any]) -> torch.autocast:
+def autocast(cfg: dict[str, Any]) -> contextlib.AbstractContextManager:
     """The training forward pass's mixed precision: the config's ``autocast`` ("bfloat16"
     halves the step time on CPUs with AVX512-BF16 or AMX); off by default. Only the trained
     net's forward runs under it: data synthesis, the loss, the weights, the optimiser and
     validation stay float32."""
     name = cfg.get("autocast")
-    if name is not None and name not in AUTOCAST_DTYPES:
+    if name is None:
+        return contextlib.nullcontext()
+    if name not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or absent, not {name!r}")
-    dtype = AUTOCAST_DTYPES.get(name or "bfloat16")
-    return torch.autocast("cpu", dtype=dtype, enabled=name is not None)  # training runs on the CPU
+    return torch.autocast("cpu", dtype=AUTOCAST_DTYPES[name])  # training runs on the CPU
 
 
 def optimise(kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validate) -> dict[str, float]:

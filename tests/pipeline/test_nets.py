@@ -25,7 +25,6 @@ def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path):
         assert (loaded(x, c, 2) - net.eval()(x, c, 2)).abs().max() < 2e-3
 
 
-
 def test_shipped_weights_fit_the_5_mb_budget():
     files = sorted(WEIGHTS.glob("*.safetensors"))
     assert {f.name for f in files} >= {"builtin_encoder.safetensors", "builtin_upscaler.safetensors",
