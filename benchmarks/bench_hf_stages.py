@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.imageio import DecodedImage  # noqa: E402
-from pipeline.messages import Description, JobOptions, Plan  # noqa: E402
+from pixelrelay.pipeline.imageio import DecodedImage  # noqa: E402
+from pixelrelay.pipeline.messages import Description, JobOptions, Plan  # noqa: E402
 from tests.pipeline import hf_fixtures as fx  # noqa: E402
 
 
@@ -56,9 +56,9 @@ def _time(fn, n_items: int, device: str, repeat: int) -> tuple[float, float | No
 
 def bench(label: str, folders: dict[str, Path], device: str, batches: list[int], repeat: int, image_size: int,
           sr_tile: int) -> list[tuple]:
-    from pipeline.stages.decoders.hf_sr import HFSuperResolutionDecoder
-    from pipeline.stages.encoders.hf_caption import HFCaptionEncoder
-    from pipeline.stages.planners.hf_llm import HFLLMPlanner
+    from pixelrelay.pipeline.stages.decoders.hf_sr import HFSuperResolutionDecoder
+    from pixelrelay.pipeline.stages.encoders.hf_caption import HFCaptionEncoder
+    from pixelrelay.pipeline.stages.planners.hf_llm import HFLLMPlanner
 
     rows = []
     enc = HFCaptionEncoder(str(folders["caption"]), device=device, batch_size=max(batches))

@@ -26,15 +26,15 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.imageio import decode_image, encode_image  # noqa: E402
-from pipeline.messages import JobOptions  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.stages import create_decoder, create_encoder, create_planner  # noqa: E402
-from producer.embedded import EmbeddedRedis  # noqa: E402
-from producer.run import LocalWorkers  # noqa: E402
-from producer.status import wait_for_job  # noqa: E402
-from producer.submit import submit  # noqa: E402
-from workers.jobstate import JobState  # noqa: E402
+from pixelrelay.pipeline.imageio import decode_image, encode_image  # noqa: E402
+from pixelrelay.pipeline.messages import JobOptions  # noqa: E402
+from pixelrelay.pipeline.settings import Settings  # noqa: E402
+from pixelrelay.pipeline.stages import create_decoder, create_encoder, create_planner  # noqa: E402
+from pixelrelay.producer.embedded import EmbeddedRedis  # noqa: E402
+from pixelrelay.producer.run import LocalWorkers  # noqa: E402
+from pixelrelay.producer.status import wait_for_job  # noqa: E402
+from pixelrelay.producer.submit import submit  # noqa: E402
+from pixelrelay.jobs.state import JobState  # noqa: E402
 
 
 def make_inputs(folder: Path, n: int, size: int) -> None:

@@ -1,4 +1,7 @@
-"""Every default and every Redis key and queue name, in one place."""
+"""Defaults of the compute path and the stage/queue names, in one place.
+
+Redis keys live in ``pixelrelay.jobs.keys``; a job's storage layout in ``pixelrelay.jobs.files``.
+"""
 
 # --- images -------------------------------------------------------------------------
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default (~ 0.25 GiB of 24-bit RGB)
@@ -8,11 +11,6 @@ INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", "
 DEFAULT_CHUNK_SIZE = 16  # items per chain (one message per stage per chunk)
 DEFAULT_WINDOW = 64  # chains in flight per job; the rest wait in storage, not Redis
 DEFAULT_BATCH_SIZE = 8  # items per model call, per stage
-LISTING_SHARD_SIZE = 4096  # items per listing shard file in storage
-JOBS_DIR = "_jobs"  # OUTPUT/_jobs/<job_id>/...
-MANIFEST_NAME = "manifest.jsonl"
-JOB_SPEC_NAME = "job.json"
-JOB_KEY_TTL_S = 7 * 24 * 3600  # Redis job state kept this long after the job finishes
 
 # --- Celery -------------------------------------------------------------------------
 STAGES = ("encode", "plan", "decode")
@@ -24,14 +22,6 @@ DEFAULT_MAX_RETRIES = 5
 DEFAULT_MAX_DELIVERIES = 3  # a chunk whose worker died this often is split into single items
 RETRY_BACKOFF_BASE_S = 2.0
 RETRY_BACKOFF_MAX_S = 120.0
-
-# --- Redis keys ---------------------------------------------------------------------
-KEY_PREFIX = "pixelrelay:"
-JOB_KEY = KEY_PREFIX + "job:{job_id}"  # hash: spec, total, seq, timestamps
-DONE_BITS_KEY = KEY_PREFIX + "job:{job_id}:done"  # bitmap, bit i set = item i done
-FAILED_BITS_KEY = KEY_PREFIX + "job:{job_id}:failed"  # bitmap, failed in this submission
-CURSOR_KEY = KEY_PREFIX + "job:{job_id}:cursor"  # next chunk to enqueue
-FINALIZED_KEY = KEY_PREFIX + "job:{job_id}:finalized:{seq}"  # manifest written for seq
 
 # --- defaults for the embedded setup ------------------------------------------------
 DEFAULT_REDIS_URL = ""  # empty: `pixelrelay run` starts an embedded Redis

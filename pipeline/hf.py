@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.stages.base import ModelUnavailableError
+from pixelrelay.pipeline.stages.base import ModelUnavailableError
 
 # Files a usable checkpoint folder must hold (any one of each group).
 CONFIG_FILES = ("config.json", "model_index.json")
@@ -172,7 +172,7 @@ def choose_dtype(device: str, prefer: str | None = None) -> Any:
     if dev.type != "cuda":
         return torch.float32
     if prefer is None:
-        from pipeline.settings import Settings
+        from pixelrelay.pipeline.settings import Settings
 
         prefer = Settings.from_env().dtype
     prefer = prefer.lower()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.constants import DEFAULT_MAX_IMAGE_PIXELS
+from pixelrelay.pipeline.constants import DEFAULT_MAX_IMAGE_PIXELS
 
 EXIF_ORIENTATION_TAG = 0x0112
 # Formats we write, by output format name -> Pillow format, file extension.

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline import constants as C
+from pixelrelay.pipeline import constants as C
 
 ENV_PREFIX = "PIXELRELAY_"
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     @field_validator("encoder", "planner", "decoder")
     @classmethod
     def _check_backend(cls, value: str, info) -> str:
-        from pipeline.stages.registry import validate_spec
+        from pixelrelay.pipeline.stages.registry import validate_spec
 
         return validate_spec(info.field_name, value)
 

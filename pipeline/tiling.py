@@ -34,7 +34,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 import torch.nn.functional as F
 
-from pipeline.hf import empty_cache, is_oom
+from pixelrelay.pipeline.hf import empty_cache, is_oom
 
 log = logging.getLogger("pixelrelay.tiling")
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.settings import ConfigError, Settings
+from pixelrelay.pipeline.settings import ConfigError, Settings
 
 EXIT_USAGE = 2
 
@@ -91,15 +91,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _job_options(args: argparse.Namespace):
-    from pipeline.messages import JobOptions
+    from pixelrelay.pipeline.messages import JobOptions
 
     return JobOptions(task=args.task, scale=args.scale, instruction=args.instruction, format=args.format)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline.messages import Backends
-    from producer.status import show_status
-    from producer.submit import submit
+    from pixelrelay.pipeline.messages import Backends
+    from pixelrelay.producer.status import show_status
+    from pixelrelay.producer.submit import submit
 
     settings = _settings(args)
     backends = Backends(encoder=args.encoder, planner=args.planner, decoder=args.decoder)
@@ -113,13 +113,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from producer.status import show_status
+    from pixelrelay.producer.status import show_status
 
     return show_status(_settings(args), args.job_id, args.wait)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from workers.main import export_settings, run_worker
+    from pixelrelay.workers.main import export_settings, run_worker
 
     _settings(args)  # validate flags before exporting them
     export_settings(
@@ -130,8 +130,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.messages import Backends
-    from producer.run import run_local
+    from pixelrelay.pipeline.messages import Backends
+    from pixelrelay.producer.run import run_local
 
     settings = _settings(args)
     worker_args: list[str] = []
@@ -145,7 +145,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from producer.demo import write_demo_images
+    from pixelrelay.producer.demo import write_demo_images
 
     paths = write_demo_images(args.folder, args.count, args.seed)
     print(f"wrote {len(paths)} sample images to {args.folder}")
@@ -154,9 +154,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # Commands whose own parser lives with their code: ``pixelrelay NAME ...`` -> module.main(argv).
 DELEGATED = {
-    "models": "pipeline.models_cli",
-    "train": "pipeline.training.train",
-    "bench": "pipeline.quality",
+    "models": "pixelrelay.producer.models_cli",
+    "train": "pixelrelay.training.train",
+    "bench": "pixelrelay.training.quality",
 }
 DELEGATED_HELP = {
     "models": "list the backends and their weights; pull weights into the cache",
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return _delegate(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.storage import StorageError
-    from producer.listing import InputError
+    from pixelrelay.pipeline.storage import StorageError
+    from pixelrelay.producer.listing import InputError
 
     try:
         return COMMANDS[args.command](args)

@@ -12,10 +12,11 @@ import os
 import posixpath
 from typing import Iterator
 
-from pipeline import constants as C
-from pipeline.imageio import format_for_extension, output_extension
-from pipeline.messages import Item
-from pipeline.storage import Storage, StorageNotFoundError, is_s3, join_uri
+from pixelrelay.pipeline import constants as C
+from pixelrelay.jobs.files import JOBS_DIR
+from pixelrelay.pipeline.imageio import format_for_extension, output_extension
+from pixelrelay.pipeline.messages import Item
+from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, is_s3, join_uri
 
 MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".json", ".lst", ".csv")
 
@@ -85,11 +86,11 @@ def list_sources(input_uri: str, storage: Storage, output_uri: str = "") -> tupl
         raise InputError(f"input {input_uri} is not a folder, an s3:// prefix or a manifest file")
     root = input_uri if is_s3(input_uri) else os.path.abspath(input_uri)
     prefix = root.rstrip("/") + "/" if is_s3(root) else root
-    skip = join_uri(output_uri.rstrip("/"), C.JOBS_DIR) if output_uri else None
+    skip = join_uri(output_uri.rstrip("/"), JOBS_DIR) if output_uri else None
     uris = []
     for uri in storage.list(prefix):
         rel = _relative(uri, root)
-        if skip and (uri.startswith(skip) or f"/{C.JOBS_DIR}/" in f"/{rel}"):
+        if skip and (uri.startswith(skip) or f"/{JOBS_DIR}/" in f"/{rel}"):
             continue
         if any(part.startswith(".") for part in rel.split("/")):
             continue

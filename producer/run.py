@@ -14,13 +14,13 @@ import sys
 import tempfile
 from contextlib import ExitStack
 
-from pipeline import constants as C
-from pipeline.messages import Backends, JobOptions
-from pipeline.settings import Settings
-from producer.embedded import EmbeddedRedis
-from producer.status import summarize, wait_for_job
-from producer.submit import redis_client, submit
-from workers.jobstate import JobState
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.messages import Backends, JobOptions
+from pixelrelay.pipeline.settings import Settings
+from pixelrelay.producer.embedded import EmbeddedRedis
+from pixelrelay.producer.status import summarize, wait_for_job
+from pixelrelay.producer.submit import redis_client, submit
+from pixelrelay.jobs.state import JobState
 
 
 class LocalWorkers:
@@ -33,7 +33,7 @@ class LocalWorkers:
     def start(self) -> None:
         for stage in C.STAGES:
             log = open(os.path.join(self.logdir, f"{stage}.log"), "wb")
-            cmd = [sys.executable, "-m", "producer.cli", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
+            cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
             self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def problem(self) -> str | None:

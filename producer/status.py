@@ -7,12 +7,12 @@ import sys
 import time
 from typing import Callable, TextIO
 
-from pipeline.jobfiles import manifest_uri
-from pipeline.settings import Settings
-from pipeline.storage import open_storage
-from producer.submit import redis_client
-from workers.flow import finalize_if_complete
-from workers.jobstate import Counts, JobState
+from pixelrelay.jobs.files import manifest_uri
+from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.storage import open_storage
+from pixelrelay.producer.submit import redis_client
+from pixelrelay.jobs.feed import finalize_if_complete
+from pixelrelay.jobs.state import Counts, JobState
 
 EXIT_OK, EXIT_FAILED_ITEMS, EXIT_USAGE = 0, 1, 2
 STALL_FINALIZE_S = 10.0  # complete but no manifest this long: finish it from here

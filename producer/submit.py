@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 import redis
 
-from pipeline.jobfiles import iter_part_records, latest_seq, read_spec, spec_uri, write_listing, write_spec
-from pipeline.messages import Backends, JobOptions, JobSpec
-from pipeline.settings import ConfigError, Settings
-from pipeline.storage import is_s3, open_storage
-from producer.listing import list_items
-from workers.app import create_app
-from workers.flow import feed, finalize_if_complete
-from workers.jobstate import JobState
+from pixelrelay.jobs.files import iter_part_records, latest_seq, read_spec, spec_uri, write_listing, write_spec
+from pixelrelay.pipeline.messages import Backends, JobOptions, JobSpec
+from pixelrelay.pipeline.settings import ConfigError, Settings
+from pixelrelay.pipeline.storage import is_s3, open_storage
+from pixelrelay.producer.listing import list_items
+from pixelrelay.workers.app import create_app
+from pixelrelay.jobs.feed import feed, finalize_if_complete
+from pixelrelay.workers.flow import sender
+from pixelrelay.jobs.state import JobState
 
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -103,6 +104,6 @@ def submit(
         write_spec(out_storage, spec)
     seq = state.start_submission(spec)
     already_done = state.counts().done
-    if feed(app, state, out_storage, spec, seq, settings.window) == 0:
+    if feed(sender(app), state, out_storage, spec, seq, settings.window) == 0:
         finalize_if_complete(state, out_storage, spec, seq)  # nothing left to do
     return Submission(job_id=job_id, seq=seq, total=spec.total, resumed=resumed, already_done=already_done)

@@ -14,7 +14,7 @@ import boto3
 import pytest
 import redis
 
-from producer.embedded import EmbeddedRedis, free_port
+from pixelrelay.producer.embedded import EmbeddedRedis, free_port
 
 import logging
 
@@ -101,7 +101,7 @@ class WorkerPool:
                  "decode": ["--decoder", self.backends["decoder"], *decode_args]}
         for stage, extra in flags.items():
             log = open(self.logdir / f"{stage}.log", "wb")
-            cmd = [sys.executable, "-m", "producer.cli", "worker", "--stage", stage, "--loglevel", os.environ.get("PIXELRELAY_TEST_WORKER_LOGLEVEL", "WARNING"), *extra]
+            cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, "--loglevel", os.environ.get("PIXELRELAY_TEST_WORKER_LOGLEVEL", "WARNING"), *extra]
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         return self
 
@@ -132,7 +132,7 @@ def stage_workers(redis_url, s3_server, tmp_path_factory):
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "pixelrelay", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from pipeline.stages.decoders.classic import ClassicDecoder
-from pipeline.stages.registry import register
+from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
+from pixelrelay.pipeline.stages.registry import register
 
 POISON_WIDTH = 13
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from pipeline import constants as C
-from pipeline.settings import Settings
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.settings import Settings
 
 
 def queue_name(stage: str) -> str:
@@ -44,7 +44,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     if not settings.redis:
-        from pipeline.settings import ConfigError
+        from pixelrelay.pipeline.settings import ConfigError
 
         raise ConfigError("PIXELRELAY_REDIS_URL: not set (use `pixelrelay run` for the embedded Redis)")
     app = Celery("pixelrelay", set_as_current=True)

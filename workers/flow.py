@@ -1,21 +1,16 @@
-"""How a job moves: windowed enqueueing of chains, and finishing the job.
+"""A chunk as a Celery chain: encode -> plan -> decode, one message per stage.
 
-A job's listing waits in storage, never as messages in Redis.
-
-The producer sends the first ``window`` chains; every finished chain sends the next one.
-So a job has at most ``window`` chains (``window * chunk_size`` items) in the broker,
-whatever its size. Chunks whose items are all done already (a resume) are skipped.
+The Celery-free rest of the flow (which chunk goes next, finishing a job) is
+``pixelrelay.jobs.feed``; ``sender`` adapts it to a Celery app.
 """
 
 from __future__ import annotations
 
 from celery import Celery, chain
 
-from pipeline.jobfiles import manifest_uri, merge_manifest, read_chunk
-from pipeline.messages import ChunkMessage, ItemRecord, JobSpec
-from pipeline.storage import Storage
-from workers.app import task_name
-from workers.jobstate import JobState
+from pixelrelay.jobs.feed import Send
+from pixelrelay.pipeline.messages import ChunkMessage
+from pixelrelay.workers.app import task_name
 
 
 def chunk_chain(app: Celery, message: ChunkMessage):
@@ -27,48 +22,10 @@ def chunk_chain(app: Celery, message: ChunkMessage):
     )
 
 
-def feed(app: Celery, state: JobState, storage: Storage, spec: JobSpec, seq: int, count: int) -> int:
-    """Send up to ``count`` more chains for the job; returns how many were sent."""
-    sent = 0
-    n_chunks = -(-spec.total // spec.chunk_size)
-    while sent < count:
-        chunk = state.next_chunk()
-        if chunk >= n_chunks:
-            break
-        items = read_chunk(storage, spec.output, spec.job_id, chunk, spec.chunk_size)
-        done = state.done_flags([item.index for item in items])
-        records = [ItemRecord(index=i.index, input=i.input, output=i.output) for i, d in zip(items, done) if not d]
-        if not records:
-            continue
-        message = ChunkMessage(
-            job_id=spec.job_id,
-            seq=seq,
-            chunk=chunk,
-            output=spec.output,
-            options=spec.options,
-            backends=spec.backends,
-            records=records,
-        )
+def sender(app: Celery) -> Send:
+    """A ``Send`` that enqueues each chunk as a chain on ``app``'s broker."""
+
+    def send(message: ChunkMessage) -> None:
         chunk_chain(app, message).apply_async()
-        sent += 1
-    return sent
 
-
-def finalize_if_complete(state: JobState, storage: Storage, spec: JobSpec, seq: int) -> bool:
-    """Write the manifest once every item of submission ``seq`` is done or failed.
-
-    Exactly one caller wins the claim; if writing fails the claim is released so that a
-    retry (or ``pixelrelay status --wait``) can finish the job. Returns True if written.
-    """
-    if not state.counts().complete or state.seq() != seq:
-        return False
-    if not state.claim_finalize(seq):
-        return False
-    try:
-        counts = merge_manifest(storage, spec.output, spec.job_id)
-    except BaseException:
-        state.release_finalize(seq)
-        raise
-    missing = spec.total - counts.get("done", 0) - counts.get("failed", 0)
-    state.finish(seq, manifest_uri(spec.output, spec.job_id), counts.get("done", 0), counts.get("failed", 0), missing)
-    return True
+    return send

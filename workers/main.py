@@ -11,11 +11,11 @@ import logging
 import os
 import socket
 
-from pipeline import constants as C
-from pipeline.settings import ConfigError, Settings
-from pipeline.stages.base import ModelUnavailableError
-from pipeline.stages.registry import backend_class
-from workers.app import queue_name
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.settings import ConfigError, Settings
+from pixelrelay.pipeline.stages.base import ModelUnavailableError
+from pixelrelay.pipeline.stages.registry import backend_class
+from pixelrelay.workers.app import queue_name
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -44,8 +44,8 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
 
     from celery.signals import worker_process_init
 
-    from workers import tasks
-    from workers.runtime import runtime
+    from pixelrelay.workers import tasks
+    from pixelrelay.workers.runtime import runtime
 
     if concurrency <= 1:
         runtime().stage(stage)  # load the model now, in this very process

@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from pipeline import constants as C
-from pipeline.settings import Settings
-from pipeline.stages.registry import create_decoder, create_encoder, create_planner
-from pipeline.storage import Storage, open_storage
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.stages.registry import create_decoder, create_encoder, create_planner
+from pixelrelay.pipeline.storage import Storage, open_storage
 
 log = logging.getLogger("pixelrelay.worker")
 

@@ -15,15 +15,16 @@ from typing import Callable, Sequence, TypeVar
 import redis
 from celery import Task
 
-from pipeline import constants as C
-from pipeline.imageio import DecodedImage, ImageDecodeError, decode_image, encode_image, format_for_uri
-from pipeline.jobfiles import write_part
-from pipeline.messages import ChunkMessage, ItemRecord
-from pipeline.storage import StorageError, TransientStorageError
-from workers.app import create_app, task_name
-from workers.flow import chunk_chain, feed, finalize_if_complete
-from workers.jobstate import JobState
-from workers.runtime import Runtime, runtime
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, decode_image, encode_image, format_for_uri
+from pixelrelay.jobs.files import write_part
+from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord
+from pixelrelay.pipeline.storage import StorageError, TransientStorageError
+from pixelrelay.workers.app import create_app, task_name
+from pixelrelay.jobs.feed import feed, finalize_if_complete
+from pixelrelay.workers.flow import chunk_chain, sender
+from pixelrelay.jobs.state import JobState
+from pixelrelay.workers.runtime import Runtime, runtime
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -285,7 +286,7 @@ def _finish_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     state.mark(msg.seq, [(r.index, r.status) for r in msg.records])
     spec = state.spec()
     if msg.feeds:
-        feed(app, state, storage, spec, state.seq(), 1)
+        feed(sender(app), state, storage, spec, state.seq(), 1)
     finalize_if_complete(state, storage, spec, msg.seq)
 
 

@@ -1,6 +1,6 @@
 """The three stages (encoder, planner, decoder), their interfaces and backend registry."""
 
-from pipeline.stages.base import (
+from pixelrelay.pipeline.stages.base import (
     Decoder,
     Encoder,
     ModelUnavailableError,
@@ -8,7 +8,7 @@ from pipeline.stages.base import (
     RestoredImage,
     StageSpec,
 )
-from pipeline.stages.registry import create_decoder, create_encoder, create_planner, known_backends
+from pixelrelay.pipeline.stages.registry import create_decoder, create_encoder, create_planner, known_backends
 
 __all__ = [
     "Decoder",

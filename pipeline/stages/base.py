@@ -12,8 +12,8 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Description, JobOptions, Plan
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Description, JobOptions, Plan
 
 
 @dataclass(frozen=True)

@@ -9,24 +9,24 @@ from __future__ import annotations
 import importlib
 import os
 
-from pipeline.stages.base import Decoder, Encoder, Planner, StageSpec
+from pixelrelay.pipeline.stages.base import Decoder, Encoder, Planner, StageSpec
 
 # stage -> kind -> "module:Class"
 BACKENDS: dict[str, dict[str, str]] = {
     "encoder": {
-        "builtin": "pipeline.stages.encoders.builtin:BuiltinEncoder",
-        "analysis": "pipeline.stages.encoders.analysis:AnalysisEncoder",
-        "hf-caption": "pipeline.stages.encoders.hf_caption:HFCaptionEncoder",
+        "builtin": "pixelrelay.pipeline.stages.encoders.builtin:BuiltinEncoder",
+        "analysis": "pixelrelay.pipeline.stages.encoders.analysis:AnalysisEncoder",
+        "hf-caption": "pixelrelay.pipeline.stages.encoders.hf_caption:HFCaptionEncoder",
     },
     "planner": {
-        "rules": "pipeline.stages.planners.rules:RulesPlanner",
-        "hf-llm": "pipeline.stages.planners.hf_llm:HFLLMPlanner",
+        "rules": "pixelrelay.pipeline.stages.planners.rules:RulesPlanner",
+        "hf-llm": "pixelrelay.pipeline.stages.planners.hf_llm:HFLLMPlanner",
     },
     "decoder": {
-        "builtin": "pipeline.stages.decoders.builtin:BuiltinDecoder",
-        "classic": "pipeline.stages.decoders.classic:ClassicDecoder",
-        "hf-sr": "pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
-        "sd-upscale": "pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
+        "builtin": "pixelrelay.pipeline.stages.decoders.builtin:BuiltinDecoder",
+        "classic": "pixelrelay.pipeline.stages.decoders.classic:ClassicDecoder",
+        "hf-sr": "pixelrelay.pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
+        "sd-upscale": "pixelrelay.pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
     },
 }
 

@@ -1,6 +1,6 @@
 """Storage backends behind one small interface: ``s3://bucket/prefix`` or a local path."""
 
-from pipeline.storage.base import (
+from pixelrelay.pipeline.storage.base import (
     Storage,
     StorageError,
     StorageNotFoundError,

@@ -69,9 +69,9 @@ class Storage(ABC):
 def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
     """The storage that serves ``uri``. S3 clients are cached per endpoint."""
     if is_s3(uri):
-        from pipeline.storage.s3 import S3Storage
+        from pixelrelay.pipeline.storage.s3 import S3Storage
 
         return S3Storage.shared(endpoint_url)
-    from pipeline.storage.local import LocalStorage
+    from pixelrelay.pipeline.storage.local import LocalStorage
 
     return LocalStorage()

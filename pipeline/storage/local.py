@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from typing import BinaryIO, Iterator
 
-from pipeline.storage.base import Storage, StorageError, StorageNotFoundError
+from pixelrelay.pipeline.storage.base import Storage, StorageError, StorageNotFoundError
 
 
 class LocalStorage(Storage):

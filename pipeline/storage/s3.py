@@ -24,7 +24,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from pipeline.storage.base import (
+from pixelrelay.pipeline.storage.base import (
     Storage,
     StorageError,
     StorageNotFoundError,

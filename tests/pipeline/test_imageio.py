@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imageio import ImageDecodeError, decode_image, encode_image, format_for_uri
+from pixelrelay.pipeline.imageio import ImageDecodeError, decode_image, encode_image, format_for_uri
 
 
 def _png(img: Image.Image, **kwargs) -> bytes:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import nets
+from pixelrelay.pipeline import nets
 
 WEIGHTS = Path(nets.__file__).with_name("weights")
 

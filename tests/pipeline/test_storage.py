@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipeline.storage import StorageNotFoundError, TransientStorageError, open_storage
-from pipeline.storage.s3 import S3Storage
+from pixelrelay.pipeline.storage import StorageNotFoundError, TransientStorageError, open_storage
+from pixelrelay.pipeline.storage.s3 import S3Storage
 
 
 def test_local_round_trip_and_atomic_writes(tmp_path):
@@ -38,7 +38,7 @@ def test_s3_round_trip_over_http(s3_bucket):
 
 
 def test_unreachable_endpoint_is_transient(s3_server):
-    from producer.embedded import free_port
+    from pixelrelay.producer.embedded import free_port
 
     storage = S3Storage(endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(TransientStorageError):

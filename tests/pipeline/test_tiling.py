@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.tiling import (
+from pixelrelay.pipeline.tiling import (
     TileOutOfMemoryError,
     axis_weights,
     map_batches_with_oom,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.storage import open_storage
-from producer.listing import list_items
+from pixelrelay.pipeline.storage import open_storage
+from pixelrelay.producer.listing import list_items
 
 
 def _touch(path, data=b"x"):

@@ -1,7 +1,7 @@
 """The progress line: counts, bar, rate and ETA."""
 
-from producer.status import progress_line
-from workers.jobstate import Counts
+from pixelrelay.producer.status import progress_line
+from pixelrelay.jobs.state import Counts
 
 
 def test_progress_line_shows_counts_rate_and_eta():

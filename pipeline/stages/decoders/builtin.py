@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import degradations as D
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Plan
-from pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage
-from pipeline.stages.decoders.classic import resize_alpha
+from pixelrelay.pipeline import tensors
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Plan
+from pixelrelay.pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage
+from pixelrelay.pipeline.stages.decoders.classic import resize_alpha
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 DEFAULT_WEIGHTS = {
@@ -71,7 +71,7 @@ def _rules_thresholds() -> tuple[float, float, float, float]:
     """(denoise min sigma, sharpen min blur, sharpen max noise, deblock max quality) of the
     rules planner: an estimate past its threshold whose operation is missing from the plan
     was turned down on purpose (an instruction, or the noise guard on sharpening)."""
-    from pipeline.stages.planners import rules
+    from pixelrelay.pipeline.stages.planners import rules
 
     return rules.DENOISE_MIN_SIGMA, rules.SHARPEN_MIN_BLUR, rules.SHARPEN_MAX_NOISE, rules.DEBLOCK_MAX_QUALITY
 
@@ -87,7 +87,7 @@ def plan_condition(plan: Plan) -> list[float]:
     condition down, and an operation forced without an estimate gets a default from its
     strength. The noise guard on sharpening is not applied: the network denoises and
     deblurs jointly."""
-    from pipeline.nets import cond_vector
+    from pixelrelay.pipeline.nets import cond_vector
 
     if not plan.operations:
         return cond_vector(0.0, 0.0, None)
@@ -123,7 +123,7 @@ class BuiltinDecoder(Decoder):
 
     def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 8) -> None:
         super().__init__(model=model, device=device)
-        from pipeline import nets
+        from pixelrelay.pipeline import nets
 
         self.check_available(model)
         self.torch_device = torch.device(device)
@@ -186,19 +186,19 @@ class BuiltinDecoder(Decoder):
         out: list[np.ndarray] = []
         if h <= TILE and w <= TILE:
             for k in range(0, len(images), self.batch_size):
-                x = torch.cat([D.to_tensor(im.rgb) for im in images[k : k + self.batch_size]])
+                x = torch.cat([tensors.to_tensor(im.rgb) for im in images[k : k + self.batch_size]])
                 c = torch.tensor(conds[k : k + self.batch_size], dtype=torch.float32)
                 y = self._forward(x, c, scale, role)
-                out.extend(D.to_uint8(t) for t in y)
+                out.extend(tensors.to_uint8(t) for t in y)
             return out
-        from pipeline.tiling import run_tiled
+        from pixelrelay.pipeline.tiling import run_tiled
 
         for im, cond in zip(images, conds):
             c1 = torch.tensor([cond], dtype=torch.float32)
-            x = D.to_tensor(im.rgb)
+            x = tensors.to_tensor(im.rgb)
             y = run_tiled(
                 lambda tiles: self._forward(tiles, c1.expand(tiles.shape[0], -1), scale, role),
                 x, scale, TILE, OVERLAP, batch_size=TILE_BATCH, align=2 if scale == 1 else 1,
             )
-            out.append(D.to_uint8(y))
+            out.append(tensors.to_uint8(y))
         return out

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Plan
-from pipeline.stages.base import Decoder, RestoredImage
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Plan
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage
 
 JPEG_BLOCK = 8
 # Deblock gates, in grey levels: steps smaller than ALPHA across a block boundary, with

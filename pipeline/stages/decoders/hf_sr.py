@@ -32,11 +32,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import hf
-from pipeline.imageio import DecodedImage
-from pipeline.settings import Settings
-from pipeline.messages import Plan
-from pipeline.stages.base import Decoder, RestoredImage
+from pixelrelay.pipeline import hf
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.messages import Plan
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage
 
 log = logging.getLogger("pixelrelay.decoder.hf_sr")
 
@@ -186,7 +186,7 @@ class HFSuperResolutionDecoder(Decoder):
 
     def upscale_tensor(self, m: _Loaded, x: Any, **overrides: Any) -> tuple[Any, Any]:
         """(B,3,H,W) float in [0,1] (CPU) -> ((B,3,H*up,W*up) float CPU, TileSettings)."""
-        from pipeline.tiling import run_tiled_with_fallback
+        from pixelrelay.pipeline.tiling import run_tiled_with_fallback
 
         return run_tiled_with_fallback(
             self._forward(m),

@@ -24,11 +24,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import hf
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Plan
-from pipeline.settings import Settings
-from pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage
+from pixelrelay.pipeline import hf
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Plan
+from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage
 
 log = logging.getLogger("pixelrelay.decoder.sd_upscale")
 
@@ -171,7 +171,7 @@ class SDUpscaleDecoder(Decoder):
         return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=size[0] < x.shape[-2])
 
     def upscale_tensor(self, x: Any, plan: Plan, **overrides: Any) -> tuple[Any, Any]:
-        from pipeline.tiling import run_tiled_with_fallback
+        from pixelrelay.pipeline.tiling import run_tiled_with_fallback
 
         prompt = plan.prompt.strip() or FALLBACK_PROMPT
         negative = plan.negative_prompt.strip() or FALLBACK_NEGATIVE

@@ -31,9 +31,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Description
-from pipeline.stages.base import Encoder
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Description
+from pixelrelay.pipeline.stages.base import Encoder
 
 # Rec.601 luma weights (what JPEG uses).
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)

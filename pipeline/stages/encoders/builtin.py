@@ -18,9 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Description
-from pipeline.stages.base import Encoder, ModelUnavailableError
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Description
+from pixelrelay.pipeline.stages.base import Encoder, ModelUnavailableError
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "builtin_encoder.safetensors"
@@ -61,7 +61,7 @@ def image_crops(rgb: np.ndarray) -> np.ndarray:
 
 def _ijg_tables() -> np.ndarray:
     """100 x 64 IJG luminance quantisation steps for qualities 1..100."""
-    from pipeline.nets import jpeg_step_table
+    from pixelrelay.pipeline.nets import jpeg_step_table
 
     return np.stack([jpeg_step_table(q).numpy() for q in range(1, 101)]).astype(np.float64)
 
@@ -83,7 +83,7 @@ def jpeg_table_fit(rgb: np.ndarray) -> tuple[float, float]:
     """
     global _DCT8, _TABLES
     if _DCT8 is None:
-        from pipeline.nets import _dct_matrix
+        from pixelrelay.pipeline.nets import _dct_matrix
 
         _DCT8, _TABLES = _dct_matrix(8).numpy().astype(np.float64), _ijg_tables()
     h, w = (rgb.shape[0] // 8) * 8, (rgb.shape[1] // 8) * 8
@@ -120,8 +120,8 @@ class BuiltinEncoder(Encoder):
 
     def __init__(self, model: str | None = None, device: str = "cpu") -> None:
         super().__init__(model=model, device=device)
-        from pipeline import nets
-        from pipeline.stages.encoders.analysis import AnalysisEncoder
+        from pixelrelay.pipeline import nets
+        from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
 
         self.check_available(model)
         self.net, self.meta = nets.load_model(str(_weights_path(model)), kind="encoder", device=device)

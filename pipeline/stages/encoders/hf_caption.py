@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import hf
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Description
-from pipeline.stages.base import Encoder
-from pipeline.stages.encoders.analysis import AnalysisEncoder
+from pixelrelay.pipeline import hf
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Description
+from pixelrelay.pipeline.stages.base import Encoder
+from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
 
 log = logging.getLogger("pixelrelay.encoder.hf_caption")
 
@@ -97,7 +97,7 @@ class HFCaptionEncoder(Encoder):
 
     def caption(self, images: Sequence[DecodedImage]) -> list[str]:
         """Captions for a batch (one model call per ``batch_size`` images)."""
-        from pipeline.tiling import map_batches_with_oom
+        from pixelrelay.pipeline.tiling import map_batches_with_oom
 
         return map_batches_with_oom(self._caption_batch, list(images), self.batch_size, what="captioner")
 

@@ -24,10 +24,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pipeline import hf
-from pipeline.messages import Description, JobOptions, Operation, Plan
-from pipeline.stages.base import Planner
-from pipeline.stages.planners.rules import OPERATION_ORDER, RulesPlanner, instruction_requests
+from pixelrelay.pipeline import hf
+from pixelrelay.pipeline.messages import Description, JobOptions, Operation, Plan
+from pixelrelay.pipeline.stages.base import Planner
+from pixelrelay.pipeline.stages.planners.rules import OPERATION_ORDER, RulesPlanner, instruction_requests
 
 log = logging.getLogger("pixelrelay.planner.hf_llm")
 
@@ -390,7 +390,7 @@ class HFLLMPlanner(Planner):
         return [self._to_plan(raw, d, o, p) for raw, (d, o, p) in zip(raws, items)]
 
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
-        from pipeline.tiling import map_batches_with_oom
+        from pixelrelay.pipeline.tiling import map_batches_with_oom
 
         if len(descriptions) != len(options):
             raise ValueError(f"{len(descriptions)} descriptions but {len(options)} option sets")

@@ -15,8 +15,8 @@ import math
 import re
 from typing import Sequence
 
-from pipeline.messages import Description, JobOptions, Operation, OperationName, Plan
-from pipeline.stages.base import Planner
+from pixelrelay.pipeline.messages import Description, JobOptions, Operation, OperationName, Plan
+from pixelrelay.pipeline.stages.base import Planner
 
 # Noise sigma (0-255, per channel) from which we denoise; clean images read ~0-2.
 DENOISE_MIN_SIGMA = 4.0

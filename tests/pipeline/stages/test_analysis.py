@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Description
-from pipeline.stages.encoders.analysis import AnalysisEncoder
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Description
+from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
 from tests.images import add_noise, clean_photo, smooth_field
 
 

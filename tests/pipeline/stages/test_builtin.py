@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import degradations as D
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Description, JobOptions, Operation, Plan
-from pipeline.stages.base import ModelUnavailableError
-from pipeline.stages.decoders.builtin import BuiltinDecoder, plan_condition, route, weights_paths
-from pipeline.stages.encoders.builtin import BuiltinEncoder
+from pixelrelay.training import degradations as D
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Description, JobOptions, Operation, Plan
+from pixelrelay.pipeline.stages.base import ModelUnavailableError
+from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder, plan_condition, route, weights_paths
+from pixelrelay.pipeline.stages.encoders.builtin import BuiltinEncoder
 
 torch.set_num_threads(2)
 
@@ -66,7 +66,7 @@ def test_x2_beats_bicubic(decoder):
 
 
 def test_whole_pipeline_beats_bicubic_on_noisy_jpeg(encoder, decoder):
-    from pipeline.stages.planners.rules import RulesPlanner
+    from pixelrelay.pipeline.stages.planners.rules import RulesPlanner
 
     hr = scene()
     cfg = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=1, p_poisson=0, noise_sigma=(15, 15),
@@ -175,7 +175,7 @@ def test_plan_condition_gates_on_operations():
 
 
 def test_described_noise_flows_into_plan(encoder):
-    from pipeline.stages.planners.rules import RulesPlanner
+    from pixelrelay.pipeline.stages.planners.rules import RulesPlanner
 
     d = Description(text="x", noise_sigma=20.0, blur_sigma=0.2, jpeg_quality=None)
     plan = RulesPlanner().plan([d], [JobOptions(task="upscale")])[0]

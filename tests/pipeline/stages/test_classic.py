@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Operation, Plan
-from pipeline.stages.decoders.classic import ClassicDecoder
-from pipeline.stages.encoders.analysis import AnalysisEncoder
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Operation, Plan
+from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
+from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
 from tests.images import add_noise, clean_photo, smooth_field
 
 ALL_OPS = [Operation(name=n, strength=0.7) for n in ("deblock", "denoise", "deblur", "sharpen")]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.imageio import DecodedImage
-from pipeline.stages.base import ModelUnavailableError
-from pipeline.stages.encoders.hf_caption import HFCaptionEncoder
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.stages.base import ModelUnavailableError
+from pixelrelay.pipeline.stages.encoders.hf_caption import HFCaptionEncoder
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_blip, tiny_model
 
 

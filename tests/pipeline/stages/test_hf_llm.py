@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from pipeline.messages import Description, JobOptions, Plan
-from pipeline.stages.base import ModelUnavailableError
-from pipeline.stages.planners.hf_llm import DEGRADATIONS, HFLLMPlanner, SchemaLogitsProcessor
+from pixelrelay.pipeline.messages import Description, JobOptions, Plan
+from pixelrelay.pipeline.stages.base import ModelUnavailableError
+from pixelrelay.pipeline.stages.planners.hf_llm import DEGRADATIONS, HFLLMPlanner, SchemaLogitsProcessor
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_qwen2, tiny_model
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Operation, Plan
-from pipeline.stages.base import ModelUnavailableError
-from pipeline.stages.decoders.hf_sr import HFSuperResolutionDecoder
-from pipeline.tiling import TileOutOfMemoryError
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Operation, Plan
+from pixelrelay.pipeline.stages.base import ModelUnavailableError
+from pixelrelay.pipeline.stages.decoders.hf_sr import HFSuperResolutionDecoder
+from pixelrelay.pipeline.tiling import TileOutOfMemoryError
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_swin2sr, tiny_model
 
 
@@ -170,7 +170,7 @@ def sd_folder(tmp_path_factory):
 
 
 def test_sd_upscale_tiny_pipeline(sd_folder):
-    from pipeline.stages.decoders.sd_upscale import SDUpscaleDecoder
+    from pixelrelay.pipeline.stages.decoders.sd_upscale import SDUpscaleDecoder
 
     SDUpscaleDecoder.check_available(str(sd_folder))
     dec = SDUpscaleDecoder(str(sd_folder), steps=2, tile=32, overlap=16)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.imageio import DecodedImage
-from pipeline.messages import Description, JobOptions, Plan
-from pipeline.stages.encoders.analysis import AnalysisEncoder
-from pipeline.stages.planners.rules import RulesPlanner
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Description, JobOptions, Plan
+from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
+from pixelrelay.pipeline.stages.planners.rules import RulesPlanner
 from tests.images import add_noise, clean_photo
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import models_cli
+from pixelrelay.producer import models_cli
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_swin2sr, tiny_model
 
 

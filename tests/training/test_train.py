@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import nets
-from pipeline.training import data, train
+from pixelrelay.pipeline import nets
+from pixelrelay.training import data, train
 
 
 def _write_images(folder, n, size=(96, 80), seed=0):
@@ -151,7 +151,7 @@ def test_bfloat16_autocast_trains_in_float32_weights(tmp_path):
 
 
 def test_pipeline_condition_reads_the_degraded_region_like_the_deployed_path(tmp_path):
-    from pipeline import degradations as D
+    from pixelrelay.training import degradations as D
 
     _write_images(tmp_path / "set", 2, size=(200, 200))
     imgs = data.load_images(sorted((tmp_path / "set").iterdir()))

@@ -27,6 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pixelrelay.pipeline.tensors import downscale, resize, to_tensor, to_uint8, upscale_bicubic
+
+__all__ = ["downscale", "resize", "to_tensor", "to_uint8", "upscale_bicubic"]  # re-exported for training
+
 RESIZE_MODES = ("bicubic", "bilinear", "area")
 
 
@@ -78,20 +82,6 @@ class DegradationParams:
 # --- primitive operations (torch, 1x3xHxW float in [0, 1]) ---------------------------
 
 
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 (or float in [0,1]) -> 1x3xHxW float32."""
-    arr = np.asarray(img)
-    t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)[None].float()
-    return t / 255.0 if arr.dtype == np.uint8 else t
-
-
-def to_uint8(t: torch.Tensor) -> np.ndarray:
-    """1x3xHxW (or 3xHxW) float in [0,1] -> HxWx3 uint8 (rounded)."""
-    if t.dim() == 4:
-        t = t[0]
-    return (t.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-
-
 def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
     """Isotropic Gaussian blur (reflect border, kernel truncated at 3 sigma)."""
     if sigma <= 0:
@@ -100,29 +90,6 @@ def gaussian_blur(t: torch.Tensor, sigma: float) -> torch.Tensor:
 
     arr = gaussian_filter(t.numpy(), sigma=(0, 0, sigma, sigma), mode="reflect", truncate=3.0)
     return torch.from_numpy(arr)
-
-
-def resize(t: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Resize to (h, w). Downscales are anti-aliased (like PIL / MATLAB imresize)."""
-    h, w = size
-    if (h, w) == tuple(t.shape[-2:]):
-        return t
-    if mode == "area":
-        return F.interpolate(t, size=(h, w), mode="area")
-    down = h < t.shape[-2] or w < t.shape[-1]
-    return F.interpolate(t, size=(h, w), mode=mode, align_corners=False, antialias=down)
-
-
-def downscale(t: torch.Tensor, scale: int, mode: str = "bicubic") -> torch.Tensor:
-    h, w = t.shape[-2:]
-    return resize(t, (h // scale, w // scale), mode)
-
-
-def upscale_bicubic(t: torch.Tensor, scale: int) -> torch.Tensor:
-    """The bicubic baseline upscale used everywhere (benchmark baseline, decoder base)."""
-    if scale == 1:
-        return t
-    return F.interpolate(t, scale_factor=scale, mode="bicubic", align_corners=False)
 
 
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:

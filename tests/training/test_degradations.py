@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import degradations as D
+from pixelrelay.training import degradations as D
 
 
 def _image(h=96, w=128, seed=0):

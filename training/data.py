@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.constants import INPUT_EXTENSIONS
+from pixelrelay.pipeline.constants import INPUT_EXTENSIONS
 
 VAL_EVERY = 5
 

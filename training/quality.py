@@ -38,10 +38,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pipeline import degradations as D
-from pipeline.imageio import DecodedImage
-from pipeline.messages import JobOptions
-from pipeline.training import data
+from pixelrelay.training import degradations as D
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import JobOptions
+from pixelrelay.training import data
 
 SEED = 2024
 FLOORS = {
@@ -55,11 +55,11 @@ FLOORS = {
 
 
 def _pipelines(device: str):
-    from pipeline.stages.decoders.builtin import BuiltinDecoder
-    from pipeline.stages.decoders.classic import ClassicDecoder
-    from pipeline.stages.encoders.analysis import AnalysisEncoder
-    from pipeline.stages.encoders.builtin import BuiltinEncoder
-    from pipeline.stages.planners.rules import RulesPlanner
+    from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder
+    from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
+    from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
+    from pixelrelay.pipeline.stages.encoders.builtin import BuiltinEncoder
+    from pixelrelay.pipeline.stages.planners.rules import RulesPlanner
 
     planner = RulesPlanner()
     return {
@@ -103,7 +103,7 @@ def score(outs, hrs, scale) -> tuple[float, float]:
 
 @torch.inference_mode()
 def bare_net(dec, lrs, params, scale) -> list[np.ndarray]:
-    from pipeline.nets import cond_vector
+    from pixelrelay.pipeline.nets import cond_vector
 
     outs = []
     for lr, p in zip(lrs, params):
@@ -177,7 +177,7 @@ def clean_estimates(res: dict[str, Any]) -> dict[str, float]:
 
 def degraded_plan(scale: int):
     """A plan with operations: the builtin decoder runs its restorer (the slower network)."""
-    from pipeline.messages import Operation, Plan
+    from pixelrelay.pipeline.messages import Operation, Plan
 
     return Plan(scale=scale, noise_sigma=15.0, jpeg_quality=50.0,
                 operations=[Operation(name="denoise", strength=0.6), Operation(name="deblock", strength=0.5)])
@@ -187,7 +187,7 @@ def time_decoder(dec, batch: int = 8, out_size: int = 512, scale: int = 2, repea
                  degraded: bool = False) -> float:
     """Best-of-``repeats`` seconds per output of ``dec.restore`` on a batch of ``batch`` images:
     a clean plan (the upscaler), or with ``degraded`` a plan with operations (the restorer)."""
-    from pipeline.messages import Plan
+    from pixelrelay.pipeline.messages import Plan
 
     rng = np.random.default_rng(0)
     n = out_size // scale

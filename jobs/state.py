@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import redis
 
-from pipeline import constants as C
-from pipeline.messages import JobSpec
+from pixelrelay.jobs import keys
+from pixelrelay.pipeline.messages import JobSpec
 
 # KEYS: job hash, done bits, failed bits. ARGV: seq, then index/status pairs.
 # Items of a stale submission may only be marked done (never failed), so that a late
@@ -53,10 +53,10 @@ class JobState:
     def __init__(self, client: redis.Redis, job_id: str) -> None:
         self.r = client
         self.job_id = job_id
-        self.key = C.JOB_KEY.format(job_id=job_id)
-        self.done_key = C.DONE_BITS_KEY.format(job_id=job_id)
-        self.failed_key = C.FAILED_BITS_KEY.format(job_id=job_id)
-        self.cursor_key = C.CURSOR_KEY.format(job_id=job_id)
+        self.key = keys.job(job_id)
+        self.done_key = keys.done_bits(job_id)
+        self.failed_key = keys.failed_bits(job_id)
+        self.cursor_key = keys.cursor(job_id)
         self._mark = client.register_script(_MARK_SCRIPT)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -135,24 +135,24 @@ class JobState:
         return int(self.r.incr(self.cursor_key)) - 1
 
     # --- delivery accounting (poison pills) -------------------------------------------
-    def count_delivery(self, stage: str, seq: int, chunk: int) -> int:
-        key = f"{self.key}:deliveries:{stage}:{seq}:{chunk}"
+    def count_delivery(self, stage: str, seq: int, chunk: str) -> int:
+        key = keys.deliveries(self.job_id, stage, seq, chunk)
         pipe = self.r.pipeline()
         pipe.incr(key)
-        pipe.expire(key, 7 * 24 * 3600)
+        pipe.expire(key, keys.DELIVERIES_TTL_S)
         return int(pipe.execute()[0])
 
-    def clear_delivery(self, stage: str, seq: int, chunk: int) -> None:
-        self.r.delete(f"{self.key}:deliveries:{stage}:{seq}:{chunk}")
+    def clear_delivery(self, stage: str, seq: int, chunk: str) -> None:
+        self.r.delete(keys.deliveries(self.job_id, stage, seq, chunk))
 
     # --- finishing ------------------------------------------------------------------
     def claim_finalize(self, seq: int) -> bool:
         """True for exactly one caller per submission: that one writes the manifest."""
-        key = C.FINALIZED_KEY.format(job_id=self.job_id, seq=seq)
-        return bool(self.r.set(key, "writing", nx=True, ex=C.JOB_KEY_TTL_S))
+        key = keys.finalized(self.job_id, seq)
+        return bool(self.r.set(key, "writing", nx=True, ex=keys.JOB_TTL_S))
 
     def release_finalize(self, seq: int) -> None:
-        self.r.delete(C.FINALIZED_KEY.format(job_id=self.job_id, seq=seq))
+        self.r.delete(keys.finalized(self.job_id, seq))
 
     def finish(self, seq: int, manifest: str, done: int, failed: int, missing: int = 0) -> None:
         pipe = self.r.pipeline()
@@ -168,7 +168,7 @@ class JobState:
             },
         )
         for key in (self.key, self.done_key, self.failed_key, self.cursor_key):
-            pipe.expire(key, C.JOB_KEY_TTL_S)
+            pipe.expire(key, keys.JOB_TTL_S)
         pipe.execute()
 
     def info(self) -> dict[str, str]:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import degradations as D
-from pipeline import nets
-from pipeline.training import data
+from pixelrelay.training import degradations as D
+from pixelrelay.pipeline import nets
+from pixelrelay.training import data
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -98,11 +98,11 @@ class PipelineCondition:
 
     def __init__(self, encoder_model: str | None = None) -> None:
         # Imported here, not at the top: only this training mode needs the stages.
-        from pipeline.imageio import DecodedImage
-        from pipeline.messages import JobOptions
-        from pipeline.stages.decoders.builtin import plan_condition
-        from pipeline.stages.encoders.builtin import BuiltinEncoder
-        from pipeline.stages.planners.rules import RulesPlanner
+        from pixelrelay.pipeline.imageio import DecodedImage
+        from pixelrelay.pipeline.messages import JobOptions
+        from pixelrelay.pipeline.stages.decoders.builtin import plan_condition
+        from pixelrelay.pipeline.stages.encoders.builtin import BuiltinEncoder
+        from pixelrelay.pipeline.stages.planners.rules import RulesPlanner
 
         self.encoder = BuiltinEncoder(model=encoder_model)
         self.planner = RulesPlanner()
@@ -211,7 +211,7 @@ def build_net(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
         return nets.build(kind, cfg.get("net"))
     path = Path(init)
     if not path.is_absolute() and not path.exists():
-        path = Path(__file__).resolve().parents[2] / init
+        path = Path(__file__).resolve().parents[1] / init
     net, _ = nets.load_model(str(path), kind=kind)
     if cfg.get("grow"):
         grown = nets.build(kind, {**net.config, **cfg["grow"]})

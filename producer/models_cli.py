@@ -23,9 +23,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from pipeline import constants as C
-from pipeline import hf
-from pipeline.stages.base import StageSpec
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline import hf
+from pixelrelay.pipeline.stages.base import StageSpec
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE = 0, 1, 2
 STAGES = ("encoder", "planner", "decoder")
@@ -43,18 +43,18 @@ class WeightedBackend:
 # Backends that load weights. Their registry entries are the same "module:Class" targets.
 HF_BACKENDS: dict[str, WeightedBackend] = {
     "hf-caption": WeightedBackend(
-        "encoder", "pipeline.stages.encoders.hf_caption:HFCaptionEncoder", "Salesforce/blip-image-captioning-base"
+        "encoder", "pixelrelay.pipeline.stages.encoders.hf_caption:HFCaptionEncoder", "Salesforce/blip-image-captioning-base"
     ),
-    "hf-llm": WeightedBackend("planner", "pipeline.stages.planners.hf_llm:HFLLMPlanner", "Qwen/Qwen2.5-0.5B-Instruct"),
+    "hf-llm": WeightedBackend("planner", "pixelrelay.pipeline.stages.planners.hf_llm:HFLLMPlanner", "Qwen/Qwen2.5-0.5B-Instruct"),
     "hf-sr": WeightedBackend(
         "decoder",
-        "pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
+        "pixelrelay.pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
         "caidas/swin2SR-classical-sr-x2-64",
         split_models=True,
     ),
     "sd-upscale": WeightedBackend(
         "decoder",
-        "pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
+        "pixelrelay.pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
         "stabilityai/stable-diffusion-x4-upscaler",
         needs="diffusers",
     ),
@@ -64,7 +64,7 @@ DEFAULTS = {"encoder": C.DEFAULT_ENCODER, "planner": C.DEFAULT_PLANNER, "decoder
 
 def all_backends() -> dict[str, dict[str, str]]:
     """stage -> kind -> target: the registry, plus the HF backends if not registered yet."""
-    from pipeline.stages.registry import BACKENDS
+    from pixelrelay.pipeline.stages.registry import BACKENDS
 
     merged = {stage: dict(kinds) for stage, kinds in BACKENDS.items()}
     for kind, backend in HF_BACKENDS.items():

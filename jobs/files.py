@@ -16,21 +16,25 @@ import json
 import tempfile
 from typing import Iterable, Iterator
 
-from pipeline import constants as C
-from pipeline.messages import Item, ItemRecord, JobSpec
-from pipeline.storage import Storage, StorageNotFoundError, join_uri
+from pixelrelay.pipeline.messages import Item, ItemRecord, JobSpec
+from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, join_uri
+
+JOBS_DIR = "_jobs"  # OUTPUT/_jobs/<job_id>/...
+JOB_SPEC_NAME = "job.json"
+MANIFEST_NAME = "manifest.jsonl"
+LISTING_SHARD_SIZE = 4096  # items per listing shard file
 
 
 def job_root(output: str, job_id: str) -> str:
-    return join_uri(output, C.JOBS_DIR, job_id)
+    return join_uri(output, JOBS_DIR, job_id)
 
 
 def spec_uri(output: str, job_id: str) -> str:
-    return join_uri(job_root(output, job_id), C.JOB_SPEC_NAME)
+    return join_uri(job_root(output, job_id), JOB_SPEC_NAME)
 
 
 def manifest_uri(output: str, job_id: str) -> str:
-    return join_uri(job_root(output, job_id), C.MANIFEST_NAME)
+    return join_uri(job_root(output, job_id), MANIFEST_NAME)
 
 
 def _shard_uri(output: str, job_id: str, shard: int) -> str:
@@ -61,11 +65,11 @@ def write_listing(storage: Storage, output: str, job_id: str, items: Iterable[It
     for item in items:
         shard.append(item.model_dump_json())
         total += 1
-        if len(shard) == C.LISTING_SHARD_SIZE:
-            storage.put(_shard_uri(output, job_id, total // C.LISTING_SHARD_SIZE - 1), _lines(shard))
+        if len(shard) == LISTING_SHARD_SIZE:
+            storage.put(_shard_uri(output, job_id, total // LISTING_SHARD_SIZE - 1), _lines(shard))
             shard = []
     if shard:
-        storage.put(_shard_uri(output, job_id, total // C.LISTING_SHARD_SIZE), _lines(shard))
+        storage.put(_shard_uri(output, job_id, total // LISTING_SHARD_SIZE), _lines(shard))
     return total
 
 
@@ -82,14 +86,14 @@ def _read_shard(storage: Storage, uri: str) -> tuple[Item, ...]:
 def read_chunk(storage: Storage, output: str, job_id: str, chunk: int, chunk_size: int) -> list[Item]:
     start, stop = chunk * chunk_size, (chunk + 1) * chunk_size
     items: list[Item] = []
-    for shard in range(start // C.LISTING_SHARD_SIZE, (stop - 1) // C.LISTING_SHARD_SIZE + 1):
+    for shard in range(start // LISTING_SHARD_SIZE, (stop - 1) // LISTING_SHARD_SIZE + 1):
         try:
             rows = _read_shard(storage, _shard_uri(output, job_id, shard))
         except StorageNotFoundError:
             if items:
                 break  # the chunk runs past the last shard
             raise
-        base = shard * C.LISTING_SHARD_SIZE
+        base = shard * LISTING_SHARD_SIZE
         items.extend(rows[max(0, start - base) : max(0, stop - base)])
     return items
 

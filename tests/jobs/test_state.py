@@ -7,8 +7,8 @@ import uuid
 import pytest
 import redis
 
-from pipeline.messages import JobSpec
-from workers.jobstate import JobState
+from pixelrelay.pipeline.messages import JobSpec
+from pixelrelay.jobs.state import JobState
 
 
 @pytest.fixture()

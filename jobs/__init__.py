@@ -1,0 +1,10 @@
+"""Job bookkeeping, in one place: what a job is made of and where each part lives.
+
+* ``keys``   every Redis key (and its prefix) that pixelrelay writes;
+* ``files``  the job's files in its output storage (job.json, listing shards, manifest
+  parts, the manifest), the source of truth;
+* ``state``  the job's state in Redis (a hash and two bitmaps), a cache of ``files``;
+* ``feed``   the Celery-free windowed feed (which chunk goes next) and the finish.
+
+Imports Redis and the compute path's messages and storage; never Celery, never torch.
+"""

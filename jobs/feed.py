@@ -1,0 +1,69 @@
+"""How a job moves, without Celery: windowed feeding of chunks, and finishing the job.
+
+A job's listing waits in storage, never as messages in Redis. The producer sends the first
+``window`` chunks; every finished chunk sends the next one. So a job has at most ``window``
+chunks (``window * chunk_size`` items) in the broker, whatever its size. Chunks whose items
+are all done already (a resume) are skipped.
+
+Sending is a callable (``Send``): the workers pass one that enqueues a Celery chain, tests
+may pass a list's ``append``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from pixelrelay.jobs.files import manifest_uri, merge_manifest, read_chunk
+from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobSpec
+from pixelrelay.pipeline.storage import Storage
+
+Send = Callable[[ChunkMessage], None]
+
+
+def feed(send: Send, state: JobState, storage: Storage, spec: JobSpec, seq: int, count: int) -> int:
+    """Send up to ``count`` more chunks of the job; returns how many were sent."""
+    sent = 0
+    n_chunks = -(-spec.total // spec.chunk_size)
+    while sent < count:
+        chunk = state.next_chunk()
+        if chunk >= n_chunks:
+            break
+        items = read_chunk(storage, spec.output, spec.job_id, chunk, spec.chunk_size)
+        done = state.done_flags([item.index for item in items])
+        records = [ItemRecord(index=i.index, input=i.input, output=i.output) for i, d in zip(items, done) if not d]
+        if not records:
+            continue
+        send(
+            ChunkMessage(
+                job_id=spec.job_id,
+                seq=seq,
+                chunk=chunk,
+                output=spec.output,
+                options=spec.options,
+                backends=spec.backends,
+                records=records,
+            )
+        )
+        sent += 1
+    return sent
+
+
+def finalize_if_complete(state: JobState, storage: Storage, spec: JobSpec, seq: int) -> bool:
+    """Write the manifest once every item of submission ``seq`` is done or failed.
+
+    Exactly one caller wins the claim; if writing fails the claim is released so that a
+    retry (or ``pixelrelay status --wait``) can finish the job. Returns True if written.
+    """
+    if not state.counts().complete or state.seq() != seq:
+        return False
+    if not state.claim_finalize(seq):
+        return False
+    try:
+        counts = merge_manifest(storage, spec.output, spec.job_id)
+    except BaseException:
+        state.release_finalize(seq)
+        raise
+    missing = spec.total - counts.get("done", 0) - counts.get("failed", 0)
+    state.finish(seq, manifest_uri(spec.output, spec.job_id), counts.get("done", 0), counts.get("failed", 0), missing)
+    return True

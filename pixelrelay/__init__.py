@@ -1,0 +1,28 @@
+"""pixelrelay: a distributed batch processor for learned image restoration and upscaling.
+
+The installed package is one namespace. Its subpackages live in folders at the repository
+root and are mapped into it by ``pyproject.toml`` (``[tool.setuptools] package-dir``):
+
+    pixelrelay.pipeline   pipeline/   the compute path workers run (no Celery, no Redis)
+    pixelrelay.jobs       jobs/       job bookkeeping: storage layout, Redis keys, state, feed
+    pixelrelay.workers    workers/    the Celery app, the stage tasks, delivery policy
+    pixelrelay.producer   producer/   listing, submit, status, ``pixelrelay run``, the CLI
+    pixelrelay.training   training/   training, degradation synthesis, quality benchmark
+"""
+
+from __future__ import annotations
+
+from pkgutil import extend_path
+
+# Run from a source checkout, the folder ``pixelrelay/`` holds only this package root; the
+# mapped subpackages are found beside the installed copy (or through the editable finder).
+__path__ = extend_path(__path__, __name__)
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("pixelrelay")
+except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+    __version__ = "0+unknown"
+
+__all__ = ["__version__"]

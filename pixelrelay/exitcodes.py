@@ -1,0 +1,28 @@
+"""The one table of exit codes that every ``pixelrelay`` command uses.
+
+Codes are never reused: a new outcome gets a new number at the end of the table, and the
+README's table is kept in step with this one (a test compares them).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0  # every item done (or nothing to do, where that is not an error)
+    FAILED_ITEMS = 1  # the job ended and some items failed (a summary is printed)
+    USAGE = 2  # usage or configuration error: bad flag, bad setting, input lists nothing
+    TIMEOUT = 3  # gave up waiting (``--timeout``); the job goes on
+    CANCELLED = 4  # the job was cancelled
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
+DESCRIPTIONS: dict[ExitCode, str] = {
+    ExitCode.OK: "every item done",
+    ExitCode.FAILED_ITEMS: "some items failed (a summary is printed)",
+    ExitCode.USAGE: "usage or configuration error",
+    ExitCode.TIMEOUT: "gave up waiting (`--timeout`); the job goes on",
+    ExitCode.CANCELLED: "the job was cancelled",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
+}
