@@ -15,10 +15,9 @@ from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.registry import backend_class
-from pixelrelay.workers.app import queue_name
+from pixelrelay.workers.celery_app import get_app, queue_name
 
 log = logging.getLogger("pixelrelay.worker")
-
 
 
 def export_settings(**values) -> None:
@@ -44,7 +43,6 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
 
     from celery.signals import worker_process_init
 
-    from pixelrelay.workers import tasks
     from pixelrelay.workers.runtime import runtime
 
     if concurrency <= 1:
@@ -69,5 +67,5 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
         "--without-heartbeat",
         "-O", "fair",
     ]
-    tasks.app.worker_main(argv)
+    get_app().worker_main(argv)
     return 0
