@@ -17,7 +17,8 @@ Delivery guarantee: **at-least-once**. Every stage task is therefore idempotent.
   single-item chains, and a single item fails with that reason; the job goes on.
 - GPU safety: nothing touches CUDA in a parent process before fork. Models load once per
   worker process: in the process itself for the solo pool (concurrency 1), and in each child
-  after fork (``worker_process_init``) for prefork pools.
+  after fork (``worker_process_init``) for prefork pools. The start-up ``--device`` check
+  counts CUDA devices through NVML, which does not initialise CUDA.
 - Transient errors (storage timeouts, connection resets, 5xx) retry with exponential backoff
   up to ``PIXELRELAY_MAX_RETRIES`` times; after that the chunk's items fail with the reason.
   A bad item (corrupt file, bomb, model error on that item alone) fails alone.

@@ -1,13 +1,15 @@
 """The worker's command lines: the lazily created Celery app (in-process and through
-``celery -A pixelrelay.workers``)."""
+``celery -A pixelrelay.workers``), and ``--device`` checked before any model loads."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
+
 from pixelrelay.workers.celery_app import get_app, task_name
-from tests.conftest import REPO, wait_until, worker_env
+from tests.conftest import REPO, run_cli, wait_until, worker_env
 
 
 def test_importing_the_workers_needs_no_settings_and_the_app_comes_on_first_use(redis_url, monkeypatch):
@@ -40,3 +42,15 @@ def test_celery_cli_finds_the_app_and_pings_the_stage_workers(stage_workers, red
     replies = wait_until(lambda: (out := _celery(["inspect", "ping", "--timeout", "2"], env)).returncode == 0 and out, timeout=90)
     pongs = [line for line in replies.stdout.splitlines() if line.startswith("->") and "OK" in line]
     assert {line.split()[1].split("-")[0] for line in pongs} >= {"encode", "plan", "decode"}, replies.stdout
+
+
+def test_worker_on_a_machine_without_cuda_exits_2_with_one_line(redis_url):
+    import torch
+
+    if torch.cuda.device_count() > 0:
+        pytest.skip("this machine has a CUDA device")
+    result = run_cli(["worker", "--stage", "encode", "--device", "cuda"], worker_env(redis_url), timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("pixelrelay worker: --device cuda: no usable CUDA device (torch ")
