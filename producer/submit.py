@@ -19,7 +19,7 @@ from pixelrelay.pipeline.messages import Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.listing import list_items
-from pixelrelay.workers.app import create_app
+from pixelrelay.workers.celery_app import create_app
 from pixelrelay.jobs.feed import feed, finalize_if_complete
 from pixelrelay.workers.flow import sender
 from pixelrelay.jobs.state import JobState

@@ -13,12 +13,39 @@ Delivery guarantee: **at-least-once**. Every stage task is therefore idempotent.
   the output object already exists; manifest parts are overwritten whole. Job counts are
   bitmaps (one bit per item), so a duplicate delivery cannot count an item twice.
 - A message that kills its worker repeatedly (a poison pill) is delivered at most
-  ``PIXELRELAY_MAX_DELIVERIES`` times (default 3); then its items fail with that reason and the job goes on.
+  ``PIXELRELAY_MAX_DELIVERIES`` times (default 3); then a chunk of several items is split into
+  single-item chains, and a single item fails with that reason; the job goes on.
 - GPU safety: nothing touches CUDA in a parent process before fork. Models load once per
   worker process: in the process itself for the solo pool (concurrency 1), and in each child
-  after fork (``worker_process_init``) for prefork pools.
+  after fork (``worker_process_init``) for prefork pools. The start-up ``--device`` check
+  counts CUDA devices through NVML, which does not initialise CUDA.
 - Transient errors (storage timeouts, connection resets, 5xx) retry with exponential backoff
   up to ``PIXELRELAY_MAX_RETRIES`` times; after that the chunk's items fail with the reason.
   A bad item (corrupt file, bomb, model error on that item alone) fails alone.
 - Redis holds only counters and bitmaps per job; per-item results go to storage.
+
+Modules:
+
+* ``celery_app`` the Celery app's configuration; ``create_app(settings)`` for senders and
+  ``get_app()``, the workers' app, created on first use with the tasks registered;
+* ``policy``     what happens to a delivery (poison pills, retries, finishing a chunk),
+  without Celery: ``DeliveryPolicy.deliver`` returns the message, a ``Retry`` or a ``Split``;
+* ``tasks``      the stage bodies and the thin Celery tasks around the policy;
+* ``flow``       a chunk as a Celery chain, and ``sender(app)``;
+* ``runtime``    per-process settings, Redis, storage and loaded models;
+* ``main``       ``pixelrelay worker``.
+
+``celery -A pixelrelay.workers <command>`` works: the package's ``app`` attribute is
+``get_app()``, looked up lazily, so importing the package needs no settings.
 """
+
+from __future__ import annotations
+
+
+def __getattr__(name: str):
+    # `celery -A pixelrelay.workers` asks for `app` (then `celery`); build it only then.
+    if name in ("app", "celery"):
+        from pixelrelay.workers.celery_app import get_app
+
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from celery import Celery, chain
 
 from pixelrelay.jobs.feed import Send
 from pixelrelay.pipeline.messages import ChunkMessage
-from pixelrelay.workers.app import task_name
+from pixelrelay.workers.celery_app import task_name
 
 
 def chunk_chain(app: Celery, message: ChunkMessage):

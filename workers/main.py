@@ -2,7 +2,8 @@
 
 concurrency 1 runs Celery's solo pool and loads the model before taking tasks; higher
 concurrency runs a prefork pool whose children each load the model after fork (so the
-parent never initialises CUDA). A missing model stops the worker here, at start-up.
+parent never initialises CUDA). A missing model, or a ``--device`` this machine has not
+got, stops the worker here, at start-up, with one line and exit code 2 (``ExitCode.USAGE``).
 """
 
 from __future__ import annotations
@@ -10,15 +11,41 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
+from pixelrelay.exitcodes import ExitCode
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.registry import backend_class
-from pixelrelay.workers.app import queue_name
+from pixelrelay.workers.celery_app import get_app, queue_name
 
 log = logging.getLogger("pixelrelay.worker")
 
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` can't be used on this machine, in one line; None if it can.
+
+    Counts CUDA devices with ``torch.cuda.device_count()``, which asks NVML and so does not
+    initialise CUDA in this (parent) process where NVML answers.
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return None
+    import torch
+
+    if kind == "mps":
+        if torch.backends.mps.is_available():
+            return None
+        built = "with" if torch.backends.mps.is_built() else "without"
+        return f"--device mps: no usable MPS device (torch {torch.__version__} built {built} MPS)"
+    count = torch.cuda.device_count()
+    if count > int(index or 0):
+        return None
+    built = f"with CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+    if count == 0:
+        return f"--device {device}: no usable CUDA device (torch {torch.__version__} built {built}; none visible)"
+    return f"--device {device}: no such CUDA device (this machine has {count}: cuda:0..cuda:{count - 1})"
 
 
 def export_settings(**values) -> None:
@@ -34,6 +61,10 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
     settings = Settings.from_env()
     if not settings.redis:
         raise ConfigError("PIXELRELAY_REDIS_URL: not set; a worker needs the job broker's Redis URL")
+    problem = device_problem(settings.device)
+    if problem:
+        print(f"pixelrelay worker: {problem}", file=sys.stderr, flush=True)
+        return ExitCode.USAGE
     spec = getattr(settings, C.STAGE_BACKEND[stage])
     try:
         backend_class(C.STAGE_BACKEND[stage], spec).check_available(spec.partition(":")[2] or None)
@@ -44,7 +75,6 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
 
     from celery.signals import worker_process_init
 
-    from pixelrelay.workers import tasks
     from pixelrelay.workers.runtime import runtime
 
     if concurrency <= 1:
@@ -69,5 +99,5 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
         "--without-heartbeat",
         "-O", "fair",
     ]
-    tasks.app.worker_main(argv)
+    get_app().worker_main(argv)
     return 0

@@ -3,34 +3,33 @@
 Delivery is at-least-once (see the ``workers`` package docstring), so every task here is
 idempotent. Each task takes and returns a ``ChunkMessage`` as JSON: ids, keys and text only.
 Items fail one by one, with a reason, and their neighbours go on.
+
+The stage bodies (``encode_chunk``, ``plan_chunk``, ``decode_chunk``) do the work; what
+happens around them (poison pills, retries, finishing a chunk) is ``workers.policy``. The
+Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
+(``celery_app.get_app``), so importing this module needs no settings and no broker.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import random
 import time
 from typing import Callable, Sequence, TypeVar
 
-import redis
-from celery import Task
+from celery import Celery, Task
 
-from pixelrelay.pipeline import constants as C
-from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, decode_image, encode_image, format_for_uri
-from pixelrelay.jobs.files import write_part
-from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord
-from pixelrelay.pipeline.storage import StorageError, TransientStorageError
-from pixelrelay.workers.app import create_app, task_name
-from pixelrelay.jobs.feed import feed, finalize_if_complete
-from pixelrelay.workers.flow import chunk_chain, sender
 from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, decode_image, encode_image, format_for_uri
+from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord
+from pixelrelay.pipeline.storage import StorageError
+from pixelrelay.workers.celery_app import task_name
+from pixelrelay.workers.flow import sender
+from pixelrelay.workers.policy import TRANSIENT_ERRORS, Delivery, DeliveryPolicy, Limits, Retry, Split
+from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.runtime import Runtime, runtime
 
 log = logging.getLogger("pixelrelay.worker")
-
-app = create_app()
-
-TRANSIENT_ERRORS = (TransientStorageError, redis.ConnectionError, redis.TimeoutError)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -63,11 +62,6 @@ def _call_isolated(fn: Callable[[Sequence[In]], list[Out]], batch: Sequence[In])
         except Exception as exc:
             out.append(exc)
     return out
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _load_one(rt: Runtime, record: ItemRecord, stage: str) -> DecodedImage | None:
@@ -213,93 +207,40 @@ def _write_output(rt: Runtime, record: ItemRecord, image: DecodedImage, restored
 
 # --- the tasks --------------------------------------------------------------------------
 
-
-def _fail_pending(msg: ChunkMessage, stage: str, reason: str) -> None:
-    for record in msg.records:
-        if record.status is None:
-            record.fail(stage, reason)
+StageBody = Callable[[Runtime, JobState, ChunkMessage], None]
+STAGE_BODIES: dict[str, StageBody] = {"encode": encode_chunk, "plan": plan_chunk, "decode": decode_chunk}
 
 
-def _split_chunk(msg: ChunkMessage) -> None:
-    """After repeated worker deaths: re-send every pending item as its own chain."""
-    pending = [r for r in msg.records if r.status is None]
-    for i, record in enumerate(pending):
-        single = msg.model_copy(update={"records": [record], "feeds": msg.feeds and i == 0, "part": str(record.index)})
-        chunk_chain(app, single).apply_async()
+def policy_for(rt: Runtime, state: JobState, app: Celery) -> DeliveryPolicy:
+    limits = Limits(max_deliveries=rt.settings.max_deliveries, max_retries=rt.settings.max_retries)
+    return DeliveryPolicy(state, sender(app), rt.storage, limits)
 
 
-def run_stage(task: Task, stage: str, body: dict, work: Callable[[Runtime, JobState, ChunkMessage], None]) -> dict:
+def run_stage(task: Task, stage: str, body: dict) -> dict:
+    """One delivery: validate the body, let the policy run the stage body, map its outcome."""
     msg = ChunkMessage.model_validate(body)
     rt = runtime()
     state = JobState(rt.redis, msg.job_id)
-    delivery_key = f"{msg.part or 'all'}:{task.request.retries}"
-    deliveries = state.count_delivery(stage, msg.seq, f"{msg.chunk}:{delivery_key}")
-    if deliveries > rt.settings.max_deliveries:
-        if len([r for r in msg.records if r.status is None]) > 1:
-            log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, stage, deliveries - 1)
-            _split_chunk(msg)
-            return {}  # the split chains carry the items on; this chain ends here
-        _fail_pending(msg, stage, f"worker process died {deliveries - 1} times on this item (crash or out of memory)")
-    else:
-        try:
-            work(rt, state, msg)
-        except TRANSIENT_ERRORS as exc:
-            if task.request.retries >= rt.settings.max_retries:
-                _fail_pending(msg, stage, f"gave up after {task.request.retries} retries: {_reason(exc)}")
-            else:
-                raise _retry(task, rt, stage, msg, exc) from None
-        except Exception as exc:  # a bug or a permanent fault: the items still get a reason
-            log.exception("%s chunk %s/%d failed", stage, msg.job_id, msg.chunk)
-            _fail_pending(msg, stage, f"internal error: {_reason(exc)}")
-    state.clear_delivery(stage, msg.seq, f"{msg.chunk}:{delivery_key}")
-    if stage == "decode":
-        try:
-            _finish_chunk(rt, state, msg)
-        except TRANSIENT_ERRORS as exc:
-            # The retry redoes nothing costly: outputs already written are skipped.
-            if task.request.retries >= rt.settings.max_retries:
-                raise
-            raise _retry(task, rt, stage, msg, exc) from None
-    return msg.model_dump(mode="json")
+    work = functools.partial(STAGE_BODIES[stage], rt, state)
+    outcome = policy_for(rt, state, task.app).deliver(Delivery(stage, msg, task.request.retries), work)
+    if isinstance(outcome, Retry):
+        raise task.retry(exc=outcome.error, countdown=outcome.countdown)
+    if isinstance(outcome, Split):
+        return {}  # the split chains carry the items on; this chain ends here
+    return outcome.model_dump(mode="json")
 
 
-def _retry(task: Task, rt: Runtime, stage: str, msg: ChunkMessage, exc: Exception):
-    retries = task.request.retries
-    countdown = min(C.RETRY_BACKOFF_MAX_S, C.RETRY_BACKOFF_BASE_S * 2**retries) * random.uniform(0.5, 1.0)
-    log.warning(
-        "%s chunk %s/%d: transient error (%s), retry %d in %.1fs", stage, msg.job_id, msg.chunk, exc, retries + 1, countdown
-    )
-    return task.retry(exc=exc, countdown=countdown)
+def register(app: Celery) -> None:
+    """Register the three stage tasks on ``app``."""
+    for stage in STAGE_BODIES:
+        _stage_task(app, stage)
 
 
-def _finish_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
-    _fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
-    storage = rt.storage(msg.output)
-    try:
-        write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
-    except StorageError as exc:
-        # Permanent (e.g. access denied): count the items anyway so the job can end; the
-        # manifest then reports them as missing, and a re-submission retries them.
-        log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
-        for record in msg.records:
-            record.fail("decode", f"manifest part not written: {exc}")
-    state.mark(msg.seq, [(r.index, r.status) for r in msg.records])
-    spec = state.spec()
-    if msg.feeds:
-        feed(sender(app), state, storage, spec, state.seq(), 1)
-    finalize_if_complete(state, storage, spec, msg.seq)
-
-
-def _stage_task(stage: str, work):
-    @app.task(name=task_name(stage), bind=True, max_retries=None)
+def _stage_task(app: Celery, stage: str) -> Task:
+    @app.task(name=task_name(stage), bind=True, max_retries=None, shared=False)
     def stage_task(self: Task, body: dict) -> dict:
         if not body:  # the chain was split upstream; nothing to do
             return {}
-        return run_stage(self, stage, body, work)
+        return run_stage(self, stage, body)
 
     return stage_task
-
-
-encode_task = _stage_task("encode", encode_chunk)
-plan_task = _stage_task("plan", plan_chunk)
-decode_task = _stage_task("decode", decode_chunk)

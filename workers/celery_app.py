@@ -1,12 +1,23 @@
 """The Celery app and its configuration (see the ``workers`` package docstring for the
-delivery semantics). Importing this module imports no torch."""
+delivery semantics). Importing this module imports no torch and needs no settings.
+
+* ``create_app(settings)`` a configured app that can send chains (the producer's);
+* ``get_app()``            the workers' app: created on first use from the environment,
+  once per process, with the stage tasks registered on it. ``celery -A pixelrelay.workers``
+  finds it through the package's ``app`` attribute.
+
+This module is not called ``app``: a submodule of that name would shadow the package's
+``app`` attribute that ``celery -A`` looks up.
+"""
 
 from __future__ import annotations
+
+import functools
 
 from celery import Celery
 
 from pixelrelay.pipeline import constants as C
-from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.settings import ConfigError, Settings
 
 
 def queue_name(stage: str) -> str:
@@ -44,8 +55,17 @@ def configure(app: Celery, settings: Settings) -> Celery:
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     if not settings.redis:
-        from pixelrelay.pipeline.settings import ConfigError
-
         raise ConfigError("PIXELRELAY_REDIS_URL: not set (use `pixelrelay run` for the embedded Redis)")
     app = Celery("pixelrelay", set_as_current=True)
     return configure(app, settings)
+
+
+@functools.cache
+def get_app() -> Celery:
+    """The workers' app, built on first use (a ``ConfigError`` is raised, not cached, when
+    the environment names no Redis), with the stage tasks registered."""
+    from pixelrelay.workers import tasks
+
+    app = create_app()
+    tasks.register(app)
+    return app

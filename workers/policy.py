@@ -1,0 +1,199 @@
+"""What happens to one delivery of a chunk to a stage: the retry, poison-pill and finish
+policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware).
+
+``DeliveryPolicy.deliver(delivery, work)`` decides, in this order:
+
+1. **Poison pills.** Every delivery is counted in Redis (``JobState.count_delivery``) under
+   the chunk, its part and its retry number; a count that survives is a worker that died
+   mid-task. Past ``Limits.max_deliveries`` a chunk of several pending items is split: each
+   pending item is re-sent as its own chain through ``send`` (only the first keeps
+   ``feeds``, so the job's window stays the same) and this chain ends (``Split``). A single
+   pending item past the limit fails with "worker process died N times ...".
+2. **The work.** ``work(msg)`` runs the stage body. A transient error (``TRANSIENT_ERRORS``)
+   gives a ``Retry`` with exponential backoff, or, once ``max_retries`` retries were spent,
+   fails the pending items with "gave up after N retries: <reason>". Any other exception
+   fails the pending items with "internal error: <reason>". Items always leave with a reason.
+3. **The finish** (decode stage only, ``finish_chunk``): write the chunk's manifest part,
+   mark its items' bits, feed the job's next chunk, and write the manifest if the job is
+   complete. Exactly one finisher claims the manifest (``finalize_if_complete``). A transient
+   error here retries too; past ``max_retries`` it is raised (the chain ends unfinished and
+   ``pixelrelay status --wait`` can still finish the job).
+
+The outcome is the message to pass down the chain, a ``Retry`` or a ``Split``. Everything
+here is idempotent under redelivery: see the ``workers`` package docstring.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import redis
+
+from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
+from pixelrelay.jobs.files import write_part
+from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.messages import ChunkMessage
+from pixelrelay.pipeline.storage import Storage, StorageError, TransientStorageError
+
+log = logging.getLogger("pixelrelay.worker")
+
+TRANSIENT_ERRORS = (TransientStorageError, redis.ConnectionError, redis.TimeoutError)
+
+Work = Callable[[ChunkMessage], None]  # a stage body: fills in the message's records
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Deliver the same message to the same stage again in ``countdown`` seconds."""
+
+    countdown: float
+    reason: str
+    error: BaseException | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The chunk went on as ``parts`` single-item chains; this chain ends here."""
+
+    parts: int
+
+
+Outcome = Union[ChunkMessage, Retry, Split]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How often a chunk may kill its worker, and how often a transient error is retried."""
+
+    max_deliveries: int = C.DEFAULT_MAX_DELIVERIES
+    max_retries: int = C.DEFAULT_MAX_RETRIES
+    backoff_base_s: float = C.RETRY_BACKOFF_BASE_S
+    backoff_max_s: float = C.RETRY_BACKOFF_MAX_S
+    jitter: tuple[float, float] = (0.5, 1.0)  # the countdown is backoff x uniform(*jitter)
+
+    def backoff(self, retries: int) -> float:
+        """The longest wait before retry number ``retries + 1``: base x 2^retries, capped."""
+        return min(self.backoff_max_s, self.backoff_base_s * 2**retries)
+
+    def countdown(self, retries: int) -> float:
+        return self.backoff(retries) * random.uniform(*self.jitter)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of ``msg`` to ``stage``; ``retries`` is how many retries came before."""
+
+    stage: str
+    msg: ChunkMessage
+    retries: int = 0
+
+    @property
+    def key(self) -> str:
+        """Names this delivery in the poison-pill count (one count per retry)."""
+        return f"{self.msg.chunk}:{self.msg.part or 'all'}:{self.retries}"
+
+    def pending(self) -> list:
+        return [r for r in self.msg.records if r.status is None]
+
+
+def reason(exc: BaseException) -> str:
+    """An exception as one line: ``Type: first line of the message``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def fail_pending(msg: ChunkMessage, stage: str, why: str) -> None:
+    for record in msg.records:
+        if record.status is None:
+            record.fail(stage, why)
+
+
+def split_chunk(msg: ChunkMessage, send: Send) -> int:
+    """Re-send every pending item as its own chain; returns how many were sent."""
+    pending = [r for r in msg.records if r.status is None]
+    for i, record in enumerate(pending):
+        send(msg.model_copy(update={"records": [record], "feeds": msg.feeds and i == 0, "part": str(record.index)}))
+    return len(pending)
+
+
+def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage) -> bool:
+    """End a chain: write its manifest part, count its items, feed the next chunk, and
+    write the manifest if the job is complete. Returns True if this call wrote it."""
+    fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
+    try:
+        write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
+    except StorageError as exc:
+        # Permanent (e.g. access denied): count the items anyway so the job can end; the
+        # manifest then reports them as missing, and a re-submission retries them.
+        log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
+        for record in msg.records:
+            record.fail("decode", f"manifest part not written: {exc}")
+    state.mark(msg.seq, [(r.index, r.status) for r in msg.records])
+    spec = state.spec()
+    if msg.feeds:
+        feed(send, state, storage, spec, state.seq(), 1)
+    return finalize_if_complete(state, storage, spec, msg.seq)
+
+
+@dataclass
+class DeliveryPolicy:
+    """Decides the outcome of a delivery (see the module docstring for the rules)."""
+
+    state: JobState
+    send: Send
+    storage: Callable[[str], Storage]  # opens the storage of a job's output root
+    limits: Limits = Limits()
+
+    def deliver(self, delivery: Delivery, work: Work) -> Outcome:
+        state, stage, msg = self.state, delivery.stage, delivery.msg
+        deliveries = state.count_delivery(stage, msg.seq, delivery.key)
+        if deliveries > self.limits.max_deliveries:
+            if len(delivery.pending()) > 1:
+                log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, stage, deliveries - 1)
+                return Split(split_chunk(msg, self.send))
+            fail_pending(msg, stage, f"worker process died {deliveries - 1} times on this item (crash or out of memory)")
+        else:
+            retry = self._work(delivery, work)
+            if retry is not None:
+                return retry
+        state.clear_delivery(stage, msg.seq, delivery.key)
+        if stage == "decode":
+            retry = self._finish(delivery)
+            if retry is not None:
+                return retry
+        return msg
+
+    def _work(self, delivery: Delivery, work: Work) -> Retry | None:
+        try:
+            work(delivery.msg)
+        except TRANSIENT_ERRORS as exc:
+            if delivery.retries < self.limits.max_retries:
+                return self._retry(delivery, exc)
+            fail_pending(delivery.msg, delivery.stage, f"gave up after {delivery.retries} retries: {reason(exc)}")
+        except Exception as exc:  # a bug or a permanent fault: the items still get a reason
+            log.exception("%s chunk %s/%d failed", delivery.stage, delivery.msg.job_id, delivery.msg.chunk)
+            fail_pending(delivery.msg, delivery.stage, f"internal error: {reason(exc)}")
+        return None
+
+    def _finish(self, delivery: Delivery) -> Retry | None:
+        try:
+            finish_chunk(self.state, self.storage(delivery.msg.output), self.send, delivery.msg)
+        except TRANSIENT_ERRORS as exc:
+            # The retry redoes nothing costly: outputs already written are skipped.
+            if delivery.retries >= self.limits.max_retries:
+                raise
+            return self._retry(delivery, exc)
+        return None
+
+    def _retry(self, delivery: Delivery, exc: Exception) -> Retry:
+        countdown = self.limits.countdown(delivery.retries)
+        msg = delivery.msg
+        log.warning(
+            "%s chunk %s/%d: transient error (%s), retry %d in %.1fs",
+            delivery.stage, msg.job_id, msg.chunk, exc, delivery.retries + 1, countdown,
+        )
+        return Retry(countdown, reason(exc), exc)
