@@ -27,6 +27,9 @@ class JobOptions(_Model):
     scale: Scale | None = None  # None: 1 for restore, 2 for upscale
     instruction: str = ""
     format: OutputFormat | None = None  # None: keep the input's format where we can write it
+    # Encoder settings for the outputs (defaults keep messages without them valid).
+    quality: int = Field(default=92, ge=1, le=100)  # JPEG, and WebP unless lossless
+    lossless: bool = False  # WebP outputs lossless (quality then ignored)
 
     def effective_scale(self) -> int:
         if self.scale is not None:
