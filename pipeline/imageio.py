@@ -20,12 +20,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pixelrelay.pipeline.constants import DEFAULT_MAX_IMAGE_PIXELS
+from pixelrelay.pipeline.messages import DEFAULT_QUALITY
 
 EXIF_ORIENTATION_TAG = 0x0112
 # Formats we write, by output format name -> Pillow format, file extension.
 OUTPUT_FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
-DEFAULT_QUALITY = 92  # JPEG and lossy WebP, as JobOptions.quality
 # Input format (Pillow name) -> the output format that keeps it, when the job names none.
 _KEEP_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "MPO": "jpg"}
 

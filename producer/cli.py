@@ -2,7 +2,7 @@
 
 Every command exits with a code from ``pixelrelay.exitcodes.ExitCode`` (0 every item done,
 1 some items failed, 2 usage or configuration error, 3 gave up waiting, 4 cancelled,
-130 interrupted). ``submit`` and ``status`` never import torch. ``models``, ``train`` and
+5 a ``run`` worker exited early, 130 interrupted). ``submit`` and ``status`` never import torch. ``models``, ``train`` and
 ``bench`` keep their parsers with their code; ``--help`` works at every level.
 """
 
@@ -14,9 +14,8 @@ import sys
 
 from pixelrelay import __version__
 from pixelrelay.exitcodes import ExitCode
+from pixelrelay.pipeline.messages import DEFAULT_QUALITY
 from pixelrelay.pipeline.settings import ConfigError, Settings
-
-DEFAULT_QUALITY = 92
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -230,8 +229,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bench_argv(rest: list[str]) -> list[str] | None:
-    """The arguments for ``bench quality``, or None after printing bench's own help/usage."""
+def _bench_argv(rest: list[str]) -> list[str]:
+    """The arguments for ``bench quality``; else bench's own help (exit 0) or usage error (exit 2)."""
     if rest and rest[0] in BENCH_SUBCOMMANDS:
         return rest[1:]
     parser = _bench_parser()
