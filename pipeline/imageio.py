@@ -4,7 +4,9 @@
 ``ImageDecodeError`` with a one-line reason. It never returns a half-decoded image:
 truncated files, non-images, empty files and decompression bombs are all errors.
 ``encode_image`` writes RGB(+alpha) back out, carrying the ICC profile and EXIF
-(less orientation, since the pixels are already upright).
+(less orientation, since the pixels are already upright). JPEG and WebP are lossy at
+``quality`` (1..100); WebP is lossless, pixel for pixel, with ``lossless=True``; PNG is
+always lossless.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pixelrelay.pipeline.constants import DEFAULT_MAX_IMAGE_PIXELS
+from pixelrelay.pipeline.messages import DEFAULT_QUALITY
 
 EXIF_ORIENTATION_TAG = 0x0112
 # Formats we write, by output format name -> Pillow format, file extension.
 OUTPUT_FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
+CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 # Input format (Pillow name) -> the output format that keeps it, when the job names none.
 _KEEP_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "MPO": "jpg"}
 
@@ -161,17 +165,27 @@ def format_for_uri(uri: str) -> str:
     return format_for_extension(name.rpartition(".")[2] if "." in name else "png")
 
 
+def content_type(fmt: str) -> str:
+    """The MIME type of an output format (``png`` -> ``image/png``)."""
+    return CONTENT_TYPES[fmt]
+
+
 def encode_image(
     rgb: np.ndarray,
     fmt: str,
     alpha: np.ndarray | None = None,
     icc_profile: bytes | None = None,
     exif: bytes | None = None,
-    quality: int = 95,
+    quality: int = DEFAULT_QUALITY,
+    lossless: bool = False,
 ) -> tuple[bytes, list[str]]:
-    """Encode to ``fmt`` (png|jpg|webp). Returns the bytes and any notes (e.g. alpha dropped)."""
+    """Encode to ``fmt`` (png|jpg|webp). Returns the bytes and any notes (e.g. alpha dropped).
+
+    ``quality`` (1..100) applies to JPEG and to WebP unless ``lossless``."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"unsupported output format {fmt!r}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be 1..100, got {quality}")
     pil_format, _ = OUTPUT_FORMATS[fmt]
     notes: list[str] = []
     if alpha is not None and pil_format == "JPEG":
@@ -189,7 +203,8 @@ def encode_image(
     if pil_format == "JPEG":
         kwargs.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif pil_format == "WEBP":
-        kwargs.update(lossless=True)
+        # Lossless keeps even the colour under fully transparent pixels (``exact``).
+        kwargs.update({"lossless": True, "exact": True} if lossless else {"quality": quality})
     elif pil_format == "PNG":
         kwargs.update(compress_level=4)
     buf = io.BytesIO()

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Task = Literal["restore", "upscale"]
 Scale = Literal[1, 2, 4]
 OutputFormat = Literal["png", "jpg", "webp"]
+DEFAULT_QUALITY = 92  # JPEG and lossy WebP outputs, when the job names none
 OperationName = Literal["deblock", "denoise", "deblur", "sharpen"]
 ItemStatus = Literal["done", "failed"]
 
@@ -27,6 +28,9 @@ class JobOptions(_Model):
     scale: Scale | None = None  # None: 1 for restore, 2 for upscale
     instruction: str = ""
     format: OutputFormat | None = None  # None: keep the input's format where we can write it
+    # Encoder settings for the outputs (defaults keep messages without them valid).
+    quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)  # JPEG, and WebP unless lossless
+    lossless: bool = False  # WebP outputs lossless (quality then ignored)
 
     def effective_scale(self) -> int:
         if self.scale is not None:

@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # usage or configuration error: bad flag, bad setting, input lists nothing
     TIMEOUT = 3  # gave up waiting (``--timeout``); the job goes on
     CANCELLED = 4  # the job was cancelled
+    WORKER_EXITED = 5  # ``pixelrelay run``: a local worker exited early (its log is kept)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
@@ -24,5 +25,6 @@ DESCRIPTIONS: dict[ExitCode, str] = {
     ExitCode.USAGE: "usage or configuration error",
     ExitCode.TIMEOUT: "gave up waiting (`--timeout`); the job goes on",
     ExitCode.CANCELLED: "the job was cancelled",
+    ExitCode.WORKER_EXITED: "`pixelrelay run`: a local worker exited early; its log folder is kept and printed",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }

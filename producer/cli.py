@@ -1,7 +1,9 @@
 """The ``pixelrelay`` command line.
 
-Exit codes: 0 every item done; 1 some items failed (a summary is printed); 2 usage or
-configuration error. ``submit`` and ``status`` never import torch.
+Every command exits with a code from ``pixelrelay.exitcodes.ExitCode`` (0 every item done,
+1 some items failed, 2 usage or configuration error, 3 gave up waiting, 4 cancelled,
+5 a ``run`` worker exited early, 130 interrupted). ``submit`` and ``status`` never import torch. ``models``, ``train`` and
+``bench`` keep their parsers with their code; ``--help`` works at every level.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import argparse
 import logging
 import sys
 
+from pixelrelay import __version__
+from pixelrelay.exitcodes import ExitCode
+from pixelrelay.pipeline.messages import DEFAULT_QUALITY
 from pixelrelay.pipeline.settings import ConfigError, Settings
-
-EXIT_USAGE = 2
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +36,43 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=int, choices=[1, 2, 4])
     parser.add_argument("--instruction", default="", help="free-text instruction for the planner")
     parser.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: keep)")
+    parser.add_argument(
+        "--quality", type=_quality, default=DEFAULT_QUALITY, metavar="1..100",
+        help=f"JPEG and lossy WebP quality (default {DEFAULT_QUALITY})",
+    )
+    parser.add_argument("--lossless", action="store_true", help="write WebP outputs lossless (ignores --quality)")
     parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
     parser.add_argument("--chunk-size", type=int, help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
     parser.add_argument("--window", type=int, help="chains in flight per job (env PIXELRELAY_WINDOW)")
     _common(parser)
+
+
+def _quality(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number 1..100, got {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected 1..100, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+def _wait_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=f"wait for the job and {what}")
+    parser.add_argument(
+        "--timeout", type=_positive_seconds, metavar="S",
+        help="with --wait: give up after S seconds with exit code 3; the job goes on",
+    )
 
 
 def _worker_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,16 +82,17 @@ def _worker_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pixelrelay", description="Batch image restoration and upscaling.")
+    parser.add_argument("--version", action="version", version=f"pixelrelay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("submit", help="enqueue a job and print its id")
     _job_flags(p)
     _backend_flags(p)
-    p.add_argument("--wait", action="store_true", help="wait for the job and exit 0/1")
+    _wait_flags(p, "exit 0/1 by its outcome")
 
     p = sub.add_parser("status", help="show a job's progress")
     p.add_argument("job_id")
-    p.add_argument("--wait", action="store_true")
+    _wait_flags(p, "exit 0/1 by its outcome")
     _common(p)
 
     p = sub.add_parser("worker", help="run one stage's worker pool")
@@ -70,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     _job_flags(p)
     _worker_flags(p)
     _backend_flags(p)
+    p.add_argument(
+        "--keep-logs", action="store_true",
+        help="keep the workers' log folder after a successful run (it is always kept on failure)",
+    )
 
     for name, help_text in DELEGATED_HELP.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
@@ -93,7 +134,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _job_options(args: argparse.Namespace):
     from pixelrelay.pipeline.messages import JobOptions
 
-    return JobOptions(task=args.task, scale=args.scale, instruction=args.instruction, format=args.format)
+    return JobOptions(
+        task=args.task, scale=args.scale, instruction=args.instruction, format=args.format,
+        quality=args.quality, lossless=args.lossless,
+    )
+
+
+def _check_wait_flags(args: argparse.Namespace) -> None:
+    if args.timeout is not None and not args.wait:
+        raise ConfigError("--timeout: only with --wait")
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -101,6 +150,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from pixelrelay.producer.status import show_status
     from pixelrelay.producer.submit import submit
 
+    _check_wait_flags(args)
     settings = _settings(args)
     backends = Backends(encoder=args.encoder, planner=args.planner, decoder=args.decoder)
     submission = submit(settings, args.input, args.out, _job_options(args), backends, args.job_id)
@@ -108,14 +158,15 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if submission.resumed:
         print(f"resuming: {submission.already_done} of {submission.total} items already done", file=sys.stderr)
     if args.wait:
-        return show_status(settings, submission.job_id, wait=True, stream=sys.stderr)
-    return 0
+        return show_status(settings, submission.job_id, wait=True, stream=sys.stderr, timeout_s=args.timeout)
+    return ExitCode.OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from pixelrelay.producer.status import show_status
 
-    return show_status(_settings(args), args.job_id, args.wait)
+    _check_wait_flags(args)
+    return show_status(_settings(args), args.job_id, args.wait, timeout_s=args.timeout)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -141,7 +192,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             worker_args += ["--" + flag.replace("_", "-"), str(value)]
     per_stage = {stage: worker_args for stage in ("encode", "plan", "decode")}
     # The workers load the chosen backends at start-up; the job itself uses their defaults.
-    return run_local(settings, args.input, args.out, _job_options(args), Backends(), args.job_id, per_stage)
+    return run_local(
+        settings, args.input, args.out, _job_options(args), Backends(), args.job_id, per_stage, keep_logs=args.keep_logs
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -149,7 +202,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     paths = write_demo_images(args.folder, args.count, args.seed)
     print(f"wrote {len(paths)} sample images to {args.folder}")
-    return 0
+    return ExitCode.OK
 
 
 # Commands whose own parser lives with their code: ``pixelrelay NAME ...`` -> module.main(argv).
@@ -165,16 +218,41 @@ DELEGATED_HELP = {
 }
 
 
+BENCH_SUBCOMMANDS = {"quality": "restoration quality of the shipped pipelines on a folder of images"}
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelrelay bench", description="Benchmarks.")
+    sub = parser.add_subparsers(dest="bench", metavar="{" + ",".join(BENCH_SUBCOMMANDS) + "}")
+    for name, help_text in BENCH_SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _bench_argv(rest: list[str]) -> list[str]:
+    """The arguments for ``bench quality``; else bench's own help (exit 0) or usage error (exit 2)."""
+    if rest and rest[0] in BENCH_SUBCOMMANDS:
+        return rest[1:]
+    parser = _bench_parser()
+    if rest and rest[0] in ("-h", "--help"):
+        parser.print_help()
+        raise SystemExit(ExitCode.OK)
+    parser.print_usage(sys.stderr)
+    what = f"unknown benchmark {rest[0]!r}" if rest else "name a benchmark"
+    print(f"pixelrelay bench: error: {what} (choose from {', '.join(BENCH_SUBCOMMANDS)})", file=sys.stderr)
+    raise SystemExit(ExitCode.USAGE)
+
+
 def _delegate(argv: list[str]) -> int:
     import importlib
 
     name, rest = argv[0], argv[1:]
     if name == "bench":
-        if not rest or rest[0] != "quality":
-            print("pixelrelay bench: usage: pixelrelay bench quality --data DIR [...]", file=sys.stderr)
-            return EXIT_USAGE
-        rest = rest[1:]
-    return importlib.import_module(DELEGATED[name]).main(rest)
+        rest = _bench_argv(rest)
+    try:
+        return int(importlib.import_module(DELEGATED[name]).main(rest))
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
 
 
 COMMANDS = {
@@ -199,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (ConfigError, InputError, StorageError) as exc:
         print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

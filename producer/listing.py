@@ -2,7 +2,8 @@
 
 Each source maps to ``OUTPUT/<its path relative to the input root, new extension>``. Two
 sources that would map to the same output (``a.png`` and ``a.jpg``) keep their old
-extension in the name (``a.jpg.png``) rather than overwrite each other.
+extension in the name (``a.jpg.png``) rather than overwrite each other. An input that
+lists no images is an ``InputError`` (a usage error): most often a wrong path or prefix.
 """
 
 from __future__ import annotations
@@ -120,9 +121,23 @@ def plan_items(sources: list[str], root: str, output_uri: str, fmt: str | None) 
         yield Item(index=index, input=uri, output=join_uri(output_uri, *name.split("/")))
 
 
+def _nothing_listed(input_uri: str, storage: Storage) -> InputError:
+    if _is_manifest(input_uri, storage):
+        return InputError(f"manifest {input_uri} lists no images: is it the right file?")
+    kinds = ", ".join(sorted({e.lstrip(".") for e in C.INPUT_EXTENSIONS}))
+    if is_s3(input_uri):
+        hint = f"is the prefix right? It is read as a folder ({input_uri.rstrip('/')}/...); keys are case-sensitive"
+    else:
+        hint = "is the path right? Hidden files and folders are skipped"
+    return InputError(f"input {input_uri} lists no images ({kinds}): {hint}")
+
+
 def list_items(input_uri: str, output_uri: str, storage: Storage, fmt: str | None) -> Iterator[Item]:
+    """The job's items; InputError when the input can't be listed or lists nothing."""
     try:
         sources, root = list_sources(input_uri, storage, output_uri)
     except StorageNotFoundError as exc:
         raise InputError(str(exc)) from None
+    if not sources:
+        raise _nothing_listed(input_uri, storage)
     return plan_items(sources, root, output_uri, fmt)

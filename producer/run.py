@@ -3,22 +3,29 @@
 Starts an embedded Redis when none is configured, one worker process per stage (the same
 ``pixelrelay worker`` a cluster runs), submits the job, shows progress, waits, and shuts
 everything down.
+
+The workers log to ``<tmp>/pixelrelay-workers-XXXX/{encode,plan,decode}.log``; the folder is
+printed (stderr) when the workers start. It is deleted after a run that ends with every item
+done, unless ``--keep-logs``, and kept, and printed again, after anything else (items failed,
+a worker died, an error, Ctrl-C).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
 
+from pixelrelay.exitcodes import ExitCode
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import Backends, JobOptions
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.producer.embedded import EmbeddedRedis
-from pixelrelay.producer.status import summarize, wait_for_job
+from pixelrelay.producer.status import WaitAborted, summarize, wait_for_job
 from pixelrelay.producer.submit import redis_client, submit
 from pixelrelay.jobs.state import JobState
 
@@ -32,16 +39,24 @@ class LocalWorkers:
 
     def start(self) -> None:
         for stage in C.STAGES:
-            log = open(os.path.join(self.logdir, f"{stage}.log"), "wb")
             cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
-            self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            with open(os.path.join(self.logdir, f"{stage}.log"), "wb") as log:
+                self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def problem(self) -> str | None:
         for stage, proc in self.procs.items():
             if proc.poll() is not None:
-                tail = open(os.path.join(self.logdir, f"{stage}.log"), "rb").read()[-2000:].decode(errors="replace")
+                with open(os.path.join(self.logdir, f"{stage}.log"), "rb") as log:
+                    tail = log.read()[-2000:].decode(errors="replace")
                 return f"the {stage} worker exited with code {proc.returncode}:\n{tail}"
         return None
+
+    def finish_logs(self, ok: bool, keep: bool) -> None:
+        """Delete the log folder after a clean run (unless ``keep``); else say where it is."""
+        if ok and not keep:
+            shutil.rmtree(self.logdir, ignore_errors=True)
+        else:
+            print(f"worker logs kept in {self.logdir}", file=sys.stderr, flush=True)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         for proc in self.procs.values():
@@ -62,7 +77,9 @@ def run_local(
     backends: Backends,
     job_id: str | None,
     worker_args: dict[str, list[str]],
+    keep_logs: bool = False,
 ) -> int:
+    outcome: int | None = None
     with ExitStack() as stack:
         env = dict(os.environ)
         if not settings.redis:
@@ -72,10 +89,19 @@ def run_local(
         # Share the cores between the three local workers unless told otherwise.
         env.setdefault("PIXELRELAY_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
         workers = LocalWorkers(env, worker_args)
+        # Runs after the workers stop (callbacks unwind last-in first-out), whatever happened.
+        stack.callback(lambda: workers.finish_logs(outcome == ExitCode.OK, keep_logs))
         stack.callback(workers.stop)
+        print(f"worker logs: {workers.logdir}", file=sys.stderr, flush=True)
         workers.start()
         submission = submit(settings, input_uri, output_uri, options, backends, job_id)
         print(submission.job_id, flush=True)
         state = JobState(redis_client(settings), submission.job_id)
-        wait_for_job(state, settings, sys.stderr, health=workers.problem)
-        return summarize(state, settings, sys.stderr)
+        try:
+            wait_for_job(state, settings, sys.stderr, health=workers.problem)
+        except WaitAborted as exc:  # a worker exited; the message has its log tail
+            print(f"pixelrelay run: {exc}", file=sys.stderr, flush=True)
+            outcome = ExitCode.WORKER_EXITED
+        else:
+            outcome = summarize(state, settings, sys.stderr)
+    return outcome

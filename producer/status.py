@@ -1,34 +1,143 @@
-"""Job status: counts per state, a progress bar with rate and ETA, and waiting for the end."""
+"""Job status: counts per state, progress with rate and ETA, and waiting for the end.
+
+Invariants:
+
+* On a terminal (stderr a TTY) progress is one line redrawn in place by ``rich``: it is
+  built for the console's current width, so it never wraps or leaves stale characters.
+* Elsewhere (a pipe, a log file) progress is plain text, one ``key=value`` line at most
+  every ``PLAIN_EVERY_S`` seconds while the counts change, plus the first and the last.
+* ``--timeout`` never touches the job: waiting stops (``WaitTimeout``), the job goes on.
+
+Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
+are not kept there, so the display shows done / failed / pending.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, TextIO
 
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from pixelrelay.exitcodes import ExitCode
+from pixelrelay.jobs.feed import finalize_if_complete
 from pixelrelay.jobs.files import manifest_uri
+from pixelrelay.jobs.state import Counts, JobState
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.submit import redis_client
-from pixelrelay.jobs.feed import finalize_if_complete
-from pixelrelay.jobs.state import Counts, JobState
 
-EXIT_OK, EXIT_FAILED_ITEMS, EXIT_USAGE = 0, 1, 2
 STALL_FINALIZE_S = 10.0  # complete but no manifest this long: finish it from here
+PLAIN_EVERY_S = 10.0  # non-TTY progress: at most one line this often
+MIN_BAR_WIDTH = 10  # narrower than this, the bar is left out
 
 
-def progress_line(counts: Counts, rate: float, width: int = 30) -> str:
-    finished = counts.done + counts.failed
-    fraction = finished / counts.total if counts.total else 1.0
-    filled = int(round(fraction * width))
-    bar = "#" * filled + "-" * (width - filled)
-    eta = counts.pending / rate if rate > 0 else float("inf")
-    eta_text = "--:--" if eta == float("inf") else time.strftime("%H:%M:%S", time.gmtime(eta))
+class WaitAborted(RuntimeError):
+    """The ``health`` check of ``wait_for_job`` reported a problem (e.g. a local worker died)."""
+
+
+class WaitTimeout(Exception):
+    """Waiting for a job gave up after ``--timeout`` seconds; the job itself goes on."""
+
+    def __init__(self, job_id: str, seconds: float) -> None:
+        super().__init__(f"gave up waiting after {seconds:g} s; job {job_id} goes on")
+        self.job_id, self.seconds = job_id, seconds
+
+
+def eta_text(counts: Counts, rate: float) -> str:
+    if counts.pending == 0:
+        return "0:00:00"
+    if rate <= 0:
+        return "--:--"
+    seconds = int(round(counts.pending / rate))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _percent(counts: Counts) -> float:
+    return 100.0 * (counts.done + counts.failed) / counts.total if counts.total else 100.0
+
+
+def plain_line(counts: Counts, rate: float) -> str:
+    """One parseable ``key=value`` line (pipes, logs and one-shot ``status``)."""
     return (
-        f"[{bar}] {fraction * 100:5.1f}%  done {counts.done}  failed {counts.failed}  "
-        f"pending {counts.pending}  of {counts.total}  {rate:.2f} items/s  ETA {eta_text}"
+        f"done={counts.done} failed={counts.failed} pending={counts.pending} total={counts.total} "
+        f"percent={_percent(counts):.1f} rate={rate:.2f}/s eta={eta_text(counts, rate)}"
     )
+
+
+def stats_text(counts: Counts, rate: float) -> str:
+    return (
+        f"{_percent(counts):5.1f}%  done {counts.done}  failed {counts.failed}  pending {counts.pending}"
+        f"  of {counts.total}  {rate:.2f}/s  ETA {eta_text(counts, rate)}"
+    )
+
+
+@dataclass
+class ProgressDisplay:
+    """A one-line rich renderable: a bar that takes the room the figures leave."""
+
+    counts: Counts
+    rate: float
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        stats = Text(stats_text(self.counts, self.rate), no_wrap=True, overflow="ellipsis")
+        stats.highlight_regex(r"failed [1-9]\d*", "bold red")
+        bar_width = width - len(stats) - 1
+        grid = Table.grid(padding=(0, 1) if bar_width >= MIN_BAR_WIDTH else 0)
+        if bar_width >= MIN_BAR_WIDTH:
+            finished = self.counts.done + self.counts.failed
+            grid.add_column(width=bar_width, no_wrap=True)
+            grid.add_column(no_wrap=True, overflow="ellipsis")
+            grid.add_row(ProgressBar(total=max(1, self.counts.total), completed=finished, width=bar_width), stats)
+        else:
+            stats.truncate(width, overflow="ellipsis")
+            grid.add_column(no_wrap=True, overflow="ellipsis", max_width=width)
+            grid.add_row(stats)
+        yield grid
+
+
+class _LiveView:
+    def __init__(self, console: Console) -> None:
+        self.live = Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
+        self.live.start()
+
+    def show(self, counts: Counts, rate: float, final: bool = False) -> None:
+        self.live.update(ProgressDisplay(counts, rate), refresh=True)
+
+    def close(self) -> None:
+        self.live.stop()  # leaves the last line in place and moves to the next
+
+
+class _PlainView:
+    def __init__(self, stream: TextIO, every_s: float) -> None:
+        self.stream, self.every_s = stream, every_s
+        self.last_counts: Counts | None = None
+        self.last_at = float("-inf")
+
+    def show(self, counts: Counts, rate: float, final: bool = False) -> None:
+        changed = counts != self.last_counts
+        due = time.monotonic() - self.last_at >= self.every_s
+        if changed and (final or due):
+            self.stream.write(plain_line(counts, rate) + "\n")
+            self.stream.flush()
+            self.last_counts, self.last_at = counts, time.monotonic()
+
+    def close(self) -> None:
+        pass
+
+
+def _view(console: Console, plain_every_s: float):
+    if console.is_terminal and not console.is_dumb_terminal:
+        return _LiveView(console)
+    return _PlainView(console.file, plain_every_s)
 
 
 def _rate(info: dict[str, str], counts: Counts) -> float:
@@ -43,47 +152,51 @@ def is_finished(info: dict[str, str]) -> bool:
     return bool(info.get("finished_at")) and info.get("finished_seq") == info.get("seq")
 
 
+def _finalize_if_stalled(state: JobState, settings: Settings) -> None:
+    spec = state.spec()
+    finalize_if_complete(state, open_storage(spec.output, settings.s3_endpoint_url), spec, state.seq())
+
+
 def wait_for_job(
     state: JobState,
     settings: Settings,
     stream: TextIO = sys.stderr,
     poll_s: float = 0.5,
     health: Callable[[], str | None] | None = None,
+    timeout_s: float | None = None,
+    console: Console | None = None,
+    plain_every_s: float = PLAIN_EVERY_S,
 ) -> Counts:
-    """Block until the job's manifest is written, drawing progress on ``stream``.
-
-    ``health`` may return a reason to give up (e.g. a local worker died)."""
-    tty = stream.isatty()
+    """Block until the job's manifest is written, showing progress on ``console`` (default:
+    one for ``stream``). ``health`` may return a reason to give up (e.g. a local worker
+    died): WaitAborted. After ``timeout_s`` seconds: WaitTimeout."""
+    view = _view(console or Console(file=stream), plain_every_s)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     complete_since: float | None = None
-    last_line = ""
-    while True:
-        counts, info = state.counts(), state.info()  # one read of the job hash per tick
-        line = progress_line(counts, _rate(info, counts))
-        if tty:
-            stream.write("\r" + line)
-        elif line != last_line and (counts.complete or int(time.time()) % 5 == 0):
-            stream.write(line + "\n")
-        stream.flush()
-        last_line = line
-        if is_finished(info):
-            break
-        if counts.complete:
-            complete_since = complete_since or time.monotonic()
-            if time.monotonic() - complete_since > STALL_FINALIZE_S:
-                spec = state.spec()
-                finalize_if_complete(state, open_storage(spec.output, settings.s3_endpoint_url), spec, state.seq())
-        if health is not None:
-            problem = health()
+    try:
+        while True:
+            counts, info = state.counts(), state.info()  # one read of the job hash per tick
+            finished = is_finished(info)
+            view.show(counts, _rate(info, counts), final=finished)
+            if finished:
+                return state.counts()
+            if counts.complete:
+                complete_since = complete_since or time.monotonic()
+                if time.monotonic() - complete_since > STALL_FINALIZE_S:
+                    _finalize_if_stalled(state, settings)
+            problem = health() if health is not None else None
             if problem:
-                raise RuntimeError(problem)
-        time.sleep(poll_s)
-    if tty:
-        stream.write("\n")
-    return state.counts()
+                raise WaitAborted(problem)
+            if deadline is not None and time.monotonic() >= deadline:
+                view.show(counts, _rate(info, counts), final=True)
+                raise WaitTimeout(state.job_id, timeout_s)
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+    finally:
+        view.close()
 
 
 def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures: int = 10) -> int:
-    """Print the outcome; returns the exit code (0 all done, 1 some failed)."""
+    """Print the outcome; returns the exit code (OK all done, FAILED_ITEMS some failed)."""
     info = state.info()
     spec = state.spec()
     done, failed = int(info.get("manifest_done", 0)), int(info.get("manifest_failed", 0))
@@ -103,18 +216,28 @@ def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures:
                 if shown >= max_failures:
                     stream.write(f"  ... and {failed - shown} more (see the manifest)\n")
                     break
-    return EXIT_FAILED_ITEMS if failed or missing else EXIT_OK
+    return ExitCode.FAILED_ITEMS if failed or missing else ExitCode.OK
 
 
-def show_status(settings: Settings, job_id: str, wait: bool, stream: TextIO = sys.stdout) -> int:
+def show_status(
+    settings: Settings,
+    job_id: str,
+    wait: bool,
+    stream: TextIO = sys.stdout,
+    timeout_s: float | None = None,
+) -> int:
     state = JobState(redis_client(settings), job_id)
     if not state.exists():
         stream.write(f"unknown job {job_id}\n")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if wait:
-        wait_for_job(state, settings, sys.stderr)
+        try:
+            wait_for_job(state, settings, sys.stderr, timeout_s=timeout_s)
+        except WaitTimeout as exc:
+            sys.stderr.write(f"pixelrelay: {exc}\n  to watch it again: pixelrelay status {job_id} --wait\n")
+            return ExitCode.TIMEOUT
     counts, info = state.counts(), state.info()
-    stream.write(progress_line(counts, _rate(info, counts)) + "\n")
+    stream.write(plain_line(counts, _rate(info, counts)) + "\n")
     if is_finished(info):
         return summarize(state, settings, stream)
-    return EXIT_OK
+    return ExitCode.OK

@@ -38,20 +38,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pixelrelay.exitcodes import ExitCode
 from pixelrelay.training import degradations as D
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import JobOptions
 from pixelrelay.training import data
 
 SEED = 2024
-FLOORS = {
-    "bicubic_x2_gain_db": 2.5,  # builtin over bicubic
-    "bicubic_x4_gain_db": 1.2,
-    "realistic_x2_gain_over_classic_db": 2.0,
-    "noise_abs_err": 3.0,
-    "jpeg_quality_abs_err": 10.0,
-    "seconds_per_512_output": 0.5,
-}
 
 
 def _pipelines(device: str):
@@ -224,10 +217,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    train_files, val_files = data.split(args.data)
+    try:
+        train_files, val_files = data.split(args.data)
+    except FileNotFoundError as exc:
+        print(f"pixelrelay bench quality: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     files = val_files if args.split == "val" else sorted(train_files + val_files)
     if args.limit:
         files = files[: args.limit]
+    if not files:
+        print(f"pixelrelay bench quality: no {args.split} images in {args.data} "
+              "(every fifth file of a folder is validation; --split all uses every file)", file=sys.stderr)
+        return ExitCode.USAGE
     hrs = data.load_images(files)
     if args.degradation is None and args.scale is None:
         configs = [("bicubic", 2), ("bicubic", 4), ("realistic", 2)]
@@ -304,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pixelrelay.exitcodes import ExitCode
 from pixelrelay.training import degradations as D
 from pixelrelay.pipeline import nets
 from pixelrelay.training import data
@@ -406,10 +407,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads or cfg.get("threads", 2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = Log(Path(args.log) if args.log else out.with_suffix(".jsonl"), echo=not args.quiet)
-    train_files, val_files = data.split(args.data)
+    try:
+        train_files, val_files = data.split(args.data)
+    except FileNotFoundError as exc:
+        print(f"pixelrelay train: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     if not train_files:
-        raise SystemExit("no training images (every fifth file is validation)")
+        print("pixelrelay train: no training images (every fifth file is validation)", file=sys.stderr)
+        return ExitCode.USAGE
+    log = Log(Path(args.log) if args.log else out.with_suffix(".jsonl"), echo=not args.quiet)
     if not val_files:  # tiny folders: validate on the training files rather than not at all
         val_files = train_files[:1]
     log.write(event="config", kind=args.kind, seed=seed, config=cfg, data=str(args.data),
@@ -421,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = fn(cfg, train_imgs, val_imgs, seed, log, out)
     log.write(event="done", elapsed_s=time.time() - t0, out=str(out), **metrics)
     log.close()
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

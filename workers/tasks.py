@@ -20,8 +20,8 @@ from typing import Callable, Sequence, TypeVar
 from celery import Celery, Task
 
 from pixelrelay.jobs.state import JobState
-from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, decode_image, encode_image, format_for_uri
-from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord
+from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
+from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobOptions
 from pixelrelay.pipeline.storage import StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender
@@ -175,7 +175,7 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             if isinstance(result, Exception):
                 record.fail("decode", _reason(result))
             else:  # encode + upload in the background while the next batch runs
-                writes.append((record, rt.io.submit(_write_output, rt, record, image, result)))
+                writes.append((record, rt.io.submit(_write_output, rt, record, image, result, msg.options)))
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
     for record, write in writes:
@@ -187,7 +187,10 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             record.fail("decode", f"cannot write output: {_reason(exc)}")
 
 
-def _write_output(rt: Runtime, record: ItemRecord, image: DecodedImage, restored) -> None:
+def _write_output(
+    rt: Runtime, record: ItemRecord, image: DecodedImage, restored, options: JobOptions | None = None
+) -> None:
+    options = options or JobOptions()
     scale = record.plan.scale
     expected = (image.height * scale, image.width * scale)
     if tuple(restored.rgb.shape[:2]) != expected:
@@ -198,8 +201,11 @@ def _write_output(rt: Runtime, record: ItemRecord, image: DecodedImage, restored
         alpha=restored.alpha,
         icc_profile=image.icc_profile,
         exif=image.exif,
+        quality=options.quality,
+        lossless=options.lossless,
     )
-    rt.storage(record.output).put(record.output, data)  # one PUT / atomic rename
+    # One PUT (with its image/* Content-Type) / one atomic rename.
+    rt.storage(record.output).put(record.output, data, content_type(record.plan.output_format))
     record.notes.extend([*restored.notes, *notes])
     record.output_size = (expected[1], expected[0])
     record.status = "done"

@@ -2,11 +2,14 @@
 
 Every object is addressed by a full URI (a local path or ``s3://bucket/key``). Writes are
 atomic: readers never see a partial object (local: temp file + rename; S3: one PUT or a
-completed multipart upload).
+completed multipart upload). Local files get the mode the process umask allows (0644 under
+umask 022), as if created by ``open``; S3 objects get a Content-Type, the one given or else
+the one their key's extension names (``binary/octet-stream``, S3's own default, otherwise).
 """
 
 from __future__ import annotations
 
+import mimetypes
 import os
 from abc import ABC, abstractmethod
 from typing import BinaryIO, Iterator
@@ -42,6 +45,25 @@ def join_uri(root: str, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+# Types we write, by extension; mimetypes (the platform's table) covers the rest.
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".json": "application/json",
+    ".jsonl": "application/x-ndjson",
+}
+
+
+def content_type_for(uri: str) -> str | None:
+    """The MIME type a key's extension names, or None when it names none."""
+    ext = os.path.splitext(uri.rsplit("/", 1)[-1])[1].lower()
+    if not ext:
+        return None
+    return CONTENT_TYPES.get(ext) or mimetypes.guess_type("x" + ext)[0]
+
+
 class Storage(ABC):
     """Byte-level object access by URI."""
 
@@ -49,11 +71,12 @@ class Storage(ABC):
     def get(self, uri: str) -> bytes: ...
 
     @abstractmethod
-    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None: ...
+    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
+        """Write one object atomically; ``content_type`` defaults to ``content_type_for(uri)``."""
 
     @abstractmethod
-    def put_file(self, uri: str, fileobj: BinaryIO) -> None:
-        """Upload a (possibly large) file object atomically."""
+    def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
+        """Upload a (possibly large) file object atomically (``content_type`` as for put)."""
 
     @abstractmethod
     def exists(self, uri: str) -> bool: ...

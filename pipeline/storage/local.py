@@ -1,13 +1,32 @@
-"""Local-folder storage. Writes go to a temp file in the same folder, then ``os.replace``."""
+"""Local-folder storage. Writes go to a temp file in the same folder, then ``os.replace``.
+
+The temp file is created with ``O_CREAT | O_EXCL`` and mode 0666, so the kernel applies the
+process umask as it does for any new file (0644 under umask 022); ``mkstemp``'s fixed 0600
+would leave outputs unreadable to everyone else. Content types do not apply here.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from typing import BinaryIO, Iterator
 
 from pixelrelay.pipeline.storage.base import Storage, StorageError, StorageNotFoundError
+
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_temp(folder: str) -> tuple[int, str]:
+    """A new, empty, uniquely named temp file in ``folder``: (fd, path), mode 0666 & ~umask."""
+    for _ in range(100):
+        path = os.path.join(folder, f".pixelrelay-{secrets.token_hex(8)}.part")
+        try:
+            return os.open(path, _TEMP_FLAGS, 0o666), path
+        except FileExistsError:
+            continue
+    raise StorageError(f"cannot create a temp file in {folder}")
 
 
 class LocalStorage(Storage):
@@ -25,7 +44,7 @@ class LocalStorage(Storage):
     def _atomic_write(self, uri: str, write) -> None:
         folder = os.path.dirname(os.path.abspath(uri))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pixelrelay-", suffix=".part")
+        fd, tmp = _create_temp(folder)
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
@@ -42,7 +61,7 @@ class LocalStorage(Storage):
     def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
         self._atomic_write(uri, lambda f: f.write(data))
 
-    def put_file(self, uri: str, fileobj: BinaryIO) -> None:
+    def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
         self._atomic_write(uri, lambda f: shutil.copyfileobj(fileobj, f, 1 << 20))
 
     def exists(self, uri: str) -> bool:

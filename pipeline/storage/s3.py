@@ -29,6 +29,7 @@ from pixelrelay.pipeline.storage.base import (
     StorageError,
     StorageNotFoundError,
     TransientStorageError,
+    content_type_for,
     split_uri,
 )
 
@@ -63,6 +64,11 @@ def _map_error(exc: Exception, uri: str) -> Exception:
     return exc
 
 
+def _content_type_args(uri: str, content_type: str | None) -> dict[str, str]:
+    content_type = content_type or content_type_for(uri)
+    return {"ContentType": content_type} if content_type else {}
+
+
 class S3Storage(Storage):
     _clients: dict[tuple[int, str | None], "S3Storage"] = {}
     _lock = threading.Lock()
@@ -95,16 +101,16 @@ class S3Storage(Storage):
 
     def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
         bucket, key = split_uri(uri)
-        extra = {"ContentType": content_type} if content_type else {}
         try:
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, **_content_type_args(uri, content_type))
         except Exception as exc:
             raise _map_error(exc, uri) from None
 
-    def put_file(self, uri: str, fileobj: BinaryIO) -> None:
+    def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
         bucket, key = split_uri(uri)
+        extra = _content_type_args(uri, content_type)
         try:
-            self.client.upload_fileobj(fileobj, bucket, key, Config=self.transfer)
+            self.client.upload_fileobj(fileobj, bucket, key, ExtraArgs=extra or None, Config=self.transfer)
         except Exception as exc:
             raise _map_error(getattr(exc, "last_exception", None) or exc, uri) from None
 

@@ -147,3 +147,54 @@ def test_format_for_uri():
     assert format_for_uri("s3://b/x/a.jpg") == "jpg"
     assert format_for_uri("/o/a.webp") == "webp"
     assert format_for_uri("/o/a.png") == "png"
+
+
+def _photo(w: int = 96, h: int = 64) -> np.ndarray:
+    """Smooth gradients plus mild noise: what lossy codecs are tuned for."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([128 + 90 * np.sin(x / 9 + c) * np.cos(y / 13 - c) for c in range(3)], -1)
+    rgb += np.random.default_rng(1).normal(0, 6, rgb.shape)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _error(data: bytes, rgb: np.ndarray) -> float:
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.float64)
+    return float(np.abs(decoded - rgb).mean())
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_lossy_quality_trades_size_for_error(fmt):
+    rgb = _photo()
+    outs = [encode_image(rgb, fmt, quality=q)[0] for q in (10, 50, 92)]
+    sizes, errors = [len(d) for d in outs], [_error(d, rgb) for d in outs]
+    assert sizes[0] < sizes[1] < sizes[2], sizes
+    assert errors[0] > errors[1] > errors[2] > 0, errors
+    assert Image.open(io.BytesIO(outs[0])).format == ("JPEG" if fmt == "jpg" else "WEBP")
+
+
+def test_webp_lossless_round_trips_exactly_and_ignores_quality():
+    rgb = _photo()
+    alpha = (np.arange(96, dtype=np.uint8)[None, :].repeat(64, 0) * 2)
+    data, _ = encode_image(rgb, "webp", alpha=alpha, lossless=True, quality=5)
+    decoded = np.asarray(Image.open(io.BytesIO(data)))
+    assert np.array_equal(decoded[..., :3], rgb) and np.array_equal(decoded[..., 3], alpha)
+    assert _error(encode_image(rgb, "webp")[0], rgb) > 0  # the default WebP is lossy
+
+
+@pytest.mark.parametrize("quality", [0, 101])
+def test_quality_out_of_range_is_refused(quality):
+    with pytest.raises(ValueError, match="quality"):
+        encode_image(_photo(8, 8), "jpg", quality=quality)
+
+
+def test_job_options_carry_quality_and_old_messages_still_validate():
+    from pydantic import ValidationError
+
+    from pixelrelay.pipeline.messages import JobOptions
+
+    old = JobOptions.model_validate_json('{"task": "restore", "scale": null, "instruction": "", "format": "jpg"}')
+    assert (old.quality, old.lossless) == (92, False)
+    assert JobOptions(quality=40, lossless=True).model_dump()["quality"] == 40
+    for bad in (0, 101):
+        with pytest.raises(ValidationError):
+            JobOptions(quality=bad)
