@@ -11,6 +11,7 @@ from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Operation, Plan
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.decoders.hf_sr import HFSuperResolutionDecoder
+from pixelrelay.pipeline.stages.decoders.learned import TileConfig
 from pixelrelay.pipeline.tiling import TileOutOfMemoryError
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_swin2sr, tiny_model
 
@@ -27,7 +28,7 @@ def sr_x4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decoder(sr_x2, sr_x4):
-    return HFSuperResolutionDecoder(f"{sr_x2},{sr_x4}", tile=64, overlap=32, tile_batch=4, min_tile=16)
+    return HFSuperResolutionDecoder(f"{sr_x2},{sr_x4}", tiles=TileConfig(tile=64, overlap=32, tile_batch=4, min_tile=16))
 
 
 def _image(h, w, seed=0, alpha=False):
@@ -52,7 +53,7 @@ def test_output_is_exactly_scale_times_input(decoder, sr_x2, sr_x4):
 
 def test_model_choice_by_scale_and_degradation(tmp_path_factory, sr_x2):
     compressed = tiny_model(tmp_path_factory, make_tiny_swin2sr, "swin2SR-compressed-sr-x2", upscale=2, seed=2)
-    dec = HFSuperResolutionDecoder(f"{sr_x2},{compressed}", tile=64, overlap=16)
+    dec = HFSuperResolutionDecoder(f"{sr_x2},{compressed}", tiles=TileConfig(tile=64, overlap=16))
     assert dec.choose(Plan(scale=2)).model_id == str(sr_x2)
     assert dec.choose(Plan(scale=2, jpeg_quality=40)).model_id == str(compressed)
     assert dec.choose(Plan(scale=2, operations=[Operation(name="deblock", strength=0.5)])).model_id == str(compressed)
@@ -78,8 +79,8 @@ def test_batch_equals_single_calls(decoder):
 def test_tiled_equals_untiled(decoder):
     m = decoder.models[0]
     x = torch.rand(1, 3, 80, 72)
-    untiled, s1 = decoder.upscale_tensor(m, x, tile=4096)
-    tiled, s2 = decoder.upscale_tensor(m, x, tile=48, overlap=32)
+    untiled, s1 = decoder.upscale_tensor(m, x, [Plan(scale=2)], tile=4096)
+    tiled, s2 = decoder.upscale_tensor(m, x, [Plan(scale=2)], tile=48, overlap=32)
     assert s1.tile >= 80 and s2.tile == 48
     assert tiled.shape == untiled.shape == (1, 3, 160, 144)
     assert float((tiled - untiled).abs().max()) < 1e-4
@@ -111,7 +112,7 @@ class _LimitedForward:
 
 
 def test_oom_fallback_under_simulated_memory_limit(sr_x2):
-    dec = HFSuperResolutionDecoder(str(sr_x2), tile=64, overlap=32, tile_batch=8, min_tile=16)
+    dec = HFSuperResolutionDecoder(str(sr_x2), tiles=TileConfig(tile=64, overlap=32, tile_batch=8, min_tile=16))
     img = _image(48, 40)
     reference = dec.restore([img], [Plan(scale=2)])[0]
     m = dec.models[0]
@@ -153,7 +154,7 @@ def test_hub_id_loads_from_cache_offline(tmp_path, monkeypatch, sr_x2):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     HFSuperResolutionDecoder.check_available(None)  # the default hub id, from the cache
-    dec = HFSuperResolutionDecoder(None, tile=64, overlap=16)
+    dec = HFSuperResolutionDecoder(None, tiles=TileConfig(tile=64, overlap=16))
     assert dec.models[0].model_id == "caidas/swin2SR-classical-sr-x2-64"
     assert dec.restore([_image(9, 11)], [Plan(scale=2)])[0].rgb.shape == (18, 22, 3)
 
@@ -173,7 +174,7 @@ def test_sd_upscale_tiny_pipeline(sd_folder):
     from pixelrelay.pipeline.stages.decoders.sd_upscale import SDUpscaleDecoder
 
     SDUpscaleDecoder.check_available(str(sd_folder))
-    dec = SDUpscaleDecoder(str(sd_folder), steps=2, tile=32, overlap=16)
+    dec = SDUpscaleDecoder(str(sd_folder), steps=2, tiles=TileConfig(tile=32, overlap=16))
     img = _image(16, 16, alpha=True)
     plans = [Plan(scale=4, prompt="a photo of a cat"), Plan(scale=2, prompt="a photo of a cat")]
     out = dec.restore([img, img], plans)
