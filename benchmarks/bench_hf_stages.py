@@ -57,6 +57,7 @@ def _time(fn, n_items: int, device: str, repeat: int) -> tuple[float, float | No
 def bench(label: str, folders: dict[str, Path], device: str, batches: list[int], repeat: int, image_size: int,
           sr_tile: int) -> list[tuple]:
     from pixelrelay.pipeline.stages.decoders.hf_sr import HFSuperResolutionDecoder
+    from pixelrelay.pipeline.stages.decoders.learned import TileConfig
     from pixelrelay.pipeline.stages.encoders.hf_caption import HFCaptionEncoder
     from pixelrelay.pipeline.stages.planners.hf_llm import HFLLMPlanner
 
@@ -73,7 +74,7 @@ def bench(label: str, folders: dict[str, Path], device: str, batches: list[int],
         rate, peak = _time(lambda: planner.plan(descs, opts), b, device, repeat)
         rows.append((label, "planner hf-llm", b, rate, peak))
     del planner
-    dec = HFSuperResolutionDecoder(str(folders["sr"]), device=device, tile=sr_tile, tile_batch=max(batches))
+    dec = HFSuperResolutionDecoder(str(folders["sr"]), device=device, tiles=TileConfig(tile=sr_tile, tile_batch=max(batches)))
     for b in batches:
         ims = _images(b, image_size, seed=1)
         plans = [Plan(scale=dec.models[0].upscale)] * b

@@ -155,31 +155,21 @@ def pull_model(model: str, extra_patterns: Iterable[str] = ()) -> str:
 # --- devices and dtypes ------------------------------------------------------------------
 
 
-def torch_device(device: str) -> Any:
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def choose_dtype(device: str, prefer: str = "auto") -> Any:
+    """fp32 on CPU (and MPS); on CUDA ``prefer`` ("fp32", "fp16", "bf16"), or with "auto"
+    bf16 where the GPU supports it, else fp16. The caller passes the setting
+    (``Settings.dtype``); nothing here reads the environment."""
     import torch
 
-    return torch.device(device)
-
-
-def choose_dtype(device: str, prefer: str | None = None) -> Any:
-    """fp32 on CPU; on CUDA bf16 where supported, else fp16.
-
-    ``prefer`` (or the ``PIXELRELAY_DTYPE`` setting) may force "fp32", "fp16" or "bf16" on GPU.
-    """
-    import torch
-
-    dev = torch.device(device)
-    if dev.type != "cuda":
+    if torch.device(device).type != "cuda":
         return torch.float32
-    if prefer is None:
-        from pixelrelay.pipeline.settings import Settings
-
-        prefer = Settings.from_env().dtype
-    prefer = prefer.lower()
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if prefer in table:
-        return table[prefer]
+    name = DTYPES.get((prefer or "auto").lower())
+    if name is not None:
+        return getattr(torch, name)
     try:
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16

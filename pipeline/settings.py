@@ -42,8 +42,13 @@ class Settings(BaseSettings):
     planner: str = C.DEFAULT_PLANNER
     decoder: str = C.DEFAULT_DECODER
     log_level: str = "INFO"
-    # Learned decoders: precision on GPU (CPU is always fp32) and tiled inference.
+    # Learned models: precision on GPU (CPU is always fp32). Learned decoders' tiled
+    # inference: one TILE/_OVERLAP/_TILE_BATCH/_MIN_TILE set per decoder (builtin, sr, sd).
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    builtin_tile: int = Field(256, ge=16)
+    builtin_overlap: int = Field(32, ge=0)
+    builtin_tile_batch: int = Field(8, ge=1)
+    builtin_min_tile: int = Field(32, ge=8)
     sr_tile: int = Field(256, ge=16)
     sr_overlap: int = Field(32, ge=0)
     sr_tile_batch: int = Field(4, ge=1)
@@ -91,6 +96,12 @@ class Settings(BaseSettings):
         if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return value
+
+    @classmethod
+    def defaults(cls) -> "Settings":
+        """The declared defaults, ignoring the environment (what a backend built without
+        settings uses: backends never read the environment themselves)."""
+        return cls.model_construct()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":

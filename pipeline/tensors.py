@@ -25,6 +25,19 @@ def to_uint8(t: torch.Tensor) -> np.ndarray:
     return (t.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 
+def resize_alpha(alpha: np.ndarray, scale: int, device: torch.device | str = "cpu") -> np.ndarray:
+    """The one alpha policy of every decoder: alpha is resized on its own, bilinear (no
+    ringing at hard mask edges), rounded; a uniform alpha (e.g. fully opaque) stays exact."""
+    target = (alpha.shape[0] * scale, alpha.shape[1] * scale)
+    if scale == 1:
+        return alpha.copy()
+    if alpha.size and alpha.min() == alpha.max():
+        return np.full(target, alpha.flat[0], dtype=np.uint8)
+    a = torch.from_numpy(np.require(alpha, dtype=np.uint8, requirements=["C", "W"])).to(device)[None, None].float()
+    a = F.interpolate(a, size=target, mode="bilinear", align_corners=False)
+    return a.round_().clamp_(0, 255).to(torch.uint8)[0, 0].cpu().numpy()
+
+
 def resize(t: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """Resize to (h, w). Downscales are anti-aliased (like PIL / MATLAB imresize)."""
     h, w = size

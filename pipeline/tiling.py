@@ -127,13 +127,18 @@ def run_tiled(
     align: int = 1,
     device: torch.device | str | None = None,
     out_dtype: torch.dtype = torch.float32,
+    pass_items: bool = False,
+    pad_mode: str = "reflect",
 ) -> torch.Tensor:
     """Apply ``fn`` tile by tile and blend; returns (B, C, H*scale, W*scale) on x's device.
 
     ``batch_size`` tiles (from any of the B images) go through ``fn`` per call.
     ``align``: tile sizes and starts are multiples of it (e.g. a transformer's window); the
-    input is reflect-padded on the bottom/right to a multiple of it and the output cropped.
+    input is padded on the bottom/right to a multiple of it (``pad_mode``: "reflect" where
+    the image is big enough, else "replicate"; or always "replicate") and the output cropped.
     ``device``: where tiles are sent before ``fn`` (default: x's device); results come back.
+    ``pass_items``: call ``fn(tiles, items)``, ``items[k]`` being the index in ``x`` of the
+    image tile k was cut from (for per-image conditioning).
     OOM errors propagate; see ``run_tiled_with_fallback``.
     """
     if x.dim() != 4:
@@ -144,7 +149,7 @@ def run_tiled(
     device = torch.device(device) if device is not None else x.device
     ph, pw = _align_up(h, align) - h, _align_up(w, align) - w
     if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
+        mode = "reflect" if pad_mode == "reflect" and ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
     H, W = h + ph, w + pw
     tile = _align_down(min(tile, max(H, W)), align)
@@ -161,7 +166,8 @@ def run_tiled(
     for k in range(0, len(jobs), batch_size):
         group = jobs[k : k + batch_size]
         crops = torch.stack([x[bi, :, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] for bi, i, j in group])
-        result = fn(crops.to(device))
+        crops = crops.to(device)
+        result = fn(crops, [bi for bi, _, _ in group]) if pass_items else fn(crops)
         expected = (len(group), c, th * scale, tw * scale)
         if tuple(result.shape) != expected:
             raise RuntimeError(f"tile function returned {tuple(result.shape)}, expected {expected}")
@@ -228,6 +234,8 @@ def run_tiled_with_fallback(
     device: torch.device | str | None = None,
     out_dtype: torch.dtype = torch.float32,
     what: str = "image",
+    pass_items: bool = False,
+    pad_mode: str = "reflect",
 ) -> tuple[torch.Tensor, TileSettings]:
     """``run_tiled`` under the OOM policy. Returns the output and the settings that worked
     (callers may keep them for the next image)."""
@@ -240,7 +248,7 @@ def run_tiled_with_fallback(
         ov = overlap if t >= first_tile else min(overlap, t // 2)
         mg = None if margin is None else min(margin, ov // 2)
         return run_tiled(fn, x, scale, t, ov, batch_size=bs, margin=mg, align=align,
-                         device=device, out_dtype=out_dtype)
+                         device=device, out_dtype=out_dtype, pass_items=pass_items, pad_mode=pad_mode)
 
     out, bs, t, retries = with_oom_fallback(
         run, batch_size=batch_size, tile=tile, min_tile=min(min_tile, tile), align=align, what=what

@@ -11,92 +11,37 @@ is present locally (a folder, or the Hugging Face cache). It never touches the n
 ``pull`` fills the Hugging Face cache ahead of time, so workers start offline
 (``HF_HUB_OFFLINE=1``). SPEC is ``KIND[:MODEL]`` as given to ``--encoder`` & co, e.g.
 ``hf-sr:caidas/swin2SR-classical-sr-x2-64,caidas/swin2SR-classical-sr-x4-64``; without a
-MODEL the backend's default is pulled. Until the ``pixelrelay`` CLI forwards to it, run
-``python -m pipeline.models_cli``.
+MODEL the backend's default is pulled.
+
+What a backend loads, its default model and the extra it needs come from the backend class
+itself (``default_model``, ``extra``, ``models_for``), through the registry, so plugin
+backends are listed and pulled like built-in ones. Listing imports the backend modules but
+not torch (they import it lazily).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import os
 import sys
-from dataclasses import dataclass
 
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline import hf
+from pixelrelay.pipeline.stages import registry
 from pixelrelay.pipeline.stages.base import StageSpec
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE = 0, 1, 2
 STAGES = ("encoder", "planner", "decoder")
-
-
-@dataclass(frozen=True)
-class WeightedBackend:
-    stage: str
-    target: str  # "module:Class"
-    default_model: str
-    split_models: bool = False  # MODEL may be a comma-separated list
-    needs: str | None = None  # an optional package it needs
-
-
-# Backends that load weights. Their registry entries are the same "module:Class" targets.
-HF_BACKENDS: dict[str, WeightedBackend] = {
-    "hf-caption": WeightedBackend(
-        "encoder", "pixelrelay.pipeline.stages.encoders.hf_caption:HFCaptionEncoder", "Salesforce/blip-image-captioning-base"
-    ),
-    "hf-llm": WeightedBackend("planner", "pixelrelay.pipeline.stages.planners.hf_llm:HFLLMPlanner", "Qwen/Qwen2.5-0.5B-Instruct"),
-    "hf-sr": WeightedBackend(
-        "decoder",
-        "pixelrelay.pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
-        "caidas/swin2SR-classical-sr-x2-64",
-        split_models=True,
-    ),
-    "sd-upscale": WeightedBackend(
-        "decoder",
-        "pixelrelay.pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
-        "stabilityai/stable-diffusion-x4-upscaler",
-        needs="diffusers",
-    ),
-}
 DEFAULTS = {"encoder": C.DEFAULT_ENCODER, "planner": C.DEFAULT_PLANNER, "decoder": C.DEFAULT_DECODER}
 
 
-def all_backends() -> dict[str, dict[str, str]]:
-    """stage -> kind -> target: the registry, plus the HF backends if not registered yet."""
-    from pixelrelay.pipeline.stages.registry import BACKENDS
-
-    merged = {stage: dict(kinds) for stage, kinds in BACKENDS.items()}
-    for kind, backend in HF_BACKENDS.items():
-        merged.setdefault(backend.stage, {}).setdefault(kind, backend.target)
-    return merged
-
-
-def stage_of(kind: str) -> str | None:
-    for stage, kinds in all_backends().items():
-        if kind in kinds:
-            return stage
-    return None
-
-
-def models_for(spec: StageSpec) -> list[str]:
-    backend = HF_BACKENDS.get(spec.kind)
-    if backend is None:
-        return []
-    model = spec.model or backend.default_model
-    if backend.split_models:
-        return [m.strip() for m in model.split(",") if m.strip()]
-    return [model]
-
-
-def _package_missing(backend: WeightedBackend) -> bool:
-    if not backend.needs:
-        return False
-    try:
-        importlib.import_module(backend.needs)
-    except ImportError:
-        return True
-    return False
+def _missing_extra(cls: type) -> str | None:
+    """The extra a backend class needs when it is not installed, else None."""
+    extra = getattr(cls, "extra", None)
+    if not extra:
+        return None
+    return None if importlib.util.find_spec(extra) is not None else extra  # found, not imported
 
 
 def configured_specs(args: argparse.Namespace) -> dict[str, str]:
@@ -118,19 +63,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     configured = configured_specs(args)
     rows: list[tuple[str, str, str, str, str]] = []
     missing_configured: list[str] = []
-    for stage, kinds in all_backends().items():
+    for stage in STAGES:
         conf = StageSpec.parse(configured.get(stage, DEFAULTS.get(stage, "")))
-        for kind in sorted(kinds):
+        for kind in registry.known_backends(stage):
             mark = "*" if conf.kind == kind else ""
-            backend = HF_BACKENDS.get(kind)
-            if backend is None:
-                rows.append((stage, kind + mark, "-", "built-in, no weights", ""))
+            cls = registry.backend_class(stage, kind)
+            default_models = cls.models_for(None)
+            conf_models = cls.models_for(conf.model) if conf.kind == kind else []
+            if not default_models and not conf_models:
+                rows.append((stage, kind + mark, "-", "built-in, nothing to pull", ""))
                 continue
-            default_models = models_for(StageSpec(kind, None))
-            conf_models = models_for(conf) if conf.kind == kind else []
-            needs = _package_missing(backend)
+            needs = _missing_extra(cls)
             for model in dict.fromkeys(default_models + conf_models):
-                status = _status(model) + (f" (needs {backend.needs})" if needs else "")
+                status = _status(model) + (f" (needs {needs})" if needs else "")
                 tags = [t for t, hit in (("default", model in default_models), ("configured", model in conf_models)) if hit]
                 rows.append((stage, kind + mark, model, status, ", ".join(tags)))
                 if model in conf_models and (needs or not status.startswith("present")):
@@ -157,18 +102,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"pixelrelay models pull: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        stage = stage_of(spec.kind)
+        stage = registry.stage_of(spec.kind)
         if stage is None:
-            known = ", ".join(sorted(k for kinds in all_backends().values() for k in kinds))
+            known = ", ".join(sorted({k for st in STAGES for k in registry.known_backends(st)}))
             print(f"pixelrelay models pull: unknown backend {spec.kind!r}; known: {known}", file=sys.stderr)
             return EXIT_USAGE
-        models = models_for(spec)
+        cls = registry.backend_class(stage, spec)
+        models = cls.models_for(spec.model)
         if not models:
             print(f"{stage} {spec.kind}: built-in, nothing to pull")
             continue
-        backend = HF_BACKENDS[spec.kind]
-        if _package_missing(backend):
-            print(f"note: {spec.kind} also needs the {backend.needs} package (pip install 'pixelrelay[{backend.needs}]')")
+        needs = _missing_extra(cls)
+        if needs:
+            print(f"note: {spec.kind} also needs the {needs} package (pip install 'pixelrelay[{needs}]')")
         for model in models:
             if hf.model_present(model):
                 print(f"{stage} {spec.kind}:{model}: present at {hf.local_snapshot(model)}")

@@ -71,7 +71,7 @@ class Runtime:
         with self._lock:
             if key not in self._stages:
                 log.info("loading %s backend %s on %s", stage, spec, self.settings.device)
-                self._stages[key] = _FACTORIES[stage](spec, device=self.settings.device)
+                self._stages[key] = _FACTORIES[stage](spec, device=self.settings.device, settings=self.settings)
             return self._stages[key]
 
 

@@ -1,6 +1,7 @@
 """The three stages (encoder, planner, decoder), their interfaces and backend registry."""
 
 from pixelrelay.pipeline.stages.base import (
+    BatchMismatchError,
     Decoder,
     Encoder,
     ModelUnavailableError,
@@ -11,6 +12,7 @@ from pixelrelay.pipeline.stages.base import (
 from pixelrelay.pipeline.stages.registry import create_decoder, create_encoder, create_planner, known_backends
 
 __all__ = [
+    "BatchMismatchError",
     "Decoder",
     "Encoder",
     "ModelUnavailableError",

@@ -1,19 +1,32 @@
 """Stage interfaces.
 
 Each backend is constructed once per worker process (it may load a model) and then called
-with batches. ``device`` is a torch device string; defaults are conservative (CPU, fp32).
+with batches. Constructors take ``(model, device, settings)``: ``device`` is a torch device
+string (default CPU, fp32) and ``settings`` a ``Settings`` (default: its declared defaults).
+A backend never reads the environment; the caller (``Runtime.stage``) passes the settings.
+
+A backend class describes itself with class attributes the registry and
+``pixelrelay models`` read without building it: ``default_model`` (loaded when the spec
+names no MODEL), ``extra`` (the pip extra it needs, e.g. "diffusers") and
+``models_for(model)`` (what ``models pull`` fetches for a spec). Importing a built-in
+backend's module must not import torch (``pixelrelay models list`` stays light).
+
+Every stage refuses a batch whose parallel inputs differ in length (``BatchMismatchError``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import numpy as np
 
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Description, JobOptions, Plan
+
+if TYPE_CHECKING:
+    from pixelrelay.pipeline.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -38,12 +51,36 @@ class ModelUnavailableError(RuntimeError):
     """A backend's weights are missing; the message names the model and how to get it."""
 
 
+class BatchMismatchError(ValueError):
+    """A batch's parallel inputs (images and plans, descriptions and options) differ in length."""
+
+
+def check_batch(first: Sequence, second: Sequence, names: str = "images/plans") -> None:
+    """Raise BatchMismatchError unless ``first`` and ``second`` pair up one to one."""
+    if len(first) != len(second):
+        a, b = names.split("/")
+        raise BatchMismatchError(f"{len(first)} {a} but {len(second)} {b}")
+
+
 class _Stage(ABC):
     kind: ClassVar[str]
+    default_model: ClassVar[str | None] = None  # hub id loaded when the spec names none
+    extra: ClassVar[str | None] = None  # optional package (and pip extra) the backend needs
 
-    def __init__(self, model: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, model: str | None = None, device: str = "cpu", settings: "Settings | None" = None) -> None:
+        from pixelrelay.pipeline.settings import Settings
+
         self.model = model
         self.device = device
+        self.settings = settings if settings is not None else Settings.defaults()
+
+    @classmethod
+    def models_for(cls, model: str | None) -> list[str]:
+        """The hub models (or local folders) this backend loads for ``KIND:model``. Empty for
+        a backend without a ``default_model``: its weights ship with pixelrelay, or it has none."""
+        if cls.default_model is None:
+            return []
+        return [model or cls.default_model]
 
     @classmethod
     def check_available(cls, model: str | None) -> None:

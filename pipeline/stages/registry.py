@@ -1,15 +1,42 @@
-"""Backend registry: ``KIND`` -> the class implementing it, imported lazily.
+"""Backend registry: ``STAGE`` -> ``KIND`` -> the class implementing it ("module:Class"),
+imported lazily.
 
-Lazy imports keep torch/transformers out of processes that only need the names
-(the producer, ``pixelrelay models list``).
+Lazy imports keep torch/transformers out of processes that only need the names (the
+producer, ``pixelrelay models list``); built-in backend modules import torch lazily too, so
+``backend_class`` can be used to read a class's self-description (``default_model``,
+``extra``, ``models_for``; see ``stages.base``) without it.
+
+Third-party backends join in two ways, both read once per process before any lookup:
+
+* **Entry points** of the group ``pixelrelay.backends`` (``ENTRY_POINT_GROUP``) in any
+  installed distribution. The entry's name is ``STAGE.KIND`` (stage: encoder, planner or
+  decoder) and its value ``module:Class``, e.g. in ``pyproject.toml``::
+
+      [project.entry-points."pixelrelay.backends"]
+      "decoder.my-sr" = "my_package.decoders:MySRDecoder"
+
+  The module is imported only when the backend is first used. A malformed name raises
+  ``PluginError``.
+* **Modules** named in ``PIXELRELAY_PLUGINS`` (comma-separated) are imported; they call
+  ``register(stage, kind, "module:Class")``.
+
+A registered class is built as ``Class(model=..., device=..., settings=...)`` (see
+``stages.base``). Built-in kinds can be replaced the same way. Both mechanisms are trusted
+configuration: the code they name runs inside every worker, with the worker's credentials,
+so only install or name plugins you would run yourself.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
+from typing import TYPE_CHECKING
 
 from pixelrelay.pipeline.stages.base import Decoder, Encoder, Planner, StageSpec
+
+if TYPE_CHECKING:
+    from pixelrelay.pipeline.settings import Settings
 
 # stage -> kind -> "module:Class"
 BACKENDS: dict[str, dict[str, str]] = {
@@ -29,26 +56,57 @@ BACKENDS: dict[str, dict[str, str]] = {
         "sd-upscale": "pixelrelay.pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
     },
 }
-
+STAGES = tuple(BACKENDS)
 
 PLUGINS_ENV = "PIXELRELAY_PLUGINS"  # comma-separated modules that call register()
+ENTRY_POINT_GROUP = "pixelrelay.backends"  # entries "STAGE.KIND" = "module:Class"
 _loaded_plugins: set[str] = set()
+_entry_points_loaded = False
 
 
 class UnknownBackendError(ValueError):
     pass
 
 
+class PluginError(ValueError):
+    """A plugin entry point or registration that cannot be understood."""
+
+
 def register(stage: str, kind: str, target: str) -> None:
-    """Add a backend (``target`` is "module:Class"); plugin modules call this on import."""
+    """Add (or replace) a backend; ``target`` is "module:Class". Plugin modules call this."""
+    if stage not in BACKENDS:
+        raise PluginError(f"cannot register {kind!r}: unknown stage {stage!r} (one of {', '.join(STAGES)})")
+    module, _, cls = target.partition(":")
+    if not kind or not module or not cls:
+        raise PluginError(f"cannot register {stage} backend {kind!r} -> {target!r}: want KIND and 'module:Class'")
     BACKENDS[stage][kind] = target
 
 
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        stage, dot, kind = ep.name.partition(".")
+        if not dot:
+            raise PluginError(f"entry point {ep.name!r} in {ENTRY_POINT_GROUP}: the name must be STAGE.KIND")
+        register(stage, kind, ep.value)
+
+
 def _load_plugins() -> None:
+    _load_entry_points()
     for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
         if module not in _loaded_plugins:
             importlib.import_module(module)
             _loaded_plugins.add(module)
+
+
+def reload_plugins() -> None:
+    """Read the entry points again (after installing a plugin into a running process)."""
+    global _entry_points_loaded
+    _entry_points_loaded = False
+    _load_plugins()
 
 
 def known_backends(stage: str) -> list[str]:
@@ -56,17 +114,32 @@ def known_backends(stage: str) -> list[str]:
     return sorted(BACKENDS[stage])
 
 
+def _unknown(stage: str, kind: str) -> UnknownBackendError:
+    return UnknownBackendError(f"unknown {stage} backend {kind!r}; known: {', '.join(known_backends(stage))}")
+
+
 def backend_class(stage: str, spec: str | StageSpec) -> type:
+    """The class behind a spec (imports its module; built-in modules do not import torch)."""
     _load_plugins()
     parsed = spec if isinstance(spec, StageSpec) else StageSpec.parse(spec)
     try:
         target = BACKENDS[stage][parsed.kind]
     except KeyError:
-        raise UnknownBackendError(
-            f"unknown {stage} backend {parsed.kind!r}; known: {', '.join(known_backends(stage))}"
-        ) from None
+        raise _unknown(stage, parsed.kind) from None
     module_name, _, class_name = target.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def stage_of(kind: str) -> str | None:
+    """The stage that has a backend ``kind`` (the first, in encoder/planner/decoder order)."""
+    _load_plugins()
+    return next((stage for stage in STAGES if kind in BACKENDS[stage]), None)
+
+
+def models_for(stage: str, spec: str | StageSpec) -> list[str]:
+    """The hub models (or folders) a spec loads, as its backend class says."""
+    parsed = spec if isinstance(spec, StageSpec) else StageSpec.parse(spec)
+    return backend_class(stage, parsed).models_for(parsed.model)
 
 
 def validate_spec(stage: str, spec: str) -> str:
@@ -74,24 +147,22 @@ def validate_spec(stage: str, spec: str) -> str:
     parsed = StageSpec.parse(spec)
     _load_plugins()
     if parsed.kind not in BACKENDS[stage]:
-        raise UnknownBackendError(
-            f"unknown {stage} backend {parsed.kind!r}; known: {', '.join(known_backends(stage))}"
-        )
+        raise _unknown(stage, parsed.kind)
     return str(parsed)
 
 
-def _create(stage: str, spec: str, device: str):
+def _create(stage: str, spec: str, device: str, settings: "Settings | None"):
     parsed = StageSpec.parse(spec)
-    return backend_class(stage, parsed)(model=parsed.model, device=device)
+    return backend_class(stage, parsed)(model=parsed.model, device=device, settings=settings)
 
 
-def create_encoder(spec: str, device: str = "cpu") -> Encoder:
-    return _create("encoder", spec, device)
+def create_encoder(spec: str, device: str = "cpu", settings: "Settings | None" = None) -> Encoder:
+    return _create("encoder", spec, device, settings)
 
 
-def create_planner(spec: str, device: str = "cpu") -> Planner:
-    return _create("planner", spec, device)
+def create_planner(spec: str, device: str = "cpu", settings: "Settings | None" = None) -> Planner:
+    return _create("planner", spec, device, settings)
 
 
-def create_decoder(spec: str, device: str = "cpu") -> Decoder:
-    return _create("decoder", spec, device)
+def create_decoder(spec: str, device: str = "cpu", settings: "Settings | None" = None) -> Decoder:
+    return _create("decoder", spec, device, settings)

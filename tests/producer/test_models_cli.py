@@ -58,3 +58,19 @@ def test_pull(offline_cache, sr_x2, capsys):
     install_in_hub_cache(sr_x2, offline_cache, "caidas/swin2SR-classical-sr-x4-64")
     assert models_cli.main(["pull", "hf-sr:caidas/swin2SR-classical-sr-x4-64"]) == 0
     assert str(offline_cache) in capsys.readouterr().out
+
+
+def test_list_reads_backend_classes_without_importing_torch(offline_cache):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys; from pixelrelay.producer.models_cli import main; rc = main(['list']); "
+        "heavy = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "
+        "assert not heavy, heavy; sys.exit(rc)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "stabilityai/stable-diffusion-x4-upscaler" in result.stdout  # sd-upscale's own default_model

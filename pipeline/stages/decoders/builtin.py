@@ -12,25 +12,27 @@ one per item (``route``):
   branch (a wide receptive field for heavy noise) and is trained on degraded inputs only.
 
 Both predict a residual over bicubic. ``model`` may name one weights file (used for every
-item) or ``UPSCALER,RESTORER``. Items of one network, scale and size are batched together;
-images larger than one tile run tiled (``pipeline.tiling``). Alpha is upscaled separately
-(bilinear) and re-attached. Output is exactly ``scale`` x the input size.
+item) or ``UPSCALER,RESTORER``. A clean plan at x1 returns the image untouched. Grouping,
+tiling (``PIXELRELAY_BUILTIN_TILE`` & co), the out-of-memory fallback, bf16/fp16 on GPU,
+alpha and the exact output size come from ``LearnedDecoder``; each tile batch carries the
+condition vectors of the items its tiles came from.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from pixelrelay.pipeline import tensors
-from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage
-from pixelrelay.pipeline.stages.decoders.classic import resize_alpha
+from pixelrelay.pipeline.stages.base import ModelUnavailableError
+from pixelrelay.pipeline.stages.decoders.learned import LearnedDecoder, TileConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from pixelrelay.pipeline.settings import Settings
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 DEFAULT_WEIGHTS = {
@@ -38,9 +40,6 @@ DEFAULT_WEIGHTS = {
     "restorer": WEIGHTS_DIR / "builtin_restorer.safetensors",
 }
 ROLES = ("upscaler", "restorer")
-TILE = 256  # input pixels; bigger images run tiled
-OVERLAP = 32
-TILE_BATCH = 4
 NOISE_FULL_STRENGTH = 0.3  # the rules planner's strength at its denoise threshold
 FORCED_NOISE_PER_STRENGTH = 25.0
 
@@ -116,17 +115,27 @@ def plan_condition(plan: Plan) -> list[float]:
     return cond_vector(noise, blur, quality)
 
 
-class BuiltinDecoder(Decoder):
+class BuiltinDecoder(LearnedDecoder):
     """Learned conditional restoration + upscaling (x1, x2, x4)."""
 
     kind = "builtin"
+    tile_settings = "builtin"
+    pad_mode = "replicate"  # odd sizes at x1: as the networks were always run
 
-    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 8) -> None:
-        super().__init__(model=model, device=device)
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        settings: "Settings | None" = None,
+        tiles: TileConfig | None = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(model=model, device=device, settings=settings, tiles=tiles, dtype=dtype)
+        import torch
+
         from pixelrelay.pipeline import nets
 
         self.check_available(model)
-        self.torch_device = torch.device(device)
         self.nets: dict[str, torch.nn.Module] = {}
         self.metas: dict[str, dict[str, str]] = {}
         loaded: dict[Path, tuple[torch.nn.Module, dict[str, str]]] = {}
@@ -134,10 +143,9 @@ class BuiltinDecoder(Decoder):
             if path not in loaded:  # one file for both roles loads once
                 net, meta = nets.load_model(str(path), kind="decoder", device=device)
                 # channels-last: the faster conv layout on CPU (oneDNN) and on tensor cores
-                loaded[path] = (net.float().to(memory_format=torch.channels_last), meta)
+                loaded[path] = (net.to(self.dtype).to(memory_format=torch.channels_last), meta)
             self.nets[role], self.metas[role] = loaded[path]
         self.meta = self.metas["restorer"]
-        self.batch_size = max(1, batch_size)
 
     @classmethod
     def check_available(cls, model: str | None) -> None:
@@ -148,57 +156,30 @@ class BuiltinDecoder(Decoder):
                     f"(reinstall it) or train them: pixelrelay train decoder --data DIR --out {path}"
                 )
 
-    def _forward(self, x: torch.Tensor, cond: torch.Tensor, scale: int, role: str | None = None) -> torch.Tensor:
-        """x: Bx3xHxW on the CPU; returns Bx3x(sH)x(sW) on the CPU. ``role`` defaults to the
-        route of the first condition (all rows of one call share a network)."""
-        net = self.nets[role or route(cond[0].tolist())]
-        h, w = x.shape[-2:]
-        ph, pw = (h % 2, w % 2) if scale == 1 else (0, 0)
-        if ph or pw:  # x1 runs pixel-unshuffled: needs even sizes
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        dev = self.torch_device
-        x = x.to(dev).contiguous(memory_format=torch.channels_last)
-        y = net(x, cond.to(dev), scale).float().cpu()
-        return y[:, :, : h * scale, : w * scale]
+    # -- LearnedDecoder hooks
 
-    @torch.inference_mode()
-    def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
-        if len(images) != len(plans):
-            raise ValueError(f"{len(images)} images but {len(plans)} plans")
-        results: list[RestoredImage | None] = [None] * len(images)
-        conds = [plan_condition(p) for p in plans]
-        groups: dict[tuple[str, int, int, int], list[int]] = {}
-        for i, (im, plan) in enumerate(zip(images, plans)):
-            if plan.scale == 1 and not any(conds[i]):
-                # Nothing to remove and nothing to upscale: leave the image alone.
-                results[i] = RestoredImage(rgb=im.rgb.copy(), alpha=None if im.alpha is None else im.alpha.copy(),
-                                           notes=("builtin: no operation planned at x1, image unchanged",))
-                continue
-            groups.setdefault((route(conds[i]), plan.scale, im.height, im.width), []).append(i)
-        for (role, scale, h, w), idx in groups.items():
-            outs = self._restore_group([images[i] for i in idx], [conds[i] for i in idx], role, scale, h, w)
-            for i, rgb in zip(idx, outs):
-                alpha = images[i].alpha
-                results[i] = RestoredImage(rgb=rgb, alpha=None if alpha is None else resize_alpha(alpha, scale))
-        return results  # type: ignore[return-value]
+    def choose(self, plan: Plan) -> str:
+        return route(plan_condition(plan))
 
-    def _restore_group(self, images, conds, role: str, scale: int, h: int, w: int) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        if h <= TILE and w <= TILE:
-            for k in range(0, len(images), self.batch_size):
-                x = torch.cat([tensors.to_tensor(im.rgb) for im in images[k : k + self.batch_size]])
-                c = torch.tensor(conds[k : k + self.batch_size], dtype=torch.float32)
-                y = self._forward(x, c, scale, role)
-                out.extend(tensors.to_uint8(t) for t in y)
-            return out
-        from pixelrelay.pipeline.tiling import run_tiled
+    def model_name(self, m: str) -> str:
+        return m
 
-        for im, cond in zip(images, conds):
-            c1 = torch.tensor([cond], dtype=torch.float32)
-            x = tensors.to_tensor(im.rgb)
-            y = run_tiled(
-                lambda tiles: self._forward(tiles, c1.expand(tiles.shape[0], -1), scale, role),
-                x, scale, TILE, OVERLAP, batch_size=TILE_BATCH, align=2 if scale == 1 else 1,
-            )
-            out.append(tensors.to_uint8(y))
-        return out
+    def native_scale(self, m: str, plan: Plan) -> int:
+        return plan.scale  # one network does x1, x2 and x4
+
+    def window(self, m: str, scale: int) -> int:
+        return 2 if scale == 1 else 1  # x1 runs pixel-unshuffled: even tile sizes and starts
+
+    def unchanged(self, plan: Plan) -> str | None:
+        if plan.scale == 1 and not any(plan_condition(plan)):
+            return "no operation planned at x1, image unchanged"
+        return None
+
+    def forward(self, m: str, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+        import torch
+
+        scale = plans[0].scale  # a group shares its native scale
+        conds = {i: plan_condition(plans[i]) for i in set(items)}
+        cond = torch.tensor([conds[i] for i in items], dtype=torch.float32)
+        x = x.to(self.torch_device, self.dtype).contiguous(memory_format=torch.channels_last)
+        return self.nets[m](x, cond.to(self.torch_device, self.dtype), scale)

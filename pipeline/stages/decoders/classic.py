@@ -15,20 +15,26 @@ padded right/bottom to the sub-batch's largest size by replicating its edge pixe
 filter keeps that padding equal to a replicate extension of each item's own pixels (see
 ``_Canvas.repad``), so an item's result is the same whatever it was batched with, and the
 same as a single call: only float rounding may differ, never more than 1/255 after uint8.
+
+Alpha follows the policy of every decoder (``tensors.resize_alpha``: resized on its own,
+bilinear, uniform alpha exact). torch is imported lazily (``pixelrelay models list``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, RestoredImage
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
+
+if TYPE_CHECKING:
+    import torch
+
+    from pixelrelay.pipeline.settings import Settings
 
 JPEG_BLOCK = 8
 # Deblock gates, in grey levels: steps smaller than ALPHA across a block boundary, with
@@ -51,6 +57,8 @@ class _Canvas:
     """A padded sub-batch's geometry: each item's own size inside the (B, C, H, W) tensor."""
 
     def __init__(self, heights: list[int], widths: list[int], device: torch.device) -> None:
+        import torch
+
         self.heights, self.widths = heights, widths
         self.height, self.width = max(heights), max(widths)
         self.uniform = all(h == self.height for h in heights) and all(w == self.width for w in widths)
@@ -67,6 +75,8 @@ class _Canvas:
 
     def repad(self, x: torch.Tensor) -> torch.Tensor:
         """Overwrite each item's padding with a replicate extension of its own pixels."""
+        import torch
+
         if self.uniform:
             return x
         batch, channels, height, width = x.shape
@@ -81,6 +91,8 @@ def _writable(array: np.ndarray) -> np.ndarray:
 
 def _box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable mean over a (2r+1)^2 window, replicate borders (any image size)."""
+    import torch.nn.functional as F
+
     size = 2 * radius + 1
     x = F.avg_pool2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), (1, size), stride=1)
     return F.avg_pool2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), (size, 1), stride=1)
@@ -92,6 +104,8 @@ def _gaussian_taps(sigmas: Sequence[float], device: torch.device) -> torch.Tenso
     Zero-padding (instead of one shared radius) keeps an item's kernel, and so its result,
     independent of the other items in the batch.
     """
+    import torch
+
     radii = [max(1, math.ceil(3.0 * s)) for s in sigmas]
     widest = max(radii)
     taps = torch.zeros(len(sigmas), 2 * widest + 1, dtype=torch.float32)
@@ -104,6 +118,8 @@ def _gaussian_taps(sigmas: Sequence[float], device: torch.device) -> torch.Tenso
 
 def _gaussian_blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """Per-item separable Gaussian (taps from ``_gaussian_taps``), replicate borders."""
+    import torch.nn.functional as F
+
     batch, channels, height, width = x.shape
     radius = (taps.shape[1] - 1) // 2
     weights = taps.repeat_interleave(channels, dim=0)  # one kernel per (item, channel)
@@ -123,6 +139,9 @@ def _deblock_columns(x: torch.Tensor, strength: torch.Tensor, widths: torch.Tens
     move by +0.4, +0.8, -0.8, -0.4 delta, turning a flat step into a ramp. The filter is gated
     on luminance: big steps (real edges) or busy sides (texture) are left alone.
     """
+    import torch
+    import torch.nn.functional as F
+
     width = x.shape[-1]
     if width <= JPEG_BLOCK:
         return x
@@ -174,23 +193,29 @@ class ClassicDecoder(Decoder):
         self,
         model: str | None = None,
         device: str = "cpu",
+        settings: "Settings | None" = None,
         batch_size: int = 8,
         max_batch_pixels: int = 32 * 1024 * 1024,
     ) -> None:
-        super().__init__(model=model, device=device)
+        super().__init__(model=model, device=device, settings=settings)
+        import torch
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.max_batch_pixels = max_batch_pixels  # output pixels per sub-batch (one item always fits)
         self.torch_device = torch.device(device)
 
-    @torch.inference_mode()
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
-        if len(images) != len(plans):
-            raise ValueError(f"{len(images)} images but {len(plans)} plans")
+        import torch
+
+        from pixelrelay.pipeline.tensors import resize_alpha
+
+        check_batch(images, plans)
         results: list[RestoredImage | None] = [None] * len(images)
         for group in self._sub_batches(images, plans):
-            rgbs = self._restore_rgb([images[i] for i in group], [plans[i] for i in group])
+            with torch.inference_mode():
+                rgbs = self._restore_rgb([images[i] for i in group], [plans[i] for i in group])
             for i, rgb in zip(group, rgbs):
                 alpha = images[i].alpha
                 results[i] = RestoredImage(
@@ -222,9 +247,14 @@ class ClassicDecoder(Decoder):
         return groups
 
     def _per_item(self, values: Sequence[float]) -> torch.Tensor:
+        import torch
+
         return torch.tensor(values, dtype=torch.float32, device=self.torch_device).view(-1, 1, 1, 1)
 
     def _restore_rgb(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
         canvas = _Canvas([im.height for im in images], [im.width for im in images], self.torch_device)
         x = torch.cat(
             [
@@ -290,11 +320,3 @@ class ClassicDecoder(Decoder):
         blurred = canvas.repad(_gaussian_blur(x, _gaussian_taps(sigmas, self.torch_device)))
         return (x + self._per_item(amounts) * (x - blurred)).clamp_(0, 1)
 
-
-def resize_alpha(alpha: np.ndarray, scale: int, device: torch.device | str = "cpu") -> np.ndarray:
-    """Alpha is resized on its own (bilinear) and otherwise left exactly as it was."""
-    if scale == 1:
-        return alpha.copy()
-    a = torch.from_numpy(_writable(alpha)).to(device)[None, None].float()
-    a = F.interpolate(a, scale_factor=scale, mode="bilinear", align_corners=False)
-    return a.round_().clamp_(0, 255).to(torch.uint8)[0, 0].cpu().numpy()

@@ -13,30 +13,26 @@ Every listed model is loaded once, at start-up. Per item the plan picks one:
    "realworld", "compressed", as the hf-llm planner writes), else JPEG quality / deblock
    -> "compressed", noise / denoise / deblur -> "realworld", otherwise "classical".
 
-Inference is tiled (``pipeline.tiling``): tiles are multiples of the model's window and
-aligned to it, overlap and feathered blending hide the seams, and only one batch of tiles
-is ever on the device, so peak device memory depends on ``tile``/``tile_batch`` and not on
-the image (a 6000x4000 input runs in the same memory as a 512x512 one). The model's own
-padding to the window size is undone by cropping to exactly scale x input. On CUDA the
-model runs in bf16 (fp16 where bf16 is unsupported). Out of memory: halve the tile batch,
-then the tile, down to ``min_tile``; an item fails only when one ``min_tile`` tile does not
-fit. Alpha is upscaled separately (Lanczos; exact for fully opaque/transparent) and
-re-attached.
+Tiling (``PIXELRELAY_SR_TILE`` & co; tiles are multiples of the model's window and aligned
+to it, so peak device memory depends on the tile settings, not on the image), the
+out-of-memory fallback, bf16/fp16 on GPU, resizing to exactly scale x input and alpha come
+from ``LearnedDecoder``. The model's own padding to the window size is cropped off.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pixelrelay.pipeline import hf
-from pixelrelay.pipeline.imageio import DecodedImage
-from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, RestoredImage
+from pixelrelay.pipeline.stages.decoders.learned import LearnedDecoder, TileConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from pixelrelay.pipeline.settings import Settings
 
 log = logging.getLogger("pixelrelay.decoder.hf_sr")
 
@@ -76,38 +72,26 @@ class _Loaded:
     rescale: float
 
 
-class HFSuperResolutionDecoder(Decoder):
+class HFSuperResolutionDecoder(LearnedDecoder):
     kind = "hf-sr"
+    default_model = DEFAULT_MODEL
+    tile_settings = "sr"
 
     def __init__(
         self,
         model: str | None = None,
         device: str = "cpu",
-        tile: int | None = None,
-        overlap: int | None = None,
-        tile_batch: int | None = None,
-        min_tile: int | None = None,
+        settings: "Settings | None" = None,
+        tiles: TileConfig | None = None,
         dtype: Any = None,
-        alpha_mode: str = "lanczos",
     ) -> None:
-        """Tile settings default to PIXELRELAY_SR_TILE / _OVERLAP / _TILE_BATCH / _MIN_TILE."""
-        super().__init__(model=model, device=device)
-        settings = Settings.from_env()
-        tile = settings.sr_tile if tile is None else tile
-        overlap = settings.sr_overlap if overlap is None else overlap
-        tile_batch = settings.sr_tile_batch if tile_batch is None else tile_batch
-        min_tile = settings.sr_min_tile if min_tile is None else min_tile
-        import torch
+        """Tile settings: ``tiles``, else PIXELRELAY_SR_TILE / _OVERLAP / _TILE_BATCH / _MIN_TILE
+        from ``settings``."""
+        super().__init__(model=model, device=device, settings=settings, tiles=tiles, dtype=dtype)
         from transformers import AutoImageProcessor, AutoModelForImageToImage
 
-        if alpha_mode not in ("lanczos", "model"):
-            raise ValueError(f"alpha_mode must be 'lanczos' or 'model', not {alpha_mode!r}")
-        self.tile, self.overlap, self.tile_batch, self.min_tile = tile, overlap, tile_batch, min_tile
-        self.alpha_mode = alpha_mode
-        self.dtype = dtype or hf.choose_dtype(device)
-        self.torch_device = torch.device(device)
         self.models: list[_Loaded] = []
-        for model_id in split_models(model):
+        for model_id in self.models_for(model):
             path = hf.load_path(model_id, "decoder", self.kind)
             net = AutoModelForImageToImage.from_pretrained(path, dtype=self.dtype, local_files_only=True)
             net.to(self.torch_device).eval()
@@ -129,6 +113,11 @@ class HFSuperResolutionDecoder(Decoder):
                     rescale=rescale,
                 )
             )
+
+    @classmethod
+    def models_for(cls, model: str | None) -> list[str]:
+        """MODEL is one checkpoint or a comma-separated list; every one is loaded."""
+        return split_models(model)
 
     @classmethod
     def check_available(cls, model: str | None) -> None:
@@ -171,95 +160,22 @@ class HFSuperResolutionDecoder(Decoder):
             return "realworld"
         return "classical"
 
-    # -- inference
+    # -- LearnedDecoder hooks
 
-    def _forward(self, m: _Loaded):
-        import torch
+    def model_name(self, m: _Loaded) -> str:
+        return m.model_id
 
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                out = m.net(pixel_values=x.to(self.torch_device, self.dtype)).reconstruction
-            h, w = x.shape[-2:]
-            return out[:, :, : h * m.upscale, : w * m.upscale].float()
+    def native_scale(self, m: _Loaded, plan: Plan) -> int:
+        return m.upscale
 
-        return fn
+    def window(self, m: _Loaded, scale: int) -> int:
+        return m.window
 
-    def upscale_tensor(self, m: _Loaded, x: Any, **overrides: Any) -> tuple[Any, Any]:
-        """(B,3,H,W) float in [0,1] (CPU) -> ((B,3,H*up,W*up) float CPU, TileSettings)."""
-        from pixelrelay.pipeline.tiling import run_tiled_with_fallback
+    def notes(self, m: _Loaded, plan: Plan) -> list[str]:
+        return [f"hf-sr: {m.model_id} (x{m.upscale}, {m.variant})"]
 
-        return run_tiled_with_fallback(
-            self._forward(m),
-            x,
-            m.upscale,
-            overrides.get("tile", self.tile),
-            overrides.get("overlap", self.overlap),
-            batch_size=overrides.get("tile_batch", self.tile_batch),
-            min_tile=overrides.get("min_tile", self.min_tile),
-            align=m.window,
-            device=self.torch_device,
-            what=f"{m.model_id} tile",
-        )
-
-    @staticmethod
-    def _resize(x: Any, size: tuple[int, int]) -> Any:
-        import torch.nn.functional as F
-
-        if tuple(x.shape[-2:]) == size:
-            return x
-        down = size[0] < x.shape[-2]
-        return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=down)
-
-    def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
-        import torch
-
-        if len(images) != len(plans):
-            raise ValueError(f"{len(images)} images but {len(plans)} plans")
-        results: list[RestoredImage | None] = [None] * len(images)
-        # Same model and same size: one tensor, so their tiles share device batches.
-        groups: dict[tuple, list[int]] = {}
-        chosen = [self.choose(p) for p in plans]
-        for i, (image, m) in enumerate(zip(images, chosen)):
-            groups.setdefault((id(m), image.height, image.width), []).append(i)
-        for (_, h, w), idx in groups.items():
-            m = chosen[idx[0]]
-            x = torch.stack(
-                [torch.from_numpy(np.ascontiguousarray(images[i].rgb)).permute(2, 0, 1) for i in idx]
-            ).float() * m.rescale
-            out, settings = self.upscale_tensor(m, x)
-            for k, i in enumerate(idx):
-                results[i] = self._finish(images[i], plans[i], m, out[k : k + 1], settings)
-        return [r for r in results if r is not None]
-
-    def _finish(self, image: DecodedImage, plan: Plan, m: _Loaded, y: Any, settings: Any) -> RestoredImage:
-        import torch
-
-        h, w = image.height, image.width
-        target = (h * plan.scale, w * plan.scale)
-        notes = [f"hf-sr: {m.model_id} (x{m.upscale}, {m.variant})"]
-        if m.upscale != plan.scale:
-            how = "downscaled (antialiased)" if m.upscale > plan.scale else "bicubic for the rest"
-            notes.append(f"hf-sr: model x{m.upscale} -> plan x{plan.scale}, {how}")
-        y = self._resize(y, target)
-        if settings.oom_retries:
-            notes.append(f"hf-sr: out of memory, finished with {settings.describe()}")
-        rgb = (y[0].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-        alpha = None
-        if image.alpha is not None:
-            alpha = self._upscale_alpha(image.alpha, target, m)
-        return RestoredImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, notes=tuple(notes))
-
-    def _upscale_alpha(self, alpha: np.ndarray, target: tuple[int, int], m: _Loaded) -> np.ndarray:
-        if alpha.min() == alpha.max():  # fully opaque (or uniform): exact
-            return np.full(target, alpha.flat[0], dtype=np.uint8)
-        if self.alpha_mode == "model":
-            import torch
-
-            x = torch.from_numpy(alpha).float()[None, None].expand(1, 3, *alpha.shape) * m.rescale
-            y, _ = self.upscale_tensor(m, x.contiguous())
-            y = self._resize(y, target).mean(dim=1)[0]
-            return (y.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
-        from PIL import Image
-
-        img = Image.fromarray(np.ascontiguousarray(alpha, dtype=np.uint8)).resize((target[1], target[0]), Image.Resampling.LANCZOS)
-        return np.asarray(img, dtype=np.uint8).copy()
+    def forward(self, m: _Loaded, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+        pixels = x * (m.rescale * 255.0) if m.rescale != 1.0 / 255.0 else x  # the processor's rescale
+        out = m.net(pixel_values=pixels.to(self.torch_device, self.dtype)).reconstruction
+        h, w = x.shape[-2:]
+        return out[:, :, : h * m.upscale, : w * m.upscale]

@@ -13,14 +13,16 @@ resized or noised afterwards), that grid's quality replaces the CNN's JPEG estim
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Description
 from pixelrelay.pipeline.stages.base import Encoder, ModelUnavailableError
+
+if TYPE_CHECKING:
+    from pixelrelay.pipeline.settings import Settings
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "builtin_encoder.safetensors"
@@ -118,14 +120,14 @@ class BuiltinEncoder(Encoder):
 
     kind = "builtin"
 
-    def __init__(self, model: str | None = None, device: str = "cpu") -> None:
-        super().__init__(model=model, device=device)
+    def __init__(self, model: str | None = None, device: str = "cpu", settings: "Settings | None" = None) -> None:
+        super().__init__(model=model, device=device, settings=settings)
         from pixelrelay.pipeline import nets
         from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
 
         self.check_available(model)
         self.net, self.meta = nets.load_model(str(_weights_path(model)), kind="encoder", device=device)
-        self.analysis = AnalysisEncoder(device=device)
+        self.analysis = AnalysisEncoder(device=device, settings=self.settings)
 
     @classmethod
     def check_available(cls, model: str | None) -> None:
@@ -136,9 +138,16 @@ class BuiltinEncoder(Encoder):
                 f"(reinstall it) or train them: pixelrelay train encoder --data DIR --out {path}"
             )
 
-    @torch.inference_mode()
     def estimate(self, images: Sequence[DecodedImage]) -> list[dict[str, float | None]]:
         """Raw estimates per image: noise_sigma, blur_sigma, jpeg_quality (None), p_jpeg, p_downscaled."""
+        import torch
+
+        with torch.inference_mode():
+            return self._estimate(images)
+
+    def _estimate(self, images: Sequence[DecodedImage]) -> list[dict[str, float | None]]:
+        import torch
+
         crops = [image_crops(im.rgb) for im in images]
         counts = [len(c) for c in crops]
         if not crops:

@@ -16,7 +16,7 @@ gives the same captions as N single calls); on CUDA out-of-memory the batch is h
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Description
 from pixelrelay.pipeline.stages.base import Encoder
 from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
+
+if TYPE_CHECKING:
+    from pixelrelay.pipeline.settings import Settings
 
 log = logging.getLogger("pixelrelay.encoder.hf_caption")
 
@@ -36,16 +39,18 @@ CHAT_PROMPT = "Describe this image in one short sentence."
 
 class HFCaptionEncoder(Encoder):
     kind = "hf-caption"
+    default_model = DEFAULT_MODEL
 
     def __init__(
         self,
         model: str | None = None,
         device: str = "cpu",
+        settings: "Settings | None" = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_new_tokens: int = MAX_NEW_TOKENS,
         dtype: Any = None,
     ) -> None:
-        super().__init__(model=model, device=device)
+        super().__init__(model=model, device=device, settings=settings)
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -53,7 +58,7 @@ class HFCaptionEncoder(Encoder):
         path = hf.load_path(self.model_id, "encoder", self.kind)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.dtype = dtype or hf.choose_dtype(device)
+        self.dtype = dtype or hf.choose_dtype(device, self.settings.dtype)
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         self.vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=self.dtype, local_files_only=True)
         self.vlm.to(torch.device(device)).eval()
@@ -62,7 +67,7 @@ class HFCaptionEncoder(Encoder):
             tokenizer.padding_side = "left"
         self.tokenizer = tokenizer
         self.use_chat = bool(getattr(self.processor, "chat_template", None))
-        self.analysis = AnalysisEncoder(device=device)
+        self.analysis = AnalysisEncoder(device=device, settings=self.settings)
 
     @classmethod
     def check_available(cls, model: str | None) -> None:

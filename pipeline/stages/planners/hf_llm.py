@@ -22,12 +22,15 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pixelrelay.pipeline import hf
 from pixelrelay.pipeline.messages import Description, JobOptions, Operation, Plan
-from pixelrelay.pipeline.stages.base import Planner
+from pixelrelay.pipeline.stages.base import Planner, check_batch
 from pixelrelay.pipeline.stages.planners.rules import OPERATION_ORDER, RulesPlanner, instruction_requests
+
+if TYPE_CHECKING:
+    from pixelrelay.pipeline.settings import Settings
 
 log = logging.getLogger("pixelrelay.planner.hf_llm")
 
@@ -212,22 +215,24 @@ class SchemaLogitsProcessor:
 
 class HFLLMPlanner(Planner):
     kind = "hf-llm"
+    default_model = DEFAULT_MODEL
 
     def __init__(
         self,
         model: str | None = None,
         device: str = "cpu",
+        settings: "Settings | None" = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         dtype: Any = None,
     ) -> None:
-        super().__init__(model=model, device=device)
+        super().__init__(model=model, device=device, settings=settings)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = model or DEFAULT_MODEL
         path = hf.load_path(self.model_id, "planner", self.kind)
         self.batch_size = batch_size
-        self.dtype = dtype or hf.choose_dtype(device)
+        self.dtype = dtype or hf.choose_dtype(device, self.settings.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -287,8 +292,8 @@ class HFLLMPlanner(Planner):
         if key not in self._grammars:
             template: list[tuple] = [("lit", '{"degradation": "'), ("choice", "degradation", list(DEGRADATIONS)),
                                      ("lit", '", ')]
-            for i, (name, choices) in enumerate(zip(OPERATION_ORDER, op_choices)):
-                template.append(("lit", f'"{name}": ' if i else f'"{name}": '))
+            for name, choices in zip(OPERATION_ORDER, op_choices):
+                template.append(("lit", f'"{name}": '))
                 template.append(("choice", name, list(choices)))
                 template.append(("lit", ", "))
             template.append(("lit", '"scale": '))
@@ -392,8 +397,7 @@ class HFLLMPlanner(Planner):
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
         from pixelrelay.pipeline.tiling import map_batches_with_oom
 
-        if len(descriptions) != len(options):
-            raise ValueError(f"{len(descriptions)} descriptions but {len(options)} option sets")
+        check_batch(descriptions, options, "descriptions/option sets")
         priors = self.rules.plan(descriptions, options)
         items = list(zip(descriptions, options, priors))
         return map_batches_with_oom(self._plan_batch, items, self.batch_size, what="planner")

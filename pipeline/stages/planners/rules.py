@@ -16,7 +16,7 @@ import re
 from typing import Sequence
 
 from pixelrelay.pipeline.messages import Description, JobOptions, Operation, OperationName, Plan
-from pixelrelay.pipeline.stages.base import Planner
+from pixelrelay.pipeline.stages.base import Planner, check_batch
 
 # Noise sigma (0-255, per channel) from which we denoise; clean images read ~0-2.
 DENOISE_MIN_SIGMA = 4.0
@@ -114,8 +114,7 @@ class RulesPlanner(Planner):
     kind = "rules"
 
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
-        if len(descriptions) != len(options):
-            raise ValueError(f"{len(descriptions)} descriptions but {len(options)} option sets")
+        check_batch(descriptions, options, "descriptions/option sets")
         return [self.plan_one(description, option) for description, option in zip(descriptions, options)]
 
     def plan_one(self, description: Description, options: JobOptions) -> Plan:

@@ -204,3 +204,27 @@ def test_plan_routes_clean_to_upscaler_and_degraded_to_restorer(decoder):
     assert np.array_equal(both[0].rgb, up_only.restore([im], [clean])[0].rgb)
     assert np.array_equal(both[1].rgb, restorer_only.restore([im], [noisy])[0].rgb)
     assert not np.array_equal(both[1].rgb, up_only.restore([im], [noisy])[0].rgb)
+
+
+def test_decoder_tiled_equals_untiled(decoder):
+    """The upscaler's receptive field fits in the tile margins: tiled equals untiled to float
+    rounding. The restorer's context branch sees further, so tiles differ a little."""
+    x = torch.from_numpy(np.tile(scene(128), (2, 2, 1))[:200, :190]).permute(2, 0, 1)[None].float() / 255
+    for plan, mean_levels in ((Plan(scale=2), 0.01), (Plan(scale=2, noise_sigma=8, operations=[
+            Operation(name="denoise", strength=0.4)]), 1.0)):
+        m = decoder.choose(plan)
+        untiled, whole = decoder.upscale_tensor(m, x, [plan])
+        tiled, tiles = decoder.upscale_tensor(m, x, [plan], tile=96, overlap=32)
+        assert whole.tile >= 200 and tiles.tile == 96 and tiled.shape == untiled.shape == (1, 3, 400, 380)
+        assert float((tiled - untiled).abs().mean()) * 255 < mean_levels, m
+
+
+def test_tile_settings_and_dtype_come_from_settings():
+    from pixelrelay.pipeline.settings import Settings
+
+    settings = Settings.defaults().model_copy(update={"builtin_tile": 64, "builtin_tile_batch": 2, "dtype": "fp16"})
+    dec = BuiltinDecoder(settings=settings)
+    assert (dec.tiles.tile, dec.tiles.tile_batch) == (64, 2)
+    assert dec.dtype == torch.float32  # fp16 is for GPUs; the CPU always runs fp32
+    img = np.tile(scene(64), (2, 2, 1))[:100, :90]
+    assert dec.restore([DecodedImage(rgb=img)], [Plan(scale=2)])[0].rgb.shape == (200, 180, 3)

@@ -11,7 +11,7 @@ from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Operation, Plan
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.decoders.hf_sr import HFSuperResolutionDecoder
-from pixelrelay.pipeline.tiling import TileOutOfMemoryError
+from pixelrelay.pipeline.stages.decoders.learned import TileConfig
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_swin2sr, tiny_model
 
 
@@ -27,7 +27,7 @@ def sr_x4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decoder(sr_x2, sr_x4):
-    return HFSuperResolutionDecoder(f"{sr_x2},{sr_x4}", tile=64, overlap=32, tile_batch=4, min_tile=16)
+    return HFSuperResolutionDecoder(f"{sr_x2},{sr_x4}", tiles=TileConfig(tile=64, overlap=32, tile_batch=4, min_tile=16))
 
 
 def _image(h, w, seed=0, alpha=False):
@@ -52,7 +52,7 @@ def test_output_is_exactly_scale_times_input(decoder, sr_x2, sr_x4):
 
 def test_model_choice_by_scale_and_degradation(tmp_path_factory, sr_x2):
     compressed = tiny_model(tmp_path_factory, make_tiny_swin2sr, "swin2SR-compressed-sr-x2", upscale=2, seed=2)
-    dec = HFSuperResolutionDecoder(f"{sr_x2},{compressed}", tile=64, overlap=16)
+    dec = HFSuperResolutionDecoder(f"{sr_x2},{compressed}", tiles=TileConfig(tile=64, overlap=16))
     assert dec.choose(Plan(scale=2)).model_id == str(sr_x2)
     assert dec.choose(Plan(scale=2, jpeg_quality=40)).model_id == str(compressed)
     assert dec.choose(Plan(scale=2, operations=[Operation(name="deblock", strength=0.5)])).model_id == str(compressed)
@@ -63,23 +63,11 @@ def test_model_choice_by_scale_and_degradation(tmp_path_factory, sr_x2):
     assert res.rgb.shape == (48, 40, 3) and "bicubic" in " ".join(res.notes)
 
 
-def test_batch_equals_single_calls(decoder):
-    imgs = [_image(24, 20, 1), _image(24, 20, 2), _image(17, 33, 3), _image(24, 20, 4, alpha=True)]
-    plans = [Plan(scale=2), Plan(scale=4), Plan(scale=2), Plan(scale=2)]
-    batch = decoder.restore(imgs, plans)
-    for img, plan, res in zip(imgs, plans, batch):
-        single = decoder.restore([img], [plan])[0]
-        diff = np.abs(single.rgb.astype(int) - res.rgb.astype(int))
-        assert diff.max() <= 1 and (diff > 0).mean() < 0.001
-        if img.alpha is not None:
-            assert np.array_equal(single.alpha, res.alpha)
-
-
 def test_tiled_equals_untiled(decoder):
     m = decoder.models[0]
     x = torch.rand(1, 3, 80, 72)
-    untiled, s1 = decoder.upscale_tensor(m, x, tile=4096)
-    tiled, s2 = decoder.upscale_tensor(m, x, tile=48, overlap=32)
+    untiled, s1 = decoder.upscale_tensor(m, x, [Plan(scale=2)], tile=4096)
+    tiled, s2 = decoder.upscale_tensor(m, x, [Plan(scale=2)], tile=48, overlap=32)
     assert s1.tile >= 80 and s2.tile == 48
     assert tiled.shape == untiled.shape == (1, 3, 160, 144)
     assert float((tiled - untiled).abs().max()) < 1e-4
@@ -92,44 +80,6 @@ def test_alpha_upscaled_and_reattached(decoder):
     assert abs(float(res.alpha.mean()) - float(img.alpha.mean())) < 8
     opaque = DecodedImage(rgb=img.rgb, alpha=np.full((20, 16), 255, np.uint8))
     assert (decoder.restore([opaque], [Plan(scale=4)])[0].alpha == 255).all()
-
-
-class _LimitedForward:
-    """Wraps the real model's forward: raises torch.OutOfMemoryError when the tile batch
-    exceeds ``limit`` input pixels (simulates the device-memory limit, not the result)."""
-
-    def __init__(self, net, limit):
-        self.net, self.limit, self.orig = net, limit, net.forward
-        self.failures = 0
-
-    def __call__(self, pixel_values=None, **kw):
-        b, _, h, w = pixel_values.shape
-        if b * h * w > self.limit:
-            self.failures += 1
-            raise torch.OutOfMemoryError(f"simulated CUDA OOM for {b}x{h}x{w}")
-        return self.orig(pixel_values=pixel_values, **kw)
-
-
-def test_oom_fallback_under_simulated_memory_limit(sr_x2):
-    dec = HFSuperResolutionDecoder(str(sr_x2), tile=64, overlap=32, tile_batch=8, min_tile=16)
-    img = _image(48, 40)
-    reference = dec.restore([img], [Plan(scale=2)])[0]
-    m = dec.models[0]
-    limited = _LimitedForward(m.net, limit=32 * 32)
-    m.net.forward = limited
-    try:
-        res = dec.restore([img], [Plan(scale=2)])[0]
-        assert limited.failures >= 1
-        assert res.rgb.shape == (96, 80, 3)
-        assert any("out of memory" in n for n in res.notes)
-        diff = np.abs(res.rgb.astype(int) - reference.rgb.astype(int))
-        assert diff.max() <= 2
-        # below the smallest tile: the item fails, with a clear error
-        limited.limit = 8 * 8
-        with pytest.raises(TileOutOfMemoryError, match="minimum"):
-            dec.restore([img], [Plan(scale=2)])
-    finally:
-        m.net.forward = limited.orig
 
 
 def test_missing_models_fail_at_startup(tmp_path, monkeypatch):
@@ -153,7 +103,7 @@ def test_hub_id_loads_from_cache_offline(tmp_path, monkeypatch, sr_x2):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     HFSuperResolutionDecoder.check_available(None)  # the default hub id, from the cache
-    dec = HFSuperResolutionDecoder(None, tile=64, overlap=16)
+    dec = HFSuperResolutionDecoder(None, tiles=TileConfig(tile=64, overlap=16))
     assert dec.models[0].model_id == "caidas/swin2SR-classical-sr-x2-64"
     assert dec.restore([_image(9, 11)], [Plan(scale=2)])[0].rgb.shape == (18, 22, 3)
 
@@ -173,7 +123,7 @@ def test_sd_upscale_tiny_pipeline(sd_folder):
     from pixelrelay.pipeline.stages.decoders.sd_upscale import SDUpscaleDecoder
 
     SDUpscaleDecoder.check_available(str(sd_folder))
-    dec = SDUpscaleDecoder(str(sd_folder), steps=2, tile=32, overlap=16)
+    dec = SDUpscaleDecoder(str(sd_folder), steps=2, tiles=TileConfig(tile=32, overlap=16))
     img = _image(16, 16, alpha=True)
     plans = [Plan(scale=4, prompt="a photo of a cat"), Plan(scale=2, prompt="a photo of a cat")]
     out = dec.restore([img, img], plans)

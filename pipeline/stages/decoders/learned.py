@@ -1,0 +1,202 @@
+"""The base of every learned decoder: grouping, tiled inference, precision, resize, alpha.
+
+A subclass says only what differs: which model serves a plan (``choose``), that model's
+name, native scale and window alignment, and how one batch of tiles runs through it
+(``forward``); optionally plans that must not share a forward call (``batch_key``), extra
+notes, and plans it returns untouched (``unchanged``). Everything else happens here, once,
+and is the same for every learned decoder:
+
+* **Grouping.** Items whose plans choose the same model at the same native scale, have the
+  same size and the same ``batch_key`` form one (B,3,H,W) tensor, so their tiles share
+  device batches. ``forward`` learns which item each tile came from (``items``), so
+  per-item conditioning (the builtin decoder's condition vector) needs no extra grouping.
+* **Tiled inference** through ``pipeline.tiling.run_tiled_with_fallback`` with the
+  decoder's ``TileConfig`` (``PIXELRELAY_<NAME>_TILE`` / ``_OVERLAP`` / ``_TILE_BATCH`` /
+  ``_MIN_TILE``): only one batch of tiles is ever on the device. On out-of-memory the tile
+  batch is halved, then the tile, down to ``min_tile``; the item then completes with a note
+  naming the settings that worked, or fails with ``TileOutOfMemoryError`` when one
+  ``min_tile`` tile alone does not fit. Tiles reach ``forward`` on the CPU in float32
+  [0, 1]; ``forward`` moves them to the device in ``self.dtype``.
+* **Precision.** ``self.dtype`` is fp32 on CPU; on CUDA bf16 (fp16 where bf16 is
+  unsupported) unless ``Settings.dtype`` forces one. Settings are passed in, never read
+  from the environment.
+* **Size.** The output is exactly ``plan.scale`` x the input: the model's native result is
+  resized bicubically (antialiased when downscaling), with a note when the native scale
+  differs from the plan's.
+* **Alpha** (one policy, shared with the classic decoder): upscaled on its own with
+  ``tensors.resize_alpha`` (bilinear; a uniform alpha stays exact) and re-attached.
+* **Output** RGB is HxWx3 uint8, rounded, C-contiguous.
+
+torch is imported lazily, so that ``pixelrelay models list`` can read a backend's class
+attributes without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, Hashable, Sequence
+
+import numpy as np
+
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Plan
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
+
+if TYPE_CHECKING:
+    import torch
+
+    from pixelrelay.pipeline.settings import Settings
+    from pixelrelay.pipeline.tiling import TileSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tiled-inference settings of one decoder, in input pixels."""
+
+    tile: int = 256
+    overlap: int = 32
+    tile_batch: int = 4
+    min_tile: int = 32
+
+    def __post_init__(self) -> None:
+        if self.tile < 1 or self.overlap < 0 or self.tile_batch < 1 or self.min_tile < 1:
+            raise ValueError(f"bad tile settings: {self}")
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", name: str) -> "TileConfig":
+        """``settings.<name>_tile`` & co, e.g. name "sr" for PIXELRELAY_SR_TILE."""
+        return cls(*(getattr(settings, f"{name}_{field}") for field in ("tile", "overlap", "tile_batch", "min_tile")))
+
+    def with_(self, **overrides: int | None) -> "TileConfig":
+        """A copy with the given (non-None) fields replaced."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class LearnedDecoder(Decoder):
+    """A decoder that runs a learned model; see the module docstring for what it guarantees."""
+
+    tile_settings: ClassVar[str]  # the Settings prefix of its tile fields ("builtin", "sr", "sd")
+    pad_mode: ClassVar[str] = "reflect"  # how an image is padded to the window ("replicate")
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        settings: "Settings | None" = None,
+        tiles: TileConfig | None = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(model=model, device=device, settings=settings)
+        import torch
+
+        from pixelrelay.pipeline.hf import choose_dtype
+
+        self.tiles = tiles or TileConfig.from_settings(self.settings, self.tile_settings)
+        self.dtype = dtype or choose_dtype(device, self.settings.dtype)
+        self.torch_device = torch.device(device)
+
+    # -- what a subclass supplies
+
+    @abstractmethod
+    def choose(self, plan: Plan) -> Any:
+        """The loaded model that serves ``plan``."""
+
+    @abstractmethod
+    def model_name(self, m: Any) -> str:
+        """A name for a chosen model, unique within this decoder (groups and notes use it)."""
+
+    @abstractmethod
+    def native_scale(self, m: Any, plan: Plan) -> int:
+        """The scale ``m`` upscales by when it serves ``plan``."""
+
+    def window(self, m: Any, scale: int) -> int:
+        """Tile sizes and starts are multiples of this (e.g. a transformer's window)."""
+        return 1
+
+    @abstractmethod
+    def forward(self, m: Any, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+        """Run one batch of tiles: x is (B,3,h,w) float32 in [0,1] on the CPU, tile k comes
+        from the item whose plan is ``plans[items[k]]``; returns (B,3,h*s,w*s) in [0,1],
+        s being the native scale (any device and float dtype)."""
+
+    def batch_key(self, plan: Plan) -> Hashable:
+        """Plans with different keys never share a forward call (default: no constraint)."""
+        return None
+
+    def notes(self, m: Any, plan: Plan) -> list[str]:
+        return []
+
+    def unchanged(self, plan: Plan) -> str | None:
+        """A reason to return the image as it is (no model run), or None."""
+        return None
+
+    # -- the shared machinery
+
+    def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
+        check_batch(images, plans)
+        results: list[RestoredImage | None] = [None] * len(images)
+        groups: dict[tuple, tuple[Any, list[int]]] = {}
+        for i, (image, plan) in enumerate(zip(images, plans)):
+            reason = self.unchanged(plan)
+            if reason is not None:
+                results[i] = _untouched(image, f"{self.kind}: {reason}")
+                continue
+            m = self.choose(plan)
+            key = (self.model_name(m), self.native_scale(m, plan), image.height, image.width, self.batch_key(plan))
+            groups.setdefault(key, (m, []))[1].append(i)
+        for m, idx in groups.values():
+            group_plans = [plans[i] for i in idx]
+            x = _stack([images[i] for i in idx])
+            out, used = self.upscale_tensor(m, x, group_plans)
+            for k, i in enumerate(idx):
+                results[i] = self._finish(images[i], plans[i], m, out[k : k + 1], used)
+        return results  # type: ignore[return-value]
+
+    def upscale_tensor(
+        self, m: Any, x: "torch.Tensor", plans: Sequence[Plan], **overrides: int
+    ) -> tuple["torch.Tensor", "TileSettings"]:
+        """(B,3,H,W) float [0,1] (CPU), one plan per row -> ((B,3,H*s,W*s) float32 CPU at the
+        native scale s, the tile settings that worked). ``overrides``: TileConfig fields."""
+        import torch
+
+        from pixelrelay.pipeline.tiling import run_tiled_with_fallback
+
+        tiles = self.tiles.with_(**overrides)
+        scale = self.native_scale(m, plans[0])
+
+        def fn(crops: torch.Tensor, items: list[int]) -> torch.Tensor:
+            return self.forward(m, crops, plans, items)
+
+        with torch.inference_mode():
+            return run_tiled_with_fallback(
+                fn, x, scale, tiles.tile, tiles.overlap, batch_size=tiles.tile_batch, min_tile=tiles.min_tile,
+                align=self.window(m, scale), what=f"{self.kind} {self.model_name(m)} tile", pass_items=True, pad_mode=self.pad_mode,
+            )
+
+    def _finish(self, image: DecodedImage, plan: Plan, m: Any, y: "torch.Tensor", used: "TileSettings") -> RestoredImage:
+        from pixelrelay.pipeline import tensors
+
+        native = self.native_scale(m, plan)
+        notes = list(self.notes(m, plan))
+        if native != plan.scale:
+            how = "downscaled (antialiased)" if native > plan.scale else "bicubic for the rest"
+            notes.append(f"{self.kind}: model x{native} -> plan x{plan.scale}, {how}")
+        if used.oom_retries:
+            notes.append(f"{self.kind}: out of memory, finished with {used.describe()}")
+        y = tensors.resize(y, (image.height * plan.scale, image.width * plan.scale))
+        alpha = None if image.alpha is None else tensors.resize_alpha(image.alpha, plan.scale)
+        return RestoredImage(rgb=tensors.to_uint8(y), alpha=alpha, notes=tuple(notes))
+
+
+def _stack(images: Sequence[DecodedImage]) -> "torch.Tensor":
+    """Same-size images -> (B,3,H,W) float32 in [0,1] on the CPU."""
+    import torch
+
+    rgb = np.stack([np.asarray(im.rgb, dtype=np.uint8) for im in images])
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _untouched(image: DecodedImage, note: str) -> RestoredImage:
+    alpha = None if image.alpha is None else image.alpha.copy()
+    return RestoredImage(rgb=np.ascontiguousarray(image.rgb).copy(), alpha=alpha, notes=(note,))
