@@ -96,13 +96,16 @@ def score(outs, hrs, scale) -> tuple[float, float]:
 
 @torch.inference_mode()
 def bare_net(dec, lrs, params, scale) -> list[np.ndarray]:
+    """The builtin decoder's network given the true degradation parameters (untiled, fp32
+    on the CPU): what the pipeline would score with a perfect encoder."""
     from pixelrelay.pipeline.nets import cond_vector
+    from pixelrelay.pipeline.stages.decoders.builtin import route
 
     outs = []
     for lr, p in zip(lrs, params):
         c = cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality) if p is not None else cond_vector(0, 0, None)
-        x = D.to_tensor(lr)
-        outs.append(D.to_uint8(dec._forward(x, torch.tensor([c]), scale)[0]))
+        net = dec.nets[route(c)]
+        outs.append(D.to_uint8(net(D.to_tensor(lr), torch.tensor([c]), scale).float()[0]))
     return outs
 
 
