@@ -13,7 +13,7 @@ import logging
 import sys
 
 from pixelrelay import __version__
-from pixelrelay.exitcodes import ExitCode
+from pixelrelay.exitcodes import DESCRIPTIONS, ExitCode
 from pixelrelay.pipeline.messages import DEFAULT_QUALITY
 from pixelrelay.pipeline.settings import ConfigError, Settings
 
@@ -81,7 +81,11 @@ def _worker_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixelrelay", description="Batch image restoration and upscaling.")
+    parser = argparse.ArgumentParser(
+        prog="pixelrelay",
+        description="Batch image restoration and upscaling.",
+        epilog="exit codes: " + "; ".join(f"{int(code)} {text}" for code, text in DESCRIPTIONS.items()),
+    )
     parser.add_argument("--version", action="version", version=f"pixelrelay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

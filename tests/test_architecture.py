@@ -114,3 +114,22 @@ def test_wheel_installs_one_top_level_name(tmp_path):
                    "pixelrelay/training/configs/decoder.json",
                    "pixelrelay/workers/tasks.py", "pixelrelay/jobs/keys.py", "pixelrelay/__main__.py"):
         assert needed in names
+
+
+def test_readme_exit_code_table_matches_the_enum():
+    from pixelrelay.exitcodes import DESCRIPTIONS, ExitCode
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("**Exit codes**"):]
+    table = table[: table.index("\n\n", table.index("| code |"))]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "code" not in line]
+    assert [int(r) for r in rows] == [int(c) for c in ExitCode]
+    assert set(DESCRIPTIONS) == set(ExitCode)
+
+
+def test_help_lists_every_exit_code():
+    from pixelrelay.exitcodes import ExitCode
+    from pixelrelay.producer.cli import build_parser
+
+    epilog = build_parser().epilog
+    assert all(f"{int(code)} " in epilog for code in ExitCode)
