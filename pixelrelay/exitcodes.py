@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     TIMEOUT = 3  # gave up waiting (``--timeout``); the job goes on
     CANCELLED = 4  # the job was cancelled
     WORKER_EXITED = 5  # ``pixelrelay run``: a local worker exited early (its log is kept)
+    MODELS_MISSING = 6  # ``pixelrelay models``: a configured model is missing or could not be pulled
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
@@ -26,5 +27,6 @@ DESCRIPTIONS: dict[ExitCode, str] = {
     ExitCode.TIMEOUT: "gave up waiting (`--timeout`); the job goes on",
     ExitCode.CANCELLED: "the job was cancelled",
     ExitCode.WORKER_EXITED: "`pixelrelay run`: a local worker exited early; its log folder is kept and printed",
+    ExitCode.MODELS_MISSING: "`pixelrelay models list --check` / `pull`: a model is missing or could not be pulled",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }

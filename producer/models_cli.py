@@ -26,12 +26,12 @@ import importlib.util
 import os
 import sys
 
+from pixelrelay.exitcodes import ExitCode
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline import hf
 from pixelrelay.pipeline.stages import registry
 from pixelrelay.pipeline.stages.base import StageSpec
 
-EXIT_OK, EXIT_MISSING, EXIT_USAGE = 0, 1, 2
 STAGES = ("encoder", "planner", "decoder")
 DEFAULTS = {"encoder": C.DEFAULT_ENCODER, "planner": C.DEFAULT_PLANNER, "decoder": C.DEFAULT_DECODER}
 
@@ -90,23 +90,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     if missing_configured:
         print("missing: " + "; ".join(missing_configured) + " -- fetch with `pixelrelay models pull SPEC`")
         if args.check:
-            return EXIT_MISSING
-    return EXIT_OK
+            return ExitCode.MODELS_MISSING
+    return ExitCode.OK
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    status = EXIT_OK
+    status = ExitCode.OK
     for raw in args.specs:
         try:
             spec = StageSpec.parse(raw)
         except ValueError as exc:
             print(f"pixelrelay models pull: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return ExitCode.USAGE
         stage = registry.stage_of(spec.kind)
         if stage is None:
             known = ", ".join(sorted({k for st in STAGES for k in registry.known_backends(st)}))
             print(f"pixelrelay models pull: unknown backend {spec.kind!r}; known: {known}", file=sys.stderr)
-            return EXIT_USAGE
+            return ExitCode.USAGE
         cls = registry.backend_class(stage, spec)
         models = cls.models_for(spec.model)
         if not models:
@@ -121,17 +121,17 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 continue
             if hf.is_local_model(model):
                 print(f"{stage} {spec.kind}:{model}: local folder missing or incomplete", file=sys.stderr)
-                status = EXIT_MISSING
+                status = ExitCode.MODELS_MISSING
                 continue
             if hf.hub_offline():
                 print(f"{stage} {spec.kind}:{model}: missing, and HF_HUB_OFFLINE=1 forbids downloading", file=sys.stderr)
-                status = EXIT_MISSING
+                status = ExitCode.MODELS_MISSING
                 continue
             try:
                 path = hf.pull_model(model)
             except Exception as exc:  # network, auth, unknown repo: report and go on
                 print(f"{stage} {spec.kind}:{model}: download failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-                status = EXIT_MISSING
+                status = ExitCode.MODELS_MISSING
                 continue
             print(f"{stage} {spec.kind}:{model}: pulled to {path}")
     return status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pixelrelay.exitcodes import ExitCode
 from pixelrelay.producer import models_cli
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_swin2sr, tiny_model
 
@@ -40,7 +41,7 @@ def test_list_shows_backends_and_presence(offline_cache, sr_x2, capsys):
 
 def test_list_check_fails_when_configured_model_missing(offline_cache, capsys, monkeypatch):
     monkeypatch.setenv("PIXELRELAY_PLANNER", "hf-llm")
-    assert models_cli.main(["list", "--check"]) == 1
+    assert models_cli.main(["list", "--check"]) == ExitCode.MODELS_MISSING
     out = capsys.readouterr().out
     assert "planner=hf-llm" in out and "missing: planner hf-llm:Qwen/Qwen2.5-0.5B-Instruct" in out
     assert models_cli.main(["list"]) == 0  # without --check it only reports
@@ -51,7 +52,7 @@ def test_pull(offline_cache, sr_x2, capsys):
     out = capsys.readouterr().out
     assert "present" in out and "nothing to pull" in out
     # offline and not cached: a clear refusal, no network
-    assert models_cli.main(["pull", "hf-llm"]) == 1
+    assert models_cli.main(["pull", "hf-llm"]) == ExitCode.MODELS_MISSING
     assert "HF_HUB_OFFLINE=1" in capsys.readouterr().err
     assert models_cli.main(["pull", "no-such-backend"]) == 2
     # once in the cache, pull is a no-op that says where it is
