@@ -22,8 +22,8 @@ from celery.exceptions import Reject
 from celery.exceptions import Retry as CeleryRetry
 
 from pixelrelay.jobs.state import JobState
-from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
 from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
 from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobOptions, WireVersionError, upgrade_message
 from pixelrelay.pipeline.storage import StorageError
 from pixelrelay.workers.celery_app import task_name
@@ -236,7 +236,7 @@ def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> C
     sig = task.signature_from_request(countdown=countdown)
     try:
         sig.apply_async()
-    except Exception as err:  # not re-sent: leave the delivery to the broker (unacked)
+    except Exception as err:  # not re-sent: the broker puts this delivery back instead
         raise Reject(err, requeue=True) from err
     return CeleryRetry(str(exc), exc, countdown, sig=sig)
 
