@@ -22,6 +22,7 @@ DEFAULT_MAX_RETRIES = 5
 DEFAULT_MAX_DELIVERIES = 3  # a chunk whose worker died this often is split into single items
 RETRY_BACKOFF_BASE_S = 2.0
 RETRY_BACKOFF_MAX_S = 120.0
+WIRE_REQUEUE_DELAY_S = 60  # a message of a newer wire version waits this long per re-queue
 
 # --- defaults for the embedded setup ------------------------------------------------
 DEFAULT_REDIS_URL = ""  # empty: `pixelrelay run` starts an embedded Redis

@@ -1,13 +1,33 @@
 """Pydantic message models: everything that crosses a process boundary is one of these.
 
 Messages carry storage keys, ids and text, never pixels. They serialise to JSON only.
+
+**Wire format.** A ``ChunkMessage`` (a stage task's body) carries its wire-format version in
+``v``; a body without ``v`` is version 1, the format of the releases before ``v`` existed.
+
+* Reading: ``upgrade_message(body)`` validates a body of any version up to ``WIRE_VERSION``
+  and upgrades it, so a worker takes the previous release's messages during a rolling
+  upgrade. A newer version raises ``WireVersionError`` (the worker re-queues the message for
+  an upgraded worker: see ``workers.tasks.run_stage``); a body that is no message at all
+  raises ``WireFormatError`` (or pydantic's ``ValidationError`` for bad fields).
+* Writing: a message is written in the *oldest* version that can carry it
+  (``ChunkMessage.wire_version``): version 1 unless the job uses a field that version 1 lacks.
+  So while workers are being upgraded, an upgraded worker's output (the next stage's body,
+  the job's next chunk) is still read by the workers not yet upgraded.
+
+Versions: 1: no ``v``. 2: ``v``; ``JobOptions.quality`` and ``JobOptions.lossless`` (their
+defaults, 92 and False, are what version 1 outputs got). Old workers reject fields they do
+not know, so **upgrade every worker before any producer** (producers also write the job's
+``JobSpec``, which workers read).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+WIRE_VERSION = 2  # the newest ChunkMessage format this code reads and writes
 
 Task = Literal["restore", "upscale"]
 Scale = Literal[1, 2, 4]
@@ -128,9 +148,27 @@ class ItemRecord(_Model):
         self.error = f"{stage}: {reason}"
 
 
-class ChunkMessage(_Model):
-    """The body of every stage task: one chunk of a job, passed down the chain."""
+class WireFormatError(ValueError):
+    """A task body that is not a chunk message of any version (not an object, bad ``v``)."""
 
+
+class WireVersionError(ValueError):
+    """A chunk message of a newer wire version than this code reads: a newer release sent it."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"wire version {version} is newer than this worker's {WIRE_VERSION}")
+        self.version = version
+
+
+class ChunkMessage(_Model):
+    """The body of every stage task: one chunk of a job, passed down the chain.
+
+    Read bodies with ``upgrade_message``; ``model_dump`` writes the oldest wire version that
+    carries the message (see the module docstring). In memory ``v`` is always
+    ``WIRE_VERSION``: older bodies are upgraded as they are read.
+    """
+
+    v: int = Field(default=WIRE_VERSION, ge=1, le=WIRE_VERSION)
     job_id: str
     seq: int  # submission number; a resubmission bumps it
     chunk: int
@@ -140,3 +178,54 @@ class ChunkMessage(_Model):
     records: list[ItemRecord]
     feeds: bool = True  # whether finishing this chain enqueues the job's next chunk
     part: str = ""  # distinguishes the parts of a chunk split after repeated worker deaths
+
+    def wire_version(self) -> int:
+        """The oldest wire version that carries this message."""
+        options = self.options
+        if options.quality != DEFAULT_QUALITY or options.lossless:
+            return 2
+        return 1
+
+    @model_serializer(mode="wrap")
+    def _write_wire(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        version = self.wire_version()
+        if version == 1:
+            data.pop("v", None)
+            options = data.get("options")
+            if isinstance(options, dict):
+                for name in _V2_OPTIONS:
+                    options.pop(name, None)
+        elif "v" in data:
+            data["v"] = version
+        return data
+
+
+_V2_OPTIONS = ("quality", "lossless")  # JobOptions fields that version 1 lacks
+
+
+def _v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
+    # Version 2 only added fields whose defaults keep version-1 behaviour.
+    return {**body, "v": 2}
+
+
+_UPGRADES = {1: _v1_to_v2}  # version N body -> version N + 1 body
+
+
+def upgrade_message(body: Any) -> ChunkMessage:
+    """Validate a stage task's body of any wire version this code reads, as a ChunkMessage.
+
+    Raises ``WireVersionError`` for a version newer than ``WIRE_VERSION``, ``WireFormatError``
+    for a body that is not an object or has a bad ``v``, and pydantic's ``ValidationError``
+    for bad fields.
+    """
+    if not isinstance(body, dict):
+        raise WireFormatError(f"a chunk message is a JSON object, not {type(body).__name__}")
+    version = body.get("v", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise WireFormatError(f"bad wire version {version!r}: a positive integer, or no 'v' for version 1")
+    if version > WIRE_VERSION:
+        raise WireVersionError(version)
+    for step in range(version, WIRE_VERSION):
+        body = _UPGRADES[step](body)
+    return ChunkMessage.model_validate(body)

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     sd_min_tile: int = Field(32, ge=8)
     sd_steps: int = Field(25, ge=1, le=1000)
     sd_guidance: float = Field(7.5, ge=0.0, le=50.0)
+    # S3-compatible stores (pipeline.storage.s3). Checksums: botocore >= 1.36 adds CRC
+    # checksums to every request ("when_supported"), which MinIO, Ceph, R2 and other
+    # S3-compatible stores may reject; "when_required" sends them only where the API needs them.
+    s3_checksums: Literal["when_required", "when_supported"] = "when_required"
+    s3_retry_mode: Literal["standard", "adaptive"] = "standard"  # botocore's own retries
+    s3_max_attempts: int = Field(4, ge=1, le=20)  # per request, the first one included
+    s3_sse: Literal["", "AES256", "aws:kms"] = ""  # server-side encryption of every PUT
+    s3_sse_kms_key_id: str = ""  # with s3_sse=aws:kms; empty: the bucket's/account's default key
 
     @field_validator("redis_url")
     @classmethod
@@ -74,6 +82,15 @@ class Settings(BaseSettings):
         if value and urlsplit(value).scheme not in ("http", "https"):
             raise ValueError("must be an http:// or https:// URL")
         return value or None
+
+    @field_validator("s3_sse_kms_key_id")
+    @classmethod
+    def _check_kms_key(cls, value: str, info) -> str:
+        value = value.strip()
+        sse = info.data.get("s3_sse")  # absent when s3_sse itself is bad (reported on its own)
+        if value and sse is not None and sse != "aws:kms":
+            raise ValueError(f"a KMS key id needs {ENV_PREFIX}S3_SSE=aws:kms (it is {sse!r})")
+        return value
 
     @field_validator("device")
     @classmethod

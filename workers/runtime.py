@@ -59,7 +59,7 @@ class Runtime:
         return self._redis
 
     def storage(self, uri: str) -> Storage:
-        return open_storage(uri, self.settings.s3_endpoint_url)
+        return open_storage(uri, self.settings.s3_endpoint_url, self.settings)
 
     def default_spec(self, stage: str) -> str:
         return getattr(self.settings, C.STAGE_BACKEND[stage])

@@ -18,10 +18,13 @@ import time
 from typing import Callable, Sequence, TypeVar
 
 from celery import Celery, Task
+from celery.exceptions import Reject
+from celery.exceptions import Retry as CeleryRetry
 
 from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
-from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobOptions
+from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobOptions, WireVersionError, upgrade_message
 from pixelrelay.pipeline.storage import StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender
@@ -222,9 +225,28 @@ def policy_for(rt: Runtime, state: JobState, app: Celery) -> DeliveryPolicy:
     return DeliveryPolicy(state, sender(app), rt.storage, limits)
 
 
+def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> CeleryRetry:
+    """A body from a newer release (a producer upgraded before this worker): send it back
+    to the stage's queue, in ``WIRE_REQUEUE_DELAY_S``, for an upgraded worker to take. It is
+    never failed or dropped here. The copy keeps the chain, the task id and the retry count
+    (the retries the policy allows for transient errors are not spent on this). Returns the
+    exception to raise, which acks this delivery."""
+    countdown = C.WIRE_REQUEUE_DELAY_S
+    log.warning("%s task %s: %s; re-queued in %ds for an upgraded worker", stage, task.request.id, exc, countdown)
+    sig = task.signature_from_request(countdown=countdown)
+    try:
+        sig.apply_async()
+    except Exception as err:  # not re-sent: the broker puts this delivery back instead
+        raise Reject(err, requeue=True) from err
+    return CeleryRetry(str(exc), exc, countdown, sig=sig)
+
+
 def run_stage(task: Task, stage: str, body: dict) -> dict:
     """One delivery: validate the body, let the policy run the stage body, map its outcome."""
-    msg = ChunkMessage.model_validate(body)
+    try:
+        msg = upgrade_message(body)  # any wire version up to ours (the broker's data is input)
+    except WireVersionError as exc:
+        raise requeue_for_newer_worker(task, stage, exc) from None
     rt = runtime()
     state = JobState(rt.redis, msg.job_id)
     work = functools.partial(STAGE_BODIES[stage], rt, state)

@@ -89,12 +89,14 @@ class Storage(ABC):
     def delete(self, uri: str) -> None: ...
 
 
-def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
-    """The storage that serves ``uri``. S3 clients are cached per endpoint."""
+def open_storage(uri: str, endpoint_url: str | None = None, settings=None) -> Storage:
+    """The storage that serves ``uri``. S3 clients are configured by ``settings`` (a
+    ``Settings``; None: the environment's) with ``endpoint_url`` overriding its endpoint,
+    and cached per configuration."""
     if is_s3(uri):
         from pixelrelay.pipeline.storage.s3 import S3Storage
 
-        return S3Storage.shared(endpoint_url)
+        return S3Storage.shared(endpoint_url, settings)
     from pixelrelay.pipeline.storage.local import LocalStorage
 
     return LocalStorage()

@@ -4,13 +4,27 @@ Credentials come from the standard AWS chain (``AWS_*`` variables, profiles, rol
 endpoint from ``PIXELRELAY_S3_ENDPOINT_URL`` for non-AWS services. Single objects are one
 PUT; large files go through boto3's managed multipart upload, which is only visible once
 completed. Errors are mapped to StorageError (permanent) or TransientStorageError (retry).
+
+The client is configured by ``S3Options`` (from the ``PIXELRELAY_S3_*`` settings):
+
+* checksums: ``when_required`` by default. botocore >= 1.36 otherwise adds a CRC checksum
+  (and an ``aws-chunked`` body) to every PUT and validates response checksums, which many
+  S3-compatible stores reject or do not send;
+* botocore's own retries (``standard`` mode, 4 attempts in all by default): 500, 502, 503 (e.g.
+  ``SlowDown``), 504, throttling codes and connection errors are retried with jittered
+  exponential backoff inside one storage call. What still fails is a TransientStorageError,
+  which the worker's policy retries with its own, longer backoff;
+* server-side encryption (``AES256`` or ``aws:kms`` with an optional key id) is added to
+  every request that writes an object (PutObject, CreateMultipartUpload, CopyObject).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import threading
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -18,11 +32,10 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
+    HTTPClientError,
+    IncompleteReadError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pixelrelay.pipeline.storage.base import (
     Storage,
@@ -33,19 +46,89 @@ from pixelrelay.pipeline.storage.base import (
     split_uri,
 )
 
+# Error codes worth retrying, as S3 and the S3-compatible stores send them (botocore's
+# standard retry mode retries the same; MinIO sends SlowDownRead/SlowDownWrite).
 _TRANSIENT_CODES = {
     "InternalError",
     "ServiceUnavailable",
     "SlowDown",
+    "SlowDownRead",
+    "SlowDownWrite",
     "RequestTimeout",
+    "RequestTimeoutException",
     "RequestTimeTooSkewed",
+    "PriorRequestNotComplete",
     "Throttling",
     "ThrottlingException",
-    "503",
-    "500",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequests",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "OperationAborted",  # a conflicting operation on the bucket is in progress
 }
+_TRANSIENT_STATUS = {408, 429}  # plus every 5xx
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
-_NETWORK_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+# Connection refused/reset/closed, timeouts, a response body cut short.
+_NETWORK_ERRORS = (BotoConnectionError, HTTPClientError, IncompleteReadError)
+
+# Requests that write an object: server-side encryption is added to each.
+_WRITE_OPERATIONS = ("PutObject", "CreateMultipartUpload", "CopyObject")
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Options:
+    """How the S3 client is built; ``from_settings`` reads the ``PIXELRELAY_S3_*`` settings."""
+
+    endpoint_url: str | None = None
+    checksums: str = "when_required"  # request_checksum_calculation / response_checksum_validation
+    retry_mode: str = "standard"
+    max_attempts: int = 4  # the first request included
+    sse: str = ""  # "", "AES256" or "aws:kms"
+    sse_kms_key_id: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Any, endpoint_url: str | None = None) -> "S3Options":
+        return cls(
+            endpoint_url=endpoint_url or settings.s3_endpoint_url or None,
+            checksums=settings.s3_checksums,
+            retry_mode=settings.s3_retry_mode,
+            max_attempts=settings.s3_max_attempts,
+            sse=settings.s3_sse,
+            sse_kms_key_id=settings.s3_sse_kms_key_id,
+        )
+
+    def config(self) -> Config:
+        return Config(
+            retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=32,
+            request_checksum_calculation=self.checksums,
+            response_checksum_validation=self.checksums,
+        )
+
+    def sse_params(self) -> dict[str, str]:
+        if not self.sse:
+            return {}
+        params = {"ServerSideEncryption": self.sse}
+        if self.sse_kms_key_id:
+            params["SSEKMSKeyId"] = self.sse_kms_key_id
+        return params
+
+
+@functools.lru_cache(maxsize=8)
+def _options_from_env(env: frozenset[tuple[str, str]]) -> S3Options:  # cached per environment
+    from pixelrelay.pipeline.settings import Settings
+
+    return S3Options.from_settings(Settings.from_env())  # ConfigError names a bad setting
+
+
+def env_options() -> S3Options:
+    """``S3Options`` from the environment's ``PIXELRELAY_*`` settings (validated)."""
+    return _options_from_env(frozenset((k, v) for k, v in os.environ.items() if k.startswith("PIXELRELAY_")))
 
 
 def _map_error(exc: Exception, uri: str) -> Exception:
@@ -54,9 +137,9 @@ def _map_error(exc: Exception, uri: str) -> Exception:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _NOT_FOUND_CODES:
             return StorageNotFoundError(f"no such object: {uri}")
-        if code in _TRANSIENT_CODES or status >= 500:
-            return TransientStorageError(f"S3 {code or status} for {uri}")
-        return StorageError(f"S3 {code or status} for {uri}")
+        if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS or status >= 500:
+            return TransientStorageError(f"S3 {code or status} (HTTP {status}) for {uri}")
+        return StorageError(f"S3 {code or status} (HTTP {status}) for {uri}")
     if isinstance(exc, (*_NETWORK_ERRORS, ConnectionError, TimeoutError)):
         return TransientStorageError(f"S3 connection problem for {uri}: {type(exc).__name__}")
     if isinstance(exc, BotoCoreError):
@@ -69,27 +152,41 @@ def _content_type_args(uri: str, content_type: str | None) -> dict[str, str]:
     return {"ContentType": content_type} if content_type else {}
 
 
+def _add_sse(params: dict[str, Any], sse: dict[str, str], **_: Any) -> None:
+    for name, value in sse.items():
+        params.setdefault(name, value)
+
+
 class S3Storage(Storage):
-    _clients: dict[tuple[int, str | None], "S3Storage"] = {}
+    _clients: dict[tuple[int, S3Options], "S3Storage"] = {}
     _lock = threading.Lock()
 
-    def __init__(self, endpoint_url: str | None = None) -> None:
-        config = Config(
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
-            max_pool_connections=32,
-        )
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+    def __init__(self, endpoint_url: str | None = None, options: S3Options | None = None) -> None:
+        """A client built from ``options`` (the defaults when None: no environment is read)."""
+        options = options or S3Options()
+        if endpoint_url:
+            options = dataclasses.replace(options, endpoint_url=endpoint_url)
+        self.options = options
+        self.client = boto3.session.Session().client("s3", endpoint_url=options.endpoint_url, config=options.config())
+        sse = options.sse_params()
+        if sse:
+            for operation in _WRITE_OPERATIONS:
+                self.client.meta.events.register(
+                    f"before-parameter-build.s3.{operation}", functools.partial(_add_sse, sse=sse)
+                )
         self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
 
     @classmethod
-    def shared(cls, endpoint_url: str | None = None) -> "S3Storage":
-        # Keyed by pid too: a client must not cross a fork.
-        key = (os.getpid(), endpoint_url or os.environ.get("PIXELRELAY_S3_ENDPOINT_URL") or None)
+    def shared(cls, endpoint_url: str | None = None, settings: Any = None) -> "S3Storage":
+        """One client per process and configuration: ``settings`` (a ``Settings``), else the
+        environment's; ``endpoint_url`` overrides the endpoint they name."""
+        options = S3Options.from_settings(settings) if settings is not None else env_options()
+        if endpoint_url:
+            options = dataclasses.replace(options, endpoint_url=endpoint_url)
+        key = (os.getpid(), options)  # keyed by pid too: a client must not cross a fork
         with cls._lock:
             if key not in cls._clients:
-                cls._clients[key] = cls(key[1])
+                cls._clients[key] = cls(options=options)
             return cls._clients[key]
 
     def get(self, uri: str) -> bytes:

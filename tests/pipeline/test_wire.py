@@ -1,0 +1,118 @@
+"""The chunk message wire format: versions, upgrades, and what a worker of the previous
+release can still read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pixelrelay.pipeline.messages import (
+    WIRE_VERSION,
+    ChunkMessage,
+    ItemRecord,
+    JobOptions,
+    WireFormatError,
+    WireVersionError,
+    upgrade_message,
+)
+
+
+# --- the previous release's schema (version 1), frozen here as it shipped ------------------
+class _V1(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class V1JobOptions(_V1):
+    task: str = "restore"
+    scale: int | None = None
+    instruction: str = ""
+    format: str | None = None
+
+
+class V1ChunkMessage(_V1):
+    job_id: str
+    seq: int
+    chunk: int
+    output: str
+    options: V1JobOptions
+    backends: dict
+    records: list[dict]
+    feeds: bool = True
+    part: str = ""
+
+
+def v1_body(**options) -> dict:
+    """A body exactly as the previous release's producer wrote it (no ``v``, no quality)."""
+    return {
+        "job_id": "job-1",
+        "seq": 3,
+        "chunk": 7,
+        "output": "s3://bucket/out",
+        "options": {"task": "upscale", "scale": 2, "instruction": "sharper", "format": "jpg", **options},
+        "backends": {"encoder": "analysis", "planner": None, "decoder": None},
+        "records": [
+            {"index": 28, "input": "s3://bucket/in/a.png", "output": "s3://bucket/out/a.jpg", "status": None,
+             "error": None, "notes": [], "description": None, "plan": None, "timings": {}, "backends": {},
+             "output_size": None, "source_size": None},
+        ],
+        "feeds": False,
+        "part": "28",
+    }
+
+
+def test_a_version_1_body_is_upgraded():
+    msg = upgrade_message(v1_body())
+    assert msg.v == WIRE_VERSION == 2
+    assert msg.options == JobOptions(task="upscale", scale=2, instruction="sharper", format="jpg", quality=92, lossless=False)
+    assert (msg.job_id, msg.seq, msg.chunk, msg.feeds, msg.part) == ("job-1", 3, 7, False, "28")
+    assert msg.records == [ItemRecord(index=28, input="s3://bucket/in/a.png", output="s3://bucket/out/a.jpg")]
+    assert upgrade_message({**v1_body(), "v": 1}) == msg  # an explicit v1 reads the same
+
+
+def test_messages_are_written_in_the_oldest_version_that_carries_them():
+    # Default output settings: version 1, byte for byte what the previous release wrote, so
+    # its workers read what upgraded workers pass down the chain during a rolling upgrade.
+    plain = upgrade_message(v1_body())
+    assert plain.model_dump(mode="json") == v1_body()
+    assert json.loads(plain.model_dump_json()) == v1_body()
+    V1ChunkMessage.model_validate(plain.model_dump(mode="json"))
+
+    # A job that sets quality or lossless needs version 2, and says so.
+    for options in ({"quality": 70}, {"lossless": True}):
+        msg = plain.model_copy(update={"options": plain.options.model_copy(update=options)})
+        wire = msg.model_dump(mode="json")
+        assert wire["v"] == 2 and wire["options"].items() >= options.items()
+        assert upgrade_message(json.loads(msg.model_dump_json())) == msg  # round trip
+        with pytest.raises(ValidationError):  # why producers are upgraded last
+            V1ChunkMessage.model_validate(wire)
+
+
+def test_a_newer_version_is_a_typed_error():
+    body = {**upgrade_message(v1_body()).model_dump(mode="json"), "v": WIRE_VERSION + 1, "priority": 5}
+    with pytest.raises(WireVersionError) as info:
+        upgrade_message(body)
+    assert info.value.version == WIRE_VERSION + 1
+    assert f"wire version {WIRE_VERSION + 1} is newer" in str(info.value)
+    body.pop("priority")
+    with pytest.raises(ValidationError) as direct:  # validating directly is no way around it
+        ChunkMessage.model_validate(body)
+    assert [e["loc"] for e in direct.value.errors()] == [("v",)]
+
+
+@pytest.mark.parametrize("body", [None, [], "{}", {**v1_body(), "v": "2"}, {**v1_body(), "v": True},
+                                  {**v1_body(), "v": 0}, {**v1_body(), "v": 2.0}],
+                         ids=["null", "list", "string", "v-string", "v-bool", "v-zero", "v-float"])
+def test_what_is_no_message_is_rejected(body):
+    with pytest.raises(WireFormatError):
+        upgrade_message(body)
+
+
+def test_bad_fields_are_rejected_in_every_version():
+    with pytest.raises(ValidationError):
+        upgrade_message({**v1_body(), "surprise": 1})
+    with pytest.raises(ValidationError):
+        upgrade_message({**v1_body(quality=0), "v": 2})
+    with pytest.raises(ValidationError):
+        upgrade_message({k: v for k, v in v1_body().items() if k != "records"})
