@@ -15,6 +15,11 @@ OutputFormat = Literal["png", "jpg", "webp"]
 DEFAULT_QUALITY = 92  # JPEG and lossy WebP outputs, when the job names none
 OperationName = Literal["deblock", "denoise", "deblur", "sharpen"]
 ItemStatus = Literal["done", "failed"]
+# How a done item's output came to be: found with the same fingerprint (reused), written
+# where there was none (processed), or written over an output of another request or model
+# (overwritten). None while in flight, and for failed items.
+ItemOutcome = Literal["reused", "processed", "overwritten"]
+_SHA256_HEX = r"^[0-9a-f]{64}$"
 
 
 class _Model(BaseModel):
@@ -31,6 +36,9 @@ class JobOptions(_Model):
     # Encoder settings for the outputs (defaults keep messages without them valid).
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)  # JPEG, and WebP unless lossless
     lossless: bool = False  # WebP outputs lossless (quality then ignored)
+    # Re-process every item even where its output already answers this request. Not part
+    # of the request's fingerprint: it changes what is done, not what is asked for.
+    overwrite: bool = False
 
     def effective_scale(self) -> int:
         if self.scale is not None:
@@ -103,6 +111,14 @@ class Plan(_Model):
         return max((op.strength for op in self.operations if op.name == name), default=0.0)
 
 
+class Fingerprint(_Model):
+    """What an output answers (see ``pipeline.fingerprint``): sha256 hex digests of the
+    request (options, backend specs, input, output format) and of the model identity."""
+
+    request: str = Field(pattern=_SHA256_HEX)
+    model: str = Field(pattern=_SHA256_HEX)
+
+
 class ItemRecord(_Model):
     """An item's state as it moves down the chain; the decode stage writes it to the manifest."""
 
@@ -118,6 +134,9 @@ class ItemRecord(_Model):
     backends: dict[str, str] = Field(default_factory=dict)
     output_size: tuple[int, int] | None = None  # (width, height)
     source_size: tuple[int, int] | None = None  # (width, height), upright
+    models: dict[str, str] = Field(default_factory=dict)  # backend -> model identity used
+    fingerprint: Fingerprint | None = None  # what the output answers (done items)
+    outcome: ItemOutcome | None = None
 
     @property
     def failed(self) -> bool:

@@ -2,6 +2,7 @@
 
 from pixelrelay.pipeline.storage.base import (
     Storage,
+    StorageConflictError,
     StorageError,
     StorageNotFoundError,
     TransientStorageError,
@@ -14,6 +15,7 @@ from pixelrelay.pipeline.storage.base import (
 
 __all__ = [
     "Storage",
+    "StorageConflictError",
     "StorageError",
     "StorageNotFoundError",
     "TransientStorageError",

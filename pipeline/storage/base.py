@@ -5,6 +5,11 @@ atomic: readers never see a partial object (local: temp file + rename; S3: one P
 completed multipart upload). Local files get the mode the process umask allows (0644 under
 umask 022), as if created by ``open``; S3 objects get a Content-Type, the one given or else
 the one their key's extension names (``binary/octet-stream``, S3's own default, otherwise).
+
+``put`` may attach ``metadata`` (ASCII str -> str; S3 user metadata, a hidden sidecar for
+local files) that ``head`` reads back, and may be conditional: ``if_absent=True`` writes
+only where no object exists yet (S3 ``If-None-Match: *``, local ``link`` with O_EXCL
+semantics) and raises ``StorageConflictError`` otherwise, leaving the existing bytes alone.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ class StorageError(Exception):
 
 class StorageNotFoundError(StorageError):
     pass
+
+
+class StorageConflictError(StorageError):
+    """A conditional write (``if_absent``) found the object already there; nothing written."""
 
 
 class TransientStorageError(Exception):
@@ -71,8 +80,23 @@ class Storage(ABC):
     def get(self, uri: str) -> bytes: ...
 
     @abstractmethod
-    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
-        """Write one object atomically; ``content_type`` defaults to ``content_type_for(uri)``."""
+    def put(
+        self,
+        uri: str,
+        data: bytes,
+        content_type: str | None = None,
+        *,
+        metadata: dict[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> None:
+        """Write one object atomically; ``content_type`` defaults to ``content_type_for(uri)``.
+        ``metadata`` travels with the object (``head``); ``if_absent`` raises
+        ``StorageConflictError`` instead of replacing an existing object."""
+
+    @abstractmethod
+    def head(self, uri: str) -> dict[str, str] | None:
+        """The object's metadata as ``put`` stored it ({} when it has none), or None when
+        there is no object. Values are as stored: callers validate them."""
 
     @abstractmethod
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:

@@ -4,6 +4,8 @@ Credentials come from the standard AWS chain (``AWS_*`` variables, profiles, rol
 endpoint from ``PIXELRELAY_S3_ENDPOINT_URL`` for non-AWS services. Single objects are one
 PUT; large files go through boto3's managed multipart upload, which is only visible once
 completed. Errors are mapped to StorageError (permanent) or TransientStorageError (retry).
+``put(..., if_absent=True)`` sends ``If-None-Match: *``; the 412 (or 409, a concurrent
+conditional write in flight) becomes ``StorageConflictError``. Metadata is S3 user metadata.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from botocore.exceptions import (
 
 from pixelrelay.pipeline.storage.base import (
     Storage,
+    StorageConflictError,
     StorageError,
     StorageNotFoundError,
     TransientStorageError,
@@ -45,6 +48,9 @@ _TRANSIENT_CODES = {
     "500",
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# A conditional PUT lost: the object exists (412), or another conditional write to the key
+# is in flight (409 ConditionalRequestConflict).
+_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _NETWORK_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
 
 
@@ -62,6 +68,12 @@ def _map_error(exc: Exception, uri: str) -> Exception:
     if isinstance(exc, BotoCoreError):
         return StorageError(f"S3 client error for {uri}: {exc}")
     return exc
+
+
+def _is_conflict(exc: ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return code in _CONFLICT_CODES or status in (409, 412)
 
 
 def _content_type_args(uri: str, content_type: str | None) -> dict[str, str]:
@@ -99,12 +111,40 @@ class S3Storage(Storage):
         except Exception as exc:
             raise _map_error(exc, uri) from None
 
-    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
+    def put(
+        self,
+        uri: str,
+        data: bytes,
+        content_type: str | None = None,
+        *,
+        metadata: dict[str, str] | None = None,
+        if_absent: bool = False,
+    ) -> None:
         bucket, key = split_uri(uri)
+        extra: dict = _content_type_args(uri, content_type)
+        if metadata:
+            extra["Metadata"] = dict(metadata)
+        if if_absent:
+            extra["IfNoneMatch"] = "*"
         try:
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, **_content_type_args(uri, content_type))
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+        except ClientError as exc:
+            if if_absent and _is_conflict(exc):
+                raise StorageConflictError(f"already exists: {uri}") from None
+            raise _map_error(exc, uri) from None
         except Exception as exc:
             raise _map_error(exc, uri) from None
+
+    def head(self, uri: str) -> dict[str, str] | None:
+        bucket, key = split_uri(uri)
+        try:
+            response = self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            mapped = _map_error(exc, uri)
+            if isinstance(mapped, StorageNotFoundError):
+                return None
+            raise mapped from None
+        return {str(k).lower(): str(v) for k, v in (response.get("Metadata") or {}).items()}
 
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
         bucket, key = split_uri(uri)
