@@ -8,6 +8,16 @@ The stage bodies (``encode_chunk``, ``plan_chunk``, ``decode_chunk``) do the wor
 happens around them (poison pills, retries, finishing a chunk) is ``workers.policy``. The
 Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
 (``celery_app.get_app``), so importing this module needs no settings and no broker.
+
+Reuse (``pipeline.fingerprint``): every output carries the fingerprint of the request and
+models that made it. ``encode_chunk`` passes an item straight to done (``reused``) when its
+output's fingerprint matches what this job would produce, computed from its own encoder
+and the identities the plan and decode workers published (``jobs.identities``); if any is
+unknown it processes the item. ``decode_chunk`` checks again with its own decoder before
+running the model, then writes: conditionally where no output exists (a duplicate delivery
+that loses the race keeps the winner's bytes), over it where it answers another request
+or model (``overwritten``). ``overwrite`` in the job's options skips reuse, except of an
+output this very job wrote (a duplicate delivery).
 """
 
 from __future__ import annotations
@@ -19,10 +29,13 @@ from typing import Callable, Sequence, TypeVar
 
 from celery import Celery, Task
 
+from pixelrelay.jobs import identities
 from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline import fingerprint as fp
 from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
-from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobOptions
-from pixelrelay.pipeline.storage import StorageError
+from pixelrelay.pipeline.messages import ChunkMessage, Fingerprint, ItemOutcome, ItemRecord, JobOptions
+from pixelrelay.pipeline.stages.base import StageSpec
+from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Delivery, DeliveryPolicy, Limits, Retry, Split
@@ -112,6 +125,7 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     encoder = _stage_backend(rt, "encode", msg.backends.encoder, pending)
     if encoder is None:
         return
+    pending = _reuse_existing(rt, msg, pending, encoder)
     for batch, loaded in _prefetched(rt, pending, "encode"):
         started = time.perf_counter()
         for record, image in loaded:
@@ -122,6 +136,7 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         for (record, _), result in zip(loaded, results):
             record.timings["encode_s"] = round(share, 6)
             record.backends["encoder"] = encoder.spec
+            record.models["encoder"] = encoder.identity()
             if isinstance(result, Exception):
                 record.fail("encode", _reason(result))
             else:
@@ -142,6 +157,7 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         for record, result in zip(batch, results):
             record.timings["plan_s"] = round(share, 6)
             record.backends["planner"] = planner.spec
+            record.models["planner"] = planner.identity()
             if isinstance(result, Exception):
                 record.fail("plan", _reason(result))
                 continue
@@ -152,30 +168,34 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
 
 def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     pending = [r for r in msg.records if r.status is None]
-    present = rt.io.map(lambda r: rt.storage(r.output).exists(r.output), pending)
-    todo = []
-    for record, exists in zip(pending, present):
-        if exists:
-            record.status = "done"  # written by an earlier delivery of this chain
-            record.notes.append("output already present: decode skipped")
-        else:
-            todo.append(record)
-    decoder = _stage_backend(rt, "decode", msg.backends.decoder, todo)
+    decoder = _stage_backend(rt, "decode", msg.backends.decoder, pending)
     if decoder is None:
         return
+    for record in pending:
+        record.backends["decoder"] = decoder.spec
+        record.models["decoder"] = decoder.identity()
+        record.fingerprint = _expected(msg, record, record.backends, record.models)
+    todo: list[tuple[ItemRecord, fp.Decision]] = []
+    for record, (present, stored) in zip(pending, rt.io.map(lambda r: _stored(rt, r.output), pending)):
+        action = fp.decide(present, stored, record.fingerprint, msg.job_id, msg.options.overwrite)
+        if action == "reuse":  # an earlier job, or an earlier delivery of this chain
+            _mark_reused(record, stored, msg.job_id, "decode")
+        else:
+            todo.append((record, action))
+    actions = {id(record): action for record, action in todo}
     writes = []
-    for batch, loaded in _prefetched(rt, todo, "decode"):
+    for batch, loaded in _prefetched(rt, [record for record, _ in todo], "decode"):
         started = time.perf_counter()
         results = _call_isolated(
             lambda pairs: decoder.restore([img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
         )
         share = (time.perf_counter() - started) / max(1, len(batch))
         for (record, image), result in zip(loaded, results):
-            record.backends["decoder"] = decoder.spec
             if isinstance(result, Exception):
                 record.fail("decode", _reason(result))
             else:  # encode + upload in the background while the next batch runs
-                writes.append((record, rt.io.submit(_write_output, rt, record, image, result, msg.options)))
+                args = (rt, record, image, result, msg.options, msg.job_id, actions[id(record)])
+                writes.append((record, rt.io.submit(_write_output, *args)))
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
     for record, write in writes:
@@ -185,10 +205,19 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             raise
         except Exception as exc:
             record.fail("decode", f"cannot write output: {_reason(exc)}")
+    for record in pending:
+        if record.failed:  # a failed item answers nothing
+            record.fingerprint = record.outcome = None
 
 
 def _write_output(
-    rt: Runtime, record: ItemRecord, image: DecodedImage, restored, options: JobOptions | None = None
+    rt: Runtime,
+    record: ItemRecord,
+    image: DecodedImage,
+    restored,
+    options: JobOptions | None = None,
+    job_id: str = "",
+    action: fp.Decision = "replace",
 ) -> None:
     options = options or JobOptions()
     scale = record.plan.scale
@@ -204,11 +233,92 @@ def _write_output(
         quality=options.quality,
         lossless=options.lossless,
     )
-    # One PUT (with its image/* Content-Type) / one atomic rename.
-    rt.storage(record.output).put(record.output, data, content_type(record.plan.output_format))
+    # One PUT (with its image/* Content-Type and fingerprint) / one atomic rename or link.
+    record.outcome = _store(rt, record, data, content_type(record.plan.output_format), options, job_id, action)
     record.notes.extend([*restored.notes, *notes])
     record.output_size = (expected[1], expected[0])
     record.status = "done"
+
+
+def _store(
+    rt: Runtime, record: ItemRecord, data: bytes, ctype: str, options: JobOptions, job_id: str, action: fp.Decision
+) -> ItemOutcome:
+    """Write an output as ``action`` says; a ``create`` that finds the output written
+    meanwhile keeps it if it answers the same request (never new bytes over it)."""
+    storage = rt.storage(record.output)
+    metadata = fp.to_metadata(record.fingerprint, job_id) if record.fingerprint and job_id else None
+    if action == "create":
+        try:
+            storage.put(record.output, data, ctype, metadata=metadata, if_absent=True)
+            return "processed"
+        except StorageConflictError:
+            present, stored = _stored(rt, record.output)
+            if record.fingerprint and fp.decide(present, stored, record.fingerprint, job_id, options.overwrite) == "reuse":
+                record.notes.append("output written meanwhile by another delivery: kept")
+                return fp.reuse_outcome(stored, job_id)
+    storage.put(record.output, data, ctype, metadata=metadata)
+    return "overwritten"
+
+
+# --- fingerprints -----------------------------------------------------------------------
+
+
+def _expected(msg: ChunkMessage, record: ItemRecord, specs: dict[str, str], ids: dict[str, str]) -> Fingerprint:
+    """The fingerprint this job gives the item's output, with these specs and identities."""
+    request = fp.request_fingerprint(msg.options, msg.backends, record.input, format_for_uri(record.output))
+    return Fingerprint(request=request, model=fp.model_fingerprint(specs, ids))
+
+
+def _stored(rt: Runtime, uri: str) -> tuple[bool, fp.Stored | None]:
+    """(whether the output exists, its validated fingerprint). A permanent error reading it
+    counts as an output of unknown fingerprint: never reused."""
+    try:
+        metadata = rt.storage(uri).head(uri)
+    except StorageError as exc:
+        log.warning("cannot read the fingerprint of %s: %s", uri, exc)
+        return True, None
+    return metadata is not None, fp.from_metadata(metadata)
+
+
+def _mark_reused(record: ItemRecord, stored: fp.Stored | None, job_id: str, stage: str) -> None:
+    record.status = "done"
+    record.outcome = fp.reuse_outcome(stored, job_id)
+    record.notes.append(f"output already answers this request ({stage} stage): {record.outcome}, not redone")
+
+
+def _published_models(rt: Runtime, msg: ChunkMessage, encoder) -> tuple[dict[str, str], dict[str, str]] | None:
+    """Specs and identities of the three stages as they would run this chunk now, or None
+    when the plan or decode workers' identities are not known (not published, or disagreeing)."""
+    specs, ids = {"encoder": encoder.spec}, {"encoder": encoder.identity()}
+    for stage, name in (("plan", "planner"), ("decode", "decoder")):
+        wanted = getattr(msg.backends, name)
+        entry = identities.lookup(rt.redis, stage, str(StageSpec.parse(wanted)) if wanted else None)
+        if entry is None:
+            return None
+        specs[name], ids[name] = entry.spec, entry.identity
+    return specs, ids
+
+
+def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], encoder) -> list[ItemRecord]:
+    """Pass items whose output already answers this request straight to done, before any
+    work; returns the others. Unknown identities or ``overwrite``: everything is processed."""
+    if not records or msg.options.overwrite:
+        return records
+    known = _published_models(rt, msg, encoder)
+    if known is None:
+        return records
+    specs, ids = known
+    rest = []
+    for record, (present, stored) in zip(records, rt.io.map(lambda r: _stored(rt, r.output), records)):
+        expected = _expected(msg, record, specs, ids)
+        if fp.decide(present, stored, expected, msg.job_id, overwrite=False) != "reuse":
+            rest.append(record)
+            continue
+        record.backends.update(specs)
+        record.models.update(ids)
+        record.fingerprint = expected
+        _mark_reused(record, stored, msg.job_id, "encode")
+    return rest
 
 
 # --- the tasks --------------------------------------------------------------------------
