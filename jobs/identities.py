@@ -42,6 +42,15 @@ def publish(client: redis.Redis, stage: str, entry: Published, default: bool, no
     pipe.execute()
 
 
+def withdraw(client: redis.Redis, stage: str, entry: Published, default: bool) -> None:
+    """Remove ``entry`` (a worker shutting down), so that a restart with other weights is
+    not "workers disagree" until the old entry expires."""
+    pipe = client.pipeline(transaction=False)
+    for key in [keys.models(stage, entry.spec)] + ([keys.models(stage, None)] if default else []):
+        pipe.hdel(key, entry.field())
+    pipe.execute()
+
+
 def lookup(client: redis.Redis, stage: str, spec: str | None, now: float | None = None) -> Published | None:
     """The one live identity published for ``spec`` (None: the stage's default), else None."""
     now = now or time.time()

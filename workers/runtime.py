@@ -94,6 +94,17 @@ class Runtime:
         except (redis.RedisError, OSError) as exc:
             log.warning("cannot publish the identity of %s backend %s: %s", stage, spec, exc)
 
+    def withdraw_all(self) -> None:
+        """Withdraw every published identity of this process (at worker shutdown)."""
+        with self._lock:
+            built = list(self._stages.items())
+        for (stage, spec), backend in built:
+            try:
+                entry = identities.Published(spec=backend.spec, identity=backend.identity())
+                identities.withdraw(self.redis, stage, entry, default=spec == self.default_spec(stage))
+            except (redis.RedisError, OSError) as exc:
+                log.warning("cannot withdraw the identity of %s backend %s: %s", stage, spec, exc)
+
     def publish_all(self) -> None:
         """Re-publish every backend this process has built (the refresher calls this)."""
         with self._lock:

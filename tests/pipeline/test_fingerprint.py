@@ -125,3 +125,14 @@ def test_local_sidecars_are_hidden_and_skipped_by_listings(tmp_path):
     assert list_sources(str(tmp_path), storage)[0] == [uri]
     storage.delete(uri)
     assert os.listdir(tmp_path) == []
+
+
+def test_local_exclusive_link_loses_to_a_file_written_after_the_check(tmp_path):
+    """The race the up-front check can't see: the name appears between check and link."""
+    from pixelrelay.pipeline.storage.local import LocalStorage
+
+    uri = str(tmp_path / "r.png")
+    (tmp_path / "r.png").write_bytes(b"winner")
+    with pytest.raises(StorageConflictError):
+        LocalStorage()._atomic_write(uri, lambda f: f.write(b"loser"), exclusive=True)
+    assert (tmp_path / "r.png").read_bytes() == b"winner" and os.listdir(tmp_path) == ["r.png"]
