@@ -34,10 +34,13 @@ class Published(BaseModel):
 
 def publish(client: redis.Redis, stage: str, entry: Published, default: bool, now: float | None = None) -> None:
     """Publish (or refresh) ``entry`` for ``stage``; ``default``: also as the stage's default."""
-    until = (now or time.time()) + keys.MODELS_TTL_S
+    now = now or time.time()
     pipe = client.pipeline(transaction=False)
     for key in [keys.models(stage, entry.spec)] + ([keys.models(stage, None)] if default else []):
-        pipe.hset(key, entry.field(), until)
+        stale = [f for f, until in client.hgetall(key).items() if _parse(f, until, now) is None]
+        if stale:  # entries of workers gone without withdrawing
+            pipe.hdel(key, *stale)
+        pipe.hset(key, entry.field(), now + keys.MODELS_TTL_S)
         pipe.expire(key, keys.MODELS_TTL_S)
     pipe.execute()
 
