@@ -14,9 +14,11 @@ models that made it. ``encode_chunk`` passes an item straight to done (``reused`
 output's fingerprint matches what this job would produce, computed from its own encoder
 and the identities the plan and decode workers published (``jobs.identities``); if any is
 unknown it processes the item. ``decode_chunk`` checks again with its own decoder before
-running the model, then writes: conditionally where no output exists (a duplicate delivery
-that loses the race keeps the winner's bytes), over it where it answers another request
-or model (``overwritten``). ``overwrite`` in the job's options skips reuse, except of an
+running the model, then writes conditionally: where no output exists (``If-None-Match``
+/ ``link``), or over the very version it checked where the output answers another request
+or model (``overwritten``; S3 ``If-Match``). A delivery that loses either race re-reads the
+output and keeps it if it now answers this request: a duplicate delivery never puts other
+bytes over a same-request output. ``overwrite`` in the job's options skips reuse, except of an
 output this very job wrote (a duplicate delivery).
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 from celery import Celery, Task
@@ -175,16 +178,16 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         record.backends["decoder"] = decoder.spec
         record.models["decoder"] = decoder.identity()
         record.fingerprint = _expected(msg, record, record.backends, record.models)
-    todo: list[tuple[ItemRecord, fp.Decision]] = []
-    for record, (present, stored) in zip(pending, rt.io.map(lambda r: _stored(rt, r.output), pending)):
-        action = fp.decide(present, stored, record.fingerprint, msg.job_id, msg.options.overwrite)
+    todo: list[tuple[ItemRecord, fp.Decision, str | None]] = []
+    for record, found in zip(pending, rt.io.map(lambda r: _existing(rt, r.output), pending)):
+        action = fp.decide(found.present, found.stored, record.fingerprint, msg.job_id, msg.options.overwrite)
         if action == "reuse":  # an earlier job, or an earlier delivery of this chain
-            _mark_reused(record, stored, msg.job_id, "decode")
+            _mark_reused(record, found.stored, msg.job_id, "decode")
         else:
-            todo.append((record, action))
-    actions = {id(record): action for record, action in todo}
+            todo.append((record, action, found.version))
+    writes_as = {id(record): (action, version) for record, action, version in todo}
     writes = []
-    for batch, loaded in _prefetched(rt, [record for record, _ in todo], "decode"):
+    for batch, loaded in _prefetched(rt, [record for record, _, _ in todo], "decode"):
         started = time.perf_counter()
         results = _call_isolated(
             lambda pairs: decoder.restore([img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
@@ -194,7 +197,7 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             if isinstance(result, Exception):
                 record.fail("decode", _reason(result))
             else:  # encode + upload in the background while the next batch runs
-                args = (rt, record, image, result, msg.options, msg.job_id, actions[id(record)])
+                args = (rt, record, image, result, msg.options, msg.job_id, *writes_as[id(record)])
                 writes.append((record, rt.io.submit(_write_output, *args)))
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
@@ -218,6 +221,7 @@ def _write_output(
     options: JobOptions | None = None,
     job_id: str = "",
     action: fp.Decision = "replace",
+    version: str | None = None,
 ) -> None:
     options = options or JobOptions()
     scale = record.plan.scale
@@ -234,29 +238,41 @@ def _write_output(
         lossless=options.lossless,
     )
     # One PUT (with its image/* Content-Type and fingerprint) / one atomic rename or link.
-    record.outcome = _store(rt, record, data, content_type(record.plan.output_format), options, job_id, action)
+    ctype = content_type(record.plan.output_format)
+    record.outcome = _store(rt, record, data, ctype, options, job_id, action, version)
     record.notes.extend([*restored.notes, *notes])
     record.output_size = (expected[1], expected[0])
     record.status = "done"
 
 
 def _store(
-    rt: Runtime, record: ItemRecord, data: bytes, ctype: str, options: JobOptions, job_id: str, action: fp.Decision
+    rt: Runtime,
+    record: ItemRecord,
+    data: bytes,
+    ctype: str,
+    options: JobOptions,
+    job_id: str,
+    action: fp.Decision,
+    version: str | None = None,
 ) -> ItemOutcome:
-    """Write an output as ``action`` says; a ``create`` that finds the output written
-    meanwhile keeps it if it answers the same request (never new bytes over it)."""
+    """Write an output as ``action`` says, conditionally: ``create`` only where none exists,
+    ``replace`` only over the ``version`` that was checked. If the output changed meanwhile
+    and now answers this request (another delivery wrote it), it is kept: a duplicate
+    delivery never puts other bytes over it. Anything else there is replaced."""
     storage = rt.storage(record.output)
     metadata = fp.to_metadata(record.fingerprint, job_id) if record.fingerprint and job_id else None
-    if action == "create":
-        try:
+    try:
+        if action == "create":
             storage.put(record.output, data, ctype, metadata=metadata, if_absent=True)
             return "processed"
-        except StorageConflictError:
-            present, stored = _stored(rt, record.output)
-            if record.fingerprint and fp.decide(present, stored, record.fingerprint, job_id, options.overwrite) == "reuse":
-                record.notes.append("output written meanwhile by another delivery: kept")
-                return fp.reuse_outcome(stored, job_id)
-    storage.put(record.output, data, ctype, metadata=metadata)
+        storage.put(record.output, data, ctype, metadata=metadata, if_version=version)
+        return "overwritten"
+    except StorageConflictError:
+        now = _existing(rt, record.output)
+        if record.fingerprint and fp.decide(now.present, now.stored, record.fingerprint, job_id, options.overwrite) == "reuse":
+            record.notes.append("output written meanwhile by another delivery: kept")
+            return fp.reuse_outcome(now.stored, job_id)
+    storage.put(record.output, data, ctype, metadata=metadata)  # another request's output: replace it
     return "overwritten"
 
 
@@ -269,15 +285,26 @@ def _expected(msg: ChunkMessage, record: ItemRecord, specs: dict[str, str], ids:
     return Fingerprint(request=request, model=fp.model_fingerprint(specs, ids))
 
 
-def _stored(rt: Runtime, uri: str) -> tuple[bool, fp.Stored | None]:
-    """(whether the output exists, its validated fingerprint). A permanent error reading it
-    counts as an output of unknown fingerprint: never reused."""
+@dataclass(frozen=True)
+class _Existing:
+    """An output as found: whether it exists, its validated fingerprint, its version."""
+
+    present: bool
+    stored: fp.Stored | None = None
+    version: str | None = None
+
+
+def _existing(rt: Runtime, uri: str) -> _Existing:
+    """Read an output's fingerprint. A permanent error reading it counts as an output of
+    unknown fingerprint and version: never reused, replaced unconditionally."""
     try:
-        metadata = rt.storage(uri).head(uri)
+        head = rt.storage(uri).head(uri)
     except StorageError as exc:
         log.warning("cannot read the fingerprint of %s: %s", uri, exc)
-        return True, None
-    return metadata is not None, fp.from_metadata(metadata)
+        return _Existing(True)
+    if head is None:
+        return _Existing(False)
+    return _Existing(True, fp.from_metadata(head.metadata), head.version)
 
 
 def _mark_reused(record: ItemRecord, stored: fp.Stored | None, job_id: str, stage: str) -> None:
@@ -309,15 +336,15 @@ def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], e
         return records
     specs, ids = known
     rest = []
-    for record, (present, stored) in zip(records, rt.io.map(lambda r: _stored(rt, r.output), records)):
+    for record, found in zip(records, rt.io.map(lambda r: _existing(rt, r.output), records)):
         expected = _expected(msg, record, specs, ids)
-        if fp.decide(present, stored, expected, msg.job_id, overwrite=False) != "reuse":
+        if fp.decide(found.present, found.stored, expected, msg.job_id, overwrite=False) != "reuse":
             rest.append(record)
             continue
         record.backends.update(specs)
         record.models.update(ids)
         record.fingerprint = expected
-        _mark_reused(record, stored, msg.job_id, "encode")
+        _mark_reused(record, found.stored, msg.job_id, "encode")
     return rest
 
 

@@ -1,6 +1,7 @@
 """Storage backends behind one small interface: ``s3://bucket/prefix`` or a local path."""
 
 from pixelrelay.pipeline.storage.base import (
+    ObjectHead,
     Storage,
     StorageConflictError,
     StorageError,
@@ -14,6 +15,7 @@ from pixelrelay.pipeline.storage.base import (
 )
 
 __all__ = [
+    "ObjectHead",
     "Storage",
     "StorageConflictError",
     "StorageError",

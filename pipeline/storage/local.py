@@ -11,7 +11,8 @@ removes its sidecar first and writes the new one after the new bytes are in plac
 crash in between leaves a file without metadata (never reused), not one with stale
 metadata. A conditional write (``if_absent``) writes the sidecar, then ``os.link``s the
 temp file to the name, which fails if the name exists (O_EXCL semantics): the existing
-file is never replaced.
+file is never replaced. ``if_version`` compares the file's inode, size and mtime just
+before the rename: that narrows a replace race to an instant, without closing it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import secrets
 import shutil
 from typing import BinaryIO, Callable, Iterator
 
-from pixelrelay.pipeline.storage.base import Storage, StorageConflictError, StorageError, StorageNotFoundError
+from pixelrelay.pipeline.storage.base import (
+    ObjectHead,
+    Storage,
+    StorageConflictError,
+    StorageError,
+    StorageNotFoundError,
+)
 
 SIDECAR_SUFFIX = ".pixelrelay.json"
 
@@ -59,9 +66,10 @@ class LocalStorage(Storage):
         except PermissionError:
             raise StorageError(f"permission denied: {uri}") from None
 
-    def _atomic_write(self, uri: str, write: Callable, exclusive: bool = False) -> None:
-        """Write via a temp file, then rename it over ``uri`` or, with ``exclusive``, link it
-        to ``uri`` (StorageConflictError if ``uri`` exists; the existing file is untouched)."""
+    def _atomic_write(self, uri: str, write: Callable, exclusive: bool = False, version: str | None = None) -> None:
+        """Write via a temp file, then rename it over ``uri`` (if still at ``version``, when
+        given) or, with ``exclusive``, link it to ``uri`` (StorageConflictError if ``uri``
+        exists; the existing file is untouched)."""
         folder = os.path.dirname(os.path.abspath(uri))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = _create_temp(folder)
@@ -71,6 +79,8 @@ class LocalStorage(Storage):
                 f.flush()
                 os.fsync(f.fileno())
             if not exclusive:
+                if version is not None and _version(uri) != version:
+                    raise StorageConflictError(f"changed since it was read: {uri}")
                 os.replace(tmp, uri)
                 return
             try:
@@ -90,6 +100,7 @@ class LocalStorage(Storage):
         *,
         metadata: dict[str, str] | None = None,
         if_absent: bool = False,
+        if_version: str | None = None,
     ) -> None:
         sidecar = sidecar_path(uri)
         meta = json.dumps(metadata or {}, sort_keys=True).encode()
@@ -100,22 +111,25 @@ class LocalStorage(Storage):
                 self._atomic_write(sidecar, lambda f: f.write(meta))
             self._atomic_write(uri, lambda f: f.write(data), exclusive=True)
             return
+        if if_version is not None and _version(uri) != if_version:
+            raise StorageConflictError(f"changed since it was read: {uri}")
         _unlink(sidecar)  # never let old metadata describe the new bytes
-        self._atomic_write(uri, lambda f: f.write(data))
+        self._atomic_write(uri, lambda f: f.write(data), version=if_version)
         if metadata:
             self._atomic_write(sidecar, lambda f: f.write(meta))
 
-    def head(self, uri: str) -> dict[str, str] | None:
-        if not os.path.isfile(uri):
+    def head(self, uri: str) -> ObjectHead | None:
+        version = _version(uri)
+        if version is None:
             return None
         try:
             with open(sidecar_path(uri), "rb") as f:
                 loaded = json.loads(f.read())
         except (OSError, ValueError):
-            return {}
+            return ObjectHead({}, version)
         if not isinstance(loaded, dict):
-            return {}
-        return {str(k): v for k, v in loaded.items() if isinstance(v, str)}
+            return ObjectHead({}, version)
+        return ObjectHead({str(k): v for k, v in loaded.items() if isinstance(v, str)}, version)
 
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
         _unlink(sidecar_path(uri))
@@ -137,6 +151,17 @@ class LocalStorage(Storage):
     def delete(self, uri: str) -> None:
         _unlink(sidecar_path(uri))
         _unlink(uri)
+
+
+def _version(uri: str) -> str | None:
+    """The file's version token (inode, size, mtime), or None when it is not a file."""
+    try:
+        st = os.stat(uri)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not os.path.isfile(uri):
+        return None
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def _unlink(path: str) -> None:

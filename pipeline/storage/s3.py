@@ -4,8 +4,9 @@ Credentials come from the standard AWS chain (``AWS_*`` variables, profiles, rol
 endpoint from ``PIXELRELAY_S3_ENDPOINT_URL`` for non-AWS services. Single objects are one
 PUT; large files go through boto3's managed multipart upload, which is only visible once
 completed. Errors are mapped to StorageError (permanent) or TransientStorageError (retry).
-``put(..., if_absent=True)`` sends ``If-None-Match: *``; the 412 (or 409, a concurrent
-conditional write in flight) becomes ``StorageConflictError``. Metadata is S3 user metadata.
+``put(..., if_absent=True)`` sends ``If-None-Match: *``, ``if_version=ETAG`` sends
+``If-Match``; the 412 (or 409, a concurrent conditional write in flight; or 404 for
+If-Match) becomes ``StorageConflictError``. Metadata is S3 user metadata.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from botocore.exceptions import (
 )
 
 from pixelrelay.pipeline.storage.base import (
+    ObjectHead,
     Storage,
     StorageConflictError,
     StorageError,
@@ -70,9 +72,12 @@ def _map_error(exc: Exception, uri: str) -> Exception:
     return exc
 
 
-def _is_conflict(exc: ClientError) -> bool:
+def _is_conflict(exc: ClientError, missing_is_conflict: bool = False) -> bool:
+    """A lost conditional PUT; with If-Match, a vanished object (404) is one too."""
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if missing_is_conflict and (code in _NOT_FOUND_CODES or status == 404):
+        return True
     return code in _CONFLICT_CODES or status in (409, 412)
 
 
@@ -119,6 +124,7 @@ class S3Storage(Storage):
         *,
         metadata: dict[str, str] | None = None,
         if_absent: bool = False,
+        if_version: str | None = None,
     ) -> None:
         bucket, key = split_uri(uri)
         extra: dict = _content_type_args(uri, content_type)
@@ -126,16 +132,18 @@ class S3Storage(Storage):
             extra["Metadata"] = dict(metadata)
         if if_absent:
             extra["IfNoneMatch"] = "*"
+        elif if_version:
+            extra["IfMatch"] = if_version
         try:
             self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
         except ClientError as exc:
-            if if_absent and _is_conflict(exc):
+            if (if_absent or if_version) and _is_conflict(exc, missing_is_conflict=bool(if_version)):
                 raise StorageConflictError(f"already exists: {uri}") from None
             raise _map_error(exc, uri) from None
         except Exception as exc:
             raise _map_error(exc, uri) from None
 
-    def head(self, uri: str) -> dict[str, str] | None:
+    def head(self, uri: str) -> ObjectHead | None:
         bucket, key = split_uri(uri)
         try:
             response = self.client.head_object(Bucket=bucket, Key=key)
@@ -144,7 +152,8 @@ class S3Storage(Storage):
             if isinstance(mapped, StorageNotFoundError):
                 return None
             raise mapped from None
-        return {str(k).lower(): str(v) for k, v in (response.get("Metadata") or {}).items()}
+        metadata = {str(k).lower(): str(v) for k, v in (response.get("Metadata") or {}).items()}
+        return ObjectHead(metadata, str(response.get("ETag") or ""))
 
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
         bucket, key = split_uri(uri)

@@ -98,11 +98,11 @@ def test_metadata_travels_with_the_object(root):
     uri = f"{root}/a/b.png"
     assert storage.head(uri) is None
     storage.put(uri, b"plain")
-    assert storage.head(uri) == {}
+    assert storage.head(uri).metadata == {}
     storage.put(uri, b"marked", metadata={"pixelrelay-job": "j1"})
-    assert storage.head(uri) == {"pixelrelay-job": "j1"} and storage.get(uri) == b"marked"
+    assert storage.head(uri).metadata == {"pixelrelay-job": "j1"} and storage.get(uri) == b"marked"
     storage.put(uri, b"unmarked again")  # a plain write never keeps old metadata
-    assert storage.head(uri) == {}
+    assert storage.head(uri).metadata == {}
 
 
 def test_conditional_write_never_replaces_an_existing_object(root):
@@ -111,9 +111,16 @@ def test_conditional_write_never_replaces_an_existing_object(root):
     storage.put(uri, b"first", metadata={"pixelrelay-job": "j1"}, if_absent=True)
     with pytest.raises(StorageConflictError):
         storage.put(uri, b"second", metadata={"pixelrelay-job": "j2"}, if_absent=True)
-    assert storage.get(uri) == b"first" and storage.head(uri) == {"pixelrelay-job": "j1"}
-    storage.put(uri, b"replaced", metadata={"pixelrelay-job": "j3"})  # unconditional: replaces
-    assert storage.get(uri) == b"replaced" and storage.head(uri) == {"pixelrelay-job": "j3"}
+    assert storage.get(uri) == b"first" and storage.head(uri).metadata == {"pixelrelay-job": "j1"}
+    seen = storage.head(uri).version
+    storage.put(uri, b"replaced", metadata={"pixelrelay-job": "j3"}, if_version=seen)  # still that version
+    assert storage.get(uri) == b"replaced" and storage.head(uri).metadata == {"pixelrelay-job": "j3"}
+    assert storage.head(uri).version != seen
+    with pytest.raises(StorageConflictError):  # replaced since `seen` was read
+        storage.put(uri, b"late", metadata={"pixelrelay-job": "j4"}, if_version=seen)
+    assert storage.get(uri) == b"replaced"
+    storage.put(uri, b"forced")  # unconditional: replaces
+    assert storage.get(uri) == b"forced" and storage.head(uri).metadata == {}
 
 
 def test_local_sidecars_are_hidden_and_skipped_by_listings(tmp_path):

@@ -209,8 +209,8 @@ def roots(request, tmp_path) -> tuple[str, str]:
     return f"s3://{bucket}/in", f"s3://{bucket}/out"
 
 
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, overwrite):
+@pytest.mark.parametrize("overwrite, prior", [(False, False), (True, True)], ids=["new", "over-old-overwrite"])
+def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, overwrite, prior):
     src, out = roots
     storage = open_storage(out)
     rt = Runtime(Settings.from_env(redis_url=redis_url))
@@ -218,6 +218,9 @@ def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, over
     for i in range(2):
         storage.put(f"{src}/{i}.png", encode(photo_like(20 + i, 12, i), "PNG"))
         records.append(ItemRecord(index=i, input=f"{src}/{i}.png", output=f"{out}/{i}.png"))
+        if prior:  # an output of some older request, without a fingerprint
+            storage.put(f"{out}/{i}.png", b"old bytes")
+    seen = [storage.head(r.output) for r in records]
     job_id = "dup-" + uuid.uuid4().hex[:8]
     options = JobOptions(task="upscale", overwrite=overwrite)
     msg = ChunkMessage(job_id=job_id, seq=1, chunk=0, output=out, options=options,
@@ -228,7 +231,7 @@ def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, over
 
     first = msg.model_copy(deep=True)
     decode_chunk(rt, state, first)
-    assert [r.outcome for r in first.records] == ["processed", "processed"]
+    assert [r.outcome for r in first.records] == ["overwritten" if prior else "processed"] * 2
     written = [storage.get(r.output) for r in first.records]
 
     second = msg.model_copy(deep=True)  # the same message delivered again
@@ -238,7 +241,8 @@ def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, over
     assert [storage.get(r.output) for r in second.records] == written
 
     # A delivery that checked before the first one wrote: its conditional write loses.
-    for record in second.records:
-        outcome = _store(rt, record, b"other bytes", "image/png", options, job_id, "create")
+    for record, before in zip(second.records, seen):
+        action, version = ("replace", before.version) if before else ("create", None)
+        outcome = _store(rt, record, b"other bytes", "image/png", options, job_id, action, version)
         assert outcome == "processed" and any("another delivery" in n for n in record.notes)
     assert [storage.get(r.output) for r in second.records] == written
