@@ -12,6 +12,12 @@ DEFAULT_CHUNK_SIZE = 16  # items per chain (one message per stage per chunk)
 DEFAULT_WINDOW = 64  # chains in flight per job; the rest wait in storage, not Redis
 DEFAULT_BATCH_SIZE = 8  # items per model call, per stage
 
+# --- output fingerprints (pipeline.fingerprint) ---------------------------------------
+# Bump when the decode path (tiling, encoding, colour handling...) changes the bytes of an
+# output for the same request and models: outputs of older versions are then re-processed.
+# Not the package version: a release that changes no output keeps every result reusable.
+DECODE_PATH_VERSION = 1
+
 # --- Celery -------------------------------------------------------------------------
 STAGES = ("encode", "plan", "decode")
 STAGE_BACKEND = {"encode": "encoder", "plan": "planner", "decode": "decoder"}  # stage -> backend kind

@@ -97,6 +97,20 @@ def local_snapshot(model: str) -> Path | None:
     return Path(path)
 
 
+def snapshot_identity(model: str) -> str:
+    """Which weights ``model`` names here: a hub model's snapshot folder is named by its
+    commit sha (``ID@SHA``); a local folder is identified by its files' paths, sizes and
+    mtimes (``dir:HASH``). Cheap: no weights are read. ``ID@missing`` when not present."""
+    from pixelrelay.pipeline.fingerprint import folder_identity
+
+    folder = local_snapshot(model)
+    if folder is None:
+        return f"{model}@missing"
+    if is_local_model(model):
+        return "dir:" + folder_identity(folder)
+    return f"{model}@{folder.name}"
+
+
 def model_present(model: str) -> bool:
     folder = local_snapshot(model)
     return folder is not None and _has_config(folder) and _has_weights(folder)

@@ -15,10 +15,12 @@ Messages carry storage keys, ids and text, never pixels. They serialise to JSON 
   So while workers are being upgraded, an upgraded worker's output (the next stage's body,
   the job's next chunk) is still read by the workers not yet upgraded.
 
-Versions: 1: no ``v``. 2: ``v``; ``JobOptions.quality`` and ``JobOptions.lossless`` (their
-defaults, 92 and False, are what version 1 outputs got). Old workers reject fields they do
-not know, so **upgrade every worker before any producer** (producers also write the job's
-``JobSpec``, which workers read).
+Versions: 1: no ``v``. 2: ``v``; ``JobOptions.quality``, ``.lossless`` and ``.overwrite``
+(their defaults, 92, False and False, are what version 1 jobs got); ``ItemRecord.models``,
+``.fingerprint`` and ``.outcome`` (the output fingerprint, written from the encode stage on).
+Old workers reject fields they do not know, so **upgrade the stages downstream first
+(decode, then plan, then encode), then the producers** (producers also write the job's
+``JobSpec``, which workers read): a newer message then only ever reaches a newer worker.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ OutputFormat = Literal["png", "jpg", "webp"]
 DEFAULT_QUALITY = 92  # JPEG and lossy WebP outputs, when the job names none
 OperationName = Literal["deblock", "denoise", "deblur", "sharpen"]
 ItemStatus = Literal["done", "failed"]
+# How a done item's output came to be: found with the same fingerprint (reused), written
+# where there was none (processed), or written over an output of another request or model
+# (overwritten). None while in flight, and for failed items.
+ItemOutcome = Literal["reused", "processed", "overwritten"]
+_SHA256_HEX = r"^[0-9a-f]{64}$"
 
 
 class _Model(BaseModel):
@@ -51,6 +58,9 @@ class JobOptions(_Model):
     # Encoder settings for the outputs (defaults keep messages without them valid).
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)  # JPEG, and WebP unless lossless
     lossless: bool = False  # WebP outputs lossless (quality then ignored)
+    # Re-process every item even where its output already answers this request. Not part
+    # of the request's fingerprint: it changes what is done, not what is asked for.
+    overwrite: bool = False
 
     def effective_scale(self) -> int:
         if self.scale is not None:
@@ -123,6 +133,14 @@ class Plan(_Model):
         return max((op.strength for op in self.operations if op.name == name), default=0.0)
 
 
+class Fingerprint(_Model):
+    """What an output answers (see ``pipeline.fingerprint``): sha256 hex digests of the
+    request (options, backend specs, input, output format) and of the model identity."""
+
+    request: str = Field(pattern=_SHA256_HEX)
+    model: str = Field(pattern=_SHA256_HEX)
+
+
 class ItemRecord(_Model):
     """An item's state as it moves down the chain; the decode stage writes it to the manifest."""
 
@@ -138,6 +156,9 @@ class ItemRecord(_Model):
     backends: dict[str, str] = Field(default_factory=dict)
     output_size: tuple[int, int] | None = None  # (width, height)
     source_size: tuple[int, int] | None = None  # (width, height), upright
+    models: dict[str, str] = Field(default_factory=dict)  # backend -> model identity used
+    fingerprint: Fingerprint | None = None  # what the output answers (done items)
+    outcome: ItemOutcome | None = None
 
     @property
     def failed(self) -> bool:
@@ -182,7 +203,9 @@ class ChunkMessage(_Model):
     def wire_version(self) -> int:
         """The oldest wire version that carries this message."""
         options = self.options
-        if options.quality != DEFAULT_QUALITY or options.lossless:
+        if options.quality != DEFAULT_QUALITY or options.lossless or options.overwrite:
+            return 2
+        if any(r.models or r.fingerprint is not None or r.outcome is not None for r in self.records):
             return 2
         return 1
 
@@ -196,12 +219,17 @@ class ChunkMessage(_Model):
             if isinstance(options, dict):
                 for name in _V2_OPTIONS:
                     options.pop(name, None)
+            for record in data.get("records") or ():
+                if isinstance(record, dict):
+                    for name in _V2_RECORD_FIELDS:
+                        record.pop(name, None)
         elif "v" in data:
             data["v"] = version
         return data
 
 
-_V2_OPTIONS = ("quality", "lossless")  # JobOptions fields that version 1 lacks
+_V2_OPTIONS = ("quality", "lossless", "overwrite")  # JobOptions fields that version 1 lacks
+_V2_RECORD_FIELDS = ("models", "fingerprint", "outcome")  # ItemRecord fields that version 1 lacks
 
 
 def _v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:

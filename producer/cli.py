@@ -41,6 +41,10 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
         help=f"JPEG and lossy WebP quality (default {DEFAULT_QUALITY})",
     )
     parser.add_argument("--lossless", action="store_true", help="write WebP outputs lossless (ignores --quality)")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="re-process every item, even where the output already answers the same request and models",
+    )
     parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
     parser.add_argument("--chunk-size", type=int, help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
     parser.add_argument("--window", type=int, help="chains in flight per job (env PIXELRELAY_WINDOW)")
@@ -140,7 +144,7 @@ def _job_options(args: argparse.Namespace):
 
     return JobOptions(
         task=args.task, scale=args.scale, instruction=args.instruction, format=args.format,
-        quality=args.quality, lossless=args.lossless,
+        quality=args.quality, lossless=args.lossless, overwrite=args.overwrite,
     )
 
 

@@ -2,6 +2,12 @@
 
 Re-submitting a job id resumes it: done items are skipped and failed ones are tried again.
 If Redis lost the job, its state is rebuilt from the manifest parts in storage.
+
+A new job into an output that already holds results reuses each one whose fingerprint
+answers the same request with the same models (``pipeline.fingerprint``), and re-processes
+the rest; ``JobOptions.overwrite`` re-processes everything. Backend specs are normalised
+here (``KIND[:MODEL]``) so that equal requests fingerprint equally; a stage the job leaves
+unset runs the stage worker's own default, which the fingerprint's model part records.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import redis
 from pixelrelay.jobs.files import iter_part_records, latest_seq, read_spec, spec_uri, write_listing, write_spec
 from pixelrelay.pipeline.messages import Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
+from pixelrelay.pipeline.stages.registry import validate_spec
 from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.listing import list_items
 from pixelrelay.workers.celery_app import create_app
@@ -60,6 +67,18 @@ def _check_same(spec: JobSpec, input_uri: str, output_uri: str, options: JobOpti
             )
 
 
+def normalize_backends(backends: Backends) -> Backends:
+    """The job's backend specs in their one spelling (unknown kinds are a ConfigError)."""
+    specs = {}
+    for name in ("encoder", "planner", "decoder"):
+        value = getattr(backends, name)
+        try:
+            specs[name] = validate_spec(name, value) if value else None
+        except ValueError as exc:
+            raise ConfigError(f"--{name}: {exc}") from None
+    return Backends(**specs)
+
+
 def submit(
     settings: Settings,
     input_uri: str,
@@ -68,7 +87,7 @@ def submit(
     backends: Backends | None = None,
     job_id: str | None = None,
 ) -> Submission:
-    backends = backends or Backends()
+    backends = normalize_backends(backends or Backends())
     job_id = job_id or new_job_id()
     if not _JOB_ID_RE.match(job_id):
         raise ConfigError("--job-id: use letters, digits, '.', '_' and '-' (at most 128)")

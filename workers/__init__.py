@@ -9,8 +9,10 @@ Delivery guarantee: **at-least-once**. Every stage task is therefore idempotent.
   redelivered. The Redis visibility timeout (``PIXELRELAY_VISIBILITY_TIMEOUT_S``, default 2 h)
   must be longer than the longest batch, or a slow batch is delivered twice.
 - Idempotency: output keys derive from the job's output root + the input's relative path;
-  the encode stage skips items whose done-bit is set; the decode stage skips the model when
-  the output object already exists; manifest parts are overwritten whole. Job counts are
+  the encode stage skips items whose done-bit is set; an output whose fingerprint answers
+  the same request and models is reused, and a new output is written conditionally (S3
+  ``If-None-Match: *``, local ``link``), so a duplicate delivery never replaces it with
+  other bytes (``tasks`` docstring); manifest parts are overwritten whole. Job counts are
   bitmaps (one bit per item), so a duplicate delivery cannot count an item twice.
 - A message that kills its worker repeatedly (a poison pill) is delivered at most
   ``PIXELRELAY_MAX_DELIVERIES`` times (default 3); then a chunk of several items is split into

@@ -73,17 +73,20 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
         print(f"pixelrelay worker: {exc}", flush=True)
         return 2
 
-    from celery.signals import worker_process_init
+    from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
     from pixelrelay.workers.runtime import runtime
 
     if concurrency <= 1:
-        runtime().stage(stage)  # load the model now, in this very process
+        runtime().stage(stage)  # load the model now, in this very process (publishes its identity)
+        worker_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)
     else:
 
         @worker_process_init.connect(weak=False)
         def _load_in_child(**_):
             runtime().stage(stage)
+
+        worker_process_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)
 
     log.info("stage %s: backend %s on %s, broker %s", stage, spec, settings.device, settings.redacted_redis_url)
     argv = [

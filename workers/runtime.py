@@ -2,6 +2,11 @@
 
 A model is built once per process and reused for every batch. In a prefork pool this
 happens in each child after fork, so the parent never touches CUDA.
+
+Every backend built is published with its model identity in Redis (``jobs.identities``),
+and re-published every ``keys.MODELS_REFRESH_S`` by a daemon thread of the process, so
+the encode stage can tell which models the later stages will run. A Redis error while
+publishing is logged, never fatal: an unpublished identity only costs a reuse.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ import functools
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from pixelrelay.jobs import identities, keys
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.stages.registry import create_decoder, create_encoder, create_planner
@@ -32,6 +39,7 @@ class Runtime:
         self._redis: redis.Redis | None = None
         self._redis_pid = 0
         self._pools: tuple[int, ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._refresher_pid = 0
 
     def _thread_pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
         # Threads don't survive a fork: make the pools in the process that uses them.
@@ -72,7 +80,49 @@ class Runtime:
             if key not in self._stages:
                 log.info("loading %s backend %s on %s", stage, spec, self.settings.device)
                 self._stages[key] = _FACTORIES[stage](spec, device=self.settings.device, settings=self.settings)
+                self._publish(stage, spec, self._stages[key])
+                self._start_refresher()
             return self._stages[key]
+
+    # --- model identities ---------------------------------------------------------------
+    def _publish(self, stage: str, spec: str, backend) -> None:
+        if not self.settings.redis:
+            return
+        try:
+            entry = identities.Published(spec=backend.spec, identity=backend.identity())
+            identities.publish(self.redis, stage, entry, default=spec == self.default_spec(stage))
+        except (redis.RedisError, OSError) as exc:
+            log.warning("cannot publish the identity of %s backend %s: %s", stage, spec, exc)
+
+    def withdraw_all(self) -> None:
+        """Withdraw every published identity of this process (at worker shutdown)."""
+        with self._lock:
+            built = list(self._stages.items())
+        for (stage, spec), backend in built:
+            try:
+                entry = identities.Published(spec=backend.spec, identity=backend.identity())
+                identities.withdraw(self.redis, stage, entry, default=spec == self.default_spec(stage))
+            except (redis.RedisError, OSError) as exc:
+                log.warning("cannot withdraw the identity of %s backend %s: %s", stage, spec, exc)
+
+    def publish_all(self) -> None:
+        """Re-publish every backend this process has built (the refresher calls this)."""
+        with self._lock:
+            built = list(self._stages.items())
+        for (stage, spec), backend in built:
+            self._publish(stage, spec, backend)
+
+    def _start_refresher(self) -> None:
+        # Called with the lock held; one daemon thread per process (threads don't survive fork).
+        if self._refresher_pid == os.getpid() or not self.settings.redis:
+            return
+        self._refresher_pid = os.getpid()
+        threading.Thread(target=self._refresh_forever, name="pixelrelay-identity", daemon=True).start()
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(keys.MODELS_REFRESH_S)
+            self.publish_all()
 
 
 @functools.cache

@@ -8,6 +8,18 @@ The stage bodies (``encode_chunk``, ``plan_chunk``, ``decode_chunk``) do the wor
 happens around them (poison pills, retries, finishing a chunk) is ``workers.policy``. The
 Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
 (``celery_app.get_app``), so importing this module needs no settings and no broker.
+
+Reuse (``pipeline.fingerprint``): every output carries the fingerprint of the request and
+models that made it. ``encode_chunk`` passes an item straight to done (``reused``) when its
+output's fingerprint matches what this job would produce, computed from its own encoder
+and the identities the plan and decode workers published (``jobs.identities``); if any is
+unknown it processes the item. ``decode_chunk`` checks again with its own decoder before
+running the model, then writes conditionally: where no output exists (``If-None-Match``
+/ ``link``), or over the very version it checked where the output answers another request
+or model (``overwritten``; S3 ``If-Match``). A delivery that loses either race re-reads the
+output and keeps it if it now answers this request: a duplicate delivery never puts other
+bytes over a same-request output. ``overwrite`` in the job's options skips reuse, except of an
+output this very job wrote (a duplicate delivery).
 """
 
 from __future__ import annotations
@@ -15,17 +27,29 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.exceptions import Retry as CeleryRetry
 
+from pixelrelay.jobs import identities
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline import fingerprint as fp
 from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
-from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobOptions, WireVersionError, upgrade_message
-from pixelrelay.pipeline.storage import StorageError
+from pixelrelay.pipeline.messages import (
+    ChunkMessage,
+    Fingerprint,
+    ItemOutcome,
+    ItemRecord,
+    JobOptions,
+    WireVersionError,
+    upgrade_message,
+)
+from pixelrelay.pipeline.stages.base import StageSpec
+from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Delivery, DeliveryPolicy, Limits, Retry, Split
@@ -115,6 +139,7 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     encoder = _stage_backend(rt, "encode", msg.backends.encoder, pending)
     if encoder is None:
         return
+    pending = _reuse_existing(rt, msg, pending, encoder)
     for batch, loaded in _prefetched(rt, pending, "encode"):
         started = time.perf_counter()
         for record, image in loaded:
@@ -125,6 +150,7 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         for (record, _), result in zip(loaded, results):
             record.timings["encode_s"] = round(share, 6)
             record.backends["encoder"] = encoder.spec
+            record.models["encoder"] = encoder.identity()
             if isinstance(result, Exception):
                 record.fail("encode", _reason(result))
             else:
@@ -145,6 +171,7 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         for record, result in zip(batch, results):
             record.timings["plan_s"] = round(share, 6)
             record.backends["planner"] = planner.spec
+            record.models["planner"] = planner.identity()
             if isinstance(result, Exception):
                 record.fail("plan", _reason(result))
                 continue
@@ -155,30 +182,34 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
 
 def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     pending = [r for r in msg.records if r.status is None]
-    present = rt.io.map(lambda r: rt.storage(r.output).exists(r.output), pending)
-    todo = []
-    for record, exists in zip(pending, present):
-        if exists:
-            record.status = "done"  # written by an earlier delivery of this chain
-            record.notes.append("output already present: decode skipped")
-        else:
-            todo.append(record)
-    decoder = _stage_backend(rt, "decode", msg.backends.decoder, todo)
+    decoder = _stage_backend(rt, "decode", msg.backends.decoder, pending)
     if decoder is None:
         return
+    for record in pending:
+        record.backends["decoder"] = decoder.spec
+        record.models["decoder"] = decoder.identity()
+        record.fingerprint = _expected(msg, record, record.backends, record.models)
+    todo: list[tuple[ItemRecord, fp.Decision, str | None]] = []
+    for record, found in zip(pending, rt.io.map(lambda r: _existing(rt, r.output), pending)):
+        action = fp.decide(found.present, found.stored, record.fingerprint, msg.job_id, msg.options.overwrite)
+        if action == "reuse":  # an earlier job, or an earlier delivery of this chain
+            _mark_reused(record, found.stored, msg.job_id, "decode")
+        else:
+            todo.append((record, action, found.version))
+    writes_as = {id(record): (action, version) for record, action, version in todo}
     writes = []
-    for batch, loaded in _prefetched(rt, todo, "decode"):
+    for batch, loaded in _prefetched(rt, [record for record, _, _ in todo], "decode"):
         started = time.perf_counter()
         results = _call_isolated(
             lambda pairs: decoder.restore([img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
         )
         share = (time.perf_counter() - started) / max(1, len(batch))
         for (record, image), result in zip(loaded, results):
-            record.backends["decoder"] = decoder.spec
             if isinstance(result, Exception):
                 record.fail("decode", _reason(result))
             else:  # encode + upload in the background while the next batch runs
-                writes.append((record, rt.io.submit(_write_output, rt, record, image, result, msg.options)))
+                args = (rt, record, image, result, msg.options, msg.job_id, *writes_as[id(record)])
+                writes.append((record, rt.io.submit(_write_output, *args)))
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
     for record, write in writes:
@@ -188,10 +219,20 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             raise
         except Exception as exc:
             record.fail("decode", f"cannot write output: {_reason(exc)}")
+    for record in pending:
+        if record.failed:  # a failed item answers nothing
+            record.fingerprint = record.outcome = None
 
 
 def _write_output(
-    rt: Runtime, record: ItemRecord, image: DecodedImage, restored, options: JobOptions | None = None
+    rt: Runtime,
+    record: ItemRecord,
+    image: DecodedImage,
+    restored,
+    options: JobOptions | None = None,
+    job_id: str = "",
+    action: fp.Decision = "replace",
+    version: str | None = None,
 ) -> None:
     options = options or JobOptions()
     scale = record.plan.scale
@@ -207,11 +248,115 @@ def _write_output(
         quality=options.quality,
         lossless=options.lossless,
     )
-    # One PUT (with its image/* Content-Type) / one atomic rename.
-    rt.storage(record.output).put(record.output, data, content_type(record.plan.output_format))
+    # One PUT (with its image/* Content-Type and fingerprint) / one atomic rename or link.
+    ctype = content_type(record.plan.output_format)
+    record.outcome = _store(rt, record, data, ctype, options, job_id, action, version)
     record.notes.extend([*restored.notes, *notes])
     record.output_size = (expected[1], expected[0])
     record.status = "done"
+
+
+def _store(
+    rt: Runtime,
+    record: ItemRecord,
+    data: bytes,
+    ctype: str,
+    options: JobOptions,
+    job_id: str,
+    action: fp.Decision,
+    version: str | None = None,
+) -> ItemOutcome:
+    """Write an output as ``action`` says, conditionally: ``create`` only where none exists,
+    ``replace`` only over the ``version`` that was checked. If the output changed meanwhile
+    and now answers this request (another delivery wrote it), it is kept: a duplicate
+    delivery never puts other bytes over it. Anything else there is replaced."""
+    storage = rt.storage(record.output)
+    metadata = fp.to_metadata(record.fingerprint, job_id) if record.fingerprint and job_id else None
+    try:
+        if action == "create":
+            storage.put(record.output, data, ctype, metadata=metadata, if_absent=True)
+            return "processed"
+        storage.put(record.output, data, ctype, metadata=metadata, if_version=version)
+        return "overwritten"
+    except StorageConflictError:
+        now = _existing(rt, record.output)
+        if record.fingerprint and fp.decide(now.present, now.stored, record.fingerprint, job_id, options.overwrite) == "reuse":
+            record.notes.append("output written meanwhile by another delivery: kept")
+            return fp.reuse_outcome(now.stored, job_id)
+    storage.put(record.output, data, ctype, metadata=metadata)  # another request's output: replace it
+    return "overwritten"
+
+
+# --- fingerprints -----------------------------------------------------------------------
+
+
+def _expected(msg: ChunkMessage, record: ItemRecord, specs: dict[str, str], ids: dict[str, str]) -> Fingerprint:
+    """The fingerprint this job gives the item's output, with these specs and identities."""
+    request = fp.request_fingerprint(msg.options, msg.backends, record.input, format_for_uri(record.output))
+    return Fingerprint(request=request, model=fp.model_fingerprint(specs, ids))
+
+
+@dataclass(frozen=True)
+class _Existing:
+    """An output as found: whether it exists, its validated fingerprint, its version."""
+
+    present: bool
+    stored: fp.Stored | None = None
+    version: str | None = None
+
+
+def _existing(rt: Runtime, uri: str) -> _Existing:
+    """Read an output's fingerprint. A permanent error reading it counts as an output of
+    unknown fingerprint and version: never reused, replaced unconditionally."""
+    try:
+        head = rt.storage(uri).head(uri)
+    except StorageError as exc:
+        log.warning("cannot read the fingerprint of %s: %s", uri, exc)
+        return _Existing(True)
+    if head is None:
+        return _Existing(False)
+    return _Existing(True, fp.from_metadata(head.metadata), head.version)
+
+
+def _mark_reused(record: ItemRecord, stored: fp.Stored | None, job_id: str, stage: str) -> None:
+    record.status = "done"
+    record.outcome = fp.reuse_outcome(stored, job_id)
+    record.notes.append(f"output already answers this request ({stage} stage): {record.outcome}, not redone")
+
+
+def _published_models(rt: Runtime, msg: ChunkMessage, encoder) -> tuple[dict[str, str], dict[str, str]] | None:
+    """Specs and identities of the three stages as they would run this chunk now, or None
+    when the plan or decode workers' identities are not known (not published, or disagreeing)."""
+    specs, ids = {"encoder": encoder.spec}, {"encoder": encoder.identity()}
+    for stage, name in (("plan", "planner"), ("decode", "decoder")):
+        wanted = getattr(msg.backends, name)
+        entry = identities.lookup(rt.redis, stage, str(StageSpec.parse(wanted)) if wanted else None)
+        if entry is None:
+            return None
+        specs[name], ids[name] = entry.spec, entry.identity
+    return specs, ids
+
+
+def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], encoder) -> list[ItemRecord]:
+    """Pass items whose output already answers this request straight to done, before any
+    work; returns the others. Unknown identities or ``overwrite``: everything is processed."""
+    if not records or msg.options.overwrite:
+        return records
+    known = _published_models(rt, msg, encoder)
+    if known is None:
+        return records
+    specs, ids = known
+    rest = []
+    for record, found in zip(records, rt.io.map(lambda r: _existing(rt, r.output), records)):
+        expected = _expected(msg, record, specs, ids)
+        if fp.decide(found.present, found.stored, expected, msg.job_id, overwrite=False) != "reuse":
+            rest.append(record)
+            continue
+        record.backends.update(specs)
+        record.models.update(ids)
+        record.fingerprint = expected
+        _mark_reused(record, found.stored, msg.job_id, "encode")
+    return rest
 
 
 # --- the tasks --------------------------------------------------------------------------

@@ -12,6 +12,11 @@ names no MODEL), ``extra`` (the pip extra it needs, e.g. "diffusers") and
 backend's module must not import torch (``pixelrelay models list`` stays light).
 
 Every stage refuses a batch whose parallel inputs differ in length (``BatchMismatchError``).
+
+``identity()`` names the weights a built backend runs (part of every output's fingerprint,
+``pipeline.fingerprint``): the kind for weight-free backends, the hub commit or a local
+folder's file stamps for Hugging Face backends; backends with shipped weights hash them.
+It is computed once per backend and must change whenever the outputs may.
 """
 
 from __future__ import annotations
@@ -90,6 +95,21 @@ class _Stage(ABC):
     @property
     def spec(self) -> str:
         return str(StageSpec(self.kind, self.model))
+
+    def identity(self) -> str:
+        """The model identity of this backend, computed once (see the module docstring)."""
+        cached = self.__dict__.get("_identity")
+        if cached is None:
+            cached = self.__dict__["_identity"] = self.compute_identity()
+        return cached
+
+    def compute_identity(self) -> str:
+        """Override for backends whose weights are not what ``models_for`` names."""
+        if self.default_model is None:
+            return self.kind
+        from pixelrelay.pipeline import hf
+
+        return ",".join(hf.snapshot_identity(m) for m in self.models_for(self.model))
 
 
 class Encoder(_Stage):

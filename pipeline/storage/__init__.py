@@ -1,7 +1,9 @@
 """Storage backends behind one small interface: ``s3://bucket/prefix`` or a local path."""
 
 from pixelrelay.pipeline.storage.base import (
+    ObjectHead,
     Storage,
+    StorageConflictError,
     StorageError,
     StorageNotFoundError,
     TransientStorageError,
@@ -13,7 +15,9 @@ from pixelrelay.pipeline.storage.base import (
 )
 
 __all__ = [
+    "ObjectHead",
     "Storage",
+    "StorageConflictError",
     "StorageError",
     "StorageNotFoundError",
     "TransientStorageError",

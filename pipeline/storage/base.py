@@ -5,6 +5,14 @@ atomic: readers never see a partial object (local: temp file + rename; S3: one P
 completed multipart upload). Local files get the mode the process umask allows (0644 under
 umask 022), as if created by ``open``; S3 objects get a Content-Type, the one given or else
 the one their key's extension names (``binary/octet-stream``, S3's own default, otherwise).
+
+``put`` may attach ``metadata`` (ASCII str -> str; S3 user metadata, a hidden sidecar for
+local files) that ``head`` reads back, and may be conditional: ``if_absent=True`` writes
+only where no object exists yet (S3 ``If-None-Match: *``, local ``link`` with O_EXCL
+semantics) and raises ``StorageConflictError`` otherwise, leaving the existing bytes alone;
+``if_version=V`` replaces the object only if it is still the version ``head`` saw (S3
+``If-Match: ETAG``, atomic; local: inode/size/mtime compared just before the rename, which
+narrows the race to that instant but cannot close it).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import mimetypes
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 
@@ -21,6 +30,20 @@ class StorageError(Exception):
 
 class StorageNotFoundError(StorageError):
     pass
+
+
+class StorageConflictError(StorageError):
+    """A conditional write found the object there (``if_absent``) or changed (``if_version``);
+    nothing was written."""
+
+
+@dataclass(frozen=True)
+class ObjectHead:
+    """What ``head`` tells about an object: its metadata ({} if none) and a version token
+    that changes whenever its bytes are replaced (S3: the ETag)."""
+
+    metadata: dict[str, str] = field(default_factory=dict)
+    version: str = ""
 
 
 class TransientStorageError(Exception):
@@ -71,8 +94,24 @@ class Storage(ABC):
     def get(self, uri: str) -> bytes: ...
 
     @abstractmethod
-    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
-        """Write one object atomically; ``content_type`` defaults to ``content_type_for(uri)``."""
+    def put(
+        self,
+        uri: str,
+        data: bytes,
+        content_type: str | None = None,
+        *,
+        metadata: dict[str, str] | None = None,
+        if_absent: bool = False,
+        if_version: str | None = None,
+    ) -> None:
+        """Write one object atomically; ``content_type`` defaults to ``content_type_for(uri)``.
+        ``metadata`` travels with the object (``head``); ``if_absent`` / ``if_version`` raise
+        ``StorageConflictError`` instead of replacing an existing / another version."""
+
+    @abstractmethod
+    def head(self, uri: str) -> ObjectHead | None:
+        """The object's metadata as ``put`` stored it and its version, or None when there is
+        no object. Metadata values are as stored: callers validate them."""
 
     @abstractmethod
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:

@@ -3,16 +3,41 @@
 The temp file is created with ``O_CREAT | O_EXCL`` and mode 0666, so the kernel applies the
 process umask as it does for any new file (0644 under umask 022); ``mkstemp``'s fixed 0600
 would leave outputs unreadable to everyone else. Content types do not apply here.
+
+Metadata lives in a hidden sidecar next to the file, ``.<name>.pixelrelay.json`` (a JSON
+object of strings); listings of inputs skip it (hidden, and not an image name). Invariant:
+a sidecar never describes bytes it was not written for. A write that replaces a file
+removes its sidecar first and writes the new one after the new bytes are in place, so a
+crash in between leaves a file without metadata (never reused), not one with stale
+metadata. A conditional write (``if_absent``) writes the sidecar, then ``os.link``s the
+temp file to the name, which fails if the name exists (O_EXCL semantics): the existing
+file is never replaced. ``if_version`` compares the file's inode, size and mtime just
+before the rename: that narrows a replace race to an instant, without closing it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
-from pixelrelay.pipeline.storage.base import Storage, StorageError, StorageNotFoundError
+from pixelrelay.pipeline.storage.base import (
+    ObjectHead,
+    Storage,
+    StorageConflictError,
+    StorageError,
+    StorageNotFoundError,
+)
+
+SIDECAR_SUFFIX = ".pixelrelay.json"
+
+
+def sidecar_path(uri: str) -> str:
+    """Where the metadata of the file ``uri`` is kept: ``.<name>.pixelrelay.json`` beside it."""
+    folder, name = os.path.split(uri)
+    return os.path.join(folder, f".{name}{SIDECAR_SUFFIX}")
 
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -41,7 +66,10 @@ class LocalStorage(Storage):
         except PermissionError:
             raise StorageError(f"permission denied: {uri}") from None
 
-    def _atomic_write(self, uri: str, write) -> None:
+    def _atomic_write(self, uri: str, write: Callable, exclusive: bool = False, version: str | None = None) -> None:
+        """Write via a temp file, then rename it over ``uri`` (if still at ``version``, when
+        given) or, with ``exclusive``, link it to ``uri`` (StorageConflictError if ``uri``
+        exists; the existing file is untouched)."""
         folder = os.path.dirname(os.path.abspath(uri))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = _create_temp(folder)
@@ -50,18 +78,61 @@ class LocalStorage(Storage):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, uri)
-        except BaseException:
+            if not exclusive:
+                if version is not None and _version(uri) != version:
+                    raise StorageConflictError(f"changed since it was read: {uri}")
+                os.replace(tmp, uri)
+                return
             try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+                os.link(tmp, uri)
+            except FileExistsError:
+                raise StorageConflictError(f"already exists: {uri}") from None
+        except BaseException:
+            _unlink(tmp)
             raise
+        _unlink(tmp)
 
-    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
-        self._atomic_write(uri, lambda f: f.write(data))
+    def put(
+        self,
+        uri: str,
+        data: bytes,
+        content_type: str | None = None,
+        *,
+        metadata: dict[str, str] | None = None,
+        if_absent: bool = False,
+        if_version: str | None = None,
+    ) -> None:
+        sidecar = sidecar_path(uri)
+        meta = json.dumps(metadata or {}, sort_keys=True).encode()
+        if if_absent:
+            if os.path.lexists(uri):
+                raise StorageConflictError(f"already exists: {uri}")
+            if metadata:
+                self._atomic_write(sidecar, lambda f: f.write(meta))
+            self._atomic_write(uri, lambda f: f.write(data), exclusive=True)
+            return
+        if if_version is not None and _version(uri) != if_version:
+            raise StorageConflictError(f"changed since it was read: {uri}")
+        _unlink(sidecar)  # never let old metadata describe the new bytes
+        self._atomic_write(uri, lambda f: f.write(data), version=if_version)
+        if metadata:
+            self._atomic_write(sidecar, lambda f: f.write(meta))
+
+    def head(self, uri: str) -> ObjectHead | None:
+        version = _version(uri)
+        if version is None:
+            return None
+        try:
+            with open(sidecar_path(uri), "rb") as f:
+                loaded = json.loads(f.read())
+        except (OSError, ValueError):
+            return ObjectHead({}, version)
+        if not isinstance(loaded, dict):
+            return ObjectHead({}, version)
+        return ObjectHead({str(k): v for k, v in loaded.items() if isinstance(v, str)}, version)
 
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
+        _unlink(sidecar_path(uri))
         self._atomic_write(uri, lambda f: shutil.copyfileobj(fileobj, f, 1 << 20))
 
     def exists(self, uri: str) -> bool:
@@ -78,7 +149,23 @@ class LocalStorage(Storage):
         yield from sorted(found)
 
     def delete(self, uri: str) -> None:
-        try:
-            os.unlink(uri)
-        except FileNotFoundError:
-            pass
+        _unlink(sidecar_path(uri))
+        _unlink(uri)
+
+
+def _version(uri: str) -> str | None:
+    """The file's version token (inode, size, mtime), or None when it is not a file."""
+    try:
+        st = os.stat(uri)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not os.path.isfile(uri):
+        return None
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -16,6 +16,10 @@ The client is configured by ``S3Options`` (from the ``PIXELRELAY_S3_*`` settings
   which the worker's policy retries with its own, longer backoff;
 * server-side encryption (``AES256`` or ``aws:kms`` with an optional key id) is added to
   every request that writes an object (PutObject, CreateMultipartUpload, CopyObject).
+
+``put(..., if_absent=True)`` sends ``If-None-Match: *``, ``if_version=ETAG`` sends
+``If-Match``; the 412 (or 409, a concurrent conditional write in flight; or 404 for
+If-Match) becomes ``StorageConflictError``. Metadata is S3 user metadata.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pixelrelay.pipeline.storage.base import (
+    ObjectHead,
     Storage,
+    StorageConflictError,
     StorageError,
     StorageNotFoundError,
     TransientStorageError,
@@ -71,6 +77,9 @@ _TRANSIENT_CODES = {
 }
 _TRANSIENT_STATUS = {408, 429}  # plus every 5xx
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# A conditional PUT lost: the object exists (412), or another conditional write to the key
+# is in flight (409 ConditionalRequestConflict).
+_CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 # Connection refused/reset/closed, timeouts, a response body cut short.
 _NETWORK_ERRORS = (BotoConnectionError, HTTPClientError, IncompleteReadError)
 
@@ -147,6 +156,15 @@ def _map_error(exc: Exception, uri: str) -> Exception:
     return exc
 
 
+def _is_conflict(exc: ClientError, missing_is_conflict: bool = False) -> bool:
+    """A lost conditional PUT; with If-Match, a vanished object (404) is one too."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if missing_is_conflict and (code in _NOT_FOUND_CODES or status == 404):
+        return True
+    return code in _CONFLICT_CODES or status in (409, 412)
+
+
 def _content_type_args(uri: str, content_type: str | None) -> dict[str, str]:
     content_type = content_type or content_type_for(uri)
     return {"ContentType": content_type} if content_type else {}
@@ -196,12 +214,44 @@ class S3Storage(Storage):
         except Exception as exc:
             raise _map_error(exc, uri) from None
 
-    def put(self, uri: str, data: bytes, content_type: str | None = None) -> None:
+    def put(
+        self,
+        uri: str,
+        data: bytes,
+        content_type: str | None = None,
+        *,
+        metadata: dict[str, str] | None = None,
+        if_absent: bool = False,
+        if_version: str | None = None,
+    ) -> None:
         bucket, key = split_uri(uri)
+        extra: dict = _content_type_args(uri, content_type)
+        if metadata:
+            extra["Metadata"] = dict(metadata)
+        if if_absent:
+            extra["IfNoneMatch"] = "*"
+        elif if_version:
+            extra["IfMatch"] = if_version
         try:
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, **_content_type_args(uri, content_type))
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+        except ClientError as exc:
+            if (if_absent or if_version) and _is_conflict(exc, missing_is_conflict=bool(if_version)):
+                raise StorageConflictError(f"already exists: {uri}") from None
+            raise _map_error(exc, uri) from None
         except Exception as exc:
             raise _map_error(exc, uri) from None
+
+    def head(self, uri: str) -> ObjectHead | None:
+        bucket, key = split_uri(uri)
+        try:
+            response = self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            mapped = _map_error(exc, uri)
+            if isinstance(mapped, StorageNotFoundError):
+                return None
+            raise mapped from None
+        metadata = {str(k).lower(): str(v) for k, v in (response.get("Metadata") or {}).items()}
+        return ObjectHead(metadata, str(response.get("ETag") or ""))
 
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
         bucket, key = split_uri(uri)

@@ -147,6 +147,12 @@ class BuiltinDecoder(LearnedDecoder):
             self.nets[role], self.metas[role] = loaded[path]
         self.meta = self.metas["restorer"]
 
+    def compute_identity(self) -> str:
+        from pixelrelay.pipeline.fingerprint import file_sha256
+
+        paths = weights_paths(self.model)
+        return "builtin:" + ",".join(f"{role}=sha256:{file_sha256(paths[role])}" for role in ROLES)
+
     @classmethod
     def check_available(cls, model: str | None) -> None:
         for path in weights_paths(model).values():

@@ -108,6 +108,10 @@ class SDUpscaleDecoder(LearnedDecoder):
         self.pipe = pipe
         self.max_noise_level = int(getattr(pipe.config, "max_noise_level", 350) or 350)
 
+    def compute_identity(self) -> str:
+        # Sampling steps and guidance change every output as much as the weights do.
+        return f"{super().compute_identity()};steps={self.steps};guidance={self.guidance_scale}"
+
     @classmethod
     def check_available(cls, model: str | None) -> None:
         if not diffusers_available():

@@ -129,6 +129,11 @@ class BuiltinEncoder(Encoder):
         self.net, self.meta = nets.load_model(str(_weights_path(model)), kind="encoder", device=device)
         self.analysis = AnalysisEncoder(device=device, settings=self.settings)
 
+    def compute_identity(self) -> str:
+        from pixelrelay.pipeline.fingerprint import file_sha256
+
+        return "builtin:sha256:" + file_sha256(_weights_path(self.model))
+
     @classmethod
     def check_available(cls, model: str | None) -> None:
         path = _weights_path(model)

@@ -1,0 +1,77 @@
+"""Which model identity each stage runs, published by the workers in Redis.
+
+A stage worker publishes, for every backend it has built, ``(spec, identity)`` under
+``keys.models(stage, spec)`` and, for its own default backend, also under
+``keys.models(stage, None)``. Each hash field is the JSON ``{"spec", "identity"}``, its
+value the unix time it is valid until (``keys.MODELS_TTL_S`` after the last refresh); the
+key itself expires too. ``lookup`` answers only when exactly one live, well-formed entry
+is there: no worker (yet), a malformed value, or workers that disagree (a rolling model
+change) all mean "unknown", and an unknown identity never lets an item be reused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pixelrelay.jobs import keys
+
+
+class Published(BaseModel):
+    """One stage worker's backend, as published."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec: str
+    identity: str
+
+    def field(self) -> str:
+        return json.dumps({"spec": self.spec, "identity": self.identity}, sort_keys=True)
+
+
+def publish(client: redis.Redis, stage: str, entry: Published, default: bool, now: float | None = None) -> None:
+    """Publish (or refresh) ``entry`` for ``stage``; ``default``: also as the stage's default."""
+    now = now or time.time()
+    pipe = client.pipeline(transaction=False)
+    for key in [keys.models(stage, entry.spec)] + ([keys.models(stage, None)] if default else []):
+        stale = [f for f, until in client.hgetall(key).items() if _parse(f, until, now) is None]
+        if stale:  # entries of workers gone without withdrawing
+            pipe.hdel(key, *stale)
+        pipe.hset(key, entry.field(), now + keys.MODELS_TTL_S)
+        pipe.expire(key, keys.MODELS_TTL_S)
+    pipe.execute()
+
+
+def withdraw(client: redis.Redis, stage: str, entry: Published, default: bool) -> None:
+    """Remove ``entry`` (a worker shutting down), so that a restart with other weights is
+    not "workers disagree" until the old entry expires."""
+    pipe = client.pipeline(transaction=False)
+    for key in [keys.models(stage, entry.spec)] + ([keys.models(stage, None)] if default else []):
+        pipe.hdel(key, entry.field())
+    pipe.execute()
+
+
+def lookup(client: redis.Redis, stage: str, spec: str | None, now: float | None = None) -> Published | None:
+    """The one live identity published for ``spec`` (None: the stage's default), else None."""
+    now = now or time.time()
+    live: set[Published] = set()
+    for field, until in client.hgetall(keys.models(stage, spec)).items():
+        entry = _parse(field, until, now)
+        if entry is False:
+            return None  # something we can't read: don't guess
+        if entry is not None:
+            live.add(entry)
+    return live.pop() if len(live) == 1 else None
+
+
+def _parse(field: bytes, until: bytes, now: float) -> Published | None | bool:
+    """The entry if live, None if expired, False if malformed."""
+    try:
+        expires = float(until)
+        entry = Published.model_validate_json(field)
+    except (ValueError, ValidationError):
+        return False
+    return entry if expires > now else None

@@ -1,0 +1,158 @@
+"""Output fingerprints: whether an existing output answers a request, and may be reused.
+
+A fingerprint has two parts, each a sha256 hex digest over canonical JSON (sorted keys,
+no whitespace), so it is stable across dict order, processes and machines:
+
+* **request** (``request_fingerprint``): task, effective scale, instruction, the item's
+  output format, quality, lossless, the job's backend specs (None: "the stage worker's own
+  default") and the input URI. ``overwrite`` is not part of it, nor is the package version.
+* **model** (``model_fingerprint``): per stage, the spec the worker actually ran and its
+  backend's ``identity()`` (weights hashes, hub commit, or just the kind for weight-free
+  backends), plus ``DECODE_PATH_VERSION``. A job that left a stage to the worker's default
+  is pinned here, by what ran.
+
+Outputs carry it as metadata (``to_metadata``): S3 user metadata
+(``x-amz-meta-pixelrelay-fingerprint``), a hidden sidecar for local files (see
+``storage.local``), together with the job id that wrote it. ``decide`` is the one rule
+both the encode stage (before any work) and the decode stage (before writing) apply.
+Anything read back (``from_metadata``) is validated; a malformed value counts as no
+fingerprint, and an output without one is never reused.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+from pixelrelay.pipeline.constants import DECODE_PATH_VERSION
+from pixelrelay.pipeline.messages import Backends, Fingerprint, ItemOutcome, JobOptions
+
+META_FINGERPRINT = "pixelrelay-fingerprint"  # S3: x-amz-meta-pixelrelay-fingerprint
+META_JOB = "pixelrelay-job"  # the job that wrote the output
+STAGE_BACKENDS = ("encoder", "planner", "decoder")
+UNKNOWN_IDENTITY = "unknown"
+
+_VALUE_RE = re.compile(r"^v1;request=([0-9a-f]{64});model=([0-9a-f]{64})$")
+_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _digest(value: object) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def request_fingerprint(options: JobOptions, backends: Backends, input_uri: str, output_format: str) -> str:
+    """What was asked of one item (see the module docstring for the fields)."""
+    return _digest(
+        {
+            "task": options.task,
+            "scale": options.effective_scale(),
+            "instruction": options.instruction,
+            "format": output_format,
+            "quality": options.quality,
+            "lossless": options.lossless,
+            "backends": {name: getattr(backends, name) for name in STAGE_BACKENDS},
+            "input": input_uri,
+        }
+    )
+
+
+def model_fingerprint(specs: Mapping[str, str], identities: Mapping[str, str]) -> str:
+    """What answered it: per backend (encoder, planner, decoder) the spec that ran and its
+    identity (missing ones count as ``unknown``), plus the decode-path version."""
+    stages = {
+        name: {"spec": specs.get(name, ""), "identity": identities.get(name, UNKNOWN_IDENTITY)}
+        for name in STAGE_BACKENDS
+    }
+    return _digest({"decode_path": DECODE_PATH_VERSION, "stages": stages})
+
+
+# --- stored form ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An output's fingerprint as read back from storage, and the job that wrote it."""
+
+    fingerprint: Fingerprint
+    job: str
+
+
+def to_metadata(fingerprint: Fingerprint, job_id: str) -> dict[str, str]:
+    """Object metadata for an output (ASCII only, as S3 headers require)."""
+    value = f"v1;request={fingerprint.request};model={fingerprint.model}"
+    return {META_FINGERPRINT: value, META_JOB: job_id}
+
+
+def from_metadata(metadata: Mapping[str, str] | None) -> Stored | None:
+    """The fingerprint an output's metadata holds, or None (absent or malformed)."""
+    if not metadata:
+        return None
+    match = _VALUE_RE.match(str(metadata.get(META_FINGERPRINT, "")))
+    job = str(metadata.get(META_JOB, ""))
+    if match is None or not _JOB_RE.match(job):
+        return None
+    return Stored(Fingerprint(request=match.group(1), model=match.group(2)), job)
+
+
+# --- the reuse rule -----------------------------------------------------------------------
+
+Decision = Literal["reuse", "create", "replace"]
+
+
+def decide(present: bool, stored: Stored | None, expected: Fingerprint, job_id: str, overwrite: bool) -> Decision:
+    """What to do with an item whose output is ``present`` (with ``stored`` metadata):
+
+    * ``create``  no output yet: write it, only if still absent (a conditional write);
+    * ``reuse``   it answers the same request with the same models and was written by this
+      job (a duplicate delivery, even under ``overwrite``) or, without ``overwrite``, by
+      any job: keep it, never write over it;
+    * ``replace`` anything else (another request, other models, no or bad fingerprint,
+      ``overwrite``): re-process and write over it.
+    """
+    if not present:
+        return "create"
+    if stored is not None and stored.fingerprint == expected and (stored.job == job_id or not overwrite):
+        return "reuse"
+    return "replace"
+
+
+def reuse_outcome(stored: Stored | None, job_id: str) -> ItemOutcome:
+    """The outcome of a reused output: ``processed`` when this very job wrote it."""
+    return "processed" if stored is not None and stored.job == job_id else "reused"
+
+
+# --- weights identities -------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex of a file; computed once per (path, size, mtime) in a process."""
+    st = os.stat(path)
+    return _file_sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_identity(folder: str | os.PathLike) -> str:
+    """A cheap identity for a local model folder: sha256 over its files' relative paths,
+    sizes and mtimes (a changed or replaced weights file changes it)."""
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            rows.append([os.path.relpath(path, folder), st.st_size, st.st_mtime_ns])
+    return _digest(rows)
