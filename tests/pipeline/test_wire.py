@@ -79,8 +79,8 @@ def test_messages_are_written_in_the_oldest_version_that_carries_them():
     assert json.loads(plain.model_dump_json()) == v1_body()
     V1ChunkMessage.model_validate(plain.model_dump(mode="json"))
 
-    # A job that sets quality or lossless needs version 2, and says so.
-    for options in ({"quality": 70}, {"lossless": True}):
+    # A job that sets quality, lossless or overwrite needs version 2, and says so.
+    for options in ({"quality": 70}, {"lossless": True}, {"overwrite": True}):
         msg = plain.model_copy(update={"options": plain.options.model_copy(update=options)})
         wire = msg.model_dump(mode="json")
         assert wire["v"] == 2 and wire["options"].items() >= options.items()
@@ -116,3 +116,14 @@ def test_bad_fields_are_rejected_in_every_version():
         upgrade_message({**v1_body(quality=0), "v": 2})
     with pytest.raises(ValidationError):
         upgrade_message({k: v for k, v in v1_body().items() if k != "records"})
+
+
+def test_records_with_fingerprint_fields_are_version_2():
+    plain = upgrade_message(v1_body())
+    record = plain.records[0].model_copy(update={"models": {"encoder": "analysis"}})
+    msg = plain.model_copy(update={"records": [record]})
+    wire = msg.model_dump(mode="json")
+    assert wire["v"] == 2 and wire["records"][0]["models"] == {"encoder": "analysis"}
+    assert upgrade_message(json.loads(msg.model_dump_json())) == msg
+    # ...and a version-1 body never carries them, not even empty.
+    assert {"models", "fingerprint", "outcome"}.isdisjoint(plain.model_dump(mode="json")["records"][0])
