@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     sd_min_tile: int = Field(32, ge=8)
     sd_steps: int = Field(25, ge=1, le=1000)
     sd_guidance: float = Field(7.5, ge=0.0, le=50.0)
+    # Chunks in flight (workers.lease, workers.sweep): a worker's lease on the chunk it runs,
+    # how often every worker sweeps for lost chunks (0: never), and the time a chunk may take
+    # per item and stage before the watchdog fails it and restarts the worker process.
+    lease_s: float = Field(60.0, ge=0.1, le=3600.0)
+    sweep_interval_s: float = Field(15.0, ge=0.0, le=3600.0)
+    item_budget_s: float = Field(600.0, ge=0.1)
 
     @field_validator("redis_url")
     @classmethod
