@@ -1,0 +1,181 @@
+"""Jobs that heal themselves: real stage workers (subprocesses) on a Redis database of their
+own, S3 (moto over HTTP), and real signals.
+
+A worker is stopped while it is inside a chunk (its lease, owned by its pid, is live and the
+chunk's entry names its stage), a replacement is started, and the job must finish: every
+item in the manifest exactly once, exactly one output object per item in storage and nothing
+else, exact counts. With test settings (lease 2 s, sweep every 0.5 s, 0.25 s per item and
+stage) a lost chunk is re-sent about 2-3 s after its worker died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from pixelrelay.jobs import keys
+from pixelrelay.jobs.chunks import parse_entries
+from pixelrelay.jobs.state import JobState
+from tests.conftest import REPO, run_cli, wait_until, worker_env
+from tests.images import good_images
+
+DB = 8
+N_ITEMS = 6
+QUEUES = [f"pixelrelay.{stage}" for stage in ("encode", "plan", "decode")]
+SETTINGS = {
+    "PIXELRELAY_PLUGINS": "tests.faults",
+    "PIXELRELAY_LEASE_S": "2",
+    "PIXELRELAY_SWEEP_INTERVAL_S": "0.5",
+    "PIXELRELAY_TEST_SLOW_S": "0.25",
+    "PIXELRELAY_CHUNK_SIZE": "2",
+    "PIXELRELAY_WINDOW": "2",
+    "PIXELRELAY_BATCH_SIZE": "2",
+}
+RESENT = "sending it again from encode"  # the sweep's log line for a re-sent chunk
+
+
+class Stages:
+    """One solo ``pixelrelay worker`` per stage, with ``slow`` backends; any can be replaced."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env, self.logdir = env, logdir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.started = 0
+
+    def start(self, stage: str) -> None:
+        self.started += 1
+        log = open(self.logdir / f"{stage}-{self.started}.log", "wb")
+        flag = {"encode": "--encoder", "plan": "--planner", "decode": "--decoder"}[stage]
+        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, flag, "slow", "--loglevel", "WARNING"]
+        self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def stop(self, stage: str, sig: int) -> int:
+        proc = self.procs.pop(stage)
+        proc.send_signal(sig)
+        return proc.wait(30)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self.logdir.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for stage in list(self.procs):
+            proc = self.procs.pop(stage)
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def db_url(redis_url):
+    url = redis_url.rsplit("/", 1)[0] + f"/{DB}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="module")
+def stages(db_url, s3_server, tmp_path_factory):
+    pool = Stages(worker_env(db_url, **SETTINGS), tmp_path_factory.mktemp("healing-logs"))
+    for stage in ("encode", "plan", "decode"):
+        pool.start(stage)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture()
+def client(db_url):
+    client = redis.Redis.from_url(db_url)
+    yield client
+    client.close()
+
+
+def _submit(stages: Stages, s3_client, bucket: str) -> tuple[str, dict[str, bytes]]:
+    files = dict(list(good_images(N_ITEMS).items()))
+    for rel, data in files.items():
+        s3_client.put_object(Bucket=bucket, Key=f"in/{rel}", Body=data)
+    job_id = "heal-" + uuid.uuid4().hex[:8]
+    result = run_cli(["submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/out", "--job-id", job_id], stages.env)
+    assert result.returncode == 0, result.stderr
+    return job_id, files
+
+
+def _running(client: redis.Redis, job_id: str, stage: str, pid: int) -> str | None:
+    """A slot the worker ``pid`` is running at ``stage`` right now, if any."""
+    entries, _ = parse_entries(client.hgetall(keys.chunks(job_id)))
+    for slot, entry in entries.items():
+        owner = client.get(keys.lease(job_id, slot.name))
+        if entry.stage == stage and owner is not None and owner.decode().endswith(f":{pid}"):
+            return slot.name
+    return None
+
+
+def _finished(client: redis.Redis, job_id: str) -> bool:
+    info = JobState(client, job_id).info()
+    return bool(info.get("finished_at")) and info.get("finished_seq") == info.get("seq")
+
+
+def _check_job(client: redis.Redis, s3_client, bucket: str, job_id: str, files: dict[str, bytes]) -> None:
+    body = s3_client.get_object(Bucket=bucket, Key=f"out/_jobs/{job_id}/manifest.jsonl")["Body"].read()
+    rows = [json.loads(line) for line in body.splitlines()]
+    assert [r["index"] for r in rows] == list(range(N_ITEMS))  # every item exactly once
+    assert all(r["status"] == "done" for r in rows), [r["error"] for r in rows]
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]
+    outputs = {o["Key"] for o in listed if not o["Key"].startswith(f"out/_jobs/")}
+    assert outputs == {f"out/{rel}" for rel in files}  # one object per item, nothing partial or extra
+    assert {r["output"] for r in rows} == {f"s3://{bucket}/out/{rel}" for rel in files}
+    counts = JobState(client, job_id).counts()
+    assert (counts.total, counts.done, counts.failed) == (N_ITEMS, N_ITEMS, 0)
+    info = JobState(client, job_id).info()
+    assert (info["manifest_done"], info["manifest_failed"], info["manifest_missing"]) == (str(N_ITEMS), "0", "0")
+    assert not client.sismember(keys.ACTIVE_JOBS, job_id) and not client.exists(keys.chunks(job_id))
+
+
+@pytest.mark.parametrize(
+    "stage,sig",
+    [("decode", signal.SIGKILL), ("encode", signal.SIGKILL), ("plan", signal.SIGKILL),
+     ("decode", signal.SIGTERM), ("encode", signal.SIGTERM), ("plan", signal.SIGTERM)],
+    ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name,
+)
+def test_a_worker_stopped_mid_chunk_is_replaced_and_the_job_finishes(stages, client, s3_client, s3_bucket, stage, sig):
+    resent_before = stages.logs().count(RESENT)
+    job_id, files = _submit(stages, s3_client, s3_bucket)
+    pid = stages.procs[stage].pid
+    slot = wait_until(lambda: _running(client, job_id, stage, pid), timeout=60, interval=0.02)
+
+    stopped_at = time.monotonic()
+    code = stages.stop(stage, sig)
+    stages.start(stage)
+    wait_until(lambda: _finished(client, job_id), timeout=60, interval=0.1)
+    recovered_s = time.monotonic() - stopped_at
+
+    _check_job(client, s3_client, s3_bucket, job_id, files)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+        assert stages.logs().count(RESENT) > resent_before, stages.logs()  # the sweep healed it
+    print(f"\n{stage} {signal.Signals(sig).name} in slot {slot}: job finished {recovered_s:.1f} s after the signal")
+    assert recovered_s < 30
+
+
+def test_purged_queues_are_healed_by_the_sweep(stages, client, s3_client, s3_bucket):
+    resent_before = stages.logs().count(RESENT)
+    job_id, files = _submit(stages, s3_client, s3_bucket)
+    wait_until(lambda: sum(client.llen(q) for q in QUEUES) > 0, timeout=60, interval=0.01)
+
+    purged_at = time.monotonic()
+    assert client.delete(*QUEUES) >= 1  # what `celery purge` does to the three queues
+    wait_until(lambda: _finished(client, job_id), timeout=60, interval=0.1)
+    recovered_s = time.monotonic() - purged_at
+
+    _check_job(client, s3_client, s3_bucket, job_id, files)
+    assert stages.logs().count(RESENT) > resent_before, stages.logs()
+    print(f"\npurge: job finished {recovered_s:.1f} s after the purge")
