@@ -4,7 +4,7 @@ own, S3 (moto over HTTP), and real signals.
 A worker is stopped while it is inside a chunk (its lease, owned by its pid, is live and the
 chunk's entry names its stage), a replacement is started, and the job must finish: every
 item in the manifest exactly once, exactly one output object per item in storage and nothing
-else, exact counts. With test settings (lease 2 s, sweep every 0.5 s, 0.25 s per item and
+else, exact counts. With test settings (lease 2 s, sweep every 0.5 s, 0.15 s per item and
 stage) a lost chunk is re-sent about 2-3 s after its worker died.
 """
 
@@ -35,7 +35,7 @@ SETTINGS = {
     "PIXELRELAY_PLUGINS": "tests.faults",
     "PIXELRELAY_LEASE_S": "2",
     "PIXELRELAY_SWEEP_INTERVAL_S": "0.5",
-    "PIXELRELAY_TEST_SLOW_S": "0.25",
+    "PIXELRELAY_TEST_SLOW_S": "0.15",
     "PIXELRELAY_CHUNK_SIZE": "2",
     "PIXELRELAY_WINDOW": "2",
     "PIXELRELAY_BATCH_SIZE": "2",
@@ -119,6 +119,25 @@ def _running(client: redis.Redis, job_id: str, stage: str, pid: int) -> str | No
     return None
 
 
+def _diagnose(stages: Stages, client: redis.Redis, job_id: str) -> str:
+    state = {
+        "entries": client.hgetall(keys.chunks(job_id)),
+        "leases": {k: client.get(k) for k in client.keys(keys.lease(job_id, "*"))},
+        "queues": {q: client.llen(q) for q in QUEUES},
+        "unacked": client.hlen(keys.KOMBU_UNACKED),
+        "job": JobState(client, job_id).info(),
+        "workers": {s: (p.pid, p.poll()) for s, p in stages.procs.items()},
+    }
+    return f"{state}\n{stages.logs()}"
+
+
+def _await(stages: Stages, client: redis.Redis, job_id: str, predicate, timeout: float = 60, interval: float = 0.1):
+    try:
+        return wait_until(predicate, timeout=timeout, interval=interval)
+    except TimeoutError:
+        pytest.fail("timed out: " + _diagnose(stages, client, job_id))
+
+
 def _finished(client: redis.Redis, job_id: str) -> bool:
     info = JobState(client, job_id).info()
     return bool(info.get("finished_at")) and info.get("finished_seq") == info.get("seq")
@@ -150,12 +169,12 @@ def test_a_worker_stopped_mid_chunk_is_replaced_and_the_job_finishes(stages, cli
     resent_before = stages.logs().count(RESENT)
     job_id, files = _submit(stages, s3_client, s3_bucket)
     pid = stages.procs[stage].pid
-    slot = wait_until(lambda: _running(client, job_id, stage, pid), timeout=60, interval=0.02)
+    slot = _await(stages, client, job_id, lambda: _running(client, job_id, stage, pid), timeout=30, interval=0.02)
 
     stopped_at = time.monotonic()
     code = stages.stop(stage, sig)
     stages.start(stage)
-    wait_until(lambda: _finished(client, job_id), timeout=60, interval=0.1)
+    _await(stages, client, job_id, lambda: _finished(client, job_id))
     recovered_s = time.monotonic() - stopped_at
 
     _check_job(client, s3_client, s3_bucket, job_id, files)
@@ -169,11 +188,11 @@ def test_a_worker_stopped_mid_chunk_is_replaced_and_the_job_finishes(stages, cli
 def test_purged_queues_are_healed_by_the_sweep(stages, client, s3_client, s3_bucket):
     resent_before = stages.logs().count(RESENT)
     job_id, files = _submit(stages, s3_client, s3_bucket)
-    wait_until(lambda: sum(client.llen(q) for q in QUEUES) > 0, timeout=60, interval=0.01)
+    _await(stages, client, job_id, lambda: sum(client.llen(q) for q in QUEUES) > 0, timeout=30, interval=0.01)
 
     purged_at = time.monotonic()
     assert client.delete(*QUEUES) >= 1  # what `celery purge` does to the three queues
-    wait_until(lambda: _finished(client, job_id), timeout=60, interval=0.1)
+    _await(stages, client, job_id, lambda: _finished(client, job_id))
     recovered_s = time.monotonic() - purged_at
 
     _check_job(client, s3_client, s3_bucket, job_id, files)
