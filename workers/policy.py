@@ -4,7 +4,8 @@ policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware)
 ``DeliveryPolicy.deliver(delivery, work)`` decides, in this order:
 
 0. **Stale duplicates.** A delivery whose chain is no longer in flight (no entry in
-   ``jobs.chunks``) and whose manifest part is already written belongs to a chain that was
+   ``jobs.chunks``) and whose manifest part is already written (or whose job's manifest is)
+   belongs to a chain that was
    finished (a Redis visibility-timeout redelivery of a message the sweep replaced, or of a
    chunk the watchdog ended): it ends here (``Stale``) and writes nothing. Otherwise the
    chain's entry is set to this stage (``jobs.chunks``), before any work.
@@ -221,10 +222,12 @@ class DeliveryPolicy:
         """False for a stale duplicate; else the chain's tracking (None for a chain of an
         older submission, which is not tracked), set to this stage."""
         msg = delivery.msg
-        if msg.seq < self.state.seq():
+        seq, finished_seq = self.state.r.hmget(self.state.key, "seq", "finished_seq")
+        if msg.seq < int(seq or 0):
             return None
         chunks, slot = ChunksInFlight(self.state.r, msg.job_id), Slot.of(msg)
-        if chunks.get(slot) is None and self._part_written(msg):
+        finished = finished_seq is not None and finished_seq == seq
+        if chunks.get(slot) is None and (finished or self._part_written(msg)):
             log.warning("%s: chunk %s/%d%s was finished already: dropping a duplicate", delivery.stage, msg.job_id,
                         msg.chunk, f" part {msg.part}" if msg.part else "")
             return False

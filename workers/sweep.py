@@ -19,7 +19,9 @@ Redis and storage may call it: every worker runs it on a timer thread (``Sweeper
 * otherwise it is **lost**: its worker died (an unacked message with no live lease), or its
   message was purged or lost with Redis. After a short confirmation pause (the move from a
   queue list to ``unacked`` is not atomic) the chain is re-sent, once, under a per-slot
-  lock (``SET NX PX``) so that concurrent sweepers send it once.
+  lock (``SET NX PX``) so that concurrent sweepers send it once. The dead worker's message
+  is then removed from ``unacked``, so that kombu does not restore it after the visibility
+  timeout (were it restored anyway, the policy drops it as a stale duplicate).
 
 The queue lists and ``unacked`` are read only when some chain is neither young nor leased, so
 the common case costs two or three Redis round trips.
@@ -79,6 +81,7 @@ class Lost:
     job_id: str
     slot: Slot
     entry: Entry
+    unacked: tuple[str, ...] = ()  # delivery tags of its dead worker's messages in ``unacked``
 
     @property
     def ref(self) -> str:
@@ -163,12 +166,15 @@ def _still_candidates(client: redis.Redis, items: list[Lost], lease_s: float, at
 
 
 def _not_waiting(client: redis.Redis, items: list[Lost], lease_s: float, at: float) -> list[Lost]:
-    """Those of ``items`` with no message in a queue and none taken by a worker lately."""
+    """Those of ``items`` with no message in a queue and none taken by a worker lately (with
+    the tags of the messages that dead workers took)."""
     if not items:
         return []
     wanted = {(i.job_id, i.slot) for i in items}
-    waiting = _queued(client, wanted) | _taken(client, wanted, at - lease_s)
-    return [i for i in items if (i.job_id, i.slot) not in waiting]
+    recent, dead = _taken(client, wanted, at - lease_s)
+    waiting = _queued(client, wanted) | recent
+    return [Lost(i.job_id, i.slot, i.entry, tuple(dead.get((i.job_id, i.slot), ())))
+            for i in items if (i.job_id, i.slot) not in waiting]
 
 
 def _queued(client: redis.Redis, wanted: set[tuple[str, Slot]]) -> set[tuple[str, Slot]]:
@@ -182,16 +188,33 @@ def _queued(client: redis.Redis, wanted: set[tuple[str, Slot]]) -> set[tuple[str
     return found
 
 
-def _taken(client: redis.Redis, wanted: set[tuple[str, Slot]], since: float) -> set[tuple[str, Slot]]:
-    """Slots of messages workers took (``unacked``) at or after ``since``."""
+def _taken(client: redis.Redis, wanted: set[tuple[str, Slot]], since: float):
+    """Slots of messages workers took (``unacked``) at or after ``since``, and the delivery
+    tags of those taken before it, by slot."""
     delivered = {_text(tag): score for tag, score in client.zrange(keys.KOMBU_UNACKED_INDEX, 0, -1, withscores=True)}
-    found: set[tuple[str, Slot]] = set()
+    recent: set[tuple[str, Slot]] = set()
+    dead: dict[tuple[str, Slot], list[str]] = {}
     for tag, raw in client.hgetall(keys.KOMBU_UNACKED).items():
         envelope = _json(raw)
         ref = _ref(envelope[0]) if isinstance(envelope, list) and envelope else None
-        if ref is not None and (ref.job_id, ref.slot) in wanted and delivered.get(_text(tag), 0.0) >= since:
-            found.add((ref.job_id, ref.slot))
-    return found
+        if ref is None or (ref.job_id, ref.slot) not in wanted:
+            continue
+        if delivered.get(_text(tag), 0.0) >= since:
+            recent.add((ref.job_id, ref.slot))
+        else:
+            dead.setdefault((ref.job_id, ref.slot), []).append(_text(tag))
+    return recent, dead
+
+
+def _forget_unacked(client: redis.Redis, tags: Iterable[str]) -> None:
+    """Drop a dead worker's messages from ``unacked``: the re-sent chain replaces them, so
+    kombu must not restore them after the visibility timeout (an ack of them is a no-op)."""
+    tags = list(tags)
+    if tags:
+        pipe = client.pipeline()
+        pipe.zrem(keys.KOMBU_UNACKED_INDEX, *tags)
+        pipe.hdel(keys.KOMBU_UNACKED, *tags)
+        pipe.execute()
 
 
 def _task_refs(raws: Iterable[bytes]) -> Iterable[TaskRef]:
@@ -239,15 +262,14 @@ def _recover(client: redis.Redis, send: Send, open_storage: OpenStorage, item: L
         storage = open_storage(spec.output)
         if _finish_written(state, storage, send, item):
             report.finished.append(item.ref)
-            return
-        msg = _rebuild(state, storage, item)
-        if msg is None:  # every item is done already: only the finish is missing
+        elif (msg := _rebuild(state, storage, item)) is None:  # every item done: only the finish is missing
             _finish(state, storage, send, item)
             report.finished.append(item.ref)
-            return
-        log.warning("chunk %s lost at %s (no lease, not queued): sending it again from encode", item.ref, item.entry.stage)
-        tracked(send, client)(msg)
-        report.resent.append(item.ref)
+        else:
+            log.warning("chunk %s lost at %s (no lease, not queued): sending it again from encode", item.ref, item.entry.stage)
+            tracked(send, client)(msg)
+            report.resent.append(item.ref)
+        _forget_unacked(client, item.unacked)
     except Exception:  # one job's trouble must not stop the sweep; the lock runs out, try later
         log.exception("sweep: cannot recover chunk %s", item.ref)
 

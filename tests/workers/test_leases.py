@@ -95,3 +95,11 @@ def test_a_delivery_of_a_chain_in_flight_runs_and_moves_its_entry_to_the_next_st
     out = job.policy.deliver(Delivery("encode", msg), lambda m: None)
     assert isinstance(out, ChunkMessage)
     assert ChunksInFlight(client, job.state.job_id).get(Slot.of(msg)).stage == "plan"
+
+
+def test_a_redelivered_message_of_a_finished_job_is_dropped(client, tmp_path):
+    job = Job(client, tmp_path, [20], 4, Limits())
+    job.state.finish(job.seq, "manifest", 1, 0)  # e.g. a split chunk's whole message, restored late
+    ran = []
+    assert job.policy.deliver(Delivery("decode", job.message([0])), ran.append) == Stale()
+    assert ran == []

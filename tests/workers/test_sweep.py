@@ -103,6 +103,7 @@ def test_a_message_just_taken_by_a_worker_is_left_alone(job, db_url):
     _unacked(job, db_url, delivered_at=time.time())
     report = sweep(job)
     assert report.candidates == 1 and report.resent == [] and job.sent == []
+    assert job.state.r.hexists(keys.KOMBU_UNACKED, "tag-1")
 
 
 def test_a_taken_message_without_a_lease_past_the_lease_time_is_resent(job, db_url):
@@ -110,6 +111,9 @@ def test_a_taken_message_without_a_lease_past_the_lease_time_is_resent(job, db_u
     report = sweep(job)
     assert report.resent == [f"{job.state.job_id}/{job.seq}:0"]
     assert [[r.index for r in m.records] for m in job.sent] == [[0, 1, 2, 3]]
+    # the dead worker's message is taken off `unacked`: kombu will not restore it in 2 h
+    assert not job.state.r.hexists(keys.KOMBU_UNACKED, "tag-1")
+    assert job.state.r.zscore(keys.KOMBU_UNACKED_INDEX, "tag-1") is None
 
 
 def test_a_lost_chunk_is_resent_once_from_storage_by_concurrent_sweepers(job, db_url):
