@@ -3,6 +3,9 @@
 ``crashing`` decodes like ``classic`` but kills its own worker process (as a segfault or the
 kernel's OOM killer would) on any image exactly 13 pixels wide.
 
+``hanging`` decodes like ``classic`` but never returns (sleeps an hour) on any image exactly
+13 pixels wide: a hung model call, for the watchdog.
+
 ``slow`` (an encoder, a planner and a decoder) works like ``analysis`` / ``rules`` /
 ``classic`` but sleeps ``PIXELRELAY_TEST_SLOW_S`` seconds (default 0.3) per item first, so a
 test can stop a worker while it is inside a chunk.
@@ -28,6 +31,15 @@ class CrashingDecoder(ClassicDecoder):
     def restore(self, images, plans):
         if any(image.width == POISON_WIDTH for image in images):
             os._exit(137)
+        return super().restore(images, plans)
+
+
+class HangingDecoder(ClassicDecoder):
+    kind = "hanging"
+
+    def restore(self, images, plans):
+        if any(image.width == POISON_WIDTH for image in images):
+            time.sleep(3600)
         return super().restore(images, plans)
 
 
@@ -60,6 +72,7 @@ class SlowDecoder(ClassicDecoder):
 
 
 register("decoder", "crashing", "tests.faults:CrashingDecoder")
+register("decoder", "hanging", "tests.faults:HangingDecoder")
 register("encoder", "slow", "tests.faults:SlowEncoder")
 register("planner", "slow", "tests.faults:SlowPlanner")
 register("decoder", "slow", "tests.faults:SlowDecoder")

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,8 +26,9 @@ import redis
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import parse_entries
 from pixelrelay.jobs.state import JobState
+from pixelrelay.workers.lease import WATCHDOG_EXIT_CODE
 from tests.conftest import REPO, run_cli, wait_until, worker_env
-from tests.images import good_images
+from tests.images import good_images, photo_like
 
 DB = 8
 N_ITEMS = 6
@@ -50,13 +52,31 @@ class Stages:
         self.env, self.logdir = env, logdir
         self.procs: dict[str, subprocess.Popen] = {}
         self.started = 0
+        self.supervisors: list[tuple[threading.Event, threading.Thread]] = []
 
-    def start(self, stage: str) -> None:
+    def start(self, stage: str, *backend: str) -> None:
+        """Start ``stage``'s worker; ``backend`` is its flag and value (default: ``slow``)."""
         self.started += 1
         log = open(self.logdir / f"{stage}-{self.started}.log", "wb")
         flag = {"encode": "--encoder", "plan": "--planner", "decode": "--decoder"}[stage]
-        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, flag, "slow", "--loglevel", "WARNING"]
+        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, *(backend or (flag, "slow")), "--loglevel", "WARNING"]
         self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def supervise(self, stage: str, backend: tuple[str, ...], exits: list[int]) -> threading.Event:
+        """Restart ``stage``'s worker whenever it exits (recording its code) until the event is set."""
+        stopping = threading.Event()
+
+        def loop() -> None:
+            while not stopping.wait(0.05):
+                proc = self.procs.get(stage)
+                if proc is not None and proc.poll() is not None and not stopping.is_set():
+                    exits.append(proc.returncode)
+                    self.start(stage, *backend)
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        self.supervisors.append((stopping, thread))
+        return stopping
 
     def stop(self, stage: str, sig: int) -> int:
         proc = self.procs.pop(stage)
@@ -67,6 +87,9 @@ class Stages:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self.logdir.glob("*.log")))
 
     def stop_all(self) -> None:
+        for stopping, thread in self.supervisors:
+            stopping.set()
+            thread.join(10)
         for stage in list(self.procs):
             proc = self.procs.pop(stage)
             proc.terminate()
@@ -198,3 +221,37 @@ def test_purged_queues_are_healed_by_the_sweep(stages, client, s3_client, s3_buc
     _check_job(client, s3_client, s3_bucket, job_id, files)
     assert stages.logs().count(RESENT) > resent_before, stages.logs()
     print(f"\npurge: job finished {recovered_s:.1f} s after the purge")
+
+
+def test_a_hung_model_call_times_out_its_item_and_the_worker_restarts(redis_url, tmp_path):
+    """A real solo decode worker hangs on one item: after its budget the watchdog fails that
+    chunk's item with "timed out", finishes the chunk, and exits 75; a supervisor loop (standing
+    in for systemd / Kubernetes) restarts it and the job finishes."""
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+    redis.Redis.from_url(url).flushdb()
+    env = worker_env(url, PIXELRELAY_PLUGINS="tests.faults", PIXELRELAY_CHUNK_SIZE="1", PIXELRELAY_ITEM_BUDGET_S="1",
+                     PIXELRELAY_LEASE_S="1", PIXELRELAY_SWEEP_INTERVAL_S="0.3")
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        photo_like(13 if i == 1 else 20 + i, 16, i).save(src / f"{i}.png")
+    pool = Stages(env, tmp_path)
+    for stage, flag, backend in (("encode", "--encoder", "analysis"), ("plan", "--planner", "rules")):
+        pool.start(stage, flag, backend)
+    pool.start("decode", "--decoder", "hanging")
+    exits: list[int] = []
+    pool.supervise("decode", ("--decoder", "hanging"), exits)
+    try:
+        job_id = "hung-" + uuid.uuid4().hex[:6]
+        result = run_cli(["submit", str(src), "--out", str(tmp_path / "out"), "--job-id", job_id, "--wait"], env, timeout=120)
+        assert result.returncode == 1, result.stderr + pool.logs()
+    finally:
+        pool.stop_all()
+    assert exits[:1] == [WATCHDOG_EXIT_CODE], pool.logs()
+    rows = {r["input"].rsplit("/", 1)[1]: r for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())}
+    assert rows["1.png"]["status"] == "failed" and rows["1.png"]["error"] == "decode: timed out after 1 s"
+    assert rows["0.png"]["status"] == rows["2.png"]["status"] == "done"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "2.png", "_jobs"]
+    client = redis.Redis.from_url(url)
+    counts = JobState(client, job_id).counts()
+    assert (counts.done, counts.failed) == (2, 1)
