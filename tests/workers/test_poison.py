@@ -46,7 +46,7 @@ def test_a_poison_item_that_kills_a_solo_worker_fails_alone_through_sweep_resend
     isolated = redis_url.rsplit("/", 1)[0] + "/10"
     redis.Redis.from_url(isolated).flushdb()
     env = worker_env(isolated, PIXELRELAY_PLUGINS="tests.faults", PIXELRELAY_CHUNK_SIZE="3", PIXELRELAY_MAX_DELIVERIES="1",
-                     PIXELRELAY_LEASE_S="1.5", PIXELRELAY_SWEEP_INTERVAL_S="0.3")
+                     PIXELRELAY_LEASE_S="1", PIXELRELAY_SWEEP_INTERVAL_S="0.3")
     src = tmp_path / "in"
     src.mkdir()
     for i in range(3):
