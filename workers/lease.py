@@ -100,6 +100,8 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(max(0.0, min(self.timing.renew_every_s, self._deadline - self.clock()))):
             if self.clock() >= self._deadline:
+                if self._stop.is_set():  # the body returned just in time
+                    return
                 self.expired = True
                 self.on_timeout(self.budget_s)
                 return

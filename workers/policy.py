@@ -183,16 +183,12 @@ class DeliveryPolicy:
     def deliver(self, delivery: Delivery, work: Work) -> Outcome:
         state, stage, msg = self.state, delivery.stage, delivery.msg
         chunks = self._admit(delivery)
-        if chunks is False:
-            return Stale()
+        if isinstance(chunks, Stale):
+            return chunks
         deliveries = state.count_delivery(stage, msg.seq, delivery.key)
         if deliveries > self.limits.max_deliveries:
             if len(delivery.pending()) > 1:
-                log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, stage, deliveries - 1)
-                parts = split_chunk(msg, tracked(self.send, state.r))
-                if chunks:
-                    chunks.untrack(Slot.of(msg))
-                return Split(parts)
+                return self._split(delivery, chunks, deliveries - 1)
             fail_pending(msg, stage, f"worker process died {deliveries - 1} times on this item (crash or out of memory)")
         else:
             retry = self._work(delivery, work)
@@ -218,9 +214,9 @@ class DeliveryPolicy:
                   f" part {msg.part}" if msg.part else "", budget_s)
         finish_chunk(self.state, self.storage(msg.output), self.send, msg)
 
-    def _admit(self, delivery: Delivery) -> ChunksInFlight | None | bool:
-        """False for a stale duplicate; else the chain's tracking (None for a chain of an
-        older submission, which is not tracked), set to this stage."""
+    def _admit(self, delivery: Delivery) -> ChunksInFlight | Stale | None:
+        """``Stale`` for a duplicate of a finished chain; else the chain's tracking, set to
+        this stage (None for a chain of an older submission, which is not tracked)."""
         msg = delivery.msg
         seq, finished_seq = self.state.r.hmget(self.state.key, "seq", "finished_seq")
         if msg.seq < int(seq or 0):
@@ -230,9 +226,17 @@ class DeliveryPolicy:
         if chunks.get(slot) is None and (finished or self._part_written(msg)):
             log.warning("%s: chunk %s/%d%s was finished already: dropping a duplicate", delivery.stage, msg.job_id,
                         msg.chunk, f" part {msg.part}" if msg.part else "")
-            return False
+            return Stale()
         chunks.track(slot, delivery.stage, msg.feeds)
         return chunks
+
+    def _split(self, delivery: Delivery, chunks: ChunksInFlight | None, deaths: int) -> Split:
+        msg = delivery.msg
+        log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, delivery.stage, deaths)
+        parts = split_chunk(msg, tracked(self.send, self.state.r))  # the parts are tracked before they are sent
+        if chunks:
+            chunks.untrack(Slot.of(msg))
+        return Split(parts)
 
     def _part_written(self, msg: ChunkMessage) -> bool:
         try:
