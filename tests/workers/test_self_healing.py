@@ -11,7 +11,6 @@ stage) a lost chunk is re-sent about 2-3 s after its worker died.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -122,14 +121,15 @@ def client(db_url):
     client.close()
 
 
-def _submit(stages: Stages, s3_client, bucket: str) -> tuple[str, dict[str, bytes]]:
+def _submit(stages: Stages, s3_client, bucket: str):
+    """Start submitting a job of ``N_ITEMS`` images (the test watches it from its first chunk
+    on); returns its id, its files and the running ``pixelrelay submit``."""
     files = dict(list(good_images(N_ITEMS).items()))
     for rel, data in files.items():
         s3_client.put_object(Bucket=bucket, Key=f"in/{rel}", Body=data)
     job_id = "heal-" + uuid.uuid4().hex[:8]
-    result = run_cli(["submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/out", "--job-id", job_id], stages.env)
-    assert result.returncode == 0, result.stderr
-    return job_id, files
+    cmd = [sys.executable, "-m", "pixelrelay", "submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/out", "--job-id", job_id]
+    return job_id, files, subprocess.Popen(cmd, env=stages.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _running(client: redis.Redis, job_id: str, stage: str, pid: int) -> str | None:
@@ -190,13 +190,14 @@ def _check_job(client: redis.Redis, s3_client, bucket: str, job_id: str, files: 
 )
 def test_a_worker_stopped_mid_chunk_is_replaced_and_the_job_finishes(stages, client, s3_client, s3_bucket, stage, sig):
     resent_before = stages.logs().count(RESENT)
-    job_id, files = _submit(stages, s3_client, s3_bucket)
+    job_id, files, submitting = _submit(stages, s3_client, s3_bucket)
     pid = stages.procs[stage].pid
-    slot = _await(stages, client, job_id, lambda: _running(client, job_id, stage, pid), timeout=30, interval=0.02)
+    slot = _await(stages, client, job_id, lambda: _running(client, job_id, stage, pid), timeout=30, interval=0.01)
 
     stopped_at = time.monotonic()
     code = stages.stop(stage, sig)
     stages.start(stage)
+    assert submitting.wait(60) == 0, submitting.stderr.read()
     _await(stages, client, job_id, lambda: _finished(client, job_id))
     recovered_s = time.monotonic() - stopped_at
 
@@ -210,11 +211,15 @@ def test_a_worker_stopped_mid_chunk_is_replaced_and_the_job_finishes(stages, cli
 
 def test_purged_queues_are_healed_by_the_sweep(stages, client, s3_client, s3_bucket):
     resent_before = stages.logs().count(RESENT)
-    job_id, files = _submit(stages, s3_client, s3_bucket)
-    _await(stages, client, job_id, lambda: sum(client.llen(q) for q in QUEUES) > 0, timeout=30, interval=0.01)
-
+    job_id, files, submitting = _submit(stages, s3_client, s3_bucket)
+    # The window's second chunk waits in the encode list while the first is encoded: purge
+    # the three queues (what `celery purge` does) as soon as a message waits in one.
+    deadline = time.monotonic() + 30
+    while not client.delete(*QUEUES):
+        assert time.monotonic() < deadline and not _finished(client, job_id), "no message ever waited in a queue"
+        time.sleep(0.002)
     purged_at = time.monotonic()
-    assert client.delete(*QUEUES) >= 1  # what `celery purge` does to the three queues
+    assert submitting.wait(60) == 0, submitting.stderr.read()
     _await(stages, client, job_id, lambda: _finished(client, job_id))
     recovered_s = time.monotonic() - purged_at
 
