@@ -4,7 +4,9 @@
 * ``files``  the job's files in its output storage (job.json, listing shards, manifest
   parts, the manifest), the source of truth;
 * ``state``  the job's state in Redis (a hash and two bitmaps), a cache of ``files``;
-* ``feed``   the Celery-free windowed feed (which chunk goes next) and the finish.
+* ``feed``   the Celery-free windowed feed (which chunk goes next) and the finish;
+* ``chunks`` chunks in flight (sent, not yet finished), the active jobs, and the task ids
+  that name a chain's stage messages: what the sweep reads to find lost chains.
 
 Imports Redis and the compute path's messages and storage; never Celery, never torch.
 """

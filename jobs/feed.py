@@ -6,13 +6,16 @@ chunks (``window * chunk_size`` items) in the broker, whatever its size. Chunks 
 are all done already (a resume) are skipped.
 
 Sending is a callable (``Send``): the workers pass one that enqueues a Celery chain, tests
-may pass a list's ``append``.
+may pass a list's ``append``. Every chunk sent is tracked first (``jobs.chunks``), so a chain
+lost by the broker or with its worker can be found and sent again; a finished job is retired
+from that tracking.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+from pixelrelay.jobs.chunks import ChunksInFlight, tracked
 from pixelrelay.jobs.files import manifest_uri, merge_manifest, read_chunk
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobSpec
@@ -24,6 +27,7 @@ Send = Callable[[ChunkMessage], None]
 def feed(send: Send, state: JobState, storage: Storage, spec: JobSpec, seq: int, count: int) -> int:
     """Send up to ``count`` more chunks of the job; returns how many were sent."""
     sent = 0
+    send = tracked(send, state.r)
     n_chunks = -(-spec.total // spec.chunk_size)
     while sent < count:
         chunk = state.next_chunk()
@@ -66,4 +70,5 @@ def finalize_if_complete(state: JobState, storage: Storage, spec: JobSpec, seq: 
         raise
     missing = spec.total - counts.get("done", 0) - counts.get("failed", 0)
     state.finish(seq, manifest_uri(spec.output, spec.job_id), counts.get("done", 0), counts.get("failed", 0), missing)
+    ChunksInFlight(state.r, spec.job_id).retire()
     return True

@@ -105,6 +105,15 @@ def write_part(
     storage.put(part_uri(output, job_id, chunk, seq, part), _lines(lines), "application/x-ndjson")
 
 
+def read_part(storage: Storage, output: str, job_id: str, chunk: int, seq: int, part: str = "") -> list[ItemRecord] | None:
+    """A chain's manifest part as written, or None if it was not written."""
+    try:
+        body = storage.get(part_uri(output, job_id, chunk, seq, part))
+    except StorageNotFoundError:
+        return None
+    return [ItemRecord.model_validate_json(line) for line in body.splitlines() if line.strip()]
+
+
 def manifest_line(record: ItemRecord) -> str:
     row = record.model_dump(mode="json")
     if record.status != "done":

@@ -13,6 +13,19 @@ FAILED_BITS = JOB + ":failed"  # bitmap, failed in the current submission
 CURSOR = JOB + ":cursor"  # next chunk to enqueue
 FINALIZED = JOB + ":finalized:{seq}"  # set once: the manifest of submission seq is being/was written
 DELIVERIES = JOB + ":deliveries:{stage}:{seq}:{chunk}"  # deliveries of one chain (poison pills)
+CHUNKS = JOB + ":chunks"  # hash: slot -> JSON {stage, since, wait, feeds}, chunks in flight
+LEASE = JOB + ":lease:{slot}"  # string: worker id, PX lease; the worker running that slot
+RESEND_LOCK = JOB + ":resend:{slot}"  # SET NX PX: one sweeper re-sends a lost slot
+ACTIVE_JOBS = PREFIX + "jobs:active"  # set of job ids with chunks in flight (the sweep's list)
+
+# Kombu's Redis transport (not pixelrelay's keys, read by the sweep only): a queue is a list
+# named after it (plus ``<queue>\x06\x16<priority>`` variants), a message taken by a worker
+# sits in the ``unacked`` hash (delivery tag -> JSON [message, exchange, routing key]) with
+# its delivery time in the ``unacked_index`` sorted set.
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
 
 # Model identities that stage workers run (``jobs.identities``): a hash per stage and spec,
 # and one per stage for "the worker's own default"; field = JSON {spec, identity}, value =
@@ -23,6 +36,7 @@ MODELS_TTL_S = 300
 MODELS_REFRESH_S = 60
 
 JOB_TTL_S = 7 * 24 * 3600  # a job's keys are kept this long after its manifest is written
+CHUNKS_TTL_S = 7 * 24 * 3600  # refreshed on every write: a forgotten job's hash goes away
 DELIVERIES_TTL_S = 7 * 24 * 3600
 
 
@@ -55,3 +69,20 @@ def models(stage: str, spec: str | None) -> str:
     if spec is None:
         return MODELS_DEFAULT.format(stage=stage)
     return MODELS.format(stage=stage, spec=spec)
+
+
+def chunks(job_id: str) -> str:
+    return CHUNKS.format(job_id=job_id)
+
+
+def lease(job_id: str, slot: str) -> str:
+    return LEASE.format(job_id=job_id, slot=slot)
+
+
+def resend_lock(job_id: str, slot: str) -> str:
+    return RESEND_LOCK.format(job_id=job_id, slot=slot)
+
+
+def kombu_queue_lists(queue: str) -> list[str]:
+    """Every list kombu's Redis transport may keep ``queue``'s messages in."""
+    return [queue if not pri else f"{queue}{KOMBU_PRIORITY_SEP}{pri}" for pri in KOMBU_PRIORITY_STEPS]

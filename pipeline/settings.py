@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(4, ge=1, le=20)  # per request, the first one included
     s3_sse: Literal["", "AES256", "aws:kms"] = ""  # server-side encryption of every PUT
     s3_sse_kms_key_id: str = ""  # with s3_sse=aws:kms; empty: the bucket's/account's default key
+    # Chunks in flight (workers.lease, workers.sweep): a worker's lease on the chunk it runs,
+    # how often every worker sweeps for lost chunks (0: never), and the time a chunk may take
+    # per item and stage before the watchdog fails it and restarts the worker process.
+    lease_s: float = Field(60.0, ge=0.1, le=3600.0)
+    sweep_interval_s: float = Field(15.0, ge=0.0, le=3600.0)
+    item_budget_s: float = Field(600.0, ge=0.1)
 
     @field_validator("redis_url")
     @classmethod

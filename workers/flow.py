@@ -1,5 +1,9 @@
 """A chunk as a Celery chain: encode -> plan -> decode, one message per stage.
 
+Every stage message gets a task id that names its job, submission, chunk, part and stage
+(``jobs.chunks.task_id``) plus a random suffix; a retry keeps its id. The sweep reads these
+ids from the queue lists to tell a waiting chain from a lost one.
+
 The Celery-free rest of the flow (which chunk goes next, finishing a job) is
 ``pixelrelay.jobs.feed``; ``sender`` adapts it to a Celery app.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 from celery import Celery, chain
 
+from pixelrelay.jobs.chunks import task_id
 from pixelrelay.jobs.feed import Send
 from pixelrelay.pipeline.messages import ChunkMessage
 from pixelrelay.workers.celery_app import task_name
@@ -16,9 +21,9 @@ from pixelrelay.workers.celery_app import task_name
 def chunk_chain(app: Celery, message: ChunkMessage):
     body = message.model_dump(mode="json")
     return chain(
-        app.signature(task_name("encode"), args=(body,), immutable=True),
-        app.signature(task_name("plan")),
-        app.signature(task_name("decode")),
+        app.signature(task_name("encode"), args=(body,), immutable=True, task_id=task_id(message, "encode")),
+        app.signature(task_name("plan"), task_id=task_id(message, "plan")),
+        app.signature(task_name("decode"), task_id=task_id(message, "decode")),
     )
 
 

@@ -4,6 +4,11 @@ concurrency 1 runs Celery's solo pool and loads the model before taking tasks; h
 concurrency runs a prefork pool whose children each load the model after fork (so the
 parent never initialises CUDA). A missing model, or a ``--device`` this machine has not
 got, stops the worker here, at start-up, with one line and exit code 2 (``ExitCode.USAGE``).
+
+Every worker process that runs tasks (the solo worker itself, or each prefork child) also
+runs the sweep for lost chunks on a timer thread (``workers.sweep.Sweeper``, every
+``PIXELRELAY_SWEEP_INTERVAL_S``; 0 turns it off); the prefork parent runs no threads of ours,
+so forking a child never copies a lock held by one.
 """
 
 from __future__ import annotations
@@ -55,6 +60,20 @@ def export_settings(**values) -> None:
             os.environ["PIXELRELAY_" + name.upper()] = str(value)
 
 
+def start_sweeper():
+    """Start this process's sweep thread (None when ``sweep_interval_s`` is 0)."""
+    from pixelrelay.workers.flow import sender
+    from pixelrelay.workers.runtime import runtime
+    from pixelrelay.workers.sweep import Sweeper
+
+    rt = runtime()
+    if rt.settings.sweep_interval_s <= 0:
+        return None
+    sweeper = Sweeper(rt.redis, sender(get_app()), rt.storage, rt.settings.sweep_interval_s, rt.settings.lease_s)
+    sweeper.start()
+    return sweeper
+
+
 def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) -> int:
     if stage not in C.STAGES:
         raise ConfigError(f"--stage: must be one of {', '.join(C.STAGES)}")
@@ -80,11 +99,13 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
     if concurrency <= 1:
         runtime().stage(stage)  # load the model now, in this very process (publishes its identity)
         worker_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)
+        start_sweeper()
     else:
 
         @worker_process_init.connect(weak=False)
         def _load_in_child(**_):
             runtime().stage(stage)
+            start_sweeper()
 
         worker_process_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)
 

@@ -3,6 +3,12 @@ policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware)
 
 ``DeliveryPolicy.deliver(delivery, work)`` decides, in this order:
 
+0. **Stale duplicates.** A delivery whose chain is no longer in flight (no entry in
+   ``jobs.chunks``) and whose manifest part is already written (or whose job's manifest is)
+   belongs to a chain that was
+   finished (a Redis visibility-timeout redelivery of a message the sweep replaced, or of a
+   chunk the watchdog ended): it ends here (``Stale``) and writes nothing. Otherwise the
+   chain's entry is set to this stage (``jobs.chunks``), before any work.
 1. **Poison pills.** Every delivery is counted in Redis (``JobState.count_delivery``) under
    the chunk, its part and its retry number; a count that survives is a worker that died
    mid-task. Past ``Limits.max_deliveries`` a chunk of several pending items is split: each
@@ -17,7 +23,13 @@ policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware)
    mark its items' bits, feed the job's next chunk, and write the manifest if the job is
    complete. Exactly one finisher claims the manifest (``finalize_if_complete``). A transient
    error here retries too; past ``max_retries`` it is raised (the chain ends unfinished and
-   ``pixelrelay status --wait`` can still finish the job).
+   ``pixelrelay status --wait`` can still finish the job). Only then is the chain's entry
+   deleted, so a worker that dies before that point leaves the chain for the sweep.
+4. **The hand-off.** A retry records its countdown in the chain's entry; a message passed to
+   the next stage records that stage, so the sweep knows where to look for it.
+
+``time_out`` is the watchdog's end of a delivery whose time budget is spent (see
+``workers.lease``): its pending items fail with "timed out after N s" and the chunk finishes.
 
 The outcome is the message to pass down the chain, a ``Retry`` or a ``Split``. Everything
 here is idempotent under redelivery: see the ``workers`` package docstring.
@@ -32,8 +44,9 @@ from typing import Callable, Union
 
 import redis
 
+from pixelrelay.jobs.chunks import ChunksInFlight, Slot, tracked
 from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
-from pixelrelay.jobs.files import write_part
+from pixelrelay.jobs.files import part_uri, write_part
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import ChunkMessage
@@ -62,7 +75,12 @@ class Split:
     parts: int
 
 
-Outcome = Union[ChunkMessage, Retry, Split]
+@dataclass(frozen=True)
+class Stale:
+    """The chain was finished already (its part is written): this delivery ends it."""
+
+
+Outcome = Union[ChunkMessage, Retry, Split, Stale]
 
 
 @dataclass(frozen=True)
@@ -113,7 +131,8 @@ def fail_pending(msg: ChunkMessage, stage: str, why: str) -> None:
 
 
 def split_chunk(msg: ChunkMessage, send: Send) -> int:
-    """Re-send every pending item as its own chain; returns how many were sent."""
+    """Re-send every pending item as its own chain; returns how many were sent. (``send``
+    should track each part: see ``jobs.chunks.tracked``.)"""
     pending = [r for r in msg.records if r.status is None]
     for i, record in enumerate(pending):
         send(msg.model_copy(update={"records": [record], "feeds": msg.feeds and i == 0, "part": str(record.index)}))
@@ -125,7 +144,8 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
     write the manifest if the job is complete. Returns True if this call wrote it."""
     fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
     try:
-        write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
+        if msg.records:  # a duplicate whose items were all done must not blank the part
+            write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
     except StorageError as exc:
         # Permanent (e.g. access denied): count the items anyway so the job can end; the
         # manifest then reports them as missing, and a re-submission retries them.
@@ -136,7 +156,19 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
     spec = state.spec()
     if msg.feeds:
         feed(send, state, storage, spec, state.seq(), 1)
-    return finalize_if_complete(state, storage, spec, msg.seq)
+    wrote = finalize_if_complete(state, storage, spec, msg.seq)
+    ChunksInFlight(state.r, msg.job_id).untrack(Slot.of(msg))
+    return wrote
+
+
+def snapshot(msg: ChunkMessage, attempts: int = 5) -> ChunkMessage:
+    """A deep copy of a message another thread may be changing (the watchdog's view)."""
+    for _ in range(attempts - 1):
+        try:
+            return msg.model_copy(deep=True)
+        except RuntimeError:  # "changed size during iteration": try again
+            continue
+    return msg.model_copy(deep=True)
 
 
 @dataclass
@@ -150,22 +182,72 @@ class DeliveryPolicy:
 
     def deliver(self, delivery: Delivery, work: Work) -> Outcome:
         state, stage, msg = self.state, delivery.stage, delivery.msg
+        chunks = self._admit(delivery)
+        if isinstance(chunks, Stale):
+            return chunks
         deliveries = state.count_delivery(stage, msg.seq, delivery.key)
         if deliveries > self.limits.max_deliveries:
             if len(delivery.pending()) > 1:
-                log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, stage, deliveries - 1)
-                return Split(split_chunk(msg, self.send))
+                return self._split(delivery, chunks, deliveries - 1)
             fail_pending(msg, stage, f"worker process died {deliveries - 1} times on this item (crash or out of memory)")
         else:
             retry = self._work(delivery, work)
             if retry is not None:
-                return retry
+                return self._waiting(delivery, chunks, retry)
         state.clear_delivery(stage, msg.seq, delivery.key)
         if stage == "decode":
             retry = self._finish(delivery)
             if retry is not None:
-                return retry
+                return self._waiting(delivery, chunks, retry)
+        elif chunks:
+            chunks.track(Slot.of(msg), C.STAGES[C.STAGES.index(stage) + 1], msg.feeds)
         return msg
+
+    def time_out(self, delivery: Delivery, budget_s: float) -> None:
+        """The watchdog's end of a delivery that spent its budget: fail what is pending with
+        "timed out after N s" and finish the chunk (part, bits, next chunk, manifest)."""
+        msg = snapshot(delivery.msg)
+        done = self.state.done_flags([r.index for r in msg.records])
+        msg.records = [r for r, d in zip(msg.records, done) if not d or r.status == "done"]
+        fail_pending(msg, delivery.stage, f"timed out after {budget_s:g} s")
+        log.error("%s chunk %s/%d%s timed out after %g s", delivery.stage, msg.job_id, msg.chunk,
+                  f" part {msg.part}" if msg.part else "", budget_s)
+        finish_chunk(self.state, self.storage(msg.output), self.send, msg)
+
+    def _admit(self, delivery: Delivery) -> ChunksInFlight | Stale | None:
+        """``Stale`` for a duplicate of a finished chain; else the chain's tracking, set to
+        this stage (None for a chain of an older submission, which is not tracked)."""
+        msg = delivery.msg
+        seq, finished_seq = self.state.r.hmget(self.state.key, "seq", "finished_seq")
+        if msg.seq < int(seq or 0):
+            return None
+        chunks, slot = ChunksInFlight(self.state.r, msg.job_id), Slot.of(msg)
+        finished = finished_seq is not None and finished_seq == seq
+        if chunks.get(slot) is None and (finished or self._part_written(msg)):
+            log.warning("%s: chunk %s/%d%s was finished already: dropping a duplicate", delivery.stage, msg.job_id,
+                        msg.chunk, f" part {msg.part}" if msg.part else "")
+            return Stale()
+        chunks.track(slot, delivery.stage, msg.feeds)
+        return chunks
+
+    def _split(self, delivery: Delivery, chunks: ChunksInFlight | None, deaths: int) -> Split:
+        msg = delivery.msg
+        log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, delivery.stage, deaths)
+        parts = split_chunk(msg, tracked(self.send, self.state.r))  # the parts are tracked before they are sent
+        if chunks:
+            chunks.untrack(Slot.of(msg))
+        return Split(parts)
+
+    def _part_written(self, msg: ChunkMessage) -> bool:
+        try:
+            return self.storage(msg.output).exists(part_uri(msg.output, msg.job_id, msg.chunk, msg.seq, msg.part))
+        except (StorageError, *TRANSIENT_ERRORS):
+            return False  # when in doubt, do the work again (it is idempotent)
+
+    def _waiting(self, delivery: Delivery, chunks: ChunksInFlight | None, retry: Retry) -> Retry:
+        if chunks:
+            chunks.track(Slot.of(delivery.msg), delivery.stage, delivery.msg.feeds, wait=retry.countdown)
+        return retry
 
     def _work(self, delivery: Delivery, work: Work) -> Retry | None:
         try:

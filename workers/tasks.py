@@ -5,7 +5,8 @@ idempotent. Each task takes and returns a ``ChunkMessage`` as JSON: ids, keys an
 Items fail one by one, with a reason, and their neighbours go on.
 
 The stage bodies (``encode_chunk``, ``plan_chunk``, ``decode_chunk``) do the work; what
-happens around them (poison pills, retries, finishing a chunk) is ``workers.policy``. The
+happens around them (poison pills, retries, finishing a chunk) is ``workers.policy``, run
+under a lease on the chunk with a watchdog on its time budget (``workers.lease``). The
 Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
 (``celery_app.get_app``), so importing this module needs no settings and no broker.
 
@@ -52,7 +53,8 @@ from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender
-from pixelrelay.workers.policy import TRANSIENT_ERRORS, Delivery, DeliveryPolicy, Limits, Retry, Split
+from pixelrelay.workers.lease import LeaseTiming, deliver_leased
+from pixelrelay.workers.policy import TRANSIENT_ERRORS, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.runtime import Runtime, runtime
 
@@ -395,11 +397,13 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
     rt = runtime()
     state = JobState(rt.redis, msg.job_id)
     work = functools.partial(STAGE_BODIES[stage], rt, state)
-    outcome = policy_for(rt, state, task.app).deliver(Delivery(stage, msg, task.request.retries), work)
+    timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
+    delivery = Delivery(stage, msg, task.request.retries)
+    outcome = deliver_leased(policy_for(rt, state, task.app), delivery, work, timing)
     if isinstance(outcome, Retry):
         raise task.retry(exc=outcome.error, countdown=outcome.countdown)
-    if isinstance(outcome, Split):
-        return {}  # the split chains carry the items on; this chain ends here
+    if isinstance(outcome, (Split, Stale)):
+        return {}  # split: the split chains carry the items on; stale: finished already
     return outcome.model_dump(mode="json")
 
 

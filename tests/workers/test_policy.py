@@ -90,8 +90,10 @@ class Job:
 
 @pytest.fixture()
 def client(redis_url):
-    client = redis.Redis.from_url(redis_url)
+    # A database of its own: workers' sweepers elsewhere in the session must not see these jobs.
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/6")
     yield client
+    client.flushdb()
     client.close()
 
 
@@ -240,7 +242,7 @@ def test_finalize_is_claimed_by_exactly_one_of_concurrent_finishers(make_job, re
     won = []
 
     def finisher(index: int) -> None:  # the last chunks finish together, each its own client
-        state = RacingState(redis.Redis.from_url(redis_url), job.state.job_id)
+        state = RacingState(redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/6"), job.state.job_id)
         won.append(finish_chunk(state, job.storage, job.sent.append, _done(job, index)))
 
     threads = [threading.Thread(target=finisher, args=(i,)) for i in range(4, 8)]

@@ -1,0 +1,194 @@
+"""Chunks in flight: where each chain of a job is, from the moment its message is sent until
+its manifest part is written. The sweep (``workers.sweep``) reads this to find lost chains.
+
+    pixelrelay:job:<id>:chunks   hash   slot -> JSON {"stage", "since", "wait", "feeds"}
+    pixelrelay:jobs:active       set    ids of jobs that have chunks in flight
+
+A *slot* names one chain of one submission: ``<seq>:<chunk>``, or ``<seq>:<chunk>:<part>``
+for the single-item chains of a split chunk (the part is the item's index).
+
+Invariants:
+
+* an entry is written *before* its chain's message is sent (feed, split, sweep re-send), so
+  a chain in the broker always has an entry, and its job is in the active set;
+* each stage rewrites the entry when it starts, when it waits for a retry (``wait`` is the
+  countdown) and when it hands off to the next stage; ``since`` is the time of that write;
+* the entry is deleted only after the chain's manifest part is written (``finish_chunk``);
+* a job leaves the active set when its manifest is written (or when the sweep finds it
+  finished or gone).
+
+Every stage message has a task id that names its slot (``task_id``), so the sweep can tell
+which slots wait in a queue without decoding message bodies. Values read from Redis are
+untrusted input: entries that are not the expected JSON are ignored (and dropped by the sweep).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import redis
+
+from pixelrelay.jobs import keys
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.messages import ChunkMessage
+
+STAGES = C.STAGES
+TASK_ID_PREFIX = "pr"
+_PART_RE = re.compile(r"^[0-9]{1,12}$")
+
+
+@dataclass(frozen=True, order=True)
+class Slot:
+    """One chain of one submission of a job."""
+
+    seq: int
+    chunk: int
+    part: str = ""  # "" for a whole chunk, else the index of the one item of a split part
+
+    @property
+    def name(self) -> str:
+        return f"{self.seq}:{self.chunk}:{self.part}" if self.part else f"{self.seq}:{self.chunk}"
+
+    @classmethod
+    def of(cls, msg: ChunkMessage) -> "Slot":
+        return cls(msg.seq, msg.chunk, msg.part)
+
+    @classmethod
+    def parse(cls, name: str) -> "Slot":
+        """The slot a field name stands for; ``ValueError`` when it is not one."""
+        fields = name.split(":")
+        if len(fields) not in (2, 3) or not all(f.isdigit() and len(f) <= 12 for f in fields[:2]):
+            raise ValueError(f"not a chunk slot: {name!r}")
+        part = fields[2] if len(fields) == 3 else ""
+        if len(fields) == 3 and not _PART_RE.match(part):
+            raise ValueError(f"not a chunk slot: {name!r}")
+        return cls(int(fields[0]), int(fields[1]), part)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a slot's chain was last seen: ``stage`` since ``since`` (epoch seconds)."""
+
+    stage: str
+    since: float
+    wait: float = 0.0  # a retry countdown: the chain is expected to be quiet this long
+    feeds: bool = True  # whether finishing the chain feeds the job's next chunk
+
+    def to_json(self) -> str:
+        return json.dumps({"stage": self.stage, "since": round(self.since, 3), "wait": self.wait, "feeds": self.feeds})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "Entry | None":
+        """The entry, or None when ``raw`` is not a valid one."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, TypeError):
+            return None
+        if not isinstance(data, dict) or data.get("stage") not in STAGES:
+            return None
+        since, wait, feeds = data.get("since"), data.get("wait", 0.0), data.get("feeds", True)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (since, wait)):
+            return None
+        if not isinstance(feeds, bool) or wait < 0:
+            return None
+        return cls(data["stage"], float(since), float(wait), feeds)
+
+    def quiet_until(self, lease_s: float) -> float:
+        """Before this time, no lease and no queued message is no cause for alarm."""
+        return self.since + self.wait + lease_s
+
+
+class ChunksInFlight:
+    """The chunks-in-flight hash of one job, and the active-jobs set."""
+
+    def __init__(self, client: redis.Redis, job_id: str) -> None:
+        self.r = client
+        self.job_id = job_id
+        self.key = keys.chunks(job_id)
+
+    def track(self, slot: Slot, stage: str, feeds: bool, wait: float = 0.0, now: float | None = None) -> None:
+        entry = Entry(stage, time.time() if now is None else now, wait, feeds)
+        pipe = self.r.pipeline()
+        pipe.hset(self.key, slot.name, entry.to_json())
+        pipe.expire(self.key, keys.CHUNKS_TTL_S)
+        pipe.sadd(keys.ACTIVE_JOBS, self.job_id)
+        pipe.execute()
+
+    def get(self, slot: Slot) -> Entry | None:
+        raw = self.r.hget(self.key, slot.name)
+        return None if raw is None else Entry.from_json(raw)
+
+    def untrack(self, *slots: Slot) -> None:
+        if slots:
+            self.r.hdel(self.key, *(s.name for s in slots))
+
+    def retire(self) -> None:
+        """The job's manifest is written: forget its chunks and take it off the active set."""
+        pipe = self.r.pipeline()
+        pipe.delete(self.key)
+        pipe.srem(keys.ACTIVE_JOBS, self.job_id)
+        pipe.execute()
+
+
+def parse_entries(raw: dict) -> tuple[dict[Slot, Entry], list[bytes]]:
+    """A chunks hash as read (``HGETALL``): the valid entries, and the fields that are not."""
+    valid: dict[Slot, Entry] = {}
+    invalid: list[bytes] = []
+    for field, value in raw.items():
+        try:
+            slot = Slot.parse(field.decode() if isinstance(field, bytes) else field)
+        except (ValueError, UnicodeDecodeError):
+            invalid.append(field)
+            continue
+        entry = Entry.from_json(value)
+        if entry is None:
+            invalid.append(field)
+        else:
+            valid[slot] = entry
+    return valid, invalid
+
+
+def tracked(send: Callable[[ChunkMessage], None], client: redis.Redis) -> Callable[[ChunkMessage], None]:
+    """``send``, writing each chain's entry (stage encode) before its message goes out."""
+
+    def send_tracked(msg: ChunkMessage) -> None:
+        ChunksInFlight(client, msg.job_id).track(Slot.of(msg), "encode", msg.feeds)
+        send(msg)
+
+    return send_tracked
+
+
+# --- task ids ---------------------------------------------------------------------------
+
+
+def task_id(msg: ChunkMessage, stage: str) -> str:
+    """A stage message's task id: ``pr:<job>:<seq>:<chunk>:<part or ->:<stage>:<random>``.
+
+    Job ids never contain ':' (see ``producer.submit``), so the id splits back unambiguously."""
+    return ":".join([TASK_ID_PREFIX, msg.job_id, str(msg.seq), str(msg.chunk), msg.part or "-", stage, secrets.token_hex(6)])
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    job_id: str
+    slot: Slot
+    stage: str
+
+
+def parse_task_id(value: object) -> TaskRef | None:
+    """The job, slot and stage a task id names; None for any other id (or non-string)."""
+    if not isinstance(value, str):
+        return None
+    fields = value.split(":")
+    if len(fields) != 7 or fields[0] != TASK_ID_PREFIX or fields[5] not in STAGES or not fields[1]:
+        return None
+    name = f"{fields[2]}:{fields[3]}" + ("" if fields[4] == "-" else f":{fields[4]}")
+    try:
+        return TaskRef(fields[1], Slot.parse(name), fields[5])
+    except ValueError:
+        return None

@@ -1,0 +1,105 @@
+"""Leases and the watchdog, in-process against a real Redis: a hung model call keeps its
+lease only for its budget, then its items fail with "timed out" and the chunk finishes; a
+redelivered message of a finished chain is dropped."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from pixelrelay.jobs import keys
+from pixelrelay.jobs.chunks import ChunksInFlight, Slot
+from pixelrelay.jobs.files import part_uri
+from pixelrelay.pipeline.messages import ChunkMessage
+from pixelrelay.workers.lease import WATCHDOG_EXIT_CODE, LeaseTiming, deliver_leased
+from pixelrelay.workers.policy import Delivery, Limits, Stale
+from tests.conftest import wait_until
+from tests.workers.test_policy import Job, WorkerDied
+
+
+@pytest.fixture()
+def client(redis_url):
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/6")
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def test_a_hung_model_call_loses_its_lease_after_its_budget_and_its_items_time_out(client, tmp_path):
+    job = Job(client, tmp_path, [20, 21, 22], 4, Limits())
+    msg = job.message([0, 1, 2])
+    msg.records[2].status = "done"  # finished before the hang: keeps its result
+    lease = keys.lease(job.state.job_id, Slot.of(msg).name)
+    timing = LeaseTiming(lease_s=0.3, item_budget_s=0.6)  # 2 pending items: a 1.2 s budget
+    released, exits, errors = threading.Event(), [], []
+
+    def hung(m: ChunkMessage) -> None:  # a model call that never returns
+        released.wait(30)
+        raise WorkerDied()  # what os._exit does to the call, in this test's terms
+
+    def fake_exit(code: int) -> None:
+        exits.append((code, time.monotonic()))
+
+    def worker() -> None:
+        try:
+            deliver_leased(job.policy, Delivery("decode", msg), hung, timing, exit=fake_exit)
+        except WorkerDied:
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        time.sleep(0.9)
+        assert client.exists(lease) and not exits  # renewed well past lease_s while it hangs
+        wait_until(lambda: exits, timeout=5, interval=0.02)
+        assert exits[0][0] == WATCHDOG_EXIT_CODE
+        assert 1.1 <= exits[0][1] - started <= 2.0
+        wait_until(lambda: not client.exists(lease), timeout=0.6, interval=0.02)  # no renewal after the budget
+    finally:
+        released.set()
+        thread.join(10)
+    assert errors == []
+    rows = job.manifest()
+    assert sorted(rows) == [0, 1, 2]
+    assert [rows[i]["error"] for i in (0, 1)] == ["decode: timed out after 1.2 s"] * 2
+    assert rows[2]["status"] == "done"
+    assert (job.state.counts().done, job.state.counts().failed) == (1, 2)
+    assert ChunksInFlight(client, job.state.job_id).get(Slot.of(msg)) is None
+
+
+def test_a_redelivered_message_of_a_finished_chain_is_dropped(client, tmp_path):
+    job = Job(client, tmp_path, [20, 21], 4, Limits())
+    ran = []
+    first = job.policy.deliver(Delivery("decode", job.message([0, 1])), lambda m: [r.__setattr__("status", "done") for r in m.records])
+    assert isinstance(first, ChunkMessage) and job.state.counts().done == 2
+    part = part_uri(job.output, job.state.job_id, 0, job.seq)
+    part_before = job.storage.get(part)
+
+    again = job.policy.deliver(Delivery("encode", job.message([0, 1])), ran.append)  # e.g. after the visibility timeout
+
+    assert again == Stale() and ran == []
+    assert job.delivery_keys() == []  # not counted as a delivery
+    assert job.storage.get(part) == part_before and len(job.manifest()) == 2
+
+
+def test_a_delivery_of_a_chain_in_flight_runs_and_moves_its_entry_to_the_next_stage(client, tmp_path):
+    job = Job(client, tmp_path, [20, 21], 4, Limits())
+    job.feed(window=1)
+    msg = job.sent.pop()
+    out = job.policy.deliver(Delivery("encode", msg), lambda m: None)
+    assert isinstance(out, ChunkMessage)
+    assert ChunksInFlight(client, job.state.job_id).get(Slot.of(msg)).stage == "plan"
+
+
+def test_a_redelivered_message_of_a_finished_job_is_dropped(client, tmp_path):
+    job = Job(client, tmp_path, [20], 4, Limits())
+    job.state.finish(job.seq, "manifest", 1, 0)  # e.g. a split chunk's whole message, restored late
+    ran = []
+    assert job.policy.deliver(Delivery("decode", job.message([0])), ran.append) == Stale()
+    assert ran == []

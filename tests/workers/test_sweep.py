@@ -1,0 +1,180 @@
+"""The sweep's decisions, in-process against a real Redis (a database of its own: the sweep
+looks at every active job and at the broker's lists) and real kombu envelopes.
+
+Each test creates a job as the producer would (listing in a local folder, first chunk fed
+through a list's ``append``), ages its chunk's entry, and asks ``sweep_once`` what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import redis
+
+from pixelrelay.jobs import keys
+from pixelrelay.jobs.chunks import ChunksInFlight, Slot
+from pixelrelay.jobs.files import read_part, write_part
+from pixelrelay.pipeline.settings import Settings
+from pixelrelay.workers.celery_app import create_app
+from pixelrelay.workers.flow import chunk_chain
+from pixelrelay.workers.policy import Limits
+from pixelrelay.workers.sweep import sweep_once
+from tests.workers.test_policy import Job
+
+LEASE_S = 1.0
+DB = 7
+
+
+@pytest.fixture()
+def db_url(redis_url):
+    url = redis_url.rsplit("/", 1)[0] + f"/{DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture()
+def client(db_url):
+    client = redis.Redis.from_url(db_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def job(client, tmp_path) -> Job:
+    """Ten items in chunks of four; chunk 0 fed, its entry aged past the lease."""
+    job = Job(client, tmp_path, [20 + i for i in range(10)], 4, Limits())
+    job.feed(window=1)
+    assert [m.chunk for m in job.sent] == [0]
+    age(job, Slot(job.seq, 0), "plan")
+    return job
+
+
+def age(job: Job, slot: Slot, stage: str, feeds: bool = True, by: float = 10 * LEASE_S) -> None:
+    ChunksInFlight(job.state.r, job.state.job_id).track(slot, stage, feeds, now=time.time() - by)
+
+
+def sweep(job: Job, send=None):
+    return sweep_once(job.state.r, send or job.sent.append, lambda uri: job.storage, LEASE_S, confirm_s=0)
+
+
+def test_a_leased_chunk_is_left_alone(job):
+    job.sent.clear()
+    job.state.r.set(keys.lease(job.state.job_id, f"{job.seq}:0"), "w1", px=5000)
+    report = sweep(job)
+    assert (report.in_flight, report.candidates, report.resent) == (1, 0, [])
+    assert job.sent == []
+
+
+def test_a_young_entry_is_left_alone_without_reading_the_queues(job):
+    job.sent.clear()
+    age(job, Slot(job.seq, 0), "decode", by=LEASE_S / 4)
+    report = sweep(job)
+    assert (report.in_flight, report.candidates, report.resent, job.sent) == (1, 0, [], [])
+
+
+@pytest.mark.parametrize("stage", ["encode", "plan", "decode"])
+def test_a_chunk_waiting_in_a_queue_is_left_alone_however_old(job, db_url, stage):
+    msg = job.sent.pop()
+    app = create_app(Settings.from_env(redis_url=db_url))
+    sig = chunk_chain(app, msg).tasks[("encode", "plan", "decode").index(stage)]
+    sig.apply_async(args=(msg.model_dump(mode="json"),))  # a real kombu envelope in that stage's list
+    assert job.state.r.llen(f"pixelrelay.{stage}") == 1
+    age(job, Slot(job.seq, 0), stage, by=3600)  # an hour in the queue behind a slow GPU
+    report = sweep(job)
+    assert report.candidates == 1 and report.resent == [] and job.sent == []
+
+
+def _unacked(job: Job, db_url: str, delivered_at: float) -> None:
+    """Put chunk 0's encode message where kombu puts a message a worker took."""
+    app = create_app(Settings.from_env(redis_url=db_url))
+    chunk_chain(app, job.sent.pop()).apply_async()
+    raw = job.state.r.rpop("pixelrelay.encode")
+    job.state.r.hset(keys.KOMBU_UNACKED, "tag-1", json.dumps([json.loads(raw), "", "pixelrelay.encode"]))
+    job.state.r.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-1": delivered_at})
+
+
+def test_a_message_just_taken_by_a_worker_is_left_alone(job, db_url):
+    _unacked(job, db_url, delivered_at=time.time())
+    report = sweep(job)
+    assert report.candidates == 1 and report.resent == [] and job.sent == []
+    assert job.state.r.hexists(keys.KOMBU_UNACKED, "tag-1")
+
+
+def test_a_taken_message_without_a_lease_past_the_lease_time_is_resent(job, db_url):
+    _unacked(job, db_url, delivered_at=time.time() - 5 * LEASE_S)  # its worker died
+    report = sweep(job)
+    assert report.resent == [f"{job.state.job_id}/{job.seq}:0"]
+    assert [[r.index for r in m.records] for m in job.sent] == [[0, 1, 2, 3]]
+    # the dead worker's message is taken off `unacked`: kombu will not restore it in 2 h
+    assert not job.state.r.hexists(keys.KOMBU_UNACKED, "tag-1")
+    assert job.state.r.zscore(keys.KOMBU_UNACKED_INDEX, "tag-1") is None
+
+
+def test_a_lost_chunk_is_resent_once_from_storage_by_concurrent_sweepers(job, db_url):
+    job.sent.clear()  # its message is gone (a purge)
+    job.state.mark(job.seq, [(1, "done")])  # item 1 finished in an earlier delivery
+    sent, start = [], threading.Barrier(2)
+
+    def sweeper():
+        client = redis.Redis.from_url(db_url)
+        start.wait()
+        sweep_once(client, sent.append, lambda uri: job.storage, LEASE_S, confirm_s=0.05)
+
+    threads = [threading.Thread(target=sweeper) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+    assert len(sent) == 1
+    msg = sent[0]
+    assert (msg.chunk, msg.seq, msg.part, msg.feeds) == (0, job.seq, "", True)
+    assert [r.index for r in msg.records] == [0, 2, 3]  # from the listing, less the done item
+    assert all(r.status is None and r.description is None for r in msg.records)  # sent from encode
+    entry = ChunksInFlight(job.state.r, job.state.job_id).get(Slot(job.seq, 0))
+    assert entry.stage == "encode" and time.time() - entry.since < 5  # young again: not re-sent next sweep
+    assert sweep(job).resent == []
+
+
+def test_a_lost_split_part_is_resent_as_its_single_item(job):
+    job.sent.clear()
+    chunks = ChunksInFlight(job.state.r, job.state.job_id)
+    chunks.untrack(Slot(job.seq, 0))
+    age(job, Slot(job.seq, 0, "2"), "decode", feeds=False)
+    report = sweep(job)
+    assert report.resent == [f"{job.state.job_id}/{job.seq}:0:2"]
+    [msg] = job.sent
+    assert ([r.index for r in msg.records], msg.part, msg.feeds) == ([2], "2", False)
+
+
+def test_a_chunk_lost_after_its_part_was_written_is_finished_by_the_sweep(job):
+    msg = job.sent.pop()
+    for record in msg.records:
+        record.status = "done"
+    write_part(job.storage, job.output, job.state.job_id, 0, job.seq, msg.records)  # then the worker died
+    report = sweep(job)
+    assert report.finished == [f"{job.state.job_id}/{job.seq}:0"] and report.resent == []
+    assert job.state.counts().done == 4
+    assert [m.chunk for m in job.sent] == [1]  # it fed the next chunk, as the chain would have
+    assert ChunksInFlight(job.state.r, job.state.job_id).get(Slot(job.seq, 0)) is None
+    assert len(read_part(job.storage, job.output, job.state.job_id, 0, job.seq)) == 4
+
+
+def test_entries_of_older_submissions_and_garbage_are_dropped_and_finished_jobs_retired(job):
+    job.sent.clear()
+    chunks = ChunksInFlight(job.state.r, job.state.job_id)
+    age(job, Slot(job.seq - 1 if job.seq > 1 else 0, 0), "plan")
+    job.state.r.hset(chunks.key, mapping={"junk": "{", "9:9": json.dumps({"stage": "nope", "since": 0})})
+    job.state.r.set(keys.lease(job.state.job_id, f"{job.seq}:0"), "w1", px=5000)
+    sweep(job)
+    assert set(job.state.r.hkeys(chunks.key)) == {f"{job.seq}:0".encode()}
+    job.state.finish(job.seq, "m", 10, 0)
+    report = sweep(job)
+    assert report.retired == [job.state.job_id]
+    assert not job.state.r.sismember(keys.ACTIVE_JOBS, job.state.job_id) and not job.state.r.exists(chunks.key)

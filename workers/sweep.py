@@ -1,0 +1,336 @@
+"""The sweep: find chains that are neither running nor waiting in a queue, and send them again.
+
+``sweep_once`` is Celery-free (it gets a ``send`` callable), so any process that can reach
+Redis and storage may call it: every worker runs it on a timer thread (``Sweeper``), and
+``pixelrelay run`` / ``status --wait`` may call it too. Decisions, per chain in flight
+(``jobs.chunks``) of a job in the active set:
+
+* an entry of an older submission, or not valid JSON, is dropped; a job that is finished or
+  gone is retired;
+* **young**: its entry was written less than ``lease_s`` (plus a retry countdown) ago: left
+  alone (this covers the hand-off between stages and a message just taken by a worker);
+* **leased**: its slot has a live lease: a worker runs it: left alone;
+* **queued**: a message for its slot is in one of the three queue lists (kombu's Redis
+  transport stores each message as a JSON envelope whose ``headers.id`` is the task id, and
+  every stage's task id names its slot: ``jobs.chunks.task_id``): left alone, however long
+  it waits (a chain may wait an hour behind a slow GPU);
+* **taken**: a message for its slot is in kombu's ``unacked`` hash, delivered to a worker
+  less than ``lease_s`` ago (the worker has not taken the lease yet): left alone;
+* otherwise it is **lost**: its worker died (an unacked message with no live lease), or its
+  message was purged or lost with Redis. After a short confirmation pause (the move from a
+  queue list to ``unacked`` is not atomic) the chain is re-sent, once, under a per-slot
+  lock (``SET NX PX``) so that concurrent sweepers send it once. The dead worker's message
+  is then removed from ``unacked``, so that kombu does not restore it after the visibility
+  timeout (were it restored anyway, the policy drops it as a stale duplicate).
+
+The queue lists and ``unacked`` are read only when some chain is neither young nor leased, so
+the common case costs two or three Redis round trips.
+
+A lost chain is rebuilt from **storage**, never from a copy in Redis: its items come from the
+job's listing (``jobs.files.read_chunk``; the one item of a split part), less the items
+whose done bit is set, and the chain is sent from encode: the descriptions and plans of the
+earlier stages live only in messages, and the stages are idempotent (decode skips outputs
+that exist). If the chain's manifest part is already written (its worker died between
+writing the part and the end of the finish), the sweep completes the finish itself: it
+marks the part's items, feeds the next chunk if the chain fed one, and writes the manifest
+if the job is complete. A re-sent chain counts as a delivery exactly as a redelivery does:
+the dead delivery's count (``JobState.count_delivery``) was never cleared, so a poison item
+still ends up split off and failing alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import redis
+
+from pixelrelay.jobs import keys
+from pixelrelay.jobs.chunks import ChunksInFlight, Entry, Slot, TaskRef, parse_entries, parse_task_id, tracked
+from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
+from pixelrelay.jobs.files import read_chunk, read_part
+from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord
+from pixelrelay.pipeline.storage import Storage
+
+log = logging.getLogger("pixelrelay.sweep")
+
+OpenStorage = Callable[[str], Storage]
+QUEUES = tuple(C.QUEUE_PREFIX + stage for stage in C.STAGES)
+PAGE = 256  # queue-list entries read per LRANGE
+
+
+@dataclass
+class SweepReport:
+    jobs: int = 0
+    in_flight: int = 0
+    candidates: int = 0  # neither young nor leased: the queues were read
+    resent: list[str] = field(default_factory=list)  # "<job>/<slot>"
+    finished: list[str] = field(default_factory=list)  # lost after their part was written
+    retired: list[str] = field(default_factory=list)  # jobs taken off the active set
+
+
+@dataclass(frozen=True)
+class Lost:
+    job_id: str
+    slot: Slot
+    entry: Entry
+    unacked: tuple[str, ...] = ()  # delivery tags of its dead worker's messages in ``unacked``
+
+    @property
+    def ref(self) -> str:
+        return f"{self.job_id}/{self.slot.name}"
+
+
+def sweep_once(
+    client: redis.Redis,
+    send: Send,
+    open_storage: OpenStorage,
+    lease_s: float,
+    confirm_s: float | None = None,
+    now: Callable[[], float] = time.time,
+) -> SweepReport:
+    """One sweep over every active job (see the module docstring); returns what it did."""
+    report = SweepReport()
+    candidates = _candidates(client, lease_s, now(), report)
+    report.candidates = len(candidates)
+    lost = _not_waiting(client, candidates, lease_s, now())
+    if lost:
+        time.sleep(min(1.0, lease_s / 4) if confirm_s is None else confirm_s)
+        lost = _not_waiting(client, _still_candidates(client, lost, lease_s, now()), lease_s, now())
+    for item in lost:
+        if client.set(keys.resend_lock(item.job_id, item.slot.name), "1", nx=True, px=max(1, int(lease_s * 1000))):
+            _recover(client, send, open_storage, item, report)
+    return report
+
+
+# --- finding candidates ---------------------------------------------------------------------
+
+
+def _candidates(client: redis.Redis, lease_s: float, at: float, report: SweepReport) -> list[Lost]:
+    jobs = sorted(m.decode() for m in client.smembers(keys.ACTIVE_JOBS) if _is_text(m))
+    report.jobs = len(jobs)
+    if not jobs:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for job_id in jobs:
+        pipe.hmget(keys.job(job_id), "seq", "finished_seq", "finished_at")
+        pipe.hgetall(keys.chunks(job_id))
+    replies = pipe.execute()
+    old: list[Lost] = []
+    for i, job_id in enumerate(jobs):
+        (seq, finished_seq, finished_at), raw = replies[2 * i], replies[2 * i + 1]
+        if seq is None or (finished_at and finished_seq == seq):
+            ChunksInFlight(client, job_id).retire()
+            report.retired.append(job_id)
+            continue
+        entries, invalid = parse_entries(raw)
+        stale = [s for s in entries if s.seq != int(seq)]
+        if invalid or stale:
+            client.hdel(keys.chunks(job_id), *invalid, *(s.name for s in stale))
+        current = {s: e for s, e in entries.items() if s.seq == int(seq)}
+        report.in_flight += len(current)
+        old += [Lost(job_id, s, e) for s, e in current.items() if e.quiet_until(lease_s) <= at]
+    return _unleased(client, old)
+
+
+def _unleased(client: redis.Redis, items: list[Lost]) -> list[Lost]:
+    if not items:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for item in items:
+        pipe.exists(keys.lease(item.job_id, item.slot.name))
+    return [item for item, leased in zip(items, pipe.execute()) if not leased]
+
+
+def _still_candidates(client: redis.Redis, items: list[Lost], lease_s: float, at: float) -> list[Lost]:
+    """Re-read the entries and leases of ``items``: keep those still old and unleased."""
+    pipe = client.pipeline(transaction=False)
+    for item in items:
+        pipe.hget(keys.chunks(item.job_id), item.slot.name)
+    fresh = []
+    for item, raw in zip(items, pipe.execute()):
+        entry = Entry.from_json(raw) if raw is not None else None
+        if entry is not None and entry.quiet_until(lease_s) <= at:
+            fresh.append(Lost(item.job_id, item.slot, entry))
+    return _unleased(client, fresh)
+
+
+# --- what waits in the broker ---------------------------------------------------------------
+
+
+def _not_waiting(client: redis.Redis, items: list[Lost], lease_s: float, at: float) -> list[Lost]:
+    """Those of ``items`` with no message in a queue and none taken by a worker lately (with
+    the tags of the messages that dead workers took)."""
+    if not items:
+        return []
+    wanted = {(i.job_id, i.slot) for i in items}
+    recent, dead = _taken(client, wanted, at - lease_s)
+    waiting = _queued(client, wanted) | recent
+    return [Lost(i.job_id, i.slot, i.entry, tuple(dead.get((i.job_id, i.slot), ())))
+            for i in items if (i.job_id, i.slot) not in waiting]
+
+
+def _queued(client: redis.Redis, wanted: set[tuple[str, Slot]]) -> set[tuple[str, Slot]]:
+    found: set[tuple[str, Slot]] = set()
+    for queue in QUEUES:
+        for name in keys.kombu_queue_lists(queue):
+            for start in range(0, int(client.llen(name)), PAGE):
+                found |= {k for k in map(_slot_of, _task_refs(client.lrange(name, start, start + PAGE - 1))) if k in wanted}
+                if found >= wanted:
+                    return found
+    return found
+
+
+def _taken(client: redis.Redis, wanted: set[tuple[str, Slot]], since: float):
+    """Slots of messages workers took (``unacked``) at or after ``since``, and the delivery
+    tags of those taken before it, by slot."""
+    delivered = {_text(tag): score for tag, score in client.zrange(keys.KOMBU_UNACKED_INDEX, 0, -1, withscores=True)}
+    recent: set[tuple[str, Slot]] = set()
+    dead: dict[tuple[str, Slot], list[str]] = {}
+    for tag, raw in client.hgetall(keys.KOMBU_UNACKED).items():
+        envelope = _json(raw)
+        ref = _ref(envelope[0]) if isinstance(envelope, list) and envelope else None
+        if ref is None or (ref.job_id, ref.slot) not in wanted:
+            continue
+        if delivered.get(_text(tag), 0.0) >= since:
+            recent.add((ref.job_id, ref.slot))
+        else:
+            dead.setdefault((ref.job_id, ref.slot), []).append(_text(tag))
+    return recent, dead
+
+
+def _forget_unacked(client: redis.Redis, tags: Iterable[str]) -> None:
+    """Drop a dead worker's messages from ``unacked``: the re-sent chain replaces them, so
+    kombu must not restore them after the visibility timeout (an ack of them is a no-op)."""
+    tags = list(tags)
+    if tags:
+        pipe = client.pipeline()
+        pipe.zrem(keys.KOMBU_UNACKED_INDEX, *tags)
+        pipe.hdel(keys.KOMBU_UNACKED, *tags)
+        pipe.execute()
+
+
+def _task_refs(raws: Iterable[bytes]) -> Iterable[TaskRef]:
+    for raw in raws:
+        ref = _ref(_json(raw))
+        if ref is not None:
+            yield ref
+
+
+def _ref(message: object) -> TaskRef | None:
+    headers = message.get("headers") if isinstance(message, dict) else None
+    return parse_task_id(headers.get("id")) if isinstance(headers, dict) else None
+
+
+def _slot_of(ref: TaskRef) -> tuple[str, Slot]:
+    return (ref.job_id, ref.slot)
+
+
+def _json(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+
+
+def _is_text(value: bytes) -> bool:
+    try:
+        value.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+# --- recovering a lost chain -------------------------------------------------------------
+
+
+def _recover(client: redis.Redis, send: Send, open_storage: OpenStorage, item: Lost, report: SweepReport) -> None:
+    state = JobState(client, item.job_id)
+    try:
+        spec = state.spec()
+        storage = open_storage(spec.output)
+        if _finish_written(state, storage, send, item):
+            report.finished.append(item.ref)
+        elif (msg := _rebuild(state, storage, item)) is None:  # every item done: only the finish is missing
+            _finish(state, storage, send, item)
+            report.finished.append(item.ref)
+        else:
+            log.warning("chunk %s lost at %s (no lease, not queued): sending it again from encode", item.ref, item.entry.stage)
+            tracked(send, client)(msg)
+            report.resent.append(item.ref)
+        _forget_unacked(client, item.unacked)
+    except Exception:  # one job's trouble must not stop the sweep; the lock runs out, try later
+        log.exception("sweep: cannot recover chunk %s", item.ref)
+
+
+def _rebuild(state: JobState, storage: Storage, item: Lost) -> ChunkMessage | None:
+    spec = state.spec()
+    items = read_chunk(storage, spec.output, spec.job_id, item.slot.chunk, spec.chunk_size)
+    if item.slot.part:
+        items = [i for i in items if str(i.index) == item.slot.part]
+    done = state.done_flags([i.index for i in items])
+    records = [ItemRecord(index=i.index, input=i.input, output=i.output) for i, d in zip(items, done) if not d]
+    if not records:
+        return None
+    return ChunkMessage(
+        job_id=spec.job_id, seq=item.slot.seq, chunk=item.slot.chunk, output=spec.output, options=spec.options,
+        backends=spec.backends, records=records, feeds=item.entry.feeds, part=item.slot.part,
+    )
+
+
+def _finish_written(state: JobState, storage: Storage, send: Send, item: Lost) -> bool:
+    """If the chain's part is written, complete its finish here; True if it was."""
+    spec = state.spec()
+    records = read_part(storage, spec.output, spec.job_id, item.slot.chunk, item.slot.seq, item.slot.part)
+    if records is None:
+        return False
+    log.warning("chunk %s lost after its manifest part was written: finishing it", item.ref)
+    state.mark(item.slot.seq, [(r.index, r.status) for r in records if r.status])
+    _finish(state, storage, send, item)
+    return True
+
+
+def _finish(state: JobState, storage: Storage, send: Send, item: Lost) -> None:
+    spec = state.spec()
+    if item.entry.feeds:
+        feed(send, state, storage, spec, state.seq(), 1)
+    finalize_if_complete(state, storage, spec, item.slot.seq)
+    ChunksInFlight(state.r, item.job_id).untrack(item.slot)
+
+
+# --- the timer thread -------------------------------------------------------------------
+
+
+class Sweeper(threading.Thread):
+    """Runs ``sweep_once`` every ``interval_s`` (with jitter, so workers spread out)."""
+
+    def __init__(self, client: redis.Redis, send: Send, open_storage: OpenStorage, interval_s: float, lease_s: float) -> None:
+        super().__init__(name="pixelrelay-sweep", daemon=True)
+        self.client, self.send, self.open_storage = client, send, open_storage
+        self.interval_s, self.lease_s = interval_s, lease_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s * random.uniform(0.75, 1.25)):
+            try:
+                report = sweep_once(self.client, self.send, self.open_storage, self.lease_s)
+                if report.resent or report.finished:
+                    log.warning("sweep: re-sent %s, finished %s", report.resent, report.finished)
+            except redis.RedisError as exc:
+                log.warning("sweep: %s", exc)
+            except Exception:
+                log.exception("sweep failed")
+
+    def stop(self) -> None:
+        self.stopped.set()
