@@ -82,4 +82,5 @@ def test_a_poison_item_that_kills_a_solo_worker_fails_alone_through_sweep_resend
     assert len(rows) == 3
     assert rows["1.png"]["status"] == "failed" and "worker process died 1 times" in rows["1.png"]["error"]
     assert rows["0.png"]["status"] == rows["2.png"]["status"] == "done"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != "_jobs") == ["0.png", "2.png"]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != "_jobs")
+    assert names == [".0.png.pixelrelay.json", ".2.png.pixelrelay.json", "0.png", "2.png"]  # outputs, fingerprint sidecars

@@ -256,7 +256,8 @@ def test_a_hung_model_call_times_out_its_item_and_the_worker_restarts(redis_url,
     rows = {r["input"].rsplit("/", 1)[1]: r for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())}
     assert rows["1.png"]["status"] == "failed" and rows["1.png"]["error"] == "decode: timed out after 1 s"
     assert rows["0.png"]["status"] == rows["2.png"]["status"] == "done"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "2.png", "_jobs"]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [".0.png.pixelrelay.json", ".2.png.pixelrelay.json", "0.png", "2.png", "_jobs"]  # with sidecars
     client = redis.Redis.from_url(url)
     counts = JobState(client, job_id).counts()
     assert (counts.done, counts.failed) == (2, 1)
