@@ -14,6 +14,8 @@ Invariants:
   the ones asked for) before anything is written to Redis: ``RebuildError`` otherwise;
 * one rebuilder per job at a time: a ``SET NX PX`` lock (``keys.rebuild_lock``); a caller
   that does not get it, or finds the job hash back once it holds it, does nothing (None);
+* a rebuild that fails half-way deletes the job hash again, so that the next try starts
+  over (chains it fed belong to a submission the next one makes stale);
 * the new submission's seq follows the newest part in storage, so parts of older
   submissions still in flight are recognised as stale; done bits come back from the parts;
 * the feed starts over from chunk 0 and skips done items (``jobs.feed``): chains lost with
@@ -92,8 +94,12 @@ def rebuild(client: redis.Redis, storage: Storage, output: str, job_id: str, sen
         if state.exists():
             return None
         spec = load_spec(storage, output, job_id)
-        done = restore_done(state, storage, spec)
-        seq = start(state, storage, spec, send, window)
+        try:
+            done = restore_done(state, storage, spec)
+            seq = start(state, storage, spec, send, window)
+        except BaseException:
+            client.delete(state.key)  # half a rebuild must not pass for a job: the next try starts over
+            raise
         log.warning("job %s: Redis had lost it; rebuilt from storage (%d of %d done), submission %d",
                     job_id, done, spec.total, seq)
         return seq

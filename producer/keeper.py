@@ -9,7 +9,9 @@ tick of their wait loop (``Keeper.tick``):
 * runs the sweep for lost chains (``workers.sweep.sweep_once``) every ``sweep_interval_s``
   (0: never), so a job heals even where every worker is busy or none runs a sweep.
 
-Redis errors are not handled here: the wait loop retries them with a backoff.
+Redis errors are not handled here: the wait loop retries them with a backoff. A storage
+error while rebuilding is logged and tried again on the next tick; a job that cannot be
+rebuilt at all (no valid ``job.json``) raises ``jobs.recover.RebuildError``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pixelrelay.jobs.feed import Send
 from pixelrelay.jobs.recover import rebuild
 from pixelrelay.jobs.registry import open_registry
 from pixelrelay.pipeline.settings import Settings
-from pixelrelay.pipeline.storage import open_storage
+from pixelrelay.pipeline.storage import StorageError, TransientStorageError, open_storage
 
 log = logging.getLogger("pixelrelay.keeper")
 
@@ -50,7 +52,11 @@ class Keeper:
         return open_storage(uri, self.settings.s3_endpoint_url)
 
     def tick(self) -> None:
-        seq = rebuild(self.client, self._storage(self.output), self.output, self.job_id, self.send, self.settings.window)
+        try:
+            seq = rebuild(self.client, self._storage(self.output), self.output, self.job_id, self.send, self.settings.window)
+        except (StorageError, TransientStorageError, OSError) as exc:  # try again on the next tick
+            log.warning("job %s: cannot rebuild it from storage yet: %s", self.job_id, exc)
+            return
         if seq is not None:
             self.rebuilds.append(seq)
         interval = self.settings.sweep_interval_s

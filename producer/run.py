@@ -43,6 +43,7 @@ from contextlib import ExitStack
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.files import manifest_uri
+from pixelrelay.jobs.recover import RebuildError
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import Backends, JobOptions
@@ -211,6 +212,9 @@ def run_local(
         except WaitAborted as exc:  # a worker cannot run; the message has its log tail
             print(f"pixelrelay run: {exc}", file=sys.stderr, flush=True)
             outcome = ExitCode.WORKER_EXITED
+        except RebuildError as exc:
+            print(f"pixelrelay run: Redis lost the job and it cannot be rebuilt: {exc}", file=sys.stderr, flush=True)
+            outcome = ExitCode.USAGE
         else:
             outcome = summarize(state, settings, sys.stderr)
     return outcome

@@ -304,6 +304,9 @@ def show_status(
     if wait:
         try:
             wait_for_job(state, settings, sys.stderr, timeout_s=timeout_s, keeper=keeper)
+        except RebuildError as exc:
+            sys.stderr.write(f"pixelrelay: Redis lost job {job_id} and it cannot be rebuilt: {exc}\n")
+            return ExitCode.USAGE
         except WaitTimeout as exc:
             sys.stderr.write(f"pixelrelay: {exc}\n  to watch it again: pixelrelay status {job_id} --wait\n")
             return ExitCode.TIMEOUT

@@ -3,7 +3,7 @@
 Re-submitting a job id resumes it: done items are skipped and failed ones are tried again.
 If Redis lost the job, its state is rebuilt from the manifest parts in storage
 (``jobs.recover``). With ``PIXELRELAY_STATE_URI`` set, the job is registered there
-(``jobs.registry``) before it is fed, so that the workers' sweep can rebuild it too.
+(``jobs.registry``) once it is fed, so that the workers' sweep can rebuild it too.
 
 A new job into an output that already holds results reuses each one whose fingerprint
 answers the same request with the same models (``pipeline.fingerprint``), and re-processes
@@ -124,10 +124,10 @@ def submit(
             created_at=time.time(),
         )
         write_spec(out_storage, spec)
-    registry = open_registry(settings.state_uri, settings.s3_endpoint_url)
-    if registry is not None:
-        registry.add(job_id, output_uri)
     already_done = state.counts().done
     seq = start(state, out_storage, spec, sender(app), settings.window)
+    registry = open_registry(settings.state_uri, settings.s3_endpoint_url)
+    if registry is not None:  # after the job hash exists: a sweep never rebuilds a job being submitted
+        registry.add(job_id, output_uri)
     return Submission(job_id=job_id, seq=seq, total=spec.total, resumed=resumed, already_done=already_done,
                       output=output_uri)
