@@ -7,6 +7,10 @@ Invariants:
 * Elsewhere (a pipe, a log file) progress is plain text, one ``key=value`` line at most
   every ``PLAIN_EVERY_S`` seconds while the counts change, plus the first and the last.
 * ``--timeout`` never touches the job: waiting stops (``WaitTimeout``), the job goes on.
+* Waiting survives Redis: while it is unreachable the progress shows "Redis unreachable,
+  retrying" and the loop retries with a backoff (0.5 s doubling to 5 s); a job Redis lost
+  is rebuilt from storage by the loop's ``Keeper`` (``producer.keeper``), which also sweeps
+  for lost chains every ``PIXELRELAY_SWEEP_INTERVAL_S``.
 
 Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
 are not kept there, so the display shows done / failed / pending.
