@@ -358,7 +358,13 @@ class Sweeper(threading.Thread):
         if self.registry is None or time.monotonic() - self.last_scan < self.registry_scan_s:
             return
         self.last_scan = time.monotonic()
-        rebuilt = rebuild_registered(self.client, self.registry, self.send, self.open_storage, self.window)
+        try:
+            rebuilt = rebuild_registered(self.client, self.registry, self.send, self.open_storage, self.window)
+        except redis.RedisError:
+            raise
+        except Exception:  # e.g. the registry cannot be listed: the sweep itself still runs
+            log.exception("sweep: cannot read the job registry")
+            return
         if rebuilt:
             log.warning("sweep: rebuilt %s from storage (Redis had lost them)", rebuilt)
 
