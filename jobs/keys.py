@@ -16,6 +16,7 @@ DELIVERIES = JOB + ":deliveries:{stage}:{seq}:{chunk}"  # deliveries of one chai
 CHUNKS = JOB + ":chunks"  # hash: slot -> JSON {stage, since, wait, feeds}, chunks in flight
 LEASE = JOB + ":lease:{slot}"  # string: worker id, PX lease; the worker running that slot
 RESEND_LOCK = JOB + ":resend:{slot}"  # SET NX PX: one sweeper re-sends a lost slot
+REBUILD_LOCK = JOB + ":rebuild"  # SET NX PX: one process rebuilds a job whose state was lost
 ACTIVE_JOBS = PREFIX + "jobs:active"  # set of job ids with chunks in flight (the sweep's list)
 
 # Kombu's Redis transport (not pixelrelay's keys, read by the sweep only): a queue is a list
@@ -81,6 +82,10 @@ def lease(job_id: str, slot: str) -> str:
 
 def resend_lock(job_id: str, slot: str) -> str:
     return RESEND_LOCK.format(job_id=job_id, slot=slot)
+
+
+def rebuild_lock(job_id: str) -> str:
+    return REBUILD_LOCK.format(job_id=job_id)
 
 
 def kombu_queue_lists(queue: str) -> list[str]:

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, ge=0.1, le=3600.0)
     sweep_interval_s: float = Field(15.0, ge=0.0, le=3600.0)
     item_budget_s: float = Field(600.0, ge=0.1)
+    # Losing Redis (jobs.recover, jobs.registry): where submit registers active jobs so that
+    # the workers' sweep can rebuild one whose Redis state vanished (a local folder or
+    # s3://bucket/prefix; empty: no registry), and how often the sweep lists it.
+    state_uri: str = ""
+    registry_scan_s: float = Field(30.0, ge=0.0, le=3600.0)
 
     @field_validator("redis_url")
     @classmethod

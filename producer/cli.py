@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show a job's progress")
     p.add_argument("job_id")
+    p.add_argument("--out", help="the job's output: rebuild the job from its files there if Redis lost it")
     _wait_flags(p, "exit 0/1 by its outcome")
     _common(p)
 
@@ -166,7 +167,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if submission.resumed:
         print(f"resuming: {submission.already_done} of {submission.total} items already done", file=sys.stderr)
     if args.wait:
-        return show_status(settings, submission.job_id, wait=True, stream=sys.stderr, timeout_s=args.timeout)
+        return show_status(settings, submission.job_id, wait=True, stream=sys.stderr, timeout_s=args.timeout,
+                           output=submission.output)
     return ExitCode.OK
 
 
@@ -174,7 +176,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pixelrelay.producer.status import show_status
 
     _check_wait_flags(args)
-    return show_status(_settings(args), args.job_id, args.wait, timeout_s=args.timeout)
+    from pixelrelay.producer.submit import normalize_location
+
+    output = normalize_location(args.out) if args.out else None
+    return show_status(_settings(args), args.job_id, args.wait, timeout_s=args.timeout, output=output)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:

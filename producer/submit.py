@@ -1,7 +1,9 @@
 """Submit (or resume) a job: list the input, store the listing, send the first window.
 
 Re-submitting a job id resumes it: done items are skipped and failed ones are tried again.
-If Redis lost the job, its state is rebuilt from the manifest parts in storage.
+If Redis lost the job, its state is rebuilt from the manifest parts in storage
+(``jobs.recover``). With ``PIXELRELAY_STATE_URI`` set, the job is registered there
+(``jobs.registry``) once it is fed, so that the workers' sweep can rebuild it too.
 
 A new job into an output that already holds results reuses each one whose fingerprint
 answers the same request with the same models (``pipeline.fingerprint``), and re-processes
@@ -20,14 +22,15 @@ from dataclasses import dataclass
 
 import redis
 
-from pixelrelay.jobs.files import iter_part_records, latest_seq, read_spec, spec_uri, write_listing, write_spec
+from pixelrelay.jobs.files import spec_uri, write_listing, write_spec
+from pixelrelay.jobs.recover import load_spec, restore_done, start
+from pixelrelay.jobs.registry import open_registry
 from pixelrelay.pipeline.messages import Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.registry import validate_spec
 from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.listing import list_items
 from pixelrelay.workers.celery_app import create_app
-from pixelrelay.jobs.feed import feed, finalize_if_complete
 from pixelrelay.workers.flow import sender
 from pixelrelay.jobs.state import JobState
 
@@ -41,6 +44,7 @@ class Submission:
     total: int
     resumed: bool
     already_done: int
+    output: str = ""  # the job's output, normalised
 
 
 def new_job_id() -> str:
@@ -101,10 +105,9 @@ def submit(
         spec = state.spec()
         _check_same(spec, input_uri, output_uri, options, backends)
     elif out_storage.exists(spec_uri(output_uri, job_id)):
-        spec = read_spec(out_storage, output_uri, job_id)
+        spec = load_spec(out_storage, output_uri, job_id)
         _check_same(spec, input_uri, output_uri, options, backends)
-        done = [row["index"] for row in iter_part_records(out_storage, output_uri, job_id) if row["status"] == "done"]
-        state.restore(latest_seq(out_storage, output_uri, job_id), done)
+        restore_done(state, out_storage, spec)
     else:
         resumed = False
         in_storage = open_storage(input_uri, settings.s3_endpoint_url)
@@ -121,8 +124,10 @@ def submit(
             created_at=time.time(),
         )
         write_spec(out_storage, spec)
-    seq = state.start_submission(spec)
     already_done = state.counts().done
-    if feed(sender(app), state, out_storage, spec, seq, settings.window) == 0:
-        finalize_if_complete(state, out_storage, spec, seq)  # nothing left to do
-    return Submission(job_id=job_id, seq=seq, total=spec.total, resumed=resumed, already_done=already_done)
+    seq = start(state, out_storage, spec, sender(app), settings.window)
+    registry = open_registry(settings.state_uri, settings.s3_endpoint_url)
+    if registry is not None:  # after the job hash exists: a sweep never rebuilds a job being submitted
+        registry.add(job_id, output_uri)
+    return Submission(job_id=job_id, seq=seq, total=spec.total, resumed=resumed, already_done=already_done,
+                      output=output_uri)

@@ -42,6 +42,12 @@ def configure(app: Celery, settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
+        # Losing Redis is not fatal: workers and producers reconnect for as long as it takes
+        # (then the job is rebuilt from storage if Redis came back empty: jobs.recover).
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         task_routes={task_name(stage): {"queue": queue_name(stage)} for stage in C.STAGES},
         task_default_queue=queue_name("encode"),

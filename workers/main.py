@@ -69,7 +69,12 @@ def start_sweeper():
     rt = runtime()
     if rt.settings.sweep_interval_s <= 0:
         return None
-    sweeper = Sweeper(rt.redis, sender(get_app()), rt.storage, rt.settings.sweep_interval_s, rt.settings.lease_s)
+    from pixelrelay.jobs.registry import open_registry
+
+    settings = rt.settings
+    registry = open_registry(settings.state_uri, settings.s3_endpoint_url, settings)
+    sweeper = Sweeper(rt.redis, sender(get_app()), rt.storage, settings.sweep_interval_s, settings.lease_s,
+                      registry=registry, registry_scan_s=settings.registry_scan_s, window=settings.window)
     sweeper.start()
     return sweeper
 

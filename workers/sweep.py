@@ -1,5 +1,10 @@
 """The sweep: find chains that are neither running nor waiting in a queue, and send them again.
 
+``rebuild_registered`` (Celery-free too) lists the storage registry of active jobs
+(``jobs.registry``, ``PIXELRELAY_STATE_URI``) and rebuilds every listed job that Redis does
+not know (``jobs.recover``: Redis restarted empty), or unlists one Redis says is finished; the
+``Sweeper`` runs it at most every ``PIXELRELAY_REGISTRY_SCAN_S``.
+
 ``sweep_once`` is Celery-free (it gets a ``send`` callable), so any process that can reach
 Redis and storage may call it: every worker runs it on a timer thread (``Sweeper``), and
 ``pixelrelay run`` / ``status --wait`` may call it too. Decisions, per chain in flight
@@ -54,6 +59,8 @@ from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Entry, Slot, TaskRef, parse_entries, parse_task_id, tracked
 from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
 from pixelrelay.jobs.files import read_chunk, read_part
+from pixelrelay.jobs.recover import RebuildError, rebuild
+from pixelrelay.jobs.registry import Registry
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord
@@ -309,21 +316,62 @@ def _finish(state: JobState, storage: Storage, send: Send, item: Lost) -> None:
     ChunksInFlight(state.r, item.job_id).untrack(item.slot)
 
 
+# --- jobs Redis lost -------------------------------------------------------------------
+
+
+def rebuild_registered(client: redis.Redis, registry: Registry, send: Send, open_storage: OpenStorage, window: int) -> list[str]:
+    """Rebuild every registered job Redis does not know; unlist the finished ones. Returns
+    the ids of the jobs rebuilt."""
+    rebuilt = []
+    for entry in registry.entries():
+        try:
+            seq, finished_seq, finished_at = client.hmget(keys.job(entry.job_id), "seq", "finished_seq", "finished_at")
+            if seq is not None and finished_at and finished_seq == seq:
+                registry.remove(entry.job_id)
+            elif seq is None and rebuild(client, open_storage(entry.output), entry.output, entry.job_id, send, window) is not None:
+                rebuilt.append(entry.job_id)
+        except RebuildError as exc:
+            log.error("registry: cannot rebuild job %s: %s", entry.job_id, exc)
+        except redis.RedisError:
+            raise
+        except Exception:  # one job's trouble must not stop the others
+            log.exception("registry: cannot rebuild job %s", entry.job_id)
+    return rebuilt
+
+
 # --- the timer thread -------------------------------------------------------------------
 
 
 class Sweeper(threading.Thread):
     """Runs ``sweep_once`` every ``interval_s`` (with jitter, so workers spread out)."""
 
-    def __init__(self, client: redis.Redis, send: Send, open_storage: OpenStorage, interval_s: float, lease_s: float) -> None:
+    def __init__(self, client: redis.Redis, send: Send, open_storage: OpenStorage, interval_s: float, lease_s: float,
+                 registry: Registry | None = None, registry_scan_s: float = 30.0, window: int = 1) -> None:
         super().__init__(name="pixelrelay-sweep", daemon=True)
         self.client, self.send, self.open_storage = client, send, open_storage
         self.interval_s, self.lease_s = interval_s, lease_s
+        self.registry, self.registry_scan_s, self.window = registry, registry_scan_s, window
+        self.last_scan = float("-inf")
         self.stopped = threading.Event()
+
+    def _scan_registry(self) -> None:
+        if self.registry is None or time.monotonic() - self.last_scan < self.registry_scan_s:
+            return
+        self.last_scan = time.monotonic()
+        try:
+            rebuilt = rebuild_registered(self.client, self.registry, self.send, self.open_storage, self.window)
+        except redis.RedisError:
+            raise
+        except Exception:  # e.g. the registry cannot be listed: the sweep itself still runs
+            log.exception("sweep: cannot read the job registry")
+            return
+        if rebuilt:
+            log.warning("sweep: rebuilt %s from storage (Redis had lost them)", rebuilt)
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s * random.uniform(0.75, 1.25)):
             try:
+                self._scan_registry()
                 report = sweep_once(self.client, self.send, self.open_storage, self.lease_s)
                 if report.resent or report.finished:
                     log.warning("sweep: re-sent %s, finished %s", report.resent, report.finished)

@@ -1,0 +1,107 @@
+"""Rebuilding a job whose Redis state vanished, from its files in storage (Celery-free).
+
+Storage is the source of truth (``jobs.files``): ``job.json`` holds the spec and the manifest
+parts hold every finished item. ``rebuild`` turns those back into Redis state and starts the
+job moving again, so that losing Redis (a restart without persistence, a flush, a failover to
+an empty replica) is never losing the job. Whoever still knows the job calls it: ``submit``
+on a re-submission, a waiting ``submit --wait`` / ``status --wait`` / ``run``, ``status JOB
+--out OUTPUT`` by hand, and the workers' sweep for the jobs listed in the storage registry
+(``jobs.registry``).
+
+Invariants:
+
+* the spec read from storage is validated (JSON schema, and its job id and output must be
+  the ones asked for) before anything is written to Redis: ``RebuildError`` otherwise;
+* one rebuilder per job at a time: a ``SET NX PX`` lock (``keys.rebuild_lock``); a caller
+  that does not get it, or finds the job hash back once it holds it, does nothing (None);
+* a rebuild that fails half-way deletes the job hash again, so that the next try starts
+  over (chains it fed belong to a submission the next one makes stale);
+* the new submission's seq follows the newest part in storage, so parts of older
+  submissions still in flight are recognised as stale; done bits come back from the parts;
+* the feed starts over from chunk 0 and skips done items (``jobs.feed``): chains lost with
+  the broker are sent again, and one that survived is a harmless duplicate (counts are
+  bitmaps, stages are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from pydantic import ValidationError
+
+from pixelrelay.jobs import keys
+from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
+from pixelrelay.jobs.files import iter_part_records, latest_seq, read_spec
+from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline.messages import JobSpec
+from pixelrelay.pipeline.storage import Storage, StorageError, StorageNotFoundError
+
+log = logging.getLogger("pixelrelay.recover")
+
+LOCK_MS = 60_000  # longer than reading the parts of a big job; released when done
+
+
+class RebuildError(Exception):
+    """The job cannot be rebuilt from storage: no ``job.json`` there, or not a valid one."""
+
+
+def load_spec(storage: Storage, output: str, job_id: str) -> JobSpec:
+    """The job's spec from storage, checked to be the job asked for (``RebuildError``)."""
+    try:
+        spec = read_spec(storage, output, job_id)
+    except StorageNotFoundError:
+        raise RebuildError(f"job {job_id}: no job.json under {output}") from None
+    except (ValidationError, ValueError, StorageError) as exc:
+        raise RebuildError(f"job {job_id}: unreadable job.json under {output}: {exc}") from None
+    if spec.job_id != job_id or spec.output.rstrip("/") != output.rstrip("/"):
+        raise RebuildError(f"job {job_id}: job.json under {output} names job {spec.job_id!r} at {spec.output!r}")
+    if spec.total < 0 or spec.chunk_size < 1:
+        raise RebuildError(f"job {job_id}: job.json has total={spec.total}, chunk_size={spec.chunk_size}")
+    return spec
+
+
+def restore_done(state: JobState, storage: Storage, spec: JobSpec) -> int:
+    """Give the job its submission counter and done bits back from its parts; returns the
+    number of done items found."""
+    done = []
+    for row in iter_part_records(storage, spec.output, spec.job_id):
+        index = row.get("index") if isinstance(row, dict) else None
+        if row.get("status") == "done" and isinstance(index, int) and 0 <= index < spec.total:
+            done.append(index)
+    state.restore(latest_seq(storage, spec.output, spec.job_id), done)
+    return len(done)
+
+
+def start(state: JobState, storage: Storage, spec: JobSpec, send: Send, window: int) -> int:
+    """Begin the job's next submission and feed its first ``window`` chunks; returns the seq."""
+    seq = state.start_submission(spec)
+    if feed(send, state, storage, spec, seq, window) == 0:
+        finalize_if_complete(state, storage, spec, seq)  # nothing left to do
+    return seq
+
+
+def rebuild(client: redis.Redis, storage: Storage, output: str, job_id: str, send: Send, window: int) -> int | None:
+    """Rebuild job ``job_id`` of ``output`` if Redis does not know it; returns the new seq,
+    or None when Redis knows the job (or another process is rebuilding it right now)."""
+    state = JobState(client, job_id)
+    if state.exists():
+        return None
+    lock = keys.rebuild_lock(job_id)
+    if not client.set(lock, "1", nx=True, px=LOCK_MS):
+        return None
+    try:
+        if state.exists():
+            return None
+        spec = load_spec(storage, output, job_id)
+        try:
+            done = restore_done(state, storage, spec)
+            seq = start(state, storage, spec, send, window)
+        except BaseException:
+            client.delete(state.key)  # half a rebuild must not pass for a job: the next try starts over
+            raise
+        log.warning("job %s: Redis had lost it; rebuilt from storage (%d of %d done), submission %d",
+                    job_id, done, spec.total, seq)
+        return seq
+    finally:
+        client.delete(lock)

@@ -1,0 +1,75 @@
+"""What a waiting producer does besides showing progress: it keeps the job alive.
+
+``submit --wait``, ``status --wait`` and ``run`` know the job id and its output, so each
+tick of their wait loop (``Keeper.tick``):
+
+* rebuilds the job from storage when Redis does not know it any more (``jobs.recover``: a
+  Redis restarted empty, a flush); the rebuild is locked per job, so racing keepers and
+  sweepers feed it once;
+* runs the sweep for lost chains (``workers.sweep.sweep_once``) every ``sweep_interval_s``
+  (0: never), so a job heals even where every worker is busy or none runs a sweep.
+
+Redis errors are not handled here: the wait loop retries them with a backoff. A storage
+error while rebuilding is logged and tried again on the next tick; a job that cannot be
+rebuilt at all (no valid ``job.json``) raises ``jobs.recover.RebuildError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import redis
+
+from pixelrelay.jobs.feed import Send
+from pixelrelay.jobs.recover import rebuild
+from pixelrelay.jobs.registry import open_registry
+from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.storage import StorageError, TransientStorageError, open_storage
+
+log = logging.getLogger("pixelrelay.keeper")
+
+
+class Keeper:
+    def __init__(self, client: redis.Redis, settings: Settings, job_id: str, output: str,
+                 send: Send | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client, self.settings, self.job_id, self.output = client, settings, job_id, output
+        self._send, self.clock = send, clock
+        self.last_sweep = clock()
+        self.rebuilds: list[int] = []  # seqs of the rebuilds this keeper did
+
+    @property
+    def send(self) -> Send:
+        if self._send is None:
+            from pixelrelay.workers.celery_app import create_app
+            from pixelrelay.workers.flow import sender
+
+            self._send = sender(create_app(self.settings))
+        return self._send
+
+    def _storage(self, uri: str):
+        return open_storage(uri, self.settings.s3_endpoint_url)
+
+    def tick(self) -> None:
+        try:
+            seq = rebuild(self.client, self._storage(self.output), self.output, self.job_id, self.send, self.settings.window)
+        except (StorageError, TransientStorageError, OSError) as exc:  # try again on the next tick
+            log.warning("job %s: cannot rebuild it from storage yet: %s", self.job_id, exc)
+            return
+        if seq is not None:
+            self.rebuilds.append(seq)
+        interval = self.settings.sweep_interval_s
+        if interval > 0 and self.clock() - self.last_sweep >= interval:
+            self.last_sweep = self.clock()
+            from pixelrelay.workers.sweep import sweep_once
+
+            report = sweep_once(self.client, self.send, self._storage, self.settings.lease_s)
+            if report.resent or report.finished:
+                log.warning("sweep: re-sent %s, finished %s", report.resent, report.finished)
+
+    def finished(self) -> None:
+        """The job's manifest is written: take it off the storage registry (if any)."""
+        registry = open_registry(self.settings.state_uri, self.settings.s3_endpoint_url)
+        if registry is not None:
+            registry.remove(self.job_id)
