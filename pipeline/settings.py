@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, ge=0.1, le=3600.0)
     sweep_interval_s: float = Field(15.0, ge=0.0, le=3600.0)
     item_budget_s: float = Field(600.0, ge=0.1)
+    # Progress (producer.status, ``pixelrelay jobs``): a job none of whose items finished for
+    # this long shows "stalled N s" instead of an ETA, and lists as ``stalled``.
+    stall_s: float = Field(30.0, gt=0.0, le=86400.0)
 
     @field_validator("redis_url")
     @classmethod

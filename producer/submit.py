@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from pixelrelay.jobs.files import iter_part_records, latest_seq, read_spec, spec_uri, write_listing, write_spec
+from pixelrelay.jobs.files import iter_part_records, latest_seq, read_cancel, read_spec, spec_uri, write_listing, write_spec
 from pixelrelay.pipeline.messages import Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.registry import validate_spec
@@ -104,7 +104,7 @@ def submit(
         spec = read_spec(out_storage, output_uri, job_id)
         _check_same(spec, input_uri, output_uri, options, backends)
         done = [row["index"] for row in iter_part_records(out_storage, output_uri, job_id) if row["status"] == "done"]
-        state.restore(latest_seq(out_storage, output_uri, job_id), done)
+        state.restore(latest_seq(out_storage, output_uri, job_id), done, read_cancel(out_storage, output_uri, job_id))
     else:
         resumed = False
         in_storage = open_storage(input_uri, settings.s3_endpoint_url)
