@@ -7,6 +7,11 @@ Invariants:
 * Elsewhere (a pipe, a log file) progress is plain text, one ``key=value`` line at most
   every ``PLAIN_EVERY_S`` seconds while the counts change, plus the first and the last.
 * ``--timeout`` never touches the job: waiting stops (``WaitTimeout``), the job goes on.
+* The ETA never claims the job is nearly done while nothing moves: once no item has
+  finished for ``Settings.stall_s`` seconds (``jobs.state.stalled_for``, from the
+  ``progress_at`` time that marking an item writes), the rich line shows "stalled N s"
+  instead of the ETA, and the plain line ``eta=--:-- stalled=N``.
+* A cancelled job ends with exit code 4 (``ExitCode.CANCELLED``), whatever its items did.
 
 Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
 are not kept there, so the display shows done / failed / pending.
@@ -29,7 +34,7 @@ from rich.text import Text
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.feed import finalize_if_complete
 from pixelrelay.jobs.files import manifest_uri
-from pixelrelay.jobs.state import Counts, JobState
+from pixelrelay.jobs.state import Counts, JobState, is_finished, job_status, stalled_for
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.submit import redis_client
@@ -51,9 +56,11 @@ class WaitTimeout(Exception):
         self.job_id, self.seconds = job_id, seconds
 
 
-def eta_text(counts: Counts, rate: float) -> str:
+def eta_text(counts: Counts, rate: float, stalled_s: float | None = None) -> str:
     if counts.pending == 0:
         return "0:00:00"
+    if stalled_s is not None:
+        return f"stalled {int(stalled_s)} s"
     if rate <= 0:
         return "--:--"
     seconds = int(round(counts.pending / rate))
@@ -64,18 +71,25 @@ def _percent(counts: Counts) -> float:
     return 100.0 * (counts.done + counts.failed) / counts.total if counts.total else 100.0
 
 
-def plain_line(counts: Counts, rate: float) -> str:
-    """One parseable ``key=value`` line (pipes, logs and one-shot ``status``)."""
-    return (
+def plain_line(counts: Counts, rate: float, stalled_s: float | None = None, state: str | None = None) -> str:
+    """One parseable ``key=value`` line (pipes, logs and one-shot ``status``). While stalled,
+    ``eta=--:--`` and ``stalled=N`` (seconds); one-shot ``status`` adds ``state=``."""
+    stalled = stalled_s is not None and counts.pending > 0
+    eta = "--:--" if stalled else eta_text(counts, rate)
+    line = (
         f"done={counts.done} failed={counts.failed} pending={counts.pending} total={counts.total} "
-        f"percent={_percent(counts):.1f} rate={rate:.2f}/s eta={eta_text(counts, rate)}"
+        f"percent={_percent(counts):.1f} rate={rate:.2f}/s eta={eta}"
     )
+    if stalled:
+        line += f" stalled={int(stalled_s)}"
+    return line + (f" state={state}" if state else "")
 
 
-def stats_text(counts: Counts, rate: float) -> str:
+def stats_text(counts: Counts, rate: float, stalled_s: float | None = None) -> str:
+    eta = eta_text(counts, rate, stalled_s)
     return (
         f"{_percent(counts):5.1f}%  done {counts.done}  failed {counts.failed}  pending {counts.pending}"
-        f"  of {counts.total}  {rate:.2f}/s  ETA {eta_text(counts, rate)}"
+        f"  of {counts.total}  {rate:.2f}/s  {eta if eta.startswith('stalled') else 'ETA ' + eta}"
     )
 
 
@@ -85,11 +99,13 @@ class ProgressDisplay:
 
     counts: Counts
     rate: float
+    stalled_s: float | None = None
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
-        stats = Text(stats_text(self.counts, self.rate), no_wrap=True, overflow="ellipsis")
+        stats = Text(stats_text(self.counts, self.rate, self.stalled_s), no_wrap=True, overflow="ellipsis")
         stats.highlight_regex(r"failed [1-9]\d*", "bold red")
+        stats.highlight_regex(r"stalled \d+ s", "bold yellow")
         bar_width = width - len(stats) - 1
         grid = Table.grid(padding=(0, 1) if bar_width >= MIN_BAR_WIDTH else 0)
         if bar_width >= MIN_BAR_WIDTH:
@@ -109,8 +125,8 @@ class _LiveView:
         self.live = Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
         self.live.start()
 
-    def show(self, counts: Counts, rate: float, final: bool = False) -> None:
-        self.live.update(ProgressDisplay(counts, rate), refresh=True)
+    def show(self, counts: Counts, rate: float, final: bool = False, stalled_s: float | None = None) -> None:
+        self.live.update(ProgressDisplay(counts, rate, stalled_s), refresh=True)
 
     def close(self) -> None:
         self.live.stop()  # leaves the last line in place and moves to the next
@@ -119,16 +135,17 @@ class _LiveView:
 class _PlainView:
     def __init__(self, stream: TextIO, every_s: float) -> None:
         self.stream, self.every_s = stream, every_s
-        self.last_counts: Counts | None = None
+        self.last: tuple[Counts, bool] | None = None
         self.last_at = float("-inf")
 
-    def show(self, counts: Counts, rate: float, final: bool = False) -> None:
-        changed = counts != self.last_counts
+    def show(self, counts: Counts, rate: float, final: bool = False, stalled_s: float | None = None) -> None:
+        """A line when the counts changed, or a stall began or ended (at most every ``every_s``)."""
+        key = (counts, stalled_s is not None)
         due = time.monotonic() - self.last_at >= self.every_s
-        if changed and (final or due):
-            self.stream.write(plain_line(counts, rate) + "\n")
+        if key != self.last and (final or due):
+            self.stream.write(plain_line(counts, rate, stalled_s) + "\n")
             self.stream.flush()
-            self.last_counts, self.last_at = counts, time.monotonic()
+            self.last, self.last_at = key, time.monotonic()
 
     def close(self) -> None:
         pass
@@ -147,9 +164,8 @@ def _rate(info: dict[str, str], counts: Counts) -> float:
     return max(0, counts.done + counts.failed - base) / elapsed
 
 
-def is_finished(info: dict[str, str]) -> bool:
-    """The manifest of the job's current submission is written (``info``: JobState.info())."""
-    return bool(info.get("finished_at")) and info.get("finished_seq") == info.get("seq")
+def _stalled(info: dict[str, str], settings: Settings) -> float | None:
+    return stalled_for(info, time.time(), settings.stall_s)
 
 
 def _finalize_if_stalled(state: JobState, settings: Settings) -> None:
@@ -177,7 +193,7 @@ def wait_for_job(
         while True:
             counts, info = state.counts(), state.info()  # one read of the job hash per tick
             finished = is_finished(info)
-            view.show(counts, _rate(info, counts), final=finished)
+            view.show(counts, _rate(info, counts), final=finished, stalled_s=_stalled(info, settings))
             if finished:
                 return state.counts()
             if counts.complete:
@@ -188,21 +204,30 @@ def wait_for_job(
             if problem:
                 raise WaitAborted(problem)
             if deadline is not None and time.monotonic() >= deadline:
-                view.show(counts, _rate(info, counts), final=True)
+                view.show(counts, _rate(info, counts), final=True, stalled_s=_stalled(info, settings))
                 raise WaitTimeout(state.job_id, timeout_s)
             time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
     finally:
         view.close()
 
 
+def status_line(info: dict[str, str], counts: Counts, settings: Settings) -> str:
+    """One-shot ``status``: the plain line with the job's state (``jobs.state.JobStatus``)."""
+    state = job_status(info, counts, time.time(), settings.stall_s)
+    return plain_line(counts, _rate(info, counts), _stalled(info, settings), state.value)
+
+
 def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures: int = 10) -> int:
-    """Print the outcome; returns the exit code (OK all done, FAILED_ITEMS some failed)."""
+    """Print the outcome; returns the exit code (CANCELLED the job was cancelled, else OK
+    all done, FAILED_ITEMS some failed)."""
     info = state.info()
     spec = state.spec()
     done, failed = int(info.get("manifest_done", 0)), int(info.get("manifest_failed", 0))
-    missing = int(info.get("manifest_missing", 0))
+    missing, dropped = int(info.get("manifest_missing", 0)), int(info.get("manifest_cancelled", 0) or 0)
     manifest = manifest_uri(spec.output, spec.job_id)
-    stream.write(f"job {spec.job_id}: {done} done, {failed} failed; manifest {manifest}\n")
+    cancelled = bool(info.get("cancelled_at"))
+    outcome = f"cancelled: {done} done, {failed} failed, {dropped} cancelled" if cancelled else f"{done} done, {failed} failed"
+    stream.write(f"job {spec.job_id}: {outcome}; manifest {manifest}\n")
     if missing:
         stream.write(f"  {missing} items have no manifest line (their part could not be written); re-submit to retry\n")
     if failed:
@@ -216,6 +241,8 @@ def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures:
                 if shown >= max_failures:
                     stream.write(f"  ... and {failed - shown} more (see the manifest)\n")
                     break
+    if cancelled:
+        return ExitCode.CANCELLED
     return ExitCode.FAILED_ITEMS if failed or missing else ExitCode.OK
 
 
@@ -237,7 +264,7 @@ def show_status(
             sys.stderr.write(f"pixelrelay: {exc}\n  to watch it again: pixelrelay status {job_id} --wait\n")
             return ExitCode.TIMEOUT
     counts, info = state.counts(), state.info()
-    stream.write(plain_line(counts, _rate(info, counts)) + "\n")
+    stream.write(status_line(info, counts, settings) + "\n")
     if is_finished(info):
         return summarize(state, settings, stream)
     return ExitCode.OK
