@@ -2,7 +2,8 @@
 
 Every command exits with a code from ``pixelrelay.exitcodes.ExitCode`` (0 every item done,
 1 some items failed, 2 usage or configuration error, 3 gave up waiting, 4 cancelled,
-5 a ``run`` worker exited early, 130 interrupted). ``submit`` and ``status`` never import torch. ``models``, ``train`` and
+5 a ``run`` worker exited early, 130 interrupted). ``cancel`` and ``jobs`` are job control
+(``producer.jobs``). ``submit``, ``status``, ``cancel`` and ``jobs`` never import torch. ``models``, ``train`` and
 ``bench`` keep their parsers with their code; ``--help`` works at every level.
 """
 

@@ -151,3 +151,30 @@ def test_progress_time_moves_only_when_an_item_finishes(make_job):
     assert job_status(info(), job.state.counts(), first + 31, 30) == JobStatus.STALLED
     job.state.cancel()
     assert job_status(info(), job.state.counts(), first + 31, 30) == JobStatus.CANCELLING
+
+
+def test_cancel_without_workers_writes_the_manifest_after_its_grace(make_job, redis_url):
+    from pixelrelay.producer.jobs import CancelOutcome, cancel_job
+
+    settings = Settings.from_env(redis_url=redis_url)
+    job = make_job([20, 21, 22], chunk_size=2)
+    job.feed(window=2)  # two chains in flight that no worker will ever take
+    started = time.monotonic()
+    assert cancel_job(job.state.r, settings, job.state.job_id, grace_s=0.3, poll_s=0.05) == CancelOutcome.FORCED
+    assert 0.3 <= time.monotonic() - started < 5
+    assert read_cancel(job.storage, job.output, job.state.job_id) is not None  # recorded in storage too
+    assert [row["status"] for row in job.manifest().values()] == ["cancelled"] * 3
+    assert cancel_job(job.state.r, settings, job.state.job_id, grace_s=0) == CancelOutcome.ALREADY
+    # a chain delivered after the forced finish is dropped, as a stale duplicate, writing nothing
+    assert deliver(job, Runtime(settings), "encode", job.sent[0]).__class__.__name__ == "Stale"
+
+
+def test_a_job_that_finished_cannot_be_cancelled(make_job, rt, redis_url):
+    from pixelrelay.producer.jobs import JobFinishedError, cancel_job
+
+    job = make_job([20, 21], chunk_size=2)
+    job.feed(window=1)
+    assert isinstance(run_chain(job, rt, job.sent.pop(0)), ChunkMessage)
+    with pytest.raises(JobFinishedError, match="already finished"):
+        cancel_job(job.state.r, Settings.from_env(redis_url=redis_url), job.state.job_id, grace_s=0)
+    assert not job.state.cancelled() and read_cancel(job.storage, job.output, job.state.job_id) is None
