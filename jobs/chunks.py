@@ -123,6 +123,11 @@ class ChunksInFlight:
         raw = self.r.hget(self.key, slot.name)
         return None if raw is None else Entry.from_json(raw)
 
+    def in_flight(self, seq: int) -> int:
+        """How many chains of submission ``seq`` are in flight (valid entries only)."""
+        entries, _ = parse_entries(self.r.hgetall(self.key))
+        return sum(1 for slot in entries if slot.seq == seq)
+
     def untrack(self, *slots: Slot) -> None:
         if slots:
             self.r.hdel(self.key, *(s.name for s in slots))

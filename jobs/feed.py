@@ -9,6 +9,14 @@ Sending is a callable (``Send``): the workers pass one that enqueues a Celery ch
 may pass a list's ``append``. Every chunk sent is tracked first (``jobs.chunks``), so a chain
 lost by the broker or with its worker can be found and sent again; a finished job is retired
 from that tracking.
+
+Cancelling (``JobState.cancel``): ``feed`` sends nothing for a cancelled job, so no new
+chain starts; the chains in flight end at their next stage (``workers.policy``). The
+manifest of a cancelled job is written by ``finalize_cancelled`` once no chain of its
+submission is in flight: by the last chain to end (after untracking itself, so that of two
+chains ending together at least one sees none left), by the sweep when it drops a lost
+chain, or by ``pixelrelay cancel`` after its grace (``force``). Items no part names are
+written as ``cancelled`` (``jobs.files.with_cancelled``): one line per item, always.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 from typing import Callable
 
 from pixelrelay.jobs.chunks import ChunksInFlight, tracked
-from pixelrelay.jobs.files import manifest_uri, merge_manifest, read_chunk
+from pixelrelay.jobs.files import CANCELLED, manifest_uri, merge_manifest, read_chunk
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobSpec
 from pixelrelay.pipeline.storage import Storage
@@ -27,6 +35,8 @@ Send = Callable[[ChunkMessage], None]
 def feed(send: Send, state: JobState, storage: Storage, spec: JobSpec, seq: int, count: int) -> int:
     """Send up to ``count`` more chunks of the job; returns how many were sent."""
     sent = 0
+    if state.cancelled():
+        return 0
     send = tracked(send, state.r)
     n_chunks = -(-spec.total // spec.chunk_size)
     while sent < count:
@@ -61,14 +71,31 @@ def finalize_if_complete(state: JobState, storage: Storage, spec: JobSpec, seq: 
     """
     if not state.counts().complete or state.seq() != seq:
         return False
+    return _write_manifest(state, storage, spec, seq)
+
+
+def finalize_cancelled(state: JobState, storage: Storage, spec: JobSpec, force: bool = False) -> bool:
+    """Write a cancelled job's manifest once no chain of its current submission is in
+    flight (``force``: now, whatever is in flight). Returns True if this call wrote it."""
+    if not state.cancelled():
+        return False
+    seq = state.seq()
+    if not force and ChunksInFlight(state.r, spec.job_id).in_flight(seq):
+        return False
+    return _write_manifest(state, storage, spec, seq)
+
+
+def _write_manifest(state: JobState, storage: Storage, spec: JobSpec, seq: int) -> bool:
     if not state.claim_finalize(seq):
         return False
+    cancelled = state.cancelled()
     try:
-        counts = merge_manifest(storage, spec.output, spec.job_id)
+        counts = merge_manifest(storage, spec.output, spec.job_id, spec.total if cancelled else None)
     except BaseException:
         state.release_finalize(seq)
         raise
-    missing = spec.total - counts.get("done", 0) - counts.get("failed", 0)
-    state.finish(seq, manifest_uri(spec.output, spec.job_id), counts.get("done", 0), counts.get("failed", 0), missing)
+    done, failed, dropped = counts.get("done", 0), counts.get("failed", 0), counts.get(CANCELLED, 0)
+    missing = spec.total - done - failed - dropped
+    state.finish(seq, manifest_uri(spec.output, spec.job_id), done, failed, missing, dropped)
     ChunksInFlight(state.r, spec.job_id).retire()
     return True

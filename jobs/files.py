@@ -4,9 +4,12 @@
     OUTPUT/_jobs/<job_id>/inputs/<shard>.jsonl       the listing: Items, in index order
     OUTPUT/_jobs/<job_id>/parts/<chunk>-<seq>.jsonl  one ItemRecord per line, per chain
     OUTPUT/_jobs/<job_id>/manifest.jsonl             merged parts, one line per item
+    OUTPUT/_jobs/<job_id>/cancelled                  {"cancelled_at": t}: the job was cancelled
 
 Parts are written whole and never appended, so a redelivered chain just rewrites its part.
 A resubmission (``seq`` + 1) writes new parts; the merge keeps the newest line per item.
+The manifest of a cancelled job still has one line per item: an item that no part names
+gets a ``cancelled`` line (``output`` null, ``error`` "job cancelled").
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, join_uri
 JOBS_DIR = "_jobs"  # OUTPUT/_jobs/<job_id>/...
 JOB_SPEC_NAME = "job.json"
 MANIFEST_NAME = "manifest.jsonl"
+CANCEL_NAME = "cancelled"
 LISTING_SHARD_SIZE = 4096  # items per listing shard file
+CANCELLED = "cancelled"  # the manifest status of an item a cancelled job never finished
+CANCELLED_REASON = "job cancelled"
 
 
 def job_root(output: str, job_id: str) -> str:
@@ -56,6 +62,26 @@ def write_spec(storage: Storage, spec: JobSpec) -> None:
 
 def read_spec(storage: Storage, output: str, job_id: str) -> JobSpec:
     return JobSpec.model_validate_json(storage.get(spec_uri(output, job_id)))
+
+
+def cancel_uri(output: str, job_id: str) -> str:
+    return join_uri(job_root(output, job_id), CANCEL_NAME)
+
+
+def write_cancel(storage: Storage, output: str, job_id: str, at: float) -> None:
+    storage.put(cancel_uri(output, job_id), json.dumps({"cancelled_at": at}).encode(), "application/json")
+
+
+def read_cancel(storage: Storage, output: str, job_id: str) -> float | None:
+    """When the job was cancelled, as recorded in storage; None if it was not."""
+    try:
+        data = json.loads(storage.get(cancel_uri(output, job_id)))
+    except StorageNotFoundError:
+        return None
+    except ValueError:  # unreadable: still a cancel marker
+        return 0.0
+    at = data.get("cancelled_at") if isinstance(data, dict) else None
+    return float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0
 
 
 def write_listing(storage: Storage, output: str, job_id: str, items: Iterable[Item]) -> int:
@@ -151,11 +177,41 @@ def iter_part_records(storage: Storage, output: str, job_id: str) -> Iterator[di
             yield newest[index][1]
 
 
-def merge_manifest(storage: Storage, output: str, job_id: str) -> dict[str, int]:
-    """Merge every part into manifest.jsonl (atomically); returns counts by status."""
-    counts = {"done": 0, "failed": 0}
+def iter_listing(storage: Storage, output: str, job_id: str, total: int) -> Iterator[Item]:
+    """The job's items in index order, from its listing shards."""
+    for shard in range(-(-total // LISTING_SHARD_SIZE)):
+        yield from _read_shard(storage, _shard_uri(output, job_id, shard))
+
+
+def cancelled_row(item: Item) -> dict:
+    row = ItemRecord(index=item.index, input=item.input, output=item.output).model_dump(mode="json")
+    return {**row, "output": None, "status": CANCELLED, "error": CANCELLED_REASON}
+
+
+def with_cancelled(rows: Iterable[dict], items: Iterable[Item]) -> Iterator[dict]:
+    """``rows`` (in index order) with a cancelled row for every listed item they lack."""
+    rows = iter(rows)
+    row = next(rows, None)
+    for item in items:
+        while row is not None and row["index"] < item.index:  # not listed (cannot happen): kept
+            yield row
+            row = next(rows, None)
+        if row is not None and row["index"] == item.index:
+            yield row
+            row = next(rows, None)
+        else:
+            yield cancelled_row(item)
+
+
+def merge_manifest(storage: Storage, output: str, job_id: str, cancelled_total: int | None = None) -> dict[str, int]:
+    """Merge every part into manifest.jsonl (atomically); returns counts by status. With
+    ``cancelled_total`` (a cancelled job's item count), items no part names are ``cancelled``."""
+    counts = {"done": 0, "failed": 0, CANCELLED: 0}
+    rows = iter_part_records(storage, output, job_id)
+    if cancelled_total is not None:
+        rows = with_cancelled(rows, iter_listing(storage, output, job_id, cancelled_total))
     with tempfile.TemporaryFile() as tmp:
-        for row in iter_part_records(storage, output, job_id):
+        for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
             tmp.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
         tmp.seek(0)

@@ -7,7 +7,8 @@ All keys start with ``PREFIX``; a job's keys share ``pixelrelay:job:<job_id>``, 
 from __future__ import annotations
 
 PREFIX = "pixelrelay:"
-JOB = PREFIX + "job:{job_id}"  # hash: spec, total, seq, n_chunks, timestamps, manifest counts
+JOB = PREFIX + "job:{job_id}"  # hash: spec, total, seq, n_chunks, timestamps (progress_at,
+# cancelled_at, ...), manifest counts: see ``jobs.state``
 DONE_BITS = JOB + ":done"  # bitmap, bit i set = item i done
 FAILED_BITS = JOB + ":failed"  # bitmap, failed in the current submission
 CURSOR = JOB + ":cursor"  # next chunk to enqueue
@@ -18,6 +19,8 @@ LEASE = JOB + ":lease:{slot}"  # string: worker id, PX lease; the worker running
 RESEND_LOCK = JOB + ":resend:{slot}"  # SET NX PX: one sweeper re-sends a lost slot
 REBUILD_LOCK = JOB + ":rebuild"  # SET NX PX: one process rebuilds a job whose state was lost
 ACTIVE_JOBS = PREFIX + "jobs:active"  # set of job ids with chunks in flight (the sweep's list)
+JOBS = PREFIX + "jobs"  # sorted set: job id -> time of its latest submission (``pixelrelay jobs``)
+JOBS_KEEP = 1000  # the newest this many ids are kept in JOBS
 
 # Kombu's Redis transport (not pixelrelay's keys, read by the sweep only): a queue is a list
 # named after it (plus ``<queue>\x06\x16<priority>`` variants), a message taken by a worker

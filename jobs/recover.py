@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
-from pixelrelay.jobs.files import iter_part_records, latest_seq, read_spec
+from pixelrelay.jobs.files import iter_part_records, latest_seq, read_cancel, read_spec
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.storage import Storage, StorageError, StorageNotFoundError
@@ -69,7 +69,7 @@ def restore_done(state: JobState, storage: Storage, spec: JobSpec) -> int:
         index = row.get("index") if isinstance(row, dict) else None
         if row.get("status") == "done" and isinstance(index, int) and 0 <= index < spec.total:
             done.append(index)
-    state.restore(latest_seq(storage, spec.output, spec.job_id), done)
+    state.restore(latest_seq(storage, spec.output, spec.job_id), done, read_cancel(storage, spec.output, spec.job_id))
     return len(done)
 
 

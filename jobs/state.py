@@ -3,35 +3,73 @@
 Counts are BITCOUNTs, so they stay exact however often a message is delivered: marking an
 item done twice sets the same bit twice. Finished items cost one bit each in Redis; their
 results live in storage. Keys get a TTL once the job's manifest is written.
+
+Invariants of the hash's time fields (unix seconds, each writer's clock):
+
+* ``progress_at`` is the last time an item's bit changed (``mark``, inside the same script:
+  no extra round trip); a duplicate delivery that sets no new bit does not move it;
+* ``cancelled_at`` is set once (``cancel``: HSETNX) and never cleared: a cancelled job stays
+  cancelled, and a new submission of it is refused (``JobCancelledError``). Storage keeps
+  the same fact (``jobs.files.write_cancel``), so a job rebuilt from storage is cancelled too;
+* a job's state (``JobStatus``) is derived from the hash and counts (``job_status``), never
+  stored, so it cannot disagree with them.
+
+Every job id is also in the ``pixelrelay:jobs`` sorted set (score: its latest submission),
+trimmed to the newest ``keys.JOBS_KEEP``: the ``pixelrelay jobs`` listing.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.pipeline.messages import JobSpec
+from pixelrelay.pipeline.settings import ConfigError
 
-# KEYS: job hash, done bits, failed bits. ARGV: seq, then index/status pairs.
+# KEYS: job hash, done bits, failed bits. ARGV: seq, now, then index/status pairs.
 # Items of a stale submission may only be marked done (never failed), so that a late
-# duplicate from an older submission cannot end the current one early.
+# duplicate from an older submission cannot end the current one early. ``progress_at``
+# moves only when a bit changes.
 _MARK_SCRIPT = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local stale = tonumber(ARGV[1]) < current
-for i = 2, #ARGV, 2 do
+local moved = false
+for i = 3, #ARGV, 2 do
   local index = tonumber(ARGV[i])
   if ARGV[i + 1] == 'done' then
-    redis.call('SETBIT', KEYS[2], index, 1)
+    if redis.call('SETBIT', KEYS[2], index, 1) == 0 then moved = true end
     redis.call('SETBIT', KEYS[3], index, 0)
   elseif not stale and redis.call('GETBIT', KEYS[2], index) == 0 then
-    redis.call('SETBIT', KEYS[3], index, 1)
+    if redis.call('SETBIT', KEYS[3], index, 1) == 0 then moved = true end
   end
 end
+if moved then redis.call('HSET', KEYS[1], 'progress_at', ARGV[2]) end
 return {redis.call('BITCOUNT', KEYS[2]), redis.call('BITCOUNT', KEYS[3])}
 """
+
+
+class JobStatus(str, Enum):
+    """A job's state, as ``pixelrelay jobs`` and ``status`` show it (derived: ``job_status``)."""
+
+    QUEUED = "queued"  # submitted; no item finished yet (and not for long: else stalled)
+    RUNNING = "running"  # items are finishing
+    STALLED = "stalled"  # no item finished for ``stall_s`` seconds
+    CANCELLING = "cancelling"  # cancelled; chains in flight are ending, no manifest yet
+    CANCELLED = "cancelled"  # cancelled; manifest written (finished items + cancelled ones)
+    FINISHED = "finished"  # manifest written, every item done
+    FAILED_ITEMS = "failed-items"  # manifest written, some items failed (or have no line)
+
+
+class JobCancelledError(ConfigError):
+    """The job was cancelled: it cannot be submitted again (use a new job id)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was cancelled; submit it under a new job id")
+        self.job_id = job_id
 
 
 @dataclass
@@ -47,6 +85,37 @@ class Counts:
     @property
     def complete(self) -> bool:
         return self.done + self.failed >= self.total
+
+
+def is_finished(info: dict[str, str]) -> bool:
+    """The manifest of the job's current submission is written (``info``: JobState.info())."""
+    return bool(info.get("finished_at")) and info.get("finished_seq") == info.get("seq")
+
+
+def idle_since(info: dict[str, str]) -> float:
+    """When the job last moved: its last finished item, or its submission if later."""
+    return max(float(info.get("progress_at", 0) or 0), float(info.get("submitted_at", 0) or 0))
+
+
+def stalled_for(info: dict[str, str], now: float, stall_s: float) -> float | None:
+    """Seconds since an item last finished, once that is ``stall_s`` or more; else None.
+    A finished or cancelled job never stalls."""
+    if is_finished(info) or info.get("cancelled_at"):
+        return None
+    idle = now - idle_since(info)
+    return idle if idle >= stall_s else None
+
+
+def job_status(info: dict[str, str], counts: Counts, now: float, stall_s: float) -> JobStatus:
+    if info.get("cancelled_at"):
+        return JobStatus.CANCELLED if is_finished(info) else JobStatus.CANCELLING
+    if is_finished(info):
+        bad = int(info.get("manifest_failed", 0) or 0) + int(info.get("manifest_missing", 0) or 0)
+        return JobStatus.FAILED_ITEMS if bad else JobStatus.FINISHED
+    if stalled_for(info, now, stall_s) is not None:
+        return JobStatus.STALLED
+    moved = float(info.get("progress_at", 0) or 0) >= float(info.get("submitted_at", 0) or 0)
+    return JobStatus.RUNNING if moved and counts.done + counts.failed else JobStatus.QUEUED
 
 
 class JobState:
@@ -76,8 +145,12 @@ class JobState:
         return int(self.r.hget(self.key, "n_chunks") or 0)
 
     def start_submission(self, spec: JobSpec) -> int:
-        """Create the job, or begin its next submission (a resume). Returns the new seq."""
+        """Create the job, or begin its next submission (a resume). Returns the new seq.
+        A cancelled job raises ``JobCancelledError``."""
+        if self.cancelled():
+            raise JobCancelledError(self.job_id)
         n_chunks = -(-spec.total // spec.chunk_size)
+        now = time.time()
         pipe = self.r.pipeline()
         pipe.hset(
             self.key,
@@ -85,7 +158,7 @@ class JobState:
                 "spec": spec.model_dump_json(),
                 "total": spec.total,
                 "n_chunks": n_chunks,
-                "submitted_at": time.time(),
+                "submitted_at": now,
                 "done_at_submit": self.r.bitcount(self.done_key),
             },
         )
@@ -94,17 +167,30 @@ class JobState:
         pipe.delete(self.failed_key, self.cursor_key)
         for key in (self.key, self.done_key):
             pipe.persist(key)
+        pipe.zadd(keys.JOBS, {self.job_id: now})
+        pipe.zremrangebyrank(keys.JOBS, 0, -(keys.JOBS_KEEP + 1))
         seq = pipe.execute()[2]
         return int(seq)
 
-    def restore(self, last_seq: int, done_indices: list[int]) -> None:
+    def restore(self, last_seq: int, done_indices: list[int], cancelled_at: float | None = None) -> None:
         """Rebuild the job from storage (its Redis state was lost): the submission counter
-        continues after the newest part, and done items get their bits back."""
+        continues after the newest part, done items get their bits back, and a job
+        cancelled in storage (``jobs.files.read_cancel``) is cancelled again."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(self.key, "seq", last_seq)
         for index in done_indices:
             pipe.setbit(self.done_key, index, 1)
+        if cancelled_at is not None:
+            pipe.hsetnx(self.key, "cancelled_at", cancelled_at)
         pipe.execute()
+
+    # --- cancelling -------------------------------------------------------------------
+    def cancel(self, at: float | None = None) -> bool:
+        """Set the cancelled flag; True if this call set it (False: it was set already)."""
+        return bool(self.r.hsetnx(self.key, "cancelled_at", time.time() if at is None else at))
+
+    def cancelled(self) -> bool:
+        return bool(self.r.hexists(self.key, "cancelled_at"))
 
     # --- items ----------------------------------------------------------------------
     def done_flags(self, indices: list[int]) -> list[bool]:
@@ -117,7 +203,7 @@ class JobState:
 
     def mark(self, seq: int, results: list[tuple[int, str]]) -> tuple[int, int]:
         """Record (index, 'done'|'failed') pairs; returns (done, failed) counts."""
-        args: list = [seq]
+        args: list = [seq, round(time.time(), 3)]
         for index, status in results:
             args += [index, status]
         done, failed = self._mark(keys=[self.key, self.done_key, self.failed_key], args=args)
@@ -154,7 +240,7 @@ class JobState:
     def release_finalize(self, seq: int) -> None:
         self.r.delete(keys.finalized(self.job_id, seq))
 
-    def finish(self, seq: int, manifest: str, done: int, failed: int, missing: int = 0) -> None:
+    def finish(self, seq: int, manifest: str, done: int, failed: int, missing: int = 0, cancelled: int = 0) -> None:
         pipe = self.r.pipeline()
         pipe.hset(
             self.key,
@@ -165,6 +251,7 @@ class JobState:
                 "manifest_done": done,
                 "manifest_failed": failed,
                 "manifest_missing": missing,
+                "manifest_cancelled": cancelled,
             },
         )
         for key in (self.key, self.done_key, self.failed_key, self.cursor_key):

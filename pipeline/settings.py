@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # s3://bucket/prefix; empty: no registry), and how often the sweep lists it.
     state_uri: str = ""
     registry_scan_s: float = Field(30.0, ge=0.0, le=3600.0)
+    # Progress (producer.status, ``pixelrelay jobs``): a job none of whose items finished for
+    # this long shows "stalled N s" instead of an ETA, and lists as ``stalled``.
+    stall_s: float = Field(30.0, gt=0.0, le=86400.0)
 
     @field_validator("redis_url")
     @classmethod

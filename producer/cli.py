@@ -2,7 +2,8 @@
 
 Every command exits with a code from ``pixelrelay.exitcodes.ExitCode`` (0 every item done,
 1 some items failed, 2 usage or configuration error, 3 gave up waiting, 4 cancelled,
-5 a ``run`` worker exited early, 130 interrupted). ``submit`` and ``status`` never import torch. ``models``, ``train`` and
+5 a ``run`` worker exited early, 130 interrupted). ``cancel`` and ``jobs`` are job control
+(``producer.jobs``). ``submit``, ``status``, ``cancel`` and ``jobs`` never import torch. ``models``, ``train`` and
 ``bench`` keep their parsers with their code; ``--help`` works at every level.
 """
 
@@ -71,6 +72,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text}")
+    return value
+
+
 def _wait_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--wait", action="store_true", help=f"wait for the job and {what}")
     parser.add_argument(
@@ -102,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--out", help="the job's output: rebuild the job from its files there if Redis lost it")
     _wait_flags(p, "exit 0/1 by its outcome")
+    _common(p)
+
+    p = sub.add_parser("cancel", help="cancel a job: no new chains, chains in flight end; manifest written")
+    p.add_argument("job_id")
+    p.add_argument(
+        "--grace", type=_seconds, default=30.0, metavar="S",
+        help="wait up to S seconds for the chains in flight to end, then write the manifest (default 30)",
+    )
+    _common(p)
+
+    p = sub.add_parser("jobs", help="list recent jobs, newest first, with their state and counts")
+    p.add_argument("--limit", type=int, default=20, help="at most this many jobs (default 20)")
+    p.add_argument("--json", action="store_true", help="one JSON array, for machines")
     _common(p)
 
     p = sub.add_parser("worker", help="run one stage's worker pool")
@@ -180,6 +204,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     output = normalize_location(args.out) if args.out else None
     return show_status(_settings(args), args.job_id, args.wait, timeout_s=args.timeout, output=output)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from pixelrelay.producer.jobs import CancelOutcome, cancel_job
+    from pixelrelay.producer.status import summarize
+    from pixelrelay.producer.submit import redis_client
+    from pixelrelay.jobs.state import JobState
+
+    settings = _settings(args)
+    client = redis_client(settings)
+    outcome = cancel_job(client, settings, args.job_id, grace_s=args.grace)
+    if outcome == CancelOutcome.FORCED:
+        print(f"chains still in flight after {args.grace:g} s: manifest written anyway", file=sys.stderr)
+    summarize(JobState(client, args.job_id), settings, sys.stdout)
+    return ExitCode.OK
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    import json
+
+    from pixelrelay.producer.jobs import jobs_table, recent_jobs
+    from pixelrelay.producer.submit import redis_client
+
+    settings = _settings(args)
+    if args.limit < 1:
+        raise ConfigError("--limit: at least 1")
+    rows = recent_jobs(redis_client(settings), args.limit, settings.stall_s)
+    print(json.dumps([r.to_json() for r in rows]) if args.json else jobs_table(rows))
+    return ExitCode.OK
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -271,6 +324,8 @@ def _delegate(argv: list[str]) -> int:
 COMMANDS = {
     "submit": _cmd_submit,
     "status": _cmd_status,
+    "cancel": _cmd_cancel,
+    "jobs": _cmd_jobs,
     "worker": _cmd_worker,
     "run": _cmd_run,
     "demo": _cmd_demo,

@@ -11,6 +11,11 @@ Invariants:
   retrying" and the loop retries with a backoff (0.5 s doubling to 5 s); a job Redis lost
   is rebuilt from storage by the loop's ``Keeper`` (``producer.keeper``), which also sweeps
   for lost chains every ``PIXELRELAY_SWEEP_INTERVAL_S``.
+* The ETA never claims the job is nearly done while nothing moves: once no item has
+  finished for ``Settings.stall_s`` seconds (``jobs.state.stalled_for``, from the
+  ``progress_at`` time that marking an item writes), the rich line shows "stalled N s"
+  instead of the ETA, and the plain line ``eta=--:-- stalled=N``.
+* A cancelled job ends with exit code 4 (``ExitCode.CANCELLED``), whatever its items did.
 
 Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
 are not kept there, so the display shows done / failed / pending.
@@ -35,7 +40,7 @@ from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.feed import finalize_if_complete
 from pixelrelay.jobs.files import manifest_uri
 from pixelrelay.jobs.recover import RebuildError
-from pixelrelay.jobs.state import Counts, JobState
+from pixelrelay.jobs.state import Counts, JobState, is_finished, job_status, stalled_for
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.keeper import Keeper
@@ -58,9 +63,11 @@ class WaitTimeout(Exception):
         self.job_id, self.seconds = job_id, seconds
 
 
-def eta_text(counts: Counts, rate: float) -> str:
+def eta_text(counts: Counts, rate: float, stalled_s: float | None = None) -> str:
     if counts.pending == 0:
         return "0:00:00"
+    if stalled_s is not None:
+        return f"stalled {int(stalled_s)} s"
     if rate <= 0:
         return "--:--"
     seconds = int(round(counts.pending / rate))
@@ -71,18 +78,25 @@ def _percent(counts: Counts) -> float:
     return 100.0 * (counts.done + counts.failed) / counts.total if counts.total else 100.0
 
 
-def plain_line(counts: Counts, rate: float) -> str:
-    """One parseable ``key=value`` line (pipes, logs and one-shot ``status``)."""
-    return (
+def plain_line(counts: Counts, rate: float, stalled_s: float | None = None, state: str | None = None) -> str:
+    """One parseable ``key=value`` line (pipes, logs and one-shot ``status``). While stalled,
+    ``eta=--:--`` and ``stalled=N`` (seconds); one-shot ``status`` adds ``state=``."""
+    stalled = stalled_s is not None and counts.pending > 0
+    eta = "--:--" if stalled else eta_text(counts, rate)
+    line = (
         f"done={counts.done} failed={counts.failed} pending={counts.pending} total={counts.total} "
-        f"percent={_percent(counts):.1f} rate={rate:.2f}/s eta={eta_text(counts, rate)}"
+        f"percent={_percent(counts):.1f} rate={rate:.2f}/s eta={eta}"
     )
+    if stalled:
+        line += f" stalled={int(stalled_s)}"
+    return line + (f" state={state}" if state else "")
 
 
-def stats_text(counts: Counts, rate: float) -> str:
+def stats_text(counts: Counts, rate: float, stalled_s: float | None = None) -> str:
+    eta = eta_text(counts, rate, stalled_s)
     return (
         f"{_percent(counts):5.1f}%  done {counts.done}  failed {counts.failed}  pending {counts.pending}"
-        f"  of {counts.total}  {rate:.2f}/s  ETA {eta_text(counts, rate)}"
+        f"  of {counts.total}  {rate:.2f}/s  {eta if eta.startswith('stalled') else 'ETA ' + eta}"
     )
 
 
@@ -92,11 +106,13 @@ class ProgressDisplay:
 
     counts: Counts
     rate: float
+    stalled_s: float | None = None
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
-        stats = Text(stats_text(self.counts, self.rate), no_wrap=True, overflow="ellipsis")
+        stats = Text(stats_text(self.counts, self.rate, self.stalled_s), no_wrap=True, overflow="ellipsis")
         stats.highlight_regex(r"failed [1-9]\d*", "bold red")
+        stats.highlight_regex(r"stalled \d+ s", "bold yellow")
         bar_width = width - len(stats) - 1
         grid = Table.grid(padding=(0, 1) if bar_width >= MIN_BAR_WIDTH else 0)
         if bar_width >= MIN_BAR_WIDTH:
@@ -116,8 +132,8 @@ class _LiveView:
         self.live = Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
         self.live.start()
 
-    def show(self, counts: Counts, rate: float, final: bool = False) -> None:
-        self.live.update(ProgressDisplay(counts, rate), refresh=True)
+    def show(self, counts: Counts, rate: float, final: bool = False, stalled_s: float | None = None) -> None:
+        self.live.update(ProgressDisplay(counts, rate, stalled_s), refresh=True)
 
     def note(self, text: str) -> None:
         self.live.update(Text(text, style="yellow", no_wrap=True, overflow="ellipsis"), refresh=True)
@@ -129,21 +145,22 @@ class _LiveView:
 class _PlainView:
     def __init__(self, stream: TextIO, every_s: float) -> None:
         self.stream, self.every_s = stream, every_s
-        self.last_counts: Counts | None = None
+        self.last: tuple[Counts, bool] | None = None
         self.last_at = float("-inf")
 
-    def show(self, counts: Counts, rate: float, final: bool = False) -> None:
-        changed = counts != self.last_counts
+    def show(self, counts: Counts, rate: float, final: bool = False, stalled_s: float | None = None) -> None:
+        """A line when the counts changed, or a stall began or ended (at most every ``every_s``)."""
+        key = (counts, stalled_s is not None)
         due = time.monotonic() - self.last_at >= self.every_s
-        if changed and (final or due):
-            self.stream.write(plain_line(counts, rate) + "\n")
+        if key != self.last and (final or due):
+            self.stream.write(plain_line(counts, rate, stalled_s) + "\n")
             self.stream.flush()
-            self.last_counts, self.last_at = counts, time.monotonic()
+            self.last, self.last_at = key, time.monotonic()
 
     def note(self, text: str) -> None:
         self.stream.write(text + "\n")
         self.stream.flush()
-        self.last_counts = None  # show the counts again once Redis answers
+        self.last = None  # show the counts again once Redis answers
 
     def close(self) -> None:
         pass
@@ -162,9 +179,8 @@ def _rate(info: dict[str, str], counts: Counts) -> float:
     return max(0, counts.done + counts.failed - base) / elapsed
 
 
-def is_finished(info: dict[str, str]) -> bool:
-    """The manifest of the job's current submission is written (``info``: JobState.info())."""
-    return bool(info.get("finished_at")) and info.get("finished_seq") == info.get("seq")
+def _stalled(info: dict[str, str], settings: Settings) -> float | None:
+    return stalled_for(info, time.time(), settings.stall_s)
 
 
 def _finalize_if_stalled(state: JobState, settings: Settings) -> None:
@@ -241,7 +257,7 @@ class _Ticker:
         counts, info = self.state.counts(), self.state.info()  # one read of the job hash per tick
         self.last = (counts, info)
         self.finished = is_finished(info)
-        self.view.show(counts, _rate(info, counts), final=self.finished)
+        self.view.show(counts, _rate(info, counts), final=self.finished, stalled_s=_stalled(info, self.settings))
         if self.finished:
             return self.state.counts()
         if counts.complete and counts.total > 0:
@@ -253,17 +269,26 @@ class _Ticker:
     def show_final(self) -> None:
         if self.last is not None:
             counts, info = self.last
-            self.view.show(counts, _rate(info, counts), final=True)
+            self.view.show(counts, _rate(info, counts), final=True, stalled_s=_stalled(info, self.settings))
+
+
+def status_line(info: dict[str, str], counts: Counts, settings: Settings) -> str:
+    """One-shot ``status``: the plain line with the job's state (``jobs.state.JobStatus``)."""
+    state = job_status(info, counts, time.time(), settings.stall_s)
+    return plain_line(counts, _rate(info, counts), _stalled(info, settings), state.value)
 
 
 def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures: int = 10) -> int:
-    """Print the outcome; returns the exit code (OK all done, FAILED_ITEMS some failed)."""
+    """Print the outcome; returns the exit code (CANCELLED the job was cancelled, else OK
+    all done, FAILED_ITEMS some failed)."""
     info = state.info()
     spec = state.spec()
     done, failed = int(info.get("manifest_done", 0)), int(info.get("manifest_failed", 0))
-    missing = int(info.get("manifest_missing", 0))
+    missing, dropped = int(info.get("manifest_missing", 0)), int(info.get("manifest_cancelled", 0) or 0)
     manifest = manifest_uri(spec.output, spec.job_id)
-    stream.write(f"job {spec.job_id}: {done} done, {failed} failed; manifest {manifest}\n")
+    cancelled = bool(info.get("cancelled_at"))
+    outcome = f"cancelled: {done} done, {failed} failed, {dropped} cancelled" if cancelled else f"{done} done, {failed} failed"
+    stream.write(f"job {spec.job_id}: {outcome}; manifest {manifest}\n")
     if missing:
         stream.write(f"  {missing} items have no manifest line (their part could not be written); re-submit to retry\n")
     if failed:
@@ -277,6 +302,8 @@ def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures:
                 if shown >= max_failures:
                     stream.write(f"  ... and {failed - shown} more (see the manifest)\n")
                     break
+    if cancelled:
+        return ExitCode.CANCELLED
     return ExitCode.FAILED_ITEMS if failed or missing else ExitCode.OK
 
 
@@ -315,7 +342,7 @@ def show_status(
             sys.stderr.write(f"pixelrelay: {exc}\n  to watch it again: pixelrelay status {job_id} --wait\n")
             return ExitCode.TIMEOUT
     counts, info = state.counts(), state.info()
-    stream.write(plain_line(counts, _rate(info, counts)) + "\n")
+    stream.write(status_line(info, counts, settings) + "\n")
     if is_finished(info):
         return summarize(state, settings, stream)
     return ExitCode.OK

@@ -9,6 +9,14 @@ policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware)
    finished (a Redis visibility-timeout redelivery of a message the sweep replaced, or of a
    chunk the watchdog ended): it ends here (``Stale``) and writes nothing. Otherwise the
    chain's entry is set to this stage (``jobs.chunks``), before any work.
+0b. **Cancelled jobs.** If the job is cancelled (read with the same ``HMGET``: no extra
+   round trip), the chain ends here (``Cancelled``): no work, nothing sent on. The decode
+   stage also looks before each model batch and after its body; a decode that stopped
+   there ends the same way. Ending a chain of a cancelled job (``end_cancelled``) writes
+   the part of its items that finished (done or failed, with their outputs already
+   written atomically), marks them, untracks the chain and writes the job's manifest if it
+   was the last chain in flight (``jobs.feed.finalize_cancelled``). Pending items get no
+   line in the part: the manifest lists them as ``cancelled``.
 1. **Poison pills.** Every delivery is counted in Redis (``JobState.count_delivery``) under
    the chunk, its part and its retry number; a count that survives is a worker that died
    mid-task. Past ``Limits.max_deliveries`` a chunk of several pending items is split: each
@@ -45,7 +53,7 @@ from typing import Callable, Union
 import redis
 
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot, tracked
-from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
+from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete
 from pixelrelay.jobs.files import part_uri, write_part
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
@@ -80,7 +88,14 @@ class Stale:
     """The chain was finished already (its part is written): this delivery ends it."""
 
 
-Outcome = Union[ChunkMessage, Retry, Split, Stale]
+@dataclass(frozen=True)
+class Cancelled:
+    """The job was cancelled: the chain ended here, ``dropped`` items left unfinished."""
+
+    dropped: int
+
+
+Outcome = Union[ChunkMessage, Retry, Split, Stale, Cancelled]
 
 
 @dataclass(frozen=True)
@@ -158,7 +173,24 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
         feed(send, state, storage, spec, state.seq(), 1)
     wrote = finalize_if_complete(state, storage, spec, msg.seq)
     ChunksInFlight(state.r, msg.job_id).untrack(Slot.of(msg))
-    return wrote
+    return wrote or finalize_cancelled(state, storage, spec)  # the watchdog's end of a cancelled job's last chain
+
+
+def end_cancelled(state: JobState, storage: Storage, msg: ChunkMessage) -> bool:
+    """End a chain of a cancelled job: write the part of its finished items, mark them,
+    untrack the chain, then write the manifest if no chain is left in flight. Sends
+    nothing. Returns True if this call wrote the manifest."""
+    finished = [r for r in msg.records if r.status is not None]
+    try:
+        if finished:
+            write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, finished, msg.part)
+    except StorageError as exc:  # the manifest then lists these items as cancelled
+        log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
+        finished = []
+    if finished:
+        state.mark(msg.seq, [(r.index, r.status) for r in finished])
+    ChunksInFlight(state.r, msg.job_id).untrack(Slot.of(msg))
+    return finalize_cancelled(state, storage, state.spec())
 
 
 def snapshot(msg: ChunkMessage, attempts: int = 5) -> ChunkMessage:
@@ -183,7 +215,7 @@ class DeliveryPolicy:
     def deliver(self, delivery: Delivery, work: Work) -> Outcome:
         state, stage, msg = self.state, delivery.stage, delivery.msg
         chunks = self._admit(delivery)
-        if isinstance(chunks, Stale):
+        if isinstance(chunks, (Stale, Cancelled)):
             return chunks
         deliveries = state.count_delivery(stage, msg.seq, delivery.key)
         if deliveries > self.limits.max_deliveries:
@@ -195,6 +227,8 @@ class DeliveryPolicy:
             if retry is not None:
                 return self._waiting(delivery, chunks, retry)
         state.clear_delivery(stage, msg.seq, delivery.key)
+        if stage == "decode" and state.cancelled():  # cancelled while decoding: record what finished
+            return self._cancelled(delivery)
         if stage == "decode":
             retry = self._finish(delivery)
             if retry is not None:
@@ -214,21 +248,31 @@ class DeliveryPolicy:
                   f" part {msg.part}" if msg.part else "", budget_s)
         finish_chunk(self.state, self.storage(msg.output), self.send, msg)
 
-    def _admit(self, delivery: Delivery) -> ChunksInFlight | Stale | None:
-        """``Stale`` for a duplicate of a finished chain; else the chain's tracking, set to
-        this stage (None for a chain of an older submission, which is not tracked)."""
+    def _admit(self, delivery: Delivery) -> ChunksInFlight | Stale | Cancelled | None:
+        """``Stale`` for a duplicate of a finished chain, ``Cancelled`` for a chain of a
+        cancelled job (ended here); else the chain's tracking, set to this stage (None for a
+        chain of an older submission, which is not tracked)."""
         msg = delivery.msg
-        seq, finished_seq = self.state.r.hmget(self.state.key, "seq", "finished_seq")
+        seq, finished_seq, cancelled_at = self.state.r.hmget(self.state.key, "seq", "finished_seq", "cancelled_at")
         if msg.seq < int(seq or 0):
-            return None
+            return self._cancelled(delivery) if cancelled_at is not None else None
         chunks, slot = ChunksInFlight(self.state.r, msg.job_id), Slot.of(msg)
         finished = finished_seq is not None and finished_seq == seq
         if chunks.get(slot) is None and (finished or self._part_written(msg)):
             log.warning("%s: chunk %s/%d%s was finished already: dropping a duplicate", delivery.stage, msg.job_id,
                         msg.chunk, f" part {msg.part}" if msg.part else "")
             return Stale()
+        if cancelled_at is not None:
+            return self._cancelled(delivery)
         chunks.track(slot, delivery.stage, msg.feeds)
         return chunks
+
+    def _cancelled(self, delivery: Delivery) -> Cancelled:
+        msg = delivery.msg
+        log.info("%s: job %s is cancelled: chunk %d%s ends here", delivery.stage, msg.job_id, msg.chunk,
+                 f" part {msg.part}" if msg.part else "")
+        end_cancelled(self.state, self.storage(msg.output), msg)
+        return Cancelled(len(delivery.pending()))
 
     def _split(self, delivery: Delivery, chunks: ChunksInFlight | None, deaths: int) -> Split:
         msg = delivery.msg

@@ -40,7 +40,8 @@ writing the part and the end of the finish), the sweep completes the finish itse
 marks the part's items, feeds the next chunk if the chain fed one, and writes the manifest
 if the job is complete. A re-sent chain counts as a delivery exactly as a redelivery does:
 the dead delivery's count (``JobState.count_delivery``) was never cleared, so a poison item
-still ends up split off and failing alone.
+still ends up split off and failing alone. A lost chain of a **cancelled** job is never
+re-sent: it is untracked, and the job's manifest is written if it was the last in flight.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Entry, Slot, TaskRef, parse_entries, parse_task_id, tracked
-from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
+from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete
 from pixelrelay.jobs.files import read_chunk, read_part
 from pixelrelay.jobs.recover import RebuildError, rebuild
 from pixelrelay.jobs.registry import Registry
@@ -269,6 +270,9 @@ def _recover(client: redis.Redis, send: Send, open_storage: OpenStorage, item: L
         storage = open_storage(spec.output)
         if _finish_written(state, storage, send, item):
             report.finished.append(item.ref)
+        elif state.cancelled():  # a cancelled job's lost chain is dropped, never sent again
+            _finish(state, storage, send, item)
+            report.finished.append(item.ref)
         elif (msg := _rebuild(state, storage, item)) is None:  # every item done: only the finish is missing
             _finish(state, storage, send, item)
             report.finished.append(item.ref)
@@ -314,6 +318,7 @@ def _finish(state: JobState, storage: Storage, send: Send, item: Lost) -> None:
         feed(send, state, storage, spec, state.seq(), 1)
     finalize_if_complete(state, storage, spec, item.slot.seq)
     ChunksInFlight(state.r, item.job_id).untrack(item.slot)
+    finalize_cancelled(state, storage, spec)  # a cancelled job: this may have been its last chain
 
 
 # --- jobs Redis lost -------------------------------------------------------------------

@@ -54,7 +54,7 @@ from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
-from pixelrelay.workers.policy import TRANSIENT_ERRORS, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
+from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.runtime import Runtime, runtime
 
@@ -201,6 +201,8 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     writes_as = {id(record): (action, version) for record, action, version in todo}
     writes = []
     for batch, loaded in _prefetched(rt, [record for record, _, _ in todo], "decode"):
+        if state.cancelled():  # the rest stays pending: the policy ends the chain (cancelled)
+            break
         started = time.perf_counter()
         results = _call_isolated(
             lambda pairs: decoder.restore([img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
@@ -402,8 +404,8 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
     outcome = deliver_leased(policy_for(rt, state, task.app), delivery, work, timing)
     if isinstance(outcome, Retry):
         raise task.retry(exc=outcome.error, countdown=outcome.countdown)
-    if isinstance(outcome, (Split, Stale)):
-        return {}  # split: the split chains carry the items on; stale: finished already
+    if isinstance(outcome, (Split, Stale, Cancelled)):
+        return {}  # split: the split chains carry the items on; stale: finished already; cancelled: ended
     return outcome.model_dump(mode="json")
 
 

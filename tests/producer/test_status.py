@@ -23,7 +23,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from pixelrelay.exitcodes import ExitCode
-from pixelrelay.jobs.state import Counts, JobState
+from pixelrelay.jobs.state import Counts, JobState, stalled_for
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.producer.status import ProgressDisplay, WaitTimeout, plain_line, wait_for_job
@@ -130,3 +130,35 @@ def test_status_wait_timeout_in_an_80_column_terminal(redis_url):
     assert f"gave up waiting after 3 s; job {state.job_id} goes on" in raw
     assert any("done 2  failed 0  pending 5  of 7" in row for row in rows)
     assert state.counts() == Counts(total=7, done=2, failed=0)  # the job itself is untouched
+
+
+def test_a_stalled_job_shows_stalled_instead_of_an_eta():
+    counts = Counts(total=100, done=99, failed=0)  # "nearly done" by the counts
+    fields = dict(pair.split("=", 1) for pair in plain_line(counts, rate=50.0, stalled_s=42.7).split())
+    assert fields["eta"] == "--:--" and fields["stalled"] == "42"
+    assert "stalled" not in plain_line(counts, rate=50.0)  # moving: an ETA, no stalled key
+    console = Console(file=io.StringIO(), width=80, force_terminal=True)
+    console.print(ProgressDisplay(counts, rate=50.0, stalled_s=42.7))
+    (row,) = _rows(console.file.getvalue())
+    assert row.endswith("50.00/s  stalled 42 s") and "ETA" not in row and cell_len(row) <= 80
+
+
+def test_stall_is_measured_from_the_last_finished_item():
+    info = {"submitted_at": "1000", "progress_at": "1100"}
+    assert stalled_for(info, now=1129, stall_s=30) is None
+    assert stalled_for(info, now=1130.5, stall_s=30) == 30.5
+    assert stalled_for({"submitted_at": "1000"}, now=1031, stall_s=30) == 31  # nothing finished yet
+    assert stalled_for({**info, "cancelled_at": "1101"}, now=2000, stall_s=30) is None
+
+
+def test_waiting_on_a_job_that_does_not_move_prints_a_stalled_line(redis_url):
+    url = _idle_redis(redis_url)
+    state = _new_job(url, total=4)
+    state.mark(state.seq(), [(0, "done")])
+    stream = io.StringIO()  # not a TTY: plain lines
+    settings = Settings.from_env(redis_url=url, stall_s=0.4)
+    with pytest.raises(WaitTimeout):
+        wait_for_job(state, settings, stream, poll_s=0.05, timeout_s=1.0, plain_every_s=0.2)
+    lines = stream.getvalue().splitlines()
+    assert "stalled=" not in lines[0] and "eta=" in lines[0]
+    assert lines[-1].startswith("done=1 failed=0 pending=3") and " eta=--:-- stalled=" in lines[-1], lines

@@ -1,0 +1,158 @@
+"""Job control: ``pixelrelay cancel`` and ``pixelrelay jobs``.
+
+Cancelling needs no Celery remote control (no ``revoke``, so it works with
+``worker_enable_remote_control`` off and with messages still in the broker). Invariants:
+
+* the cancel is recorded in storage first (``OUTPUT/_jobs/<id>/cancelled``), then in Redis
+  (``JobState.cancel``): a failed storage write leaves the job untouched, and a job rebuilt
+  from storage after Redis lost it is cancelled too;
+* from then on no chain starts (``jobs.feed.feed`` sends nothing), and every chain in flight
+  ends at its next stage, or before its next decode batch, writing the part of the items it
+  finished (``workers.policy.end_cancelled``); outputs are written atomically, so none is
+  ever partial;
+* when ``cancel_job`` returns, the job's manifest is written (state ``cancelled``): by the
+  last chain in flight as it ends, by the sweep if that chain was lost, or, after
+  ``grace_s``, by ``cancel_job`` itself (``forced``). A model call cannot be interrupted:
+  a chain still inside one after the grace may write its outputs later; the manifest
+  lists those items as cancelled all the same.
+
+``recent_jobs`` reads the ``pixelrelay:jobs`` sorted set (newest submission first) and each
+job's hash; a job whose keys expired (7 days after its manifest) is left out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Callable
+
+import redis
+
+from pixelrelay.jobs import keys
+from pixelrelay.jobs.feed import finalize_cancelled
+from pixelrelay.jobs.files import read_cancel, write_cancel
+from pixelrelay.jobs.state import Counts, JobState, JobStatus, is_finished, job_status
+from pixelrelay.pipeline.settings import ConfigError, Settings
+from pixelrelay.pipeline.storage import open_storage
+
+DEFAULT_GRACE_S = 30.0
+
+
+class UnknownJobError(ConfigError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"unknown job {job_id}")
+        self.job_id = job_id
+
+
+class JobFinishedError(ConfigError):
+    """The job ended before it was cancelled: there is nothing to cancel."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} already finished; nothing to cancel")
+        self.job_id = job_id
+
+
+class CancelOutcome(str, Enum):
+    ENDED = "ended"  # the last chain in flight (or the sweep) wrote the manifest
+    FORCED = "forced"  # the grace ran out: the canceller wrote the manifest
+    ALREADY = "already"  # the job was cancelled (and its manifest written) before
+
+
+def cancel_job(
+    client: redis.Redis,
+    settings: Settings,
+    job_id: str,
+    grace_s: float = DEFAULT_GRACE_S,
+    poll_s: float = 0.2,
+    clock: Callable[[], float] = time.monotonic,
+) -> CancelOutcome:
+    """Cancel the job and see its manifest written (see the module docstring)."""
+    state = JobState(client, job_id)
+    if not state.exists():
+        raise UnknownJobError(job_id)
+    info = state.info()
+    if is_finished(info):
+        if info.get("cancelled_at"):
+            return CancelOutcome.ALREADY
+        raise JobFinishedError(job_id)
+    spec = state.spec()
+    storage = open_storage(spec.output, settings.s3_endpoint_url)
+    at = read_cancel(storage, spec.output, job_id)
+    if at is None:
+        at = time.time()
+        write_cancel(storage, spec.output, job_id, at)
+    state.cancel(at)
+    deadline = clock() + grace_s
+    while clock() < deadline:
+        if finalize_cancelled(state, storage, spec) or is_finished(state.info()):
+            return CancelOutcome.ENDED
+        time.sleep(poll_s)
+    if finalize_cancelled(state, storage, spec) or is_finished(state.info()):
+        return CancelOutcome.ENDED
+    finalize_cancelled(state, storage, spec, force=True)
+    return CancelOutcome.FORCED
+
+
+# --- listing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    state: JobStatus
+    done: int
+    failed: int
+    cancelled: int  # items the manifest lists as cancelled (0 until a cancelled job ends)
+    total: int
+    submitted_at: float
+    age_s: float
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "state": self.state.value, "age_s": round(self.age_s, 1)}
+
+
+def recent_jobs(client: redis.Redis, limit: int, stall_s: float, now: float | None = None) -> list[JobRow]:
+    """The ``limit`` most recently submitted jobs, newest first."""
+    now = time.time() if now is None else now
+    ids = [m.decode() for m, _ in client.zrevrange(keys.JOBS, 0, max(0, limit - 1), withscores=True)]
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hgetall(keys.job(job_id))
+        pipe.bitcount(keys.done_bits(job_id))
+        pipe.bitcount(keys.failed_bits(job_id))
+    replies = pipe.execute()
+    rows = []
+    for i, job_id in enumerate(ids):
+        raw, done, failed = replies[3 * i : 3 * i + 3]
+        if raw:
+            rows.append(_row(job_id, {k.decode(): v.decode() for k, v in raw.items() if k != b"spec"}, done, failed, now, stall_s))
+    return rows
+
+
+def _row(job_id: str, info: dict[str, str], done: int, failed: int, now: float, stall_s: float) -> JobRow:
+    counts = Counts(int(info.get("total", 0) or 0), int(done), int(failed))
+    submitted = float(info.get("submitted_at", 0) or 0)
+    return JobRow(
+        job_id=job_id, state=job_status(info, counts, now, stall_s), done=counts.done, failed=counts.failed,
+        cancelled=int(info.get("manifest_cancelled", 0) or 0), total=counts.total, submitted_at=submitted,
+        age_s=max(0.0, now - submitted),
+    )
+
+
+def age_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def jobs_table(rows: list[JobRow]) -> str:
+    """Plain columns, one job a line, newest first."""
+    header = ("JOB ID", "STATE", "DONE", "FAILED", "CANCELLED", "TOTAL", "AGE")
+    table = [header] + [
+        (r.job_id, r.state.value, str(r.done), str(r.failed), str(r.cancelled), str(r.total), age_text(r.age_s))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
