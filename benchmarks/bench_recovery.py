@@ -97,11 +97,12 @@ class Bench:
                 proc.kill()
 
     # -- jobs
-    def submit(self, job_id: str, *extra: str) -> subprocess.Popen:
-        bucket = "b-" + job_id.lower()
-        self.s3.create_bucket(Bucket=bucket)
-        for rel, data in self.files.items():
-            self.s3.put_object(Bucket=bucket, Key=f"in/{rel}", Body=data)
+    def submit(self, job_id: str, *extra: str, bucket: str | None = None) -> subprocess.Popen:
+        bucket = bucket or self.bucket(job_id)
+        if bucket not in {b["Name"] for b in self.s3.list_buckets()["Buckets"]}:
+            self.s3.create_bucket(Bucket=bucket)
+            for rel, data in self.files.items():
+                self.s3.put_object(Bucket=bucket, Key=f"in/{rel}", Body=data)
         cmd = [sys.executable, "-m", "pixelrelay", "submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/out",
                "--job-id", job_id, "--wait", *extra]
         log = open(self.logdir / f"submit-{job_id}.log", "wb")
@@ -117,23 +118,30 @@ class Bench:
                 return True
         return False
 
-    def check(self, job_id: str) -> str:
-        bucket = "b-" + job_id.lower()
+    @staticmethod
+    def bucket(job_id: str) -> str:
+        return "b-" + job_id.lower()
+
+    def check(self, job_id: str, bucket: str | None = None) -> str:
+        bucket = bucket or self.bucket(job_id)
         body = self.s3.get_object(Bucket=bucket, Key=f"out/_jobs/{job_id}/manifest.jsonl")["Body"].read()
         rows = [json.loads(line) for line in body.splitlines()]
         once = [r["index"] for r in rows] == list(range(len(self.files)))
-        statuses = {r["status"] for r in rows}
+        statuses = {r["status"] for r in rows} | {r.get("outcome") or "" for r in rows} - {""}
         listed = self.s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])
         outputs = {o["Key"] for o in listed if not o["Key"].startswith("out/_jobs/")}
         done_outputs = {f"out/{r['input'].split('/in/', 1)[1]}" for r in rows if r["status"] == "done"}
+        if any(r["status"] == "cancelled" for r in rows):  # a cancelled job: no output beyond its done items
+            outputs &= {f"out/{rel}" for rel in self.files}
         exact = outputs == done_outputs
         counts = JobState(self.client, job_id).counts()
         return (f"{'ok' if once else 'LOST/DUPLICATED'}; {'/'.join(sorted(statuses))}; "
                 f"{'one object per done item' if exact else 'OBJECTS DIFFER'}; "
                 f"counts {counts.done}+{counts.failed}/{counts.total}")
 
-    def run(self, name: str, fault: Callable[[str], None] | None, target: str = "decode", extra: tuple = ()) -> tuple:
-        job_id = f"rec-{name.lower()}-{uuid.uuid4().hex[:4]}"
+    def run(self, name: str, fault: Callable[[str, str], None] | None, target: str = "decode", extra: tuple = (),
+            job_id: str | None = None) -> tuple:
+        job_id = job_id or f"rec-{name.lower()}-{uuid.uuid4().hex[:4]}"
         t0 = time.monotonic()
         waiter = self.submit(job_id, *extra)
         fault_at = None
@@ -144,7 +152,7 @@ class Bench:
                     raise RuntimeError(f"{name}: {target} never started a chunk")
                 time.sleep(0.02)
             fault_at = time.monotonic()
-            fault(target)
+            fault(job_id, target)
         try:
             rc = waiter.wait(self.args.row_timeout)
         except subprocess.TimeoutExpired:
@@ -156,7 +164,7 @@ class Bench:
 
 
 def kill_and_replace(bench: Bench, sig: int) -> Callable[[str], None]:
-    def fault(stage: str) -> None:
+    def fault(job_id: str, stage: str) -> None:
         proc = bench.procs.pop(stage)
         proc.send_signal(sig)
         proc.wait(120)
@@ -166,14 +174,14 @@ def kill_and_replace(bench: Bench, sig: int) -> Callable[[str], None]:
 
 
 def purge(bench: Bench) -> Callable[[str], None]:
-    def fault(stage: str) -> None:
+    def fault(job_id: str, stage: str) -> None:
         bench.client.delete(*QUEUES)
 
     return fault
 
 
 def s3_outage(bench: Bench, seconds: float = 20.0) -> Callable[[str], None]:
-    def fault(stage: str) -> None:
+    def fault(job_id: str, stage: str) -> None:
         bench.proxy.go_down()
         time.sleep(seconds)
         bench.proxy.come_up()
@@ -182,12 +190,42 @@ def s3_outage(bench: Bench, seconds: float = 20.0) -> Callable[[str], None]:
 
 
 def redis_restart(bench: Bench) -> Callable[[str], None]:
-    def fault(stage: str) -> None:
+    def fault(job_id: str, stage: str) -> None:
         bench.redis.process.send_signal(signal.SIGKILL)
         bench.redis.process.wait(10)
         bench.redis = EmbeddedRedis(bench.redis_port).start()  # empty: it keeps nothing
 
     return fault
+
+
+def cancel(bench: Bench) -> Callable[[str, str], None]:
+    def fault(job_id: str, stage: str) -> None:
+        subprocess.run([sys.executable, "-m", "pixelrelay", "cancel", job_id], env=bench.env, cwd=REPO,
+                       capture_output=True, check=True, timeout=300)
+
+    return fault
+
+
+def rescale(bench: Bench) -> tuple:
+    """A finished x2 job, then a new job id with --scale 4 into the same output: every item
+    must be re-processed (outcome ``overwritten``) and come out at x4."""
+    first = f"rec-x2-{uuid.uuid4().hex[:4]}"
+    bucket = bench.bucket(first)
+    if bench.submit(first, "--task", "upscale", "--scale", "2").wait(1800) != 0:
+        return "rescale-x2-to-x4", 0.0, None, "x2 job failed", ""
+    second = f"rec-x4-{uuid.uuid4().hex[:4]}"
+    t0 = time.monotonic()
+    rc = bench.submit(second, "--task", "upscale", "--scale", "4", bucket=bucket).wait(1800)
+    wall = time.monotonic() - t0
+    from PIL import Image
+    import io
+
+    sizes_ok = all(
+        Image.open(io.BytesIO(bench.s3.get_object(Bucket=bucket, Key=f"out/{rel}")["Body"].read())).size
+        == tuple(4 * v for v in Image.open(io.BytesIO(data)).size)
+        for rel, data in bench.files.items()
+    )
+    return "rescale-x2-to-x4", wall, None, rc, bench.check(second, bucket) + ("; every output x4" if sizes_ok else "; NOT x4")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,12 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         scenarios += [(f"{s}-SIGKILL", kill_and_replace(bench, signal.SIGKILL), s) for s in STAGES]
         scenarios += [(f"{s}-SIGTERM", kill_and_replace(bench, signal.SIGTERM), s) for s in STAGES]
         scenarios += [("purge-queues", purge(bench), "decode"), ("s3-unreachable-20s", s3_outage(bench), "decode"),
-                      ("redis-restart-empty", redis_restart(bench), "decode")]
+                      ("redis-restart-empty", redis_restart(bench), "decode"), ("cancel", cancel(bench), "decode")]
         only = set(filter(None, args.only.split(",")))
         for name, fault, target in scenarios:
             if only and name not in only and name != "baseline":
                 continue
             rows.append(bench.run(name, fault, target))
+            print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+        if not only or "rescale-x2-to-x4" in only:
+            rows.append(rescale(bench))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
     finally:
         bench.stop_all()
@@ -226,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for name, wall, after, rc, check in rows:
         after_text = "" if after is None else f"{after:.1f}"
-        extra = "" if name == "baseline" else f"{wall - base:+.1f}"
+        extra = "" if name in ("baseline", "rescale-x2-to-x4") else f"{wall - base:+.1f}"
         print(f"| {name} | {wall:.1f} | {after_text} | {extra} | {rc} | {check} |")
     return 0
 
