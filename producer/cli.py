@@ -62,24 +62,18 @@ def _quality(text: str) -> int:
     return value
 
 
+def _seconds(text: str, positive: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(f"expected {'a positive number of' if positive else '0 or more'} seconds, got {text}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {text}")
-    return value
+    return _seconds(text, positive=True)
 
 
 def _wait_flags(parser: argparse.ArgumentParser, what: str) -> None:

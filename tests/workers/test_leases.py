@@ -7,8 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot
@@ -17,15 +15,7 @@ from pixelrelay.pipeline.messages import ChunkMessage
 from pixelrelay.workers.lease import WATCHDOG_EXIT_CODE, LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import Delivery, Limits, Stale
 from tests.conftest import wait_until
-from tests.workers.test_policy import Job, WorkerDied
-
-
-@pytest.fixture()
-def client(redis_url):
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/6")
-    yield client
-    client.flushdb()
-    client.close()
+from tests.workers.test_policy import Job, WorkerDied, client  # noqa: F401  (client: the policy tests' Redis fixture)
 
 
 def test_a_hung_model_call_loses_its_lease_after_its_budget_and_its_items_time_out(client, tmp_path):
