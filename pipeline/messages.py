@@ -42,6 +42,11 @@ ItemStatus = Literal["done", "failed"]
 # (overwritten). None while in flight, and for failed items.
 ItemOutcome = Literal["reused", "processed", "overwritten"]
 _SHA256_HEX = r"^[0-9a-f]{64}$"
+# A job id: it names a folder (OUTPUT/_jobs/<id>) and Redis keys, so it is checked wherever
+# one is read (submit, every message a worker takes, job.json). Anchored at both ends: no
+# newline, no "..", no "/".
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_INSTRUCTION_CHARS = 2000  # every queued message carries the instruction
 
 
 class _Model(BaseModel):
@@ -53,7 +58,7 @@ class JobOptions(_Model):
 
     task: Task = "restore"
     scale: Scale | None = None  # None: 1 for restore, 2 for upscale
-    instruction: str = ""
+    instruction: str = Field(default="", max_length=MAX_INSTRUCTION_CHARS)
     format: OutputFormat | None = None  # None: keep the input's format where we can write it
     # Encoder settings for the outputs (defaults keep messages without them valid).
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100)  # JPEG, and WebP unless lossless
@@ -77,7 +82,7 @@ class Backends(_Model):
 
 
 class JobSpec(_Model):
-    job_id: str
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
     input: str  # folder, s3:// prefix or manifest file, as given
     output: str  # folder or s3:// prefix
     options: JobOptions = Field(default_factory=JobOptions)
@@ -190,7 +195,7 @@ class ChunkMessage(_Model):
     """
 
     v: int = Field(default=WIRE_VERSION, ge=1, le=WIRE_VERSION)
-    job_id: str
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
     seq: int  # submission number; a resubmission bumps it
     chunk: int
     output: str  # job output root

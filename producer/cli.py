@@ -15,7 +15,7 @@ import sys
 
 from pixelrelay import __version__
 from pixelrelay.exitcodes import DESCRIPTIONS, ExitCode
-from pixelrelay.pipeline.messages import DEFAULT_QUALITY
+from pixelrelay.pipeline.messages import DEFAULT_QUALITY, MAX_INSTRUCTION_CHARS
 from pixelrelay.pipeline.settings import ConfigError, Settings
 
 
@@ -35,7 +35,8 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     parser.add_argument("--task", choices=["restore", "upscale"], default="restore")
     parser.add_argument("--scale", type=int, choices=[1, 2, 4])
-    parser.add_argument("--instruction", default="", help="free-text instruction for the planner")
+    parser.add_argument("--instruction", default="", type=_instruction,
+                        help=f"free-text instruction for the planner (at most {MAX_INSTRUCTION_CHARS} characters)")
     parser.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: keep)")
     parser.add_argument(
         "--quality", type=_quality, default=DEFAULT_QUALITY, metavar="1..100",
@@ -50,6 +51,12 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
     parser.add_argument("--window", type=int, help="chains in flight per job (env PIXELRELAY_WINDOW)")
     _common(parser)
+
+
+def _instruction(text: str) -> str:
+    if len(text) > MAX_INSTRUCTION_CHARS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_INSTRUCTION_CHARS} characters, got {len(text)}")
+    return text
 
 
 def _quality(text: str) -> int:

@@ -76,7 +76,9 @@ class LocalWorkers:
             self._start(stage)
 
     def _start(self, stage: str) -> None:
-        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
+        # -P: the current folder is not put on sys.path, so a stray argparse.py (or any module
+        # named like one we import) where `run` was started never runs inside the workers.
+        cmd = [sys.executable, "-P", "-m", "pixelrelay", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
         with open(os.path.join(self.logdir, f"{stage}.log"), "ab") as log:
             self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 

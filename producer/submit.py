@@ -25,7 +25,7 @@ import redis
 from pixelrelay.jobs.files import spec_uri, write_listing, write_spec
 from pixelrelay.jobs.recover import load_spec, restore_done, start
 from pixelrelay.jobs.registry import open_registry
-from pixelrelay.pipeline.messages import Backends, JobOptions, JobSpec
+from pixelrelay.pipeline.messages import JOB_ID_PATTERN, Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.registry import validate_spec
 from pixelrelay.pipeline.storage import is_s3, open_storage
@@ -34,7 +34,7 @@ from pixelrelay.workers.celery_app import create_app
 from pixelrelay.workers.flow import sender
 from pixelrelay.jobs.state import JobState
 
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 
 @dataclass
@@ -93,7 +93,7 @@ def submit(
 ) -> Submission:
     backends = normalize_backends(backends or Backends())
     job_id = job_id or new_job_id()
-    if not _JOB_ID_RE.match(job_id):
+    if not _JOB_ID_RE.fullmatch(job_id):
         raise ConfigError("--job-id: use letters, digits, '.', '_' and '-' (at most 128)")
     input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
     client = redis_client(settings)
