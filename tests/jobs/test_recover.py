@@ -112,3 +112,37 @@ def test_the_sweep_rebuilds_registered_jobs_and_unlists_finished_ones(client, tm
     assert [m.job_id for m in sent] == [lost.job_id]
     assert [e.job_id for e in registry.entries()] == [lost.job_id]
     assert rebuild_registered(client, registry, sent.append, open_storage, window=1) == []  # known now
+
+
+class _Outage:
+    """A storage whose reads fail as during an outage (``get`` raises a transient error)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def get(self, uri: str) -> bytes:
+        from pixelrelay.pipeline.storage import TransientStorageError
+
+        raise TransientStorageError(f"connection reset reading {uri}")
+
+
+def test_a_chunk_whose_listing_cannot_be_read_stays_tracked_for_the_sweep(client, tmp_path):
+    """The cursor hands out chunk 0, then reading its listing fails: the chunk must not be
+    lost with the cursor. It stays tracked (no lease, no message), so the sweep re-sends it."""
+    from pixelrelay.jobs.chunks import ChunksInFlight, Slot
+    from pixelrelay.jobs.feed import feed
+    from pixelrelay.pipeline.storage import TransientStorageError
+
+    spec = _job(tmp_path)
+    state = JobState(client, spec.job_id)
+    seq = state.start_submission(spec)
+    sent = []
+    with pytest.raises(TransientStorageError):
+        feed(sent.append, state, _Outage(open_storage(spec.output)), spec, seq, 1)
+    assert sent == [] and state.next_chunk() == 1  # the cursor moved past chunk 0...
+    entry = ChunksInFlight(client, spec.job_id).get(Slot(seq, 0))
+    assert entry is not None and entry.stage == "encode"  # ...but chunk 0 is still tracked
+    assert client.sismember(keys.ACTIVE_JOBS, spec.job_id)
