@@ -4,7 +4,8 @@ Every connection to the endpoint is reset (``tests/netfaults.FlakyProxy``) from 
 the first output object exists until 20 s later: reads and writes of all three stages fail
 with connection resets, the tasks retry with the default backoff (2, 4, 8, 16 ... s, which
 outlasts 20 s within the default 5 retries), and the job finishes with every item exactly
-once, one object per item and nothing partial.
+once, one object per item and nothing partial. A chunk whose listing read failed while the
+cursor handed it out is re-sent by the sweep (lease 5 s here, so that case stays quick).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def test_s3_unreachable_for_20_s_mid_job_while_writing(redis_url, s3_server, s3_
     client.flushdb()
     env = worker_env(url, PIXELRELAY_S3_ENDPOINT_URL=proxy.url, PIXELRELAY_PLUGINS="tests.faults",
                      PIXELRELAY_TEST_SLOW_S="0.4", PIXELRELAY_CHUNK_SIZE="2", PIXELRELAY_BATCH_SIZE="2",
-                     PIXELRELAY_WINDOW="2")
+                     PIXELRELAY_WINDOW="2", PIXELRELAY_LEASE_S="5", PIXELRELAY_SWEEP_INTERVAL_S="1")
     s3 = boto3.client("s3", endpoint_url=s3_server)
     files = good_images(N_ITEMS)
     for rel, data in files.items():
