@@ -62,11 +62,9 @@ class Keeper:
         interval = self.settings.sweep_interval_s
         if interval > 0 and self.clock() - self.last_sweep >= interval:
             self.last_sweep = self.clock()
-            from pixelrelay.workers.sweep import sweep_once
+            from pixelrelay.workers.sweep import sweep_and_log
 
-            report = sweep_once(self.client, self.send, self._storage, self.settings.lease_s)
-            if report.resent or report.finished:
-                log.warning("sweep: re-sent %s, finished %s", report.resent, report.finished)
+            sweep_and_log(self.client, self.send, self._storage, self.settings.lease_s)
 
     def finished(self) -> None:
         """The job's manifest is written: take it off the storage registry (if any)."""

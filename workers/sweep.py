@@ -347,6 +347,15 @@ def rebuild_registered(client: redis.Redis, registry: Registry, send: Send, open
 # --- the timer thread -------------------------------------------------------------------
 
 
+def sweep_and_log(client: redis.Redis, send: Send, open_storage: OpenStorage, lease_s: float):
+    """``sweep_once``, logging what it re-sent or finished (the workers' timer and the
+    waiting producers both sweep through this)."""
+    report = sweep_once(client, send, open_storage, lease_s)
+    if report.resent or report.finished:
+        log.warning("sweep: re-sent %s, finished %s", report.resent, report.finished)
+    return report
+
+
 class Sweeper(threading.Thread):
     """Runs ``sweep_once`` every ``interval_s`` (with jitter, so workers spread out)."""
 
@@ -377,9 +386,7 @@ class Sweeper(threading.Thread):
         while not self.stopped.wait(self.interval_s * random.uniform(0.75, 1.25)):
             try:
                 self._scan_registry()
-                report = sweep_once(self.client, self.send, self.open_storage, self.lease_s)
-                if report.resent or report.finished:
-                    log.warning("sweep: re-sent %s, finished %s", report.resent, report.finished)
+                sweep_and_log(self.client, self.send, self.open_storage, self.lease_s)
             except redis.RedisError as exc:
                 log.warning("sweep: %s", exc)
             except Exception:
