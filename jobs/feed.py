@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import Callable
 
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot, tracked
-from pixelrelay.jobs.files import CANCELLED, manifest_uri, merge_manifest, read_chunk
+from pixelrelay.jobs.files import CANCELLED, manifest_uri, merge_manifest, read_chunk, record_for
 from pixelrelay.jobs.state import JobState
-from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, JobSpec
+from pixelrelay.pipeline.messages import ChunkMessage, JobSpec
 from pixelrelay.pipeline.storage import Storage
 
 Send = Callable[[ChunkMessage], None]
@@ -49,7 +49,7 @@ def feed(send: Send, state: JobState, storage: Storage, spec: JobSpec, seq: int,
         in_flight.track(Slot(seq, chunk), "encode", feeds=True)
         items = read_chunk(storage, spec.output, spec.job_id, chunk, spec.chunk_size)
         done = state.done_flags([item.index for item in items])
-        records = [ItemRecord(index=i.index, input=i.input, output=i.output) for i, d in zip(items, done) if not d]
+        records = [record_for(i) for i, d in zip(items, done) if not d]  # listing rejects: failed
         if not records:
             in_flight.untrack(Slot(seq, chunk))
             continue

@@ -10,6 +10,9 @@ Parts are written whole and never appended, so a redelivered chain just rewrites
 A resubmission (``seq`` + 1) writes new parts; the merge keeps the newest line per item.
 The manifest of a cancelled job still has one line per item: an item that no part names
 gets a ``cancelled`` line (``output`` null, ``error`` "job cancelled").
+
+A listed item with an ``error`` (the listing rejected it: see ``producer.listing``) enters its
+chain as a failed record (``record_for``); no stage writes anything for it.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def write_listing(storage: Storage, output: str, job_id: str, items: Iterable[It
     total = 0
     shard: list[str] = []
     for item in items:
-        shard.append(item.model_dump_json())
+        shard.append(item.model_dump_json(exclude_none=True))  # no "error" key: as older shards
         total += 1
         if len(shard) == LISTING_SHARD_SIZE:
             storage.put(_shard_uri(output, job_id, total // LISTING_SHARD_SIZE - 1), _lines(shard))
@@ -181,6 +184,15 @@ def iter_listing(storage: Storage, output: str, job_id: str, total: int) -> Iter
     """The job's items in index order, from its listing shards."""
     for shard in range(-(-total // LISTING_SHARD_SIZE)):
         yield from _read_shard(storage, _shard_uri(output, job_id, shard))
+
+
+def record_for(item: Item) -> ItemRecord:
+    """The chain's record of a listed item: pending, or already failed with the listing's
+    reason (``listing: ...``) when the listing rejected it."""
+    record = ItemRecord(index=item.index, input=item.input, output=item.output)
+    if item.error is not None:
+        record.fail("listing", item.error)
+    return record
 
 
 def cancelled_row(item: Item) -> dict:

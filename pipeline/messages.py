@@ -93,11 +93,15 @@ class JobSpec(_Model):
 
 
 class Item(_Model):
-    """One input image of a job. ``index`` is its stable position in the job's listing."""
+    """One input image of a job. ``index`` is its stable position in the job's listing.
+    An item the listing rejected (a path that escapes the output, an output another item
+    holds) has ``error`` set and ``output`` "": it enters the chain already failed and is
+    never written. Listing shards omit ``error`` when it is None."""
 
     index: int
     input: str  # URI of the source (local path or s3://bucket/key)
-    output: str  # URI the restored image is written to
+    output: str  # URI the restored image is written to ("" for a rejected item)
+    error: str | None = None  # why the listing rejected the item
 
 
 class Description(_Model):

@@ -59,12 +59,12 @@ import redis
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Entry, Slot, TaskRef, parse_entries, parse_task_id, tracked
 from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete
-from pixelrelay.jobs.files import read_chunk, read_part
+from pixelrelay.jobs.files import read_chunk, read_part, record_for
 from pixelrelay.jobs.recover import RebuildError, rebuild
 from pixelrelay.jobs.registry import Registry
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
-from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord
+from pixelrelay.pipeline.messages import ChunkMessage
 from pixelrelay.pipeline.storage import Storage
 
 log = logging.getLogger("pixelrelay.sweep")
@@ -291,7 +291,7 @@ def _rebuild(state: JobState, storage: Storage, item: Lost) -> ChunkMessage | No
     if item.slot.part:
         items = [i for i in items if str(i.index) == item.slot.part]
     done = state.done_flags([i.index for i in items])
-    records = [ItemRecord(index=i.index, input=i.input, output=i.output) for i, d in zip(items, done) if not d]
+    records = [record_for(i) for i, d in zip(items, done) if not d]
     if not records:
         return None
     return ChunkMessage(

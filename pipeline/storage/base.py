@@ -13,10 +13,21 @@ semantics) and raises ``StorageConflictError`` otherwise, leaving the existing b
 ``if_version=V`` replaces the object only if it is still the version ``head`` saw (S3
 ``If-Match: ETAG``, atomic; local: inode/size/mtime compared just before the rename, which
 narrows the race to that instant but cannot close it).
+
+``iter_lines`` streams a text object line by line (a manifest of millions of lines is never
+held whole). A local storage may have a **root** (``open_storage(..., root=...)``): it then
+refuses, with ``StorageEscapeError``, every write or delete whose real path (symlinks of the
+parent folders resolved) leaves the root's real path. Local ``OSError``s never escape the
+interface: ``os_error`` maps them to ``StorageNotFoundError``, ``StorageFullError`` (ENOSPC,
+EDQUOT, EFBIG: permanent, so the item fails at once rather than retrying into a full disk),
+``StorageAccessError`` (EACCES, EPERM, EROFS), ``TransientStorageError`` (timeouts, EAGAIN,
+EBUSY, a stale or unreachable network mount) or else ``StorageError``; each message names the
+path and the system's reason.
 """
 
 from __future__ import annotations
 
+import errno
 import mimetypes
 import os
 from abc import ABC, abstractmethod
@@ -30,6 +41,18 @@ class StorageError(Exception):
 
 class StorageNotFoundError(StorageError):
     pass
+
+
+class StorageFullError(StorageError):
+    """No space left (ENOSPC), quota exceeded (EDQUOT) or file too large (EFBIG)."""
+
+
+class StorageAccessError(StorageError):
+    """Permission denied (EACCES, EPERM) or a read-only file system (EROFS)."""
+
+
+class StorageEscapeError(StorageError):
+    """A write whose real path leaves the storage's root: refused, nothing written."""
 
 
 class StorageConflictError(StorageError):
@@ -48,6 +71,30 @@ class ObjectHead:
 
 class TransientStorageError(Exception):
     """A storage error worth retrying (timeout, connection reset, throttling, 5xx)."""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+# Worth retrying: a busy or slow file system, or a network mount (NFS, SMB) that went away.
+_TRANSIENT_ERRNOS = {
+    errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.ENOTCONN, errno.ECONNRESET,
+    errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH,
+}
+
+
+def os_error(exc: OSError, path: str) -> Exception:
+    """A local ``OSError`` as the storage error it means (see the module docstring)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    message = f"{what}: {path}"
+    if isinstance(exc, FileNotFoundError):
+        return StorageNotFoundError(f"no such file: {path}")
+    if exc.errno in _FULL_ERRNOS:
+        return StorageFullError(message)
+    if isinstance(exc, PermissionError) or exc.errno in _ACCESS_ERRNOS:
+        return StorageAccessError(message)
+    if exc.errno in _TRANSIENT_ERRNOS or isinstance(exc, TimeoutError):
+        return TransientStorageError(message)
+    return StorageError(message)
 
 
 def is_s3(uri: str) -> bool:
@@ -121,6 +168,11 @@ class Storage(ABC):
     def exists(self, uri: str) -> bool: ...
 
     @abstractmethod
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        """Yield the object's lines (without their line ends), streaming: never the whole
+        object in memory."""
+
+    @abstractmethod
     def list(self, prefix: str) -> Iterator[str]:
         """Yield the URIs of every object under ``prefix`` in sorted order."""
 
@@ -128,14 +180,15 @@ class Storage(ABC):
     def delete(self, uri: str) -> None: ...
 
 
-def open_storage(uri: str, endpoint_url: str | None = None, settings=None) -> Storage:
+def open_storage(uri: str, endpoint_url: str | None = None, settings=None, root: str | None = None) -> Storage:
     """The storage that serves ``uri``. S3 clients are configured by ``settings`` (a
     ``Settings``; None: the environment's) with ``endpoint_url`` overriding its endpoint,
-    and cached per configuration."""
+    and cached per configuration. A local storage with ``root`` refuses writes whose real
+    path leaves it (S3 keys have no real path: the workers check keys under the root)."""
     if is_s3(uri):
         from pixelrelay.pipeline.storage.s3 import S3Storage
 
         return S3Storage.shared(endpoint_url, settings)
     from pixelrelay.pipeline.storage.local import LocalStorage
 
-    return LocalStorage()
+    return LocalStorage(root)

@@ -214,6 +214,15 @@ class S3Storage(Storage):
         except Exception as exc:
             raise _map_error(exc, uri) from None
 
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        bucket, key = split_uri(uri)
+        try:
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            for line in body.iter_lines(chunk_size=1 << 20):
+                yield line.rstrip(b"\r")
+        except Exception as exc:
+            raise _map_error(exc, uri) from None
+
     def put(
         self,
         uri: str,
