@@ -6,6 +6,10 @@ Redis keys live in ``pixelrelay.jobs.keys``; a job's storage layout in ``pixelre
 # --- images -------------------------------------------------------------------------
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default (~ 0.25 GiB of 24-bit RGB)
 INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Listed too when readable (producer.listing.listed_extensions): AVIF when this Pillow reads
+# it (Pillow 11.2+ wheels), HEIC/HEIF when pillow-heif (the ``heic`` extra) is installed.
+AVIF_EXTENSIONS = (".avif",)
+HEIF_EXTENSIONS = (".heic", ".heif")
 
 # --- jobs ---------------------------------------------------------------------------
 DEFAULT_CHUNK_SIZE = 16  # items per chain (one message per stage per chunk)

@@ -29,6 +29,14 @@ CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 # Input format (Pillow name) -> the output format that keeps it, when the job names none.
 _KEEP_FORMAT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "MPO": "jpg"}
 
+try:  # HEIC/HEIF inputs, through the optional `heic` extra (pillow-heif)
+    from pillow_heif import register_heif_opener
+except ImportError:
+    HEIF_READABLE = False
+else:
+    register_heif_opener()
+    HEIF_READABLE = True
+
 # We do our own pixel-limit check (configurable per call); Pillow's global limit stays as a
 # second line of defence at twice the default, as Pillow itself does.
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS

@@ -48,6 +48,10 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
         help="re-process every item, even where the output already answers the same request and models",
     )
     parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
+    parser.add_argument(
+        "--follow-symlinks", action="store_true",
+        help="follow symlinked files and folders in a folder input (default: a symlinked image fails its item)",
+    )
     parser.add_argument("--chunk-size", type=int, help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
     parser.add_argument("--window", type=int, help="chains in flight per job (env PIXELRELAY_WINDOW)")
     _common(parser)
@@ -187,7 +191,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     _check_wait_flags(args)
     settings = _settings(args)
     backends = Backends(encoder=args.encoder, planner=args.planner, decoder=args.decoder)
-    submission = submit(settings, args.input, args.out, _job_options(args), backends, args.job_id)
+    submission = submit(settings, args.input, args.out, _job_options(args), backends, args.job_id,
+                        follow_symlinks=args.follow_symlinks)
     print(submission.job_id, flush=True)
     if submission.resumed:
         print(f"resuming: {submission.already_done} of {submission.total} items already done", file=sys.stderr)
@@ -260,7 +265,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     per_stage = {stage: worker_args for stage in ("encode", "plan", "decode")}
     # The workers load the chosen backends at start-up; the job itself uses their defaults.
     return run_local(
-        settings, args.input, args.out, _job_options(args), Backends(), args.job_id, per_stage, keep_logs=args.keep_logs
+        settings, args.input, args.out, _job_options(args), Backends(), args.job_id, per_stage, keep_logs=args.keep_logs,
+        follow_symlinks=args.follow_symlinks,
     )
 
 

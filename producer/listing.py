@@ -1,34 +1,107 @@
-"""Input listing: a local folder, an ``s3://`` prefix, or a manifest file -> Items.
+"""Input listing: a local folder, an ``s3://`` prefix or a manifest file -> Items, streaming.
 
-Each source maps to ``OUTPUT/<its path relative to the input root, new extension>``. Two
-sources that would map to the same output (``a.png`` and ``a.jpg``) keep their old
-extension in the name (``a.jpg.png``) rather than overwrite each other. An input that
-lists no images is an ``InputError`` (a usage error): most often a wrong path or prefix.
+**Order and indices.** A folder is walked in the lexicographic order of its paths (each
+folder's entries sorted, a folder counting as its name plus ``/``: the same order as S3's
+listing, without collecting the paths); an ``s3://`` prefix is paged in S3's order; a manifest
+keeps its line order. An item's index is its position in that order.
+
+**Output keys.** Each source maps to ``OUTPUT/<key>``, the key being its path relative to
+the input root (a folder or prefix: the input itself; a manifest: the deepest folder common
+to all its entries, or, when it mixes local paths and S3 URIs, the full path) with the output
+format's extension. Keys are normalised at listing time: empty and ``.`` segments are dropped
+(``p//x.png`` is ``p/x.png``). A source whose key cannot be made safe is **rejected**: it
+becomes an item with ``error`` set and no output, which enters its chain already failed
+(``listing: <reason>``) and lands in the manifest; the job goes on and ends with exit 1.
+Rejected: a ``..`` segment anywhere in a manifest entry (relative or absolute) or in an S3
+key, a NUL byte, an empty name. Absolute local paths and ``s3://`` URIs in a manifest are
+inputs like any other: only their key, relative to the common root, names their output, so
+no output ever lands outside ``OUTPUT``.
+
+**Collisions**, deterministic: an item takes its natural key (``stem`` + output extension)
+unless another item has the same natural key; then all of those keep their source extension
+(``a.jpg`` -> ``a.jpg.png``, ``a.png`` -> ``a.png.png``). If the final key is still held by
+several items (``a.jpg``'s ``a.jpg.png`` and a source named ``a.jpg.png``; S3 keys ``p//x.png``
+and ``p/x.png``), the one with the lowest index keeps it and every later one is rejected with
+a reason naming that item. No two items ever share an output.
+
+**Duplicates.** A manifest that lists one input twice (``p//x.png`` and ``p/x.png`` are one
+local file) yields one item, at its first line.
+
+**Symlinks.** A folder listing never follows a symlink unless ``follow_symlinks`` is set
+(``--follow-symlinks``): a symlinked image file is rejected ("symlink not followed"), a
+symlinked folder is not entered. With it, both are followed (a loop is entered once); the key
+is still the link's own path under the input folder. Manifest entries are explicit paths:
+they are read as given.
+
+**Extensions.** ``listed_extensions()``: ``constants.INPUT_EXTENSIONS``, plus ``.avif`` when
+this Pillow reads AVIF, plus ``.heic``/``.heif`` when ``pillow-heif`` (the ``heic`` extra)
+is installed.
+
+**Memory** stays flat whatever the size: sources stream (folders walked, S3 paged, manifests
+read line by line, twice: once for the common root, once for the items) into a SQLite file
+in a temporary folder, which also finds duplicates (a unique index) and collisions (SQLite's
+own external sort); the items then stream out of it in index order into the listing shards.
+
+An input that lists no images is an ``InputError`` (a usage error): most often a wrong path
+or prefix.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
+import shutil
+import sqlite3
+import tempfile
+from dataclasses import dataclass
 from typing import Iterator
 
-from pixelrelay.pipeline import constants as C
+from PIL import features
+
 from pixelrelay.jobs.files import JOBS_DIR
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline import imageio
 from pixelrelay.pipeline.imageio import format_for_extension, output_extension
 from pixelrelay.pipeline.messages import Item
 from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, is_s3, join_uri
+from pixelrelay.pipeline.storage.local import sorted_walk
 
 MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".json", ".lst", ".csv")
+MAX_REJECTED_INPUT_CHARS = 1024  # a rejected line is kept this long in its item
+_BATCH = 10_000  # rows per SQLite insert
+_SQLITE_CACHE_KIB = 32 * 1024  # SQLite's page cache (and sorter memory) per listing
 
 
 class InputError(ValueError):
     """The job's input can't be listed; the message says why."""
 
 
+@functools.lru_cache(maxsize=1)
+def listed_extensions() -> tuple[str, ...]:
+    """The extensions a folder or prefix listing takes (see the module docstring)."""
+    extensions = C.INPUT_EXTENSIONS
+    if features.check("avif"):
+        extensions += C.AVIF_EXTENSIONS
+    if imageio.HEIF_READABLE:
+        extensions += C.HEIF_EXTENSIONS
+    return extensions
+
+
+@dataclass(frozen=True)
+class Source:
+    """One listed input: its URI and its key segments, or the reason it is rejected."""
+
+    input: str
+    segments: tuple[str, ...] = ()
+    error: str | None = None
+    unique: bool = False  # a manifest entry: a second one with the same input is dropped
+
+
 def _is_image_name(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
-    return not base.startswith(".") and base.lower().endswith(C.INPUT_EXTENSIONS)
+    return not base.startswith(".") and base.lower().endswith(listed_extensions())
 
 
 def _is_manifest(uri: str, storage: Storage) -> bool:
@@ -37,15 +110,75 @@ def _is_manifest(uri: str, storage: Storage) -> bool:
     return storage.exists(uri)
 
 
-def _manifest_uris(uri: str, storage: Storage) -> list[str]:
-    try:
-        text = storage.get(uri).decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"manifest {uri} is not UTF-8 text") from None
-    base = uri.rsplit("/", 1)[0] if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
-    uris = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+def _segments(path: str) -> tuple[tuple[str, ...], str | None]:
+    """A path's segments, empty and ``.`` ones dropped; or a reason it is unsafe."""
+    if "\0" in path:
+        return (), "NUL byte in the path"
+    parts = tuple(p for p in path.split("/") if p not in ("", "."))
+    if ".." in parts:
+        return (), "'..' in the path: outputs must stay under --out"
+    if not parts:
+        return (), "empty name"
+    return parts, None
+
+
+def _rejected(text: str, reason: str) -> Source:
+    if len(text) > MAX_REJECTED_INPUT_CHARS:
+        text = text[:MAX_REJECTED_INPUT_CHARS] + "..."
+    return Source(input=text, error=reason)
+
+
+# --- folders and prefixes -----------------------------------------------------------------
+
+
+def _folder_sources(root: str, output_uri: str, follow_symlinks: bool) -> Iterator[Source]:
+    out_root = os.path.abspath(output_uri) if output_uri and not is_s3(output_uri) else None
+
+    def skip(path: str, entry: os.DirEntry) -> bool:
+        if entry.name.startswith("."):
+            return True  # hidden files and folders (sidecars, temp files)
+        if entry.is_dir():
+            return entry.name == JOBS_DIR or path == out_root
+        return not _is_image_name(entry.name)
+
+    for path, entry in sorted_walk(root, follow_symlinks, skip):
+        rel = path[len(root) :].lstrip(os.sep).replace(os.sep, "/")
+        if entry.is_symlink():
+            if not follow_symlinks:
+                yield _rejected(path, "symlink not followed (pass --follow-symlinks to follow it)")
+                continue
+            if not os.path.isfile(path):
+                continue  # dangling, or not a file
+        segments, error = _segments(rel)
+        yield Source(path, segments, error) if error is None else _rejected(path, error)
+
+
+def _prefix_sources(root: str, storage: Storage, output_uri: str) -> Iterator[Source]:
+    prefix = root.rstrip("/") + "/"
+    skip = [join_uri(output_uri.rstrip("/"), JOBS_DIR) + "/"] if output_uri else []
+    if is_s3(output_uri) and output_uri.rstrip("/").startswith(prefix):
+        skip.append(output_uri.rstrip("/") + "/")  # outputs written under the input
+    for uri in storage.list(prefix):
+        rel = uri[len(prefix) :]
+        parts = rel.split("/")
+        if any(uri.startswith(s) for s in skip) or JOBS_DIR in parts[:-1]:
+            continue
+        if any(p.startswith(".") and p not in (".", "..") for p in parts) or not _is_image_name(uri):
+            continue
+        segments, error = _segments(rel)
+        yield Source(uri, segments, error) if error is None else _rejected(uri, error)
+
+
+# --- manifests ----------------------------------------------------------------------------
+
+
+def _manifest_lines(uri: str, storage: Storage) -> Iterator[tuple[int, str]]:
+    """(line number, entry) for every entry line, a JSON line's ``uri`` field taken."""
+    for number, raw in enumerate(storage.iter_lines(uri), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise InputError(f"manifest {uri} line {number} is not UTF-8 text") from None
         if not line or line.startswith("#"):
             continue
         if line.startswith("{"):
@@ -53,78 +186,172 @@ def _manifest_uris(uri: str, storage: Storage) -> list[str]:
                 line = str(json.loads(line)["uri"])
             except (ValueError, KeyError, TypeError):
                 raise InputError(f"manifest {uri} line {number}: expected JSON with a 'uri' field") from None
-        if not is_s3(line) and not os.path.isabs(line):
-            line = join_uri(base, line)
-        uris.append(line)
-    return list(dict.fromkeys(uris))  # a URI listed twice is one item
+        yield number, line
 
 
-def _common_root(uris: list[str]) -> str:
-    if not uris:
-        return ""
-    dirs = [u.rsplit("/", 1)[0] if is_s3(u) else os.path.dirname(u) for u in uris]
-    if all(is_s3(u) for u in uris):
-        return "s3://" + posixpath.commonpath([d[len("s3://") :] for d in dirs])
-    if any(is_s3(u) for u in uris):
-        return ""  # mixed local and S3: keep full paths under OUTPUT
-    return os.path.commonpath(dirs)
+def _manifest_entry(line: str, base: str) -> tuple[str, tuple[str, ...]] | Source:
+    """An entry's input URI and its location's segments (S3: the bucket first), or a
+    rejected Source. Local paths are normalised; S3 keys are read as written."""
+    if is_s3(line):
+        segments, error = _segments(line[len("s3://") :])
+        return (line, ("s3:", *segments)) if error is None else _rejected(line, error)
+    if is_s3(base) and not line.startswith("/"):
+        segments, error = _segments(line)
+        return (join_uri(base, line), ("s3:", *base[len("s3://") :].split("/"), *segments)) if error is None else _rejected(line, error)
+    path = line if os.path.isabs(line) else base + "/" + line
+    segments, error = _segments(path)
+    if error is not None:
+        return _rejected(line, error)
+    return "/" + "/".join(segments), segments
 
 
-def _relative(uri: str, root: str) -> str:
-    if root and uri.startswith(root.rstrip("/") + "/"):
-        return uri[len(root.rstrip("/")) + 1 :]
-    if is_s3(uri):
-        return uri[len("s3://") :]
-    return uri.lstrip("/")
+def _common_root(uri: str, storage: Storage, base: str) -> tuple[str, ...] | None:
+    """The segments of the deepest folder that holds every accepted entry (None: the
+    manifest mixes local paths and S3 URIs, or lists nothing)."""
+    root: tuple[str, ...] | None = None
+    for _, line in _manifest_lines(uri, storage):
+        entry = _manifest_entry(line, base)
+        if isinstance(entry, Source):
+            continue
+        folder = entry[1][:-1]
+        if root is None:
+            root = folder
+        elif (root[:1] == ("s3:",)) != (folder[:1] == ("s3:",)):
+            return ()  # mixed: full paths under OUTPUT
+        else:
+            n = 0
+            while n < min(len(root), len(folder)) and root[n] == folder[n]:
+                n += 1
+            root = root[:n]
+    return root
+
+
+def _manifest_sources(uri: str, storage: Storage) -> Iterator[Source]:
+    base = uri.rsplit("/", 1)[0] if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
+    root = _common_root(uri, storage, base) or ()
+    for _, line in _manifest_lines(uri, storage):
+        entry = _manifest_entry(line, base)
+        if isinstance(entry, Source):
+            yield entry
+            continue
+        input_uri, segments = entry
+        rel = segments[len(root) :] if segments[: len(root)] == root else segments
+        if rel[:1] == ("s3:",):
+            rel = rel[1:]
+        yield Source(input_uri, rel, unique=True)
+
+
+# --- naming: natural keys, contested keys, collisions (SQLite, on disk) -------------------
+
+
+def _keys(segments: tuple[str, ...], fmt: str | None) -> tuple[str, str]:
+    """(natural key, key keeping the source extension) of a source's segments."""
+    stem, ext = posixpath.splitext("/".join(segments))
+    out_ext = output_extension(fmt or format_for_extension(ext))
+    return stem + out_ext, stem + ext + out_ext
+
+
+class _Listing:
+    """The sources of a listing, on disk, with their final keys (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="pixelrelay-listing-")
+        self.db = sqlite3.connect(os.path.join(self.folder, "listing.sqlite"))
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", f"cache_size=-{_SQLITE_CACHE_KIB}"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute(
+            "CREATE TABLE src (idx INTEGER PRIMARY KEY, input TEXT NOT NULL, uniq TEXT UNIQUE,"
+            " natural TEXT, fallback TEXT, error TEXT)"
+        )
+        self.count = 0
+
+    def fill(self, sources: Iterator[Source], fmt: str | None) -> int:
+        rows = []
+        for source in sources:
+            if source.error is not None:
+                rows.append((source.input, None, None, None, source.error))
+            else:
+                natural, fallback = _keys(source.segments, fmt)
+                rows.append((source.input, source.input if source.unique else None, natural, fallback, None))
+            if len(rows) >= _BATCH:
+                self._insert(rows)
+                rows = []
+        self._insert(rows)
+        self.count = self.db.execute("SELECT count(*) FROM src").fetchone()[0]
+        return self.count
+
+    def _insert(self, rows: list) -> None:
+        self.db.executemany(
+            "INSERT OR IGNORE INTO src (input, uniq, natural, fallback, error) VALUES (?, ?, ?, ?, ?)", rows
+        )
+
+    def _resolve(self) -> None:
+        """Find contested natural keys, then the items that lose a final key to an earlier one."""
+        db = self.db
+        db.execute("CREATE TABLE contested (natural TEXT PRIMARY KEY) WITHOUT ROWID")
+        db.execute(
+            "INSERT INTO contested SELECT natural FROM src WHERE error IS NULL"
+            " GROUP BY natural HAVING count(*) > 1"
+        )
+        db.execute("CREATE TABLE losers (idx INTEGER PRIMARY KEY, holder INTEGER)")
+        if db.execute("SELECT 1 FROM contested LIMIT 1").fetchone() is None:
+            return  # every natural key is unique: nothing collides
+        db.execute(
+            "INSERT INTO losers SELECT idx, holder FROM ("
+            " SELECT idx, min(idx) OVER (PARTITION BY final) AS holder FROM ("
+            "  SELECT s.idx, CASE WHEN c.natural IS NULL THEN s.natural ELSE s.fallback END AS final"
+            "  FROM src s LEFT JOIN contested c ON c.natural = s.natural WHERE s.error IS NULL))"
+            " WHERE idx != holder"
+        )
+
+    def items(self, output_uri: str) -> Iterator[Item]:
+        self._resolve()
+        rows = self.db.execute(
+            "SELECT s.idx, s.input, s.natural, s.fallback, s.error, c.natural IS NOT NULL, l.holder, h.input"
+            " FROM src s LEFT JOIN contested c ON c.natural = s.natural"
+            " LEFT JOIN losers l ON l.idx = s.idx LEFT JOIN src h ON h.idx = l.holder ORDER BY s.idx"
+        )
+        for idx, input_uri, natural, fallback, error, contested, holder, holder_input in rows:
+            key = fallback if contested else natural
+            if error is None and holder is not None:
+                error = f"output {key} is also the output of item {holder - 1} ({holder_input})"
+            if error is not None:
+                yield Item(index=idx - 1, input=input_uri, output="", error=error)
+            else:
+                yield Item(index=idx - 1, input=input_uri, output=join_uri(output_uri, *key.split("/")))
+
+    def close(self) -> None:
+        self.db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --- the listing --------------------------------------------------------------------------
+
+
+def iter_sources(
+    input_uri: str, storage: Storage, output_uri: str = "", follow_symlinks: bool = False
+) -> Iterator[Source]:
+    """The input's sources, streaming, in listing order."""
+    if _is_manifest(input_uri, storage):
+        return _manifest_sources(input_uri, storage)
+    if is_s3(input_uri):
+        return _prefix_sources(input_uri, storage, output_uri)
+    if not os.path.isdir(input_uri):
+        raise InputError(f"input {input_uri} is not a folder, an s3:// prefix or a manifest file")
+    return _folder_sources(os.path.abspath(input_uri), output_uri, follow_symlinks)
 
 
 def list_sources(input_uri: str, storage: Storage, output_uri: str = "") -> tuple[list[str], str]:
-    """Return (sorted source URIs, root they are relative to)."""
-    if _is_manifest(input_uri, storage):
-        uris = _manifest_uris(input_uri, storage)
-        return uris, _common_root(uris)
-    if not is_s3(input_uri) and not os.path.isdir(input_uri):
-        raise InputError(f"input {input_uri} is not a folder, an s3:// prefix or a manifest file")
+    """The accepted source URIs, collected (for small inputs and tests), and the input root."""
+    sources = iter_sources(input_uri, storage, output_uri)
     root = input_uri if is_s3(input_uri) else os.path.abspath(input_uri)
-    prefix = root.rstrip("/") + "/" if is_s3(root) else root
-    skip = join_uri(output_uri.rstrip("/"), JOBS_DIR) if output_uri else None
-    uris = []
-    for uri in storage.list(prefix):
-        rel = _relative(uri, root)
-        if skip and (uri.startswith(skip) or f"/{JOBS_DIR}/" in f"/{rel}"):
-            continue
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if _is_image_name(uri):
-            uris.append(uri)
-    if output_uri and not is_s3(output_uri):
-        out_root = os.path.abspath(output_uri) + os.sep
-        uris = [u for u in uris if not u.startswith(out_root)]
-    return sorted(uris), root
-
-
-def plan_items(sources: list[str], root: str, output_uri: str, fmt: str | None) -> Iterator[Item]:
-    """Map sources to Items with stable indices and collision-free output URIs."""
-    stems: dict[str, int] = {}
-    outputs = []
-    for uri in sources:
-        rel = _relative(uri, root)
-        stem, ext = posixpath.splitext(rel)
-        out_fmt = fmt or format_for_extension(ext)
-        outputs.append((uri, stem, ext, out_fmt))
-        key = stem + output_extension(out_fmt)
-        stems[key] = stems.get(key, 0) + 1
-    for index, (uri, stem, ext, out_fmt) in enumerate(outputs):
-        name = stem + output_extension(out_fmt)
-        if stems[name] > 1:
-            name = stem + ext + output_extension(out_fmt)
-        yield Item(index=index, input=uri, output=join_uri(output_uri, *name.split("/")))
+    return [s.input for s in sources if s.error is None], root
 
 
 def _nothing_listed(input_uri: str, storage: Storage) -> InputError:
     if _is_manifest(input_uri, storage):
         return InputError(f"manifest {input_uri} lists no images: is it the right file?")
-    kinds = ", ".join(sorted({e.lstrip(".") for e in C.INPUT_EXTENSIONS}))
+    kinds = ", ".join(sorted({e.lstrip(".") for e in listed_extensions()}))
     if is_s3(input_uri):
         hint = f"is the prefix right? It is read as a folder ({input_uri.rstrip('/')}/...); keys are case-sensitive"
     else:
@@ -132,12 +359,28 @@ def _nothing_listed(input_uri: str, storage: Storage) -> InputError:
     return InputError(f"input {input_uri} lists no images ({kinds}): {hint}")
 
 
-def list_items(input_uri: str, output_uri: str, storage: Storage, fmt: str | None) -> Iterator[Item]:
-    """The job's items; InputError when the input can't be listed or lists nothing."""
+def list_items(
+    input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool = False
+) -> Iterator[Item]:
+    """The job's items, in index order; InputError (raised here, before any item) when the
+    input can't be listed or lists nothing. The sources are read before this returns; the
+    items stream from a temporary SQLite file, removed once they are consumed."""
+    listing = _Listing()
     try:
-        sources, root = list_sources(input_uri, storage, output_uri)
+        count = listing.fill(iter_sources(input_uri, storage, output_uri, follow_symlinks), fmt)
+        if not count:
+            raise _nothing_listed(input_uri, storage)
     except StorageNotFoundError as exc:
+        listing.close()
         raise InputError(str(exc)) from None
-    if not sources:
-        raise _nothing_listed(input_uri, storage)
-    return plan_items(sources, root, output_uri, fmt)
+    except BaseException:
+        listing.close()
+        raise
+    return _streamed(listing, output_uri)
+
+
+def _streamed(listing: _Listing, output_uri: str) -> Iterator[Item]:
+    try:
+        yield from listing.items(output_uri)
+    finally:
+        listing.close()

@@ -170,6 +170,7 @@ def run_local(
     job_id: str | None,
     worker_args: dict[str, list[str]],
     keep_logs: bool = False,
+    follow_symlinks: bool = False,
 ) -> int:
     outcome: int | None = None
     input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
@@ -195,7 +196,7 @@ def run_local(
         stack.callback(workers.stop)
         print(f"worker logs: {workers.logdir}", file=sys.stderr, flush=True)
         workers.start()
-        submission = submit(settings, input_uri, output_uri, options, backends, job_id)
+        submission = submit(settings, input_uri, output_uri, options, backends, job_id, follow_symlinks=follow_symlinks)
         if server is not None:
             record_job(folder, submission.job_id, input_uri, output_uri)
         print(submission.job_id, flush=True)

@@ -10,6 +10,11 @@ answers the same request with the same models (``pipeline.fingerprint``), and re
 the rest; ``JobOptions.overwrite`` re-processes everything. Backend specs are normalised
 here (``KIND[:MODEL]``) so that equal requests fingerprint equally; a stage the job leaves
 unset runs the stage worker's own default, which the fingerprint's model part records.
+
+The listing (``producer.listing``) streams into the listing shards with bounded memory;
+sources it rejects (a path escaping ``--out``, a colliding output, a symlink not followed)
+are items that fail with their reason. ``follow_symlinks`` (``--follow-symlinks``) is not
+part of the job's spec: it only shapes the first listing.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ def submit(
     options: JobOptions,
     backends: Backends | None = None,
     job_id: str | None = None,
+    follow_symlinks: bool = False,
 ) -> Submission:
     backends = normalize_backends(backends or Backends())
     job_id = job_id or new_job_id()
@@ -98,7 +104,7 @@ def submit(
     input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
     client = redis_client(settings)
     app = create_app(settings)
-    out_storage = open_storage(output_uri, settings.s3_endpoint_url)
+    out_storage = open_storage(output_uri, settings.s3_endpoint_url, root=output_uri)  # writes stay under it
     state = JobState(client, job_id)
     resumed = True
     if state.exists():
@@ -111,7 +117,7 @@ def submit(
     else:
         resumed = False
         in_storage = open_storage(input_uri, settings.s3_endpoint_url)
-        items = list_items(input_uri, output_uri, in_storage, options.format)
+        items = list_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
         total = write_listing(out_storage, output_uri, job_id, items)
         spec = JobSpec(
             job_id=job_id,

@@ -66,8 +66,10 @@ class Runtime:
             self._redis_pid = os.getpid()
         return self._redis
 
-    def storage(self, uri: str) -> Storage:
-        return open_storage(uri, self.settings.s3_endpoint_url, self.settings)
+    def storage(self, uri: str, root: str | None = None) -> Storage:
+        """The storage of ``uri``; with ``root`` (the job's output root), a local one refuses
+        writes whose real path leaves it (``storage.local``)."""
+        return open_storage(uri, self.settings.s3_endpoint_url, self.settings, root=root)
 
     def default_spec(self, stage: str) -> str:
         return getattr(self.settings, C.STAGE_BACKEND[stage])

@@ -213,7 +213,7 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
                 record.fail("decode", _reason(result))
             else:  # encode + upload in the background while the next batch runs
                 args = (rt, record, image, result, msg.options, msg.job_id, *writes_as[id(record)])
-                writes.append((record, rt.io.submit(_write_output, *args)))
+                writes.append((record, rt.io.submit(_write_output, *args, root=msg.output)))
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
     for record, write in writes:
@@ -237,6 +237,7 @@ def _write_output(
     job_id: str = "",
     action: fp.Decision = "replace",
     version: str | None = None,
+    root: str | None = None,
 ) -> None:
     options = options or JobOptions()
     scale = record.plan.scale
@@ -254,7 +255,7 @@ def _write_output(
     )
     # One PUT (with its image/* Content-Type and fingerprint) / one atomic rename or link.
     ctype = content_type(record.plan.output_format)
-    record.outcome = _store(rt, record, data, ctype, options, job_id, action, version)
+    record.outcome = _store(rt, record, data, ctype, options, job_id, action, version, root)
     record.notes.extend([*restored.notes, *notes])
     record.output_size = (expected[1], expected[0])
     record.status = "done"
@@ -269,12 +270,13 @@ def _store(
     job_id: str,
     action: fp.Decision,
     version: str | None = None,
+    root: str | None = None,
 ) -> ItemOutcome:
     """Write an output as ``action`` says, conditionally: ``create`` only where none exists,
     ``replace`` only over the ``version`` that was checked. If the output changed meanwhile
     and now answers this request (another delivery wrote it), it is kept: a duplicate
     delivery never puts other bytes over it. Anything else there is replaced."""
-    storage = rt.storage(record.output)
+    storage = rt.storage(record.output, root=root)  # local: refuses a real path outside the job's output
     metadata = fp.to_metadata(record.fingerprint, job_id) if record.fingerprint and job_id else None
     try:
         if action == "create":
@@ -371,7 +373,7 @@ STAGE_BODIES: dict[str, StageBody] = {"encode": encode_chunk, "plan": plan_chunk
 
 def policy_for(rt: Runtime, state: JobState, app: Celery) -> DeliveryPolicy:
     limits = Limits(max_deliveries=rt.settings.max_deliveries, max_retries=rt.settings.max_retries)
-    return DeliveryPolicy(state, sender(app), rt.storage, limits)
+    return DeliveryPolicy(state, sender(app), lambda output: rt.storage(output, root=output), limits)
 
 
 def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> CeleryRetry:
