@@ -55,8 +55,7 @@ import posixpath
 import shutil
 import sqlite3
 import tempfile
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from PIL import features
 
@@ -71,7 +70,7 @@ from pixelrelay.pipeline.storage.local import sorted_walk
 MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".json", ".lst", ".csv")
 MAX_REJECTED_INPUT_CHARS = 1024  # a rejected line is kept this long in its item
 _BATCH = 10_000  # rows per SQLite insert
-_SQLITE_CACHE_KIB = 32 * 1024  # SQLite's page cache (and sorter memory) per listing
+_SQLITE_CACHE_KIB = 8 * 1024  # SQLite page cache (and sorter memory) per listing: the RSS bound
 
 
 class InputError(ValueError):
@@ -89,8 +88,7 @@ def listed_extensions() -> tuple[str, ...]:
     return extensions
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):
     """One listed input: its URI and its key segments, or the reason it is rejected."""
 
     input: str
@@ -112,14 +110,16 @@ def _is_manifest(uri: str, storage: Storage) -> bool:
 
 def _segments(path: str) -> tuple[tuple[str, ...], str | None]:
     """A path's segments, empty and ``.`` ones dropped; or a reason it is unsafe."""
-    if "\0" in path:
-        return (), "NUL byte in the path"
-    parts = tuple(p for p in path.split("/") if p not in ("", "."))
-    if ".." in parts:
-        return (), "'..' in the path: outputs must stay under --out"
-    if not parts:
-        return (), "empty name"
-    return parts, None
+    parts = path.split("/")
+    if "" in parts or "." in parts or ".." in parts or "\0" in path:
+        if "\0" in path:
+            return (), "NUL byte in the path"
+        parts = [p for p in parts if p not in ("", ".")]
+        if ".." in parts:
+            return (), "'..' in the path: outputs must stay under --out"
+        if not parts:
+            return (), "empty name"
+    return tuple(parts), None
 
 
 def _rejected(text: str, reason: str) -> Source:
@@ -189,56 +189,66 @@ def _manifest_lines(uri: str, storage: Storage) -> Iterator[tuple[int, str]]:
         yield number, line
 
 
-def _manifest_entry(line: str, base: str) -> tuple[str, tuple[str, ...]] | Source:
-    """An entry's input URI and its location's segments (S3: the bucket first), or a
-    rejected Source. Local paths are normalised; S3 keys are read as written."""
-    if is_s3(line):
-        segments, error = _segments(line[len("s3://") :])
-        return (line, ("s3:", *segments)) if error is None else _rejected(line, error)
-    if is_s3(base) and not line.startswith("/"):
+def _manifest_entry(line: str, base: str, base_segments: tuple[str, ...]) -> tuple[str, tuple[str, ...], bool] | Source:
+    """An entry's input URI, its location's segments (S3: the bucket first) and whether it
+    is on S3; or a rejected Source. Local paths are normalised; S3 keys are read as written."""
+    if line.startswith("s3://"):
+        segments, error = _segments(line[5:])
+        return (line, segments, True) if error is None else _rejected(line, error)
+    if line.startswith("/"):
         segments, error = _segments(line)
-        return (join_uri(base, line), ("s3:", *base[len("s3://") :].split("/"), *segments)) if error is None else _rejected(line, error)
-    path = line if os.path.isabs(line) else base + "/" + line
-    segments, error = _segments(path)
+        return ("/" + "/".join(segments), segments, False) if error is None else _rejected(line, error)
+    segments, error = _segments(line)
     if error is not None:
         return _rejected(line, error)
-    return "/" + "/".join(segments), segments
+    if base.startswith("s3://"):
+        return base + "/" + line, base_segments + segments, True
+    segments = base_segments + segments
+    return "/" + "/".join(segments), segments, False
 
 
-def _common_root(uri: str, storage: Storage, base: str) -> tuple[str, ...] | None:
-    """The segments of the deepest folder that holds every accepted entry (None: the
-    manifest mixes local paths and S3 URIs, or lists nothing)."""
-    root: tuple[str, ...] | None = None
-    for _, line in _manifest_lines(uri, storage):
-        entry = _manifest_entry(line, base)
-        if isinstance(entry, Source):
-            continue
-        folder = entry[1][:-1]
-        if root is None:
-            root = folder
-        elif (root[:1] == ("s3:",)) != (folder[:1] == ("s3:",)):
-            return ()  # mixed: full paths under OUTPUT
-        else:
+class _ManifestRoot:
+    """The deepest folder that holds every accepted entry of a manifest, found as the
+    entries stream by: ``strip`` is how many leading characters of a full key to drop (the
+    root and its ``/``; 0 when the manifest mixes local paths and S3 URIs)."""
+
+    def __init__(self) -> None:
+        self.folder: tuple[str, ...] | None = None
+        self.kind: bool | None = None  # True: S3
+        self.mixed = False
+
+    def add(self, segments: tuple[str, ...], s3: bool) -> None:
+        folder = segments[:-1]
+        if self.folder is None:
+            self.folder, self.kind = folder, s3
+        elif s3 != self.kind:
+            self.mixed = True
+        elif folder[: len(self.folder)] != self.folder:
             n = 0
-            while n < min(len(root), len(folder)) and root[n] == folder[n]:
+            while n < min(len(self.folder), len(folder)) and self.folder[n] == folder[n]:
                 n += 1
-            root = root[:n]
-    return root
+            self.folder = self.folder[:n]
+
+    @property
+    def strip(self) -> int:
+        if self.mixed or not self.folder:
+            return 0
+        return len("/".join(self.folder)) + 1
 
 
-def _manifest_sources(uri: str, storage: Storage) -> Iterator[Source]:
+def _manifest_sources(uri: str, storage: Storage, root: _ManifestRoot) -> Iterator[Source]:
+    """The manifest's entries, keyed by their full path (S3: bucket/key); ``root`` learns the
+    common folder on the way."""
     base = uri.rsplit("/", 1)[0] if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
-    root = _common_root(uri, storage, base) or ()
+    base_segments = _segments(base[5:] if is_s3(base) else base)[0]
     for _, line in _manifest_lines(uri, storage):
-        entry = _manifest_entry(line, base)
+        entry = _manifest_entry(line, base, base_segments)
         if isinstance(entry, Source):
             yield entry
             continue
-        input_uri, segments = entry
-        rel = segments[len(root) :] if segments[: len(root)] == root else segments
-        if rel[:1] == ("s3:",):
-            rel = rel[1:]
-        yield Source(input_uri, rel, unique=True)
+        input_uri, segments, s3 = entry
+        root.add(segments, s3)
+        yield Source(input_uri, segments, unique=True)
 
 
 # --- naming: natural keys, contested keys, collisions (SQLite, on disk) -------------------
@@ -246,7 +256,10 @@ def _manifest_sources(uri: str, storage: Storage) -> Iterator[Source]:
 
 def _keys(segments: tuple[str, ...], fmt: str | None) -> tuple[str, str]:
     """(natural key, key keeping the source extension) of a source's segments."""
-    stem, ext = posixpath.splitext("/".join(segments))
+    name = segments[-1]
+    dot = name.rfind(".")
+    ext = name[dot:] if dot > 0 and name[:dot].strip(".") else ""  # as posixpath.splitext
+    stem = "/".join(segments)[: -len(ext) or None]
     out_ext = output_extension(fmt or format_for_extension(ext))
     return stem + out_ext, stem + ext + out_ext
 
@@ -304,21 +317,24 @@ class _Listing:
             " WHERE idx != holder"
         )
 
-    def items(self, output_uri: str) -> Iterator[Item]:
+    def items(self, output_uri: str, strip: int = 0) -> Iterator[Item]:
+        """The items in index order; keys lose their first ``strip`` characters (a
+        manifest's common root)."""
         self._resolve()
         rows = self.db.execute(
             "SELECT s.idx, s.input, s.natural, s.fallback, s.error, c.natural IS NOT NULL, l.holder, h.input"
             " FROM src s LEFT JOIN contested c ON c.natural = s.natural"
             " LEFT JOIN losers l ON l.idx = s.idx LEFT JOIN src h ON h.idx = l.holder ORDER BY s.idx"
         )
+        prefix = output_uri.rstrip("/") + "/"
         for idx, input_uri, natural, fallback, error, contested, holder, holder_input in rows:
-            key = fallback if contested else natural
+            key = (fallback if contested else natural)[strip:] if error is None else ""
             if error is None and holder is not None:
                 error = f"output {key} is also the output of item {holder - 1} ({holder_input})"
             if error is not None:
                 yield Item(index=idx - 1, input=input_uri, output="", error=error)
             else:
-                yield Item(index=idx - 1, input=input_uri, output=join_uri(output_uri, *key.split("/")))
+                yield Item(index=idx - 1, input=input_uri, output=prefix + key)
 
     def close(self) -> None:
         self.db.close()
@@ -329,11 +345,13 @@ class _Listing:
 
 
 def iter_sources(
-    input_uri: str, storage: Storage, output_uri: str = "", follow_symlinks: bool = False
+    input_uri: str, storage: Storage, output_uri: str = "", follow_symlinks: bool = False,
+    root: _ManifestRoot | None = None,
 ) -> Iterator[Source]:
-    """The input's sources, streaming, in listing order."""
+    """The input's sources, streaming, in listing order. A manifest's entries carry their
+    full path; ``root`` (when given) learns their common folder."""
     if _is_manifest(input_uri, storage):
-        return _manifest_sources(input_uri, storage)
+        return _manifest_sources(input_uri, storage, root or _ManifestRoot())
     if is_s3(input_uri):
         return _prefix_sources(input_uri, storage, output_uri)
     if not os.path.isdir(input_uri):
@@ -365,9 +383,9 @@ def list_items(
     """The job's items, in index order; InputError (raised here, before any item) when the
     input can't be listed or lists nothing. The sources are read before this returns; the
     items stream from a temporary SQLite file, removed once they are consumed."""
-    listing = _Listing()
+    listing, root = _Listing(), _ManifestRoot()
     try:
-        count = listing.fill(iter_sources(input_uri, storage, output_uri, follow_symlinks), fmt)
+        count = listing.fill(iter_sources(input_uri, storage, output_uri, follow_symlinks, root), fmt)
         if not count:
             raise _nothing_listed(input_uri, storage)
     except StorageNotFoundError as exc:
@@ -376,11 +394,11 @@ def list_items(
     except BaseException:
         listing.close()
         raise
-    return _streamed(listing, output_uri)
+    return _streamed(listing, output_uri, root.strip)
 
 
-def _streamed(listing: _Listing, output_uri: str) -> Iterator[Item]:
+def _streamed(listing: _Listing, output_uri: str, strip: int) -> Iterator[Item]:
     try:
-        yield from listing.items(output_uri)
+        yield from listing.items(output_uri, strip)
     finally:
         listing.close()
