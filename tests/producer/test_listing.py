@@ -40,3 +40,18 @@ def test_manifest_text_and_jsonl(tmp_path):
     (tmp_path / "list.jsonl").write_text("\n".join(rows))
     items = list(list_items(str(tmp_path / "list.jsonl"), "/out", open_storage(str(tmp_path)), None))
     assert [(i.input, i.output) for i in items] == [("s3://b/p/q/1.png", "/out/q/1.png"), ("s3://b/p/r/2.png", "/out/r/2.png")]
+
+
+def test_avif_is_listed_when_pillow_reads_it(tmp_path):
+    import io
+
+    import pytest
+    from PIL import Image, features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, "AVIF")
+    _touch(tmp_path / "in" / "photo.avif", buf.getvalue())
+    items = list(list_items(str(tmp_path / "in"), str(tmp_path / "out"), open_storage(str(tmp_path)), None))
+    assert [i.output for i in items] == [str(tmp_path / "out" / "photo.png")]  # AVIF is read, written as PNG
