@@ -40,6 +40,7 @@ from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline import fingerprint as fp
 from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
+from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.messages import (
     ChunkMessage,
     Fingerprint,
@@ -52,7 +53,7 @@ from pixelrelay.pipeline.messages import (
 from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
-from pixelrelay.workers.flow import sender
+from pixelrelay.workers.flow import sender, signed_body
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
@@ -367,11 +368,12 @@ def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], e
 
 StageBody = Callable[[Runtime, JobState, ChunkMessage], None]
 STAGE_BODIES: dict[str, StageBody] = {"encode": encode_chunk, "plan": plan_chunk, "decode": decode_chunk}
+NEXT_STAGE = {"encode": "plan", "plan": "decode", "decode": "done"}  # whose body a stage returns
 
 
 def policy_for(rt: Runtime, state: JobState, app: Celery) -> DeliveryPolicy:
     limits = Limits(max_deliveries=rt.settings.max_deliveries, max_retries=rt.settings.max_retries)
-    return DeliveryPolicy(state, sender(app), rt.storage, limits)
+    return DeliveryPolicy(state, sender(app, rt.signer), rt.storage, limits)
 
 
 def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> CeleryRetry:
@@ -390,14 +392,27 @@ def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> C
     return CeleryRetry(str(exc), exc, countdown, sig=sig)
 
 
+def verify_body(task: Task, stage: str, signer, body: dict) -> dict:
+    """The body without its signature, once it checks out (``pipeline.signing``). A body that
+    fails is dropped: logged (task id and reason, never the key) and rejected without
+    requeue, so it is acked, never retried, and the rest of its chain is never sent."""
+    try:
+        return signer.verify("chunk:" + stage, body)
+    except SignatureError as exc:
+        log.warning("%s task %s dropped: %s", stage, task.request.id, exc)
+        raise Reject(f"signature check failed: {exc}", requeue=False) from None
+
+
 def run_stage(task: Task, stage: str, body: dict) -> dict:
-    """One delivery: validate the body, let the policy run the stage body, map its outcome."""
+    """One delivery: check the body's signature, validate it, let the policy run the stage
+    body, map its outcome. The body returned (the next stage's) is signed for that stage."""
+    rt = runtime()
+    body = verify_body(task, stage, rt.signer, body)  # before any parsing
     try:
         msg = upgrade_message(body)  # any wire version up to ours (the broker's data is input)
     except WireVersionError as exc:
         raise requeue_for_newer_worker(task, stage, exc) from None
-    rt = runtime()
-    state = JobState(rt.redis, msg.job_id)
+    state = JobState(rt.redis, msg.job_id, rt.signer)
     work = functools.partial(STAGE_BODIES[stage], rt, state)
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries)
@@ -406,7 +421,7 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
         raise task.retry(exc=outcome.error, countdown=outcome.countdown)
     if isinstance(outcome, (Split, Stale, Cancelled)):
         return {}  # split: the split chains carry the items on; stale: finished already; cancelled: ended
-    return outcome.model_dump(mode="json")
+    return signed_body(rt.signer, NEXT_STAGE[stage], outcome)
 
 
 def register(app: Celery) -> None:
