@@ -10,6 +10,10 @@ under a lease on the chunk with a watchdog on its time budget (``workers.lease``
 Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
 (``celery_app.get_app``), so importing this module needs no settings and no broker.
 
+Signing (``pipeline.signing``): ``run_stage`` checks a body's signature (kind
+``chunk:<stage>``) before it parses it, and drops one that fails (``verify_body``); the body
+it returns, the next stage's, is signed for that stage (``NEXT_STAGE``).
+
 Reuse (``pipeline.fingerprint``): every output carries the fingerprint of the request and
 models that made it. ``encode_chunk`` passes an item straight to done (``reused``) when its
 output's fingerprint matches what this job would produce, computed from its own encoder
@@ -40,7 +44,6 @@ from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline import fingerprint as fp
 from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
-from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.messages import (
     ChunkMessage,
     Fingerprint,
@@ -50,6 +53,7 @@ from pixelrelay.pipeline.messages import (
     WireVersionError,
     upgrade_message,
 )
+from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
