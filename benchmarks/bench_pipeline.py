@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -72,6 +73,7 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 
 
 def pipeline_run(folder: Path, out: Path, options: JobOptions, specs: dict, batch: int, chunk: int) -> dict:
+    os.environ.setdefault("PIXELRELAY_SIGNING_KEY", secrets.token_urlsafe(32))  # workers and producer share it
     with EmbeddedRedis() as server:
         env = dict(os.environ, PIXELRELAY_REDIS_URL=server.url, PIXELRELAY_BATCH_SIZE=str(batch),
                    PIXELRELAY_TORCH_THREADS="1", PYTHONPATH=str(REPO))
@@ -86,12 +88,14 @@ def pipeline_run(folder: Path, out: Path, options: JobOptions, specs: dict, batc
             warm = folder.parent / "warm"
             make_inputs(warm, 2, 32)
             job = submit(settings, str(warm), str(out.parent / "warm-out"), options).job_id
-            wait_for_job(JobState(client, job), settings, open(os.devnull, "w"), poll_s=0.05, health=workers.problem)
+            wait_for_job(JobState(client, job, settings.signer()), settings, open(os.devnull, "w"), poll_s=0.05,
+                         health=workers.problem)
 
             before = commandstats(client)
             started = time.perf_counter()
             job = submit(settings, str(folder), str(out), options).job_id
-            wait_for_job(JobState(client, job), settings, open(os.devnull, "w"), poll_s=0.25, health=workers.problem)
+            wait_for_job(JobState(client, job, settings.signer()), settings, open(os.devnull, "w"), poll_s=0.25,
+                         health=workers.problem)
             wall = time.perf_counter() - started
             after = commandstats(client)
         finally:

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -62,6 +63,7 @@ class Bench:
         self.s3_url = f"http://127.0.0.1:{port}"
         self.proxy = FlakyProxy(port)
         creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        os.environ.setdefault("PIXELRELAY_SIGNING_KEY", secrets.token_urlsafe(32))  # workers and cancel share it
         os.environ.update(creds)
         self.s3 = boto3.client("s3", endpoint_url=self.s3_url)
         self.env = {

@@ -10,6 +10,10 @@ may pass a list's ``append``. Every chunk sent is tracked first (``jobs.chunks``
 lost by the broker or with its worker can be found and sent again; a finished job is retired
 from that tracking.
 
+Signed state (``pipeline.signing``): the spec a caller passes comes from ``JobState.spec()``
+(checked) and ``JobState.next_chunk`` checks the cursor: a forged one raises
+``SignatureError`` before anything is read or sent.
+
 Cancelling (``JobState.cancel``): ``feed`` sends nothing for a cancelled job, so no new
 chain starts; the chains in flight end at their next stage (``workers.policy``). The
 manifest of a cancelled job is written by ``finalize_cancelled`` once no chain of its

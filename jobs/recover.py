@@ -35,6 +35,7 @@ from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
 from pixelrelay.jobs.files import iter_part_records, latest_seq, read_cancel, read_spec
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import JobSpec
+from pixelrelay.pipeline.signing import Signer
 from pixelrelay.pipeline.storage import Storage, StorageError, StorageNotFoundError
 
 log = logging.getLogger("pixelrelay.recover")
@@ -81,10 +82,12 @@ def start(state: JobState, storage: Storage, spec: JobSpec, send: Send, window: 
     return seq
 
 
-def rebuild(client: redis.Redis, storage: Storage, output: str, job_id: str, send: Send, window: int) -> int | None:
+def rebuild(client: redis.Redis, storage: Storage, output: str, job_id: str, send: Send, window: int,
+            *, signer: Signer) -> int | None:
     """Rebuild job ``job_id`` of ``output`` if Redis does not know it; returns the new seq,
-    or None when Redis knows the job (or another process is rebuilding it right now)."""
-    state = JobState(client, job_id)
+    or None when Redis knows the job (or another process is rebuilding it right now). The
+    spec it writes to Redis is signed with ``signer``."""
+    state = JobState(client, job_id, signer)
     if state.exists():
         return None
     lock = keys.rebuild_lock(job_id)

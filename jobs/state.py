@@ -14,12 +14,22 @@ Invariants of the hash's time fields (unix seconds, each writer's clock):
 * a job's state (``JobStatus``) is derived from the hash and counts (``job_status``), never
   stored, so it cannot disagree with them.
 
+Signed fields (``pipeline.signing``; the ``Signer`` is passed in, never read from the
+environment here): the hash's ``spec`` (kind ``spec``; ``spec()`` also checks that it names
+this job) and the chunk cursor (kind ``cursor``, stored ``"<n>:<hmac of job id and n>"``,
+advanced by an optimistic ``WATCH``/``MULTI`` transaction). Either one failing its check
+raises ``SignatureError``: a forged spec or cursor never drives a read or a write. A rewound
+cursor (an older signed value of the same job) only sends chunks again: harmless duplicates.
+An insecure signer stores the spec unsigned and the cursor as a plain ``INCR`` counter. A
+``JobState`` built without a signer (counts, info) refuses to read or write either one.
+
 Every job id is also in the ``pixelrelay:jobs`` sorted set (score: its latest submission),
 trimmed to the newest ``keys.JOBS_KEEP``: the ``pixelrelay jobs`` listing.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -29,6 +39,7 @@ import redis
 from pixelrelay.jobs import keys
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.settings import ConfigError
+from pixelrelay.pipeline.signing import SignatureError, Signer
 
 # KEYS: job hash, done bits, failed bits. ARGV: seq, now, then index/status pairs.
 # Items of a stale submission may only be marked done (never failed), so that a late
@@ -119,9 +130,10 @@ def job_status(info: dict[str, str], counts: Counts, now: float, stall_s: float)
 
 
 class JobState:
-    def __init__(self, client: redis.Redis, job_id: str) -> None:
+    def __init__(self, client: redis.Redis, job_id: str, signer: Signer | None = None) -> None:
         self.r = client
         self.job_id = job_id
+        self._signer = signer
         self.key = keys.job(job_id)
         self.done_key = keys.done_bits(job_id)
         self.failed_key = keys.failed_bits(job_id)
@@ -132,11 +144,32 @@ class JobState:
     def exists(self) -> bool:
         return bool(self.r.exists(self.key))
 
+    @property
+    def signer(self) -> Signer:
+        if self._signer is None:
+            raise SignatureError(f"job {self.job_id}: this JobState has no signer: it cannot read or write signed fields")
+        return self._signer
+
     def spec(self) -> JobSpec:
+        """The job's spec, once its signature checks out (``SignatureError`` otherwise)."""
+        signer = self.signer
         raw = self.r.hget(self.key, "spec")
         if raw is None:
             raise KeyError(f"unknown job {self.job_id!r}")
-        return JobSpec.model_validate_json(raw)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise SignatureError(f"job {self.job_id}: its spec in Redis is not JSON") from None
+        try:
+            spec = JobSpec.model_validate(signer.verify("spec", body))
+        except SignatureError as exc:
+            raise SignatureError(f"job {self.job_id}: the spec in Redis fails its check ({exc}): ignored") from None
+        if spec.job_id != self.job_id:
+            raise SignatureError(f"job {self.job_id}: the spec in Redis names job {spec.job_id!r}: ignored")
+        return spec
+
+    def _signed_spec(self, spec: JobSpec) -> str:
+        return json.dumps(self.signer.sign("spec", spec.model_dump(mode="json")), separators=(",", ":"))
 
     def seq(self) -> int:
         return int(self.r.hget(self.key, "seq") or 0)
@@ -150,12 +183,13 @@ class JobState:
         if self.cancelled():
             raise JobCancelledError(self.job_id)
         n_chunks = -(-spec.total // spec.chunk_size)
+        signed = self._signed_spec(spec)
         now = time.time()
         pipe = self.r.pipeline()
         pipe.hset(
             self.key,
             mapping={
-                "spec": spec.model_dump_json(),
+                "spec": signed,
                 "total": spec.total,
                 "n_chunks": n_chunks,
                 "submitted_at": now,
@@ -218,7 +252,37 @@ class JobState:
         return Counts(int(total or 0), int(done), int(failed))
 
     def next_chunk(self) -> int:
-        return int(self.r.incr(self.cursor_key)) - 1
+        """Hand out the next chunk number (0, 1, ...); ``SignatureError`` for a forged cursor."""
+        signer = self.signer
+        if not signer.secure:
+            return int(self.r.incr(self.cursor_key)) - 1
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.cursor_key)
+                    n = self._cursor_value(pipe.get(self.cursor_key))
+                    pipe.multi()
+                    pipe.set(self.cursor_key, f"{n + 1}:{signer.mac('cursor', [self.job_id, n + 1])}")
+                    pipe.execute()
+                    return n
+                except redis.WatchError:
+                    continue
+
+    def cursor(self) -> int:
+        """How many chunk numbers were handed out (checked like ``next_chunk``)."""
+        raw = self.r.get(self.cursor_key)
+        return self._cursor_value(raw) if self.signer.secure else int(raw or 0)
+
+    def _cursor_value(self, raw: bytes | None) -> int:
+        if raw is None:
+            return 0
+        text, _, sig = raw.decode(errors="replace").partition(":")
+        try:
+            n = int(text)
+            self.signer.check("cursor", [self.job_id, n], sig)
+        except (ValueError, SignatureError) as exc:
+            raise SignatureError(f"job {self.job_id}: its chunk cursor in Redis fails its check ({exc}): ignored") from None
+        return n
 
     # --- delivery accounting (poison pills) -------------------------------------------
     def count_delivery(self, stage: str, seq: int, chunk: str) -> int:

@@ -15,6 +15,11 @@ Messages carry storage keys, ids and text, never pixels. They serialise to JSON 
   So while workers are being upgraded, an upgraded worker's output (the next stage's body,
   the job's next chunk) is still read by the workers not yet upgraded.
 
+* Signing (``pipeline.signing``): on the wire a body is ``model_dump(mode="json")`` plus a
+  ``sig`` field, the HMAC of the rest (kind ``chunk:<stage>``). The signature is over exactly
+  the dict that goes on the wire, in whatever version it was written, and is checked, and
+  ``sig`` removed, before ``upgrade_message`` sees the body (which refuses ``sig`` itself).
+
 Versions: 1: no ``v``. 2: ``v``; ``JobOptions.quality``, ``.lossless`` and ``.overwrite``
 (their defaults, 92, False and False, are what version 1 jobs got); ``ItemRecord.models``,
 ``.fingerprint`` and ``.outcome`` (the output fingerprint, written from the encode stage on).

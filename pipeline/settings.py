@@ -2,6 +2,13 @@
 
 ``Settings.from_env`` fails fast with ``ConfigError`` naming the bad variable. The Redis URL
 may carry a password: it is a SecretStr and ``redacted_redis_url`` is the only form logged.
+
+The signing key (``pipeline.signing``) comes from ``PIXELRELAY_SIGNING_KEY`` (the key) or
+``PIXELRELAY_SIGNING_KEY_FILE`` (a file holding it, read here, once; a trailing newline is
+dropped). Setting both is an error, as is a key under 16 characters or an unreadable file;
+the error names the variable, never the key. The key is a SecretStr: no repr, dump or log
+shows it. ``signer()`` builds the ``Signer``; without a key it raises ``ConfigError`` unless
+``insecure_no_signing`` (``--insecure-no-signing``, ``PIXELRELAY_INSECURE_NO_SIGNING=1``).
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pixelrelay.pipeline import constants as C
@@ -81,6 +88,10 @@ class Settings(BaseSettings):
     # Progress (producer.status, ``pixelrelay jobs``): a job none of whose items finished for
     # this long shows "stalled N s" instead of an ETA, and lists as ``stalled``.
     stall_s: float = Field(30.0, gt=0.0, le=86400.0)
+    # Signed job data (pipeline.signing): the key, or a file holding it; never in argv.
+    signing_key: SecretStr | None = None
+    signing_key_file: str = ""
+    insecure_no_signing: bool = False  # no key: sign nothing, accept unsigned bodies
 
     @field_validator("redis_url")
     @classmethod
@@ -120,6 +131,28 @@ class Settings(BaseSettings):
 
         return validate_spec(info.field_name, value)
 
+    @field_validator("signing_key")
+    @classmethod
+    def _check_signing_key(cls, value: SecretStr | None) -> SecretStr | None:
+        from pixelrelay.pipeline.signing import MIN_KEY_CHARS
+
+        if value is not None and len(value.get_secret_value()) < MIN_KEY_CHARS:
+            raise ValueError(f"the signing key must be at least {MIN_KEY_CHARS} characters")
+        return value or None
+
+    @field_validator("signing_key_file")
+    @classmethod
+    def _check_signing_key_file(cls, value: str, info) -> str:
+        if value and info.data.get("signing_key") is not None:
+            raise ValueError(f"set {ENV_PREFIX}SIGNING_KEY or {ENV_PREFIX}SIGNING_KEY_FILE, not both")
+        return value
+
+    @model_validator(mode="after")
+    def _read_signing_key_file(self) -> "Settings":
+        if self.signing_key_file and self.signing_key is None:
+            self.signing_key = SecretStr(read_key_file(self.signing_key_file))
+        return self
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -143,10 +176,26 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             problems = []
             for err in exc.errors():
-                name = str(err["loc"][0]) if err["loc"] else "?"
+                if not err["loc"]:  # a model-level check: its message names the setting
+                    problems.append(str(err.get("ctx", {}).get("error", err["msg"])))
+                    continue
+                name = str(err["loc"][0])
                 source = "--" + name.replace("_", "-") if name in given else ENV_PREFIX + name.upper()
                 problems.append(f"{source}: {err['msg']}")
             raise ConfigError("bad setting: " + "; ".join(problems)) from None
+
+    def signer(self):
+        """The ``Signer`` of this configuration: keyed, or insecure only when allowed."""
+        from pixelrelay.pipeline.signing import Signer
+
+        if self.signing_key is not None:
+            return Signer(self.signing_key.get_secret_value())
+        if self.insecure_no_signing:
+            return Signer.insecure()
+        raise ConfigError(
+            f"no signing key: set {ENV_PREFIX}SIGNING_KEY or {ENV_PREFIX}SIGNING_KEY_FILE "
+            "(the same key on every worker and producer), or pass --insecure-no-signing"
+        )
 
     @property
     def redis(self) -> str:
@@ -155,6 +204,23 @@ class Settings(BaseSettings):
     @property
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis)
+
+
+def read_key_file(path: str) -> str:
+    """The signing key held in ``path`` (one trailing newline dropped)."""
+    from pixelrelay.pipeline.signing import MIN_KEY_CHARS
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(f"{ENV_PREFIX}SIGNING_KEY_FILE: cannot read {path}: {reason}") from None
+    key = key[:-1] if key.endswith("\n") else key
+    key = key[:-1] if key.endswith("\r") else key
+    if len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"{ENV_PREFIX}SIGNING_KEY_FILE: the key in {path} must be at least {MIN_KEY_CHARS} characters")
+    return key
 
 
 def redact_url(url: str) -> str:

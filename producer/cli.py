@@ -21,6 +21,12 @@ from pixelrelay.pipeline.settings import ConfigError, Settings
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="broker Redis URL (env PIXELRELAY_REDIS_URL)")
+    parser.add_argument(
+        "--insecure-no-signing", action="store_true", default=None,
+        help="run without a signing key (env PIXELRELAY_INSECURE_NO_SIGNING=1): anyone who can write to "
+             "Redis then controls what workers read and write. The key: env PIXELRELAY_SIGNING_KEY or "
+             "PIXELRELAY_SIGNING_KEY_FILE",
+    )
     parser.add_argument("--s3-endpoint-url", help="S3 endpoint for MinIO/Ceph/R2 (env PIXELRELAY_S3_ENDPOINT_URL)")
 
 
@@ -137,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, choices=["encode", "plan", "decode"])
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (1: solo pool)")
     p.add_argument("--loglevel", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--remote-control", action="store_true",
+                   help="accept Celery remote control (celery inspect/control, Flower's control panel); off by default")
     _worker_flags(p)
     _backend_flags(p)
     _common(p)
@@ -164,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     fields = (
         "redis_url", "s3_endpoint_url", "chunk_size", "window", "batch_size", "device",
-        "encoder", "planner", "decoder",
+        "encoder", "planner", "decoder", "insecure_no_signing",
     )
     return Settings.from_env(**{name: getattr(args, name, None) for name in fields})
 
@@ -223,7 +231,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     outcome = cancel_job(client, settings, args.job_id, grace_s=args.grace)
     if outcome == CancelOutcome.FORCED:
         print(f"chains still in flight after {args.grace:g} s: manifest written anyway", file=sys.stderr)
-    summarize(JobState(client, args.job_id), settings, sys.stdout)
+    summarize(JobState(client, args.job_id, settings.signer()), settings, sys.stdout)
     return ExitCode.OK
 
 
@@ -248,8 +256,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     export_settings(
         redis_url=args.redis_url, s3_endpoint_url=args.s3_endpoint_url, batch_size=args.batch_size,
         device=args.device, encoder=args.encoder, planner=args.planner, decoder=args.decoder,
+        insecure_no_signing=args.insecure_no_signing,
     )
-    return run_worker(args.stage, args.concurrency, args.loglevel)
+    return run_worker(args.stage, args.concurrency, args.loglevel, remote_control=args.remote_control)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -345,12 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         return _delegate(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pixelrelay.pipeline.signing import SignatureError
     from pixelrelay.pipeline.storage import StorageError
     from pixelrelay.producer.listing import InputError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, InputError, StorageError) as exc:
+    except (ConfigError, InputError, StorageError, SignatureError) as exc:
         print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except KeyboardInterrupt:

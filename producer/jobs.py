@@ -68,7 +68,7 @@ def cancel_job(
     clock: Callable[[], float] = time.monotonic,
 ) -> CancelOutcome:
     """Cancel the job and see its manifest written (see the module docstring)."""
-    state = JobState(client, job_id)
+    state = JobState(client, job_id, settings.signer())
     if not state.exists():
         raise UnknownJobError(job_id)
     info = state.info()

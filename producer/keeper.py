@@ -45,7 +45,7 @@ class Keeper:
             from pixelrelay.workers.celery_app import create_app
             from pixelrelay.workers.flow import sender
 
-            self._send = sender(create_app(self.settings))
+            self._send = sender(create_app(self.settings), self.settings.signer())
         return self._send
 
     def _storage(self, uri: str):
@@ -53,7 +53,8 @@ class Keeper:
 
     def tick(self) -> None:
         try:
-            seq = rebuild(self.client, self._storage(self.output), self.output, self.job_id, self.send, self.settings.window)
+            seq = rebuild(self.client, self._storage(self.output), self.output, self.job_id, self.send, self.settings.window,
+                          signer=self.settings.signer())
         except (StorageError, TransientStorageError, OSError) as exc:  # try again on the next tick
             log.warning("job %s: cannot rebuild it from storage yet: %s", self.job_id, exc)
             return
@@ -64,7 +65,7 @@ class Keeper:
             self.last_sweep = self.clock()
             from pixelrelay.workers.sweep import sweep_and_log
 
-            sweep_and_log(self.client, self.send, self._storage, self.settings.lease_s)
+            sweep_and_log(self.client, self.send, self._storage, self.settings.lease_s, signer=self.settings.signer())
 
     def finished(self) -> None:
         """The job's manifest is written: take it off the storage registry (if any)."""

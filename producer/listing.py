@@ -51,7 +51,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import posixpath
 import shutil
 import sqlite3
 import tempfile

@@ -12,6 +12,13 @@ Invariants:
   ``run.json`` there records the job of the last run (``{job_id, input, output}``); a run
   of the same input and output, without ``--job-id``, resumes that job while it is not
   finished, instead of starting a new one (so a killed ``run`` just runs again).
+* Signing (``pipeline.signing``): with the embedded Redis, the run's key is
+  ``signing.key`` in the state folder (``secrets.token_urlsafe(32)``, made with mode 0600 on
+  first use, made 0600 again if found wider, reused by a run that resumes); the workers get
+  its path as ``PIXELRELAY_SIGNING_KEY_FILE`` in their environment, never the key in argv,
+  and any ``PIXELRELAY_SIGNING_KEY`` of the caller is not passed on. With an external Redis,
+  the configured key is used; without one, ``run`` refuses (exit 2) unless
+  ``--insecure-no-signing``, which its workers then get too.
 * The embedded Redis and the workers stay in ``run``'s process group (``kill -9 -PGID``
   ends them all); SIGTERM and SIGHUP end the run like Ctrl-C: workers are stopped (warm
   shutdown), then Redis, and the exit code is 130.
@@ -33,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -47,7 +55,7 @@ from pixelrelay.jobs.recover import RebuildError
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import Backends, JobOptions
-from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.settings import Settings, read_key_file
 from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.embedded import EmbeddedRedis
 from pixelrelay.producer.keeper import Keeper
@@ -57,6 +65,7 @@ from pixelrelay.producer.submit import normalize_location, redis_client, submit
 MAX_DEATHS = 3  # a worker exiting this often within DEATHS_WINDOW_S cannot run: give up
 DEATHS_WINDOW_S = 60.0
 RUN_RECORD = "run.json"
+KEY_FILE = "signing.key"
 
 
 class Terminated(KeyboardInterrupt):
@@ -128,6 +137,21 @@ def state_dir(output: str) -> str:
     return os.path.join(base, "pixelrelay", "run-" + hashlib.sha256(output.encode()).hexdigest()[:16])
 
 
+def run_key_file(folder: str) -> str:
+    """The path of the run's signing key in ``folder``: made (mode 0600) if there is none."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, KEY_FILE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+    return path
+
+
 def recorded_job(folder: str, input_uri: str, output_uri: str) -> str | None:
     """The job id ``run.json`` records for this input and output (validated), if any."""
     try:
@@ -151,7 +175,7 @@ def record_job(folder: str, job_id: str, input_uri: str, output_uri: str) -> Non
 def _unfinished(settings: Settings, job_id: str, output: str) -> bool:
     """Whether job ``job_id`` is worth resuming: Redis knows it unfinished, or Redis lost it
     and its manifest is not written."""
-    state = JobState(redis_client(settings), job_id)
+    state = JobState(redis_client(settings), job_id, settings.signer())
     if state.exists():
         return not is_finished(state.info())
     return not open_storage(output, settings.s3_endpoint_url).exists(manifest_uri(output, job_id))
@@ -181,13 +205,20 @@ def run_local(
         server: EmbeddedRedis | None = None
         folder = state_dir(output_uri)
         if not settings.redis:
+            key_path = run_key_file(folder)
+            env.pop("PIXELRELAY_SIGNING_KEY", None)
+            env["PIXELRELAY_SIGNING_KEY_FILE"] = key_path
             server = stack.enter_context(EmbeddedRedis(data_dir=folder, own_session=False))
             env["PIXELRELAY_REDIS_URL"] = server.url
-            settings = settings.model_copy(update={"redis_url": type(settings.redis_url)(server.url)})
+            secret = type(settings.redis_url)
+            settings = settings.model_copy(update={"redis_url": secret(server.url), "signing_key_file": key_path,
+                                                   "signing_key": secret(read_key_file(key_path))})
             recorded = recorded_job(folder, input_uri, output_uri)
             if job_id is None and recorded and _unfinished(settings, recorded, output_uri):
                 job_id = recorded
                 print(f"pixelrelay run: resuming job {job_id} (state in {folder})", file=sys.stderr, flush=True)
+        elif not settings.signer().secure:  # no key: ConfigError (exit 2) unless --insecure-no-signing
+            env["PIXELRELAY_INSECURE_NO_SIGNING"] = "1"
         # Share the cores between the three local workers unless told otherwise.
         env.setdefault("PIXELRELAY_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
         workers = LocalWorkers(env, worker_args)
@@ -201,7 +232,7 @@ def run_local(
             record_job(folder, submission.job_id, input_uri, output_uri)
         print(submission.job_id, flush=True)
         client = redis_client(settings)
-        state = JobState(client, submission.job_id)
+        state = JobState(client, submission.job_id, settings.signer())
         keeper = Keeper(client, settings, submission.job_id, submission.output)
 
         def health() -> str | None:

@@ -318,7 +318,7 @@ def show_status(
     """Print the job's progress (``wait``: until it ends). With ``output``, a job that Redis
     does not know is rebuilt from its files there first (``jobs.recover``)."""
     client = redis_client(settings)
-    state = JobState(client, job_id)
+    state = JobState(client, job_id, settings.signer())
     if output is None and state.exists():
         output = state.spec().output
     keeper = Keeper(client, settings, job_id, output) if output is not None else None

@@ -102,10 +102,11 @@ def submit(
     if not _JOB_ID_RE.fullmatch(job_id):
         raise ConfigError("--job-id: use letters, digits, '.', '_' and '-' (at most 128)")
     input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
+    signer = settings.signer()  # no key (and not --insecure-no-signing): ConfigError, exit 2
     client = redis_client(settings)
     app = create_app(settings)
     out_storage = open_storage(output_uri, settings.s3_endpoint_url, root=output_uri)  # writes stay under it
-    state = JobState(client, job_id)
+    state = JobState(client, job_id, signer)
     resumed = True
     if state.exists():
         spec = state.spec()
@@ -131,7 +132,7 @@ def submit(
         )
         write_spec(out_storage, spec)
     already_done = state.counts().done
-    seq = start(state, out_storage, spec, sender(app), settings.window)
+    seq = start(state, out_storage, spec, sender(app, signer), settings.window)
     registry = open_registry(settings.state_uri, settings.s3_endpoint_url)
     if registry is not None:  # after the job hash exists: a sweep never rebuilds a job being submitted
         registry.add(job_id, output_uri)

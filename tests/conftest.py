@@ -1,5 +1,8 @@
 """Session fixtures with real parts: a Redis server, an S3 server (moto, over HTTP) and
-real Celery stage workers as subprocesses."""
+real Celery stage workers as subprocesses.
+
+Every test process and worker subprocess shares one signing key (``TEST_SIGNING_KEY``, put
+in the environment at import: ``pipeline.signing``); ``TEST_SIGNER`` signs with it."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import boto3
 import pytest
 import redis
 
+from pixelrelay.pipeline.signing import Signer
 from pixelrelay.producer.embedded import EmbeddedRedis, free_port
 
 import logging
@@ -21,6 +25,11 @@ import logging
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_SIGNING_KEY = "pixelrelay-tests-only-signing-key"
+os.environ["PIXELRELAY_SIGNING_KEY"] = TEST_SIGNING_KEY
+os.environ.pop("PIXELRELAY_SIGNING_KEY_FILE", None)
+os.environ.pop("PIXELRELAY_INSECURE_NO_SIGNING", None)
+TEST_SIGNER = Signer(TEST_SIGNING_KEY)
 TEST_BACKENDS = {"encoder": "analysis", "planner": "rules", "decoder": "classic"}
 
 

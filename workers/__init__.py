@@ -4,6 +4,13 @@ Delivery guarantee: **at-least-once**. Every stage task is therefore idempotent.
 
 - Serialization is JSON only (``accept_content=['json']``); messages carry job ids, storage
   keys and text, never pixels and never pickle.
+- **Signed bodies** (``pixelrelay.pipeline.signing``): every body sent carries an HMAC of the
+  key all workers and producers share (``PIXELRELAY_SIGNING_KEY`` / ``_FILE``, never in
+  Redis); a stage checks it before parsing and drops (logs, acks, never retries) a body that
+  fails, and signs the body it returns for the next stage. The job spec and cursor that the
+  feed and the sweep read back from Redis are signed too (``jobs.state``). Without a key a
+  worker refuses to start unless ``--insecure-no-signing``. Celery remote control (``celery
+  inspect``/``control``) is off unless ``--remote-control``.
 - ``task_acks_late`` + ``task_reject_on_worker_lost`` + prefetch 1: a message is acked only
   after its task finished, so a worker that dies mid-batch leaves its message unacked.
 - **Chunks in flight are tracked and leased** (``pixelrelay.jobs.chunks``, ``lease``,
@@ -53,7 +60,8 @@ Modules:
 * ``policy``     what happens to a delivery (poison pills, retries, finishing a chunk),
   without Celery: ``DeliveryPolicy.deliver`` returns the message, a ``Retry`` or a ``Split``;
 * ``tasks``      the stage bodies and the thin Celery tasks around the policy;
-* ``flow``       a chunk as a Celery chain (task ids naming the chain), and ``sender(app)``;
+* ``flow``       a chunk as a Celery chain (task ids naming the chain, bodies signed), and
+  ``sender(app, signer)``;
 * ``lease``      the lease on a running chunk, its heartbeat, budget and watchdog;
 * ``sweep``      ``sweep_once``: re-send chains that are neither leased nor queued (Celery-free
   but for its ``send``), and the ``Sweeper`` timer thread every worker runs;

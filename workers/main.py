@@ -9,6 +9,11 @@ Every worker process that runs tasks (the solo worker itself, or each prefork ch
 runs the sweep for lost chunks on a timer thread (``workers.sweep.Sweeper``, every
 ``PIXELRELAY_SWEEP_INTERVAL_S``; 0 turns it off); the prefork parent runs no threads of ours,
 so forking a child never copies a lock held by one.
+
+Without a signing key (``PIXELRELAY_SIGNING_KEY`` / ``_FILE``) a worker refuses to start
+(exit 2, one line) unless ``--insecure-no-signing``; with one, it drops every message body
+that fails its signature check (``workers.tasks.verify_body``). Celery remote control is
+off unless ``--remote-control``.
 """
 
 from __future__ import annotations
@@ -73,18 +78,22 @@ def start_sweeper():
 
     settings = rt.settings
     registry = open_registry(settings.state_uri, settings.s3_endpoint_url, settings)
-    sweeper = Sweeper(rt.redis, sender(get_app()), rt.storage, settings.sweep_interval_s, settings.lease_s,
-                      registry=registry, registry_scan_s=settings.registry_scan_s, window=settings.window)
+    sweeper = Sweeper(rt.redis, sender(get_app(), rt.signer), rt.storage, settings.sweep_interval_s, settings.lease_s,
+                      registry=registry, registry_scan_s=settings.registry_scan_s, window=settings.window,
+                      signer=rt.signer)
     sweeper.start()
     return sweeper
 
 
-def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) -> int:
+def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False) -> int:
     if stage not in C.STAGES:
         raise ConfigError(f"--stage: must be one of {', '.join(C.STAGES)}")
     settings = Settings.from_env()
     if not settings.redis:
         raise ConfigError("PIXELRELAY_REDIS_URL: not set; a worker needs the job broker's Redis URL")
+    if not settings.signer().secure:  # no key: a ConfigError (exit 2) unless --insecure-no-signing
+        log.warning("stage %s: --insecure-no-signing: message bodies are not verified; anyone who can write "
+                    "to Redis controls what this worker reads and writes", stage)
     problem = device_problem(settings.device)
     if problem:
         print(f"pixelrelay worker: {problem}", file=sys.stderr, flush=True)
@@ -128,5 +137,8 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None) ->
         "--without-heartbeat",
         "-O", "fair",
     ]
+    # Remote control (celery inspect/control, app.control.shutdown()) only when asked for:
+    # any Redis client could otherwise stop or reconfigure the worker. Events are unaffected.
+    get_app().conf.worker_enable_remote_control = remote_control
     get_app().worker_main(argv)
     return 0

@@ -59,6 +59,11 @@ class Runtime:
         """One thread that loads the next batch while the model runs on this one."""
         return self._thread_pools()[1]
 
+    @functools.cached_property
+    def signer(self):
+        """The ``pipeline.signing.Signer`` of this worker's settings (its key, or insecure)."""
+        return self.settings.signer()
+
     @property
     def redis(self) -> redis.Redis:
         if self._redis is None or self._redis_pid != os.getpid():

@@ -42,6 +42,10 @@ if the job is complete. A re-sent chain counts as a delivery exactly as a redeli
 the dead delivery's count (``JobState.count_delivery``) was never cleared, so a poison item
 still ends up split off and failing alone. A lost chain of a **cancelled** job is never
 re-sent: it is untracked, and the job's manifest is written if it was the last in flight.
+
+The job's spec and cursor are read through ``JobState`` with the ``Signer`` the sweep is
+given (``pipeline.signing``): a job whose spec or cursor fails its check is logged and
+skipped, so a forged spec in Redis never makes the sweep read or write under its roots.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from pixelrelay.jobs.registry import Registry
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import ChunkMessage
+from pixelrelay.pipeline.signing import SignatureError, Signer
 from pixelrelay.pipeline.storage import Storage
 
 log = logging.getLogger("pixelrelay.sweep")
@@ -103,6 +108,8 @@ def sweep_once(
     lease_s: float,
     confirm_s: float | None = None,
     now: Callable[[], float] = time.time,
+    *,
+    signer: Signer,
 ) -> SweepReport:
     """One sweep over every active job (see the module docstring); returns what it did."""
     report = SweepReport()
@@ -114,7 +121,7 @@ def sweep_once(
         lost = _not_waiting(client, _still_candidates(client, lost, lease_s, now()), lease_s, now())
     for item in lost:
         if client.set(keys.resend_lock(item.job_id, item.slot.name), "1", nx=True, px=max(1, int(lease_s * 1000))):
-            _recover(client, send, open_storage, item, report)
+            _recover(client, send, open_storage, item, report, signer)
     return report
 
 
@@ -263,8 +270,9 @@ def _text(value: bytes | str) -> str:
 # --- recovering a lost chain -------------------------------------------------------------
 
 
-def _recover(client: redis.Redis, send: Send, open_storage: OpenStorage, item: Lost, report: SweepReport) -> None:
-    state = JobState(client, item.job_id)
+def _recover(client: redis.Redis, send: Send, open_storage: OpenStorage, item: Lost, report: SweepReport,
+             signer: Signer) -> None:
+    state = JobState(client, item.job_id, signer)
     try:
         spec = state.spec()
         storage = open_storage(spec.output)
@@ -281,6 +289,8 @@ def _recover(client: redis.Redis, send: Send, open_storage: OpenStorage, item: L
             tracked(send, client)(msg)
             report.resent.append(item.ref)
         _forget_unacked(client, item.unacked)
+    except SignatureError as exc:  # a forged spec or cursor: never acted on
+        log.warning("sweep: chunk %s skipped: %s", item.ref, exc)
     except Exception:  # one job's trouble must not stop the sweep; the lock runs out, try later
         log.exception("sweep: cannot recover chunk %s", item.ref)
 
@@ -324,7 +334,8 @@ def _finish(state: JobState, storage: Storage, send: Send, item: Lost) -> None:
 # --- jobs Redis lost -------------------------------------------------------------------
 
 
-def rebuild_registered(client: redis.Redis, registry: Registry, send: Send, open_storage: OpenStorage, window: int) -> list[str]:
+def rebuild_registered(client: redis.Redis, registry: Registry, send: Send, open_storage: OpenStorage, window: int,
+                       *, signer: Signer) -> list[str]:
     """Rebuild every registered job Redis does not know; unlist the finished ones. Returns
     the ids of the jobs rebuilt."""
     rebuilt = []
@@ -333,7 +344,8 @@ def rebuild_registered(client: redis.Redis, registry: Registry, send: Send, open
             seq, finished_seq, finished_at = client.hmget(keys.job(entry.job_id), "seq", "finished_seq", "finished_at")
             if seq is not None and finished_at and finished_seq == seq:
                 registry.remove(entry.job_id)
-            elif seq is None and rebuild(client, open_storage(entry.output), entry.output, entry.job_id, send, window) is not None:
+            elif seq is None and rebuild(client, open_storage(entry.output), entry.output, entry.job_id, send, window,
+                                                signer=signer) is not None:
                 rebuilt.append(entry.job_id)
         except RebuildError as exc:
             log.error("registry: cannot rebuild job %s: %s", entry.job_id, exc)
@@ -347,10 +359,10 @@ def rebuild_registered(client: redis.Redis, registry: Registry, send: Send, open
 # --- the timer thread -------------------------------------------------------------------
 
 
-def sweep_and_log(client: redis.Redis, send: Send, open_storage: OpenStorage, lease_s: float):
+def sweep_and_log(client: redis.Redis, send: Send, open_storage: OpenStorage, lease_s: float, *, signer: Signer):
     """``sweep_once``, logging what it re-sent or finished (the workers' timer and the
     waiting producers both sweep through this)."""
-    report = sweep_once(client, send, open_storage, lease_s)
+    report = sweep_once(client, send, open_storage, lease_s, signer=signer)
     if report.resent or report.finished:
         log.warning("sweep: re-sent %s, finished %s", report.resent, report.finished)
     return report
@@ -360,9 +372,10 @@ class Sweeper(threading.Thread):
     """Runs ``sweep_once`` every ``interval_s`` (with jitter, so workers spread out)."""
 
     def __init__(self, client: redis.Redis, send: Send, open_storage: OpenStorage, interval_s: float, lease_s: float,
-                 registry: Registry | None = None, registry_scan_s: float = 30.0, window: int = 1) -> None:
+                 registry: Registry | None = None, registry_scan_s: float = 30.0, window: int = 1,
+                 *, signer: Signer) -> None:
         super().__init__(name="pixelrelay-sweep", daemon=True)
-        self.client, self.send, self.open_storage = client, send, open_storage
+        self.client, self.send, self.open_storage, self.signer = client, send, open_storage, signer
         self.interval_s, self.lease_s = interval_s, lease_s
         self.registry, self.registry_scan_s, self.window = registry, registry_scan_s, window
         self.last_scan = float("-inf")
@@ -373,7 +386,8 @@ class Sweeper(threading.Thread):
             return
         self.last_scan = time.monotonic()
         try:
-            rebuilt = rebuild_registered(self.client, self.registry, self.send, self.open_storage, self.window)
+            rebuilt = rebuild_registered(self.client, self.registry, self.send, self.open_storage, self.window,
+                                         signer=self.signer)
         except redis.RedisError:
             raise
         except Exception:  # e.g. the registry cannot be listed: the sweep itself still runs
@@ -386,7 +400,7 @@ class Sweeper(threading.Thread):
         while not self.stopped.wait(self.interval_s * random.uniform(0.75, 1.25)):
             try:
                 self._scan_registry()
-                sweep_and_log(self.client, self.send, self.open_storage, self.lease_s)
+                sweep_and_log(self.client, self.send, self.open_storage, self.lease_s, signer=self.signer)
             except redis.RedisError as exc:
                 log.warning("sweep: %s", exc)
             except Exception:

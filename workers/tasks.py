@@ -10,6 +10,10 @@ under a lease on the chunk with a watchdog on its time budget (``workers.lease``
 Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
 (``celery_app.get_app``), so importing this module needs no settings and no broker.
 
+Signing (``pipeline.signing``): ``run_stage`` checks a body's signature (kind
+``chunk:<stage>``) before it parses it, and drops one that fails (``verify_body``); the body
+it returns, the next stage's, is signed for that stage (``NEXT_STAGE``).
+
 Reuse (``pipeline.fingerprint``): every output carries the fingerprint of the request and
 models that made it. ``encode_chunk`` passes an item straight to done (``reused``) when its
 output's fingerprint matches what this job would produce, computed from its own encoder
@@ -49,10 +53,11 @@ from pixelrelay.pipeline.messages import (
     WireVersionError,
     upgrade_message,
 )
+from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
-from pixelrelay.workers.flow import sender
+from pixelrelay.workers.flow import sender, signed_body
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
@@ -369,11 +374,12 @@ def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], e
 
 StageBody = Callable[[Runtime, JobState, ChunkMessage], None]
 STAGE_BODIES: dict[str, StageBody] = {"encode": encode_chunk, "plan": plan_chunk, "decode": decode_chunk}
+NEXT_STAGE = {"encode": "plan", "plan": "decode", "decode": "done"}  # whose body a stage returns
 
 
 def policy_for(rt: Runtime, state: JobState, app: Celery) -> DeliveryPolicy:
     limits = Limits(max_deliveries=rt.settings.max_deliveries, max_retries=rt.settings.max_retries)
-    return DeliveryPolicy(state, sender(app), lambda output: rt.storage(output, root=output), limits)
+    return DeliveryPolicy(state, sender(app, rt.signer), lambda output: rt.storage(output, root=output), limits)
 
 
 def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> CeleryRetry:
@@ -392,14 +398,27 @@ def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> C
     return CeleryRetry(str(exc), exc, countdown, sig=sig)
 
 
+def verify_body(task: Task, stage: str, signer, body: dict) -> dict:
+    """The body without its signature, once it checks out (``pipeline.signing``). A body that
+    fails is dropped: logged (task id and reason, never the key) and rejected without
+    requeue, so it is acked, never retried, and the rest of its chain is never sent."""
+    try:
+        return signer.verify("chunk:" + stage, body)
+    except SignatureError as exc:
+        log.warning("%s task %s dropped: %s", stage, task.request.id, exc)
+        raise Reject(f"signature check failed: {exc}", requeue=False) from None
+
+
 def run_stage(task: Task, stage: str, body: dict) -> dict:
-    """One delivery: validate the body, let the policy run the stage body, map its outcome."""
+    """One delivery: check the body's signature, validate it, let the policy run the stage
+    body, map its outcome. The body returned (the next stage's) is signed for that stage."""
+    rt = runtime()
+    body = verify_body(task, stage, rt.signer, body)  # before any parsing
     try:
         msg = upgrade_message(body)  # any wire version up to ours (the broker's data is input)
     except WireVersionError as exc:
         raise requeue_for_newer_worker(task, stage, exc) from None
-    rt = runtime()
-    state = JobState(rt.redis, msg.job_id)
+    state = JobState(rt.redis, msg.job_id, rt.signer)
     work = functools.partial(STAGE_BODIES[stage], rt, state)
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries)
@@ -408,7 +427,7 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
         raise task.retry(exc=outcome.error, countdown=outcome.countdown)
     if isinstance(outcome, (Split, Stale, Cancelled)):
         return {}  # split: the split chains carry the items on; stale: finished already; cancelled: ended
-    return outcome.model_dump(mode="json")
+    return signed_body(rt.signer, NEXT_STAGE[stage], outcome)
 
 
 def register(app: Celery) -> None:

@@ -46,7 +46,6 @@ from pixelrelay.pipeline.storage.base import (
     StorageConflictError,
     StorageError,
     StorageEscapeError,
-    StorageNotFoundError,
     os_error,
 )
 

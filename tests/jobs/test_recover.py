@@ -18,6 +18,7 @@ from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import Item, ItemRecord, JobSpec
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.workers.sweep import rebuild_registered
+from tests.conftest import TEST_SIGNER
 
 
 @pytest.fixture()
@@ -47,13 +48,13 @@ def test_rebuild_restores_done_bits_and_feeds_the_rest(client, tmp_path):
     _done_part(spec, 0, 3, [0, 1])  # chunk 0 done in submission 3
     _done_part(spec, 2, 3, [4])  # half of chunk 2
     sent = []
-    seq = rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, window=2)
+    seq = rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, window=2, signer=TEST_SIGNER)
     assert seq == 4  # after the newest part's submission
-    state = JobState(client, spec.job_id)
+    state = JobState(client, spec.job_id, TEST_SIGNER)
     assert state.counts().done == 3 and state.spec() == spec
     assert [(m.chunk, [r.index for r in m.records]) for m in sent] == [(1, [2, 3]), (2, [5])]  # done items skipped
     assert all(m.seq == 4 for m in sent) and client.sismember(keys.ACTIVE_JOBS, spec.job_id)
-    assert rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, 2) is None  # known now
+    assert rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, 2, signer=TEST_SIGNER) is None  # known now
     assert len(sent) == 2
 
 
@@ -61,8 +62,8 @@ def test_one_rebuilder_at_a_time(client, tmp_path):
     spec = _job(tmp_path)
     client.set(keys.rebuild_lock(spec.job_id), "1", px=5000)  # another process is rebuilding it
     sent = []
-    assert rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, 2) is None
-    assert sent == [] and not JobState(client, spec.job_id).exists()
+    assert rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, 2, signer=TEST_SIGNER) is None
+    assert sent == [] and not JobState(client, spec.job_id, TEST_SIGNER).exists()
 
 
 def test_a_half_done_rebuild_is_undone(client, tmp_path):
@@ -72,8 +73,8 @@ def test_a_half_done_rebuild_is_undone(client, tmp_path):
         raise OSError("broker down")
 
     with pytest.raises(OSError):
-        rebuild(client, open_storage(spec.output), spec.output, spec.job_id, broken, 2)
-    assert not JobState(client, spec.job_id).exists() and not client.exists(keys.rebuild_lock(spec.job_id))
+        rebuild(client, open_storage(spec.output), spec.output, spec.job_id, broken, 2, signer=TEST_SIGNER)
+    assert not JobState(client, spec.job_id, TEST_SIGNER).exists() and not client.exists(keys.rebuild_lock(spec.job_id))
 
 
 @pytest.mark.parametrize("body", [None, b"{not json", b'{"job_id": "other", "output": "/x"}'])
@@ -83,8 +84,8 @@ def test_an_invalid_job_json_is_refused(client, tmp_path, body):
         (tmp_path / "out" / "_jobs" / "rb-x").mkdir(parents=True)
         (tmp_path / "out" / "_jobs" / "rb-x" / "job.json").write_bytes(body)
     with pytest.raises(RebuildError):
-        rebuild(client, open_storage(out), out, "rb-x", lambda m: None, 2)
-    assert not JobState(client, "rb-x").exists()
+        rebuild(client, open_storage(out), out, "rb-x", lambda m: None, 2, signer=TEST_SIGNER)
+    assert not JobState(client, "rb-x", TEST_SIGNER).exists()
 
 
 def test_the_registry_skips_what_is_not_an_entry(tmp_path):
@@ -108,10 +109,10 @@ def test_the_sweep_rebuilds_registered_jobs_and_unlists_finished_ones(client, tm
     registry.add(finished.job_id, finished.output)
     client.hset(keys.job(finished.job_id), mapping={"seq": 2, "finished_seq": 2, "finished_at": 1.0})
     sent = []
-    assert rebuild_registered(client, registry, sent.append, open_storage, window=1) == [lost.job_id]
+    assert rebuild_registered(client, registry, sent.append, open_storage, window=1, signer=TEST_SIGNER) == [lost.job_id]
     assert [m.job_id for m in sent] == [lost.job_id]
     assert [e.job_id for e in registry.entries()] == [lost.job_id]
-    assert rebuild_registered(client, registry, sent.append, open_storage, window=1) == []  # known now
+    assert rebuild_registered(client, registry, sent.append, open_storage, window=1, signer=TEST_SIGNER) == []  # known now
 
 
 class _Outage:
@@ -137,7 +138,7 @@ def test_a_chunk_whose_listing_cannot_be_read_stays_tracked_for_the_sweep(client
     from pixelrelay.pipeline.storage import TransientStorageError
 
     spec = _job(tmp_path)
-    state = JobState(client, spec.job_id)
+    state = JobState(client, spec.job_id, TEST_SIGNER)
     seq = state.start_submission(spec)
     sent = []
     with pytest.raises(TransientStorageError):

@@ -9,12 +9,13 @@ import redis
 
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.jobs.state import JobState
+from tests.conftest import TEST_SIGNER
 
 
 @pytest.fixture()
 def state(redis_url):
     client = redis.Redis.from_url(redis_url)
-    job = JobState(client, "js-" + uuid.uuid4().hex[:8])
+    job = JobState(client, "js-" + uuid.uuid4().hex[:8], TEST_SIGNER)
     yield job
     client.delete(*(client.keys(f"pixelrelay:job:{job.job_id}*") or [b"none"]))
 

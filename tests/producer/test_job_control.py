@@ -23,7 +23,7 @@ import redis
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.state import JobState
-from tests.conftest import REPO, WorkerPool, run_cli, wait_until, worker_env
+from tests.conftest import REPO, TEST_SIGNER, WorkerPool, run_cli, wait_until, worker_env
 from tests.images import good_images
 
 DB = 12
@@ -86,7 +86,7 @@ def test_cancel_mid_job_through_real_workers(workers, env, tmp_path):
     assert submitted.returncode == ExitCode.OK, submitted.stderr
     waiting = subprocess.Popen([sys.executable, "-m", "pixelrelay", "status", job_id, "--wait"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state = JobState(client, job_id)
+    state = JobState(client, job_id, TEST_SIGNER)
     wait_until(lambda: state.counts().done >= 2, timeout=90, interval=0.05)
 
     cancelling = subprocess.Popen([sys.executable, "-m", "pixelrelay", "cancel", job_id, "--grace", "30"], env=env,
@@ -140,7 +140,7 @@ def test_jobs_lists_queued_and_cancelling_states(env):
     from pixelrelay.jobs.state import JobStatus, job_status
     from pixelrelay.pipeline.messages import JobSpec
 
-    state = JobState(client, "q-" + uuid.uuid4().hex[:6])
+    state = JobState(client, "q-" + uuid.uuid4().hex[:6], TEST_SIGNER)
     state.start_submission(JobSpec(job_id=state.job_id, input="/in", output="/out", total=3, chunk_size=2))
     info = state.info()
     now = float(info["submitted_at"])

@@ -28,6 +28,7 @@ from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.producer.status import ProgressDisplay, WaitTimeout, plain_line, wait_for_job
 from tests.conftest import REPO, worker_env
+from tests.conftest import TEST_SIGNER
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -43,7 +44,7 @@ def _idle_redis(redis_url: str) -> str:
 
 
 def _new_job(url: str, total: int) -> JobState:
-    state = JobState(redis.Redis.from_url(url), "st-" + uuid.uuid4().hex[:8])
+    state = JobState(redis.Redis.from_url(url), "st-" + uuid.uuid4().hex[:8], TEST_SIGNER)
     state.start_submission(JobSpec(job_id=state.job_id, input="/in", output="/out", total=total, chunk_size=4))
     return state
 

@@ -24,6 +24,7 @@ from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.sweep import sweep_once
 from pixelrelay.workers.tasks import STAGE_BODIES
 from tests.workers.test_policy import Job, client, make_job  # noqa: F401 (fixtures)
+from tests.conftest import TEST_SIGNER
 
 ON_RESTORE: list = []  # callables the ``cancelling`` decoder runs after each batch
 
@@ -74,7 +75,7 @@ def test_a_cancelled_job_feeds_nothing_and_its_chains_end_at_their_next_stage(ma
     first = job.sent.pop(0)
     assert isinstance(run_chain(job, rt, first), ChunkMessage)  # chunk 0 done; its finish fed chunk 2
     assert [m.chunk for m in job.sent] == [1, 2]
-    cursor = int(job.state.r.get(keys.cursor(job.state.job_id)))
+    cursor = job.state.cursor()
 
     assert job.state.cancel() and not job.state.cancel()  # set once
     job.feed(window=5)
@@ -91,7 +92,7 @@ def test_a_cancelled_job_feeds_nothing_and_its_chains_end_at_their_next_stage(ma
     assert outputs(job) == {f"{i}.png" for i in range(4)}
     info = job.state.info()
     assert (info["manifest_done"], info["manifest_cancelled"], info["manifest_missing"]) == ("4", "6", "0")
-    assert int(job.state.r.get(keys.cursor(job.state.job_id))) == cursor  # no chunk was taken after the cancel
+    assert job.state.cursor() == cursor  # no chunk was taken after the cancel
     assert job.state.r.hlen(keys.chunks(job.state.job_id)) == 0
     assert not job.state.r.sismember(keys.ACTIVE_JOBS, job.state.job_id)
     assert job_status(info, job.state.counts(), time.time(), 30) == JobStatus.CANCELLED
@@ -118,7 +119,7 @@ def test_the_sweep_drops_a_lost_chain_of_a_cancelled_job_and_writes_its_manifest
     for chunk in (0, 1):
         ChunksInFlight(job.state.r, job.state.job_id).track(Slot(job.seq, chunk), "plan", True, now=time.time() - 60)
     job.state.cancel()
-    report = sweep_once(job.state.r, job.sent.append, lambda uri: job.storage, 1.0, confirm_s=0)
+    report = sweep_once(job.state.r, job.sent.append, lambda uri: job.storage, 1.0, confirm_s=0, signer=TEST_SIGNER)
     assert report.resent == [] and job.sent == []  # never sent again
     assert sorted(report.finished) == [f"{job.state.job_id}/{job.seq}:{c}" for c in (0, 1)]
     assert [row["status"] for row in job.manifest().values()] == ["cancelled"] * 6

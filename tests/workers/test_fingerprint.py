@@ -33,6 +33,7 @@ from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.tasks import _store, decode_chunk, encode_chunk, plan_chunk
 from tests.conftest import REPO, WorkerPool, run_cli, wait_until, worker_env
 from tests.images import encode, photo_like
+from tests.conftest import TEST_SIGNER
 from tests.tagged import TAG_ENV
 
 N = 3
@@ -225,7 +226,7 @@ def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, over
     options = JobOptions(task="upscale", overwrite=overwrite)
     msg = ChunkMessage(job_id=job_id, seq=1, chunk=0, output=out, options=options,
                        backends=Backends(encoder="analysis", planner="rules", decoder="noisy"), records=records)
-    state = JobState(rt.redis, job_id)
+    state = JobState(rt.redis, job_id, TEST_SIGNER)
     encode_chunk(rt, state, msg)
     plan_chunk(rt, state, msg)
 

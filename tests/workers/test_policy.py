@@ -29,6 +29,7 @@ from pixelrelay.workers.policy import Delivery, DeliveryPolicy, Limits, Retry, S
 from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.tasks import STAGE_BODIES
 from tests.images import photo_like
+from tests.conftest import TEST_SIGNER
 
 BAD_WIDTH = 13
 
@@ -57,7 +58,7 @@ class Job:
 
     def __init__(self, client: redis.Redis, root: Path, widths: list[int], chunk_size: int, limits: Limits) -> None:
         self.root, self.sent = root, []
-        self.state = JobState(client, "pol-" + uuid.uuid4().hex[:8])
+        self.state = JobState(client, "pol-" + uuid.uuid4().hex[:8], TEST_SIGNER)
         (root / "in").mkdir()
         items = []
         for i, width in enumerate(widths):
@@ -242,7 +243,7 @@ def test_finalize_is_claimed_by_exactly_one_of_concurrent_finishers(make_job, re
     won = []
 
     def finisher(index: int) -> None:  # the last chunks finish together, each its own client
-        state = RacingState(redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/6"), job.state.job_id)
+        state = RacingState(redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/6"), job.state.job_id, TEST_SIGNER)
         won.append(finish_chunk(state, job.storage, job.sent.append, _done(job, index)))
 
     threads = [threading.Thread(target=finisher, args=(i,)) for i in range(4, 8)]

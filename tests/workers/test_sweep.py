@@ -19,10 +19,11 @@ from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import read_part, write_part
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.workers.celery_app import create_app
-from pixelrelay.workers.flow import chunk_chain
+from pixelrelay.workers.flow import chunk_chain, signed_body
 from pixelrelay.workers.policy import Limits
 from pixelrelay.workers.sweep import sweep_once
 from tests.workers.test_policy import Job
+from tests.conftest import TEST_SIGNER
 
 LEASE_S = 1.0
 DB = 7
@@ -60,7 +61,7 @@ def age(job: Job, slot: Slot, stage: str, feeds: bool = True, by: float = 10 * L
 
 
 def sweep(job: Job, send=None):
-    return sweep_once(job.state.r, send or job.sent.append, lambda uri: job.storage, LEASE_S, confirm_s=0)
+    return sweep_once(job.state.r, send or job.sent.append, lambda uri: job.storage, LEASE_S, confirm_s=0, signer=TEST_SIGNER)
 
 
 def test_a_leased_chunk_is_left_alone(job):
@@ -82,8 +83,8 @@ def test_a_young_entry_is_left_alone_without_reading_the_queues(job):
 def test_a_chunk_waiting_in_a_queue_is_left_alone_however_old(job, db_url, stage):
     msg = job.sent.pop()
     app = create_app(Settings.from_env(redis_url=db_url))
-    sig = chunk_chain(app, msg).tasks[("encode", "plan", "decode").index(stage)]
-    sig.apply_async(args=(msg.model_dump(mode="json"),))  # a real kombu envelope in that stage's list
+    sig = chunk_chain(app, msg, TEST_SIGNER).tasks[("encode", "plan", "decode").index(stage)]
+    sig.apply_async(args=(signed_body(TEST_SIGNER, stage, msg),))  # a real kombu envelope in that stage's list
     assert job.state.r.llen(f"pixelrelay.{stage}") == 1
     age(job, Slot(job.seq, 0), stage, by=3600)  # an hour in the queue behind a slow GPU
     report = sweep(job)
@@ -93,7 +94,7 @@ def test_a_chunk_waiting_in_a_queue_is_left_alone_however_old(job, db_url, stage
 def _unacked(job: Job, db_url: str, delivered_at: float) -> None:
     """Put chunk 0's encode message where kombu puts a message a worker took."""
     app = create_app(Settings.from_env(redis_url=db_url))
-    chunk_chain(app, job.sent.pop()).apply_async()
+    chunk_chain(app, job.sent.pop(), TEST_SIGNER).apply_async()
     raw = job.state.r.rpop("pixelrelay.encode")
     job.state.r.hset(keys.KOMBU_UNACKED, "tag-1", json.dumps([json.loads(raw), "", "pixelrelay.encode"]))
     job.state.r.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-1": delivered_at})
@@ -124,7 +125,7 @@ def test_a_lost_chunk_is_resent_once_from_storage_by_concurrent_sweepers(job, db
     def sweeper():
         client = redis.Redis.from_url(db_url)
         start.wait()
-        sweep_once(client, sent.append, lambda uri: job.storage, LEASE_S, confirm_s=0.05)
+        sweep_once(client, sent.append, lambda uri: job.storage, LEASE_S, confirm_s=0.05, signer=TEST_SIGNER)
 
     threads = [threading.Thread(target=sweeper) for _ in range(2)]
     for t in threads:

@@ -21,6 +21,7 @@ from pixelrelay.workers import tasks
 from pixelrelay.workers.celery_app import create_app, queue_name, task_name
 from tests.conftest import run_cli, worker_env
 from tests.images import good_images
+from tests.conftest import TEST_SIGNER
 
 
 def _v1_body(msg: ChunkMessage) -> dict:
@@ -48,14 +49,14 @@ def test_a_version_1_chunk_completes_on_upgraded_workers(stage_workers, redis_ur
         s3_client.put_object(Bucket=s3_bucket, Key=f"in/{rel}", Body=data)
     settings = Settings.from_env(redis_url=redis_url, chunk_size=2, window=1)
     sent: list[ChunkMessage] = []
-    monkeypatch.setattr(submit_module, "sender", lambda app: sent.append)  # hold the first chunk back
+    monkeypatch.setattr(submit_module, "sender", lambda app, signer: sent.append)  # hold the first chunk back
     job_id = "wire-v1-" + uuid.uuid4().hex[:6]
     submit_module.submit(settings, f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", JobOptions(), job_id=job_id)
     assert [m.chunk for m in sent] == [0]
 
     # Chunk 0 goes out in the old format; the workers then feed chunk 1 themselves.
     app = create_app(settings)
-    body = _v1_body(sent[0])
+    body = TEST_SIGNER.sign("chunk:encode", _v1_body(sent[0]))
     chain(
         app.signature(task_name("encode"), args=(body,), immutable=True),
         app.signature(task_name("plan")),
@@ -79,6 +80,7 @@ def test_a_newer_wire_version_is_requeued_with_its_chain(redis_url):
     tasks.register(app)
     task = app.tasks[task_name("encode")]
     body = {"v": WIRE_VERSION + 1, "job_id": "from-the-future", "chunk": 0, "records": [], "new_field": {}}
+    body = TEST_SIGNER.sign("chunk:encode", body)
     rest = [app.signature(task_name("decode")), app.signature(task_name("plan"))]  # Celery's order
     task.push_request(
         id="task-1", retries=2, args=[body], kwargs={}, chain=[dict(s) for s in rest],
