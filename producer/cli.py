@@ -47,6 +47,10 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true",
         help="re-process every item, even where the output already answers the same request and models",
     )
+    parser.add_argument(
+        "--strip-metadata", action="store_true",
+        help="outputs carry no EXIF (GPS included) or other metadata; an RGB colour profile stays",
+    )
     parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
     parser.add_argument("--chunk-size", type=int, help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
     parser.add_argument("--window", type=int, help="chains in flight per job (env PIXELRELAY_WINDOW)")
@@ -171,6 +175,7 @@ def _job_options(args: argparse.Namespace):
     return JobOptions(
         task=args.task, scale=args.scale, instruction=args.instruction, format=args.format,
         quality=args.quality, lossless=args.lossless, overwrite=args.overwrite,
+        strip_metadata=args.strip_metadata,
     )
 
 
