@@ -7,6 +7,9 @@ Every backend built is published with its model identity in Redis (``jobs.identi
 and re-published every ``keys.MODELS_REFRESH_S`` by a daemon thread of the process, so
 the encode stage can tell which models the later stages will run. A Redis error while
 publishing is logged, never fatal: an unpublished identity only costs a reuse.
+
+``DecodeBudget`` bounds the bytes of decoded source images a stage holds at once (its
+batch plus the prefetched next one); ``workers.tasks`` makes one per chunk.
 """
 
 from __future__ import annotations

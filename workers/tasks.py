@@ -10,6 +10,13 @@ under a lease on the chunk with a watchdog on its time budget (``workers.lease``
 Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
 (``celery_app.get_app``), so importing this module needs no settings and no broker.
 
+Bounded resources: a source whose output (pixels x scale^2) is over
+``PIXELRELAY_MAX_OUTPUT_PIXELS`` fails from its header, before its decode: at the encode stage
+with the job's scale, again at the decode stage with the plan's, before the model. The
+decoded images a worker holds (the batch the model runs, plus the next one prefetched) stay
+within ``PIXELRELAY_PREFETCH_BYTES`` (``runtime.DecodeBudget``). ``strip_metadata`` in the job's
+options writes outputs without EXIF.
+
 Reuse (``pipeline.fingerprint``): every output carries the fingerprint of the request and
 models that made it. ``encode_chunk`` passes an item straight to done (``reused``) when its
 output's fingerprint matches what this job would produce, computed from its own encoder
