@@ -5,7 +5,8 @@ no whitespace), so it is stable across dict order, processes and machines:
 
 * **request** (``request_fingerprint``): task, effective scale, instruction, the item's
   output format, quality, lossless, the job's backend specs (None: "the stage worker's own
-  default") and the input URI. ``overwrite`` is not part of it, nor is the package version.
+  default") and the input URI, plus ``strip_metadata`` when it is set (so requests without
+  it keep the fingerprints they had before it existed). ``overwrite`` is not part of it, nor is the package version.
 * **model** (``model_fingerprint``): per stage, the spec the worker actually ran and its
   backend's ``identity()`` (weights hashes, hub commit, or just the kind for weight-free
   backends), plus ``DECODE_PATH_VERSION``. A job that left a stage to the worker's default
@@ -48,18 +49,19 @@ def _digest(value: object) -> str:
 
 def request_fingerprint(options: JobOptions, backends: Backends, input_uri: str, output_format: str) -> str:
     """What was asked of one item (see the module docstring for the fields)."""
-    return _digest(
-        {
-            "task": options.task,
-            "scale": options.effective_scale(),
-            "instruction": options.instruction,
-            "format": output_format,
-            "quality": options.quality,
-            "lossless": options.lossless,
-            "backends": {name: getattr(backends, name) for name in STAGE_BACKENDS},
-            "input": input_uri,
-        }
-    )
+    fields = {
+        "task": options.task,
+        "scale": options.effective_scale(),
+        "instruction": options.instruction,
+        "format": output_format,
+        "quality": options.quality,
+        "lossless": options.lossless,
+        "backends": {name: getattr(backends, name) for name in STAGE_BACKENDS},
+        "input": input_uri,
+    }
+    if options.strip_metadata:  # only when set: the fingerprints of earlier requests stay
+        fields["strip_metadata"] = True
+    return _digest(fields)
 
 
 def model_fingerprint(specs: Mapping[str, str], identities: Mapping[str, str]) -> str:

@@ -7,17 +7,38 @@ truncated files, non-images, empty files and decompression bombs are all errors.
 (less orientation, since the pixels are already upright). JPEG and WebP are lossy at
 ``quality`` (1..100); WebP is lossless, pixel for pixel, with ``lossless=True``; PNG is
 always lossless.
+
+Limits (all checked from the header, before any pixel is decoded):
+
+* ``max_pixels`` (``PIXELRELAY_MAX_IMAGE_PIXELS``) bounds the source. It is authoritative
+  both ways: Pillow's own process-wide guard (``Image.MAX_IMAGE_PIXELS``) is raised to the
+  largest limit asked for, never lowered below it, so it only still catches what our check
+  cannot see (an image nested in another, as an ICO's PNG); the size is checked again after
+  the decode for formats whose size changes while decoding.
+* ``max_output_pixels`` (``PIXELRELAY_MAX_OUTPUT_PIXELS``) bounds ``width x height x
+  scale^2``, the output the decoder stage would allocate.
+
+Colour and metadata: every output is RGB(A). An ICC profile is carried only when it
+describes RGB; a CMYK or grey source with an embedded CMYK or grey profile is converted
+to sRGB through it (the output then carries no profile: sRGB is the default), one with a
+mismatching or unreadable profile has it dropped with a note. The carried EXIF loses the
+orientation, the TIFF structural tags (``TIFF_STRUCTURAL_TAGS``: strip and tile layout,
+sample format, compression, sub-IFDs, embedded ICC and layer data) and the pixel
+dimensions. An ICC profile over ``MAX_ICC_BYTES`` or an EXIF over ``MAX_EXIF_BYTES`` is not
+carried (a note says so): the item still runs, and never fails at write time after its
+decode, as it did when a JPEG output could not hold the EXIF.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from pixelrelay.pipeline.constants import DEFAULT_MAX_IMAGE_PIXELS
 from pixelrelay.pipeline.messages import DEFAULT_QUALITY
@@ -37,9 +58,36 @@ else:
     register_heif_opener()
     HEIF_READABLE = True
 
-# We do our own pixel-limit check (configurable per call); Pillow's global limit stays as a
-# second line of defence at twice the default, as Pillow itself does.
+# We do our own pixel-limit check (configurable per call). Pillow's global limit is a
+# second line of defence for what our check cannot see (nested images); ``_allow_pillow``
+# raises it to the largest limit any call asked for, so it never fires before ours.
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+MAX_ICC_BYTES = 1 << 20  # an ICC profile carried to the output, at most
+MAX_EXIF_BYTES = 65_533  # a carried EXIF, at most: what one JPEG APP1 segment holds
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_EXIF_IFD = 0x8769
+# TIFF tags that describe the source file's layout, not the picture: never carried.
+TIFF_STRUCTURAL_TAGS = frozenset({
+    0x00FE, 0x00FF,  # NewSubfileType, SubfileType
+    0x0100, 0x0101, 0x0102, 0x0103,  # ImageWidth, ImageLength, BitsPerSample, Compression
+    0x0106, 0x0107, 0x0108, 0x0109, 0x010A,  # Photometric, Threshholding, CellWidth/Length, FillOrder
+    0x0111, 0x0115, 0x0116, 0x0117, 0x0118, 0x0119,  # StripOffsets, SamplesPerPixel, RowsPerStrip,
+    # StripByteCounts, Min/MaxSampleValue
+    0x011C, 0x0120, 0x0121, 0x0122, 0x0123, 0x0124, 0x0125,  # PlanarConfiguration, FreeOffsets,
+    # FreeByteCounts, GrayResponseUnit/Curve, T4/T6Options
+    0x013D, 0x0140, 0x0142, 0x0143, 0x0144, 0x0145,  # Predictor, ColorMap, TileWidth/Length/Offsets/ByteCounts
+    0x014A, 0x014C, 0x0152, 0x0153, 0x0154, 0x0155, 0x0156,  # SubIFDs, InkSet, ExtraSamples,
+    # SampleFormat, SMin/SMaxSampleValue, TransferRange
+    0x015B,  # JPEGTables
+    0x0200, 0x0201, 0x0202, 0x0203, 0x0205, 0x0206, 0x0207, 0x0208, 0x0209,  # old-style JPEG
+    0x0211, 0x0212, 0x0213,  # YCbCrCoefficients, YCbCrSubSampling, YCbCrPositioning
+    0x8773,  # InterColorProfile: the ICC profile is handled on its own
+    0x9354,  # ImageSourceData (Photoshop layers)
+})
+_EXIF_PIXEL_DIMENSIONS = (0xA002, 0xA003)  # PixelXDimension, PixelYDimension (Exif IFD)
 
 
 class ImageDecodeError(ValueError):
@@ -97,30 +145,75 @@ def _split_channels(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, li
     return np.asarray(img.convert("RGB")), None, notes
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
-    """Decode untrusted bytes. Raises ImageDecodeError with a short reason on any problem."""
+def _allow_pillow(max_pixels: int) -> None:
+    """Raise Pillow's global guard to ``max_pixels`` (never lower it: other threads may
+    decode under a larger limit), so that our own check is the one that decides."""
+    with _PILLOW_LIMIT_LOCK:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and max_pixels > current:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def check_size(width: int, height: int, max_pixels: int, scale: int = 1, max_output_pixels: int = 0) -> None:
+    """Raise ImageDecodeError when a ``width`` x ``height`` source, or its output at
+    ``scale``, is over its limit (0: no limit)."""
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"invalid dimensions {width}x{height}")
+    if max_pixels and width * height > max_pixels:
+        raise ImageDecodeError(
+            f"decompression bomb guard: {width}x{height} = {width * height} pixels "
+            f"exceeds the limit of {max_pixels} (PIXELRELAY_MAX_IMAGE_PIXELS)"
+        )
+    out = width * height * scale * scale
+    if max_output_pixels and out > max_output_pixels:
+        raise ImageDecodeError(
+            f"output too large: {width}x{height} at x{scale} is {width * scale}x{height * scale} = "
+            f"{out} pixels, over the limit of {max_output_pixels} (PIXELRELAY_MAX_OUTPUT_PIXELS)"
+        )
+
+
+def probe_size(data: bytes) -> tuple[int, int] | None:
+    """A source's (width, height) from its header, without decoding it; None when the
+    header is unreadable (``decode_image`` then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except Exception:  # noqa: BLE001 - any failure is reported by decode_image
+        return None
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    *,
+    scale: int = 1,
+    max_output_pixels: int = 0,
+) -> DecodedImage:
+    """Decode untrusted bytes. Raises ImageDecodeError with a short reason on any problem,
+    among them a source over ``max_pixels`` or an output (at ``scale``) over
+    ``max_output_pixels``: both are checked from the header, before the decode."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            _allow_pillow(max_pixels)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width <= 0 or height <= 0:
-                raise ImageDecodeError(f"invalid dimensions {width}x{height}")
-            if max_pixels and width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"decompression bomb guard: {width}x{height} = {width * height} pixels "
-                    f"exceeds the limit of {max_pixels} (PIXELRELAY_MAX_IMAGE_PIXELS)"
-                )
+            check_size(width, height, max_pixels, scale, max_output_pixels)
             notes: list[str] = []
             n_frames = getattr(img, "n_frames", 1)
             if n_frames > 1:
                 img.seek(0)
                 notes.append(f"animated image with {n_frames} frames: used the first frame only")
             source_format = img.format or ""
+            source_mode = img.mode
             icc = img.info.get("icc_profile") or None
             img.load()  # forces a full decode: truncated data raises here
+            if img.size != (width, height):  # formats whose size is settled by the decode
+                check_size(*img.size, max_pixels, scale, max_output_pixels)
             exif = img.getexif()
             upright = ImageOps.exif_transpose(img)
             if upright is None:  # older Pillow returns None for in-place
@@ -128,10 +221,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Dec
             orientation = exif.get(EXIF_ORIENTATION_TAG)
             if orientation and orientation != 1:
                 notes.append(f"EXIF orientation {orientation} applied")
-            exif_bytes = None
-            if len(exif):
-                exif.pop(EXIF_ORIENTATION_TAG, None)
-                exif_bytes = exif.tobytes() if len(exif) else None
+            exif_bytes = _carried_exif(exif, notes)
+            upright, icc = _to_output_colour(upright, icc, notes)
             rgb, alpha, mode_notes = _split_channels(upright)
     except ImageDecodeError:
         raise
@@ -150,11 +241,94 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Dec
         rgb=np.ascontiguousarray(rgb),
         alpha=alpha,
         source_format=source_format,
-        source_mode=img.mode,
+        source_mode=source_mode,
         icc_profile=icc,
         exif=exif_bytes,
         notes=notes + mode_notes,
     )
+
+
+def _carried_exif(exif: Image.Exif, notes: list[str]) -> bytes | None:
+    """The EXIF to carry to the output: no orientation, no TIFF structural tags, no pixel
+    dimensions; None when nothing is left, or (with a note) when it is over
+    ``MAX_EXIF_BYTES`` or cannot be written back."""
+    if not len(exif):
+        return None
+    for tag in (EXIF_ORIENTATION_TAG, *TIFF_STRUCTURAL_TAGS):
+        exif.pop(tag, None)
+    try:
+        if _EXIF_IFD in exif:
+            sub = exif.get_ifd(_EXIF_IFD)
+            for tag in _EXIF_PIXEL_DIMENSIONS:
+                sub.pop(tag, None)
+        if not len(exif):
+            return None
+        data = exif.tobytes()
+    except (ValueError, TypeError, KeyError, OSError, struct.error) as exc:
+        notes.append(f"EXIF unreadable ({str(exc) or type(exc).__name__}): not carried")
+        return None
+    if len(data) > MAX_EXIF_BYTES:
+        notes.append(f"EXIF of {len(data)} bytes is over the {MAX_EXIF_BYTES}-byte limit: not carried")
+        return None
+    return data
+
+
+def _icc_space(icc: bytes) -> str | None:
+    """The colour space an ICC profile describes ("RGB", "CMYK", "GRAY"...), None if unreadable."""
+    try:
+        return ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.xcolor_space.strip() or None
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _grey_to_rgb(img: Image.Image, profile: bytes, notes: list[str]) -> Image.Image:
+    """A grey image (any grey mode, alpha kept) converted to sRGB through its grey profile."""
+    alpha = None
+    if img.mode in ("LA", "La") or "transparency" in img.info:
+        alpha = img.convert("LA").getchannel("A")
+    if img.mode in _HIGH_BIT_MODES:
+        grey = Image.fromarray(_to_8bit(np.asarray(img)), "L")
+        notes.append(f"{img.mode} high-bit-depth input reduced to 8 bits")
+    else:
+        grey = img.convert("L")
+    rgb = ImageCms.profileToProfile(grey, ImageCms.ImageCmsProfile(io.BytesIO(profile)), _srgb(), outputMode="RGB")
+    if alpha is not None:
+        rgb.putalpha(alpha)
+    return rgb
+
+
+def _to_output_colour(img: Image.Image, icc: bytes | None, notes: list[str]) -> tuple[Image.Image, bytes | None]:
+    """The image and the ICC profile to carry for an RGB output (see the module docstring)."""
+    if not icc:
+        return img, None
+    if len(icc) > MAX_ICC_BYTES:
+        notes.append(f"ICC profile of {len(icc)} bytes is over the {MAX_ICC_BYTES}-byte limit: not carried")
+        return img, None
+    space = _icc_space(icc)
+    family = "CMYK" if img.mode == "CMYK" else "GRAY" if img.mode in _GREY_MODES else "RGB"
+    if space is None:
+        notes.append("ICC profile unreadable: not carried")
+        return img, None
+    if space != family:
+        notes.append(f"{space} ICC profile on a {img.mode} image: not carried")
+        return img, None
+    if family == "RGB":
+        return img, icc
+    try:
+        if family == "CMYK":
+            converted = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb(), outputMode="RGB")
+        else:
+            converted = _grey_to_rgb(img, icc, notes)
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+        notes.append(f"{space} ICC profile unusable ({exc}): converted without it, not carried")
+        return img, None
+    notes.append(f"{space} input converted to sRGB through its ICC profile (not carried)")
+    return converted, None
+
+
+def _srgb() -> ImageCms.ImageCmsProfile:
+    # A new one per use: littlecms profile handles are not shared between threads.
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def output_extension(fmt: str) -> str:

@@ -23,6 +23,8 @@ Messages carry storage keys, ids and text, never pixels. They serialise to JSON 
 Versions: 1: no ``v``. 2: ``v``; ``JobOptions.quality``, ``.lossless`` and ``.overwrite``
 (their defaults, 92, False and False, are what version 1 jobs got); ``ItemRecord.models``,
 ``.fingerprint`` and ``.outcome`` (the output fingerprint, written from the encode stage on).
+3: ``JobOptions.strip_metadata`` (False, the default, is what older jobs got); a message is
+written as version 3 only when it is set.
 Old workers reject fields they do not know, so **upgrade the stages downstream first
 (decode, then plan, then encode), then the producers** (producers also write the job's
 ``JobSpec``, which workers read): a newer message then only ever reaches a newer worker.
@@ -34,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-WIRE_VERSION = 2  # the newest ChunkMessage format this code reads and writes
+WIRE_VERSION = 3  # the newest ChunkMessage format this code reads and writes
 
 Task = Literal["restore", "upscale"]
 Scale = Literal[1, 2, 4]
@@ -71,6 +73,9 @@ class JobOptions(_Model):
     # Re-process every item even where its output already answers this request. Not part
     # of the request's fingerprint: it changes what is done, not what is asked for.
     overwrite: bool = False
+    # Outputs carry no EXIF (GPS included) nor other metadata; an RGB ICC profile is colour,
+    # not metadata, and stays (wire version 3).
+    strip_metadata: bool = False
 
     def effective_scale(self) -> int:
         if self.scale is not None:
@@ -217,6 +222,8 @@ class ChunkMessage(_Model):
     def wire_version(self) -> int:
         """The oldest wire version that carries this message."""
         options = self.options
+        if options.strip_metadata:
+            return 3
         if options.quality != DEFAULT_QUALITY or options.lossless or options.overwrite:
             return 2
         if any(r.models or r.fingerprint is not None or r.outcome is not None for r in self.records):
@@ -231,7 +238,7 @@ class ChunkMessage(_Model):
             data.pop("v", None)
             options = data.get("options")
             if isinstance(options, dict):
-                for name in _V2_OPTIONS:
+                for name in (*_V2_OPTIONS, *_V3_OPTIONS):
                     options.pop(name, None)
             for record in data.get("records") or ():
                 if isinstance(record, dict):
@@ -239,11 +246,16 @@ class ChunkMessage(_Model):
                         record.pop(name, None)
         elif "v" in data:
             data["v"] = version
+            options = data.get("options")
+            if version < 3 and isinstance(options, dict):
+                for name in _V3_OPTIONS:
+                    options.pop(name, None)
         return data
 
 
 _V2_OPTIONS = ("quality", "lossless", "overwrite")  # JobOptions fields that version 1 lacks
 _V2_RECORD_FIELDS = ("models", "fingerprint", "outcome")  # ItemRecord fields that version 1 lacks
+_V3_OPTIONS = ("strip_metadata",)  # JobOptions fields that version 2 lacks
 
 
 def _v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +263,12 @@ def _v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "v": 2}
 
 
-_UPGRADES = {1: _v1_to_v2}  # version N body -> version N + 1 body
+def _v2_to_v3(body: dict[str, Any]) -> dict[str, Any]:
+    # Version 3 only added strip_metadata, whose default keeps version-2 behaviour.
+    return {**body, "v": 3}
+
+
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version N body -> version N + 1 body
 
 
 def upgrade_message(body: Any) -> ChunkMessage:

@@ -36,6 +36,16 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr(C.DEFAULT_REDIS_URL)
     s3_endpoint_url: str | None = None
     max_image_pixels: int = Field(C.DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    # Bounded resources (#11): an item whose output (source pixels x scale^2) is over this
+    # fails before any model runs; decoded source images a worker holds (the batch it runs
+    # plus the next one, prefetched) stay within this many bytes, except one batch alone.
+    max_output_pixels: int = Field(256_000_000, ge=1)
+    prefetch_bytes: int = Field(1 << 30, ge=1)
+    # Prefork pools only (the solo pool has the lease watchdog alone): Celery's hard time
+    # limit per task (0: derived from item_budget_s x chunk_size, see workers.celery_app)
+    # and the RSS after which a pool child is replaced (0: never).
+    task_time_limit_s: float = Field(0.0, ge=0.0)
+    max_memory_per_child_kb: int = Field(16 * 1024 * 1024, ge=0)
     chunk_size: int = Field(C.DEFAULT_CHUNK_SIZE, ge=1, le=4096)
     window: int = Field(C.DEFAULT_WINDOW, ge=1)
     batch_size: int = Field(C.DEFAULT_BATCH_SIZE, ge=1, le=1024)
@@ -97,8 +107,14 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, value: SecretStr) -> SecretStr:
         raw = value.get_secret_value()
-        if raw and urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL (or empty for the embedded server)")
+        scheme = urlsplit(raw).scheme if raw else ""
+        if scheme in ("unix", "redis+socket"):  # kombu and redis-py spell sockets differently
+            raise ValueError(
+                f"{scheme}:// (a Unix socket) is not supported: give Redis a TCP listener and use "
+                "redis:// or rediss:// (or leave it empty for the embedded server)"
+            )
+        if raw and scheme not in ("redis", "rediss"):
+            raise ValueError("must be a redis:// or rediss:// URL (or empty for the embedded server)")
         return value
 
     @field_validator("s3_endpoint_url")

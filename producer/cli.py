@@ -53,6 +53,10 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true",
         help="re-process every item, even where the output already answers the same request and models",
     )
+    parser.add_argument(
+        "--strip-metadata", action="store_true",
+        help="outputs carry no EXIF (GPS included) or other metadata; an RGB colour profile stays",
+    )
     parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
     parser.add_argument(
         "--follow-symlinks", action="store_true",
@@ -183,6 +187,7 @@ def _job_options(args: argparse.Namespace):
     return JobOptions(
         task=args.task, scale=args.scale, instruction=args.instruction, format=args.format,
         quality=args.quality, lossless=args.lossless, overwrite=args.overwrite,
+        strip_metadata=args.strip_metadata,
     )
 
 

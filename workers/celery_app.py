@@ -5,6 +5,8 @@ delivery semantics). Importing this module imports no torch and needs no setting
 * ``get_app()``            the workers' app: created on first use from the environment,
   once per process, with the stage tasks registered on it. ``celery -A pixelrelay.workers``
   finds it through the package's ``app`` attribute.
+* ``configure_pool(app, settings, concurrency)`` a prefork pool's time limits and memory
+  ceiling per child (``workers.main`` applies it before starting the pool).
 
 This module is not called ``app``: a submodule of that name would shadow the package's
 ``app`` attribute that ``celery -A`` looks up.
@@ -55,6 +57,28 @@ def configure(app: Celery, settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         broker_pool_limit=4,
     )
+    return app
+
+
+def time_limits(settings: Settings) -> tuple[float, float]:
+    """Celery's (soft, hard) time limits per task for a prefork pool. The hard limit is
+    ``PIXELRELAY_TASK_TIME_LIMIT_S`` or, when 0, a full chunk's watchdog budget
+    (``item_budget_s x chunk_size``) plus two leases and a minute: the lease watchdog
+    (``workers.lease``) always acts first and finishes the chunk cleanly; these limits only
+    end a child that the watchdog could not. The soft limit is 30 s before the hard one."""
+    hard = settings.task_time_limit_s or settings.item_budget_s * settings.chunk_size + 2 * settings.lease_s + 60
+    return max(1.0, hard - 30), hard
+
+
+def configure_pool(app: Celery, settings: Settings, concurrency: int) -> Celery:
+    """Per-task time limits and the memory ceiling per child, for a prefork pool
+    (``concurrency`` > 1). Celery applies neither to the solo pool, where the lease
+    watchdog alone bounds a chunk's time; nothing is set there."""
+    if concurrency > 1:
+        soft, hard = time_limits(settings)
+        app.conf.update(task_soft_time_limit=soft, task_time_limit=hard)
+        if settings.max_memory_per_child_kb:
+            app.conf.update(worker_max_memory_per_child=settings.max_memory_per_child_kb)
     return app
 
 

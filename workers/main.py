@@ -28,7 +28,7 @@ from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.registry import backend_class
-from pixelrelay.workers.celery_app import get_app, queue_name
+from pixelrelay.workers.celery_app import configure_pool, get_app, queue_name
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -140,5 +140,5 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, re
     # Remote control (celery inspect/control, app.control.shutdown()) only when asked for:
     # any Redis client could otherwise stop or reconfigure the worker. Events are unaffected.
     get_app().conf.worker_enable_remote_control = remote_control
-    get_app().worker_main(argv)
+    configure_pool(get_app(), settings, concurrency).worker_main(argv)
     return 0

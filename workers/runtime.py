@@ -7,6 +7,9 @@ Every backend built is published with its model identity in Redis (``jobs.identi
 and re-published every ``keys.MODELS_REFRESH_S`` by a daemon thread of the process, so
 the encode stage can tell which models the later stages will run. A Redis error while
 publishing is logged, never fatal: an unpublished identity only costs a reuse.
+
+``DecodeBudget`` bounds the bytes of decoded source images a stage holds at once (its
+batch plus the prefetched next one); ``workers.tasks`` makes one per chunk.
 """
 
 from __future__ import annotations
@@ -130,6 +133,40 @@ class Runtime:
         while True:
             time.sleep(keys.MODELS_REFRESH_S)
             self.publish_all()
+
+
+class DecodeBudget:
+    """Bytes of decoded source images a worker holds at once (``PIXELRELAY_PREFETCH_BYTES``):
+    the batch the model runs on plus the next one, prefetched. A batch is admitted (``take``
+    blocks) while what is held plus it fits, or when nothing is held: a batch larger than
+    the whole budget runs alone. ``close`` frees every waiter (the chunk ended early)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0  # the most held at once, for logs and tests
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def take(self, nbytes: int) -> bool:
+        """Wait until ``nbytes`` fit, then hold them; False (nothing held) once closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self.held == 0 or self.held + nbytes <= self.limit)
+            if self._closed:
+                return False
+            self.held += nbytes
+            self.peak = max(self.peak, self.held)
+            return True
+
+    def give(self, nbytes: int) -> None:
+        with self._cond:
+            self.held -= nbytes
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 @functools.cache

@@ -14,6 +14,13 @@ Signing (``pipeline.signing``): ``run_stage`` checks a body's signature (kind
 ``chunk:<stage>``) before it parses it, and drops one that fails (``verify_body``); the body
 it returns, the next stage's, is signed for that stage (``NEXT_STAGE``).
 
+Bounded resources: a source whose output (pixels x scale^2) is over
+``PIXELRELAY_MAX_OUTPUT_PIXELS`` fails from its header, before its decode: at the encode stage
+with the job's scale, again at the decode stage with the plan's, before the model. The
+decoded images a worker holds (the batch the model runs, plus the next one prefetched) stay
+within ``PIXELRELAY_PREFETCH_BYTES`` (``runtime.DecodeBudget``). ``strip_metadata`` in the job's
+options writes outputs without EXIF.
+
 Reuse (``pipeline.fingerprint``): every output carries the fingerprint of the request and
 models that made it. ``encode_chunk`` passes an item straight to done (``reused``) when its
 output's fingerprint matches what this job would produce, computed from its own encoder
@@ -43,7 +50,15 @@ from pixelrelay.jobs import identities
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline import fingerprint as fp
-from pixelrelay.pipeline.imageio import DecodedImage, ImageDecodeError, content_type, decode_image, encode_image, format_for_uri
+from pixelrelay.pipeline.imageio import (
+    DecodedImage,
+    ImageDecodeError,
+    content_type,
+    decode_image,
+    encode_image,
+    format_for_uri,
+    probe_size,
+)
 from pixelrelay.pipeline.messages import (
     ChunkMessage,
     Fingerprint,
@@ -61,7 +76,7 @@ from pixelrelay.workers.flow import sender, signed_body
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
-from pixelrelay.workers.runtime import Runtime, runtime
+from pixelrelay.workers.runtime import DecodeBudget, Runtime, runtime
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -98,32 +113,79 @@ def _call_isolated(fn: Callable[[Sequence[In]], list[Out]], batch: Sequence[In])
     return out
 
 
-def _load_one(rt: Runtime, record: ItemRecord, stage: str) -> DecodedImage | None:
+def _read_one(rt: Runtime, record: ItemRecord, stage: str) -> bytes | None:
     try:
-        data = rt.storage(record.input).get(record.input)
-        return decode_image(data, rt.settings.max_image_pixels)
-    except ImageDecodeError as exc:
-        record.fail(stage, str(exc))
+        return rt.storage(record.input).get(record.input)
     except StorageError as exc:
         record.fail(stage, f"cannot read input: {exc}")
     return None
 
 
-def _load_images(rt: Runtime, records: Sequence[ItemRecord], stage: str) -> list[tuple[ItemRecord, DecodedImage]]:
-    """Read and decode sources in parallel threads; records that can't be read fail here."""
-    images = list(rt.io.map(lambda r: _load_one(rt, r, stage), records))
-    return [(r, image) for r, image in zip(records, images) if image is not None]
+def _decode_one(rt: Runtime, record: ItemRecord, data: bytes, stage: str, scale: int) -> DecodedImage | None:
+    """Decode a source; one over the image or output pixel limit fails before its decode."""
+    try:
+        return decode_image(data, rt.settings.max_image_pixels, scale=scale, max_output_pixels=rt.settings.max_output_pixels)
+    except ImageDecodeError as exc:
+        record.fail(stage, str(exc))
+    return None
 
 
-def _prefetched(rt: Runtime, records: Sequence[ItemRecord], stage: str):
+def _decoded_bytes(rt: Runtime, data: bytes, scale: int) -> int:
+    """What decoding ``data`` will hold (RGB + alpha), from its header; 0 for a source
+    that ``decode_image`` refuses before decoding it."""
+    size = probe_size(data)
+    if size is None:
+        return 0
+    pixels = size[0] * size[1]
+    if pixels > rt.settings.max_image_pixels or pixels * scale * scale > rt.settings.max_output_pixels:
+        return 0
+    return pixels * 4
+
+
+def _load_images(
+    rt: Runtime,
+    records: Sequence[ItemRecord],
+    stage: str,
+    scale_of: Callable[[ItemRecord], int] = lambda r: 1,
+    budget: DecodeBudget | None = None,
+) -> tuple[list[tuple[ItemRecord, DecodedImage]], int]:
+    """Read, then decode sources in parallel threads, once ``budget`` admits their decoded
+    size; records that can't be read or decoded fail here. Returns the loaded pairs and the
+    bytes taken from ``budget`` for them (nothing is loaded once the budget is closed)."""
+    raw = list(rt.io.map(lambda r: _read_one(rt, r, stage), records))
+    todo = [(r, data) for r, data in zip(records, raw) if data is not None]
+    held = sum(_decoded_bytes(rt, data, scale_of(r)) for r, data in todo)
+    if budget is not None and not budget.take(held):
+        return [], 0
+    images = list(rt.io.map(lambda pair: _decode_one(rt, *pair, stage, scale_of(pair[0])), todo))
+    return [(r, image) for (r, _), image in zip(todo, images) if image is not None], held
+
+
+def _prefetched(
+    rt: Runtime,
+    records: Sequence[ItemRecord],
+    stage: str,
+    scale_of: Callable[[ItemRecord], int] = lambda r: 1,
+    budget: DecodeBudget | None = None,
+):
     """Yield (batch, loaded images) per model batch while the next batch loads, so the
-    model (the GPU) does not wait for storage."""
+    model (the GPU) does not wait for storage. The decoded images held (this batch and the
+    next) stay within ``PIXELRELAY_PREFETCH_BYTES`` (``runtime.DecodeBudget``): the next
+    batch is decoded ahead only when it fits beside this one."""
+    budget = budget or DecodeBudget(rt.settings.prefetch_bytes)
     batches = _batches(records, rt.settings.batch_size)
-    upcoming = rt.prefetch.submit(_load_images, rt, batches[0], stage) if batches else None
-    for i, batch in enumerate(batches):
-        loaded = upcoming.result()
-        upcoming = rt.prefetch.submit(_load_images, rt, batches[i + 1], stage) if i + 1 < len(batches) else None
-        yield batch, loaded
+    load = functools.partial(_load_images, rt, stage=stage, scale_of=scale_of, budget=budget)
+    upcoming = rt.prefetch.submit(load, batches[0]) if batches else None
+    try:
+        for i, batch in enumerate(batches):
+            loaded, held = upcoming.result()
+            upcoming = rt.prefetch.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
+            try:
+                yield batch, loaded
+            finally:
+                budget.give(held)
+    finally:
+        budget.close()  # a chunk that ends early (cancelled) frees the pending load
 
 
 def _stage_backend(rt: Runtime, stage: str, spec: str | None, records: Sequence[ItemRecord]):
@@ -147,7 +209,8 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     if encoder is None:
         return
     pending = _reuse_existing(rt, msg, pending, encoder)
-    for batch, loaded in _prefetched(rt, pending, "encode"):
+    scale = msg.options.effective_scale()  # the plan's may differ: the decode stage checks again
+    for batch, loaded in _prefetched(rt, pending, "encode", lambda r: scale):
         started = time.perf_counter()
         for record, image in loaded:
             record.notes.extend(image.notes)
@@ -205,7 +268,7 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             todo.append((record, action, found.version))
     writes_as = {id(record): (action, version) for record, action, version in todo}
     writes = []
-    for batch, loaded in _prefetched(rt, [record for record, _, _ in todo], "decode"):
+    for batch, loaded in _prefetched(rt, [record for record, _, _ in todo], "decode", lambda r: r.plan.scale):
         if state.cancelled():  # the rest stays pending: the policy ends the chain (cancelled)
             break
         started = time.perf_counter()
@@ -254,7 +317,7 @@ def _write_output(
         record.plan.output_format,
         alpha=restored.alpha,
         icc_profile=image.icc_profile,
-        exif=image.exif,
+        exif=None if options.strip_metadata else image.exif,
         quality=options.quality,
         lossless=options.lossless,
     )

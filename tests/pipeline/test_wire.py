@@ -64,7 +64,7 @@ def v1_body(**options) -> dict:
 
 def test_a_version_1_body_is_upgraded():
     msg = upgrade_message(v1_body())
-    assert msg.v == WIRE_VERSION == 2
+    assert msg.v == WIRE_VERSION == 3
     assert msg.options == JobOptions(task="upscale", scale=2, instruction="sharper", format="jpg", quality=92, lossless=False)
     assert (msg.job_id, msg.seq, msg.chunk, msg.feeds, msg.part) == ("job-1", 3, 7, False, "28")
     assert msg.records == [ItemRecord(index=28, input="s3://bucket/in/a.png", output="s3://bucket/out/a.jpg")]

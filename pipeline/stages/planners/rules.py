@@ -11,6 +11,7 @@ operation at all: restoring what isn't broken only does harm.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from typing import Sequence
@@ -57,7 +58,12 @@ OPERATION_PHRASES: dict[OperationName, tuple[str, ...]] = {
 }
 # A negation up to two words before a phrase, in the same clause, turns "sharpen" into
 # "don't sharpen" ("no sharpening", "do not over-sharpen", "without any denoising").
+# The rule, as a regex on the text before the phrase (the reference definition; it is not
+# run, being quadratic over many phrases: ``_Negations`` applies it in linear time):
 NEGATION = re.compile(r"\b(?:no|not|don't|dont|without|skip|avoid|never|stop)\b(?:\s+[\w'-]+){0,2}\s*$")
+NEGATION_WORDS = ("no", "not", "don't", "dont", "without", "skip", "avoid", "never", "stop")
+_WORD_CHAR = re.compile(r"\w")
+_NOT_IN_WORD = re.compile(r"[^\w'-]")  # a character a ``[\w'-]+`` word cannot hold
 GENTLE_WORDS = re.compile(r"\b(?:gentle|gently|light|lightly|subtle|subtly|mild|mildly|slight|slightly)\b")
 STRONG_WORDS = re.compile(r"\b(?:strong|strongly|aggressive|aggressively|heavy|heavily)\b")
 
@@ -78,6 +84,55 @@ def _known(value: float | None, fallback: float | None) -> float | None:
     return None
 
 
+class _Negations:
+    """Answers "is the phrase at ``start`` negated?" (``NEGATION`` on ``text[:start]``) in
+    O(log n) per phrase after one O(n) pass, so parsing stays linear in the instruction's
+    length however many phrases it holds. ``text`` is whitespace-normalised (single spaces).
+
+    ``NEGATION`` reads, from the end of the text before the phrase: spaces, then up to two
+    whitespace-delimited words made only of ``[\\w'-]`` (the last may be the part of the
+    phrase's own token before it, as "over-" in "over-sharpen"), then a token that ends with
+    a negation word starting at a word boundary."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.starts: list[int] = []  # start offset of every space-delimited token
+        offset = 0
+        for token in text.split(" "):
+            self.starts.append(offset)
+            offset += len(token) + 1
+        self.bad = [m.start() for m in _NOT_IN_WORD.finditer(text)]  # sorted
+
+    def _all_word(self, a: int, b: int) -> bool:
+        """Whether ``text[a:b]`` is a non-empty ``[\\w'-]+`` run."""
+        return a < b and bisect.bisect_left(self.bad, a) == bisect.bisect_left(self.bad, b)
+
+    def _ends_with_negation(self, a: int, b: int) -> bool:
+        text = self.text
+        for word in NEGATION_WORDS:
+            at = b - len(word)
+            if at >= a and text.startswith(word, at) and (at == 0 or not _WORD_CHAR.match(text[at - 1])):
+                return True
+        return False
+
+    def negated(self, start: int) -> bool:
+        i = bisect.bisect_right(self.starts, start) - 1
+        # Units before the phrase, nearest first: (begin, end) offsets.
+        units: list[tuple[int, int]] = []
+        if start > self.starts[i]:
+            units.append((self.starts[i], start))
+        j = i - 1
+        while len(units) < 3 and j >= 0:
+            units.append((self.starts[j], self.starts[j + 1] - 1))
+            j -= 1
+        for a, b in units:  # up to two plain words, then the negation's own token
+            if self._ends_with_negation(a, b):
+                return True
+            if not self._all_word(a, b):
+                return False
+        return False
+
+
 def instruction_requests(instruction: str) -> tuple[dict[OperationName, bool], float, list[str]]:
     """Parse the user's instruction.
 
@@ -86,10 +141,11 @@ def instruction_requests(instruction: str) -> tuple[dict[OperationName, bool], f
     text = " ".join(instruction.lower().replace("\u2019", "'").split())
     requests: dict[OperationName, bool] = {}
     notes: list[str] = []
+    negations = _Negations(text)
     for name in OPERATION_ORDER:
         for phrase in OPERATION_PHRASES[name]:
             for match in re.finditer(rf"\b{phrase}\b", text):
-                wanted = NEGATION.search(text[: match.start()]) is None
+                wanted = not negations.negated(match.start())
                 # A "no" anywhere wins over a "yes": forbidding is the safer reading.
                 requests[name] = requests.get(name, True) and wanted
     # "No sharpening" covers deblur as well: both are unsharp masks on the output.
