@@ -50,9 +50,11 @@ from pixelrelay.pipeline.messages import (
     upgrade_message,
 )
 from pixelrelay.pipeline.stages.base import StageSpec
+from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender
+from pixelrelay.workers.guard import ForgedMessage, check_message, storage_of
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
@@ -124,6 +126,10 @@ def _prefetched(rt: Runtime, records: Sequence[ItemRecord], stage: str):
 def _stage_backend(rt: Runtime, stage: str, spec: str | None, records: Sequence[ItemRecord]):
     try:
         return rt.stage(stage, spec)
+    except BackendNotAllowedError as exc:  # refused before anything was loaded
+        for record in records:
+            record.fail(stage, str(exc))
+        return None
     except Exception as exc:
         for record in records:
             record.fail(stage, f"backend {spec or rt.default_spec(stage)} unavailable: {_reason(exc)}")
@@ -391,13 +397,22 @@ def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> C
 
 
 def run_stage(task: Task, stage: str, body: dict) -> dict:
-    """One delivery: validate the body, let the policy run the stage body, map its outcome."""
+    """One delivery: validate the body, check it against its job (``workers.guard``: a
+    message that asks for anything else is dropped), let the policy run the stage body, map
+    its outcome."""
     try:
         msg = upgrade_message(body)  # any wire version up to ours (the broker's data is input)
     except WireVersionError as exc:
         raise requeue_for_newer_worker(task, stage, exc) from None
     rt = runtime()
     state = JobState(rt.redis, msg.job_id)
+    try:  # before anything is read or written (see workers.guard)
+        check_message(state, functools.partial(storage_of, rt.storage), msg, stage)
+    except ForgedMessage as exc:  # dropped (acked): the sweep re-sends a genuine chain from storage
+        log.warning("%s: dropped a message for job %s chunk %d: %s", stage, msg.job_id, msg.chunk, exc)
+        return {}
+    except TRANSIENT_ERRORS as exc:
+        raise task.retry(exc=exc, countdown=Limits().countdown(task.request.retries))
     work = functools.partial(STAGE_BODIES[stage], rt, state)
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries)
