@@ -60,7 +60,9 @@ def hub_offline() -> bool:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(any(folder.rglob(p)) for p in WEIGHT_PATTERNS)
+    # The folder and its direct subfolders (diffusers pipelines keep weights in unet/, vae/,
+    # ...): never a walk of a whole tree, whatever folder a spec names.
+    return any(any(folder.glob(p)) or any(folder.glob("*/" + p)) for p in WEIGHT_PATTERNS)
 
 
 def _has_config(folder: Path) -> bool:

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     encoder: str = C.DEFAULT_ENCODER
     planner: str = C.DEFAULT_PLANNER
     decoder: str = C.DEFAULT_DECODER
+    # Backend specs this process may build besides its own encoder/planner/decoder and their
+    # variants (``stages.registry.spec_allowed``): blank/comma-separated, ``*`` = anything.
+    # ``submit`` refuses local-path specs unless this allows them.
+    allowed_backends: str = ""
     log_level: str = "INFO"
     # Learned models: precision on GPU (CPU is always fp32). Learned decoders' tiled
     # inference: one TILE/_OVERLAP/_TILE_BATCH/_MIN_TILE set per decoder (builtin, sr, sd).
@@ -168,6 +172,16 @@ class Settings(BaseSettings):
         if self.signing_key_file and self.signing_key is None:
             self.signing_key = SecretStr(read_key_file(self.signing_key_file))
         return self
+
+    @field_validator("allowed_backends")
+    @classmethod
+    def _check_allowed_backends(cls, value: str) -> str:
+        from pixelrelay.pipeline.stages.registry import parse_allowlist, stage_of
+
+        for entry in parse_allowlist(value) or ():
+            if stage_of(entry.kind) is None:
+                raise ValueError(f"unknown backend kind {entry.kind!r} in {str(entry)!r}")
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod

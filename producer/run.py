@@ -26,6 +26,9 @@ Invariants:
   again, and its chunk comes back through its lease and the sweep; ``run`` gives up (exit 5,
   logs kept) only when a worker exits ``MAX_DEATHS`` times within ``DEATHS_WINDOW_S``, or
   exits with the usage code 2 (it cannot start: a missing model, a bad device).
+* The workers, and the submission, allow the backend specs ``run`` was given
+  (``own_allowlist``, put in ``PIXELRELAY_ALLOWED_BACKENDS``): a local model folder named
+  on ``run``'s command line is the user's own.
 * The wait loop keeps the job alive (``producer.keeper``): it restarts a dead embedded
   Redis on its folder, rebuilds the job if Redis lost it, and sweeps for lost chains.
 
@@ -181,6 +184,17 @@ def _unfinished(settings: Settings, job_id: str, output: str) -> bool:
     return not open_storage(output, settings.s3_endpoint_url).exists(manifest_uri(output, job_id))
 
 
+def own_allowlist(settings: Settings, backends: Backends, worker_args: dict[str, list[str]]) -> str:
+    """``PIXELRELAY_ALLOWED_BACKENDS`` for this run: what is allowed already, plus every spec
+    ``run`` starts its own workers with or submits its job with (they are the user's own)."""
+    specs = [settings.allowed_backends] if settings.allowed_backends else []
+    specs += [getattr(settings, name) for name in ("encoder", "planner", "decoder")]
+    specs += [spec for spec in (backends.encoder, backends.planner, backends.decoder) if spec]
+    for args in worker_args.values():
+        specs += [value for flag, value in zip(args, args[1:]) if flag in ("--encoder", "--planner", "--decoder")]
+    return " ".join(dict.fromkeys(spec.strip() for spec in specs if spec.strip()))
+
+
 def _on_signal(signum, frame) -> None:
     raise Terminated(signal.Signals(signum).name)
 
@@ -221,6 +235,9 @@ def run_local(
             env["PIXELRELAY_INSECURE_NO_SIGNING"] = "1"
         # Share the cores between the three local workers unless told otherwise.
         env.setdefault("PIXELRELAY_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+        allowed = own_allowlist(settings, backends, worker_args)
+        env["PIXELRELAY_ALLOWED_BACKENDS"] = allowed
+        settings = settings.model_copy(update={"allowed_backends": allowed})
         workers = LocalWorkers(env, worker_args)
         # Runs after the workers stop (callbacks unwind last-in first-out), whatever happened.
         stack.callback(lambda: workers.finish_logs(outcome == ExitCode.OK, keep_logs))

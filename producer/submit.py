@@ -15,6 +15,9 @@ The listing (``producer.listing``) streams into the listing shards with bounded 
 sources it rejects (a path escaping ``--out``, a colliding output, a symlink not followed)
 are items that fail with their reason. ``follow_symlinks`` (``--follow-symlinks``) is not
 part of the job's spec: it only shapes the first listing.
+
+A spec that names a local path is refused (exit 2) unless the submitter's own
+``PIXELRELAY_ALLOWED_BACKENDS`` allows it: the workers refuse what their list does not allow.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pixelrelay.jobs.recover import load_spec, restore_done, start
 from pixelrelay.jobs.registry import open_registry
 from pixelrelay.pipeline.messages import JOB_ID_PATTERN, Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
-from pixelrelay.pipeline.stages.registry import validate_spec
+from pixelrelay.pipeline.stages.registry import names_local_path, parse_allowlist, spec_allowed, validate_spec
 from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.listing import list_items
 from pixelrelay.workers.celery_app import create_app
@@ -76,8 +79,13 @@ def _check_same(spec: JobSpec, input_uri: str, output_uri: str, options: JobOpti
             )
 
 
-def normalize_backends(backends: Backends) -> Backends:
-    """The job's backend specs in their one spelling (unknown kinds are a ConfigError)."""
+def normalize_backends(backends: Backends, allowed: str = "") -> Backends:
+    """The job's backend specs in their one spelling (unknown kinds are a ConfigError).
+
+    ``submit`` cannot see what the workers allow, so a spec that names a local path
+    (``stages.registry.names_local_path``) is a ConfigError unless ``allowed`` (the
+    submitter's own ``PIXELRELAY_ALLOWED_BACKENDS``) allows it."""
+    allowlist = parse_allowlist(allowed)
     specs = {}
     for name in ("encoder", "planner", "decoder"):
         value = getattr(backends, name)
@@ -85,6 +93,11 @@ def normalize_backends(backends: Backends) -> Backends:
             specs[name] = validate_spec(name, value) if value else None
         except ValueError as exc:
             raise ConfigError(f"--{name}: {exc}") from None
+        if specs[name] and names_local_path(specs[name]) and not spec_allowed(name, specs[name], allowlist):
+            raise ConfigError(
+                f"--{name}: {specs[name]} names a local path; workers load it only if their "
+                "PIXELRELAY_ALLOWED_BACKENDS allows it: allow it there and here, or use a hub id"
+            )
     return Backends(**specs)
 
 
@@ -97,7 +110,7 @@ def submit(
     job_id: str | None = None,
     follow_symlinks: bool = False,
 ) -> Submission:
-    backends = normalize_backends(backends or Backends())
+    backends = normalize_backends(backends or Backends(), settings.allowed_backends)
     job_id = job_id or new_job_id()
     if not _JOB_ID_RE.fullmatch(job_id):
         raise ConfigError("--job-id: use letters, digits, '.', '_' and '-' (at most 128)")

@@ -60,6 +60,8 @@ Modules:
 * ``policy``     what happens to a delivery (poison pills, retries, finishing a chunk),
   without Celery: ``DeliveryPolicy.deliver`` returns the message, a ``Retry`` or a ``Split``;
 * ``tasks``      the stage bodies and the thin Celery tasks around the policy;
+* ``guard``      what a message may ask: checked against its job before any work (a message
+  that asks for anything else is dropped);
 * ``flow``       a chunk as a Celery chain (task ids naming the chain, bodies signed), and
   ``sender(app, signer)``;
 * ``lease``      the lease on a running chunk, its heartbeat, budget and watchdog;

@@ -10,6 +10,16 @@ publishing is logged, never fatal: an unpublished identity only costs a reuse.
 
 ``DecodeBudget`` bounds the bytes of decoded source images a stage holds at once (its
 batch plus the prefetched next one); ``workers.tasks`` makes one per chunk.
+
+Backends are built only from allowed specs (``allowed``): the worker's own spec for the
+stage and its variants, plus ``PIXELRELAY_ALLOWED_BACKENDS`` (``stages.registry.spec_allowed``).
+A spec outside the list raises ``BackendNotAllowedError`` before anything is imported,
+loaded or listed. Specs are cached in their one spelling (``canonical_spec``), so the cache
+holds at most one backend per allowed spec: a message cannot make it grow.
+
+A backend that fails to load raises ``BackendLoadError``: its own ``ModelUnavailableError``
+message (the path and the reason), or the first line of a library's error, cut short, so
+that no error quotes a folder's contents back to whoever named the folder.
 """
 
 from __future__ import annotations
@@ -26,12 +36,39 @@ import redis
 from pixelrelay.jobs import identities, keys
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import Settings
-from pixelrelay.pipeline.stages.registry import create_decoder, create_encoder, create_planner
+from pixelrelay.pipeline.stages.base import ModelUnavailableError, StageSpec
+from pixelrelay.pipeline.stages.registry import (
+    BackendNotAllowedError,
+    canonical_spec,
+    create_decoder,
+    create_encoder,
+    create_planner,
+    parse_allowlist,
+    spec_allowed,
+)
 from pixelrelay.pipeline.storage import Storage, open_storage
 
 log = logging.getLogger("pixelrelay.worker")
 
 _FACTORIES = {"encode": create_encoder, "plan": create_planner, "decode": create_decoder}
+MAX_LOAD_ERROR_CHARS = 300
+
+
+class BackendLoadError(RuntimeError):
+    """A backend that could not be built; the message names the spec and the reason only."""
+
+
+def load_error(exc: BaseException) -> BackendLoadError:
+    """The error to report for a backend that failed to load: our own messages whole, a
+    library's first line only, at most ``MAX_LOAD_ERROR_CHARS``."""
+    if isinstance(exc, ModelUnavailableError):
+        text = str(exc)
+    else:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if len(text) > MAX_LOAD_ERROR_CHARS:
+        text = text[: MAX_LOAD_ERROR_CHARS - 3] + "..."
+    return BackendLoadError(text)
 
 
 class Runtime:
@@ -82,15 +119,32 @@ class Runtime:
     def default_spec(self, stage: str) -> str:
         return getattr(self.settings, C.STAGE_BACKEND[stage])
 
+    def allowed(self, stage: str, spec: str | None = None) -> str:
+        """``spec`` (default: the worker's own) in its one spelling, if this worker may build
+        it; else ``BackendNotAllowedError`` (``UnknownBackendError`` for an unknown kind)."""
+        spec = canonical_spec(spec) if spec and spec.strip() else self.default_spec(stage)
+        if spec == self.default_spec(stage):
+            return spec
+        extra = parse_allowlist(self.settings.allowed_backends)
+        allowlist = None if extra is None else [StageSpec.parse(self.default_spec(stage)), *extra]
+        if not spec_allowed(C.STAGE_BACKEND[stage], spec, allowlist):
+            raise BackendNotAllowedError(spec)
+        return spec
+
     def stage(self, stage: str, spec: str | None = None):
-        """The backend for ``stage`` (the job's choice, else the worker's), built once."""
-        spec = spec or self.default_spec(stage)
+        """The backend for ``stage`` (the job's choice, else the worker's), built once; only
+        allowed specs are built (see the module docstring)."""
+        spec = self.allowed(stage, spec)
         key = (stage, spec)
         with self._lock:
             if key not in self._stages:
                 log.info("loading %s backend %s on %s", stage, spec, self.settings.device)
-                self._stages[key] = _FACTORIES[stage](spec, device=self.settings.device, settings=self.settings)
-                self._publish(stage, spec, self._stages[key])
+                try:
+                    backend = _FACTORIES[stage](spec, device=self.settings.device, settings=self.settings)
+                except Exception as exc:
+                    raise load_error(exc) from exc
+                self._stages[key] = backend
+                self._publish(stage, spec, backend)
                 self._start_refresher()
             return self._stages[key]
 

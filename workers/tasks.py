@@ -70,9 +70,11 @@ from pixelrelay.pipeline.messages import (
 )
 from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.stages.base import StageSpec
+from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
+from pixelrelay.workers.guard import ForgedMessage, check_message, storage_of
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
@@ -191,6 +193,10 @@ def _prefetched(
 def _stage_backend(rt: Runtime, stage: str, spec: str | None, records: Sequence[ItemRecord]):
     try:
         return rt.stage(stage, spec)
+    except BackendNotAllowedError as exc:  # refused before anything was loaded
+        for record in records:
+            record.fail(stage, str(exc))
+        return None
     except Exception as exc:
         for record in records:
             record.fail(stage, f"backend {spec or rt.default_spec(stage)} unavailable: {_reason(exc)}")
@@ -473,8 +479,10 @@ def verify_body(task: Task, stage: str, signer, body: dict) -> dict:
 
 
 def run_stage(task: Task, stage: str, body: dict) -> dict:
-    """One delivery: check the body's signature, validate it, let the policy run the stage
-    body, map its outcome. The body returned (the next stage's) is signed for that stage."""
+    """One delivery: check the body's signature, validate it, check it against its job
+    (``workers.guard``: a message that asks for anything else is dropped), let the policy run
+    the stage body, map its outcome. The body returned (the next stage's) is signed for that
+    stage."""
     rt = runtime()
     body = verify_body(task, stage, rt.signer, body)  # before any parsing
     try:
@@ -482,6 +490,13 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
     except WireVersionError as exc:
         raise requeue_for_newer_worker(task, stage, exc) from None
     state = JobState(rt.redis, msg.job_id, rt.signer)
+    try:  # before anything is read or written (see workers.guard)
+        check_message(state, functools.partial(storage_of, rt.storage), msg, stage)
+    except ForgedMessage as exc:  # dropped (acked): the sweep re-sends a genuine chain from storage
+        log.warning("%s: dropped a message for job %s chunk %d: %s", stage, msg.job_id, msg.chunk, exc)
+        return {}
+    except TRANSIENT_ERRORS as exc:
+        raise task.retry(exc=exc, countdown=Limits().countdown(task.request.retries))
     work = functools.partial(STAGE_BODIES[stage], rt, state)
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries)

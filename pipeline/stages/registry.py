@@ -166,3 +166,105 @@ def create_planner(spec: str, device: str = "cpu", settings: "Settings | None" =
 
 def create_decoder(spec: str, device: str = "cpu", settings: "Settings | None" = None) -> Decoder:
     return _create("decoder", spec, device, settings)
+
+
+# --- which specs a process may build (PIXELRELAY_ALLOWED_BACKENDS) ---------------------------
+
+ALLOW_ANY = "*"
+
+
+class BackendNotAllowedError(ValueError):
+    """A spec outside a worker's allowlist: it is refused before anything is loaded."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(f"backend {spec} is not allowed on this worker (PIXELRELAY_ALLOWED_BACKENDS)")
+        self.spec = spec
+
+
+def canonical_spec(spec: str | StageSpec) -> str:
+    """The one spelling of a spec (``StageSpec.parse``): surrounding blanks go."""
+    return str(spec if isinstance(spec, StageSpec) else StageSpec.parse(spec))
+
+
+def _is_kind(name: str) -> bool:
+    _load_plugins()
+    return any(name in kinds for kinds in BACKENDS.values())
+
+
+def parse_allowlist(text: str) -> list[StageSpec] | None:
+    """``PIXELRELAY_ALLOWED_BACKENDS`` as specs; None for ``*`` (anything).
+
+    Entries are separated by blanks or commas. As multi-model specs hold commas themselves
+    (``hf-sr:a,b``), a comma-separated piece without ``:`` that names no backend kind is one
+    more model of the entry before it: ``hf-sr:a,b classic`` is ``hf-sr:a,b`` and ``classic``.
+    """
+    entries: list[list[str]] = []  # [kind, model pieces...]
+    for token in text.replace(",", " , ").split():
+        if token == ALLOW_ANY:
+            return None
+        if token == ",":
+            continue
+        kind, colon, model = token.partition(":")
+        if not colon and entries and len(entries[-1]) > 1 and not _is_kind(token):
+            entries[-1].append(token)
+        else:
+            entries.append([kind, *([model] if model else [])])
+    return [StageSpec(e[0], ",".join(e[1:]) or None) for e in entries if e[0]]
+
+
+def _models(stage: str, spec: StageSpec) -> set[str] | None:
+    """The models a spec loads, as a set; None for a backend whose weights ship with
+    pixelrelay or that has none (its MODEL, if any, is a path the backend reads as given)."""
+    cls = backend_class(stage, spec)
+    if getattr(cls, "default_model", None) is None:
+        return None
+    return {m.strip() for m in cls.models_for(spec.model) if m and m.strip()}
+
+
+def spec_allowed(stage: str, spec: str | StageSpec, allowed: list[StageSpec] | None) -> bool:
+    """Whether ``spec`` (of ``stage``: encoder, planner or decoder) is covered by ``allowed``.
+
+    ``allowed`` None allows anything. Otherwise a spec is allowed when:
+
+    * it is the bare kind of a backend with no model to name (weights shipped or none:
+      ``builtin``, ``analysis``, ``rules``, ``classic``): it reads no path it is given;
+    * for such a backend with a MODEL (``builtin:FILE``): the very spec is listed;
+    * for a backend that loads models (``hf-sr``, ``hf-llm``, ...): every model it would
+      load (``models_for``; the bare kind loads the default model) is a model of a listed
+      spec of that kind, so any subset of ``hf-sr:a,b`` is allowed where ``hf-sr:a,b`` is.
+
+    Raises ``UnknownBackendError`` for a kind ``stage`` does not have.
+    """
+    wanted = spec if isinstance(spec, StageSpec) else StageSpec.parse(spec)
+    if allowed is None:
+        backend_class(stage, wanted)  # an unknown kind is still an error
+        return True
+    models = _models(stage, wanted)
+    same_kind = [entry for entry in allowed if entry.kind == wanted.kind]
+    if models is None:
+        return wanted.model is None or str(wanted) in {str(e) for e in same_kind}
+    covered: set[str] = set()
+    for entry in same_kind:
+        covered |= _models(stage, entry) or set()
+    return bool(models) and models <= covered
+
+
+def names_local_path(spec: str | StageSpec) -> bool:
+    """Whether a spec's MODEL names a local path: absolute, ``~``, ``./`` or ``..`` in it, or
+    a file or folder that exists relative to the current folder. Hub ids (``org/name``) and
+    ``s3://`` URIs are not local paths. Each piece of a multi-model spec is checked."""
+    parsed = spec if isinstance(spec, StageSpec) else StageSpec.parse(spec)
+    if parsed.model is None:
+        return False
+    pieces = [parsed.model, *(p.strip() for p in parsed.model.split(","))]
+    return any(_is_local_path(p) for p in pieces if p)
+
+
+def _is_local_path(name: str) -> bool:
+    if name.startswith("s3://"):
+        return False
+    if os.path.isabs(name) or name.startswith(("~", "./", ".\\")):
+        return True
+    if ".." in name.replace("\\", "/").split("/"):
+        return True
+    return os.path.lexists(name)
