@@ -39,7 +39,7 @@ from pixelrelay.workers.celery_app import create_app
 from pixelrelay.workers.flow import chunk_chain
 from pixelrelay.workers.guard import ForgedMessage, check_message, location_problem, within
 from pixelrelay.workers.runtime import BackendLoadError, Runtime, load_error
-from tests.conftest import run_cli, wait_until, worker_env
+from tests.conftest import TEST_SIGNER, run_cli, wait_until, worker_env
 from tests.images import encode, photo_like
 
 FORGED_SPECS = {"encoder": "builtin:/any/path", "planner": "hf-llm:/root", "decoder": "hf-sr:/"}
@@ -50,7 +50,7 @@ FORGED_SPECS = {"encoder": "builtin:/any/path", "planner": "hf-llm:/root", "deco
 
 def _send_forged(settings: Settings, msg: ChunkMessage) -> None:
     """Push a chain as an attacker with broker access would (the only place that sends one)."""
-    chunk_chain(create_app(settings), msg).apply_async()
+    chunk_chain(create_app(settings), msg, TEST_SIGNER).apply_async()
 
 
 def _images(folder: Path, n: int) -> None:
@@ -78,7 +78,7 @@ def _job(client, tmp_path: Path, n: int = 6, backends: Backends | None = None) -
                    backends=backends or Backends(), chunk_size=4, created_at=time.time())
     spec.total = write_listing(storage, spec.output, spec.job_id, list_items(spec.input, spec.output, storage, None))
     write_spec(storage, spec)
-    state = JobState(client, spec.job_id)
+    state = JobState(client, spec.job_id, TEST_SIGNER)
     state.start_submission(spec)
     return state, spec
 
@@ -138,7 +138,7 @@ def test_messages_that_ask_for_anything_else_are_refused(client, tmp_path):
             setattr(msg, name, value)
         return msg
 
-    _refused(JobState(client, "no-such-job-" + uuid.uuid4().hex[:6]), forged(), "no such job")
+    _refused(JobState(client, "no-such-job-" + uuid.uuid4().hex[:6], TEST_SIGNER), forged(), "no such job")
     _refused(state, forged(output=str(tmp_path / "elsewhere")), "output root")
     _refused(state, forged(options=JobOptions(task="upscale", scale=4)), "options")
     _refused(state, forged(backends=Backends(decoder="hf-sr:/")), "backends")
@@ -170,13 +170,13 @@ def test_a_listing_that_escapes_its_roots_is_refused_too(client, tmp_path):
     job_id = spec.job_id + "-old"
     spec = spec.model_copy(update={"job_id": job_id})
     write_listing(storage, spec.output, job_id, rows)
-    JobState(client, job_id).start_submission(spec)
+    JobState(client, job_id, TEST_SIGNER).start_submission(spec)
     msg = _genuine(spec)
     msg.records = msg.records[:1]
-    _refused(JobState(client, job_id), msg, "output is not under")
+    _refused(JobState(client, job_id, TEST_SIGNER), msg, "output is not under")
     msg = _genuine(spec)
     msg.records = msg.records[1:]
-    _refused(JobState(client, job_id), msg, "input is not under")
+    _refused(JobState(client, job_id, TEST_SIGNER), msg, "input is not under")
 
 
 def test_locations_are_normalised_before_they_are_compared():
@@ -209,9 +209,9 @@ def test_a_listing_entry_with_an_error_is_never_read_or_written(client, tmp_path
                  error="refused listing line")]
     spec = spec.model_copy(update={"job_id": spec.job_id + "-err"})
     write_listing(storage, spec.output, spec.job_id, rows)
-    JobState(client, spec.job_id).start_submission(spec)
+    JobState(client, spec.job_id, TEST_SIGNER).start_submission(spec)
     msg = _genuine(spec)
-    check_message(JobState(client, spec.job_id), open_storage, msg, "encode")
+    check_message(JobState(client, spec.job_id, TEST_SIGNER), open_storage, msg, "encode")
     assert msg.records[0].status is None
     assert msg.records[1].status == "failed" and "refused listing line" in msg.records[1].error
 
@@ -358,11 +358,11 @@ def test_forged_backends_are_refused_in_messages_and_jobs(stage_workers, client,
     job_id = "specs-" + uuid.uuid4().hex[:8]
     sub = submit(permissive, str(tmp_path / "in"), str(tmp_path / "out"), JobOptions(),
                  Backends(decoder=FORGED_SPECS["decoder"]), job_id=job_id)
-    spec = JobState(client, job_id).spec()
+    spec = JobState(client, job_id, TEST_SIGNER).spec()
     msg = _genuine(spec)
     msg.seq, msg.backends = sub.seq, Backends(**FORGED_SPECS)
     _send_forged(permissive, msg)
-    state = JobState(client, job_id)
+    state = JobState(client, job_id, TEST_SIGNER)
     wait_until(lambda: _finished(state), timeout=60)
     wait_until(lambda: _drops(stage_workers.logdir / "encode.log", job_id) >= 1, timeout=30)
     rows = _manifest(sub.output, job_id)
