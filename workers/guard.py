@@ -30,20 +30,27 @@ lost with it: a chain is tracked in Redis (``jobs.chunks``) from the moment it i
 should the dropped message have been the genuine one, the sweep (``workers.sweep``) finds the
 chain neither leased nor queued and re-sends it, rebuilt from the listing in storage.
 
-Transient errors (Redis, storage) reading the job propagate: the delivery is retried.
+Transient errors (Redis, storage) reading the job propagate; ``transient_retry`` then says
+when to retry, as the delivery policy would (logged "transient error", and the wait written
+into the chain's entry, when the chain is tracked, so that the sweep does not re-send it
+meanwhile; an entry is never created for an unchecked message).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import posixpath
 
+from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import JOBS_DIR, read_chunk
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import ChunkMessage, Item, JobSpec
 from pixelrelay.pipeline.storage import Storage, StorageError, is_s3, split_uri
-from pixelrelay.workers.policy import TRANSIENT_ERRORS
+from pixelrelay.workers.policy import TRANSIENT_ERRORS, Limits
+
+log = logging.getLogger("pixelrelay.worker")
 
 MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".json", ".lst", ".csv")  # as producer.listing reads them
 
@@ -168,3 +175,19 @@ def storage_of(open_storage, output: str) -> Storage:
     """One storage object per output root in this process, so that the listing shards read
     through it stay cached (``jobs.files._read_shard`` is cached per storage and URI)."""
     return open_storage(output)
+
+
+def transient_retry(state: JobState, stage: str, msg: ChunkMessage, retries: int, exc: BaseException,
+                    limits: Limits = Limits()) -> float:
+    """The countdown before checking ``msg`` again after a transient error (see the module
+    docstring); the chain's entry, if tracked, waits that long."""
+    countdown = limits.countdown(retries)
+    log.warning("%s chunk %s/%d: transient error (%s) checking the message, retry %d in %.1fs",
+                stage, msg.job_id, msg.chunk, exc, retries + 1, countdown)
+    try:
+        chunks, slot = ChunksInFlight(state.r, msg.job_id), Slot.of(msg)
+        if chunks.get(slot) is not None:
+            chunks.track(slot, stage, msg.feeds, wait=countdown)
+    except TRANSIENT_ERRORS:
+        pass  # Redis is down: the sweep cannot run either
+    return countdown

@@ -74,7 +74,7 @@ from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
-from pixelrelay.workers.guard import ForgedMessage, check_message, storage_of
+from pixelrelay.workers.guard import ForgedMessage, check_message, storage_of, transient_retry
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
@@ -496,7 +496,7 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
         log.warning("%s: dropped a message for job %s chunk %d: %s", stage, msg.job_id, msg.chunk, exc)
         return {}
     except TRANSIENT_ERRORS as exc:
-        raise task.retry(exc=exc, countdown=Limits().countdown(task.request.retries))
+        raise task.retry(exc=exc, countdown=transient_retry(state, stage, msg, task.request.retries, exc))
     work = functools.partial(STAGE_BODIES[stage], rt, state)
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries)

@@ -24,6 +24,12 @@ A registered class is built as ``Class(model=..., device=..., settings=...)`` (s
 ``stages.base``). Built-in kinds can be replaced the same way. Both mechanisms are trusted
 configuration: the code they name runs inside every worker, with the worker's credentials,
 so only install or name plugins you would run yourself.
+
+Specs are not: they arrive in job messages. ``spec_allowed`` says whether a spec is covered
+by an allowlist (a worker's own spec plus ``PIXELRELAY_ALLOWED_BACKENDS``, read with
+``parse_allowlist``); ``names_local_path`` whether a spec names a local path (``submit``
+refuses those unless allowed). Neither imports more than a backend's module, loads a model
+or lists a folder.
 """
 
 from __future__ import annotations
