@@ -85,6 +85,19 @@ def start_sweeper():
     return sweeper
 
 
+def refuse_remote_control() -> None:
+    """Make this worker refuse every Celery remote-control command (``celery inspect`` /
+    ``control``, ``app.control.shutdown()``): any Redis client could otherwise stop or
+    reconfigure it. The control mailbox itself stays (``worker_enable_remote_control`` left
+    on): with it off, Celery 5.x's consumer did not resume consuming after a Redis restart
+    (tests/workers/test_redis_loss.py). Its command table is emptied instead, so every command
+    is answered with an error and does nothing. Task events are unaffected."""
+    from celery.worker.control import Panel
+
+    Panel.data.clear()
+    Panel.meta.clear()
+
+
 def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False) -> int:
     if stage not in C.STAGES:
         raise ConfigError(f"--stage: must be one of {', '.join(C.STAGES)}")
@@ -137,8 +150,7 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, re
         "--without-heartbeat",
         "-O", "fair",
     ]
-    # Remote control (celery inspect/control, app.control.shutdown()) only when asked for:
-    # any Redis client could otherwise stop or reconfigure the worker. Events are unaffected.
-    get_app().conf.worker_enable_remote_control = remote_control
+    if not remote_control:
+        refuse_remote_control()
     configure_pool(get_app(), settings, concurrency).worker_main(argv)
     return 0
