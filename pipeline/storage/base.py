@@ -17,6 +17,7 @@ narrows the race to that instant but cannot close it).
 
 from __future__ import annotations
 
+import io
 import mimetypes
 import os
 from abc import ABC, abstractmethod
@@ -116,6 +117,12 @@ class Storage(ABC):
     @abstractmethod
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
         """Upload a (possibly large) file object atomically (``content_type`` as for put)."""
+
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        """Yield the object's lines (line endings stripped) as they are read, for objects too
+        big to hold whole (a job's manifest); errors as for ``get``. This default reads the
+        object whole; the backends stream it."""
+        yield from (line.rstrip(b"\r\n") for line in io.BytesIO(self.get(uri)))
 
     @abstractmethod
     def exists(self, uri: str) -> bool: ...

@@ -56,15 +56,13 @@ def _create_temp(folder: str) -> tuple[int, str]:
 
 class LocalStorage(Storage):
     def get(self, uri: str) -> bytes:
-        try:
-            with open(uri, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise StorageNotFoundError(f"no such file: {uri}") from None
-        except IsADirectoryError:
-            raise StorageError(f"is a directory: {uri}") from None
-        except PermissionError:
-            raise StorageError(f"permission denied: {uri}") from None
+        with _open(uri) as f:
+            return f.read()
+
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        with _open(uri) as f:
+            for line in f:
+                yield line.rstrip(b"\r\n")
 
     def _atomic_write(self, uri: str, write: Callable, exclusive: bool = False, version: str | None = None) -> None:
         """Write via a temp file, then rename it over ``uri`` (if still at ``version``, when
@@ -151,6 +149,17 @@ class LocalStorage(Storage):
     def delete(self, uri: str) -> None:
         _unlink(sidecar_path(uri))
         _unlink(uri)
+
+
+def _open(uri: str) -> BinaryIO:
+    try:
+        return open(uri, "rb")
+    except FileNotFoundError:
+        raise StorageNotFoundError(f"no such file: {uri}") from None
+    except IsADirectoryError:
+        raise StorageError(f"is a directory: {uri}") from None
+    except PermissionError:
+        raise StorageError(f"permission denied: {uri}") from None
 
 
 def _version(uri: str) -> str | None:

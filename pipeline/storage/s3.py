@@ -24,6 +24,7 @@ If-Match) becomes ``StorageConflictError``. Metadata is S3 user metadata.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -211,6 +212,15 @@ class S3Storage(Storage):
         bucket, key = split_uri(uri)
         try:
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            raise _map_error(exc, uri) from None
+
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        bucket, key = split_uri(uri)
+        try:
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            with contextlib.closing(body):
+                yield from body.iter_lines(chunk_size=1 << 16)
         except Exception as exc:
             raise _map_error(exc, uri) from None
 
