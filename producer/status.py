@@ -224,8 +224,9 @@ def wait_for_job(
     keeper: Keeper | None = None,
 ) -> Counts:
     """Block until the job's manifest is written, showing progress on ``console`` (default:
-    one for ``stream``; ``stream=None`` and no console: no progress at all). ``health`` may return a reason to give up (e.g. a local worker
-    died): WaitAborted. After ``timeout_s`` seconds: WaitTimeout.
+    one for ``stream``; ``stream=None`` and no console: no progress at all). ``health`` may
+    return a reason to give up (e.g. a local worker died): WaitAborted. After ``timeout_s``
+    seconds: WaitTimeout.
 
     ``keeper`` (``producer.keeper``) keeps the job alive on every tick: it rebuilds the job
     when Redis lost it and sweeps for lost chains. While Redis is unreachable the loop shows

@@ -41,6 +41,20 @@ def test_import_pixelrelay_stays_cheap():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
 
 
+def test_storage_streams_lines_locally_and_from_s3(tmp_path, s3_bucket, s3_client):
+    from pixelrelay.pipeline.storage import StorageNotFoundError, open_storage
+
+    body = b'{"a":1}\r\n\n{"b":2}\n' + b"x" * 200_000 + b"\nlast"  # CRLF, a blank line, a long line, no final newline
+    want = [b'{"a":1}', b"", b'{"b":2}', b"x" * 200_000, b"last"]
+    (tmp_path / "m.jsonl").write_bytes(body)
+    s3_client.put_object(Bucket=s3_bucket, Key="m.jsonl", Body=body)
+    for uri in (str(tmp_path / "m.jsonl"), f"s3://{s3_bucket}/m.jsonl"):
+        storage = open_storage(uri)
+        assert list(storage.iter_lines(uri)) == want
+        with pytest.raises(StorageNotFoundError):
+            next(storage.iter_lines(uri + ".missing"))
+
+
 def test_submit_wait_status_and_manifest_on_s3(stage_workers, redis_url, s3_bucket, s3_client):
     files = dict(good_images(5))
     files["notes.png"] = bad_and_odd_images()[0]["notes.png"]  # fails: not an image
