@@ -39,7 +39,7 @@ from pixelrelay.jobs.recover import RebuildError
 from pixelrelay.jobs.state import JobState, JobStatus, is_finished
 from pixelrelay.pipeline.messages import DEFAULT_QUALITY, Backends, ItemRecord, JobOptions
 from pixelrelay.pipeline.settings import ConfigError, Settings
-from pixelrelay.pipeline.storage import StorageError, StorageNotFoundError, open_storage
+from pixelrelay.pipeline.storage import StorageError, open_storage
 from pixelrelay.producer.jobs import DEFAULT_GRACE_S, CancelOutcome, JobFinishedError, UnknownJobError, cancel_job
 from pixelrelay.producer.keeper import Keeper
 from pixelrelay.producer.listing import InputError
