@@ -8,6 +8,10 @@ root and are mapped into it by ``pyproject.toml`` (``[tool.setuptools] package-d
     pixelrelay.workers    workers/    the Celery app, the stage tasks, delivery policy
     pixelrelay.producer   producer/   listing, submit, status, ``pixelrelay run``, the CLI
     pixelrelay.training   training/   training, degradation synthesis, quality benchmark
+
+The Python API (``pixelrelay.api``): ``pixelrelay.submit(...) -> Job``, ``Job.attach``,
+``Job.status() / .wait() / .manifest() / .cancel()``. Its names are exported here lazily, so
+that ``import pixelrelay`` itself stays cheap (no Celery, Redis or pydantic import).
 """
 
 from __future__ import annotations
@@ -25,4 +29,19 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+# Names of ``pixelrelay.api`` exported from the package root, imported on first use.
+_API = ("submit", "Job", "JobStatusInfo", "JobStatus", "ManifestRow", "ManifestNotReady", "WaitTimeout")
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from pixelrelay import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

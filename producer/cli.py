@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--out", help="the job's output: rebuild the job from its files there if Redis lost it")
     _wait_flags(p, "exit 0/1 by its outcome")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout, for machines (no progress)")
     _common(p)
 
     p = sub.add_parser("cancel", help="cancel a job: no new chains, chains in flight end; manifest written")
@@ -222,7 +223,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pixelrelay.producer.submit import normalize_location
 
     output = normalize_location(args.out) if args.out else None
-    return show_status(_settings(args), args.job_id, args.wait, timeout_s=args.timeout, output=output)
+    return show_status(_settings(args), args.job_id, args.wait, timeout_s=args.timeout, output=output,
+                       as_json=args.json)
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:

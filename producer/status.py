@@ -16,6 +16,11 @@ Invariants:
   ``progress_at`` time that marking an item writes), the rich line shows "stalled N s"
   instead of the ETA, and the plain line ``eta=--:-- stalled=N``.
 * A cancelled job ends with exit code 4 (``ExitCode.CANCELLED``), whatever its items did.
+  ``exit_code_for`` is the one mapping from a job's state to the exit code of ``status``
+  (and of ``submit --wait`` / ``run`` once the job ended); the Python API shares it.
+* ``job_info`` builds the machine-readable status (``JobStatusInfo``) that both
+  ``status --json`` and the Python API (``pixelrelay.api``) return: one source of truth.
+  With ``--json`` stdout holds exactly one JSON object and nothing else (no progress).
 
 Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
 are not kept there, so the display shows done / failed / pending.
@@ -26,7 +31,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, TextIO
 
 import redis
@@ -40,7 +45,7 @@ from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.feed import finalize_if_complete
 from pixelrelay.jobs.files import manifest_uri
 from pixelrelay.jobs.recover import RebuildError
-from pixelrelay.jobs.state import Counts, JobState, is_finished, job_status, stalled_for
+from pixelrelay.jobs.state import Counts, JobState, JobStatus, is_finished, job_status, stalled_for
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.keeper import Keeper
@@ -55,8 +60,9 @@ class WaitAborted(RuntimeError):
     """The ``health`` check of ``wait_for_job`` reported a problem (e.g. a local worker died)."""
 
 
-class WaitTimeout(Exception):
-    """Waiting for a job gave up after ``--timeout`` seconds; the job itself goes on."""
+class WaitTimeout(TimeoutError):
+    """Waiting for a job gave up after ``--timeout`` seconds; the job itself goes on.
+    A ``TimeoutError``, so that ``except TimeoutError`` in an orchestrator catches it."""
 
     def __init__(self, job_id: str, seconds: float) -> None:
         super().__init__(f"gave up waiting after {seconds:g} s; job {job_id} goes on")
@@ -166,6 +172,19 @@ class _PlainView:
         pass
 
 
+class _QuietView:
+    """No progress at all (``status --json``, the Python API unless asked)."""
+
+    def show(self, counts: Counts, rate: float, final: bool = False, stalled_s: float | None = None) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _view(console: Console, plain_every_s: float):
     if console.is_terminal and not console.is_dumb_terminal:
         return _LiveView(console)
@@ -196,7 +215,7 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError i
 def wait_for_job(
     state: JobState,
     settings: Settings,
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = sys.stderr,
     poll_s: float = 0.5,
     health: Callable[[], str | None] | None = None,
     timeout_s: float | None = None,
@@ -205,14 +224,15 @@ def wait_for_job(
     keeper: Keeper | None = None,
 ) -> Counts:
     """Block until the job's manifest is written, showing progress on ``console`` (default:
-    one for ``stream``). ``health`` may return a reason to give up (e.g. a local worker
-    died): WaitAborted. After ``timeout_s`` seconds: WaitTimeout.
+    one for ``stream``; ``stream=None`` and no console: no progress at all). ``health`` may
+    return a reason to give up (e.g. a local worker died): WaitAborted. After ``timeout_s``
+    seconds: WaitTimeout.
 
     ``keeper`` (``producer.keeper``) keeps the job alive on every tick: it rebuilds the job
     when Redis lost it and sweeps for lost chains. While Redis is unreachable the loop shows
     "Redis unreachable, retrying" and retries with a backoff (health and timeout still apply).
     """
-    view = _view(console or Console(file=stream), plain_every_s)
+    view = _QuietView() if console is None and stream is None else _view(console or Console(file=stream), plain_every_s)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     ticker = _Ticker(state, settings, view, keeper)
     backoff = REDIS_RETRY_MIN_S
@@ -272,6 +292,77 @@ class _Ticker:
             self.view.show(counts, _rate(info, counts), final=True, stalled_s=_stalled(info, self.settings))
 
 
+# The exit code of ``status`` per state; a state not named here (the job has not ended, or
+# every item is done) exits 0.
+_EXIT_CODES = {JobStatus.CANCELLED: ExitCode.CANCELLED, JobStatus.FAILED_ITEMS: ExitCode.FAILED_ITEMS}
+
+
+def exit_code_for(state: JobStatus) -> ExitCode:
+    """What ``pixelrelay status JOB`` exits with for a job in ``state``: 4 cancelled, 1 some
+    items failed (or have no manifest line), else 0 (every item done, or not ended yet)."""
+    return _EXIT_CODES.get(state, ExitCode.OK)
+
+
+@dataclass(frozen=True)
+class JobStatusInfo:
+    """A job's status for machines: ``status --json`` prints ``to_json()``, the Python API
+    returns it. Counts are live (Redis); ``manifest`` and ``finished_at`` are set once the
+    manifest of the current submission is written (``ended``)."""
+
+    job_id: str
+    state: JobStatus
+    done: int
+    failed: int
+    cancelled: int  # items the manifest lists as cancelled (0 until a cancelled job ends)
+    missing: int  # items the manifest has no line for (their part could not be written)
+    pending: int  # items neither done, failed nor cancelled
+    total: int
+    percent: float
+    rate: float  # items per second since the submission
+    eta_s: float | None  # None while nothing moves (rate 0, or stalled)
+    stalled_s: float | None  # seconds since an item last finished, once stalled
+    submitted_at: float
+    finished_at: float | None
+    manifest: str | None  # the manifest's URI, once written
+
+    @property
+    def ended(self) -> bool:
+        """The job ended (finished, failed items or cancelled): its manifest is written."""
+        return self.finished_at is not None
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """The exit code ``pixelrelay status`` gives this job (``exit_code_for``)."""
+        return exit_code_for(self.state)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "state": self.state.value, "percent": round(self.percent, 1),
+                "rate": round(self.rate, 3), "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+                "stalled_s": None if self.stalled_s is None else round(self.stalled_s, 1),
+                "ended": self.ended, "exit_code": int(self.exit_code)}
+
+
+def job_info(job_id: str, info: dict[str, str], counts: Counts, settings: Settings, now: float | None = None) -> JobStatusInfo:
+    """The status of a job from one read of its hash (``JobState.info``) and its counts."""
+    now = time.time() if now is None else now
+    ended = is_finished(info)
+    cancelled = int(info.get("manifest_cancelled", 0) or 0) if ended else 0
+    rate, stalled = _rate(info, counts), stalled_for(info, now, settings.stall_s)
+    pending = max(0, counts.pending - cancelled)
+    if pending == 0:
+        eta = 0.0
+    else:
+        eta = pending / rate if rate > 0 and stalled is None else None
+    return JobStatusInfo(
+        job_id=job_id, state=job_status(info, counts, now, settings.stall_s), done=counts.done,
+        failed=counts.failed, cancelled=cancelled,
+        missing=int(info.get("manifest_missing", 0) or 0) if ended else 0, pending=pending, total=counts.total,
+        percent=_percent(counts), rate=rate, eta_s=eta, stalled_s=stalled,
+        submitted_at=float(info.get("submitted_at", 0) or 0),
+        finished_at=float(info["finished_at"]) if ended else None, manifest=info.get("manifest") if ended else None,
+    )
+
+
 def status_line(info: dict[str, str], counts: Counts, settings: Settings) -> str:
     """One-shot ``status``: the plain line with the job's state (``jobs.state.JobStatus``)."""
     state = job_status(info, counts, time.time(), settings.stall_s)
@@ -279,8 +370,8 @@ def status_line(info: dict[str, str], counts: Counts, settings: Settings) -> str
 
 
 def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures: int = 10) -> int:
-    """Print the outcome; returns the exit code (CANCELLED the job was cancelled, else OK
-    all done, FAILED_ITEMS some failed)."""
+    """Print the outcome of a job that ended; returns its exit code (``exit_code_for``:
+    CANCELLED the job was cancelled, else OK all done, FAILED_ITEMS some failed)."""
     info = state.info()
     spec = state.spec()
     done, failed = int(info.get("manifest_done", 0)), int(info.get("manifest_failed", 0))
@@ -302,9 +393,7 @@ def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures:
                 if shown >= max_failures:
                     stream.write(f"  ... and {failed - shown} more (see the manifest)\n")
                     break
-    if cancelled:
-        return ExitCode.CANCELLED
-    return ExitCode.FAILED_ITEMS if failed or missing else ExitCode.OK
+    return exit_code_for(job_status(info, state.counts(), time.time(), settings.stall_s))
 
 
 def show_status(
@@ -314,34 +403,45 @@ def show_status(
     stream: TextIO = sys.stdout,
     timeout_s: float | None = None,
     output: str | None = None,
+    as_json: bool = False,
 ) -> int:
     """Print the job's progress (``wait``: until it ends). With ``output``, a job that Redis
-    does not know is rebuilt from its files there first (``jobs.recover``)."""
+    does not know is rebuilt from its files there first (``jobs.recover``). ``as_json``:
+    no progress; ``stream`` gets one JSON object (``JobStatusInfo.to_json``), the job's
+    status at the end (on a timeout too), and messages go to stderr."""
     client = redis_client(settings)
     state = JobState(client, job_id, settings.signer())
+    messages = sys.stderr if as_json else stream
     if output is None and state.exists():
         output = state.spec().output
     keeper = Keeper(client, settings, job_id, output) if output is not None else None
     if not state.exists():
         if keeper is None:
-            stream.write(f"unknown job {job_id} (give --out OUTPUT to rebuild it from storage)\n")
+            messages.write(f"unknown job {job_id} (give --out OUTPUT to rebuild it from storage)\n")
             return ExitCode.USAGE
         try:
             keeper.tick()
         except RebuildError as exc:
-            stream.write(f"unknown job {job_id}: {exc}\n")
+            messages.write(f"unknown job {job_id}: {exc}\n")
             return ExitCode.USAGE
         sys.stderr.write(f"job {job_id}: rebuilt from {output} (Redis had lost it)\n")
+    timed_out = False
     if wait:
         try:
-            wait_for_job(state, settings, sys.stderr, timeout_s=timeout_s, keeper=keeper)
+            wait_for_job(state, settings, None if as_json else sys.stderr, timeout_s=timeout_s, keeper=keeper)
         except RebuildError as exc:
             sys.stderr.write(f"pixelrelay: Redis lost job {job_id} and it cannot be rebuilt: {exc}\n")
             return ExitCode.USAGE
         except WaitTimeout as exc:
             sys.stderr.write(f"pixelrelay: {exc}\n  to watch it again: pixelrelay status {job_id} --wait\n")
-            return ExitCode.TIMEOUT
+            if not as_json:
+                return ExitCode.TIMEOUT
+            timed_out = True
     counts, info = state.counts(), state.info()
+    if as_json:
+        status = job_info(job_id, info, counts, settings)
+        stream.write(json.dumps(status.to_json()) + "\n")
+        return ExitCode.TIMEOUT if timed_out else status.exit_code
     stream.write(status_line(info, counts, settings) + "\n")
     if is_finished(info):
         return summarize(state, settings, stream)

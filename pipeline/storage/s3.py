@@ -24,6 +24,7 @@ If-Match) becomes ``StorageConflictError``. Metadata is S3 user metadata.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -218,8 +219,9 @@ class S3Storage(Storage):
         bucket, key = split_uri(uri)
         try:
             body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
-            for line in body.iter_lines(chunk_size=1 << 20):
-                yield line.rstrip(b"\r")
+            with contextlib.closing(body):
+                for line in body.iter_lines(chunk_size=1 << 20):
+                    yield line.rstrip(b"\r")
         except Exception as exc:
             raise _map_error(exc, uri) from None
 
