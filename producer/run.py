@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from typing import Callable
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.files import manifest_uri
@@ -170,6 +171,7 @@ def run_local(
     job_id: str | None,
     worker_args: dict[str, list[str]],
     keep_logs: bool = False,
+    on_end: Callable[[Settings, str, str, int], None] | None = None,
 ) -> int:
     outcome: int | None = None
     input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
@@ -219,4 +221,6 @@ def run_local(
             outcome = ExitCode.USAGE
         else:
             outcome = summarize(state, settings, sys.stderr)
+        if on_end is not None:  # --report / --notify, while the embedded Redis still runs
+            on_end(settings, submission.job_id, submission.output, outcome)
     return outcome

@@ -13,6 +13,11 @@ semantics) and raises ``StorageConflictError`` otherwise, leaving the existing b
 ``if_version=V`` replaces the object only if it is still the version ``head`` saw (S3
 ``If-Match: ETAG``, atomic; local: inode/size/mtime compared just before the rename, which
 narrows the race to that instant but cannot close it).
+
+``list_info`` is ``list`` with each object's size and last-modified time (local: mtime; S3:
+LastModified, from the same listing pages); ``read_lines`` streams an object's lines without
+holding it whole (local: the open file; S3: the response body). The base class derives both
+from ``list``/``get`` for other backends (correct, but neither cheap nor streaming).
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ class ObjectHead:
 
     metadata: dict[str, str] = field(default_factory=dict)
     version: str = ""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing: its URI, size in bytes and last-modified time (unix s)."""
+
+    uri: str
+    size: int
+    modified: float
 
 
 class TransientStorageError(Exception):
@@ -126,6 +140,15 @@ class Storage(ABC):
 
     @abstractmethod
     def delete(self, uri: str) -> None: ...
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """``list`` with sizes and modified times (backends override this: one listing)."""
+        for uri in self.list(prefix):
+            yield ObjectInfo(uri, len(self.get(uri)), 0.0)
+
+    def read_lines(self, uri: str) -> Iterator[bytes]:
+        """The object's lines, without line ends (backends override this to stream)."""
+        yield from self.get(uri).splitlines()
 
 
 def open_storage(uri: str, endpoint_url: str | None = None, settings=None) -> Storage:

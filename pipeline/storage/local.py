@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from pixelrelay.pipeline.storage.base import (
     ObjectHead,
+    ObjectInfo,
     Storage,
     StorageConflictError,
     StorageError,
@@ -151,6 +152,25 @@ class LocalStorage(Storage):
     def delete(self, uri: str) -> None:
         _unlink(sidecar_path(uri))
         _unlink(uri)
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        for uri in self.list(prefix):
+            try:
+                st = os.stat(uri)
+            except FileNotFoundError:  # gone since the walk
+                continue
+            yield ObjectInfo(uri, st.st_size, st.st_mtime)
+
+    def read_lines(self, uri: str) -> Iterator[bytes]:
+        try:
+            f = open(uri, "rb")
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"no such file: {uri}") from None
+        except (IsADirectoryError, PermissionError) as exc:
+            raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from None
+        with f:
+            for line in f:
+                yield line.rstrip(b"\r\n")
 
 
 def _version(uri: str) -> str | None:

@@ -43,6 +43,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pixelrelay.pipeline.storage.base import (
     ObjectHead,
+    ObjectInfo,
     Storage,
     StorageConflictError,
     StorageError,
@@ -286,5 +287,24 @@ class S3Storage(Storage):
         bucket, key = split_uri(uri)
         try:
             self.client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            raise _map_error(exc, uri) from None
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        bucket, key_prefix = split_uri(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp())
+        except Exception as exc:
+            raise _map_error(exc, prefix) from None
+
+    def read_lines(self, uri: str) -> Iterator[bytes]:
+        bucket, key = split_uri(uri)
+        try:
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            for line in body.iter_lines(chunk_size=1 << 16):
+                yield line
         except Exception as exc:
             raise _map_error(exc, uri) from None
