@@ -152,10 +152,11 @@ def collect(
     dry_run: bool = False,
     include_manifests: bool = False,
     force: bool = False,
-    stream: TextIO = sys.stdout,
+    stream: TextIO | None = None,
     now: float | None = None,
 ) -> GcResult:
     """Remove (or, ``dry_run``, list) old jobs' parts, listings and reports under ``output``."""
+    stream = stream or sys.stdout
     storage = open_storage(output, settings.s3_endpoint_url, settings)
     cutoff = (time.time() if now is None else now) - older_than_s
     check = RunningCheck(settings, stream)

@@ -93,12 +93,13 @@ def _problem(exc: BaseException) -> tuple[str, bool]:
 def post_summary(
     url: str,
     summary: dict,
-    stream: TextIO = sys.stderr,
+    stream: TextIO | None = None,
     attempts: int = ATTEMPTS,
     backoff_s: float = BACKOFF_S,
     timeout_s: float = TIMEOUT_S,
 ) -> bool:
     """POST ``summary`` as JSON; True once a 2xx came back. Never raises."""
+    stream = stream or sys.stderr
     body = json.dumps(summary).encode()
     where = redact(url)
     delay, problem = backoff_s, "not tried"
@@ -161,9 +162,10 @@ def job_summary(settings: Settings, job_id: str, exit_code: int, report: str | N
 
 
 def after_wait(settings: Settings, job_id: str, output: str, exit_code: int, *, report: bool,
-               url: str | None, stream: TextIO = sys.stderr) -> None:
+               url: str | None, stream: TextIO | None = None) -> None:
     """``--report`` and ``--notify`` once waiting ended with ``exit_code``; never raises and
     never changes the exit code (problems are printed as warnings)."""
+    stream = stream or sys.stderr
     from pixelrelay.jobs.state import JobState, is_finished
     from pixelrelay.producer.report import write_report
     from pixelrelay.producer.submit import redis_client
