@@ -56,6 +56,7 @@ SHEET_NAME = "contact-sheet.jpg"
 SAMPLE_CAP = 48  # done items shown with thumbnails
 MAX_REASONS = 50  # failure reasons listed; the rest are counted
 MAX_INPUTS_PER_REASON = 20
+MAX_BACKENDS = 10  # distinct backend combinations listed
 MAX_TEXT = 600  # characters of any one manifest string shown
 THUMB_PX = 160  # longest side of a thumbnail
 ZOOM_PX = 160  # side of a zoomed crop
@@ -100,6 +101,7 @@ class Scan:
     stage_s: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s, _, _ in STAGES})
     sample: list[dict] = field(default_factory=list)
     done_seen: int = 0
+    backends: Counter = field(default_factory=Counter)  # "encoder X, planner Y, ..." -> items (MAX_BACKENDS kinds)
 
     @property
     def lines(self) -> int:
@@ -130,6 +132,7 @@ def scan_manifest(lines: Iterable[bytes], chunk_size: int, cap: int, seed: str) 
             continue
         scan.statuses[status] += 1
         if status == "done":
+            _count_backends(scan, row.get("backends"))
             scan.outcomes[str(row.get("outcome") or "unknown")] += 1
             scan.done_seen += 1
             if len(scan.sample) < cap:
@@ -149,6 +152,14 @@ def scan_manifest(lines: Iterable[bytes], chunk_size: int, cap: int, seed: str) 
             scan.stage_s[stage] += seconds
     scan.sample.sort(key=lambda r: int(r["index"]))
     return scan
+
+
+def _count_backends(scan: Scan, backends: object) -> None:
+    if not isinstance(backends, dict) or not backends:
+        return
+    key = _text(", ".join(f"{k} {v}" for k, v in sorted(backends.items())), 200)
+    if key in scan.backends or len(scan.backends) < MAX_BACKENDS:
+        scan.backends[key] += 1
 
 
 def _add_failure(scan: Scan, reason: str, input_uri: str) -> None:
@@ -444,7 +455,8 @@ def _summary_table(page: Page) -> str:
         _row("input", f"<code>{_e(spec.input)}</code>"),
         _row("output", f"<code>{_e(spec.output)}</code>"),
         _row("request", request),
-        _row("backends", backends),
+        _row("backends asked", backends),
+        _row("backends used", "<br>".join(f"{_e(k)} ({v} items)" for k, v in scan.backends.most_common()) or "-"),
         _row("created", _e(created)),
         _row("wall time", _e(wall)),
         _row("items", str(spec.total), "num"),
