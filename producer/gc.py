@@ -90,7 +90,7 @@ class JobFiles:
 def iter_jobs(storage, output: str) -> Iterator[JobFiles]:
     """Each job folder under ``OUTPUT/_jobs/`` with its objects (the listing is sorted, so
     one job's objects are held at a time)."""
-    base = join_uri(output, JOBS_DIR, "")
+    base = join_uri(output, JOBS_DIR).rstrip("/") + "/"  # not "_jobsX/...": only under _jobs/
     current: JobFiles | None = None
     for info in storage.list_info(base):
         job_id = info.uri[len(base):].lstrip("/").split("/", 1)[0]

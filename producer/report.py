@@ -143,6 +143,8 @@ def scan_manifest(lines: Iterable[bytes], chunk_size: int, cap: int, seed: str) 
                     scan.sample[slot] = row
         elif status == "failed":
             _add_failure(scan, _text(row.get("error") or "no reason given"), _text(row.get("input", "")))
+        if status not in ("done", "failed"):
+            continue  # cancelled: never ran, no chain time
         timings = row.get("timings") if isinstance(row.get("timings"), dict) else {}
         chain = scan.chains.setdefault(index // max(1, chunk_size), [0.0, 0.0, 0.0, 0.0])
         chain[0] += 1
@@ -183,7 +185,7 @@ def chain_times(storage, output: str, job_id: str) -> tuple[dict[int, float], fl
     times: dict[int, float] = {}
     manifest_at = None
     manifest = manifest_uri(output, job_id)
-    for info in storage.list_info(join_uri(job_root(output, job_id), "")):
+    for info in storage.list_info(job_root(output, job_id).rstrip("/") + "/"):  # not job "<id>-2"
         if info.uri == manifest:
             manifest_at = info.modified
             continue

@@ -129,6 +129,8 @@ def test_gc_without_redis_keeps_jobs_that_may_run_unless_forced(tmp_path, monkey
 def test_gc_on_s3(s3_bucket, s3_client, redis_url, capsys):
     out = f"s3://{s3_bucket}/out"
     _job(out, "s3old")
+    # Beside _jobs/, not in it: a key prefix match alone would take this for job "archive".
+    s3_client.put_object(Bucket=s3_bucket, Key="out/_jobsarchive/parts/00000000-000001.jsonl", Body=b"{}")
 
     def keys() -> set[str]:
         listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="out/").get("Contents", [])
