@@ -36,6 +36,7 @@ import io
 import json
 import math
 import random
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,7 @@ from PIL import Image, ImageDraw
 
 from pixelrelay.jobs.files import job_root, manifest_uri, read_spec
 from pixelrelay.pipeline.imageio import decode_image
-from pixelrelay.pipeline.messages import JobSpec
+from pixelrelay.pipeline.messages import JOB_ID_PATTERN, JobSpec
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import StorageError, join_uri, open_storage
 
@@ -590,6 +591,8 @@ def write_report(
 ) -> ReportFiles:
     """Write the job's report.html and contact-sheet.jpg beside its manifest; ReportError
     when the job has no manifest yet or its job.json cannot be read."""
+    if not re.fullmatch(JOB_ID_PATTERN, job_id):  # it names a folder: no "..", no "/"
+        raise ReportError("job id: use letters, digits, '.', '_' and '-' (at most 128)")
     storage = open_storage(output, settings.s3_endpoint_url)
     manifest = manifest_uri(output, job_id)
     try:

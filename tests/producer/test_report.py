@@ -253,3 +253,10 @@ def test_report_of_a_job_without_manifest_is_a_usage_error(tmp_path, capsys):
     assert main(["report", "unfinished", "--out", output]) == ExitCode.USAGE
     assert "no manifest yet" in capsys.readouterr().err
     assert main(["report", "never-was", "--out", output]) == ExitCode.USAGE
+    # A job id names a folder: one that climbs out of _jobs/ is refused, nothing is written,
+    # even where a job.json and a manifest lie at the place it climbs to.
+    spec = Path(output, "_jobs", "unfinished", "job.json").read_text()
+    Path(output, "job.json").write_text(spec)
+    Path(output, "manifest.jsonl").write_text("")
+    assert main(["report", "..", "--out", output]) == ExitCode.USAGE
+    assert "job id" in capsys.readouterr().err and not (tmp_path / "out" / "report.html").exists()
