@@ -65,6 +65,8 @@ SHEET_CELL_PX = 120
 SHEET_COLUMNS = 6
 CHART_BINS = 30
 STAGES = (("encode", "encode_s", "#1f77b4"), ("plan", "plan_s", "#ff7f0e"), ("decode", "decode_s", "#2ca02c"))
+STATUSES = ("done", "failed", "cancelled")
+OUTCOMES = ("processed", "reused", "overwritten")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -127,14 +129,16 @@ def scan_manifest(lines: Iterable[bytes], chunk_size: int, cap: int, seed: str) 
             continue
         try:
             row = json.loads(line)
-            index, status = int(row["index"]), str(row.get("status"))
+            index, status = int(row["index"]), row.get("status")
         except (ValueError, TypeError, KeyError):
             scan.unreadable += 1
             continue
+        status = status if status in STATUSES else "other"  # bounded, whatever the manifest says
         scan.statuses[status] += 1
         if status == "done":
             _count_backends(scan, row.get("backends"))
-            scan.outcomes[str(row.get("outcome") or "unknown")] += 1
+            outcome = row.get("outcome")
+            scan.outcomes[outcome if outcome in OUTCOMES else "unknown"] += 1
             scan.done_seen += 1
             if len(scan.sample) < cap:
                 scan.sample.append(row)
@@ -469,6 +473,8 @@ def _summary_table(page: Page) -> str:
         _row("without a manifest line", str(missing), "num bad" if missing else "num"),
         _row("done items by outcome", outcomes),
     ]
+    if st.get("other"):
+        rows.append(_row("lines with an unknown status", str(st["other"]), "num bad"))
     if scan.unreadable:
         rows.append(_row("unreadable manifest lines", str(scan.unreadable), "num bad"))
     return "<table>" + "".join(rows) + "</table>"
