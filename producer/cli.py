@@ -3,7 +3,9 @@
 Every command exits with a code from ``pixelrelay.exitcodes.ExitCode`` (0 every item done,
 1 some items failed, 2 usage or configuration error, 3 gave up waiting, 4 cancelled,
 5 a ``run`` worker exited early, 130 interrupted). ``cancel`` and ``jobs`` are job control
-(``producer.jobs``). ``submit``, ``status``, ``cancel`` and ``jobs`` never import torch. ``models``, ``train`` and
+(``producer.jobs``). ``report``, ``gc`` and the ``--report`` / ``--notify`` flags of
+``submit --wait`` and ``run`` live in ``producer.report``, ``producer.gc`` and
+``producer.notify``. ``submit``, ``status``, ``cancel`` and ``jobs`` never import torch. ``models``, ``train`` and
 ``bench`` keep their parsers with their code; ``--help`` works at every level.
 """
 
@@ -105,6 +107,14 @@ def _wait_flags(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _end_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", action="store_true",
+                        help="when the job ends, write report.html and contact-sheet.jpg beside its manifest")
+    parser.add_argument("--notify", action="store_true",
+                        help="when waiting ends, POST a JSON summary to $PIXELRELAY_NOTIFY_URL (or the URL in the "
+                             "file $PIXELRELAY_NOTIFY_URL_FILE); never fails the job")
+
+
 def _worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="items per model call (env PIXELRELAY_BATCH_SIZE)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (env PIXELRELAY_DEVICE)")
@@ -123,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _job_flags(p)
     _backend_flags(p)
     _wait_flags(p, "exit 0/1 by its outcome")
+    _end_flags(p)
 
     p = sub.add_parser("status", help="show a job's progress")
     p.add_argument("job_id")
@@ -162,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-logs", action="store_true",
         help="keep the workers' log folder after a successful run (it is always kept on failure)",
     )
+    _end_flags(p)
+
+    p = sub.add_parser("report", help="write a job's report.html and contact-sheet.jpg beside its manifest")
+    p.add_argument("job_id")
+    p.add_argument("--out", help="the job's output (default: the one Redis records for the job)")
+    p.add_argument("--sample", type=int, default=48, metavar="N", help="done items shown with pictures (default 48)")
+    _common(p)
+
+    p = sub.add_parser("gc", help="remove old jobs' parts, listings and reports from an output (manifests stay)")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument("--older-than", required=True, metavar="AGE", help="jobs last written more than AGE ago: 30d, 12h, 90m")
+    p.add_argument("--dry-run", action="store_true", help="print what would be removed, with sizes; remove nothing")
+    p.add_argument("--include-manifests", action="store_true", help="remove the whole job folder, manifest and job.json too")
+    p.add_argument("--force", action="store_true",
+                   help="without Redis: also remove jobs with no manifest, or with parts newer than it")
+    _common(p)
 
     for name, help_text in DELEGATED_HELP.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
@@ -197,12 +224,26 @@ def _check_wait_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--timeout: only with --wait")
 
 
+def _end_hooks(args: argparse.Namespace):
+    """What ``--report``/``--notify`` need, checked before the job starts (the notify URL is
+    read now, so a bad setting fails fast); None when neither is given."""
+    if not (args.report or args.notify):
+        return None
+    if getattr(args, "wait", True) is False:
+        raise ConfigError("--report and --notify: only with --wait")
+    from pixelrelay.producer.notify import after_wait, notify_url
+
+    url = notify_url() if args.notify else None
+    return lambda settings, job_id, output, code: after_wait(settings, job_id, output, code, report=args.report, url=url)
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pixelrelay.pipeline.messages import Backends
     from pixelrelay.producer.status import show_status
     from pixelrelay.producer.submit import submit
 
     _check_wait_flags(args)
+    on_end = _end_hooks(args)
     settings = _settings(args)
     backends = Backends(encoder=args.encoder, planner=args.planner, decoder=args.decoder)
     submission = submit(settings, args.input, args.out, _job_options(args), backends, args.job_id,
@@ -211,8 +252,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if submission.resumed:
         print(f"resuming: {submission.already_done} of {submission.total} items already done", file=sys.stderr)
     if args.wait:
-        return show_status(settings, submission.job_id, wait=True, stream=sys.stderr, timeout_s=args.timeout,
+        code = show_status(settings, submission.job_id, wait=True, stream=sys.stderr, timeout_s=args.timeout,
                            output=submission.output)
+        if on_end is not None:
+            on_end(settings, submission.job_id, submission.output, code)
+        return code
     return ExitCode.OK
 
 
@@ -273,6 +317,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pixelrelay.producer.run import run_local
 
     settings = _settings(args)
+    on_end = _end_hooks(args)
     worker_args: list[str] = []
     for flag in ("batch_size", "device", "encoder", "planner", "decoder", "s3_endpoint_url"):
         value = getattr(args, flag, None)
@@ -283,7 +328,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_local(
         settings, args.input, args.out, _job_options(args), Backends(), args.job_id, per_stage, keep_logs=args.keep_logs,
         follow_symlinks=args.follow_symlinks,
+        on_end=on_end,
     )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pixelrelay.producer.report import ReportError, write_report
+
+    settings = _settings(args)
+    if args.sample < 0:
+        raise ConfigError("--sample: 0 or more")
+    if args.out:
+        from pixelrelay.producer.submit import normalize_location
+
+        output = normalize_location(args.out)
+    else:
+        from pixelrelay.jobs.state import JobState
+        from pixelrelay.producer.submit import redis_client
+
+        state = JobState(redis_client(settings), args.job_id, settings.signer())
+        if not state.exists():
+            raise ConfigError(f"unknown job {args.job_id} (give --out OUTPUT to read it from storage)")
+        output = state.spec().output
+    try:
+        written = write_report(settings, output, args.job_id, sample_cap=args.sample)
+    except ReportError as exc:
+        raise ConfigError(str(exc)) from None
+    print(written.html)
+    print(written.contact_sheet)
+    return ExitCode.OK
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pixelrelay.producer.gc import collect, parse_age
+    from pixelrelay.producer.submit import normalize_location
+
+    age = parse_age(args.older_than)
+    collect(_settings(args), normalize_location(args.out), age, dry_run=args.dry_run,
+            include_manifests=args.include_manifests, force=args.force)
+    return ExitCode.OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -351,6 +434,8 @@ COMMANDS = {
     "jobs": _cmd_jobs,
     "worker": _cmd_worker,
     "run": _cmd_run,
+    "report": _cmd_report,
+    "gc": _cmd_gc,
     "demo": _cmd_demo,
 }
 

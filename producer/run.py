@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from typing import Callable
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.files import manifest_uri
@@ -209,6 +210,7 @@ def run_local(
     worker_args: dict[str, list[str]],
     keep_logs: bool = False,
     follow_symlinks: bool = False,
+    on_end: Callable[[Settings, str, str, int], None] | None = None,
 ) -> int:
     outcome: int | None = None
     input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
@@ -268,4 +270,6 @@ def run_local(
             outcome = ExitCode.USAGE
         else:
             outcome = summarize(state, settings, sys.stderr)
+        if on_end is not None:  # --report / --notify, while the embedded Redis still runs
+            on_end(settings, submission.job_id, submission.output, outcome)
     return outcome

@@ -23,6 +23,9 @@ EDQUOT, EFBIG: permanent, so the item fails at once rather than retrying into a 
 ``StorageAccessError`` (EACCES, EPERM, EROFS), ``TransientStorageError`` (timeouts, EAGAIN,
 EBUSY, a stale or unreachable network mount) or else ``StorageError``; each message names the
 path and the system's reason.
+``list_info`` is ``list`` with each object's size and last-modified time (local: mtime; S3:
+LastModified, from the same listing pages); the base class derives it from ``list`` and
+``get`` for other backends (correct, not cheap).
 """
 
 from __future__ import annotations
@@ -67,6 +70,15 @@ class ObjectHead:
 
     metadata: dict[str, str] = field(default_factory=dict)
     version: str = ""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing: its URI, size in bytes and last-modified time (unix s)."""
+
+    uri: str
+    size: int
+    modified: float
 
 
 class TransientStorageError(Exception):
@@ -178,6 +190,12 @@ class Storage(ABC):
 
     @abstractmethod
     def delete(self, uri: str) -> None: ...
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """``list`` with sizes and modified times (backends override this: one listing)."""
+        for uri in self.list(prefix):
+            yield ObjectInfo(uri, len(self.get(uri)), 0.0)
+
 
 
 def open_storage(uri: str, endpoint_url: str | None = None, settings=None, root: str | None = None) -> Storage:

@@ -42,6 +42,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from pixelrelay.pipeline.storage.base import (
     ObjectHead,
+    ObjectInfo,
     Storage,
     StorageConflictError,
     StorageError,
@@ -265,6 +266,15 @@ def sorted_walk(folder: str, follow_symlinks: bool = False, skip=None) -> Iterat
         seen.discard((st.st_dev, st.st_ino))
 
     yield from walk(folder)
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        for uri in self.list(prefix):
+            try:
+                st = os.stat(uri)
+            except FileNotFoundError:  # gone since the walk
+                continue
+            yield ObjectInfo(uri, st.st_size, st.st_mtime)
+
 
 
 def _version(uri: str) -> str | None:

@@ -44,6 +44,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from pixelrelay.pipeline.storage.base import (
     ObjectHead,
+    ObjectInfo,
     Storage,
     StorageConflictError,
     StorageError,
@@ -299,3 +300,14 @@ class S3Storage(Storage):
             self.client.delete_object(Bucket=bucket, Key=key)
         except Exception as exc:
             raise _map_error(exc, uri) from None
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        bucket, key_prefix = split_uri(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp())
+        except Exception as exc:
+            raise _map_error(exc, prefix) from None
+

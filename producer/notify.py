@@ -1,0 +1,191 @@
+"""``--notify``: POST a JSON summary of a job to a webhook when waiting for it ends.
+
+The URL comes from ``PIXELRELAY_NOTIFY_URL``, or from the file that
+``PIXELRELAY_NOTIFY_URL_FILE`` names (a mounted secret), never from argv: webhook URLs carry
+tokens. Invariants:
+
+* the URL is never printed, logged, or written to job.json or any other file; messages
+  name it by ``redact`` (scheme and host only), and error texts are built from status codes
+  and exception types, never from a text that might quote the URL;
+* delivery is tried ``ATTEMPTS`` times, backing off ``BACKOFF_S`` doubling, on connection
+  errors, timeouts, 408, 429 and 5xx; another 4xx is not retried;
+* an undeliverable notification prints a warning and changes nothing else: the job and the
+  command's exit code stay as they were (``post_summary`` returns False and never raises).
+
+``after_wait`` runs what ``--report`` and ``--notify`` ask for once ``submit --wait`` or
+``run`` stops waiting: the report (only if the job's manifest is written), then the POST.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Mapping, TextIO
+from urllib.parse import urlsplit
+
+from pixelrelay import __version__
+from pixelrelay.pipeline.settings import ConfigError, Settings
+
+URL_ENV = "PIXELRELAY_NOTIFY_URL"
+URL_FILE_ENV = "PIXELRELAY_NOTIFY_URL_FILE"
+ATTEMPTS = 4
+BACKOFF_S = 0.5  # before the 2nd attempt; doubles after each failed one
+TIMEOUT_S = 10.0  # per attempt
+RETRY_STATUS = {408, 429}  # plus every 5xx
+
+
+def notify_url(env: Mapping[str, str] | None = None) -> str:
+    """The webhook URL from the environment, checked; a ConfigError names the setting (never
+    the URL) when it is missing, both are set, the file is unreadable or it is not http(s)."""
+    env = os.environ if env is None else env
+    direct, path = env.get(URL_ENV, "").strip(), env.get(URL_FILE_ENV, "").strip()
+    if direct and path:
+        raise ConfigError(f"--notify: set {URL_ENV} or {URL_FILE_ENV}, not both")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                direct = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{URL_FILE_ENV}: cannot read {path}: {type(exc).__name__}") from None
+        name = URL_FILE_ENV
+    else:
+        name = URL_ENV
+    if not direct:
+        raise ConfigError(f"--notify: set {URL_ENV} (or {URL_FILE_ENV}, a file holding the URL)")
+    try:
+        parts = urlsplit(direct)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name}: not an http(s) URL")
+    return direct
+
+
+def redact(url: str) -> str:
+    """What messages may say of the URL: its scheme and host (no port, user, path or query)."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname}"
+    except ValueError:
+        return "(the notify URL)"
+
+
+def _problem(exc: BaseException) -> tuple[str, bool]:
+    """(what went wrong, worth retrying), without quoting the URL."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}", exc.code in RETRY_STATUS or exc.code >= 500
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+        if isinstance(reason, OSError) and reason.strerror:
+            return f"{type(reason).__name__}: {reason.strerror}", True
+        return type(reason).__name__ if isinstance(reason, BaseException) else "connection failed", True
+    if isinstance(exc, (TimeoutError, ConnectionError, OSError)):
+        return type(exc).__name__, True
+    return type(exc).__name__, False
+
+
+def post_summary(
+    url: str,
+    summary: dict,
+    stream: TextIO | None = None,
+    attempts: int = ATTEMPTS,
+    backoff_s: float = BACKOFF_S,
+    timeout_s: float = TIMEOUT_S,
+) -> bool:
+    """POST ``summary`` as JSON; True once a 2xx came back. Never raises."""
+    stream = stream or sys.stderr
+    body = json.dumps(summary).encode()
+    where = redact(url)
+    delay, problem = backoff_s, "not tried"
+    for attempt in range(1, max(1, attempts) + 1):
+        request = urllib.request.Request(
+            url, data=body, method="POST",
+            headers={"Content-Type": "application/json", "User-Agent": f"pixelrelay/{__version__}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                response.read(1 << 16)
+            stream.write(f"pixelrelay: notified {where} (job {summary.get('job_id')})\n")
+            stream.flush()
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure: retry or give up, never raise
+            problem, retry = _problem(exc)
+        if not retry or attempt >= attempts:
+            break
+        time.sleep(delay)
+        delay *= 2
+    stream.write(f"pixelrelay: warning: could not notify {where} after {attempt} attempt(s): {problem}; "
+                 "the job is not affected\n")
+    stream.flush()
+    return False
+
+
+def job_summary(settings: Settings, job_id: str, exit_code: int, report: str | None = None,
+                contact_sheet: str | None = None) -> dict:
+    """The JSON the webhook gets, from the job's Redis state."""
+    from pixelrelay.jobs.files import manifest_uri
+    from pixelrelay.jobs.state import JobState, is_finished, job_status
+    from pixelrelay.producer.submit import redis_client
+
+    state = JobState(redis_client(settings), job_id, settings.signer())
+    spec, info, counts = state.spec(), state.info(), state.counts()
+    finished = is_finished(info)
+    status = job_status(info, counts, time.time(), settings.stall_s)
+    end = float(info.get("finished_at") or 0) if finished else time.time()
+
+    def count(name: str, fallback: int) -> int:
+        return int(info.get(f"manifest_{name}", fallback) or 0) if finished else fallback
+
+    return {
+        "job_id": job_id,
+        "state": status.value,
+        "exit_code": int(exit_code),
+        "total": spec.total,
+        "done": count("done", counts.done),
+        "failed": count("failed", counts.failed),
+        "cancelled": count("cancelled", 0),
+        "missing": count("missing", 0),
+        "pending": 0 if finished else counts.pending,
+        "input": spec.input,
+        "output": spec.output,
+        "manifest": manifest_uri(spec.output, job_id) if finished else None,
+        "report": report,
+        "contact_sheet": contact_sheet,
+        "wall_s": round(end - spec.created_at, 3) if spec.created_at else None,
+    }
+
+
+def after_wait(settings: Settings, job_id: str, output: str, exit_code: int, *, report: bool,
+               url: str | None, stream: TextIO | None = None) -> None:
+    """``--report`` and ``--notify`` once waiting ended with ``exit_code``; never raises and
+    never changes the exit code (problems are printed as warnings)."""
+    stream = stream or sys.stderr
+    from pixelrelay.jobs.state import JobState, is_finished
+    from pixelrelay.producer.report import write_report
+    from pixelrelay.producer.submit import redis_client
+
+    written = None
+    if report:
+        try:
+            if not is_finished(JobState(redis_client(settings), job_id).info()):
+                stream.write(f"pixelrelay: job {job_id} has not ended: no report\n")
+            else:
+                written = write_report(settings, output, job_id)
+                stream.write(f"report: {written.html}\ncontact sheet: {written.contact_sheet}\n")
+        except Exception as exc:  # noqa: BLE001 - a report problem must not change the outcome
+            stream.write(f"pixelrelay: warning: could not write the report: {type(exc).__name__}: {exc}\n")
+    if url is not None:
+        try:
+            summary = job_summary(settings, job_id, exit_code, written and written.html,
+                                  written and written.contact_sheet)
+        except Exception as exc:  # noqa: BLE001 - e.g. Redis gone: still tell the webhook
+            stream.write(f"pixelrelay: warning: job state unavailable for the notification: {type(exc).__name__}\n")
+            summary = {"job_id": job_id, "state": "unknown", "exit_code": int(exit_code), "output": output}
+        post_summary(url, summary, stream)
+    stream.flush()
