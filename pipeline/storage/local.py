@@ -226,6 +226,14 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise _mapped(exc, uri) from None
 
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        for uri in self.list(prefix):
+            try:
+                st = os.stat(uri)
+            except FileNotFoundError:  # gone since the walk
+                continue
+            yield ObjectInfo(uri, st.st_size, st.st_mtime)
+
 
 def sorted_walk(folder: str, follow_symlinks: bool = False, skip=None) -> Iterator[tuple[str, os.DirEntry]]:
     """Yield (path, entry) for every file under ``folder``, in lexicographic order of the
@@ -266,15 +274,6 @@ def sorted_walk(folder: str, follow_symlinks: bool = False, skip=None) -> Iterat
         seen.discard((st.st_dev, st.st_ino))
 
     yield from walk(folder)
-
-    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
-        for uri in self.list(prefix):
-            try:
-                st = os.stat(uri)
-            except FileNotFoundError:  # gone since the walk
-                continue
-            yield ObjectInfo(uri, st.st_size, st.st_mtime)
-
 
 
 def _version(uri: str) -> str | None:

@@ -21,6 +21,7 @@ from pixelrelay.pipeline.settings import ConfigError
 from pixelrelay.pipeline.storage import join_uri, open_storage
 from pixelrelay.producer.cli import main
 from pixelrelay.producer.gc import parse_age
+from tests.conftest import TEST_SIGNER
 
 DAY = 86400
 KEPT = {"job.json", "manifest.jsonl"}
@@ -73,7 +74,7 @@ def test_gc_dry_run_then_collect_old_jobs_only(tmp_path, redis_url, capsys):
     _job(str(out), running_id, finished=False)
     _age(out / "_jobs" / running_id, 40)
     # Redis knows it and its manifest is not written: it runs (a long, quiet job).
-    JobState(redis.Redis.from_url(redis_url), running_id).start_submission(
+    JobState(redis.Redis.from_url(redis_url), running_id, TEST_SIGNER).start_submission(
         JobSpec(job_id=running_id, input="/in", output=str(out), total=4, chunk_size=2))
     outputs = _outputs(out)
     before = {j: _files(out / "_jobs" / j) for j in ("old", "recent", "unfinished", running_id)}
