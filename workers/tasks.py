@@ -10,6 +10,10 @@ under a lease on the chunk with a watchdog on its time budget (``workers.lease``
 Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
 (``celery_app.get_app``), so importing this module needs no settings and no broker.
 
+Metrics (``workers.metrics``, off unless ``--metrics-port``): ``run_stage`` observes the
+queue wait and counts the items a stage handled by status; the stage bodies time each model
+call. A metrics error never fails a task.
+
 Signing (``pipeline.signing``): ``run_stage`` checks a body's signature (kind
 ``chunk:<stage>``) before it parses it, and drops one that fails (``verify_body``); the body
 it returns, the next stage's, is signed for that stage (``NEXT_STAGE``).
