@@ -6,7 +6,8 @@
 * ``state``  the job's state in Redis (a hash and two bitmaps), a cache of ``files``;
 * ``feed``   the Celery-free windowed feed (which chunk goes next) and the finish;
 * ``chunks`` chunks in flight (sent, not yet finished), the active jobs, and the task ids
-  that name a chain's stage messages: what the sweep reads to find lost chains.
+  that name a chain's stage messages: what the sweep reads to find lost chains;
+* ``backlog`` items of active jobs not yet through each stage (``pixelrelay exporter``).
 
 Imports Redis and the compute path's messages and storage; never Celery, never torch.
 """

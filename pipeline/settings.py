@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # ``submit`` refuses local-path specs unless this allows them.
     allowed_backends: str = ""
     log_level: str = "INFO"
+    # Prometheus /metrics of a worker (``workers.metrics``) or ``pixelrelay exporter``; 0: off.
+    metrics_port: int = Field(0, ge=0, le=65535)
     # Learned models: precision on GPU (CPU is always fp32). Learned decoders' tiled
     # inference: one TILE/_OVERLAP/_TILE_BATCH/_MIN_TILE set per decoder (builtin, sr, sd).
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"

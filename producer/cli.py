@@ -161,8 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--remote-control", action="store_true",
                    help="accept Celery remote control (celery inspect/control, Flower's control panel); off by default")
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus /metrics on port N (env PIXELRELAY_METRICS_PORT; 0: off)")
     _worker_flags(p)
     _backend_flags(p)
+    _common(p)
+
+    p = sub.add_parser("exporter", help="serve the true backlog per stage (Prometheus /metrics) from Redis")
+    p.add_argument("--port", type=int, default=None, metavar="N",
+                   help="listen on port N (env PIXELRELAY_METRICS_PORT; default 9808)")
     _common(p)
 
     p = sub.add_parser("run", help="run the whole system on this machine for one job")
@@ -204,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     fields = (
         "redis_url", "s3_endpoint_url", "chunk_size", "window", "batch_size", "device",
-        "encoder", "planner", "decoder", "insecure_no_signing",
+        "encoder", "planner", "decoder", "insecure_no_signing", "metrics_port",
     )
     return Settings.from_env(**{name: getattr(args, name, None) for name in fields})
 
@@ -307,9 +314,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     export_settings(
         redis_url=args.redis_url, s3_endpoint_url=args.s3_endpoint_url, batch_size=args.batch_size,
         device=args.device, encoder=args.encoder, planner=args.planner, decoder=args.decoder,
-        insecure_no_signing=args.insecure_no_signing,
+        insecure_no_signing=args.insecure_no_signing, metrics_port=args.metrics_port,
     )
     return run_worker(args.stage, args.concurrency, args.loglevel, remote_control=args.remote_control)
+
+
+def _cmd_exporter(args: argparse.Namespace) -> int:
+    from pixelrelay.producer import exporter
+
+    settings = _settings(args)
+    exporter.serve(settings, args.port or settings.metrics_port or exporter.DEFAULT_PORT)
+    return ExitCode.OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -433,6 +448,7 @@ COMMANDS = {
     "cancel": _cmd_cancel,
     "jobs": _cmd_jobs,
     "worker": _cmd_worker,
+    "exporter": _cmd_exporter,
     "run": _cmd_run,
     "report": _cmd_report,
     "gc": _cmd_gc,

@@ -68,6 +68,7 @@ Modules:
 * ``sweep``      ``sweep_once``: re-send chains that are neither leased nor queued (Celery-free
   but for its ``send``), and the ``Sweeper`` timer thread every worker runs;
 * ``runtime``    per-process settings, Redis, storage and loaded models;
+* ``metrics``    Prometheus series of a worker (``--metrics-port``; multiprocess for prefork);
 * ``main``       ``pixelrelay worker``.
 
 ``celery -A pixelrelay.workers <command>`` works: the package's ``app`` attribute is

@@ -121,8 +121,10 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, re
 
     from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
+    from pixelrelay.workers import metrics
     from pixelrelay.workers.runtime import runtime
 
+    metrics.serve(settings.metrics_port, concurrency)  # before the model loads and before any fork
     if concurrency <= 1:
         runtime().stage(stage)  # load the model now, in this very process (publishes its identity)
         worker_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)

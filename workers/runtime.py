@@ -47,6 +47,7 @@ from pixelrelay.pipeline.stages.registry import (
     spec_allowed,
 )
 from pixelrelay.pipeline.storage import Storage, open_storage
+from pixelrelay.workers import metrics
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -144,6 +145,7 @@ class Runtime:
                 except Exception as exc:
                     raise load_error(exc) from exc
                 self._stages[key] = backend
+                metrics.model_loaded(stage, backend.spec)
                 self._publish(stage, spec, backend)
                 self._start_refresher()
             return self._stages[key]

@@ -10,6 +10,10 @@ under a lease on the chunk with a watchdog on its time budget (``workers.lease``
 Celery tasks are thin adapters, registered by ``register(app)`` when the app is created
 (``celery_app.get_app``), so importing this module needs no settings and no broker.
 
+Metrics (``workers.metrics``, off unless ``--metrics-port``): ``run_stage`` observes the
+queue wait and counts the items a stage handled by status; the stage bodies time each model
+call. A metrics error never fails a task.
+
 Signing (``pipeline.signing``): ``run_stage`` checks a body's signature (kind
 ``chunk:<stage>``) before it parses it, and drops one that fails (``verify_body``); the body
 it returns, the next stage's, is signed for that stage (``NEXT_STAGE``).
@@ -72,6 +76,7 @@ from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
+from pixelrelay.workers import metrics
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
 from pixelrelay.workers.guard import ForgedMessage, check_message, storage_of, transient_retry
@@ -223,6 +228,7 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             record.source_size = (image.width, image.height)
         results = _call_isolated(encoder.describe, [image for _, image in loaded])
         share = (time.perf_counter() - started) / max(1, len(batch))
+        metrics.observe_batch("encode", time.perf_counter() - started, len(loaded))
         for (record, _), result in zip(loaded, results):
             record.timings["encode_s"] = round(share, 6)
             record.backends["encoder"] = encoder.spec
@@ -244,6 +250,7 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             lambda rs: planner.plan([r.description for r in rs], [msg.options] * len(rs)), batch
         )
         share = (time.perf_counter() - started) / max(1, len(batch))
+        metrics.observe_batch("plan", time.perf_counter() - started, len(batch))
         for record, result in zip(batch, results):
             record.timings["plan_s"] = round(share, 6)
             record.backends["planner"] = planner.spec
@@ -282,6 +289,7 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             lambda pairs: decoder.restore([img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
         )
         share = (time.perf_counter() - started) / max(1, len(batch))
+        metrics.observe_batch("decode", time.perf_counter() - started, len(loaded))
         for (record, image), result in zip(loaded, results):
             if isinstance(result, Exception):
                 record.fail("decode", _reason(result))
@@ -500,7 +508,9 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
     work = functools.partial(STAGE_BODIES[stage], rt, state)
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries)
+    entering = metrics.entering(rt.redis, stage, msg)  # counts queue wait; {} while metrics are off
     outcome = deliver_leased(policy_for(rt, state, task.app), delivery, work, timing)
+    metrics.observe_items(stage, entering, outcome)
     if isinstance(outcome, Retry):
         raise task.retry(exc=outcome.error, countdown=outcome.countdown)
     if isinstance(outcome, (Split, Stale, Cancelled)):

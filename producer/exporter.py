@@ -1,0 +1,89 @@
+"""``pixelrelay exporter --port N``: a small always-on process that serves the backlog.
+
+Workers may scale to zero, so the signal an autoscaler needs cannot come from them. This
+serves, computed from Redis at each scrape (``jobs.backlog``):
+
+* ``pixelrelay_backlog_items{stage}``: items of active jobs not yet through that stage
+  (the autoscaling signal; KEDA reads it through the Prometheus or metrics-api scaler);
+* ``pixelrelay_job_pending_items{job}``: items of each active job without a final status;
+* ``pixelrelay_chains_in_flight{stage}``: chains of active jobs at each stage;
+* ``pixelrelay_queue_length{stage}``: ``LLEN`` of the stage's Celery queue (the windowed
+  part only: shown for comparison, not for scaling);
+* ``pixelrelay_active_jobs``.
+
+Invariant: a scrape only reads Redis; a Redis error makes the scrape fail (HTTP 500), so a
+stale value is never served as a fresh one. It needs the signing key to read a job's chunk
+size (its spec is signed); without one it counts every pending item at every stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+from pixelrelay.jobs.backlog import active_backlogs
+from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.settings import ConfigError, Settings
+
+log = logging.getLogger("pixelrelay.exporter")
+DEFAULT_PORT = 9808
+
+
+class BacklogCollector:
+    """A prometheus_client collector reading Redis at each ``collect``."""
+
+    def __init__(self, client: redis.Redis, signer) -> None:
+        self.r, self.signer = client, signer
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        jobs = active_backlogs(self.r, self.signer)
+        backlog = GaugeMetricFamily("pixelrelay_backlog_items", "Items of active jobs not yet through the stage",
+                                    labels=["stage"])
+        chains = GaugeMetricFamily("pixelrelay_chains_in_flight", "Chains of active jobs at the stage", labels=["stage"])
+        queue = GaugeMetricFamily("pixelrelay_queue_length", "Messages waiting in the stage's queue (windowed)",
+                                  labels=["stage"])
+        for stage in C.STAGES:
+            backlog.add_metric([stage], sum(j.stages[stage] for j in jobs))
+            chains.add_metric([stage], sum(j.chains[stage] for j in jobs))
+            queue.add_metric([stage], self.r.llen(C.QUEUE_PREFIX + stage))
+        pending = GaugeMetricFamily("pixelrelay_job_pending_items", "Items of an active job without a final status",
+                                    labels=["job"])
+        for job in jobs:
+            pending.add_metric([job.job_id], job.pending)
+        active = GaugeMetricFamily("pixelrelay_active_jobs", "Jobs with chains in flight", value=len(jobs))
+        return [backlog, pending, chains, queue, active]
+
+
+def registry_for(client: redis.Redis, signer):
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(BacklogCollector(client, signer))
+    return registry
+
+
+def signer_or_none(settings: Settings):
+    try:
+        return settings.signer()
+    except ConfigError:
+        log.warning("exporter: no signing key: the backlog counts every pending item at every stage")
+        return None
+
+
+def serve(settings: Settings, port: int, stop: threading.Event | None = None) -> None:
+    """Serve ``/metrics`` on ``port`` until ``stop`` is set (forever without one)."""
+    from prometheus_client import start_http_server
+
+    if not settings.redis:
+        raise ConfigError("PIXELRELAY_REDIS_URL: not set; the exporter reads the job broker's Redis")
+    client = redis.Redis.from_url(settings.redis, socket_timeout=10)
+    server, thread = start_http_server(port, registry=registry_for(client, signer_or_none(settings)))
+    log.info("exporter: backlog metrics on :%d/metrics, from %s", port, settings.redacted_redis_url)
+    try:
+        (stop or threading.Event()).wait()
+    finally:
+        server.shutdown()
