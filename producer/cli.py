@@ -61,6 +61,11 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
     parser.add_argument(
+        "--incremental", action="store_true",
+        help="send only inputs new or changed (ETag, size+mtime, request) since the last jobs into --out "
+             "(index in OUT/_state/incremental/); nothing new: no job, exit 0",
+    )
+    parser.add_argument(
         "--follow-symlinks", action="store_true",
         help="follow symlinked files and folders in a folder input (default: a symlinked image fails its item)",
     )
@@ -254,7 +259,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     backends = Backends(encoder=args.encoder, planner=args.planner, decoder=args.decoder)
     submission = submit(settings, args.input, args.out, _job_options(args), backends, args.job_id,
-                        follow_symlinks=args.follow_symlinks)
+                        follow_symlinks=args.follow_symlinks, incremental=args.incremental)
+    if submission.incremental:
+        print(submission.incremental, file=sys.stderr, flush=True)
+    if submission.nothing_new:
+        return ExitCode.OK
     print(submission.job_id, flush=True)
     if submission.resumed:
         print(f"resuming: {submission.already_done} of {submission.total} items already done", file=sys.stderr)
@@ -343,7 +352,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_local(
         settings, args.input, args.out, _job_options(args), Backends(), args.job_id, per_stage, keep_logs=args.keep_logs,
         follow_symlinks=args.follow_symlinks,
-        on_end=on_end,
+        on_end=on_end, incremental=args.incremental,
     )
 
 

@@ -42,6 +42,12 @@ read line by line, twice: once for the common root, once for the items) into a S
 in a temporary folder, which also finds duplicates (a unique index) and collisions (SQLite's
 own external sort); the items then stream out of it in index order into the listing shards.
 
+**Versions** (``list_versioned_items``, for ``submit --incremental``: ``producer.incremental``):
+each accepted source also carries a version that changes when its bytes are replaced: an S3
+object's ETag from the listing pages themselves (``ObjectInfo.etag``: no extra request), a
+local file's ``<size>:<mtime_ns>`` (one ``stat`` per file); a manifest's entries are
+``stat``-ed or, on S3, ``HEAD``-ed one by one. A rejected source has the version "".
+
 An input that lists no images is an ``InputError`` (a usage error): most often a wrong path
 or prefix.
 """
@@ -64,6 +70,7 @@ from pixelrelay.pipeline import imageio
 from pixelrelay.pipeline.imageio import format_for_extension, output_extension
 from pixelrelay.pipeline.messages import Item
 from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, is_s3, join_uri
+from pixelrelay.pipeline.storage.base import ObjectInfo
 from pixelrelay.pipeline.storage.local import sorted_walk
 
 MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".json", ".lst", ".csv")
@@ -94,6 +101,7 @@ class Source(NamedTuple):
     segments: tuple[str, ...] = ()
     error: str | None = None
     unique: bool = False  # a manifest entry: a second one with the same input is dropped
+    version: str = ""  # with versions asked for: ETag or "<size>:<mtime_ns>" (see the docstring)
 
 
 def _is_image_name(name: str) -> bool:
@@ -130,7 +138,24 @@ def _rejected(text: str, reason: str) -> Source:
 # --- folders and prefixes -----------------------------------------------------------------
 
 
-def _folder_sources(root: str, output_uri: str, follow_symlinks: bool) -> Iterator[Source]:
+def local_version(st: os.stat_result) -> str:
+    """A local file's version: its size and modified time (ns)."""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _entry_version(uri: str, storage: Storage) -> str:
+    """A manifest entry's version: stat (local) or HEAD (S3); "" when it cannot be read
+    (the item then fails in the encode stage as it would without versions)."""
+    try:
+        if is_s3(uri):
+            head = storage.head(uri)
+            return head.version if head is not None else ""
+        return local_version(os.stat(uri))
+    except (OSError, StorageNotFoundError):
+        return ""
+
+
+def _folder_sources(root: str, output_uri: str, follow_symlinks: bool, versions: bool = False) -> Iterator[Source]:
     out_root = os.path.abspath(output_uri) if output_uri and not is_s3(output_uri) else None
 
     def skip(path: str, entry: os.DirEntry) -> bool:
@@ -149,15 +174,24 @@ def _folder_sources(root: str, output_uri: str, follow_symlinks: bool) -> Iterat
             if not os.path.isfile(path):
                 continue  # dangling, or not a file
         segments, error = _segments(rel)
-        yield Source(path, segments, error) if error is None else _rejected(path, error)
+        if error is not None:
+            yield _rejected(path, error)
+            continue
+        try:
+            version = local_version(entry.stat()) if versions else ""
+        except OSError:
+            continue  # gone since the walk
+        yield Source(path, segments, error, version=version)
 
 
-def _prefix_sources(root: str, storage: Storage, output_uri: str) -> Iterator[Source]:
+def _prefix_sources(root: str, storage: Storage, output_uri: str, versions: bool = False) -> Iterator[Source]:
     prefix = root.rstrip("/") + "/"
     skip = [join_uri(output_uri.rstrip("/"), JOBS_DIR) + "/"] if output_uri else []
     if is_s3(output_uri) and output_uri.rstrip("/").startswith(prefix):
         skip.append(output_uri.rstrip("/") + "/")  # outputs written under the input
-    for uri in storage.list(prefix):
+    listed = storage.list_info(prefix) if versions else (ObjectInfo(uri, 0, 0.0) for uri in storage.list(prefix))
+    for info in listed:
+        uri = info.uri
         rel = uri[len(prefix) :]
         parts = rel.split("/")
         if any(uri.startswith(s) for s in skip) or JOBS_DIR in parts[:-1]:
@@ -165,7 +199,8 @@ def _prefix_sources(root: str, storage: Storage, output_uri: str) -> Iterator[So
         if any(p.startswith(".") and p not in (".", "..") for p in parts) or not _is_image_name(uri):
             continue
         segments, error = _segments(rel)
-        yield Source(uri, segments, error) if error is None else _rejected(uri, error)
+        version = (info.etag or f"{info.size}:{info.modified}") if versions else ""
+        yield Source(uri, segments, error, version=version) if error is None else _rejected(uri, error)
 
 
 # --- manifests ----------------------------------------------------------------------------
@@ -235,7 +270,7 @@ class _ManifestRoot:
         return len("/".join(self.folder)) + 1
 
 
-def _manifest_sources(uri: str, storage: Storage, root: _ManifestRoot) -> Iterator[Source]:
+def _manifest_sources(uri: str, storage: Storage, root: _ManifestRoot, versions: bool = False) -> Iterator[Source]:
     """The manifest's entries, keyed by their full path (S3: bucket/key); ``root`` learns the
     common folder on the way."""
     base = uri.rsplit("/", 1)[0] if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
@@ -247,7 +282,8 @@ def _manifest_sources(uri: str, storage: Storage, root: _ManifestRoot) -> Iterat
             continue
         input_uri, segments, s3 = entry
         root.add(segments, s3)
-        yield Source(input_uri, segments, unique=True)
+        version = _entry_version(input_uri, storage) if versions else ""
+        yield Source(input_uri, segments, unique=True, version=version)
 
 
 # --- naming: natural keys, contested keys, collisions (SQLite, on disk) -------------------
@@ -273,7 +309,7 @@ class _Listing:
             self.db.execute(f"PRAGMA {pragma}")
         self.db.execute(
             "CREATE TABLE src (idx INTEGER PRIMARY KEY, input TEXT NOT NULL, uniq TEXT UNIQUE,"
-            " natural TEXT, fallback TEXT, error TEXT)"
+            " natural TEXT, fallback TEXT, error TEXT, version TEXT)"
         )
         self.count = 0
 
@@ -281,10 +317,11 @@ class _Listing:
         rows = []
         for source in sources:
             if source.error is not None:
-                rows.append((source.input, None, None, None, source.error))
+                rows.append((source.input, None, None, None, source.error, ""))
             else:
                 natural, fallback = _keys(source.segments, fmt)
-                rows.append((source.input, source.input if source.unique else None, natural, fallback, None))
+                rows.append((source.input, source.input if source.unique else None, natural, fallback, None,
+                             source.version))
             if len(rows) >= _BATCH:
                 self._insert(rows)
                 rows = []
@@ -294,7 +331,7 @@ class _Listing:
 
     def _insert(self, rows: list) -> None:
         self.db.executemany(
-            "INSERT OR IGNORE INTO src (input, uniq, natural, fallback, error) VALUES (?, ?, ?, ?, ?)", rows
+            "INSERT OR IGNORE INTO src (input, uniq, natural, fallback, error, version) VALUES (?, ?, ?, ?, ?, ?)", rows
         )
 
     def _resolve(self) -> None:
@@ -316,24 +353,25 @@ class _Listing:
             " WHERE idx != holder"
         )
 
-    def items(self, output_uri: str, strip: int = 0) -> Iterator[Item]:
+    def items(self, output_uri: str, strip: int = 0, versions: bool = False) -> Iterator:
         """The items in index order; keys lose their first ``strip`` characters (a
-        manifest's common root)."""
+        manifest's common root). With ``versions``: (item, version) pairs."""
         self._resolve()
         rows = self.db.execute(
-            "SELECT s.idx, s.input, s.natural, s.fallback, s.error, c.natural IS NOT NULL, l.holder, h.input"
+            "SELECT s.idx, s.input, s.natural, s.fallback, s.error, c.natural IS NOT NULL, l.holder, h.input, s.version"
             " FROM src s LEFT JOIN contested c ON c.natural = s.natural"
             " LEFT JOIN losers l ON l.idx = s.idx LEFT JOIN src h ON h.idx = l.holder ORDER BY s.idx"
         )
         prefix = output_uri.rstrip("/") + "/"
-        for idx, input_uri, natural, fallback, error, contested, holder, holder_input in rows:
+        for idx, input_uri, natural, fallback, error, contested, holder, holder_input, version in rows:
             key = (fallback if contested else natural)[strip:] if error is None else ""
             if error is None and holder is not None:
                 error = f"output {key} is also the output of item {holder - 1} ({holder_input})"
             if error is not None:
-                yield Item(index=idx - 1, input=input_uri, output="", error=error)
+                item = Item(index=idx - 1, input=input_uri, output="", error=error)
             else:
-                yield Item(index=idx - 1, input=input_uri, output=prefix + key)
+                item = Item(index=idx - 1, input=input_uri, output=prefix + key)
+            yield (item, version if error is None else "") if versions else item
 
     def close(self) -> None:
         self.db.close()
@@ -345,17 +383,17 @@ class _Listing:
 
 def iter_sources(
     input_uri: str, storage: Storage, output_uri: str = "", follow_symlinks: bool = False,
-    root: _ManifestRoot | None = None,
+    root: _ManifestRoot | None = None, versions: bool = False,
 ) -> Iterator[Source]:
     """The input's sources, streaming, in listing order. A manifest's entries carry their
     full path; ``root`` (when given) learns their common folder."""
     if _is_manifest(input_uri, storage):
-        return _manifest_sources(input_uri, storage, root or _ManifestRoot())
+        return _manifest_sources(input_uri, storage, root or _ManifestRoot(), versions)
     if is_s3(input_uri):
-        return _prefix_sources(input_uri, storage, output_uri)
+        return _prefix_sources(input_uri, storage, output_uri, versions)
     if not os.path.isdir(input_uri):
         raise InputError(f"input {input_uri} is not a folder, an s3:// prefix or a manifest file")
-    return _folder_sources(os.path.abspath(input_uri), output_uri, follow_symlinks)
+    return _folder_sources(os.path.abspath(input_uri), output_uri, follow_symlinks, versions)
 
 
 def list_sources(input_uri: str, storage: Storage, output_uri: str = "") -> tuple[list[str], str]:
@@ -382,9 +420,21 @@ def list_items(
     """The job's items, in index order; InputError (raised here, before any item) when the
     input can't be listed or lists nothing. The sources are read before this returns; the
     items stream from a temporary SQLite file, removed once they are consumed."""
+    return _list(input_uri, output_uri, storage, fmt, follow_symlinks, versions=False)
+
+
+def list_versioned_items(
+    input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool = False
+) -> Iterator[tuple[Item, str]]:
+    """``list_items`` as (item, version) pairs (see **Versions** in the module docstring)."""
+    return _list(input_uri, output_uri, storage, fmt, follow_symlinks, versions=True)
+
+
+def _list(input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool,
+          versions: bool) -> Iterator:
     listing, root = _Listing(), _ManifestRoot()
     try:
-        count = listing.fill(iter_sources(input_uri, storage, output_uri, follow_symlinks, root), fmt)
+        count = listing.fill(iter_sources(input_uri, storage, output_uri, follow_symlinks, root, versions), fmt)
         if not count:
             raise _nothing_listed(input_uri, storage)
     except StorageNotFoundError as exc:
@@ -393,11 +443,11 @@ def list_items(
     except BaseException:
         listing.close()
         raise
-    return _streamed(listing, output_uri, root.strip)
+    return _streamed(listing, output_uri, root.strip, versions)
 
 
-def _streamed(listing: _Listing, output_uri: str, strip: int) -> Iterator[Item]:
+def _streamed(listing: _Listing, output_uri: str, strip: int, versions: bool = False) -> Iterator:
     try:
-        yield from listing.items(output_uri, strip)
+        yield from listing.items(output_uri, strip, versions)
     finally:
         listing.close()

@@ -211,6 +211,7 @@ def run_local(
     keep_logs: bool = False,
     follow_symlinks: bool = False,
     on_end: Callable[[Settings, str, str, int], None] | None = None,
+    incremental: bool = False,
 ) -> int:
     outcome: int | None = None
     input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
@@ -246,7 +247,13 @@ def run_local(
         stack.callback(workers.stop)
         print(f"worker logs: {workers.logdir}", file=sys.stderr, flush=True)
         workers.start()
-        submission = submit(settings, input_uri, output_uri, options, backends, job_id, follow_symlinks=follow_symlinks)
+        submission = submit(settings, input_uri, output_uri, options, backends, job_id, follow_symlinks=follow_symlinks,
+                            incremental=incremental)
+        if submission.incremental:
+            print(submission.incremental, file=sys.stderr, flush=True)
+        if submission.nothing_new:  # --incremental: no job to run
+            outcome = ExitCode.OK
+            return outcome
         if server is not None:
             record_job(folder, submission.job_id, input_uri, output_uri)
         print(submission.job_id, flush=True)

@@ -16,6 +16,11 @@ sources it rejects (a path escaping ``--out``, a colliding output, a symlink not
 are items that fail with their reason. ``follow_symlinks`` (``--follow-symlinks``) is not
 part of the job's spec: it only shapes the first listing.
 
+``incremental`` (``--incremental``) leaves out of a new job's listing every input that is
+done and unchanged since the last jobs into this output (``producer.incremental``); when
+nothing is left, no job is created (``Submission.job_id`` is "", ``nothing_new`` is set).
+It does not apply to a job id that is resumed, and is refused with ``overwrite``.
+
 A spec that names a local path is refused (exit 2) unless the submitter's own
 ``PIXELRELAY_ALLOWED_BACKENDS`` allows it: the workers refuse what their list does not allow.
 """
@@ -37,7 +42,8 @@ from pixelrelay.pipeline.messages import JOB_ID_PATTERN, Backends, JobOptions, J
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.registry import names_local_path, parse_allowlist, spec_allowed, validate_spec
 from pixelrelay.pipeline.storage import is_s3, open_storage
-from pixelrelay.producer.listing import list_items
+from pixelrelay.producer.incremental import Incremental
+from pixelrelay.producer.listing import list_items, list_versioned_items
 from pixelrelay.workers.celery_app import create_app
 from pixelrelay.workers.flow import sender
 from pixelrelay.jobs.state import JobState
@@ -53,6 +59,8 @@ class Submission:
     resumed: bool
     already_done: int
     output: str = ""  # the job's output, normalised
+    incremental: str = ""  # --incremental: the line that says what was sent and skipped
+    nothing_new: bool = False  # --incremental found nothing to send: no job was created
 
 
 def new_job_id() -> str:
@@ -109,7 +117,10 @@ def submit(
     backends: Backends | None = None,
     job_id: str | None = None,
     follow_symlinks: bool = False,
+    incremental: bool = False,
 ) -> Submission:
+    if incremental and options.overwrite:
+        raise ConfigError("--incremental: not with --overwrite (which re-processes every item)")
     backends = normalize_backends(backends or Backends(), settings.allowed_backends)
     job_id = job_id or new_job_id()
     if not _JOB_ID_RE.fullmatch(job_id):
@@ -131,6 +142,9 @@ def submit(
     else:
         resumed = False
         in_storage = open_storage(input_uri, settings.s3_endpoint_url)
+        if incremental:
+            return _submit_incremental(settings, state, out_storage, in_storage, app, signer, job_id, input_uri,
+                                       output_uri, options, backends, follow_symlinks)
         items = list_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
         total = write_listing(out_storage, output_uri, job_id, items)
         spec = JobSpec(
@@ -144,10 +158,39 @@ def submit(
             created_at=time.time(),
         )
         write_spec(out_storage, spec)
+    return _start(settings, state, out_storage, app, signer, spec, resumed)
+
+
+def _start(settings: Settings, state: JobState, out_storage, app, signer, spec: JobSpec, resumed: bool) -> Submission:
     already_done = state.counts().done
     seq = start(state, out_storage, spec, sender(app, signer), settings.window)
     registry = open_registry(settings.state_uri, settings.s3_endpoint_url)
     if registry is not None:  # after the job hash exists: a sweep never rebuilds a job being submitted
-        registry.add(job_id, output_uri)
-    return Submission(job_id=job_id, seq=seq, total=spec.total, resumed=resumed, already_done=already_done,
-                      output=output_uri)
+        registry.add(spec.job_id, spec.output)
+    return Submission(job_id=spec.job_id, seq=seq, total=spec.total, resumed=resumed, already_done=already_done,
+                      output=spec.output)
+
+
+def _submit_incremental(settings: Settings, state: JobState, out_storage, in_storage, app, signer, job_id: str,
+                        input_uri: str, output_uri: str, options: JobOptions, backends: Backends,
+                        follow_symlinks: bool) -> Submission:
+    """A new job of what is new or changed (``producer.incremental``); none when nothing is."""
+    index = Incremental(out_storage, output_uri, input_uri)
+    try:
+        index.fold()
+        pairs = list_versioned_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
+        total = write_listing(out_storage, output_uri, job_id, index.select(pairs, options, backends))
+        line = index.counts.line()
+        if not total:
+            return Submission(job_id="", seq=0, total=0, resumed=False, already_done=0, output=output_uri,
+                              incremental=line, nothing_new=True)
+        index.record(job_id)
+        spec = JobSpec(job_id=job_id, input=input_uri, output=output_uri, options=options, backends=backends,
+                       total=total, chunk_size=settings.chunk_size, created_at=time.time())
+        write_spec(out_storage, spec)
+        index.write_summary(job_id)
+    finally:
+        index.close()
+    submission = _start(settings, state, out_storage, app, signer, spec, resumed=False)
+    submission.incremental = line
+    return submission

@@ -74,11 +74,13 @@ class ObjectHead:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One object of a listing: its URI, size in bytes and last-modified time (unix s)."""
+    """One object of a listing: its URI, size in bytes, last-modified time (unix s) and,
+    where the backend's listing gives it (S3), its ETag ("" otherwise)."""
 
     uri: str
     size: int
     modified: float
+    etag: str = ""
 
 
 class TransientStorageError(Exception):

@@ -307,7 +307,8 @@ class S3Storage(Storage):
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp())
+                    yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp(),
+                                     str(obj.get("ETag", "")).strip('"'))
         except Exception as exc:
             raise _map_error(exc, prefix) from None
 

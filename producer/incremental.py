@@ -1,0 +1,235 @@
+"""``submit --incremental``: a job sends only the inputs that are new or changed since the
+last jobs into this output, or whose request changed (nightly runs over a growing bucket).
+
+**State**, written through ``Storage`` (so an ``s3://`` output works as a local one), per
+input (``<source>``: the first 16 hex digits of the sha256 of the normalised input URI):
+
+    OUTPUT/_state/incremental/<source>/index.jsonl       {"input", "version", "request", "done"},
+                                                        one line per input a job was sent,
+                                                        sorted by input
+    OUTPUT/_state/incremental/<source>/jobs/<job>.jsonl  what an incremental job was sent:
+                                                        {"input", "version", "request"} per
+                                                        item, in the job's index order
+    OUTPUT/_jobs/<job>/incremental.json                  the job's counts: sent, new, changed,
+                                                        retried, skipped (unchanged)
+
+``version`` is what the listing saw (``producer.listing``, **Versions**): an S3 ETag, or a
+local file's ``<size>:<mtime_ns>``; ``request`` is the item's request fingerprint
+(``pipeline.fingerprint.request_fingerprint``: options, backend specs, input, format).
+
+**The rule.** An item is skipped only when the index holds its input with the same version
+and the same request fingerprint, marked ``done``; it is marked so only when the last job
+that was sent it ended with its manifest line ``done`` and that line's fingerprint has that
+request (any other line marks it not done: retried next time). Anything else is sent: new
+inputs, changed ones, a changed request, items that failed or were cancelled, items the
+listing rejects. Skipped items are left out of the new
+job's listing (its items are renumbered 0..n-1; keys and collisions are those of the full
+listing), so the job's total, and its manifest, count only what was sent; the counts of
+what was skipped are in ``incremental.json`` and on the submit's stderr.
+
+**Changed inputs.** The output fingerprint covers the request, not the input's bytes, so
+the encode stage would reuse the old output of an input replaced in place. ``select`` so
+deletes the output of every input whose version changed under the same request before the
+job is sent (its sidecar with it); the stage then creates it anew. If the job then fails,
+that item has no output (rather than a stale one), and is sent again next time. Inputs whose
+request changed need no delete: their fingerprint differs, and the stage replaces them.
+
+**Folding.** The index is brought up to date at the next ``--incremental`` submit, not when
+a job ends, so it works with or without ``--wait``: each pending ``jobs/<job>.jsonl`` whose
+job has a manifest (it ended: done, failed or cancelled) is merged in, oldest job first
+(its ``job.json``'s ``created_at``), then deleted. One whose job has no manifest yet (still
+running, or lost) stays pending, and the inputs it holds are sent again: the encode stage
+then reuses the outputs already written with the same fingerprint. A file whose job has no
+``job.json`` (a submit that died before starting it) is deleted.
+
+The model part of the output fingerprint is not compared: a submitter cannot know which
+weights the workers will load. After a model change, run once without ``--incremental``
+(done outputs whose model fingerprint differs are re-processed), or with ``--overwrite``.
+
+**Nothing new**: no job is created; ``submit`` prints ``nothing new: N unchanged items
+skipped`` and exits 0. Two ``--incremental`` submits into one output at the same time are
+not supported (the second may send again what the first sends; nothing is lost).
+
+**Memory** stays flat: the index is streamed into a temporary SQLite file (lookups by
+input) and written back sorted from it; jobs files and manifests are read line by line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from pixelrelay.jobs.files import job_root, manifest_uri, read_spec
+from pixelrelay.pipeline.fingerprint import request_fingerprint
+from pixelrelay.pipeline.imageio import format_for_uri
+from pixelrelay.pipeline.messages import Backends, Item, JobOptions
+from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, join_uri
+
+STATE_DIR = "_state"
+INCREMENTAL_DIR = "incremental"
+INDEX_NAME = "index.jsonl"
+SUMMARY_NAME = "incremental.json"
+_BATCH = 10_000
+
+
+def state_root(output: str, input_uri: str) -> str:
+    source = hashlib.sha256(input_uri.encode()).hexdigest()[:16]
+    return join_uri(output, STATE_DIR, INCREMENTAL_DIR, source)
+
+
+def summary_uri(output: str, job_id: str) -> str:
+    return join_uri(job_root(output, job_id), SUMMARY_NAME)
+
+
+@dataclass
+class Counts:
+    """What an incremental listing found."""
+
+    sent: int = 0
+    new: int = 0
+    changed: int = 0  # another version, or another request
+    retried: int = 0  # sent before, not done (failed, cancelled, rejected) or never folded
+    skipped: int = 0  # unchanged and done
+    folded_jobs: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if not self.sent:
+            return f"nothing new: {self.skipped} unchanged items skipped"
+        return (f"incremental: {self.sent} items to process ({self.new} new, {self.changed} changed, "
+                f"{self.retried} retried); {self.skipped} unchanged items skipped")
+
+
+class Incremental:
+    """One ``--incremental`` submission's view of the index (see the module docstring)."""
+
+    def __init__(self, storage: Storage, output: str, input_uri: str) -> None:
+        self.storage, self.output = storage, output
+        self.root = state_root(output, input_uri)
+        self.folder = tempfile.mkdtemp(prefix="pixelrelay-incremental-")
+        self.db = sqlite3.connect(os.path.join(self.folder, "index.sqlite"))
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute("CREATE TABLE idx (input TEXT PRIMARY KEY, version TEXT, request TEXT, done INTEGER)")
+        self.counts = Counts()
+        self._sent = tempfile.TemporaryFile(dir=self.folder)
+        self._load()
+
+    # --- the index ----------------------------------------------------------------------
+
+    def _index_uri(self) -> str:
+        return join_uri(self.root, INDEX_NAME)
+
+    def _jobs_prefix(self) -> str:
+        return join_uri(self.root, "jobs", "")
+
+    def _load(self) -> None:
+        try:
+            rows = (json.loads(line) for line in self.storage.iter_lines(self._index_uri()) if line.strip())
+            self._upsert((r["input"], r["version"], r["request"], int(bool(r.get("done")))) for r in rows)
+        except StorageNotFoundError:
+            pass
+
+    def _upsert(self, rows: Iterable[tuple[str, str, str, int]]) -> None:
+        sql = "INSERT OR REPLACE INTO idx (input, version, request, done) VALUES (?, ?, ?, ?)"
+        batch = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= _BATCH:
+                self.db.executemany(sql, batch)
+                batch = []
+        self.db.executemany(sql, batch)
+
+    def fold(self) -> None:
+        """Merge every ended job's results into the index, and store it (see **Folding**)."""
+        pending = []
+        for uri in self.storage.list(self._jobs_prefix()):
+            job_id = uri.rsplit("/", 1)[-1].removesuffix(".jsonl")
+            try:
+                created = read_spec(self.storage, self.output, job_id).created_at
+            except StorageNotFoundError:
+                self.storage.delete(uri)  # never started
+                continue
+            if self.storage.exists(manifest_uri(self.output, job_id)):
+                pending.append((created, job_id, uri))
+        for _, job_id, uri in sorted(pending):
+            self._fold_job(job_id, uri)
+        if pending:
+            self._store()
+            for _, job_id, uri in pending:
+                self.storage.delete(uri)
+                self.counts.folded_jobs.append(job_id)
+
+    def _fold_job(self, job_id: str, uri: str) -> None:
+        sent = (json.loads(line) for line in self.storage.iter_lines(uri) if line.strip())
+        rows = (json.loads(line) for line in self.storage.iter_lines(manifest_uri(self.output, job_id)) if line.strip())
+
+        def folded() -> Iterator[tuple[str, str, str, int]]:
+            for listed, row in zip(sent, rows):  # both in the job's index order, one line per item
+                fingerprint = row.get("fingerprint") or {}
+                done = (row.get("status") == "done" and row.get("input") == listed["input"]
+                        and fingerprint.get("request") == listed["request"])
+                yield listed["input"], listed["version"], listed["request"], int(done)
+
+        self._upsert(folded())
+
+    def _store(self) -> None:
+        with tempfile.TemporaryFile(dir=self.folder) as tmp:
+            query = "SELECT input, version, request, done FROM idx ORDER BY input"
+            for input_uri, version, request, done in self.db.execute(query):
+                row = {"input": input_uri, "version": version, "request": request, "done": bool(done)}
+                tmp.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
+            tmp.seek(0)
+            self.storage.put_file(self._index_uri(), tmp, "application/x-ndjson")
+
+    # --- the listing --------------------------------------------------------------------
+
+    def select(self, pairs: Iterable[tuple[Item, str]], options: JobOptions, backends: Backends) -> Iterator[Item]:
+        """The items to send, renumbered from 0; the others are counted as skipped."""
+        for item, version in pairs:
+            request = request_fingerprint(options, backends, item.input, format_for_uri(item.output)) \
+                if item.error is None else ""
+            known = self.db.execute("SELECT version, request, done FROM idx WHERE input = ?", (item.input,)).fetchone()
+            if item.error is None and known is not None and version and known == (version, request, 1):
+                self.counts.skipped += 1
+                continue
+            if known is None:
+                self.counts.new += 1
+            elif known[2]:
+                self.counts.changed += 1
+                if known[1] == request and item.output:
+                    self._drop_stale(item.output)
+            else:
+                self.counts.retried += 1
+            row = {"input": item.input, "version": version, "request": request}
+            self._sent.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
+            yield item.model_copy(update={"index": self.counts.sent})
+            self.counts.sent += 1
+
+    def _drop_stale(self, output: str) -> None:
+        """Delete a changed input's old output (see **Changed inputs**)."""
+        try:
+            self.storage.delete(output)
+        except StorageNotFoundError:
+            pass
+
+    def record(self, job_id: str) -> None:
+        """Store what this job is sent (before its spec: see **Folding**)."""
+        self._sent.seek(0)
+        self.storage.put_file(join_uri(self._jobs_prefix(), f"{job_id}.jsonl"), self._sent, "application/x-ndjson")
+
+    def write_summary(self, job_id: str) -> None:
+        data = {"sent": self.counts.sent, "new": self.counts.new, "changed": self.counts.changed,
+                "retried": self.counts.retried, "skipped_unchanged": self.counts.skipped,
+                "line": self.counts.line()}
+        self.storage.put(summary_uri(self.output, job_id), json.dumps(data).encode(), "application/json")
+
+    def close(self) -> None:
+        self._sent.close()
+        self.db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
