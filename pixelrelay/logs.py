@@ -94,13 +94,22 @@ def resolve(fmt: str | None) -> str:
     return value
 
 
+class _Handler(logging.StreamHandler):
+    """The handler ``configure`` installs (so a second call replaces it)."""
+
+
 def configure(fmt: str | None = None, level: int | str = logging.INFO) -> str:
-    """Replace the root logger's handlers by one stderr handler in the chosen format."""
+    """Install one stderr handler in the chosen format on the root logger. ``text`` leaves a
+    root logger that has someone else's handlers alone, as ``logging.basicConfig`` does (an
+    embedding program's or pytest's); ``json`` replaces them, so every line is JSON."""
     fmt = resolve(fmt)
-    handler = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    foreign = [h for h in root.handlers if not isinstance(h, _Handler)]
+    if fmt == "text" and foreign:
+        return fmt
+    handler = _Handler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else _RedactingText(TEXT_FORMAT))
     handler.addFilter(ContextFilter())
-    root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)

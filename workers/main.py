@@ -37,7 +37,7 @@ from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.registry import backend_class
 from pixelrelay.workers.celery_app import configure_pool, get_app, queue_name
-from pixelrelay.workers.observe import enable_health, quiet_task_success
+from pixelrelay.workers.observe import enable_health, json_shutdown_notes, quiet_task_success
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -162,6 +162,7 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, re
     argv += ["-E"] if events else ["--without-heartbeat"]
     if settings.log_format == "json":
         argv.insert(0, "--quiet")  # celery's own option: no banner, so every line is JSON
+        json_shutdown_notes()
     if not remote_control:
         refuse_remote_control()
     app = get_app()

@@ -42,6 +42,27 @@ def chunk_done(stage: str, job_id: str, chunk: int, items: int, seconds: float, 
              stage, job_id, chunk, outcome, items, seconds, failed)
 
 
+def json_shutdown_notes() -> None:
+    """With JSON logs, Celery's own notes written straight to stdout from its signal handlers
+    ("worker: Warm shutdown (MainProcess)", ``celery.apps.worker.safe_say``) become JSON lines
+    too, written the same signal-safe way (one ``os.write``, no logging lock)."""
+    import datetime as dt
+    import json
+    import os
+
+    from celery.apps import worker as celery_worker
+
+    def say(msg, f=None):
+        line = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "level": "WARNING",
+                "logger": "celery.apps.worker", "message": str(msg).strip()}
+        try:
+            os.write(2, (json.dumps(line) + "\n").encode())
+        except OSError:
+            pass
+
+    celery_worker.safe_say = say
+
+
 def beat() -> None:
     """Touch the heartbeat file, if this worker keeps one."""
     if _health_file:

@@ -130,3 +130,28 @@ def test_health_is_0_while_the_worker_consumes_and_1_once_it_is_stopped(json_enc
     proc.kill()
     missing = run_cli(["health", "--file", str(health_file) + ".none"], env)
     assert missing.returncode == 1 and "no heartbeat file" in missing.stderr
+
+
+def test_json_lines_carry_the_chunk_context_and_never_a_url_password():
+    import io
+    import logging
+
+    from pixelrelay import logs
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.ContextFilter())
+    logger = logging.getLogger("pixelrelay.test-json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with logs.context(job="j1", chunk=3, stage="plan"):
+            logger.warning("lost %s", "redis://user:hunter2@redis:6379/0")
+        logger.error("no context, rediss://:s3cret%40x@host/1")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert (first["job"], first["chunk"], first["stage"]) == ("j1", 3, "plan")
+    assert first["message"] == "lost redis://user:***@redis:6379/0"
+    assert "job" not in second and "s3cret" not in second["message"]
