@@ -105,6 +105,30 @@ def refuse_remote_control() -> None:
 
     Panel.data.clear()
     Panel.meta.clear()
+    quiet = logging.getLogger("kombu.pidbox")
+    if not any(isinstance(f, _RefusedCommandNote) for f in quiet.filters):
+        quiet.addFilter(_RefusedCommandNote())
+
+
+class _RefusedCommandNote(logging.Filter):
+    """A refused command (Flower asks ``enable_events`` every few seconds, and ``inspect``)
+    reaches kombu as an unknown one and would log an ERROR with a traceback each time; log
+    one WARNING per command name instead, and drop the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if not (record.msg == "pidbox command error: %r" and isinstance(exc, KeyError)):
+            return True
+        name = str(exc.args[0]) if exc.args else "?"
+        if name not in self.seen:
+            self.seen.add(name)
+            log.warning("refused Celery remote-control command %r (remote control is off; "
+                        "`pixelrelay worker --remote-control` accepts it); further ones are not logged", name)
+        return False
 
 
 def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False,

@@ -63,6 +63,18 @@ def test_an_events_receiver_sees_tasks_succeed_at_all_three_stages(stage_workers
             receiver.should_stop = True
             thread.join(10)
     assert wanted <= {names.get(u) for u in succeeded}
+    # Flower asks every worker to enable events every few seconds: refused (remote control is
+    # off), noted once per command, not an ERROR traceback each time.
+    for _ in range(3):
+        app.control.enable_events()
+    note = "refused Celery remote-control command 'enable_events'"
+
+    def logs() -> str:
+        return "".join(p.read_text(errors="replace") for p in stage_workers.logdir.glob("*.log"))
+
+    wait_until(lambda: logs().count(note) == 3, timeout=20)
+    time.sleep(0.5)
+    assert logs().count(note) == 3 and "pidbox command error" not in logs()
 
 
 @pytest.fixture(scope="module")
