@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Prometheus /metrics of a worker (``workers.metrics``) or ``pixelrelay exporter``; 0: off.
     metrics_port: int = Field(0, ge=0, le=65535)
+    # Operations (#12): log lines as text or JSON objects (pixelrelay.logs); how often a
+    # worker touches its health file (PIXELRELAY_HEALTH_FILE, read by pixelrelay.health).
+    log_format: Literal["text", "json"] = "text"
+    health_interval_s: float = Field(5.0, gt=0)
     # Learned models: precision on GPU (CPU is always fp32). Learned decoders' tiled
     # inference: one TILE/_OVERLAP/_TILE_BATCH/_MIN_TILE set per decoder (builtin, sr, sd).
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"

@@ -30,6 +30,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
              "PIXELRELAY_SIGNING_KEY_FILE",
     )
     parser.add_argument("--s3-endpoint-url", help="S3 endpoint for MinIO/Ceph/R2 (env PIXELRELAY_S3_ENDPOINT_URL)")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="log lines as text or one JSON object each (env PIXELRELAY_LOG_FORMAT; default text)")
 
 
 def _backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept Celery remote control (celery inspect/control, Flower's control panel); off by default")
     p.add_argument("--metrics-port", type=int, metavar="N",
                    help="serve Prometheus /metrics on port N (env PIXELRELAY_METRICS_PORT; 0: off)")
+    p.add_argument("--no-events", action="store_true",
+                   help="send no Celery task events or worker heartbeats (Flower, celery events); on by default")
     _worker_flags(p)
     _backend_flags(p)
     _common(p)
@@ -176,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, metavar="N",
                    help="listen on port N (env PIXELRELAY_METRICS_PORT; default 9808)")
     _common(p)
+    p = sub.add_parser("health", help="exit 0 when this container's worker is alive and consuming (health checks)")
+    p.add_argument("--max-age", type=_positive_seconds, default=60.0, metavar="S",
+                   help="unhealthy when the worker's heartbeat file (env PIXELRELAY_HEALTH_FILE) is older (default 60)")
+    p.add_argument("--file", help="the heartbeat file (default: $PIXELRELAY_HEALTH_FILE or <tmp>/pixelrelay-worker.health)")
 
     p = sub.add_parser("run", help="run the whole system on this machine for one job")
     _job_flags(p)
@@ -323,9 +331,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     export_settings(
         redis_url=args.redis_url, s3_endpoint_url=args.s3_endpoint_url, batch_size=args.batch_size,
         device=args.device, encoder=args.encoder, planner=args.planner, decoder=args.decoder,
-        insecure_no_signing=args.insecure_no_signing, metrics_port=args.metrics_port,
+        insecure_no_signing=args.insecure_no_signing, metrics_port=args.metrics_port, log_format=args.log_format,
     )
-    return run_worker(args.stage, args.concurrency, args.loglevel, remote_control=args.remote_control)
+    return run_worker(args.stage, args.concurrency, args.loglevel, remote_control=args.remote_control,
+                      events=not args.no_events)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from pixelrelay.health import health_path, problem
+
+    why = problem(args.file or health_path(), args.max_age)
+    if why:
+        print(f"pixelrelay health: {why}", file=sys.stderr)
+        return 1  # unhealthy
+    return ExitCode.OK
 
 
 def _cmd_exporter(args: argparse.Namespace) -> int:
@@ -458,6 +477,7 @@ COMMANDS = {
     "jobs": _cmd_jobs,
     "worker": _cmd_worker,
     "exporter": _cmd_exporter,
+    "health": _cmd_health,
     "run": _cmd_run,
     "report": _cmd_report,
     "gc": _cmd_gc,
@@ -470,7 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         return _delegate(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pixelrelay import logs
+
+    try:
+        logs.configure(getattr(args, "log_format", None), logging.INFO)
+    except logs.LogFormatError as exc:
+        print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     from pixelrelay.pipeline.signing import SignatureError
     from pixelrelay.pipeline.storage import StorageError
     from pixelrelay.producer.listing import InputError

@@ -69,6 +69,8 @@ Modules:
   but for its ``send``), and the ``Sweeper`` timer thread every worker runs;
 * ``runtime``    per-process settings, Redis, storage and loaded models;
 * ``metrics``    Prometheus series of a worker (``--metrics-port``; multiprocess for prefork);
+* ``observe``    what operators see: one INFO line per chunk (Celery's result dump dropped),
+  the health heartbeat file's consumer step (task events and heartbeats: ``main``);
 * ``main``       ``pixelrelay worker``.
 
 ``celery -A pixelrelay.workers <command>`` works: the package's ``app`` attribute is

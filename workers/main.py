@@ -14,6 +14,13 @@ Without a signing key (``PIXELRELAY_SIGNING_KEY`` / ``_FILE``) a worker refuses 
 (exit 2, one line) unless ``--insecure-no-signing``; with one, it drops every message body
 that fails its signature check (``workers.tasks.verify_body``). Celery remote control is
 off unless ``--remote-control``.
+
+Monitoring (``workers.observe``): task events (``-E``) and worker heartbeats are on unless
+``--no-events``, so Flower / ``celery events`` see the workers and their tasks without remote
+control; gossip and mingle stay off. Celery's per-task result dump is replaced by one INFO
+line per chunk. The worker touches its heartbeat file (``PIXELRELAY_HEALTH_FILE``) for
+``pixelrelay health``. ``--log-format json`` / ``PIXELRELAY_LOG_FORMAT=json`` makes every
+line on stderr a JSON object (``pixelrelay.logs``; the banner is then left out).
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import socket
 import sys
 
 from pixelrelay.exitcodes import ExitCode
+from pixelrelay.health import health_path
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.registry import backend_class
 from pixelrelay.workers.celery_app import configure_pool, get_app, queue_name
+from pixelrelay.workers.observe import enable_health, json_shutdown_notes, quiet_task_success
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -96,9 +105,34 @@ def refuse_remote_control() -> None:
 
     Panel.data.clear()
     Panel.meta.clear()
+    quiet = logging.getLogger("kombu.pidbox")
+    if not any(isinstance(f, _RefusedCommandNote) for f in quiet.filters):
+        quiet.addFilter(_RefusedCommandNote())
 
 
-def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False) -> int:
+class _RefusedCommandNote(logging.Filter):
+    """A refused command (Flower asks ``enable_events`` every few seconds, and ``inspect``)
+    reaches kombu as an unknown one and would log an ERROR with a traceback each time; log
+    one WARNING per command name instead, and drop the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if not (record.msg == "pidbox command error: %r" and isinstance(exc, KeyError)):
+            return True
+        name = str(exc.args[0]) if exc.args else "?"
+        if name not in self.seen:
+            self.seen.add(name)
+            log.warning("refused Celery remote-control command %r (remote control is off; "
+                        "`pixelrelay worker --remote-control` accepts it); further ones are not logged", name)
+        return False
+
+
+def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False,
+               events: bool = True) -> int:
     if stage not in C.STAGES:
         raise ConfigError(f"--stage: must be one of {', '.join(C.STAGES)}")
     settings = Settings.from_env()
@@ -149,10 +183,17 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, re
         "--loglevel", (loglevel or settings.log_level),
         "--without-gossip",
         "--without-mingle",
-        "--without-heartbeat",
         "-O", "fair",
     ]
+    argv += ["-E"] if events else ["--without-heartbeat"]
+    if settings.log_format == "json":
+        argv.insert(0, "--quiet")  # celery's own option: no banner, so every line is JSON
+        json_shutdown_notes()
     if not remote_control:
         refuse_remote_control()
-    configure_pool(get_app(), settings, concurrency).worker_main(argv)
+    app = get_app()
+    app.conf.worker_send_task_events = events
+    quiet_task_success()
+    enable_health(app, health_path(), settings.health_interval_s)
+    configure_pool(app, settings, concurrency).worker_main(argv)
     return 0

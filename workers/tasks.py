@@ -50,6 +50,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.exceptions import Retry as CeleryRetry
 
+from pixelrelay import logs
 from pixelrelay.jobs import identities
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
@@ -80,6 +81,7 @@ from pixelrelay.workers import metrics
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
 from pixelrelay.workers.guard import ForgedMessage, check_message, storage_of, transient_retry
+from pixelrelay.workers import observe
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
 from pixelrelay.workers.policy import reason as _reason
@@ -191,6 +193,7 @@ def _prefetched(
                 yield batch, loaded
             finally:
                 budget.give(held)
+                observe.beat()  # alive between batches (pixelrelay health)
     finally:
         budget.close()  # a chunk that ends early (cancelled) frees the pending load
 
@@ -509,13 +512,24 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries)
     entering = metrics.entering(rt.redis, stage, msg)  # counts queue wait; {} while metrics are off
-    outcome = deliver_leased(policy_for(rt, state, task.app), delivery, work, timing)
+    started = time.monotonic()
+    with logs.context(job=msg.job_id, chunk=msg.chunk, stage=stage):
+        outcome = deliver_leased(policy_for(rt, state, task.app), delivery, work, timing)
+        _log_chunk(stage, msg, outcome, time.monotonic() - started)
     metrics.observe_items(stage, entering, outcome)
     if isinstance(outcome, Retry):
         raise task.retry(exc=outcome.error, countdown=outcome.countdown)
     if isinstance(outcome, (Split, Stale, Cancelled)):
         return {}  # split: the split chains carry the items on; stale: finished already; cancelled: ended
     return signed_body(rt.signer, NEXT_STAGE[stage], outcome)
+
+
+def _log_chunk(stage: str, msg: ChunkMessage, outcome, seconds: float) -> None:
+    """The one INFO line per delivered chunk (``workers.observe.chunk_done``)."""
+    records = outcome.records if isinstance(outcome, ChunkMessage) else msg.records
+    kind = "done" if isinstance(outcome, ChunkMessage) else type(outcome).__name__.lower()
+    observe.chunk_done(stage, msg.job_id, msg.chunk, len(records), seconds, sum(r.failed for r in records), kind)
+    observe.beat()
 
 
 def register(app: Celery) -> None:

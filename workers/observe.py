@@ -1,0 +1,96 @@
+"""What a worker shows its operators besides its work: Celery events (see ``workers.main``),
+one INFO line per chunk instead of Celery's result dump, and the health heartbeat file.
+
+* ``quiet_task_success()`` drops Celery's "Task ... succeeded in Xs: {result}" line
+  (``celery.app.trace.LOG_SUCCESS``, about 1.2 kB of signed body per task); ``chunk_done``
+  logs the line that replaces it: job, chunk, stage, items, seconds, failures.
+* ``enable_health(app, path, interval_s)`` adds a consumer bootstep that touches the
+  heartbeat file (``pixelrelay.health``) from the consumer's event loop: only while the
+  consumer is connected and its loop turns, so a worker that lost Redis, is stopped
+  (SIGSTOP) or hung goes stale. ``beat()`` touches it between batches of a running chunk
+  (a solo pool's loop waits while a task runs). Neither uses Celery remote control.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, bootsteps
+
+from pixelrelay import health
+
+log = logging.getLogger("pixelrelay.worker")
+_health_file: str | None = None  # set by enable_health; inherited by prefork children
+
+
+class _DropTaskSuccess(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from celery.app.trace import LOG_SUCCESS
+
+        return record.msg != LOG_SUCCESS
+
+
+def quiet_task_success() -> None:
+    """Stop Celery logging every task's return value (idempotent)."""
+    trace_log = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, _DropTaskSuccess) for f in trace_log.filters):
+        trace_log.addFilter(_DropTaskSuccess())
+
+
+def chunk_done(stage: str, job_id: str, chunk: int, items: int, seconds: float, failed: int, outcome: str) -> None:
+    log.info("%s: job %s chunk %d: %s, %d items in %.2fs, %d failed",
+             stage, job_id, chunk, outcome, items, seconds, failed)
+
+
+def json_shutdown_notes() -> None:
+    """With JSON logs, Celery's own notes written straight to stdout from its signal handlers
+    ("worker: Warm shutdown (MainProcess)", ``celery.apps.worker.safe_say``) become JSON lines
+    too, written the same signal-safe way (one ``os.write``, no logging lock)."""
+    import datetime as dt
+    import json
+    import os
+
+    from celery.apps import worker as celery_worker
+
+    def say(msg, f=None):
+        line = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "level": "WARNING",
+                "logger": "celery.apps.worker", "message": str(msg).strip()}
+        try:
+            os.write(2, (json.dumps(line) + "\n").encode())
+        except OSError:
+            pass
+
+    celery_worker.safe_say = say
+
+
+def beat() -> None:
+    """Touch the heartbeat file, if this worker keeps one."""
+    if _health_file:
+        health.touch(_health_file)
+
+
+def enable_health(app: Celery, path: str, interval_s: float) -> None:
+    global _health_file
+    _health_file = path
+
+    class HealthBeat(bootsteps.StartStopStep):
+        """Touches the heartbeat file from the consumer's loop while it consumes."""
+
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, c, **kwargs):
+            super().__init__(c, **kwargs)
+            self.tref = None
+
+        def start(self, c):
+            beat()
+            self.tref = c.timer.call_repeatedly(interval_s, beat)
+
+        def stop(self, c):
+            if self.tref is not None:
+                self.tref.cancel()
+                self.tref = None
+
+        shutdown = stop
+
+    app.steps["consumer"].add(HealthBeat)
