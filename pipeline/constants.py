@@ -5,6 +5,8 @@ Redis keys live in ``pixelrelay.jobs.keys``; a job's storage layout in ``pixelre
 
 # --- images -------------------------------------------------------------------------
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default (~ 0.25 GiB of 24-bit RGB)
+# A job input with one of these names is a manifest file (a list of sources), not an image.
+MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".json", ".lst", ".csv")
 INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Listed too when readable (producer.listing.listed_extensions): AVIF when this Pillow reads
 # it (Pillow 11.2+ wheels), HEIC/HEIF when pillow-heif (the ``heic`` extra) is installed.

@@ -73,7 +73,7 @@ from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, is_s3, jo
 from pixelrelay.pipeline.storage.base import ObjectInfo
 from pixelrelay.pipeline.storage.local import sorted_walk
 
-MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".json", ".lst", ".csv")
+MANIFEST_EXTENSIONS = C.MANIFEST_EXTENSIONS
 MAX_REJECTED_INPUT_CHARS = 1024  # a rejected line is kept this long in its item
 _BATCH = 10_000  # rows per SQLite insert
 _SQLITE_CACHE_KIB = 8 * 1024  # SQLite page cache (and sorter memory) per listing: the RSS bound

@@ -46,13 +46,12 @@ import posixpath
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import JOBS_DIR, read_chunk
 from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import ChunkMessage, Item, JobSpec
 from pixelrelay.pipeline.storage import Storage, StorageError, is_s3, split_uri
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Limits
 
 log = logging.getLogger("pixelrelay.worker")
-
-MANIFEST_EXTENSIONS = (".txt", ".jsonl", ".json", ".lst", ".csv")  # as producer.listing reads them
 
 
 class ForgedMessage(ValueError):
@@ -126,7 +125,7 @@ def location_problem(spec: JobSpec, item: Item) -> str | None:
         return "its output is not under the job's output root"
     if _under_jobs_dir(spec.output, item.output):
         return f"its output is inside the job state folder ({JOBS_DIR}/)"
-    if not spec.input.lower().endswith(MANIFEST_EXTENSIONS) and not within(spec.input, item.input):
+    if not spec.input.lower().endswith(C.MANIFEST_EXTENSIONS) and not within(spec.input, item.input):
         return "its input is not under the job's input root"
     return None
 
