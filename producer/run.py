@@ -19,6 +19,9 @@ Invariants:
   and any ``PIXELRELAY_SIGNING_KEY`` of the caller is not passed on. With an external Redis,
   the configured key is used; without one, ``run`` refuses (exit 2) unless
   ``--insecure-no-signing``, which its workers then get too.
+* Threads (``workers.balance``): unless ``PIXELRELAY_TORCH_THREADS`` is set, the workers start
+  with a prior split of the machine's cores (decode most) and ``run`` re-splits them by each
+  stage's measured CPU cost per item while the job runs.
 * The embedded Redis and the workers stay in ``run``'s process group (``kill -9 -PGID``
   ends them all); SIGTERM and SIGHUP end the run like Ctrl-C: workers are stopped (warm
   shutdown), then Redis, and the exit code is 130.
@@ -65,6 +68,8 @@ from pixelrelay.producer.embedded import EmbeddedRedis
 from pixelrelay.producer.keeper import Keeper
 from pixelrelay.producer.status import WaitAborted, is_finished, summarize, wait_for_job
 from pixelrelay.producer.submit import normalize_location, redis_client, submit
+from pixelrelay.workers import balance
+from pixelrelay.workers.balance import Balancer
 
 MAX_DEATHS = 3  # a worker exiting this often within DEATHS_WINDOW_S cannot run: give up
 DEATHS_WINDOW_S = 60.0
@@ -77,9 +82,11 @@ class Terminated(KeyboardInterrupt):
 
 
 class LocalWorkers:
-    def __init__(self, env: dict[str, str], worker_args: dict[str, list[str]]) -> None:
+    def __init__(self, env: dict[str, str], worker_args: dict[str, list[str]],
+                 stage_env: dict[str, dict[str, str]] | None = None) -> None:
         self.env = env
         self.worker_args = worker_args
+        self.stage_env = stage_env or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.deaths: dict[str, list[float]] = {}
         self.logdir = tempfile.mkdtemp(prefix="pixelrelay-workers-")
@@ -93,7 +100,8 @@ class LocalWorkers:
         # named like one we import) where `run` was started never runs inside the workers.
         cmd = [sys.executable, "-P", "-m", "pixelrelay", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
         with open(os.path.join(self.logdir, f"{stage}.log"), "ab") as log:
-            self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            env = {**self.env, **self.stage_env.get(stage, {})}
+            self.procs[stage] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def _tail(self, stage: str) -> str:
         with open(os.path.join(self.logdir, f"{stage}.log"), "rb") as log:
@@ -196,6 +204,21 @@ def own_allowlist(settings: Settings, backends: Backends, worker_args: dict[str,
     return " ".join(dict.fromkeys(spec.strip() for spec in specs if spec.strip()))
 
 
+def _balance(env: dict[str, str], workers: LocalWorkers) -> Balancer | None:
+    """Share the cores between the three workers by their measured cost (``workers.balance``),
+    starting from a prior split; a ``PIXELRELAY_TORCH_THREADS`` the user set is kept as is."""
+    if env.get("PIXELRELAY_TORCH_THREADS"):
+        return None
+    balancer = Balancer(workers.logdir, os.cpu_count() or 1)
+    env[balance.ENV_DIR] = workers.logdir
+    workers.stage_env = {stage: {"PIXELRELAY_TORCH_THREADS": str(n)} for stage, n in balancer.current.items()}
+    return balancer
+
+
+def _shares(shares: dict[str, int]) -> str:
+    return ", ".join(f"{stage} {shares[stage]}" for stage in C.STAGES)
+
+
 def _on_signal(signum, frame) -> None:
     raise Terminated(signal.Signals(signum).name)
 
@@ -236,12 +259,11 @@ def run_local(
                 print(f"pixelrelay run: resuming job {job_id} (state in {folder})", file=sys.stderr, flush=True)
         elif not settings.signer().secure:  # no key: ConfigError (exit 2) unless --insecure-no-signing
             env["PIXELRELAY_INSECURE_NO_SIGNING"] = "1"
-        # Share the cores between the three local workers unless told otherwise.
-        env.setdefault("PIXELRELAY_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
         allowed = own_allowlist(settings, backends, worker_args)
         env["PIXELRELAY_ALLOWED_BACKENDS"] = allowed
         settings = settings.model_copy(update={"allowed_backends": allowed})
         workers = LocalWorkers(env, worker_args)
+        balancer = _balance(env, workers)
         # Runs after the workers stop (callbacks unwind last-in first-out), whatever happened.
         stack.callback(lambda: workers.finish_logs(outcome == ExitCode.OK, keep_logs))
         stack.callback(workers.stop)
@@ -265,6 +287,8 @@ def run_local(
             if server is not None and not server.alive():
                 print("pixelrelay run: the embedded Redis exited; starting it again", file=sys.stderr, flush=True)
                 server.start()
+            if balancer is not None and (shares := balancer.tick()):
+                print(f"pixelrelay run: torch threads by measured cost: {_shares(shares)}", file=sys.stderr, flush=True)
             return workers.problem()
 
         try:

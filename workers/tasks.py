@@ -77,7 +77,7 @@ from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
-from pixelrelay.workers import metrics
+from pixelrelay.workers import balance, metrics
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
 from pixelrelay.workers.guard import ForgedMessage, check_message, storage_of, transient_retry
@@ -517,6 +517,7 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
         outcome = deliver_leased(policy_for(rt, state, task.app), delivery, work, timing)
         _log_chunk(stage, msg, outcome, time.monotonic() - started)
     metrics.observe_items(stage, entering, outcome)
+    balance.after_chunk(stage, len(msg.records))  # pixelrelay run's thread balance; off elsewhere
     if isinstance(outcome, Retry):
         raise task.retry(exc=outcome.error, countdown=outcome.countdown)
     if isinstance(outcome, (Split, Stale, Cancelled)):

@@ -55,10 +55,12 @@ def test_status_of_unknown_job(redis_url):
 def test_run_local_folder_with_embedded_redis_and_default_backends(tmp_path):
     env = worker_env("")
     env.pop("PIXELRELAY_REDIS_URL")
+    env.pop("PIXELRELAY_TORCH_THREADS")  # run shares the cores itself (workers.balance)
     assert run_cli(["demo", str(tmp_path / "in"), "--count", "6"], env, timeout=60).returncode == 0
     job_id = "run-" + uuid.uuid4().hex[:6]
     result = run_cli(
-        ["run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--task", "upscale", "--job-id", job_id],
+        ["run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--task", "upscale", "--job-id", job_id,
+         "--chunk-size", "2", "--keep-logs"],
         env,
     )
     assert result.returncode == 0, result.stderr
@@ -72,7 +74,13 @@ def test_run_local_folder_with_embedded_redis_and_default_backends(tmp_path):
         assert dst.size == (src.width * 2, src.height * 2)
     assert not list((tmp_path / "out").glob("**/.pixelrelay-*"))  # no temp files visible
     logdir = re.search(r"worker logs: (\S+)", result.stderr).group(1)
-    assert not os.path.exists(logdir) and "kept" not in result.stderr  # a clean run deletes them
+    assert f"worker logs kept in {logdir}" in result.stderr  # --keep-logs
+    # The thread balance (workers.balance): every worker recorded its cost after each chunk but
+    # its first (3 chunks of 2 here), the measure `run` splits the cores by.
+    for stage in ("encode", "plan", "decode"):
+        cost = json.loads(open(os.path.join(logdir, f"cost-{stage}.json")).read())
+        assert cost["items"] == 4 and cost["cpu_s"] > 0, (stage, cost)
+    shutil.rmtree(logdir)
 
 
 # --- rough edges: exit codes, help, timeouts, empty inputs, quality flags, run logs ------
