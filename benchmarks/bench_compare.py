@@ -30,7 +30,6 @@ ratios at the bottom are of medians from this one run. The machine is shared and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import statistics
