@@ -6,6 +6,9 @@ degraded on the fly by ``pipeline.degradations``. Writes the weights as safetens
 config and training config ride in its metadata) and a JSON-lines log of the loss and of the
 validation metrics next to it (``--log`` to put it elsewhere). Reproducible: the seed fixes
 the crops, the degradations and the initialisation (on a given torch build and thread count).
+Resumable (``training.checkpoint``): a run that is stopped or killed continues from the
+checkpoint beside OUT when started again with the same arguments (``--fresh`` starts over),
+and ends with the same weights as a run that never stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import contextlib
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pixelrelay.exitcodes import ExitCode
+from pixelrelay.training import checkpoint
 from pixelrelay.training import degradations as D
 from pixelrelay.pipeline import nets
 from pixelrelay.training import data
@@ -37,9 +42,9 @@ def load_config(kind: str, path: str | None) -> dict[str, Any]:
 
 
 class Log:
-    def __init__(self, path: Path, echo: bool = True) -> None:
+    def __init__(self, path: Path, echo: bool = True, append: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w")
+        self.f = open(path, "a" if append else "w")
         self.echo = echo
 
     def write(self, **rec: Any) -> None:
@@ -242,32 +247,58 @@ def autocast(cfg: dict[str, Any]) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=AUTOCAST_DTYPES[name])  # training runs on the CPU
 
 
-def optimise(kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validate) -> dict[str, float]:
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped the run after a checkpoint; ``code`` is the exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def optimise(kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validate, rng: np.random.Generator,
+             fresh: bool = False) -> dict[str, float]:
     """The loop both models share: Adam on the config's schedule with gradient clipping, the
-    mean loss logged every ``log_every`` steps, validation and a checkpoint every ``val_every``."""
+    mean loss logged every ``log_every`` steps, validation and the weights every ``val_every``,
+    a checkpoint (``training.checkpoint``) every ``checkpoint_every``. It resumes from the
+    checkpoint beside ``out`` unless ``fresh``."""
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
-    t0, running, metrics = time.time(), [], {}
-    for step in range(cfg["steps"]):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        loss = batch_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.get("clip", 1.0))
-        opt.step()
-        running.append(loss.item())
-        if (step + 1) % cfg.get("log_every", 50) == 0:
-            log.write(step=step + 1, loss=float(np.mean(running)), lr=lr_at(step, cfg), elapsed_s=time.time() - t0)
-            running = []
-        if (step + 1) % cfg.get("val_every", 500) == 0 or step + 1 == cfg["steps"]:
-            metrics = validate()
-            log.write(event="val", step=step + 1, elapsed_s=time.time() - t0, **metrics)
-            nets.save_model(net, kind, str(out), {"step": step + 1, "seed": seed, "train_config": cfg},
-                            dtype=cfg.get("save_dtype", "float32"))
-    return metrics
+    ckpt, run_id = checkpoint.path_for(out), checkpoint.identity(kind, seed, cfg)
+    progress = checkpoint.Progress()
+    if ckpt.exists() and not fresh:
+        progress = checkpoint.load(ckpt, run_id, net, opt, rng)
+        log.write(event="resume", step=progress.step, checkpoint=str(ckpt))
+    every = cfg.get("checkpoint_every", cfg.get("val_every", 500))
+    t0, metrics = time.time() - progress.elapsed_s, {}
+    with checkpoint.StopRequest() as stop:
+        for step in range(progress.step, cfg["steps"]):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            loss = batch_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.get("clip", 1.0))
+            opt.step()
+            progress.running.append(loss.item())
+            if (step + 1) % cfg.get("log_every", 50) == 0:
+                log.write(step=step + 1, loss=float(np.mean(progress.running)), lr=lr_at(step, cfg),
+                          elapsed_s=time.time() - t0)
+                progress.running = []
+            if (step + 1) % cfg.get("val_every", 500) == 0 or step + 1 == cfg["steps"]:
+                metrics = validate()
+                log.write(event="val", step=step + 1, elapsed_s=time.time() - t0, **metrics)
+                nets.save_model(net, kind, str(out), {"step": step + 1, "seed": seed, "train_config": cfg},
+                                dtype=cfg.get("save_dtype", "float32"))
+            if (step + 1) % every == 0 or step + 1 == cfg["steps"] or stop.signum:
+                progress.step, progress.elapsed_s = step + 1, time.time() - t0
+                checkpoint.save(ckpt, run_id, net, opt, rng, progress)
+            if stop.signum:
+                log.write(event="stopped", step=step + 1, signal=signal.Signals(stop.signum).name,
+                          checkpoint=str(ckpt))
+                raise Stopped(stop.exit_code)
+    return metrics or validate()  # a run resumed at its last step validates once
 
 
-def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, float]:
+def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool = False) -> dict[str, float]:
     dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -292,7 +323,8 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
             out = net(x.contiguous(memory_format=torch.channels_last), cond, scale)
         return F.l1_loss(out.float(), y)
 
-    return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups))
+    return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups), rng,
+                    fresh)
 
 
 # --- encoder ---------------------------------------------------------------------------
@@ -355,7 +387,7 @@ def encoder_validate(net, x: torch.Tensor, tgt: torch.Tensor) -> dict[str, float
     }
 
 
-def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, float]:
+def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool = False) -> dict[str, float]:
     dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -375,7 +407,8 @@ def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path) -> dict[str, 
             pred = net(x)
         return encoder_loss(pred.float(), tgt, weights)
 
-    return optimise("encoder", net, cfg, seed, log, out, batch_loss, lambda: encoder_validate(net, vx, vt))
+    return optimise("encoder", net, cfg, seed, log, out, batch_loss, lambda: encoder_validate(net, vx, vt), rng,
+                    fresh)
 
 
 # --- entry -----------------------------------------------------------------------------
@@ -392,6 +425,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--init", default=None, help="start from these weights (overrides the config's init)")
     ap.add_argument("--log", default=None, help="JSON-lines log (default: OUT with .jsonl)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: config, 2)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over, replacing the checkpoint beside OUT (default: resume from it)")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -415,7 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not train_files:
         print("pixelrelay train: no training images (every fifth file is validation)", file=sys.stderr)
         return ExitCode.USAGE
-    log = Log(Path(args.log) if args.log else out.with_suffix(".jsonl"), echo=not args.quiet)
+    resuming = checkpoint.path_for(out).exists() and not args.fresh
+    log = Log(Path(args.log) if args.log else out.with_suffix(".jsonl"), echo=not args.quiet, append=resuming)
     if not val_files:  # tiny folders: validate on the training files rather than not at all
         val_files = train_files[:1]
     log.write(event="config", kind=args.kind, seed=seed, config=cfg, data=str(args.data),
@@ -424,7 +460,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     train_imgs, val_imgs = data.load_images(train_files), data.load_images(val_files)
     fn = train_decoder if args.kind == "decoder" else train_encoder
-    metrics = fn(cfg, train_imgs, val_imgs, seed, log, out)
+    try:
+        metrics = fn(cfg, train_imgs, val_imgs, seed, log, out, args.fresh)
+    except checkpoint.CheckpointMismatch as exc:
+        print(f"pixelrelay train: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except Stopped as exc:  # SIGTERM / SIGINT: the checkpoint is saved; run again to go on
+        log.close()
+        print(f"pixelrelay train: stopped; checkpoint {checkpoint.path_for(out)}", file=sys.stderr)
+        return exc.code
     log.write(event="done", elapsed_s=time.time() - t0, out=str(out), **metrics)
     log.close()
     return ExitCode.OK
