@@ -54,7 +54,7 @@ def test_the_compose_file_validates_against_the_compose_spec_and_a_broken_one_do
     result = _validate(COMPOSE)
     assert result.returncode == 0, result.stdout + result.stderr
     broken = tmp_path / "compose.yaml"
-    broken.write_text(COMPOSE.read_text().replace("stop_grace_period: 10m", "stop_grace_perod: 10m", 1))
+    broken.write_text(COMPOSE.read_text().replace("stop_grace_period: 40m", "stop_grace_perod: 40m", 1))
     assert _validate(broken).returncode != 0
 
 
@@ -114,11 +114,17 @@ def _seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", duration))
 
 
-def test_the_stop_grace_outlasts_a_chunk_and_the_lease(spec):
-    defaults = Settings(_env_file=None)
+def test_the_stop_grace_and_the_visibility_timeout_outlast_the_longest_batch(spec):
+    from pixelrelay.workers.celery_app import time_limits
+
+    env = {k: v for k, v in spec["x-env"].items() if "${" not in v}   # the settings, not the secrets
+    settings = Settings(_env_file=None, **{k.removeprefix("PIXELRELAY_").lower(): v for k, v in env.items()
+                                           if k.startswith("PIXELRELAY_")})
+    longest = max(settings.item_budget_s * settings.chunk_size, time_limits(settings)[1])
+    assert settings.visibility_timeout_s > longest
     for stage in (*STAGES, "decode-gpu"):
         grace = _seconds(spec["services"][stage]["stop_grace_period"])
-        assert grace >= 300 and grace > 2 * defaults.lease_s, stage
+        assert grace > longest, (stage, grace, longest)
         assert spec["services"][stage]["init"] is True
 
 
