@@ -6,11 +6,11 @@ A checkpoint is named (``spandrel:NAME[,NAME...]``) in one of three ways (``sour
   ``..`` in it, or a path that exists), so the allowlist and ``submit`` judge exactly the
   names this module reads from disk;
 * an **S3 object** ``s3://bucket/key``: downloaded once into a cache file
-  (``cache_dir()/<hash of URI and ETag>-<name>``, written atomically), its size checked
-  against the bound *before* the download;
+  (``cache_dir()/<hash of URI>-<hash of ETag>-<name>``, written atomically; one version per
+  URI is kept), its size checked against the bound *before* the download;
 * a **Hugging Face hub file** ``org/repo/path/in/repo.pth``, or ``org/repo`` for a repo
   holding exactly one weights file: read from the hub cache only (``local_files_only``);
-  ``pull`` downloads it (``pixelrelay models pull``), nothing else touches the network.
+  ``pull`` downloads it (``pixelrelay models pull``), nothing else touches the hub.
 
 Invariants of ``read_state_dict``:
 
@@ -90,14 +90,14 @@ def cache_dir() -> Path:
 
 
 def local_file(source: Source) -> Path | None:
-    """The file that holds ``source`` here, or None (never downloads; S3: the cached copy is
-    not looked up without the object's ETag, so None)."""
+    """The file that holds ``source`` here, or None. Never downloads; for S3 the newest
+    cached copy, whose version is not checked (that needs the store: ``fetch_s3``)."""
     if source.kind == "local":
         path = Path(source.name).expanduser()
         return path if path.is_file() else None
     if source.kind == "hub":
         return _hub_file(source, download=False)
-    return None
+    return _cached_s3(source.name)
 
 
 def require_file(source: Source, hint: str) -> Path:
@@ -130,12 +130,14 @@ def _hub_file(source: Source, download: bool) -> Path | None:
     return files[0]
 
 
-def pull(name: str) -> Path:
-    """Download a hub checkpoint into the hub cache (``models pull``); local files and S3
-    objects are only looked up (S3 objects are fetched by the worker that loads them)."""
+def pull(name: str, storage_for: Callable[[str], "Storage"], max_bytes: int) -> Path:
+    """Fetch a checkpoint ahead of time (``models pull``): a hub file into the hub cache, an
+    S3 object into the checkpoint cache; a local file is only looked up."""
     source = source_of(name)
     if source.kind == "hub":
         return _hub_file(source, download=True)  # type: ignore[return-value]
+    if source.kind == "s3":
+        return fetch_s3(name, storage_for(name), max_bytes)
     return require_file(source, "nothing to pull")
 
 
@@ -146,9 +148,8 @@ def fetch_s3(uri: str, storage: "Storage", max_bytes: int, folder: Path | None =
         raise ModelUnavailableError(f"checkpoint {uri!r} is not available: no such object")
     _check_size(uri, info.size, max_bytes)
     folder = folder or cache_dir()
-    version = info.etag or f"{info.size}:{info.modified}"
-    digest = hashlib.sha256(f"{uri}\0{version}".encode()).hexdigest()[:24]
-    target = folder / f"{digest}-{_safe_name(uri)}"
+    version = hashlib.sha256((info.etag or f"{info.size}:{info.modified}").encode()).hexdigest()[:12]
+    target = folder / f"{_uri_key(uri)}-{version}-{_safe_name(uri)}"
     if target.is_file() and target.stat().st_size == info.size:
         return target
     data = storage.get(uri)
@@ -162,7 +163,19 @@ def fetch_s3(uri: str, storage: "Storage", max_bytes: int, folder: Path | None =
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for old in folder.glob(f"{_uri_key(uri)}-*"):  # one version per URI stays cached
+        if old != target:
+            old.unlink(missing_ok=True)
     return target
+
+
+def _uri_key(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def _cached_s3(uri: str, folder: Path | None = None) -> Path | None:
+    copies = sorted((folder or cache_dir()).glob(f"{_uri_key(uri)}-*"), key=lambda p: p.stat().st_mtime)
+    return copies[-1] if copies else None
 
 
 def _safe_name(uri: str) -> str:

@@ -213,7 +213,7 @@ class SpandrelDecoder(LearnedDecoder):
         except (ModelUnavailableError, CheckpointError) as exc:
             return f"refused: {exc}"
         if path is None:
-            return "fetched by the worker at start" if source.kind == "s3" else "missing"
+            return "missing (the worker fetches it at start)" if source.kind == "s3" else "missing"
         if not spandrel_available():
             return f"present, {_bytes(path.stat().st_size)}"
         try:
@@ -221,12 +221,19 @@ class SpandrelDecoder(LearnedDecoder):
         except CheckpointError as exc:
             return f"refused: {exc}"
         params = sum(p.numel() for p in d.model.parameters())
-        return f"present: {d.architecture.id} x{d.scale} {d.purpose}, {_params(params)} params, {_bytes(path.stat().st_size)}"
+        cached = " (cached copy)" if source.kind == "s3" else ""
+        return f"present: {d.architecture.id} x{d.scale} {d.purpose}, {_params(params)} params, {_bytes(path.stat().st_size)}{cached}"
 
     @classmethod
     def pull_model(cls, name: str) -> str:
-        """Download a hub checkpoint into the hub cache; local files are only looked up."""
-        return str(checkpoints.pull(name))
+        """Fetch a hub file into the hub cache, an S3 object into the checkpoint cache (the
+        environment's settings: endpoint, size bound); a local file is only looked up."""
+        from pixelrelay.pipeline.settings import Settings
+        from pixelrelay.pipeline.storage import open_storage
+
+        settings = Settings.from_env()
+        storage_for = lambda uri: open_storage(uri, settings.s3_endpoint_url, settings)  # noqa: E731
+        return str(checkpoints.pull(name, storage_for, settings.checkpoint_max_bytes))
 
     def compute_identity(self) -> str:
         return "spandrel:" + ",".join(f"{m.name}=sha256:{m.sha256}" for m in self.models)

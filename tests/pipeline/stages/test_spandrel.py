@@ -278,11 +278,22 @@ def test_an_s3_checkpoint_is_cached_once_and_bounded(s3_server, s3_bucket, s3_cl
     mtime = cached[0].stat().st_mtime_ns
     SpandrelDecoder(uri, settings=settings)  # cached: not downloaded again
     assert cached[0].stat().st_mtime_ns == mtime
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=files["compact"][".safetensors"].read_bytes())  # a new version
+    assert SpandrelDecoder(uri, settings=settings).models[0].architecture == "Compact"
+    assert [p.read_bytes() for p in cached[0].parent.iterdir()] == [files["compact"][".safetensors"].read_bytes()]
+    other = f"s3://{s3_bucket}/models/{uuid.uuid4().hex[:6]}/2x_swinir.pth"
+    s3_client.put_object(Bucket=s3_bucket, Key=other.split("/", 3)[3], Body=files["swinir"][".pth"].read_bytes())
+    out = io.StringIO()
+    with redirect_stdout(out):  # `models pull` fetches an S3 checkpoint into the cache; `list` then reads it
+        assert models_cli.main(["pull", f"spandrel:{other}"]) == 0
+        assert models_cli.main(["list", "--check", "--decoder", f"spandrel:{uri},{other}"]) == 0
+    assert re.search(rf"{re.escape(other)} +present: SwinIR x2 SR, 5.7k params, .* \(cached copy\)", out.getvalue()), out.getvalue()
+    assert len(list(cached[0].parent.iterdir())) == 2
     big = f"s3://{s3_bucket}/models/big.pth"
     s3_client.put_object(Bucket=s3_bucket, Key="models/big.pth", Body=b"x" * 5000)
     with pytest.raises(CheckpointError, match=f"'{big}' is 5000 bytes, over the 4096-byte bound"):
         SpandrelDecoder(big, settings=settings.model_copy(update={"checkpoint_max_bytes": 4096}))
-    assert len(list(cached[0].parent.iterdir())) == 1  # nothing downloaded
+    assert len(list(cached[0].parent.iterdir())) == 2  # nothing downloaded
     with pytest.raises(ModelUnavailableError, match="no such object"):
         SpandrelDecoder(f"s3://{s3_bucket}/models/none.pth", settings=settings)
 
@@ -304,6 +315,11 @@ def test_hub_checkpoints_load_from_the_cache_offline(tmp_path, monkeypatch, file
         assert dec.models[0].architecture == "Compact" and dec.identity().startswith(f"spandrel:{name}=sha256:")
     with pytest.raises(ModelUnavailableError, match="not in the Hugging Face cache.*models pull spandrel:someone/other/x.pth"):
         SpandrelDecoder.check_available("someone/other/x.pth")
+    out = io.StringIO()
+    with redirect_stdout(out):  # `models pull`: present in the cache; offline, a missing one is reported
+        assert models_cli.main(["pull", "spandrel:someone/real-esrgan/RealESRGAN_x2.pth"]) == 0
+        assert models_cli.main(["pull", "spandrel:someone/other/x.pth"]) == 6
+    assert "spandrel:someone/real-esrgan/RealESRGAN_x2.pth: present at " in out.getvalue()
     (cache / "models--someone--real-esrgan" / "snapshots" / ("0" * 40) / "x4.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="holds 2 weights files .*name one"):
         SpandrelDecoder("someone/real-esrgan")
