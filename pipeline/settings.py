@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     sd_min_tile: int = Field(32, ge=8)
     sd_steps: int = Field(25, ge=1, le=1000)
     sd_guidance: float = Field(7.5, ge=0.0, le=50.0)
+    # Single-file checkpoints (spandrel:PATH, pipeline.checkpoints): larger ones are refused unread.
+    checkpoint_max_bytes: int = Field(2 << 30, ge=1)
     # S3-compatible stores (pipeline.storage.s3). Checksums: botocore >= 1.36 adds CRC
     # checksums to every request ("when_supported"), which MinIO, Ceph, R2 and other
     # S3-compatible stores may reject; "when_required" sends them only where the API needs them.

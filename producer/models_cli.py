@@ -52,15 +52,31 @@ def configured_specs(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
-def _status(model: str) -> str:
+def _status(cls: type, model: str, settings=None) -> str:
+    """A backend's own ``model_status(model, max_bytes)`` (single-file checkpoints: present
+    with architecture, scale and size), else the hub / folder check."""
+    own = getattr(cls, "model_status", None)
+    if own is not None:
+        return own(model, settings.checkpoint_max_bytes) if settings is not None else own(model)
     folder = hf.local_snapshot(model)
     if folder is None:
         return "missing"
     return "present" if hf.model_present(model) else "incomplete"
 
 
+def _settings():
+    """The environment's settings, or None when they do not validate (listing still works)."""
+    from pixelrelay.pipeline.settings import Settings
+
+    try:
+        return Settings.from_env()
+    except ValueError:
+        return None
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     configured = configured_specs(args)
+    settings = _settings()
     rows: list[tuple[str, str, str, str, str]] = []
     missing_configured: list[str] = []
     for stage in STAGES:
@@ -71,11 +87,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             default_models = cls.models_for(None)
             conf_models = cls.models_for(conf.model) if conf.kind == kind else []
             if not default_models and not conf_models:
-                rows.append((stage, kind + mark, "-", "built-in, nothing to pull", ""))
+                what = "names its checkpoints in the spec" if hasattr(cls, "model_status") else "built-in, nothing to pull"
+                rows.append((stage, kind + mark, "-", what, ""))
                 continue
             needs = _missing_extra(cls)
             for model in dict.fromkeys(default_models + conf_models):
-                status = _status(model) + (f" (needs {needs})" if needs else "")
+                status = _status(cls, model, settings) + (f" (needs {needs})" if needs else "")
                 tags = [t for t, hit in (("default", model in default_models), ("configured", model in conf_models)) if hit]
                 rows.append((stage, kind + mark, model, status, ", ".join(tags)))
                 if model in conf_models and (needs or not status.startswith("present")):
@@ -116,6 +133,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if needs:
             print(f"note: {spec.kind} also needs the {needs} package (pip install 'pixelrelay[{needs}]')")
         for model in models:
+            if hasattr(cls, "pull_model"):  # the backend fetches its own (single-file checkpoints)
+                status = max(status, _pull_own(cls, stage, spec.kind, model))
+                continue
             if hf.model_present(model):
                 print(f"{stage} {spec.kind}:{model}: present at {hf.local_snapshot(model)}")
                 continue
@@ -135,6 +155,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 continue
             print(f"{stage} {spec.kind}:{model}: pulled to {path}")
     return status
+
+
+def _pull_own(cls: type, stage: str, kind: str, model: str) -> int:
+    try:
+        path = cls.pull_model(model)
+    except Exception as exc:  # network, auth, unknown repo or file: report and go on
+        print(f"{stage} {kind}:{model}: not pulled: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return ExitCode.MODELS_MISSING
+    print(f"{stage} {kind}:{model}: present at {path}")
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:

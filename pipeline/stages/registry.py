@@ -60,6 +60,7 @@ BACKENDS: dict[str, dict[str, str]] = {
         "classic": "pixelrelay.pipeline.stages.decoders.classic:ClassicDecoder",
         "hf-sr": "pixelrelay.pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
         "sd-upscale": "pixelrelay.pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
+        "spandrel": "pixelrelay.pipeline.stages.decoders.spandrel:SpandrelDecoder",
     },
 }
 STAGES = tuple(BACKENDS)
@@ -263,10 +264,12 @@ def names_local_path(spec: str | StageSpec) -> bool:
     if parsed.model is None:
         return False
     pieces = [parsed.model, *(p.strip() for p in parsed.model.split(","))]
-    return any(_is_local_path(p) for p in pieces if p)
+    return any(is_local_path(p) for p in pieces if p)
 
 
-def _is_local_path(name: str) -> bool:
+def is_local_path(name: str) -> bool:
+    """One piece of a spec's MODEL names a local path (see ``names_local_path``); backends
+    that read files by name (``pipeline.checkpoints``) use this same test."""
     if name.startswith("s3://"):
         return False
     if os.path.isabs(name) or name.startswith(("~", "./", ".\\")):

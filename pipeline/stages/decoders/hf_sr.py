@@ -2,16 +2,11 @@
 
 MODEL is one checkpoint or a comma-separated list (hub ids or local folders), e.g.
 ``hf-sr:caidas/swin2SR-classical-sr-x2-64,caidas/swin2SR-realworld-sr-x4-64-bsrgan-psnr``.
-Every listed model is loaded once, at start-up. Per item the plan picks one:
-
-1. ``plan.model`` naming a configured model (its id, or a unique substring of it) wins;
-2. else by scale: a model whose native upscale equals the plan's scale; failing that the
-   smallest native upscale above it (the result is then downscaled with antialiasing; a
-   x1 plan runs the smallest model and downscales back), or the largest below it (the rest
-   is done with bicubic, noted);
-3. among those, by degradation: ``plan.model`` as a variant name ("classical",
-   "realworld", "compressed", as the hf-llm planner writes), else JPEG quality / deblock
-   -> "compressed", noise / denoise / deblur -> "realworld", otherwise "classical".
+Every listed model is loaded once, at start-up. Per item the plan picks one by the rule of
+``decoders.choice`` (shared with the spandrel decoder): ``plan.model`` naming a model, else
+by native scale (equal, else the smallest above, else the largest below), then by the
+degradations the plan carries. A model's variant ("classical", "realworld", "compressed",
+"lightweight") is read from its id.
 
 Tiling (``PIXELRELAY_SR_TILE`` & co; tiles are multiples of the model's window and aligned
 to it, so peak device memory depends on the tile settings, not on the image), the
@@ -27,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from pixelrelay.pipeline import hf
 from pixelrelay.pipeline.messages import Plan
+from pixelrelay.pipeline.stages.decoders import choice
 from pixelrelay.pipeline.stages.decoders.learned import LearnedDecoder, TileConfig
 
 if TYPE_CHECKING:
@@ -43,9 +39,6 @@ KNOWN_MODELS = (
     "caidas/swin2SR-realworld-sr-x4-64-bsrgan-psnr",
     "caidas/swin2SR-compressed-sr-x4-48",
 )
-VARIANTS = ("classical", "realworld", "compressed", "lightweight")
-JPEG_COMPRESSED_BELOW = 90.0
-NOISY_ABOVE_SIGMA = 5.0
 
 
 def split_models(model: str | None) -> list[str]:
@@ -127,38 +120,8 @@ class HFSuperResolutionDecoder(LearnedDecoder):
     # -- model choice
 
     def choose(self, plan: Plan) -> _Loaded:
-        if plan.model:
-            exact = [m for m in self.models if m.model_id == plan.model]
-            if exact:
-                return exact[0]
-            named = [m for m in self.models if plan.model.lower() in m.model_id.lower()]
-            if len(named) == 1 and plan.model.lower() not in VARIANTS:
-                return named[0]
-        scale = plan.scale
-        natives = sorted({m.upscale for m in self.models})
-        if scale in natives:
-            native = scale
-        elif any(n > scale for n in natives):
-            native = min(n for n in natives if n > scale)
-        else:
-            native = max(natives)
-        pool = [m for m in self.models if m.upscale == native]
-        wanted = self._wanted_variant(plan)
-        for variant in (wanted, "classical", "realworld", "compressed", "lightweight"):
-            hits = [m for m in pool if m.variant == variant]
-            if hits:
-                return hits[0]
-        return pool[0]
-
-    @staticmethod
-    def _wanted_variant(plan: Plan) -> str:
-        if plan.model and plan.model.lower() in VARIANTS:
-            return plan.model.lower()
-        if (plan.jpeg_quality is not None and plan.jpeg_quality < JPEG_COMPRESSED_BELOW) or plan.strength("deblock") > 0:
-            return "compressed"
-        if plan.noise_sigma > NOISY_ABOVE_SIGMA or plan.strength("denoise") > 0 or plan.strength("deblur") > 0:
-            return "realworld"
-        return "classical"
+        return choice.pick(self.models, plan, name=lambda m: m.model_id, scale=lambda m: m.upscale,
+                           variant=lambda m: m.variant)
 
     # -- LearnedDecoder hooks
 

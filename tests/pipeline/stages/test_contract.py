@@ -58,12 +58,22 @@ def _sr_spec(factory) -> str:
     return f"hf-sr:{x2},{x4}"
 
 
+def _spandrel_spec(factory) -> str:
+    pytest.importorskip("spandrel", reason="the spandrel decoder needs the spandrel extra: pip install 'pixelrelay[spandrel]'")
+    from tests.pipeline import spandrel_fixtures as sf
+
+    x2 = sf.checkpoint(factory, "compact", "realesr-compact-x2.pth", scale=2)
+    x4 = sf.checkpoint(factory, "esrgan", "ESRGAN-x4.safetensors", scale=4, seed=1)
+    return f"spandrel:{x2},{x4}"
+
+
 # (stage, kind) -> spec builder, for backends whose real model is not available offline.
 TINY_SPECS = {
     ("encoder", "hf-caption"): lambda f: f"hf-caption:{fx.tiny_model(f, fx.make_tiny_blip, 'tiny-blip')}",
     ("planner", "hf-llm"): lambda f: f"hf-llm:{fx.tiny_model(f, fx.make_tiny_qwen2, 'tiny-qwen2')}",
     ("decoder", "hf-sr"): _sr_spec,
     ("decoder", "sd-upscale"): _sd_spec,
+    ("decoder", "spandrel"): _spandrel_spec,
 }
 CREATE = {"encoder": registry.create_encoder, "planner": registry.create_planner, "decoder": registry.create_decoder}
 _BUILT: dict[tuple[str, str], object] = {}

@@ -1,0 +1,89 @@
+"""Which of several loaded models serves a plan: the one rule of the multi-model decoders.
+
+``hf-sr:A,B`` and ``spandrel:A,B`` load every listed model and pick one per item with
+``pick``. Each model offers a name (its spec piece), a native scale and a *variant*, what it
+was trained for: ``classical`` (clean super-resolution), ``realworld`` (noise, blur),
+``compressed`` (JPEG), ``lightweight``, or a backend's own (``face``). How a model's variant
+is found is the backend's business (a hub id's words, a checkpoint's metadata); the choice
+is this module's:
+
+1. ``plan.model`` naming a model exactly, or as a unique substring of one name (and not a
+   variant name), wins;
+2. else by scale: a model whose native scale equals the plan's; failing that the smallest
+   native scale above it (the decoder then downscales with antialiasing), or the largest
+   below it (the rest is bicubic);
+3. among the models of that scale, by degradation (``wanted_variant``): ``plan.model`` as a
+   variant name (as the hf-llm planner writes), else JPEG quality below
+   ``JPEG_COMPRESSED_BELOW`` or a deblock operation -> ``compressed``; noise above
+   ``NOISY_ABOVE_SIGMA`` or a denoise / deblur operation -> ``realworld``; else
+   ``classical``. The wanted variant first, then ``FALLBACK_ORDER``, then the first listed.
+
+Ties go to the model listed first. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+from pixelrelay.pipeline.messages import Plan
+
+T = TypeVar("T")
+
+VARIANTS = ("classical", "realworld", "compressed", "lightweight")
+FALLBACK_ORDER = ("classical", "realworld", "compressed", "lightweight")
+JPEG_COMPRESSED_BELOW = 90.0
+NOISY_ABOVE_SIGMA = 5.0
+
+
+def wanted_variant(plan: Plan) -> str:
+    """The variant a plan's degradations call for (see the module docstring)."""
+    if plan.model and plan.model.lower() in VARIANTS:
+        return plan.model.lower()
+    if (plan.jpeg_quality is not None and plan.jpeg_quality < JPEG_COMPRESSED_BELOW) or plan.strength("deblock") > 0:
+        return "compressed"
+    if plan.noise_sigma > NOISY_ABOVE_SIGMA or plan.strength("denoise") > 0 or plan.strength("deblur") > 0:
+        return "realworld"
+    return "classical"
+
+
+def native_for(scales: Sequence[float], target: float) -> float:
+    """The native scale that serves ``target``: equal, else the smallest above, else the largest."""
+    natives = sorted(set(scales))
+    if target in natives:
+        return target
+    above = [n for n in natives if n > target]
+    return above[0] if above else natives[-1]
+
+
+def _named(models: Sequence[T], plan: Plan, name: Callable[[T], str]) -> T | None:
+    if not plan.model:
+        return None
+    exact = [m for m in models if name(m) == plan.model]
+    if exact:
+        return exact[0]
+    wanted = plan.model.lower()
+    hits = [m for m in models if wanted in name(m).lower()]
+    return hits[0] if len(hits) == 1 and wanted not in VARIANTS else None
+
+
+def pick(
+    models: Sequence[T],
+    plan: Plan,
+    *,
+    name: Callable[[T], str],
+    scale: Callable[[T], float],
+    variant: Callable[[T], str],
+) -> T:
+    """The model of ``models`` (at least one) that serves ``plan``."""
+    if not models:
+        raise ValueError("no models to choose from")
+    named = _named(models, plan, name)
+    if named is not None:
+        return named
+    native = native_for([scale(m) for m in models], plan.scale)
+    pool = [m for m in models if scale(m) == native]
+    for wanted in (wanted_variant(plan), *FALLBACK_ORDER):
+        hits = [m for m in pool if variant(m) == wanted]
+        if hits:
+            return hits[0]
+    return pool[0]

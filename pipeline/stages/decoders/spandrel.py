@@ -1,0 +1,308 @@
+"""Community restoration models through spandrel (``spandrel:NAME[,NAME...]``), an optional extra.
+
+Needs ``pip install 'pixelrelay[spandrel]'``. NAME is a single-file checkpoint (``.pth``,
+``.pt``, ``.ckpt``, ``.bin`` or ``.safetensors``) as ``pipeline.checkpoints`` reads it: a
+local path, an ``s3://`` URI (cached, size-bounded) or a hub file ``org/repo/file.pth``
+(``org/repo`` for a repo with one weights file). spandrel detects the architecture
+(Real-ESRGAN / ESRGAN, SwinIR, HAT, DAT, SCUNet, NAFNet, GFPGAN, ...) from the state dict.
+
+Invariants:
+
+* **No pickled code runs.** The file is read by ``checkpoints.read_state_dict``
+  (``torch.load(weights_only=True)`` or safetensors) and unwrapped with spandrel's
+  ``canonicalize_state_dict``; every value must be a tensor; only then does spandrel build
+  the network, with ``ModelLoader.load_from_state_dict`` (never ``load_from_file``, which
+  reads pickles with its own unpickler and TorchScript with ``torch.jit.load``). A refused
+  checkpoint raises ``CheckpointError`` naming it; the worker fails its items with that.
+* **Metadata from the model.** Each model's scale, purpose (SR, FaceSR, Restoration),
+  architecture, size requirements, tiling advice and precision support come from spandrel's
+  ``ImageModelDescriptor``. Inpainting models (they need a mask) and channel layouts other
+  than RGB->RGB or gray->gray are refused at load.
+* **One model per item**, by ``decoders.choice`` (the hf-sr rule): ``plan.model`` naming
+  one, else native scale, else degradation. A model's variant: FaceSR -> ``face``; FBCNN or
+  a file name with jpeg/jpg/compress/deblock/artifact -> ``compressed``; real/realworld/
+  denoise/noise/deblur/blur/bsrgan -> ``realworld``; lite/light -> ``lightweight``; else a
+  Restoration model -> ``realworld`` and an SR model -> ``classical``. Only the file's own
+  name is read (not its folders).
+* **Precision.** The decoder's dtype (``LearnedDecoder``) where the model supports it; a
+  model without fp16 (bf16) support runs the other half type on CUDA when it supports that,
+  else fp32.
+* **Tiling** (``PIXELRELAY_SR_TILE`` & co, shared with hf-sr; the out-of-memory fallback,
+  resize to exactly scale x input, alpha and ICC come from ``LearnedDecoder``): tile sizes
+  and starts are multiples of the model's ``multiple_of`` and of its attention window
+  (``window_size``), so a tile's windows are the image's; spandrel pads a tile to the
+  model's minimum and crops. A model whose descriptor discourages tiling or tiles internally, and every face
+  model, starts untiled (the whole image as one tile); only out-of-memory splits it.
+* Gray models (1 channel in and out) run on each RGB channel as its own image.
+
+torch and spandrel are imported lazily, so ``pixelrelay models list`` reads the class
+without them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from pixelrelay.pipeline import checkpoints
+from pixelrelay.pipeline.checkpoints import CheckpointError
+from pixelrelay.pipeline.messages import Plan
+from pixelrelay.pipeline.stages.base import ModelUnavailableError
+from pixelrelay.pipeline.stages.decoders import choice
+from pixelrelay.pipeline.stages.decoders.learned import LearnedDecoder, TileConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from pixelrelay.pipeline.settings import Settings
+
+log = logging.getLogger("pixelrelay.decoder.spandrel")
+
+INSTALL_HINT = "the spandrel decoder needs the spandrel package: pip install 'pixelrelay[spandrel]'"
+NEEDS_MODEL = "the spandrel decoder needs checkpoints: spandrel:PATH[,PATH...] (files, s3:// URIs or org/repo/file.pth)"
+VARIANT_WORDS = (
+    ("compressed", ("jpeg", "jpg", "compress", "deblock", "artifact")),
+    ("realworld", ("real", "denois", "noise", "deblur", "blur", "bsrgan")),
+    ("lightweight", ("lite", "light")),
+)
+
+
+def spandrel_available() -> bool:
+    import importlib
+
+    try:
+        importlib.import_module("spandrel")
+    except ImportError:
+        return False
+    return True
+
+
+def split_models(model: str | None) -> list[str]:
+    return list(dict.fromkeys(m.strip() for m in (model or "").split(",") if m.strip()))
+
+
+def variant_for(name: str, architecture: str, purpose: str) -> str:
+    """A model's variant for ``choice.pick`` (see the module docstring)."""
+    if purpose == "FaceSR":
+        return "face"
+    if architecture == "FBCNN":
+        return "compressed"
+    base = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    for variant, words in VARIANT_WORDS:
+        if any(w in base for w in words):
+            return variant
+    return "realworld" if purpose == "Restoration" else "classical"
+
+
+def _pull_hint(name: str) -> str:
+    return f"fetch it with `pixelrelay models pull spandrel:{name}`"
+
+
+@dataclass
+class _Loaded:
+    name: str  # as the spec names it
+    descriptor: Any  # spandrel.ImageModelDescriptor
+    architecture: str  # spandrel's architecture id, e.g. "ESRGAN"
+    scale: int
+    purpose: str  # "SR", "FaceSR" or "Restoration"
+    variant: str
+    channels: int  # 3, or 1 for gray models
+    align: int  # tile sizes and starts are multiples of this (_alignment)
+    untiled: bool  # starts as one tile (tiling discouraged or internal, or a face model)
+    dtype: Any
+    params: int
+    nbytes: int
+    sha256: str
+
+    def summary(self) -> str:
+        return f"{self.architecture} x{self.scale} {self.purpose}, {_params(self.params)} params, {_bytes(self.nbytes)}"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _alignment(d: Any) -> int:
+    """Tile sizes and starts: multiples of the model's ``multiple_of`` and of its attention
+    window (``window_size`` of SwinIR, HAT, Swin2SR, ...), so that a tile's windows are the
+    whole image's windows."""
+    import math
+
+    window = getattr(d.model, "window_size", 1)
+    window = window if isinstance(window, int) and window > 0 else 1
+    return math.lcm(int(d.size_requirements.multiple_of), window)
+
+
+def _build(path: Path, name: str, max_bytes: int) -> Any:
+    """The spandrel descriptor of the checkpoint at ``path``, on the CPU in fp32."""
+    import spandrel
+
+    raw = checkpoints.read_state_dict(path, name, max_bytes)
+    state_dict = checkpoints.require_tensors(raw, name, unwrap=spandrel.canonicalize_state_dict)
+    try:
+        descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state_dict)
+    except spandrel.UnsupportedModelError:
+        raise CheckpointError(f"checkpoint {name!r}: spandrel recognises no supported architecture in it") from None
+    except Exception as exc:  # keys of a known architecture with wrong shapes, ...
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise CheckpointError(f"checkpoint {name!r}: spandrel cannot build it ({type(exc).__name__}: {first[:160]})") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+        raise CheckpointError(f"checkpoint {name!r} is a {descriptor.purpose} model ({descriptor.architecture.id}), not image-to-image")
+    ins, outs = descriptor.input_channels, descriptor.output_channels
+    if (ins, outs) not in ((3, 3), (1, 1)):
+        raise CheckpointError(f"checkpoint {name!r}: {ins} input and {outs} output channels (want RGB->RGB or gray->gray)")
+    return descriptor
+
+
+class SpandrelDecoder(LearnedDecoder):
+    kind = "spandrel"
+    default_model = None  # nothing to load by default: a spec names its checkpoints
+    extra = "spandrel"
+    tile_settings = "sr"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "cpu",
+        settings: "Settings | None" = None,
+        tiles: TileConfig | None = None,
+        dtype: Any = None,
+    ) -> None:
+        """Tile settings: ``tiles``, else PIXELRELAY_SR_TILE / _OVERLAP / _TILE_BATCH /
+        _MIN_TILE from ``settings``; checkpoints over PIXELRELAY_CHECKPOINT_MAX_BYTES are refused."""
+        if not spandrel_available():
+            raise ModelUnavailableError(INSTALL_HINT)
+        if not split_models(model):
+            raise ModelUnavailableError(NEEDS_MODEL)
+        super().__init__(model=model, device=device, settings=settings, tiles=tiles, dtype=dtype)
+        self.models = [self._load(name) for name in split_models(model)]
+        for m in self.models:
+            log.info("spandrel %s: %s (%s, %s)", m.name, m.summary(), m.variant, str(m.dtype).replace("torch.", ""))
+
+    # -- self-description (registry, `pixelrelay models`)
+
+    @classmethod
+    def models_for(cls, model: str | None) -> list[str]:
+        return split_models(model)
+
+    @classmethod
+    def check_available(cls, model: str | None) -> None:
+        if not spandrel_available():
+            raise ModelUnavailableError(INSTALL_HINT)
+        names = split_models(model)
+        if not names:
+            raise ModelUnavailableError(NEEDS_MODEL)
+        for name in names:
+            source = checkpoints.source_of(name)
+            if source.kind != "s3":  # S3 objects are fetched (and checked) at load
+                checkpoints.require_file(source, _pull_hint(name))
+
+    @classmethod
+    def model_status(cls, name: str, max_bytes: int = 2 << 30) -> str:
+        """What ``pixelrelay models list`` shows for one checkpoint: present with its
+        architecture, scale, purpose and size; missing; or refused with the reason."""
+        try:
+            source = checkpoints.source_of(name)
+            path = checkpoints.local_file(source)
+        except (ModelUnavailableError, CheckpointError) as exc:
+            return f"refused: {exc}"
+        if path is None:
+            return "missing (the worker fetches it at start)" if source.kind == "s3" else "missing"
+        if not spandrel_available():
+            return f"present, {_bytes(path.stat().st_size)}"
+        try:
+            d = _build(path, name, max_bytes)
+        except CheckpointError as exc:
+            return f"refused: {exc}"
+        params = sum(p.numel() for p in d.model.parameters())
+        cached = " (cached copy)" if source.kind == "s3" else ""
+        return f"present: {d.architecture.id} x{d.scale} {d.purpose}, {_params(params)} params, {_bytes(path.stat().st_size)}{cached}"
+
+    @classmethod
+    def pull_model(cls, name: str) -> str:
+        """Fetch a hub file into the hub cache, an S3 object into the checkpoint cache (the
+        environment's settings: endpoint, size bound); a local file is only looked up."""
+        from pixelrelay.pipeline.settings import Settings
+        from pixelrelay.pipeline.storage import open_storage
+
+        settings = Settings.from_env()
+        storage_for = lambda uri: open_storage(uri, settings.s3_endpoint_url, settings)  # noqa: E731
+        return str(checkpoints.pull(name, storage_for, settings.checkpoint_max_bytes))
+
+    def compute_identity(self) -> str:
+        return "spandrel:" + ",".join(f"{m.name}=sha256:{m.sha256}" for m in self.models)
+
+    # -- loading
+
+    def _file(self, name: str) -> Path:
+        source = checkpoints.source_of(name)
+        if source.kind == "s3":
+            from pixelrelay.pipeline.storage import open_storage
+
+            storage = open_storage(name, self.settings.s3_endpoint_url, self.settings)
+            return checkpoints.fetch_s3(name, storage, self.settings.checkpoint_max_bytes)
+        return checkpoints.require_file(source, _pull_hint(name))
+
+    def _load(self, name: str) -> _Loaded:
+        from pixelrelay.pipeline.fingerprint import file_sha256
+
+        path = self._file(name)
+        d = _build(path, name, self.settings.checkpoint_max_bytes)
+        dtype = self._dtype_for(d)
+        d.to(self.torch_device, dtype).eval()
+        tiling = getattr(d.tiling, "name", "SUPPORTED")
+        return _Loaded(
+            name=name, descriptor=d, architecture=str(d.architecture.id), scale=int(d.scale), purpose=str(d.purpose),
+            variant=variant_for(name, str(d.architecture.id), str(d.purpose)), channels=int(d.input_channels),
+            align=_alignment(d), untiled=tiling != "SUPPORTED" or d.purpose == "FaceSR",
+            dtype=dtype, params=sum(p.numel() for p in d.model.parameters()), nbytes=path.stat().st_size,
+            sha256=file_sha256(path),
+        )
+
+    def _dtype_for(self, d: Any) -> Any:
+        import torch
+
+        supported = {torch.float16: d.supports_half, torch.bfloat16: d.supports_bfloat16}
+        if self.dtype == torch.float32 or supported.get(self.dtype):
+            return self.dtype
+        other = torch.float16 if self.dtype == torch.bfloat16 else torch.bfloat16
+        if self.torch_device.type == "cuda" and supported.get(other):
+            if other == torch.float16 or torch.cuda.is_bf16_supported():
+                return other
+        return torch.float32
+
+    # -- model choice (decoders.choice) and the LearnedDecoder hooks
+
+    def choose(self, plan: Plan) -> _Loaded:
+        return choice.pick(self.models, plan, name=lambda m: m.name, scale=lambda m: m.scale, variant=lambda m: m.variant)
+
+    def model_name(self, m: _Loaded) -> str:
+        return m.name
+
+    def native_scale(self, m: _Loaded, plan: Plan) -> int:
+        return m.scale
+
+    def window(self, m: _Loaded, scale: int) -> int:
+        return m.align
+
+    def notes(self, m: _Loaded, plan: Plan) -> list[str]:
+        precision = "" if m.dtype == self.dtype else f", {str(m.dtype).replace('torch.', '')}"
+        return [f"spandrel: {m.name} ({m.architecture} x{m.scale}, {m.purpose}, {m.variant}{precision})"]
+
+    def upscale_tensor(self, m: _Loaded, x: "torch.Tensor", plans: Sequence[Plan], **overrides: int):
+        if m.untiled and "tile" not in overrides:
+            overrides["tile"] = max(self.tiles.tile, *x.shape[-2:]) + m.align  # one tile, even once aligned
+        return super().upscale_tensor(m, x, plans, **overrides)
+
+    def forward(self, m: _Loaded, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+        b, c, h, w = x.shape
+        t = x.to(self.torch_device, m.dtype)
+        if m.channels == 1:  # each RGB channel as its own gray image
+            return m.descriptor(t.reshape(b * c, 1, h, w)).reshape(b, c, h * m.scale, w * m.scale)
+        return m.descriptor(t)
