@@ -98,7 +98,8 @@ EDIT_SYSTEM_PROMPT = (
     "no) and how strong it is; a short positive prompt describing the edited image and a "
     "short negative prompt listing what to avoid."
 )
-SIGNED_CHOICES = ("-1", "-0.5", "-0.25", "0", "0.25", "0.5", "1")
+# Nearest to no change first: a value off the choices falls back to the first one allowed.
+SIGNED_CHOICES = ("0", "0.25", "-0.25", "0.5", "-0.5", "1", "-1")
 UNSIGNED_CHOICES = ("0", "0.25", "0.5", "0.75", "1")
 EDIT_STRENGTH_CHOICES = ("0.25", "0.5", "0.75")
 
