@@ -218,6 +218,10 @@ class _Clause:
     def text(self) -> str:
         return " ".join(self.words)
 
+    def quoted(self, limit: int = 80) -> str:
+        text = self.text()
+        return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
 
 class _Reader:
     """One pass over the words: clauses, contributions and forbidden operations."""
@@ -322,7 +326,7 @@ def map_instruction(instruction: str, task: str = "edit") -> EditMapping:
     for clause in reader.clauses:
         if clause.regions:
             raise UnmappableInstructionError(
-                f"{clause.text()!r} asks for a local edit ({', '.join(clause.regions)}): the rules planner only "
+                f"{clause.quoted()} asks for a local edit ({', '.join(clause.regions)}): the rules planner only "
                 f"grades the whole image{_HINT}"
             )
         if clause.mapped or not clause.unknown:
@@ -332,7 +336,7 @@ def map_instruction(instruction: str, task: str = "edit") -> EditMapping:
             continue
         what = "a style it knows" if task == "style" else "a grading operation"
         raise UnmappableInstructionError(
-            f"cannot map {clause.text()!r} to {what} (it knows: {known_words(task)}){_HINT}"
+            f"cannot map {clause.quoted()} to {what} (it knows: {known_words(task)}){_HINT}"
         )
     mapping.grading = _sum(reader.contributions, reader.forbidden)
     if not mapping.grading:
