@@ -24,7 +24,11 @@ Versions: 1: no ``v``. 2: ``v``; ``JobOptions.quality``, ``.lossless`` and ``.ov
 (their defaults, 92, False and False, are what version 1 jobs got); ``ItemRecord.models``,
 ``.fingerprint`` and ``.outcome`` (the output fingerprint, written from the encode stage on).
 3: ``JobOptions.strip_metadata`` (False, the default, is what older jobs got); a message is
-written as version 3 only when it is set.
+written as version 3 only when it is set. 4: the tasks ``edit`` and ``style`` and ``Plan.edit``
+(grading operations and an optional generative edit); a message is written as version 4 only
+when its task is one of them or a record's plan carries an edit (``Plan.edit`` is left out of
+a plan's JSON when it is None, so the plans, manifests and messages of other tasks are
+unchanged).
 Old workers reject fields they do not know, so **upgrade the stages downstream first
 (decode, then plan, then encode), then the producers** (producers also write the job's
 ``JobSpec``, which workers read): a newer message then only ever reaches a newer worker.
@@ -34,11 +38,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-WIRE_VERSION = 3  # the newest ChunkMessage format this code reads and writes
+WIRE_VERSION = 4  # the newest ChunkMessage format this code reads and writes
 
-Task = Literal["restore", "upscale"]
+Task = Literal["restore", "upscale", "edit", "style"]
+EDIT_TASKS: tuple[str, ...] = ("edit", "style")  # tasks whose plan carries an ``Edit``
 Scale = Literal[1, 2, 4]
 OutputFormat = Literal["png", "jpg", "webp"]
 DEFAULT_QUALITY = 92  # JPEG and lossy WebP outputs, when the job names none
@@ -76,6 +89,12 @@ class JobOptions(_Model):
     # Outputs carry no EXIF (GPS included) nor other metadata; an RGB ICC profile is colour,
     # not metadata, and stays (wire version 3).
     strip_metadata: bool = False
+
+    @model_validator(mode="after")
+    def _edit_needs_instruction(self) -> "JobOptions":
+        if self.task in EDIT_TASKS and not self.instruction.strip():
+            raise ValueError(f"task {self.task!r} needs an instruction (what to change)")
+        return self
 
     def effective_scale(self) -> int:
         if self.scale is not None:
@@ -132,6 +151,84 @@ class Operation(_Model):
     strength: float = Field(ge=0.0, le=1.0)
 
 
+# --- edits: grading operations and a generative edit (tasks edit and style) --------------
+
+GradingName = Literal["white_balance", "exposure", "warmth", "contrast", "saturation", "grayscale", "sepia", "vignette"]
+# Operations whose strength has a direction (-1 less .. +1 more); the others go 0 .. 1.
+SIGNED_GRADING: frozenset[str] = frozenset({"exposure", "warmth", "contrast", "saturation"})
+MAX_PROMPT_CHARS = 500
+MAX_SEED = 2**32 - 1
+
+
+class GradingOp(_Model):
+    """One global colour/tone operation. ``strength`` is in [-1, 1] for the signed ones
+    (``SIGNED_GRADING``: exposure, warmth, contrast, saturation; 0 is no change) and in
+    [0, 1] for the others; what a unit of strength does is ``pipeline.grading``'s."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: GradingName
+    strength: float = Field(ge=-1.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "GradingOp":
+        if self.name not in SIGNED_GRADING and self.strength < 0:
+            raise ValueError(f"grading {self.name}: strength {self.strength} outside [0, 1]")
+        if self.strength == 0:
+            raise ValueError(f"grading {self.name}: strength 0 does nothing; leave the operation out")
+        return self
+
+
+class GenerativeEdit(_Model):
+    """A text-guided edit for a generative decoder (img2img / InstructPix2Pix): prompts,
+    how far the result may move from the source (``strength``), classifier-free guidance,
+    denoising steps and the seed that makes it reproducible."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    strength: float = Field(default=0.5, gt=0.0, le=1.0)
+    guidance: float = Field(default=7.5, ge=0.0, le=30.0)
+    steps: int = Field(default=30, ge=1, le=150)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+
+
+class Edit(_Model):
+    """What an edit or style plan changes: grading operations (each name at most once; the
+    order they run in is ``pipeline.grading``'s, not the list's) and optionally a generative
+    edit. Never empty: a plan that changes nothing is no edit plan."""
+
+    grading: list[GradingOp] = Field(default_factory=list, max_length=len(SIGNED_GRADING) + 4)
+    generative: GenerativeEdit | None = None
+
+    @field_validator("grading")
+    @classmethod
+    def _unique(cls, grading: list[GradingOp]) -> list[GradingOp]:
+        names = [op.name for op in grading]
+        if len(set(names)) != len(names):
+            raise ValueError(f"grading names an operation twice: {names}")
+        return grading
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "Edit":
+        if not self.grading and self.generative is None:
+            raise ValueError("the plan has no edit operations")
+        return self
+
+    def strength(self, name: GradingName) -> float:
+        return next((op.strength for op in self.grading if op.name == name), 0.0)
+
+    def describe(self) -> str:
+        """A short text of the edit, e.g. "warmth +0.35, vignette 0.4; generative edit"."""
+        parts = [f"{op.name} {op.strength:+g}" if op.name in SIGNED_GRADING else f"{op.name} {op.strength:g}"
+                 for op in self.grading]
+        text = ", ".join(parts)
+        if self.generative is not None:
+            text = f"{text}; generative edit" if text else "generative edit"
+        return text
+
+
 class Plan(_Model):
     """The contract every planner must meet and every decoder consumes."""
 
@@ -147,9 +244,18 @@ class Plan(_Model):
     model: str | None = None  # a decoder variant the planner picked, if any
     rationale: str = ""
     raw: str | None = None  # raw planner text (LLM planners)
+    # Tasks edit and style: what to change (wire version 4). Left out of the JSON when None.
+    edit: Edit | None = None
 
     def strength(self, name: OperationName) -> float:
         return max((op.strength for op in self.operations if op.name == name), default=0.0)
+
+    @model_serializer(mode="wrap")
+    def _leave_out_no_edit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("edit", 0) is None:
+            data.pop("edit")
+        return data
 
 
 class Fingerprint(_Model):
@@ -222,6 +328,8 @@ class ChunkMessage(_Model):
     def wire_version(self) -> int:
         """The oldest wire version that carries this message."""
         options = self.options
+        if options.task in EDIT_TASKS or any(r.plan is not None and r.plan.edit is not None for r in self.records):
+            return 4
         if options.strip_metadata:
             return 3
         if options.quality != DEFAULT_QUALITY or options.lossless or options.overwrite:
@@ -268,7 +376,12 @@ def _v2_to_v3(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "v": 3}
 
 
-_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3}  # version N body -> version N + 1 body
+def _v3_to_v4(body: dict[str, Any]) -> dict[str, Any]:
+    # Version 4 only added the edit/style tasks and Plan.edit (absent: no edit).
+    return {**body, "v": 4}
+
+
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # version N body -> version N + 1 body
 
 
 def upgrade_message(body: Any) -> ChunkMessage:

@@ -191,7 +191,7 @@ def submit(
     input: str,
     out: str,
     *,
-    task: Literal["restore", "upscale"] = "restore",
+    task: Literal["restore", "upscale", "edit", "style"] = "restore",
     scale: int | None = None,
     instruction: str = "",
     format: Literal["png", "jpg", "webp"] | None = None,

@@ -43,7 +43,8 @@ def _backend_flags(parser: argparse.ArgumentParser) -> None:
 def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="local folder, s3://bucket/prefix, or a manifest file")
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    parser.add_argument("--task", choices=["restore", "upscale"], default="restore")
+    parser.add_argument("--task", choices=["restore", "upscale", "edit", "style"], default="restore",
+                        help="edit / style: grade (and, with a generative decoder, edit) as --instruction says")
     parser.add_argument("--scale", type=int, choices=[1, 2, 4])
     parser.add_argument("--instruction", default="", type=_instruction,
                         help=f"free-text instruction for the planner (at most {MAX_INSTRUCTION_CHARS} characters)")
@@ -230,7 +231,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _job_options(args: argparse.Namespace):
-    from pixelrelay.pipeline.messages import JobOptions
+    from pixelrelay.pipeline.messages import EDIT_TASKS, JobOptions
+
+    if args.task in EDIT_TASKS and not args.instruction.strip():
+        raise ConfigError(f"--task {args.task}: needs --instruction (what to change), e.g. \"make it warmer\"")
 
     return JobOptions(
         task=args.task, scale=args.scale, instruction=args.instruction, format=args.format,

@@ -67,7 +67,7 @@ from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.embedded import EmbeddedRedis
 from pixelrelay.producer.keeper import Keeper
 from pixelrelay.producer.status import WaitAborted, is_finished, summarize, wait_for_job
-from pixelrelay.producer.submit import normalize_location, redis_client, submit
+from pixelrelay.producer.submit import check_instruction, normalize_location, redis_client, submit
 from pixelrelay.workers import balance
 from pixelrelay.workers.balance import Balancer
 
@@ -238,6 +238,7 @@ def run_local(
 ) -> int:
     outcome: int | None = None
     input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
+    check_instruction(options, backends.planner or settings.planner)  # before any worker starts
     with ExitStack() as stack:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             stack.callback(signal.signal, signum, signal.signal(signum, _on_signal))

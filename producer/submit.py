@@ -21,6 +21,11 @@ done and unchanged since the last jobs into this output (``producer.incremental`
 nothing is left, no job is created (``Submission.job_id`` is "", ``nothing_new`` is set).
 It does not apply to a job id that is resumed, and is refused with ``overwrite``.
 
+An edit or style job whose planner is ``rules`` (named, or the submitter's default) is
+refused (exit 2) when the rules planner cannot map its instruction
+(``planners.edits.map_instruction``, which needs no torch): refused now rather than failing
+every item later. Other planners (``hf-llm``) are left to map it themselves.
+
 A spec that names a local path is refused (exit 2) unless the submitter's own
 ``PIXELRELAY_ALLOWED_BACKENDS`` allows it: the workers refuse what their list does not allow.
 """
@@ -38,8 +43,9 @@ import redis
 from pixelrelay.jobs.files import spec_uri, write_listing, write_spec
 from pixelrelay.jobs.recover import load_spec, restore_done, start
 from pixelrelay.jobs.registry import open_registry
-from pixelrelay.pipeline.messages import JOB_ID_PATTERN, Backends, JobOptions, JobSpec
+from pixelrelay.pipeline.messages import EDIT_TASKS, JOB_ID_PATTERN, Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
+from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.stages.registry import names_local_path, parse_allowlist, spec_allowed, validate_spec
 from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.incremental import Incremental
@@ -109,6 +115,19 @@ def normalize_backends(backends: Backends, allowed: str = "") -> Backends:
     return Backends(**specs)
 
 
+def check_instruction(options: JobOptions, planner: str) -> None:
+    """Refuse an edit/style instruction that the ``rules`` planner (``planner``, a spec)
+    cannot map (ConfigError, exit 2)."""
+    if options.task not in EDIT_TASKS or StageSpec.parse(planner).kind != "rules":
+        return
+    from pixelrelay.pipeline.stages.planners.edits import UnmappableInstructionError, map_instruction
+
+    try:
+        map_instruction(options.instruction, options.task)
+    except UnmappableInstructionError as exc:
+        raise ConfigError(f"--instruction: the rules planner {exc}") from None
+
+
 def submit(
     settings: Settings,
     input_uri: str,
@@ -122,6 +141,7 @@ def submit(
     if incremental and options.overwrite:
         raise ConfigError("--incremental: not with --overwrite (which re-processes every item)")
     backends = normalize_backends(backends or Backends(), settings.allowed_backends)
+    check_instruction(options, backends.planner or settings.planner)
     job_id = job_id or new_job_id()
     if not _JOB_ID_RE.fullmatch(job_id):
         raise ConfigError("--job-id: use letters, digits, '.', '_' and '-' (at most 128)")

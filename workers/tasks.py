@@ -75,6 +75,7 @@ from pixelrelay.pipeline.messages import (
 )
 from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.stages.base import StageSpec
+from pixelrelay.pipeline.stages.decoders.edits import restore_with_edits
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.pipeline.storage import StorageConflictError, StorageError
 from pixelrelay.workers import balance, metrics
@@ -289,7 +290,7 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             break
         started = time.perf_counter()
         results = _call_isolated(
-            lambda pairs: decoder.restore([img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
+            lambda pairs: restore_with_edits(decoder, [img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
         )
         share = (time.perf_counter() - started) / max(1, len(batch))
         metrics.observe_batch("decode", time.perf_counter() - started, len(loaded))

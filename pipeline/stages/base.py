@@ -125,7 +125,10 @@ class Planner(_Stage):
 
     @abstractmethod
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
-        """Plan a batch; always returns schema-valid Plans, one per input, in order."""
+        """Plan a batch; returns schema-valid Plans, one per input, in order. An item it
+        cannot plan (an edit instruction that maps to nothing) gets the exception instead
+        of a Plan in its slot (``planners.edits.PlanningError``): the plan worker fails
+        that item with its message, and its neighbours go on."""
 
 
 @dataclass
@@ -136,7 +139,16 @@ class RestoredImage:
 
 
 class Decoder(_Stage):
-    """source image + plan -> restored image."""
+    """source image + plan -> restored image.
+
+    Edits (``Plan.edit``, tasks edit and style) reach a decoder through
+    ``decoders.edits.restore_with_edits``: a decoder with ``grades`` applies the plan's
+    grading itself (inside its own batch); for any other the grading is applied to its
+    output. Only a decoder with ``generative`` runs a generative edit; elsewhere the item
+    fails with the reason."""
+
+    grades: ClassVar[bool] = False  # restore() applies Plan.edit.grading itself
+    generative: ClassVar[bool] = False  # restore() runs Plan.edit.generative
 
     @abstractmethod
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:

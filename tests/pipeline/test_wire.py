@@ -64,7 +64,7 @@ def v1_body(**options) -> dict:
 
 def test_a_version_1_body_is_upgraded():
     msg = upgrade_message(v1_body())
-    assert msg.v == WIRE_VERSION == 3
+    assert msg.v == WIRE_VERSION == 4
     assert msg.options == JobOptions(task="upscale", scale=2, instruction="sharper", format="jpg", quality=92, lossless=False)
     assert (msg.job_id, msg.seq, msg.chunk, msg.feeds, msg.part) == ("job-1", 3, 7, False, "28")
     assert msg.records == [ItemRecord(index=28, input="s3://bucket/in/a.png", output="s3://bucket/out/a.jpg")]
@@ -127,3 +127,71 @@ def test_records_with_fingerprint_fields_are_version_2():
     assert upgrade_message(json.loads(msg.model_dump_json())) == msg
     # ...and a version-1 body never carries them, not even empty.
     assert {"models", "fingerprint", "outcome"}.isdisjoint(plain.model_dump(mode="json")["records"][0])
+
+
+# --- version 4: edit and style tasks, Plan.edit -------------------------------------------
+
+EDIT_PLAN = {"scale": 1, "edit": {"grading": [{"name": "warmth", "strength": 0.35},
+                                             {"name": "vignette", "strength": 0.4}]}}
+
+
+def _with_plan(body: dict, plan: dict) -> dict:
+    record = {**body["records"][0], "plan": plan}
+    return {**body, "records": [record]}
+
+
+def test_edit_jobs_are_version_4_and_other_jobs_unchanged():
+    plain = upgrade_message(v1_body())
+    edit = plain.model_copy(update={"options": JobOptions(task="edit", instruction="make it warmer")})
+    wire = edit.model_dump(mode="json")
+    assert wire["v"] == 4 and wire["options"]["task"] == "edit"
+    assert upgrade_message(json.loads(edit.model_dump_json())) == edit
+
+    # a record whose plan carries an edit needs version 4 too, whatever the task says
+    carried = upgrade_message(_with_plan({**v1_body(), "v": 4}, EDIT_PLAN))
+    assert carried.records[0].plan.edit.strength("warmth") == 0.35
+    assert carried.model_dump(mode="json")["v"] == 4
+
+    # a plan without an edit has no "edit" key at all: restore messages stay version 1, byte for byte
+    restored = upgrade_message(_with_plan(v1_body(), {"scale": 2, "operations": [{"name": "denoise", "strength": 0.5}]}))
+    dumped = restored.model_dump(mode="json")
+    assert "v" not in dumped and "edit" not in dumped["records"][0]["plan"]
+    assert upgrade_message(dumped) == restored
+
+
+def test_a_version_3_body_still_validates():
+    body = {**v1_body(strip_metadata=True), "v": 3}
+    msg = upgrade_message(body)
+    assert msg.v == 4 and msg.options.strip_metadata
+    wire = msg.model_dump(mode="json")
+    assert wire["v"] == 3 and upgrade_message(wire) == msg  # still written as version 3
+
+
+@pytest.mark.parametrize("edit", [
+    {"grading": [{"name": "warmth", "strength": 1.5}]},  # out of range
+    {"grading": [{"name": "sepia", "strength": -0.5}]},  # unsigned below 0
+    {"grading": [{"name": "warmth", "strength": "NaN"}]},
+    {"grading": [{"name": "warmth", "strength": 0}]},  # a no-op
+    {"grading": [{"name": "hue_shift", "strength": 0.2}]},  # not an operation
+    {"grading": [{"name": "warmth", "strength": 0.2}, {"name": "warmth", "strength": 0.3}]},  # twice
+    {"grading": [{"name": "warmth", "strength": 0.2, "code": "rm -rf"}]},  # extra field
+    {"grading": []},  # an edit that changes nothing
+    {"generative": {"prompt": "a painting", "steps": 100000}},
+    {"generative": {"prompt": "a painting", "seed": -1}},
+    {"generative": {"prompt": "a painting", "guidance": "Infinity"}},
+    {"generative": {"prompt": "a painting", "strength": 0}},
+    {"generative": {"prompt": ""}},
+    {"generative": {"prompt": "x" * 501}},
+], ids=lambda e: json.dumps(e)[:40])
+def test_a_forged_edit_is_rejected(edit):
+    body = _with_plan({**v1_body(), "v": 4}, {"scale": 1, "edit": edit})
+    with pytest.raises(ValidationError):
+        upgrade_message(body)
+
+
+def test_edit_tasks_need_an_instruction():
+    for task in ("edit", "style"):
+        with pytest.raises(ValidationError, match="needs an instruction"):
+            JobOptions(task=task, instruction="   ")
+    with pytest.raises(ValidationError):
+        upgrade_message({**v1_body(task="edit", instruction=""), "v": 4})

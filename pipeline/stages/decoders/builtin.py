@@ -11,7 +11,9 @@ one per item (``route``):
   the degradations it is asked to remove (``plan_condition``). It adds a multi-scale context
   branch (a wide receptive field for heavy noise) and is trained on degraded inputs only.
 
-Both predict a residual over bicubic. ``model`` may name one weights file (used for every
+Edit and style plans: the networks restore / upscale as the plan's operations say (an edit
+plan has operations only where its instruction asks for restoration), then
+``decoders.edits`` grades the output with ``pipeline.grading``. Both predict a residual over bicubic. ``model`` may name one weights file (used for every
 item) or ``UPSCALER,RESTORER``. A clean plan at x1 returns the image untouched. Grouping,
 tiling (``PIXELRELAY_BUILTIN_TILE`` & co), the out-of-memory fallback, bf16/fp16 on GPU,
 alpha and the exact output size come from ``LearnedDecoder``; each tile batch carries the
@@ -178,6 +180,8 @@ class BuiltinDecoder(LearnedDecoder):
 
     def unchanged(self, plan: Plan) -> str | None:
         if plan.scale == 1 and not any(plan_condition(plan)):
+            if plan.edit is not None:  # graded afterwards (decoders.edits)
+                return "no restoration planned at x1, network not run"
             return "no operation planned at x1, image unchanged"
         return None
 

@@ -2,12 +2,16 @@
 
 Runs a Plan's operations on ``self.device`` in fp32, in this order:
 
-    deblock -> denoise -> resize (x1/x2/x4) -> deblur -> sharpen
+    deblock -> denoise -> resize (x1/x2/x4) -> deblur -> sharpen -> grade
 
 * deblock: an H.264-style loop filter across the 8x8 JPEG grid, gated so real edges survive.
 * denoise: a self-guided filter (He et al.) per channel, eps from the plan's noise sigma.
 * resize: bicubic with antialias (``F.interpolate``), clamped to [0, 1].
 * deblur / sharpen: unsharp masks (wide for deblur, narrow for sharpen).
+* grade (edit and style plans, ``Plan.edit.grading``): ``pipeline.grading.grade`` on the
+  same padded batch, before the one rounding to uint8; each item's statistics and vignette
+  come from its own pixels (``sizes``), so batching changes nothing here either. A plan
+  without an edit skips it: restore and upscale outputs are what they were.
 
 Batching: one call may mix image sizes and plans. Items are grouped by scale and size into
 sub-batches (at most ``batch_size`` items and ``max_batch_pixels`` output pixels), each item
@@ -188,6 +192,7 @@ class ClassicDecoder(Decoder):
     """
 
     kind = "classic"
+    grades = True  # applies Plan.edit.grading inside its batch (decoders.edits)
 
     def __init__(
         self,
@@ -309,6 +314,12 @@ class ClassicDecoder(Decoder):
         if any(sharpen):
             sigmas = [SHARPEN_SIGMA * plan.scale for plan in plans]
             x = self._unsharp(x, sigmas, [SHARPEN_AMOUNT * s for s in sharpen], canvas)
+
+        gradings = [plan.edit.grading if plan.edit is not None else [] for plan in plans]
+        if any(gradings):
+            from pixelrelay.pipeline.grading import grade
+
+            x = grade(x, gradings, list(zip(canvas.heights, canvas.widths)))
 
         out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [

@@ -13,20 +13,49 @@ output format, rationale). The user's explicit wishes are hard constraints, not 
 ``--scale`` fixes the scale; an instruction that forbids an operation ("no sharpening")
 pins its strength to 0, one that asks for it excludes 0.
 
+Tasks ``edit`` and ``style`` use a second template: a strength for each grading operation
+(signed ones from -1 to 1), whether a generative edit is needed, its strength, and the
+prompts (then the generative edit's). The rules planner's reading of the instruction
+(``planners.edits``), where it has one, is a hard constraint too: an operation it maps can
+only take a strength of the same sign, one it forbids only 0. A plan that ends up with no
+grading and no generative edit is not returned: the item gets ``EmptyEditPlanError`` ("the
+plan has no edit operations") in its slot and fails; a job never silently returns an
+unchanged image. The generative edit's seed is derived from the instruction, so the same
+job edits the same way again.
+
 Generation is batched with left padding and greedy, so a batch of N gives the same
 plans as N single calls.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from pixelrelay.pipeline import hf
-from pixelrelay.pipeline.messages import Description, JobOptions, Operation, Plan
+from pixelrelay.pipeline.messages import (
+    EDIT_TASKS,
+    MAX_SEED,
+    SIGNED_GRADING,
+    Description,
+    Edit,
+    GenerativeEdit,
+    GradingOp,
+    JobOptions,
+    Operation,
+    Plan,
+)
 from pixelrelay.pipeline.stages.base import Planner, check_batch
+from pixelrelay.pipeline.stages.planners.edits import (
+    ORDER as GRADING_ORDER,
+    EmptyEditPlanError,
+    PlanningError,
+    UnmappableInstructionError,
+    map_instruction,
+)
 from pixelrelay.pipeline.stages.planners.rules import OPERATION_ORDER, RulesPlanner, instruction_requests
 
 if TYPE_CHECKING:
@@ -57,6 +86,42 @@ SYSTEM_PROMPT = (
     "broken); the output scale; a short positive prompt describing the restored image; "
     "and a short negative prompt listing what to avoid."
 )
+
+
+EDIT_SYSTEM_PROMPT = (
+    "You plan photo edits. Given an image description, measurements and the user's "
+    "instruction, reply with one JSON object: the strength of each global grading operation "
+    "(0 when the instruction does not ask for it): white_balance (neutralise a colour cast), "
+    "exposure, warmth, contrast and saturation from -1 (less) to 1 (more), grayscale (black "
+    "and white), sepia and vignette from 0 to 1; the output scale; whether the instruction "
+    "needs a generative edit (a change of content or style that no grading can make: yes or "
+    "no) and how strong it is; a short positive prompt describing the edited image and a "
+    "short negative prompt listing what to avoid."
+)
+# Nearest to no change first: a value off the choices falls back to the first one allowed.
+SIGNED_CHOICES = ("0", "0.25", "-0.25", "0.5", "-0.5", "1", "-1")
+UNSIGNED_CHOICES = ("0", "0.25", "0.5", "0.75", "1")
+EDIT_STRENGTH_CHOICES = ("0.25", "0.5", "0.75")
+
+
+def grading_choices(mapped: dict[str, float] | None, forbidden: set[str]) -> tuple[tuple[str, ...], ...]:
+    """Allowed strengths per grading operation (``GRADING_ORDER``), given the rules
+    planner's reading of the instruction (None: it has none)."""
+    out = []
+    for name in GRADING_ORDER:
+        choices = SIGNED_CHOICES if name in SIGNED_GRADING else UNSIGNED_CHOICES
+        if name in forbidden:
+            choices = ("0",)
+        elif mapped and name in mapped:
+            sign = 1 if mapped[name] > 0 else -1
+            choices = tuple(c for c in choices if float(c) * sign > 0)
+        out.append(choices)
+    return tuple(out)
+
+
+def edit_seed(instruction: str) -> int:
+    """The generative edit's seed: the same instruction, the same seed."""
+    return int.from_bytes(hashlib.sha256(instruction.encode()).digest()[:4], "big") % (MAX_SEED + 1)
 
 
 # --- the constrained-decoding grammar ----------------------------------------------------
@@ -303,17 +368,39 @@ class HFLLMPlanner(Planner):
             template.append(("lit", '", "negative_prompt": "'))
             template.append(("free", "negative_prompt", NEGATIVE_MAX_TOKENS))
             template.append(("lit", '"}'))
-            # Merge adjacent literals so each is tokenized once.
-            merged: list[tuple] = []
-            for part in template:
-                if part[0] == "lit" and merged and merged[-1][0] == "lit":
-                    merged[-1] = ("lit", merged[-1][1] + part[1])
-                else:
-                    merged.append(part)
-            self._grammars[key] = _Grammar(self.tokenizer, merged, self._free_mask)
+            self._grammars[key] = _Grammar(self.tokenizer, _merge_literals(template), self._free_mask)
+        return self._grammars[key]
+
+    def _edit_grammar(self, scale_choices: tuple[int, ...], choices: tuple[tuple[str, ...], ...]) -> _Grammar:
+        key = ("edit", scale_choices, choices)
+        if key not in self._grammars:
+            template: list[tuple] = [("lit", "{")]
+            for name, allowed in zip(GRADING_ORDER, choices):
+                template += [("lit", f'"{name}": '), ("choice", name, list(allowed)), ("lit", ", ")]
+            template += [("lit", '"scale": '), ("choice", "scale", [str(s) for s in scale_choices]),
+                         ("lit", ', "generative": "'), ("choice", "generative", ["no", "yes"]),
+                         ("lit", '", "edit_strength": '), ("choice", "edit_strength", list(EDIT_STRENGTH_CHOICES)),
+                         ("lit", ', "prompt": "'), ("free", "prompt", PROMPT_MAX_TOKENS),
+                         ("lit", '", "negative_prompt": "'), ("free", "negative_prompt", NEGATIVE_MAX_TOKENS),
+                         ("lit", '"}')]
+            self._grammars[key] = _Grammar(self.tokenizer, _merge_literals(template), self._free_mask)
         return self._grammars[key]
 
     # -- planning
+
+    @staticmethod
+    def _edit_constraints(options: JobOptions) -> tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]:
+        scales = (options.scale,) if options.scale is not None else (1,)
+        try:
+            mapping = map_instruction(options.instruction, options.task)
+        except UnmappableInstructionError:
+            return scales, grading_choices(None, set())
+        return scales, grading_choices({op.name: op.strength for op in mapping.grading}, mapping.forbidden)
+
+    def _grammar_for(self, options: JobOptions) -> _Grammar:
+        if options.task in EDIT_TASKS:
+            return self._edit_grammar(*self._edit_constraints(options))
+        return self._grammar(*self._constraints(options))
 
     @staticmethod
     def _constraints(options: JobOptions) -> tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]:
@@ -357,7 +444,7 @@ class HFLLMPlanner(Planner):
 
     def _prompt_text(self, description: Description, options: JobOptions, prior: Plan) -> str:
         messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "system", "content": EDIT_SYSTEM_PROMPT if options.task in EDIT_TASKS else SYSTEM_PROMPT},
             {"role": "user", "content": self._user_message(description, options, prior)},
         ]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -390,15 +477,24 @@ class HFLLMPlanner(Planner):
 
     def _plan_batch(self, items: Sequence[tuple[Description, JobOptions, Plan]]) -> list[Plan]:
         prompts = [self._prompt_text(d, o, p) for d, o, p in items]
-        grammars = [self._grammar(*self._constraints(o)) for _, o, _ in items]
+        grammars = [self._grammar_for(o) for _, o, _ in items]
         raws = self._generate(prompts, grammars)
-        return [self._to_plan(raw, d, o, p) for raw, (d, o, p) in zip(raws, items)]
+        return [self._to_plan_or_error(raw, d, o, p) for raw, (d, o, p) in zip(raws, items)]
 
-    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
+    def _to_plan_or_error(self, raw: str, description: Description, options: JobOptions, prior: Plan) -> Plan | PlanningError:
+        try:
+            if options.task in EDIT_TASKS:
+                return self._to_edit_plan(raw, options, prior)
+            return self._to_plan(raw, description, options, prior)
+        except PlanningError as exc:
+            return exc
+
+    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan | PlanningError]:
         from pixelrelay.pipeline.tiling import map_batches_with_oom
 
         check_batch(descriptions, options, "descriptions/option sets")
-        priors = self.rules.plan(descriptions, options)
+        # The rules prior: restoration, estimates, format (an edit's grading is the LLM's).
+        priors = [self.rules.plan_one(d, o, map_edit=False) for d, o in zip(descriptions, options)]
         items = list(zip(descriptions, options, priors))
         return map_batches_with_oom(self._plan_batch, items, self.batch_size, what="planner")
 
@@ -440,6 +536,59 @@ class HFLLMPlanner(Planner):
             rationale=f"LLM ({self.model_id}): degradation {degradation}; {summary}; x{scale}",
             raw=raw,
         )
+
+
+    def _to_edit_plan(self, raw: str, options: JobOptions, prior: Plan) -> Plan:
+        """Map the constrained edit JSON onto a Plan; raises ``EmptyEditPlanError`` when it
+        changes nothing."""
+        scales, choices = self._edit_constraints(options)
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:  # cannot happen under the grammar; never trust it blindly
+            log.warning("planner output not JSON (%s): %r", exc, raw[:200])
+            data = {}
+        grading = []
+        for name, allowed in zip(GRADING_ORDER, choices):
+            strength = float(_as_choice(data.get(name), allowed))
+            if strength != 0:
+                grading.append(GradingOp(name=name, strength=strength))
+        generative = None
+        if data.get("generative") == "yes":
+            prompt = _clean_text(data.get("prompt"), 500) or _clean_text(options.instruction, 500)
+            generative = GenerativeEdit(
+                prompt=prompt,
+                negative_prompt=_clean_text(data.get("negative_prompt"), 500),
+                strength=float(_as_choice(data.get("edit_strength"), ("0.5", "0.25", "0.75"))),
+                seed=edit_seed(options.instruction),
+            )
+        if not grading and generative is None:
+            raise EmptyEditPlanError(
+                f"the plan has no edit operations: the LLM ({self.model_id}) mapped the instruction to no grading "
+                "and no generative edit; rephrase it"
+            )
+        edit = Edit(grading=grading, generative=generative)
+        scale = int(data["scale"]) if _is_int(data.get("scale")) and int(data["scale"]) in scales else scales[0]
+        restoration = ", ".join(f"{op.name} {op.strength:g}" for op in prior.operations)
+        return prior.model_copy(update={
+            "scale": scale,
+            "edit": edit,
+            "raw": raw,
+            "rationale": f"LLM ({self.model_id}): {options.task}: {edit.describe()}"
+                         + (f"; restoration as asked: {restoration}" if restoration else "") + f"; x{scale}",
+        })
+
+
+def _merge_literals(template: list[tuple]) -> list[tuple]:
+    """Merge adjacent literals so each is tokenized once."""
+    merged: list[tuple] = []
+    for part in template:
+        if part[0] == "lit" and merged and merged[-1][0] == "lit":
+            merged[-1] = ("lit", merged[-1][1] + part[1])
+        else:
+            merged.append(part)
+    return merged
 
 
 def _as_choice(value: Any, allowed: Sequence[str]) -> str:

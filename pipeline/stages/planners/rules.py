@@ -7,6 +7,13 @@ plan, always; no model and no randomness.
 
 Thresholds are set so that a clean image (noise ~0-2, no blocking, sharp or smooth) gets no
 operation at all: restoring what isn't broken only does harm.
+
+Tasks ``edit`` and ``style``: the instruction's grading phrasings become ``Plan.edit``
+(``planners.edits.map_instruction``); restoration runs only where the instruction asks for
+it ("denoise it and make it warmer"), at the measured strength. An instruction it cannot
+map fails the item with ``UnmappableInstructionError`` in the item's slot (``submit``
+refuses it before that, exit 2): the planner never guesses, and never plans an edit that
+changes nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ import math
 import re
 from typing import Sequence
 
-from pixelrelay.pipeline.messages import Description, JobOptions, Operation, OperationName, Plan
+from pixelrelay.pipeline.messages import EDIT_TASKS, Description, Edit, JobOptions, Operation, OperationName, Plan
 from pixelrelay.pipeline.stages.base import Planner, check_batch
+from pixelrelay.pipeline.stages.planners.edits import PlanningError
 
 # Noise sigma (0-255, per channel) from which we denoise; clean images read ~0-2.
 DENOISE_MIN_SIGMA = 4.0
@@ -169,11 +177,19 @@ class RulesPlanner(Planner):
 
     kind = "rules"
 
-    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
+    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan | PlanningError]:
         check_batch(descriptions, options, "descriptions/option sets")
-        return [self.plan_one(description, option) for description, option in zip(descriptions, options)]
+        out: list[Plan | PlanningError] = []
+        for description, option in zip(descriptions, options):
+            try:
+                out.append(self.plan_one(description, option))
+            except PlanningError as exc:  # this item fails alone, with the reason
+                out.append(exc)
+        return out
 
-    def plan_one(self, description: Description, options: JobOptions) -> Plan:
+    def plan_one(self, description: Description, options: JobOptions, map_edit: bool = True) -> Plan:
+        """One item's plan. ``map_edit`` False: an edit/style plan without its ``edit`` (the
+        restoration part only; the hf-llm planner's prior), which never raises."""
         metrics = description.metrics
         noise = _known(description.noise_sigma, metrics.get("noise_sigma")) or 0.0
         blur = _known(description.blur_sigma, metrics.get("blur_sigma"))
@@ -212,6 +228,11 @@ class RulesPlanner(Planner):
 
         # The user's instruction overrides the measurements.
         requests, multiplier, notes = instruction_requests(options.instruction)
+        edit = None
+        if options.task in EDIT_TASKS:  # restore only what the instruction asks for
+            edit = self._edit(options, reasons) if map_edit else None
+            strengths = {name: s for name, s in strengths.items() if requests.get(name)}
+            reasons.append(f"{options.task}: restoration only where the instruction asks for it")
         for name, wanted in requests.items():
             if not wanted:
                 strengths.pop(name, None)
@@ -238,7 +259,19 @@ class RulesPlanner(Planner):
             blur_sigma=round(_clamp(blur or 0.0, 0.0, 10.0), 3),
             jpeg_quality=None if quality is None else _clamp(quality, 1.0, 100.0),
             rationale="; ".join(reasons),
+            edit=edit,
         )
+
+    @staticmethod
+    def _edit(options: JobOptions, reasons: list[str]) -> Edit:
+        """The instruction's grading (raises ``UnmappableInstructionError``)."""
+        from pixelrelay.pipeline.stages.planners.edits import map_instruction
+
+        mapping = map_instruction(options.instruction, options.task)
+        edit = Edit(grading=mapping.grading)
+        reasons.append(f"{options.task}: {edit.describe()} (from the instruction)")
+        reasons.extend(mapping.notes)
+        return edit
 
     @staticmethod
     def _prompt(description: Description) -> str:

@@ -12,7 +12,9 @@ import torch
 
 from pixelrelay.pipeline.messages import Description, JobOptions, Plan
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
-from pixelrelay.pipeline.stages.planners.hf_llm import DEGRADATIONS, HFLLMPlanner, SchemaLogitsProcessor
+from pixelrelay.pipeline.stages.planners.edits import ORDER as GRADING_ORDER
+from pixelrelay.pipeline.stages.planners.edits import EmptyEditPlanError
+from pixelrelay.pipeline.stages.planners.hf_llm import DEGRADATIONS, HFLLMPlanner, SchemaLogitsProcessor, edit_seed
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_qwen2, tiny_model
 
 
@@ -121,3 +123,79 @@ def test_missing_model_fails_at_startup_and_cache_loads(tmp_path, monkeypatch, q
     HFLLMPlanner.check_available(None)
     plan = HFLLMPlanner(None).plan(DESCRIPTIONS[:1], OPTIONS[:1])[0]
     _check(plan, OPTIONS[0])
+
+
+# --- edit and style tasks ----------------------------------------------------------------
+
+EDIT_OPTIONS = [
+    JobOptions(task="edit", instruction="make every product photo brighter with a neutral white balance"),
+    JobOptions(task="style", instruction="in the style of a watercolour painting"),  # the rules can't map it
+    JobOptions(task="style", instruction="vintage but no vignette"),
+]
+EDIT_KEYS = {*GRADING_ORDER, "scale", "generative", "edit_strength", "prompt", "negative_prompt"}
+
+
+def _check_edit(plan, options: JobOptions) -> dict:
+    assert isinstance(plan, Plan), plan
+    Plan.model_validate_json(plan.model_dump_json())  # schema-valid, round-trips
+    data = json.loads(plan.raw)
+    assert set(data) == EDIT_KEYS
+    assert {op.name: op.strength for op in plan.edit.grading} == {
+        name: float(data[name]) for name in GRADING_ORDER if float(data[name]) != 0}
+    assert (plan.edit.generative is not None) == (data["generative"] == "yes")
+    if plan.edit.generative is not None:
+        assert plan.edit.generative.seed == edit_seed(options.instruction)
+        assert plan.edit.generative.strength == float(data["edit_strength"])
+    assert plan.scale == 1 and plan.operations == []
+    return data
+
+
+def test_random_llm_gives_valid_edit_plans_within_the_rules_reading(planner):
+    plans = planner.plan([DESCRIPTIONS[1]] * len(EDIT_OPTIONS), EDIT_OPTIONS)
+    for plan, options in zip(plans, EDIT_OPTIONS):
+        _check_edit(plan, options)
+    catalogue, _, vintage = plans
+    assert catalogue.edit.strength("exposure") > 0 and catalogue.edit.strength("white_balance") > 0
+    assert vintage.edit.strength("vignette") == 0  # forbidden by the instruction
+    assert vintage.edit.strength("sepia") > 0 and vintage.edit.strength("contrast") < 0
+    assert planner.plan([DESCRIPTIONS[1]], EDIT_OPTIONS[2:])[0] == vintage  # batch equals single
+
+
+def test_an_edit_plan_that_changes_nothing_fails_the_item(planner):
+    options = EDIT_OPTIONS[1]
+    prior = planner.rules.plan_one(DESCRIPTIONS[1], options, map_edit=False)
+    nothing = json.dumps({**{name: 0 for name in GRADING_ORDER}, "scale": 1, "generative": "no",
+                          "edit_strength": 0.5, "prompt": "a photo", "negative_prompt": "blur"})
+    result = planner._to_plan_or_error(nothing, DESCRIPTIONS[1], options, prior)
+    assert isinstance(result, EmptyEditPlanError) and "the plan has no edit operations" in str(result)
+    # off-schema values (a forged or broken text) fall back to the allowed choices, never past them
+    wild = json.dumps({"exposure": 7, "warmth": "hot", "vignette": -3, "generative": "yes", "edit_strength": 9,
+                       "prompt": "x" * 900, "scale": 4})
+    plan = planner._to_plan_or_error(wild, DESCRIPTIONS[1], options, prior)
+    assert plan.edit.grading == [] and plan.edit.generative.strength == 0.5
+    assert len(plan.edit.generative.prompt) <= 500 and plan.scale == 1
+
+
+def test_edit_grammar_holds_against_adversarial_logits(planner):
+    vocab = planner.lm.get_output_embeddings().weight.shape[0]
+    grammars = [planner._grammar_for(o) for o in EDIT_OPTIONS]
+    proc = SchemaLogitsProcessor(grammars, planner.eos_token_id)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.zeros((len(EDIT_OPTIONS), 1), dtype=torch.long)
+    finished = torch.zeros(len(EDIT_OPTIONS), dtype=torch.bool)
+    for _ in range(max(g.max_tokens for g in grammars)):
+        nxt = proc(ids, torch.randn((len(EDIT_OPTIONS), vocab), generator=gen) * 5).argmax(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, planner.eos_token_id), nxt)
+        finished |= nxt == planner.eos_token_id
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        if finished.all():
+            break
+    assert finished.all()
+    for row, options in zip(ids[:, 1:], EDIT_OPTIONS):
+        text = planner.tokenizer.decode(row, skip_special_tokens=True)
+        prior = planner.rules.plan_one(DESCRIPTIONS[1], options, map_edit=False)
+        result = planner._to_plan_or_error(text, DESCRIPTIONS[1], options, prior)
+        if isinstance(result, EmptyEditPlanError):
+            assert options is EDIT_OPTIONS[1]  # only where the rules put no floor under it
+        else:
+            _check_edit(result, options)
