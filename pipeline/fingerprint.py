@@ -3,10 +3,11 @@
 A fingerprint has two parts, each a sha256 hex digest over canonical JSON (sorted keys,
 no whitespace), so it is stable across dict order, processes and machines:
 
-* **request** (``request_fingerprint``): task, effective scale, instruction, the item's
+* **request** (``request_fingerprint``): task, effective scale (an int where integral, so
+  ``2`` hashes as it always did; None for a width/height box), instruction, the item's
   output format, quality, lossless, the job's backend specs (None: "the stage worker's own
-  default") and the input URI, plus ``strip_metadata`` when it is set (so requests without
-  it keep the fingerprints they had before it existed). ``overwrite`` is not part of it, nor is the package version.
+  default") and the input URI, plus ``strip_metadata``, ``width`` and ``height`` when they
+  are set (so requests without them keep the fingerprints they had before they existed). ``overwrite`` is not part of it, nor is the package version.
 * **model** (``model_fingerprint``): per stage, the spec the worker actually ran and its
   backend's ``identity()`` (weights hashes, hub commit, or just the kind for weight-free
   backends), plus ``DECODE_PATH_VERSION``. A job that left a stage to the worker's default
@@ -61,6 +62,9 @@ def request_fingerprint(options: JobOptions, backends: Backends, input_uri: str,
     }
     if options.strip_metadata:  # only when set: the fingerprints of earlier requests stay
         fields["strip_metadata"] = True
+    for name in ("width", "height"):  # likewise (a box's scale is None)
+        if getattr(options, name) is not None:
+            fields[name] = getattr(options, name)
     return _digest(fields)
 
 

@@ -15,8 +15,9 @@ Limits (all checked from the header, before any pixel is decoded):
   largest limit asked for, never lowered below it, so it only still catches what our check
   cannot see (an image nested in another, as an ICO's PNG); the size is checked again after
   the decode for formats whose size changes while decoding.
-* ``max_output_pixels`` (``PIXELRELAY_MAX_OUTPUT_PIXELS``) bounds ``width x height x
-  scale^2``, the output the decoder stage would allocate.
+* ``max_output_pixels`` (``PIXELRELAY_MAX_OUTPUT_PIXELS``) bounds the output the decoder
+  stage would write: ``width x height x scale^2``, or, where ``scale`` is the output size as
+  a function of the source's (an output target: ``pipeline.outsize``), that size.
 
 Colour and metadata: every output is RGB(A). An ICC profile is carried only when it
 describes RGB; a CMYK or grey source with an embedded CMYK or grey profile is converted
@@ -36,6 +37,7 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -154,9 +156,19 @@ def _allow_pillow(max_pixels: int) -> None:
             Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def check_size(width: int, height: int, max_pixels: int, scale: int = 1, max_output_pixels: int = 0) -> None:
+OutputScale = Union[int, Callable[[int, int], tuple[int, int]]]  # x scale, or (w, h) -> output (w, h)
+
+
+def output_size(width: int, height: int, scale: OutputScale = 1) -> tuple[int, int]:
+    """The output (width, height) of a ``width`` x ``height`` source at ``scale``."""
+    if callable(scale):
+        return scale(width, height)
+    return width * scale, height * scale
+
+
+def check_size(width: int, height: int, max_pixels: int, scale: OutputScale = 1, max_output_pixels: int = 0) -> None:
     """Raise ImageDecodeError when a ``width`` x ``height`` source, or its output at
-    ``scale``, is over its limit (0: no limit)."""
+    ``scale`` (``output_size``), is over its limit (0: no limit)."""
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid dimensions {width}x{height}")
     if max_pixels and width * height > max_pixels:
@@ -164,10 +176,12 @@ def check_size(width: int, height: int, max_pixels: int, scale: int = 1, max_out
             f"decompression bomb guard: {width}x{height} = {width * height} pixels "
             f"exceeds the limit of {max_pixels} (PIXELRELAY_MAX_IMAGE_PIXELS)"
         )
-    out = width * height * scale * scale
+    out_w, out_h = output_size(width, height, scale)
+    out = out_w * out_h
     if max_output_pixels and out > max_output_pixels:
+        at = "" if callable(scale) else f" at x{scale}"
         raise ImageDecodeError(
-            f"output too large: {width}x{height} at x{scale} is {width * scale}x{height * scale} = "
+            f"output too large: {width}x{height}{at} is {out_w}x{out_h} = "
             f"{out} pixels, over the limit of {max_output_pixels} (PIXELRELAY_MAX_OUTPUT_PIXELS)"
         )
 
@@ -188,7 +202,7 @@ def decode_image(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     *,
-    scale: int = 1,
+    scale: OutputScale = 1,
     max_output_pixels: int = 0,
 ) -> DecodedImage:
     """Decode untrusted bytes. Raises ImageDecodeError with a short reason on any problem,

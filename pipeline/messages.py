@@ -25,10 +25,16 @@ Versions: 1: no ``v``. 2: ``v``; ``JobOptions.quality``, ``.lossless`` and ``.ov
 ``.fingerprint`` and ``.outcome`` (the output fingerprint, written from the encode stage on).
 3: ``JobOptions.strip_metadata`` (False, the default, is what older jobs got); a message is
 written as version 3 only when it is set. 4: the tasks ``edit`` and ``style`` and ``Plan.edit``
-(grading operations and an optional generative edit); a message is written as version 4 only
-when its task is one of them or a record's plan carries an edit (``Plan.edit`` is left out of
-a plan's JSON when it is None, so the plans, manifests and messages of other tasks are
-unchanged).
+(grading operations and an optional generative edit); any output scale:
+``JobOptions.scale`` any factor in (0, 8] (was 1, 2 or 4), ``JobOptions.width`` /
+``.height``, ``Plan.target`` and ``ItemRecord.native_scale`` / ``.final_scale``. A message is
+written as version 4 only when it needs one of these: an edit task or a plan with an edit, a
+scale other than 1, 2 or 4, a width or height, a plan with a target, a record with scales.
+``Plan.edit``, ``Plan.target`` and the record's scales are left out of the JSON when None,
+and an integral scale is a JSON integer (2, never 2.0), so the plans, manifests, messages and
+request fingerprints of every other job are byte for byte what version 3 wrote. A body that
+says it is older than version 4 yet uses a version-4 field is refused (``WireFormatError``):
+no writer makes one, and an old worker never silently gets a message it cannot serve.
 Old workers reject fields they do not know, so **upgrade the stages downstream first
 (decode, then plan, then encode), then the producers** (producers also write the job's
 ``JobSpec``, which workers read): a newer message then only ever reaches a newer worker.
@@ -36,10 +42,12 @@ Old workers reject fields they do not know, so **upgrade the stages downstream f
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -52,7 +60,10 @@ WIRE_VERSION = 4  # the newest ChunkMessage format this code reads and writes
 
 Task = Literal["restore", "upscale", "edit", "style"]
 EDIT_TASKS: tuple[str, ...] = ("edit", "style")  # tasks whose plan carries an ``Edit``
-Scale = Literal[1, 2, 4]
+Scale = Literal[1, 2, 4]  # a plan's native scale (what a decoder runs, see Plan.scale)
+NATIVE_SCALES: tuple[int, ...] = (1, 2, 4)  # the values of Scale
+MAX_SCALE = 8  # the largest output scale a job may ask for
+MAX_SIDE = 65535  # the largest output width or height a job may ask for
 OutputFormat = Literal["png", "jpg", "webp"]
 DEFAULT_QUALITY = 92  # JPEG and lossy WebP outputs, when the job names none
 OperationName = Literal["deblock", "denoise", "deblur", "sharpen"]
@@ -69,6 +80,29 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_INSTRUCTION_CHARS = 2000  # every queued message carries the instruction
 
 
+def _scale_factor(value: Any) -> Any:
+    """An output scale: a finite number in (0, ``MAX_SCALE``], an integral one as an int (so
+    ``2.0`` is written ``2``, as version 3 wrote it). Not a bool, not a string."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"scale: a number in (0, {MAX_SCALE}], not {type(value).__name__}")
+    if not math.isfinite(value) or not 0 < value <= MAX_SCALE:
+        raise ValueError(f"scale: a number in (0, {MAX_SCALE}], got {value!r}")
+    return int(value) if float(value).is_integer() else float(value)
+
+
+# An output scale factor, e.g. 2, 3, 1.5 or 0.5 (integral ones are ints).
+ScaleFactor = Annotated[int | float, BeforeValidator(_scale_factor)]
+# An output width or height in pixels (JSON integers only: no 5.0, no "5", no true).
+Side = Annotated[int, Field(strict=True, ge=1, le=MAX_SIDE)]
+
+
+def _one_kind_of_size(scale: Any, width: Any, height: Any) -> None:
+    if scale is not None and (width is not None or height is not None):
+        raise ValueError("give a scale or a width/height to fit inside, not both")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -77,7 +111,12 @@ class JobOptions(_Model):
     """What the user asked for; the planner turns this plus a Description into a Plan."""
 
     task: Task = "restore"
-    scale: Scale | None = None  # None: 1 for restore, 2 for upscale
+    # The output size: a scale factor in (0, 8] (None: 1 for restore, 2 for upscale), or a
+    # width and/or height to fit inside, keeping the aspect ratio (not with a scale). Any
+    # scale but 1, 2 or 4, a width or a height: wire version 4.
+    scale: ScaleFactor | None = None
+    width: Side | None = None
+    height: Side | None = None
     instruction: str = Field(default="", max_length=MAX_INSTRUCTION_CHARS)
     format: OutputFormat | None = None  # None: keep the input's format where we can write it
     # Encoder settings for the outputs (defaults keep messages without them valid).
@@ -94,12 +133,33 @@ class JobOptions(_Model):
     def _edit_needs_instruction(self) -> "JobOptions":
         if self.task in EDIT_TASKS and not self.instruction.strip():
             raise ValueError(f"task {self.task!r} needs an instruction (what to change)")
+        _one_kind_of_size(self.scale, self.width, self.height)
         return self
 
-    def effective_scale(self) -> int:
+    @model_serializer(mode="wrap")
+    def _leave_out_no_size(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in _V4_OPTIONS:  # absent when unset: older jobs' JSON stays byte for byte
+            if data.get(name, 0) is None:
+                data.pop(name)
+        return data
+
+    def effective_scale(self) -> int | float | None:
+        """The output scale factor; None for a width/height box (it depends on each image)."""
         if self.scale is not None:
             return self.scale
+        if self.width is not None or self.height is not None:
+            return None
         return 2 if self.task == "upscale" else 1
+
+    def target(self) -> "OutputTarget | None":
+        """What a plan's ``target`` is for this job: None where a native scale (1, 2, 4)
+        says it all, as before version 4."""
+        if self.width is not None or self.height is not None:
+            return OutputTarget(width=self.width, height=self.height)
+        if self.scale is not None and self.scale not in NATIVE_SCALES:
+            return OutputTarget(scale=self.scale)
+        return None
 
 
 class Backends(_Model):
@@ -229,8 +289,44 @@ class Edit(_Model):
         return text
 
 
+class OutputTarget(_Model):
+    """The output size a job asks for beyond a native scale (wire version 4): a scale factor
+    in (0, 8], or a width and/or height to fit inside keeping the aspect ratio. What size it
+    gives an image, and which native scale a decoder runs for it, is
+    ``pipeline.outsize``'s."""
+
+    scale: ScaleFactor | None = None
+    width: Side | None = None
+    height: Side | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "OutputTarget":
+        _one_kind_of_size(self.scale, self.width, self.height)
+        if self.scale is None and self.width is None and self.height is None:
+            raise ValueError("an output target needs a scale, a width or a height")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {name: value for name, value in handler(self).items() if value is not None}
+
+    def describe(self) -> str:
+        """E.g. "x1.5", "width 800", "fit 800x600"."""
+        if self.scale is not None:
+            return f"x{self.scale:g}"
+        if self.width is not None and self.height is not None:
+            return f"fit {self.width}x{self.height}"
+        return f"width {self.width}" if self.width is not None else f"height {self.height}"
+
+
 class Plan(_Model):
-    """The contract every planner must meet and every decoder consumes."""
+    """The contract every planner must meet and every decoder consumes.
+
+    ``scale`` is the native scale: what the decoder runs, output ``scale`` x the input. With
+    a ``target`` (wire version 4: a job's scale other than 1, 2, 4, or a width/height) the
+    output is the target's size instead: ``scale`` is then the planner's proposal, and the
+    decode stage runs the decoder's own native scale for the target and resamples to the
+    exact size (``pipeline.outsize``)."""
 
     operations: list[Operation] = Field(default_factory=list)
     scale: Scale = 1
@@ -246,6 +342,8 @@ class Plan(_Model):
     raw: str | None = None  # raw planner text (LLM planners)
     # Tasks edit and style: what to change (wire version 4). Left out of the JSON when None.
     edit: Edit | None = None
+    # The output size beyond a native scale (wire version 4). Left out of the JSON when None.
+    target: OutputTarget | None = None
 
     def strength(self, name: OperationName) -> float:
         return max((op.strength for op in self.operations if op.name == name), default=0.0)
@@ -253,8 +351,9 @@ class Plan(_Model):
     @model_serializer(mode="wrap")
     def _leave_out_no_edit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        if data.get("edit", 0) is None:
-            data.pop("edit")
+        for name in ("edit", "target"):
+            if data.get(name, 0) is None:
+                data.pop(name)
         return data
 
 
@@ -284,10 +383,30 @@ class ItemRecord(_Model):
     models: dict[str, str] = Field(default_factory=dict)  # backend -> model identity used
     fingerprint: Fingerprint | None = None  # what the output answers (done items)
     outcome: ItemOutcome | None = None
+    # Items whose plan has a target (wire version 4; left out of the JSON when None): the
+    # scale the decoder ran, and the output's scale before rounding to whole pixels (6
+    # significant digits; ``output_size`` is exact). Without a target both are the plan's scale.
+    native_scale: int | None = Field(default=None, ge=1, le=MAX_SCALE)
+    final_scale: float | None = Field(default=None, gt=0.0, le=float(MAX_SIDE), allow_inf_nan=False)
 
     @property
     def failed(self) -> bool:
         return self.status == "failed"
+
+    @model_serializer(mode="wrap")
+    def _leave_out_no_scales(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name in _V4_RECORD_FIELDS:
+            if data.get(name, 0) is None:
+                data.pop(name)
+        return data
+
+    def uses_v4(self) -> bool:
+        """Whether this record needs wire version 4 (a plan with an edit or a target, scales)."""
+        plan = self.plan
+        return (plan is not None and (plan.edit is not None or plan.target is not None)) or any(
+            getattr(self, name) is not None for name in _V4_RECORD_FIELDS
+        )
 
     def fail(self, stage: str, reason: str) -> None:
         self.status = "failed"
@@ -328,7 +447,7 @@ class ChunkMessage(_Model):
     def wire_version(self) -> int:
         """The oldest wire version that carries this message."""
         options = self.options
-        if options.task in EDIT_TASKS or any(r.plan is not None and r.plan.edit is not None for r in self.records):
+        if options.task in EDIT_TASKS or options.target() is not None or any(r.uses_v4() for r in self.records):
             return 4
         if options.strip_metadata:
             return 3
@@ -364,6 +483,8 @@ class ChunkMessage(_Model):
 _V2_OPTIONS = ("quality", "lossless", "overwrite")  # JobOptions fields that version 1 lacks
 _V2_RECORD_FIELDS = ("models", "fingerprint", "outcome")  # ItemRecord fields that version 1 lacks
 _V3_OPTIONS = ("strip_metadata",)  # JobOptions fields that version 2 lacks
+_V4_OPTIONS = ("width", "height")  # JobOptions fields that version 3 lacks (and scale's new values)
+_V4_RECORD_FIELDS = ("native_scale", "final_scale")  # ItemRecord fields that version 3 lacks
 
 
 def _v1_to_v2(body: dict[str, Any]) -> dict[str, Any]:
@@ -377,7 +498,8 @@ def _v2_to_v3(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v3_to_v4(body: dict[str, Any]) -> dict[str, Any]:
-    # Version 4 only added the edit/style tasks and Plan.edit (absent: no edit).
+    # Version 4 only added the edit/style tasks, Plan.edit (absent: no edit), any output
+    # scale, width/height, Plan.target and the record's scales (absent: a native scale).
     return {**body, "v": 4}
 
 
@@ -400,4 +522,8 @@ def upgrade_message(body: Any) -> ChunkMessage:
         raise WireVersionError(version)
     for step in range(version, WIRE_VERSION):
         body = _UPGRADES[step](body)
-    return ChunkMessage.model_validate(body)
+    msg = ChunkMessage.model_validate(body)
+    if version < 4 <= msg.wire_version():
+        raise WireFormatError(f"a version {version} body carries version 4 fields (an edit task or plan, "
+                              "an output scale other than 1, 2 or 4, a width/height or output scales)")
+    return msg

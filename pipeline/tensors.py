@@ -28,13 +28,18 @@ def to_uint8(t: torch.Tensor) -> np.ndarray:
 def resize_alpha(alpha: np.ndarray, scale: int, device: torch.device | str = "cpu") -> np.ndarray:
     """The one alpha policy of every decoder: alpha is resized on its own, bilinear (no
     ringing at hard mask edges), rounded; a uniform alpha (e.g. fully opaque) stays exact."""
-    target = (alpha.shape[0] * scale, alpha.shape[1] * scale)
-    if scale == 1:
+    return resize_alpha_to(alpha, (alpha.shape[0] * scale, alpha.shape[1] * scale), device)
+
+
+def resize_alpha_to(alpha: np.ndarray, size: tuple[int, int], device: torch.device | str = "cpu") -> np.ndarray:
+    """``resize_alpha`` to (h, w); antialiased where it shrinks."""
+    if tuple(size) == alpha.shape[:2]:
         return alpha.copy()
     if alpha.size and alpha.min() == alpha.max():
-        return np.full(target, alpha.flat[0], dtype=np.uint8)
+        return np.full(size, alpha.flat[0], dtype=np.uint8)
     a = torch.from_numpy(np.require(alpha, dtype=np.uint8, requirements=["C", "W"])).to(device)[None, None].float()
-    a = F.interpolate(a, size=target, mode="bilinear", align_corners=False)
+    down = size[0] < alpha.shape[0] or size[1] < alpha.shape[1]
+    a = F.interpolate(a, size=tuple(size), mode="bilinear", align_corners=False, antialias=down)
     return a.round_().clamp_(0, 255).to(torch.uint8)[0, 0].cpu().numpy()
 
 

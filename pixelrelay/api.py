@@ -192,7 +192,9 @@ def submit(
     out: str,
     *,
     task: Literal["restore", "upscale", "edit", "style"] = "restore",
-    scale: int | None = None,
+    scale: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
     instruction: str = "",
     format: Literal["png", "jpg", "webp"] | None = None,
     quality: int = DEFAULT_QUALITY,
@@ -209,11 +211,13 @@ def submit(
     and return its handle without waiting. ``input``: a local folder, ``s3://bucket/prefix``
     or a manifest file; ``out``: a folder or ``s3://`` prefix. Settings come from the
     environment (``PIXELRELAY_*``), then ``settings``, then ``setting_overrides`` (``Settings``
-    field names: ``redis_url=``, ``chunk_size=``, ``window=``, ...)."""
+    field names: ``redis_url=``, ``chunk_size=``, ``window=``, ...). The output size:
+    ``scale`` any factor in (0, 8] (e.g. 1.5, 3, 0.5), or ``width`` and/or ``height`` to fit
+    inside keeping the aspect ratio (not with ``scale``); a bad one is a ConfigError."""
     settings = _settings(settings, setting_overrides)
     try:
-        options = JobOptions(task=task, scale=scale, instruction=instruction, format=format, quality=quality,
-                             lossless=lossless, overwrite=overwrite)
+        options = JobOptions(task=task, scale=scale, width=width, height=height, instruction=instruction,
+                             format=format, quality=quality, lossless=lossless, overwrite=overwrite)
     except ValidationError as exc:
         raise ConfigError("bad job option: " + "; ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from pixelrelay import __version__
 from pixelrelay.exitcodes import DESCRIPTIONS, ExitCode
-from pixelrelay.pipeline.messages import DEFAULT_QUALITY, MAX_INSTRUCTION_CHARS
+from pixelrelay.pipeline.messages import DEFAULT_QUALITY, MAX_INSTRUCTION_CHARS, MAX_SCALE, MAX_SIDE
 from pixelrelay.pipeline.settings import ConfigError, Settings
 
 
@@ -45,7 +46,14 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     parser.add_argument("--task", choices=["restore", "upscale", "edit", "style"], default="restore",
                         help="edit / style: grade (and, with a generative decoder, edit) as --instruction says")
-    parser.add_argument("--scale", type=int, choices=[1, 2, 4])
+    parser.add_argument("--scale", type=_scale, metavar="S",
+                        help=f"output scale, any factor in (0, {MAX_SCALE}] (e.g. 2, 1.5, 3, 0.5; default: "
+                             "1 for restore, 2 for upscale); the decoder runs its native scale at or above it "
+                             "and resamples to the exact size")
+    parser.add_argument("--width", type=_side, metavar="PX",
+                        help="output width; with --height, fit inside WIDTHxHEIGHT; keeps the aspect ratio "
+                             "(not with --scale)")
+    parser.add_argument("--height", type=_side, metavar="PX", help="output height (see --width)")
     parser.add_argument("--instruction", default="", type=_instruction,
                         help=f"free-text instruction for the planner (at most {MAX_INSTRUCTION_CHARS} characters)")
     parser.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: keep)")
@@ -81,6 +89,26 @@ def _instruction(text: str) -> str:
     if len(text) > MAX_INSTRUCTION_CHARS:
         raise argparse.ArgumentTypeError(f"at most {MAX_INSTRUCTION_CHARS} characters, got {len(text)}")
     return text
+
+
+def _scale(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, {MAX_SCALE}], got {text!r}") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, {MAX_SCALE}], got {text}")
+    return int(value) if value.is_integer() else value
+
+
+def _side(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels 1..{MAX_SIDE}, got {text!r}") from None
+    if not 1 <= value <= MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_SIDE} pixels, got {value}")
+    return value
 
 
 def _quality(text: str) -> int:
@@ -235,10 +263,12 @@ def _job_options(args: argparse.Namespace):
 
     if args.task in EDIT_TASKS and not args.instruction.strip():
         raise ConfigError(f"--task {args.task}: needs --instruction (what to change), e.g. \"make it warmer\"")
+    if args.scale is not None and (args.width is not None or args.height is not None):
+        raise ConfigError("--scale: not with --width/--height (give a scale, or a size to fit inside)")
 
     return JobOptions(
-        task=args.task, scale=args.scale, instruction=args.instruction, format=args.format,
-        quality=args.quality, lossless=args.lossless, overwrite=args.overwrite,
+        task=args.task, scale=args.scale, width=args.width, height=args.height, instruction=args.instruction,
+        format=args.format, quality=args.quality, lossless=args.lossless, overwrite=args.overwrite,
         strip_metadata=args.strip_metadata,
     )
 

@@ -454,7 +454,9 @@ def _summary_table(page: Page) -> str:
         wall = f"{_duration(page.wall_s)} ({rate:.2f} items/s)"
     outcomes = ", ".join(f"{_e(k)} {v}" for k, v in sorted(scan.outcomes.items())) or "none"
     options = spec.options
-    request = (f"{_e(options.task)} &times;{options.effective_scale()}, format {_e(options.format or 'kept')}"
+    target = options.target()
+    size = f"&times;{options.effective_scale()}" if target is None else f"output {_e(target.describe())}"
+    request = (f"{_e(options.task)} {size}, format {_e(options.format or 'kept')}"
                + (f", instruction: {_e(options.instruction)}" if options.instruction else ""))
     backends = ", ".join(f"{k} {_e(v)}" for k, v in spec.backends.model_dump().items() if v) or "workers' defaults"
     rows = [
@@ -551,8 +553,10 @@ def _card(row: dict, view: Views) -> str:
     if plan:
         ops = plan.get("operations") if isinstance(plan.get("operations"), list) else []
         ops_text = ", ".join(f"{_e(o.get('name'))} {_e(_fmt(o.get('strength')))}" for o in ops if isinstance(o, dict))
-        bits = [f"operations: {ops_text or 'none'}", f"scale &times;{_e(plan.get('scale'))}",
-                f"format {_e(plan.get('output_format'))}"]
+        scale = f"scale &times;{_e(plan.get('scale'))}"
+        if row.get("native_scale") is not None:  # an output target (pipeline.outsize): what ran, what came out
+            scale = f"scale &times;{_e(row.get('native_scale'))} native, &times;{_e(_fmt(row.get('final_scale')))} final"
+        bits = [f"operations: {ops_text or 'none'}", scale, f"format {_e(plan.get('output_format'))}"]
         if plan.get("model"):
             bits.append(f"model {_e(plan['model'])}")
         meta.append("<b>plan</b> " + "; ".join(bits))

@@ -18,9 +18,10 @@ Signing (``pipeline.signing``): ``run_stage`` checks a body's signature (kind
 ``chunk:<stage>``) before it parses it, and drops one that fails (``verify_body``); the body
 it returns, the next stage's, is signed for that stage (``NEXT_STAGE``).
 
-Bounded resources: a source whose output (pixels x scale^2) is over
-``PIXELRELAY_MAX_OUTPUT_PIXELS`` fails from its header, before its decode: at the encode stage
-with the job's scale, again at the decode stage with the plan's, before the model. The
+Bounded resources: a source whose output (pixels x scale^2, or an output target's real size:
+``pipeline.outsize``) is over ``PIXELRELAY_MAX_OUTPUT_PIXELS`` fails from its header, before
+its decode: at the encode stage with the job's options, again at the decode stage with the
+plan's, before the model. The
 decoded images a worker holds (the batch the model runs, plus the next one prefetched) stay
 within ``PIXELRELAY_PREFETCH_BYTES`` (``runtime.DecodeBudget``). ``strip_metadata`` in the job's
 options writes outputs without EXIF.
@@ -55,13 +56,16 @@ from pixelrelay.jobs import identities
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline import fingerprint as fp
+from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.imageio import (
     DecodedImage,
     ImageDecodeError,
     content_type,
+    OutputScale,
     decode_image,
     encode_image,
     format_for_uri,
+    output_size,
     probe_size,
 )
 from pixelrelay.pipeline.messages import (
@@ -131,7 +135,7 @@ def _read_one(rt: Runtime, record: ItemRecord, stage: str) -> bytes | None:
     return None
 
 
-def _decode_one(rt: Runtime, record: ItemRecord, data: bytes, stage: str, scale: int) -> DecodedImage | None:
+def _decode_one(rt: Runtime, record: ItemRecord, data: bytes, stage: str, scale: OutputScale) -> DecodedImage | None:
     """Decode a source; one over the image or output pixel limit fails before its decode."""
     try:
         return decode_image(data, rt.settings.max_image_pixels, scale=scale, max_output_pixels=rt.settings.max_output_pixels)
@@ -140,14 +144,15 @@ def _decode_one(rt: Runtime, record: ItemRecord, data: bytes, stage: str, scale:
     return None
 
 
-def _decoded_bytes(rt: Runtime, data: bytes, scale: int) -> int:
+def _decoded_bytes(rt: Runtime, data: bytes, scale: OutputScale) -> int:
     """What decoding ``data`` will hold (RGB + alpha), from its header; 0 for a source
     that ``decode_image`` refuses before decoding it."""
     size = probe_size(data)
     if size is None:
         return 0
     pixels = size[0] * size[1]
-    if pixels > rt.settings.max_image_pixels or pixels * scale * scale > rt.settings.max_output_pixels:
+    out_w, out_h = output_size(*size, scale)
+    if pixels > rt.settings.max_image_pixels or out_w * out_h > rt.settings.max_output_pixels:
         return 0
     return pixels * 4
 
@@ -156,7 +161,7 @@ def _load_images(
     rt: Runtime,
     records: Sequence[ItemRecord],
     stage: str,
-    scale_of: Callable[[ItemRecord], int] = lambda r: 1,
+    scale_of: Callable[[ItemRecord], OutputScale] = lambda r: 1,
     budget: DecodeBudget | None = None,
 ) -> tuple[list[tuple[ItemRecord, DecodedImage]], int]:
     """Read, then decode sources in parallel threads, once ``budget`` admits their decoded
@@ -175,7 +180,7 @@ def _prefetched(
     rt: Runtime,
     records: Sequence[ItemRecord],
     stage: str,
-    scale_of: Callable[[ItemRecord], int] = lambda r: 1,
+    scale_of: Callable[[ItemRecord], OutputScale] = lambda r: 1,
     budget: DecodeBudget | None = None,
 ):
     """Yield (batch, loaded images) per model batch while the next batch loads, so the
@@ -224,7 +229,7 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
     if encoder is None:
         return
     pending = _reuse_existing(rt, msg, pending, encoder)
-    scale = msg.options.effective_scale()  # the plan's may differ: the decode stage checks again
+    scale = outsize.options_sizer(msg.options)  # the plan's may differ: the decode stage checks again
     for batch, loaded in _prefetched(rt, pending, "encode", lambda r: scale):
         started = time.perf_counter()
         for record, image in loaded:
@@ -285,7 +290,7 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             todo.append((record, action, found.version))
     writes_as = {id(record): (action, version) for record, action, version in todo}
     writes = []
-    for batch, loaded in _prefetched(rt, [record for record, _, _ in todo], "decode", lambda r: r.plan.scale):
+    for batch, loaded in _prefetched(rt, [record for record, _, _ in todo], "decode", lambda r: outsize.plan_sizer(r.plan)):
         if state.cancelled():  # the rest stays pending: the policy ends the chain (cancelled)
             break
         started = time.perf_counter()
@@ -326,8 +331,8 @@ def _write_output(
     root: str | None = None,
 ) -> None:
     options = options or JobOptions()
-    scale = record.plan.scale
-    expected = (image.height * scale, image.width * scale)
+    width, height = outsize.plan_size(record.plan, image.width, image.height)
+    expected = (height, width)
     if tuple(restored.rgb.shape[:2]) != expected:
         raise RuntimeError(f"decoder returned {restored.rgb.shape[1]}x{restored.rgb.shape[0]}, expected {expected[1]}x{expected[0]}")
     data, notes = encode_image(
@@ -344,6 +349,9 @@ def _write_output(
     record.outcome = _store(rt, record, data, ctype, options, job_id, action, version, root)
     record.notes.extend([*restored.notes, *notes])
     record.output_size = (expected[1], expected[0])
+    if record.plan.target is not None:  # what ran, and what came out (wire version 4)
+        record.native_scale = restored.native_scale
+        record.final_scale = float(f"{outsize.factor(record.plan.target, image.width, image.height):.6g}")
     record.status = "done"
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 import numpy as np
 
 from pixelrelay.pipeline.imageio import DecodedImage
-from pixelrelay.pipeline.messages import Description, JobOptions, Plan
+from pixelrelay.pipeline.messages import NATIVE_SCALES, Description, JobOptions, Plan
 
 if TYPE_CHECKING:
     from pixelrelay.pipeline.settings import Settings
@@ -136,6 +136,7 @@ class RestoredImage:
     rgb: np.ndarray  # HxWx3 uint8
     alpha: np.ndarray | None = None  # HxW uint8
     notes: tuple[str, ...] = ()
+    native_scale: int | None = None  # set by pipeline.outsize when it met a plan's target
 
 
 class Decoder(_Stage):
@@ -150,6 +151,12 @@ class Decoder(_Stage):
     grades: ClassVar[bool] = False  # restore() applies Plan.edit.grading itself
     generative: ClassVar[bool] = False  # restore() runs Plan.edit.generative
 
+    def native_scales(self) -> tuple[int, ...]:
+        """The scales ``restore`` runs without resampling of its own: ``pipeline.outsize``
+        runs the one at or above a plan's target (default: a Plan's native scales)."""
+        return NATIVE_SCALES
+
     @abstractmethod
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
-        """Restore a batch; output i is exactly plans[i].scale x the size of images[i]."""
+        """Restore a batch; output i is exactly plans[i].scale x the size of images[i]
+        (the decode stage meets a plan's target around it: ``pipeline.outsize``)."""

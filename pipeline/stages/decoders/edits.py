@@ -4,8 +4,9 @@
 ``decoder.restore``. It returns one result per item, in order: a ``RestoredImage`` or, for
 an item it cannot serve, the exception (the worker fails that item with its message).
 
-* A plan without an edit goes to ``decoder.restore`` unchanged: restore and upscale jobs
-  see exactly what they saw before edits existed.
+* A plan without an edit goes to ``decoder.restore`` unchanged (through
+  ``pipeline.outsize.restore``, which meets a plan's output target, if any, around it):
+  restore and upscale jobs see exactly what they saw before edits existed.
 * Grading: a decoder whose class sets ``grades`` (``classic``) applies it inside its own
   batch; for any other (``builtin``, ``hf-sr``, plugins...) the decoder restores / upscales
   first, then ``pipeline.grading.grade_images`` grades its output (same-size outputs as one
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
 from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
@@ -46,7 +48,7 @@ def restore_with_edits(
         else:
             todo.append(i)
     if todo:
-        restored = decoder.restore([images[i] for i in todo], [plans[i] for i in todo])
+        restored = outsize.restore(decoder, [images[i] for i in todo], [plans[i] for i in todo])
         if not decoder.grades:
             restored = _grade_outputs(decoder, restored, [plans[i] for i in todo])
         for i, result in zip(todo, restored):

@@ -119,6 +119,9 @@ class HFSuperResolutionDecoder(LearnedDecoder):
 
     # -- model choice
 
+    def native_scales(self) -> tuple[int, ...]:
+        return tuple(sorted({m.upscale for m in self.models}))
+
     def choose(self, plan: Plan) -> _Loaded:
         return choice.pick(self.models, plan, name=lambda m: m.model_id, scale=lambda m: m.upscale,
                            variant=lambda m: m.variant)

@@ -124,6 +124,9 @@ class SDUpscaleDecoder(LearnedDecoder):
 
     # -- LearnedDecoder hooks
 
+    def native_scales(self) -> tuple[int, ...]:
+        return (NATIVE_SCALE,)
+
     def choose(self, plan: Plan) -> str:
         return self.model_id  # one pipeline
 

@@ -279,6 +279,9 @@ class SpandrelDecoder(LearnedDecoder):
 
     # -- model choice (decoders.choice) and the LearnedDecoder hooks
 
+    def native_scales(self) -> tuple[int, ...]:
+        return tuple(sorted({m.scale for m in self.models}))
+
     def choose(self, plan: Plan) -> _Loaded:
         return choice.pick(self.models, plan, name=lambda m: m.name, scale=lambda m: m.scale, variant=lambda m: m.variant)
 

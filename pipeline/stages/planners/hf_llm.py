@@ -10,7 +10,8 @@ parses, and maps onto a schema-valid Plan; the raw text is kept in ``Plan.raw``.
 
 Fields the LLM does not choose come from the RulesPlanner prior (degradation estimates,
 output format, rationale). The user's explicit wishes are hard constraints, not hints:
-``--scale`` fixes the scale; an instruction that forbids an operation ("no sharpening")
+``--scale`` fixes the scale (any other than 1, 2, 4, and ``--width``/``--height``, fix the
+plan's target and the native scale ``pipeline.outsize.planned`` proposes); an instruction that forbids an operation ("no sharpening")
 pins its strength to 0, one that asks for it excludes 0.
 
 Tasks ``edit`` and ``style`` use a second template: a strength for each grading operation
@@ -35,7 +36,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from pixelrelay.pipeline import hf
+from pixelrelay.pipeline import hf, outsize
 from pixelrelay.pipeline.messages import (
     EDIT_TASKS,
     MAX_SEED,
@@ -390,7 +391,7 @@ class HFLLMPlanner(Planner):
 
     @staticmethod
     def _edit_constraints(options: JobOptions) -> tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]:
-        scales = (options.scale,) if options.scale is not None else (1,)
+        scales = _fixed_scale(options) or (1,)
         try:
             mapping = map_instruction(options.instruction, options.task)
         except UnmappableInstructionError:
@@ -404,8 +405,9 @@ class HFLLMPlanner(Planner):
 
     @staticmethod
     def _constraints(options: JobOptions) -> tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]:
-        if options.scale is not None:
-            scales: tuple[int, ...] = (options.scale,)
+        fixed = _fixed_scale(options)
+        if fixed:
+            scales: tuple[int, ...] = fixed
         elif options.task == "upscale":
             scales = (2, 4)
         else:
@@ -438,7 +440,7 @@ class HFLLMPlanner(Planner):
             lines.append("Estimates: " + ", ".join(est))
         ops = ", ".join(f"{op.name} {op.strength:.2f}" for op in prior.operations) or "none"
         lines.append(f"Rule-based suggestion: {ops}")
-        lines.append(f"Task: {options.task}, scale x{options.effective_scale()}")
+        lines.append(f"Task: {options.task}, {_size_text(options)}")
         lines.append(f"Instruction: {options.instruction.strip() or '(none)'}")
         return "\n".join(lines)
 
@@ -535,6 +537,7 @@ class HFLLMPlanner(Planner):
             model=DEGRADATIONS[degradation],
             rationale=f"LLM ({self.model_id}): degradation {degradation}; {summary}; x{scale}",
             raw=raw,
+            target=prior.target,  # the job's output target (pipeline.outsize), as the rules set it
         )
 
 
@@ -578,6 +581,21 @@ class HFLLMPlanner(Planner):
             "rationale": f"LLM ({self.model_id}): {options.task}: {edit.describe()}"
                          + (f"; restoration as asked: {restoration}" if restoration else "") + f"; x{scale}",
         })
+
+
+def _fixed_scale(options: JobOptions) -> tuple[int, ...]:
+    """The one native scale the plan may take when the job fixes its size (``--scale``,
+    ``--width``/``--height``: the proposal of ``pipeline.outsize.planned``), else ()."""
+    if options.scale is None and options.target() is None:
+        return ()
+    return (outsize.planned(options)[0],)
+
+
+def _size_text(options: JobOptions) -> str:
+    """The prompt's words for the output size ("scale x2", as before, or "output x1.5")."""
+    if options.target() is None:
+        return f"scale x{options.effective_scale()}"
+    return f"output {outsize.describe(options)}"
 
 
 def _merge_literals(template: list[tuple]) -> list[tuple]:

@@ -23,6 +23,7 @@ import math
 import re
 from typing import Sequence
 
+from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.messages import EDIT_TASKS, Description, Edit, JobOptions, Operation, OperationName, Plan
 from pixelrelay.pipeline.stages.base import Planner, check_batch
 from pixelrelay.pipeline.stages.planners.edits import PlanningError
@@ -247,11 +248,16 @@ class RulesPlanner(Planner):
         ]
         operations = [op for op in operations if op.strength > 0.0]
 
-        scale = options.effective_scale()
-        reasons.append(f"scale x{scale} ({options.task}{', as asked' if options.scale is not None else ''})")
+        scale, target = outsize.planned(options)
+        if target is None:
+            reasons.append(f"scale x{scale} ({options.task}{', as asked' if options.scale is not None else ''})")
+        else:
+            reasons.append(f"output {target.describe()} (as asked): the decoder runs its native scale for it "
+                           f"(x{scale} on 1, 2, 4) and resamples")
         return Plan(
             operations=operations,
-            scale=scale,
+            scale=scale,  # type: ignore[arg-type]
+            target=target,
             output_format=options.format or "png",
             prompt=self._prompt(description),
             negative_prompt=self._negative_prompt(strengths),

@@ -1,0 +1,205 @@
+"""Any output scale: the one policy for an output's size and how a decoder reaches it.
+
+A plan asks for its output in one of two ways (``pipeline.messages``):
+
+* **A native scale** (``Plan.scale`` 1, 2 or 4, no ``Plan.target``): the decoder's output is
+  exactly ``scale`` x the input, as it always was. Nothing here touches such an item: its
+  pixels, notes and manifest row are what they were before any output scale existed.
+* **A target** (``Plan.target``, wire version 4): a scale factor in (0, 8] other than 1, 2
+  or 4 (``--scale 1.5``, ``3``, ``0.5``, ``8``), or a width and/or height to fit inside.
+
+Size (``final_size``), exact for every source size:
+
+* scale ``s``: ``(round(w * s), round(h * s))``, halves rounded up, at least 1 pixel;
+* width ``W`` only: ``(W, round(h * W / w))``; height ``H`` only: ``(round(w * H / h), H)``;
+* both: the largest size that fits inside ``W`` x ``H`` keeping the aspect ratio: the side
+  that binds is exact, the other rounded (half up), never over the box. A box larger than
+  the image scales it up (as ImageMagick's ``WxH`` geometry does).
+
+Boxes are computed in integers. ``factor`` is the scale before rounding (``s``, or the
+binding side's ratio); the manifest records it as ``ItemRecord.final_scale``.
+
+Native scale (``native_scale``), the rule of ``decoders.choice`` applied to the target:
+the decoder's native scale (``Decoder.native_scales()``: 1, 2, 4 for ``builtin`` and
+``classic``, the models' scales for ``hf-sr`` and ``spandrel``, 4 for ``sd-upscale``) equal to
+the target's ``factor``, else the smallest above it, else the largest. (At or above the
+factor, the rounded size is within native x the source on both sides.) The decoder runs the plan at that scale (``restore`` hands it a
+copy of the plan with ``scale`` set to it and no target), and its result is resampled to the
+exact size: bicubic, antialiased when it shrinks (``tensors.resize``); alpha bilinear on its
+own (``tensors.resize_alpha_to``). Where no native scale reaches the target (x8 on
+``builtin``), the largest runs and a note says the rest was resized; every resampled item
+gets a note naming the native scale and the final size, and its record the native scale
+(``ItemRecord.native_scale``).
+
+Bounds: ``PIXELRELAY_MAX_OUTPUT_PIXELS`` is checked against the final size (``sizer``), from
+the header, at encode (the job's options) and at decode (the plan). The decoder's native
+result, resampled from, is at most 4x the final size's pixels (a factor just above 1 runs
+x2), or the source's size when the target shrinks.
+
+Planners (``planned``): ``Plan.scale`` is the native scale the planner proposes (the
+smallest of 1, 2, 4 at or above a scale target, the task's default for a box, whose factor
+depends on each image); the decode stage decides with the decoder's own native scales.
+
+torch is imported lazily (the producer validates sizes without it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from pixelrelay.pipeline.messages import NATIVE_SCALES, JobOptions, OutputTarget, Plan
+
+if TYPE_CHECKING:
+    from pixelrelay.pipeline.imageio import DecodedImage
+    from pixelrelay.pipeline.stages.base import Decoder, RestoredImage
+
+Size = tuple[int, int]  # (width, height)
+
+
+def _round_ratio(num: int, den: int) -> int:
+    """``num / den`` rounded half up, in integers, at least 1."""
+    return max(1, (2 * num + den) // (2 * den))
+
+
+def final_size(target: OutputTarget, width: int, height: int) -> Size:
+    """The output (width, height) of a ``width`` x ``height`` source for ``target``."""
+    if target.scale is not None:
+        s = target.scale
+        return max(1, int(width * s + 0.5)), max(1, int(height * s + 0.5))
+    bw, bh = target.width, target.height
+    if bh is None or (bw is not None and bw * height <= bh * width):  # the width binds
+        assert bw is not None
+        return bw, _round_ratio(height * bw, width)
+    return _round_ratio(width * bh, height), bh
+
+
+def factor(target: OutputTarget, width: int, height: int) -> float:
+    """The scale ``target`` asks of a ``width`` x ``height`` source, before rounding."""
+    if target.scale is not None:
+        return float(target.scale)
+    ratios = [side / src for side, src in ((target.width, width), (target.height, height)) if side is not None]
+    return min(ratios)
+
+
+def plan_size(plan: Plan, width: int, height: int) -> Size:
+    """The output size of ``plan`` for a ``width`` x ``height`` source."""
+    if plan.target is None:
+        return width * plan.scale, height * plan.scale
+    return final_size(plan.target, width, height)
+
+
+def options_size(options: JobOptions, width: int, height: int) -> Size:
+    """The output size a job's options ask of a source (what the encode stage checks)."""
+    target = options.target()
+    if target is None:
+        scale = options.effective_scale()
+        assert isinstance(scale, int)
+        return width * scale, height * scale
+    return final_size(target, width, height)
+
+
+def sizer(target: OutputTarget | None, scale: int) -> int | Callable[[int, int], Size]:
+    """What ``imageio.decode_image`` checks the output against: the native ``scale`` where
+    there is no target (as before), else the target's size as a function of the source's."""
+    if target is None:
+        return scale
+    return lambda width, height: final_size(target, width, height)
+
+
+def plan_sizer(plan: Plan) -> int | Callable[[int, int], Size]:
+    return sizer(plan.target, plan.scale)
+
+
+def options_sizer(options: JobOptions) -> int | Callable[[int, int], Size]:
+    target = options.target()
+    if target is None:
+        scale = options.effective_scale()
+        assert isinstance(scale, int)
+        return scale
+    return sizer(target, 1)
+
+
+def native_for(natives: Sequence[int], wanted: float) -> int:
+    """The native scale that serves ``wanted``: equal, else the smallest above, else the
+    largest (``decoders.choice.native_for``, the model rule)."""
+    from pixelrelay.pipeline.stages.decoders.choice import native_for as rule
+
+    return int(rule([int(n) for n in natives], wanted))
+
+
+def native_scale(natives: Sequence[int], target: OutputTarget, width: int, height: int) -> int:
+    """The native scale a decoder with ``natives`` runs for ``target`` on a ``width`` x
+    ``height`` source. From the factor before rounding: at or above it, the rounded size
+    is within ``native`` x the source on both sides."""
+    return native_for(natives, factor(target, width, height))
+
+
+def planned(options: JobOptions) -> tuple[int, OutputTarget | None]:
+    """(``Plan.scale``, ``Plan.target``) for a job: the native scale the planner proposes
+    and the target, None where the job's scale is native (1, 2, 4)."""
+    target = options.target()
+    if target is None:
+        scale = options.effective_scale()
+        assert isinstance(scale, int)
+        return scale, None
+    if target.scale is not None:
+        return native_for(NATIVE_SCALES, target.scale), target
+    return (2 if options.task == "upscale" else 1), target
+
+
+def describe(options: JobOptions) -> str:
+    """The output size a job asks for, e.g. "x2", "x1.5", "width 800", "fit 800x600"."""
+    target = options.target()
+    return target.describe() if target is not None else f"x{options.effective_scale()}"
+
+
+# --- the decode path ----------------------------------------------------------------------
+
+
+def restore(decoder: "Decoder", images: Sequence["DecodedImage"], plans: Sequence[Plan]) -> list["RestoredImage"]:
+    """``decoder.restore`` with every plan's target met (see the module docstring). Plans
+    without a target reach the decoder as they are, and their results come back untouched."""
+    natives = tuple(decoder.native_scales())
+    runs: list[Plan] = []
+    sizes: list[Size | None] = []
+    for image, plan in zip(images, plans):
+        if plan.target is None:
+            runs.append(plan)
+            sizes.append(None)
+            continue
+        final = final_size(plan.target, image.width, image.height)
+        native = native_scale(natives, plan.target, image.width, image.height)
+        runs.append(plan.model_copy(update={"scale": native, "target": None}))
+        sizes.append(final)
+    results = decoder.restore(images, runs)
+    device = getattr(decoder, "torch_device", None) or "cpu"
+    return [
+        result if size is None else _resampled(result, image, plan.target, run.scale, size, natives, device)
+        for result, image, plan, run, size in zip(results, images, plans, runs, sizes)
+    ]
+
+
+def _resampled(result: "RestoredImage", image: "DecodedImage", target: OutputTarget, native: int, size: Size,
+               natives: Sequence[int], device) -> "RestoredImage":
+    from pixelrelay.pipeline import tensors
+
+    got = (result.rgb.shape[1], result.rgb.shape[0])
+    if got != (image.width * native, image.height * native):
+        raise RuntimeError(f"decoder returned {got[0]}x{got[1]} at x{native}, expected "
+                           f"{image.width * native}x{image.height * native}")
+    notes = list(result.notes)
+    wanted = factor(target, image.width, image.height)
+    if native < wanted:  # no native scale reaches it: the largest ran
+        listed = ", ".join(str(n) for n in sorted(set(natives)))
+        notes.append(f"output {target.describe()}: no native scale at or above x{wanted:g} (decoder's: {listed}): "
+                     f"ran x{native} and resized the rest (bicubic)")
+    if got != size:
+        how = "antialiased" if size[0] < got[0] or size[1] < got[1] else "bicubic"
+        notes.append(f"output {target.describe()}: decoder ran x{native}, resampled {got[0]}x{got[1]} -> "
+                     f"{size[0]}x{size[1]} ({how})")
+        rgb = tensors.to_uint8(tensors.resize(tensors.to_tensor(result.rgb).to(device), (size[1], size[0])).cpu())
+        alpha = None if result.alpha is None else tensors.resize_alpha_to(result.alpha, (size[1], size[0]), device)
+    else:
+        rgb, alpha = result.rgb, result.alpha
+    return dataclasses.replace(result, rgb=rgb, alpha=alpha, notes=tuple(notes), native_scale=native)
