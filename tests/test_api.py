@@ -136,6 +136,11 @@ def test_bad_arguments_fail_fast_with_typed_errors(redis_url, tmp_path):
         pixelrelay.submit(str(src), str(tmp_path / "out"), redis_url=url, quality=0)
     with pytest.raises(ConfigError, match="job-id"):
         pixelrelay.submit(str(src), str(tmp_path / "out"), redis_url=url, job_id="../escape")
+    for size, why in (({"scale": 9}, "scale"), ({"scale": 0}, "scale"), ({"scale": float("nan")}, "scale"),
+                      ({"width": 0}, "width"), ({"height": 70000}, "height"),
+                      ({"scale": 2, "width": 100}, "not both")):
+        with pytest.raises(ConfigError, match=why):
+            pixelrelay.submit(str(src), str(tmp_path / "out"), redis_url=url, **size)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError):
         pixelrelay.submit(str(tmp_path / "empty"), str(tmp_path / "out"), redis_url=url)

@@ -195,3 +195,114 @@ def test_edit_tasks_need_an_instruction():
             JobOptions(task=task, instruction="   ")
     with pytest.raises(ValidationError):
         upgrade_message({**v1_body(task="edit", instruction=""), "v": 4})
+
+
+# --- version 4: any output scale (JobOptions.scale, .width, .height, Plan.target, scales) ----
+
+V3_OPTIONS_JSON = ('{"task":"upscale","scale":2,"instruction":"","format":null,"quality":92,"lossless":false,'
+                   '"overwrite":false,"strip_metadata":false}')  # JobOptions(task="upscale", scale=2), as v3 wrote it
+
+
+def test_an_integral_scale_is_written_and_fingerprinted_as_version_3_did():
+    from pixelrelay.pipeline.fingerprint import request_fingerprint
+    from pixelrelay.pipeline.messages import Backends
+
+    old = JobOptions.model_validate_json(V3_OPTIONS_JSON)
+    for options in (JobOptions(task="upscale", scale=2), JobOptions(task="upscale", scale=2.0), old):
+        assert options.model_dump_json() == V3_OPTIONS_JSON  # 2, not 2.0; no width/height keys
+        assert isinstance(options.scale, int) and options.target() is None
+        # what pipeline.fingerprint hashed before any output scale existed (computed with
+        # that release's code): reuse still finds the outputs of old jobs
+        assert request_fingerprint(options, Backends(), "s3://b/in/a.png", "png") == (
+            "4eeb8e9792f0798a40a5f23e1ba4881a8b8a42c99707c87c91ee419f5c2d434e")
+    plain = upgrade_message(v1_body())
+    for scale in (1, 2, 4, 2.0):
+        msg = plain.model_copy(update={"options": JobOptions(task="upscale", scale=scale, instruction="sharper",
+                                                             format="jpg")})
+        assert msg.model_dump(mode="json") == {**v1_body(), "options": {**v1_body()["options"], "scale": int(scale)}}
+    # a new request hashes differently from the old ones
+    new = {request_fingerprint(JobOptions(**o), Backends(), "s3://b/in/a.png", "png")
+           for o in ({"scale": 2}, {"scale": 1.5}, {"scale": 3}, {"width": 800}, {"height": 800},
+                     {"width": 800, "height": 600})}
+    assert len(new) == 6
+
+
+@pytest.mark.parametrize("options", [{"scale": 1.5}, {"scale": 3}, {"scale": 0.5}, {"scale": 8}, {"width": 800},
+                                     {"height": 600}, {"width": 800, "height": 600}], ids=str)
+def test_any_other_scale_or_a_size_is_version_4(options, monkeypatch):
+    plain = upgrade_message(v1_body())
+    msg = plain.model_copy(update={"options": JobOptions(task="upscale", **options)})
+    wire = msg.model_dump(mode="json")
+    assert wire["v"] == 4 and wire["options"].items() >= options.items()
+    assert upgrade_message(json.loads(msg.model_dump_json())) == msg
+    from pixelrelay.pipeline import messages
+
+    monkeypatch.setattr(messages, "WIRE_VERSION", 3)  # a version-3 worker's reader
+    with pytest.raises(WireVersionError):  # its worker re-queues it for an upgraded one, never fails it
+        upgrade_message(wire)
+    upgrade_message(plain.model_dump(mode="json"))  # while it still reads what it always read
+
+
+def test_a_plan_target_and_record_scales_are_version_4_and_absent_otherwise():
+    target = {"scale": 4, "target": {"scale": 3}}
+    carried = upgrade_message(_with_plan({**v1_body(), "v": 4}, target))
+    assert carried.records[0].plan.target.scale == 3 and carried.model_dump(mode="json")["v"] == 4
+    record = carried.records[0].model_copy(update={"plan": carried.records[0].plan.model_copy(update={"target": None}),
+                                                   "native_scale": 4, "final_scale": 3.0})
+    scaled = carried.model_copy(update={"records": [record]})
+    wire = scaled.model_dump(mode="json")
+    assert wire["v"] == 4 and (wire["records"][0]["native_scale"], wire["records"][0]["final_scale"]) == (4, 3.0)
+    assert upgrade_message(wire) == scaled
+    plain = upgrade_message(_with_plan(v1_body(), {"scale": 2}))
+    dumped = plain.model_dump(mode="json")
+    assert "v" not in dumped and "target" not in dumped["records"][0]["plan"]
+    assert {"native_scale", "final_scale"}.isdisjoint(dumped["records"][0])
+
+
+@pytest.mark.parametrize("options", [
+    {"scale": 0}, {"scale": 9}, {"scale": "NaN"}, {"scale": "Infinity"}, {"scale": -1.5}, {"scale": True},
+    {"scale": "2"}, {"scale": 8.000001}, {"width": 0}, {"width": 65536}, {"width": 5.5}, {"width": 5.0},
+    {"width": "800"}, {"height": False}, {"scale": 2, "width": 800}, {"scale": 1.5, "height": 10},
+], ids=str)
+def test_a_forged_output_size_is_rejected(options):
+    with pytest.raises(ValidationError):
+        upgrade_message({**v1_body(**options), "v": 4})
+    with pytest.raises(ValidationError):
+        JobOptions.model_validate_json(json.dumps({"task": "upscale", **options}))
+
+
+@pytest.mark.parametrize("plan", [
+    {"scale": 2, "target": {}}, {"scale": 2, "target": {"scale": 0}}, {"scale": 2, "target": {"scale": 9}},
+    {"scale": 2, "target": {"scale": "NaN"}}, {"scale": 2, "target": {"width": 0}},
+    {"scale": 2, "target": {"scale": 1.5, "width": 3}}, {"scale": 2, "target": {"scale": 1.5, "extra": 1}},
+    {"scale": 3}, {"scale": 8},  # a plan's own scale stays native: 1, 2 or 4
+], ids=lambda p: json.dumps(p))
+def test_a_forged_plan_target_is_rejected(plan):
+    with pytest.raises(ValidationError):
+        upgrade_message(_with_plan({**v1_body(), "v": 4}, plan))
+
+
+@pytest.mark.parametrize("fields", [{"native_scale": 0}, {"native_scale": 9}, {"final_scale": 0},
+                                    {"final_scale": "NaN"}, {"final_scale": -1}], ids=str)
+def test_forged_record_scales_are_rejected(fields):
+    body = {**v1_body(), "v": 4}
+    body["records"] = [{**body["records"][0], **fields}]
+    with pytest.raises(ValidationError):
+        upgrade_message(body)
+
+
+@pytest.mark.parametrize("version", [None, 1, 2, 3])
+@pytest.mark.parametrize("change", ["scale", "width", "target", "record", "edit"])
+def test_an_older_body_with_version_4_fields_is_refused(version, change):
+    """No writer makes one: it would mean a version-3 worker got a message it cannot serve."""
+    body = v1_body(scale=1.5) if change == "scale" else v1_body(scale=None, width=800) if change == "width" else (
+        v1_body(task="edit") if change == "edit" else v1_body())
+    if change == "target":
+        body = _with_plan(body, {"scale": 4, "target": {"scale": 3}})
+    if change == "record":
+        body["records"] = [{**body["records"][0], "native_scale": 4}]
+    if version is not None:
+        body = {**body, "v": version}
+    with pytest.raises(WireFormatError, match="carries version 4 fields"):
+        upgrade_message(body)
+    assert upgrade_message({**body, "v": 4}).wire_version() == 4

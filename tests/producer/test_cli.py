@@ -202,3 +202,29 @@ def test_run_log_folder_is_deleted_only_after_a_clean_run(ok, keep, kept, capsys
     assert os.path.isdir(workers.logdir) == kept
     assert (f"worker logs kept in {workers.logdir}" in capsys.readouterr().err) == kept
     shutil.rmtree(workers.logdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", ["submit", "run"])
+@pytest.mark.parametrize("flags, flag", [
+    (["--scale", "9"], "--scale"), (["--scale", "0"], "--scale"), (["--scale", "nan"], "--scale"),
+    (["--scale", "inf"], "--scale"), (["--scale", "-1"], "--scale"), (["--scale", "x2"], "--scale"),
+    (["--width", "0"], "--width"), (["--width", "65536"], "--width"), (["--height", "1.5"], "--height"),
+    (["--scale", "2", "--width", "100"], "--scale: not with --width/--height"),
+    (["--scale", "1.5", "--height", "100"], "--scale: not with --width/--height"),
+])
+def test_a_bad_output_size_is_a_usage_error(command, flags, flag, tmp_path, capsys):
+    assert _exit_code([command, str(tmp_path), "--out", str(tmp_path / "o"), *flags]) == ExitCode.USAGE
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, options", [
+    (["--scale", "1.5"], {"scale": 1.5}), (["--scale", "2.0"], {"scale": 2}), (["--scale", "8"], {"scale": 8}),
+    (["--scale", "0.5"], {"scale": 0.5}), (["--width", "800"], {"width": 800}),
+    (["--height", "600"], {"height": 600}), (["--width", "800", "--height", "600"], {"width": 800, "height": 600}),
+])
+def test_output_size_flags_make_job_options(flags, options, tmp_path):
+    from pixelrelay.producer.cli import _job_options, build_parser
+
+    got = _job_options(build_parser().parse_args(["submit", str(tmp_path), "--out", str(tmp_path / "o"), *flags]))
+    assert {k: v for k, v in got.model_dump().items() if k in ("scale", "width", "height") and v is not None} == options
+    assert type(got.scale) is type(options.get("scale"))  # 2.0 is the integer 2 (as version 3 wrote it)

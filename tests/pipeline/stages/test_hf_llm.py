@@ -78,6 +78,19 @@ def test_other_random_weights_still_valid(tmp_path_factory):
         _check(plan, options)
 
 
+def test_any_output_scale_is_a_hard_constraint(planner):
+    """The LLM's scale is pinned to the native scale proposed for the job's target, and the
+    plan carries the target itself (edit plans too)."""
+    options = [JobOptions(task="upscale", scale=1.5), JobOptions(scale=3), JobOptions(width=640, height=480),
+               JobOptions(task="edit", instruction="make it warmer", scale=0.5)]
+    plans = planner.plan([DESCRIPTIONS[0]] * len(options), options)
+    for plan, o, scale in zip(plans, options, (2, 4, 1, 1)):
+        Plan.model_validate(plan.model_dump())
+        assert plan.scale == scale and plan.target == o.target() and json.loads(plan.raw)["scale"] == scale
+    assert "output fit 640x480" in planner._user_message(DESCRIPTIONS[0], options[2], plans[2])
+    assert "scale x2" in planner._user_message(DESCRIPTIONS[0], OPTIONS[0], plans[0])  # as before
+
+
 def test_batch_equals_single_calls(planner):
     batch = planner.plan(DESCRIPTIONS, OPTIONS)
     singles = [planner.plan([d], [o])[0] for d, o in zip(DESCRIPTIONS, OPTIONS)]

@@ -172,3 +172,23 @@ def test_plans_are_schema_valid_and_deterministic(encoder, planner):
 def test_mismatched_batch_is_an_error(planner):
     with pytest.raises(ValueError):
         planner.plan([Description(text="a")], [])
+
+
+@pytest.mark.parametrize("options, scale, target", [
+    ({"task": "upscale", "scale": 1.5}, 2, {"scale": 1.5}),
+    ({"scale": 3}, 4, {"scale": 3}),
+    ({"scale": 0.5}, 1, {"scale": 0.5}),
+    ({"scale": 8}, 4, {"scale": 8}),
+    ({"width": 800}, 1, {"width": 800}),
+    ({"task": "upscale", "width": 800, "height": 600}, 2, {"width": 800, "height": 600}),
+])
+def test_any_output_scale_is_carried_as_the_plans_target(planner, options, scale, target):
+    plan = plan_for(planner, Description(text="clean"), **options)
+    assert plan.scale == scale and plan.target.model_dump() == target
+    assert plan.model_dump(mode="json")["target"] == target and "resamples" in plan.rationale
+
+
+def test_a_native_scale_plan_has_no_target_key(planner):
+    for options in ({}, {"task": "upscale"}, {"scale": 4}, {"scale": 2.0}):
+        plan = plan_for(planner, Description(text="clean"), **options)
+        assert plan.target is None and "target" not in plan.model_dump(mode="json")
