@@ -117,7 +117,7 @@ def test_every_target_comes_out_at_its_exact_size(kind, request):
                              f"{29 * result.native_scale}x{37 * result.native_scale} -> {size[0]}x{size[1]} "
                              f"({'bicubic' if size[0] > 29 * result.native_scale else 'antialiased'})"]
         beyond = [n for n in result.notes if "no native scale at or above" in n]
-        assert beyond == ([f"output x8: no native scale at or above x8 (decoder's: 1, 2, 4): ran x4 and resized "
+        assert beyond == (["output x8: no native scale at or above x8 (decoder's: 1, 2, 4): ran x4 and resized "
                            "the rest (bicubic)"] if target.scale == 8 else [])
 
 
