@@ -64,6 +64,7 @@ Scale = Literal[1, 2, 4]  # a plan's native scale (what a decoder runs, see Plan
 NATIVE_SCALES: tuple[int, ...] = (1, 2, 4)  # the values of Scale
 MAX_SCALE = 8  # the largest output scale a job may ask for
 MAX_SIDE = 65535  # the largest output width or height a job may ask for
+MAX_NATIVE_SCALE = 32  # bounds a record's native scale (a decoder's model may be x8, x16)
 OutputFormat = Literal["png", "jpg", "webp"]
 DEFAULT_QUALITY = 92  # JPEG and lossy WebP outputs, when the job names none
 OperationName = Literal["deblock", "denoise", "deblur", "sharpen"]
@@ -386,7 +387,7 @@ class ItemRecord(_Model):
     # Items whose plan has a target (wire version 4; left out of the JSON when None): the
     # scale the decoder ran, and the output's scale before rounding to whole pixels (6
     # significant digits; ``output_size`` is exact). Without a target both are the plan's scale.
-    native_scale: int | None = Field(default=None, ge=1, le=MAX_SCALE)
+    native_scale: int | None = Field(default=None, ge=1, le=MAX_NATIVE_SCALE)
     final_scale: float | None = Field(default=None, gt=0.0, le=float(MAX_SIDE), allow_inf_nan=False)
 
     @property

@@ -89,16 +89,6 @@ def plan_size(plan: Plan, width: int, height: int) -> Size:
     return final_size(plan.target, width, height)
 
 
-def options_size(options: JobOptions, width: int, height: int) -> Size:
-    """The output size a job's options ask of a source (what the encode stage checks)."""
-    target = options.target()
-    if target is None:
-        scale = options.effective_scale()
-        assert isinstance(scale, int)
-        return width * scale, height * scale
-    return final_size(target, width, height)
-
-
 def sizer(target: OutputTarget | None, scale: int) -> int | Callable[[int, int], Size]:
     """What ``imageio.decode_image`` checks the output against: the native ``scale`` where
     there is no target (as before), else the target's size as a function of the source's."""

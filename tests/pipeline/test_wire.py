@@ -282,7 +282,7 @@ def test_a_forged_plan_target_is_rejected(plan):
         upgrade_message(_with_plan({**v1_body(), "v": 4}, plan))
 
 
-@pytest.mark.parametrize("fields", [{"native_scale": 0}, {"native_scale": 9}, {"final_scale": 0},
+@pytest.mark.parametrize("fields", [{"native_scale": 0}, {"native_scale": 33}, {"native_scale": 2.5}, {"final_scale": 0},
                                     {"final_scale": "NaN"}, {"final_scale": -1}], ids=str)
 def test_forged_record_scales_are_rejected(fields):
     body = {**v1_body(), "v": 4}
