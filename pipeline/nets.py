@@ -300,11 +300,17 @@ class DegradationNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: Bx3xHxW in [0,1], 8x8-grid aligned. Returns BxLEN(ENCODER_OUTPUTS) raw outputs:
         noise/50, blur/3, JPEG logit, quality/100, downscaled logit."""
+        return self.forward_with_grid(x)[0]
+
+    def forward_with_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s outputs, plus the crops' JPEG grid scores (BxQ, ``JpegFeatures``):
+        pixel evidence of JPEG compression that the encoder reuses, at no extra cost."""
         f = self.features(x - 0.5).mean(dim=(2, 3))
-        parts = [f, self.jpeg(x)]
+        grid = self.jpeg(x)
+        parts = [f, grid]
         if self.stats is not None:
             parts.append(self.stats(x))
-        return self.head(torch.cat(parts, dim=1))
+        return self.head(torch.cat(parts, dim=1)), grid
 
 
 def build(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
