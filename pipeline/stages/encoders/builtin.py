@@ -47,6 +47,7 @@ JPEG_EVIDENCE_GRID = 0.15
 JPEG_EVIDENCE_BLOCKINESS = 1.3  # clean images read ~1.0 (<= 1.1 on the validation images)
 ANALYSIS_MAX_PIXELS = 512 * 512  # larger images are measured on a sample (analysis.measure)
 CROP_BATCH = 256
+ESTIMATE_VERSION = 2  # part of the identity: bump when the estimates may change
 
 
 def _weights_path(model: str | None) -> Path:
@@ -201,7 +202,9 @@ class BuiltinEncoder(Encoder):
     def compute_identity(self) -> str:
         from pixelrelay.pipeline.fingerprint import file_sha256
 
-        return "builtin:sha256:" + file_sha256(_weights_path(self.model))
+        # The estimate's own version beside the weights: v2 reads 8 crops and fits JPEG tables
+        # only on pixel evidence (#14), so its plans, and outputs, may differ from v1's.
+        return f"builtin:sha256:{file_sha256(_weights_path(self.model))}:estimate-v{ESTIMATE_VERSION}"
 
     @classmethod
     def check_available(cls, model: str | None) -> None:
