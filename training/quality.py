@@ -51,7 +51,7 @@ from pixelrelay.training import data
 SEED = 2024
 
 
-def _pipelines(device: str):
+def _pipelines(device: str, builtin_model: str | None = None):
     from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder
     from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
     from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
@@ -61,7 +61,7 @@ def _pipelines(device: str):
     planner = RulesPlanner()
     return {
         "classic": (AnalysisEncoder(device=device), planner, ClassicDecoder(device=device)),
-        "builtin": (BuiltinEncoder(device=device), planner, BuiltinDecoder(device=device)),
+        "builtin": (BuiltinEncoder(device=device), planner, BuiltinDecoder(model=builtin_model, device=device)),
     }
 
 
@@ -236,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--builtin-model", default=None, metavar="FILE|UPSCALER,RESTORER",
+                    help="score these builtin decoder weights instead of the shipped ones (candidates)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -259,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         degs = [args.degradation] if args.degradation else ["bicubic", "realistic", "mild"]
         scales = [args.scale] if args.scale else [2, 4]
         configs = [(d, s) for d in degs for s in scales]
-    pipes = _pipelines(args.device)
+    pipes = _pipelines(args.device, args.builtin_model)
     print(f"pixelrelay quality bench: {len(files)} {args.split} images from {args.data}")
     figures: dict[str, Any] = {}
     lines = []
