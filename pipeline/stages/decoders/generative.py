@@ -275,12 +275,13 @@ class GenerativeDecoder(Decoder):
                 run, batch_size=min(self.batch, len(images)), tile=self.native, min_tile=self.min_side, align=ALIGN,
                 what=f"{self.kind} {self.model_id} edit",
             )
-        notes = [f"{self.kind}: {self.model_id}, {requests[0].what} at {small.shape[-1]}x{small.shape[-2]} "
-                 f"(native {self.native}x{self.native}), {self.describe_request(requests[0])}"]
-        if retries:
-            notes.append(f"{self.kind}: out of memory, finished with batch {batch}, working side {side}px")
-        return [self._finish(image, plan, x[k : k + 1], small[k : k + 1], edit[k : k + 1], notes, request)
-                for k, (image, plan, request) in enumerate(zip(images, plans, requests))]
+        oom = [f"{self.kind}: out of memory, finished with batch {batch}, working side {side}px"] if retries else []
+        where = f"at {small.shape[-1]}x{small.shape[-2]} (native {self.native}x{self.native})"
+        return [
+            self._finish(image, plan, x[k : k + 1], small[k : k + 1], edit[k : k + 1], request,
+                         [f"{self.kind}: {self.model_id}, {request.what} {where}, {self.describe_request(request)}", *oom])
+            for k, (image, plan, request) in enumerate(zip(images, plans, requests))
+        ]
 
     def _call(self, x: "torch.Tensor", requests: Sequence[Request]) -> "torch.Tensor":
         """One pipeline call: (B,3,h,w) float [0,1] CPU -> (B,3,h,w) float32 [0,1] CPU."""
@@ -304,12 +305,11 @@ class GenerativeDecoder(Decoder):
         return out.images.to("cpu", torch.float32).clamp(0, 1)
 
     def _finish(self, image: DecodedImage, plan: Plan, source: "torch.Tensor", small: "torch.Tensor",
-                edit: "torch.Tensor", notes: list[str], request: Request) -> RestoredImage:
+                edit: "torch.Tensor", request: Request, notes: list[str]) -> RestoredImage:
         from pixelrelay.pipeline import tensors
 
         size = (image.height * plan.scale, image.width * plan.scale)
         out = tensors.resize(source, size) + tensors.resize(edit - small, size)
-        notes = list(notes)
         if request.what == "edit" and plan.operations:
             notes.append(f"{self.kind}: restoration operations folded into the negative prompt: {request.negative}")
         if plan.scale > 1:

@@ -195,6 +195,7 @@ def test_out_of_memory_halves_the_batch_then_the_working_size(img2img, monkeypat
         got = dec.restore(images, plans)
     assert got[0].rgb.shape == (32, 32, 3) and any("edit at 16x16" in n for n in got[0].notes), got[0].notes
     assert any("working side 16px" in n for n in got[1].notes)
+    assert any("seed 1" in n for n in got[0].notes) and any("seed 2" in n for n in got[1].notes)  # each its own
     with _MemoryLimit(dec, 10), pytest.raises(TileOutOfMemoryError, match="minimum"):
         dec.restore(images[:1], plans[:1])
 
