@@ -3,8 +3,8 @@
 A subclass says only what differs: which model serves a plan (``choose``), that model's
 name, native scale and window alignment, and how one batch of tiles runs through it
 (``forward``); optionally what a pixel costs it in memory (``pixel_bytes``; the default is
-a generic estimate for a 64-channel conv upscaler), plans that must not share a forward call (``batch_key``), extra
-notes, and plans it returns untouched (``unchanged``). Everything else happens here, once,
+a generic estimate for a 64-channel conv upscaler), plans that must not share a forward
+call (``batch_key``), extra notes, and plans it returns untouched (``unchanged``). Everything else happens here, once,
 and is the same for every learned decoder:
 
 * **Grouping.** Items whose plans choose the same model at the same native scale, have the
