@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     device: str = "cpu"
     io_threads: int = Field(4, ge=1, le=256)  # storage + image codec threads per worker process
     torch_threads: int = Field(0, ge=0, le=1024)  # 0: torch's default
+    # The C allocator (pipeline.memory): "tuned" keeps feature maps in the heap between batches.
+    allocator: Literal["tuned", "default"] = "tuned"
     encoder: str = C.DEFAULT_ENCODER
     planner: str = C.DEFAULT_PLANNER
     decoder: str = C.DEFAULT_DECODER
