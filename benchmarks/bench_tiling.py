@@ -22,8 +22,9 @@ are noisy, ratios within one run are what count.
 
 glibc serves allocations over its mmap threshold (at most 32 MB) with fresh pages that the
 kernel zeroes on every call; a whole 1024² image's feature maps are 128 MB each, so its
-forward pays that in system time, and tiles do not. Run with ``MALLOC_MMAP_THRESHOLD_`` set
-(e.g. 4294967296) to see the network's own cost.
+forward pays that in system time, and tiles do not. Workers raise the threshold
+(``pipeline.memory``, ``PIXELRELAY_ALLOCATOR=tuned``); so does this benchmark, unless
+``--allocator default``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pixelrelay.pipeline.messages import Plan  # noqa: E402
+from pixelrelay.pipeline.memory import tune_allocator  # noqa: E402
 from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder  # noqa: E402
 from pixelrelay.pipeline.tiling import MIB, run_tiled  # noqa: E402
 
@@ -104,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="256,512,1024")
     ap.add_argument("--scales", default="2,4")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                    help="the workers' allocator policy (pipeline.memory), or glibc's default")
     args = ap.parse_args(argv)
+    if args.allocator == "tuned":
+        tune_allocator()
     torch.set_num_threads(1)
     dec = BuiltinDecoder()
     cases = [(int(s), int(k)) for k in args.scales.split(",") for s in args.sizes.split(",")]
@@ -129,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                 grids[(case, name)] = describe(used, case[0])
         print(f"round {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     load = os.getloadavg()[0]
-    mmap = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
+    mmap = "1 GiB (tuned)" if args.allocator == "tuned" else os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
     print(f"builtin decoder ({MODEL} network), torch threads = 1, {args.repeats} interleaved repeats, medians; "
-          f"MALLOC_MMAP_THRESHOLD_={mmap}; load average {load:.1f} on {os.cpu_count()} cores "
+          f"mmap threshold {mmap}; load average {load:.1f} on {os.cpu_count()} cores "
           f"(a shared machine: wall times are noisy, ratios count)")
     print()
     print("| scale | size | run | grid (input px) | CPU ms / image (sys) | vs untiled | wall ms | vs untiled |")
