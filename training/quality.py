@@ -231,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scale", type=int, choices=(2, 4), default=None, help="default: 2 and 4")
     ap.add_argument("--degradation", choices=("bicubic", "realistic", "mild"), default=None,
                     help="default: bicubic x2, bicubic x4, realistic x2, mild x2")
-    ap.add_argument("--split", choices=("val", "all"), default="val")
+    ap.add_argument("--split", choices=("val", "train", "all"), default="val",
+                    help="val: the validation part (report figures on it); train: the training part "
+                         "(tune hyperparameters on it, never on val); all: every file")
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -247,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"pixelrelay bench quality: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    files = val_files if args.split == "val" else sorted(train_files + val_files)
+    files = {"val": val_files, "train": train_files, "all": sorted(train_files + val_files)}[args.split]
     if args.limit:
         files = files[: args.limit]
     if not files:
