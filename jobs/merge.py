@@ -29,8 +29,10 @@ Invariants:
 * A cancelled job's manifest still has one line per item: a group whose rows do not cover
   its items gets a ``cancelled`` row for each item it lacks, from the listing shards of that
   group only. Such a group is not written as a group file.
-* Every line read back is checked (a JSON object with an integer ``index`` in the group's
-  range and a known ``status``); a line that is not is logged and skipped, never trusted.
+* Every line read back is checked: a part's line is parsed (a JSON object with an integer
+  ``index`` in the group's range and a known ``status``); a group file's line, as written
+  by ``_row_line``, has its index and status read without a full parse, in increasing
+  index order (any other line is parsed in full). A line that fails is logged and skipped.
 
 A part written after its group was merged (a duplicate of a chain already counted) is not
 in the manifest, exactly as a part written after the one-pass merge would not be.
@@ -348,16 +350,42 @@ def _groups(storage: Storage, spec: JobSpec, geo: Groups, seq: int, cancelled: b
         yield merged
 
 
+_INDEX_KEY, _STATUS_KEY = b'{"index":', b',"status":"'
+
+
+def _index_status(line: bytes, items: range) -> tuple[int, str] | None:
+    """A group line's index and status, read from the shape ``_row_line`` writes (index the
+    first key, ``"status"`` the first key after the input and output strings, in which a
+    quote is always escaped); None when the line has another shape or its values are not
+    a row of ``items``. The fast check of the finish: no full JSON parse per line."""
+    if not line.startswith(_INDEX_KEY):
+        return None
+    end = line.find(b",", len(_INDEX_KEY))
+    at = line.find(_STATUS_KEY, end)
+    digits = line[len(_INDEX_KEY) : end]
+    if end < 0 or at < 0 or not digits.isdigit() or not line.endswith(b"}"):
+        return None
+    status = line[at + len(_STATUS_KEY) : line.find(b'"', at + len(_STATUS_KEY))].decode("ascii", "replace")
+    index = int(digits)
+    return (index, status) if index in items and status in STATUSES else None
+
+
 def _parse_group(body: bytes, items: range) -> Merged:
     lines, counts, last = [], {}, -1
     for line in body.splitlines():
-        if not line.strip() or (row := check_row(line, items)) is None:
+        if not line.strip():
             continue
-        if row["index"] <= last:  # out of order or twice: never written so
+        found = _index_status(line, items)
+        if found is None:  # not as written: parsed and checked in full, or skipped
+            row = check_row(line, items)
+            if row is None:
+                continue
+            found, line = (row["index"], row["status"]), _row_line(row).rstrip(b"\n")
+        if found[0] <= last:  # out of order or twice: never written so
             log.warning("skipping a group line out of index order: %.80r", line)
             continue
-        last = row["index"]
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        last = found[0]
+        counts[found[1]] = counts.get(found[1], 0) + 1
         lines.append(line + b"\n")
     return Merged(lines, counts)
 
