@@ -57,7 +57,8 @@ log = logging.getLogger("pixelrelay.merge")
 
 GROUP_ITEMS = 10_000  # the least number of items per group (the last group may have fewer)
 GROUPS_DIR = "groups"
-READ_THREADS = 8  # objects fetched at once (S3 latency, not bandwidth, bounds a merge)
+READ_THREADS = 8  # parts fetched at once (S3 latency, not bandwidth, bounds a merge)
+GROUP_READ_THREADS = 4  # group files (MBs each) fetched and held at once by the finish
 STATUSES = frozenset({"done", "failed", CANCELLED})
 
 Keepalive = Callable[[], None]
@@ -201,8 +202,10 @@ def _row_line(row: dict) -> bytes:
     return json.dumps(row, separators=(",", ":")).encode() + b"\n"
 
 
-def _fetch(storage: Storage, uris: list[str], threads: int = READ_THREADS) -> Iterator[bytes | None]:
-    """The bodies of ``uris`` in order, ``threads`` at a time (None for one that is gone)."""
+def _fetch(storage: Storage, uris: list[str], threads: int = READ_THREADS, window: int = 4 * READ_THREADS
+           ) -> Iterator[bytes | None]:
+    """The bodies of ``uris`` in order, ``threads`` at a time, at most ``window`` held at
+    once (None for one that is gone)."""
 
     def get(uri: str) -> bytes | None:
         try:
@@ -214,8 +217,8 @@ def _fetch(storage: Storage, uris: list[str], threads: int = READ_THREADS) -> It
         yield from map(get, uris)
         return
     with ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
-        for start in range(0, len(uris), 4 * threads):  # a bounded window: memory stays small
-            yield from pool.map(get, uris[start : start + 4 * threads])
+        for start in range(0, len(uris), window):  # a bounded window: memory stays small
+            yield from pool.map(get, uris[start : start + window])
 
 
 # --- merging one group ------------------------------------------------------------------
@@ -335,7 +338,7 @@ def _groups(storage: Storage, spec: JobSpec, geo: Groups, seq: int, cancelled: b
     uris = [group_uri(spec.output, spec.job_id, g, seq) for g in range(geo.count)]
     older: dict[int, list[int]] | None = None
     parts = PartLister(storage, spec, geo)
-    for group, body in enumerate(_fetch(storage, uris)):
+    for group, body in enumerate(_fetch(storage, uris, GROUP_READ_THREADS, GROUP_READ_THREADS)):
         if body is not None:
             merged = _parse_group(body, geo.items(group))
         else:
