@@ -292,3 +292,29 @@ def test_on_s3_a_group_lists_its_name_prefixes_only(client, s3_bucket, monkeypat
     expected, expected_counts = job.reference()
     body, counts, reads = job.finish()
     assert body == expected and counts == expected_counts and len(reads) == 5
+
+
+def test_the_decode_finish_merges_each_group_as_its_last_chunk_ends(client, tmp_path, monkeypatch):
+    """Through ``workers.policy.finish_chunk``, as the decode stage ends a chain: a group file
+    appears when its last chunk ends, and the last chain's finish reads only group files."""
+    from pixelrelay.pipeline.messages import ChunkMessage
+    from pixelrelay.workers.policy import finish_chunk
+
+    monkeypatch.setattr(merge, "GROUP_ITEMS", 40)
+    job = Job(client, _local(tmp_path), str(tmp_path / "out"), 100, 4)  # 25 chunks, groups of 10
+    sent = []
+    for chunk in [*range(10, 25), *range(0, 10)]:
+        records = [job.record(i, "done") for i in range(chunk * 4, chunk * 4 + 4)]
+        msg = ChunkMessage(job_id=job.job_id, seq=job.seq, chunk=chunk, output=job.output, options=job.spec.options,
+                           backends=job.spec.backends, records=records, feeds=False)
+        job.storage.reads = []
+        wrote = finish_chunk(job.state, job.storage, sent.append, msg)
+        exists = [job.storage.inner.exists(group_uri(job.output, job.job_id, g, job.seq)) for g in range(3)]
+        if chunk == 19:
+            assert exists == [False, True, False]
+        if chunk == 24:
+            assert exists == [False, True, True]
+        assert wrote == (chunk == 9)
+    assert job.storage.reads[-3:] == [group_uri(job.output, job.job_id, g, job.seq) for g in range(3)]
+    assert len(job.storage.reads) == 10 + 3  # the last group's 10 parts, then the 3 group files
+    assert [r["index"] for r in _lines(job.storage.inner.get(manifest_uri(job.output, job.job_id)))] == list(range(100))
