@@ -297,6 +297,17 @@ def merge_group_if_complete(state: JobState, storage: Storage, spec: JobSpec, se
         return False
 
 
+def iter_rows(storage: Storage, spec: JobSpec, seq: int) -> Iterator[dict]:
+    """The newest row per item as of submission ``seq`` (every part up to it), in index
+    order: each group's newest file plus the parts written after it (a job rebuilt from
+    storage reads this, not every part)."""
+    geo = Groups.of(spec)
+    older, parts = list_group_files(storage, spec.output, spec.job_id), PartLister(storage, spec, geo)
+    for group in range(geo.count):
+        for line in merge_group(storage, spec, geo, group, seq + 1, older, parts=parts).lines:
+            yield json.loads(line)
+
+
 # --- the finish ---------------------------------------------------------------------------
 
 

@@ -318,3 +318,22 @@ def test_the_decode_finish_merges_each_group_as_its_last_chunk_ends(client, tmp_
     assert job.storage.reads[-3:] == [group_uri(job.output, job.job_id, g, job.seq) for g in range(3)]
     assert len(job.storage.reads) == 10 + 3  # the last group's 10 parts, then the 3 group files
     assert [r["index"] for r in _lines(job.storage.inner.get(manifest_uri(job.output, job.job_id)))] == list(range(100))
+
+
+def test_a_job_rebuilt_from_storage_reads_group_files_not_every_part(client, tmp_path, monkeypatch):
+    """Redis lost the job: its done bits come back from the group files of the groups that
+    completed and from the parts of the one that did not."""
+    from pixelrelay.jobs.files import iter_part_records
+    from pixelrelay.jobs.recover import restore_done
+
+    monkeypatch.setattr(merge, "GROUP_ITEMS", 1000)  # groups of 100 chunks
+    job = Job(client, _local(tmp_path), str(tmp_path / "out"), 4_800, 16)
+    job.run(chunks=list(range(0, 200)) + list(range(250, 260)))  # groups 0 and 1 whole, 2 in part
+    expected = sorted(r["index"] for r in iter_part_records(job.storage.inner, job.output, job.job_id)
+                      if r["status"] == "done")
+    client.delete(*client.keys(f"pixelrelay:job:{job.job_id}*"))  # Redis lost it
+    state = JobState(client, job.job_id, TEST_SIGNER)
+    job.storage.reads = []
+    assert restore_done(state, job.storage, job.spec) == len(expected)
+    assert len(job.storage.reads) == 2 + 10 + 1  # 2 group files, 10 parts, the cancel marker
+    assert state.seq() == job.seq and state.marked_in(0, 4_800) == len(expected)
