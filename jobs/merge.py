@@ -7,7 +7,7 @@ manifest is the concatenation of the group files.
 or 5 x 10^k with ``per_group * chunk_size >= GROUP_ITEMS`` (10,000). So a job has at most
 ceil(total / 10,000) groups, of 10,000 to 25,000 items each (the last one may be smaller),
 and the part names of a group share 1, 2 or 5 name prefixes (one S3 listing each; local
-storage lists the parts folder).
+storage looks up the names a group's parts can have: ``PartLister``).
 
 Invariants:
 
@@ -149,37 +149,40 @@ def list_group_files(storage: Storage, output: str, job_id: str) -> dict[int, li
 
 
 class PartLister:
-    """(seq, uri) of every part of a group's chunks, in (seq, uri) order: the order in which
-    the one-pass merge lets a newer line replace an older one. S3 lists the group's name
-    prefixes; a local folder is listed once and its parts bucketed by group."""
+    """(seq, uri) of every part of a group's chunks up to submission ``seq``, in (seq, uri)
+    order: the order in which the one-pass merge lets a newer line replace an older one.
+
+    S3 lists the group's name prefixes (1, 2 or 5 listings). A local folder cannot be listed
+    by name prefix, and listing all its parts per group would cost O(parts) each time: there
+    every name a part of the group can have is looked up instead (per chunk and submission,
+    the chain's part and one per item for a split chunk: ``part_uri``), a ``stat`` each."""
 
     def __init__(self, storage: Storage, spec: JobSpec, geo: Groups) -> None:
-        self.storage, self.geo = storage, geo
+        self.storage, self.spec, self.geo = storage, spec, geo
         self.folder = part_uri(spec.output, spec.job_id, 0, 0).rsplit("/", 1)[0] + "/"
-        self.by_group: dict[int, list[tuple[int, str]]] | None = None
 
-    def of(self, group: int) -> list[tuple[int, str]]:
-        if is_s3(self.folder):
-            return sorted(self._parts([self.folder + p for p in self.geo.name_prefixes(group)], group))
-        if self.by_group is None:
-            self.by_group = {}
-            for seq, chunk, uri in self._named(self.storage.list(self.folder)):
-                self.by_group.setdefault(self.geo.of_chunk(chunk), []).append((seq, uri))
-        return sorted(self.by_group.get(group, []))
+    def of(self, group: int, seq: int, after: int = 0) -> list[tuple[int, str]]:
+        """The parts of submissions ``after`` < s <= ``seq``."""
+        found = self._listed(group) if is_s3(self.folder) else self._looked_up(group, range(after + 1, seq + 1))
+        return sorted((s, uri) for s, uri in found if after < s <= seq)
 
-    def _parts(self, prefixes: list[str], group: int) -> Iterator[tuple[int, str]]:
+    def _listed(self, group: int) -> Iterator[tuple[int, str]]:
         chunks = self.geo.chunks(group)
-        for prefix in prefixes:
-            for seq, chunk, uri in self._named(self.storage.list(prefix)):
-                if chunk in chunks:
-                    yield seq, uri
+        for prefix in self.geo.name_prefixes(group):
+            for uri in self.storage.list(self.folder + prefix):
+                fields = _name_fields(uri)
+                if fields is not None and int(fields[0]) in chunks:
+                    yield int(fields[1]), uri
 
-    @staticmethod
-    def _named(uris: Iterator[str]) -> Iterator[tuple[int, int, str]]:
-        for uri in uris:
-            fields = _name_fields(uri)
-            if fields is not None:
-                yield int(fields[1]), int(fields[0]), uri
+    def _looked_up(self, group: int, seqs: range) -> Iterator[tuple[int, str]]:
+        out, job, size = self.spec.output, self.spec.job_id, self.geo.chunk_size
+        for chunk in self.geo.chunks(group):
+            for s in seqs:
+                names = [""] + [str(i) for i in range(chunk * size, min(self.geo.total, (chunk + 1) * size))]
+                for name in names:
+                    uri = part_uri(out, job, chunk, s, name)
+                    if self.storage.exists(uri):
+                        yield s, uri
 
 
 # --- reading lines back -----------------------------------------------------------------
@@ -247,7 +250,7 @@ def merge_group(
         body = storage.get(group_uri(spec.output, spec.job_id, group, base_seq))
         _fold(newest, body, items)
     lister = parts or PartLister(storage, spec, geo)
-    for body in _fetch(storage, [uri for s, uri in lister.of(group) if base_seq < s <= seq]):
+    for body in _fetch(storage, [uri for _, uri in lister.of(group, seq, after=base_seq)]):
         if body is not None:  # gone since the listing (gc): as if never written
             _fold(newest, body, items)
         keepalive()
