@@ -48,6 +48,7 @@ from PIL import Image  # noqa: E402
 
 from pixelrelay.jobs.state import JobState  # noqa: E402
 from pixelrelay.pipeline.imageio import decode_image, encode_image  # noqa: E402
+from pixelrelay.pipeline.memory import tune_allocator  # noqa: E402
 from pixelrelay.pipeline.messages import Description, JobOptions, Plan  # noqa: E402
 from pixelrelay.pipeline.settings import Settings  # noqa: E402
 from pixelrelay.pipeline.stages import create_decoder, create_encoder, create_planner  # noqa: E402
@@ -91,6 +92,7 @@ def make_inputs(folder: Path, n: int, size: int) -> str:
 def direct(folder: Path, out: Path, batch: int) -> float:
     import torch
 
+    tune_allocator()  # the workers' allocator policy, for a like-for-like baseline
     torch.set_num_threads(os.cpu_count() or 1)
     encoder, planner, decoder = (create_encoder(SPECS["encoder"]), create_planner(SPECS["planner"]),
                                  create_decoder(SPECS["decoder"]))
@@ -181,6 +183,7 @@ class _Encode:
     def __init__(self, threads: int) -> None:
         import torch
 
+        tune_allocator()
         torch.set_num_threads(threads)
         self.encoder = create_encoder(SPECS["encoder"])
 
@@ -194,6 +197,7 @@ class _Plan:
     def __init__(self, threads: int) -> None:
         import torch
 
+        tune_allocator()
         torch.set_num_threads(threads)
         self.planner = create_planner(SPECS["planner"])
 
@@ -208,6 +212,7 @@ class _Decode:
     def __init__(self, threads: int, out: str) -> None:
         import torch
 
+        tune_allocator()
         torch.set_num_threads(threads)
         self.decoder = create_decoder(SPECS["decoder"])
         self.out = Path(out)

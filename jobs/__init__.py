@@ -5,6 +5,8 @@
   parts, the manifest), the source of truth;
 * ``state``  the job's state in Redis (a hash and two bitmaps), a cache of ``files``;
 * ``feed``   the Celery-free windowed feed (which chunk goes next) and the finish;
+* ``merge``  manifest parts folded into group files of ~10,000 items as a job runs, and the
+  manifest written from them (the finish reads one object per group, not every part);
 * ``chunks`` chunks in flight (sent, not yet finished), the active jobs, and the task ids
   that name a chain's stage messages: what the sweep reads to find lost chains;
 * ``backlog`` items of active jobs not yet through each stage (``pixelrelay exporter``).

@@ -20,7 +20,12 @@ manifest of a cancelled job is written by ``finalize_cancelled`` once no chain o
 submission is in flight: by the last chain to end (after untracking itself, so that of two
 chains ending together at least one sees none left), by the sweep when it drops a lost
 chain, or by ``pixelrelay cancel`` after its grace (``force``). Items no part names are
-written as ``cancelled`` (``jobs.files.with_cancelled``): one line per item, always.
+written as ``cancelled``: one line per item, always.
+
+The manifest is the concatenation of the job's group files (``jobs.merge``): the finish
+reads one object per 10,000 items or more, not every part. The claim to write it
+(``JobState.claim_finalize``) is a lease the writer keeps alive: a writer that died gives it
+up, and ``finish_pending`` tells the sweep to keep the chain that would finish the job.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from __future__ import annotations
 from typing import Callable
 
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot, tracked
-from pixelrelay.jobs.files import CANCELLED, manifest_uri, merge_manifest, read_chunk, record_for
+from pixelrelay.jobs.files import CANCELLED, manifest_uri, read_chunk, record_for
+from pixelrelay.jobs.merge import write_manifest
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import ChunkMessage, JobSpec
 from pixelrelay.pipeline.storage import Storage
@@ -94,12 +100,21 @@ def finalize_cancelled(state: JobState, storage: Storage, spec: JobSpec, force: 
     return _write_manifest(state, storage, spec, seq)
 
 
+def finish_pending(state: JobState, seq: int) -> bool:
+    """Submission ``seq`` (the current one, not cancelled) has every item done or failed but
+    no manifest yet: someone must still write it (the sweep keeps the chain that would)."""
+    info = state.info()
+    if info.get("cancelled_at") or info.get("seq") != str(seq) or info.get("finished_seq") == str(seq):
+        return False
+    return state.counts().complete
+
+
 def _write_manifest(state: JobState, storage: Storage, spec: JobSpec, seq: int) -> bool:
     if not state.claim_finalize(seq):
         return False
     cancelled = state.cancelled()
     try:
-        counts = merge_manifest(storage, spec.output, spec.job_id, spec.total if cancelled else None)
+        counts = write_manifest(storage, spec, seq, cancelled, keepalive=lambda: state.refresh_finalize(seq))
     except BaseException:
         state.release_finalize(seq)
         raise

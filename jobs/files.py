@@ -3,6 +3,7 @@
     OUTPUT/_jobs/<job_id>/job.json                   the JobSpec
     OUTPUT/_jobs/<job_id>/inputs/<shard>.jsonl       the listing: Items, in index order
     OUTPUT/_jobs/<job_id>/parts/<chunk>-<seq>.jsonl  one ItemRecord per line, per chain
+    OUTPUT/_jobs/<job_id>/groups/<group>-<seq>.jsonl merged parts of ~10,000 items (``jobs.merge``)
     OUTPUT/_jobs/<job_id>/manifest.jsonl             merged parts, one line per item
     OUTPUT/_jobs/<job_id>/cancelled                  {"cancelled_at": t}: the job was cancelled
 
@@ -10,6 +11,10 @@ Parts are written whole and never appended, so a redelivered chain just rewrites
 A resubmission (``seq`` + 1) writes new parts; the merge keeps the newest line per item.
 The manifest of a cancelled job still has one line per item: an item that no part names
 gets a ``cancelled`` line (``output`` null, ``error`` "job cancelled").
+
+The finish writes the manifest from the group files (``jobs.merge.write_manifest``), not
+from the parts; ``merge_manifest`` here is the one-pass merge of every part, the reference
+that the group files must equal (tests, ``benchmarks/bench_finish.py``).
 
 A listed item with an ``error`` (the listing rejected it: see ``producer.listing``) enters its
 chain as a failed record (``record_for``); no stage writes anything for it.
@@ -216,7 +221,8 @@ def with_cancelled(rows: Iterable[dict], items: Iterable[Item]) -> Iterator[dict
 
 
 def merge_manifest(storage: Storage, output: str, job_id: str, cancelled_total: int | None = None) -> dict[str, int]:
-    """Merge every part into manifest.jsonl (atomically); returns counts by status. With
+    """Merge every part into manifest.jsonl (atomically), reading each one (one pass: the
+    reference for ``jobs.merge``, not the finish); returns counts by status. With
     ``cancelled_total`` (a cancelled job's item count), items no part names are ``cancelled``."""
     counts = {"done": 0, "failed": 0, CANCELLED: 0}
     rows = iter_part_records(storage, output, job_id)

@@ -12,7 +12,9 @@ JOB = PREFIX + "job:{job_id}"  # hash: spec, total, seq, n_chunks, timestamps (p
 DONE_BITS = JOB + ":done"  # bitmap, bit i set = item i done
 FAILED_BITS = JOB + ":failed"  # bitmap, failed in the current submission
 CURSOR = JOB + ":cursor"  # next chunk to enqueue
-FINALIZED = JOB + ":finalized:{seq}"  # set once: the manifest of submission seq is being/was written
+FINALIZED = JOB + ":finalized:{seq}"  # "writing" (a lease, FINALIZE_LEASE_S, kept alive while
+# writing) or "written": the manifest of submission seq is being / was written
+GROUP_CLAIM = JOB + ":group:{seq}:{group}"  # SET NX: one merger writes a group file (``jobs.merge``)
 DELIVERIES = JOB + ":deliveries:{stage}:{seq}:{chunk}"  # deliveries of one chain (poison pills)
 CHUNKS = JOB + ":chunks"  # hash: slot -> JSON {stage, since, wait, feeds}, chunks in flight
 LEASE = JOB + ":lease:{slot}"  # string: worker id, PX lease; the worker running that slot
@@ -39,6 +41,7 @@ MODELS_DEFAULT = PREFIX + "models-default:{stage}"
 MODELS_TTL_S = 300
 MODELS_REFRESH_S = 60
 
+FINALIZE_LEASE_S = 120  # a finisher that died holding the claim gives it up after this long
 JOB_TTL_S = 7 * 24 * 3600  # a job's keys are kept this long after its manifest is written
 CHUNKS_TTL_S = 7 * 24 * 3600  # refreshed on every write: a forgotten job's hash goes away
 DELIVERIES_TTL_S = 7 * 24 * 3600
@@ -62,6 +65,10 @@ def cursor(job_id: str) -> str:
 
 def finalized(job_id: str, seq: int) -> str:
     return FINALIZED.format(job_id=job_id, seq=seq)
+
+
+def group_claim(job_id: str, seq: int, group: int) -> str:
+    return GROUP_CLAIM.format(job_id=job_id, seq=seq, group=group)
 
 
 def deliveries(job_id: str, stage: str, seq: int, chunk: str) -> str:

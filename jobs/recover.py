@@ -17,7 +17,8 @@ Invariants:
 * a rebuild that fails half-way deletes the job hash again, so that the next try starts
   over (chains it fed belong to a submission the next one makes stale);
 * the new submission's seq follows the newest part in storage, so parts of older
-  submissions still in flight are recognised as stale; done bits come back from the parts;
+  submissions still in flight are recognised as stale; done bits come back from the
+  group files and the parts written after them (``jobs.merge.iter_rows``), not every part;
 * the feed starts over from chunk 0 and skips done items (``jobs.feed``): chains lost with
   the broker are sent again, and one that survived is a harmless duplicate (counts are
   bitmaps, stages are idempotent).
@@ -32,7 +33,8 @@ from pydantic import ValidationError
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
-from pixelrelay.jobs.files import iter_part_records, latest_seq, read_cancel, read_spec
+from pixelrelay.jobs.files import latest_seq, read_cancel, read_spec
+from pixelrelay.jobs.merge import iter_rows
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.signing import Signer
@@ -66,11 +68,12 @@ def restore_done(state: JobState, storage: Storage, spec: JobSpec) -> int:
     """Give the job its submission counter and done bits back from its parts; returns the
     number of done items found."""
     done = []
-    for row in iter_part_records(storage, spec.output, spec.job_id):
+    seq = latest_seq(storage, spec.output, spec.job_id)
+    for row in iter_rows(storage, spec, seq):  # group files, and the parts written after them
         index = row.get("index") if isinstance(row, dict) else None
         if row.get("status") == "done" and isinstance(index, int) and 0 <= index < spec.total:
             done.append(index)
-    state.restore(latest_seq(storage, spec.output, spec.job_id), done, read_cancel(storage, spec.output, spec.job_id))
+    state.restore(seq, done, read_cancel(storage, spec.output, spec.job_id))
     return len(done)
 
 

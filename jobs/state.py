@@ -296,13 +296,43 @@ class JobState:
         self.r.delete(keys.deliveries(self.job_id, stage, seq, chunk))
 
     # --- finishing ------------------------------------------------------------------
-    def claim_finalize(self, seq: int) -> bool:
-        """True for exactly one caller per submission: that one writes the manifest."""
+    def claim_finalize(self, seq: int, lease_s: float = keys.FINALIZE_LEASE_S) -> bool:
+        """True for exactly one caller at a time per submission: that one writes the
+        manifest. The claim is a lease: the writer keeps it alive (``refresh_finalize``),
+        ``finish`` turns it into "written" for good; a writer that died gives it up after
+        ``lease_s``, so that the sweep (or ``status --wait``) can finish the job."""
         key = keys.finalized(self.job_id, seq)
-        return bool(self.r.set(key, "writing", nx=True, ex=keys.JOB_TTL_S))
+        return bool(self.r.set(key, "writing", nx=True, ex=max(1, int(lease_s))))
+
+    def refresh_finalize(self, seq: int, lease_s: float = keys.FINALIZE_LEASE_S) -> None:
+        self.r.expire(keys.finalized(self.job_id, seq), max(1, int(lease_s)))
 
     def release_finalize(self, seq: int) -> None:
         self.r.delete(keys.finalized(self.job_id, seq))
+
+    def claim_group(self, seq: int, group: int) -> bool:
+        """True for one caller per group of submission ``seq``: that one merges the group's
+        parts (``jobs.merge``). Never released but on an error: a merger that died leaves
+        its group to the finish, which merges what has no file."""
+        return bool(self.r.set(keys.group_claim(self.job_id, seq, group), "1", nx=True, ex=keys.JOB_TTL_S))
+
+    def release_group(self, seq: int, group: int) -> None:
+        self.r.delete(keys.group_claim(self.job_id, seq, group))
+
+    def marked_in(self, start: int, stop: int) -> int:
+        """How many items of ``start <= index < stop`` are done or failed (two ``GETRANGE``s
+        of the bitmaps, ``stop - start`` bits each: no item-by-item reads)."""
+        if stop <= start:
+            return 0
+        first, last = start // 8, (stop - 1) // 8
+        pipe = self.r.pipeline(transaction=False)
+        pipe.getrange(self.done_key, first, last)
+        pipe.getrange(self.failed_key, first, last)
+        done, failed = pipe.execute()
+        size = last - first + 1
+        bits = int.from_bytes(done.ljust(size, b"\0"), "big") | int.from_bytes(failed.ljust(size, b"\0"), "big")
+        lo, hi = start - first * 8, stop - first * 8  # bit 0 of the range is the top bit
+        return ((bits >> (size * 8 - hi)) & ((1 << (hi - lo)) - 1)).bit_count()
 
     def finish(self, seq: int, manifest: str, done: int, failed: int, missing: int = 0, cancelled: int = 0) -> None:
         pipe = self.r.pipeline()
@@ -318,6 +348,7 @@ class JobState:
                 "manifest_cancelled": cancelled,
             },
         )
+        pipe.set(keys.finalized(self.job_id, seq), "written", ex=keys.JOB_TTL_S)
         for key in (self.key, self.done_key, self.failed_key, self.cursor_key):
             pipe.expire(key, keys.JOB_TTL_S)
         pipe.execute()

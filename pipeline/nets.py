@@ -300,11 +300,26 @@ class DegradationNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: Bx3xHxW in [0,1], 8x8-grid aligned. Returns BxLEN(ENCODER_OUTPUTS) raw outputs:
         noise/50, blur/3, JPEG logit, quality/100, downscaled logit."""
-        f = self.features(x - 0.5).mean(dim=(2, 3))
-        parts = [f, self.jpeg(x)]
+        return self.forward_with_grid(x)[0]
+
+    def forward_with_grid(
+        self, x: torch.Tensor, trunk_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s outputs, plus the crops' JPEG grid scores (BxQ, ``JpegFeatures``):
+        pixel evidence of JPEG compression that the encoder reuses, at no extra cost. With
+        ``trunk_dtype`` the conv trunk (most of the cost) runs autocast to that dtype; the fixed
+        features and the head stay fp32."""
+        if trunk_dtype is None:
+            f = self.features(x - 0.5).mean(dim=(2, 3))
+        else:
+            with torch.autocast(x.device.type, dtype=trunk_dtype):
+                f = self.features(x - 0.5)
+            f = f.float().mean(dim=(2, 3))
+        grid = self.jpeg(x)
+        parts = [f, grid]
         if self.stats is not None:
             parts.append(self.stats(x))
-        return self.head(torch.cat(parts, dim=1))
+        return self.head(torch.cat(parts, dim=1)), grid
 
 
 def build(kind: str, config: dict[str, Any] | None = None) -> nn.Module:

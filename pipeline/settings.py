@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     device: str = "cpu"
     io_threads: int = Field(4, ge=1, le=256)  # storage + image codec threads per worker process
     torch_threads: int = Field(0, ge=0, le=1024)  # 0: torch's default
+    # The C allocator (pipeline.memory): "tuned" keeps feature maps in the heap between batches.
+    allocator: Literal["tuned", "default"] = "tuned"
     encoder: str = C.DEFAULT_ENCODER
     planner: str = C.DEFAULT_PLANNER
     decoder: str = C.DEFAULT_DECODER
@@ -70,17 +72,23 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     health_interval_s: float = Field(5.0, gt=0)
     # Learned models: precision on GPU (CPU is always fp32). Learned decoders' tiled
-    # inference: one TILE/_OVERLAP/_TILE_BATCH/_MIN_TILE set per decoder (builtin, sr, sd).
+    # inference (pipeline.tiling): a forward call may use TILE_MEMORY_MB (0: on CUDA
+    # TILE_MEMORY_FRACTION of the memory available, on CPU/MPS 2048 MB; non-zero on CUDA: a
+    # cap); an image that fits runs whole. Per decoder (builtin, sr, sd): _TILE caps the
+    # tile side (0: the budget alone decides), _OVERLAP, _TILE_BATCH (at most this many tiles
+    # or images per call) and _MIN_TILE (where the out-of-memory fallback stops).
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    builtin_tile: int = Field(256, ge=16)
+    tile_memory_mb: int = Field(0, ge=0, le=1 << 24)
+    tile_memory_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    builtin_tile: int = Field(0, ge=0)
     builtin_overlap: int = Field(32, ge=0)
     builtin_tile_batch: int = Field(8, ge=1)
     builtin_min_tile: int = Field(32, ge=8)
-    sr_tile: int = Field(256, ge=16)
+    sr_tile: int = Field(0, ge=0)
     sr_overlap: int = Field(32, ge=0)
     sr_tile_batch: int = Field(4, ge=1)
     sr_min_tile: int = Field(32, ge=8)
-    sd_tile: int = Field(128, ge=16)
+    sd_tile: int = Field(128, ge=0)  # the x4 upscaler's training crop: tiles beyond it diffuse worse
     sd_overlap: int = Field(32, ge=0)
     sd_tile_batch: int = Field(2, ge=1)
     sd_min_tile: int = Field(32, ge=8)
@@ -143,6 +151,13 @@ class Settings(BaseSettings):
         sse = info.data.get("s3_sse")  # absent when s3_sse itself is bad (reported on its own)
         if value and sse is not None and sse != "aws:kms":
             raise ValueError(f"a KMS key id needs {ENV_PREFIX}S3_SSE=aws:kms (it is {sse!r})")
+        return value
+
+    @field_validator("builtin_tile", "sr_tile", "sd_tile")
+    @classmethod
+    def _check_tile_cap(cls, value: int) -> int:
+        if 0 < value < 16:
+            raise ValueError("must be 0 (no cap: the memory budget decides) or at least 16")
         return value
 
     @field_validator("device")

@@ -1,8 +1,25 @@
-"""Tiled inference with seam-free blending, and the out-of-memory fallback.
+"""Tiled inference with seam-free blending, the memory-budget tile policy, and the
+out-of-memory fallback. Every learned decoder takes its tiling from here (one policy).
 
-``run_tiled(fn, x, scale, tile, overlap)`` runs an upscaling function ``fn`` (a (B,C,h,w)
-float tensor -> (B,C,h*scale,w*scale)) over overlapping ``tile`` x ``tile`` crops of ``x``
-and blends the results:
+**The policy: tile only where it pays.** A forward call may use ``memory_budget`` bytes of
+device memory: on CUDA a fraction (``PIXELRELAY_TILE_MEMORY_FRACTION``, default 0.8) of what
+the device has available now (free + cached by torch but unused); on the CPU (and MPS)
+``PIXELRELAY_TILE_MEMORY_MB`` (default 2048 MB, fixed so results do not depend on the load
+of the machine); a non-zero ``PIXELRELAY_TILE_MEMORY_MB`` also caps the CUDA budget. A
+decoder states its cost in bytes per input pixel (``LearnedDecoder.pixel_bytes``), so the
+budget is a pixel count per forward call (``max_forward_pixels``). Then ``plan_grid``:
+
+* an image that fits the budget (and the decoder's optional tile cap) runs whole: one tile,
+  no overlap, nothing blended; same-size images that fit together share a forward call;
+* an image that does not fit is cut into the grid of fewest input pixels whose tiles fit
+  (rectangular, each side a multiple of ``align``, none under ``min_tile``), and the tiles
+  are *balanced*: as small as the tile count allows, spread evenly (``balanced_tile``), so
+  the overlap costs only what it must; a 512 px side at a 256 cap is 3 tiles of 192, not
+  256, 256 and 256 (the fixed grid repeated 224 of the 512 pixels on each axis).
+
+**Blending.** ``run_tiled(fn, x, scale, tile, overlap)`` runs an upscaling function ``fn``
+(a (B,C,h,w) float tensor -> (B,C,h*scale,w*scale)) over overlapping crops of ``x`` and
+blends the results:
 
 * Neighbouring tiles overlap by at least ``overlap`` input pixels. Inside each overlap the
   outer ``margin`` pixels of a tile (default ``overlap // 4``) get weight 0: they only give
@@ -16,18 +33,21 @@ and blends the results:
   result equals the untiled one up to float rounding.
 
 Only the current tile batch lives on ``fn``'s device; the input and the accumulator stay
-where ``x`` is (keep it on the CPU for big images), so device memory is bounded by
-``tile``, ``scale`` and ``batch_size``, whatever the image size.
+where ``x`` is (keep it on the CPU for big images), so device memory is bounded by the tile
+grid, ``scale`` and ``batch_size``, whatever the image size.
 
-``run_tiled_with_fallback`` adds the out-of-memory policy every learned decoder uses: on
-``torch.OutOfMemoryError`` halve the tile batch, then halve the tile, down to
+**Out of memory.** ``run_tiled_with_fallback`` starts from the budget's grid and batch; on
+``torch.OutOfMemoryError`` it halves the batch, then the largest tile side allowed, down to
 ``min_tile``; only when a single ``min_tile`` tile does not fit is the item given up, with a
-``TileOutOfMemoryError`` that says so.
+``TileOutOfMemoryError`` that says so. On CUDA, ``PixelCostMeter`` measures what forward
+calls really cost per pixel, so an estimate that was too low is corrected for the next
+image.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
@@ -38,10 +58,14 @@ from pixelrelay.pipeline.hf import empty_cache, is_oom
 
 log = logging.getLogger("pixelrelay.tiling")
 
-DEFAULT_TILE = 256
+DEFAULT_TILE = 0  # no cap on the tile side: the memory budget decides
 DEFAULT_OVERLAP = 32
 DEFAULT_MIN_TILE = 32
 DEFAULT_TILE_BATCH = 4
+DEFAULT_CPU_MEMORY_MB = 2048  # the forward-call budget on CPU/MPS when PIXELRELAY_TILE_MEMORY_MB is 0
+DEFAULT_MEMORY_FRACTION = 0.8  # of the CUDA memory available now
+MIB = 1 << 20
+METER_MIN_PIXELS = 128 * 128  # smaller calls are dominated by fixed costs (workspaces): not measured
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,13 +77,46 @@ class TileOutOfMemoryError(RuntimeError):
 
 @dataclass
 class TileSettings:
+    """What a tiled run used: ``tile`` is the largest tile side it allowed (the budget's, or
+    the decoder's cap, or what the OOM fallback left), ``tile_h`` x ``tile_w`` the tiles it
+    cut, ``tiles`` how many per image (1: the image ran whole)."""
+
     tile: int
     overlap: int
     batch_size: int
     oom_retries: int = 0
+    tile_h: int = 0
+    tile_w: int = 0
+    tiles: int = 0
 
     def describe(self) -> str:
-        return f"tile {self.tile}px, overlap {self.overlap}px, batch {self.batch_size}"
+        if self.tiles == 1:
+            return f"whole image (tile cap {self.tile}px), batch {self.batch_size}"
+        grid = f" ({self.tiles} tiles of {self.tile_h}x{self.tile_w})" if self.tiles else ""
+        return f"tile {self.tile}px{grid}, overlap {self.overlap}px, batch {self.batch_size}"
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """A tiling of one (padded) image: ``rows`` x ``cols`` tiles of ``tile_h`` x ``tile_w``."""
+
+    tile_h: int
+    tile_w: int
+    rows: int
+    cols: int
+
+    @property
+    def tiles(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def tile_pixels(self) -> int:
+        return self.tile_h * self.tile_w
+
+    @property
+    def pixels(self) -> int:
+        """Input pixels the network sees for the whole image (overlaps counted again)."""
+        return self.tiles * self.tile_pixels
 
 
 def _align_down(value: int, align: int) -> int:
@@ -70,11 +127,81 @@ def _align_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
 
+# --- the memory budget --------------------------------------------------------------------
+
+
+def available_cuda_bytes(device: torch.device | str) -> int:
+    """Device memory a forward call can get now: free on the device plus what torch's
+    caching allocator holds but does not use."""
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + max(0, cached))
+
+
+def memory_budget(
+    device: torch.device | str, memory_mb: int = 0, fraction: float = DEFAULT_MEMORY_FRACTION,
+    available: Callable[[torch.device], int] = available_cuda_bytes,
+) -> int:
+    """Bytes one forward call may use. CUDA: ``fraction`` of what is ``available`` now,
+    capped by ``memory_mb`` when that is non-zero. Elsewhere: ``memory_mb``, or
+    ``DEFAULT_CPU_MEMORY_MB`` when it is 0."""
+    if memory_mb < 0 or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"bad memory budget: {memory_mb} MB, fraction {fraction}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        budget = int(available(device) * fraction)
+        return min(budget, memory_mb * MIB) if memory_mb else budget
+    return (memory_mb or DEFAULT_CPU_MEMORY_MB) * MIB
+
+
+def max_forward_pixels(budget_bytes: int, pixel_bytes: float) -> int:
+    """Input pixels (batch x height x width) one forward call may take under the budget."""
+    if pixel_bytes <= 0:
+        raise ValueError(f"a forward's cost per pixel must be positive, got {pixel_bytes}")
+    return max(1, int(budget_bytes // pixel_bytes))
+
+
+def conv_pixel_bytes(width: int, scale: int, itemsize: int, maps: int = 12, out_maps: int = 3) -> int:
+    """A generic estimate of a conv upscaler's forward cost per input pixel: ``maps``
+    feature maps of ``width`` channels live at the input resolution, ``out_maps`` at the
+    output resolution (``scale`` x scale the pixels), ``itemsize`` bytes an element."""
+    return itemsize * (maps * width + out_maps * width * scale * scale)
+
+
+class PixelCostMeter:
+    """Measured device bytes per input pixel of forward calls, per key (a model and scale):
+    the peak the allocator saw over what was allocated before the call, divided by the
+    call's input pixels; the largest seen is kept. CUDA only (elsewhere nothing is
+    measured), and only calls of at least ``METER_MIN_PIXELS`` count."""
+
+    def __init__(self) -> None:
+        self.costs: dict[object, float] = {}
+
+    def get(self, key: object) -> float | None:
+        return self.costs.get(key)
+
+    def run(self, key: object, device: torch.device, x: torch.Tensor, fn: Callable[[], R]) -> R:
+        pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
+        if device.type != "cuda" or pixels < METER_MIN_PIXELS:
+            return fn()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        cost = (torch.cuda.max_memory_allocated(device) - before) / pixels
+        if cost > self.costs.get(key, 0.0):
+            self.costs[key] = cost
+        return out
+
+
+# --- the tile grid ------------------------------------------------------------------------
+
+
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``[0, length)``.
 
     Consecutive tiles overlap by at least ``overlap``; starts are multiples of ``align``
-    when ``length`` and ``tile`` are; the last tile ends exactly at ``length``.
+    when ``length`` and ``tile`` are; the last tile ends exactly at ``length``. The count
+    never grows as ``tile`` grows.
     """
     if tile >= length:
         return [0]
@@ -82,6 +209,81 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
     starts = list(range(0, length - tile, step))
     starts.append(length - tile)
     return sorted(set(starts))
+
+
+def _tile_for_count(length: int, count: int, overlap: int, align: int) -> int:
+    """The smallest tile (a multiple of ``align``) that covers ``length`` in ``count`` tiles."""
+    if count <= 1:
+        return length
+    t = min(length, max(align, _align_up(-(-(length + (count - 1) * overlap) // count), align)))
+    while t < length and len(tile_starts(length, t, overlap, align)) > count:
+        t += align
+    return t
+
+
+def balanced_tile(length: int, tile: int, overlap: int, align: int = 1) -> int:
+    """The smallest tile that covers ``length`` in as few tiles as ``tile`` does: the same
+    grid, with the slack spread evenly instead of piled onto the last overlap."""
+    tile = min(tile, length)
+    return min(tile, _tile_for_count(length, len(tile_starts(length, tile, overlap, align)), overlap, align))
+
+
+def _grid(height: int, width: int, th: int, tw: int, overlap: int, align: int) -> TileGrid:
+    th, tw = balanced_tile(height, th, overlap, align), balanced_tile(width, tw, overlap, align)
+    return TileGrid(th, tw, len(tile_starts(height, th, overlap, align)), len(tile_starts(width, tw, overlap, align)))
+
+
+def plan_grid(
+    height: int,
+    width: int,
+    max_pixels: int | None = None,
+    *,
+    max_tile: int = 0,
+    overlap: int = DEFAULT_OVERLAP,
+    align: int = 1,
+    min_tile: int = DEFAULT_MIN_TILE,
+) -> TileGrid:
+    """The tile grid for an image: whole when it fits ``max_pixels`` (None: no budget) and
+    ``max_tile`` (0: no cap); else the balanced grid of fewest input pixels (ties: fewest
+    tiles) whose tiles fit both, sides multiples of ``align``. Tiles stay at least
+    ``max(min_tile, 2 * overlap + align)`` on a side while that fits the budget; under a
+    budget smaller than that, square tiles of the budget's side (at least ``min_tile``):
+    the out-of-memory fallback has the last word. Sizes are of the input padded to
+    ``align``, as ``run_tiled`` pads it."""
+    H, W = _align_up(height, align), _align_up(width, align)
+    cap = _align_down(max_tile, align) if max_tile else max(H, W)
+    budget = max_pixels if max_pixels is not None else H * W
+    if cap >= max(H, W) and H * W <= budget:
+        return TileGrid(H, W, 1, 1)
+    floor = max(align, _align_up(min_tile, align))
+    smallest = max(floor, _align_up(2 * overlap + align, align))
+    best: tuple[tuple[int, int], TileGrid] | None = None
+    for rows in range(1, H + 1):
+        th = _tile_for_count(H, rows, overlap, align)
+        if th < min(smallest, H, cap) or (rows > 1 and th >= H):  # too small, or no smaller
+            break
+        if th > cap:
+            continue
+        tw = min(cap, W, (budget // th) // align * align)
+        if tw < min(smallest, W, cap):
+            continue
+        g = _grid(H, W, th, tw, overlap, align)
+        if best is None or (g.pixels, g.tiles) < best[0]:
+            best = ((g.pixels, g.tiles), g)
+    if best is not None:
+        return best[1]
+    side = max(floor, _align_down(min(cap, math.isqrt(budget)), align))
+    return _grid(H, W, side, side, overlap, align)
+
+
+def fit_batch(grid: TileGrid, max_pixels: int | None, batch_size: int) -> int:
+    """Tiles per forward call: ``batch_size``, fewer when the budget says so (at least 1)."""
+    if max_pixels is None:
+        return batch_size
+    return max(1, min(batch_size, max_pixels // grid.tile_pixels))
+
+
+# --- blending -----------------------------------------------------------------------------
 
 
 def _ramp(n: int, fade: int, margin: int) -> torch.Tensor:
@@ -119,7 +321,7 @@ def run_tiled(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     scale: int,
-    tile: int,
+    tile: int | tuple[int, int],
     overlap: int,
     *,
     batch_size: int = DEFAULT_TILE_BATCH,
@@ -129,9 +331,13 @@ def run_tiled(
     out_dtype: torch.dtype = torch.float32,
     pass_items: bool = False,
     pad_mode: str = "reflect",
+    balance: bool = True,
 ) -> torch.Tensor:
     """Apply ``fn`` tile by tile and blend; returns (B, C, H*scale, W*scale) on x's device.
 
+    ``tile``: the largest tile side, or (height, width) of the largest tile; ``balance``
+    shrinks tiles to the smallest size that needs no more of them (False: the fixed grid of
+    full-size tiles, kept for benchmarks to compare against).
     ``batch_size`` tiles (from any of the B images) go through ``fn`` per call.
     ``align``: tile sizes and starts are multiples of it (e.g. a transformer's window); the
     input is padded on the bottom/right to a multiple of it (``pad_mode``: "reflect" where
@@ -143,7 +349,8 @@ def run_tiled(
     """
     if x.dim() != 4:
         raise ValueError(f"run_tiled wants a (B,C,H,W) tensor, got shape {tuple(x.shape)}")
-    if tile < 1 or overlap < 0 or batch_size < 1 or scale < 1:
+    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    if min(th, tw) < 1 or overlap < 0 or batch_size < 1 or scale < 1:
         raise ValueError(f"bad tiling parameters tile={tile} overlap={overlap} batch={batch_size}")
     b, c, h, w = x.shape
     device = torch.device(device) if device is not None else x.device
@@ -152,10 +359,12 @@ def run_tiled(
         mode = "reflect" if pad_mode == "reflect" and ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
     H, W = h + ph, w + pw
-    tile = _align_down(min(tile, max(H, W)), align)
-    overlap = min(overlap, max(tile - align, 0))
+    th, tw = min(_align_down(th, align), H), min(_align_down(tw, align), W)
+    tiled = [t for t, length in ((th, H), (tw, W)) if t < length]
+    overlap = min(overlap, max(min(tiled) - align, 0)) if tiled else 0
     margin = overlap // 4 if margin is None else max(0, min(margin, overlap // 2))
-    th, tw = min(tile, H), min(tile, W)
+    if balance:
+        th, tw = balanced_tile(H, th, overlap, align), balanced_tile(W, tw, overlap, align)
     ys, xs = tile_starts(H, th, overlap, align), tile_starts(W, tw, overlap, align)
     wy = axis_weights(H, ys, th, overlap, margin, scale)
     wx = axis_weights(W, xs, tw, overlap, margin, scale)
@@ -165,18 +374,22 @@ def run_tiled(
     single = len(ys) == 1 and len(xs) == 1
     for k in range(0, len(jobs), batch_size):
         group = jobs[k : k + batch_size]
-        crops = torch.stack([x[bi, :, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] for bi, i, j in group])
+        if single:  # whole images: no crops, no weights
+            crops = x[group[0][0] : group[-1][0] + 1]
+        else:
+            crops = torch.stack([x[bi, :, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] for bi, i, j in group])
         crops = crops.to(device)
         result = fn(crops, [bi for bi, _, _ in group]) if pass_items else fn(crops)
         expected = (len(group), c, th * scale, tw * scale)
         if tuple(result.shape) != expected:
             raise RuntimeError(f"tile function returned {tuple(result.shape)}, expected {expected}")
         result = result.to(device=x.device, dtype=out_dtype)
+        if single:
+            out[group[0][0] : group[-1][0] + 1] = result
+            del result, crops
+            continue
         for n, (bi, i, j) in enumerate(group):
             y0, x0 = ys[i] * scale, xs[j] * scale
-            if single:
-                out[bi] = result[n]
-                continue
             weight = (wy[i][:, None] * wx[j][None, :]).to(dtype=out_dtype, device=x.device)
             out[bi, :, y0 : y0 + th * scale, x0 : x0 + tw * scale] += result[n] * weight
         del result, crops
@@ -229,6 +442,7 @@ def run_tiled_with_fallback(
     *,
     batch_size: int = DEFAULT_TILE_BATCH,
     min_tile: int = DEFAULT_MIN_TILE,
+    max_pixels: int | None = None,
     margin: int | None = None,
     align: int = 1,
     device: torch.device | str | None = None,
@@ -237,24 +451,37 @@ def run_tiled_with_fallback(
     pass_items: bool = False,
     pad_mode: str = "reflect",
 ) -> tuple[torch.Tensor, TileSettings]:
-    """``run_tiled`` under the OOM policy. Returns the output and the settings that worked
-    (callers may keep them for the next image)."""
-    # A tile bigger than the image is the image: start halving from the image size.
-    tile = min(tile, _align_up(max(x.shape[-2:]), align))
+    """``run_tiled`` on the grid ``plan_grid`` picks for ``max_pixels`` input pixels per
+    forward call (None: no budget) and the tile cap ``tile`` (0: none), under the OOM
+    policy: the fallback starts from that grid's largest side and from the batch the budget
+    allows. Returns the output and the settings that worked (callers may keep them)."""
+    H, W = x.shape[-2:]
+    budget_grid = plan_grid(H, W, max_pixels, overlap=overlap, align=align, min_tile=min_tile)
+    first_tile = max(budget_grid.tile_h, budget_grid.tile_w)
+    if tile:  # the caller's cap, where it is tighter than the budget
+        first_tile = min(first_tile, max(align, _align_down(tile, align)))
+    grids: dict[int, tuple[TileGrid, int]] = {}
 
-    first_tile = tile
+    def grid_for(t: int) -> tuple[TileGrid, int]:
+        if t not in grids:
+            ov = overlap if t >= first_tile else min(overlap, t // 2)
+            grids[t] = (plan_grid(H, W, max_pixels, max_tile=t, overlap=ov, align=align, min_tile=min(min_tile, t)), ov)
+        return grids[t]
 
     def run(bs: int, t: int) -> torch.Tensor:
-        ov = overlap if t >= first_tile else min(overlap, t // 2)
+        g, ov = grid_for(t)
         mg = None if margin is None else min(margin, ov // 2)
-        return run_tiled(fn, x, scale, t, ov, batch_size=bs, margin=mg, align=align,
-                         device=device, out_dtype=out_dtype, pass_items=pass_items, pad_mode=pad_mode)
+        return run_tiled(fn, x, scale, (g.tile_h, g.tile_w), ov, batch_size=min(bs, fit_batch(g, max_pixels, bs)),
+                         margin=mg, align=align, device=device, out_dtype=out_dtype, pass_items=pass_items,
+                         pad_mode=pad_mode)
 
+    first_batch = fit_batch(grid_for(first_tile)[0], max_pixels, batch_size)
     out, bs, t, retries = with_oom_fallback(
-        run, batch_size=batch_size, tile=tile, min_tile=min(min_tile, tile), align=align, what=what
+        run, batch_size=first_batch, tile=first_tile, min_tile=min(min_tile, first_tile), align=align, what=what
     )
-    ov = overlap if t >= first_tile else min(overlap, t // 2)
-    return out, TileSettings(tile=t, overlap=ov, batch_size=bs, oom_retries=retries)
+    g, ov = grid_for(t)
+    return out, TileSettings(tile=t, overlap=ov if g.tiles > 1 else 0, batch_size=min(bs, fit_batch(g, max_pixels, bs)),
+                             oom_retries=retries, tile_h=g.tile_h, tile_w=g.tile_w, tiles=g.tiles)
 
 
 def map_batches_with_oom(

@@ -2,7 +2,7 @@
 
 For every job folder ``OUTPUT/_jobs/<job_id>/`` whose newest object is older than
 ``--older-than`` (its last activity: job.json, a listing shard, a part or the manifest,
-by last-modified time), gc removes ``parts/``, ``inputs/`` (the listing shards),
+by last-modified time), gc removes ``parts/``, ``groups/``, ``inputs/`` (the listing shards),
 ``report.html`` and ``contact-sheet.jpg``. It keeps ``manifest.jsonl``, ``job.json`` and the
 ``cancelled`` marker, unless ``--include-manifests`` (then the whole job folder goes).
 
@@ -37,7 +37,7 @@ from pixelrelay.pipeline.storage import is_s3, join_uri, open_storage
 from pixelrelay.pipeline.storage.base import ObjectInfo
 
 KEPT = (MANIFEST_NAME, JOB_SPEC_NAME, CANCEL_NAME)  # kept unless --include-manifests
-REMOVED_FOLDERS = ("parts", "inputs")
+REMOVED_FOLDERS = ("parts", "groups", "inputs")  # groups: merged parts (jobs.merge)
 REMOVED_FILES = ("report.html", "contact-sheet.jpg")
 _UNITS = {"m": 60, "h": 3600, "d": 86400}
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([mhd])$")

@@ -22,6 +22,11 @@ Invariants:
   ``status --json`` and the Python API (``pixelrelay.api``) return: one source of truth.
   With ``--json`` stdout holds exactly one JSON object and nothing else (no progress).
 
+``status`` never reads a job's parts: counts come from Redis, the failures it lists from
+the manifest (streamed, up to ``max_failures``), and a job whose manifest is overdue is
+finished through ``jobs.feed.finalize_if_complete``, which reads the group files
+(``jobs.merge``: one object per 10,000 items or more).
+
 Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
 are not kept there, so the display shows done / failed / pending.
 """
@@ -385,9 +390,9 @@ def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures:
     if failed:
         storage = open_storage(manifest, settings.s3_endpoint_url)
         shown = 0
-        for line in storage.get(manifest).splitlines():
-            row = json.loads(line)
-            if row["status"] == "failed":
+        for line in storage.iter_lines(manifest):  # streamed: stops after max_failures
+            row = json.loads(line) if line.strip() else {}
+            if row.get("status") == "failed":
                 stream.write(f"  failed: {row['input']}: {row['error']}\n")
                 shown += 1
                 if shown >= max_failures:

@@ -51,7 +51,7 @@ from pixelrelay.training import data
 SEED = 2024
 
 
-def _pipelines(device: str):
+def _pipelines(device: str, builtin_model: str | None = None):
     from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder
     from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
     from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
@@ -61,7 +61,7 @@ def _pipelines(device: str):
     planner = RulesPlanner()
     return {
         "classic": (AnalysisEncoder(device=device), planner, ClassicDecoder(device=device)),
-        "builtin": (BuiltinEncoder(device=device), planner, BuiltinDecoder(device=device)),
+        "builtin": (BuiltinEncoder(device=device), planner, BuiltinDecoder(model=builtin_model, device=device)),
     }
 
 
@@ -231,11 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scale", type=int, choices=(2, 4), default=None, help="default: 2 and 4")
     ap.add_argument("--degradation", choices=("bicubic", "realistic", "mild"), default=None,
                     help="default: bicubic x2, bicubic x4, realistic x2, mild x2")
-    ap.add_argument("--split", choices=("val", "all"), default="val")
+    ap.add_argument("--split", choices=("val", "train", "all"), default="val",
+                    help="val: the validation part (report figures on it); train: the training part "
+                         "(tune hyperparameters on it, never on val); all: every file")
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--builtin-model", default=None, metavar="FILE|UPSCALER,RESTORER",
+                    help="score these builtin decoder weights instead of the shipped ones (candidates)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -245,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"pixelrelay bench quality: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    files = val_files if args.split == "val" else sorted(train_files + val_files)
+    files = {"val": val_files, "train": train_files, "all": sorted(train_files + val_files)}[args.split]
     if args.limit:
         files = files[: args.limit]
     if not files:
@@ -259,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         degs = [args.degradation] if args.degradation else ["bicubic", "realistic", "mild"]
         scales = [args.scale] if args.scale else [2, 4]
         configs = [(d, s) for d in degs for s in scales]
-    pipes = _pipelines(args.device)
+    pipes = _pipelines(args.device, args.builtin_model)
     print(f"pixelrelay quality bench: {len(files)} {args.split} images from {args.data}")
     figures: dict[str, Any] = {}
     lines = []

@@ -124,6 +124,25 @@ class PipelineCondition:
 MAX_CONDITION_REDRAWS = 8
 
 
+def pick_degradation(cfg: dict[str, Any], dcfg: D.DegradationConfig, rng: np.random.Generator) -> D.DegradationConfig:
+    """The config's degradation, or with probability ``p_mild`` the everyday one
+    (``degradations.MILD``): the training mix weighted like everyday files. Without
+    ``p_mild`` no random number is drawn, so older configs reproduce exactly."""
+    if cfg.get("p_mild"):
+        return D.MILD if rng.random() < cfg["p_mild"] else dcfg
+    return dcfg
+
+
+def overshoot_penalty(out: torch.Tensor, target: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """How far ``out`` goes beyond ``target``'s local range (a (2·radius+1)² window): the
+    halos and ringing a network trained on L1 alone draws along strong edges (the training
+    counterpart of ``degradations.edge_overshoot``). Zero wherever the output stays in range."""
+    size = 2 * radius + 1
+    hi = F.max_pool2d(target, size, stride=1, padding=radius)
+    lo = -F.max_pool2d(-target, size, stride=1, padding=radius)
+    return (F.relu(out - hi) + F.relu(lo - out)).mean()
+
+
 def pipeline_conditioned_sample(
     imgs: list[np.ndarray], scale: int, cfg: dict[str, Any], dcfg: D.DegradationConfig,
     rng: np.random.Generator, condition: PipelineCondition,
@@ -135,7 +154,7 @@ def pipeline_conditioned_sample(
     ctx = max(p_lr, int(cfg.get("cond_context", 96)))
     for _ in range(MAX_CONDITION_REDRAWS):
         hr = data.random_crop(imgs[int(rng.integers(len(imgs)))], ctx * scale, rng)
-        lr, _ = D.degrade(hr, scale, rng, dcfg)
+        lr, _ = D.degrade(hr, scale, rng, pick_degradation(cfg, dcfg, rng))
         cond = condition(lr, scale)
         if cond is not None:
             break
@@ -161,7 +180,7 @@ def decoder_sample(
     if rng.random() < clean_p:
         lr = hr if scale == 1 else D.bicubic_pair(hr, scale)[1]
         return lr, hr, nets.cond_vector(0.0, 0.0, None)
-    lr, params = D.degrade(hr, scale, rng, dcfg)
+    lr, params = D.degrade(hr, scale, rng, pick_degradation(cfg, dcfg, rng))
     return lr, hr, jittered_cond(params, rng, cfg.get("cond_jitter", {}))
 
 
@@ -321,7 +340,10 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool =
         cond = torch.tensor([b[2] for b in batch], dtype=torch.float32)
         with autocast(cfg):
             out = net(x.contiguous(memory_format=torch.channels_last), cond, scale)
-        return F.l1_loss(out.float(), y)
+        loss = F.l1_loss(out.float(), y)
+        if cfg.get("overshoot_weight"):  # against halos on edges (#15); off in older configs
+            loss = loss + cfg["overshoot_weight"] * overshoot_penalty(out.float(), y, cfg.get("overshoot_radius", 2))
+        return loss
 
     return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups), rng,
                     fresh)
@@ -350,7 +372,7 @@ def encoder_sample(imgs, cfg, dcfg, rng) -> tuple[np.ndarray, list[float]]:
         lr = hr if scale == 1 else D.downscale(D.to_tensor(hr), scale, "bicubic")
         lr = lr if scale == 1 else D.to_uint8(lr)
         return lr, encoder_target(D.DegradationParams(scale=scale, downscaled=scale > 1))
-    lr, params = D.degrade(hr, scale, rng, dcfg)
+    lr, params = D.degrade(hr, scale, rng, pick_degradation(cfg, dcfg, rng))
     return lr, encoder_target(params)
 
 

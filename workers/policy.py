@@ -28,7 +28,8 @@ policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware)
    fails the pending items with "gave up after N retries: <reason>". Any other exception
    fails the pending items with "internal error: <reason>". Items always leave with a reason.
 3. **The finish** (decode stage only, ``finish_chunk``): write the chunk's manifest part,
-   mark its items' bits, feed the job's next chunk, and write the manifest if the job is
+   mark its items' bits, feed the job's next chunk, merge the chunk's group of parts if
+   all of its items are in (``jobs.merge``), and write the manifest if the job is
    complete. Exactly one finisher claims the manifest (``finalize_if_complete``). A transient
    error here retries too; past ``max_retries`` it is raised (the chain ends unfinished and
    ``pixelrelay status --wait`` can still finish the job). Only then is the chain's entry
@@ -55,6 +56,7 @@ import redis
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot, tracked
 from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete
 from pixelrelay.jobs.files import part_uri, write_part
+from pixelrelay.jobs.merge import merge_group_if_complete
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import ChunkMessage
@@ -171,6 +173,7 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
     spec = state.spec()
     if msg.feeds:
         feed(send, state, storage, spec, state.seq(), 1)
+    merge_group_if_complete(state, storage, spec, msg.seq, msg.chunk)  # the chunk's group, once all of it is in
     wrote = finalize_if_complete(state, storage, spec, msg.seq)
     ChunksInFlight(state.r, msg.job_id).untrack(Slot.of(msg))
     return wrote or finalize_cancelled(state, storage, spec)  # the watchdog's end of a cancelled job's last chain

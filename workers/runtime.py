@@ -35,6 +35,7 @@ import redis
 
 from pixelrelay.jobs import identities, keys
 from pixelrelay.pipeline import constants as C
+from pixelrelay.pipeline.memory import tune_allocator
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.stages.base import ModelUnavailableError, StageSpec
 from pixelrelay.pipeline.stages.registry import (
@@ -228,6 +229,8 @@ class DecodeBudget:
 @functools.cache
 def runtime() -> Runtime:
     settings = Settings.from_env()
+    if settings.allocator == "tuned":
+        tune_allocator()  # feature maps stay in the heap between batches (pipeline.memory)
     if settings.torch_threads:
         import torch
 

@@ -37,8 +37,11 @@ whose done bit is set, and the chain is sent from encode: the descriptions and p
 earlier stages live only in messages, and the stages are idempotent (decode skips outputs
 that exist). If the chain's manifest part is already written (its worker died between
 writing the part and the end of the finish), the sweep completes the finish itself: it
-marks the part's items, feeds the next chunk if the chain fed one, and writes the manifest
-if the job is complete. A re-sent chain counts as a delivery exactly as a redelivery does:
+marks the part's items, feeds the next chunk if the chain fed one, merges the chunk's group
+of parts if it is complete (``jobs.merge``) and writes the manifest if the job is complete.
+Should the job be complete with no manifest still (another finisher holds the claim: it may
+have died; its lease on the claim runs out), the chain stays tracked, so a later sweep
+tries again. A re-sent chain counts as a delivery exactly as a redelivery does:
 the dead delivery's count (``JobState.count_delivery``) was never cleared, so a poison item
 still ends up split off and failing alone. A lost chain of a **cancelled** job is never
 re-sent: it is untracked, and the job's manifest is written if it was the last in flight.
@@ -62,8 +65,9 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Entry, Slot, TaskRef, parse_entries, parse_task_id, tracked
-from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete
+from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete, finish_pending
 from pixelrelay.jobs.files import read_chunk, read_part, record_for
+from pixelrelay.jobs.merge import merge_group_if_complete
 from pixelrelay.jobs.recover import RebuildError, rebuild
 from pixelrelay.jobs.registry import Registry
 from pixelrelay.jobs.state import JobState
@@ -326,8 +330,9 @@ def _finish(state: JobState, storage: Storage, send: Send, item: Lost) -> None:
     spec = state.spec()
     if item.entry.feeds:
         feed(send, state, storage, spec, state.seq(), 1)
-    finalize_if_complete(state, storage, spec, item.slot.seq)
-    ChunksInFlight(state.r, item.job_id).untrack(item.slot)
+    merge_group_if_complete(state, storage, spec, item.slot.seq, item.slot.chunk)
+    if finalize_if_complete(state, storage, spec, item.slot.seq) or not finish_pending(state, item.slot.seq):
+        ChunksInFlight(state.r, item.job_id).untrack(item.slot)  # else kept: a later sweep finishes the job
     finalize_cancelled(state, storage, spec)  # a cancelled job: this may have been its last chain
 
 

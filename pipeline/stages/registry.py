@@ -61,6 +61,8 @@ BACKENDS: dict[str, dict[str, str]] = {
         "hf-sr": "pixelrelay.pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
         "sd-upscale": "pixelrelay.pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
         "spandrel": "pixelrelay.pipeline.stages.decoders.spandrel:SpandrelDecoder",
+        "sd-img2img": "pixelrelay.pipeline.stages.decoders.sd_img2img:SDImg2ImgDecoder",
+        "instruct-pix2pix": "pixelrelay.pipeline.stages.decoders.instruct_pix2pix:InstructPix2PixDecoder",
     },
 }
 STAGES = tuple(BACKENDS)

@@ -282,6 +282,82 @@ def make_tiny_sd_upscaler(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def _tiny_sd_parts(seed: int, in_channels: int = 4, sample_size: int = 16) -> dict:
+    """Tiny random UNet / VAE (x2 latents) / CLIP text encoder + tokenizer of the classes a
+    Stable Diffusion 1.x pipeline holds. Native size: ``sample_size`` x 2 pixels."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = make_clip_tokenizer()
+    _seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            vocab_size=len(tok),
+            max_position_embeddings=32,
+            projection_dim=16,
+        )
+    )
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet)
+
+
+def make_tiny_sd(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Stable Diffusion 1.x text-to-image pipeline saved as the hub repo is
+    (``StableDiffusionPipeline``, no safety checker); ``sd-img2img`` loads it for img2img
+    through ``AutoPipelineForImage2Image``. Native size 32 px."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionPipeline(
+        **_tiny_sd_parts(seed), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def make_tiny_instruct_pix2pix(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random ``StableDiffusionInstructPix2PixPipeline`` (UNet with 8 input channels:
+    noise latents + image latents; Euler ancestral, as timbrooks/instruct-pix2pix ships)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        **_tiny_sd_parts(seed, in_channels=8), scheduler=EulerAncestralDiscreteScheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
 # --- sharing across test modules ---------------------------------------------------------
 
 _BUILT: dict[tuple, Path] = {}

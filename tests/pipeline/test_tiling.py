@@ -1,5 +1,6 @@
-"""Tiled inference: coverage, exactness against untiled runs, seam-free blending, and the
-out-of-memory fallback under a simulated device-memory limit."""
+"""Tiled inference: coverage, exactness against untiled runs, seam-free blending, the
+memory-budget grid (whole when it fits, balanced tiles when not), and the out-of-memory
+fallback under a simulated device-memory limit."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelrelay.pipeline.tiling import (
+    DEFAULT_CPU_MEMORY_MB,
+    MIB,
+    TileGrid,
     TileOutOfMemoryError,
     axis_weights,
+    balanced_tile,
+    max_forward_pixels,
+    memory_budget,
+    plan_grid,
     map_batches_with_oom,
     run_tiled,
     run_tiled_with_fallback,
@@ -169,3 +177,92 @@ def test_map_batches_with_oom_halves_and_keeps_order():
 
     with pytest.raises(TileOutOfMemoryError):
         map_batches_with_oom(never, [1, 2], 2)
+
+
+# --- the memory-budget policy (plan_grid & co) ------------------------------------------------
+
+
+def _widths(grid: TileGrid, height: int, width: int, overlap: int, align: int) -> None:
+    """The grid covers the image with tiles of the stated count, aligned, overlapping."""
+    H, W = -(-height // align) * align, -(-width // align) * align
+    assert grid.tile_h % align == 0 and grid.tile_w % align == 0
+    assert len(tile_starts(H, grid.tile_h, overlap, align)) == grid.rows
+    assert len(tile_starts(W, grid.tile_w, overlap, align)) == grid.cols
+
+
+@pytest.mark.parametrize("size", [(64, 64), (200, 130), (1024, 1024)])
+def test_an_image_that_fits_is_one_tile(size):
+    assert plan_grid(*size, size[0] * size[1]) == TileGrid(size[0], size[1], 1, 1)
+    assert plan_grid(*size, None) == TileGrid(size[0], size[1], 1, 1)  # no budget: whole
+    assert plan_grid(*size, size[0] * size[1] - 1).tiles > 1
+
+
+@pytest.mark.parametrize("align", [1, 8])
+def test_grid_fits_the_budget_and_is_monotone(align):
+    size, overlap = (1000, 700), 32
+    previous = None
+    for budget in (120**2, 160**2, 200**2, 256**2, 300**2, 400**2, 512**2, 700**2, 1000 * 704):  # 704: padded
+        g = plan_grid(*size, budget, overlap=overlap, align=align, min_tile=32)
+        _widths(g, *size, overlap, align)
+        assert g.tile_pixels <= budget
+        if previous is not None:  # more memory never means more tiles or smaller ones
+            assert g.tiles <= previous.tiles and g.pixels <= previous.pixels
+            assert g.tile_pixels >= previous.tile_pixels
+        previous = g
+    assert previous.tiles == 1
+
+
+def test_grid_respects_the_cap_alignment_and_min_tile():
+    g = plan_grid(300, 300, None, max_tile=100, overlap=16, align=8)
+    assert max(g.tile_h, g.tile_w) <= 100 and g.tile_h % 8 == 0 and g.tiles > 1
+    tiny = plan_grid(300, 300, 10, overlap=16, min_tile=24)  # a budget under one min tile
+    assert tiny.tile_h == tiny.tile_w == 24  # the min tile; the OOM fallback has the last word
+
+
+def test_balanced_grid_costs_far_less_than_the_fixed_grid():
+    """512 at a 256 cap: 3 tiles of 192 a side (the fixed grid ran 3 of 256: 2.25x the pixels)."""
+    assert balanced_tile(512, 256, 32) == 192
+    assert len(tile_starts(512, 192, 32)) == len(tile_starts(512, 256, 32)) == 3
+    g = plan_grid(1024, 1024, 256 * 256, overlap=32)
+    assert g.pixels <= 1.3 * 1024 * 1024  # under 30 % more pixels than untiled
+
+
+def test_memory_budget_per_device():
+    assert memory_budget("cpu") == DEFAULT_CPU_MEMORY_MB * MIB
+    assert memory_budget("cpu", memory_mb=300) == 300 * MIB
+    available = lambda device: 10_000 * MIB  # noqa: E731 - what a CUDA device would report
+    assert memory_budget("cuda:0", fraction=0.5, available=available) == 5_000 * MIB
+    assert memory_budget("cuda:0", memory_mb=1000, fraction=0.5, available=available) == 1000 * MIB  # a cap
+    assert max_forward_pixels(1000 * MIB, 1000.0) == 1000 * MIB // 1000
+    with pytest.raises(ValueError):
+        memory_budget("cpu", fraction=0.0)
+    with pytest.raises(ValueError):
+        max_forward_pixels(MIB, 0.0)
+
+
+def test_small_budget_tiles_and_equals_untiled():
+    net = SmallSR()
+    x = torch.rand(2, 3, 90, 70)
+    calls = []
+
+    def fn(t):
+        calls.append(tuple(t.shape))
+        return net(t)
+
+    whole, used = run_tiled_with_fallback(fn, x, 2, overlap=12, batch_size=4, max_pixels=90 * 70 * 2)
+    assert calls == [(2, 3, 90, 70)] and used.tiles == 1  # both images, whole, in one call
+    calls.clear()
+    tiled, used = run_tiled_with_fallback(fn, x, 2, overlap=12, batch_size=4, max_pixels=40 * 40)
+    assert used.tiles > 1 and all(b * h * w <= 40 * 40 for b, _, h, w in calls)
+    assert float((tiled - whole).abs().max()) < 1e-5  # margin 3 >= the net's receptive field
+
+
+def test_oom_fallback_starts_from_the_budget_grid():
+    net = SmallSR()
+    x = torch.rand(1, 3, 96, 96)
+    limited = MemoryLimited(net, limit=30 * 30)  # the budget says 48x48 tiles; 30x30 fit
+    out, used = run_tiled_with_fallback(limited, x, 2, overlap=8, batch_size=4, max_pixels=50 * 50, min_tile=16)
+    b, h, w = limited.calls[0]
+    assert b == 1 and 30 * 30 < h * w <= 50 * 50  # the budget's grid and batch first, refused
+    assert used.oom_retries > 0 and used.tile < 50 and used.tile_h * used.tile_w <= 30 * 30
+    assert float((out - net(x)).abs().max()) < 1e-5

@@ -32,7 +32,8 @@ def test_list_shows_backends_and_presence(offline_cache, sr_x2, capsys):
     rc = models_cli.main(["list", "--decoder", f"hf-sr:caidas/swin2SR-classical-sr-x2-64,{sr_x2}", "--check"])
     out = capsys.readouterr().out
     assert rc == 0
-    for kind in ("analysis", "hf-caption", "rules", "hf-llm", "classic", "hf-sr*", "sd-upscale"):
+    for kind in ("analysis", "hf-caption", "rules", "hf-llm", "classic", "hf-sr*", "sd-upscale", "sd-img2img",
+                 "instruct-pix2pix"):
         assert kind in out
     lines = {line.split()[2]: line for line in out.splitlines() if line.startswith("decoder  hf-sr")}
     assert "present" in lines["caidas/swin2SR-classical-sr-x2-64"] and "configured" in lines[str(sr_x2)]
@@ -75,3 +76,5 @@ def test_list_reads_backend_classes_without_importing_torch(offline_cache):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "stabilityai/stable-diffusion-x4-upscaler" in result.stdout  # sd-upscale's own default_model
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.stdout  # sd-img2img's
+    assert "timbrooks/instruct-pix2pix" in result.stdout  # instruct-pix2pix's

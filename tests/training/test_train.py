@@ -186,3 +186,37 @@ def test_tiny_training_run_with_pipeline_conditions(tmp_path):
     cfg_path.write_text(json.dumps(dict(cfg, cond_source="estimates")))
     with pytest.raises(ValueError, match="cond_source"):
         train.main(args)
+
+
+def test_overshoot_penalty_is_zero_in_range_and_grows_with_a_halo():
+    import torch
+
+    target = torch.zeros(1, 3, 16, 16)
+    target[..., 8:] = 0.8
+    assert train.overshoot_penalty(target, target).item() == 0.0
+    blurred = torch.nn.functional.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
+    assert train.overshoot_penalty(blurred, target).item() < 1e-6  # a soft edge is not a halo
+    halo = target.clone()
+    halo[..., 8:10] = 1.0  # a bright line along the edge, beyond the local maximum
+    halo[..., 6:8] = -0.1  # and a dark one on the other side
+    small = train.overshoot_penalty(halo, target).item()
+    halo[..., 8:10] = 1.2
+    assert 0 < small < train.overshoot_penalty(halo, target).item()
+
+
+def test_the_mild_mix_and_the_overshoot_term_train(tmp_path):
+    import numpy as np
+
+    from pixelrelay.training import degradations as D
+
+    assert train.pick_degradation({}, D.DegradationConfig(), np.random.default_rng(0)) == D.DegradationConfig()
+    rng = np.random.default_rng(0)
+    picks = [train.pick_degradation({"p_mild": 0.5}, D.DegradationConfig(), rng) is D.MILD for _ in range(200)]
+    assert 60 < sum(picks) < 140
+    _write_images(tmp_path / "data" / "set", 6)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(dict(TINY["decoder"], steps=2, val_every=2, p_mild=0.5, overshoot_weight=1.0)))
+    out = tmp_path / "m.safetensors"
+    assert train.main(["decoder", "--data", str(tmp_path / "data"), "--out", str(out), "--config", str(cfg_path),
+                       "--quiet"]) == 0
+    assert out.exists()

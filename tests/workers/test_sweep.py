@@ -179,3 +179,27 @@ def test_entries_of_older_submissions_and_garbage_are_dropped_and_finished_jobs_
     report = sweep(job)
     assert report.retired == [job.state.job_id]
     assert not job.state.r.sismember(keys.ACTIVE_JOBS, job.state.job_id) and not job.state.r.exists(chunks.key)
+
+
+def test_a_finisher_that_died_holding_the_finish_claim_is_taken_over_once_its_lease_lapses(job):
+    """Every part is written and marked, and the worker finishing the last chain died after
+    claiming the manifest (SIGKILL mid-merge): its chain stays tracked until the claim's
+    lease lapses, then a sweep writes the manifest."""
+    job.sent.clear()
+    for chunk, indices in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]):
+        records = job.message(indices, chunk=chunk).records
+        for record in records:
+            record.status = "done"
+        write_part(job.storage, job.output, job.state.job_id, chunk, job.seq, records)
+        job.state.mark(job.seq, [(r.index, "done") for r in records])
+    chunks = ChunksInFlight(job.state.r, job.state.job_id)
+    chunks.untrack(Slot(job.seq, 0))
+    assert job.state.claim_finalize(job.seq, lease_s=2)  # then the finisher died
+    age(job, Slot(job.seq, 2), "decode", feeds=False)
+    assert sweep(job).finished == [f"{job.state.job_id}/{job.seq}:2"]
+    assert chunks.get(Slot(job.seq, 2)) is not None and "finished_at" not in job.state.info()  # kept
+    time.sleep(2.1)  # the claim's lease (and the sweep's re-send lock) lapse
+    sweep(job)
+    info = job.state.info()
+    assert info["finished_seq"] == str(job.seq) and info["manifest_done"] == "10"
+    assert sorted(job.manifest()) == list(range(10))

@@ -12,8 +12,10 @@ an item it cannot serve, the exception (the worker fails that item with its mess
   first, then ``pipeline.grading.grade_images`` grades its output (same-size outputs as one
   tensor). Either way the grading is the one implementation in ``pipeline.grading``, and
   alpha is the decoder's (grading never touches it).
-* A generative edit runs only on a decoder whose class sets ``generative``; on any other the
-  item fails with ``EditUnsupportedError``, before any model runs. It is never dropped
+* A generative edit runs only on a decoder whose class sets ``generative`` (``sd-img2img``,
+  ``instruct-pix2pix``: ``decoders.generative``); on any other the item fails with
+  ``EditUnsupportedError``, before any model runs. The generative decoders do not grade
+  themselves: their edited output is graded here like any other decoder's. It is never dropped
   quietly: a job never returns an image that lacks part of its edit.
 * Every graded output gets a note naming what was applied (the manifest also holds the plan).
 """
@@ -43,7 +45,7 @@ def restore_with_edits(
         if plan.edit is not None and plan.edit.generative is not None and not decoder.generative:
             results[i] = EditUnsupportedError(
                 f"the plan asks for a generative edit, which decoder {decoder.spec} cannot make: "
-                "run it with a generative decoder, or ask for grading only"
+                "run it with a generative decoder (sd-img2img, instruct-pix2pix), or ask for grading only"
             )
         else:
             todo.append(i)

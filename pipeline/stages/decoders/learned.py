@@ -2,21 +2,28 @@
 
 A subclass says only what differs: which model serves a plan (``choose``), that model's
 name, native scale and window alignment, and how one batch of tiles runs through it
-(``forward``); optionally plans that must not share a forward call (``batch_key``), extra
-notes, and plans it returns untouched (``unchanged``). Everything else happens here, once,
+(``forward``); optionally what a pixel costs it in memory (``pixel_bytes``; the default is
+a generic estimate for a 64-channel conv upscaler), plans that must not share a forward
+call (``batch_key``), extra notes, and plans it returns untouched (``unchanged``). Everything else happens here, once,
 and is the same for every learned decoder:
 
 * **Grouping.** Items whose plans choose the same model at the same native scale, have the
   same size and the same ``batch_key`` form one (B,3,H,W) tensor, so their tiles share
   device batches. ``forward`` learns which item each tile came from (``items``), so
   per-item conditioning (the builtin decoder's condition vector) needs no extra grouping.
-* **Tiled inference** through ``pipeline.tiling.run_tiled_with_fallback`` with the
-  decoder's ``TileConfig`` (``PIXELRELAY_<NAME>_TILE`` / ``_OVERLAP`` / ``_TILE_BATCH`` /
-  ``_MIN_TILE``): only one batch of tiles is ever on the device. On out-of-memory the tile
-  batch is halved, then the tile, down to ``min_tile``; the item then completes with a note
-  naming the settings that worked, or fails with ``TileOutOfMemoryError`` when one
-  ``min_tile`` tile alone does not fit. Tiles reach ``forward`` on the CPU in float32
-  [0, 1]; ``forward`` moves them to the device in ``self.dtype``.
+* **Tiling only where it pays** (``pipeline.tiling``, the one policy): a forward call may
+  use a memory budget (``PIXELRELAY_TILE_MEMORY_MB`` / ``_FRACTION``: on CUDA a fraction of
+  the memory available, on CPU a setting), and ``pixel_bytes`` (what one input pixel costs
+  this model at this scale and precision; on CUDA the measured cost of earlier calls when
+  it is higher) turns it into pixels per call. An image that fits runs whole, and
+  same-size images that fit share a call (at most ``_TILE_BATCH``); a bigger one runs as
+  the balanced grid of fewest pixels whose tiles fit (``_TILE`` caps the side, 0: no cap;
+  ``_OVERLAP``; sides multiples of ``window``). Only one batch of tiles is ever on the
+  device. On out-of-memory the batch is halved, then the tile, down to ``_MIN_TILE``; the
+  item then completes with a note naming the settings that worked, or fails with
+  ``TileOutOfMemoryError`` when one ``min_tile`` tile alone does not fit. Tiles reach
+  ``forward`` on the CPU in float32 [0, 1]; ``forward`` moves them to the device in
+  ``self.dtype``.
 * **Precision.** ``self.dtype`` is fp32 on CPU; on CUDA bf16 (fp16 where bf16 is
   unsupported) unless ``Settings.dtype`` forces one. Settings are passed in, never read
   from the environment.
@@ -52,23 +59,30 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Tiled-inference settings of one decoder, in input pixels."""
+    """Tiled-inference settings of one decoder, in input pixels: ``tile`` caps the tile side
+    (0: no cap), ``memory_mb`` / ``memory_fraction`` set the memory budget of a forward call
+    (``pipeline.tiling.memory_budget``; memory_mb 0: the device's default)."""
 
-    tile: int = 256
+    tile: int = 0
     overlap: int = 32
     tile_batch: int = 4
     min_tile: int = 32
+    memory_mb: int = 0
+    memory_fraction: float = 0.8
 
     def __post_init__(self) -> None:
-        if self.tile < 1 or self.overlap < 0 or self.tile_batch < 1 or self.min_tile < 1:
+        if (self.tile < 0 or self.overlap < 0 or self.tile_batch < 1 or self.min_tile < 1 or self.memory_mb < 0
+                or not 0.0 < self.memory_fraction <= 1.0):
             raise ValueError(f"bad tile settings: {self}")
 
     @classmethod
     def from_settings(cls, settings: "Settings", name: str) -> "TileConfig":
-        """``settings.<name>_tile`` & co, e.g. name "sr" for PIXELRELAY_SR_TILE."""
-        return cls(*(getattr(settings, f"{name}_{field}") for field in ("tile", "overlap", "tile_batch", "min_tile")))
+        """``settings.<name>_tile`` & co, e.g. name "sr" for PIXELRELAY_SR_TILE, and the
+        shared budget (PIXELRELAY_TILE_MEMORY_MB, PIXELRELAY_TILE_MEMORY_FRACTION)."""
+        fields = {f: getattr(settings, f"{name}_{f}") for f in ("tile", "overlap", "tile_batch", "min_tile")}
+        return cls(**fields, memory_mb=settings.tile_memory_mb, memory_fraction=settings.tile_memory_fraction)
 
-    def with_(self, **overrides: int | None) -> "TileConfig":
+    def with_(self, **overrides: float | None) -> "TileConfig":
         """A copy with the given (non-None) fields replaced."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -92,9 +106,12 @@ class LearnedDecoder(Decoder):
 
         from pixelrelay.pipeline.hf import choose_dtype
 
+        from pixelrelay.pipeline.tiling import PixelCostMeter
+
         self.tiles = tiles or TileConfig.from_settings(self.settings, self.tile_settings)
         self.dtype = dtype or choose_dtype(device, self.settings.dtype)
         self.torch_device = torch.device(device)
+        self.meter = PixelCostMeter()  # CUDA: what forward calls really cost per pixel
 
     # -- what a subclass supplies
 
@@ -119,6 +136,15 @@ class LearnedDecoder(Decoder):
         """Run one batch of tiles: x is (B,3,h,w) float32 in [0,1] on the CPU, tile k comes
         from the item whose plan is ``plans[items[k]]``; returns (B,3,h*s,w*s) in [0,1],
         s being the native scale (any device and float dtype)."""
+
+    def pixel_bytes(self, m: Any, scale: int) -> float:
+        """Device bytes one input pixel costs a forward call of ``m`` at ``scale`` in
+        ``self.dtype`` (activations, output included; weights not). An estimate from the
+        network's widths; a subclass that knows its network says better than this generic
+        one (a 64-channel conv upscaler)."""
+        from pixelrelay.pipeline.tiling import conv_pixel_bytes
+
+        return conv_pixel_bytes(64, scale, self.itemsize)
 
     def batch_key(self, plan: Plan) -> Hashable:
         """Plans with different keys never share a forward call (default: no constraint)."""
@@ -153,8 +179,28 @@ class LearnedDecoder(Decoder):
                 results[i] = self._finish(images[i], plans[i], m, out[k : k + 1], used)
         return results  # type: ignore[return-value]
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element in ``self.dtype``."""
+        import torch
+
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def forward_pixels(self, m: Any, scale: int, tiles: TileConfig | None = None) -> int:
+        """Input pixels one forward call of ``m`` may take now: the memory budget over the
+        cost per pixel (the estimate, or on CUDA the measured cost when that is higher)."""
+        from pixelrelay.pipeline.tiling import max_forward_pixels, memory_budget
+
+        tiles = tiles or self.tiles
+        budget = memory_budget(self.torch_device, tiles.memory_mb, tiles.memory_fraction)
+        cost = max(self.pixel_bytes(m, scale), self.meter.get(self._meter_key(m, scale)) or 0.0)
+        return max_forward_pixels(budget, cost)
+
+    def _meter_key(self, m: Any, scale: int) -> tuple:
+        return self.model_name(m), scale, str(self.dtype)
+
     def upscale_tensor(
-        self, m: Any, x: "torch.Tensor", plans: Sequence[Plan], **overrides: int
+        self, m: Any, x: "torch.Tensor", plans: Sequence[Plan], **overrides: float
     ) -> tuple["torch.Tensor", "TileSettings"]:
         """(B,3,H,W) float [0,1] (CPU), one plan per row -> ((B,3,H*s,W*s) float32 CPU at the
         native scale s, the tile settings that worked). ``overrides``: TileConfig fields."""
@@ -164,14 +210,16 @@ class LearnedDecoder(Decoder):
 
         tiles = self.tiles.with_(**overrides)
         scale = self.native_scale(m, plans[0])
+        key = self._meter_key(m, scale)
 
         def fn(crops: torch.Tensor, items: list[int]) -> torch.Tensor:
-            return self.forward(m, crops, plans, items)
+            return self.meter.run(key, self.torch_device, crops, lambda: self.forward(m, crops, plans, items))
 
         with torch.inference_mode():
             return run_tiled_with_fallback(
                 fn, x, scale, tiles.tile, tiles.overlap, batch_size=tiles.tile_batch, min_tile=tiles.min_tile,
-                align=self.window(m, scale), what=f"{self.kind} {self.model_name(m)} tile", pass_items=True, pad_mode=self.pad_mode,
+                max_pixels=self.forward_pixels(m, scale, tiles), align=self.window(m, scale),
+                what=f"{self.kind} {self.model_name(m)} tile", pass_items=True, pad_mode=self.pad_mode,
             )
 
     def _finish(self, image: DecodedImage, plan: Plan, m: Any, y: "torch.Tensor", used: "TileSettings") -> RestoredImage:

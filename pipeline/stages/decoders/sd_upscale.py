@@ -8,9 +8,10 @@ caption-based rules prompt when the plan has none), and the plan's noise estimat
 pipeline's ``noise_level`` (how much it is allowed to re-imagine). The model is natively
 x4: a x2 plan is downscaled with antialiasing, a x1 plan back to the input size.
 
-Like every learned decoder (``LearnedDecoder``): tiled inference (``PIXELRELAY_SD_TILE`` &
-co; tiles are multiples of 8, feathered blending hides the seams between independently
-diffused tiles), the out-of-memory fallback, fp16/bf16 on GPU, alpha upscaled separately
+Like every learned decoder (``LearnedDecoder``): tiled inference under the memory budget
+(``PIXELRELAY_SD_TILE`` caps tiles at 128 px by default, the model's training crop, since
+bigger tiles diffuse worse; tiles are multiples of 8, feathered blending hides the seams
+between independently diffused tiles), the out-of-memory fallback, fp16/bf16 on GPU, alpha upscaled separately
 and re-attached. Attention slicing and VAE tiling are on by default. Items share a pipeline
 call only with the same prompts and noise level. The diffusion noise of each tile is seeded
 from the tile's own pixels, so results do not depend on batching or on neighbouring items.
@@ -39,6 +40,7 @@ NATIVE_SCALE = 4
 ALIGN = 8
 BASE_NOISE_LEVEL = 20
 MAX_NOISE_LEVEL = 100
+SD_PIXEL_ELEMENTS = 12_000  # memory per input pixel, in elements of the model's dtype
 FALLBACK_PROMPT = "a clean, sharp, high-resolution photo, natural detail, realistic texture"
 FALLBACK_NEGATIVE = "blur, noise, jpeg artifacts, oversharpened, halos, painting, cartoon, lowres"
 INSTALL_HINT = "the sd-upscale decoder needs diffusers: pip install 'pixelrelay[diffusers]'"
@@ -138,6 +140,12 @@ class SDUpscaleDecoder(LearnedDecoder):
 
     def window(self, m: str, scale: int) -> int:
         return ALIGN
+
+    def pixel_bytes(self, m: str, scale: int) -> float:
+        """A rough 12,000 elements per input pixel (the UNet's skips and working maps, twice
+        for classifier-free guidance, and the tiled VAE decoder at 4x); on CUDA the measured
+        cost of the first big call corrects it upwards."""
+        return self.itemsize * SD_PIXEL_ELEMENTS
 
     def batch_key(self, plan: Plan) -> tuple:
         """One pipeline call takes one prompt pair and one noise level."""

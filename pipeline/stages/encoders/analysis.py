@@ -4,6 +4,9 @@ Measures each image with classic no-reference statistics (noise, blur, JPEG bloc
 exposure, contrast, colourfulness, alpha) and turns the numbers into a short sentence.
 Everything is plain numpy on the CPU and fully deterministic. Measures that are undefined
 for tiny images (a Laplacian of a 1x1 image, say) fall back to neutral values, never NaN.
+The 3x3 filters run separably. With a pixel budget (``measure(image, max_pixels)``, which the
+builtin encoder sets; the ``analysis`` encoder alone measures every pixel), a larger image is
+measured on evenly spread 8-aligned tiles (local statistics) and a strided grid (global ones).
 
 Metric keys (all floats):
   width, height
@@ -51,6 +54,7 @@ REBLUR_SIGMA = 1.0  # blur_sigma: re-blur with this sigma and compare edge gradi
 INTRINSIC_EDGE_SIGMA = 0.8
 MIN_EDGE_POINTS = 16
 EDGE_MIN_GRADIENT = 4.0  # grey levels per pixel
+TILE = 128  # side of the tiles a pixel budget samples local statistics on
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
@@ -104,6 +108,21 @@ def _local_max_3x3(values: np.ndarray) -> np.ndarray:
     return values >= neighbourhood_max
 
 
+def _immerkaer_abs(channel: np.ndarray) -> np.ndarray:
+    """|Immerkaer response| on the interior; the kernel is separable, [1,-2,1] x [1,-2,1]."""
+    rows = channel[:-2] - 2.0 * channel[1:-1] + channel[2:]
+    return np.abs(rows[:, :-2] - 2.0 * rows[:, 1:-1] + rows[:, 2:])
+
+
+def _sobel_abs_sum(luma: np.ndarray) -> np.ndarray:
+    """|Sobel x| + |Sobel y| on the interior (each kernel is separable, [1,2,1] x [-1,0,1])."""
+    smooth_rows = luma[:-2] + 2.0 * luma[1:-1] + luma[2:]
+    smooth_cols = luma[:, :-2] + 2.0 * luma[:, 1:-1] + luma[:, 2:]
+    out = np.abs(smooth_rows[:, 2:] - smooth_rows[:, :-2])
+    out += np.abs(smooth_cols[2:] - smooth_cols[:-2])
+    return out
+
+
 def noise_sigma(rgb: np.ndarray, luma: np.ndarray) -> float:
     """Immerkaer's fast noise estimator with Tai & Yang's edge exclusion (0-255 scale).
 
@@ -111,25 +130,41 @@ def noise_sigma(rgb: np.ndarray, luma: np.ndarray) -> float:
     (what denoisers are conditioned on) whether the noise is colour or grey. Pixels whose
     luminance gradient is in the top 10% (edges, texture) are left out of the sums.
     """
-    height, width = luma.shape
-    if height < 3 or width < 3:
+    return noise_sigma_tiles([(rgb, luma)])
+
+
+def noise_sigma_tiles(tiles: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """``noise_sigma`` pooled over (rgb, luma) tiles: one edge-exclusion quantile, one mean."""
+    tiles = [(rgb, luma) for rgb, luma in tiles if luma.shape[0] >= 3 and luma.shape[1] >= 3]
+    if not tiles:
         return 0.0
-    gradient = np.abs(_filter3x3_valid(luma, SOBEL_X)) + np.abs(_filter3x3_valid(luma, SOBEL_X.T))
-    keep = np.ones_like(gradient, dtype=bool)
-    if gradient.size >= 10:
-        keep = gradient <= np.quantile(gradient, 1.0 - NOISE_EDGE_EXCLUSION)
-        if not keep.any():
-            keep[...] = True
+    gradients = [_sobel_abs_sum(luma).reshape(-1) for _, luma in tiles]
+    every = np.concatenate(gradients) if len(gradients) > 1 else gradients[0]
+    keeps = [np.ones_like(g, dtype=bool) for g in gradients]
+    if every.size >= 10:
+        cut = np.quantile(every, 1.0 - NOISE_EDGE_EXCLUSION)
+        keeps = [g <= cut for g in gradients]
+        if not any(k.any() for k in keeps):
+            keeps = [np.ones_like(g, dtype=bool) for g in gradients]
     sigmas = []
     for channel in range(3):
-        response = np.abs(_filter3x3_valid(rgb[..., channel].astype(np.float32), IMMERKAER_KERNEL))
-        sigmas.append(math.sqrt(math.pi / 2.0) * response[keep].mean(dtype=np.float64) / 6.0)
+        total, count = 0.0, 0
+        for (rgb, _), keep in zip(tiles, keeps):
+            response = _immerkaer_abs(rgb[..., channel].astype(np.float32)).reshape(-1)[keep]
+            total, count = total + float(response.sum(dtype=np.float64)), count + response.size
+        sigmas.append(math.sqrt(math.pi / 2.0) * total / max(count, 1) / 6.0)
     return float(np.mean(sigmas))
 
 
 def laplacian_variance(luma: np.ndarray) -> float:
-    response = _filter3x3_valid(luma, LAPLACIAN_KERNEL)
-    return float(response.var(dtype=np.float64)) if response.size else 0.0
+    if luma.shape[0] < 3 or luma.shape[1] < 3:
+        return 0.0
+    centre = luma[1:-1, 1:-1]
+    response = luma[:-2, 1:-1] + luma[2:, 1:-1]
+    response += luma[1:-1, :-2]
+    response += luma[1:-1, 2:]
+    response -= 4.0 * centre
+    return float(response.var(dtype=np.float64))
 
 
 def edge_blur_sigma(luma: np.ndarray, noise: float) -> tuple[float, float]:
@@ -140,10 +175,15 @@ def edge_blur_sigma(luma: np.ndarray, noise: float) -> tuple[float, float]:
     over strong local-maximum edge points and remove the sampling's own intrinsic blur.
     Returns (blur_sigma, edge_density); (0, 0) when there are too few edges to tell.
     """
+    return _combine_edges([_edge_sigmas(luma, noise)], luma.size)
+
+
+def _edge_sigmas(luma: np.ndarray, noise: float) -> np.ndarray:
+    """The per-edge-point blur sigmas of one image or tile (empty when it is too small)."""
     margin = 5  # keep away from the borders, where the re-blur sees replicated pixels
     height, width = luma.shape
     if height <= 2 * margin + 2 or width <= 2 * margin + 2:
-        return 0.0, 0.0
+        return np.zeros(0)
     reblurred = _gaussian_blur(luma, REBLUR_SIGMA)
     gradient = _gradient_magnitude(luma)[margin:-margin, margin:-margin]
     gradient_reblurred = _gradient_magnitude(reblurred)[margin:-margin, margin:-margin]
@@ -151,15 +191,17 @@ def edge_blur_sigma(luma: np.ndarray, noise: float) -> tuple[float, float]:
     # sigma for colour noise), and a ridge of the gradient.
     threshold = max(EDGE_MIN_GRADIENT, 2.5 * noise)
     edges = (gradient >= threshold) & _local_max_3x3(gradient)
-    count = int(edges.sum())
-    if count < MIN_EDGE_POINTS:
-        return 0.0, 0.0
-    density = count / float(height * width)
     ratio = gradient[edges] / np.maximum(gradient_reblurred[edges], 1e-6)
     ratio_sq_minus_one = np.maximum(ratio.astype(np.float64) ** 2 - 1.0, 1e-4)
-    measured = REBLUR_SIGMA / np.sqrt(ratio_sq_minus_one)
-    sigma = float(np.median(np.minimum(measured, 20.0)))
-    return math.sqrt(max(sigma * sigma - INTRINSIC_EDGE_SIGMA**2, 0.0)), density
+    return np.minimum(REBLUR_SIGMA / np.sqrt(ratio_sq_minus_one), 20.0)
+
+
+def _combine_edges(parts: Sequence[np.ndarray], pixels: int) -> tuple[float, float]:
+    measured = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if measured.size < MIN_EDGE_POINTS:
+        return 0.0, 0.0
+    sigma = float(np.median(measured))
+    return math.sqrt(max(sigma * sigma - INTRINSIC_EDGE_SIGMA**2, 0.0)), measured.size / float(pixels)
 
 
 def _boundary_ratios(profile: np.ndarray) -> list[float]:
@@ -183,40 +225,91 @@ def _boundary_ratios(profile: np.ndarray) -> list[float]:
 
 def blockiness(luma: np.ndarray) -> float:
     """JPEG 8x8 blocking: >1 when differences across block boundaries beat those inside."""
+    ratios = _blockiness_ratios(luma)
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+def _blockiness_ratios(luma: np.ndarray) -> list[float]:
     ratios: list[float] = []
     if luma.shape[1] > JPEG_BLOCK:
         ratios += _boundary_ratios(np.abs(np.diff(luma, axis=1)).mean(axis=0, dtype=np.float64))
     if luma.shape[0] > JPEG_BLOCK:
         ratios += _boundary_ratios(np.abs(np.diff(luma, axis=0)).mean(axis=1, dtype=np.float64))
-    return float(np.median(ratios)) if ratios else 1.0
+    return ratios
 
 
 def colourfulness(rgb: np.ndarray) -> float:
-    """Hasler & Suesstrunk (2003) colourfulness on a 0-255 scale; rgb is N x 3."""
+    """Hasler & Suesstrunk (2003) colourfulness on a 0-255 scale; rgb is N x 3 (float32
+    arithmetic, float64 sums)."""
     if rgb.shape[0] == 0:
         return 0.0
-    red, green, blue = (rgb[:, i].astype(np.float64) for i in range(3))
+    red, green, blue = (rgb[:, i].astype(np.float32) for i in range(3))
     rg = red - green
     yb = 0.5 * (red + green) - blue
-    spread = math.sqrt(rg.var() + yb.var())
-    mean = math.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+    rg_mean, yb_mean = float(rg.mean(dtype=np.float64)), float(yb.mean(dtype=np.float64))
+    spread = math.sqrt(_variance(rg, rg_mean) + _variance(yb, yb_mean))
+    mean = math.sqrt(rg_mean**2 + yb_mean**2)
     return float(spread + 0.3 * mean)
 
 
-def measure(image: DecodedImage) -> dict[str, float]:
-    """All metrics for one image; see the module docstring for the keys."""
+def _variance(values: np.ndarray, mean: float) -> float:
+    centred = values - np.float32(mean)
+    return float(np.dot(centred, centred)) / values.size if values.size else 0.0
+
+
+def tile_starts(length: int, tile: int, count: int) -> list[int]:
+    """``count`` evenly spread tile starts on multiples of 8 (the JPEG grid)."""
+    if length <= tile or count <= 1:
+        return [max(0, (length - tile) // 2) // JPEG_BLOCK * JPEG_BLOCK]
+    return sorted({int(s) // JPEG_BLOCK * JPEG_BLOCK for s in np.linspace(0, length - tile, count)})
+
+
+def sample_tiles(height: int, width: int, max_pixels: int | None) -> list[tuple[slice, slice]]:
+    """The regions local statistics are pooled over: the whole image when it has at most
+    ``max_pixels`` pixels (or no budget is set), else an evenly spread grid of TILE x TILE
+    tiles, 8-aligned, with at most ``max_pixels`` pixels in all. Deterministic."""
+    if max_pixels is None or height * width <= max_pixels:
+        return [(slice(0, height), slice(0, width))]
+    per_axis = max(1, int(math.sqrt(max_pixels / float(TILE * TILE))))
+    rows = tile_starts(height, TILE, min(per_axis, max(1, height // TILE)))
+    cols = tile_starts(width, TILE, min(per_axis, max(1, width // TILE)))
+    return [(slice(y, y + TILE), slice(x, x + TILE)) for y in rows for x in cols]
+
+
+def sampled_blockiness(rgb: np.ndarray, max_pixels: int | None = None) -> float:
+    """``blockiness`` pooled over ``sample_tiles`` (what ``measure`` reports with that budget)."""
+    ratios = [r for ys, xs in sample_tiles(*rgb.shape[:2], max_pixels) for r in _blockiness_ratios(_luminance(rgb[ys, xs]))]
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+def measure(image: DecodedImage, max_pixels: int | None = None) -> dict[str, float]:
+    """All metrics for one image; see the module docstring for the keys.
+
+    With ``max_pixels``, an image larger than that is measured on a sample: local statistics
+    (noise, Laplacian, blur, blocking) pooled over ``sample_tiles``, global ones (exposure,
+    contrast, colour) on an evenly strided grid of pixels. The cost then stays bounded.
+    """
     rgb = image.rgb
     height, width = rgb.shape[:2]
-    luma = _luminance(rgb)
+    regions = sample_tiles(height, width, max_pixels)
+    stride = 1 if len(regions) == 1 else max(1, math.ceil(math.sqrt(height * width / float(max_pixels or 1))))
+    tiles = [(rgb[ys, xs], _luminance(rgb[ys, xs])) for ys, xs in regions]
+    grid_rgb = rgb[::stride, ::stride]
+    grid_luma = tiles[0][1] if len(regions) == 1 else _luminance(grid_rgb)
     # Global statistics skip fully transparent pixels, whose colour is usually junk.
-    visible = np.ones((height, width), dtype=bool)
-    if image.alpha is not None and (image.alpha > 0).any():
-        visible = image.alpha > 0
-    visible_luma = luma[visible].astype(np.float64)
+    grid_alpha = None if image.alpha is None else image.alpha[::stride, ::stride]
+    if grid_alpha is not None and (grid_alpha > 0).any():
+        visible = grid_alpha > 0
+        visible_luma, visible_rgb = grid_luma[visible], grid_rgb[visible]
+    else:
+        visible_luma, visible_rgb = grid_luma.reshape(-1), grid_rgb.reshape(-1, 3)
+    luma_mean = float(visible_luma.mean(dtype=np.float64)) if visible_luma.size else 0.0
 
-    noise = noise_sigma(rgb, luma)
-    lap_var = laplacian_variance(luma)
-    blur, edge_density = edge_blur_sigma(luma, noise)
+    noise = noise_sigma_tiles(tiles)
+    lap_var = float(np.mean([laplacian_variance(luma) for _, luma in tiles]))
+    blur, edge_density = _combine_edges([_edge_sigmas(luma, noise) for _, luma in tiles],
+                                        sum(luma.size for _, luma in tiles))
+    ratios = [r for _, luma in tiles for r in _blockiness_ratios(luma)]
     metrics = {
         "width": float(width),
         "height": float(height),
@@ -225,12 +318,12 @@ def measure(image: DecodedImage) -> dict[str, float]:
         "blur_sigma": blur,
         "edge_density": edge_density,
         "noise_sigma": noise,
-        "blockiness": blockiness(luma),
-        "brightness": float(visible_luma.mean() / 255.0),
-        "clipped_dark": float((visible_luma <= 2.0).mean()),
-        "clipped_bright": float((visible_luma >= 253.0).mean()),
-        "contrast": float(visible_luma.std() / 255.0),
-        "colourfulness": colourfulness(rgb[visible]),
+        "blockiness": float(np.median(ratios)) if ratios else 1.0,
+        "brightness": luma_mean / 255.0,
+        "clipped_dark": float(np.count_nonzero(visible_luma <= 2.0)) / max(visible_luma.size, 1),
+        "clipped_bright": float(np.count_nonzero(visible_luma >= 253.0)) / max(visible_luma.size, 1),
+        "contrast": math.sqrt(_variance(visible_luma, luma_mean)) / 255.0,
+        "colourfulness": colourfulness(visible_rgb),
         "has_alpha": 0.0,
         "transparent_fraction": 0.0,
         "translucent_fraction": 0.0,
@@ -297,20 +390,24 @@ def describe_metrics(metrics: dict[str, float], is_grey: bool = False) -> str:
     return ", ".join(parts)
 
 
+def _is_grey(rgb: np.ndarray) -> bool:
+    return bool(
+        (np.abs(rgb[..., 0].astype(np.int16) - rgb[..., 1]) <= 1).all()
+        and (np.abs(rgb[..., 1].astype(np.int16) - rgb[..., 2]) <= 1).all()
+    )
+
+
 class AnalysisEncoder(Encoder):
     """Describes images by measuring them; no model, no weights."""
 
     kind = "analysis"
+    max_pixels: int | None = None  # measure larger images on a sample (see ``measure``)
 
     def describe(self, images: Sequence[DecodedImage]) -> list[Description]:
         descriptions = []
         for image in images:
-            metrics = measure(image)
-            rgb = image.rgb
-            is_grey = bool(
-                (np.abs(rgb[..., 0].astype(np.int16) - rgb[..., 1]) <= 1).all()
-                and (np.abs(rgb[..., 1].astype(np.int16) - rgb[..., 2]) <= 1).all()
-            )
+            metrics = measure(image, self.max_pixels)
+            is_grey = _is_grey(image.rgb[::7, ::7]) and _is_grey(image.rgb)  # a sample rules most out
             descriptions.append(
                 Description(
                     text=describe_metrics(metrics, is_grey=is_grey),

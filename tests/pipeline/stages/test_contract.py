@@ -38,7 +38,7 @@ SETTINGS = Settings.defaults().model_copy(
     update=dict(
         builtin_tile=TILE, builtin_overlap=16, builtin_tile_batch=4, builtin_min_tile=8,
         sr_tile=TILE, sr_overlap=16, sr_tile_batch=4, sr_min_tile=8,
-        sd_tile=TILE, sd_overlap=16, sd_tile_batch=4, sd_min_tile=8, sd_steps=1,
+        sd_tile=TILE, sd_overlap=16, sd_tile_batch=4, sd_min_tile=8, sd_steps=1,  # sd_*: the generative ones too
     )
 )
 # Largest per-pixel difference (uint8) allowed between a batched and a single call.
@@ -50,6 +50,14 @@ BF16_MEAN_TOLERANCE = 4.0
 def _sd_spec(factory) -> str:
     pytest.importorskip("diffusers", reason="sd-upscale needs the diffusers extra: pip install 'pixelrelay[diffusers]'")
     return f"sd-upscale:{fx.tiny_model(factory, fx.make_tiny_sd_upscaler, 'sd-x4-upscaler')}"
+
+
+def _generative_spec(kind: str, builder, name: str):
+    def spec(factory) -> str:
+        pytest.importorskip("diffusers", reason=f"{kind} needs the diffusers extra: pip install 'pixelrelay[diffusers]'")
+        return f"{kind}:{fx.tiny_model(factory, builder, name)}"
+
+    return spec
 
 
 def _sr_spec(factory) -> str:
@@ -74,6 +82,8 @@ TINY_SPECS = {
     ("decoder", "hf-sr"): _sr_spec,
     ("decoder", "sd-upscale"): _sd_spec,
     ("decoder", "spandrel"): _spandrel_spec,
+    ("decoder", "sd-img2img"): _generative_spec("sd-img2img", fx.make_tiny_sd, "tiny-sd"),
+    ("decoder", "instruct-pix2pix"): _generative_spec("instruct-pix2pix", fx.make_tiny_instruct_pix2pix, "tiny-p2p"),
 }
 CREATE = {"encoder": registry.create_encoder, "planner": registry.create_planner, "decoder": registry.create_decoder}
 _BUILT: dict[tuple[str, str], object] = {}

@@ -101,7 +101,7 @@ def test_backends_describe_themselves():
 def test_backends_never_read_the_environment(monkeypatch):
     monkeypatch.setenv("PIXELRELAY_BUILTIN_TILE", "64")
     monkeypatch.setenv("PIXELRELAY_DTYPE", "fp32")
-    assert registry.create_decoder("builtin").tiles.tile == 256  # Settings defaults, not the environment
+    assert registry.create_decoder("builtin").tiles.tile == Settings.defaults().builtin_tile == 0  # defaults, not the env
     assert registry.create_decoder("builtin", settings=Settings.from_env()).tiles.tile == 64
     # dtype: only what the caller passes
     assert hf.choose_dtype("cuda", "fp16") is torch.float16
