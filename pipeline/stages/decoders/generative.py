@@ -231,6 +231,9 @@ class GenerativeDecoder(Decoder):
         return Request("restoration", self.restoration_prompt(plan), negative, strength, self.settings.sd_guidance,
                        self.settings.sd_steps, 0)
 
+    def native_scales(self) -> tuple[int, ...]:
+        return (1,)  # it edits, it does not upscale: any other output size is a resample (pipeline.outsize)
+
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
         check_batch(images, plans)
         results: list[RestoredImage | None] = [None] * len(images)

@@ -82,6 +82,19 @@ def test_output_size_is_scale_times_input_and_alpha_is_kept(dec, scale):
         assert any("bicubic" in n for n in out.notes)
 
 
+def test_any_output_scale_edits_at_x1_then_resamples(dec):
+    """A generative decoder's one native scale is x1 (it edits, it does not upscale): an
+    output target is the x1 edit resampled to the exact size (pipeline.outsize)."""
+    from pixelrelay.pipeline.messages import OutputTarget
+
+    image = _image(21, 27, alpha=True)
+    plan = _edit().model_copy(update={"target": OutputTarget(scale=1.5)})
+    out = restore_with_edits(dec, [image], [plan])[0]
+    assert dec.native_scales() == (1,) and out.native_scale == 1
+    assert out.rgb.shape == (32, 41, 3) and out.alpha.shape == (32, 41)  # 31.5 -> 32, 40.5 -> 41
+    assert any("no native scale at or above x1.5 (decoder's: 1): ran x1" in n for n in out.notes), out.notes
+
+
 def _highpass(x: np.ndarray) -> np.ndarray:
     t = torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)[None]
     blur = F.avg_pool2d(F.pad(t, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
