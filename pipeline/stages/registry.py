@@ -50,16 +50,19 @@ BACKENDS: dict[str, dict[str, str]] = {
         "builtin": "pixelrelay.pipeline.stages.encoders.builtin:BuiltinEncoder",
         "analysis": "pixelrelay.pipeline.stages.encoders.analysis:AnalysisEncoder",
         "hf-caption": "pixelrelay.pipeline.stages.encoders.hf_caption:HFCaptionEncoder",
+        "null": "pixelrelay.pipeline.stages.encoders.null:NullEncoder",
     },
     "planner": {
         "rules": "pixelrelay.pipeline.stages.planners.rules:RulesPlanner",
         "hf-llm": "pixelrelay.pipeline.stages.planners.hf_llm:HFLLMPlanner",
+        "null": "pixelrelay.pipeline.stages.planners.null:NullPlanner",
     },
     "decoder": {
         "builtin": "pixelrelay.pipeline.stages.decoders.builtin:BuiltinDecoder",
         "classic": "pixelrelay.pipeline.stages.decoders.classic:ClassicDecoder",
         "hf-sr": "pixelrelay.pipeline.stages.decoders.hf_sr:HFSuperResolutionDecoder",
         "sd-upscale": "pixelrelay.pipeline.stages.decoders.sd_upscale:SDUpscaleDecoder",
+        "null": "pixelrelay.pipeline.stages.decoders.null:NullDecoder",
     },
 }
 STAGES = tuple(BACKENDS)
