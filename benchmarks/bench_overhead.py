@@ -24,6 +24,11 @@ Each repeat is a new job over the same inputs into a new output folder; the tabl
 the median of the repeats (and min - max). CPU time, not wall time, is the measure: on a
 shared machine it is still noisy (caches, frequency), so repeat and compare medians.
 Linux only (``/proc``).
+
+``--profile DIR`` also samples the producer and each worker with py-spy (``pip install
+py-spy``; not a dependency of pixelrelay) during the timed jobs, every thread, and writes
+their collapsed stacks (``DIR/<process>.txt``, flamegraph input) and a summary of the
+functions with the most samples, inclusive and self (``DIR/<process>.top.txt``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,29 +79,30 @@ def make_inputs(folder: Path, n: int, size: int) -> None:
 # --- CPU of process trees, from /proc ---------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user + system seconds) of a live process; None when it is gone."""
+def _stat(pid: int) -> tuple[int, float, float] | None:
+    """(parent pid, user s, system s) of a live process (all its threads); None when gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
     except OSError:
         return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS  # ppid, utime + stime
+    return int(fields[1]), int(fields[11]) / TICKS, int(fields[12]) / TICKS  # ppid, utime, stime
 
 
-def tree_cpu(root: int) -> float:
-    """User + system seconds of ``root`` and all its live descendants (all threads)."""
+def tree_cpu(root: int) -> tuple[float, float]:
+    """(user, system) seconds of ``root`` and all its live descendants (all threads)."""
     stats = {pid: s for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if (s := _stat(pid))}
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
+    for pid, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
+    user = system = 0.0
+    todo = [root]
     while todo:
         pid = todo.pop()
         if pid in stats:
-            total += stats[pid][1]
+            user, system = user + stats[pid][1], system + stats[pid][2]
             todo.extend(children.get(pid, ()))
-    return total
+    return user, system
 
 
 def redis_cpu(client: redis.Redis) -> float:
@@ -110,8 +119,61 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 
 def snapshot(workers: LocalWorkers, client: redis.Redis) -> dict:
     cpu = {stage: tree_cpu(proc.pid) for stage, proc in workers.procs.items()}
-    cpu["producer"] = time.process_time()
+    own = os.times()
+    cpu["producer"] = (own.user, own.system)
     return {"cpu": cpu, "redis_cpu": redis_cpu(client), "commands": commandstats(client)}
+
+
+class Profiler:
+    """py-spy recording the producer (this process) and the workers while it is entered."""
+
+    def __init__(self, folder: Path | None, workers: LocalWorkers) -> None:
+        self.folder, self.workers, self.procs = folder, workers, []
+        self.spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+        if folder is not None and self.spy is None:
+            raise SystemExit("--profile needs py-spy: pip install py-spy")
+
+    def __enter__(self) -> "Profiler":
+        if self.folder is None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        pids = {"producer": os.getpid(), **{stage: p.pid for stage, p in self.workers.procs.items()}}
+        for name, pid in pids.items():
+            cmd = [self.spy, "record", "--pid", str(pid), "--nonblocking", "--gil", "--threads", "--format", "raw",
+                   "--rate", "200", "--output", str(self.folder / f"{name}.txt")]
+            self.procs.append((name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        time.sleep(1.0)  # py-spy attaches
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for name, proc in self.procs:
+            proc.wait(60)
+            summarise(self.folder / f"{name}.txt", self.folder / f"{name}.top.txt")
+
+
+def summarise(collapsed: Path, out: Path, top: int = 60) -> None:
+    """The functions with the most samples in a collapsed-stack file: inclusive and self."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    if not collapsed.exists():
+        return
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n, frames = int(count), stack.split(";")
+        total += n
+        for frame in set(frames[1:]):  # the first frame is the thread
+            inclusive[frame] = inclusive.get(frame, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    lines = [f"{total} samples"]
+    for title, table in (("inclusive", inclusive), ("self", own)):
+        lines += ["", f"--- {title}"]
+        lines += [f"{100 * n / max(total, 1):6.1f}%  {name}" for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]]
+    out.write_text("\n".join(lines) + "\n")
 
 
 def run_job(settings: Settings, client: redis.Redis, workers: LocalWorkers, folder: Path, out: Path,
@@ -128,7 +190,8 @@ def run_job(settings: Settings, client: redis.Redis, workers: LocalWorkers, fold
         "job": job,
         "done": counts.done,
         "wall": wall,
-        "cpu": {k: after["cpu"][k] - before["cpu"][k] for k in before["cpu"]},
+        "cpu": {k: sum(after["cpu"][k]) - sum(before["cpu"][k]) for k in before["cpu"]},
+        "system": {k: after["cpu"][k][1] - before["cpu"][k][1] for k in before["cpu"]},
         "redis_cpu": after["redis_cpu"] - before["redis_cpu"],
         "commands": {k: v for k, v in commands.items() if v},
     }
@@ -149,10 +212,11 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict]:
             settings = Settings.from_env(redis_url=server.url, chunk_size=args.chunk_size, batch_size=args.batch_size)
             client = redis.Redis.from_url(server.url)
             run_job(settings, client, workers, tmp / "warm", tmp / "warm-out", options)  # loads, imports, connects
-            for i in range(args.repeats):
-                runs.append(run_job(settings, client, workers, tmp / "in", tmp / f"out{i}", options))
-                print(f"repeat {i + 1}/{args.repeats}: {runs[-1]['done']}/{args.items} done in {runs[-1]['wall']:.1f} s",
-                      file=sys.stderr, flush=True)
+            with Profiler(args.profile, workers):
+                for i in range(args.repeats):
+                    runs.append(run_job(settings, client, workers, tmp / "in", tmp / f"out{i}", options))
+                    print(f"repeat {i + 1}/{args.repeats}: {runs[-1]['done']}/{args.items} done in "
+                          f"{runs[-1]['wall']:.1f} s", file=sys.stderr, flush=True)
         finally:
             workers.stop()
             workers.finish_logs(ok=all(r["done"] == args.items for r in runs), keep=args.keep_logs)
@@ -170,8 +234,10 @@ def _median_range(values: list[float], fmt: str) -> str:
 def table(args: argparse.Namespace, runs: list[dict]) -> list[str]:
     n = args.items
     per_item = lambda run, key: 1000 * run["cpu"][key] / n  # noqa: E731  ms
-    rows = [(f"{name} CPU, ms/item", [per_item(r, name) for r in runs])
-            for name in ("producer", *C.STAGES)]
+    rows = []
+    for name in ("producer", *C.STAGES):
+        rows.append((f"{name} CPU, ms/item", [per_item(r, name) for r in runs]))
+        rows.append(("  of which system", [1000 * r["system"][name] / n for r in runs]))
     totals = [sum(r["cpu"].values()) * 1000 / n for r in runs]
     rows.append(("total (producer + workers), ms/item", totals))
     rows.append(("redis-server CPU, ms/item (not in total)", [1000 * r["redis_cpu"] / n for r in runs]))
@@ -204,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=64, help="items of the warm-up job (not counted)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the workers' logs")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="sample every process with py-spy into DIR")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         runs = run_all(args, Path(tmp))
-    print("\n".join(table(args, runs)))
+        print("\n".join(table(args, runs)), flush=True)  # before the (slow) clean-up of the outputs
     return 0 if all(r["done"] == args.items for r in runs) else 1
 
 
