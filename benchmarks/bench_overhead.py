@@ -206,7 +206,8 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict]:
     with EmbeddedRedis() as server:
         env = dict(os.environ, PIXELRELAY_REDIS_URL=server.url, PIXELRELAY_CHUNK_SIZE=str(args.chunk_size),
                    PIXELRELAY_BATCH_SIZE=str(args.batch_size), PIXELRELAY_TORCH_THREADS="1")
-        workers = LocalWorkers(env, {stage: [f"--{C.STAGE_BACKEND[stage]}", "null"] for stage in C.STAGES})
+        extra = ["--no-events"] if args.no_events else []
+        workers = LocalWorkers(env, {stage: [f"--{C.STAGE_BACKEND[stage]}", "null", *extra] for stage in C.STAGES})
         workers.start()
         try:
             settings = Settings.from_env(redis_url=server.url, chunk_size=args.chunk_size, batch_size=args.batch_size)
@@ -249,7 +250,7 @@ def table(args: argparse.Namespace, runs: list[dict]) -> list[str]:
     width = max(len(name) for name, _ in rows) + 2
     lines = [
         f"{n} items of {args.size}x{args.size} px PNG, null backends, chunk {args.chunk_size}, batch {args.batch_size}, "
-        f"{args.repeats} repeat(s): median (min-max)",
+        f"task events {'off' if args.no_events else 'on'}, {args.repeats} repeat(s): median (min-max)",
         f"{'measure':<{width}}value",
         "-" * (width + 24),
     ]
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=Settings.defaults().batch_size)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=64, help="items of the warm-up job (not counted)")
+    parser.add_argument("--no-events", action="store_true", help="workers without Celery task events (default: on)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the workers' logs")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="sample every process with py-spy into DIR")
     args = parser.parse_args(argv)
