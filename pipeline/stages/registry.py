@@ -236,7 +236,7 @@ def spec_allowed(stage: str, spec: str | StageSpec, allowed: list[StageSpec] | N
     ``allowed`` None allows anything. Otherwise a spec is allowed when:
 
     * it is the bare kind of a backend with no model to name (weights shipped or none:
-      ``builtin``, ``analysis``, ``rules``, ``classic``): it reads no path it is given;
+      ``builtin``, ``analysis``, ``rules``, ``classic``, ``null``): it reads no path it is given;
     * for such a backend with a MODEL (``builtin:FILE``): the very spec is listed;
     * for a backend that loads models (``hf-sr``, ``hf-llm``, ...): every model it would
       load (``models_for``; the bare kind loads the default model) is a model of a listed
