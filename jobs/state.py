@@ -130,6 +130,8 @@ def job_status(info: dict[str, str], counts: Counts, now: float, stall_s: float)
 
 
 class JobState:
+    _bitfield_ro = True  # the server has BITFIELD_RO (Redis >= 6.0); learnt once per process
+
     def __init__(self, client: redis.Redis, job_id: str, signer: Signer | None = None) -> None:
         self.r = client
         self.job_id = job_id
@@ -228,8 +230,23 @@ class JobState:
 
     # --- items ----------------------------------------------------------------------
     def done_flags(self, indices: list[int]) -> list[bool]:
+        """Whether each item is done: one ``BITFIELD_RO`` for all of them (read-only, so it
+        is served under ``maxmemory`` too); a pipeline of ``GETBIT``s on a Redis without it
+        (before 6.0)."""
         if not indices:
             return []
+        if self._bitfield_ro:
+            args = [arg for index in indices for arg in ("GET", "u1", index)]
+            try:
+                bits = self.r.execute_command("BITFIELD_RO", self.done_key, *args)
+            except redis.ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                type(self)._bitfield_ro = False
+            else:
+                if not isinstance(bits, list) or len(bits) != len(indices):
+                    raise redis.ResponseError(f"BITFIELD_RO returned {type(bits).__name__}, not {len(indices)} bits")
+                return [bool(bit) for bit in bits]
         pipe = self.r.pipeline(transaction=False)
         for index in indices:
             pipe.getbit(self.done_key, index)

@@ -7,6 +7,12 @@ ids from the queue lists to tell a waiting chain from a lost one.
 Every body sent is signed (``pipeline.signing``, kind ``chunk:encode``); each stage signs
 the body it returns for the next one (``workers.tasks.run_stage``).
 
+Each message's ``argsrepr`` (what Celery's "Task received" log line, task events and Flower
+show as its arguments) is a short ``job <id> seq <n> chunk <n>[ part <i>] <stage>``
+(``args_repr``), given up front: Celery would otherwise walk the whole signed body with its
+``saferepr`` for every message it publishes, a cost per chunk and stage for a repr that is
+cut at 1 kB anyway.
+
 The Celery-free rest of the flow (which chunk goes next, finishing a job) is
 ``pixelrelay.jobs.feed``; ``sender`` adapts it to a Celery app.
 """
@@ -27,12 +33,22 @@ def signed_body(signer: Signer, stage: str, message: ChunkMessage) -> dict:
     return signer.sign("chunk:" + stage, message.model_dump(mode="json"))
 
 
+def args_repr(message: ChunkMessage, stage: str) -> str:
+    """The short stand-in for a stage message's arguments in logs, events and Flower."""
+    part = f" part {message.part}" if message.part else ""
+    return f"job {message.job_id} seq {message.seq} chunk {message.chunk}{part} {stage}"
+
+
 def chunk_chain(app: Celery, message: ChunkMessage, signer: Signer):
     body = signed_body(signer, "encode", message)
+
+    def options(stage: str) -> dict:
+        return {"task_id": task_id(message, stage), "argsrepr": args_repr(message, stage), "kwargsrepr": "{}"}
+
     return chain(
-        app.signature(task_name("encode"), args=(body,), immutable=True, task_id=task_id(message, "encode")),
-        app.signature(task_name("plan"), task_id=task_id(message, "plan")),
-        app.signature(task_name("decode"), task_id=task_id(message, "decode")),
+        app.signature(task_name("encode"), args=(body,), immutable=True, **options("encode")),
+        app.signature(task_name("plan"), **options("plan")),
+        app.signature(task_name("decode"), **options("decode")),
     )
 
 

@@ -38,7 +38,6 @@ meanwhile; an entry is never created for an unchecked message).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import posixpath
@@ -167,13 +166,6 @@ def within(root: str, uri: str) -> bool:
 def _under_jobs_dir(root: str, uri: str) -> bool:
     rel = _relative(root, uri)
     return rel is not None and rel.split("/", 1)[0] == JOBS_DIR
-
-
-@functools.lru_cache(maxsize=16)
-def storage_of(open_storage, output: str) -> Storage:
-    """One storage object per output root in this process, so that the listing shards read
-    through it stay cached (``jobs.files._read_shard`` is cached per storage and URI)."""
-    return open_storage(output)
 
 
 def transient_retry(state: JobState, stage: str, msg: ChunkMessage, retries: int, exc: BaseException,

@@ -81,11 +81,11 @@ from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.stages.decoders.edits import restore_with_edits
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
-from pixelrelay.pipeline.storage import StorageConflictError, StorageError
+from pixelrelay.pipeline.storage import Storage, StorageConflictError, StorageError
 from pixelrelay.workers import balance, metrics
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
-from pixelrelay.workers.guard import ForgedMessage, check_message, storage_of, transient_retry
+from pixelrelay.workers.guard import ForgedMessage, check_message, transient_retry
 from pixelrelay.workers import observe
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
@@ -100,6 +100,20 @@ Out = TypeVar("Out")
 
 def _batches(seq: Sequence[In], size: int) -> list[Sequence[In]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+def _io_map(rt: Runtime, fn: Callable[[In], Out], items: Sequence[In]) -> list[Out]:
+    """``[fn(x) for x in items]`` on the I/O threads, in order, with one task per thread
+    rather than one per item (``items[i::n]`` for ``n = min(len(items), io_threads)``): as
+    parallel, at a fraction of the futures' cost on small items. A single item runs on the
+    calling thread. An exception propagates, as from ``Executor.map``."""
+    n = min(len(items), max(1, rt.settings.io_threads))
+    if n <= 1:
+        return [fn(x) for x in items]
+    out: list = [None] * len(items)
+    for i, results in enumerate(rt.io.map(lambda group: [fn(x) for x in group], [items[i::n] for i in range(n)])):
+        out[i::n] = results
+    return out
 
 
 def _call_isolated(fn: Callable[[Sequence[In]], list[Out]], batch: Sequence[In]) -> list[Out | Exception]:
@@ -167,12 +181,12 @@ def _load_images(
     """Read, then decode sources in parallel threads, once ``budget`` admits their decoded
     size; records that can't be read or decoded fail here. Returns the loaded pairs and the
     bytes taken from ``budget`` for them (nothing is loaded once the budget is closed)."""
-    raw = list(rt.io.map(lambda r: _read_one(rt, r, stage), records))
+    raw = _io_map(rt, lambda r: _read_one(rt, r, stage), records)
     todo = [(r, data) for r, data in zip(records, raw) if data is not None]
     held = sum(_decoded_bytes(rt, data, scale_of(r)) for r, data in todo)
     if budget is not None and not budget.take(held):
         return [], 0
-    images = list(rt.io.map(lambda pair: _decode_one(rt, *pair, stage, scale_of(pair[0])), todo))
+    images = _io_map(rt, lambda pair: _decode_one(rt, *pair, stage, scale_of(pair[0])), todo)
     return [(r, image) for (r, _), image in zip(todo, images) if image is not None], held
 
 
@@ -282,7 +296,7 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         record.models["decoder"] = decoder.identity()
         record.fingerprint = _expected(msg, record, record.backends, record.models)
     todo: list[tuple[ItemRecord, fp.Decision, str | None]] = []
-    for record, found in zip(pending, rt.io.map(lambda r: _existing(rt, r.output), pending)):
+    for record, found in zip(pending, _io_map(rt, lambda r: _existing(rt, r.output), pending)):
         action = fp.decide(found.present, found.stored, record.fingerprint, msg.job_id, msg.options.overwrite)
         if action == "reuse":  # an earlier job, or an earlier delivery of this chain
             _mark_reused(record, found.stored, msg.job_id, "decode")
@@ -299,24 +313,43 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         )
         share = (time.perf_counter() - started) / max(1, len(batch))
         metrics.observe_batch("decode", time.perf_counter() - started, len(loaded))
+        done = []
         for (record, image), result in zip(loaded, results):
             if isinstance(result, Exception):
                 record.fail("decode", _reason(result))
-            else:  # encode + upload in the background while the next batch runs
-                args = (rt, record, image, result, msg.options, msg.job_id, *writes_as[id(record)])
-                writes.append((record, rt.io.submit(_write_output, *args, root=msg.output)))
+            else:
+                done.append((rt, record, image, result, msg.options, msg.job_id, *writes_as[id(record)]))
+        writes += _write_in_background(rt, done, msg.output)  # while the next batch runs
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
-    for record, write in writes:
-        try:
-            write.result()
-        except TRANSIENT_ERRORS:
-            raise
-        except Exception as exc:
-            record.fail("decode", f"cannot write output: {_reason(exc)}")
+    for write in writes:
+        for record, exc in write.result():
+            if isinstance(exc, TRANSIENT_ERRORS):
+                raise exc
+            if exc is not None:
+                record.fail("decode", f"cannot write output: {_reason(exc)}")
     for record in pending:
         if record.failed:  # a failed item answers nothing
             record.fingerprint = record.outcome = None
+
+
+def _write_in_background(rt: Runtime, outputs: list[tuple], root: str) -> list:
+    """Encode and store ``outputs`` (``_write_output``'s arguments, one tuple per item) on
+    the I/O threads, one task per thread (``outputs[i::n]``); futures of lists of
+    ``(record, exception or None)``, every item tried whatever its neighbours did."""
+    def write_all(group: list[tuple]) -> list[tuple[ItemRecord, Exception | None]]:
+        results = []
+        for args in group:
+            try:
+                _write_output(*args, root=root)
+            except Exception as exc:
+                results.append((args[1], exc))
+            else:
+                results.append((args[1], None))
+        return results
+
+    n = min(len(outputs), max(1, rt.settings.io_threads))
+    return [rt.io.submit(write_all, outputs[i::n]) for i in range(n)]
 
 
 def _write_output(
@@ -447,7 +480,7 @@ def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], e
         return records
     specs, ids = known
     rest = []
-    for record, found in zip(records, rt.io.map(lambda r: _existing(rt, r.output), records)):
+    for record, found in zip(records, _io_map(rt, lambda r: _existing(rt, r.output), records)):
         expected = _expected(msg, record, specs, ids)
         if fp.decide(found.present, found.stored, expected, msg.job_id, overwrite=False) != "reuse":
             rest.append(record)
@@ -466,9 +499,19 @@ STAGE_BODIES: dict[str, StageBody] = {"encode": encode_chunk, "plan": plan_chunk
 NEXT_STAGE = {"encode": "plan", "plan": "decode", "decode": "done"}  # whose body a stage returns
 
 
+@functools.lru_cache(maxsize=16)
+def output_storage(rt: Runtime, output: str) -> Storage:
+    """One storage per job output root in this process, its writes confined to the root.
+    Being one object, the listing shards read through it stay cached (``jobs.files`` caches
+    them per storage and URI): the guard reads a shard at every delivery and the decode
+    stage's ``feed`` at every chunk, and a new storage each time re-read and re-validated
+    all ``LISTING_SHARD_SIZE`` lines of a shard per chunk."""
+    return rt.storage(output, root=output)
+
+
 def policy_for(rt: Runtime, state: JobState, app: Celery) -> DeliveryPolicy:
     limits = Limits(max_deliveries=rt.settings.max_deliveries, max_retries=rt.settings.max_retries)
-    return DeliveryPolicy(state, sender(app, rt.signer), lambda output: rt.storage(output, root=output), limits)
+    return DeliveryPolicy(state, sender(app, rt.signer), functools.partial(output_storage, rt), limits)
 
 
 def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> CeleryRetry:
@@ -511,7 +554,7 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
         raise requeue_for_newer_worker(task, stage, exc) from None
     state = JobState(rt.redis, msg.job_id, rt.signer)
     try:  # before anything is read or written (see workers.guard)
-        check_message(state, functools.partial(storage_of, rt.storage), msg, stage)
+        check_message(state, functools.partial(output_storage, rt), msg, stage)
     except ForgedMessage as exc:  # dropped (acked): the sweep re-sends a genuine chain from storage
         log.warning("%s: dropped a message for job %s chunk %d: %s", stage, msg.job_id, msg.chunk, exc)
         return {}

@@ -50,10 +50,12 @@ BACKENDS: dict[str, dict[str, str]] = {
         "builtin": "pixelrelay.pipeline.stages.encoders.builtin:BuiltinEncoder",
         "analysis": "pixelrelay.pipeline.stages.encoders.analysis:AnalysisEncoder",
         "hf-caption": "pixelrelay.pipeline.stages.encoders.hf_caption:HFCaptionEncoder",
+        "null": "pixelrelay.pipeline.stages.encoders.null:NullEncoder",
     },
     "planner": {
         "rules": "pixelrelay.pipeline.stages.planners.rules:RulesPlanner",
         "hf-llm": "pixelrelay.pipeline.stages.planners.hf_llm:HFLLMPlanner",
+        "null": "pixelrelay.pipeline.stages.planners.null:NullPlanner",
     },
     "decoder": {
         "builtin": "pixelrelay.pipeline.stages.decoders.builtin:BuiltinDecoder",
@@ -63,6 +65,7 @@ BACKENDS: dict[str, dict[str, str]] = {
         "spandrel": "pixelrelay.pipeline.stages.decoders.spandrel:SpandrelDecoder",
         "sd-img2img": "pixelrelay.pipeline.stages.decoders.sd_img2img:SDImg2ImgDecoder",
         "instruct-pix2pix": "pixelrelay.pipeline.stages.decoders.instruct_pix2pix:InstructPix2PixDecoder",
+        "null": "pixelrelay.pipeline.stages.decoders.null:NullDecoder",
     },
 }
 STAGES = tuple(BACKENDS)
@@ -236,7 +239,7 @@ def spec_allowed(stage: str, spec: str | StageSpec, allowed: list[StageSpec] | N
     ``allowed`` None allows anything. Otherwise a spec is allowed when:
 
     * it is the bare kind of a backend with no model to name (weights shipped or none:
-      ``builtin``, ``analysis``, ``rules``, ``classic``): it reads no path it is given;
+      ``builtin``, ``analysis``, ``rules``, ``classic``, ``null``): it reads no path it is given;
     * for such a backend with a MODEL (``builtin:FILE``): the very spec is listed;
     * for a backend that loads models (``hf-sr``, ``hf-llm``, ...): every model it would
       load (``models_for``; the bare kind loads the default model) is a model of a listed

@@ -62,3 +62,13 @@ def test_redis_memory_per_finished_item_is_bits(state):
     assert state.counts().done == total
     used = sum(state.r.memory_usage(k) or 0 for k in state.r.keys(f"pixelrelay:job:{state.job_id}*"))
     assert used / total < 1.0  # bytes per finished item
+
+
+def test_done_flags_in_one_command_and_without_bitfield_ro(state, monkeypatch):
+    seq = state.start_submission(_spec(state.job_id, 40))
+    state.mark(seq, [(0, "done"), (3, "failed"), (17, "done"), (39, "done")])
+    indices = [0, 1, 3, 17, 38, 39, 100]  # past the bitmap's end: not done
+    expected = [True, False, False, True, False, True, False]
+    assert state.done_flags(indices) == expected and state.done_flags([]) == []
+    monkeypatch.setattr(JobState, "_bitfield_ro", False)  # a Redis before 6.0: GETBITs
+    assert state.done_flags(indices) == expected

@@ -1,0 +1,34 @@
+"""The ``null`` decoder: identity. The output is the source image as it was decoded.
+
+At scale 1 the pixels (and alpha) are returned as they are, the very arrays; at scale 2 or
+4 every pixel is repeated ``scale`` x ``scale`` times (nearest neighbour), as a decoder's
+output must be exactly ``scale`` x the input. The output still goes through the normal
+output path (encode, fingerprint, conditional write) like any decoder's. No torch, no model:
+for measuring pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from pixelrelay.pipeline.imageio import DecodedImage
+from pixelrelay.pipeline.messages import Plan
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
+
+
+def _repeat(pixels: np.ndarray | None, scale: int) -> np.ndarray | None:
+    if pixels is None or scale == 1:
+        return pixels
+    return np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+
+
+class NullDecoder(Decoder):
+    """source image + plan -> the source image (pixel-repeated to the plan's scale)."""
+
+    kind = "null"
+
+    def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
+        check_batch(images, plans)
+        return [RestoredImage(rgb=_repeat(i.rgb, p.scale), alpha=_repeat(i.alpha, p.scale)) for i, p in zip(images, plans)]

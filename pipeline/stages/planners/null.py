@@ -1,0 +1,29 @@
+"""The ``null`` planner: the same plan for every item, whatever its description.
+
+The plan runs no operation and carries no prompt or estimate; only the scale follows the
+job's options (``JobOptions.effective_scale``), so an upscale job still gets outputs of
+the asked size. (The output format is the output key's, set by the plan stage itself.)
+For measuring pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from pixelrelay.pipeline.messages import Description, JobOptions, Plan
+from pixelrelay.pipeline.stages.base import Planner, check_batch
+
+NULL_RATIONALE = "null planner: no operations"
+
+
+class NullPlanner(Planner):
+    """description + options -> a fixed, schema-valid Plan with no operations."""
+
+    kind = "null"
+
+    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
+        check_batch(descriptions, options, "descriptions/options")
+        return [
+            Plan(scale=o.effective_scale(), output_format=o.format or "png", rationale=NULL_RATIONALE)
+            for o in options
+        ]
