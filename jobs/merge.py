@@ -30,7 +30,8 @@ Invariants:
   its items gets a ``cancelled`` row for each item it lacks, from the listing shards of that
   group only. Such a group is not written as a group file.
 * Every line read back is checked: a part's line is parsed (a JSON object with an integer
-  ``index`` in the group's range and a known ``status``); a group file's line, as written
+  ``index`` in the group's range and a known ``status``) and kept as written (parts are
+  ``manifest_line``'s compact JSON, what ``_row_line`` would write again); a group file's line, as written
   by ``_row_line``, has its index and status read without a full parse, in increasing
   index order (any other line is parsed in full). A line that fails is logged and skipped.
 
@@ -245,7 +246,7 @@ def merge_group(
     items = geo.items(group)
     older = list_group_files(storage, spec.output, spec.job_id) if older is None else older
     base_seq = max((s for s in older.get(group, ()) if s < seq), default=0)
-    newest: dict[int, dict] = {}
+    newest: dict[int, tuple[str, bytes]] = {}  # index -> (status, the line as written)
     if base_seq:
         body = storage.get(group_uri(spec.output, spec.job_id, group, base_seq))
         _fold(newest, body, items)
@@ -256,16 +257,19 @@ def merge_group(
         keepalive()
     lines, counts = [], {}
     for index in sorted(newest):
-        row = newest[index]
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-        lines.append(_row_line(row))
+        status, line = newest[index]
+        counts[status] = counts.get(status, 0) + 1
+        lines.append(line + b"\n")
     return Merged(lines, counts)
 
 
-def _fold(newest: dict[int, dict], body: bytes, items: range) -> None:
+def _fold(newest: dict[int, tuple[str, bytes]], body: bytes, items: range) -> None:
+    """Keep each valid row's line as written (``manifest_line``'s compact JSON, the bytes a
+    re-serialisation would give), the newest per item: parsed once, never encoded again."""
     for line in body.splitlines():
-        if line.strip() and (row := check_row(line, items)) is not None:
-            newest[row["index"]] = row
+        line = line.strip()
+        if line and (row := check_row(line, items)) is not None:
+            newest[row["index"]] = (row["status"], line)
 
 
 def write_group(storage: Storage, spec: JobSpec, group: int, seq: int, merged: Merged) -> None:
