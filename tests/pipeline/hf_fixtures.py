@@ -225,7 +225,6 @@ def make_tiny_sd_upscaler(path: str | Path, seed: int = 0) -> Path:
         StableDiffusionUpscalePipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     path = Path(path)
     tok = make_clip_tokenizer()
@@ -255,20 +254,7 @@ def make_tiny_sd_upscaler(path: str | Path, seed: int = 0) -> Path:
         sample_size=256,  # VAE tiling (on by default in the decoder) only above this
         scaling_factor=0.08333,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            vocab_size=len(tok),
-            max_position_embeddings=32,
-            projection_dim=16,
-        )
-    )
+    text_encoder = _tiny_clip_text_encoder(tok)
     pipe = StableDiffusionUpscalePipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -282,11 +268,30 @@ def make_tiny_sd_upscaler(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def _tiny_clip_text_encoder(tok):
+    """A tiny random CLIP text encoder for ``tok`` (the Stable Diffusion pipelines' one)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            vocab_size=len(tok),
+            max_position_embeddings=32,
+            projection_dim=16,
+        )
+    )
+
+
 def _tiny_sd_parts(seed: int, in_channels: int = 4, sample_size: int = 16) -> dict:
     """Tiny random UNet / VAE (x2 latents) / CLIP text encoder + tokenizer of the classes a
     Stable Diffusion 1.x pipeline holds. Native size: ``sample_size`` x 2 pixels."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = make_clip_tokenizer()
     _seed(seed)
@@ -312,20 +317,7 @@ def _tiny_sd_parts(seed: int, in_channels: int = 4, sample_size: int = 16) -> di
         norm_num_groups=8,
         sample_size=256,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            vocab_size=len(tok),
-            max_position_embeddings=32,
-            projection_dim=16,
-        )
-    )
+    text_encoder = _tiny_clip_text_encoder(tok)
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet)
 
 

@@ -503,12 +503,8 @@ class HFLLMPlanner(Planner):
     def _to_plan(self, raw: str, description: Description, options: JobOptions, prior: Plan) -> Plan:
         """Map the constrained JSON onto a Plan; anything off-schema falls back to the prior."""
         scales, op_choices = self._constraints(options)
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:  # cannot happen under the grammar; never trust it blindly
-            log.warning("planner output not JSON (%s): %r", exc, raw[:200])
+        data = _json_object(raw)
+        if data is None:
             plan = prior.model_copy(deep=True)
             plan.raw = raw
             plan.rationale = f"LLM output unparseable, rule-based plan used; {prior.rationale}"
@@ -540,18 +536,11 @@ class HFLLMPlanner(Planner):
             target=prior.target,  # the job's output target (pipeline.outsize), as the rules set it
         )
 
-
     def _to_edit_plan(self, raw: str, options: JobOptions, prior: Plan) -> Plan:
         """Map the constrained edit JSON onto a Plan; raises ``EmptyEditPlanError`` when it
         changes nothing."""
         scales, choices = self._edit_constraints(options)
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:  # cannot happen under the grammar; never trust it blindly
-            log.warning("planner output not JSON (%s): %r", exc, raw[:200])
-            data = {}
+        data = _json_object(raw) or {}
         grading = []
         for name, allowed in zip(GRADING_ORDER, choices):
             strength = float(_as_choice(data.get(name), allowed))
@@ -607,6 +596,19 @@ def _merge_literals(template: list[tuple]) -> list[tuple]:
         else:
             merged.append(part)
     return merged
+
+
+def _json_object(raw: str) -> dict | None:
+    """The planner's output as a JSON object, or None (logged). The grammar makes it one;
+    the text is still never trusted blindly."""
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        log.warning("planner output not JSON (%s): %r", exc, raw[:200])
+        return None
+    return data
 
 
 def _as_choice(value: Any, allowed: Sequence[str]) -> str:

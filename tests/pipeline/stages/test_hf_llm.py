@@ -97,6 +97,27 @@ def test_batch_equals_single_calls(planner):
     assert batch == singles
 
 
+def _decode_adversarially(planner, grammars, vocab: int, seed: int, boosted: list[int] = ()) -> torch.Tensor:
+    """Greedy decoding under the grammars from random logits (``boosted`` token ids pushed
+    up by 50): the token ids, one row per grammar; every row must have ended."""
+    proc = SchemaLogitsProcessor(grammars, planner.eos_token_id)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros((len(grammars), 1), dtype=torch.long)
+    finished = torch.zeros(len(grammars), dtype=torch.bool)
+    for _ in range(max(g.max_tokens for g in grammars)):
+        scores = torch.randn((len(grammars), vocab), generator=gen) * 5
+        if boosted:
+            scores[:, boosted] += 50.0
+        nxt = proc(ids, scores).argmax(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, planner.eos_token_id), nxt)
+        finished |= nxt == planner.eos_token_id
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        if finished.all():
+            break
+    assert finished.all()
+    return ids
+
+
 def test_grammar_holds_against_adversarial_logits(planner):
     """Whatever the logits say (random, or a model that wants quotes and newlines), the
     decoded text is the schema's JSON."""
@@ -104,21 +125,8 @@ def test_grammar_holds_against_adversarial_logits(planner):
     vocab = planner.lm.get_output_embeddings().weight.shape[0]
     for seed in range(6):
         grammars = [planner._grammar(*planner._constraints(o)) for o in OPTIONS]
-        proc = SchemaLogitsProcessor(grammars, planner.eos_token_id)
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.zeros((len(OPTIONS), 1), dtype=torch.long)
-        finished = torch.zeros(len(OPTIONS), dtype=torch.bool)
-        for _ in range(max(g.max_tokens for g in grammars)):
-            scores = torch.randn((len(OPTIONS), vocab), generator=gen) * 5
-            if seed % 2:
-                scores[:, quote_ids] += 50.0  # the model "wants" to break out of strings
-            nxt = proc(ids, scores).argmax(-1)
-            nxt = torch.where(finished, torch.full_like(nxt, planner.eos_token_id), nxt)
-            finished |= nxt == planner.eos_token_id
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            if finished.all():
-                break
-        assert finished.all()
+        # odd seeds: the model "wants" to break out of strings
+        ids = _decode_adversarially(planner, grammars, vocab, seed, quote_ids if seed % 2 else [])
         for row, options in zip(ids[:, 1:], OPTIONS):
             text = planner.tokenizer.decode(row, skip_special_tokens=True)
             plan = planner._to_plan(text, DESCRIPTIONS[0], options, planner.rules.plan_one(DESCRIPTIONS[0], options))
@@ -192,18 +200,7 @@ def test_an_edit_plan_that_changes_nothing_fails_the_item(planner):
 def test_edit_grammar_holds_against_adversarial_logits(planner):
     vocab = planner.lm.get_output_embeddings().weight.shape[0]
     grammars = [planner._grammar_for(o) for o in EDIT_OPTIONS]
-    proc = SchemaLogitsProcessor(grammars, planner.eos_token_id)
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.zeros((len(EDIT_OPTIONS), 1), dtype=torch.long)
-    finished = torch.zeros(len(EDIT_OPTIONS), dtype=torch.bool)
-    for _ in range(max(g.max_tokens for g in grammars)):
-        nxt = proc(ids, torch.randn((len(EDIT_OPTIONS), vocab), generator=gen) * 5).argmax(-1)
-        nxt = torch.where(finished, torch.full_like(nxt, planner.eos_token_id), nxt)
-        finished |= nxt == planner.eos_token_id
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if finished.all():
-            break
-    assert finished.all()
+    ids = _decode_adversarially(planner, grammars, vocab, 3)
     for row, options in zip(ids[:, 1:], EDIT_OPTIONS):
         text = planner.tokenizer.decode(row, skip_special_tokens=True)
         prior = planner.rules.plan_one(DESCRIPTIONS[1], options, map_edit=False)
