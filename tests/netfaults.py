@@ -37,16 +37,19 @@ class FlakyProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            if not self.up.is_set():
-                self.resets += 1
-                self._reset(client)
-                continue
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                self._reset(client)
-                continue
+            # The check and the registration happen under the lock go_down takes, so no
+            # connection accepted just before an outage slips through it (a pooled
+            # keep-alive connection would otherwise carry requests all through the outage).
             with self._lock:
+                if not self.up.is_set():
+                    self.resets += 1
+                    self._reset(client)
+                    continue
+                try:
+                    upstream = socket.create_connection(self.target)
+                except OSError:
+                    self._reset(client)
+                    continue
                 self._conns.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -54,6 +57,8 @@ class FlakyProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if not self.up.is_set():  # down: nothing more passes, in either direction
+                    break
                 dst.sendall(data)
         except OSError:
             pass
@@ -65,8 +70,8 @@ class FlakyProxy:
                     pass
 
     def go_down(self) -> None:
-        self.up.clear()
         with self._lock:
+            self.up.clear()
             for sock in self._conns:
                 self._reset(sock)
             self._conns.clear()
