@@ -37,6 +37,11 @@ or model (``overwritten``; S3 ``If-Match``). A delivery that loses either race r
 output and keeps it if it now answers this request: a duplicate delivery never puts other
 bytes over a same-request output. ``overwrite`` in the job's options skips reuse, except of an
 output this very job wrote (a duplicate delivery).
+
+Writes: a batch's outputs are encoded on the I/O threads while the next batch runs, then
+stored as one group (``Storage.put_many``): on local storage one sync makes the whole
+batch durable before any output is named. A chunk reports an item done only after its
+output is durable and named.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ from pixelrelay.pipeline.signing import SignatureError
 from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.stages.decoders.edits import restore_with_edits
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
-from pixelrelay.pipeline.storage import Storage, StorageConflictError, StorageError
+from pixelrelay.pipeline.storage import PutRequest, Storage, StorageConflictError, StorageError, is_s3
 from pixelrelay.workers import balance, metrics
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
@@ -335,21 +340,97 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
 
 def _write_in_background(rt: Runtime, outputs: list[tuple], root: str) -> list:
     """Encode and store ``outputs`` (``_write_output``'s arguments, one tuple per item) on
-    the I/O threads, one task per thread (``outputs[i::n]``); futures of lists of
-    ``(record, exception or None)``, every item tried whatever its neighbours did."""
-    def write_all(group: list[tuple]) -> list[tuple[ItemRecord, Exception | None]]:
-        results = []
-        for args in group:
-            try:
-                _write_output(*args, root=root)
-            except Exception as exc:
-                results.append((args[1], exc))
-            else:
-                results.append((args[1], None))
-        return results
-
+    the I/O threads while the next batch runs: the images are encoded in parallel, one task
+    per thread (``outputs[i::n]``), and then stored by one more task as one group
+    (``Storage.put_many``: on local storage, one sync for the whole batch). Futures of lists
+    of ``(record, exception or None)``, every item tried whatever its neighbours did."""
     n = min(len(outputs), max(1, rt.settings.io_threads))
-    return [rt.io.submit(write_all, outputs[i::n]) for i in range(n)]
+    if not outputs:
+        return []
+    encoding = [rt.io.submit(_encode_all, outputs[i::n]) for i in range(n)]
+    # Submitted after the encodes, so (FIFO) every encode has started before this waits on it.
+    return [rt.io.submit(_store_encoded, rt, encoding, root)]
+
+
+def _encode_all(group: list[tuple]) -> list[tuple[tuple, "_Encoded | Exception"]]:
+    out = []
+    for args in group:
+        try:
+            out.append((args, _encode_output(*args[1:5])))
+        except Exception as exc:
+            out.append((args, exc))
+    return out
+
+
+def _store_encoded(rt: Runtime, encoding: list, root: str) -> list[tuple[ItemRecord, Exception | None]]:
+    encoded = [pair for future in encoding for pair in future.result()]
+    results: list[tuple[ItemRecord, Exception | None]] = []
+    ready = []
+    for args, enc in encoded:
+        if isinstance(enc, Exception):
+            results.append((args[1], enc))
+        else:
+            ready.append((args, enc))
+    if ready:
+        options, job_id = ready[0][0][4], ready[0][0][5]  # one chunk: the same for every item
+        writes = [_Write(args[1], enc.data, enc.content_type, args[6], args[7]) for args, enc in ready]
+        outcomes = _store_all(rt, writes, options or JobOptions(), job_id, root)
+        for (args, enc), outcome in zip(ready, outcomes):
+            if isinstance(outcome, Exception):
+                results.append((args[1], outcome))
+            else:
+                _mark_written(args[1], args[2], args[3], enc, outcome)
+                results.append((args[1], None))
+    return results
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """An output image encoded for storage, and the notes the encoder made."""
+
+    data: bytes
+    content_type: str
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One output to store: which action the fingerprint check chose, over which version."""
+
+    record: ItemRecord
+    data: bytes
+    content_type: str
+    action: fp.Decision = "replace"
+    version: str | None = None
+
+
+def _encode_output(record: ItemRecord, image: DecodedImage, restored, options: JobOptions | None) -> _Encoded:
+    """Check the decoder's output size and encode it in the plan's format."""
+    options = options or JobOptions()
+    width, height = outsize.plan_size(record.plan, image.width, image.height)
+    if tuple(restored.rgb.shape[:2]) != (height, width):
+        raise RuntimeError(f"decoder returned {restored.rgb.shape[1]}x{restored.rgb.shape[0]}, expected {width}x{height}")
+    data, notes = encode_image(
+        restored.rgb,
+        record.plan.output_format,
+        alpha=restored.alpha,
+        icc_profile=image.icc_profile,
+        exif=None if options.strip_metadata else image.exif,
+        quality=options.quality,
+        lossless=options.lossless,
+    )
+    return _Encoded(data, content_type(record.plan.output_format), notes)
+
+
+def _mark_written(record: ItemRecord, image: DecodedImage, restored, enc: _Encoded, outcome: ItemOutcome) -> None:
+    record.outcome = outcome
+    record.notes.extend([*restored.notes, *enc.notes])
+    width, height = outsize.plan_size(record.plan, image.width, image.height)
+    record.output_size = (width, height)
+    if record.plan.target is not None:  # what ran, and what came out (wire version 4)
+        record.native_scale = restored.native_scale
+        record.final_scale = float(f"{outsize.factor(record.plan.target, image.width, image.height):.6g}")
+    record.status = "done"
 
 
 def _write_output(
@@ -363,29 +444,13 @@ def _write_output(
     version: str | None = None,
     root: str | None = None,
 ) -> None:
-    options = options or JobOptions()
-    width, height = outsize.plan_size(record.plan, image.width, image.height)
-    expected = (height, width)
-    if tuple(restored.rgb.shape[:2]) != expected:
-        raise RuntimeError(f"decoder returned {restored.rgb.shape[1]}x{restored.rgb.shape[0]}, expected {expected[1]}x{expected[0]}")
-    data, notes = encode_image(
-        restored.rgb,
-        record.plan.output_format,
-        alpha=restored.alpha,
-        icc_profile=image.icc_profile,
-        exif=None if options.strip_metadata else image.exif,
-        quality=options.quality,
-        lossless=options.lossless,
-    )
-    # One PUT (with its image/* Content-Type and fingerprint) / one atomic rename or link.
-    ctype = content_type(record.plan.output_format)
-    record.outcome = _store(rt, record, data, ctype, options, job_id, action, version, root)
-    record.notes.extend([*restored.notes, *notes])
-    record.output_size = (expected[1], expected[0])
-    if record.plan.target is not None:  # what ran, and what came out (wire version 4)
-        record.native_scale = restored.native_scale
-        record.final_scale = float(f"{outsize.factor(record.plan.target, image.width, image.height):.6g}")
-    record.status = "done"
+    """Encode and store one output (the batch path is ``_write_in_background``)."""
+    enc = _encode_output(record, image, restored, options)
+    outcome = _store_all(rt, [_Write(record, enc.data, enc.content_type, action, version)], options or JobOptions(),
+                         job_id, root)[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    _mark_written(record, image, restored, enc, outcome)
 
 
 def _store(
@@ -399,24 +464,58 @@ def _store(
     version: str | None = None,
     root: str | None = None,
 ) -> ItemOutcome:
-    """Write an output as ``action`` says, conditionally: ``create`` only where none exists,
-    ``replace`` only over the ``version`` that was checked. If the output changed meanwhile
-    and now answers this request (another delivery wrote it), it is kept: a duplicate
-    delivery never puts other bytes over it. Anything else there is replaced."""
-    storage = rt.storage(record.output, root=root)  # local: refuses a real path outside the job's output
-    metadata = fp.to_metadata(record.fingerprint, job_id) if record.fingerprint and job_id else None
+    """Store one output (``_store_all`` of one); raises what it met."""
+    outcome = _store_all(rt, [_Write(record, data, ctype, action, version)], options, job_id, root)[0]
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _store_all(rt: Runtime, writes: list[_Write], options: JobOptions, job_id: str,
+               root: str | None = None) -> list[ItemOutcome | Exception]:
+    """Write outputs as each ``action`` says, conditionally, as one group per storage
+    (``put_many``): ``create`` only where none exists, ``replace`` only over the ``version``
+    that was checked. If an output changed meanwhile and now answers this request (another
+    delivery wrote it), it is kept: a duplicate delivery never puts other bytes over it.
+    Anything else there is replaced. Per write: its outcome, or the exception it met."""
+    outcomes: list[ItemOutcome | Exception] = [RuntimeError("not written")] * len(writes)
+    by_storage: dict[bool, list[int]] = {}
+    for i, w in enumerate(writes):
+        by_storage.setdefault(is_s3(w.record.output), []).append(i)
+    for indices in by_storage.values():
+        storage = rt.storage(writes[indices[0]].record.output, root=root)  # local: refuses a path outside the output
+        requests = [_request(writes[i], job_id) for i in indices]
+        for i, error in zip(indices, storage.put_many(requests)):
+            w = writes[i]
+            if error is None:
+                outcomes[i] = "processed" if w.action == "create" else "overwritten"
+            elif isinstance(error, StorageConflictError):
+                outcomes[i] = _after_conflict(rt, storage, w, options, job_id)
+            else:
+                outcomes[i] = error
+    return outcomes
+
+
+def _request(w: _Write, job_id: str) -> PutRequest:
+    metadata = fp.to_metadata(w.record.fingerprint, job_id) if w.record.fingerprint and job_id else None
+    if w.action == "create":
+        return PutRequest(w.record.output, w.data, w.content_type, metadata, if_absent=True)
+    return PutRequest(w.record.output, w.data, w.content_type, metadata, if_version=w.version)
+
+
+def _after_conflict(rt: Runtime, storage: Storage, w: _Write, options: JobOptions, job_id: str) -> ItemOutcome | Exception:
+    """A conditional write lost: keep the output if it now answers this request, else
+    replace it unconditionally (another request's output)."""
+    record = w.record
+    now = _existing(rt, record.output)
+    if record.fingerprint and fp.decide(now.present, now.stored, record.fingerprint, job_id, options.overwrite) == "reuse":
+        record.notes.append("output written meanwhile by another delivery: kept")
+        return fp.reuse_outcome(now.stored, job_id)
+    request = _request(_Write(record, w.data, w.content_type), job_id)
     try:
-        if action == "create":
-            storage.put(record.output, data, ctype, metadata=metadata, if_absent=True)
-            return "processed"
-        storage.put(record.output, data, ctype, metadata=metadata, if_version=version)
-        return "overwritten"
-    except StorageConflictError:
-        now = _existing(rt, record.output)
-        if record.fingerprint and fp.decide(now.present, now.stored, record.fingerprint, job_id, options.overwrite) == "reuse":
-            record.notes.append("output written meanwhile by another delivery: kept")
-            return fp.reuse_outcome(now.stored, job_id)
-    storage.put(record.output, data, ctype, metadata=metadata)  # another request's output: replace it
+        storage.put(request.uri, request.data, request.content_type, metadata=request.metadata)
+    except Exception as exc:
+        return exc
     return "overwritten"
 
 

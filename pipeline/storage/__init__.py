@@ -2,6 +2,7 @@
 
 from pixelrelay.pipeline.storage.base import (
     ObjectHead,
+    PutRequest,
     Storage,
     StorageAccessError,
     StorageConflictError,
@@ -20,6 +21,7 @@ from pixelrelay.pipeline.storage.base import (
 
 __all__ = [
     "ObjectHead",
+    "PutRequest",
     "Storage",
     "StorageAccessError",
     "StorageConflictError",

@@ -23,6 +23,11 @@ EDQUOT, EFBIG: permanent, so the item fails at once rather than retrying into a 
 ``StorageAccessError`` (EACCES, EPERM, EROFS), ``TransientStorageError`` (timeouts, EAGAIN,
 EBUSY, a stale or unreachable network mount) or else ``StorageError``; each message names the
 path and the system's reason.
+``put_many`` writes a group of ``PutRequest``s, each exactly as ``put`` would, and answers
+one outcome per request (None, or the exception that request met: one failing never stops
+the others). A backend may commit the group together: local storage makes all the group's
+bytes durable with one file-system sync before any name points at them (``storage.local``);
+S3 puts them one by one.
 ``list_info`` is ``list`` with each object's size and last-modified time (local: mtime; S3:
 LastModified, from the same listing pages); the base class derives it from ``list`` and
 ``get`` for other backends (correct, not cheap).
@@ -35,7 +40,7 @@ import mimetypes
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 
 class StorageError(Exception):
@@ -81,6 +86,18 @@ class ObjectInfo:
     size: int
     modified: float
     etag: str = ""
+
+
+@dataclass(frozen=True)
+class PutRequest:
+    """One write of a ``put_many`` group: ``put``'s arguments as a value."""
+
+    uri: str
+    data: bytes
+    content_type: str | None = None
+    metadata: dict[str, str] | None = None
+    if_absent: bool = False
+    if_version: str | None = None
 
 
 class TransientStorageError(Exception):
@@ -168,6 +185,20 @@ class Storage(ABC):
         """Write one object atomically; ``content_type`` defaults to ``content_type_for(uri)``.
         ``metadata`` travels with the object (``head``); ``if_absent`` / ``if_version`` raise
         ``StorageConflictError`` instead of replacing an existing / another version."""
+
+    def put_many(self, requests: Sequence[PutRequest]) -> list[Exception | None]:
+        """Write every request as ``put`` would; per request, None or the exception it met
+        (each is tried whatever the others did). Backends may commit the group together."""
+        outcomes: list[Exception | None] = []
+        for r in requests:
+            try:
+                self.put(r.uri, r.data, r.content_type, metadata=r.metadata, if_absent=r.if_absent,
+                         if_version=r.if_version)
+            except Exception as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+        return outcomes
 
     @abstractmethod
     def head(self, uri: str) -> ObjectHead | None:

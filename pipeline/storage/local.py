@@ -1,5 +1,16 @@
 """Local-folder storage. Writes go to a temp file in the same folder, then ``os.replace``.
 
+**Durability (group commit).** ``put_many`` (and ``put``, a group of one) writes in three
+steps: (1) every request's bytes and metadata go to temp files, unsynced; (2) one ``syncfs``
+per file system makes all of them durable at once (an ``fsync`` per file where there is no
+``syncfs``, or for a single file); (3) only then are they named (rename / link) and each
+folder that got a name is fsynced, so the names are durable too. A crash at any point
+leaves either the old state or complete, durable new files: never a name over bytes that
+were not on disk. A decode batch is one group, so its outputs cost two syncs, not two per
+file. ``syncfs`` flushes the whole file system: on a disk shared with heavy unrelated
+writes, each batch waits for those as well. ``put_file`` (streamed, large) fsyncs its one
+file.
+
 The temp file is created with ``O_CREAT | O_EXCL`` and mode 0666, so the kernel applies the
 process umask as it does for any new file (0644 under umask 022); ``mkstemp``'s fixed 0600
 would leave outputs unreadable to everyone else. Content types do not apply here.
@@ -34,15 +45,17 @@ full paths (S3's order) without collecting them. Symlinked folders are not enter
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
 import shutil
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 from pixelrelay.pipeline.storage.base import (
     ObjectHead,
     ObjectInfo,
+    PutRequest,
     Storage,
     StorageConflictError,
     StorageError,
@@ -73,6 +86,114 @@ def _create_temp(folder: str) -> tuple[int, str]:
         except OSError as exc:
             raise _mapped(exc, path) from None
     raise StorageError(f"cannot create a temp file in {folder}")
+
+
+def _write_temp(folder: str, data: bytes) -> str:
+    """A new temp file in ``folder`` holding ``data`` (not synced): its path."""
+    fd, path = _create_temp(folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        _unlink(path)
+        raise
+    return path
+
+
+class _Staged:
+    """One request of a group commit: its checked target and its temp files."""
+
+    def __init__(self, request: PutRequest, target: str) -> None:
+        self.request = request
+        self.target = target
+        self.data_tmp: str | None = None
+        self.meta_tmp: str | None = None
+
+    def temps(self) -> list[str]:
+        return [p for p in (self.data_tmp, self.meta_tmp) if p]
+
+    def commit(self) -> None:
+        """Name the (durable) temp files as ``put`` says: the bytes at the target, the
+        metadata in the sidecar, keeping the sidecar invariant of the module docstring."""
+        r, uri, sidecar = self.request, self.target, sidecar_path(self.target)
+        if r.if_absent:
+            if os.path.lexists(uri):
+                raise StorageConflictError(f"already exists: {uri}")
+            if self.meta_tmp:
+                os.replace(self.meta_tmp, sidecar)
+            else:
+                _unlink(sidecar)  # one left by a crash between a sidecar and its link
+            try:
+                os.link(self.data_tmp, uri)  # fails if the name exists: O_EXCL semantics
+            except FileExistsError:
+                raise StorageConflictError(f"already exists: {uri}") from None
+            return
+        if r.if_version is not None and _version(uri) != r.if_version:
+            raise StorageConflictError(f"changed since it was read: {uri}")
+        _unlink(sidecar)  # never let old metadata describe the new bytes
+        os.replace(self.data_tmp, uri)
+        if self.meta_tmp:
+            os.replace(self.meta_tmp, sidecar)
+
+    def discard(self) -> None:
+        """Remove what is left of the temp files (after a link, or after a failure)."""
+        for path in self.temps():
+            _unlink(path)
+
+
+_libc_syncfs = None
+
+
+def _syncfs():
+    """libc's ``syncfs`` (Linux), or None where there is none."""
+    global _libc_syncfs
+    if _libc_syncfs is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).syncfs
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        except (AttributeError, OSError):
+            fn = False
+        _libc_syncfs = fn
+    return _libc_syncfs or None
+
+
+def _make_durable(group: list["_Staged"]) -> None:
+    """Make every staged temp file's bytes durable: one ``syncfs`` per file system the
+    group writes to (one for a whole batch, where ``fsync`` would be one per file), or an
+    ``fsync`` per file where the system has no ``syncfs`` or the group is a single file."""
+    paths = [p for s in group for p in s.temps()]
+    syncfs = _syncfs()
+    if syncfs is None or len(paths) <= 1:
+        for path in paths:
+            _fsync_path(path)
+        return
+    folders: dict[int, str] = {}
+    for s in group:
+        folder = os.path.dirname(s.target)
+        if folder not in folders.values():
+            folders.setdefault(os.stat(folder).st_dev, folder)
+    for folder in folders.values():
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), folder)
+        finally:
+            os.close(fd)
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or folder by path (a folder: the names in it become durable)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _as_storage_error(exc: Exception, path: str) -> Exception:
+    """An exception met while writing ``path``, as the storage error it means."""
+    return _mapped(exc, path) if isinstance(exc, OSError) else exc
 
 
 def _mapped(exc: OSError, path: str) -> BaseException:
@@ -120,39 +241,13 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise _mapped(exc, uri) from None
 
-    def _atomic_write(self, uri: str, write: Callable, exclusive: bool = False, version: str | None = None) -> None:
-        try:
-            self._write_checked(self._target(os.path.abspath(uri)), write, exclusive, version)
-        except OSError as exc:
-            raise _mapped(exc, uri) from None
-
-    def _write_checked(self, uri: str, write: Callable, exclusive: bool, version: str | None) -> None:
-        """Write via a temp file, then rename it over ``uri`` (if still at ``version``, when
-        given) or, with ``exclusive``, link it to ``uri`` (StorageConflictError if ``uri``
-        exists; the existing file is untouched). ``uri``'s folder is a checked real path."""
-        folder = os.path.dirname(uri)
+    def _folder_for(self, target: str) -> str:
+        """Create ``target``'s (checked, real) folder; refuse it if it changed meanwhile."""
+        folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         if os.path.realpath(folder) != folder:  # a folder turned into a symlink meanwhile
             raise StorageEscapeError(f"refused: {folder} changed while it was created")
-        fd, tmp = _create_temp(folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            if not exclusive:
-                if version is not None and _version(uri) != version:
-                    raise StorageConflictError(f"changed since it was read: {uri}")
-                os.replace(tmp, uri)
-                return
-            try:
-                os.link(tmp, uri)
-            except FileExistsError:
-                raise StorageConflictError(f"already exists: {uri}") from None
-        except BaseException:
-            _unlink(tmp)
-            raise
-        _unlink(tmp)
+        return folder
 
     def put(
         self,
@@ -164,28 +259,60 @@ class LocalStorage(Storage):
         if_absent: bool = False,
         if_version: str | None = None,
     ) -> None:
-        target = self._target(os.path.abspath(uri))  # the checked real path: all below use it
-        try:
-            self._put(target, data, metadata, if_absent, if_version)
-        except OSError as exc:
-            raise _mapped(exc, uri) from None
+        error = self.put_many([PutRequest(uri, data, content_type, metadata, if_absent, if_version)])[0]
+        if error is not None:
+            raise error
 
-    def _put(self, uri: str, data: bytes, metadata: dict[str, str] | None, if_absent: bool, if_version: str | None) -> None:
-        sidecar = sidecar_path(uri)
-        meta = json.dumps(metadata or {}, sort_keys=True).encode()
-        if if_absent:
-            if os.path.lexists(uri):
-                raise StorageConflictError(f"already exists: {uri}")
-            if metadata:
-                self._atomic_write(sidecar, lambda f: f.write(meta))
-            self._atomic_write(uri, lambda f: f.write(data), exclusive=True)
-            return
-        if if_version is not None and _version(uri) != if_version:
-            raise StorageConflictError(f"changed since it was read: {uri}")
-        _unlink(sidecar)  # never let old metadata describe the new bytes
-        self._atomic_write(uri, lambda f: f.write(data), version=if_version)
-        if metadata:
-            self._atomic_write(sidecar, lambda f: f.write(meta))
+    def put_many(self, requests: Sequence[PutRequest]) -> list[Exception | None]:
+        """Group commit (see the module docstring): stage every request's temp files, make
+        them durable with one sync, then name them, then make the names durable."""
+        outcomes: list[Exception | None] = [None] * len(requests)
+        staged: dict[int, _Staged] = {}
+        try:
+            for i, request in enumerate(requests):
+                try:
+                    staged[i] = self._stage(request)
+                except Exception as exc:
+                    outcomes[i] = _as_storage_error(exc, request.uri)
+            try:
+                _make_durable([s for s in staged.values()])
+            except OSError as exc:
+                for i in staged:
+                    outcomes[i] = _as_storage_error(exc, requests[i].uri)
+                return outcomes
+            named: dict[str, list[int]] = {}
+            for i, s in staged.items():
+                try:
+                    s.commit()
+                except Exception as exc:
+                    outcomes[i] = _as_storage_error(exc, requests[i].uri)
+                else:
+                    named.setdefault(os.path.dirname(s.target), []).append(i)
+            for folder, indices in named.items():
+                try:
+                    _fsync_path(folder)
+                except OSError as exc:
+                    for i in indices:
+                        outcomes[i] = _as_storage_error(exc, requests[i].uri)
+        finally:
+            for s in staged.values():
+                s.discard()
+        return outcomes
+
+    def _stage(self, request: PutRequest) -> "_Staged":
+        """Write ``request``'s bytes (and its metadata, if any) to temp files in the target's
+        checked real folder; nothing is named or synced yet."""
+        target = self._target(os.path.abspath(request.uri))  # the checked real path: all below use it
+        folder = self._folder_for(target)
+        staged = _Staged(request, target)
+        try:
+            staged.data_tmp = _write_temp(folder, request.data)
+            if request.metadata:
+                staged.meta_tmp = _write_temp(folder, json.dumps(request.metadata, sort_keys=True).encode())
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
 
     def head(self, uri: str) -> ObjectHead | None:
         version = _version(uri)
@@ -201,12 +328,24 @@ class LocalStorage(Storage):
         return ObjectHead({str(k): v for k, v in loaded.items() if isinstance(v, str)}, version)
 
     def put_file(self, uri: str, fileobj: BinaryIO, content_type: str | None = None) -> None:
+        """Streamed: a temp file copied from ``fileobj``, fsynced, renamed, folder fsynced."""
         target = self._target(os.path.abspath(uri))
         try:
-            _unlink(sidecar_path(target))
+            folder = self._folder_for(target)
+            fd, tmp = _create_temp(folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    shutil.copyfileobj(fileobj, f, 1 << 20)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _unlink(sidecar_path(target))
+                os.replace(tmp, target)
+            except BaseException:
+                _unlink(tmp)
+                raise
+            _fsync_path(folder)
         except OSError as exc:
             raise _mapped(exc, uri) from None
-        self._atomic_write(target, lambda f: shutil.copyfileobj(fileobj, f, 1 << 20))
 
     def exists(self, uri: str) -> bool:
         return os.path.isfile(uri)

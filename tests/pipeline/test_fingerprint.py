@@ -134,12 +134,15 @@ def test_local_sidecars_are_hidden_and_skipped_by_listings(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_local_exclusive_link_loses_to_a_file_written_after_the_check(tmp_path):
+def test_local_exclusive_link_loses_to_a_file_written_after_the_check(tmp_path, monkeypatch):
     """The race the up-front check can't see: the name appears between check and link."""
+    from pixelrelay.pipeline.storage import PutRequest
     from pixelrelay.pipeline.storage.local import LocalStorage
 
     uri = str(tmp_path / "r.png")
     (tmp_path / "r.png").write_bytes(b"winner")
-    with pytest.raises(StorageConflictError):
-        LocalStorage()._atomic_write(uri, lambda f: f.write(b"loser"), exclusive=True)
+    monkeypatch.setattr(os.path, "lexists", lambda path: False)  # the check ran before it appeared
+    [error] = LocalStorage().put_many([PutRequest(uri, b"loser", if_absent=True)])
+    monkeypatch.undo()
+    assert isinstance(error, StorageConflictError)
     assert (tmp_path / "r.png").read_bytes() == b"winner" and os.listdir(tmp_path) == ["r.png"]
