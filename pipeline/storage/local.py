@@ -28,7 +28,8 @@ before the rename: that narrows a replace race to an instant, without closing it
 **Root.** ``LocalStorage(root)`` refuses (``StorageEscapeError``) a write or delete whose real
 path leaves the root's real path: the parent folder of the target is resolved with
 ``os.path.realpath`` (symlinks and ``..`` in order, as the kernel would), checked, and the
-write then goes to that resolved folder, so the path checked is the path written. Folders are
+write then goes to that resolved folder, so the path checked is the path written (in a
+``put_many`` group, each folder is resolved, checked and created once). Folders are
 created below it only after the check, and checked again once they exist. The target name
 itself is never followed: a rename or link replaces a symlink there, it does not write
 through it. (A folder swapped for a symlink between the second check and the write is a race
@@ -50,6 +51,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from typing import BinaryIO, Iterator, Sequence
 
 from pixelrelay.pipeline.storage.base import (
@@ -211,15 +213,19 @@ class LocalStorage(Storage):
         self.root = root
         self._real_root = os.path.realpath(root) if root else None
 
-    def _target(self, uri: str) -> str:
+    def _target(self, uri: str, resolved: dict[str, str] | None = None) -> str:
         """``uri`` with its parent folder resolved to its real path, checked to stay under
-        the root (when there is one)."""
+        the root (when there is one). ``resolved`` memoises checked folders for one group."""
         folder, name = os.path.split(uri)
         if name in ("", ".", "..") or "\0" in uri:
             raise StorageEscapeError(f"not a file name: {uri!r}")
-        real = os.path.realpath(folder or ".")
-        if self._real_root is not None and not _within(real, self._real_root):
-            raise StorageEscapeError(f"refused: {uri} resolves to {os.path.join(real, name)}, outside {self.root}")
+        real = resolved.get(folder) if resolved is not None else None
+        if real is None:
+            real = os.path.realpath(folder or ".")
+            if self._real_root is not None and not _within(real, self._real_root):
+                raise StorageEscapeError(f"refused: {uri} resolves to {os.path.join(real, name)}, outside {self.root}")
+            if resolved is not None:
+                resolved[folder] = real
         return os.path.join(real, name)
 
     def get(self, uri: str) -> bytes:
@@ -241,12 +247,17 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise _mapped(exc, uri) from None
 
-    def _folder_for(self, target: str) -> str:
-        """Create ``target``'s (checked, real) folder; refuse it if it changed meanwhile."""
+    def _folder_for(self, target: str, made: set[str] | None = None) -> str:
+        """Create ``target``'s (checked, real) folder; refuse it if it changed meanwhile.
+        ``made`` memoises the folders already made and checked for one group."""
         folder = os.path.dirname(target)
+        if made is not None and folder in made:
+            return folder
         os.makedirs(folder, exist_ok=True)
         if os.path.realpath(folder) != folder:  # a folder turned into a symlink meanwhile
             raise StorageEscapeError(f"refused: {folder} changed while it was created")
+        if made is not None:
+            made.add(folder)
         return folder
 
     def put(
@@ -268,10 +279,12 @@ class LocalStorage(Storage):
         them durable with one sync, then name them, then make the names durable."""
         outcomes: list[Exception | None] = [None] * len(requests)
         staged: dict[int, _Staged] = {}
+        resolved: dict[str, str] = {}  # each folder resolved, checked and made once per group
+        made: set[str] = set()
         try:
             for i, request in enumerate(requests):
                 try:
-                    staged[i] = self._stage(request)
+                    staged[i] = self._stage(request, resolved, made)
                 except Exception as exc:
                     outcomes[i] = _as_storage_error(exc, request.uri)
             try:
@@ -299,11 +312,11 @@ class LocalStorage(Storage):
                 s.discard()
         return outcomes
 
-    def _stage(self, request: PutRequest) -> "_Staged":
+    def _stage(self, request: PutRequest, resolved: dict[str, str], made: set[str]) -> "_Staged":
         """Write ``request``'s bytes (and its metadata, if any) to temp files in the target's
         checked real folder; nothing is named or synced yet."""
-        target = self._target(os.path.abspath(request.uri))  # the checked real path: all below use it
-        folder = self._folder_for(target)
+        target = self._target(os.path.abspath(request.uri), resolved)  # the checked real path: all below use it
+        folder = self._folder_for(target, made)
         staged = _Staged(request, target)
         try:
             staged.data_tmp = _write_temp(folder, request.data)
@@ -421,7 +434,7 @@ def _version(uri: str) -> str | None:
         st = os.stat(uri)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    if not os.path.isfile(uri):
+    if not stat.S_ISREG(st.st_mode):
         return None
     return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
 
