@@ -9,10 +9,15 @@ dropped). Setting both is an error, as is a key under 16 characters or an unread
 the error names the variable, never the key. The key is a SecretStr: no repr, dump or log
 shows it. ``signer()`` builds the ``Signer``; without a key it raises ``ConfigError`` unless
 ``insecure_no_signing`` (``--insecure-no-signing``, ``PIXELRELAY_INSECURE_NO_SIGNING=1``).
+
+The broker's visibility timeout must outlast the longest batch (``longest_batch_s``), or
+Redis delivers a slow batch a second time while the first still runs: unset, it is derived
+from the item budget, chunk size and lease (``visibility_s``); set shorter, it is refused.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -49,7 +54,8 @@ class Settings(BaseSettings):
     chunk_size: int = Field(C.DEFAULT_CHUNK_SIZE, ge=1, le=4096)
     window: int = Field(C.DEFAULT_WINDOW, ge=1)
     batch_size: int = Field(C.DEFAULT_BATCH_SIZE, ge=1, le=1024)
-    visibility_timeout_s: int = Field(C.DEFAULT_VISIBILITY_TIMEOUT_S, ge=1)
+    # None: derived (``visibility_s``); an explicit value must outlast ``longest_batch_s``.
+    visibility_timeout_s: int | None = Field(None, ge=1)
     max_retries: int = Field(C.DEFAULT_MAX_RETRIES, ge=0, le=100)
     max_deliveries: int = Field(C.DEFAULT_MAX_DELIVERIES, ge=1, le=100)
     device: str = "cpu"
@@ -213,6 +219,30 @@ class Settings(BaseSettings):
         if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return value
+
+    @model_validator(mode="after")
+    def _check_visibility_timeout(self) -> "Settings":
+        longest = self.longest_batch_s()
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= longest:
+            raise ValueError(
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} is not longer than the longest "
+                f"batch ({longest:.0f} s: {ENV_PREFIX}ITEM_BUDGET_S x {ENV_PREFIX}CHUNK_SIZE + 2 x "
+                f"{ENV_PREFIX}LEASE_S + 60), so Redis would deliver a slow batch twice: raise it, or unset it "
+                "to have it derived")
+        return self
+
+    def longest_batch_s(self) -> float:
+        """The longest a chunk may run holding its message: a full chunk's watchdog budget
+        (``item_budget_s x chunk_size``, ``workers.lease``) plus two leases and a minute."""
+        return self.item_budget_s * self.chunk_size + 2 * self.lease_s + 60
+
+    def visibility_s(self) -> int:
+        """The broker's visibility timeout: the one set, else the longest batch plus ten
+        minutes and at least two hours (Redis redelivers an unacked message after it; the
+        sweep, not this, recovers a dead worker's chunk)."""
+        if self.visibility_timeout_s is not None:
+            return self.visibility_timeout_s
+        return max(C.DEFAULT_VISIBILITY_TIMEOUT_S, math.ceil(self.longest_batch_s()) + 600)
 
     @classmethod
     def defaults(cls) -> "Settings":

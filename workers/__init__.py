@@ -29,9 +29,10 @@ Delivery guarantee: **at-least-once**. Every stage task is therefore idempotent.
   the worker process (code 75) for its supervisor to restart: a model call cannot be
   interrupted. Run workers under a supervisor that restarts them (systemd, Kubernetes,
   compose ``restart: unless-stopped``).
-- The Redis visibility timeout (``PIXELRELAY_VISIBILITY_TIMEOUT_S``, default 2 h) stays as
-  the last resort (e.g. a sweep that cannot run); it must be longer than the longest batch,
-  or a slow batch is delivered twice. A redelivered message of a chain that was finished in
+- The Redis visibility timeout (``PIXELRELAY_VISIBILITY_TIMEOUT_S``; unset, derived from the
+  longest batch, at least 2 h) stays as the last resort (e.g. a sweep that cannot run); it must
+  be longer than the longest batch, or a slow batch is delivered twice, so a shorter one is
+  refused at start (``Settings.longest_batch_s``). A redelivered message of a chain that was finished in
   the meantime (its part written, its entry gone) is dropped unread (``Stale``).
 - Idempotency: output keys derive from the job's output root + the input's relative path;
   the encode stage skips items whose done-bit is set; an output whose fingerprint answers

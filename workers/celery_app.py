@@ -50,7 +50,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={"visibility_timeout": settings.visibility_s()},
         task_routes={task_name(stage): {"queue": queue_name(stage)} for stage in C.STAGES},
         task_default_queue=queue_name("encode"),
         worker_hijack_root_logger=False,
@@ -66,7 +66,7 @@ def time_limits(settings: Settings) -> tuple[float, float]:
     (``item_budget_s x chunk_size``) plus two leases and a minute: the lease watchdog
     (``workers.lease``) always acts first and finishes the chunk cleanly; these limits only
     end a child that the watchdog could not. The soft limit is 30 s before the hard one."""
-    hard = settings.task_time_limit_s or settings.item_budget_s * settings.chunk_size + 2 * settings.lease_s + 60
+    hard = settings.task_time_limit_s or settings.longest_batch_s()
     return max(1.0, hard - 30), hard
 
 
