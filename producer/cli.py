@@ -467,7 +467,9 @@ DELEGATED_HELP = {
 }
 
 
-BENCH_SUBCOMMANDS = {"quality": "restoration quality of the shipped pipelines on a folder of images"}
+BENCH_SUBCOMMANDS = {"quality": "restoration quality of the shipped pipelines on a folder of images",
+                     "figure": "a before/after PNG of the pipelines on validation crops"}
+BENCH_MODULES = {"figure": "pixelrelay.training.figure"}  # the others: DELEGATED["bench"]
 
 
 def _bench_parser() -> argparse.ArgumentParser:
@@ -496,10 +498,12 @@ def _delegate(argv: list[str]) -> int:
     import importlib
 
     name, rest = argv[0], argv[1:]
+    module = DELEGATED[name]
     if name == "bench":
+        module = BENCH_MODULES.get(rest[0], module) if rest else module
         rest = _bench_argv(rest)
     try:
-        return int(importlib.import_module(DELEGATED[name]).main(rest))
+        return int(importlib.import_module(module).main(rest))
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
 
