@@ -463,7 +463,7 @@ DELEGATED = {
 DELEGATED_HELP = {
     "models": "list the backends and their weights; pull weights into the cache",
     "train": "train the builtin encoder or decoder: train encoder|decoder --data DIR --out PATH",
-    "bench": "quality benchmark: bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic]",
+    "bench": "benchmarks: bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild]; bench figure --data DIR --out PNG",
 }
 
 
