@@ -204,6 +204,24 @@ def test_overshoot_penalty_is_zero_in_range_and_grows_with_a_halo():
     assert 0 < small < train.overshoot_penalty(halo, target).item()
 
 
+def test_the_edge_only_overshoot_penalty_counts_halos_at_edges_not_texture_elsewhere():
+    import torch
+
+    target = torch.full((2, 3, 32, 32), 0.5)
+    target[..., 16:] = 0.9  # a strong vertical edge at column 16
+    target[..., 2:8, 2:10] += 0.02 * torch.randn(2, 3, 6, 8, generator=torch.Generator().manual_seed(0))
+    textured = target.clone()
+    textured[..., 3:7, 3:9] += 0.05  # overshoot in the faint texture, far from the edge
+    assert train.overshoot_penalty(textured, target).item() > 0
+    assert train.overshoot_penalty(textured, target, edges_only=True).item() == 0.0
+    halo = target.clone()
+    halo[..., 16:18] = 1.0  # a halo along the edge
+    edge = train.overshoot_penalty(halo, target, edges_only=True).item()
+    assert edge > 0 and edge > train.overshoot_penalty(halo, target).item()  # averaged near edges only
+    mask = train.strong_edges(target, 2, 0.9, 20 / 255)
+    assert mask[..., 14:18].all() and not mask[..., :, :10].any()
+
+
 def test_the_mild_mix_and_the_overshoot_term_train(tmp_path):
     import numpy as np
 
