@@ -52,7 +52,7 @@ from pixelrelay.training import data
 SEED = 2024
 
 
-def _pipelines(device: str, builtin_model: str | None = None):
+def _pipelines(device: str, builtin_model: str | None = None, encoder_model: str | None = None):
     from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder
     from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
     from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
@@ -62,7 +62,7 @@ def _pipelines(device: str, builtin_model: str | None = None):
     planner = RulesPlanner()
     return {
         "classic": (AnalysisEncoder(device=device), planner, ClassicDecoder(device=device)),
-        "builtin": (BuiltinEncoder(device=device), planner, BuiltinDecoder(model=builtin_model, device=device)),
+        "builtin": (BuiltinEncoder(model=encoder_model, device=device), planner, BuiltinDecoder(model=builtin_model, device=device)),
     }
 
 
@@ -261,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--builtin-model", default=None, metavar="FILE|UPSCALER,RESTORER",
                     help="score these builtin decoder weights instead of the shipped ones (candidates)")
+    ap.add_argument("--encoder-model", default=None, metavar="FILE",
+                    help="score these builtin encoder weights instead of the shipped ones (a candidate)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -284,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         degs = [args.degradation] if args.degradation else ["bicubic", "realistic", "mild"]
         scales = [args.scale] if args.scale else [2, 4]
         configs = [(d, s) for d in degs for s in scales]
-    pipes = _pipelines(args.device, args.builtin_model)
+    pipes = _pipelines(args.device, args.builtin_model, args.encoder_model)
     print(f"pixelrelay quality bench: {len(files)} {args.split} images from {args.data}")
     figures: dict[str, Any] = {}
     lines = []
