@@ -1,4 +1,4 @@
-"""``pixelrelay bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild]``
+"""``pixelrelay bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild] [--encoder-model FILE]``
 
 Measures restoration quality on the validation part of DIR (every fifth file of each folder,
 see ``pipeline.training.data``; ``--split all`` for every file) and prints a table.
