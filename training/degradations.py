@@ -11,6 +11,8 @@ where the encoder sees them, i.e. on the output (low-resolution) pixel grid:
 * ``noise_sigma``: the standard deviation (0-255) of the noise as it is present in the
   output before JPEG. Noise added before a blur or a downscale is weakened by them; we track a
   clean copy through the same linear steps and measure the difference, so this is exact.
+  JPEG never counts: the noise JPEG smears is reported as it was before the JPEG step (what
+  the restorer must undo), also when JPEG comes earlier (``p_jpeg_early``).
 * ``blur_sigma``: the Gaussian blur sigma in output pixels (0: none).
 * ``jpeg_quality``: the JPEG quality (None: not compressed).
 * ``downscaled``: whether a downscale step happened; ``scale`` the factor.
@@ -47,7 +49,11 @@ class DegradationConfig:
     p_jpeg: float = 0.6
     jpeg_quality: tuple[int, int] = (15, 95)
     resize_modes: tuple[str, ...] = RESIZE_MODES
-    shuffle: bool = True  # random order of blur / downscale / noise (JPEG is always last)
+    shuffle: bool = True  # random order of blur / downscale / noise (JPEG last, but see p_jpeg_early)
+    # Share of JPEG-compressed samples whose JPEG step comes before the last step when that is
+    # noise or blur (a JPEG edited and re-saved losslessly: noise or blur on top of the
+    # blocks). 0 (the default) draws no extra random number, so older configs reproduce.
+    p_jpeg_early: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "DegradationConfig":
@@ -114,6 +120,26 @@ def crop_to_multiple(img: np.ndarray, scale: int) -> np.ndarray:
     return img[: h - h % scale, : w - w % scale]
 
 
+def _add_noise(x: torch.Tensor, sigma: float, seed: int, u_kind: float, u_gray: float,
+               cfg: DegradationConfig) -> tuple[torch.Tensor, str]:
+    """Gaussian (per channel or grey) or Poisson noise of std ``sigma`` (0-1 scale)."""
+    g = np.random.default_rng(seed)
+    shape = tuple(x.shape)
+    if u_kind < cfg.p_poisson:
+        kind = "poisson"
+        # peak chosen so the noise std at mid-grey (0.5) equals sigma
+        peak = 0.5 / max(sigma, 1e-4) ** 2
+        lam = x.clamp(0, 1).numpy().astype(np.float64) * peak
+        x = torch.from_numpy((g.poisson(lam) / peak).astype(np.float32))
+    elif u_gray < cfg.p_gray_noise:
+        kind = "gaussian-gray"
+        x = x + torch.from_numpy(g.standard_normal((1, 1) + shape[2:], dtype=np.float32) * sigma)
+    else:
+        kind = "gaussian"
+        x = x + torch.from_numpy(g.standard_normal(shape, dtype=np.float32) * sigma)
+    return x.clamp(0, 1), kind
+
+
 # --- the random model -----------------------------------------------------------------
 
 
@@ -155,43 +181,40 @@ def degrade(
     u_gray = rng.random()
     quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
     noise_seed = int(rng.integers(2**31 - 1))
+    jpeg_at = len(steps)  # JPEG after all the other steps...
+    if do_jpeg and cfg.p_jpeg_early > 0 and rng.random() < cfg.p_jpeg_early and steps and steps[-1] != "downscale":
+        jpeg_at = len(steps) - 1  # ...or just before the last one (noise or blur)
 
     x = to_tensor(hr)
     clean = x.clone()  # the same linear steps, without noise: measures the effective noise
+    bare = None  # with an early JPEG: x without it (the noise as the restorer must undo it)
     at_lr = False
-    for step in steps:
+    for index, step in enumerate(steps):
+        if index == jpeg_at:
+            bare = x.clone()
+            x = to_tensor(jpeg(to_uint8(x), quality))
+            p.jpeg_quality = quality
+            p.order.append("jpeg")
         if step == "blur":
             s = blur_lr if (at_lr or scale == 1) else blur_lr * scale
             x, clean = gaussian_blur(x, s), gaussian_blur(clean, s)
+            bare = None if bare is None else gaussian_blur(bare, s)
             p.blur_sigma = blur_lr
         elif step == "downscale":
             x, clean = downscale(x, scale, mode), downscale(clean, scale, mode)
+            bare = None if bare is None else downscale(bare, scale, mode)
             at_lr = True
             p.downscaled, p.resize_mode = True, mode
         elif step == "noise":
-            g = np.random.default_rng(noise_seed)
-            sigma = noise_added / 255.0
-            shape = tuple(x.shape)
-            if u_kind < cfg.p_poisson:
-                p.noise_kind = "poisson"
-                # peak chosen so the noise std at mid-grey (0.5) equals sigma
-                peak = 0.5 / max(sigma, 1e-4) ** 2
-                lam = x.clamp(0, 1).numpy().astype(np.float64) * peak
-                x = torch.from_numpy((g.poisson(lam) / peak).astype(np.float32))
-            elif u_gray < cfg.p_gray_noise:
-                p.noise_kind = "gaussian-gray"
-                n = g.standard_normal((1, 1) + shape[2:], dtype=np.float32) * sigma
-                x = x + torch.from_numpy(n)
-            else:
-                p.noise_kind = "gaussian"
-                x = x + torch.from_numpy(g.standard_normal(shape, dtype=np.float32) * sigma)
-            x = x.clamp(0, 1)
+            x, p.noise_kind = _add_noise(x, noise_added / 255.0, noise_seed, u_kind, u_gray, cfg)
+            if bare is not None:  # the same noise on the JPEG-free copy
+                bare, _ = _add_noise(bare, noise_added / 255.0, noise_seed, u_kind, u_gray, cfg)
             p.noise_added = noise_added
         p.order.append(step)
-    if "noise" in p.order:
-        p.noise_sigma = float((x - clean).std().item() * 255.0)
+    if "noise" in p.order:  # ``clean`` and ``bare`` never went through JPEG
+        p.noise_sigma = float(((x if bare is None else bare) - clean).std().item() * 255.0)
     out = to_uint8(x)
-    if do_jpeg:
+    if do_jpeg and jpeg_at == len(steps):
         out = jpeg(out, quality)
         p.jpeg_quality = quality
         p.order.append("jpeg")

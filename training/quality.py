@@ -1,4 +1,4 @@
-"""``pixelrelay bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild]``
+"""``pixelrelay bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild] [--encoder-model FILE]``
 
 Measures restoration quality on the validation part of DIR (every fifth file of each folder,
 see ``pipeline.training.data``; ``--split all`` for every file) and prints a table.
@@ -23,7 +23,8 @@ and, for reference, ``builtin-net (true params)``: the bare network the plan wou
 (the restorer for a degraded image, the upscaler for a clean one) given the true degradation.
 PSNR and SSIM are on the Y channel (BT.601), with ``scale`` pixels of border cropped.
 The encoder's estimates are checked against the true parameters (on the realistic images,
-and on extra noise-only and JPEG-only versions of each image), and the builtin decoder is
+and on extra noise-only, JPEG-only and blur-only versions of each image, and JPEG with noise
+or blur on top), and the builtin decoder is
 timed at batch 8 on 512x512 outputs, on a clean plan (the upscaler) and on a degraded one
 (the restorer, the slower network, which the speed floor is checked on). Edge overshoot
 (``degradations.edge_overshoot``: halos and ringing beyond the ground truth's local range
@@ -51,7 +52,7 @@ from pixelrelay.training import data
 SEED = 2024
 
 
-def _pipelines(device: str, builtin_model: str | None = None):
+def _pipelines(device: str, builtin_model: str | None = None, encoder_model: str | None = None):
     from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder
     from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
     from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
@@ -61,7 +62,7 @@ def _pipelines(device: str, builtin_model: str | None = None):
     planner = RulesPlanner()
     return {
         "classic": (AnalysisEncoder(device=device), planner, ClassicDecoder(device=device)),
-        "builtin": (BuiltinEncoder(device=device), planner, BuiltinDecoder(model=builtin_model, device=device)),
+        "builtin": (BuiltinEncoder(model=encoder_model, device=device), planner, BuiltinDecoder(model=builtin_model, device=device)),
     }
 
 
@@ -145,9 +146,22 @@ def evaluate(hrs, scale: int, degradation: str, pipes, log=print) -> dict[str, A
     return res
 
 
+# JPEG with something on top (#15): an edited and re-saved JPEG, x1, the other step mild.
+JPEG_THEN_NOISE = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=1, p_jpeg_early=1, jpeg_quality=(10, 95),
+                                      noise_sigma=(2.0, 15.0), p_poisson=0.0)
+JPEG_THEN_BLUR = D.DegradationConfig(p_blur=1, p_noise=0, p_jpeg=1, p_jpeg_early=1, jpeg_quality=(10, 95),
+                                     blur_sigma=(0.3, 1.0))
+
+
+def _quality_error(enc, lr: np.ndarray, true_quality: int) -> float:
+    e = enc.estimate([DecodedImage(rgb=lr)])[0]["jpeg_quality"]
+    return abs((100.0 if e is None else e) - true_quality)
+
+
 def encoder_errors(hrs, enc, seed: int = SEED) -> dict[str, Any]:
     """Estimation errors on noise-only (x1, Gaussian/Poisson sigma 0-50), JPEG-only (x1,
-    quality 10-95) and blur-only (x1, sigma 0.3-2) versions of each image."""
+    quality 10-95) and blur-only (x1, sigma 0.3-2) versions of each image, and the JPEG
+    quality when noise (sigma 2-15) or blur (sigma 0.3-1) follows the JPEG step."""
     noise_cfg = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=0, noise_sigma=(0.0, 50.0))
     jpeg_cfg = D.DegradationConfig(p_blur=0, p_noise=0, p_jpeg=1, jpeg_quality=(10, 95))
     blur_cfg = D.DegradationConfig(p_blur=1, p_noise=0, p_jpeg=0, blur_sigma=(0.3, 2.0))
@@ -167,7 +181,14 @@ def encoder_errors(hrs, enc, seed: int = SEED) -> dict[str, Any]:
     n_err = np.abs(np.array(n_est) - np.array(n_true))
     q_err = np.abs(np.array(q_est) - np.array(q_true, dtype=float))
     b_err = np.abs(np.array(b_est, dtype=float) - np.array(b_true))
-    return {"noise_only_mae": float(n_err.mean()), "noise_only_within3": float((n_err <= 3).mean()),
+    after: dict[str, list[float]] = {"noise": [], "blur": []}
+    for i, hr in enumerate(hrs):
+        for kind, cfg in (("noise", JPEG_THEN_NOISE), ("blur", JPEG_THEN_BLUR)):
+            lr, p = D.degrade(hr, 1, np.random.default_rng(seed + 41 * i + len(kind)), cfg)
+            after[kind].append(_quality_error(enc, lr, p.jpeg_quality))
+    qn_err, qb_err = np.array(after["noise"]), np.array(after["blur"])
+    return {"jpeg_then_noise_mae": float(qn_err.mean()), "jpeg_then_noise_within10": float((qn_err <= 10).mean()),
+            "jpeg_then_blur_mae": float(qb_err.mean()), "jpeg_then_blur_within10": float((qb_err <= 10).mean()),"noise_only_mae": float(n_err.mean()), "noise_only_within3": float((n_err <= 3).mean()),
             "jpeg_only_mae": float(q_err.mean()), "jpeg_only_within10": float((q_err <= 10).mean()),
             "blur_only_mae": float(b_err.mean()), "blur_only_within05": float((b_err <= 0.5).mean())}
 
@@ -240,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--builtin-model", default=None, metavar="FILE|UPSCALER,RESTORER",
                     help="score these builtin decoder weights instead of the shipped ones (candidates)")
+    ap.add_argument("--encoder-model", default=None, metavar="FILE",
+                    help="score these builtin encoder weights instead of the shipped ones (a candidate)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -263,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         degs = [args.degradation] if args.degradation else ["bicubic", "realistic", "mild"]
         scales = [args.scale] if args.scale else [2, 4]
         configs = [(d, s) for d in degs for s in scales]
-    pipes = _pipelines(args.device, args.builtin_model)
+    pipes = _pipelines(args.device, args.builtin_model, args.encoder_model)
     print(f"pixelrelay quality bench: {len(files)} {args.split} images from {args.data}")
     figures: dict[str, Any] = {}
     lines = []
@@ -310,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"within +-10: {enc_err['jpeg_only_within10']:.0%}")
     lines.append(f"  blur sigma 0.3-2:                    mean |err| {enc_err['blur_only_mae']:.2f}, "
                  f"within +-0.5: {enc_err['blur_only_within05']:.0%}")
+    lines.append(f"  JPEG quality, noise 2-15 after it:  mean |err| {enc_err['jpeg_then_noise_mae']:.2f}, "
+                 f"within +-10: {enc_err['jpeg_then_noise_within10']:.0%}")
+    lines.append(f"  JPEG quality, blur 0.3-1 after it:  mean |err| {enc_err['jpeg_then_blur_mae']:.2f}, "
+                 f"within +-10: {enc_err['jpeg_then_blur_within10']:.0%}")
     if not args.no_speed:
         dec = pipes["builtin"][2]
         clean_s, degraded_s = time_decoder(dec), time_decoder(dec, degraded=True)
@@ -336,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks.append(("noise sigma within 3 on >= 95%", enc_err["noise_only_within3"], 0.95, True))
     checks.append(("JPEG quality mean |err| <= 10", enc_err["jpeg_only_mae"], 10.0, False))
     checks.append(("JPEG quality within 10 on >= 90%", enc_err["jpeg_only_within10"], 0.90, True))
+    checks.append(("JPEG q within 10, noise after, >= 90%", enc_err["jpeg_then_noise_within10"], 0.90, True))
+    checks.append(("JPEG q within 10, blur after, >= 90%", enc_err["jpeg_then_blur_within10"], 0.90, True))
     checks.append(("blur sigma within 0.5 on >= 80%", enc_err["blur_only_within05"], 0.80, True))
     if "seconds_per_512_output" in figures:
         checks.append(("s per 512x512 output <= 0.5 (slower net)", figures["seconds_per_512_output"], 0.5, False))

@@ -88,3 +88,27 @@ def test_bicubic_pair_and_metrics():
 def test_jpeg_lower_quality_is_worse():
     img = _image()
     assert D.psnr_y(D.jpeg(img, 20), img) < D.psnr_y(D.jpeg(img, 90), img)
+
+
+def test_early_jpeg_puts_noise_or_blur_on_top_and_reports_noise_without_jpeg():
+    """p_jpeg_early: JPEG before the last step (noise or blur), never before a downscale; the
+    noise is reported as added (JPEG never counts), and the output is not on a JPEG grid."""
+    img = _image(128, 128)
+    cfg = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=1, p_jpeg_early=1, p_poisson=0, p_gray_noise=0,
+                              noise_sigma=(10, 10), jpeg_quality=(30, 30))
+    out, p = D.degrade(img, 1, np.random.default_rng(5), cfg)
+    assert p.order == ["jpeg", "noise"] and p.jpeg_quality == 30
+    assert p.noise_sigma == pytest.approx(10, abs=0.6)
+    assert not np.array_equal(out, D.jpeg(out, 30))  # noise on top of the blocks
+    # blur (and a downscale), JPEG, then noise: the same noise figure as the chain with JPEG last
+    late = D.DegradationConfig(**{**cfg.to_dict(), "p_blur": 1, "shuffle": False, "p_jpeg_early": 0})
+    early = D.DegradationConfig(**{**late.to_dict(), "p_jpeg_early": 1})
+    for scale in (1, 2):
+        _, pl = D.degrade(img, scale, np.random.default_rng(9), late)
+        _, pe = D.degrade(img, scale, np.random.default_rng(9), early)
+        assert pl.order[-1] == "jpeg" and pe.order[-2:] == ["jpeg", "noise"]
+        assert pe.noise_sigma == pytest.approx(pl.noise_sigma, rel=1e-6)
+    # a downscale is never the step after the JPEG
+    x4 = D.DegradationConfig(p_blur=0, p_noise=0, p_jpeg=1, p_jpeg_early=1)
+    _, p4 = D.degrade(img, 4, np.random.default_rng(2), x4)
+    assert p4.order == ["downscale", "jpeg"]

@@ -6,7 +6,10 @@ looks at up to ``N_CROPS`` 64x64 crops per image: candidates on an evenly spread
 depends only on the image's size, so it is deterministic). It estimates the Gaussian-equivalent
 noise sigma (0-255), the Gaussian blur sigma (pixels), whether the image was JPEG-compressed
 and at what quality, and whether it was downscaled. Per-crop estimates are combined by median
-(noise, blur, quality) and mean (probabilities).
+(noise, blur, quality; noise on small images, with few crops, by a lower percentile) and
+mean (probabilities). Strong noise on an image that is not JPEG
+(CNN estimate past ``NOISE_MEASURED_FROM``) is read from the measured sigma (the analysis
+encoder's estimator, which the CNN's crop median trails there), blended in linearly.
 
 JPEG quality from the quantisation grid: only when the pixels show JPEG evidence (the crops'
 DCT coefficients line up on some IJG grid, ``JpegFeatures``, or the image is visibly blocky),
@@ -23,7 +26,7 @@ through the CNN together, on the encoder's device; results equal per-item calls.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -47,7 +50,17 @@ JPEG_EVIDENCE_GRID = 0.15
 JPEG_EVIDENCE_BLOCKINESS = 1.3  # clean images read ~1.0 (<= 1.1 on the validation images)
 ANALYSIS_MAX_PIXELS = 512 * 512  # larger images are measured on a sample (analysis.measure)
 CROP_BATCH = 256
-ESTIMATE_VERSION = 2  # part of the identity: bump when the estimates may change
+# Strong noise, no JPEG: the measured noise (analysis.noise_sigma, Immerkaer with edge
+# exclusion: within ~1 of the truth from sigma ~20 on, but fooled by texture at low sigma)
+# takes over from the CNN's crop median, linearly between these CNN estimates.
+# Small images (fewer than N_CROPS crops, e.g. 2 overlapping ones on a 100-pixel image): one
+# textured crop would decide the median, and texture only ever reads as more noise, so the
+# noise is read at this lower percentile of the crops (clean x4 training images planned
+# with an operation: 4/60 -> 1/60, noise and mild errors unchanged).
+NOISE_FEW_CROPS_PERCENTILE = 30.0
+NOISE_MEASURED_FROM = 15.0
+NOISE_MEASURED_FULL = 25.0
+ESTIMATE_VERSION = 3  # part of the identity: bump when the estimates may change
 
 
 def _weights_path(model: str | None) -> Path:
@@ -175,6 +188,15 @@ def _describe_estimates(noise: float, blur: float, quality: float | None, p_jpeg
     return ", ".join(parts)
 
 
+def sampled_noise_sigma(rgb: np.ndarray, max_pixels: int | None = ANALYSIS_MAX_PIXELS) -> float:
+    """The analysis encoder's ``noise_sigma`` with the same pixel budget (what ``describe``
+    gets from ``analysis.measure``), for ``estimate`` called on its own."""
+    from pixelrelay.pipeline.stages.encoders.analysis import _luminance, noise_sigma_tiles, sample_tiles
+
+    regions = sample_tiles(*rgb.shape[:2], max_pixels)
+    return noise_sigma_tiles([(rgb[ys, xs], _luminance(rgb[ys, xs])) for ys, xs in regions])
+
+
 def _sigmoid(v: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-v))
 
@@ -203,7 +225,8 @@ class BuiltinEncoder(Encoder):
         from pixelrelay.pipeline.fingerprint import file_sha256
 
         # The estimate's own version beside the weights: v2 reads 8 crops and fits JPEG tables
-        # only on pixel evidence (#14), so its plans, and outputs, may differ from v1's.
+        # only on pixel evidence (#14), so its plans, and outputs, may differ from v1's; v3
+        # reads strong noise from the measured sigma (#15).
         return f"builtin:sha256:{file_sha256(_weights_path(self.model))}:estimate-v{ESTIMATE_VERSION}"
 
     @classmethod
@@ -216,14 +239,16 @@ class BuiltinEncoder(Encoder):
             )
 
     def estimate(
-        self, images: Sequence[DecodedImage], blockiness: Sequence[float] | None = None
+        self, images: Sequence[DecodedImage], blockiness: Sequence[float] | None = None,
+        measured_noise: Sequence[float] | None = None,
     ) -> list[dict[str, float | None]]:
         """Raw estimates per image: noise_sigma, blur_sigma, jpeg_quality (None), p_jpeg, p_downscaled.
-        ``blockiness`` (analysis metric per image) is measured here when not given."""
+        ``blockiness`` and ``measured_noise`` (analysis metrics per image) are measured here
+        when not given."""
         import torch
 
         with torch.inference_mode():
-            return self._estimate(images, blockiness)
+            return self._estimate(images, blockiness, measured_noise)
 
     def _run_net(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -237,7 +262,8 @@ class BuiltinEncoder(Encoder):
         return torch.cat(outs).numpy().astype(np.float64), torch.cat(grids).numpy()
 
     def _estimate(
-        self, images: Sequence[DecodedImage], blockiness: Sequence[float] | None
+        self, images: Sequence[DecodedImage], blockiness: Sequence[float] | None,
+        measured_noise: Sequence[float] | None = None,
     ) -> list[dict[str, float | None]]:
         from pixelrelay.pipeline.stages.encoders.analysis import sampled_blockiness
 
@@ -251,11 +277,15 @@ class BuiltinEncoder(Encoder):
             p, g = pred[start : start + n], grid[start : start + n]
             start += n
             blocks = blockiness[index] if blockiness is not None else sampled_blockiness(image.rgb, ANALYSIS_MAX_PIXELS)
-            results.append(self._combine(image, p, g, blocks))
+            measured = (measured_noise[index] if measured_noise is not None
+                        else (lambda rgb=image.rgb: sampled_noise_sigma(rgb, ANALYSIS_MAX_PIXELS)))
+            results.append(self._combine(image, p, g, blocks, measured))
         return results
 
-    def _combine(self, image: DecodedImage, p: np.ndarray, grid: np.ndarray, blocks: float) -> dict[str, float | None]:
-        noise = max(0.0, float(np.median(p[:, 0])) * 50.0)
+    def _combine(self, image: DecodedImage, p: np.ndarray, grid: np.ndarray, blocks: float,
+                 measured_noise: "float | Callable[[], float]" = 0.0) -> dict[str, float | None]:
+        q_noise = 50.0 if len(p) >= N_CROPS else NOISE_FEW_CROPS_PERCENTILE
+        noise = max(0.0, float(np.percentile(p[:, 0], q_noise)) * 50.0)
         blur = max(0.0, float(np.median(p[:, 1])) * 3.0)
         p_jpeg = float(np.mean(_sigmoid(p[:, 2])))
         quality = float(np.clip(np.median(p[:, 3]) * 100.0, 1.0, 100.0))
@@ -264,6 +294,10 @@ class BuiltinEncoder(Encoder):
             fit_q, fit_score = jpeg_table_fit(image.rgb)
             if fit_score >= TABLE_FIT_MIN_SCORE:  # the coefficients sit on a JPEG grid
                 quality, p_jpeg = fit_q, max(p_jpeg, fit_score)
+        if noise > NOISE_MEASURED_FROM and p_jpeg < JPEG_THRESHOLD:  # JPEG smears what is measured
+            w = min(1.0, (noise - NOISE_MEASURED_FROM) / (NOISE_MEASURED_FULL - NOISE_MEASURED_FROM))
+            measured = float(measured_noise() if callable(measured_noise) else measured_noise)
+            noise = (1.0 - w) * noise + w * measured
         return {
             "noise_sigma": round(noise, 2),
             "blur_sigma": round(blur, 2),
@@ -275,7 +309,9 @@ class BuiltinEncoder(Encoder):
     def describe(self, images: Sequence[DecodedImage]) -> list[Description]:
         base = self.analysis.describe(images)
         out = []
-        for d, est in zip(base, self.estimate(images, [d.metrics["blockiness"] for d in base])):
+        estimates = self.estimate(images, [d.metrics["blockiness"] for d in base],
+                                  [d.metrics["noise_sigma"] for d in base])
+        for d, est in zip(base, estimates):
             metrics = dict(d.metrics)
             metrics.update(
                 est_noise_sigma=float(est["noise_sigma"]),

@@ -155,3 +155,21 @@ def test_bf16_trunk_reads_like_fp32(encoder, monkeypatch):
         assert h["blur_sigma"] == pytest.approx(f["blur_sigma"], abs=0.1)
         assert h["jpeg_quality"] == f["jpeg_quality"]
     assert full[0]["noise_sigma"] == pytest.approx(15, abs=4) and full[1]["jpeg_quality"] == pytest.approx(30, abs=2)
+
+
+def test_strong_noise_reads_the_measured_sigma(encoder, monkeypatch):
+    """Past NOISE_MEASURED_FROM, with no JPEG, the measured noise (analysis's estimator) takes
+    over from the CNN's crop median; ``estimate`` alone measures it as ``describe`` does."""
+    photo = clean_photo(384, 384)
+    noisy = add_noise(photo, 35.0, seed=3)
+    (d,) = encoder.describe([DecodedImage(rgb=noisy)])
+    (alone,) = encoder.estimate([DecodedImage(rgb=noisy)])
+    assert alone["noise_sigma"] == pytest.approx(d.noise_sigma, abs=0.02)
+    assert d.noise_sigma == pytest.approx(d.metrics["noise_sigma"], abs=0.02)  # full weight from 25 on
+    assert d.noise_sigma == pytest.approx(35.0, abs=3.0)
+    # below the blend (or on a JPEG) the measure is never taken
+    calls = []
+    real = builtin.sampled_noise_sigma
+    monkeypatch.setattr(builtin, "sampled_noise_sigma", lambda *a: calls.append(1) or real(*a))
+    (light,) = encoder.estimate([DecodedImage(rgb=add_noise(photo, 3.0, seed=4))])
+    assert light["noise_sigma"] < builtin.NOISE_MEASURED_FROM and calls == []
