@@ -6,6 +6,7 @@ The split is fixed: in each folder, files are sorted by name and every fifth one
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,15 @@ def split(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
         for i, f in enumerate(files):
             (val if i % VAL_EVERY == VAL_EVERY - 1 else train).append(f)
     return train, val
+
+
+def split_or_explain(data_dir: str | Path, prog: str) -> tuple[list[Path], list[Path]] | None:
+    """``split(data_dir)``, or None after telling the user why not (on stderr, as ``prog``)."""
+    try:
+        return split(data_dir)
+    except FileNotFoundError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
 
 
 def load_rgb(path: str | Path) -> np.ndarray:

@@ -26,7 +26,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pixelrelay.pipeline.tensors import downscale, resize, to_tensor, to_uint8, upscale_bicubic

@@ -162,11 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        _, val_files = data.split(args.data)
-    except FileNotFoundError as exc:
-        print(f"pixelrelay bench figure: {exc}", file=sys.stderr)
+    parts = data.split_or_explain(args.data, "pixelrelay bench figure")
+    if parts is None:
         return ExitCode.USAGE
+    val_files = parts[1]
     if not val_files:
         print(f"pixelrelay bench figure: no validation images in {args.data} "
               "(every fifth file of a folder is validation)", file=sys.stderr)

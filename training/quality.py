@@ -267,11 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    try:
-        train_files, val_files = data.split(args.data)
-    except FileNotFoundError as exc:
-        print(f"pixelrelay bench quality: {exc}", file=sys.stderr)
+    parts = data.split_or_explain(args.data, "pixelrelay bench quality")
+    if parts is None:
         return ExitCode.USAGE
+    train_files, val_files = parts
     files = {"val": val_files, "train": train_files, "all": sorted(train_files + val_files)}[args.split]
     if args.limit:
         files = files[: args.limit]

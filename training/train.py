@@ -484,11 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads or cfg.get("threads", 2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        train_files, val_files = data.split(args.data)
-    except FileNotFoundError as exc:
-        print(f"pixelrelay train: {exc}", file=sys.stderr)
+    parts = data.split_or_explain(args.data, "pixelrelay train")
+    if parts is None:
         return ExitCode.USAGE
+    train_files, val_files = parts
     if not train_files:
         print("pixelrelay train: no training images (every fifth file is validation)", file=sys.stderr)
         return ExitCode.USAGE
