@@ -49,8 +49,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence, TypeVar
 
 from celery import Celery, Task
 from celery.exceptions import Reject
@@ -323,8 +323,8 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             if isinstance(result, Exception):
                 record.fail("decode", _reason(result))
             else:
-                done.append((rt, record, image, result, msg.options, msg.job_id, *writes_as[id(record)]))
-        writes += _write_in_background(rt, done, msg.output)  # while the next batch runs
+                done.append(_Output(record, image, result, *writes_as[id(record)]))
+        writes += _write_in_background(rt, done, msg)  # while the next batch runs
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
     for write in writes:
@@ -338,49 +338,54 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             record.fingerprint = record.outcome = None
 
 
-def _write_in_background(rt: Runtime, outputs: list[tuple], root: str) -> list:
-    """Encode and store ``outputs`` (``_write_output``'s arguments, one tuple per item) on
-    the I/O threads while the next batch runs: the images are encoded in parallel, one task
-    per thread (``outputs[i::n]``), and then stored by one more task as one group
-    (``Storage.put_many``: on local storage, one sync for the whole batch). Futures of lists
-    of ``(record, exception or None)``, every item tried whatever its neighbours did."""
-    n = min(len(outputs), max(1, rt.settings.io_threads))
+@dataclass(frozen=True)
+class _Output:
+    """A decoded item waiting to be written: what the model made, and how to write it (the
+    action the fingerprint check chose, over which version)."""
+
+    record: ItemRecord
+    image: DecodedImage
+    restored: Any
+    action: fp.Decision = "replace"
+    version: str | None = None
+
+
+def _write_in_background(rt: Runtime, outputs: list[_Output], msg: ChunkMessage) -> list:
+    """Encode and store ``outputs`` on the I/O threads while the next batch runs: the images
+    are encoded in parallel, one task per thread (``outputs[i::n]``), and then stored by one
+    more task as one group (``Storage.put_many``: on local storage, one sync for the whole
+    batch). Futures of lists of ``(record, exception or None)``, every item tried whatever
+    its neighbours did."""
     if not outputs:
         return []
-    encoding = [rt.io.submit(_encode_all, outputs[i::n]) for i in range(n)]
+    n = min(len(outputs), max(1, rt.settings.io_threads))
+    encoding = [rt.io.submit(_encode_all, outputs[i::n], msg.options) for i in range(n)]
     # Submitted after the encodes, so (FIFO) every encode has started before this waits on it.
-    return [rt.io.submit(_store_encoded, rt, encoding, root)]
+    return [rt.io.submit(_store_encoded, rt, encoding, msg)]
 
 
-def _encode_all(group: list[tuple]) -> list[tuple[tuple, "_Encoded | Exception"]]:
+def _encode_all(group: list[_Output], options: JobOptions) -> list[tuple[_Output, "_Encoded | Exception"]]:
     out = []
-    for args in group:
+    for o in group:
         try:
-            out.append((args, _encode_output(*args[1:5])))
+            out.append((o, _encode_output(o.record, o.image, o.restored, options)))
         except Exception as exc:
-            out.append((args, exc))
+            out.append((o, exc))
     return out
 
 
-def _store_encoded(rt: Runtime, encoding: list, root: str) -> list[tuple[ItemRecord, Exception | None]]:
+def _store_encoded(rt: Runtime, encoding: list, msg: ChunkMessage) -> list[tuple[ItemRecord, Exception | None]]:
     encoded = [pair for future in encoding for pair in future.result()]
-    results: list[tuple[ItemRecord, Exception | None]] = []
-    ready = []
-    for args, enc in encoded:
-        if isinstance(enc, Exception):
-            results.append((args[1], enc))
+    results = [(o.record, enc) for o, enc in encoded if isinstance(enc, Exception)]
+    ready = [(o, enc) for o, enc in encoded if not isinstance(enc, Exception)]
+    writes = [_Write(o.record, enc.data, enc.content_type, o.action, o.version) for o, enc in ready]
+    outcomes = _store_all(rt, writes, msg.options, msg.job_id, msg.output) if writes else []
+    for (o, enc), outcome in zip(ready, outcomes):
+        if isinstance(outcome, Exception):
+            results.append((o.record, outcome))
         else:
-            ready.append((args, enc))
-    if ready:
-        options, job_id = ready[0][0][4], ready[0][0][5]  # one chunk: the same for every item
-        writes = [_Write(args[1], enc.data, enc.content_type, args[6], args[7]) for args, enc in ready]
-        outcomes = _store_all(rt, writes, options or JobOptions(), job_id, root)
-        for (args, enc), outcome in zip(ready, outcomes):
-            if isinstance(outcome, Exception):
-                results.append((args[1], outcome))
-            else:
-                _mark_written(args[1], args[2], args[3], enc, outcome)
-                results.append((args[1], None))
+            _mark_written(o.record, o.image, o.restored, enc, outcome)
+            results.append((o.record, None))
     return results
 
 
@@ -511,7 +516,7 @@ def _after_conflict(rt: Runtime, storage: Storage, w: _Write, options: JobOption
     if record.fingerprint and fp.decide(now.present, now.stored, record.fingerprint, job_id, options.overwrite) == "reuse":
         record.notes.append("output written meanwhile by another delivery: kept")
         return fp.reuse_outcome(now.stored, job_id)
-    request = _request(_Write(record, w.data, w.content_type), job_id)
+    request = _request(replace(w, action="replace", version=None), job_id)  # unconditional
     try:
         storage.put(request.uri, request.data, request.content_type, metadata=request.metadata)
     except Exception as exc:
