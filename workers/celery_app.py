@@ -15,11 +15,13 @@ This module is not called ``app``: a submodule of that name would shadow the pac
 from __future__ import annotations
 
 import functools
+from urllib.parse import urlsplit
 
 from celery import Celery
 
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import ConfigError, Settings
+from pixelrelay.workers.transport import TRANSPORT
 
 
 def queue_name(stage: str) -> str:
@@ -57,6 +59,8 @@ def configure(app: Celery, settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         broker_pool_limit=4,
     )
+    if urlsplit(settings.redis).scheme == "redis":  # rediss:// keeps kombu's own (its TLS defaults)
+        app.conf.broker_transport = TRANSPORT
     return app
 
 

@@ -601,6 +601,7 @@ def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], e
 StageBody = Callable[[Runtime, JobState, ChunkMessage], None]
 STAGE_BODIES: dict[str, StageBody] = {"encode": encode_chunk, "plan": plan_chunk, "decode": decode_chunk}
 NEXT_STAGE = {"encode": "plan", "plan": "decode", "decode": "done"}  # whose body a stage returns
+RESULT_REPR_CHARS = 96  # of a stage's return value in Celery's success log line and event (its default: 1,024)
 
 
 @functools.lru_cache(maxsize=16)
@@ -696,7 +697,9 @@ def register(app: Celery) -> None:
 
 
 def _stage_task(app: Celery, stage: str) -> Task:
-    @app.task(name=task_name(stage), bind=True, max_retries=None, shared=False)
+    # resultrepr_maxsize: Celery reprs every return value (the next stage's signed body) for
+    # its success log line and event, walking up to this many characters of it per task.
+    @app.task(name=task_name(stage), bind=True, max_retries=None, shared=False, resultrepr_maxsize=RESULT_REPR_CHARS)
     def stage_task(self: Task, body: dict) -> dict:
         if not body:  # the chain was split upstream; nothing to do
             return {}
