@@ -194,6 +194,30 @@ def choose_dtype(device: str, prefer: str = "auto") -> Any:
     return torch.float16
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16, read from /proc/cpuinfo)."""
+    from pathlib import Path
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_autocast_dtype(device: str, prefer: str = "auto") -> Any:
+    """The dtype a CPU forward pass may autocast its convolutions to: bf16 on a CPU that
+    computes it natively, when the setting (``Settings.dtype``) is "auto" or "bf16"; else
+    None (fp32). Weights, inputs and outputs stay fp32; only the conv trunk runs in bf16,
+    about half the time there. Elsewhere bf16 is emulated and slower than fp32. A model
+    opts in only where its outputs were measured against fp32 (the builtin networks)."""
+    import torch
+
+    if torch.device(device).type != "cpu" or (prefer or "auto").lower() not in ("auto", "bf16"):
+        return None
+    return torch.bfloat16 if native_cpu_bf16() else None
+
+
 def oom_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "out of device memory"."""
     import torch

@@ -124,6 +124,9 @@ class BuiltinDecoder(LearnedDecoder):
     kind = "builtin"
     tile_settings = "builtin"
     pad_mode = "replicate"  # odd sizes at x1: as the networks were always run
+    # bf16 autocast on CPUs with native bf16: on 12 validation images (256 px crops) PSNR
+    # moved by 0.000-0.001 dB (upscaler and restorer, x2 and x4), outputs by 2 levels at most
+    cpu_autocast = True
 
     def __init__(
         self,

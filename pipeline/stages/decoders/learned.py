@@ -25,8 +25,11 @@ and is the same for every learned decoder:
   ``forward`` on the CPU in float32 [0, 1]; ``forward`` moves them to the device in
   ``self.dtype``.
 * **Precision.** ``self.dtype`` is fp32 on CPU; on CUDA bf16 (fp16 where bf16 is
-  unsupported) unless ``Settings.dtype`` forces one. Settings are passed in, never read
-  from the environment.
+  unsupported) unless ``Settings.dtype`` forces one. A decoder whose outputs were measured
+  against fp32 may set ``cpu_autocast``: on a CPU that computes bf16 natively (AMX,
+  AVX512-BF16) its forward then runs under bf16 autocast (``hf.cpu_autocast_dtype``;
+  weights, tiles and outputs stay fp32), about half the time. Settings are passed in, never
+  read from the environment.
 * **Size.** The output is exactly ``plan.scale`` x the input: the model's native result is
   resized bicubically (antialiased when downscaling), with a note when the native scale
   differs from the plan's.
@@ -92,6 +95,7 @@ class LearnedDecoder(Decoder):
 
     tile_settings: ClassVar[str]  # the Settings prefix of its tile fields ("builtin", "sr", "sd")
     pad_mode: ClassVar[str] = "reflect"  # how an image is padded to the window ("replicate")
+    cpu_autocast: ClassVar[bool] = False  # bf16 autocast on CPUs with native bf16 (see Precision)
 
     def __init__(
         self,
@@ -104,12 +108,13 @@ class LearnedDecoder(Decoder):
         super().__init__(model=model, device=device, settings=settings)
         import torch
 
-        from pixelrelay.pipeline.hf import choose_dtype
+        from pixelrelay.pipeline.hf import choose_dtype, cpu_autocast_dtype
 
         from pixelrelay.pipeline.tiling import PixelCostMeter
 
         self.tiles = tiles or TileConfig.from_settings(self.settings, self.tile_settings)
         self.dtype = dtype or choose_dtype(device, self.settings.dtype)
+        self.autocast_dtype = cpu_autocast_dtype(device, self.settings.dtype) if self.cpu_autocast and not dtype else None
         self.torch_device = torch.device(device)
         self.meter = PixelCostMeter()  # CUDA: what forward calls really cost per pixel
 
@@ -213,7 +218,7 @@ class LearnedDecoder(Decoder):
         key = self._meter_key(m, scale)
 
         def fn(crops: torch.Tensor, items: list[int]) -> torch.Tensor:
-            return self.meter.run(key, self.torch_device, crops, lambda: self.forward(m, crops, plans, items))
+            return self.meter.run(key, self.torch_device, crops, lambda: self._forward(m, crops, plans, items))
 
         with torch.inference_mode():
             return run_tiled_with_fallback(
@@ -221,6 +226,14 @@ class LearnedDecoder(Decoder):
                 max_pixels=self.forward_pixels(m, scale, tiles), align=self.window(m, scale),
                 what=f"{self.kind} {self.model_name(m)} tile", pass_items=True, pad_mode=self.pad_mode,
             )
+
+    def _forward(self, m: Any, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+        if self.autocast_dtype is None:
+            return self.forward(m, x, plans, items)
+        import torch
+
+        with torch.autocast("cpu", dtype=self.autocast_dtype):
+            return self.forward(m, x, plans, items).float()
 
     def _finish(self, image: DecodedImage, plan: Plan, m: Any, y: "torch.Tensor", used: "TileSettings") -> RestoredImage:
         from pixelrelay.pipeline import tensors

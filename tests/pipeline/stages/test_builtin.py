@@ -228,3 +228,27 @@ def test_tile_settings_and_dtype_come_from_settings():
     assert dec.dtype == torch.float32  # fp16 is for GPUs; the CPU always runs fp32
     img = np.tile(scene(64), (2, 2, 1))[:100, :90]
     assert dec.restore([DecodedImage(rgb=img)], [Plan(scale=2)])[0].rgb.shape == (200, 180, 3)
+
+
+def test_cpu_bf16_autocast_follows_the_setting_and_keeps_the_outputs(monkeypatch):
+    """On a CPU with native bf16 the builtin decoder's forward runs under bf16 autocast
+    (``hf.cpu_autocast_dtype``) unless ``Settings.dtype`` asks for fp32; it is never used on
+    other devices. Forced on here (emulated where the CPU lacks bf16), the outputs of both
+    networks stay within 2 levels of fp32 and come back as fp32 tensors."""
+    from pixelrelay.pipeline import hf
+    from pixelrelay.pipeline.settings import Settings
+
+    monkeypatch.setattr(hf, "native_cpu_bf16", lambda: True)
+    assert hf.cpu_autocast_dtype("cpu") == torch.bfloat16 and hf.cpu_autocast_dtype("cpu", "bf16") == torch.bfloat16
+    assert hf.cpu_autocast_dtype("cpu", "fp32") is None and hf.cpu_autocast_dtype("cuda") is None
+    fp32 = BuiltinDecoder(settings=Settings.defaults().model_copy(update={"dtype": "fp32"}))
+    auto = BuiltinDecoder()
+    assert fp32.autocast_dtype is None and auto.autocast_dtype == torch.bfloat16
+    monkeypatch.setattr(hf, "native_cpu_bf16", lambda: False)
+    assert BuiltinDecoder().autocast_dtype is None and hf.cpu_autocast_dtype("cpu") is None
+    img = scene(96)
+    plans = [Plan(scale=2), Plan(scale=2, noise_sigma=12, operations=[Operation(name="denoise", strength=0.6)])]
+    for plan in plans:
+        a = fp32.restore([DecodedImage(rgb=img)], [plan])[0].rgb.astype(int)
+        b = auto.restore([DecodedImage(rgb=img)], [plan])[0].rgb.astype(int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.1
