@@ -77,7 +77,7 @@ def variants(dec: BuiltinDecoder, size: int, scale: int) -> dict:
 
     def old(x):
         def fn(crops, items):
-            return dec.forward(MODEL, crops, plans, items)
+            return dec._forward(MODEL, crops, plans, items)  # the same precision policy as the new path
 
         with torch.inference_mode():
             return run_tiled(fn, x, scale, OLD_TILE, OLD_OVERLAP, batch_size=OLD_BATCH, pass_items=True,
