@@ -23,8 +23,8 @@ What it counts, between just before the submission and the job's manifest:
 The inputs are flushed to disk (``sync``) before the first job: the decode stage's group
 commit makes its outputs durable with one ``syncfs`` per batch, which also writes back
 whatever else is dirty on that file system, and the bench's freshly written inputs are not
-the job's cost. Each repeat is a new job over the same inputs into a new output folder; the table shows
-the median of the repeats (and min - max). CPU time, not wall time, is the measure: on a
+the job's cost. Each repeat is a new job over the same inputs into a new output folder;
+the table shows the median of the repeats (and min - max). CPU time, not wall time, is the measure: on a
 shared machine it is still noisy (caches, frequency), so repeat and compare medians.
 Linux only (``/proc``).
 

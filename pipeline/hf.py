@@ -13,6 +13,7 @@ producer stay light.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -194,10 +195,10 @@ def choose_dtype(device: str, prefer: str = "auto") -> Any:
     return torch.float16
 
 
+@functools.cache
 def native_cpu_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16, read from /proc/cpuinfo)."""
-    from pathlib import Path
-
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16, read from /proc/cpuinfo
+    once per process)."""
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
     except OSError:
