@@ -111,13 +111,17 @@ class ChunksInFlight:
         self.job_id = job_id
         self.key = keys.chunks(job_id)
 
-    def track(self, slot: Slot, stage: str, feeds: bool, wait: float = 0.0, now: float | None = None) -> None:
+    def track(self, slot: Slot, stage: str, feeds: bool, wait: float = 0.0, now: float | None = None,
+              pipe: redis.client.Pipeline | None = None) -> None:
+        """Set the chain's entry to ``stage``; queued on ``pipe`` when given (its caller runs it)."""
         entry = Entry(stage, time.time() if now is None else now, wait, feeds)
-        pipe = self.r.pipeline()
+        own = pipe is None
+        pipe = self.r.pipeline() if own else pipe
         pipe.hset(self.key, slot.name, entry.to_json())
         pipe.expire(self.key, keys.CHUNKS_TTL_S)
         pipe.sadd(keys.ACTIVE_JOBS, self.job_id)
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def get(self, slot: Slot) -> Entry | None:
         raw = self.r.hget(self.key, slot.name)

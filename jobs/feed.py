@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pixelrelay.jobs.chunks import ChunksInFlight, Slot, tracked
+from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import CANCELLED, manifest_uri, read_chunk, record_for
 from pixelrelay.jobs.merge import write_manifest
 from pixelrelay.jobs.state import JobState
@@ -47,15 +47,15 @@ def feed(send: Send, state: JobState, storage: Storage, spec: JobSpec, seq: int,
     sent = 0
     if state.cancelled():
         return 0
-    send = tracked(send, state.r)
     n_chunks = -(-spec.total // spec.chunk_size)
     in_flight = ChunksInFlight(state.r, spec.job_id)
     while sent < count:
         chunk = state.next_chunk()
         if chunk >= n_chunks:
             break
-        # Tracked from the moment the cursor hands it out: if reading its listing fails (a
-        # storage outage), the chunk is not lost with the cursor but re-sent by the sweep.
+        # Tracked from the moment the cursor hands it out (so before it is sent): if reading
+        # its listing fails (a storage outage), the chunk is not lost with the cursor but
+        # re-sent by the sweep.
         in_flight.track(Slot(seq, chunk), "encode", feeds=True)
         items = read_chunk(storage, spec.output, spec.job_id, chunk, spec.chunk_size)
         done = state.done_flags([item.index for item in items])

@@ -29,6 +29,7 @@ trimmed to the newest ``keys.JOBS_KEEP``: the ``pixelrelay jobs`` listing.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -129,6 +130,23 @@ def job_status(info: dict[str, str], counts: Counts, now: float, stall_s: float)
     return JobStatus.RUNNING if moved and counts.done + counts.failed else JobStatus.QUEUED
 
 
+@functools.lru_cache(maxsize=64)
+def _checked_spec(signer: Signer, job_id: str, raw: bytes) -> JobSpec:
+    """A raw ``spec`` field checked (signature, job id) and parsed; cached per exact bytes,
+    so only a value that passed is ever served from the cache (a failure raises, uncached)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise SignatureError(f"job {job_id}: its spec in Redis is not JSON") from None
+    try:
+        spec = JobSpec.model_validate(signer.verify("spec", body))
+    except SignatureError as exc:
+        raise SignatureError(f"job {job_id}: the spec in Redis fails its check ({exc}): ignored") from None
+    if spec.job_id != job_id:
+        raise SignatureError(f"job {job_id}: the spec in Redis names job {spec.job_id!r}: ignored")
+    return spec
+
+
 class JobState:
     _bitfield_ro = True  # the server has BITFIELD_RO (Redis >= 6.0); learnt once per process
 
@@ -155,20 +173,16 @@ class JobState:
     def spec(self) -> JobSpec:
         """The job's spec, once its signature checks out (``SignatureError`` otherwise)."""
         signer = self.signer
-        raw = self.r.hget(self.key, "spec")
+        return self.parse_spec(self.r.hget(self.key, "spec"), signer)
+
+    def parse_spec(self, raw: bytes | None, signer: Signer | None = None) -> JobSpec:
+        """The spec from the hash's raw ``spec`` field (``KeyError`` when None), checked as
+        ``spec`` checks it. A raw value seen before (the same bytes, this job, this signer) is
+        not checked and parsed again: a worker reads the same spec at every delivery."""
+        signer = signer or self.signer
         if raw is None:
             raise KeyError(f"unknown job {self.job_id!r}")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise SignatureError(f"job {self.job_id}: its spec in Redis is not JSON") from None
-        try:
-            spec = JobSpec.model_validate(signer.verify("spec", body))
-        except SignatureError as exc:
-            raise SignatureError(f"job {self.job_id}: the spec in Redis fails its check ({exc}): ignored") from None
-        if spec.job_id != self.job_id:
-            raise SignatureError(f"job {self.job_id}: the spec in Redis names job {spec.job_id!r}: ignored")
-        return spec
+        return _checked_spec(signer, self.job_id, bytes(raw)).model_copy()
 
     def _signed_spec(self, spec: JobSpec) -> str:
         return json.dumps(self.signer.sign("spec", spec.model_dump(mode="json")), separators=(",", ":"))
@@ -302,15 +316,18 @@ class JobState:
         return n
 
     # --- delivery accounting (poison pills) -------------------------------------------
-    def count_delivery(self, stage: str, seq: int, chunk: str) -> int:
+    def count_delivery(self, stage: str, seq: int, chunk: str, pipe: redis.client.Pipeline | None = None) -> int | None:
+        """Count one more delivery; returns the count, or None when ``pipe`` is given (the
+        count is then the first result of that pipeline's ``execute`` from here)."""
         key = keys.deliveries(self.job_id, stage, seq, chunk)
-        pipe = self.r.pipeline()
+        own = pipe is None
+        pipe = self.r.pipeline() if own else pipe
         pipe.incr(key)
         pipe.expire(key, keys.DELIVERIES_TTL_S)
-        return int(pipe.execute()[0])
+        return int(pipe.execute()[0]) if own else None
 
-    def clear_delivery(self, stage: str, seq: int, chunk: str) -> None:
-        self.r.delete(keys.deliveries(self.job_id, stage, seq, chunk))
+    def clear_delivery(self, stage: str, seq: int, chunk: str, pipe: redis.client.Pipeline | None = None) -> None:
+        (pipe if pipe is not None else self.r).delete(keys.deliveries(self.job_id, stage, seq, chunk))
 
     # --- finishing ------------------------------------------------------------------
     def claim_finalize(self, seq: int, lease_s: float = keys.FINALIZE_LEASE_S) -> bool:

@@ -108,6 +108,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def _omitted_when_none(**kwargs: Any) -> Any:
+    """A field that defaults to None and is left out of the JSON while None (so older
+    messages stay byte for byte). pydantic's own serializer leaves it out (``exclude_if``):
+    a wrap serializer doing the same costs a Python call per model, per record of a chunk."""
+    return Field(default=None, exclude_if=_is_none, **kwargs)
+
+
 class JobOptions(_Model):
     """What the user asked for; the planner turns this plus a Description into a Plan."""
 
@@ -116,8 +127,8 @@ class JobOptions(_Model):
     # width and/or height to fit inside, keeping the aspect ratio (not with a scale). Any
     # scale but 1, 2 or 4, a width or a height: wire version 4.
     scale: ScaleFactor | None = None
-    width: Side | None = None
-    height: Side | None = None
+    width: Side | None = _omitted_when_none()  # absent when unset: older jobs' JSON stays byte for byte
+    height: Side | None = _omitted_when_none()
     instruction: str = Field(default="", max_length=MAX_INSTRUCTION_CHARS)
     format: OutputFormat | None = None  # None: keep the input's format where we can write it
     # Encoder settings for the outputs (defaults keep messages without them valid).
@@ -136,14 +147,6 @@ class JobOptions(_Model):
             raise ValueError(f"task {self.task!r} needs an instruction (what to change)")
         _one_kind_of_size(self.scale, self.width, self.height)
         return self
-
-    @model_serializer(mode="wrap")
-    def _leave_out_no_size(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        for name in _V4_OPTIONS:  # absent when unset: older jobs' JSON stays byte for byte
-            if data.get(name, 0) is None:
-                data.pop(name)
-        return data
 
     def effective_scale(self) -> int | float | None:
         """The output scale factor; None for a width/height box (it depends on each image)."""
@@ -296,9 +299,9 @@ class OutputTarget(_Model):
     gives an image, and which native scale a decoder runs for it, is
     ``pipeline.outsize``'s."""
 
-    scale: ScaleFactor | None = None
-    width: Side | None = None
-    height: Side | None = None
+    scale: ScaleFactor | None = _omitted_when_none()  # the unset ones are left out of the JSON
+    width: Side | None = _omitted_when_none()
+    height: Side | None = _omitted_when_none()
 
     @model_validator(mode="after")
     def _one_kind(self) -> "OutputTarget":
@@ -306,10 +309,6 @@ class OutputTarget(_Model):
         if self.scale is None and self.width is None and self.height is None:
             raise ValueError("an output target needs a scale, a width or a height")
         return self
-
-    @model_serializer(mode="wrap")
-    def _leave_out_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {name: value for name, value in handler(self).items() if value is not None}
 
     def describe(self) -> str:
         """E.g. "x1.5", "width 800", "fit 800x600"."""
@@ -342,20 +341,12 @@ class Plan(_Model):
     rationale: str = ""
     raw: str | None = None  # raw planner text (LLM planners)
     # Tasks edit and style: what to change (wire version 4). Left out of the JSON when None.
-    edit: Edit | None = None
+    edit: Edit | None = _omitted_when_none()
     # The output size beyond a native scale (wire version 4). Left out of the JSON when None.
-    target: OutputTarget | None = None
+    target: OutputTarget | None = _omitted_when_none()
 
     def strength(self, name: OperationName) -> float:
         return max((op.strength for op in self.operations if op.name == name), default=0.0)
-
-    @model_serializer(mode="wrap")
-    def _leave_out_no_edit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        for name in ("edit", "target"):
-            if data.get(name, 0) is None:
-                data.pop(name)
-        return data
 
 
 class Fingerprint(_Model):
@@ -387,20 +378,12 @@ class ItemRecord(_Model):
     # Items whose plan has a target (wire version 4; left out of the JSON when None): the
     # scale the decoder ran, and the output's scale before rounding to whole pixels (6
     # significant digits; ``output_size`` is exact). Without a target both are the plan's scale.
-    native_scale: int | None = Field(default=None, ge=1, le=MAX_NATIVE_SCALE)
-    final_scale: float | None = Field(default=None, gt=0.0, le=float(MAX_SIDE), allow_inf_nan=False)
+    native_scale: int | None = _omitted_when_none(ge=1, le=MAX_NATIVE_SCALE)
+    final_scale: float | None = _omitted_when_none(gt=0.0, le=float(MAX_SIDE), allow_inf_nan=False)
 
     @property
     def failed(self) -> bool:
         return self.status == "failed"
-
-    @model_serializer(mode="wrap")
-    def _leave_out_no_scales(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        for name in _V4_RECORD_FIELDS:
-            if data.get(name, 0) is None:
-                data.pop(name)
-        return data
 
     def uses_v4(self) -> bool:
         """Whether this record needs wire version 4 (a plan with an edit or a target, scales)."""

@@ -52,7 +52,11 @@ def configure(app: Celery, settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 20, "interval_start": 0, "interval_step": 0.5, "interval_max": 2},
-        broker_transport_options={"visibility_timeout": settings.visibility_s()},
+        # body_encoding None: a message's JSON body goes into kombu's Redis envelope as it is,
+        # not base64'd (kombu's default for every virtual transport): each message is ~20 %
+        # smaller in Redis and cheaper to wrap and unwrap. Each message names its encoding
+        # (``properties.body_encoding``), so either kind is read by any kombu version.
+        broker_transport_options={"visibility_timeout": settings.visibility_s(), "body_encoding": None},
         task_routes={task_name(stage): {"queue": queue_name(stage)} for stage in C.STAGES},
         task_default_queue=queue_name("encode"),
         worker_hijack_root_logger=False,

@@ -48,7 +48,7 @@ from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import ChunkMessage, Item, JobSpec
 from pixelrelay.pipeline.storage import Storage, StorageError, is_s3, split_uri
-from pixelrelay.workers.policy import TRANSIENT_ERRORS, Limits
+from pixelrelay.workers.policy import TRANSIENT_ERRORS, Limits, Seen
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -57,11 +57,12 @@ class ForgedMessage(ValueError):
     """A message that asks for something its job does not: it is dropped, never run."""
 
 
-def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str) -> None:
+def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str, seen: Seen | None = None) -> None:
     """Raise ``ForgedMessage`` unless ``msg`` asks only for what its job does (see the module
-    docstring). ``storage_for(uri)`` opens the job's output storage. Fails, in place, the
-    records whose listing entry carries an error."""
-    spec = _job_spec(state)
+    docstring). ``storage_for(uri)`` opens the job's output storage. ``seen``: the job as the
+    delivery read it already (``workers.policy.look``), else its spec is read here. Fails, in
+    place, the records whose listing entry carries an error."""
+    spec = _job_spec(state, seen)
     _check_job_fields(spec, msg)
     listing = _listing(storage_for(spec.output), spec, msg.chunk)
     seen: set[int] = set()
@@ -83,9 +84,9 @@ def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str) -
             raise ForgedMessage(f"item {record.index}: {problem}")
 
 
-def _job_spec(state: JobState) -> JobSpec:
+def _job_spec(state: JobState, seen: Seen | None) -> JobSpec:
     try:
-        return state.spec()
+        return state.spec() if seen is None else state.parse_spec(seen.spec)
     except TRANSIENT_ERRORS:
         raise
     except KeyError:

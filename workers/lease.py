@@ -5,8 +5,9 @@ Invariants:
 
 * While a stage body runs, its worker holds ``pixelrelay:job:<id>:lease:<slot>`` (value: the
   worker's id, ``PX lease_s``), taken *before* the chain's entry is set to this stage. A
-  heartbeat thread renews it every ``lease_s / 3``, also while the main thread is inside a
-  long model call, so a live lease means a live worker making progress.
+  heartbeat thread (one per process, for every lease it holds) renews it every
+  ``lease_s / 3``, also while the main thread is inside a long model call, so a live lease
+  means a live worker making progress.
 * Renewal is bounded by progress, not by the clock alone: a delivery earns a budget of
   ``pending items x item_budget_s`` seconds (``PIXELRELAY_ITEM_BUDGET_S``) and the heartbeat
   stops renewing once it is spent. A hung call therefore loses its lease after at most
@@ -29,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import redis
@@ -61,7 +62,6 @@ class LeaseTiming:
 
 class Lease:
     """Holds one slot's lease for the length of a ``with`` block (see the module docstring).
-
     ``on_timeout(budget_s)`` is called in the heartbeat thread once the budget is spent."""
 
     def __init__(
@@ -80,35 +80,97 @@ class Lease:
         self.budget_s = timing.budget(items)
         self.on_timeout, self.clock = on_timeout, clock
         self.expired = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="pixelrelay-lease", daemon=True)
+        self.deadline = self.next_renew = 0.0
 
     def __enter__(self) -> "Lease":
-        self._renew()
-        self._deadline = self.clock() + self.budget_s
-        self._thread.start()
+        """Arm the heartbeat and the watchdog. The lease itself is first written by ``take``,
+        in the delivery policy's admission transaction, with the chain's entry."""
+        now = self.clock()
+        self.deadline, self.next_renew = now + self.budget_s, now + self.timing.renew_every_s
+        _heartbeat().hold(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(max(1.0, self.timing.lease_s))
+        _heartbeat().release(self)
 
-    def _renew(self) -> None:
-        self.r.set(self.key, self.owner, px=max(1, int(self.timing.lease_s * 1000)))
+    def take(self, pipe) -> None:
+        """Queue the lease's first write on ``pipe`` (a transaction its caller runs)."""
+        pipe.set(self.key, self.owner, px=max(1, int(self.timing.lease_s * 1000)))
 
-    def _beat(self) -> None:
-        while not self._stop.wait(max(0.0, min(self.timing.renew_every_s, self._deadline - self.clock()))):
-            if self.clock() >= self._deadline:
-                if self._stop.is_set():  # the body returned just in time
-                    return
-                self.expired = True
-                self.on_timeout(self.budget_s)
-                return
-            try:
-                self._renew()
-            except redis.RedisError as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
-                log.warning("cannot renew lease %s: %s", self.key, exc)
+    def renew(self) -> None:
+        self.take(self.r)
+
+    def due(self) -> float:
+        return min(self.next_renew, self.deadline)
+
+
+class _Heartbeat:
+    """The one heartbeat thread of a process: it renews every lease the process holds and
+    times out those whose budget is spent. It is started with the first lease and then kept
+    (a thread per delivery cost a start and a join per chunk and stage), and made anew in a
+    forked child (``os.register_at_fork``), which has no thread of its parent's."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: set[Lease] = set()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, lease: Lease) -> None:
+        with self._cond:
+            self._held.add(lease)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pixelrelay-lease", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def release(self, lease: Lease) -> None:
+        with self._cond:
+            self._held.discard(lease)
+
+    def _next(self) -> tuple[list[Lease], list[Lease]]:
+        """Wait until some lease is due: (leases to renew, leases whose budget is spent).
+        The spent ones are released here, so they are timed out once."""
+        with self._cond:
+            while True:
+                due = [lease for lease in self._held if lease.due() <= lease.clock()]
+                if due:
+                    spent = [lease for lease in due if lease.clock() >= lease.deadline]
+                    for lease in spent:
+                        self._held.discard(lease)
+                        lease.expired = True
+                    return [lease for lease in due if not lease.expired], spent
+                wait = min((lease.due() - lease.clock() for lease in self._held), default=None)
+                self._cond.wait(wait)  # None: until a lease is held
+
+    def _run(self) -> None:
+        while True:
+            renew, spent = self._next()
+            for lease in spent:
+                lease.on_timeout(lease.budget_s)
+            for lease in renew:
+                lease.next_renew = lease.clock() + lease.timing.renew_every_s
+                try:
+                    lease.renew()
+                except redis.RedisError as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
+                    log.warning("cannot renew lease %s: %s", lease.key, exc)
+
+
+_beat: _Heartbeat | None = None
+
+
+def _heartbeat() -> _Heartbeat:
+    global _beat
+    if _beat is None:
+        _beat = _Heartbeat()
+    return _beat
+
+
+def _forget_heartbeat() -> None:  # in a forked child: the parent's thread and lock are not ours
+    global _beat
+    _beat = None
+
+
+os.register_at_fork(after_in_child=_forget_heartbeat)
 
 
 def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[int], None] = os._exit):
@@ -131,5 +193,5 @@ def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[
                     pass
             exit(WATCHDOG_EXIT_CODE)
 
-    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, len(delivery.pending()), on_timeout):
-        return policy.deliver(delivery, work)
+    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, len(delivery.pending()), on_timeout) as lease:
+        return policy.deliver(replace(delivery, lease=lease), work)

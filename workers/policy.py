@@ -53,13 +53,14 @@ from typing import Callable, Union
 
 import redis
 
-from pixelrelay.jobs.chunks import ChunksInFlight, Slot, tracked
+from pixelrelay.jobs import keys
+from pixelrelay.jobs.chunks import ChunksInFlight, Entry, Slot, tracked
 from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete
 from pixelrelay.jobs.files import part_uri, write_part
 from pixelrelay.jobs.merge import merge_group_if_complete
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
-from pixelrelay.pipeline.messages import ChunkMessage
+from pixelrelay.pipeline.messages import ChunkMessage, JobSpec
 from pixelrelay.pipeline.storage import Storage, StorageError, TransientStorageError
 
 log = logging.getLogger("pixelrelay.worker")
@@ -119,12 +120,39 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Seen:
+    """What a delivery reads before it does anything, in one round trip (``look``): the job
+    hash's raw ``spec`` (checked by whoever parses it), its submission, whether that
+    submission's manifest is written, whether the job is cancelled, and the chain's entry."""
+
+    spec: bytes | None
+    seq: int
+    finished: bool
+    cancelled: bool
+    entry: Entry | None
+
+
+def look(state: JobState, slot: Slot) -> Seen:
+    """Read a delivery's ``Seen``: one pipeline of an ``HMGET`` and an ``HGET``."""
+    pipe = state.r.pipeline(transaction=False)
+    pipe.hmget(state.key, "spec", "seq", "finished_seq", "cancelled_at")
+    pipe.hget(keys.chunks(state.job_id), slot.name)
+    (spec, seq, finished_seq, cancelled_at), entry = pipe.execute()
+    return Seen(spec, int(seq or 0), finished_seq is not None and finished_seq == seq, cancelled_at is not None,
+                None if entry is None else Entry.from_json(entry))
+
+
+@dataclass(frozen=True)
 class Delivery:
-    """One delivery of ``msg`` to ``stage``; ``retries`` is how many retries came before."""
+    """One delivery of ``msg`` to ``stage``; ``retries`` is how many retries came before.
+    ``seen``: what was read for it already (else the policy reads it); ``lease``: the lease
+    (``workers.lease.Lease``) whose first write joins the policy's admission transaction."""
 
     stage: str
     msg: ChunkMessage
     retries: int = 0
+    seen: Seen | None = None
+    lease: object | None = None
 
     @property
     def key(self) -> str:
@@ -156,9 +184,10 @@ def split_chunk(msg: ChunkMessage, send: Send) -> int:
     return len(pending)
 
 
-def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage) -> bool:
+def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage, spec: JobSpec | None = None) -> bool:
     """End a chain: write its manifest part, count its items, feed the next chunk, and
-    write the manifest if the job is complete. Returns True if this call wrote it."""
+    write the manifest if the job is complete. Returns True if this call wrote it.
+    ``spec``: the job's, when the caller has it checked already (else it is read)."""
     fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
     try:
         if msg.records:  # a duplicate whose items were all done must not blank the part
@@ -170,7 +199,7 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
         for record in msg.records:
             record.fail("decode", f"manifest part not written: {exc}")
     state.mark(msg.seq, [(r.index, r.status) for r in msg.records])
-    spec = state.spec()
+    spec = spec or state.spec()
     if msg.feeds:
         feed(send, state, storage, spec, state.seq(), 1)
     merge_group_if_complete(state, storage, spec, msg.seq, msg.chunk)  # the chunk's group, once all of it is in
@@ -220,7 +249,7 @@ class DeliveryPolicy:
         chunks = self._admit(delivery)
         if isinstance(chunks, (Stale, Cancelled)):
             return chunks
-        deliveries = state.count_delivery(stage, msg.seq, delivery.key)
+        deliveries = self._enter(delivery, chunks)
         if deliveries > self.limits.max_deliveries:
             if len(delivery.pending()) > 1:
                 return self._split(delivery, chunks, deliveries - 1)
@@ -229,16 +258,33 @@ class DeliveryPolicy:
             retry = self._work(delivery, work)
             if retry is not None:
                 return self._waiting(delivery, chunks, retry)
-        state.clear_delivery(stage, msg.seq, delivery.key)
-        if stage == "decode" and state.cancelled():  # cancelled while decoding: record what finished
-            return self._cancelled(delivery)
+        pipe = state.r.pipeline()  # the delivery's count goes, and the entry moves on, together
+        state.clear_delivery(stage, msg.seq, delivery.key, pipe=pipe)
         if stage == "decode":
+            pipe.hexists(state.key, "cancelled_at")
+            if pipe.execute()[-1]:  # cancelled while decoding: record what finished
+                return self._cancelled(delivery)
             retry = self._finish(delivery)
             if retry is not None:
                 return self._waiting(delivery, chunks, retry)
-        elif chunks:
-            chunks.track(Slot.of(msg), C.STAGES[C.STAGES.index(stage) + 1], msg.feeds)
+            return msg
+        if chunks:
+            chunks.track(Slot.of(msg), C.STAGES[C.STAGES.index(stage) + 1], msg.feeds, pipe=pipe)
+        pipe.execute()
         return msg
+
+    def _enter(self, delivery: Delivery, chunks: ChunksInFlight | None) -> int:
+        """One transaction before the work: count the delivery, take the lease (before the
+        entry names this stage: the same transaction), set the chain's entry to this stage.
+        Returns the delivery count."""
+        msg = delivery.msg
+        pipe = self.state.r.pipeline()
+        self.state.count_delivery(delivery.stage, msg.seq, delivery.key, pipe=pipe)  # first: its result is [0]
+        if delivery.lease is not None:
+            delivery.lease.take(pipe)
+        if chunks:
+            chunks.track(Slot.of(msg), delivery.stage, msg.feeds, pipe=pipe)
+        return int(pipe.execute()[0])
 
     def time_out(self, delivery: Delivery, budget_s: float) -> None:
         """The watchdog's end of a delivery that spent its budget: fail what is pending with
@@ -253,25 +299,24 @@ class DeliveryPolicy:
 
     def _admit(self, delivery: Delivery) -> ChunksInFlight | Stale | Cancelled | None:
         """``Stale`` for a duplicate of a finished chain, ``Cancelled`` for a chain of a
-        cancelled job (ended here); else the chain's tracking, set to this stage (None for a
-        chain of an older submission, which is not tracked)."""
-        msg = delivery.msg
-        seq, finished_seq, cancelled_at = self.state.r.hmget(self.state.key, "seq", "finished_seq", "cancelled_at")
-        if msg.seq < int(seq or 0):
-            return self._cancelled(delivery) if cancelled_at is not None else None
-        chunks, slot = ChunksInFlight(self.state.r, msg.job_id), Slot.of(msg)
-        finished = finished_seq is not None and finished_seq == seq
-        if chunks.get(slot) is None and (finished or self._part_written(msg)):
+        cancelled job (ended here); else the chain's tracking, to be set to this stage by
+        ``_enter`` (None for a chain of an older submission, which is not tracked)."""
+        msg, slot = delivery.msg, Slot.of(delivery.msg)
+        seen = delivery.seen or look(self.state, slot)
+        if msg.seq < seen.seq:
+            return self._cancelled(delivery) if seen.cancelled else None
+        if seen.entry is None and (seen.finished or self._part_written(msg)):
             log.warning("%s: chunk %s/%d%s was finished already: dropping a duplicate", delivery.stage, msg.job_id,
                         msg.chunk, f" part {msg.part}" if msg.part else "")
             return Stale()
-        if cancelled_at is not None:
+        if seen.cancelled:
             return self._cancelled(delivery)
-        chunks.track(slot, delivery.stage, msg.feeds)
-        return chunks
+        return ChunksInFlight(self.state.r, msg.job_id)
 
     def _cancelled(self, delivery: Delivery) -> Cancelled:
         msg = delivery.msg
+        if delivery.lease is not None:  # held while the chain ends
+            delivery.lease.renew()
         log.info("%s: job %s is cancelled: chunk %d%s ends here", delivery.stage, msg.job_id, msg.chunk,
                  f" part {msg.part}" if msg.part else "")
         end_cancelled(self.state, self.storage(msg.output), msg)
@@ -310,13 +355,19 @@ class DeliveryPolicy:
 
     def _finish(self, delivery: Delivery) -> Retry | None:
         try:
-            finish_chunk(self.state, self.storage(delivery.msg.output), self.send, delivery.msg)
+            finish_chunk(self.state, self.storage(delivery.msg.output), self.send, delivery.msg, self._spec(delivery))
         except TRANSIENT_ERRORS as exc:
             # The retry redoes nothing costly: outputs already written are skipped.
             if delivery.retries >= self.limits.max_retries:
                 raise
             return self._retry(delivery, exc)
         return None
+
+    def _spec(self, delivery: Delivery) -> JobSpec | None:
+        """The job's spec from what the delivery read already (checked, cached), or None."""
+        if delivery.seen is None or delivery.seen.spec is None:
+            return None
+        return self.state.parse_spec(delivery.seen.spec)
 
     def _retry(self, delivery: Delivery, exc: Exception) -> Retry:
         countdown = self.limits.countdown(delivery.retries)

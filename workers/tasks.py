@@ -16,7 +16,9 @@ call. A metrics error never fails a task.
 
 Signing (``pipeline.signing``): ``run_stage`` checks a body's signature (kind
 ``chunk:<stage>``) before it parses it, and drops one that fails (``verify_body``); the body
-it returns, the next stage's, is signed for that stage (``NEXT_STAGE``).
+it returns, the next stage's, is signed for that stage (``NEXT_STAGE``). The decode stage,
+the chain's last, returns a short unsigned summary (``chunk_summary``) that no task reads:
+Celery keeps no results, and its events and Flower show it as the task's result.
 
 Bounded resources: a source whose output (pixels x scale^2, or an output target's real size:
 ``pipeline.outsize``) is over ``PIXELRELAY_MAX_OUTPUT_PIXELS`` fails from its header, before
@@ -50,7 +52,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from celery import Celery, Task
 from celery.exceptions import Reject
@@ -58,6 +60,7 @@ from celery.exceptions import Retry as CeleryRetry
 
 from pixelrelay import logs
 from pixelrelay.jobs import identities
+from pixelrelay.jobs.chunks import Slot
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline import fingerprint as fp
@@ -93,7 +96,7 @@ from pixelrelay.workers.flow import sender, signed_body
 from pixelrelay.workers.guard import ForgedMessage, check_message, transient_retry
 from pixelrelay.workers import observe
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
-from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale
+from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale, look
 from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.runtime import DecodeBudget, Runtime, runtime
 
@@ -107,18 +110,33 @@ def _batches(seq: Sequence[In], size: int) -> list[Sequence[In]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
-def _io_map(rt: Runtime, fn: Callable[[In], Out], items: Sequence[In]) -> list[Out]:
+# Work smaller than this runs on the calling thread: a hop to an I/O thread and back (a
+# submit, a wake-up, a result, the GIL passed to and fro) costs tens of microseconds of CPU
+# and a dozen futex calls, more than reading a local file or decoding or encoding a small
+# image takes (``benchmarks/bench_overhead.py``). Storage round trips (S3) always use the threads.
+INLINE_BYTES = 256 * 1024  # encoded bytes of the sources a batch decodes
+INLINE_PIXELS = 256 * 1024  # pixels of the outputs a batch encodes
+
+
+def _io_map(rt: Runtime, fn: Callable[[In], Out], items: Sequence[In], inline: bool = False) -> list[Out]:
     """``[fn(x) for x in items]`` on the I/O threads, in order, with one task per thread
     rather than one per item (``items[i::n]`` for ``n = min(len(items), io_threads)``): as
-    parallel, at a fraction of the futures' cost on small items. A single item runs on the
-    calling thread. An exception propagates, as from ``Executor.map``."""
-    n = min(len(items), max(1, rt.settings.io_threads))
+    parallel, at a fraction of the futures' cost on small items. A single item, or
+    ``inline`` work (too small to be worth a thread hop), runs on the calling thread. An
+    exception propagates, as from ``Executor.map``."""
+    n = 1 if inline else min(len(items), max(1, rt.settings.io_threads))
     if n <= 1:
         return [fn(x) for x in items]
     out: list = [None] * len(items)
     for i, results in enumerate(rt.io.map(lambda group: [fn(x) for x in group], [items[i::n] for i in range(n)])):
         out[i::n] = results
     return out
+
+
+def _all_local(uris: Iterable[str]) -> bool:
+    """Whether every URI is on local storage (a read or head there is a system call, not a
+    network round trip: not worth a thread hop)."""
+    return not any(is_s3(uri) for uri in uris)
 
 
 def _call_isolated(fn: Callable[[Sequence[In]], list[Out]], batch: Sequence[In]) -> list[Out | Exception]:
@@ -186,12 +204,13 @@ def _load_images(
     """Read, then decode sources in parallel threads, once ``budget`` admits their decoded
     size; records that can't be read or decoded fail here. Returns the loaded pairs and the
     bytes taken from ``budget`` for them (nothing is loaded once the budget is closed)."""
-    raw = _io_map(rt, lambda r: _read_one(rt, r, stage), records)
+    raw = _io_map(rt, lambda r: _read_one(rt, r, stage), records, inline=_all_local(r.input for r in records))
     todo = [(r, data) for r, data in zip(records, raw) if data is not None]
     held = sum(_decoded_bytes(rt, data, scale_of(r)) for r, data in todo)
     if budget is not None and not budget.take(held):
         return [], 0
-    images = _io_map(rt, lambda pair: _decode_one(rt, *pair, stage, scale_of(pair[0])), todo)
+    small = sum(len(data) for _, data in todo) < INLINE_BYTES
+    images = _io_map(rt, lambda pair: _decode_one(rt, *pair, stage, scale_of(pair[0])), todo, inline=small)
     return [(r, image) for (r, _), image in zip(todo, images) if image is not None], held
 
 
@@ -301,7 +320,8 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         record.models["decoder"] = decoder.identity()
         record.fingerprint = _expected(msg, record, record.backends, record.models)
     todo: list[tuple[ItemRecord, fp.Decision, str | None]] = []
-    for record, found in zip(pending, _io_map(rt, lambda r: _existing(rt, r.output), pending)):
+    found_all = _io_map(rt, lambda r: _existing(rt, r.output), pending, inline=_all_local(r.output for r in pending))
+    for record, found in zip(pending, found_all):
         action = fp.decide(found.present, found.stored, record.fingerprint, msg.job_id, msg.options.overwrite)
         if action == "reuse":  # an earlier job, or an earlier delivery of this chain
             _mark_reused(record, found.stored, msg.job_id, "decode")
@@ -358,10 +378,23 @@ def _write_in_background(rt: Runtime, outputs: list[_Output], msg: ChunkMessage)
     its neighbours did."""
     if not outputs:
         return []
+    if sum(_pixels(o.restored) for o in outputs) < INLINE_PIXELS:
+        # Small outputs: encoded by the one task that stores them, no hop per encode.
+        return [rt.io.submit(lambda: _store_encoded(rt, _encode_all(outputs, msg.options), msg))]
     n = min(len(outputs), max(1, rt.settings.io_threads))
     encoding = [rt.io.submit(_encode_all, outputs[i::n], msg.options) for i in range(n)]
     # Submitted after the encodes, so (FIFO) every encode has started before this waits on it.
-    return [rt.io.submit(_store_encoded, rt, encoding, msg)]
+    return [rt.io.submit(lambda: _store_encoded(rt, [pair for f in encoding for pair in f.result()], msg))]
+
+
+def _pixels(restored) -> int:
+    """A decoder output's pixel count; one it cannot tell (a malformed output, which its
+    encode then fails alone) counts as too many to encode inline."""
+    shape = getattr(getattr(restored, "rgb", None), "shape", None)
+    try:
+        return int(shape[0]) * int(shape[1])
+    except (TypeError, ValueError, IndexError):
+        return INLINE_PIXELS
 
 
 def _encode_all(group: list[_Output], options: JobOptions) -> list[tuple[_Output, "_Encoded | Exception"]]:
@@ -374,8 +407,8 @@ def _encode_all(group: list[_Output], options: JobOptions) -> list[tuple[_Output
     return out
 
 
-def _store_encoded(rt: Runtime, encoding: list, msg: ChunkMessage) -> list[tuple[ItemRecord, Exception | None]]:
-    encoded = [pair for future in encoding for pair in future.result()]
+def _store_encoded(rt: Runtime, encoded: list[tuple[_Output, "_Encoded | Exception"]],
+                   msg: ChunkMessage) -> list[tuple[ItemRecord, Exception | None]]:
     results = [(o.record, enc) for o, enc in encoded if isinstance(enc, Exception)]
     ready = [(o, enc) for o, enc in encoded if not isinstance(enc, Exception)]
     writes = [_Write(o.record, enc.data, enc.content_type, o.action, o.version) for o, enc in ready]
@@ -584,7 +617,8 @@ def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], e
         return records
     specs, ids = known
     rest = []
-    for record, found in zip(records, _io_map(rt, lambda r: _existing(rt, r.output), records)):
+    found_all = _io_map(rt, lambda r: _existing(rt, r.output), records, inline=_all_local(r.output for r in records))
+    for record, found in zip(records, found_all):
         expected = _expected(msg, record, specs, ids)
         if fp.decide(found.present, found.stored, expected, msg.job_id, overwrite=False) != "reuse":
             rest.append(record)
@@ -600,7 +634,7 @@ def _reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], e
 
 StageBody = Callable[[Runtime, JobState, ChunkMessage], None]
 STAGE_BODIES: dict[str, StageBody] = {"encode": encode_chunk, "plan": plan_chunk, "decode": decode_chunk}
-NEXT_STAGE = {"encode": "plan", "plan": "decode", "decode": "done"}  # whose body a stage returns
+NEXT_STAGE = {"encode": "plan", "plan": "decode"}  # whose body a stage returns (decode: a summary)
 RESULT_REPR_CHARS = 96  # of a stage's return value in Celery's success log line and event (its default: 1,024)
 
 
@@ -659,7 +693,8 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
         raise requeue_for_newer_worker(task, stage, exc) from None
     state = JobState(rt.redis, msg.job_id, rt.signer)
     try:  # before anything is read or written (see workers.guard)
-        check_message(state, functools.partial(output_storage, rt), msg, stage)
+        seen = look(state, Slot.of(msg))  # the job and the chain's entry, one round trip for the guard and the policy
+        check_message(state, functools.partial(output_storage, rt), msg, stage, seen)
     except ForgedMessage as exc:  # dropped (acked): the sweep re-sends a genuine chain from storage
         log.warning("%s: dropped a message for job %s chunk %d: %s", stage, msg.job_id, msg.chunk, exc)
         return {}
@@ -667,7 +702,7 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
         raise task.retry(exc=exc, countdown=transient_retry(state, stage, msg, task.request.retries, exc))
     work = functools.partial(STAGE_BODIES[stage], rt, state)
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
-    delivery = Delivery(stage, msg, task.request.retries)
+    delivery = Delivery(stage, msg, task.request.retries, seen=seen)
     entering = metrics.entering(rt.redis, stage, msg)  # counts queue wait; {} while metrics are off
     started = time.monotonic()
     with logs.context(job=msg.job_id, chunk=msg.chunk, stage=stage):
@@ -679,7 +714,17 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
         raise task.retry(exc=outcome.error, countdown=outcome.countdown)
     if isinstance(outcome, (Split, Stale, Cancelled)):
         return {}  # split: the split chains carry the items on; stale: finished already; cancelled: ended
+    if stage not in NEXT_STAGE:
+        return chunk_summary(outcome)
     return signed_body(rt.signer, NEXT_STAGE[stage], outcome)
+
+
+def chunk_summary(msg: ChunkMessage) -> dict:
+    """What the last stage returns: the chunk and its counts, for Celery's events (no task
+    reads it: the manifest part is the chunk's result)."""
+    failed = sum(r.failed for r in msg.records)
+    return {"job": msg.job_id, "seq": msg.seq, "chunk": msg.chunk, "part": msg.part, "done": len(msg.records) - failed,
+            "failed": failed}
 
 
 def _log_chunk(stage: str, msg: ChunkMessage, outcome, seconds: float) -> None:

@@ -72,3 +72,32 @@ def test_done_flags_in_one_command_and_without_bitfield_ro(state, monkeypatch):
     assert state.done_flags(indices) == expected and state.done_flags([]) == []
     monkeypatch.setattr(JobState, "_bitfield_ro", False)  # a Redis before 6.0: GETBITs
     assert state.done_flags(indices) == expected
+
+
+def test_the_spec_is_checked_once_per_value_and_a_forged_one_still_fails(state, monkeypatch):
+    """A worker reads the same spec at every delivery: the same bytes are checked and parsed
+    once. A changed value (forged: signed with another key, or altered) is checked again
+    and refused, however often the genuine one was read before."""
+    import json
+
+    from pixelrelay.pipeline.signing import SignatureError, Signer
+
+    state.start_submission(_spec(state.job_id, 8))
+    checks = []
+    real_verify = Signer.verify
+    monkeypatch.setattr(Signer, "verify", lambda self, kind, body: checks.append(kind) or real_verify(self, kind, body))
+    first, again = state.spec(), state.spec()
+    assert first == again and first.total == 8 and checks == ["spec"]
+    first.total = 99  # a caller's copy: the cached spec is not changed through it
+    assert state.spec().total == 8
+
+    forged = Signer("another-key-of-32-characters-long").sign("spec", _spec(state.job_id, 1000).model_dump(mode="json"))
+    state.r.hset(state.key, "spec", json.dumps(forged))
+    with pytest.raises(SignatureError):
+        state.spec()
+    genuine = TEST_SIGNER.sign("spec", _spec(state.job_id, 8).model_dump(mode="json"))
+    state.r.hset(state.key, "spec", json.dumps({**genuine, "total": 1000}))
+    with pytest.raises(SignatureError):
+        state.spec()
+    state.r.hset(state.key, "spec", json.dumps(genuine))
+    assert state.spec().total == 8

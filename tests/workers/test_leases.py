@@ -93,3 +93,27 @@ def test_a_redelivered_message_of_a_finished_job_is_dropped(client, tmp_path):
     ran = []
     assert job.policy.deliver(Delivery("decode", job.message([0])), ran.append) == Stale()
     assert ran == []
+
+
+def test_deliveries_share_one_heartbeat_thread_and_take_the_lease_with_the_entry(client, tmp_path):
+    """The heartbeat thread is started once per process, not per delivery; each delivery's
+    lease exists by the time its work runs (written in the same transaction as the chain's
+    entry) and is renewed while the work outlasts ``lease_s``."""
+    job = Job(client, tmp_path, [20, 21, 22, 23], 2, Limits())
+    job.feed(window=2)
+    timing = LeaseTiming(lease_s=0.3, item_budget_s=30)
+    seen = []
+
+    def work(m: ChunkMessage) -> None:
+        key = keys.lease(job.state.job_id, Slot.of(m).name)
+        entry = ChunksInFlight(client, job.state.job_id).get(Slot.of(m))
+        seen.append((client.get(key) is not None, entry.stage))
+        time.sleep(0.5)  # past lease_s: only renewal keeps it
+        seen.append((client.get(key) is not None, None))
+
+    for msg in list(job.sent):
+        out = deliver_leased(job.policy, Delivery("encode", msg), work, timing, exit=lambda code: None)
+        assert isinstance(out, ChunkMessage)
+    assert seen == [(True, "encode"), (True, None)] * 2
+    beats = [t for t in threading.enumerate() if t.name == "pixelrelay-lease"]
+    assert len(beats) == 1 and beats[0].is_alive()
