@@ -56,9 +56,21 @@ def withdraw(client: redis.Redis, stage: str, entry: Published, default: bool) -
 
 def lookup(client: redis.Redis, stage: str, spec: str | None, now: float | None = None) -> Published | None:
     """The one live identity published for ``spec`` (None: the stage's default), else None."""
+    return lookup_many(client, [(stage, spec)], now)[0]
+
+
+def lookup_many(client: redis.Redis, wanted: list[tuple[str, str | None]], now: float | None = None) -> list[Published | None]:
+    """``lookup`` of several (stage, spec) pairs in one round trip."""
     now = now or time.time()
+    pipe = client.pipeline(transaction=False)
+    for stage, spec in wanted:
+        pipe.hgetall(keys.models(stage, spec))
+    return [_one_live(raw, now) for raw in pipe.execute()]
+
+
+def _one_live(raw: dict, now: float) -> Published | None:
     live: set[Published] = set()
-    for field, until in client.hgetall(keys.models(stage, spec)).items():
+    for field, until in raw.items():
         entry = _parse(field, until, now)
         if entry is False:
             return None  # something we can't read: don't guess

@@ -114,6 +114,7 @@ class _Heartbeat:
         self._cond = threading.Condition()
         self._held: set[Lease] = set()
         self._thread: threading.Thread | None = None
+        self._wake_at = float("inf")  # when the thread wakes next by itself
 
     def hold(self, lease: Lease) -> None:
         with self._cond:
@@ -121,7 +122,8 @@ class _Heartbeat:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pixelrelay-lease", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if lease.due() < self._wake_at:  # else its wake-up comes first anyway: no GIL hand-off
+                self._cond.notify()
 
     def release(self, lease: Lease) -> None:
         with self._cond:
@@ -140,7 +142,9 @@ class _Heartbeat:
                         lease.expired = True
                     return [lease for lease in due if not lease.expired], spent
                 wait = min((lease.due() - lease.clock() for lease in self._held), default=None)
+                self._wake_at = float("inf") if wait is None else time.monotonic() + wait
                 self._cond.wait(wait)  # None: until a lease is held
+                self._wake_at = float("-inf")  # awake: a lease held now is looked at before the next wait
 
     def _run(self) -> None:
         while True:

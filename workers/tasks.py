@@ -598,9 +598,9 @@ def _published_models(rt: Runtime, msg: ChunkMessage, encoder) -> tuple[dict[str
     """Specs and identities of the three stages as they would run this chunk now, or None
     when the plan or decode workers' identities are not known (not published, or disagreeing)."""
     specs, ids = {"encoder": encoder.spec}, {"encoder": encoder.identity()}
-    for stage, name in (("plan", "planner"), ("decode", "decoder")):
-        wanted = getattr(msg.backends, name)
-        entry = identities.lookup(rt.redis, stage, str(StageSpec.parse(wanted)) if wanted else None)
+    stages = (("plan", "planner"), ("decode", "decoder"))
+    wanted = [(stage, str(StageSpec.parse(w)) if (w := getattr(msg.backends, name)) else None) for stage, name in stages]
+    for (_, name), entry in zip(stages, identities.lookup_many(rt.redis, wanted)):  # one round trip
         if entry is None:
             return None
         specs[name], ids[name] = entry.spec, entry.identity
