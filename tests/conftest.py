@@ -117,8 +117,11 @@ class WorkerPool:
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logdir.glob("*.log")))
+    def logs(self, tail: int | None = 3000) -> str:
+        """Each worker's log, its last ``tail`` characters (for a failure message), or whole
+        (``tail=None``: to look for a line, which later lines may have pushed out of a tail)."""
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail if tail else 0:]}"
+                         for p in sorted(self.logdir.glob("*.log")))
 
     def stop(self) -> None:
         for p in self.procs:

@@ -30,7 +30,7 @@ def test_storage_outage_is_retried_with_backoff(redis_url, s3_server, s3_bucket,
     pool = WorkerPool(env, tmp_path, {"encoder": "analysis", "planner": "rules", "decoder": "classic"})
     pool.start()
     try:
-        wait_until(lambda: "transient error" in pool.logs(), timeout=120)
+        wait_until(lambda: "transient error" in pool.logs(tail=None), timeout=120)
         time.sleep(1.0)
         proxy.come_up()
         waited = run_cli(["status", job_id, "--wait"], env)
