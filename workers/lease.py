@@ -119,7 +119,7 @@ class _Heartbeat:
     def hold(self, lease: Lease) -> None:
         with self._cond:
             self._held.add(lease)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="pixelrelay-lease", daemon=True)
                 self._thread.start()
             if lease.due() < self._wake_at:  # else its wake-up comes first anyway: no GIL hand-off
@@ -150,12 +150,15 @@ class _Heartbeat:
         while True:
             renew, spent = self._next()
             for lease in spent:
-                lease.on_timeout(lease.budget_s)
+                try:
+                    lease.on_timeout(lease.budget_s)
+                except Exception:  # never the end of the thread: the other leases still need it
+                    log.exception("watchdog of lease %s failed", lease.key)
             for lease in renew:
                 lease.next_renew = lease.clock() + lease.timing.renew_every_s
                 try:
                     lease.renew()
-                except redis.RedisError as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
+                except Exception as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
                     log.warning("cannot renew lease %s: %s", lease.key, exc)
 
 

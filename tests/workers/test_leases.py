@@ -117,3 +117,21 @@ def test_deliveries_share_one_heartbeat_thread_and_take_the_lease_with_the_entry
     assert seen == [(True, "encode"), (True, None)] * 2
     beats = [t for t in threading.enumerate() if t.name == "pixelrelay-lease"]
     assert len(beats) == 1 and beats[0].is_alive()
+
+
+def test_one_leases_failing_renewal_does_not_stop_the_heartbeat_for_the_others(client):
+    from pixelrelay.workers.lease import Lease
+
+    class Broken:
+        def set(self, *args, **kwargs):
+            raise RuntimeError("not a Redis error")
+
+    timing = LeaseTiming(lease_s=0.3, item_budget_s=30)
+    good = Lease(client, "hb-" + str(time.monotonic_ns()), Slot(1, 0), timing, 1, lambda budget: None)
+    bad = Lease(Broken(), "hb-bad", Slot(1, 0), timing, 1, lambda budget: None)
+    with bad, good:
+        good.renew()  # what the policy's admission transaction writes first
+        time.sleep(0.8)  # past lease_s: only renewal keeps it, with the broken one failing beside it
+        assert client.get(good.key) is not None
+    assert [t for t in threading.enumerate() if t.name == "pixelrelay-lease" and t.is_alive()]
+    client.delete(good.key)
