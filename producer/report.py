@@ -45,10 +45,11 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import ValidationError
 
 from pixelrelay.jobs.files import job_root, manifest_uri, read_spec
 from pixelrelay.pipeline.imageio import decode_image
-from pixelrelay.pipeline.messages import JOB_ID_PATTERN, JobSpec
+from pixelrelay.pipeline.messages import JOB_ID_PATTERN, Edit, JobSpec
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import StorageError, join_uri, open_storage
 
@@ -564,12 +565,31 @@ def _card(row: dict, view: Views) -> str:
             meta.append(f"<b>rationale</b> {_e(plan['rationale'])}")
         if plan.get("prompt"):
             meta.append(f"<b>prompt</b> {_e(plan['prompt'])}")
+        meta += _edit_lines(plan.get("edit"))
     timings = row.get("timings") if isinstance(row.get("timings"), dict) else {}
     if timings:
         meta.append("<b>timings</b> " + ", ".join(f"{_e(k)} {_e(_fmt(v))}" for k, v in timings.items()))
     if row.get("outcome"):
         meta.append(f"<b>outcome</b> {_e(row['outcome'])}")
     return f'<div class="card"><div class="pics">{pics}</div>{problem}<div class="meta">{"<br>".join(meta)}</div></div>'
+
+
+def _edit_lines(raw: object) -> list[str]:
+    """An edit or style plan's edit (``Plan.edit``), checked like any manifest value: its
+    grading operations and its generative edit, or a note that it does not read as one."""
+    if raw is None:
+        return []
+    try:
+        edit = Edit.model_validate(raw)
+    except ValidationError:
+        return ["<b>edit</b> (not a valid edit)"]
+    lines = [f"<b>edit</b> {_e(edit.describe())}"]
+    g = edit.generative
+    if g is not None:
+        negative = f"; not: {_e(g.negative_prompt)}" if g.negative_prompt else ""
+        lines.append(f"<b>generative</b> {_e(g.prompt)}{negative} (strength {g.strength:g}, guidance {g.guidance:g}, "
+                     f"{g.steps} steps, seed {g.seed})")
+    return lines
 
 
 def _fmt(value: object) -> str:

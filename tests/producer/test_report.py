@@ -260,3 +260,24 @@ def test_report_of_a_job_without_manifest_is_a_usage_error(tmp_path, capsys):
     Path(output, "manifest.jsonl").write_text("")
     assert main(["report", "..", "--out", output]) == ExitCode.USAGE
     assert "job id" in capsys.readouterr().err and not (tmp_path / "out" / "report.html").exists()
+
+
+def test_an_edit_plans_grading_and_generative_edit_are_on_its_card():
+    """Edit and style jobs: the card shows what the plan changes (escaped, as every value
+    from the manifest is), and says so when the manifest's edit does not read as one."""
+    from pixelrelay.producer.report import Views, _card
+
+    edit = {"grading": [{"name": "warmth", "strength": 0.4}, {"name": "vignette", "strength": 0.3}],
+            "generative": {"prompt": "a <b>watercolour</b> painting", "negative_prompt": "blurry", "strength": 0.6,
+                           "guidance": 7.5, "steps": 20, "seed": 7}}
+    row = {"index": 3, "input": "/in/a.png", "output": "/out/a.png", "status": "done",
+           "plan": {"operations": [], "scale": 1, "output_format": "png", "edit": edit}}
+    card = _card(row, Views())
+    assert "<b>edit</b> warmth +0.4, vignette 0.3; generative edit" in card
+    assert "a &lt;b&gt;watercolour&lt;/b&gt; painting; not: blurry (strength 0.6, guidance 7.5, 20 steps, seed 7)" in card
+    assert "<b>watercolour</b>" not in card
+
+    forged = dict(row, plan=dict(row["plan"], edit={"grading": [{"name": "rm -rf", "strength": 9}]}))
+    assert "<b>edit</b> (not a valid edit)" in _card(forged, Views())
+    plain = dict(row, plan={k: v for k, v in row["plan"].items() if k != "edit"})
+    assert "<b>edit</b>" not in _card(plain, Views())
