@@ -169,6 +169,25 @@ def pull_model(model: str, extra_patterns: Iterable[str] = ()) -> str:
     return str(path)
 
 
+# What a diffusers pipeline's pull fetches: its model_index.json and each component folder's
+# configs, tokenizer files and safetensors weights; not the fp16 copies, the non-EMA weights
+# or the single-file checkpoints such repos also carry (several GB each).
+DIFFUSERS_PULL_ALLOW = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
+DIFFUSERS_PULL_IGNORE = ("*.fp16.safetensors", "*non_ema*", "*.ckpt")
+
+
+def pull_diffusers(model: str, kind: str) -> str:
+    """Fetch a diffusers pipeline's folders into the hub cache (``DIFFUSERS_PULL_ALLOW`` less
+    ``DIFFUSERS_PULL_IGNORE``); a present or local model is only checked."""
+    if is_local_model(model) or model_present(model):
+        return str(require_model(model, "decoder", kind))
+    if hub_offline():
+        raise ModelUnavailableError(f"{model!r} is missing, and HF_HUB_OFFLINE=1 forbids downloading")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model, allow_patterns=list(DIFFUSERS_PULL_ALLOW), ignore_patterns=list(DIFFUSERS_PULL_IGNORE))
+
+
 # --- devices and dtypes ------------------------------------------------------------------
 
 

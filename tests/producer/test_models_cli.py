@@ -78,3 +78,32 @@ def test_list_reads_backend_classes_without_importing_torch(offline_cache):
     assert "stabilityai/stable-diffusion-x4-upscaler" in result.stdout  # sd-upscale's own default_model
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.stdout  # sd-img2img's
     assert "timbrooks/instruct-pix2pix" in result.stdout  # instruct-pix2pix's
+
+
+def test_pulling_a_diffusers_pipeline_fetches_its_folders_not_the_whole_repo(offline_cache, monkeypatch, capsys):
+    """``sd-upscale`` (like the generative decoders) asks the hub for the pipeline's
+    component folders, without the fp16 copies, non-EMA weights and single-file checkpoint
+    its repository also holds. The hub cannot be reached here: the download call is
+    recorded, not made."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    asked = []
+
+    def snapshot_download(repo, **kwargs):
+        if kwargs.get("local_files_only"):  # the presence check: not in the (empty) cache
+            raise LocalEntryNotFoundError(f"{repo} is not cached")
+        asked.append((repo, kwargs))
+        return str(offline_cache / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert models_cli.main(["pull", "sd-upscale", "sd-img2img"]) == 0
+    assert [repo for repo, _ in asked] == ["stabilityai/stable-diffusion-x4-upscaler",
+                                           "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    for _, kwargs in asked:
+        assert "*/*.safetensors" in kwargs["allow_patterns"] and "*.safetensors" not in kwargs["allow_patterns"]
+        assert {"*.fp16.safetensors", "*.ckpt"} <= set(kwargs["ignore_patterns"])

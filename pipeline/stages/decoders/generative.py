@@ -90,8 +90,6 @@ RESTORATION_NEGATIVES = {
 }
 # What `models pull` fetches of a diffusers repo: the pipeline's own folders, fp32
 # safetensors only (not the single-file checkpoints at the root, nor fp16 / non-EMA copies).
-PULL_ALLOW = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
-PULL_IGNORE = ("*.fp16.safetensors", "*non_ema*", "*.ckpt")
 
 
 class SafetyCheckerError(RuntimeError):
@@ -199,15 +197,8 @@ class GenerativeDecoder(Decoder):
 
     @classmethod
     def pull_model(cls, model: str) -> str:
-        """Fetch the pipeline's folders (``PULL_ALLOW`` less ``PULL_IGNORE``) into the hub
-        cache; a present or local model is only checked."""
-        if hf.is_local_model(model) or hf.model_present(model):
-            return str(hf.require_model(model, "decoder", cls.kind))
-        if hf.hub_offline():
-            raise ModelUnavailableError(f"{model!r} is missing, and HF_HUB_OFFLINE=1 forbids downloading")
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, allow_patterns=list(PULL_ALLOW), ignore_patterns=list(PULL_IGNORE))
+        """Fetch the pipeline's folders into the hub cache (``hf.pull_diffusers``)."""
+        return hf.pull_diffusers(model, cls.kind)
 
     def compute_identity(self) -> str:
         s = self.settings

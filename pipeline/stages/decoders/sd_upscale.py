@@ -71,6 +71,12 @@ class SDUpscaleDecoder(LearnedDecoder):
     extra = "diffusers"
     tile_settings = "sd"
 
+    @classmethod
+    def pull_model(cls, model: str) -> str:
+        """Fetch the pipeline's folders (``hf.pull_diffusers``), not the whole repository: the
+        x4 upscaler's repo also holds fp16 copies and a single-file checkpoint."""
+        return hf.pull_diffusers(model, cls.kind)
+
     def __init__(
         self,
         model: str | None = None,
