@@ -160,18 +160,23 @@ def restore(decoder: "Decoder", images: Sequence["DecodedImage"], plans: Sequenc
             continue
         final = final_size(plan.target, image.width, image.height)
         native = native_scale(natives, plan.target, image.width, image.height)
-        runs.append(plan.model_copy(update={"scale": native, "target": None}))
+        run = plan.model_copy(update={"scale": native, "target": None})
+        runs_at = getattr(decoder, "runs_at", None)
+        picked = runs_at(run) if runs_at is not None else native  # a plan.model naming a model of another scale
+        if picked != native and picked in NATIVE_SCALES:
+            run = run.model_copy(update={"scale": picked})  # its own scale: one resample, to the target
+        runs.append(run)
         sizes.append(final)
     results = decoder.restore(images, runs)
     device = getattr(decoder, "torch_device", None) or "cpu"
     return [
-        result if size is None else _resampled(result, image, plan.target, run.scale, size, natives, device)
+        result if size is None else _resampled(result, image, plan.target, run.scale, size, natives, device, plan.model)
         for result, image, plan, run, size in zip(results, images, plans, runs, sizes)
     ]
 
 
 def _resampled(result: "RestoredImage", image: "DecodedImage", target: OutputTarget, native: int, size: Size,
-               natives: Sequence[int], device) -> "RestoredImage":
+               natives: Sequence[int], device, model: str | None = None) -> "RestoredImage":
     from pixelrelay.pipeline import tensors
 
     got = (result.rgb.shape[1], result.rgb.shape[0])
@@ -180,7 +185,9 @@ def _resampled(result: "RestoredImage", image: "DecodedImage", target: OutputTar
                            f"{image.width * native}x{image.height * native}")
     notes = list(result.notes)
     wanted = factor(target, image.width, image.height)
-    if native < wanted:  # no native scale reaches it: the largest ran
+    if native != native_for(natives, wanted):  # the plan named a model of another scale
+        notes.append(f"output {target.describe()}: the plan's model {model} runs x{native}")
+    elif native < wanted:  # no native scale reaches it: the largest ran
         listed = ", ".join(str(n) for n in sorted(set(natives)))
         notes.append(f"output {target.describe()}: no native scale at or above x{wanted:g} (decoder's: {listed}): "
                      f"ran x{native} and resized the rest (bicubic)")

@@ -156,6 +156,13 @@ class Decoder(_Stage):
         runs the one at or above a plan's target (default: a Plan's native scales)."""
         return NATIVE_SCALES
 
+    def runs_at(self, plan: Plan) -> int:
+        """The scale ``restore`` runs natively for ``plan`` (default: the plan's own). A
+        decoder whose model is picked per plan says the picked model's, which differs where
+        ``plan.model`` names a model of another scale: ``pipeline.outsize`` then asks for that
+        scale, so the output is resampled once, to the target, not twice."""
+        return plan.scale
+
     @abstractmethod
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
         """Restore a batch; output i is exactly plans[i].scale x the size of images[i]

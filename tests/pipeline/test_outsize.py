@@ -192,3 +192,28 @@ def test_the_output_pixel_guard_checks_the_final_size(options, fits):
         else:
             with pytest.raises(ImageDecodeError, match="output too large: 100x100"):
                 decode_image(data, scale=sizer, max_output_pixels=limit)
+
+
+def test_a_plan_naming_a_model_of_another_scale_is_resampled_once(tmp_path_factory):
+    """spandrel with an x2 and an x4 model, a target of x3: the x4 model runs. A plan whose
+    ``model`` names the x2 model runs it at its own scale and is resampled once, x2 -> x3:
+    not resized to x4 inside the decoder and then shrunk to x3. The same output as the x2
+    model asked for directly, resized to the target."""
+    from pixelrelay.pipeline import tensors
+    from tests.pipeline.spandrel_fixtures import checkpoint
+
+    x2 = checkpoint(tmp_path_factory, "compact", "two.safetensors", scale=2)
+    x4 = checkpoint(tmp_path_factory, "compact", "four.safetensors", scale=4)
+    decoder = create_decoder(f"spandrel:{x2},{x4}")
+    assert decoder.native_scales() == (2, 4)
+    image = _image(17, 13, seed=3)
+    target = OutputTarget(scale=3)
+    default, named = restore_with_edits(decoder, [image] * 2, [Plan(scale=4, target=target),
+                                                                 Plan(scale=4, target=target, model="two")])
+    assert default.rgb.shape[:2] == named.rgb.shape[:2] == (39, 51)
+    assert default.native_scale == 4 and named.native_scale == 2
+    assert any("the plan's model two runs x2" in n for n in named.notes)
+    assert not any("-> plan x4" in n for n in named.notes)  # no resample inside the decoder
+    (direct,) = decoder.restore([image], [Plan(scale=2, model="two")])
+    once = tensors.to_uint8(tensors.resize(tensors.to_tensor(direct.rgb), (39, 51)))
+    assert np.array_equal(named.rgb, once)

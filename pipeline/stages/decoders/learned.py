@@ -162,6 +162,13 @@ class LearnedDecoder(Decoder):
         """A reason to return the image as it is (no model run), or None."""
         return None
 
+    def runs_at(self, plan: Plan) -> int:
+        """The native scale of the model that serves ``plan`` (``choose``); the plan's own
+        where no model runs for it."""
+        if self.unchanged(plan) is not None:
+            return plan.scale
+        return self.native_scale(self.choose(plan), plan)
+
     # -- the shared machinery
 
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
