@@ -31,6 +31,12 @@ own (``tensors.resize_alpha_to``). Where no native scale reaches the target (x8 
 gets a note naming the native scale and the final size, and its record the native scale
 (``ItemRecord.native_scale``).
 
+A plan whose ``model`` names a model of another scale (``hf-sr``, ``spandrel``: the named
+model wins the choice) runs at that model's scale instead (``Decoder.runs_at``), so its
+output is resampled once, to the exact size, and not first inside the decoder to the scale
+above; a note names the model. (Its native result is then that model's scale times the
+source, as it was inside the decoder before.)
+
 Bounds: ``PIXELRELAY_MAX_OUTPUT_PIXELS`` is checked against the final size (``sizer``), from
 the header, at encode (the job's options) and at decode (the plan). The decoder's native
 result, resampled from, is at most 4x the final size's pixels (a factor just above 1 runs
