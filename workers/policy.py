@@ -8,7 +8,10 @@ policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware)
    belongs to a chain that was
    finished (a Redis visibility-timeout redelivery of a message the sweep replaced, or of a
    chunk the watchdog ended): it ends here (``Stale``) and writes nothing. Otherwise the
-   chain's entry is set to this stage (``jobs.chunks``), before any work.
+   chain's entry is set to this stage (``jobs.chunks``), before any work, in one
+   transaction with the delivery's count and the lease's first write (``_enter``). What
+   this step and 0b read (the job hash's fields and the chain's entry) is one round trip
+   (``look``), shared with the guard (``workers.guard``) when ``run_stage`` reads it.
 0b. **Cancelled jobs.** If the job is cancelled (read with the same ``HMGET``: no extra
    round trip), the chain ends here (``Cancelled``): no work, nothing sent on. The decode
    stage also looks before each model batch and after its body; a decode that stopped
