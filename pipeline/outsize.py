@@ -159,7 +159,9 @@ def restore(decoder: "Decoder", images: Sequence["DecodedImage"], plans: Sequenc
     natives = tuple(decoder.native_scales())
     runs: list[Plan] = []
     sizes: list[Size | None] = []
+    named: list[str | None] = []  # the plan's model, where it picked a scale other than the target's
     for image, plan in zip(images, plans):
+        named.append(None)
         if plan.target is None:
             runs.append(plan)
             sizes.append(None)
@@ -167,22 +169,24 @@ def restore(decoder: "Decoder", images: Sequence["DecodedImage"], plans: Sequenc
         final = final_size(plan.target, image.width, image.height)
         native = native_scale(natives, plan.target, image.width, image.height)
         run = plan.model_copy(update={"scale": native, "target": None})
-        runs_at = getattr(decoder, "runs_at", None)
-        picked = runs_at(run) if runs_at is not None else native  # a plan.model naming a model of another scale
+        picked = decoder.runs_at(run)  # a plan.model naming a model of another scale
         if picked != native and picked in NATIVE_SCALES:
             run = run.model_copy(update={"scale": picked})  # its own scale: one resample, to the target
+            named[-1] = plan.model
         runs.append(run)
         sizes.append(final)
     results = decoder.restore(images, runs)
     device = getattr(decoder, "torch_device", None) or "cpu"
     return [
-        result if size is None else _resampled(result, image, plan.target, run.scale, size, natives, device, plan.model)
-        for result, image, plan, run, size in zip(results, images, plans, runs, sizes)
+        result if size is None else _resampled(result, image, plan.target, run.scale, size, natives, device, model)
+        for result, image, plan, run, size, model in zip(results, images, plans, runs, sizes, named)
     ]
 
 
 def _resampled(result: "RestoredImage", image: "DecodedImage", target: OutputTarget, native: int, size: Size,
                natives: Sequence[int], device, model: str | None = None) -> "RestoredImage":
+    """``result`` resampled to ``size``, with its notes; ``model``: the plan's model where it
+    ran at a scale of its own."""
     from pixelrelay.pipeline import tensors
 
     got = (result.rgb.shape[1], result.rgb.shape[0])
@@ -191,7 +195,7 @@ def _resampled(result: "RestoredImage", image: "DecodedImage", target: OutputTar
                            f"{image.width * native}x{image.height * native}")
     notes = list(result.notes)
     wanted = factor(target, image.width, image.height)
-    if native != native_for(natives, wanted):  # the plan named a model of another scale
+    if model is not None:  # the plan named a model of another scale
         notes.append(f"output {target.describe()}: the plan's model {model} runs x{native}")
     elif native < wanted:  # no native scale reaches it: the largest ran
         listed = ", ".join(str(n) for n in sorted(set(natives)))

@@ -73,19 +73,17 @@ class Lease:
         items: int,
         on_timeout: Callable[[float], None],
         owner: str | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.r, self.key, self.timing = client, keys.lease(job_id, slot.name), timing
         self.owner = owner or worker_id()
         self.budget_s = timing.budget(items)
-        self.on_timeout, self.clock = on_timeout, clock
-        self.expired = False
+        self.on_timeout = on_timeout
         self.deadline = self.next_renew = 0.0
 
     def __enter__(self) -> "Lease":
         """Arm the heartbeat and the watchdog. The lease itself is first written by ``take``,
         in the delivery policy's admission transaction, with the chain's entry."""
-        now = self.clock()
+        now = time.monotonic()
         self.deadline, self.next_renew = now + self.budget_s, now + self.timing.renew_every_s
         _heartbeat().hold(self)
         return self
@@ -134,15 +132,14 @@ class _Heartbeat:
         The spent ones are released here, so they are timed out once."""
         with self._cond:
             while True:
-                due = [lease for lease in self._held if lease.due() <= lease.clock()]
+                now = time.monotonic()
+                due = [lease for lease in self._held if lease.due() <= now]
                 if due:
-                    spent = [lease for lease in due if lease.clock() >= lease.deadline]
-                    for lease in spent:
-                        self._held.discard(lease)
-                        lease.expired = True
-                    return [lease for lease in due if not lease.expired], spent
-                wait = min((lease.due() - lease.clock() for lease in self._held), default=None)
-                self._wake_at = float("inf") if wait is None else time.monotonic() + wait
+                    spent = [lease for lease in due if now >= lease.deadline]
+                    self._held.difference_update(spent)
+                    return [lease for lease in due if lease not in spent], spent
+                wait = min((lease.due() - now for lease in self._held), default=None)
+                self._wake_at = float("inf") if wait is None else now + wait
                 self._cond.wait(wait)  # None: until a lease is held
                 self._wake_at = float("-inf")  # awake: a lease held now is looked at before the next wait
 
@@ -155,7 +152,7 @@ class _Heartbeat:
                 except Exception:  # never the end of the thread: the other leases still need it
                     log.exception("watchdog of lease %s failed", lease.key)
             for lease in renew:
-                lease.next_renew = lease.clock() + lease.timing.renew_every_s
+                lease.next_renew = time.monotonic() + lease.timing.renew_every_s
                 try:
                     lease.renew()
                 except Exception as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)

@@ -88,8 +88,6 @@ RESTORATION_NEGATIVES = {
     "deblur": "blur, out of focus",
     "sharpen": "soft, blurry",
 }
-# What `models pull` fetches of a diffusers repo: the pipeline's own folders, fp32
-# safetensors only (not the single-file checkpoints at the root, nor fp16 / non-EMA copies).
 
 
 class SafetyCheckerError(RuntimeError):
