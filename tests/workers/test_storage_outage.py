@@ -33,18 +33,20 @@ def _outputs(s3, bucket: str) -> set[str]:
     return {o["Key"] for o in listed if not o["Key"].startswith("out/_jobs/")}
 
 
-def test_s3_unreachable_for_20_s_mid_job_while_writing(redis_url, s3_server, s3_bucket, tmp_path):
+def test_s3_unreachable_for_20_s_mid_job_while_writing(redis_url, s3_server, s3_bucket, tmp_path, monkeypatch):
     proxy = FlakyProxy(int(s3_server.rsplit(":", 1)[1]))
     url = redis_url.rsplit("/", 1)[0] + "/12"
     client = redis.Redis.from_url(url)
     client.flushdb()
     env = worker_env(url, PIXELRELAY_S3_ENDPOINT_URL=proxy.url, PIXELRELAY_PLUGINS="tests.faults",
-                     PIXELRELAY_TEST_SLOW_S="0.4", PIXELRELAY_CHUNK_SIZE="2", PIXELRELAY_BATCH_SIZE="2",
+                     PIXELRELAY_TEST_SLOW_S="1.0", PIXELRELAY_CHUNK_SIZE="2", PIXELRELAY_BATCH_SIZE="2",
                      PIXELRELAY_WINDOW="2", PIXELRELAY_LEASE_S="5", PIXELRELAY_SWEEP_INTERVAL_S="1")
     s3 = boto3.client("s3", endpoint_url=s3_server)
     files = good_images(N_ITEMS)
     for rel, data in files.items():
         s3.put_object(Bucket=s3_bucket, Key=f"in/{rel}", Body=data)
+    # INFO: should the outage not be felt, the workers' logs show when each chunk ran.
+    monkeypatch.setenv("PIXELRELAY_TEST_WORKER_LOGLEVEL", "INFO")
     pool = WorkerPool(env, tmp_path, {"encoder": "analysis", "planner": "rules", "decoder": "slow"}).start()
     job_id = "outage-" + uuid.uuid4().hex[:6]
     try:
@@ -59,7 +61,8 @@ def test_s3_unreachable_for_20_s_mid_job_while_writing(redis_url, s3_server, s3_
         waited = run_cli(["status", job_id, "--wait", "--timeout", "240"], env)
         recovered_s = time.monotonic() - down_at - OUTAGE_S
         assert waited.returncode == 0, waited.stdout + waited.stderr + pool.logs()
-        assert "transient error" in pool.logs(tail=None), pool.logs()  # the outage was felt, and retried
+        assert "transient error" in pool.logs(tail=None), (  # the outage was felt, and retried
+            f"outputs before the outage {written_before}/{N_ITEMS}, resets {proxy.resets}\n{pool.logs()}")
     finally:
         pool.stop()
         proxy.close()
