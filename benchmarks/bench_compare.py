@@ -94,8 +94,11 @@ def direct(folder: Path, out: Path, batch: int) -> float:
 
     tune_allocator()  # the workers' allocator policy, for a like-for-like baseline
     torch.set_num_threads(os.cpu_count() or 1)
-    encoder, planner, decoder = (create_encoder(SPECS["encoder"]), create_planner(SPECS["planner"]),
-                                 create_decoder(SPECS["decoder"]))
+    encoder, planner, decoder = (
+        create_encoder(SPECS["encoder"]),
+        create_planner(SPECS["planner"]),
+        create_decoder(SPECS["decoder"]),
+    )
     _direct_pass(sorted(folder.glob("*.png"))[:batch], out / "warm", encoder, planner, decoder, batch)  # warm-up
     started = time.perf_counter()
     _direct_pass(sorted(folder.glob("*.png")), out, encoder, planner, decoder, batch)
@@ -122,11 +125,14 @@ class WarmPixelrelay:
     def __init__(self, tmp: Path, batch: int, chunk: int) -> None:
         self.tmp, self.batch, self.chunk = tmp, batch, chunk
         self.server = EmbeddedRedis().__enter__()
-        env = dict(os.environ, PIXELRELAY_REDIS_URL=self.server.url, PIXELRELAY_BATCH_SIZE=str(batch),
-                   PYTHONPATH=str(REPO))
+        env = dict(
+            os.environ, PIXELRELAY_REDIS_URL=self.server.url, PIXELRELAY_BATCH_SIZE=str(batch), PYTHONPATH=str(REPO)
+        )
         env.pop("PIXELRELAY_TORCH_THREADS", None)
-        args = {stage: [f"--{kind}", SPECS[kind]] for stage, kind in
-                (("encode", "encoder"), ("plan", "planner"), ("decode", "decoder"))}
+        args = {
+            stage: [f"--{kind}", SPECS[kind]]
+            for stage, kind in (("encode", "encoder"), ("plan", "planner"), ("decode", "decoder"))
+        }
         self.workers = LocalWorkers(env, args)
         self.balancer = balance.Balancer(self.workers.logdir, os.cpu_count() or 1)
         env[balance.ENV_DIR] = self.workers.logdir
@@ -143,8 +149,13 @@ class WarmPixelrelay:
     def job(self, folder: Path, out: Path) -> tuple[float, str]:
         started = time.perf_counter()
         job = submit(self.settings, str(folder), str(out), OPTIONS).job_id
-        wait_for_job(JobState(self.client, job, self.settings.signer()), self.settings, open(os.devnull, "w"),
-                     poll_s=0.1, health=self._health)
+        wait_for_job(
+            JobState(self.client, job, self.settings.signer()),
+            self.settings,
+            open(os.devnull, "w"),
+            poll_s=0.1,
+            health=self._health,
+        )
         return time.perf_counter() - started, job
 
     def warm_up(self, folder: Path) -> None:
@@ -167,9 +178,28 @@ def run_cold(folder: Path, out: Path, batch: int, chunk: int) -> float:
     for name in ("PIXELRELAY_REDIS_URL", "PIXELRELAY_TORCH_THREADS", "PIXELRELAY_SIGNING_KEY"):
         env.pop(name, None)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pixelrelay", "run", str(folder), "--out", str(out),
-                             "--task", "upscale", "--scale", "2", "--batch-size", str(batch),
-                             "--chunk-size", str(chunk)], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pixelrelay",
+            "run",
+            str(folder),
+            "--out",
+            str(out),
+            "--task",
+            "upscale",
+            "--scale",
+            "2",
+            "--batch-size",
+            str(batch),
+            "--chunk-size",
+            str(chunk),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"pixelrelay run failed ({result.returncode}): {result.stderr[-2000:]}")
@@ -230,12 +260,27 @@ def ray_job(ray, folder: Path, out: Path, batch: int, threads: dict[str, int]) -
     paths = sorted(str(p) for p in folder.glob("*.png"))
     started = time.perf_counter()
     ds = ray.data.from_items([{"path": p} for p in paths])
-    ds = ds.map_batches(_Encode, fn_constructor_kwargs={"threads": threads["encode"]}, batch_size=batch,
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=threads["encode"])
-    ds = ds.map_batches(_Plan, fn_constructor_kwargs={"threads": threads["plan"]}, batch_size=batch,
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=threads["plan"])
-    ds = ds.map_batches(_Decode, fn_constructor_kwargs={"threads": threads["decode"], "out": str(out)},
-                        batch_size=batch, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=threads["decode"])
+    ds = ds.map_batches(
+        _Encode,
+        fn_constructor_kwargs={"threads": threads["encode"]},
+        batch_size=batch,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=threads["encode"],
+    )
+    ds = ds.map_batches(
+        _Plan,
+        fn_constructor_kwargs={"threads": threads["plan"]},
+        batch_size=batch,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=threads["plan"],
+    )
+    ds = ds.map_batches(
+        _Decode,
+        fn_constructor_kwargs={"threads": threads["decode"], "out": str(out)},
+        batch_size=batch,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=threads["decode"],
+    )
     count = ds.count()
     wall = time.perf_counter() - started
     if count != len(paths):
@@ -276,13 +321,17 @@ def main(argv: list[str] | None = None) -> int:
             warm.warm_up(tmp / "warm-in")
         threads = dict(warm.balancer.current) if warm else balance.prior(os.cpu_count() or 1)
         if ray is not None:
-            ray.init(num_cpus=max(os.cpu_count() or 1, sum(threads.values())), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, sum(threads.values())),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
             ray.data.DataContext.get_current().enable_progress_bars = False
             ray_job(ray, tmp / "warm-in", tmp / "ray-warm", args.batch_size, threads)
         try:
             for r in range(args.repeats):
-                order = systems[r % len(systems):] + systems[: r % len(systems)]
+                order = systems[r % len(systems) :] + systems[: r % len(systems)]
                 for system in order:
                     out = tmp / f"out-{system}-{r}"
                     if system == "direct":
@@ -299,10 +348,16 @@ def main(argv: list[str] | None = None) -> int:
             if warm is not None:
                 warm.close()
     rates = {s: args.items / statistics.median(t) for s, t in times.items()}
-    names = {"direct": "direct loop, one process, all cores", "warm": "pixelrelay, warm workers (submit --wait)",
-             "run": "pixelrelay run, cold", "ray": "Ray Data, three map_batches actor stages"}
-    print(f"{args.items} × {args.size}² PNG ({source}), upscale ×2, backends {SPECS}, batch {args.batch_size}, "
-          f"chunk {args.chunk_size}, {os.cpu_count()} cores, median of {args.repeats} interleaved repeats")
+    names = {
+        "direct": "direct loop, one process, all cores",
+        "warm": "pixelrelay, warm workers (submit --wait)",
+        "run": "pixelrelay run, cold",
+        "ray": "Ray Data, three map_batches actor stages",
+    }
+    print(
+        f"{args.items} × {args.size}² PNG ({source}), upscale ×2, backends {SPECS}, batch {args.batch_size}, "
+        f"chunk {args.chunk_size}, {os.cpu_count()} cores, median of {args.repeats} interleaved repeats"
+    )
     print(f"torch threads per stage (pixelrelay warm workers and Ray actors; one actor/worker per stage): {threads}")
     print()
     print(f"| {'system':<44} | {'items/s':>8} | {'all repeats':<24} |")

@@ -37,8 +37,9 @@ ANALYSIS_MOD = "pixelrelay.pipeline.stages.encoders.analysis"
 
 
 def _module_from_git(ref: str, path: str, name: str, replace: dict[str, str]) -> types.ModuleType:
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{path}"], check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{ref}:{path}"], check=True, capture_output=True, text=True
+    ).stdout
     for old, new in replace.items():
         source = source.replace(old, new)
     module = types.ModuleType(name)
@@ -51,8 +52,9 @@ def _module_from_git(ref: str, path: str, name: str, replace: dict[str, str]) ->
 def load_old(ref: str) -> tuple[types.ModuleType, types.ModuleType]:
     """The encoder and analysis modules as they were at ``ref``, wired to each other."""
     old_analysis = _module_from_git(ref, "pipeline/stages/encoders/analysis.py", "old_analysis", {})
-    old_builtin = _module_from_git(ref, "pipeline/stages/encoders/builtin.py", "old_builtin",
-                                   {ANALYSIS_MOD: "old_analysis"})
+    old_builtin = _module_from_git(
+        ref, "pipeline/stages/encoders/builtin.py", "old_builtin", {ANALYSIS_MOD: "old_analysis"}
+    )
     return old_builtin, old_analysis
 
 
@@ -63,8 +65,11 @@ def inputs(size: int) -> dict[str, DecodedImage]:
     jpeg_pixels = decode_image(buf.getvalue()).rgb
     png = io.BytesIO()
     Image.fromarray(jpeg_pixels).save(png, "PNG")
-    return {"clean": DecodedImage(rgb=clean), "noisy": DecodedImage(rgb=add_noise(clean, 10.0)),
-            "jpeg-as-png": decode_image(png.getvalue())}
+    return {
+        "clean": DecodedImage(rgb=clean),
+        "noisy": DecodedImage(rgb=add_noise(clean, 10.0)),
+        "jpeg-as-png": decode_image(png.getvalue()),
+    }
 
 
 CLOCK = {"thread": time.thread_time, "wall": time.perf_counter}
@@ -104,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="256,512,1024")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--old-ref", default="ae8ba15", help="git revision of the old encoder ('' to skip)")
-    ap.add_argument("--clock", choices=tuple(CLOCK), default="thread",
-                    help="thread: this thread's CPU time (steadier on a shared machine); wall: elapsed")
+    ap.add_argument(
+        "--clock",
+        choices=tuple(CLOCK),
+        default="thread",
+        help="thread: this thread's CPU time (steadier on a shared machine); wall: elapsed",
+    )
     args = ap.parse_args(argv)
     global _clock
     _clock = CLOCK[args.clock]
@@ -132,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                     for part, ms in parts.items():
                         times.setdefault((s, kind, name, part), []).append(ms)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    print(f"builtin encoder, ms per image ({args.clock} clock), 1 thread, median of {args.repeat} interleaved rounds "
-          f"(old = {args.old_ref or 'skipped'}; fit 0 = skipped, no JPEG evidence)")
+    print(
+        f"builtin encoder, ms per image ({args.clock} clock), 1 thread, median of {args.repeat} interleaved rounds "
+        f"(old = {args.old_ref or 'skipped'}; fit 0 = skipped, no JPEG evidence)"
+    )
     head = f"{'size':>5} {'input':12} {'new':>7} {'old':>7} {'old/new':>7}   new: {'analysis':>8} {'cnn':>6} {'fit':>6}"
     head += f"   old: {'analysis':>8} {'cnn':>6} {'fit':>6}" if "old" in versions else ""
     print(head)
@@ -144,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             row = f"{s:>5} {kind:12} {new:7.1f} {old:7.1f} {old / new:7.2f}   " + " " * 5
             row += " ".join(f"{med[(s, kind, 'new', p)]:{w}.1f}" for p, w in (("analysis", 8), ("cnn", 6), ("fit", 6)))
             if "old" in versions:
-                row += "   " + " " * 5 + " ".join(f"{med[(s, kind, 'old', p)]:{w}.1f}"
-                                                  for p, w in (("analysis", 8), ("cnn", 6), ("fit", 6)))
+                row += (
+                    "   "
+                    + " " * 5
+                    + " ".join(
+                        f"{med[(s, kind, 'old', p)]:{w}.1f}" for p, w in (("analysis", 8), ("cnn", 6), ("fit", 6))
+                    )
+                )
             print(row)
     return 0
 

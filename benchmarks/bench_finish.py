@@ -77,11 +77,19 @@ class Counting(Storage):
 
 
 def _template() -> dict:
-    record = ItemRecord(index=0, input="", output="", status="done", notes=["EXIF orientation 6 applied"],
-                        timings={"encode": 0.108, "plan": 0.002, "decode": 0.225},
-                        backends={"encoder": "builtin", "planner": "rules", "decoder": "builtin"},
-                        models={"decoder": "builtin@3f2a9c1e"}, output_size=(512, 512), source_size=(256, 256),
-                        outcome="processed")
+    record = ItemRecord(
+        index=0,
+        input="",
+        output="",
+        status="done",
+        notes=["EXIF orientation 6 applied"],
+        timings={"encode": 0.108, "plan": 0.002, "decode": 0.225},
+        backends={"encoder": "builtin", "planner": "rules", "decoder": "builtin"},
+        models={"decoder": "builtin@3f2a9c1e"},
+        output_size=(512, 512),
+        source_size=(256, 256),
+        outcome="processed",
+    )
     return record.model_dump(mode="json")
 
 
@@ -137,8 +145,16 @@ def run_size(name: str, output: str, total: int, repeats: int, old: bool) -> lis
         per_group.append(seconds)
         reads.append(storage.reads)
     rows.append((name, total, parts, f"groups: all {geo.count} merges (over the job)", sum(reads), sum(per_group)))
-    rows.append((name, total, parts, f"groups: one merge (median of {geo.count})", int(statistics.median(reads)),
-                 statistics.median(per_group)))
+    rows.append(
+        (
+            name,
+            total,
+            parts,
+            f"groups: one merge (median of {geo.count})",
+            int(statistics.median(reads)),
+            statistics.median(per_group),
+        )
+    )
 
     new_s, old_s, new_reads, old_reads, old_body = [], [], 0, 0, None
     for _ in range(repeats):
@@ -171,8 +187,12 @@ def moto_server():
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     proc = subprocess.Popen([exe, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret",
-                      AWS_DEFAULT_REGION="us-east-1", PIXELRELAY_S3_ENDPOINT_URL=endpoint)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        PIXELRELAY_S3_ENDPOINT_URL=endpoint,
+    )
     import boto3
 
     for _ in range(100):

@@ -33,8 +33,12 @@ def _images(n: int, size: int, seed: int = 0) -> list[DecodedImage]:
 
 
 def _descriptions(n: int) -> tuple[list[Description], list[JobOptions]]:
-    d = Description(text="50x40 image, noisy (sigma 12), slightly soft", metrics={"noise_sigma": 12.0},
-                    noise_sigma=12.0, caption="a cat sitting on a sofa")
+    d = Description(
+        text="50x40 image, noisy (sigma 12), slightly soft",
+        metrics={"noise_sigma": 12.0},
+        noise_sigma=12.0,
+        caption="a cat sitting on a sofa",
+    )
     return [d] * n, [JobOptions(task="upscale", instruction="gentle denoise")] * n
 
 
@@ -54,8 +58,9 @@ def _time(fn, n_items: int, device: str, repeat: int) -> tuple[float, float | No
     return n_items / best, peak
 
 
-def bench(label: str, folders: dict[str, Path], device: str, batches: list[int], repeat: int, image_size: int,
-          sr_tile: int) -> list[tuple]:
+def bench(
+    label: str, folders: dict[str, Path], device: str, batches: list[int], repeat: int, image_size: int, sr_tile: int
+) -> list[tuple]:
     from pixelrelay.pipeline.stages.decoders.hf_sr import HFSuperResolutionDecoder
     from pixelrelay.pipeline.stages.decoders.learned import TileConfig
     from pixelrelay.pipeline.stages.encoders.hf_caption import HFCaptionEncoder
@@ -74,7 +79,9 @@ def bench(label: str, folders: dict[str, Path], device: str, batches: list[int],
         rate, peak = _time(lambda: planner.plan(descs, opts), b, device, repeat)
         rows.append((label, "planner hf-llm", b, rate, peak))
     del planner
-    dec = HFSuperResolutionDecoder(str(folders["sr"]), device=device, tiles=TileConfig(tile=sr_tile, tile_batch=max(batches)))
+    dec = HFSuperResolutionDecoder(
+        str(folders["sr"]), device=device, tiles=TileConfig(tile=sr_tile, tile_batch=max(batches))
+    )
     for b in batches:
         ims = _images(b, image_size, seed=1)
         plans = [Plan(scale=dec.models[0].upscale)] * b
@@ -96,23 +103,51 @@ def build_tiny(root: Path) -> dict[str, Path]:
 
 def build_real_size(root: Path) -> dict[str, Path]:
     """Random weights, real architectures and sizes (no download)."""
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              Qwen2Config, Qwen2ForCausalLM, Swin2SRConfig, Swin2SRForImageSuperResolution,
-                              Swin2SRImageProcessor)
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Swin2SRConfig,
+        Swin2SRForImageSuperResolution,
+        Swin2SRImageProcessor,
+    )
 
     torch.manual_seed(0)
-    sr = Swin2SRForImageSuperResolution(Swin2SRConfig(
-        embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8, upscale=4, img_range=1.0,
-        upsampler="pixelshuffle", resi_connection="1conv", image_size=64))
+    sr = Swin2SRForImageSuperResolution(
+        Swin2SRConfig(
+            embed_dim=180,
+            depths=[6] * 6,
+            num_heads=[6] * 6,
+            window_size=8,
+            upscale=4,
+            img_range=1.0,
+            upsampler="pixelshuffle",
+            resi_connection="1conv",
+            image_size=64,
+        )
+    )
     sr.save_pretrained(root / "swin2sr-x4")
     Swin2SRImageProcessor(size_divisor=8).save_pretrained(root / "swin2sr-x4")
     del sr
 
     tok = fx.make_qwen2_tokenizer()
-    llm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     llm.save_pretrained(root / "qwen-0.5b")
     tok.save_pretrained(root / "qwen-0.5b")
     del llm
@@ -147,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench("cpu tiny", tiny, "cpu", [int(b) for b in args.cpu_batches.split(",")], args.repeat, 64, 64)
         if torch.cuda.is_available() and not args.cpu_only:
             real = build_real_size(root / "real")
-            rows += bench("cuda real-size", real, "cuda", [int(b) for b in args.batches.split(",")],
-                          args.repeat, 512, 256)
+            rows += bench(
+                "cuda real-size", real, "cuda", [int(b) for b in args.batches.split(",")], args.repeat, 512, 256
+            )
     print(f"{'setup':<16} {'stage':<30} {'batch':>5} {'items/s':>10} {'peak GPU MiB':>13}")
     for label, stage, b, rate, peak in rows:
         print(f"{label:<16} {stage:<30} {b:>5} {rate:>10.2f} {'-' if peak is None else f'{peak:.0f}':>13}")

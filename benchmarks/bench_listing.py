@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 CHILD = r"""
 import json, resource, sys, time
@@ -76,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         for lines in sizes:
             row = measure(lines, folder)
             mb = row["peak_kib"] / 1024
-            print(f"{row['lines']:>12,} {row['items']:>12,} {row['seconds']:>9.1f} {mb:>12.1f} "
-                  f"{row['lines'] / row['seconds']:>10,.0f}", flush=True)
+            print(
+                f"{row['lines']:>12,} {row['items']:>12,} {row['seconds']:>9.1f} {mb:>12.1f} "
+                f"{row['lines'] / row['seconds']:>10,.0f}",
+                flush=True,
+            )
     return 0
 
 

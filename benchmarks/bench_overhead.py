@@ -136,14 +136,27 @@ class Profiler:
         if folder is not None and self.spy is None:
             raise SystemExit("--profile needs py-spy: pip install py-spy")
 
-    def __enter__(self) -> "Profiler":
+    def __enter__(self) -> Profiler:
         if self.folder is None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
         pids = {"producer": os.getpid(), **{stage: p.pid for stage, p in self.workers.procs.items()}}
         for name, pid in pids.items():
-            cmd = [self.spy, "record", "--pid", str(pid), "--nonblocking", "--gil", "--threads", "--format", "raw",
-                   "--rate", "200", "--output", str(self.folder / f"{name}.txt")]
+            cmd = [
+                self.spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--nonblocking",
+                "--gil",
+                "--threads",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(self.folder / f"{name}.txt"),
+            ]
             self.procs.append((name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         time.sleep(1.0)  # py-spy attaches
         return self
@@ -175,12 +188,15 @@ def summarise(collapsed: Path, out: Path, top: int = 60) -> None:
     lines = [f"{total} samples"]
     for title, table in (("inclusive", inclusive), ("self", own)):
         lines += ["", f"--- {title}"]
-        lines += [f"{100 * n / max(total, 1):6.1f}%  {name}" for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]]
+        lines += [
+            f"{100 * n / max(total, 1):6.1f}%  {name}" for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        ]
     out.write_text("\n".join(lines) + "\n")
 
 
-def run_job(settings: Settings, client: redis.Redis, workers: LocalWorkers, folder: Path, out: Path,
-            options: JobOptions) -> dict:
+def run_job(
+    settings: Settings, client: redis.Redis, workers: LocalWorkers, folder: Path, out: Path, options: JobOptions
+) -> dict:
     """One job, submit to manifest; the counters' differences."""
     before = snapshot(workers, client)
     started = time.perf_counter()
@@ -208,8 +224,13 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict]:
     options = JobOptions(task="restore")
     runs = []
     with EmbeddedRedis() as server:
-        env = dict(os.environ, PIXELRELAY_REDIS_URL=server.url, PIXELRELAY_CHUNK_SIZE=str(args.chunk_size),
-                   PIXELRELAY_BATCH_SIZE=str(args.batch_size), PIXELRELAY_TORCH_THREADS="1")
+        env = dict(
+            os.environ,
+            PIXELRELAY_REDIS_URL=server.url,
+            PIXELRELAY_CHUNK_SIZE=str(args.chunk_size),
+            PIXELRELAY_BATCH_SIZE=str(args.batch_size),
+            PIXELRELAY_TORCH_THREADS="1",
+        )
         extra = ["--no-events"] if args.no_events else []
         workers = LocalWorkers(env, {stage: [f"--{C.STAGE_BACKEND[stage]}", "null", *extra] for stage in C.STAGES})
         workers.start()
@@ -220,8 +241,12 @@ def run_all(args: argparse.Namespace, tmp: Path) -> list[dict]:
             with Profiler(args.profile, workers):
                 for i in range(args.repeats):
                     runs.append(run_job(settings, client, workers, tmp / "in", tmp / f"out{i}", options))
-                    print(f"repeat {i + 1}/{args.repeats}: {runs[-1]['done']}/{args.items} done in "
-                          f"{runs[-1]['wall']:.1f} s", file=sys.stderr, flush=True)
+                    print(
+                        f"repeat {i + 1}/{args.repeats}: {runs[-1]['done']}/{args.items} done in "
+                        f"{runs[-1]['wall']:.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             workers.stop()
             workers.finish_logs(ok=all(r["done"] == args.items for r in runs), keep=args.keep_logs)
@@ -251,8 +276,10 @@ def table(args: argparse.Namespace, runs: list[dict]) -> list[str]:
     rows.append(("redis-server CPU, ms/item (not in total)", [1000 * r["redis_cpu"] / n for r in runs]))
     rows.append(("wall, s", [r["wall"] for r in runs]))
     rows.append(("Redis commands/item (all)", [sum(r["commands"].values()) / n for r in runs]))
-    names = sorted({k for r in runs for k in r["commands"]}, key=lambda k: -statistics.median(
-        [r["commands"].get(k, 0) for r in runs]))
+    names = sorted(
+        {k for r in runs for k in r["commands"]},
+        key=lambda k: -statistics.median([r["commands"].get(k, 0) for r in runs]),
+    )
     rows += [(f"  {name}", [r["commands"].get(name, 0) / n for r in runs]) for name in names]
     width = max(len(name) for name, _ in rows) + 2
     lines = [

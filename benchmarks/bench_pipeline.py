@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pixelrelay.jobs.state import JobState  # noqa: E402
 from pixelrelay.pipeline.imageio import decode_image, encode_image  # noqa: E402
 from pixelrelay.pipeline.messages import JobOptions  # noqa: E402
 from pixelrelay.pipeline.settings import Settings  # noqa: E402
@@ -35,7 +36,6 @@ from pixelrelay.producer.embedded import EmbeddedRedis  # noqa: E402
 from pixelrelay.producer.run import LocalWorkers  # noqa: E402
 from pixelrelay.producer.status import wait_for_job  # noqa: E402
 from pixelrelay.producer.submit import submit  # noqa: E402
-from pixelrelay.jobs.state import JobState  # noqa: E402
 
 
 def make_inputs(folder: Path, n: int, size: int) -> None:
@@ -75,10 +75,18 @@ def commandstats(client: redis.Redis) -> dict[str, int]:
 def pipeline_run(folder: Path, out: Path, options: JobOptions, specs: dict, batch: int, chunk: int) -> dict:
     os.environ.setdefault("PIXELRELAY_SIGNING_KEY", secrets.token_urlsafe(32))  # workers and producer share it
     with EmbeddedRedis() as server:
-        env = dict(os.environ, PIXELRELAY_REDIS_URL=server.url, PIXELRELAY_BATCH_SIZE=str(batch),
-                   PIXELRELAY_TORCH_THREADS="1", PYTHONPATH=str(REPO))
-        args = {"encode": ["--encoder", specs["encoder"]], "plan": ["--planner", specs["planner"]],
-                "decode": ["--decoder", specs["decoder"]]}
+        env = dict(
+            os.environ,
+            PIXELRELAY_REDIS_URL=server.url,
+            PIXELRELAY_BATCH_SIZE=str(batch),
+            PIXELRELAY_TORCH_THREADS="1",
+            PYTHONPATH=str(REPO),
+        )
+        args = {
+            "encode": ["--encoder", specs["encoder"]],
+            "plan": ["--planner", specs["planner"]],
+            "decode": ["--decoder", specs["decoder"]],
+        }
         workers = LocalWorkers(env, args)
         workers.start()
         try:
@@ -88,14 +96,24 @@ def pipeline_run(folder: Path, out: Path, options: JobOptions, specs: dict, batc
             warm = folder.parent / "warm"
             make_inputs(warm, 2, 32)
             job = submit(settings, str(warm), str(out.parent / "warm-out"), options).job_id
-            wait_for_job(JobState(client, job, settings.signer()), settings, open(os.devnull, "w"), poll_s=0.05,
-                         health=workers.problem)
+            wait_for_job(
+                JobState(client, job, settings.signer()),
+                settings,
+                open(os.devnull, "w"),
+                poll_s=0.05,
+                health=workers.problem,
+            )
 
             before = commandstats(client)
             started = time.perf_counter()
             job = submit(settings, str(folder), str(out), options).job_id
-            wait_for_job(JobState(client, job, settings.signer()), settings, open(os.devnull, "w"), poll_s=0.25,
-                         health=workers.problem)
+            wait_for_job(
+                JobState(client, job, settings.signer()),
+                settings,
+                open(os.devnull, "w"),
+                poll_s=0.25,
+                health=workers.problem,
+            )
             wall = time.perf_counter() - started
             after = commandstats(client)
         finally:
@@ -129,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         result = pipeline_run(tmp / "in", tmp / "out", options, specs, args.batch_size, args.chunk_size)
     n = args.items
     done = sum(r["status"] == "done" for r in result["rows"])
-    print(f"{n} items of {args.size}x{args.size} px, task {args.task}, backends {specs}, batch {args.batch_size}, chunk {args.chunk_size}")
+    print(
+        f"{n} items of {args.size}x{args.size} px, task {args.task}, backends {specs}, batch {args.batch_size}, chunk {args.chunk_size}"
+    )
     print(f"{'measure':<40}{'value':>12}")
     print("-" * 52)
     table = [

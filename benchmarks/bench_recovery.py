@@ -29,8 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,12 +62,17 @@ class Bench:
         self.moto.start()
         self.s3_url = f"http://127.0.0.1:{port}"
         self.proxy = FlakyProxy(port)
-        creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        creds = {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         os.environ.setdefault("PIXELRELAY_SIGNING_KEY", secrets.token_urlsafe(32))  # workers and cancel share it
         os.environ.update(creds)
         self.s3 = boto3.client("s3", endpoint_url=self.s3_url)
         self.env = {
-            **os.environ, **creds,
+            **os.environ,
+            **creds,
             "PIXELRELAY_REDIS_URL": self.redis.url,
             "PIXELRELAY_S3_ENDPOINT_URL": self.proxy.url,
             "PIXELRELAY_PLUGINS": "tests.faults",
@@ -106,8 +111,19 @@ class Bench:
             self.s3.create_bucket(Bucket=bucket)
             for rel, data in self.files.items():
                 self.s3.put_object(Bucket=bucket, Key=f"in/{rel}", Body=data)
-        cmd = [sys.executable, "-m", "pixelrelay", "submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/out",
-               "--job-id", job_id, "--wait", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pixelrelay",
+            "submit",
+            f"s3://{bucket}/in",
+            "--out",
+            f"s3://{bucket}/out",
+            "--job-id",
+            job_id,
+            "--wait",
+            *extra,
+        ]
         log = open(self.logdir / f"submit-{job_id}.log", "wb")
         return subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
@@ -142,12 +158,20 @@ class Bench:
             outputs &= {f"out/{rel}" for rel in self.files}
         exact = outputs == done_outputs
         counts = JobState(self.client, job_id).counts()
-        return (f"{'ok' if once else 'LOST/DUPLICATED'}; {'/'.join(sorted(statuses))}; "
-                f"{'one object per done item' if exact else 'OBJECTS DIFFER'}; "
-                f"counts {counts.done}+{counts.failed}/{counts.total}")
+        return (
+            f"{'ok' if once else 'LOST/DUPLICATED'}; {'/'.join(sorted(statuses))}; "
+            f"{'one object per done item' if exact else 'OBJECTS DIFFER'}; "
+            f"counts {counts.done}+{counts.failed}/{counts.total}"
+        )
 
-    def run(self, name: str, fault: Callable[[str, str], None] | None, target: str = "decode", extra: tuple = (),
-            job_id: str | None = None) -> tuple:
+    def run(
+        self,
+        name: str,
+        fault: Callable[[str, str], None] | None,
+        target: str = "decode",
+        extra: tuple = (),
+        job_id: str | None = None,
+    ) -> tuple:
         job_id = job_id or f"rec-{name.lower()}-{uuid.uuid4().hex[:4]}"
         t0 = time.monotonic()
         waiter = self.submit(job_id, *extra)
@@ -208,8 +232,14 @@ def redis_restart(bench: Bench) -> Callable[[str], None]:
 
 def cancel(bench: Bench) -> Callable[[str, str], None]:
     def fault(job_id: str, stage: str) -> None:
-        subprocess.run([sys.executable, "-m", "pixelrelay", "cancel", job_id], env=bench.env, cwd=REPO,
-                       capture_output=True, check=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "pixelrelay", "cancel", job_id],
+            env=bench.env,
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+            timeout=300,
+        )
 
     return fault
 
@@ -225,15 +255,22 @@ def rescale(bench: Bench) -> tuple:
     t0 = time.monotonic()
     rc = bench.submit(second, "--task", "upscale", "--scale", "4", bucket=bucket).wait(1800)
     wall = time.monotonic() - t0
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     sizes_ok = all(
         Image.open(io.BytesIO(bench.s3.get_object(Bucket=bucket, Key=f"out/{rel}")["Body"].read())).size
         == tuple(4 * v for v in Image.open(io.BytesIO(data)).size)
         for rel, data in bench.files.items()
     )
-    return "rescale-x2-to-x4", wall, None, rc, bench.check(second, bucket) + ("; every output x4" if sizes_ok else "; NOT x4")
+    return (
+        "rescale-x2-to-x4",
+        wall,
+        None,
+        rc,
+        bench.check(second, bucket) + ("; every output x4" if sizes_ok else "; NOT x4"),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = [("baseline", None, "decode")]
         scenarios += [(f"{s}-SIGKILL", kill_and_replace(bench, signal.SIGKILL), s) for s in STAGES]
         scenarios += [(f"{s}-SIGTERM", kill_and_replace(bench, signal.SIGTERM), s) for s in STAGES]
-        scenarios += [("purge-queues", purge(bench), "queued"), ("s3-unreachable-20s", s3_outage(bench), "decode"),
-                      ("redis-restart-empty", redis_restart(bench), "decode"), ("cancel", cancel(bench), "decode")]
+        scenarios += [
+            ("purge-queues", purge(bench), "queued"),
+            ("s3-unreachable-20s", s3_outage(bench), "decode"),
+            ("redis-restart-empty", redis_restart(bench), "decode"),
+            ("cancel", cancel(bench), "decode"),
+        ]
         only = set(filter(None, args.only.split(",")))
         for name, fault, target in scenarios:
             if only and name not in only and name != "baseline":
@@ -271,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         bench.moto.stop()
         bench.redis.stop()
     base = rows[0][1]
-    print(f"\n{args.items} items, chunk 4, {args.slow} s per item per stage, default lease and sweep settings; logs in {logdir}\n")
-    print(f"| fault | job wall (s) | fault → job done (s) | recovery: wall − baseline (s) | exit | check |")
+    print(
+        f"\n{args.items} items, chunk 4, {args.slow} s per item per stage, default lease and sweep settings; logs in {logdir}\n"
+    )
+    print("| fault | job wall (s) | fault → job done (s) | recovery: wall − baseline (s) | exit | check |")
     print("|---|---|---|---|---|---|")
     for name, wall, after, rc, check in rows:
         after_text = "" if after is None else f"{after:.1f}"

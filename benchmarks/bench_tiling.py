@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pixelrelay.pipeline.messages import Plan  # noqa: E402
 from pixelrelay.pipeline.memory import tune_allocator  # noqa: E402
+from pixelrelay.pipeline.messages import Plan  # noqa: E402
 from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder  # noqa: E402
 from pixelrelay.pipeline.tiling import MIB, run_tiled  # noqa: E402
 
@@ -56,8 +56,14 @@ def scene(size: int, seed: int = 0) -> torch.Tensor:
     """A (1,3,size,size) float image in [0,1]: smooth shapes, edges and texture."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    img = np.stack([128 + 90 * np.sin(x / 17.0) * np.cos(y / 23.0), 128 + 70 * np.sign(np.sin((x + y) / 41.0)),
-                    128 + 60 * np.cos(np.hypot(x - size / 2, y - size / 2) / 11.0)], -1)
+    img = np.stack(
+        [
+            128 + 90 * np.sin(x / 17.0) * np.cos(y / 23.0),
+            128 + 70 * np.sign(np.sin((x + y) / 41.0)),
+            128 + 60 * np.cos(np.hypot(x - size / 2, y - size / 2) / 11.0),
+        ],
+        -1,
+    )
     img += rng.normal(0, 8, img.shape)
     return torch.from_numpy(np.clip(img, 0, 255) / 255.0).permute(2, 0, 1)[None].float().contiguous()
 
@@ -80,8 +86,17 @@ def variants(dec: BuiltinDecoder, size: int, scale: int) -> dict:
             return dec._forward(MODEL, crops, plans, items)  # the same precision policy as the new path
 
         with torch.inference_mode():
-            return run_tiled(fn, x, scale, OLD_TILE, OLD_OVERLAP, batch_size=OLD_BATCH, pass_items=True,
-                             pad_mode=dec.pad_mode, balance=False), None
+            return run_tiled(
+                fn,
+                x,
+                scale,
+                OLD_TILE,
+                OLD_OVERLAP,
+                batch_size=OLD_BATCH,
+                pass_items=True,
+                pad_mode=dec.pad_mode,
+                balance=False,
+            ), None
 
     return {
         "untiled": budget(4 * area),
@@ -94,10 +109,12 @@ def variants(dec: BuiltinDecoder, size: int, scale: int) -> dict:
 def describe(used, size: int) -> str:
     if used is None:  # the old grid
         n = len(range(0, size - OLD_TILE, OLD_TILE - OLD_OVERLAP)) + 1 if size > OLD_TILE else 1
-        return f"{n * n} x {min(size, OLD_TILE)}²" + (f" (+{n * n * min(size, OLD_TILE) ** 2 / size ** 2 - 1:.0%} px)" if n > 1 else "")
+        return f"{n * n} x {min(size, OLD_TILE)}²" + (
+            f" (+{n * n * min(size, OLD_TILE) ** 2 / size**2 - 1:.0%} px)" if n > 1 else ""
+        )
     if used.tiles == 1:
         return "whole"
-    extra = used.tiles * used.tile_h * used.tile_w / size ** 2 - 1
+    extra = used.tiles * used.tile_h * used.tile_w / size**2 - 1
     return f"{used.tiles} x {used.tile_h}x{used.tile_w} (+{extra:.0%} px)"
 
 
@@ -106,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="256,512,1024")
     ap.add_argument("--scales", default="2,4")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
-                    help="the workers' allocator policy (pipeline.memory), or glibc's default")
+    ap.add_argument(
+        "--allocator",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="the workers' allocator policy (pipeline.memory), or glibc's default",
+    )
     args = ap.parse_args(argv)
     if args.allocator == "tuned":
         tune_allocator()
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for case, rows in table.items():
             names = list(rows)
-            names = names[rep % len(names):] + names[: rep % len(names)]
+            names = names[rep % len(names) :] + names[: rep % len(names)]
             for name in names:
                 x = images[case[0]]
                 c0, p0, t0 = os.times(), time.process_time(), time.perf_counter()
@@ -136,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     load = os.getloadavg()[0]
     mmap = "1 GiB (tuned)" if args.allocator == "tuned" else os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
-    print(f"builtin decoder ({MODEL} network), torch threads = 1, {args.repeats} interleaved repeats, medians; "
-          f"mmap threshold {mmap}; load average {load:.1f} on {os.cpu_count()} cores "
-          f"(a shared machine: wall times are noisy, ratios count)")
+    print(
+        f"builtin decoder ({MODEL} network), torch threads = 1, {args.repeats} interleaved repeats, medians; "
+        f"mmap threshold {mmap}; load average {load:.1f} on {os.cpu_count()} cores "
+        f"(a shared machine: wall times are noisy, ratios count)"
+    )
     print()
     print("| scale | size | run | grid (input px) | CPU ms / image (sys) | vs untiled | wall ms | vs untiled |")
     print("|---|---|---|---|---|---|---|---|")
@@ -147,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in rows:
             cpu, wall, sys_ms = (statistics.median(t[i] for t in times[(case, name)]) for i in range(3))
             vs = ["" if name == "untiled" else f"{v / b - 1:+.0%}" for v, b in zip((cpu, wall), base)]
-            print(f"| x{case[1]} | {case[0]}² | {name} | {grids[(case, name)]} | {cpu:,.0f} ({sys_ms:,.0f}) | {vs[0]} "
-                  f"| {wall:,.0f} | {vs[1]} |")
+            print(
+                f"| x{case[1]} | {case[0]}² | {name} | {grids[(case, name)]} | {cpu:,.0f} ({sys_ms:,.0f}) | {vs[0]} "
+                f"| {wall:,.0f} | {vs[1]} |"
+            )
     return 0
 
 

@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except pixelrelay.WaitTimeout as exc:  # a TimeoutError: the job goes on
         print(exc, file=sys.stderr)
         return 3
-    print(f"state={status.state.value} done={status.done} failed={status.failed} "
-          f"cancelled={status.cancelled} total={status.total} manifest={status.manifest}")
+    print(
+        f"state={status.state.value} done={status.done} failed={status.failed} "
+        f"cancelled={status.cancelled} total={status.total} manifest={status.manifest}"
+    )
     for row in job.manifest():  # one validated row per item, streamed from storage
         print(f"{row.status:9} {row.input} -> {row.output or row.error}")
     return int(status.exit_code)  # 0 ok, 1 failed items, 4 cancelled

@@ -28,8 +28,8 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import redis
 
@@ -55,11 +55,11 @@ class Slot:
         return f"{self.seq}:{self.chunk}:{self.part}" if self.part else f"{self.seq}:{self.chunk}"
 
     @classmethod
-    def of(cls, msg: ChunkMessage) -> "Slot":
+    def of(cls, msg: ChunkMessage) -> Slot:
         return cls(msg.seq, msg.chunk, msg.part)
 
     @classmethod
-    def parse(cls, name: str) -> "Slot":
+    def parse(cls, name: str) -> Slot:
         """The slot a field name stands for; ``ValueError`` when it is not one."""
         fields = name.split(":")
         if len(fields) not in (2, 3) or not all(f.isdigit() and len(f) <= 12 for f in fields[:2]):
@@ -83,7 +83,7 @@ class Entry:
         return json.dumps({"stage": self.stage, "since": round(self.since, 3), "wait": self.wait, "feeds": self.feeds})
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "Entry | None":
+    def from_json(cls, raw: bytes | str) -> Entry | None:
         """The entry, or None when ``raw`` is not a valid one."""
         try:
             data = json.loads(raw)
@@ -111,8 +111,15 @@ class ChunksInFlight:
         self.job_id = job_id
         self.key = keys.chunks(job_id)
 
-    def track(self, slot: Slot, stage: str, feeds: bool, wait: float = 0.0, now: float | None = None,
-              pipe: redis.client.Pipeline | None = None) -> None:
+    def track(
+        self,
+        slot: Slot,
+        stage: str,
+        feeds: bool,
+        wait: float = 0.0,
+        now: float | None = None,
+        pipe: redis.client.Pipeline | None = None,
+    ) -> None:
         """Set the chain's entry to ``stage``; queued on ``pipe`` when given (its caller runs it)."""
         entry = Entry(stage, time.time() if now is None else now, wait, feeds)
         own = pipe is None
@@ -179,7 +186,9 @@ def task_id(msg: ChunkMessage, stage: str) -> str:
     """A stage message's task id: ``pr:<job>:<seq>:<chunk>:<part or ->:<stage>:<random>``.
 
     Job ids never contain ':' (see ``producer.submit``), so the id splits back unambiguously."""
-    return ":".join([TASK_ID_PREFIX, msg.job_id, str(msg.seq), str(msg.chunk), msg.part or "-", stage, secrets.token_hex(6)])
+    return ":".join(
+        [TASK_ID_PREFIX, msg.job_id, str(msg.seq), str(msg.chunk), msg.part or "-", stage, secrets.token_hex(6)]
+    )
 
 
 @dataclass(frozen=True)

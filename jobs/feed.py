@@ -30,7 +30,7 @@ up, and ``finish_pending`` tells the sweep to keep the chain that would finish t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import CANCELLED, manifest_uri, read_chunk, record_for

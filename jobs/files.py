@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import tempfile
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from pixelrelay.pipeline.messages import Item, ItemRecord, JobSpec
 from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, join_uri
@@ -139,7 +139,9 @@ def write_part(
     storage.put(part_uri(output, job_id, chunk, seq, part), _lines(lines), "application/x-ndjson")
 
 
-def read_part(storage: Storage, output: str, job_id: str, chunk: int, seq: int, part: str = "") -> list[ItemRecord] | None:
+def read_part(
+    storage: Storage, output: str, job_id: str, chunk: int, seq: int, part: str = ""
+) -> list[ItemRecord] | None:
     """A chain's manifest part as written, or None if it was not written."""
     try:
         body = storage.get(part_uri(output, job_id, chunk, seq, part))

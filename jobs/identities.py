@@ -59,7 +59,9 @@ def lookup(client: redis.Redis, stage: str, spec: str | None, now: float | None 
     return lookup_many(client, [(stage, spec)], now)[0]
 
 
-def lookup_many(client: redis.Redis, wanted: list[tuple[str, str | None]], now: float | None = None) -> list[Published | None]:
+def lookup_many(
+    client: redis.Redis, wanted: list[tuple[str, str | None]], now: float | None = None
+) -> list[Published | None]:
     """``lookup`` of several (stage, spec) pairs in one round trip."""
     now = now or time.time()
     pipe = client.pipeline(transaction=False)

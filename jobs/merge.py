@@ -45,9 +45,9 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from pixelrelay.jobs.files import CANCELLED, cancelled_row, job_root, manifest_uri, part_uri, read_chunk
 from pixelrelay.jobs.state import JobState
@@ -77,7 +77,7 @@ class Groups:
     chunk_size: int
 
     @classmethod
-    def of(cls, spec: JobSpec) -> "Groups":
+    def of(cls, spec: JobSpec) -> Groups:
         return cls(spec.total, spec.chunk_size)
 
     @property
@@ -197,7 +197,9 @@ def check_row(line: bytes, items: range) -> dict | None:
         row = None
     index = row.get("index") if isinstance(row, dict) else None
     if not isinstance(index, int) or isinstance(index, bool) or index not in items or row.get("status") not in STATUSES:
-        log.warning("skipping a manifest line that is not a row of items %d..%d: %.80r", items.start, items.stop - 1, line)
+        log.warning(
+            "skipping a manifest line that is not a row of items %d..%d: %.80r", items.start, items.stop - 1, line
+        )
         return None
     return row
 
@@ -206,8 +208,9 @@ def _row_line(row: dict) -> bytes:
     return json.dumps(row, separators=(",", ":")).encode() + b"\n"
 
 
-def _fetch(storage: Storage, uris: list[str], threads: int = READ_THREADS, window: int = 4 * READ_THREADS
-           ) -> Iterator[bytes | None]:
+def _fetch(
+    storage: Storage, uris: list[str], threads: int = READ_THREADS, window: int = 4 * READ_THREADS
+) -> Iterator[bytes | None]:
     """The bodies of ``uris`` in order, ``threads`` at a time, at most ``window`` held at
     once (None for one that is gone)."""
 
@@ -237,8 +240,14 @@ class Merged:
 
 
 def merge_group(
-    storage: Storage, spec: JobSpec, geo: Groups, group: int, seq: int,
-    older: dict[int, list[int]] | None = None, keepalive: Keepalive = _nothing, parts: PartLister | None = None,
+    storage: Storage,
+    spec: JobSpec,
+    geo: Groups,
+    group: int,
+    seq: int,
+    older: dict[int, list[int]] | None = None,
+    keepalive: Keepalive = _nothing,
+    parts: PartLister | None = None,
 ) -> Merged:
     """Merge the group's lines as of submission ``seq``: its newest older group file (from
     ``older``, ``list_group_files``' answer; None: list now) plus the parts of later
@@ -289,8 +298,12 @@ def merge_group_if_complete(state: JobState, storage: Storage, spec: JobSpec, se
         if not state.claim_group(seq, group):
             return False
     except Exception as exc:
-        log.warning("job %s: cannot tell whether the group of chunk %d is complete (%s): the finish merges it",
-                    spec.job_id, chunk, exc)
+        log.warning(
+            "job %s: cannot tell whether the group of chunk %d is complete (%s): the finish merges it",
+            spec.job_id,
+            chunk,
+            exc,
+        )
         return False
     try:
         write_group(storage, spec, group, seq, merge_group(storage, spec, geo, group, seq))
@@ -331,7 +344,11 @@ class _Throttled:
 
 
 def write_manifest(
-    storage: Storage, spec: JobSpec, seq: int, cancelled: bool = False, keepalive: Keepalive = _nothing,
+    storage: Storage,
+    spec: JobSpec,
+    seq: int,
+    cancelled: bool = False,
+    keepalive: Keepalive = _nothing,
 ) -> dict[str, int]:
     """Write manifest.jsonl (atomically) from the group files of submission ``seq``,
     merging any group that has none; returns counts by status. ``cancelled``: items no
@@ -350,8 +367,9 @@ def write_manifest(
     return counts
 
 
-def _groups(storage: Storage, spec: JobSpec, geo: Groups, seq: int, cancelled: bool,
-            keepalive: Keepalive) -> Iterator[Merged]:
+def _groups(
+    storage: Storage, spec: JobSpec, geo: Groups, seq: int, cancelled: bool, keepalive: Keepalive
+) -> Iterator[Merged]:
     """Every group's lines, in order: read from its file, or merged when it has none."""
     uris = [group_uri(spec.output, spec.job_id, g, seq) for g in range(geo.count)]
     older: dict[int, list[int]] | None = None

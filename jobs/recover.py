@@ -85,8 +85,9 @@ def start(state: JobState, storage: Storage, spec: JobSpec, send: Send, window: 
     return seq
 
 
-def rebuild(client: redis.Redis, storage: Storage, output: str, job_id: str, send: Send, window: int,
-            *, signer: Signer) -> int | None:
+def rebuild(
+    client: redis.Redis, storage: Storage, output: str, job_id: str, send: Send, window: int, *, signer: Signer
+) -> int | None:
     """Rebuild job ``job_id`` of ``output`` if Redis does not know it; returns the new seq,
     or None when Redis knows the job (or another process is rebuilding it right now). The
     spec it writes to Redis is signed with ``signer``."""
@@ -106,8 +107,13 @@ def rebuild(client: redis.Redis, storage: Storage, output: str, job_id: str, sen
         except BaseException:
             client.delete(state.key)  # half a rebuild must not pass for a job: the next try starts over
             raise
-        log.warning("job %s: Redis had lost it; rebuilt from storage (%d of %d done), submission %d",
-                    job_id, done, spec.total, seq)
+        log.warning(
+            "job %s: Redis had lost it; rebuilt from storage (%d of %d done), submission %d",
+            job_id,
+            done,
+            spec.total,
+            seq,
+        )
         return seq
     finally:
         client.delete(lock)

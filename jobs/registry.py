@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from pixelrelay.pipeline.storage import Storage, StorageError, StorageNotFoundError, join_uri
 
@@ -71,8 +71,13 @@ class Registry:
             return None
         job_id = row.get("job_id") if isinstance(row, dict) else None
         output = row.get("output") if isinstance(row, dict) else None
-        if not (isinstance(job_id, str) and JOB_ID_RE.match(job_id) and name == f"{job_id}.json"
-                and isinstance(output, str) and output):
+        if not (
+            isinstance(job_id, str)
+            and JOB_ID_RE.match(job_id)
+            and name == f"{job_id}.json"
+            and isinstance(output, str)
+            and output
+        ):
             log.warning("registry: skipping %s: not a valid entry", uri)
             return None
         return Entry(job_id, output)

@@ -167,7 +167,9 @@ class JobState:
     @property
     def signer(self) -> Signer:
         if self._signer is None:
-            raise SignatureError(f"job {self.job_id}: this JobState has no signer: it cannot read or write signed fields")
+            raise SignatureError(
+                f"job {self.job_id}: this JobState has no signer: it cannot read or write signed fields"
+            )
         return self._signer
 
     def spec(self) -> JobSpec:
@@ -312,7 +314,9 @@ class JobState:
             n = int(text)
             self.signer.check("cursor", [self.job_id, n], sig)
         except (ValueError, SignatureError) as exc:
-            raise SignatureError(f"job {self.job_id}: its chunk cursor in Redis fails its check ({exc}): ignored") from None
+            raise SignatureError(
+                f"job {self.job_id}: its chunk cursor in Redis fails its check ({exc}): ignored"
+            ) from None
         return n
 
     # --- delivery accounting (poison pills) -------------------------------------------

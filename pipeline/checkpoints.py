@@ -30,9 +30,10 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 
@@ -75,9 +76,7 @@ def source_of(name: str) -> Source:
     parts = name.split("/")
     if len(parts) >= 2 and all(parts):
         return Source(name, "hub")
-    raise ModelUnavailableError(
-        f"checkpoint {name!r} is not a file, an s3:// URI or a hub id (org/repo[/file.pth])"
-    )
+    raise ModelUnavailableError(f"checkpoint {name!r} is not a file, an s3:// URI or a hub id (org/repo[/file.pth])")
 
 
 def cache_dir() -> Path:
@@ -116,7 +115,9 @@ def _hub_file(source: Source, download: bool) -> Path | None:
     try:
         if filename is not None:
             return Path(hf_hub_download(repo, filename, local_files_only=not download))
-        folder = Path(snapshot_download(repo, allow_patterns=[f"*{e}" for e in EXTENSIONS], local_files_only=not download))
+        folder = Path(
+            snapshot_download(repo, allow_patterns=[f"*{e}" for e in EXTENSIONS], local_files_only=not download)
+        )
     except Exception:  # not cached, no such repo or file, offline: the caller names it
         if download:
             raise
@@ -124,13 +125,11 @@ def _hub_file(source: Source, download: bool) -> Path | None:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
     if len(files) != 1:
         found = ", ".join(p.name for p in files) or "none"
-        raise CheckpointError(
-            f"hub repo {repo!r} holds {len(files)} weights files ({found}): name one, {repo}/FILE"
-        )
+        raise CheckpointError(f"hub repo {repo!r} holds {len(files)} weights files ({found}): name one, {repo}/FILE")
     return files[0]
 
 
-def pull(name: str, storage_for: Callable[[str], "Storage"], max_bytes: int) -> Path:
+def pull(name: str, storage_for: Callable[[str], Storage], max_bytes: int) -> Path:
     """Fetch a checkpoint ahead of time (``models pull``): a hub file into the hub cache, an
     S3 object into the checkpoint cache; a local file is only looked up."""
     source = source_of(name)
@@ -141,7 +140,7 @@ def pull(name: str, storage_for: Callable[[str], "Storage"], max_bytes: int) -> 
     return require_file(source, "nothing to pull")
 
 
-def fetch_s3(uri: str, storage: "Storage", max_bytes: int, folder: Path | None = None) -> Path:
+def fetch_s3(uri: str, storage: Storage, max_bytes: int, folder: Path | None = None) -> Path:
     """The cached copy of ``uri`` (downloaded when absent or when the object changed)."""
     info = next((i for i in storage.list_info(uri) if i.uri == uri), None)
     if info is None:
@@ -198,7 +197,9 @@ def read_state_dict(path: Path, name: str, max_bytes: int) -> dict[str, Any]:
     running pickled code (see the module docstring)."""
     ext = path.suffix.lower()
     if ext not in EXTENSIONS:
-        raise CheckpointError(f"checkpoint {name!r}: unsupported file type {ext or '(none)'!r}; want one of {', '.join(EXTENSIONS)}")
+        raise CheckpointError(
+            f"checkpoint {name!r}: unsupported file type {ext or '(none)'!r}; want one of {', '.join(EXTENSIONS)}"
+        )
     _check_size(name, path.stat().st_size, max_bytes)
     loaded = _load_safetensors(path, name) if ext in SAFE_EXTENSIONS else _load_pickle(path, name)
     if not isinstance(loaded, Mapping):

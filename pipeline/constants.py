@@ -22,7 +22,9 @@ DEFAULT_BATCH_SIZE = 8  # items per model call, per stage
 # Bump when the decode path (tiling, encoding, colour handling...) changes the bytes of an
 # output for the same request and models: outputs of older versions are then re-processed.
 # Not the package version: a release that changes no output keeps every result reusable.
-DECODE_PATH_VERSION = 2  # 2: CMYK/grey converted through their ICC; TIFF structural tags and pixel dimensions out of the EXIF
+DECODE_PATH_VERSION = (
+    2  # 2: CMYK/grey converted through their ICC; TIFF structural tags and pixel dimensions out of the EXIF
+)
 
 # --- Celery -------------------------------------------------------------------------
 STAGES = ("encode", "plan", "decode")

@@ -28,8 +28,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 from pixelrelay.pipeline.constants import DECODE_PATH_VERSION
 from pixelrelay.pipeline.messages import Backends, Fingerprint, ItemOutcome, JobOptions

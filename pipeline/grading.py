@@ -32,7 +32,8 @@ torch is imported lazily (importing this module stays light).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,7 +43,14 @@ if TYPE_CHECKING:
     import torch
 
 ORDER: tuple[GradingName, ...] = (
-    "white_balance", "exposure", "warmth", "contrast", "saturation", "grayscale", "sepia", "vignette",
+    "white_balance",
+    "exposure",
+    "warmth",
+    "contrast",
+    "saturation",
+    "grayscale",
+    "sepia",
+    "vignette",
 )
 LINEAR_OPS = frozenset({"white_balance", "exposure", "warmth"})
 EXPOSURE_STOPS = 1.5
@@ -63,13 +71,13 @@ def _strengths(gradings: Sequence[Sequence[GradingOp]], name: str) -> list[float
     return [next((op.strength for op in ops if op.name == name), 0.0) for ops in gradings]
 
 
-def _srgb_to_linear(x: "torch.Tensor") -> "torch.Tensor":
+def _srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055).clamp_min(0) ** 2.4)
 
 
-def _linear_to_srgb(x: "torch.Tensor") -> "torch.Tensor":
+def _linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     x = x.clamp(0, 1)
@@ -79,7 +87,7 @@ def _linear_to_srgb(x: "torch.Tensor") -> "torch.Tensor":
 class _Items:
     """Each row's own region of a (possibly padded) batch: masked means, centred coordinates."""
 
-    def __init__(self, x: "torch.Tensor", sizes: Sequence[tuple[int, int]] | None) -> None:
+    def __init__(self, x: torch.Tensor, sizes: Sequence[tuple[int, int]] | None) -> None:
         import torch
 
         batch, _, height, width = x.shape
@@ -95,35 +103,35 @@ class _Items:
         self.rows, self.cols = rows, cols
         self.mask = ((rows < self.h) & (cols < self.w)).float() if self.padded else None
 
-    def mean(self, x: "torch.Tensor") -> "torch.Tensor":
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
         """(B,C,1,1) mean of each row over its own pixels."""
         if self.mask is not None:
             x = x * self.mask
         return x.sum(dim=(2, 3), keepdim=True) / (self.h * self.w)
 
-    def radius(self) -> "torch.Tensor":
+    def radius(self) -> torch.Tensor:
         """(B,1,H,W) distance from each item's centre, 1 at its corners."""
         dy = (self.rows - (self.h - 1) / 2) / (self.h / 2).clamp_min(0.5)
         dx = (self.cols - (self.w - 1) / 2) / (self.w / 2).clamp_min(0.5)
         return ((dy * dy + dx * dx) / 2).sqrt()
 
 
-def _per_item(values: Sequence[float], device: "torch.device") -> "torch.Tensor":
+def _per_item(values: Sequence[float], device: torch.device) -> torch.Tensor:
     import torch
 
     return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
 
 
-def _luma(x: "torch.Tensor") -> "torch.Tensor":
+def _luma(x: torch.Tensor) -> torch.Tensor:
     r, g, b = LUMA
     return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
 
 
-def _mix(x: "torch.Tensor", target: "torch.Tensor", amount: "torch.Tensor") -> "torch.Tensor":
+def _mix(x: torch.Tensor, target: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
     return x + amount * (target - x)
 
 
-def _linear_ops(x: "torch.Tensor", gradings: Sequence[Sequence[GradingOp]], items: _Items) -> "torch.Tensor":
+def _linear_ops(x: torch.Tensor, gradings: Sequence[Sequence[GradingOp]], items: _Items) -> torch.Tensor:
     import torch
 
     lin = _srgb_to_linear(x)
@@ -144,8 +152,8 @@ def _linear_ops(x: "torch.Tensor", gradings: Sequence[Sequence[GradingOp]], item
 
 
 def grade(
-    x: "torch.Tensor", gradings: Sequence[Sequence[GradingOp]], sizes: Sequence[tuple[int, int]] | None = None
-) -> "torch.Tensor":
+    x: torch.Tensor, gradings: Sequence[Sequence[GradingOp]], sizes: Sequence[tuple[int, int]] | None = None
+) -> torch.Tensor:
     """Grade a (B,3,H,W) float batch in [0, 1]; row i by ``gradings[i]`` (see the module
     docstring). ``sizes``: each row's own (height, width) inside a padded batch."""
     import torch
@@ -183,7 +191,9 @@ def grade(
 
 
 def grade_images(
-    rgbs: Sequence[np.ndarray], gradings: Sequence[Sequence[GradingOp]], device: "str | torch.device" = "cpu",
+    rgbs: Sequence[np.ndarray],
+    gradings: Sequence[Sequence[GradingOp]],
+    device: str | torch.device = "cpu",
     max_batch_pixels: int = 16 * 1024 * 1024,
 ) -> list[np.ndarray]:
     """Grade HxWx3 uint8 images: same-size images run as one tensor (at most

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 
@@ -72,10 +73,7 @@ def _has_config(folder: Path) -> bool:
 
 def pull_hint(stage: str, model: str, kind: str | None = None) -> str:
     if is_local_model(model):
-        return (
-            f"the folder {model!r} must hold a save_pretrained() checkpoint "
-            f"(config.json + weights)"
-        )
+        return f"the folder {model!r} must hold a save_pretrained() checkpoint (config.json + weights)"
     spec = f"{kind}:{model}" if kind else model
     return (
         f"fetch it ahead of time with `pixelrelay models pull {spec}` "
@@ -126,8 +124,8 @@ def require_model(model: str, stage_kind: str, kind: str | None = None) -> Path:
     """
     folder = local_snapshot(model)
     if folder is None:
-        where = "folder does not exist" if is_local_model(model) else (
-            f"not in the Hugging Face cache ({hub_cache_dir()})"
+        where = (
+            "folder does not exist" if is_local_model(model) else (f"not in the Hugging Face cache ({hub_cache_dir()})")
         )
         raise ModelUnavailableError(
             f"{stage_kind} model {model!r} is not available: {where}; {pull_hint(stage_kind, model, kind)}"
@@ -185,14 +183,22 @@ def pull_diffusers(model: str, kind: str) -> str:
         raise ModelUnavailableError(f"{model!r} is missing, and HF_HUB_OFFLINE=1 forbids downloading")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(model, allow_patterns=list(DIFFUSERS_PULL_ALLOW), ignore_patterns=list(DIFFUSERS_PULL_IGNORE))
+    return snapshot_download(
+        model, allow_patterns=list(DIFFUSERS_PULL_ALLOW), ignore_patterns=list(DIFFUSERS_PULL_IGNORE)
+    )
 
 
 # --- devices and dtypes ------------------------------------------------------------------
 
 
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 
 
 def choose_dtype(device: str, prefer: str = "auto") -> Any:

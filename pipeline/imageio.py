@@ -36,8 +36,9 @@ import io
 import struct
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -72,23 +73,65 @@ _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _EXIF_IFD = 0x8769
 # TIFF tags that describe the source file's layout, not the picture: never carried.
-TIFF_STRUCTURAL_TAGS = frozenset({
-    0x00FE, 0x00FF,  # NewSubfileType, SubfileType
-    0x0100, 0x0101, 0x0102, 0x0103,  # ImageWidth, ImageLength, BitsPerSample, Compression
-    0x0106, 0x0107, 0x0108, 0x0109, 0x010A,  # Photometric, Threshholding, CellWidth/Length, FillOrder
-    0x0111, 0x0115, 0x0116, 0x0117, 0x0118, 0x0119,  # StripOffsets, SamplesPerPixel, RowsPerStrip,
-    # StripByteCounts, Min/MaxSampleValue
-    0x011C, 0x0120, 0x0121, 0x0122, 0x0123, 0x0124, 0x0125,  # PlanarConfiguration, FreeOffsets,
-    # FreeByteCounts, GrayResponseUnit/Curve, T4/T6Options
-    0x013D, 0x0140, 0x0142, 0x0143, 0x0144, 0x0145,  # Predictor, ColorMap, TileWidth/Length/Offsets/ByteCounts
-    0x014A, 0x014C, 0x0152, 0x0153, 0x0154, 0x0155, 0x0156,  # SubIFDs, InkSet, ExtraSamples,
-    # SampleFormat, SMin/SMaxSampleValue, TransferRange
-    0x015B,  # JPEGTables
-    0x0200, 0x0201, 0x0202, 0x0203, 0x0205, 0x0206, 0x0207, 0x0208, 0x0209,  # old-style JPEG
-    0x0211, 0x0212, 0x0213,  # YCbCrCoefficients, YCbCrSubSampling, YCbCrPositioning
-    0x8773,  # InterColorProfile: the ICC profile is handled on its own
-    0x9354,  # ImageSourceData (Photoshop layers)
-})
+TIFF_STRUCTURAL_TAGS = frozenset(
+    {
+        0x00FE,
+        0x00FF,  # NewSubfileType, SubfileType
+        0x0100,
+        0x0101,
+        0x0102,
+        0x0103,  # ImageWidth, ImageLength, BitsPerSample, Compression
+        0x0106,
+        0x0107,
+        0x0108,
+        0x0109,
+        0x010A,  # Photometric, Threshholding, CellWidth/Length, FillOrder
+        0x0111,
+        0x0115,
+        0x0116,
+        0x0117,
+        0x0118,
+        0x0119,  # StripOffsets, SamplesPerPixel, RowsPerStrip,
+        # StripByteCounts, Min/MaxSampleValue
+        0x011C,
+        0x0120,
+        0x0121,
+        0x0122,
+        0x0123,
+        0x0124,
+        0x0125,  # PlanarConfiguration, FreeOffsets,
+        # FreeByteCounts, GrayResponseUnit/Curve, T4/T6Options
+        0x013D,
+        0x0140,
+        0x0142,
+        0x0143,
+        0x0144,
+        0x0145,  # Predictor, ColorMap, TileWidth/Length/Offsets/ByteCounts
+        0x014A,
+        0x014C,
+        0x0152,
+        0x0153,
+        0x0154,
+        0x0155,
+        0x0156,  # SubIFDs, InkSet, ExtraSamples,
+        # SampleFormat, SMin/SMaxSampleValue, TransferRange
+        0x015B,  # JPEGTables
+        0x0200,
+        0x0201,
+        0x0202,
+        0x0203,
+        0x0205,
+        0x0206,
+        0x0207,
+        0x0208,
+        0x0209,  # old-style JPEG
+        0x0211,
+        0x0212,
+        0x0213,  # YCbCrCoefficients, YCbCrSubSampling, YCbCrPositioning
+        0x8773,  # InterColorProfile: the ICC profile is handled on its own
+        0x9354,  # ImageSourceData (Photoshop layers)
+    }
+)
 _EXIF_PIXEL_DIMENSIONS = (0xA002, 0xA003)  # PixelXDimension, PixelYDimension (Exif IFD)
 
 
@@ -132,9 +175,7 @@ def _to_8bit(arr: np.ndarray) -> np.ndarray:
 def _split_channels(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     notes: list[str] = []
     mode = img.mode
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode in ("P", "L", "RGB") and "transparency" in img.info
-    )
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info)
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         gray = _to_8bit(np.asarray(img))
         notes.append(f"{mode} high-bit-depth input reduced to 8 bits")
@@ -330,7 +371,9 @@ def _to_output_colour(img: Image.Image, icc: bytes | None, notes: list[str]) -> 
         return img, icc
     try:
         if family == "CMYK":
-            converted = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb(), outputMode="RGB")
+            converted = ImageCms.profileToProfile(
+                img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb(), outputMode="RGB"
+            )
         else:
             converted = _grey_to_rgb(img, icc, notes)
     except (ImageCms.PyCMSError, OSError, ValueError) as exc:

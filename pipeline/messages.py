@@ -142,7 +142,7 @@ class JobOptions(_Model):
     strip_metadata: bool = False
 
     @model_validator(mode="after")
-    def _edit_needs_instruction(self) -> "JobOptions":
+    def _edit_needs_instruction(self) -> JobOptions:
         if self.task in EDIT_TASKS and not self.instruction.strip():
             raise ValueError(f"task {self.task!r} needs an instruction (what to change)")
         _one_kind_of_size(self.scale, self.width, self.height)
@@ -156,7 +156,7 @@ class JobOptions(_Model):
             return None
         return 2 if self.task == "upscale" else 1
 
-    def target(self) -> "OutputTarget | None":
+    def target(self) -> OutputTarget | None:
         """What a plan's ``target`` is for this job: None where a native scale (1, 2, 4)
         says it all, as before version 4."""
         if self.width is not None or self.height is not None:
@@ -235,7 +235,7 @@ class GradingOp(_Model):
     strength: float = Field(ge=-1.0, le=1.0)
 
     @model_validator(mode="after")
-    def _bounded(self) -> "GradingOp":
+    def _bounded(self) -> GradingOp:
         if self.name not in SIGNED_GRADING and self.strength < 0:
             raise ValueError(f"grading {self.name}: strength {self.strength} outside [0, 1]")
         if self.strength == 0:
@@ -275,7 +275,7 @@ class Edit(_Model):
         return grading
 
     @model_validator(mode="after")
-    def _not_empty(self) -> "Edit":
+    def _not_empty(self) -> Edit:
         if not self.grading and self.generative is None:
             raise ValueError("the plan has no edit operations")
         return self
@@ -285,8 +285,10 @@ class Edit(_Model):
 
     def describe(self) -> str:
         """A short text of the edit, e.g. "warmth +0.35, vignette 0.4; generative edit"."""
-        parts = [f"{op.name} {op.strength:+g}" if op.name in SIGNED_GRADING else f"{op.name} {op.strength:g}"
-                 for op in self.grading]
+        parts = [
+            f"{op.name} {op.strength:+g}" if op.name in SIGNED_GRADING else f"{op.name} {op.strength:g}"
+            for op in self.grading
+        ]
         text = ", ".join(parts)
         if self.generative is not None:
             text = f"{text}; generative edit" if text else "generative edit"
@@ -304,7 +306,7 @@ class OutputTarget(_Model):
     height: Side | None = _omitted_when_none()
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "OutputTarget":
+    def _one_kind(self) -> OutputTarget:
         _one_kind_of_size(self.scale, self.width, self.height)
         if self.scale is None and self.width is None and self.height is None:
             raise ValueError("an output target needs a scale, a width or a height")
@@ -508,6 +510,8 @@ def upgrade_message(body: Any) -> ChunkMessage:
         body = _UPGRADES[step](body)
     msg = ChunkMessage.model_validate(body)
     if version < 4 <= msg.wire_version():
-        raise WireFormatError(f"a version {version} body carries version 4 fields (an edit task or plan, "
-                              "an output scale other than 1, 2 or 4, a width/height or output scales)")
+        raise WireFormatError(
+            f"a version {version} body carries version 4 fields (an edit task or plan, "
+            "an output scale other than 1, 2 or 4, a width/height or output scales)"
+        )
     return msg

@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -106,8 +107,11 @@ class RestoreNet(nn.Module):
         c = channels
         self.config: dict[str, Any] = {"channels": channels, "blocks": blocks, "hidden": hidden}
         if context_channels:
-            self.config.update(context_channels=list(context_channels), context_blocks=list(context_blocks),
-                               context_after=context_after)
+            self.config.update(
+                context_channels=list(context_channels),
+                context_blocks=list(context_blocks),
+                context_after=context_after,
+            )
         self.cond_mlp = nn.Sequential(
             nn.Linear(COND_DIM + len(SCALES), hidden),
             nn.LeakyReLU(0.1, inplace=True),
@@ -115,8 +119,11 @@ class RestoreNet(nn.Module):
             nn.LeakyReLU(0.1, inplace=True),
         )
         self.inputs = nn.ModuleDict(
-            {"x1": nn.Conv2d(12, c, 3, padding=1), "x2": nn.Conv2d(3, c, 3, padding=1),
-             "x4": nn.Conv2d(3, c, 3, padding=1)}
+            {
+                "x1": nn.Conv2d(12, c, 3, padding=1),
+                "x2": nn.Conv2d(3, c, 3, padding=1),
+                "x4": nn.Conv2d(3, c, 3, padding=1),
+            }
         )
         self.blocks = nn.ModuleList(FiLMBlock(c, hidden) for _ in range(blocks))
         self.context = ContextBranch(c, hidden, context_channels, context_blocks) if context_channels else None
@@ -255,7 +262,12 @@ class StatFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         x255 = x * 255.0
-        r = F.conv2d(x255.reshape(b * c, 1, h, w), self.immerkaer).abs().reshape(b, c, h - 2, w - 2).mean(1, keepdim=True)
+        r = (
+            F.conv2d(x255.reshape(b * c, 1, h, w), self.immerkaer)
+            .abs()
+            .reshape(b, c, h - 2, w - 2)
+            .mean(1, keepdim=True)
+        )
         blocks = F.avg_pool2d(r, 8, ceil_mode=True).flatten(1)
         q = torch.quantile(blocks, torch.tensor([0.05, 0.1, 0.25, 0.5], device=x.device), dim=1).T
         y = (0.299 * x255[:, 0] + 0.587 * x255[:, 1] + 0.114 * x255[:, 2])[:, None]
@@ -266,10 +278,20 @@ class StatFeatures(nn.Module):
         lm, lbm = lp.mean((1, 2, 3)), lpb.mean((1, 2, 3))
         g90 = torch.quantile(g.flatten(1), 0.9, dim=1)
         feats = torch.stack(
-            [torch.log1p(q[:, 0]), torch.log1p(q[:, 1]), torch.log1p(q[:, 2]), torch.log1p(q[:, 3]),
-             torch.log1p(gm), torch.log1p(lm), torch.log1p(g90),
-             torch.log((gm + 0.1) / (gbm + 0.1)), torch.log((lm + 0.1) / (lbm + 0.1)),
-             torch.log1p(r.mean((1, 2, 3)))], dim=1)
+            [
+                torch.log1p(q[:, 0]),
+                torch.log1p(q[:, 1]),
+                torch.log1p(q[:, 2]),
+                torch.log1p(q[:, 3]),
+                torch.log1p(gm),
+                torch.log1p(lm),
+                torch.log1p(g90),
+                torch.log((gm + 0.1) / (gbm + 0.1)),
+                torch.log((lm + 0.1) / (lbm + 0.1)),
+                torch.log1p(r.mean((1, 2, 3))),
+            ],
+            dim=1,
+        )
         return feats
 
 
@@ -293,9 +315,7 @@ class DegradationNet(nn.Module):
         self.jpeg = JpegFeatures()
         self.stats = StatFeatures() if stat_features else None
         extra = self.jpeg.dim + (StatFeatures.dim if stat_features else 0)
-        self.head = nn.Sequential(
-            nn.Linear(2 * c + extra, hidden), act(), nn.Linear(hidden, len(ENCODER_OUTPUTS))
-        )
+        self.head = nn.Sequential(nn.Linear(2 * c + extra, hidden), act(), nn.Linear(hidden, len(ENCODER_OUTPUTS)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: Bx3xHxW in [0,1], 8x8-grid aligned. Returns BxLEN(ENCODER_OUTPUTS) raw outputs:
@@ -344,8 +364,10 @@ def save_model(
     from safetensors.torch import save_file
 
     store = getattr(torch, dtype)
-    state = {k: (v.to(store) if v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in net.state_dict().items()}
+    state = {
+        k: (v.to(store) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in net.state_dict().items()
+    }
     meta = {"kind": kind, "config": json.dumps(getattr(net, "config", {})), "stored_dtype": dtype}
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)

@@ -52,7 +52,8 @@ torch is imported lazily (the producer validates sizes without it).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pixelrelay.pipeline.messages import NATIVE_SCALES, JobOptions, OutputTarget, Plan
 
@@ -153,7 +154,7 @@ def describe(options: JobOptions) -> str:
 # --- the decode path ----------------------------------------------------------------------
 
 
-def restore(decoder: "Decoder", images: Sequence["DecodedImage"], plans: Sequence[Plan]) -> list["RestoredImage"]:
+def restore(decoder: Decoder, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
     """``decoder.restore`` with every plan's target met (see the module docstring). Plans
     without a target reach the decoder as they are, and their results come back untouched."""
     natives = tuple(decoder.native_scales())
@@ -183,28 +184,41 @@ def restore(decoder: "Decoder", images: Sequence["DecodedImage"], plans: Sequenc
     ]
 
 
-def _resampled(result: "RestoredImage", image: "DecodedImage", target: OutputTarget, native: int, size: Size,
-               natives: Sequence[int], device, model: str | None = None) -> "RestoredImage":
+def _resampled(
+    result: RestoredImage,
+    image: DecodedImage,
+    target: OutputTarget,
+    native: int,
+    size: Size,
+    natives: Sequence[int],
+    device,
+    model: str | None = None,
+) -> RestoredImage:
     """``result`` resampled to ``size``, with its notes; ``model``: the plan's model where it
     ran at a scale of its own."""
     from pixelrelay.pipeline import tensors
 
     got = (result.rgb.shape[1], result.rgb.shape[0])
     if got != (image.width * native, image.height * native):
-        raise RuntimeError(f"decoder returned {got[0]}x{got[1]} at x{native}, expected "
-                           f"{image.width * native}x{image.height * native}")
+        raise RuntimeError(
+            f"decoder returned {got[0]}x{got[1]} at x{native}, expected {image.width * native}x{image.height * native}"
+        )
     notes = list(result.notes)
     wanted = factor(target, image.width, image.height)
     if model is not None:  # the plan named a model of another scale
         notes.append(f"output {target.describe()}: the plan's model {model} runs x{native}")
     elif native < wanted:  # no native scale reaches it: the largest ran
         listed = ", ".join(str(n) for n in sorted(set(natives)))
-        notes.append(f"output {target.describe()}: no native scale at or above x{wanted:g} (decoder's: {listed}): "
-                     f"ran x{native} and resized the rest (bicubic)")
+        notes.append(
+            f"output {target.describe()}: no native scale at or above x{wanted:g} (decoder's: {listed}): "
+            f"ran x{native} and resized the rest (bicubic)"
+        )
     if got != size:
         how = "antialiased" if size[0] < got[0] or size[1] < got[1] else "bicubic"
-        notes.append(f"output {target.describe()}: decoder ran x{native}, resampled {got[0]}x{got[1]} -> "
-                     f"{size[0]}x{size[1]} ({how})")
+        notes.append(
+            f"output {target.describe()}: decoder ran x{native}, resampled {got[0]}x{got[1]} -> "
+            f"{size[0]}x{size[1]} ({how})"
+        )
         rgb = tensors.to_uint8(tensors.resize(tensors.to_tensor(result.rgb).to(device), (size[1], size[0])).cpu())
         alpha = None if result.alpha is None else tensors.resize_alpha_to(result.alpha, (size[1], size[0]), device)
     else:

@@ -197,7 +197,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _read_signing_key_file(self) -> "Settings":
+    def _read_signing_key_file(self) -> Settings:
         if self.signing_key_file and self.signing_key is None:
             self.signing_key = SecretStr(read_key_file(self.signing_key_file))
         return self
@@ -221,14 +221,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_visibility_timeout(self) -> "Settings":
+    def _check_visibility_timeout(self) -> Settings:
         longest = self.longest_batch_s()
         if self.visibility_timeout_s is not None and self.visibility_timeout_s <= longest:
             raise ValueError(
                 f"{ENV_PREFIX}VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} is not longer than the longest "
                 f"batch ({longest:.0f} s: {ENV_PREFIX}ITEM_BUDGET_S x {ENV_PREFIX}CHUNK_SIZE + 2 x "
                 f"{ENV_PREFIX}LEASE_S + 60), so Redis would deliver a slow batch twice: raise it, or unset it "
-                "to have it derived")
+                "to have it derived"
+            )
         return self
 
     def longest_batch_s(self) -> float:
@@ -245,13 +246,13 @@ class Settings(BaseSettings):
         return max(C.DEFAULT_VISIBILITY_TIMEOUT_S, math.ceil(self.longest_batch_s()) + 600)
 
     @classmethod
-    def defaults(cls) -> "Settings":
+    def defaults(cls) -> Settings:
         """The declared defaults, ignoring the environment (what a backend built without
         settings uses: backends never read the environment themselves)."""
         return cls.model_construct()
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "Settings":
+    def from_env(cls, **overrides: Any) -> Settings:
         """Build from the environment plus explicit overrides (None values are ignored)."""
         given = {k: v for k, v in overrides.items() if v is not None}
         try:

@@ -66,7 +66,7 @@ class Signer:
         self._key = key.encode("utf-8") if key is not None else None
 
     @classmethod
-    def insecure(cls) -> "Signer":
+    def insecure(cls) -> Signer:
         """No key: signs nothing, accepts everything (``--insecure-no-signing``)."""
         return cls(None)
 

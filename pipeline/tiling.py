@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +140,9 @@ def available_cuda_bytes(device: torch.device | str) -> int:
 
 
 def memory_budget(
-    device: torch.device | str, memory_mb: int = 0, fraction: float = DEFAULT_MEMORY_FRACTION,
+    device: torch.device | str,
+    memory_mb: int = 0,
+    fraction: float = DEFAULT_MEMORY_FRACTION,
     available: Callable[[torch.device], int] = available_cuda_bytes,
 ) -> int:
     """Bytes one forward call may use. CUDA: ``fraction`` of what is ``available`` now,
@@ -471,17 +474,35 @@ def run_tiled_with_fallback(
     def run(bs: int, t: int) -> torch.Tensor:
         g, ov = grid_for(t)
         mg = None if margin is None else min(margin, ov // 2)
-        return run_tiled(fn, x, scale, (g.tile_h, g.tile_w), ov, batch_size=min(bs, fit_batch(g, max_pixels, bs)),
-                         margin=mg, align=align, device=device, out_dtype=out_dtype, pass_items=pass_items,
-                         pad_mode=pad_mode)
+        return run_tiled(
+            fn,
+            x,
+            scale,
+            (g.tile_h, g.tile_w),
+            ov,
+            batch_size=min(bs, fit_batch(g, max_pixels, bs)),
+            margin=mg,
+            align=align,
+            device=device,
+            out_dtype=out_dtype,
+            pass_items=pass_items,
+            pad_mode=pad_mode,
+        )
 
     first_batch = fit_batch(grid_for(first_tile)[0], max_pixels, batch_size)
     out, bs, t, retries = with_oom_fallback(
         run, batch_size=first_batch, tile=first_tile, min_tile=min(min_tile, first_tile), align=align, what=what
     )
     g, ov = grid_for(t)
-    return out, TileSettings(tile=t, overlap=ov if g.tiles > 1 else 0, batch_size=min(bs, fit_batch(g, max_pixels, bs)),
-                             oom_retries=retries, tile_h=g.tile_h, tile_w=g.tile_w, tiles=g.tiles)
+    return out, TileSettings(
+        tile=t,
+        overlap=ov if g.tiles > 1 else 0,
+        batch_size=min(bs, fit_batch(g, max_pixels, bs)),
+        oom_retries=retries,
+        tile_h=g.tile_h,
+        tile_w=g.tile_w,
+        tiles=g.tiles,
+    )
 
 
 def map_batches_with_oom(

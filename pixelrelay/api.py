@@ -28,8 +28,9 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, TextIO
+from typing import Any, Literal, TextIO
 
 from pydantic import ValidationError
 
@@ -48,9 +49,22 @@ from pixelrelay.producer.submit import Submission, normalize_location, redis_cli
 from pixelrelay.producer.submit import submit as _submit
 
 __all__ = [
-    "CancelOutcome", "ConfigError", "ExitCode", "InputError", "Job", "JobFinishedError", "JobStatus",
-    "JobStatusInfo", "ManifestError", "ManifestNotReady", "ManifestRow", "RebuildError", "StorageError",
-    "UnknownJobError", "WaitTimeout", "submit",
+    "CancelOutcome",
+    "ConfigError",
+    "ExitCode",
+    "InputError",
+    "Job",
+    "JobFinishedError",
+    "JobStatus",
+    "JobStatusInfo",
+    "ManifestError",
+    "ManifestNotReady",
+    "ManifestRow",
+    "RebuildError",
+    "StorageError",
+    "UnknownJobError",
+    "WaitTimeout",
+    "submit",
 ]
 
 
@@ -107,7 +121,9 @@ class Job:
     submission: Submission | None = field(default=None, repr=False, compare=False)  # set by submit()
 
     @classmethod
-    def attach(cls, job_id: str, out: str | None = None, settings: Settings | None = None, **setting_overrides: Any) -> "Job":
+    def attach(
+        cls, job_id: str, out: str | None = None, settings: Settings | None = None, **setting_overrides: Any
+    ) -> Job:
         """A handle on an existing job. ``out`` (its output) lets ``status``/``wait`` rebuild
         it from storage where Redis lost it; without it, Redis must know the job
         (``UnknownJobError`` otherwise)."""
@@ -147,8 +163,14 @@ class Job:
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout: expected a positive number of seconds, got {timeout}")
         state = self._known()
-        wait_for_job(state, self.settings, progress, poll_s=poll_s, timeout_s=timeout,
-                     keeper=Keeper(state.r, self.settings, self.job_id, self.output))
+        wait_for_job(
+            state,
+            self.settings,
+            progress,
+            poll_s=poll_s,
+            timeout_s=timeout,
+            keeper=Keeper(state.r, self.settings, self.job_id, self.output),
+        )
         return self.status()
 
     @property
@@ -216,11 +238,21 @@ def submit(
     inside keeping the aspect ratio (not with ``scale``); a bad one is a ConfigError."""
     settings = _settings(settings, setting_overrides)
     try:
-        options = JobOptions(task=task, scale=scale, width=width, height=height, instruction=instruction,
-                             format=format, quality=quality, lossless=lossless, overwrite=overwrite)
+        options = JobOptions(
+            task=task,
+            scale=scale,
+            width=width,
+            height=height,
+            instruction=instruction,
+            format=format,
+            quality=quality,
+            lossless=lossless,
+            overwrite=overwrite,
+        )
     except ValidationError as exc:
-        raise ConfigError("bad job option: " + "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise ConfigError(
+            "bad job option: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
     backends = Backends(encoder=encoder, planner=planner, decoder=decoder)
     submission = _submit(settings, input, out, options, backends, job_id)
     return Job(job_id=submission.job_id, output=submission.output, settings=settings, submission=submission)

@@ -25,14 +25,19 @@ from pixelrelay.pipeline.settings import ConfigError, Settings
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="broker Redis URL (env PIXELRELAY_REDIS_URL)")
     parser.add_argument(
-        "--insecure-no-signing", action="store_true", default=None,
+        "--insecure-no-signing",
+        action="store_true",
+        default=None,
         help="run without a signing key (env PIXELRELAY_INSECURE_NO_SIGNING=1): anyone who can write to "
-             "Redis then controls what workers read and write. The key: env PIXELRELAY_SIGNING_KEY or "
-             "PIXELRELAY_SIGNING_KEY_FILE",
+        "Redis then controls what workers read and write. The key: env PIXELRELAY_SIGNING_KEY or "
+        "PIXELRELAY_SIGNING_KEY_FILE",
     )
     parser.add_argument("--s3-endpoint-url", help="S3 endpoint for MinIO/Ceph/R2 (env PIXELRELAY_S3_ENDPOINT_URL)")
-    parser.add_argument("--log-format", choices=["text", "json"],
-                        help="log lines as text or one JSON object each (env PIXELRELAY_LOG_FORMAT; default text)")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or one JSON object each (env PIXELRELAY_LOG_FORMAT; default text)",
+    )
 
 
 def _backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -44,40 +49,62 @@ def _backend_flags(parser: argparse.ArgumentParser) -> None:
 def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="local folder, s3://bucket/prefix, or a manifest file")
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    parser.add_argument("--task", choices=["restore", "upscale", "edit", "style"], default="restore",
-                        help="edit / style: grade (and, with a generative decoder, edit) as --instruction says")
-    parser.add_argument("--scale", type=_scale, metavar="S",
-                        help=f"output scale, any factor in (0, {MAX_SCALE}] (e.g. 2, 1.5, 3, 0.5; default: "
-                             "1 for restore, 2 for upscale); the decoder runs its native scale at or above it "
-                             "and resamples to the exact size")
-    parser.add_argument("--width", type=_side, metavar="PX",
-                        help="output width; with --height, fit inside WIDTHxHEIGHT; keeps the aspect ratio "
-                             "(not with --scale)")
+    parser.add_argument(
+        "--task",
+        choices=["restore", "upscale", "edit", "style"],
+        default="restore",
+        help="edit / style: grade (and, with a generative decoder, edit) as --instruction says",
+    )
+    parser.add_argument(
+        "--scale",
+        type=_scale,
+        metavar="S",
+        help=f"output scale, any factor in (0, {MAX_SCALE}] (e.g. 2, 1.5, 3, 0.5; default: "
+        "1 for restore, 2 for upscale); the decoder runs its native scale at or above it "
+        "and resamples to the exact size",
+    )
+    parser.add_argument(
+        "--width",
+        type=_side,
+        metavar="PX",
+        help="output width; with --height, fit inside WIDTHxHEIGHT; keeps the aspect ratio (not with --scale)",
+    )
     parser.add_argument("--height", type=_side, metavar="PX", help="output height (see --width)")
-    parser.add_argument("--instruction", default="", type=_instruction,
-                        help=f"free-text instruction for the planner (at most {MAX_INSTRUCTION_CHARS} characters)")
+    parser.add_argument(
+        "--instruction",
+        default="",
+        type=_instruction,
+        help=f"free-text instruction for the planner (at most {MAX_INSTRUCTION_CHARS} characters)",
+    )
     parser.add_argument("--format", choices=["png", "jpg", "webp"], help="output format (default: keep)")
     parser.add_argument(
-        "--quality", type=_quality, default=DEFAULT_QUALITY, metavar="1..100",
+        "--quality",
+        type=_quality,
+        default=DEFAULT_QUALITY,
+        metavar="1..100",
         help=f"JPEG and lossy WebP quality (default {DEFAULT_QUALITY})",
     )
     parser.add_argument("--lossless", action="store_true", help="write WebP outputs lossless (ignores --quality)")
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="re-process every item, even where the output already answers the same request and models",
     )
     parser.add_argument(
-        "--strip-metadata", action="store_true",
+        "--strip-metadata",
+        action="store_true",
         help="outputs carry no EXIF (GPS included) or other metadata; an RGB colour profile stays",
     )
     parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
     parser.add_argument(
-        "--incremental", action="store_true",
+        "--incremental",
+        action="store_true",
         help="send only inputs new or changed (ETag, size+mtime, request) since the last jobs into --out "
-             "(index in OUT/_state/incremental/); nothing new: no job, exit 0",
+        "(index in OUT/_state/incremental/); nothing new: no job, exit 0",
     )
     parser.add_argument(
-        "--follow-symlinks", action="store_true",
+        "--follow-symlinks",
+        action="store_true",
         help="follow symlinked files and folders in a folder input (default: a symlinked image fails its item)",
     )
     parser.add_argument("--chunk-size", type=int, help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
@@ -127,7 +154,9 @@ def _seconds(text: str, positive: bool = False) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if value < 0 or (positive and value == 0):
-        raise argparse.ArgumentTypeError(f"expected {'a positive number of' if positive else '0 or more'} seconds, got {text}")
+        raise argparse.ArgumentTypeError(
+            f"expected {'a positive number of' if positive else '0 or more'} seconds, got {text}"
+        )
     return value
 
 
@@ -138,17 +167,25 @@ def _positive_seconds(text: str) -> float:
 def _wait_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--wait", action="store_true", help=f"wait for the job and {what}")
     parser.add_argument(
-        "--timeout", type=_positive_seconds, metavar="S",
+        "--timeout",
+        type=_positive_seconds,
+        metavar="S",
         help="with --wait: give up after S seconds with exit code 3; the job goes on",
     )
 
 
 def _end_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report", action="store_true",
-                        help="when the job ends, write report.html and contact-sheet.jpg beside its manifest")
-    parser.add_argument("--notify", action="store_true",
-                        help="when waiting ends, POST a JSON summary to $PIXELRELAY_NOTIFY_URL (or the URL in the "
-                             "file $PIXELRELAY_NOTIFY_URL_FILE); never fails the job")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="when the job ends, write report.html and contact-sheet.jpg beside its manifest",
+    )
+    parser.add_argument(
+        "--notify",
+        action="store_true",
+        help="when waiting ends, POST a JSON summary to $PIXELRELAY_NOTIFY_URL (or the URL in the "
+        "file $PIXELRELAY_NOTIFY_URL_FILE); never fails the job",
+    )
 
 
 def _worker_flags(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel a job: no new chains, chains in flight end; manifest written")
     p.add_argument("job_id")
     p.add_argument(
-        "--grace", type=_seconds, default=30.0, metavar="S",
+        "--grace",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
         help="wait up to S seconds for the chains in flight to end, then write the manifest (default 30)",
     )
     _common(p)
@@ -195,31 +235,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, choices=["encode", "plan", "decode"])
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (1: solo pool)")
     p.add_argument("--loglevel", help="DEBUG, INFO, WARNING or ERROR")
-    p.add_argument("--remote-control", action="store_true",
-                   help="accept Celery remote control (celery inspect/control, Flower's control panel); off by default")
-    p.add_argument("--metrics-port", type=int, metavar="N",
-                   help="serve Prometheus /metrics on port N (env PIXELRELAY_METRICS_PORT; 0: off)")
-    p.add_argument("--no-events", action="store_true",
-                   help="send no Celery task events or worker heartbeats (Flower, celery events); on by default")
+    p.add_argument(
+        "--remote-control",
+        action="store_true",
+        help="accept Celery remote control (celery inspect/control, Flower's control panel); off by default",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus /metrics on port N (env PIXELRELAY_METRICS_PORT; 0: off)",
+    )
+    p.add_argument(
+        "--no-events",
+        action="store_true",
+        help="send no Celery task events or worker heartbeats (Flower, celery events); on by default",
+    )
     _worker_flags(p)
     _backend_flags(p)
     _common(p)
 
     p = sub.add_parser("exporter", help="serve the true backlog per stage (Prometheus /metrics) from Redis")
-    p.add_argument("--port", type=int, default=None, metavar="N",
-                   help="listen on port N (env PIXELRELAY_METRICS_PORT; default 9808)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="listen on port N (env PIXELRELAY_METRICS_PORT; default 9808)",
+    )
     _common(p)
     p = sub.add_parser("health", help="exit 0 when this container's worker is alive and consuming (health checks)")
-    p.add_argument("--max-age", type=_positive_seconds, default=60.0, metavar="S",
-                   help="unhealthy when the worker's heartbeat file (env PIXELRELAY_HEALTH_FILE) is older (default 60)")
-    p.add_argument("--file", help="the heartbeat file (default: $PIXELRELAY_HEALTH_FILE or <tmp>/pixelrelay-worker.health)")
+    p.add_argument(
+        "--max-age",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="S",
+        help="unhealthy when the worker's heartbeat file (env PIXELRELAY_HEALTH_FILE) is older (default 60)",
+    )
+    p.add_argument(
+        "--file", help="the heartbeat file (default: $PIXELRELAY_HEALTH_FILE or <tmp>/pixelrelay-worker.health)"
+    )
 
     p = sub.add_parser("run", help="run the whole system on this machine for one job")
     _job_flags(p)
     _worker_flags(p)
     _backend_flags(p)
     p.add_argument(
-        "--keep-logs", action="store_true",
+        "--keep-logs",
+        action="store_true",
         help="keep the workers' log folder after a successful run (it is always kept on failure)",
     )
     _end_flags(p)
@@ -232,11 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", help="remove old jobs' parts, listings and reports from an output (manifests stay)")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    p.add_argument("--older-than", required=True, metavar="AGE", help="jobs last written more than AGE ago: 30d, 12h, 90m")
+    p.add_argument(
+        "--older-than", required=True, metavar="AGE", help="jobs last written more than AGE ago: 30d, 12h, 90m"
+    )
     p.add_argument("--dry-run", action="store_true", help="print what would be removed, with sizes; remove nothing")
-    p.add_argument("--include-manifests", action="store_true", help="remove the whole job folder, manifest and job.json too")
-    p.add_argument("--force", action="store_true",
-                   help="without Redis: also remove jobs with no manifest, or with parts newer than it")
+    p.add_argument(
+        "--include-manifests", action="store_true", help="remove the whole job folder, manifest and job.json too"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="without Redis: also remove jobs with no manifest, or with parts newer than it",
+    )
     _common(p)
 
     for name, help_text in DELEGATED_HELP.items():
@@ -252,8 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     fields = (
-        "redis_url", "s3_endpoint_url", "chunk_size", "window", "batch_size", "device",
-        "encoder", "planner", "decoder", "insecure_no_signing", "metrics_port",
+        "redis_url",
+        "s3_endpoint_url",
+        "chunk_size",
+        "window",
+        "batch_size",
+        "device",
+        "encoder",
+        "planner",
+        "decoder",
+        "insecure_no_signing",
+        "metrics_port",
     )
     return Settings.from_env(**{name: getattr(args, name, None) for name in fields})
 
@@ -262,13 +341,20 @@ def _job_options(args: argparse.Namespace):
     from pixelrelay.pipeline.messages import EDIT_TASKS, JobOptions
 
     if args.task in EDIT_TASKS and not args.instruction.strip():
-        raise ConfigError(f"--task {args.task}: needs --instruction (what to change), e.g. \"make it warmer\"")
+        raise ConfigError(f'--task {args.task}: needs --instruction (what to change), e.g. "make it warmer"')
     if args.scale is not None and (args.width is not None or args.height is not None):
         raise ConfigError("--scale: not with --width/--height (give a scale, or a size to fit inside)")
 
     return JobOptions(
-        task=args.task, scale=args.scale, width=args.width, height=args.height, instruction=args.instruction,
-        format=args.format, quality=args.quality, lossless=args.lossless, overwrite=args.overwrite,
+        task=args.task,
+        scale=args.scale,
+        width=args.width,
+        height=args.height,
+        instruction=args.instruction,
+        format=args.format,
+        quality=args.quality,
+        lossless=args.lossless,
+        overwrite=args.overwrite,
         strip_metadata=args.strip_metadata,
     )
 
@@ -288,7 +374,9 @@ def _end_hooks(args: argparse.Namespace):
     from pixelrelay.producer.notify import after_wait, notify_url
 
     url = notify_url() if args.notify else None
-    return lambda settings, job_id, output, code: after_wait(settings, job_id, output, code, report=args.report, url=url)
+    return lambda settings, job_id, output, code: after_wait(
+        settings, job_id, output, code, report=args.report, url=url
+    )
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -300,8 +388,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     on_end = _end_hooks(args)
     settings = _settings(args)
     backends = Backends(encoder=args.encoder, planner=args.planner, decoder=args.decoder)
-    submission = submit(settings, args.input, args.out, _job_options(args), backends, args.job_id,
-                        follow_symlinks=args.follow_symlinks, incremental=args.incremental)
+    submission = submit(
+        settings,
+        args.input,
+        args.out,
+        _job_options(args),
+        backends,
+        args.job_id,
+        follow_symlinks=args.follow_symlinks,
+        incremental=args.incremental,
+    )
     if submission.incremental:
         print(submission.incremental, file=sys.stderr, flush=True)
     if submission.nothing_new:
@@ -310,8 +406,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if submission.resumed:
         print(f"resuming: {submission.already_done} of {submission.total} items already done", file=sys.stderr)
     if args.wait:
-        code = show_status(settings, submission.job_id, wait=True, stream=sys.stderr, timeout_s=args.timeout,
-                           output=submission.output)
+        code = show_status(
+            settings, submission.job_id, wait=True, stream=sys.stderr, timeout_s=args.timeout, output=submission.output
+        )
         if on_end is not None:
             on_end(settings, submission.job_id, submission.output, code)
         return code
@@ -325,15 +422,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from pixelrelay.producer.submit import normalize_location
 
     output = normalize_location(args.out) if args.out else None
-    return show_status(_settings(args), args.job_id, args.wait, timeout_s=args.timeout, output=output,
-                       as_json=args.json)
+    return show_status(
+        _settings(args), args.job_id, args.wait, timeout_s=args.timeout, output=output, as_json=args.json
+    )
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
+    from pixelrelay.jobs.state import JobState
     from pixelrelay.producer.jobs import CancelOutcome, cancel_job
     from pixelrelay.producer.status import summarize
     from pixelrelay.producer.submit import redis_client
-    from pixelrelay.jobs.state import JobState
 
     settings = _settings(args)
     client = redis_client(settings)
@@ -363,12 +461,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     _settings(args)  # validate flags before exporting them
     export_settings(
-        redis_url=args.redis_url, s3_endpoint_url=args.s3_endpoint_url, batch_size=args.batch_size,
-        device=args.device, encoder=args.encoder, planner=args.planner, decoder=args.decoder,
-        insecure_no_signing=args.insecure_no_signing, metrics_port=args.metrics_port, log_format=args.log_format,
+        redis_url=args.redis_url,
+        s3_endpoint_url=args.s3_endpoint_url,
+        batch_size=args.batch_size,
+        device=args.device,
+        encoder=args.encoder,
+        planner=args.planner,
+        decoder=args.decoder,
+        insecure_no_signing=args.insecure_no_signing,
+        metrics_port=args.metrics_port,
+        log_format=args.log_format,
     )
-    return run_worker(args.stage, args.concurrency, args.loglevel, remote_control=args.remote_control,
-                      events=not args.no_events)
+    return run_worker(
+        args.stage, args.concurrency, args.loglevel, remote_control=args.remote_control, events=not args.no_events
+    )
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -403,9 +509,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     per_stage = {stage: worker_args for stage in ("encode", "plan", "decode")}
     # The workers load the chosen backends at start-up; the job itself uses their defaults.
     return run_local(
-        settings, args.input, args.out, _job_options(args), Backends(), args.job_id, per_stage, keep_logs=args.keep_logs,
+        settings,
+        args.input,
+        args.out,
+        _job_options(args),
+        Backends(),
+        args.job_id,
+        per_stage,
+        keep_logs=args.keep_logs,
         follow_symlinks=args.follow_symlinks,
-        on_end=on_end, incremental=args.incremental,
+        on_end=on_end,
+        incremental=args.incremental,
     )
 
 
@@ -441,8 +555,14 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     from pixelrelay.producer.submit import normalize_location
 
     age = parse_age(args.older_than)
-    collect(_settings(args), normalize_location(args.out), age, dry_run=args.dry_run,
-            include_manifests=args.include_manifests, force=args.force)
+    collect(
+        _settings(args),
+        normalize_location(args.out),
+        age,
+        dry_run=args.dry_run,
+        include_manifests=args.include_manifests,
+        force=args.force,
+    )
     return ExitCode.OK
 
 
@@ -467,8 +587,10 @@ DELEGATED_HELP = {
 }
 
 
-BENCH_SUBCOMMANDS = {"quality": "restoration quality of the shipped pipelines on a folder of images",
-                     "figure": "a before/after PNG of the pipelines on validation crops"}
+BENCH_SUBCOMMANDS = {
+    "quality": "restoration quality of the shipped pipelines on a folder of images",
+    "figure": "a before/after PNG of the pipelines on validation crops",
+}
 BENCH_MODULES = {"figure": "pixelrelay.training.figure"}  # the others: DELEGATED["bench"]
 
 

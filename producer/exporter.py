@@ -41,17 +41,22 @@ class BacklogCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         jobs = active_backlogs(self.r, self.signer)
-        backlog = GaugeMetricFamily("pixelrelay_backlog_items", "Items of active jobs not yet through the stage",
-                                    labels=["stage"])
-        chains = GaugeMetricFamily("pixelrelay_chains_in_flight", "Chains of active jobs at the stage", labels=["stage"])
-        queue = GaugeMetricFamily("pixelrelay_queue_length", "Messages waiting in the stage's queue (windowed)",
-                                  labels=["stage"])
+        backlog = GaugeMetricFamily(
+            "pixelrelay_backlog_items", "Items of active jobs not yet through the stage", labels=["stage"]
+        )
+        chains = GaugeMetricFamily(
+            "pixelrelay_chains_in_flight", "Chains of active jobs at the stage", labels=["stage"]
+        )
+        queue = GaugeMetricFamily(
+            "pixelrelay_queue_length", "Messages waiting in the stage's queue (windowed)", labels=["stage"]
+        )
         for stage in C.STAGES:
             backlog.add_metric([stage], sum(j.stages[stage] for j in jobs))
             chains.add_metric([stage], sum(j.chains[stage] for j in jobs))
             queue.add_metric([stage], self.r.llen(C.QUEUE_PREFIX + stage))
-        pending = GaugeMetricFamily("pixelrelay_job_pending_items", "Items of an active job without a final status",
-                                    labels=["job"])
+        pending = GaugeMetricFamily(
+            "pixelrelay_job_pending_items", "Items of an active job without a final status", labels=["job"]
+        )
         for job in jobs:
             pending.add_metric([job.job_id], job.pending)
         active = GaugeMetricFamily("pixelrelay_active_jobs", "Jobs with chains in flight", value=len(jobs))

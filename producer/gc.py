@@ -25,8 +25,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, TextIO
+from typing import TextIO
 
 import redis
 
@@ -67,7 +68,7 @@ class JobFiles:
     objects: list[ObjectInfo] = field(default_factory=list)
 
     def relative(self, info: ObjectInfo) -> str:
-        return info.uri[len(self.root):].lstrip("/")
+        return info.uri[len(self.root) :].lstrip("/")
 
     @property
     def newest(self) -> float:
@@ -93,7 +94,7 @@ def iter_jobs(storage, output: str) -> Iterator[JobFiles]:
     base = join_uri(output, JOBS_DIR).rstrip("/") + "/"  # not "_jobsX/...": only under _jobs/
     current: JobFiles | None = None
     for info in storage.list_info(base):
-        job_id = info.uri[len(base):].lstrip("/").split("/", 1)[0]
+        job_id = info.uri[len(base) :].lstrip("/").split("/", 1)[0]
         if current is None or current.job_id != job_id:
             if current is not None:
                 yield current
@@ -183,11 +184,20 @@ def collect(
                 storage.delete(info.uri)
         if not dry_run and not is_s3(output):
             _prune_folders(job.root, include_manifests)
-        result.jobs, result.objects, result.bytes = result.jobs + 1, result.objects + len(removable), result.bytes + size
-        stream.write(f"{verb} {len(removable)} objects, {human_size(size)} of job {job.job_id} "
-                     f"(last written {time.strftime('%Y-%m-%d %H:%M', time.localtime(job.newest))})\n")
-    stream.write(f"{verb} {result.objects} objects, {human_size(result.bytes)}, from {result.jobs} jobs"
-                 + (f"; kept {len(result.skipped)} jobs that may be running" if result.skipped else "") + "\n")
+        result.jobs, result.objects, result.bytes = (
+            result.jobs + 1,
+            result.objects + len(removable),
+            result.bytes + size,
+        )
+        stream.write(
+            f"{verb} {len(removable)} objects, {human_size(size)} of job {job.job_id} "
+            f"(last written {time.strftime('%Y-%m-%d %H:%M', time.localtime(job.newest))})\n"
+        )
+    stream.write(
+        f"{verb} {result.objects} objects, {human_size(result.bytes)}, from {result.jobs} jobs"
+        + (f"; kept {len(result.skipped)} jobs that may be running" if result.skipped else "")
+        + "\n"
+    )
     stream.flush()
     return result
 

@@ -62,8 +62,8 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from pixelrelay.jobs.files import job_root, manifest_uri, read_spec
 from pixelrelay.pipeline.fingerprint import request_fingerprint
@@ -101,8 +101,10 @@ class Counts:
     def line(self) -> str:
         if not self.sent:
             return f"nothing new: {self.skipped} unchanged items skipped"
-        return (f"incremental: {self.sent} items to process ({self.new} new, {self.changed} changed, "
-                f"{self.retried} retried); {self.skipped} unchanged items skipped")
+        return (
+            f"incremental: {self.sent} items to process ({self.new} new, {self.changed} changed, "
+            f"{self.retried} retried); {self.skipped} unchanged items skipped"
+        )
 
 
 class Incremental:
@@ -172,8 +174,11 @@ class Incremental:
         def folded() -> Iterator[tuple[str, str, str, int]]:
             for listed, row in zip(sent, rows):  # both in the job's index order, one line per item
                 fingerprint = row.get("fingerprint") or {}
-                done = (row.get("status") == "done" and row.get("input") == listed["input"]
-                        and fingerprint.get("request") == listed["request"])
+                done = (
+                    row.get("status") == "done"
+                    and row.get("input") == listed["input"]
+                    and fingerprint.get("request") == listed["request"]
+                )
                 yield listed["input"], listed["version"], listed["request"], int(done)
 
         self._upsert(folded())
@@ -192,8 +197,11 @@ class Incremental:
     def select(self, pairs: Iterable[tuple[Item, str]], options: JobOptions, backends: Backends) -> Iterator[Item]:
         """The items to send, renumbered from 0; the others are counted as skipped."""
         for item, version in pairs:
-            request = request_fingerprint(options, backends, item.input, format_for_uri(item.output)) \
-                if item.error is None else ""
+            request = (
+                request_fingerprint(options, backends, item.input, format_for_uri(item.output))
+                if item.error is None
+                else ""
+            )
             known = self.db.execute("SELECT version, request, done FROM idx WHERE input = ?", (item.input,)).fetchone()
             if item.error is None and known is not None and version and known == (version, request, 1):
                 self.counts.skipped += 1
@@ -224,9 +232,14 @@ class Incremental:
         self.storage.put_file(join_uri(self._jobs_prefix(), f"{job_id}.jsonl"), self._sent, "application/x-ndjson")
 
     def write_summary(self, job_id: str) -> None:
-        data = {"sent": self.counts.sent, "new": self.counts.new, "changed": self.counts.changed,
-                "retried": self.counts.retried, "skipped_unchanged": self.counts.skipped,
-                "line": self.counts.line()}
+        data = {
+            "sent": self.counts.sent,
+            "new": self.counts.new,
+            "changed": self.counts.changed,
+            "retried": self.counts.retried,
+            "skipped_unchanged": self.counts.skipped,
+            "line": self.counts.line(),
+        }
         self.storage.put(summary_uri(self.output, job_id), json.dumps(data).encode(), "application/json")
 
     def close(self) -> None:

@@ -23,9 +23,9 @@ job's hash; a job whose keys expired (7 days after its manifest) is left out.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Callable
 
 import redis
 
@@ -126,7 +126,11 @@ def recent_jobs(client: redis.Redis, limit: int, stall_s: float, now: float | No
     for i, job_id in enumerate(ids):
         raw, done, failed = replies[3 * i : 3 * i + 3]
         if raw:
-            rows.append(_row(job_id, {k.decode(): v.decode() for k, v in raw.items() if k != b"spec"}, done, failed, now, stall_s))
+            rows.append(
+                _row(
+                    job_id, {k.decode(): v.decode() for k, v in raw.items() if k != b"spec"}, done, failed, now, stall_s
+                )
+            )
     return rows
 
 
@@ -134,8 +138,13 @@ def _row(job_id: str, info: dict[str, str], done: int, failed: int, now: float, 
     counts = Counts(int(info.get("total", 0) or 0), int(done), int(failed))
     submitted = float(info.get("submitted_at", 0) or 0)
     return JobRow(
-        job_id=job_id, state=job_status(info, counts, now, stall_s), done=counts.done, failed=counts.failed,
-        cancelled=int(info.get("manifest_cancelled", 0) or 0), total=counts.total, submitted_at=submitted,
+        job_id=job_id,
+        state=job_status(info, counts, now, stall_s),
+        done=counts.done,
+        failed=counts.failed,
+        cancelled=int(info.get("manifest_cancelled", 0) or 0),
+        total=counts.total,
+        submitted_at=submitted,
         age_s=max(0.0, now - submitted),
     )
 

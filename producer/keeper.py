@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import redis
 
@@ -32,8 +32,15 @@ log = logging.getLogger("pixelrelay.keeper")
 
 
 class Keeper:
-    def __init__(self, client: redis.Redis, settings: Settings, job_id: str, output: str,
-                 send: Send | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        job_id: str,
+        output: str,
+        send: Send | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.client, self.settings, self.job_id, self.output = client, settings, job_id, output
         self._send, self.clock = send, clock
         self.last_sweep = clock()
@@ -53,8 +60,15 @@ class Keeper:
 
     def tick(self) -> None:
         try:
-            seq = rebuild(self.client, self._storage(self.output), self.output, self.job_id, self.send, self.settings.window,
-                          signer=self.settings.signer())
+            seq = rebuild(
+                self.client,
+                self._storage(self.output),
+                self.output,
+                self.job_id,
+                self.send,
+                self.settings.window,
+                signer=self.settings.signer(),
+            )
         except (StorageError, TransientStorageError, OSError) as exc:  # try again on the next tick
             log.warning("job %s: cannot rebuild it from storage yet: %s", self.job_id, exc)
             return

@@ -60,7 +60,8 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from PIL import features
 
@@ -320,8 +321,9 @@ class _Listing:
                 rows.append((source.input, None, None, None, source.error, ""))
             else:
                 natural, fallback = _keys(source.segments, fmt)
-                rows.append((source.input, source.input if source.unique else None, natural, fallback, None,
-                             source.version))
+                rows.append(
+                    (source.input, source.input if source.unique else None, natural, fallback, None, source.version)
+                )
             if len(rows) >= _BATCH:
                 self._insert(rows)
                 rows = []
@@ -339,8 +341,7 @@ class _Listing:
         db = self.db
         db.execute("CREATE TABLE contested (natural TEXT PRIMARY KEY) WITHOUT ROWID")
         db.execute(
-            "INSERT INTO contested SELECT natural FROM src WHERE error IS NULL"
-            " GROUP BY natural HAVING count(*) > 1"
+            "INSERT INTO contested SELECT natural FROM src WHERE error IS NULL GROUP BY natural HAVING count(*) > 1"
         )
         db.execute("CREATE TABLE losers (idx INTEGER PRIMARY KEY, holder INTEGER)")
         if db.execute("SELECT 1 FROM contested LIMIT 1").fetchone() is None:
@@ -382,8 +383,12 @@ class _Listing:
 
 
 def iter_sources(
-    input_uri: str, storage: Storage, output_uri: str = "", follow_symlinks: bool = False,
-    root: _ManifestRoot | None = None, versions: bool = False,
+    input_uri: str,
+    storage: Storage,
+    output_uri: str = "",
+    follow_symlinks: bool = False,
+    root: _ManifestRoot | None = None,
+    versions: bool = False,
 ) -> Iterator[Source]:
     """The input's sources, streaming, in listing order. A manifest's entries carry their
     full path; ``root`` (when given) learns their common folder."""
@@ -430,8 +435,9 @@ def list_versioned_items(
     return _list(input_uri, output_uri, storage, fmt, follow_symlinks, versions=True)
 
 
-def _list(input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool,
-          versions: bool) -> Iterator:
+def _list(
+    input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool, versions: bool
+) -> Iterator:
     listing, root = _Listing(), _ManifestRoot()
     try:
         count = listing.fill(iter_sources(input_uri, storage, output_uri, follow_symlinks, root, versions), fmt)

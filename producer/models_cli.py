@@ -87,13 +87,17 @@ def cmd_list(args: argparse.Namespace) -> int:
             default_models = cls.models_for(None)
             conf_models = cls.models_for(conf.model) if conf.kind == kind else []
             if not default_models and not conf_models:
-                what = "names its checkpoints in the spec" if hasattr(cls, "model_status") else "built-in, nothing to pull"
+                what = (
+                    "names its checkpoints in the spec" if hasattr(cls, "model_status") else "built-in, nothing to pull"
+                )
                 rows.append((stage, kind + mark, "-", what, ""))
                 continue
             needs = _missing_extra(cls)
             for model in dict.fromkeys(default_models + conf_models):
                 status = _status(cls, model, settings) + (f" (needs {needs})" if needs else "")
-                tags = [t for t, hit in (("default", model in default_models), ("configured", model in conf_models)) if hit]
+                tags = [
+                    t for t, hit in (("default", model in default_models), ("configured", model in conf_models)) if hit
+                ]
                 rows.append((stage, kind + mark, model, status, ", ".join(tags)))
                 if model in conf_models and (needs or not status.startswith("present")):
                     missing_configured.append(f"{stage} {kind}:{model}")
@@ -144,7 +148,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 status = ExitCode.MODELS_MISSING
                 continue
             if hf.hub_offline():
-                print(f"{stage} {spec.kind}:{model}: missing, and HF_HUB_OFFLINE=1 forbids downloading", file=sys.stderr)
+                print(
+                    f"{stage} {spec.kind}:{model}: missing, and HF_HUB_OFFLINE=1 forbids downloading", file=sys.stderr
+                )
                 status = ExitCode.MODELS_MISSING
                 continue
             try:

@@ -24,7 +24,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Mapping, TextIO
+from collections.abc import Mapping
+from typing import TextIO
 from urllib.parse import urlsplit
 
 from pixelrelay import __version__
@@ -105,7 +106,9 @@ def post_summary(
     delay, problem = backoff_s, "not tried"
     for attempt in range(1, max(1, attempts) + 1):
         request = urllib.request.Request(
-            url, data=body, method="POST",
+            url,
+            data=body,
+            method="POST",
             headers={"Content-Type": "application/json", "User-Agent": f"pixelrelay/{__version__}"},
         )
         try:
@@ -120,14 +123,17 @@ def post_summary(
             break
         time.sleep(delay)
         delay *= 2
-    stream.write(f"pixelrelay: warning: could not notify {where} after {attempt} attempt(s): {problem}; "
-                 "the job is not affected\n")
+    stream.write(
+        f"pixelrelay: warning: could not notify {where} after {attempt} attempt(s): {problem}; "
+        "the job is not affected\n"
+    )
     stream.flush()
     return False
 
 
-def job_summary(settings: Settings, job_id: str, exit_code: int, report: str | None = None,
-                contact_sheet: str | None = None) -> dict:
+def job_summary(
+    settings: Settings, job_id: str, exit_code: int, report: str | None = None, contact_sheet: str | None = None
+) -> dict:
     """The JSON the webhook gets, from the job's Redis state."""
     from pixelrelay.jobs.files import manifest_uri
     from pixelrelay.jobs.state import JobState, is_finished, job_status
@@ -161,8 +167,16 @@ def job_summary(settings: Settings, job_id: str, exit_code: int, report: str | N
     }
 
 
-def after_wait(settings: Settings, job_id: str, output: str, exit_code: int, *, report: bool,
-               url: str | None, stream: TextIO | None = None) -> None:
+def after_wait(
+    settings: Settings,
+    job_id: str,
+    output: str,
+    exit_code: int,
+    *,
+    report: bool,
+    url: str | None,
+    stream: TextIO | None = None,
+) -> None:
     """``--report`` and ``--notify`` once waiting ended with ``exit_code``; never raises and
     never changes the exit code (problems are printed as warnings)."""
     stream = stream or sys.stderr
@@ -182,8 +196,9 @@ def after_wait(settings: Settings, job_id: str, output: str, exit_code: int, *, 
             stream.write(f"pixelrelay: warning: could not write the report: {type(exc).__name__}: {exc}\n")
     if url is not None:
         try:
-            summary = job_summary(settings, job_id, exit_code, written and written.html,
-                                  written and written.contact_sheet)
+            summary = job_summary(
+                settings, job_id, exit_code, written and written.html, written and written.contact_sheet
+            )
         except Exception as exc:  # noqa: BLE001 - e.g. Redis gone: still tell the webhook
             stream.write(f"pixelrelay: warning: job state unavailable for the notification: {type(exc).__name__}\n")
             summary = {"job_id": job_id, "state": "unknown", "exit_code": int(exit_code), "output": output}

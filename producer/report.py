@@ -39,9 +39,9 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -335,24 +335,30 @@ def throughput_svg(points: list[tuple[float, list[float]]], start: float, end: f
         for i in range(4):
             sums[b][i] += chain[i]
     per_min = [s[0] / width * 60 for s in sums]
-    rates = {stage: [s[0] / s[i] if s[i] > 0 and s[0] > 0 else None for s in sums]
-             for i, (stage, _, _) in enumerate(STAGES, 1)}
+    rates = {
+        stage: [s[0] / s[i] if s[i] > 0 and s[0] > 0 else None for s in sums]
+        for i, (stage, _, _) in enumerate(STAGES, 1)
+    }
     w, h, left, pad = 720, 120, 56, 8
     plot_w = w - left - pad
 
     def x_of(b: float) -> float:
         return left + plot_w * (b + 0.5) / bins
 
-    parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{2 * h + 80}" '
-             f'viewBox="0 0 {w} {2 * h + 80}" role="img" aria-label="throughput over time">']
+    parts = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{2 * h + 80}" '
+        f'viewBox="0 0 {w} {2 * h + 80}" role="img" aria-label="throughput over time">'
+    ]
     top = max(per_min) or 1.0
     parts.append(_axes(left, 20, plot_w, h, f"{top:.3g}", "0", "items finished / min"))
     bar_w = max(1.0, plot_w / bins - 2)
     for b, value in enumerate(per_min):
         if value > 0:
             bh = max(1.0, h * value / top)
-            parts.append(f'<rect x="{x_of(b) - bar_w / 2:.1f}" y="{20 + h - bh:.1f}" width="{bar_w:.1f}" '
-                         f'height="{bh:.1f}" fill="#888"><title>{value:.1f} items/min</title></rect>')
+            parts.append(
+                f'<rect x="{x_of(b) - bar_w / 2:.1f}" y="{20 + h - bh:.1f}" width="{bar_w:.1f}" '
+                f'height="{bh:.1f}" fill="#888"><title>{value:.1f} items/min</title></rect>'
+            )
     y0 = h + 60
     values = [r for series in rates.values() for r in series if r is not None]
     lo = math.floor(math.log10(min(values))) if values else 0
@@ -361,29 +367,36 @@ def throughput_svg(points: list[tuple[float, list[float]]], start: float, end: f
     def y_of(rate: float) -> float:
         return y0 + h - h * (math.log10(rate) - lo) / (hi - lo)
 
-    parts.append(_axes(left, y0, plot_w, h, f"{10.0 ** hi:g}", f"{10.0 ** lo:g}", "items / busy s per stage (log)"))
+    parts.append(_axes(left, y0, plot_w, h, f"{10.0**hi:g}", f"{10.0**lo:g}", "items / busy s per stage (log)"))
     for stage, _, color in STAGES:
         coords = [(x_of(b), y_of(r)) for b, r in enumerate(rates[stage]) if r is not None]
         if coords:
-            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                         f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in coords)}"/>')
+            parts.append(
+                f'<polyline fill="none" stroke="{color}" stroke-width="2" '
+                f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in coords)}"/>'
+            )
             parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in coords]
     for i, (stage, _, color) in enumerate(STAGES):
-        parts.append(f'<text x="{left + 260 + i * 70}" y="{y0 - 6}" fill="{color}" font-size="12">'
-                     f'&#9679; {stage}</text>')
+        parts.append(
+            f'<text x="{left + 260 + i * 70}" y="{y0 - 6}" fill="{color}" font-size="12">&#9679; {stage}</text>'
+        )
     parts.append(f'<text x="{left}" y="{2 * h + 76}" font-size="11">0</text>')
-    parts.append(f'<text x="{w - pad}" y="{2 * h + 76}" font-size="11" text-anchor="end">'
-                 f'{_duration(span)} after the job was created</text>')
+    parts.append(
+        f'<text x="{w - pad}" y="{2 * h + 76}" font-size="11" text-anchor="end">'
+        f"{_duration(span)} after the job was created</text>"
+    )
     parts.append("</svg>")
     return "".join(parts)
 
 
 def _axes(left: int, top: float, plot_w: int, h: int, max_label: str, min_label: str, title: str) -> str:
-    return (f'<line x1="{left}" y1="{top + h}" x2="{left + plot_w}" y2="{top + h}" stroke="#444"/>'
-            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="#444"/>'
-            f'<text x="{left - 4}" y="{top + 10}" font-size="11" text-anchor="end">{max_label}</text>'
-            f'<text x="{left - 4}" y="{top + h}" font-size="11" text-anchor="end">{min_label}</text>'
-            f'<text x="{left}" y="{top - 6}" font-size="12" font-weight="bold">{html.escape(title)}</text>')
+    return (
+        f'<line x1="{left}" y1="{top + h}" x2="{left + plot_w}" y2="{top + h}" stroke="#444"/>'
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="#444"/>'
+        f'<text x="{left - 4}" y="{top + 10}" font-size="11" text-anchor="end">{max_label}</text>'
+        f'<text x="{left - 4}" y="{top + h}" font-size="11" text-anchor="end">{min_label}</text>'
+        f'<text x="{left}" y="{top - 6}" font-size="12" font-weight="bold">{html.escape(title)}</text>'
+    )
 
 
 STYLE = """
@@ -457,8 +470,9 @@ def _summary_table(page: Page) -> str:
     options = spec.options
     target = options.target()
     size = f"&times;{options.effective_scale()}" if target is None else f"output {_e(target.describe())}"
-    request = (f"{_e(options.task)} {size}, format {_e(options.format or 'kept')}"
-               + (f", instruction: {_e(options.instruction)}" if options.instruction else ""))
+    request = f"{_e(options.task)} {size}, format {_e(options.format or 'kept')}" + (
+        f", instruction: {_e(options.instruction)}" if options.instruction else ""
+    )
     backends = ", ".join(f"{k} {_e(v)}" for k, v in spec.backends.model_dump().items() if v) or "workers' defaults"
     rows = [
         _row("state", _e(page.state or _state(st, missing))),
@@ -497,8 +511,10 @@ def _stage_table(scan: Scan) -> str:
         busy = scan.stage_s[stage]
         per = f"{1000 * busy / n:.1f}" if n else "-"
         rate = f"{n / busy:.2f}" if busy > 0 else "-"
-        rows.append(f'<tr><td>{stage}</td><td class="num">{busy:.2f}</td><td class="num">{per}</td>'
-                    f'<td class="num">{rate}</td></tr>')
+        rows.append(
+            f'<tr><td>{stage}</td><td class="num">{busy:.2f}</td><td class="num">{per}</td>'
+            f'<td class="num">{rate}</td></tr>'
+        )
     return "".join(rows) + "</table>"
 
 
@@ -513,11 +529,15 @@ def _failures(scan: Scan) -> str:
         more = group.count - len(group.inputs)
         if more > 0:
             inputs += f'<br><span class="note">and {more} more (see the manifest)</span>'
-        out.append(f'<tr><td class="num">{group.count}</td><td class="reason bad">{_e(reason)}</td><td>{inputs}</td></tr>')
+        out.append(
+            f'<tr><td class="num">{group.count}</td><td class="reason bad">{_e(reason)}</td><td>{inputs}</td></tr>'
+        )
     out.append("</table>")
     if scan.other_failures:
-        out.append(f'<p class="note">{scan.other_failures} more failures with other reasons '
-                   f"(only the first {MAX_REASONS} reasons are listed; see the manifest).</p>")
+        out.append(
+            f'<p class="note">{scan.other_failures} more failures with other reasons '
+            f"(only the first {MAX_REASONS} reasons are listed; see the manifest).</p>"
+        )
     return "".join(out)
 
 
@@ -540,8 +560,10 @@ def _card(row: dict, view: Views) -> str:
         f'<figure class="zoom">{_img(view.zoom_after, "zoom after")}zoom after</figure>'
     )
     problem = f'<div class="bad">{_e(view.problem)}</div>' if view.problem else ""
-    meta = [f"<b>#{int(row['index'])}</b> <code>{_e(row.get('input', ''))}</code>",
-            f"<b>output</b> <code>{_e(row.get('output', ''))}</code>"]
+    meta = [
+        f"<b>#{int(row['index'])}</b> <code>{_e(row.get('input', ''))}</code>",
+        f"<b>output</b> <code>{_e(row.get('output', ''))}</code>",
+    ]
     desc = row.get("description") if isinstance(row.get("description"), dict) else {}
     if desc:
         meta.append(f"<b>description</b> {_e(desc.get('text', ''))}")
@@ -556,7 +578,9 @@ def _card(row: dict, view: Views) -> str:
         ops_text = ", ".join(f"{_e(o.get('name'))} {_e(_fmt(o.get('strength')))}" for o in ops if isinstance(o, dict))
         scale = f"scale &times;{_e(plan.get('scale'))}"
         if row.get("native_scale") is not None:  # an output target (pipeline.outsize): what ran, what came out
-            scale = f"scale &times;{_e(row.get('native_scale'))} native, &times;{_e(_fmt(row.get('final_scale')))} final"
+            scale = (
+                f"scale &times;{_e(row.get('native_scale'))} native, &times;{_e(_fmt(row.get('final_scale')))} final"
+            )
         bits = [f"operations: {ops_text or 'none'}", scale, f"format {_e(plan.get('output_format'))}"]
         if plan.get("model"):
             bits.append(f"model {_e(plan['model'])}")
@@ -587,8 +611,10 @@ def _edit_lines(raw: object) -> list[str]:
     g = edit.generative
     if g is not None:
         negative = f"; not: {_e(g.negative_prompt)}" if g.negative_prompt else ""
-        lines.append(f"<b>generative</b> {_e(g.prompt)}{negative} (strength {g.strength:g}, guidance {g.guidance:g}, "
-                     f"{g.steps} steps, seed {g.seed})")
+        lines.append(
+            f"<b>generative</b> {_e(g.prompt)}{negative} (strength {g.strength:g}, guidance {g.guidance:g}, "
+            f"{g.steps} steps, seed {g.seed})"
+        )
     return lines
 
 
@@ -637,11 +663,23 @@ def write_report(
         views = list(pool.map(lambda row: _views(row, settings), scan.sample))
     start = spec.created_at or min(times.values(), default=manifest_at)
     points = sorted((times[c], v) for c, v in scan.chains.items() if c in times)
-    page = Page(spec=spec, scan=scan, views=views, chart=throughput_svg(points, start, manifest_at),
-                wall_s=(manifest_at - spec.created_at) if spec.created_at else None, manifest=manifest,
-                sheet=sheet_uri(output, job_id), state=state)
+    page = Page(
+        spec=spec,
+        scan=scan,
+        views=views,
+        chart=throughput_svg(points, start, manifest_at),
+        wall_s=(manifest_at - spec.created_at) if spec.created_at else None,
+        manifest=manifest,
+        sheet=sheet_uri(output, job_id),
+        state=state,
+    )
     body = render(page).encode()
     storage.put(sheet_uri(output, job_id), contact_sheet(scan.sample, views), "image/jpeg")
     storage.put(report_uri(output, job_id), body, "text/html; charset=utf-8")
-    return ReportFiles(html=report_uri(output, job_id), contact_sheet=sheet_uri(output, job_id),
-                       html_bytes=len(body), sampled=len(scan.sample), items=scan.lines)
+    return ReportFiles(
+        html=report_uri(output, job_id),
+        contact_sheet=sheet_uri(output, job_id),
+        html_bytes=len(body),
+        sampled=len(scan.sample),
+        items=scan.lines,
+    )

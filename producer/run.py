@@ -53,8 +53,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Callable
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.files import manifest_uri
@@ -82,8 +82,9 @@ class Terminated(KeyboardInterrupt):
 
 
 class LocalWorkers:
-    def __init__(self, env: dict[str, str], worker_args: dict[str, list[str]],
-                 stage_env: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], worker_args: dict[str, list[str]], stage_env: dict[str, dict[str, str]] | None = None
+    ) -> None:
         self.env = env
         self.worker_args = worker_args
         self.stage_env = stage_env or {}
@@ -117,8 +118,11 @@ class LocalWorkers:
             self.deaths[stage] = deaths
             if proc.returncode == ExitCode.USAGE or len(deaths) >= MAX_DEATHS:
                 return f"the {stage} worker exited with code {proc.returncode}:\n{self._tail(stage)}"
-            print(f"pixelrelay run: the {stage} worker exited with code {proc.returncode}; starting it again",
-                  file=sys.stderr, flush=True)
+            print(
+                f"pixelrelay run: the {stage} worker exited with code {proc.returncode}; starting it again",
+                file=sys.stderr,
+                flush=True,
+            )
             self._start(stage)
         return None
 
@@ -252,8 +256,13 @@ def run_local(
             server = stack.enter_context(EmbeddedRedis(data_dir=folder, own_session=False))
             env["PIXELRELAY_REDIS_URL"] = server.url
             secret = type(settings.redis_url)
-            settings = settings.model_copy(update={"redis_url": secret(server.url), "signing_key_file": key_path,
-                                                   "signing_key": secret(read_key_file(key_path))})
+            settings = settings.model_copy(
+                update={
+                    "redis_url": secret(server.url),
+                    "signing_key_file": key_path,
+                    "signing_key": secret(read_key_file(key_path)),
+                }
+            )
             recorded = recorded_job(folder, input_uri, output_uri)
             if job_id is None and recorded and _unfinished(settings, recorded, output_uri):
                 job_id = recorded
@@ -270,8 +279,16 @@ def run_local(
         stack.callback(workers.stop)
         print(f"worker logs: {workers.logdir}", file=sys.stderr, flush=True)
         workers.start()
-        submission = submit(settings, input_uri, output_uri, options, backends, job_id, follow_symlinks=follow_symlinks,
-                            incremental=incremental)
+        submission = submit(
+            settings,
+            input_uri,
+            output_uri,
+            options,
+            backends,
+            job_id,
+            follow_symlinks=follow_symlinks,
+            incremental=incremental,
+        )
         if submission.incremental:
             print(submission.incremental, file=sys.stderr, flush=True)
         if submission.nothing_new:  # --incremental: no job to run

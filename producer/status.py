@@ -36,8 +36,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, TextIO
+from typing import TextIO
 
 import redis
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -341,13 +342,21 @@ class JobStatusInfo:
         return exit_code_for(self.state)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "state": self.state.value, "percent": round(self.percent, 1),
-                "rate": round(self.rate, 3), "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
-                "stalled_s": None if self.stalled_s is None else round(self.stalled_s, 1),
-                "ended": self.ended, "exit_code": int(self.exit_code)}
+        return {
+            **asdict(self),
+            "state": self.state.value,
+            "percent": round(self.percent, 1),
+            "rate": round(self.rate, 3),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+            "stalled_s": None if self.stalled_s is None else round(self.stalled_s, 1),
+            "ended": self.ended,
+            "exit_code": int(self.exit_code),
+        }
 
 
-def job_info(job_id: str, info: dict[str, str], counts: Counts, settings: Settings, now: float | None = None) -> JobStatusInfo:
+def job_info(
+    job_id: str, info: dict[str, str], counts: Counts, settings: Settings, now: float | None = None
+) -> JobStatusInfo:
     """The status of a job from one read of its hash (``JobState.info``) and its counts."""
     now = time.time() if now is None else now
     ended = is_finished(info)
@@ -359,12 +368,21 @@ def job_info(job_id: str, info: dict[str, str], counts: Counts, settings: Settin
     else:
         eta = pending / rate if rate > 0 and stalled is None else None
     return JobStatusInfo(
-        job_id=job_id, state=job_status(info, counts, now, settings.stall_s), done=counts.done,
-        failed=counts.failed, cancelled=cancelled,
-        missing=int(info.get("manifest_missing", 0) or 0) if ended else 0, pending=pending, total=counts.total,
-        percent=_percent(counts), rate=rate, eta_s=eta, stalled_s=stalled,
+        job_id=job_id,
+        state=job_status(info, counts, now, settings.stall_s),
+        done=counts.done,
+        failed=counts.failed,
+        cancelled=cancelled,
+        missing=int(info.get("manifest_missing", 0) or 0) if ended else 0,
+        pending=pending,
+        total=counts.total,
+        percent=_percent(counts),
+        rate=rate,
+        eta_s=eta,
+        stalled_s=stalled,
         submitted_at=float(info.get("submitted_at", 0) or 0),
-        finished_at=float(info["finished_at"]) if ended else None, manifest=info.get("manifest") if ended else None,
+        finished_at=float(info["finished_at"]) if ended else None,
+        manifest=info.get("manifest") if ended else None,
     )
 
 
@@ -383,7 +401,11 @@ def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures:
     missing, dropped = int(info.get("manifest_missing", 0)), int(info.get("manifest_cancelled", 0) or 0)
     manifest = manifest_uri(spec.output, spec.job_id)
     cancelled = bool(info.get("cancelled_at"))
-    outcome = f"cancelled: {done} done, {failed} failed, {dropped} cancelled" if cancelled else f"{done} done, {failed} failed"
+    outcome = (
+        f"cancelled: {done} done, {failed} failed, {dropped} cancelled"
+        if cancelled
+        else f"{done} done, {failed} failed"
+    )
     stream.write(f"job {spec.job_id}: {outcome}; manifest {manifest}\n")
     if missing:
         stream.write(f"  {missing} items have no manifest line (their part could not be written); re-submit to retry\n")

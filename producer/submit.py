@@ -43,6 +43,7 @@ import redis
 from pixelrelay.jobs.files import spec_uri, write_listing, write_spec
 from pixelrelay.jobs.recover import load_spec, restore_done, start
 from pixelrelay.jobs.registry import open_registry
+from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import EDIT_TASKS, JOB_ID_PATTERN, Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.base import StageSpec
@@ -52,7 +53,6 @@ from pixelrelay.producer.incremental import Incremental
 from pixelrelay.producer.listing import list_items, list_versioned_items
 from pixelrelay.workers.celery_app import create_app
 from pixelrelay.workers.flow import sender
-from pixelrelay.jobs.state import JobState
 
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
@@ -163,8 +163,20 @@ def submit(
         resumed = False
         in_storage = open_storage(input_uri, settings.s3_endpoint_url)
         if incremental:
-            return _submit_incremental(settings, state, out_storage, in_storage, app, signer, job_id, input_uri,
-                                       output_uri, options, backends, follow_symlinks)
+            return _submit_incremental(
+                settings,
+                state,
+                out_storage,
+                in_storage,
+                app,
+                signer,
+                job_id,
+                input_uri,
+                output_uri,
+                options,
+                backends,
+                follow_symlinks,
+            )
         items = list_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
         total = write_listing(out_storage, output_uri, job_id, items)
         spec = JobSpec(
@@ -187,13 +199,25 @@ def _start(settings: Settings, state: JobState, out_storage, app, signer, spec: 
     registry = open_registry(settings.state_uri, settings.s3_endpoint_url)
     if registry is not None:  # after the job hash exists: a sweep never rebuilds a job being submitted
         registry.add(spec.job_id, spec.output)
-    return Submission(job_id=spec.job_id, seq=seq, total=spec.total, resumed=resumed, already_done=already_done,
-                      output=spec.output)
+    return Submission(
+        job_id=spec.job_id, seq=seq, total=spec.total, resumed=resumed, already_done=already_done, output=spec.output
+    )
 
 
-def _submit_incremental(settings: Settings, state: JobState, out_storage, in_storage, app, signer, job_id: str,
-                        input_uri: str, output_uri: str, options: JobOptions, backends: Backends,
-                        follow_symlinks: bool) -> Submission:
+def _submit_incremental(
+    settings: Settings,
+    state: JobState,
+    out_storage,
+    in_storage,
+    app,
+    signer,
+    job_id: str,
+    input_uri: str,
+    output_uri: str,
+    options: JobOptions,
+    backends: Backends,
+    follow_symlinks: bool,
+) -> Submission:
     """A new job of what is new or changed (``producer.incremental``); none when nothing is."""
     index = Incremental(out_storage, output_uri, input_uri)
     try:
@@ -202,11 +226,27 @@ def _submit_incremental(settings: Settings, state: JobState, out_storage, in_sto
         total = write_listing(out_storage, output_uri, job_id, index.select(pairs, options, backends))
         line = index.counts.line()
         if not total:
-            return Submission(job_id="", seq=0, total=0, resumed=False, already_done=0, output=output_uri,
-                              incremental=line, nothing_new=True)
+            return Submission(
+                job_id="",
+                seq=0,
+                total=0,
+                resumed=False,
+                already_done=0,
+                output=output_uri,
+                incremental=line,
+                nothing_new=True,
+            )
         index.record(job_id)
-        spec = JobSpec(job_id=job_id, input=input_uri, output=output_uri, options=options, backends=backends,
-                       total=total, chunk_size=settings.chunk_size, created_at=time.time())
+        spec = JobSpec(
+            job_id=job_id,
+            input=input_uri,
+            output=output_uri,
+            options=options,
+            backends=backends,
+            total=total,
+            chunk_size=settings.chunk_size,
+            created_at=time.time(),
+        )
         write_spec(out_storage, spec)
         index.write_summary(job_id)
     finally:

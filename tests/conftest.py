@@ -6,6 +6,7 @@ in the environment at import: ``pipeline.signing``); ``TEST_SIGNER`` signs with 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -19,8 +20,6 @@ import redis
 
 from pixelrelay.pipeline.signing import Signer
 from pixelrelay.producer.embedded import EmbeddedRedis, free_port
-
-import logging
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
 
@@ -104,13 +103,25 @@ class WorkerPool:
         self.env, self.logdir, self.backends = env, logdir, backends
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, decode_args: list[str] = ()) -> "WorkerPool":
-        flags = {"encode": ["--encoder", self.backends["encoder"]],
-                 "plan": ["--planner", self.backends["planner"]],
-                 "decode": ["--decoder", self.backends["decoder"], *decode_args]}
+    def start(self, decode_args: list[str] = ()) -> WorkerPool:
+        flags = {
+            "encode": ["--encoder", self.backends["encoder"]],
+            "plan": ["--planner", self.backends["planner"]],
+            "decode": ["--decoder", self.backends["decoder"], *decode_args],
+        }
         for stage, extra in flags.items():
             log = open(self.logdir / f"{stage}.log", "wb")
-            cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, "--loglevel", os.environ.get("PIXELRELAY_TEST_WORKER_LOGLEVEL", "WARNING"), *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pixelrelay",
+                "worker",
+                "--stage",
+                stage,
+                "--loglevel",
+                os.environ.get("PIXELRELAY_TEST_WORKER_LOGLEVEL", "WARNING"),
+                *extra,
+            ]
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
         return self
 
@@ -120,8 +131,10 @@ class WorkerPool:
     def logs(self, tail: int | None = 3000) -> str:
         """Each worker's log, its last ``tail`` characters (for a failure message), or whole
         (``tail=None``: to look for a line, which later lines may have pushed out of a tail)."""
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail if tail else 0:]}"
-                         for p in sorted(self.logdir.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-tail if tail else 0 :]}"
+            for p in sorted(self.logdir.glob("*.log"))
+        )
 
     def stop(self) -> None:
         for p in self.procs:

@@ -11,9 +11,7 @@ from PIL import Image
 def photo_like(w: int, h: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack(
-        [128 + 90 * np.sin(x / (5 + seed % 7)), 128 + 90 * np.cos(y / 9.0), 255 * x / max(1, w - 1)], -1
-    )
+    base = np.stack([128 + 90 * np.sin(x / (5 + seed % 7)), 128 + 90 * np.cos(y / 9.0), 255 * x / max(1, w - 1)], -1)
     base += rng.normal(0, 3, base.shape)
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
 
@@ -40,7 +38,9 @@ def bad_and_odd_images() -> tuple[dict[str, bytes], dict[str, str]]:
     dict must succeed."""
     files: dict[str, bytes] = {}
     good = encode(photo_like(40, 30, 1), "PNG")
-    files["truncated.png"] = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG")[:2000]
+    files["truncated.png"] = encode(
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG"
+    )[:2000]
     files["zero.jpg"] = b""
     files["notes.png"] = b"these are meeting notes, not a picture\n" * 20
     files["bomb.png"] = encode(Image.new("L", (3000, 3000)), "PNG")  # 9 Mpx > the test limit

@@ -36,8 +36,10 @@ def _folder(path: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_import_pixelrelay_stays_cheap():
-    code = ("import sys, pixelrelay; heavy = [m for m in ('pydantic', 'celery', 'redis', 'torch') if m in sys.modules]; "
-            "assert not heavy, heavy; assert callable(pixelrelay.submit) and 'celery' in sys.modules")
+    code = (
+        "import sys, pixelrelay; heavy = [m for m in ('pydantic', 'celery', 'redis', 'torch') if m in sys.modules]; "
+        "assert not heavy, heavy; assert callable(pixelrelay.submit) and 'celery' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
 
 
@@ -81,7 +83,7 @@ def test_submit_wait_status_and_manifest_on_s3(stage_workers, redis_url, s3_buck
     assert failed.input.endswith("/notes.png") and failed.output is None and "not a recognised image" in failed.error
     for row in rows:
         if row.status == "done":
-            bucket, key = row.output[len("s3://"):].split("/", 1)
+            bucket, key = row.output[len("s3://") :].split("/", 1)
             assert s3_client.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
 
     # Redis loses the job: attaching by id alone fails, with its output it is rebuilt from
@@ -136,9 +138,14 @@ def test_bad_arguments_fail_fast_with_typed_errors(redis_url, tmp_path):
         pixelrelay.submit(str(src), str(tmp_path / "out"), redis_url=url, quality=0)
     with pytest.raises(ConfigError, match="job-id"):
         pixelrelay.submit(str(src), str(tmp_path / "out"), redis_url=url, job_id="../escape")
-    for size, why in (({"scale": 9}, "scale"), ({"scale": 0}, "scale"), ({"scale": float("nan")}, "scale"),
-                      ({"width": 0}, "width"), ({"height": 70000}, "height"),
-                      ({"scale": 2, "width": 100}, "not both")):
+    for size, why in (
+        ({"scale": 9}, "scale"),
+        ({"scale": 0}, "scale"),
+        ({"scale": float("nan")}, "scale"),
+        ({"width": 0}, "width"),
+        ({"height": 70000}, "height"),
+        ({"scale": 2, "width": 100}, "not both"),
+    ):
         with pytest.raises(ConfigError, match=why):
             pixelrelay.submit(str(src), str(tmp_path / "out"), redis_url=url, **size)
     (tmp_path / "empty").mkdir()
@@ -153,14 +160,28 @@ def test_bad_arguments_fail_fast_with_typed_errors(redis_url, tmp_path):
 def test_example_script_runs_against_the_workers(stage_workers, redis_url, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "api_example.py"), str(src), str(out), "--demo", "3", "--timeout", "120"],
-        env=worker_env(redis_url), cwd=tmp_path, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            str(REPO / "examples" / "api_example.py"),
+            str(src),
+            str(out),
+            "--demo",
+            "3",
+            "--timeout",
+            "120",
+        ],
+        env=worker_env(redis_url),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr + stage_workers.logs()
     lines = result.stdout.splitlines()
     job_id = lines[0].removeprefix("submitted ")
-    assert lines[1] == (f"state=finished done=3 failed=0 cancelled=0 total=3 "
-                        f"manifest={out}/_jobs/{job_id}/manifest.jsonl")
+    assert lines[1] == (
+        f"state=finished done=3 failed=0 cancelled=0 total=3 manifest={out}/_jobs/{job_id}/manifest.jsonl"
+    )
     assert len(lines) == 5
     for line in lines[2:]:
         status, source, arrow, output = line.split()

@@ -25,13 +25,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = {"pixelrelay": "pixelrelay", "pipeline": "pixelrelay.pipeline", "jobs": "pixelrelay.jobs",
-           "workers": "pixelrelay.workers", "producer": "pixelrelay.producer", "training": "pixelrelay.training"}
+FOLDERS = {
+    "pixelrelay": "pixelrelay",
+    "pipeline": "pixelrelay.pipeline",
+    "jobs": "pixelrelay.jobs",
+    "workers": "pixelrelay.workers",
+    "producer": "pixelrelay.producer",
+    "training": "pixelrelay.training",
+}
 BARE = {"pipeline", "jobs", "workers", "producer", "training"}
 
 FORBIDDEN = {
-    "pipeline": {"celery", "kombu", "redis", "pixelrelay.jobs", "pixelrelay.workers", "pixelrelay.producer",
-                 "pixelrelay.training"},
+    "pipeline": {
+        "celery",
+        "kombu",
+        "redis",
+        "pixelrelay.jobs",
+        "pixelrelay.workers",
+        "pixelrelay.producer",
+        "pixelrelay.training",
+    },
     "jobs": {"celery", "kombu", "torch", "pixelrelay.workers", "pixelrelay.producer", "pixelrelay.training"},
     "workers": {"pixelrelay.producer", "pixelrelay.training"},
     "training": {"pixelrelay.workers", "pixelrelay.producer"},
@@ -109,15 +122,21 @@ def test_wheel_installs_one_top_level_name(tmp_path):
     fast = ["--no-build-isolation"] if int(setuptools.__version__.split(".")[0]) >= 70 else []
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", *fast, "-q", "-w", str(tmp_path), str(src)],
-        check=True, capture_output=True, cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("pixelrelay-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"pixelrelay"}
-    for needed in ("pixelrelay/pipeline/weights/builtin_restorer.safetensors",
-                   "pixelrelay/training/configs/decoder.json",
-                   "pixelrelay/workers/tasks.py", "pixelrelay/jobs/keys.py", "pixelrelay/__main__.py"):
+    for needed in (
+        "pixelrelay/pipeline/weights/builtin_restorer.safetensors",
+        "pixelrelay/training/configs/decoder.json",
+        "pixelrelay/workers/tasks.py",
+        "pixelrelay/jobs/keys.py",
+        "pixelrelay/__main__.py",
+    ):
         assert needed in names
 
 
@@ -125,7 +144,7 @@ def test_readme_exit_code_table_matches_the_enum():
     from pixelrelay.exitcodes import DESCRIPTIONS, ExitCode
 
     text = (REPO / "README.md").read_text()
-    table = text[text.index("**Exit codes**"):]
+    table = text[text.index("**Exit codes**") :]
     table = table[: table.index("\n\n", table.index("| code |"))]
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "code" not in line]
     assert [int(r) for r in rows] == [int(c) for c in ExitCode]

@@ -46,8 +46,12 @@ def _check_jsonschema() -> str:
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [_check_jsonschema(), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_compose_file_validates_against_the_compose_spec_and_a_broken_one_does_not(tmp_path):
@@ -89,7 +93,7 @@ def test_one_image_is_built_once_and_reused(spec):
     services = spec["services"]
     cpu_image = services["encode"]["image"]
     built = [name for name in PIXELRELAY_SERVICES if "build" in services[name]]
-    assert built == ["encode", "decode-gpu"]           # the CPU image once, the CUDA one once
+    assert built == ["encode", "decode-gpu"]  # the CPU image once, the CUDA one once
     assert services["decode-gpu"]["build"]["args"]["TORCH"] == "cuda"
     for name in PIXELRELAY_SERVICES:
         if name != "decode-gpu":
@@ -117,9 +121,11 @@ def _seconds(duration: str) -> float:
 def test_the_stop_grace_and_the_visibility_timeout_outlast_the_longest_batch(spec):
     from pixelrelay.workers.celery_app import time_limits
 
-    env = {k: v for k, v in spec["x-env"].items() if "${" not in v}   # the settings, not the secrets
-    settings = Settings(_env_file=None, **{k.removeprefix("PIXELRELAY_").lower(): v for k, v in env.items()
-                                           if k.startswith("PIXELRELAY_")})
+    env = {k: v for k, v in spec["x-env"].items() if "${" not in v}  # the settings, not the secrets
+    settings = Settings(
+        _env_file=None,
+        **{k.removeprefix("PIXELRELAY_").lower(): v for k, v in env.items() if k.startswith("PIXELRELAY_")},
+    )
     longest = max(settings.item_budget_s * settings.chunk_size, time_limits(settings)[1])
     assert settings.visibility_timeout_s > longest
     for stage in (*STAGES, "decode-gpu"):
@@ -140,14 +146,19 @@ def test_gpu_decode_and_the_monitors_sit_under_their_profiles(spec):
     assert "celery flower" in services["flower"]["entrypoint"][-1]
     for name, service in services.items():
         for port in service.get("ports", []):
-            assert port.startswith("127.0.0.1:"), (name, port)   # loopback only
+            assert port.startswith("127.0.0.1:"), (name, port)  # loopback only
 
 
 def test_no_secret_value_is_in_the_file():
     text = COMPOSE.read_text()
-    assert len(re.findall(r"^\s*MINIO_ROOT_PASSWORD:", text, re.M)) == 2     # the check below sees them
-    for key in ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "PIXELRELAY_SIGNING_KEY", "FLOWER_BASIC_AUTH",
-                "MINIO_ROOT_USER"):
+    assert len(re.findall(r"^\s*MINIO_ROOT_PASSWORD:", text, re.M)) == 2  # the check below sees them
+    for key in (
+        "REDIS_PASSWORD",
+        "MINIO_ROOT_PASSWORD",
+        "PIXELRELAY_SIGNING_KEY",
+        "FLOWER_BASIC_AUTH",
+        "MINIO_ROOT_USER",
+    ):
         for value in re.findall(rf"^\s*{key}:\s*(\S+)", text, re.M):
             assert value.startswith("${"), (key, value)
     assert "AWS_SECRET_ACCESS_KEY: ${MINIO_ROOT_PASSWORD" in text
@@ -164,10 +175,15 @@ def test_init_secrets_writes_a_private_env_file_once(tmp_path):
     assert env.stat().st_mode & 0o077 == 0
     first = env.read_text()
     values = dict(line.split("=", 1) for line in first.splitlines() if line and not line.startswith("#"))
-    assert set(values) >= {"REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
-                           "PIXELRELAY_SIGNING_KEY", "FLOWER_BASIC_AUTH"}
-    Settings(_env_file=None, signing_key=values["PIXELRELAY_SIGNING_KEY"])     # a key the workers accept
-    assert re.fullmatch(r"[A-Za-z0-9_-]+", values["REDIS_PASSWORD"])          # safe inside the Redis URL
+    assert set(values) >= {
+        "REDIS_PASSWORD",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "PIXELRELAY_SIGNING_KEY",
+        "FLOWER_BASIC_AUTH",
+    }
+    Settings(_env_file=None, signing_key=values["PIXELRELAY_SIGNING_KEY"])  # a key the workers accept
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", values["REDIS_PASSWORD"])  # safe inside the Redis URL
     subprocess.run(["bash", str(script)], check=True, capture_output=True, timeout=60)
     assert env.read_text() == first
     assert (REPO / ".gitignore").read_text().count("deploy/.env") == 1

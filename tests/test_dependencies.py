@@ -12,8 +12,13 @@ from tests.conftest import REPO
 
 
 def _deptry(root, config) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deptry", ".", "--config", str(config), "--no-ansi"],
-                          cwd=root, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "deptry", ".", "--config", str(config), "--no-ansi"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_every_imported_distribution_is_declared():
@@ -33,4 +38,6 @@ def test_the_check_catches_an_undeclared_import(tmp_path):
     (tmp_path / "pyproject.toml").write_text(stripped)
     result = _deptry(tmp_path, tmp_path / "pyproject.toml")
     output = result.stdout + result.stderr
-    assert result.returncode == 1 and re.search(r"producer/status\.py:\d+:\d+: DEP00[13] 'rich' imported but", output), output
+    assert result.returncode == 1 and re.search(
+        r"producer/status\.py:\d+:\d+: DEP00[13] 'rich' imported but", output
+    ), output

@@ -30,8 +30,9 @@ def _hadolint() -> str:
 
 
 def test_the_dockerfile_lints_clean():
-    result = subprocess.run([_hadolint(), "--failure-threshold", "info", str(DOCKERFILE)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [_hadolint(), "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -48,6 +49,9 @@ def test_the_image_runs_unprivileged_with_a_health_check_and_a_model_cache_volum
 
 
 def test_the_build_context_leaves_out_state_and_secrets():
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv", "deploy/signing.key", "**/*.key", "**/_state"} <= ignored

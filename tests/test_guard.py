@@ -74,8 +74,14 @@ def _job(client, tmp_path: Path, n: int = 6, backends: Backends | None = None) -
     """A job as submit records it (listing, spec, job hash), not fed."""
     _images(tmp_path / "in", n)
     storage = open_storage(str(tmp_path / "out"))
-    spec = JobSpec(job_id="g-" + uuid.uuid4().hex[:8], input=str(tmp_path / "in"), output=str(tmp_path / "out"),
-                   backends=backends or Backends(), chunk_size=4, created_at=time.time())
+    spec = JobSpec(
+        job_id="g-" + uuid.uuid4().hex[:8],
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        backends=backends or Backends(),
+        chunk_size=4,
+        created_at=time.time(),
+    )
     spec.total = write_listing(storage, spec.output, spec.job_id, list_items(spec.input, spec.output, storage, None))
     write_spec(storage, spec)
     state = JobState(client, spec.job_id, TEST_SIGNER)
@@ -85,9 +91,15 @@ def _job(client, tmp_path: Path, n: int = 6, backends: Backends | None = None) -
 
 def _genuine(spec: JobSpec, chunk: int = 0) -> ChunkMessage:
     items = read_chunk(open_storage(spec.output), spec.output, spec.job_id, chunk, spec.chunk_size)
-    return ChunkMessage(job_id=spec.job_id, seq=1, chunk=chunk, output=spec.output, options=spec.options,
-                        backends=spec.backends,
-                        records=[ItemRecord(index=i.index, input=i.input, output=i.output) for i in items])
+    return ChunkMessage(
+        job_id=spec.job_id,
+        seq=1,
+        chunk=chunk,
+        output=spec.output,
+        options=spec.options,
+        backends=spec.backends,
+        records=[ItemRecord(index=i.index, input=i.input, output=i.output) for i in items],
+    )
 
 
 def _refused(state: JobState, msg: ChunkMessage, why: str) -> None:
@@ -165,8 +177,10 @@ def test_a_listing_that_escapes_its_roots_is_refused_too(client, tmp_path):
     """Defence in depth: a listing written by an older release (a manifest naming ``../x``)."""
     state, spec = _job(client, tmp_path, n=2)
     storage = open_storage(spec.output)
-    rows = [Item(index=0, input=str(tmp_path / "in" / "img0.png"), output=str(tmp_path / "out" / ".." / "x.png")),
-            Item(index=1, input="/etc/passwd", output=str(tmp_path / "out" / "p.png"))]
+    rows = [
+        Item(index=0, input=str(tmp_path / "in" / "img0.png"), output=str(tmp_path / "out" / ".." / "x.png")),
+        Item(index=1, input="/etc/passwd", output=str(tmp_path / "out" / "p.png")),
+    ]
     job_id = spec.job_id + "-old"
     spec = spec.model_copy(update={"job_id": job_id})
     write_listing(storage, spec.output, job_id, rows)
@@ -193,7 +207,9 @@ def test_locations_are_normalised_before_they_are_compared():
     assert not within("s3://b/out", "s3://other/out/x.png")
     assert not within("s3://b/out", "s3://b/outside/x.png")
     spec = JobSpec(job_id="j", input="s3://b/in", output="s3://b/out")
-    assert "state folder" in location_problem(spec, Item(index=0, input="s3://b/in/a.png", output="s3://b/out/_jobs/j/x"))
+    assert "state folder" in location_problem(
+        spec, Item(index=0, input="s3://b/in/a.png", output="s3://b/out/_jobs/j/x")
+    )
     assert "input" in location_problem(spec, Item(index=0, input="s3://b/secret/a.png", output="s3://b/out/a.png"))
     manifest = spec.model_copy(update={"input": "s3://b/list.txt"})
     assert location_problem(manifest, Item(index=0, input="s3://b/any/a.png", output="s3://b/out/a.png")) is None
@@ -204,9 +220,15 @@ def test_a_listing_entry_with_an_error_is_never_read_or_written(client, tmp_path
         pytest.skip("listing entries carry no error in this tree")
     state, spec = _job(client, tmp_path, n=2)
     storage = open_storage(spec.output)
-    rows = [Item(index=0, input=str(tmp_path / "in" / "img0.png"), output=str(tmp_path / "out" / "img0.png")),
-            Item(index=1, input=str(tmp_path / "in" / "img1.png"), output=str(tmp_path / "out" / "img1.png"),
-                 error="refused listing line")]
+    rows = [
+        Item(index=0, input=str(tmp_path / "in" / "img0.png"), output=str(tmp_path / "out" / "img0.png")),
+        Item(
+            index=1,
+            input=str(tmp_path / "in" / "img1.png"),
+            output=str(tmp_path / "out" / "img1.png"),
+            error="refused listing line",
+        ),
+    ]
     spec = spec.model_copy(update={"job_id": spec.job_id + "-err"})
     write_listing(storage, spec.output, spec.job_id, rows)
     JobState(client, spec.job_id, TEST_SIGNER).start_submission(spec)
@@ -236,13 +258,22 @@ def test_a_worker_builds_only_its_own_spec_and_variants():
     assert rt.allowed("decode", "classic") == "classic"  # a bare kind that reads no path
     assert rt.allowed("decode", "builtin") == "builtin"  # the shipped weights
     assert rt.allowed("encode", "builtin") == "builtin"
-    for stage, spec in [("decode", "hf-sr:/"), ("decode", "hf-sr:org/a,org/c"), ("decode", "hf-sr"),
-                        ("decode", "builtin:/any/path"), ("encode", "builtin:/any/path"), ("plan", "hf-llm:/root"),
-                        ("plan", "hf-llm"), ("encode", "hf-caption:/root")]:
+    for stage, spec in [
+        ("decode", "hf-sr:/"),
+        ("decode", "hf-sr:org/a,org/c"),
+        ("decode", "hf-sr"),
+        ("decode", "builtin:/any/path"),
+        ("encode", "builtin:/any/path"),
+        ("plan", "hf-llm:/root"),
+        ("plan", "hf-llm"),
+        ("encode", "hf-caption:/root"),
+    ]:
         with pytest.raises(BackendNotAllowedError, match=r"not allowed on this worker \(PIXELRELAY_ALLOWED_BACKENDS\)"):
             rt.stage(stage, spec)
     assert rt._stages == {}  # nothing was built, nothing cached
-    wide = Runtime(Settings.defaults().model_copy(update={"allowed_backends": "hf-sr:/models/x builtin:/w/a.safetensors"}))
+    wide = Runtime(
+        Settings.defaults().model_copy(update={"allowed_backends": "hf-sr:/models/x builtin:/w/a.safetensors"})
+    )
     assert wide.allowed("decode", "hf-sr:/models/x") == "hf-sr:/models/x"
     assert wide.allowed("decode", "builtin:/w/a.safetensors") == "builtin:/w/a.safetensors"
     with pytest.raises(BackendNotAllowedError):
@@ -273,9 +304,18 @@ def test_a_load_error_names_the_path_and_reason_only(tmp_path):
     assert str(long) == "ValueError: first line"
 
 
-@pytest.mark.parametrize("spec", [
-    "builtin:/any/path", "hf-sr:/", "hf-llm:/root", "hf-sr:org/a,/etc", "hf-caption:~/m", "hf-sr:../x", "hf-sr:./m",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "builtin:/any/path",
+        "hf-sr:/",
+        "hf-llm:/root",
+        "hf-sr:org/a,/etc",
+        "hf-caption:~/m",
+        "hf-sr:../x",
+        "hf-sr:./m",
+    ],
+)
 def test_submit_refuses_local_path_specs(spec):
     stage = registry.stage_of(StageSpec.parse(spec).kind) if not spec.startswith("builtin") else "decoder"
     with pytest.raises(ConfigError, match="names a local path"):
@@ -285,8 +325,11 @@ def test_submit_refuses_local_path_specs(spec):
 
 
 def test_submit_takes_hub_ids_and_s3_but_not_a_local_folder(tmp_path, monkeypatch):
-    backends = normalize_backends(Backends(decoder="hf-sr:caidas/swin2SR-classical-sr-x2-64", planner="rules",
-                                           encoder="hf-caption:s3://bucket/blip"))
+    backends = normalize_backends(
+        Backends(
+            decoder="hf-sr:caidas/swin2SR-classical-sr-x2-64", planner="rules", encoder="hf-caption:s3://bucket/blip"
+        )
+    )
     assert backends.decoder == "hf-sr:caidas/swin2SR-classical-sr-x2-64"
     (tmp_path / "org" / "model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
@@ -296,8 +339,9 @@ def test_submit_takes_hub_ids_and_s3_but_not_a_local_folder(tmp_path, monkeypatc
 
 def test_submit_with_a_path_spec_exits_2(redis_url, tmp_path):
     _images(tmp_path / "in", 1)
-    result = run_cli(["submit", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--decoder", "hf-sr:/"],
-                     worker_env(redis_url))
+    result = run_cli(
+        ["submit", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--decoder", "hf-sr:/"], worker_env(redis_url)
+    )
     assert result.returncode == ExitCode.USAGE, result.stderr
     assert "--decoder: hf-sr:/ names a local path" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -331,11 +375,28 @@ def test_forged_chains_for_a_real_job_read_and_write_nothing(stage_workers, clie
     forged = []
     for seq, output in enumerate(outputs, 11):  # the job's own root, options and backends: the record lies
         record = ItemRecord(index=0, input=str(private), output=output)
-        forged.append(ChunkMessage(job_id=spec.job_id, seq=seq, chunk=0, output=out, options=spec.options,
-                                   backends=spec.backends, records=[record]))
-    forged.append(ChunkMessage(job_id=spec.job_id, seq=20, chunk=0, output=str(tmp_path / "attacker"),
-                               options=spec.options, backends=spec.backends,
-                               records=[ItemRecord(index=0, input=str(private), output=str(stolen))]))
+        forged.append(
+            ChunkMessage(
+                job_id=spec.job_id,
+                seq=seq,
+                chunk=0,
+                output=out,
+                options=spec.options,
+                backends=spec.backends,
+                records=[record],
+            )
+        )
+    forged.append(
+        ChunkMessage(
+            job_id=spec.job_id,
+            seq=20,
+            chunk=0,
+            output=str(tmp_path / "attacker"),
+            options=spec.options,
+            backends=spec.backends,
+            records=[ItemRecord(index=0, input=str(private), output=str(stolen))],
+        )
+    )
     for msg in forged:
         _send_forged(settings, msg)
     log = stage_workers.logdir / "encode.log"
@@ -356,8 +417,14 @@ def test_forged_backends_are_refused_in_messages_and_jobs(stage_workers, client,
     permissive = _settings(redis_url, allowed_backends="*")
     _images(tmp_path / "in", 2)
     job_id = "specs-" + uuid.uuid4().hex[:8]
-    sub = submit(permissive, str(tmp_path / "in"), str(tmp_path / "out"), JobOptions(),
-                 Backends(decoder=FORGED_SPECS["decoder"]), job_id=job_id)
+    sub = submit(
+        permissive,
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        JobOptions(),
+        Backends(decoder=FORGED_SPECS["decoder"]),
+        job_id=job_id,
+    )
     spec = JobState(client, job_id, TEST_SIGNER).spec()
     msg = _genuine(spec)
     msg.seq, msg.backends = sub.seq, Backends(**FORGED_SPECS)

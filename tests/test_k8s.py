@@ -43,8 +43,16 @@ K8S = REPO / "deploy" / "k8s"
 NAMESPACE = "pixelrelay"
 SECRET = "pixelrelay-secrets"
 # Every value that is a secret: none may appear as a literal anywhere in a manifest.
-SECRET_KEYS = {"PIXELRELAY_REDIS_URL", "PIXELRELAY_SIGNING_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "REDIS_PASSWORD", "REDISCLI_AUTH", "HF_TOKEN", "PIXELRELAY_NOTIFY_URL"}
+SECRET_KEYS = {
+    "PIXELRELAY_REDIS_URL",
+    "PIXELRELAY_SIGNING_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "REDIS_PASSWORD",
+    "REDISCLI_AUTH",
+    "HF_TOKEN",
+    "PIXELRELAY_NOTIFY_URL",
+}
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 VALIDATE_VERSIONS = ("1.29.0", "latest")  # the oldest we claim (CronJob timeZone, probe grace: GA 1.27)
 TARGETS = ("base", "overlays/gpu", "overlays/external-redis", "examples")
@@ -54,7 +62,9 @@ WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob")
 def _kubectl() -> str:
     found = shutil.which("kubectl")
     if not found:
-        pytest.fail("kubectl not found: `kubectl kustomize` renders deploy/k8s (install kubectl; this test never skips)")
+        pytest.fail(
+            "kubectl not found: `kubectl kustomize` renders deploy/k8s (install kubectl; this test never skips)"
+        )
     return found
 
 
@@ -64,7 +74,7 @@ def _kustomize(folder: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render(target: str) -> tuple[dict, ...]:
     return tuple(_kustomize(K8S / target))
 
@@ -193,20 +203,25 @@ def test_every_object_renders_and_validates_against_the_kubernetes_schemas(targe
 def test_the_components_render_on_the_base_and_validate(tmp_path):
     import kubernetes_validate
 
-    docs = _overlay(tmp_path, "resources: [K8S/base]\n"
-                              "components: [K8S/components/models-pvc, K8S/components/servicemonitor]\n")
+    docs = _overlay(
+        tmp_path, "resources: [K8S/base]\ncomponents: [K8S/components/models-pvc, K8S/components/servicemonitor]\n"
+    )
     monitors = {d["kind"]: d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")}
     assert set(monitors) == {"ServiceMonitor", "PodMonitor"}
     exporter = objects(docs, "Service")["pixelrelay-exporter"]
-    assert monitors["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= exporter["metadata"]["labels"].items()
+    assert (
+        monitors["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= exporter["metadata"]["labels"].items()
+    )
     assert monitors["ServiceMonitor"]["spec"]["endpoints"][0]["port"] in {p["name"] for p in exporter["spec"]["ports"]}
     pods = monitors["PodMonitor"]["spec"]["selector"]["matchLabels"]
     for stage, (dep, c) in worker_deployments(docs).items():
         assert pods.items() <= dep["spec"]["template"]["metadata"]["labels"].items(), stage
         volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
         mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/var/cache/pixelrelay")
-        assert volumes[mount["name"]] == {"name": mount["name"], "persistentVolumeClaim": {
-            "claimName": "pixelrelay-models", "readOnly": True}}, stage
+        assert volumes[mount["name"]] == {
+            "name": mount["name"],
+            "persistentVolumeClaim": {"claimName": "pixelrelay-models", "readOnly": True},
+        }, stage
         assert mount.get("readOnly") is True
     assert configmap(docs)["HF_HUB_OFFLINE"] == "1"
     assert objects(docs, "PersistentVolumeClaim")["pixelrelay-models"]["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -410,8 +425,11 @@ def test_the_example_secret_file_names_every_key_the_manifests_reference():
         for obj in workloads(render(target)):
             spec = pod_spec(obj)
             for c in spec["containers"]:
-                referenced |= {e["valueFrom"]["secretKeyRef"]["key"] for e in c.get("env", [])
-                               if "secretKeyRef" in e.get("valueFrom", {}) and not e["valueFrom"]["secretKeyRef"].get("optional")}
+                referenced |= {
+                    e["valueFrom"]["secretKeyRef"]["key"]
+                    for e in c.get("env", [])
+                    if "secretKeyRef" in e.get("valueFrom", {}) and not e["valueFrom"]["secretKeyRef"].get("optional")
+                }
     assert referenced - {"signing.key"} <= listed, referenced - listed
     assert {"REDIS_PASSWORD", "PIXELRELAY_REDIS_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= listed
     ignored = (K8S / ".gitignore").read_text().split()
@@ -474,8 +492,9 @@ def test_the_exporter_is_always_on_behind_a_service():
     args = parse_cli(c["args"])
     assert args.command == "exporter" and args.port == 9808
     assert dep["spec"]["replicas"] >= 1
-    assert dep["metadata"]["name"] not in {so["spec"]["scaleTargetRef"]["name"]
-                                           for so in objects(docs, "ScaledObject").values()}
+    assert dep["metadata"]["name"] not in {
+        so["spec"]["scaleTargetRef"]["name"] for so in objects(docs, "ScaledObject").values()
+    }
     svc = objects(docs, "Service")["pixelrelay-exporter"]
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert svc["spec"]["ports"][0]["port"] == 9808
@@ -523,10 +542,11 @@ def test_the_nightly_cronjob_submits_incrementally_once_a_night_and_reports_its_
     out = tmp_path / "argv.json"
     run_env = {**env, "PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "STAND_IN_OUT": str(out)}
     for code in (1, 0):  # some items failed -> the Job fails; all done -> it completes
-        before = dt.datetime.now(dt.timezone.utc).date().isoformat()
-        result = subprocess.run(["sh", "-c", line], env={**run_env, "STAND_IN_EXIT": str(code)},
-                                capture_output=True, text=True, timeout=60)
-        after = dt.datetime.now(dt.timezone.utc).date().isoformat()
+        before = dt.datetime.now(dt.UTC).date().isoformat()
+        result = subprocess.run(
+            ["sh", "-c", line], env={**run_env, "STAND_IN_EXIT": str(code)}, capture_output=True, text=True, timeout=60
+        )
+        after = dt.datetime.now(dt.UTC).date().isoformat()
         assert result.returncode == code, result.stderr  # the Job's status is pixelrelay's exit code
         args = json.loads(out.read_text())
         assert args["command"] == "submit" and args["incremental"] and args["wait"] and args["report"]
@@ -586,11 +606,20 @@ def test_the_redis_command_requires_the_password_and_keeps_it_off_the_command_li
     port = free_port()
     for name in ("run", "data"):
         (tmp_path / name).mkdir()
-    line = (c["command"][2].replace("/run/redis", str(tmp_path / "run")).replace("/data", str(tmp_path / "data"))
-            .replace("exec redis-server", f"exec {redis_server_binary()}") + f" --port {port} --bind 127.0.0.1")
+    line = (
+        c["command"][2]
+        .replace("/run/redis", str(tmp_path / "run"))
+        .replace("/data", str(tmp_path / "data"))
+        .replace("exec redis-server", f"exec {redis_server_binary()}")
+        + f" --port {port} --bind 127.0.0.1"
+    )
     password = "pw-" + os.urandom(8).hex()
-    proc = subprocess.Popen(["sh", "-c", line], env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["sh", "-c", line],
+        env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         client = redis.Redis(host="127.0.0.1", port=port, password=password)
         deadline = time.monotonic() + 15
@@ -604,17 +633,32 @@ def test_the_redis_command_requires_the_password_and_keeps_it_off_the_command_li
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=port).ping()
         config = {k: client.config_get(k)[k] for k in ("appendonly", "appendfsync", "maxmemory-policy", "maxmemory")}
-        assert config == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction",
-                          "maxmemory": str(3 * 1024**3)}
+        assert config == {
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "maxmemory-policy": "noeviction",
+            "maxmemory": str(3 * 1024**3),
+        }
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()  # exec: the shell became redis-server
         assert b"redis-server" in cmdline and password.encode() not in cmdline
         assert stat.S_IMODE((tmp_path / "run" / "auth.conf").stat().st_mode) == 0o600
         cli = shutil.which("redis-cli") or str(Path(redis_server_binary()).with_name("redis-cli"))
         probe = c["livenessProbe"]["exec"]["command"][-1].replace("redis-cli", f"{cli} -h 127.0.0.1 -p {port}")
-        assert subprocess.run(["sh", "-c", probe], env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": password},
-                              timeout=10).returncode == 0
-        assert subprocess.run(["sh", "-c", probe], env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": "wrong"},
-                              timeout=10, capture_output=True).returncode != 0
+        assert (
+            subprocess.run(
+                ["sh", "-c", probe], env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": password}, timeout=10
+            ).returncode
+            == 0
+        )
+        assert (
+            subprocess.run(
+                ["sh", "-c", probe],
+                env={"PATH": os.environ["PATH"], "REDISCLI_AUTH": "wrong"},
+                timeout=10,
+                capture_output=True,
+            ).returncode
+            != 0
+        )
     finally:
         proc.terminate()
         proc.wait(10)
@@ -633,7 +677,9 @@ def test_the_external_redis_overlay_drops_the_statefulset_and_keeps_the_secret_u
 
 def test_the_documented_prometheus_address_patch_reaches_every_scaledobject(tmp_path):
     """The overlay deploy/README.md shows for pointing KEDA at your Prometheus."""
-    docs = _overlay(tmp_path, """\
+    docs = _overlay(
+        tmp_path,
+        """\
 resources: [K8S/base]
 patches:
   - target:
@@ -642,6 +688,9 @@ patches:
       - op: replace
         path: /spec/triggers/0/metadata/serverAddress
         value: http://prometheus.example.internal:9090
-""")
-    addresses = {so["spec"]["triggers"][0]["metadata"]["serverAddress"] for so in objects(docs, "ScaledObject").values()}
+""",
+    )
+    addresses = {
+        so["spec"]["triggers"][0]["metadata"]["serverAddress"] for so in objects(docs, "ScaledObject").values()
+    }
     assert addresses == {"http://prometheus.example.internal:9090"}

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import uuid
 
-import boto3
 import pytest
 from PIL import Image
 
@@ -108,7 +107,7 @@ def test_colliding_outputs_never_report_done(stage_workers, redis_url, s3_bucket
     assert by_input["p//x.png"]["status"] == "done"
     assert by_input["p/x.png"]["status"] == "failed" and "item 3" in by_input["p/x.png"]["error"]
     for row in done:  # each done output holds its own input's pixels (scale 1: same size)
-        bucket, key = row["output"][len("s3://"):].split("/", 1)
+        bucket, key = row["output"][len("s3://") :].split("/", 1)
         written = Image.open(io.BytesIO(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()))
         assert written.size == Image.open(io.BytesIO(images[keys.index("in/" + row["input"].split("/in/", 1)[1])])).size
 
@@ -140,8 +139,9 @@ _RSS_CHILD = textwrap.dedent(
 
 def test_listing_rss_stays_flat_from_50k_to_200k_lines(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path)], env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     small, large = (int(v) for v in result.stdout.split())
     # Held in lists, 150,000 more items cost ~100 MB (0.65 kB each); streamed, a few MB.
@@ -156,8 +156,11 @@ def test_rooted_local_storage_refuses_writes_through_a_symlinked_folder(tmp_path
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "link")
     storage = open_storage(str(tmp_path / "out"), root=str(tmp_path / "out"))
-    for uri in (tmp_path / "out" / "link" / "x.png", tmp_path / "out" / "link" / "new" / "y.png",
-                tmp_path / "out" / "ok" / ".." / ".." / "elsewhere" / "z.png"):
+    for uri in (
+        tmp_path / "out" / "link" / "x.png",
+        tmp_path / "out" / "link" / "new" / "y.png",
+        tmp_path / "out" / "ok" / ".." / ".." / "elsewhere" / "z.png",
+    ):
         with pytest.raises(StorageEscapeError):
             storage.put(str(uri), b"attacker bytes", metadata={"k": "v"})
     with pytest.raises(StorageEscapeError):
@@ -179,8 +182,10 @@ def test_symlinks_are_followed_only_with_follow_symlinks(tmp_path):
     os.symlink(src, src / "real" / "loop")  # a loop, entered at most once
 
     items = list(list_items(str(src), str(tmp_path / "out"), open_storage(str(src)), None))
-    assert [(i.input, i.error is None) for i in items] == [(str(src / "real" / "a.png"), True),
-                                                          (str(src / "stolen.png"), False)]
+    assert [(i.input, i.error is None) for i in items] == [
+        (str(src / "real" / "a.png"), True),
+        (str(src / "stolen.png"), False),
+    ]
     assert "symlink not followed" in items[1].error and items[1].output == ""
 
     followed = list(list_items(str(src), str(tmp_path / "out"), open_storage(str(src)), None, follow_symlinks=True))
@@ -214,8 +219,9 @@ _FSIZE_CHILD = textwrap.dedent(
 
 def test_a_file_size_limit_is_a_storage_full_error_naming_the_path(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(tmp_path)], env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", _FSIZE_CHILD, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("StorageFullError"), result.stdout + result.stderr[-2000:]
     assert os.strerror(errno.EFBIG) in result.stdout and str(tmp_path / "big.png") in result.stdout

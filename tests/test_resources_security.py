@@ -48,7 +48,6 @@ from pixelrelay.workers.tasks import _prefetched, decode_chunk, encode_chunk
 from tests.conftest import run_cli, worker_env
 from tests.pipeline.test_colour import cmyk_profile
 
-
 # --- helpers -------------------------------------------------------------------------------
 
 
@@ -127,8 +126,12 @@ def _parse_steps(text: str, monkeypatch) -> tuple[dict, dict[str, int]]:
             return counted
 
     with monkeypatch.context() as m:
-        for name, fn in (("__init__", init), ("negated", negated), ("_all_word", all_word),
-                         ("_ends_with_negation", ends)):
+        for name, fn in (
+            ("__init__", init),
+            ("negated", negated),
+            ("_all_word", all_word),
+            ("_ends_with_negation", ends),
+        ):
             m.setattr(rules._Negations, name, fn)
         m.setattr(rules, "NEGATION", CountedNegation())
         requests = instruction_requests(text)[0]
@@ -153,8 +156,29 @@ def test_row10_instruction_parsing_is_linear(monkeypatch):
 
 
 def test_row10_negations_read_exactly_as_the_reference_rule():
-    words = ["no", "not", "don't", "dont", "without", "skip", "never", "it", "over-", "-", "a'b", "(no",
-             "x-no", "no-", "é", "_no", "no,", "sharpen", "denoise", "deblur", "remove the noise"]
+    words = [
+        "no",
+        "not",
+        "don't",
+        "dont",
+        "without",
+        "skip",
+        "never",
+        "it",
+        "over-",
+        "-",
+        "a'b",
+        "(no",
+        "x-no",
+        "no-",
+        "é",
+        "_no",
+        "no,",
+        "sharpen",
+        "denoise",
+        "deblur",
+        "remove the noise",
+    ]
     rng = random.Random(11)
     checked = 0
     for _ in range(3000):
@@ -171,8 +195,15 @@ def test_row10_negations_read_exactly_as_the_reference_rule():
 
 
 def _message(tmp_path, options: JobOptions, backends: Backends, records: list[ItemRecord]) -> ChunkMessage:
-    return ChunkMessage(job_id="res-" + uuid.uuid4().hex[:8], seq=1, chunk=0, output=str(tmp_path / "out"),
-                        options=options, backends=backends, records=records)
+    return ChunkMessage(
+        job_id="res-" + uuid.uuid4().hex[:8],
+        seq=1,
+        chunk=0,
+        output=str(tmp_path / "out"),
+        options=options,
+        backends=backends,
+        records=records,
+    )
 
 
 def test_row11_an_output_pixel_bomb_fails_at_encode_before_any_decode_or_model(redis_url, tmp_path, bomb_png):
@@ -193,8 +224,13 @@ def test_row11_the_decode_stage_checks_the_plan_scale_before_the_model(redis_url
     source = tmp_path / "bomb.png"
     source.write_bytes(bomb_png)
     rt = _runtime(redis_url)
-    record = ItemRecord(index=0, input=str(source), output=str(tmp_path / "out" / "bomb.png"),
-                        description=Description(text="x"), plan=Plan(scale=4))
+    record = ItemRecord(
+        index=0,
+        input=str(source),
+        output=str(tmp_path / "out" / "bomb.png"),
+        description=Description(text="x"),
+        plan=Plan(scale=4),
+    )
     msg = _message(tmp_path, JobOptions(task="upscale"), Backends(decoder="classic"), [record])
     decode_chunk(rt, JobState(rt.redis, msg.job_id), msg)
     assert record.failed and "PIXELRELAY_MAX_OUTPUT_PIXELS" in record.error, record.error
@@ -258,8 +294,9 @@ def _until(predicate, timeout: float = 5.0) -> None:
 
 
 def test_row12_prefork_pools_get_time_limits_and_a_memory_ceiling():
-    settings = Settings.from_env(redis_url="redis://127.0.0.1:1/0", item_budget_s=10, chunk_size=4, lease_s=5,
-                                 max_memory_per_child_kb=123_456)
+    settings = Settings.from_env(
+        redis_url="redis://127.0.0.1:1/0", item_budget_s=10, chunk_size=4, lease_s=5, max_memory_per_child_kb=123_456
+    )
     prefork = configure_pool(configure(Celery("t-prefork", set_as_current=False), settings), settings, concurrency=2)
     assert prefork.conf.task_time_limit == 10 * 4 + 2 * 5 + 60  # after the lease watchdog's budget
     assert prefork.conf.task_soft_time_limit == prefork.conf.task_time_limit - 30
@@ -318,8 +355,9 @@ def test_row15_strip_metadata_and_cmyk_profiles_through_real_workers(stage_worke
     (src / "cmyk.jpg").write_bytes(buf.getvalue())
 
     job_id = "strip-" + uuid.uuid4().hex[:8]
-    result = run_cli(["submit", str(src), "--out", str(out), "--job-id", job_id, "--strip-metadata", "--wait"],
-                     worker_env(redis_url))
+    result = run_cli(
+        ["submit", str(src), "--out", str(out), "--job-id", job_id, "--strip-metadata", "--wait"], worker_env(redis_url)
+    )
     assert result.returncode == 0, result.stderr + stage_workers.logs()
 
     stripped = Image.open(out / "gps.jpg")
@@ -343,14 +381,29 @@ def test_row15_without_strip_metadata_the_exif_stays_and_the_request_differs():
     args = (Backends(), "/in/a.jpg", "jpg")
     assert fp.request_fingerprint(plain, *args) != fp.request_fingerprint(strip, *args)
     # Requests without it keep the fingerprint they had before the option existed.
-    before = {"task": "restore", "scale": 1, "instruction": "", "format": "jpg", "quality": 92, "lossless": False,
-              "backends": {"encoder": None, "planner": None, "decoder": None}, "input": "/in/a.jpg"}
+    before = {
+        "task": "restore",
+        "scale": 1,
+        "instruction": "",
+        "format": "jpg",
+        "quality": 92,
+        "lossless": False,
+        "backends": {"encoder": None, "planner": None, "decoder": None},
+        "input": "/in/a.jpg",
+    }
     assert fp.request_fingerprint(plain, *args) == fp._digest(before)
 
 
 def test_strip_metadata_is_wire_version_3_and_older_bodies_upgrade_without_it():
-    msg = ChunkMessage(job_id="w3", seq=1, chunk=0, output="/o", options=JobOptions(strip_metadata=True),
-                       backends=Backends(), records=[ItemRecord(index=0, input="/i/a.png", output="/o/a.png")])
+    msg = ChunkMessage(
+        job_id="w3",
+        seq=1,
+        chunk=0,
+        output="/o",
+        options=JobOptions(strip_metadata=True),
+        backends=Backends(),
+        records=[ItemRecord(index=0, input="/i/a.png", output="/o/a.png")],
+    )
     wire = msg.model_dump(mode="json")
     assert wire["v"] == 3 and wire["options"]["strip_metadata"] is True
     assert upgrade_message(json.loads(msg.model_dump_json())) == msg

@@ -28,7 +28,12 @@ from tests.conftest import REPO, run_cli, worker_env
 
 def _body(job_id: str, output: str) -> dict:
     return ChunkMessage(
-        job_id="placeholder", seq=1, chunk=0, output=output, options={}, backends={},
+        job_id="placeholder",
+        seq=1,
+        chunk=0,
+        output=output,
+        options={},
+        backends={},
         records=[{"index": 0, "input": output + "/in.png", "output": output + "/in.png"}],
     ).model_dump(mode="json") | {"job_id": job_id}
 
@@ -43,15 +48,18 @@ def test_a_bad_job_id_is_refused_in_messages_and_specs(job_id, tmp_path):
 
 def test_a_job_id_with_a_newline_is_a_usage_error(redis_url, tmp_path):
     (tmp_path / "in").mkdir()
-    result = run_cli(["submit", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--job-id", "x\n"],
-                     worker_env(redis_url))
+    result = run_cli(
+        ["submit", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--job-id", "x\n"], worker_env(redis_url)
+    )
     assert result.returncode == ExitCode.USAGE and "--job-id" in result.stderr
 
 
 def test_a_huge_instruction_is_a_usage_error(redis_url, tmp_path):
     (tmp_path / "in").mkdir()
-    result = run_cli(["submit", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--instruction", "a" * 120_000],
-                     worker_env(redis_url))
+    result = run_cli(
+        ["submit", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--instruction", "a" * 120_000],
+        worker_env(redis_url),
+    )
     assert result.returncode == ExitCode.USAGE and "at most 2000 characters" in result.stderr
     with pytest.raises(ValidationError):
         upgrade_message(_body("ok", str(tmp_path)) | {"options": {"instruction": "a" * 2001}})
@@ -69,9 +77,27 @@ def test_run_never_imports_modules_from_the_folder_it_was_started_in(tmp_path):
     # The parent runs as the console script would (-P: no cwd on sys.path); the workers it
     # starts are the subject of the test.
     result = subprocess.run(
-        [sys.executable, "-P", "-m", "pixelrelay", "run", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
-         "--encoder", "analysis", "--decoder", "classic", "--job-id", job_id],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "pixelrelay",
+            "run",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--encoder",
+            "analysis",
+            "--decoder",
+            "classic",
+            "--job-id",
+            job_id,
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == ExitCode.OK, result.stderr
     assert not marker.exists()

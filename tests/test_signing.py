@@ -108,11 +108,15 @@ def test_run_keeps_its_key_beside_its_redis_data_mode_0600_and_reuses_it(tmp_pat
 def _attack_body(job_id: str, private: Path, loot: Path) -> dict:
     """A chunk message as the attacker writes it: a private input, an output of theirs."""
     return {
-        "job_id": job_id, "seq": 1, "chunk": 0, "output": str(loot.parent),
+        "job_id": job_id,
+        "seq": 1,
+        "chunk": 0,
+        "output": str(loot.parent),
         "options": {"task": "restore", "scale": None, "instruction": "", "format": None},
         "backends": {"encoder": None, "planner": None, "decoder": None},
         "records": [{"index": 0, "input": str(private), "output": str(loot)}],
-        "feeds": False, "part": "",
+        "feeds": False,
+        "part": "",
     }
 
 
@@ -134,8 +138,9 @@ def test_forged_chains_pushed_to_the_broker_are_dropped_and_logged(stage_workers
         bodies[how] = body
         task_id = f"{job_id}-encode"
         chain(
-            attacker.signature("pixelrelay.encode", args=(body,), immutable=True, task_id=task_id,
-                               queue="pixelrelay.encode"),
+            attacker.signature(
+                "pixelrelay.encode", args=(body,), immutable=True, task_id=task_id, queue="pixelrelay.encode"
+            ),
             attacker.signature("pixelrelay.plan", queue="pixelrelay.plan"),
             attacker.signature("pixelrelay.decode", queue="pixelrelay.decode"),
         ).apply_async()
@@ -220,9 +225,15 @@ def test_a_forged_spec_in_redis_drives_no_read_or_write(job, client, tmp_path, f
     job.sent.clear()
 
     # A decode worker finishing chunk 0 reads the spec to feed chunk 1: refused.
-    msg = ChunkMessage(job_id=job.state.job_id, seq=job.seq, chunk=0, output=job.output, options=job.spec.options,
-                       backends=job.spec.backends, records=[r.model_copy(update={"status": "done"}) for r in
-                                                            job.message([0, 1]).records])
+    msg = ChunkMessage(
+        job_id=job.state.job_id,
+        seq=job.seq,
+        chunk=0,
+        output=job.output,
+        options=job.spec.options,
+        backends=job.spec.backends,
+        records=[r.model_copy(update={"status": "done"}) for r in job.message([0, 1]).records],
+    )
     with pytest.raises(SignatureError):
         finish_chunk(job.state, job.storage, job.sent.append, msg)
     # The sweep finds chunk 1 lost and would rebuild it from the spec's listing: skipped, logged.
@@ -253,8 +264,14 @@ def test_a_forged_cursor_sends_nothing(job, client):
 def test_a_worker_without_a_key_refuses_to_start(redis_url):
     env = worker_env(redis_url)
     env.pop("PIXELRELAY_SIGNING_KEY")
-    result = subprocess.run([sys.executable, "-m", "pixelrelay", "worker", "--stage", "plan"], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "pixelrelay", "worker", "--stage", "plan"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == ExitCode.USAGE, result.stderr
     assert "--insecure-no-signing" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -274,13 +291,31 @@ def test_remote_control_is_off_by_default_and_on_with_the_flag(stage_workers, re
     env = worker_env(url)
     env.pop("PIXELRELAY_SIGNING_KEY")
     log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "pixelrelay", "worker", "--stage", "plan", "--planner", "rules",
-                             "--insecure-no-signing", "--remote-control", "--loglevel", "WARNING"],
-                            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pixelrelay",
+            "worker",
+            "--stage",
+            "plan",
+            "--planner",
+            "rules",
+            "--insecure-no-signing",
+            "--remote-control",
+            "--loglevel",
+            "WARNING",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     admin = Celery("admin", broker=url)
     try:
-        assert wait_until(lambda: proc.poll() is not None or admin.control.ping(timeout=0.5), timeout=60), \
-            (tmp_path / "worker.log").read_text()
+        assert wait_until(lambda: proc.poll() is not None or admin.control.ping(timeout=0.5), timeout=60), (
+            tmp_path / "worker.log"
+        ).read_text()
         assert proc.poll() is None
         admin.control.shutdown()
         assert proc.wait(30) == 0

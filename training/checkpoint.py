@@ -54,8 +54,14 @@ class Progress:
     elapsed_s: float = 0.0
 
 
-def save(path: Path, run_id: str, net: torch.nn.Module, opt: torch.optim.Optimizer,
-         rng: np.random.Generator, progress: Progress) -> None:
+def save(
+    path: Path,
+    run_id: str,
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    progress: Progress,
+) -> None:
     state = {
         "format": FORMAT,
         "identity": run_id,
@@ -75,15 +81,17 @@ def save(path: Path, run_id: str, net: torch.nn.Module, opt: torch.optim.Optimiz
     os.replace(tmp, path)
 
 
-def load(path: Path, run_id: str, net: torch.nn.Module, opt: torch.optim.Optimizer,
-         rng: np.random.Generator) -> Progress:
+def load(
+    path: Path, run_id: str, net: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator
+) -> Progress:
     """Restore ``net``, ``opt`` and ``rng`` from ``path``; the loop's progress."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointMismatch(f"{path}: not a pixelrelay training checkpoint (format {FORMAT})")
     if state.get("identity") != run_id:
-        raise CheckpointMismatch(f"{path} was made by a run with another kind, seed or config; "
-                                 "pass --fresh to start over (it is replaced)")
+        raise CheckpointMismatch(
+            f"{path} was made by a run with another kind, seed or config; pass --fresh to start over (it is replaced)"
+        )
     net.load_state_dict(state["net"])
     opt.load_state_dict(state["optimizer"])
     rng.bit_generator.state = json.loads(state["numpy_rng"])
@@ -98,7 +106,7 @@ class StopRequest:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return self  # signals reach the main thread only: nothing to catch here
         for signum in (signal.SIGTERM, signal.SIGINT):

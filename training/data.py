@@ -24,9 +24,7 @@ def list_folders(data_dir: str | Path) -> dict[str, list[Path]]:
         raise FileNotFoundError(f"no data folder {root}")
     out: dict[str, list[Path]] = {}
     for folder in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in INPUT_EXTENSIONS
-        )
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in INPUT_EXTENSIONS)
         if files:
             out["" if folder == root else folder.name] = files
     if not out:

@@ -21,8 +21,9 @@ where the encoder sees them, i.e. on the output (low-resolution) pixel grid:
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class DegradationConfig:
     p_jpeg_early: float = 0.0
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "DegradationConfig":
+    def from_dict(cls, d: dict[str, Any] | None) -> DegradationConfig:
         d = dict(d or {})
         out = cls()
         for k, v in d.items():
@@ -72,8 +73,16 @@ class DegradationConfig:
 # moderate noise, then JPEG at a moderate-to-high quality (in that order). ``bench quality
 # --degradation mild`` scores it; training configs can mix it in ("degradation_mild").
 MILD = DegradationConfig(
-    p_blur=1.0, blur_sigma=(0.3, 1.0), p_noise=1.0, noise_sigma=(2.0, 15.0), p_poisson=0.0,
-    p_gray_noise=0.3, p_jpeg=1.0, jpeg_quality=(40, 95), resize_modes=("bicubic",), shuffle=False,
+    p_blur=1.0,
+    blur_sigma=(0.3, 1.0),
+    p_noise=1.0,
+    noise_sigma=(2.0, 15.0),
+    p_poisson=0.0,
+    p_gray_noise=0.3,
+    p_jpeg=1.0,
+    jpeg_quality=(40, 95),
+    resize_modes=("bicubic",),
+    shuffle=False,
 )
 
 
@@ -119,8 +128,9 @@ def crop_to_multiple(img: np.ndarray, scale: int) -> np.ndarray:
     return img[: h - h % scale, : w - w % scale]
 
 
-def _add_noise(x: torch.Tensor, sigma: float, seed: int, u_kind: float, u_gray: float,
-               cfg: DegradationConfig) -> tuple[torch.Tensor, str]:
+def _add_noise(
+    x: torch.Tensor, sigma: float, seed: int, u_kind: float, u_gray: float, cfg: DegradationConfig
+) -> tuple[torch.Tensor, str]:
     """Gaussian (per channel or grey) or Poisson noise of std ``sigma`` (0-1 scale)."""
     g = np.random.default_rng(seed)
     shape = tuple(x.shape)
@@ -245,8 +255,14 @@ def psnr_y(a: np.ndarray, b: np.ndarray, border: int = 0) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
-def edge_overshoot(out: np.ndarray, gt: np.ndarray, border: int = 0, radius: int = 2,
-                   edge_quantile: float = 0.9, min_gradient: float = 20.0) -> float:
+def edge_overshoot(
+    out: np.ndarray,
+    gt: np.ndarray,
+    border: int = 0,
+    radius: int = 2,
+    edge_quantile: float = 0.9,
+    min_gradient: float = 20.0,
+) -> float:
     """Mean overshoot on strong edges, in Y levels (0-255 scale): how far ``out`` goes above
     the ground truth's local maximum or below its local minimum (a (2·radius+1)² window),
     averaged over the pixels within ``radius`` of a strong edge of ``gt`` (Sobel magnitude
@@ -256,7 +272,7 @@ def edge_overshoot(out: np.ndarray, gt: np.ndarray, border: int = 0, radius: int
 
     y, o = _crop_border(rgb_to_y(gt), border), _crop_border(rgb_to_y(out), border)
     grad = np.hypot(sobel(y, 0), sobel(y, 1)) / 8.0
-    strong = (grad > max(np.quantile(grad, edge_quantile), min_gradient))
+    strong = grad > max(np.quantile(grad, edge_quantile), min_gradient)
     if not strong.any():
         return 0.0
     size = 2 * radius + 1

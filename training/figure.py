@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,12 @@ from pixelrelay.training import degradations as D
 from pixelrelay.training.quality import SEED, _pipelines, make_set, run_pipeline
 
 # (label, degradation as ``bench quality --degradation`` names it, scale)
-CASES = (("mild x2", "mild", 2), ("realistic x2", "realistic", 2),
-         ("clean x2", "bicubic", 2), ("clean x4", "bicubic", 4))
+CASES = (
+    ("mild x2", "mild", 2),
+    ("realistic x2", "realistic", 2),
+    ("clean x2", "bicubic", 2),
+    ("clean x4", "bicubic", 4),
+)
 COLUMNS = ("input (nearest)", "bicubic", "classic", "builtin", "ground truth")
 PAD = 4  # pixels between tiles
 LABEL_W = 84  # the row label strip on the left
@@ -118,8 +122,16 @@ def build_rows(hrs: list[np.ndarray], pipes, crop: int, rows: int, seed: int = S
             psnrs.append(D.psnr_y(t, g))
         tiles.append(g)
         psnrs.append(None)
-        out.append({"label": label, "detail": _describe(params, lr), "ops": ops, "tiles": tiles,
-                    "psnrs": psnrs, "crop": crop_r})
+        out.append(
+            {
+                "label": label,
+                "detail": _describe(params, lr),
+                "ops": ops,
+                "tiles": tiles,
+                "psnrs": psnrs,
+                "crop": crop_r,
+            }
+        )
     return out
 
 
@@ -144,8 +156,12 @@ def render(rows: list[dict]) -> Image.Image:
                 draw.text((left, top + row["crop"] + 1), f"{psnr:.2f} dB", fill="black", font=font)
             elif c == 0:
                 draw.text((left, top + row["crop"] + 1), "degraded", fill=(90, 90, 90), font=font)
-    draw.text((4, height - FOOT_H + 2), "dB: PSNR on the Y channel (BT.601) over the tile. Validation images, "
-              "seeded degradations as in bench quality.", fill=(90, 90, 90), font=font)
+    draw.text(
+        (4, height - FOOT_H + 2),
+        "dB: PSNR on the Y channel (BT.601) over the tile. Validation images, seeded degradations as in bench quality.",
+        fill=(90, 90, 90),
+        font=font,
+    )
     return canvas
 
 
@@ -153,11 +169,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pixelrelay bench figure", description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="the data folder; its validation part is used")
     ap.add_argument("--out", required=True, help="the PNG to write")
-    ap.add_argument("--builtin-model", default=None, metavar="FILE|UPSCALER,RESTORER",
-                    help="these builtin decoder weights instead of the shipped ones")
+    ap.add_argument(
+        "--builtin-model",
+        default=None,
+        metavar="FILE|UPSCALER,RESTORER",
+        help="these builtin decoder weights instead of the shipped ones",
+    )
     ap.add_argument("--crop", type=int, default=128, help="output pixels per tile side (default 128)")
-    ap.add_argument("--rows", type=int, default=len(CASES), choices=range(1, len(CASES) + 1),
-                    help=f"the first N cases of: {', '.join(c[0] for c in CASES)}")
+    ap.add_argument(
+        "--rows",
+        type=int,
+        default=len(CASES),
+        choices=range(1, len(CASES) + 1),
+        help=f"the first N cases of: {', '.join(c[0] for c in CASES)}",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -167,8 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     val_files = parts[1]
     if not val_files:
-        print(f"pixelrelay bench figure: no validation images in {args.data} "
-              "(every fifth file of a folder is validation)", file=sys.stderr)
+        print(
+            f"pixelrelay bench figure: no validation images in {args.data} "
+            "(every fifth file of a folder is validation)",
+            file=sys.stderr,
+        )
         return ExitCode.USAGE
     picks = choose_images(len(val_files), args.rows)
     hrs = data.load_images([val_files[i] for i in picks])
@@ -178,8 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     render(rows).save(out, optimize=True)
     for row, i in zip(rows, picks):
         scores = ", ".join(f"{name} {p:.2f}" for name, p in zip(COLUMNS, row["psnrs"]) if p is not None)
-        print(f"{row['label']:13s} {val_files[i].parent.name}/{val_files[i].name}: PSNR-Y {scores} dB; "
-              f"builtin plan: {row['ops']}")
+        print(
+            f"{row['label']:13s} {val_files[i].parent.name}/{val_files[i].name}: PSNR-Y {scores} dB; "
+            f"builtin plan: {row['ops']}"
+        )
     print(f"wrote {out} ({out.stat().st_size} bytes)")
     return ExitCode.OK
 

@@ -38,16 +38,17 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from pixelrelay.exitcodes import ExitCode
-from pixelrelay.training import degradations as D
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import JobOptions
 from pixelrelay.training import data
+from pixelrelay.training import degradations as D
 
 SEED = 2024
 
@@ -62,7 +63,11 @@ def _pipelines(device: str, builtin_model: str | None = None, encoder_model: str
     planner = RulesPlanner()
     return {
         "classic": (AnalysisEncoder(device=device), planner, ClassicDecoder(device=device)),
-        "builtin": (BuiltinEncoder(model=encoder_model, device=device), planner, BuiltinDecoder(model=builtin_model, device=device)),
+        "builtin": (
+            BuiltinEncoder(model=encoder_model, device=device),
+            planner,
+            BuiltinDecoder(model=builtin_model, device=device),
+        ),
     }
 
 
@@ -147,10 +152,12 @@ def evaluate(hrs, scale: int, degradation: str, pipes, log=print) -> dict[str, A
 
 
 # JPEG with something on top (#15): an edited and re-saved JPEG, x1, the other step mild.
-JPEG_THEN_NOISE = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=1, p_jpeg_early=1, jpeg_quality=(10, 95),
-                                      noise_sigma=(2.0, 15.0), p_poisson=0.0)
-JPEG_THEN_BLUR = D.DegradationConfig(p_blur=1, p_noise=0, p_jpeg=1, p_jpeg_early=1, jpeg_quality=(10, 95),
-                                     blur_sigma=(0.3, 1.0))
+JPEG_THEN_NOISE = D.DegradationConfig(
+    p_blur=0, p_noise=1, p_jpeg=1, p_jpeg_early=1, jpeg_quality=(10, 95), noise_sigma=(2.0, 15.0), p_poisson=0.0
+)
+JPEG_THEN_BLUR = D.DegradationConfig(
+    p_blur=1, p_noise=0, p_jpeg=1, p_jpeg_early=1, jpeg_quality=(10, 95), blur_sigma=(0.3, 1.0)
+)
 
 
 def _quality_error(enc, lr: np.ndarray, true_quality: int) -> float:
@@ -187,41 +194,62 @@ def encoder_errors(hrs, enc, seed: int = SEED) -> dict[str, Any]:
             lr, p = D.degrade(hr, 1, np.random.default_rng(seed + 41 * i + len(kind)), cfg)
             after[kind].append(_quality_error(enc, lr, p.jpeg_quality))
     qn_err, qb_err = np.array(after["noise"]), np.array(after["blur"])
-    return {"jpeg_then_noise_mae": float(qn_err.mean()), "jpeg_then_noise_within10": float((qn_err <= 10).mean()),
-            "jpeg_then_blur_mae": float(qb_err.mean()), "jpeg_then_blur_within10": float((qb_err <= 10).mean()),"noise_only_mae": float(n_err.mean()), "noise_only_within3": float((n_err <= 3).mean()),
-            "jpeg_only_mae": float(q_err.mean()), "jpeg_only_within10": float((q_err <= 10).mean()),
-            "blur_only_mae": float(b_err.mean()), "blur_only_within05": float((b_err <= 0.5).mean())}
+    return {
+        "jpeg_then_noise_mae": float(qn_err.mean()),
+        "jpeg_then_noise_within10": float((qn_err <= 10).mean()),
+        "jpeg_then_blur_mae": float(qb_err.mean()),
+        "jpeg_then_blur_within10": float((qb_err <= 10).mean()),
+        "noise_only_mae": float(n_err.mean()),
+        "noise_only_within3": float((n_err <= 3).mean()),
+        "jpeg_only_mae": float(q_err.mean()),
+        "jpeg_only_within10": float((q_err <= 10).mean()),
+        "blur_only_mae": float(b_err.mean()),
+        "blur_only_within05": float((b_err <= 0.5).mean()),
+    }
 
 
 def realistic_encoder_errors(res: dict[str, Any]) -> dict[str, float]:
     ests = res["builtin_descs"]
     params = res["params"]
     n_err = np.array([abs((d.noise_sigma or 0.0) - p.noise_sigma) for d, p in zip(ests, params)])
-    q_err = np.array([abs((d.jpeg_quality if d.jpeg_quality is not None else 100.0) - p.jpeg_quality)
-                      for d, p in zip(ests, params)])
+    q_err = np.array(
+        [abs((d.jpeg_quality if d.jpeg_quality is not None else 100.0) - p.jpeg_quality) for d, p in zip(ests, params)]
+    )
     b_err = np.array([abs((d.blur_sigma or 0.0) - p.blur_sigma) for d, p in zip(ests, params)])
-    return {"noise_mae": float(n_err.mean()), "noise_within3": float((n_err <= 3).mean()),
-            "jpeg_mae": float(q_err.mean()), "jpeg_within10": float((q_err <= 10).mean()),
-            "blur_mae": float(b_err.mean()), "blur_within05": float((b_err <= 0.5).mean())}
+    return {
+        "noise_mae": float(n_err.mean()),
+        "noise_within3": float((n_err <= 3).mean()),
+        "jpeg_mae": float(q_err.mean()),
+        "jpeg_within10": float((q_err <= 10).mean()),
+        "blur_mae": float(b_err.mean()),
+        "blur_within05": float((b_err <= 0.5).mean()),
+    }
 
 
 def clean_estimates(res: dict[str, Any]) -> dict[str, float]:
     ests = res["builtin_descs"]
-    return {"clean_noise_mean": float(np.mean([d.noise_sigma or 0.0 for d in ests])),
-            "clean_jpeg_flagged": float(np.mean([d.jpeg_quality is not None for d in ests])),
-            "clean_with_ops": float(res["builtin_ops"])}
+    return {
+        "clean_noise_mean": float(np.mean([d.noise_sigma or 0.0 for d in ests])),
+        "clean_jpeg_flagged": float(np.mean([d.jpeg_quality is not None for d in ests])),
+        "clean_with_ops": float(res["builtin_ops"]),
+    }
 
 
 def degraded_plan(scale: int):
     """A plan with operations: the builtin decoder runs its restorer (the slower network)."""
     from pixelrelay.pipeline.messages import Operation, Plan
 
-    return Plan(scale=scale, noise_sigma=15.0, jpeg_quality=50.0,
-                operations=[Operation(name="denoise", strength=0.6), Operation(name="deblock", strength=0.5)])
+    return Plan(
+        scale=scale,
+        noise_sigma=15.0,
+        jpeg_quality=50.0,
+        operations=[Operation(name="denoise", strength=0.6), Operation(name="deblock", strength=0.5)],
+    )
 
 
-def time_decoder(dec, batch: int = 8, out_size: int = 512, scale: int = 2, repeats: int = 2,
-                 degraded: bool = False) -> float:
+def time_decoder(
+    dec, batch: int = 8, out_size: int = 512, scale: int = 2, repeats: int = 2, degraded: bool = False
+) -> float:
     """Best-of-``repeats`` seconds per output of ``dec.restore`` on a batch of ``batch`` images:
     a clean plan (the upscaler), or with ``degraded`` a plan with operations (the restorer)."""
     from pixelrelay.pipeline.messages import Plan
@@ -250,19 +278,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pixelrelay bench quality", description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--scale", type=int, choices=(2, 4), default=None, help="default: 2 and 4")
-    ap.add_argument("--degradation", choices=("bicubic", "realistic", "mild"), default=None,
-                    help="default: bicubic x2, bicubic x4, realistic x2, mild x2")
-    ap.add_argument("--split", choices=("val", "train", "all"), default="val",
-                    help="val: the validation part (report figures on it); train: the training part "
-                         "(tune hyperparameters on it, never on val); all: every file")
+    ap.add_argument(
+        "--degradation",
+        choices=("bicubic", "realistic", "mild"),
+        default=None,
+        help="default: bicubic x2, bicubic x4, realistic x2, mild x2",
+    )
+    ap.add_argument(
+        "--split",
+        choices=("val", "train", "all"),
+        default="val",
+        help="val: the validation part (report figures on it); train: the training part "
+        "(tune hyperparameters on it, never on val); all: every file",
+    )
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-speed", action="store_true")
-    ap.add_argument("--builtin-model", default=None, metavar="FILE|UPSCALER,RESTORER",
-                    help="score these builtin decoder weights instead of the shipped ones (candidates)")
-    ap.add_argument("--encoder-model", default=None, metavar="FILE",
-                    help="score these builtin encoder weights instead of the shipped ones (a candidate)")
+    ap.add_argument(
+        "--builtin-model",
+        default=None,
+        metavar="FILE|UPSCALER,RESTORER",
+        help="score these builtin decoder weights instead of the shipped ones (candidates)",
+    )
+    ap.add_argument(
+        "--encoder-model",
+        default=None,
+        metavar="FILE",
+        help="score these builtin encoder weights instead of the shipped ones (a candidate)",
+    )
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -275,8 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.limit:
         files = files[: args.limit]
     if not files:
-        print(f"pixelrelay bench quality: no {args.split} images in {args.data} "
-              "(every fifth file of a folder is validation; --split all uses every file)", file=sys.stderr)
+        print(
+            f"pixelrelay bench quality: no {args.split} images in {args.data} "
+            "(every fifth file of a folder is validation; --split all uses every file)",
+            file=sys.stderr,
+        )
         return ExitCode.USAGE
     hrs = data.load_images(files)
     if args.degradation is None and args.scale is None:
@@ -303,54 +350,76 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures[key]["builtin_gain_over_classic_db"] = res["builtin"][0] - res["classic"][0]
         if "builtin-net (true params)" in res:
             figures[key]["builtin_net_true_params"] = res["builtin-net (true params)"]
-        lines.append(f"  builtin - classic: {figures[key]['builtin_gain_over_classic_db']:+.2f} dB; "
-                     f"plans with operations: builtin {res['builtin_ops_count']}/{res['images']}, "
-                     f"classic {res['classic_ops_count']}/{res['images']}")
+        lines.append(
+            f"  builtin - classic: {figures[key]['builtin_gain_over_classic_db']:+.2f} dB; "
+            f"plans with operations: builtin {res['builtin_ops_count']}/{res['images']}, "
+            f"classic {res['classic_ops_count']}/{res['images']}"
+        )
         figures[key]["overshoot"] = {name: res[f"{name}_overshoot"] for name in ("bicubic", "classic", "builtin")}
-        lines.append("  edge overshoot (Y levels beyond the local range on strong edges): " + ", ".join(
-            f"{name} {value:.2f}" for name, value in figures[key]["overshoot"].items()))
+        lines.append(
+            "  edge overshoot (Y levels beyond the local range on strong edges): "
+            + ", ".join(f"{name} {value:.2f}" for name, value in figures[key]["overshoot"].items())
+        )
         if deg != "bicubic":
             e = realistic_encoder_errors(res)
             figures[key]["encoder"] = e
-            lines.append(f"  encoder on these: noise |err| {e['noise_mae']:.2f} (within 3: {e['noise_within3']:.0%}), "
-                         f"JPEG quality |err| {e['jpeg_mae']:.1f} (within 10: {e['jpeg_within10']:.0%}), "
-                         f"blur |err| {e['blur_mae']:.2f} (within 0.5: {e['blur_within05']:.0%})")
+            lines.append(
+                f"  encoder on these: noise |err| {e['noise_mae']:.2f} (within 3: {e['noise_within3']:.0%}), "
+                f"JPEG quality |err| {e['jpeg_mae']:.1f} (within 10: {e['jpeg_within10']:.0%}), "
+                f"blur |err| {e['blur_mae']:.2f} (within 0.5: {e['blur_within05']:.0%})"
+            )
         else:
             c = clean_estimates(res)
             figures[key]["clean"] = c
             figures[key]["clean_with_ops_count"] = res["builtin_ops_count"]
-            lines.append(f"  encoder on clean inputs: mean noise estimate {c['clean_noise_mean']:.2f}, "
-                         f"JPEG flagged {c['clean_jpeg_flagged']:.0%}, "
-                         f"plans with operations {res['builtin_ops_count']}/{res['images']}")
+            lines.append(
+                f"  encoder on clean inputs: mean noise estimate {c['clean_noise_mean']:.2f}, "
+                f"JPEG flagged {c['clean_jpeg_flagged']:.0%}, "
+                f"plans with operations {res['builtin_ops_count']}/{res['images']}"
+            )
         lines.append("")
     enc_err = encoder_errors(hrs, pipes["builtin"][0])
     figures["encoder"] = enc_err
     lines.append("encoder estimation errors (x1, one degradation at a time)")
-    lines.append(f"  noise sigma 0-50 (Gaussian/Poisson): mean |err| {enc_err['noise_only_mae']:.2f}, "
-                 f"within +-3: {enc_err['noise_only_within3']:.0%}")
-    lines.append(f"  JPEG quality 10-95:                  mean |err| {enc_err['jpeg_only_mae']:.2f}, "
-                 f"within +-10: {enc_err['jpeg_only_within10']:.0%}")
-    lines.append(f"  blur sigma 0.3-2:                    mean |err| {enc_err['blur_only_mae']:.2f}, "
-                 f"within +-0.5: {enc_err['blur_only_within05']:.0%}")
-    lines.append(f"  JPEG quality, noise 2-15 after it:  mean |err| {enc_err['jpeg_then_noise_mae']:.2f}, "
-                 f"within +-10: {enc_err['jpeg_then_noise_within10']:.0%}")
-    lines.append(f"  JPEG quality, blur 0.3-1 after it:  mean |err| {enc_err['jpeg_then_blur_mae']:.2f}, "
-                 f"within +-10: {enc_err['jpeg_then_blur_within10']:.0%}")
+    lines.append(
+        f"  noise sigma 0-50 (Gaussian/Poisson): mean |err| {enc_err['noise_only_mae']:.2f}, "
+        f"within +-3: {enc_err['noise_only_within3']:.0%}"
+    )
+    lines.append(
+        f"  JPEG quality 10-95:                  mean |err| {enc_err['jpeg_only_mae']:.2f}, "
+        f"within +-10: {enc_err['jpeg_only_within10']:.0%}"
+    )
+    lines.append(
+        f"  blur sigma 0.3-2:                    mean |err| {enc_err['blur_only_mae']:.2f}, "
+        f"within +-0.5: {enc_err['blur_only_within05']:.0%}"
+    )
+    lines.append(
+        f"  JPEG quality, noise 2-15 after it:  mean |err| {enc_err['jpeg_then_noise_mae']:.2f}, "
+        f"within +-10: {enc_err['jpeg_then_noise_within10']:.0%}"
+    )
+    lines.append(
+        f"  JPEG quality, blur 0.3-1 after it:  mean |err| {enc_err['jpeg_then_blur_mae']:.2f}, "
+        f"within +-10: {enc_err['jpeg_then_blur_within10']:.0%}"
+    )
     if not args.no_speed:
         dec = pipes["builtin"][2]
         clean_s, degraded_s = time_decoder(dec), time_decoder(dec, degraded=True)
         figures["seconds_per_512_output_clean"] = clean_s
         figures["seconds_per_512_output"] = max(clean_s, degraded_s)
         lines.append("")
-        lines.append(f"speed: builtin decoder x2, batch 8, 512x512 outputs, {torch.get_num_threads()} threads: "
-                     f"{clean_s:.3f} s per output on a clean plan (upscaler), {degraded_s:.3f} s on a "
-                     f"degraded one (restorer)")
+        lines.append(
+            f"speed: builtin decoder x2, batch 8, 512x512 outputs, {torch.get_num_threads()} threads: "
+            f"{clean_s:.3f} s per output on a clean plan (upscaler), {degraded_s:.3f} s on a "
+            f"degraded one (restorer)"
+        )
     # Floors (the builtin-models issues; #15's where it raised them)
     checks = []
-    gains = (("bicubic_x2", "x2 over bicubic >= 3.2 dB", "builtin_gain_over_bicubic_db", 3.2),
-             ("bicubic_x4", "x4 over bicubic >= 1.5 dB", "builtin_gain_over_bicubic_db", 1.5),
-             ("realistic_x2", "realistic x2 over classic >= 2 dB", "builtin_gain_over_classic_db", 2.0),
-             ("mild_x2", "mild x2 over bicubic >= 1 dB", "builtin_gain_over_bicubic_db", 1.0))
+    gains = (
+        ("bicubic_x2", "x2 over bicubic >= 3.2 dB", "builtin_gain_over_bicubic_db", 3.2),
+        ("bicubic_x4", "x4 over bicubic >= 1.5 dB", "builtin_gain_over_bicubic_db", 1.5),
+        ("realistic_x2", "realistic x2 over classic >= 2 dB", "builtin_gain_over_classic_db", 2.0),
+        ("mild_x2", "mild x2 over bicubic >= 1 dB", "builtin_gain_over_bicubic_db", 1.0),
+    )
     for key, name, field, floor in gains:
         if key in figures:
             checks.append((name, figures[key][field], floor, True))

@@ -20,18 +20,18 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pixelrelay.exitcodes import ExitCode
-from pixelrelay.training import checkpoint
-from pixelrelay.training import degradations as D
 from pixelrelay.pipeline import nets
-from pixelrelay.training import data
+from pixelrelay.training import checkpoint, data
+from pixelrelay.training import degradations as D
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -133,8 +133,14 @@ def pick_degradation(cfg: dict[str, Any], dcfg: D.DegradationConfig, rng: np.ran
     return dcfg
 
 
-def overshoot_penalty(out: torch.Tensor, target: torch.Tensor, radius: int = 2, edges_only: bool = False,
-                      edge_quantile: float = 0.9, min_gradient: float = 20.0 / 255.0) -> torch.Tensor:
+def overshoot_penalty(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    radius: int = 2,
+    edges_only: bool = False,
+    edge_quantile: float = 0.9,
+    min_gradient: float = 20.0 / 255.0,
+) -> torch.Tensor:
     """How far ``out`` goes beyond ``target``'s local range (a (2·radius+1)² window): the
     halos and ringing a network trained on L1 alone draws along strong edges (the training
     counterpart of ``degradations.edge_overshoot``). Zero wherever the output stays in range.
@@ -163,8 +169,12 @@ def strong_edges(target: torch.Tensor, radius: int, edge_quantile: float, min_gr
 
 
 def pipeline_conditioned_sample(
-    imgs: list[np.ndarray], scale: int, cfg: dict[str, Any], dcfg: D.DegradationConfig,
-    rng: np.random.Generator, condition: PipelineCondition,
+    imgs: list[np.ndarray],
+    scale: int,
+    cfg: dict[str, Any],
+    dcfg: D.DegradationConfig,
+    rng: np.random.Generator,
+    condition: PipelineCondition,
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """A degraded patch with the pipeline's condition: a ``cond_context``-pixel (low-res)
     region is degraded and read as a whole, as the encoder reads an image, and an
@@ -185,7 +195,11 @@ def pipeline_conditioned_sample(
 
 
 def decoder_sample(
-    imgs: list[np.ndarray], scale: int, cfg: dict[str, Any], dcfg: D.DegradationConfig, rng: np.random.Generator,
+    imgs: list[np.ndarray],
+    scale: int,
+    cfg: dict[str, Any],
+    dcfg: D.DegradationConfig,
+    rng: np.random.Generator,
     condition: PipelineCondition | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """A (low-res, high-res, condition) training triple: a clean pair with the zero condition
@@ -203,8 +217,13 @@ def decoder_sample(
     return lr, hr, jittered_cond(params, rng, cfg.get("cond_jitter", {}))
 
 
-def decoder_val_set(val_imgs: list[np.ndarray], cfg: dict[str, Any], dcfg: D.DegradationConfig, seed: int,
-                    condition: PipelineCondition | None = None):
+def decoder_val_set(
+    val_imgs: list[np.ndarray],
+    cfg: dict[str, Any],
+    dcfg: D.DegradationConfig,
+    seed: int,
+    condition: PipelineCondition | None = None,
+):
     """Fixed validation crops: (name, scale, lr batch, hr batch, cond) groups. The realistic
     group is conditioned on its true parameters, or with ``condition`` on what the pipeline
     reads (as the net is trained; the true parameters where that plan has no operation)."""
@@ -213,15 +232,25 @@ def decoder_val_set(val_imgs: list[np.ndarray], cfg: dict[str, Any], dcfg: D.Deg
     groups = []
     for scale in (2, 4):
         pairs = [D.bicubic_pair(c, scale) for c in crops]
-        groups.append((f"bicubic_x{scale}", scale, [p[1] for p in pairs], [p[0] for p in pairs],
-                       [nets.cond_vector(0, 0, None)] * len(pairs)))
+        groups.append(
+            (
+                f"bicubic_x{scale}",
+                scale,
+                [p[1] for p in pairs],
+                [p[0] for p in pairs],
+                [nets.cond_vector(0, 0, None)] * len(pairs),
+            )
+        )
     rng = np.random.default_rng(seed + 1000)
     lrs, hrs, conds = [], [], []
     for c in crops:
         lr, p = D.degrade(c, 2, rng, dcfg, force=("blur", "noise", "jpeg"))
         read = condition(lr, 2) if condition is not None else None
-        lrs.append(lr), hrs.append(D.crop_to_multiple(c, 2)), conds.append(
-            read if read is not None else nets.cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality))
+        (
+            lrs.append(lr),
+            hrs.append(D.crop_to_multiple(c, 2)),
+            conds.append(read if read is not None else nets.cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality)),
+        )
     groups.append(("realistic_x2", 2, lrs, hrs, conds))
     return groups
 
@@ -293,8 +322,9 @@ class Stopped(Exception):
         self.code = code
 
 
-def optimise(kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validate, rng: np.random.Generator,
-             fresh: bool = False) -> dict[str, float]:
+def optimise(
+    kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validate, rng: np.random.Generator, fresh: bool = False
+) -> dict[str, float]:
     """The loop both models share: Adam on the config's schedule with gradient clipping, the
     mean loss logged every ``log_every`` steps, validation and the weights every ``val_every``,
     a checkpoint (``training.checkpoint``) every ``checkpoint_every``. It resumes from the
@@ -318,20 +348,28 @@ def optimise(kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validat
             opt.step()
             progress.running.append(loss.item())
             if (step + 1) % cfg.get("log_every", 50) == 0:
-                log.write(step=step + 1, loss=float(np.mean(progress.running)), lr=lr_at(step, cfg),
-                          elapsed_s=time.time() - t0)
+                log.write(
+                    step=step + 1,
+                    loss=float(np.mean(progress.running)),
+                    lr=lr_at(step, cfg),
+                    elapsed_s=time.time() - t0,
+                )
                 progress.running = []
             if (step + 1) % cfg.get("val_every", 500) == 0 or step + 1 == cfg["steps"]:
                 metrics = validate()
                 log.write(event="val", step=step + 1, elapsed_s=time.time() - t0, **metrics)
-                nets.save_model(net, kind, str(out), {"step": step + 1, "seed": seed, "train_config": cfg},
-                                dtype=cfg.get("save_dtype", "float32"))
+                nets.save_model(
+                    net,
+                    kind,
+                    str(out),
+                    {"step": step + 1, "seed": seed, "train_config": cfg},
+                    dtype=cfg.get("save_dtype", "float32"),
+                )
             if (step + 1) % every == 0 or step + 1 == cfg["steps"] or stop.signum:
                 progress.step, progress.elapsed_s = step + 1, time.time() - t0
                 checkpoint.save(ckpt, run_id, net, opt, rng, progress)
             if stop.signum:
-                log.write(event="stopped", step=step + 1, signal=signal.Signals(stop.signum).name,
-                          checkpoint=str(ckpt))
+                log.write(event="stopped", step=step + 1, signal=signal.Signals(stop.signum).name, checkpoint=str(ckpt))
                 raise Stopped(stop.exit_code)
     return metrics or validate()  # a run resumed at its last step validates once
 
@@ -362,11 +400,11 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool =
         loss = F.l1_loss(out.float(), y)
         if cfg.get("overshoot_weight"):  # against halos on edges (#15); off in older configs
             loss = loss + cfg["overshoot_weight"] * overshoot_penalty(
-                out.float(), y, cfg.get("overshoot_radius", 2), edges_only=cfg.get("overshoot_edges", False))
+                out.float(), y, cfg.get("overshoot_radius", 2), edges_only=cfg.get("overshoot_edges", False)
+            )
         return loss
 
-    return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups), rng,
-                    fresh)
+    return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups), rng, fresh)
 
 
 # --- encoder ---------------------------------------------------------------------------
@@ -403,8 +441,13 @@ def encoder_loss(pred: torch.Tensor, tgt: torch.Tensor, w: dict[str, float]) -> 
     l_jpeg = F.binary_cross_entropy_with_logits(pred[:, 2], is_jpeg)
     l_q = ((pred[:, 3] - tgt[:, 3]).abs() * is_jpeg).sum() / is_jpeg.sum().clamp(min=1.0)
     l_down = F.binary_cross_entropy_with_logits(pred[:, 4], tgt[:, 4])
-    return (w.get("noise", 1.0) * l_noise + w.get("blur", 0.5) * l_blur + w.get("jpeg", 0.2) * l_jpeg
-            + w.get("quality", 1.0) * l_q + w.get("down", 0.1) * l_down)
+    return (
+        w.get("noise", 1.0) * l_noise
+        + w.get("blur", 0.5) * l_blur
+        + w.get("jpeg", 0.2) * l_jpeg
+        + w.get("quality", 1.0) * l_q
+        + w.get("down", 0.1) * l_down
+    )
 
 
 @torch.inference_mode()
@@ -449,8 +492,7 @@ def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool =
             pred = net(x)
         return encoder_loss(pred.float(), tgt, weights)
 
-    return optimise("encoder", net, cfg, seed, log, out, batch_loss, lambda: encoder_validate(net, vx, vt), rng,
-                    fresh)
+    return optimise("encoder", net, cfg, seed, log, out, batch_loss, lambda: encoder_validate(net, vx, vt), rng, fresh)
 
 
 # --- entry -----------------------------------------------------------------------------
@@ -467,8 +509,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--init", default=None, help="start from these weights (overrides the config's init)")
     ap.add_argument("--log", default=None, help="JSON-lines log (default: OUT with .jsonl)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: config, 2)")
-    ap.add_argument("--fresh", action="store_true",
-                    help="start over, replacing the checkpoint beside OUT (default: resume from it)")
+    ap.add_argument(
+        "--fresh", action="store_true", help="start over, replacing the checkpoint beside OUT (default: resume from it)"
+    )
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -495,9 +538,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = Log(Path(args.log) if args.log else out.with_suffix(".jsonl"), echo=not args.quiet, append=resuming)
     if not val_files:  # tiny folders: validate on the training files rather than not at all
         val_files = train_files[:1]
-    log.write(event="config", kind=args.kind, seed=seed, config=cfg, data=str(args.data),
-              train_files=len(train_files), val_files=len(val_files), torch=torch.__version__,
-              threads=torch.get_num_threads(), argv=list(argv) if argv is not None else sys.argv[1:])
+    log.write(
+        event="config",
+        kind=args.kind,
+        seed=seed,
+        config=cfg,
+        data=str(args.data),
+        train_files=len(train_files),
+        val_files=len(val_files),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        argv=list(argv) if argv is not None else sys.argv[1:],
+    )
     t0 = time.time()
     train_imgs, val_imgs = data.load_images(train_files), data.load_images(val_files)
     fn = train_decoder if args.kind == "decoder" else train_encoder

@@ -28,8 +28,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from pixelrelay.pipeline.constants import STAGES
 
@@ -90,8 +90,10 @@ class Reporter:
     def after_chunk(self, items: int) -> None:
         try:
             self.items += max(0, items)
-            _write_json(cost_file(self.folder, self.stage),
-                        {"items": self.items, "cpu_s": time.process_time() - self.started_cpu})
+            _write_json(
+                cost_file(self.folder, self.stage),
+                {"items": self.items, "cpu_s": time.process_time() - self.started_cpu},
+            )
             self._apply()
         except Exception as exc:  # noqa: BLE001 (a balance problem never fails a chunk)
             log.debug("balance: %s", exc)

@@ -154,7 +154,7 @@ def _relative(root: str, uri: str) -> str | None:
     if not base:
         return path if path and not path.startswith("/") else None
     prefix = base.rstrip("/") + "/"
-    return path[len(prefix):] if path.startswith(prefix) and len(path) > len(prefix) else None
+    return path[len(prefix) :] if path.startswith(prefix) and len(path) > len(prefix) else None
 
 
 def within(root: str, uri: str) -> bool:
@@ -169,13 +169,21 @@ def _under_jobs_dir(root: str, uri: str) -> bool:
     return rel is not None and rel.split("/", 1)[0] == JOBS_DIR
 
 
-def transient_retry(state: JobState, stage: str, msg: ChunkMessage, retries: int, exc: BaseException,
-                    limits: Limits = Limits()) -> float:
+def transient_retry(
+    state: JobState, stage: str, msg: ChunkMessage, retries: int, exc: BaseException, limits: Limits = Limits()
+) -> float:
     """The countdown before checking ``msg`` again after a transient error (see the module
     docstring); the chain's entry, if tracked, waits that long."""
     countdown = limits.countdown(retries)
-    log.warning("%s chunk %s/%d: transient error (%s) checking the message, retry %d in %.1fs",
-                stage, msg.job_id, msg.chunk, exc, retries + 1, countdown)
+    log.warning(
+        "%s chunk %s/%d: transient error (%s) checking the message, retry %d in %.1fs",
+        stage,
+        msg.job_id,
+        msg.chunk,
+        exc,
+        retries + 1,
+        countdown,
+    )
     try:
         chunks, slot = ChunksInFlight(state.r, msg.job_id), Slot.of(msg)
         if chunks.get(slot) is not None:

@@ -30,8 +30,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import redis
 
@@ -80,7 +80,7 @@ class Lease:
         self.on_timeout = on_timeout
         self.deadline = self.next_renew = 0.0
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         """Arm the heartbeat and the watchdog. The lease itself is first written by ``take``,
         in the delivery policy's admission transaction, with the chain's entry."""
         now = time.monotonic()
@@ -188,8 +188,12 @@ def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[
         except BaseException:
             log.exception("watchdog: cannot finish chunk %s/%d; the sweep will re-send it", msg.job_id, msg.chunk)
         finally:
-            log.error("watchdog: a %s call overran its %g s budget: exiting (code %d) for a restart",
-                      delivery.stage, budget_s, WATCHDOG_EXIT_CODE)
+            log.error(
+                "watchdog: a %s call overran its %g s budget: exiting (code %d) for a restart",
+                delivery.stage,
+                budget_s,
+                WATCHDOG_EXIT_CODE,
+            )
             for handler in logging.getLogger().handlers + log.handlers:
                 try:
                     handler.flush()

@@ -87,9 +87,17 @@ def start_sweeper():
 
     settings = rt.settings
     registry = open_registry(settings.state_uri, settings.s3_endpoint_url, settings)
-    sweeper = Sweeper(rt.redis, sender(get_app(), rt.signer), rt.storage, settings.sweep_interval_s, settings.lease_s,
-                      registry=registry, registry_scan_s=settings.registry_scan_s, window=settings.window,
-                      signer=rt.signer)
+    sweeper = Sweeper(
+        rt.redis,
+        sender(get_app(), rt.signer),
+        rt.storage,
+        settings.sweep_interval_s,
+        settings.lease_s,
+        registry=registry,
+        registry_scan_s=settings.registry_scan_s,
+        window=settings.window,
+        signer=rt.signer,
+    )
     sweeper.start()
     return sweeper
 
@@ -126,21 +134,28 @@ class _RefusedCommandNote(logging.Filter):
         name = str(exc.args[0]) if exc.args else "?"
         if name not in self.seen:
             self.seen.add(name)
-            log.warning("refused Celery remote-control command %r (remote control is off; "
-                        "`pixelrelay worker --remote-control` accepts it); further ones are not logged", name)
+            log.warning(
+                "refused Celery remote-control command %r (remote control is off; "
+                "`pixelrelay worker --remote-control` accepts it); further ones are not logged",
+                name,
+            )
         return False
 
 
-def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False,
-               events: bool = True) -> int:
+def run_worker(
+    stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False, events: bool = True
+) -> int:
     if stage not in C.STAGES:
         raise ConfigError(f"--stage: must be one of {', '.join(C.STAGES)}")
     settings = Settings.from_env()
     if not settings.redis:
         raise ConfigError("PIXELRELAY_REDIS_URL: not set; a worker needs the job broker's Redis URL")
     if not settings.signer().secure:  # no key: a ConfigError (exit 2) unless --insecure-no-signing
-        log.warning("stage %s: --insecure-no-signing: message bodies are not verified; anyone who can write "
-                    "to Redis controls what this worker reads and writes", stage)
+        log.warning(
+            "stage %s: --insecure-no-signing: message bodies are not verified; anyone who can write "
+            "to Redis controls what this worker reads and writes",
+            stage,
+        )
     problem = device_problem(settings.device)
     if problem:
         print(f"pixelrelay worker: {problem}", file=sys.stderr, flush=True)
@@ -175,15 +190,22 @@ def run_worker(stage: str, concurrency: int = 1, loglevel: str | None = None, re
     log.info("stage %s: backend %s on %s, broker %s", stage, spec, settings.device, settings.redacted_redis_url)
     argv = [
         "worker",
-        "--queues", queue_name(stage),
-        "--pool", "solo" if concurrency <= 1 else "prefork",
-        "--concurrency", str(max(1, concurrency)),
-        "--prefetch-multiplier", "1",
-        "--hostname", f"{stage}-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel", (loglevel or settings.log_level),
+        "--queues",
+        queue_name(stage),
+        "--pool",
+        "solo" if concurrency <= 1 else "prefork",
+        "--concurrency",
+        str(max(1, concurrency)),
+        "--prefetch-multiplier",
+        "1",
+        "--hostname",
+        f"{stage}-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel",
+        (loglevel or settings.log_level),
         "--without-gossip",
         "--without-mingle",
-        "-O", "fair",
+        "-O",
+        "fair",
     ]
     argv += ["-E"] if events else ["--without-heartbeat"]
     if settings.log_format == "json":

@@ -68,8 +68,7 @@ def serve(port: int, concurrency: int = 1) -> None:
         _mark_dead_children()
     else:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # an inherited one would split the values
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client import multiprocess
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     _enabled = True
     if concurrency > 1:
@@ -99,15 +98,25 @@ def _series():
 
     return {
         "items": Counter("pixelrelay_items_total", "Items that left a stage, by status", ["stage", "status"]),
-        "batch_seconds": Histogram("pixelrelay_batch_seconds", "Seconds per model call", ["stage"],
-                                   buckets=SECONDS_BUCKETS),
+        "batch_seconds": Histogram(
+            "pixelrelay_batch_seconds", "Seconds per model call", ["stage"], buckets=SECONDS_BUCKETS
+        ),
         "batch_size": Histogram("pixelrelay_batch_size", "Items per model call", ["stage"], buckets=SIZE_BUCKETS),
-        "queue_wait": Histogram("pixelrelay_queue_wait_seconds", "Seconds from enqueue to start", ["stage"],
-                                buckets=WAIT_BUCKETS),
-        "model_loaded": Gauge("pixelrelay_model_loaded", "1 when this worker has the backend loaded",
-                              ["stage", "backend"], multiprocess_mode="livemax"),
-        "gpu_memory": Gauge("pixelrelay_gpu_memory_bytes", "CUDA memory reserved by the worker's processes",
-                            ["device"], multiprocess_mode="livesum"),
+        "queue_wait": Histogram(
+            "pixelrelay_queue_wait_seconds", "Seconds from enqueue to start", ["stage"], buckets=WAIT_BUCKETS
+        ),
+        "model_loaded": Gauge(
+            "pixelrelay_model_loaded",
+            "1 when this worker has the backend loaded",
+            ["stage", "backend"],
+            multiprocess_mode="livemax",
+        ),
+        "gpu_memory": Gauge(
+            "pixelrelay_gpu_memory_bytes",
+            "CUDA memory reserved by the worker's processes",
+            ["device"],
+            multiprocess_mode="livesum",
+        ),
     }
 
 

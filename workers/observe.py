@@ -39,8 +39,9 @@ def quiet_task_success() -> None:
 
 
 def chunk_done(stage: str, job_id: str, chunk: int, items: int, seconds: float, failed: int, outcome: str) -> None:
-    log.info("%s: job %s chunk %d: %s, %d items in %.2fs, %d failed",
-             stage, job_id, chunk, outcome, items, seconds, failed)
+    log.info(
+        "%s: job %s chunk %d: %s, %d items in %.2fs, %d failed", stage, job_id, chunk, outcome, items, seconds, failed
+    )
 
 
 def json_shutdown_notes() -> None:
@@ -54,8 +55,12 @@ def json_shutdown_notes() -> None:
     from celery.apps import worker as celery_worker
 
     def say(msg, f=None):
-        line = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "level": "WARNING",
-                "logger": "celery.apps.worker", "message": str(msg).strip()}
+        line = {
+            "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "level": "WARNING",
+            "logger": "celery.apps.worker",
+            "message": str(msg).strip(),
+        }
         try:
             os.write(2, (json.dumps(line) + "\n").encode())
         except OSError:

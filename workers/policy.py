@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Union
 
 import redis
 
@@ -141,8 +142,13 @@ def look(state: JobState, slot: Slot) -> Seen:
     pipe.hmget(state.key, "spec", "seq", "finished_seq", "cancelled_at")
     pipe.hget(keys.chunks(state.job_id), slot.name)
     (spec, seq, finished_seq, cancelled_at), entry = pipe.execute()
-    return Seen(spec, int(seq or 0), finished_seq is not None and finished_seq == seq, cancelled_at is not None,
-                None if entry is None else Entry.from_json(entry))
+    return Seen(
+        spec,
+        int(seq or 0),
+        finished_seq is not None and finished_seq == seq,
+        cancelled_at is not None,
+        None if entry is None else Entry.from_json(entry),
+    )
 
 
 @dataclass(frozen=True)
@@ -256,7 +262,9 @@ class DeliveryPolicy:
         if deliveries > self.limits.max_deliveries:
             if len(delivery.pending()) > 1:
                 return self._split(delivery, chunks, deliveries - 1)
-            fail_pending(msg, stage, f"worker process died {deliveries - 1} times on this item (crash or out of memory)")
+            fail_pending(
+                msg, stage, f"worker process died {deliveries - 1} times on this item (crash or out of memory)"
+            )
         else:
             retry = self._work(delivery, work)
             if retry is not None:
@@ -296,8 +304,14 @@ class DeliveryPolicy:
         done = self.state.done_flags([r.index for r in msg.records])
         msg.records = [r for r, d in zip(msg.records, done) if not d or r.status == "done"]
         fail_pending(msg, delivery.stage, f"timed out after {budget_s:g} s")
-        log.error("%s chunk %s/%d%s timed out after %g s", delivery.stage, msg.job_id, msg.chunk,
-                  f" part {msg.part}" if msg.part else "", budget_s)
+        log.error(
+            "%s chunk %s/%d%s timed out after %g s",
+            delivery.stage,
+            msg.job_id,
+            msg.chunk,
+            f" part {msg.part}" if msg.part else "",
+            budget_s,
+        )
         finish_chunk(self.state, self.storage(msg.output), self.send, msg)
 
     def _admit(self, delivery: Delivery) -> ChunksInFlight | Stale | Cancelled | None:
@@ -309,8 +323,13 @@ class DeliveryPolicy:
         if msg.seq < seen.seq:
             return self._cancelled(delivery) if seen.cancelled else None
         if seen.entry is None and (seen.finished or self._part_written(msg)):
-            log.warning("%s: chunk %s/%d%s was finished already: dropping a duplicate", delivery.stage, msg.job_id,
-                        msg.chunk, f" part {msg.part}" if msg.part else "")
+            log.warning(
+                "%s: chunk %s/%d%s was finished already: dropping a duplicate",
+                delivery.stage,
+                msg.job_id,
+                msg.chunk,
+                f" part {msg.part}" if msg.part else "",
+            )
             return Stale()
         if seen.cancelled:
             return self._cancelled(delivery)
@@ -320,8 +339,13 @@ class DeliveryPolicy:
         msg = delivery.msg
         if delivery.lease is not None:  # held while the chain ends
             delivery.lease.renew()
-        log.info("%s: job %s is cancelled: chunk %d%s ends here", delivery.stage, msg.job_id, msg.chunk,
-                 f" part {msg.part}" if msg.part else "")
+        log.info(
+            "%s: job %s is cancelled: chunk %d%s ends here",
+            delivery.stage,
+            msg.job_id,
+            msg.chunk,
+            f" part {msg.part}" if msg.part else "",
+        )
         end_cancelled(self.state, self.storage(msg.output), msg)
         return Cancelled(len(delivery.pending()))
 
@@ -377,6 +401,11 @@ class DeliveryPolicy:
         msg = delivery.msg
         log.warning(
             "%s chunk %s/%d: transient error (%s), retry %d in %.1fs",
-            delivery.stage, msg.job_id, msg.chunk, exc, delivery.retries + 1, countdown,
+            delivery.stage,
+            msg.job_id,
+            msg.chunk,
+            exc,
+            delivery.retries + 1,
+            countdown,
         )
         return Retry(countdown, reason(exc), exc)

@@ -58,8 +58,8 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import redis
 
@@ -192,8 +192,11 @@ def _not_waiting(client: redis.Redis, items: list[Lost], lease_s: float, at: flo
     wanted = {(i.job_id, i.slot) for i in items}
     recent, dead = _taken(client, wanted, at - lease_s)
     waiting = _queued(client, wanted) | recent
-    return [Lost(i.job_id, i.slot, i.entry, tuple(dead.get((i.job_id, i.slot), ())))
-            for i in items if (i.job_id, i.slot) not in waiting]
+    return [
+        Lost(i.job_id, i.slot, i.entry, tuple(dead.get((i.job_id, i.slot), ())))
+        for i in items
+        if (i.job_id, i.slot) not in waiting
+    ]
 
 
 def _queued(client: redis.Redis, wanted: set[tuple[str, Slot]]) -> set[tuple[str, Slot]]:
@@ -201,7 +204,9 @@ def _queued(client: redis.Redis, wanted: set[tuple[str, Slot]]) -> set[tuple[str
     for queue in QUEUES:
         for name in keys.kombu_queue_lists(queue):
             for start in range(0, int(client.llen(name)), PAGE):
-                found |= {k for k in map(_slot_of, _task_refs(client.lrange(name, start, start + PAGE - 1))) if k in wanted}
+                found |= {
+                    k for k in map(_slot_of, _task_refs(client.lrange(name, start, start + PAGE - 1))) if k in wanted
+                }
                 if found >= wanted:
                     return found
     return found
@@ -274,8 +279,9 @@ def _text(value: bytes | str) -> str:
 # --- recovering a lost chain -------------------------------------------------------------
 
 
-def _recover(client: redis.Redis, send: Send, open_storage: OpenStorage, item: Lost, report: SweepReport,
-             signer: Signer) -> None:
+def _recover(
+    client: redis.Redis, send: Send, open_storage: OpenStorage, item: Lost, report: SweepReport, signer: Signer
+) -> None:
     state = JobState(client, item.job_id, signer)
     try:
         spec = state.spec()
@@ -289,7 +295,9 @@ def _recover(client: redis.Redis, send: Send, open_storage: OpenStorage, item: L
             _finish(state, storage, send, item)
             report.finished.append(item.ref)
         else:
-            log.warning("chunk %s lost at %s (no lease, not queued): sending it again from encode", item.ref, item.entry.stage)
+            log.warning(
+                "chunk %s lost at %s (no lease, not queued): sending it again from encode", item.ref, item.entry.stage
+            )
             tracked(send, client)(msg)
             report.resent.append(item.ref)
         _forget_unacked(client, item.unacked)
@@ -309,8 +317,15 @@ def _rebuild(state: JobState, storage: Storage, item: Lost) -> ChunkMessage | No
     if not records:
         return None
     return ChunkMessage(
-        job_id=spec.job_id, seq=item.slot.seq, chunk=item.slot.chunk, output=spec.output, options=spec.options,
-        backends=spec.backends, records=records, feeds=item.entry.feeds, part=item.slot.part,
+        job_id=spec.job_id,
+        seq=item.slot.seq,
+        chunk=item.slot.chunk,
+        output=spec.output,
+        options=spec.options,
+        backends=spec.backends,
+        records=records,
+        feeds=item.entry.feeds,
+        part=item.slot.part,
     )
 
 
@@ -339,8 +354,9 @@ def _finish(state: JobState, storage: Storage, send: Send, item: Lost) -> None:
 # --- jobs Redis lost -------------------------------------------------------------------
 
 
-def rebuild_registered(client: redis.Redis, registry: Registry, send: Send, open_storage: OpenStorage, window: int,
-                       *, signer: Signer) -> list[str]:
+def rebuild_registered(
+    client: redis.Redis, registry: Registry, send: Send, open_storage: OpenStorage, window: int, *, signer: Signer
+) -> list[str]:
     """Rebuild every registered job Redis does not know; unlist the finished ones. Returns
     the ids of the jobs rebuilt."""
     rebuilt = []
@@ -349,8 +365,11 @@ def rebuild_registered(client: redis.Redis, registry: Registry, send: Send, open
             seq, finished_seq, finished_at = client.hmget(keys.job(entry.job_id), "seq", "finished_seq", "finished_at")
             if seq is not None and finished_at and finished_seq == seq:
                 registry.remove(entry.job_id)
-            elif seq is None and rebuild(client, open_storage(entry.output), entry.output, entry.job_id, send, window,
-                                                signer=signer) is not None:
+            elif (
+                seq is None
+                and rebuild(client, open_storage(entry.output), entry.output, entry.job_id, send, window, signer=signer)
+                is not None
+            ):
                 rebuilt.append(entry.job_id)
         except RebuildError as exc:
             log.error("registry: cannot rebuild job %s: %s", entry.job_id, exc)
@@ -376,9 +395,19 @@ def sweep_and_log(client: redis.Redis, send: Send, open_storage: OpenStorage, le
 class Sweeper(threading.Thread):
     """Runs ``sweep_once`` every ``interval_s`` (with jitter, so workers spread out)."""
 
-    def __init__(self, client: redis.Redis, send: Send, open_storage: OpenStorage, interval_s: float, lease_s: float,
-                 registry: Registry | None = None, registry_scan_s: float = 30.0, window: int = 1,
-                 *, signer: Signer) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        send: Send,
+        open_storage: OpenStorage,
+        interval_s: float,
+        lease_s: float,
+        registry: Registry | None = None,
+        registry_scan_s: float = 30.0,
+        window: int = 1,
+        *,
+        signer: Signer,
+    ) -> None:
         super().__init__(name="pixelrelay-sweep", daemon=True)
         self.client, self.send, self.open_storage, self.signer = client, send, open_storage, signer
         self.interval_s, self.lease_s = interval_s, lease_s
@@ -391,8 +420,9 @@ class Sweeper(threading.Thread):
             return
         self.last_scan = time.monotonic()
         try:
-            rebuilt = rebuild_registered(self.client, self.registry, self.send, self.open_storage, self.window,
-                                         signer=self.signer)
+            rebuilt = rebuild_registered(
+                self.client, self.registry, self.send, self.open_storage, self.window, signer=self.signer
+            )
         except redis.RedisError:
             raise
         except Exception:  # e.g. the registry cannot be listed: the sweep itself still runs

@@ -51,8 +51,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from celery import Celery, Task
 from celery.exceptions import Reject
@@ -68,8 +69,8 @@ from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.imageio import (
     DecodedImage,
     ImageDecodeError,
-    content_type,
     OutputScale,
+    content_type,
     decode_image,
     encode_image,
     format_for_uri,
@@ -90,13 +91,22 @@ from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.stages.decoders.edits import restore_with_edits
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.pipeline.storage import PutRequest, Storage, StorageConflictError, StorageError, is_s3
-from pixelrelay.workers import balance, metrics
+from pixelrelay.workers import balance, metrics, observe
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
 from pixelrelay.workers.guard import ForgedMessage, check_message, transient_retry
-from pixelrelay.workers import observe
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
-from pixelrelay.workers.policy import TRANSIENT_ERRORS, Cancelled, Delivery, DeliveryPolicy, Limits, Retry, Split, Stale, look
+from pixelrelay.workers.policy import (
+    TRANSIENT_ERRORS,
+    Cancelled,
+    Delivery,
+    DeliveryPolicy,
+    Limits,
+    Retry,
+    Split,
+    Stale,
+    look,
+)
 from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.runtime import DecodeBudget, Runtime, runtime
 
@@ -175,7 +185,9 @@ def _read_one(rt: Runtime, record: ItemRecord, stage: str) -> bytes | None:
 def _decode_one(rt: Runtime, record: ItemRecord, data: bytes, stage: str, scale: OutputScale) -> DecodedImage | None:
     """Decode a source; one over the image or output pixel limit fails before its decode."""
     try:
-        return decode_image(data, rt.settings.max_image_pixels, scale=scale, max_output_pixels=rt.settings.max_output_pixels)
+        return decode_image(
+            data, rt.settings.max_image_pixels, scale=scale, max_output_pixels=rt.settings.max_output_pixels
+        )
     except ImageDecodeError as exc:
         record.fail(stage, str(exc))
     return None
@@ -293,9 +305,7 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         return
     for batch in _batches(pending, rt.settings.batch_size):
         started = time.perf_counter()
-        results = _call_isolated(
-            lambda rs: planner.plan([r.description for r in rs], [msg.options] * len(rs)), batch
-        )
+        results = _call_isolated(lambda rs: planner.plan([r.description for r in rs], [msg.options] * len(rs)), batch)
         share = (time.perf_counter() - started) / max(1, len(batch))
         metrics.observe_batch("plan", time.perf_counter() - started, len(batch))
         for record, result in zip(batch, results):
@@ -329,7 +339,9 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             todo.append((record, action, found.version))
     writes_as = {id(record): (action, version) for record, action, version in todo}
     writes = []
-    for batch, loaded in _prefetched(rt, [record for record, _, _ in todo], "decode", lambda r: outsize.plan_sizer(r.plan)):
+    for batch, loaded in _prefetched(
+        rt, [record for record, _, _ in todo], "decode", lambda r: outsize.plan_sizer(r.plan)
+    ):
         if state.cancelled():  # the rest stays pending: the policy ends the chain (cancelled)
             break
         started = time.perf_counter()
@@ -397,7 +409,7 @@ def _pixels(restored) -> int:
         return INLINE_PIXELS
 
 
-def _encode_all(group: list[_Output], options: JobOptions) -> list[tuple[_Output, "_Encoded | Exception"]]:
+def _encode_all(group: list[_Output], options: JobOptions) -> list[tuple[_Output, _Encoded | Exception]]:
     out = []
     for o in group:
         try:
@@ -407,8 +419,9 @@ def _encode_all(group: list[_Output], options: JobOptions) -> list[tuple[_Output
     return out
 
 
-def _store_encoded(rt: Runtime, encoded: list[tuple[_Output, "_Encoded | Exception"]],
-                   msg: ChunkMessage) -> list[tuple[ItemRecord, Exception | None]]:
+def _store_encoded(
+    rt: Runtime, encoded: list[tuple[_Output, _Encoded | Exception]], msg: ChunkMessage
+) -> list[tuple[ItemRecord, Exception | None]]:
     results = [(o.record, enc) for o, enc in encoded if isinstance(enc, Exception)]
     ready = [(o, enc) for o, enc in encoded if not isinstance(enc, Exception)]
     writes = [_Write(o.record, enc.data, enc.content_type, o.action, o.version) for o, enc in ready]
@@ -447,7 +460,9 @@ def _encode_output(record: ItemRecord, image: DecodedImage, restored, options: J
     options = options or JobOptions()
     width, height = outsize.plan_size(record.plan, image.width, image.height)
     if tuple(restored.rgb.shape[:2]) != (height, width):
-        raise RuntimeError(f"decoder returned {restored.rgb.shape[1]}x{restored.rgb.shape[0]}, expected {width}x{height}")
+        raise RuntimeError(
+            f"decoder returned {restored.rgb.shape[1]}x{restored.rgb.shape[0]}, expected {width}x{height}"
+        )
     data, notes = encode_image(
         restored.rgb,
         record.plan.output_format,
@@ -484,8 +499,9 @@ def _write_output(
 ) -> None:
     """Encode and store one output (the batch path is ``_write_in_background``)."""
     enc = _encode_output(record, image, restored, options)
-    outcome = _store_all(rt, [_Write(record, enc.data, enc.content_type, action, version)], options or JobOptions(),
-                         job_id, root)[0]
+    outcome = _store_all(
+        rt, [_Write(record, enc.data, enc.content_type, action, version)], options or JobOptions(), job_id, root
+    )[0]
     if isinstance(outcome, Exception):
         raise outcome
     _mark_written(record, image, restored, enc, outcome)
@@ -509,8 +525,9 @@ def _store(
     return outcome
 
 
-def _store_all(rt: Runtime, writes: list[_Write], options: JobOptions, job_id: str,
-               root: str | None = None) -> list[ItemOutcome | Exception]:
+def _store_all(
+    rt: Runtime, writes: list[_Write], options: JobOptions, job_id: str, root: str | None = None
+) -> list[ItemOutcome | Exception]:
     """Write outputs as each ``action`` says, conditionally, as one group per storage
     (``put_many``): ``create`` only where none exists, ``replace`` only over the ``version``
     that was checked. If an output changed meanwhile and now answers this request (another
@@ -541,12 +558,17 @@ def _request(w: _Write, job_id: str) -> PutRequest:
     return PutRequest(w.record.output, w.data, w.content_type, metadata, if_version=w.version)
 
 
-def _after_conflict(rt: Runtime, storage: Storage, w: _Write, options: JobOptions, job_id: str) -> ItemOutcome | Exception:
+def _after_conflict(
+    rt: Runtime, storage: Storage, w: _Write, options: JobOptions, job_id: str
+) -> ItemOutcome | Exception:
     """A conditional write lost: keep the output if it now answers this request, else
     replace it unconditionally (another request's output)."""
     record = w.record
     now = _existing(rt, record.output)
-    if record.fingerprint and fp.decide(now.present, now.stored, record.fingerprint, job_id, options.overwrite) == "reuse":
+    if (
+        record.fingerprint
+        and fp.decide(now.present, now.stored, record.fingerprint, job_id, options.overwrite) == "reuse"
+    ):
         record.notes.append("output written meanwhile by another delivery: kept")
         return fp.reuse_outcome(now.stored, job_id)
     request = _request(replace(w, action="replace", version=None), job_id)  # unconditional
@@ -599,7 +621,9 @@ def _published_models(rt: Runtime, msg: ChunkMessage, encoder) -> tuple[dict[str
     when the plan or decode workers' identities are not known (not published, or disagreeing)."""
     specs, ids = {"encoder": encoder.spec}, {"encoder": encoder.identity()}
     stages = (("plan", "planner"), ("decode", "decoder"))
-    wanted = [(stage, str(StageSpec.parse(w)) if (w := getattr(msg.backends, name)) else None) for stage, name in stages]
+    wanted = [
+        (stage, str(StageSpec.parse(w)) if (w := getattr(msg.backends, name)) else None) for stage, name in stages
+    ]
     for (_, name), entry in zip(stages, identities.lookup_many(rt.redis, wanted)):  # one round trip
         if entry is None:
             return None
@@ -723,8 +747,14 @@ def chunk_summary(msg: ChunkMessage) -> dict:
     """What the last stage returns: the chunk and its counts, for Celery's events (no task
     reads it: the manifest part is the chunk's result)."""
     failed = sum(r.failed for r in msg.records)
-    return {"job": msg.job_id, "seq": msg.seq, "chunk": msg.chunk, "part": msg.part, "done": len(msg.records) - failed,
-            "failed": failed}
+    return {
+        "job": msg.job_id,
+        "seq": msg.seq,
+        "chunk": msg.chunk,
+        "part": msg.part,
+        "done": len(msg.records) - failed,
+        "failed": failed,
+    }
 
 
 def _log_chunk(stage: str, msg: ChunkMessage, outcome, seconds: float) -> None:

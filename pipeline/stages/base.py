@@ -22,8 +22,9 @@ It is computed once per backend and must change whenever the outputs may.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class StageSpec:
     model: str | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> "StageSpec":
+    def parse(cls, spec: str) -> StageSpec:
         kind, _, model = spec.strip().partition(":")
         if not kind:
             raise ValueError(f"empty backend spec {spec!r}")
@@ -72,7 +73,7 @@ class _Stage(ABC):
     default_model: ClassVar[str | None] = None  # hub id loaded when the spec names none
     extra: ClassVar[str | None] = None  # optional package (and pip extra) the backend needs
 
-    def __init__(self, model: str | None = None, device: str = "cpu", settings: "Settings | None" = None) -> None:
+    def __init__(self, model: str | None = None, device: str = "cpu", settings: Settings | None = None) -> None:
         from pixelrelay.pipeline.settings import Settings
 
         self.model = model

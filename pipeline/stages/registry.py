@@ -163,20 +163,20 @@ def validate_spec(stage: str, spec: str) -> str:
     return str(parsed)
 
 
-def _create(stage: str, spec: str, device: str, settings: "Settings | None"):
+def _create(stage: str, spec: str, device: str, settings: Settings | None):
     parsed = StageSpec.parse(spec)
     return backend_class(stage, parsed)(model=parsed.model, device=device, settings=settings)
 
 
-def create_encoder(spec: str, device: str = "cpu", settings: "Settings | None" = None) -> Encoder:
+def create_encoder(spec: str, device: str = "cpu", settings: Settings | None = None) -> Encoder:
     return _create("encoder", spec, device, settings)
 
 
-def create_planner(spec: str, device: str = "cpu", settings: "Settings | None" = None) -> Planner:
+def create_planner(spec: str, device: str = "cpu", settings: Settings | None = None) -> Planner:
     return _create("planner", spec, device, settings)
 
 
-def create_decoder(spec: str, device: str = "cpu", settings: "Settings | None" = None) -> Decoder:
+def create_decoder(spec: str, device: str = "cpu", settings: Settings | None = None) -> Decoder:
     return _create("decoder", spec, device, settings)
 
 

@@ -39,8 +39,9 @@ import errno
 import mimetypes
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 
 class StorageError(Exception):
@@ -108,8 +109,16 @@ _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 # Worth retrying: a busy or slow file system, or a network mount (NFS, SMB) that went away.
 _TRANSIENT_ERRNOS = {
-    errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.ENOTCONN, errno.ECONNRESET,
-    errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ESTALE,
+    errno.ENOTCONN,
+    errno.ECONNRESET,
+    errno.EHOSTDOWN,
+    errno.EHOSTUNREACH,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
 }
 
 
@@ -192,8 +201,9 @@ class Storage(ABC):
         outcomes: list[Exception | None] = []
         for r in requests:
             try:
-                self.put(r.uri, r.data, r.content_type, metadata=r.metadata, if_absent=r.if_absent,
-                         if_version=r.if_version)
+                self.put(
+                    r.uri, r.data, r.content_type, metadata=r.metadata, if_absent=r.if_absent, if_version=r.if_version
+                )
             except Exception as exc:
                 outcomes.append(exc)
             else:
@@ -228,7 +238,6 @@ class Storage(ABC):
         """``list`` with sizes and modified times (backends override this: one listing)."""
         for uri in self.list(prefix):
             yield ObjectInfo(uri, len(self.get(uri)), 0.0)
-
 
 
 def open_storage(uri: str, endpoint_url: str | None = None, settings=None, root: str | None = None) -> Storage:

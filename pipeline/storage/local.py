@@ -52,7 +52,8 @@ import os
 import secrets
 import shutil
 import stat
-from typing import BinaryIO, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 from pixelrelay.pipeline.storage.base import (
     ObjectHead,
@@ -159,7 +160,7 @@ def _syncfs():
     return _libc_syncfs or None
 
 
-def _make_durable(group: list["_Staged"]) -> None:
+def _make_durable(group: list[_Staged]) -> None:
     """Make every staged temp file's bytes durable: one ``syncfs`` per file system the
     group writes to (one for a whole batch, where ``fsync`` would be one per file), or an
     ``fsync`` per file where the system has no ``syncfs`` or the group is a single file."""
@@ -312,7 +313,7 @@ class LocalStorage(Storage):
                 s.discard()
         return outcomes
 
-    def _stage(self, request: PutRequest, resolved: dict[str, str], made: set[str]) -> "_Staged":
+    def _stage(self, request: PutRequest, resolved: dict[str, str], made: set[str]) -> _Staged:
         """Write ``request``'s bytes (and its metadata, if any) to temp files in the target's
         checked real folder; nothing is named or synced yet."""
         target = self._target(os.path.abspath(request.uri), resolved)  # the checked real path: all below use it

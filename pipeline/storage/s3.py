@@ -30,8 +30,9 @@ import dataclasses
 import functools
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -104,7 +105,7 @@ class S3Options:
     sse_kms_key_id: str = ""
 
     @classmethod
-    def from_settings(cls, settings: Any, endpoint_url: str | None = None) -> "S3Options":
+    def from_settings(cls, settings: Any, endpoint_url: str | None = None) -> S3Options:
         return cls(
             endpoint_url=endpoint_url or settings.s3_endpoint_url or None,
             checksums=settings.s3_checksums,
@@ -184,7 +185,7 @@ PUT_CONCURRENCY = 8  # the PUTs of one put_many group in flight at once (the cli
 
 
 class S3Storage(Storage):
-    _clients: dict[tuple[int, S3Options], "S3Storage"] = {}
+    _clients: dict[tuple[int, S3Options], S3Storage] = {}
     _lock = threading.Lock()
 
     def __init__(self, endpoint_url: str | None = None, options: S3Options | None = None) -> None:
@@ -203,7 +204,7 @@ class S3Storage(Storage):
         self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20)
 
     @classmethod
-    def shared(cls, endpoint_url: str | None = None, settings: Any = None) -> "S3Storage":
+    def shared(cls, endpoint_url: str | None = None, settings: Any = None) -> S3Storage:
         """One client per process and configuration: ``settings`` (a ``Settings``), else the
         environment's; ``endpoint_url`` overrides the endpoint they name."""
         options = S3Options.from_settings(settings) if settings is not None else env_options()
@@ -321,8 +322,11 @@ class S3Storage(Storage):
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=key_prefix):
                 for obj in page.get("Contents", []):
-                    yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["LastModified"].timestamp(),
-                                     str(obj.get("ETag", "")).strip('"'))
+                    yield ObjectInfo(
+                        f"s3://{bucket}/{obj['Key']}",
+                        int(obj["Size"]),
+                        obj["LastModified"].timestamp(),
+                        str(obj.get("ETag", "")).strip('"'),
+                    )
         except Exception as exc:
             raise _map_error(exc, prefix) from None
-

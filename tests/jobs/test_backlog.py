@@ -25,11 +25,11 @@ def test_backlog_counts_items_not_yet_through_each_stage_not_queue_length(redis_
     r = redis.Redis.from_url(redis_url)
     state, seq = _job(r, total=10, chunk_size=4)  # chunks of 4, 4 and 2 items
     chunks = ChunksInFlight(r, state.job_id)
-    chunks.track(Slot(seq, 0), "decode", True)   # 4 items past encode and plan
-    chunks.track(Slot(seq, 2), "plan", True)     # 2 items past encode (the last, short chunk)
+    chunks.track(Slot(seq, 0), "decode", True)  # 4 items past encode and plan
+    chunks.track(Slot(seq, 2), "plan", True)  # 2 items past encode (the last, short chunk)
     chunks.track(Slot(seq - 1, 1), "decode", True)  # an older submission's chain: not counted
-    r.hset(chunks.key, "junk", "not json")       # malformed entries are ignored
-    state.mark(seq, [(9, "done")])               # one item finished: 9 pending
+    r.hset(chunks.key, "junk", "not json")  # malformed entries are ignored
+    state.mark(seq, [(9, "done")])  # one item finished: 9 pending
 
     backlog = job_backlog(r, state.job_id, TEST_SIGNER)
     assert backlog.pending == 9

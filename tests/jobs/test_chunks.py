@@ -11,7 +11,9 @@ from pixelrelay.pipeline.messages import Backends, ChunkMessage, JobOptions
 
 
 def _msg(**update) -> ChunkMessage:
-    fields = dict(job_id="job-1.a_b", seq=3, chunk=17, output="/o", options=JobOptions(), backends=Backends(), records=[])
+    fields = dict(
+        job_id="job-1.a_b", seq=3, chunk=17, output="/o", options=JobOptions(), backends=Backends(), records=[]
+    )
     return ChunkMessage(**{**fields, **update})
 
 
@@ -25,8 +27,21 @@ def test_task_ids_name_their_job_slot_and_stage(stage, part):
     assert (ref.job_id, ref.slot, ref.stage) == ("job-1.a_b", Slot(3, 17, part), stage)
 
 
-@pytest.mark.parametrize("value", [None, 7, "", "3f1c-uuid-like", "pr:job:1:2:-:paint:ab", "pr:job:x:2:-:plan:ab",
-                                   "pr::1:2:-:plan:ab", "pr:job:1:2:-:plan", "xx:job:1:2:-:plan:ab", "pr:j:1:2:a b:plan:ab"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        7,
+        "",
+        "3f1c-uuid-like",
+        "pr:job:1:2:-:paint:ab",
+        "pr:job:x:2:-:plan:ab",
+        "pr::1:2:-:plan:ab",
+        "pr:job:1:2:-:plan",
+        "xx:job:1:2:-:plan:ab",
+        "pr:j:1:2:a b:plan:ab",
+    ],
+)
 def test_other_task_ids_name_nothing(value):
     assert parse_task_id(value) is None
 
@@ -43,10 +58,19 @@ def test_entries_read_back_are_validated():
     good = Entry("plan", 100.0, 2.5, False)
     assert Entry.from_json(good.to_json()) == good
     assert good.quiet_until(60) == 162.5
-    for bad in (b"{", b"[]", b"null", json.dumps({"stage": "paint", "since": 1}), json.dumps({"stage": "plan", "since": "1"}),
-                json.dumps({"stage": "plan", "since": 1, "wait": -1}), json.dumps({"stage": "plan", "since": True}),
-                json.dumps({"stage": "plan", "since": 1, "feeds": "yes"})):
+    for bad in (
+        b"{",
+        b"[]",
+        b"null",
+        json.dumps({"stage": "paint", "since": 1}),
+        json.dumps({"stage": "plan", "since": "1"}),
+        json.dumps({"stage": "plan", "since": 1, "wait": -1}),
+        json.dumps({"stage": "plan", "since": True}),
+        json.dumps({"stage": "plan", "since": 1, "feeds": "yes"}),
+    ):
         assert Entry.from_json(bad) is None, bad
-    valid, invalid = parse_entries({b"1:0": good.to_json().encode(), b"1:1": b"{", b"\xff": good.to_json().encode(), b"x": b"{}"})
+    valid, invalid = parse_entries(
+        {b"1:0": good.to_json().encode(), b"1:1": b"{", b"\xff": good.to_json().encode(), b"x": b"{}"}
+    )
     assert valid == {Slot(1, 0): good}
     assert sorted(invalid) == [b"1:1", b"x", b"\xff"]

@@ -74,7 +74,9 @@ class Job:
         self.storage, self.output, self.total = storage, output, total
         self.job_id = "mg-" + uuid.uuid4().hex[:10]
         self.spec = JobSpec(job_id=self.job_id, input="/in", output=output, total=total, chunk_size=chunk_size)
-        self.items = [Item(index=i, input=f"/in/{i:07d}.png", output=join_uri(output, f"{i:07d}.png")) for i in range(total)]
+        self.items = [
+            Item(index=i, input=f"/in/{i:07d}.png", output=join_uri(output, f"{i:07d}.png")) for i in range(total)
+        ]
         write_spec(storage.inner, self.spec)
         write_listing(storage.inner, output, self.job_id, self.items)
         self.state = JobState(client, self.job_id, TEST_SIGNER)
@@ -83,8 +85,14 @@ class Job:
 
     def record(self, index: int, status: str) -> ItemRecord:
         item = self.items[index]
-        record = ItemRecord(index=index, input=item.input, output=item.output, timings={"decode": 0.25},
-                            backends={"decoder": "builtin"}, notes=[f"seq {self.seq}"])
+        record = ItemRecord(
+            index=index,
+            input=item.input,
+            output=item.output,
+            timings={"decode": 0.25},
+            backends={"decoder": "builtin"},
+            notes=[f"seq {self.seq}"],
+        )
         if status == "done":
             record.status, record.output_size = "done", (512, 512)
         else:
@@ -96,8 +104,13 @@ class Job:
         self.state.mark(self.seq, [(r.index, r.status) for r in records])
         merge_group_if_complete(self.state, self.storage, self.spec, self.seq, chunk)
 
-    def run(self, chunks: list[int] | None = None, fail_every: int | None = 97, lose: int | None = None,
-            split: int | None = None) -> None:
+    def run(
+        self,
+        chunks: list[int] | None = None,
+        fail_every: int | None = 97,
+        lose: int | None = None,
+        split: int | None = None,
+    ) -> None:
         """Finish ``chunks`` (default: all) in a shuffled order; item i fails when i %
         ``fail_every`` is 1 (None: none fails); item ``lose`` gets no line (its part could not be written: only marked);
         chunk ``split`` ends as single-item parts."""
@@ -278,7 +291,11 @@ def test_finalize_claims_the_finish_as_a_lease_and_reads_only_group_files(client
     assert client.get(f"pixelrelay:job:{job.job_id}:finalized:{job.seq}") == b"written"
     info = job.state.info()
     failed = len(range(1, 2_400, 97))
-    assert (info["manifest_done"], info["manifest_failed"], info["manifest_missing"]) == (str(2_400 - failed), str(failed), "0")
+    assert (info["manifest_done"], info["manifest_failed"], info["manifest_missing"]) == (
+        str(2_400 - failed),
+        str(failed),
+        "0",
+    )
 
 
 def test_on_s3_a_group_lists_its_name_prefixes_only(client, s3_bucket, monkeypatch):
@@ -305,8 +322,16 @@ def test_the_decode_finish_merges_each_group_as_its_last_chunk_ends(client, tmp_
     sent = []
     for chunk in [*range(10, 25), *range(0, 10)]:
         records = [job.record(i, "done") for i in range(chunk * 4, chunk * 4 + 4)]
-        msg = ChunkMessage(job_id=job.job_id, seq=job.seq, chunk=chunk, output=job.output, options=job.spec.options,
-                           backends=job.spec.backends, records=records, feeds=False)
+        msg = ChunkMessage(
+            job_id=job.job_id,
+            seq=job.seq,
+            chunk=chunk,
+            output=job.output,
+            options=job.spec.options,
+            backends=job.spec.backends,
+            records=records,
+            feeds=False,
+        )
         job.storage.reads = []
         wrote = finish_chunk(job.state, job.storage, sent.append, msg)
         exists = [job.storage.inner.exists(group_uri(job.output, job.job_id, g, job.seq)) for g in range(3)]
@@ -329,8 +354,9 @@ def test_a_job_rebuilt_from_storage_reads_group_files_not_every_part(client, tmp
     monkeypatch.setattr(merge, "GROUP_ITEMS", 1000)  # groups of 100 chunks
     job = Job(client, _local(tmp_path), str(tmp_path / "out"), 4_800, 16)
     job.run(chunks=list(range(0, 200)) + list(range(250, 260)))  # groups 0 and 1 whole, 2 in part
-    expected = sorted(r["index"] for r in iter_part_records(job.storage.inner, job.output, job.job_id)
-                      if r["status"] == "done")
+    expected = sorted(
+        r["index"] for r in iter_part_records(job.storage.inner, job.output, job.job_id) if r["status"] == "done"
+    )
     client.delete(*client.keys(f"pixelrelay:job:{job.job_id}*"))  # Redis lost it
     state = JobState(client, job.job_id, TEST_SIGNER)
     job.storage.reads = []

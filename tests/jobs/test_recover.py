@@ -34,12 +34,16 @@ def _job(tmp_path, total: int = 10, chunk_size: int = 2) -> JobSpec:
     spec = JobSpec(job_id="rb-" + uuid.uuid4().hex[:6], input="/in", output=out, total=total, chunk_size=chunk_size)
     storage = open_storage(out)
     write_spec(storage, spec)
-    write_listing(storage, out, spec.job_id, [Item(index=i, input=f"/in/{i}.png", output=f"{out}/{i}.png") for i in range(total)])
+    write_listing(
+        storage, out, spec.job_id, [Item(index=i, input=f"/in/{i}.png", output=f"{out}/{i}.png") for i in range(total)]
+    )
     return spec
 
 
 def _done_part(spec: JobSpec, chunk: int, seq: int, indices: list[int]) -> None:
-    records = [ItemRecord(index=i, input=f"/in/{i}.png", output=f"{spec.output}/{i}.png", status="done") for i in indices]
+    records = [
+        ItemRecord(index=i, input=f"/in/{i}.png", output=f"{spec.output}/{i}.png", status="done") for i in indices
+    ]
     write_part(open_storage(spec.output), spec.output, spec.job_id, chunk, seq, records)
 
 
@@ -48,13 +52,17 @@ def test_rebuild_restores_done_bits_and_feeds_the_rest(client, tmp_path):
     _done_part(spec, 0, 3, [0, 1])  # chunk 0 done in submission 3
     _done_part(spec, 2, 3, [4])  # half of chunk 2
     sent = []
-    seq = rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, window=2, signer=TEST_SIGNER)
+    seq = rebuild(
+        client, open_storage(spec.output), spec.output, spec.job_id, sent.append, window=2, signer=TEST_SIGNER
+    )
     assert seq == 4  # after the newest part's submission
     state = JobState(client, spec.job_id, TEST_SIGNER)
     assert state.counts().done == 3 and state.spec() == spec
     assert [(m.chunk, [r.index for r in m.records]) for m in sent] == [(1, [2, 3]), (2, [5])]  # done items skipped
     assert all(m.seq == 4 for m in sent) and client.sismember(keys.ACTIVE_JOBS, spec.job_id)
-    assert rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, 2, signer=TEST_SIGNER) is None  # known now
+    assert (
+        rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, 2, signer=TEST_SIGNER) is None
+    )  # known now
     assert len(sent) == 2
 
 
@@ -62,7 +70,9 @@ def test_one_rebuilder_at_a_time(client, tmp_path):
     spec = _job(tmp_path)
     client.set(keys.rebuild_lock(spec.job_id), "1", px=5000)  # another process is rebuilding it
     sent = []
-    assert rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, 2, signer=TEST_SIGNER) is None
+    assert (
+        rebuild(client, open_storage(spec.output), spec.output, spec.job_id, sent.append, 2, signer=TEST_SIGNER) is None
+    )
     assert sent == [] and not JobState(client, spec.job_id, TEST_SIGNER).exists()
 
 
@@ -109,10 +119,14 @@ def test_the_sweep_rebuilds_registered_jobs_and_unlists_finished_ones(client, tm
     registry.add(finished.job_id, finished.output)
     client.hset(keys.job(finished.job_id), mapping={"seq": 2, "finished_seq": 2, "finished_at": 1.0})
     sent = []
-    assert rebuild_registered(client, registry, sent.append, open_storage, window=1, signer=TEST_SIGNER) == [lost.job_id]
+    assert rebuild_registered(client, registry, sent.append, open_storage, window=1, signer=TEST_SIGNER) == [
+        lost.job_id
+    ]
     assert [m.job_id for m in sent] == [lost.job_id]
     assert [e.job_id for e in registry.entries()] == [lost.job_id]
-    assert rebuild_registered(client, registry, sent.append, open_storage, window=1, signer=TEST_SIGNER) == []  # known now
+    assert (
+        rebuild_registered(client, registry, sent.append, open_storage, window=1, signer=TEST_SIGNER) == []
+    )  # known now
 
 
 class _Outage:

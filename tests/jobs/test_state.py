@@ -7,8 +7,8 @@ import uuid
 import pytest
 import redis
 
-from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline.messages import JobSpec
 from tests.conftest import TEST_SIGNER
 
 

@@ -94,8 +94,13 @@ def make_tiny_qwen2(path: str | Path, seed: int = 0, hidden_size: int = 32, laye
     # Like Qwen2.5-Instruct's generation_config: sampling on by default. The planner must
     # override it (greedy, no repetition penalty).
     model.generation_config = GenerationConfig(
-        do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        repetition_penalty=1.05,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -116,15 +121,15 @@ def make_blip_tokenizer(folder: Path):
 
 def make_tiny_blip(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
     """BlipForConditionalGeneration (1-layer ViT + 1-layer text decoder) + BlipProcessor."""
+    import shutil
+    import tempfile
+
     from transformers import (
         BlipConfig,
         BlipForConditionalGeneration,
         BlipImageProcessor,
         BlipProcessor,
     )
-
-    import shutil
-    import tempfile
 
     path = Path(path)
     vocab_dir = Path(tempfile.mkdtemp(prefix="blip-vocab-"))
@@ -329,7 +334,10 @@ def make_tiny_sd(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     pipe = StableDiffusionPipeline(
-        **_tiny_sd_parts(seed), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+        **_tiny_sd_parts(seed),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
@@ -343,8 +351,11 @@ def make_tiny_instruct_pix2pix(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     pipe = StableDiffusionInstructPix2PixPipeline(
-        **_tiny_sd_parts(seed, in_channels=8), scheduler=EulerAncestralDiscreteScheduler(), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        **_tiny_sd_parts(seed, in_channels=8),
+        scheduler=EulerAncestralDiscreteScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
     return path

@@ -31,8 +31,16 @@ def build(arch: str, scale: int = 2, seed: int = 0, channels: int = 3) -> torch.
     if arch == "esrgan":
         return ESRGAN(in_nc=channels, out_nc=channels, num_filters=8, num_blocks=1, scale=scale)
     if arch == "swinir":
-        return SwinIR(upscale=scale, img_size=16, window_size=4, embed_dim=12, depths=[1], num_heads=[2],
-                      mlp_ratio=2, upsampler="pixelshuffledirect")
+        return SwinIR(
+            upscale=scale,
+            img_size=16,
+            window_size=4,
+            embed_dim=12,
+            depths=[1],
+            num_heads=[2],
+            mlp_ratio=2,
+            upsampler="pixelshuffledirect",
+        )
     raise ValueError(arch)
 
 

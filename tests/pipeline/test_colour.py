@@ -14,7 +14,6 @@ from PIL import Image, ImageCms
 
 from pixelrelay.pipeline.imageio import MAX_EXIF_BYTES, MAX_ICC_BYTES, decode_image, encode_image
 
-
 # --- ICC profiles, built by hand -----------------------------------------------------------
 
 
@@ -40,8 +39,18 @@ def _icc(device_class: bytes, space: bytes, pcs: bytes, tags: dict[bytes, bytes]
         body += data
     size = offset + len(body)
     header = (
-        struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + device_class + space + pcs
-        + bytes(12) + b"acsp" + bytes(4 + 4 + 4 + 4 + 8 + 4) + _s15(0.9642) + _s15(1.0) + _s15(0.8249)
+        struct.pack(">I", size)
+        + b"lcms"
+        + struct.pack(">I", 0x02100000)
+        + device_class
+        + space
+        + pcs
+        + bytes(12)
+        + b"acsp"
+        + bytes(4 + 4 + 4 + 4 + 8 + 4)
+        + _s15(0.9642)
+        + _s15(1.0)
+        + _s15(0.8249)
     )
     header += bytes(128 - len(header))
     return header + struct.pack(">I", len(tags)) + b"".join(table) + body
@@ -50,8 +59,9 @@ def _icc(device_class: bytes, space: bytes, pcs: bytes, tags: dict[bytes, bytes]
 def grey_profile(gamma: float = 1.0) -> bytes:
     """A grey display profile with a pure gamma curve (1.0: linear light)."""
     curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256))
-    return _icc(b"mntr", b"GRAY", b"XYZ ", {b"desc": _desc("test grey"), b"wtpt": _xyz(0.9642, 1.0, 0.8249),
-                                           b"kTRC": curve})
+    return _icc(
+        b"mntr", b"GRAY", b"XYZ ", {b"desc": _desc("test grey"), b"wtpt": _xyz(0.9642, 1.0, 0.8249), b"kTRC": curve}
+    )
 
 
 def _naive_rgb(c: int, m: int, y: int, k: int) -> tuple[int, int, int]:
@@ -75,12 +85,17 @@ def cmyk_profile() -> bytes:
     lab = bytes(v ^ 0x80 if i % 3 else v for i, v in enumerate(raw))  # lut8's Lab: a and b + 128
     identity = bytes(range(256))
     lut = (
-        b"mft1" + bytes(4) + bytes([4, 3, 2, 0])
+        b"mft1"
+        + bytes(4)
+        + bytes([4, 3, 2, 0])
         + b"".join(_s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
-        + identity * 4 + lab + identity * 3
+        + identity * 4
+        + lab
+        + identity * 3
     )
-    return _icc(b"prtr", b"CMYK", b"Lab ", {b"desc": _desc("test cmyk"), b"wtpt": _xyz(0.9642, 1.0, 0.8249),
-                                           b"A2B0": lut})
+    return _icc(
+        b"prtr", b"CMYK", b"Lab ", {b"desc": _desc("test cmyk"), b"wtpt": _xyz(0.9642, 1.0, 0.8249), b"A2B0": lut}
+    )
 
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -112,8 +127,12 @@ def test_cmyk_with_a_cmyk_profile_is_converted_through_it_and_the_profile_is_not
     assert decoded.icc_profile is None  # never a CMYK profile on an RGB output
     assert any("CMYK input converted to sRGB through its ICC profile" in n for n in decoded.notes)
     as_read = Image.open(io.BytesIO(data))
-    expected = ImageCms.profileToProfile(as_read, ImageCms.ImageCmsProfile(io.BytesIO(profile)),
-                                         ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")), outputMode="RGB")
+    expected = ImageCms.profileToProfile(
+        as_read,
+        ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+        ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")),
+        outputMode="RGB",
+    )
     assert np.abs(decoded.rgb.astype(int) - np.asarray(expected, dtype=int)).max() <= 1
     # Through the profile, not Pillow's naive formula: each patch is the profile's colour.
     for i, cmyk in enumerate([(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 0, 0, 0)]):
@@ -163,8 +182,9 @@ def test_an_unreadable_or_oversized_profile_is_dropped_with_a_note():
 
 def test_tiff_structural_tags_are_not_carried_into_the_exif():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
-    data = _saved(img, "TIFF", compression="tiff_lzw", tiffinfo={0x010F: "cam-maker", 0x0110: "cam-model",
-                                                                 0x013B: "an artist"})
+    data = _saved(
+        img, "TIFF", compression="tiff_lzw", tiffinfo={0x010F: "cam-maker", 0x0110: "cam-model", 0x013B: "an artist"}
+    )
     assert {0x0111, 0x0117, 0x0116, 0x0100} <= set(Image.open(io.BytesIO(data)).getexif())  # the attack
     decoded = decode_image(data)
     written, _ = encode_image(decoded.rgb, "jpg", exif=decoded.exif)

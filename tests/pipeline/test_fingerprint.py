@@ -8,7 +8,8 @@ import os
 import pytest
 
 from pixelrelay import __version__
-from pixelrelay.pipeline import constants, fingerprint as fp
+from pixelrelay.pipeline import constants
+from pixelrelay.pipeline import fingerprint as fp
 from pixelrelay.pipeline.messages import Backends, Fingerprint, JobOptions
 from pixelrelay.pipeline.storage import StorageConflictError, open_storage
 from pixelrelay.pipeline.storage.local import sidecar_path
@@ -27,9 +28,16 @@ def _request(**changes) -> str:
 def test_request_fingerprint_changes_with_every_request_field():
     base = _request()
     variants = [
-        {"task": "upscale"}, {"scale": 4}, {"instruction": "keep the grain"}, {"fmt": "webp"},
-        {"quality": 80}, {"lossless": True}, {"encoder": "builtin"}, {"planner": "hf-llm"},
-        {"decoder": "builtin"}, {"input": "/in/b.png"},
+        {"task": "upscale"},
+        {"scale": 4},
+        {"instruction": "keep the grain"},
+        {"fmt": "webp"},
+        {"quality": 80},
+        {"lossless": True},
+        {"encoder": "builtin"},
+        {"planner": "hf-llm"},
+        {"decoder": "builtin"},
+        {"input": "/in/b.png"},
     ]
     digests = [_request(**v) for v in variants]
     assert base not in digests and len(set(digests)) == len(digests)
@@ -57,8 +65,13 @@ def test_metadata_round_trip_and_validation():
     meta = fp.to_metadata(mark, "job-1")
     assert all(v.isascii() for v in meta.values())
     assert fp.from_metadata(meta) == fp.Stored(mark, "job-1")
-    for bad in ({}, None, {**meta, fp.META_FINGERPRINT: "v1;request=zz;model=zz"}, {**meta, fp.META_JOB: "../x"},
-                {fp.META_FINGERPRINT: meta[fp.META_FINGERPRINT]}):
+    for bad in (
+        {},
+        None,
+        {**meta, fp.META_FINGERPRINT: "v1;request=zz;model=zz"},
+        {**meta, fp.META_JOB: "../x"},
+        {fp.META_FINGERPRINT: meta[fp.META_FINGERPRINT]},
+    ):
         assert fp.from_metadata(bad) is None
 
 

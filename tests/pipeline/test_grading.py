@@ -107,8 +107,12 @@ def test_alpha_is_kept_exactly(kind, scale):
 @pytest.mark.parametrize("kind", DECODERS)
 def test_batched_equals_single_with_mixed_sizes_and_plans(kind):
     images = [_image(48, 40, 1), _image(48, 40, 2, alpha=False), _image(21, 17, 3), _image(48, 40, 4)]
-    plans = [_plan(("warmth", 0.5), ("vignette", 0.6)), _plan(("white_balance", 1.0), ("contrast", 0.5)),
-             _plan(("grayscale", 0.7), ("exposure", -0.4), ("vignette", 1.0)), Plan()]
+    plans = [
+        _plan(("warmth", 0.5), ("vignette", 0.6)),
+        _plan(("white_balance", 1.0), ("contrast", 0.5)),
+        _plan(("grayscale", 0.7), ("exposure", -0.4), ("vignette", 1.0)),
+        Plan(),
+    ]
     batch = restore_with_edits(_decoder(kind), images, plans)
     for image, plan, got in zip(images, plans, batch):
         single = restore_with_edits(_decoder(kind), [image], [plan])[0]
@@ -118,8 +122,12 @@ def test_batched_equals_single_with_mixed_sizes_and_plans(kind):
 
 def test_grade_images_groups_sizes_and_equals_the_tensor_path():
     rgbs = [_image(30, 20, s, alpha=False).rgb for s in range(3)] + [_image(11, 9, 5, alpha=False).rgb]
-    ops = [[GradingOp(name="warmth", strength=0.5)], [], [GradingOp(name="vignette", strength=0.8)],
-           [GradingOp(name="saturation", strength=-1.0)]]
+    ops = [
+        [GradingOp(name="warmth", strength=0.5)],
+        [],
+        [GradingOp(name="vignette", strength=0.8)],
+        [GradingOp(name="saturation", strength=-1.0)],
+    ]
     out = grading.grade_images(rgbs, ops, max_batch_pixels=30 * 20)  # one image per tensor
     together = grading.grade_images(rgbs, ops)
     assert out[1] is rgbs[1]  # nothing to do: the same array
@@ -131,8 +139,13 @@ def test_grade_images_groups_sizes_and_equals_the_tensor_path():
 def test_padding_never_leaks_into_an_item():
     small = torch.rand(1, 3, 9, 13)
     padded = torch.nn.functional.pad(small, (0, 7, 0, 5), value=1.0)  # white padding
-    ops = [[GradingOp(name="white_balance", strength=1.0), GradingOp(name="contrast", strength=0.8),
-            GradingOp(name="vignette", strength=1.0)]]
+    ops = [
+        [
+            GradingOp(name="white_balance", strength=1.0),
+            GradingOp(name="contrast", strength=0.8),
+            GradingOp(name="vignette", strength=1.0),
+        ]
+    ]
     alone = grading.grade(small, ops)
     inside = grading.grade(padded, ops, sizes=[(9, 13)])[..., :9, :13]
     assert torch.allclose(alone, inside, atol=1e-5)

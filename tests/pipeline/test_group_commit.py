@@ -17,14 +17,15 @@ import textwrap
 
 import pytest
 
-from pixelrelay.pipeline.storage import PutRequest, StorageConflictError, StorageEscapeError
-from pixelrelay.pipeline.storage import local
+from pixelrelay.pipeline.storage import PutRequest, StorageConflictError, StorageEscapeError, local
 from pixelrelay.pipeline.storage.local import LocalStorage, sidecar_path
 
 
 def _requests(folder, n, **kw) -> list[PutRequest]:
-    return [PutRequest(str(folder / f"o{i}.png"), f"bytes {i}".encode() * 50, metadata={"i": str(i)}, **kw)
-            for i in range(n)]
+    return [
+        PutRequest(str(folder / f"o{i}.png"), f"bytes {i}".encode() * 50, metadata={"i": str(i)}, **kw)
+        for i in range(n)
+    ]
 
 
 def test_each_request_of_a_group_is_tried_on_its_own(tmp_path):
@@ -41,7 +42,14 @@ def test_each_request_of_a_group_is_tried_on_its_own(tmp_path):
     ]
     outcomes = LocalStorage(str(root)).put_many(requests)
     assert [type(o).__name__ if o else None for o in outcomes] == [
-        None, None, None, "StorageConflictError", "StorageEscapeError", "StorageError", None]
+        None,
+        None,
+        None,
+        "StorageConflictError",
+        "StorageEscapeError",
+        "StorageError",
+        None,
+    ]
     assert isinstance(outcomes[3], StorageConflictError) and isinstance(outcomes[4], StorageEscapeError)
     storage = LocalStorage()
     for r in requests[:3] + requests[-1:]:
@@ -155,8 +163,10 @@ def test_a_writer_killed_mid_group_leaves_complete_outputs_or_none(tmp_path, ste
 
 
 def _requests_like_the_child(folder) -> list[PutRequest]:
-    return [PutRequest(str(folder / f"o{i}.png"), f"bytes {i}".encode() * 200, metadata={"i": str(i)},
-                       if_absent=True) for i in range(8)]
+    return [
+        PutRequest(str(folder / f"o{i}.png"), f"bytes {i}".encode() * 200, metadata={"i": str(i)}, if_absent=True)
+        for i in range(8)
+    ]
 
 
 def test_an_s3_group_is_put_concurrently_each_request_on_its_own(s3_bucket, monkeypatch):
@@ -177,8 +187,10 @@ def test_an_s3_group_is_put_concurrently_each_request_on_its_own(s3_bucket, monk
         return real(self, *args, **kw)
 
     monkeypatch.setattr(S3Storage, "put", put)
-    requests = [PutRequest(f"s3://{s3_bucket}/g/{i}.png", f"b{i}".encode(), metadata={"i": str(i)}, if_absent=True)
-                for i in range(6)]
+    requests = [
+        PutRequest(f"s3://{s3_bucket}/g/{i}.png", f"b{i}".encode(), metadata={"i": str(i)}, if_absent=True)
+        for i in range(6)
+    ]
     requests.append(PutRequest(f"s3://{s3_bucket}/g/taken.png", b"loser", if_absent=True))
     outcomes = storage.put_many(requests)
     assert outcomes[:6] == [None] * 6 and isinstance(outcomes[6], StorageConflictError)

@@ -174,7 +174,7 @@ def test_lossy_quality_trades_size_for_error(fmt):
 
 def test_webp_lossless_round_trips_exactly_and_ignores_quality():
     rgb = _photo()
-    alpha = (np.arange(96, dtype=np.uint8)[None, :].repeat(64, 0) * 2)
+    alpha = np.arange(96, dtype=np.uint8)[None, :].repeat(64, 0) * 2
     data, _ = encode_image(rgb, "webp", alpha=alpha, lossless=True, quality=5)
     decoded = np.asarray(Image.open(io.BytesIO(data)))
     assert np.array_equal(decoded[..., :3], rgb) and np.array_equal(decoded[..., 3], alpha)

@@ -27,6 +27,9 @@ def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path):
 
 def test_shipped_weights_fit_the_5_mb_budget():
     files = sorted(WEIGHTS.glob("*.safetensors"))
-    assert {f.name for f in files} >= {"builtin_encoder.safetensors", "builtin_upscaler.safetensors",
-                                       "builtin_restorer.safetensors"}
+    assert {f.name for f in files} >= {
+        "builtin_encoder.safetensors",
+        "builtin_upscaler.safetensors",
+        "builtin_restorer.safetensors",
+    }
     assert sum(f.stat().st_size for f in files) <= 5 * 1000 * 1000

@@ -50,36 +50,52 @@ def test_boxes_fit_inside_keep_the_ratio_and_bind_one_side():
         bw, bh = rng.choice([None, rng.randint(1, 9000)]), rng.randint(1, 9000)
         out = outsize.final_size(OutputTarget(width=bw, height=bh), w, h)
         f = min(Fraction(bw, w), Fraction(bh, h)) if bw else Fraction(bh, h)  # exact, in rationals
-        assert out == (bw if bw and Fraction(bw, w) <= Fraction(bh, h) else _half_up(w * f),
-                       bh if not bw or Fraction(bh, h) < Fraction(bw, w) else _half_up(h * f)), (w, h, bw, bh)
+        assert out == (
+            bw if bw and Fraction(bw, w) <= Fraction(bh, h) else _half_up(w * f),
+            bh if not bw or Fraction(bh, h) < Fraction(bw, w) else _half_up(h * f),
+        ), (w, h, bw, bh)
         assert out[1] <= bh and (bw is None or out[0] <= bw)
 
 
-@pytest.mark.parametrize("natives, wanted, native", [
-    ((1, 2, 4), 1.5, 2), ((1, 2, 4), 3, 4), ((1, 2, 4), 0.5, 1), ((1, 2, 4), 8, 4), ((1, 2, 4), 2, 2),
-    ((2,), 3, 2), ((4,), 0.5, 4), ((2, 4, 8), 5, 8), ((1, 3), 2.5, 3),
-])
+@pytest.mark.parametrize(
+    "natives, wanted, native",
+    [
+        ((1, 2, 4), 1.5, 2),
+        ((1, 2, 4), 3, 4),
+        ((1, 2, 4), 0.5, 1),
+        ((1, 2, 4), 8, 4),
+        ((1, 2, 4), 2, 2),
+        ((2,), 3, 2),
+        ((4,), 0.5, 4),
+        ((2, 4, 8), 5, 8),
+        ((1, 3), 2.5, 3),
+    ],
+)
 def test_the_native_scale_at_or_above_else_the_largest(natives, wanted, native):
     assert outsize.native_for(natives, wanted) == native
 
 
-@pytest.mark.parametrize("options, planned", [
-    (JobOptions(), (1, None)),
-    (JobOptions(task="upscale"), (2, None)),
-    (JobOptions(scale=4), (4, None)),
-    (JobOptions(scale=2.0), (2, None)),  # integral: native, no target, as before
-    (JobOptions(scale=1.5), (2, OutputTarget(scale=1.5))),
-    (JobOptions(scale=3), (4, OutputTarget(scale=3))),
-    (JobOptions(scale=8), (4, OutputTarget(scale=8))),
-    (JobOptions(scale=0.5), (1, OutputTarget(scale=0.5))),
-    (JobOptions(width=800), (1, OutputTarget(width=800))),
-    (JobOptions(task="upscale", width=800, height=600), (2, OutputTarget(width=800, height=600))),
-])
+@pytest.mark.parametrize(
+    "options, planned",
+    [
+        (JobOptions(), (1, None)),
+        (JobOptions(task="upscale"), (2, None)),
+        (JobOptions(scale=4), (4, None)),
+        (JobOptions(scale=2.0), (2, None)),  # integral: native, no target, as before
+        (JobOptions(scale=1.5), (2, OutputTarget(scale=1.5))),
+        (JobOptions(scale=3), (4, OutputTarget(scale=3))),
+        (JobOptions(scale=8), (4, OutputTarget(scale=8))),
+        (JobOptions(scale=0.5), (1, OutputTarget(scale=0.5))),
+        (JobOptions(width=800), (1, OutputTarget(width=800))),
+        (JobOptions(task="upscale", width=800, height=600), (2, OutputTarget(width=800, height=600))),
+    ],
+)
 def test_what_planners_put_in_the_plan(options, planned):
     assert outsize.planned(options) == planned
 
 
 # --- the decode path, on real decoders ------------------------------------------------------
+
 
 def _image(width=29, height=37, seed=0, alpha=True) -> DecodedImage:
     rgb = np.asarray(photo_like(width, height, seed).convert("RGB"))
@@ -97,28 +113,48 @@ def classic():
     return create_decoder("classic")
 
 
-NATIVES = {"x1.5": 2, "x3": 4, "x0.5": 1, "x8": 4, "width 100": 4, "height 10": 1, "fit 50x50": 2,
-           "fit 20x1000": 1, "width 1": 1}
+NATIVES = {
+    "x1.5": 2,
+    "x3": 4,
+    "x0.5": 1,
+    "x8": 4,
+    "width 100": 4,
+    "height 10": 1,
+    "fit 50x50": 2,
+    "fit 20x1000": 1,
+    "width 1": 1,
+}
 
 
 @pytest.mark.parametrize("kind", ["builtin", "classic"])
 def test_every_target_comes_out_at_its_exact_size(kind, request):
     decoder = request.getfixturevalue(kind)
     image = _image()
-    plans = [Plan(scale=outsize.planned(JobOptions(scale=t.scale, width=t.width, height=t.height))[0], target=t,
-                  operations=[Operation(name="denoise", strength=0.4)]) for t, _ in SIZES]
+    plans = [
+        Plan(
+            scale=outsize.planned(JobOptions(scale=t.scale, width=t.width, height=t.height))[0],
+            target=t,
+            operations=[Operation(name="denoise", strength=0.4)],
+        )
+        for t, _ in SIZES
+    ]
     results = restore_with_edits(decoder, [image] * len(plans), plans)
     for (target, size), result in zip(SIZES, results):
         assert (result.rgb.shape[1], result.rgb.shape[0]) == size and result.rgb.dtype == np.uint8
         assert result.alpha is not None and (result.alpha.shape[1], result.alpha.shape[0]) == size
         assert result.native_scale == NATIVES[target.describe()], target
         resampled = [n for n in result.notes if n.startswith(f"output {target.describe()}: decoder ran")]
-        assert resampled == [f"output {target.describe()}: decoder ran x{result.native_scale}, resampled "
-                             f"{29 * result.native_scale}x{37 * result.native_scale} -> {size[0]}x{size[1]} "
-                             f"({'bicubic' if size[0] > 29 * result.native_scale else 'antialiased'})"]
+        assert resampled == [
+            f"output {target.describe()}: decoder ran x{result.native_scale}, resampled "
+            f"{29 * result.native_scale}x{37 * result.native_scale} -> {size[0]}x{size[1]} "
+            f"({'bicubic' if size[0] > 29 * result.native_scale else 'antialiased'})"
+        ]
         beyond = [n for n in result.notes if "no native scale at or above" in n]
-        assert beyond == (["output x8: no native scale at or above x8 (decoder's: 1, 2, 4): ran x4 and resized "
-                           "the rest (bicubic)"] if target.scale == 8 else [])
+        assert beyond == (
+            ["output x8: no native scale at or above x8 (decoder's: 1, 2, 4): ran x4 and resized the rest (bicubic)"]
+            if target.scale == 8
+            else []
+        )
 
 
 def test_the_resample_is_the_native_output_resized(builtin):
@@ -165,8 +201,11 @@ def test_a_multi_model_decoder_runs_its_own_scales(tmp_path_factory):
     decoder = create_decoder(f"spandrel:{checkpoint(tmp_path_factory, 'compact', 'x2.safetensors', scale=2)}")
     assert decoder.native_scales() == (2,)
     image = _image(17, 13, seed=2)
-    plans = [Plan(scale=2, target=OutputTarget(scale=1.5)), Plan(scale=4, target=OutputTarget(scale=3)),
-             Plan(scale=1, target=OutputTarget(height=40))]
+    plans = [
+        Plan(scale=2, target=OutputTarget(scale=1.5)),
+        Plan(scale=4, target=OutputTarget(scale=3)),
+        Plan(scale=1, target=OutputTarget(height=40)),
+    ]
     small, large, tall = restore_with_edits(decoder, [image] * 3, plans)
     assert small.rgb.shape[:2] == (20, 26) and small.native_scale == 2  # 19.5 -> 20, 25.5 -> 26
     assert large.rgb.shape[:2] == (39, 51) and large.native_scale == 2
@@ -176,17 +215,27 @@ def test_a_multi_model_decoder_runs_its_own_scales(tmp_path_factory):
 
 # --- the output-pixel guard uses the real final size -----------------------------------------
 
-@pytest.mark.parametrize("options, fits", [
-    (JobOptions(), True), (JobOptions(scale=1.5), False), (JobOptions(scale=0.5), True),
-    (JobOptions(width=100), True), (JobOptions(width=101), False), (JobOptions(height=100), True),
-    (JobOptions(width=101, height=100), True),  # fits inside: 100x100
-    (JobOptions(task="upscale"), False),
-])
+
+@pytest.mark.parametrize(
+    "options, fits",
+    [
+        (JobOptions(), True),
+        (JobOptions(scale=1.5), False),
+        (JobOptions(scale=0.5), True),
+        (JobOptions(width=100), True),
+        (JobOptions(width=101), False),
+        (JobOptions(height=100), True),
+        (JobOptions(width=101, height=100), True),  # fits inside: 100x100
+        (JobOptions(task="upscale"), False),
+    ],
+)
 def test_the_output_pixel_guard_checks_the_final_size(options, fits):
     data = encode(photo_like(100, 100, 1), "PNG")
     limit = 100 * 100  # exactly the source's pixels
-    for sizer in (outsize.options_sizer(options),
-                  outsize.plan_sizer(Plan(scale=outsize.planned(options)[0], target=options.target()))):
+    for sizer in (
+        outsize.options_sizer(options),
+        outsize.plan_sizer(Plan(scale=outsize.planned(options)[0], target=options.target())),
+    ):
         if fits:
             decode_image(data, scale=sizer, max_output_pixels=limit)
         else:
@@ -208,8 +257,9 @@ def test_a_plan_naming_a_model_of_another_scale_is_resampled_once(tmp_path_facto
     assert decoder.native_scales() == (2, 4)
     image = _image(17, 13, seed=3)
     target = OutputTarget(scale=3)
-    default, named = restore_with_edits(decoder, [image] * 2, [Plan(scale=4, target=target),
-                                                                 Plan(scale=4, target=target, model="two")])
+    default, named = restore_with_edits(
+        decoder, [image] * 2, [Plan(scale=4, target=target), Plan(scale=4, target=target, model="two")]
+    )
     assert default.rgb.shape[:2] == named.rgb.shape[:2] == (39, 51)
     assert default.native_scale == 4 and named.native_scale == 2
     assert any("the plan's model two runs x2" in n for n in named.notes)

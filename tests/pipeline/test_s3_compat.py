@@ -179,21 +179,42 @@ def test_access_denied_is_permanent_and_not_retried(fake_s3):
 
 
 def _client_error(status: int, code: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 @pytest.mark.parametrize(
     "status, code",
-    [(500, "InternalError"), (502, ""), (503, "SlowDown"), (503, "ServiceUnavailable"), (503, "SlowDownWrite"),
-     (504, ""), (400, "RequestTimeout"), (400, "ThrottlingException"), (429, "TooManyRequests"), (429, ""),
-     (409, "OperationAborted"), (503, "503")],
+    [
+        (500, "InternalError"),
+        (502, ""),
+        (503, "SlowDown"),
+        (503, "ServiceUnavailable"),
+        (503, "SlowDownWrite"),
+        (504, ""),
+        (400, "RequestTimeout"),
+        (400, "ThrottlingException"),
+        (429, "TooManyRequests"),
+        (429, ""),
+        (409, "OperationAborted"),
+        (503, "503"),
+    ],
 )
 def test_transient_error_classification(status, code):
     assert isinstance(_map_error(_client_error(status, code), "s3://b/k"), TransientStorageError)
 
 
-@pytest.mark.parametrize("status, code", [(403, "AccessDenied"), (404, "NoSuchBucket"), (400, "InvalidArgument"),
-                                          (400, "InvalidRequest"), (301, "PermanentRedirect")])
+@pytest.mark.parametrize(
+    "status, code",
+    [
+        (403, "AccessDenied"),
+        (404, "NoSuchBucket"),
+        (400, "InvalidArgument"),
+        (400, "InvalidRequest"),
+        (301, "PermanentRedirect"),
+    ],
+)
 def test_permanent_error_classification(status, code):
     mapped = _map_error(_client_error(status, code), "s3://b/k")
     assert isinstance(mapped, StorageError) and not isinstance(mapped, TransientStorageError)

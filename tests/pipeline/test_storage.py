@@ -76,8 +76,14 @@ def test_failed_local_write_leaves_no_temp_file(tmp_path):
 
 def test_s3_objects_get_their_content_type(s3_bucket, s3_client):
     storage = open_storage(f"s3://{s3_bucket}/")
-    expected = {"o/a.png": "image/png", "o/b.jpg": "image/jpeg", "o/c.JPEG": "image/jpeg",
-                "o/d.webp": "image/webp", "o/spec.json": "application/json", "o/p.jsonl": "application/x-ndjson"}
+    expected = {
+        "o/a.png": "image/png",
+        "o/b.jpg": "image/jpeg",
+        "o/c.JPEG": "image/jpeg",
+        "o/d.webp": "image/webp",
+        "o/spec.json": "application/json",
+        "o/p.jsonl": "application/x-ndjson",
+    }
     for key in expected:
         storage.put(f"s3://{s3_bucket}/{key}", b"data")
     storage.put_file(f"s3://{s3_bucket}/o/manifest.jsonl", io.BytesIO(b"{}\n"))

@@ -16,10 +16,10 @@ from pixelrelay.pipeline.tiling import (
     TileOutOfMemoryError,
     axis_weights,
     balanced_tile,
+    map_batches_with_oom,
     max_forward_pixels,
     memory_budget,
     plan_grid,
-    map_batches_with_oom,
     run_tiled,
     run_tiled_with_fallback,
     tile_starts,
@@ -59,7 +59,9 @@ class MemoryLimited:
         return self.fn(x)
 
 
-@pytest.mark.parametrize("length,tile,overlap,align", [(100, 32, 8, 1), (64, 32, 16, 4), (31, 64, 8, 1), (96, 32, 8, 8)])
+@pytest.mark.parametrize(
+    "length,tile,overlap,align", [(100, 32, 8, 1), (64, 32, 16, 4), (31, 64, 8, 1), (96, 32, 8, 8)]
+)
 def test_tile_starts_cover_and_align(length, tile, overlap, align):
     starts = tile_starts(length, min(tile, length), overlap, align)
     t = min(tile, length)

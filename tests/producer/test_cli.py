@@ -30,7 +30,9 @@ def test_bad_setting_fails_fast_and_names_itself(tmp_path):
 
 
 def test_missing_input_is_a_usage_error(redis_url, tmp_path):
-    result = run_cli(["submit", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], worker_env(redis_url), timeout=60)
+    result = run_cli(
+        ["submit", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], worker_env(redis_url), timeout=60
+    )
     assert result.returncode == 2 and "not a folder" in result.stderr
 
 
@@ -42,7 +44,9 @@ def test_submit_never_imports_torch(redis_url, tmp_path):
         f"rc = main(['submit', {str(tmp_path / 'in')!r}, '--out', {str(tmp_path / 'out')!r}]); "
         "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=worker_env(redis_url), cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=worker_env(redis_url), cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()  # the job id
 
@@ -59,13 +63,26 @@ def test_run_local_folder_with_embedded_redis_and_default_backends(tmp_path):
     assert run_cli(["demo", str(tmp_path / "in"), "--count", "6"], env, timeout=60).returncode == 0
     job_id = "run-" + uuid.uuid4().hex[:6]
     result = run_cli(
-        ["run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--task", "upscale", "--job-id", job_id,
-         "--chunk-size", "2", "--keep-logs"],
+        [
+            "run",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--task",
+            "upscale",
+            "--job-id",
+            job_id,
+            "--chunk-size",
+            "2",
+            "--keep-logs",
+        ],
         env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == job_id
-    rows = [json.loads(line) for line in (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 6 and all(r["status"] == "done" for r in rows)
     # No backend flags: the shipped, trained models are the defaults.
     assert all(r["backends"] == {"encoder": "builtin", "planner": "rules", "decoder": "builtin"} for r in rows)
@@ -84,6 +101,7 @@ def test_run_local_folder_with_embedded_redis_and_default_backends(tmp_path):
 
 
 # --- rough edges: exit codes, help, timeouts, empty inputs, quality flags, run logs ------
+
 
 def _exit_code(argv: list[str]) -> int:
     """``main(argv)`` as the shell sees it: its return value, or argparse's SystemExit."""
@@ -147,8 +165,9 @@ def test_submit_wait_timeout_exits_3_and_the_job_goes_on(redis_url, tmp_path):
     for name in ("a.png", "b.jpg"):
         Image.new("RGB", (8, 8)).save(tmp_path / "in" / name)
     env = worker_env(_idle(redis_url))
-    result = run_cli(["submit", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--wait", "--timeout", "1"],
-                     env, timeout=60)
+    result = run_cli(
+        ["submit", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--wait", "--timeout", "1"], env, timeout=60
+    )
     assert result.returncode == ExitCode.TIMEOUT, result.stderr
     job_id = result.stdout.strip()
     assert f"gave up waiting after 1 s; job {job_id} goes on" in result.stderr
@@ -163,7 +182,9 @@ def test_empty_local_folder_is_a_usage_error(redis_url, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     (tmp_path / "empty" / ".hidden.png").write_bytes(b"x")
-    result = run_cli(["submit", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], worker_env(redis_url), timeout=60)
+    result = run_cli(
+        ["submit", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], worker_env(redis_url), timeout=60
+    )
     assert result.returncode == ExitCode.USAGE, result.stderr
     assert "lists no images" in result.stderr and "is the path right?" in result.stderr
     assert not (tmp_path / "o").exists()  # nothing written for a job that has nothing to do
@@ -183,8 +204,20 @@ def test_run_keeps_and_prints_worker_logs_when_a_worker_fails(tmp_path):
     env.pop("PIXELRELAY_REDIS_URL")
     assert run_cli(["demo", str(tmp_path / "in"), "--count", "2"], env, timeout=60).returncode == 0
     missing = tmp_path / "no-such-model"  # the decode worker can't load it and exits at start
-    result = run_cli(["run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--encoder", "analysis",
-                      "--decoder", f"hf-sr:{missing}"], env, timeout=120)
+    result = run_cli(
+        [
+            "run",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--encoder",
+            "analysis",
+            "--decoder",
+            f"hf-sr:{missing}",
+        ],
+        env,
+        timeout=120,
+    )
     assert result.returncode == ExitCode.WORKER_EXITED, result.stderr
     assert "the decode worker exited with code 2" in result.stderr
     logdir = re.search(r"worker logs kept in (\S+)", result.stderr).group(1)
@@ -205,23 +238,39 @@ def test_run_log_folder_is_deleted_only_after_a_clean_run(ok, keep, kept, capsys
 
 
 @pytest.mark.parametrize("command", ["submit", "run"])
-@pytest.mark.parametrize("flags, flag", [
-    (["--scale", "9"], "--scale"), (["--scale", "0"], "--scale"), (["--scale", "nan"], "--scale"),
-    (["--scale", "inf"], "--scale"), (["--scale", "-1"], "--scale"), (["--scale", "x2"], "--scale"),
-    (["--width", "0"], "--width"), (["--width", "65536"], "--width"), (["--height", "1.5"], "--height"),
-    (["--scale", "2", "--width", "100"], "--scale: not with --width/--height"),
-    (["--scale", "1.5", "--height", "100"], "--scale: not with --width/--height"),
-])
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--scale", "9"], "--scale"),
+        (["--scale", "0"], "--scale"),
+        (["--scale", "nan"], "--scale"),
+        (["--scale", "inf"], "--scale"),
+        (["--scale", "-1"], "--scale"),
+        (["--scale", "x2"], "--scale"),
+        (["--width", "0"], "--width"),
+        (["--width", "65536"], "--width"),
+        (["--height", "1.5"], "--height"),
+        (["--scale", "2", "--width", "100"], "--scale: not with --width/--height"),
+        (["--scale", "1.5", "--height", "100"], "--scale: not with --width/--height"),
+    ],
+)
 def test_a_bad_output_size_is_a_usage_error(command, flags, flag, tmp_path, capsys):
     assert _exit_code([command, str(tmp_path), "--out", str(tmp_path / "o"), *flags]) == ExitCode.USAGE
     assert flag in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, options", [
-    (["--scale", "1.5"], {"scale": 1.5}), (["--scale", "2.0"], {"scale": 2}), (["--scale", "8"], {"scale": 8}),
-    (["--scale", "0.5"], {"scale": 0.5}), (["--width", "800"], {"width": 800}),
-    (["--height", "600"], {"height": 600}), (["--width", "800", "--height", "600"], {"width": 800, "height": 600}),
-])
+@pytest.mark.parametrize(
+    "flags, options",
+    [
+        (["--scale", "1.5"], {"scale": 1.5}),
+        (["--scale", "2.0"], {"scale": 2}),
+        (["--scale", "8"], {"scale": 8}),
+        (["--scale", "0.5"], {"scale": 0.5}),
+        (["--width", "800"], {"width": 800}),
+        (["--height", "600"], {"height": 600}),
+        (["--width", "800", "--height", "600"], {"width": 800, "height": 600}),
+    ],
+)
 def test_output_size_flags_make_job_options(flags, options, tmp_path):
     from pixelrelay.producer.cli import _job_options, build_parser
 

@@ -24,13 +24,16 @@ def folder(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--task", "edit", "--instruction", "add a hat and make it warmer"], "cannot map 'add a hat'"),
-    (["--task", "edit", "--instruction", "make the sky bluer"], "local edit (sky)"),
-    (["--task", "style", "--instruction", "cyberpunk"], "a style it knows"),
-    (["--task", "edit"], "needs --instruction"),
-    (["--task", "style", "--instruction", "  "], "needs --instruction"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "edit", "--instruction", "add a hat and make it warmer"], "cannot map 'add a hat'"),
+        (["--task", "edit", "--instruction", "make the sky bluer"], "local edit (sky)"),
+        (["--task", "style", "--instruction", "cyberpunk"], "a style it knows"),
+        (["--task", "edit"], "needs --instruction"),
+        (["--task", "style", "--instruction", "  "], "needs --instruction"),
+    ],
+)
 def test_unmappable_or_missing_instruction_exits_2(folder, argv, message, capsys, monkeypatch):
     monkeypatch.setenv("PIXELRELAY_REDIS_URL", "redis://127.0.0.1:1/0")  # never reached when refused
     monkeypatch.setenv("PIXELRELAY_INSECURE_NO_SIGNING", "1")
@@ -48,8 +51,14 @@ def test_an_edit_job_is_submitted_without_torch_and_other_planners_are_not_secon
     )
     base = [sys.executable, "-c", code, str(folder / "in"), str(folder / "out")]
     env = worker_env(redis_url)
-    ok = subprocess.run([*base, "make every product photo brighter with a neutral white balance"], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [*base, "make every product photo brighter with a neutral white balance"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
     refused = subprocess.run([*base, "add a hat"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "rules planner cannot map 'add a hat'" in refused.stderr

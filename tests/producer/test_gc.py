@@ -25,20 +25,31 @@ from tests.conftest import TEST_SIGNER
 
 DAY = 86400
 KEPT = {"job.json", "manifest.jsonl"}
-COLLECTED = {"inputs/00000000.jsonl", "parts/00000000-000001.jsonl", "parts/00000001-000001.jsonl",
-             "report.html", "contact-sheet.jpg"}
+COLLECTED = {
+    "inputs/00000000.jsonl",
+    "parts/00000000-000001.jsonl",
+    "parts/00000001-000001.jsonl",
+    "report.html",
+    "contact-sheet.jpg",
+}
 
 
 def _job(output: str, job_id: str, *, finished: bool = True, n: int = 4) -> None:
     """A job's files as submit and the workers write them: spec, listing, parts (2 chains),
     the merged manifest and a report; plus its outputs at the output root."""
     storage = open_storage(output)
-    items = [Item(index=i, input=f"/in/{job_id}-{i}.png", output=join_uri(output, f"{job_id}-{i}.png")) for i in range(n)]
-    write_spec(storage, JobSpec(job_id=job_id, input="/in", output=output, total=n, chunk_size=2, created_at=time.time()))
+    items = [
+        Item(index=i, input=f"/in/{job_id}-{i}.png", output=join_uri(output, f"{job_id}-{i}.png")) for i in range(n)
+    ]
+    write_spec(
+        storage, JobSpec(job_id=job_id, input="/in", output=output, total=n, chunk_size=2, created_at=time.time())
+    )
     write_listing(storage, output, job_id, items)
     for chunk in range(n // 2):
-        records = [ItemRecord(index=i.index, input=i.input, output=i.output, status="done")
-                   for i in items[chunk * 2:chunk * 2 + 2]]
+        records = [
+            ItemRecord(index=i.index, input=i.input, output=i.output, status="done")
+            for i in items[chunk * 2 : chunk * 2 + 2]
+        ]
         write_part(storage, output, job_id, chunk, 1, records)
     for item in items:
         storage.put(item.output, b"restored pixels")
@@ -75,7 +86,8 @@ def test_gc_dry_run_then_collect_old_jobs_only(tmp_path, redis_url, capsys):
     _age(out / "_jobs" / running_id, 40)
     # Redis knows it and its manifest is not written: it runs (a long, quiet job).
     JobState(redis.Redis.from_url(redis_url), running_id, TEST_SIGNER).start_submission(
-        JobSpec(job_id=running_id, input="/in", output=str(out), total=4, chunk_size=2))
+        JobSpec(job_id=running_id, input="/in", output=str(out), total=4, chunk_size=2)
+    )
     outputs = _outputs(out)
     before = {j: _files(out / "_jobs" / j) for j in ("old", "recent", "unfinished", running_id)}
 
@@ -97,8 +109,10 @@ def test_gc_dry_run_then_collect_old_jobs_only(tmp_path, redis_url, capsys):
     assert _files(out / "_jobs" / "unfinished") == {"job.json"}
     assert _outputs(out) == outputs  # the restored images are never touched
 
-    assert main(["gc", "--out", str(out), "--older-than", "30d", "--include-manifests",
-                 "--redis-url", redis_url]) == ExitCode.OK
+    assert (
+        main(["gc", "--out", str(out), "--older-than", "30d", "--include-manifests", "--redis-url", redis_url])
+        == ExitCode.OK
+    )
     assert not (out / "_jobs" / "old").exists() and not (out / "_jobs" / "unfinished").exists()
     assert _files(out / "_jobs" / "recent") == before["recent"] and _outputs(out) == outputs
 
@@ -117,7 +131,10 @@ def test_gc_without_redis_keeps_jobs_that_may_run_unless_forced(tmp_path, monkey
 
     assert main(["gc", "--out", str(out), "--older-than", "7d"]) == ExitCode.OK
     text = capsys.readouterr().out
-    assert "kept nomanifest: no manifest and no Redis" in text and "kept resubmitted: parts newer than its manifest" in text
+    assert (
+        "kept nomanifest: no manifest and no Redis" in text
+        and "kept resubmitted: parts newer than its manifest" in text
+    )
     assert "parts/00000000-000001.jsonl" in _files(out / "_jobs" / "nomanifest")
     assert "parts/00000000-000001.jsonl" in _files(out / "_jobs" / "resubmitted")
 
@@ -135,7 +152,7 @@ def test_gc_on_s3(s3_bucket, s3_client, redis_url, capsys):
 
     def keys() -> set[str]:
         listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="out/").get("Contents", [])
-        return {o["Key"][len("out/"):] for o in listed}
+        return {o["Key"][len("out/") :] for o in listed}
 
     everything = keys()
     # S3 keeps its own LastModified: a job written a moment ago is not 1 hour old...

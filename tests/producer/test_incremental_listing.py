@@ -17,8 +17,9 @@ def test_s3_listing_versions_are_the_etags_from_the_listing_pages(s3_server, s3_
         return {item.input.rsplit("/", 1)[-1]: version for item, version in pairs}
 
     before = versions()
-    etags = {f"a{i}.png": s3_client.head_object(Bucket=s3_bucket, Key=f"in/a{i}.png")["ETag"].strip('"')
-             for i in range(3)}
+    etags = {
+        f"a{i}.png": s3_client.head_object(Bucket=s3_bucket, Key=f"in/a{i}.png")["ETag"].strip('"') for i in range(3)
+    }
     assert before == etags
     s3_client.put_object(Bucket=s3_bucket, Key="in/a1.png", Body=encode(photo_like(8, 8, 42), "PNG"))
     after = versions()

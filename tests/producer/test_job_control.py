@@ -49,7 +49,9 @@ def env(redis_url):
 
 @pytest.fixture(scope="module")
 def workers(env, tmp_path_factory):
-    pool = WorkerPool(env, tmp_path_factory.mktemp("control-logs"), {"encoder": "slow", "planner": "slow", "decoder": "slow"})
+    pool = WorkerPool(
+        env, tmp_path_factory.mktemp("control-logs"), {"encoder": "slow", "planner": "slow", "decoder": "slow"}
+    )
     yield pool.start()
     pool.stop()
 
@@ -75,7 +77,11 @@ def _manifest(out: Path, job_id: str) -> list[dict]:
 
 def _images(out: Path) -> set[str]:
     """Every file in the output folder but the job's files and the outputs' sidecars."""
-    return {str(p) for p in out.rglob("*") if p.is_file() and "_jobs" not in p.parts and not p.name.endswith(".pixelrelay.json")}
+    return {
+        str(p)
+        for p in out.rglob("*")
+        if p.is_file() and "_jobs" not in p.parts and not p.name.endswith(".pixelrelay.json")
+    }
 
 
 def test_cancel_mid_job_through_real_workers(workers, env, tmp_path):
@@ -84,18 +90,32 @@ def test_cancel_mid_job_through_real_workers(workers, env, tmp_path):
     job_id = "ctl-" + uuid.uuid4().hex[:8]
     submitted = run_cli(["submit", str(src), "--out", str(out), "--job-id", job_id], env, timeout=60)
     assert submitted.returncode == ExitCode.OK, submitted.stderr
-    waiting = subprocess.Popen([sys.executable, "-m", "pixelrelay", "status", job_id, "--wait"], env=env, cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "pixelrelay", "status", job_id, "--wait"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     state = JobState(client, job_id, TEST_SIGNER)
     wait_until(lambda: state.counts().done >= 2, timeout=90, interval=0.05)
 
-    cancelling = subprocess.Popen([sys.executable, "-m", "pixelrelay", "cancel", job_id, "--grace", "30"], env=env,
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cancelling = subprocess.Popen(
+        [sys.executable, "-m", "pixelrelay", "cancel", job_id, "--grace", "30"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until(state.cancelled, timeout=30, interval=0.01)
     cursor = state.cursor()
     stdout, stderr = cancelling.communicate(timeout=60)
     assert cancelling.returncode == ExitCode.OK, stderr
-    assert f"job {job_id}: cancelled: " in stdout and "manifest written anyway" not in stderr  # the chains ended by themselves
+    assert (
+        f"job {job_id}: cancelled: " in stdout and "manifest written anyway" not in stderr
+    )  # the chains ended by themselves
     assert waiting.wait(60) == ExitCode.CANCELLED, waiting.stderr.read()
 
     rows = _manifest(out, job_id)
@@ -117,7 +137,9 @@ def test_cancel_mid_job_through_real_workers(workers, env, tmp_path):
 
     # The same workers take the next job normally.
     assert workers.alive(), workers.logs()
-    nxt = run_cli(["submit", str(_folder(tmp_path / "next", 4)), "--out", str(tmp_path / "next-out"), "--wait"], env, timeout=120)
+    nxt = run_cli(
+        ["submit", str(_folder(tmp_path / "next", 4)), "--out", str(tmp_path / "next-out"), "--wait"], env, timeout=120
+    )
     assert nxt.returncode == ExitCode.OK, nxt.stderr + workers.logs()
     next_id = nxt.stdout.strip()
     assert [r["status"] for r in _manifest(tmp_path / "next-out", next_id)] == ["done"] * 4
@@ -127,7 +149,11 @@ def test_cancel_mid_job_through_real_workers(workers, env, tmp_path):
     first, second = listed[0], listed[1]
     assert (first["state"], first["done"], first["failed"], first["total"]) == ("finished", 4, 0, 4)
     assert (second["state"], second["done"], second["cancelled"], second["total"]) == (
-        "cancelled", len(done), len(cancelled), N_ITEMS)
+        "cancelled",
+        len(done),
+        len(cancelled),
+        N_ITEMS,
+    )
     table = run_cli(["jobs"], env, timeout=60).stdout.splitlines()
     assert table[0].split() == ["JOB", "ID", "STATE", "DONE", "FAILED", "CANCELLED", "TOTAL", "AGE"]
     assert table[1].split()[:2] == [next_id, "finished"] and table[2].split()[:2] == [job_id, "cancelled"]

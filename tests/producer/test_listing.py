@@ -39,7 +39,10 @@ def test_manifest_text_and_jsonl(tmp_path):
     rows = [json.dumps({"uri": "s3://b/p/q/1.png"}), json.dumps({"uri": "s3://b/p/r/2.png", "extra": 1})]
     (tmp_path / "list.jsonl").write_text("\n".join(rows))
     items = list(list_items(str(tmp_path / "list.jsonl"), "/out", open_storage(str(tmp_path)), None))
-    assert [(i.input, i.output) for i in items] == [("s3://b/p/q/1.png", "/out/q/1.png"), ("s3://b/p/r/2.png", "/out/r/2.png")]
+    assert [(i.input, i.output) for i in items] == [
+        ("s3://b/p/q/1.png", "/out/q/1.png"),
+        ("s3://b/p/r/2.png", "/out/r/2.png"),
+    ]
 
 
 def test_avif_is_listed_when_pillow_reads_it(tmp_path):

@@ -32,8 +32,17 @@ def test_list_shows_backends_and_presence(offline_cache, sr_x2, capsys):
     rc = models_cli.main(["list", "--decoder", f"hf-sr:caidas/swin2SR-classical-sr-x2-64,{sr_x2}", "--check"])
     out = capsys.readouterr().out
     assert rc == 0
-    for kind in ("analysis", "hf-caption", "rules", "hf-llm", "classic", "hf-sr*", "sd-upscale", "sd-img2img",
-                 "instruct-pix2pix"):
+    for kind in (
+        "analysis",
+        "hf-caption",
+        "rules",
+        "hf-llm",
+        "classic",
+        "hf-sr*",
+        "sd-upscale",
+        "sd-img2img",
+        "instruct-pix2pix",
+    ):
         assert kind in out
     lines = {line.split()[2]: line for line in out.splitlines() if line.startswith("decoder  hf-sr")}
     assert "present" in lines["caidas/swin2SR-classical-sr-x2-64"] and "configured" in lines[str(sr_x2)]
@@ -102,8 +111,10 @@ def test_pulling_a_diffusers_pipeline_fetches_its_folders_not_the_whole_repo(off
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert models_cli.main(["pull", "sd-upscale", "sd-img2img"]) == 0
-    assert [repo for repo, _ in asked] == ["stabilityai/stable-diffusion-x4-upscaler",
-                                           "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    assert [repo for repo, _ in asked] == [
+        "stabilityai/stable-diffusion-x4-upscaler",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ]
     for _, kwargs in asked:
         assert "*/*.safetensors" in kwargs["allow_patterns"] and "*.safetensors" not in kwargs["allow_patterns"]
         assert {"*.fp16.safetensors", "*.ckpt"} <= set(kwargs["ignore_patterns"])

@@ -71,14 +71,30 @@ def _no_token(*texts: str) -> None:
         assert TOKEN not in text
 
 
-def test_submit_wait_posts_the_summary_with_the_report(stage_workers, redis_url, hook, tmp_path, monkeypatch,
-                                                       capsys, caplog):
+def test_submit_wait_posts_the_summary_with_the_report(
+    stage_workers, redis_url, hook, tmp_path, monkeypatch, capsys, caplog
+):
     monkeypatch.setenv(URL_ENV, hook.url)
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "out"
     job_id = "ntf-" + uuid.uuid4().hex[:8]
-    code = main(["submit", _folder(tmp_path, 5), "--out", str(out), "--job-id", job_id, "--wait", "--report",
-                 "--notify", "--redis-url", redis_url, "--chunk-size", "2"])
+    code = main(
+        [
+            "submit",
+            _folder(tmp_path, 5),
+            "--out",
+            str(out),
+            "--job-id",
+            job_id,
+            "--wait",
+            "--report",
+            "--notify",
+            "--redis-url",
+            redis_url,
+            "--chunk-size",
+            "2",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == ExitCode.OK, captured.err + stage_workers.logs()
 
@@ -95,15 +111,30 @@ def test_submit_wait_posts_the_summary_with_the_report(stage_workers, redis_url,
     assert summary["wall_s"] > 0
     # Said by scheme and host only; never in output, logs or the job's files.
     assert "notified http://127.0.0.1 " in captured.err
-    _no_token(captured.out, captured.err, caplog.text, *(p.read_text(errors="replace") for p in job_dir.rglob("*") if p.is_file()))
+    _no_token(
+        captured.out,
+        captured.err,
+        caplog.text,
+        *(p.read_text(errors="replace") for p in job_dir.rglob("*") if p.is_file()),
+    )
 
 
 def test_an_unreachable_webhook_leaves_the_exit_code_alone(stage_workers, redis_url, tmp_path, monkeypatch, capsys):
     url_file = tmp_path / "notify-url"
     url_file.write_text(f"http://127.0.0.1:{free_port()}/hooks/{TOKEN}\n")  # nothing listens there
     monkeypatch.setenv(URL_FILE_ENV, str(url_file))
-    code = main(["submit", _folder(tmp_path, 2, broken=True), "--out", str(tmp_path / "out"), "--wait", "--notify",
-                 "--redis-url", redis_url])
+    code = main(
+        [
+            "submit",
+            _folder(tmp_path, 2, broken=True),
+            "--out",
+            str(tmp_path / "out"),
+            "--wait",
+            "--notify",
+            "--redis-url",
+            redis_url,
+        ]
+    )
     captured = capsys.readouterr()
     assert code == ExitCode.FAILED_ITEMS, captured.err  # as without --notify: an item failed
     assert "could not notify http://127.0.0.1 after 4 attempt(s)" in captured.err
@@ -134,12 +165,15 @@ def test_a_client_error_is_not_retried(capsys):
     _no_token(err)
 
 
-@pytest.mark.parametrize("env", [
-    {},  # --notify without a URL
-    {URL_ENV: f"ftp://host/{TOKEN}"},  # not http(s)
-    {URL_ENV: f"http://host/{TOKEN}", URL_FILE_ENV: "/x"},  # both
-    {URL_FILE_ENV: f"/no/such/file-{TOKEN[:4]}"},  # unreadable
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},  # --notify without a URL
+        {URL_ENV: f"ftp://host/{TOKEN}"},  # not http(s)
+        {URL_ENV: f"http://host/{TOKEN}", URL_FILE_ENV: "/x"},  # both
+        {URL_FILE_ENV: f"/no/such/file-{TOKEN[:4]}"},  # unreadable
+    ],
+)
 def test_notify_settings_fail_fast_before_anything_is_submitted(env, redis_url, tmp_path, monkeypatch, capsys):
     for name in (URL_ENV, URL_FILE_ENV):
         monkeypatch.delenv(name, raising=False)

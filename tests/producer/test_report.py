@@ -38,7 +38,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 
 def _s3_get(s3_client, uri: str) -> tuple[bytes, str]:
-    bucket, key = uri[len("s3://"):].split("/", 1)
+    bucket, key = uri[len("s3://") :].split("/", 1)
     obj = s3_client.get_object(Bucket=bucket, Key=key)
     return obj["Body"].read(), obj["ContentType"]
 
@@ -54,8 +54,21 @@ def s3_job(stage_workers, redis_url, s3_client):
     for rel, data in files.items():
         s3_client.put_object(Bucket=bucket, Key=f"in/{rel}", Body=data)
     job_id = "rep-" + uuid.uuid4().hex[:8]
-    code = main(["submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/out", "--job-id", job_id, "--wait",
-                 "--redis-url", redis_url, "--chunk-size", "3"])
+    code = main(
+        [
+            "submit",
+            f"s3://{bucket}/in",
+            "--out",
+            f"s3://{bucket}/out",
+            "--job-id",
+            job_id,
+            "--wait",
+            "--redis-url",
+            redis_url,
+            "--chunk-size",
+            "3",
+        ]
+    )
     assert code == ExitCode.FAILED_ITEMS, stage_workers.logs()
     return {"bucket": bucket, "job_id": job_id, "out": f"s3://{bucket}/out", "done": 9}
 
@@ -78,7 +91,7 @@ def test_report_of_an_s3_job_is_one_escaped_self_contained_page(s3_job, redis_ur
     # The untrusted key is shown, escaped.
     assert "&lt;script&gt;document.body.dataset.pwned=1&lt;/script&gt;.png" in page
     # The failure, grouped by its reason, with its input.
-    failures = page[page.index('id="failures"'):]
+    failures = page[page.index('id="failures"') :]
     assert "Failures (1)" in page and "broken.png" in failures
     assert re.search(r'class="reason bad">[^<]*(decode|encode|read)', failures)
     assert "Items (every done item)" in page
@@ -95,7 +108,9 @@ def test_report_renders_in_headless_chromium(s3_job, redis_url, s3_client, tmp_p
     handler = functools.partial(_QuietHandler, directory=str(tmp_path))
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        dom = _chromium(["--virtual-time-budget=15000", "--dump-dom", f"http://127.0.0.1:{server.server_port}/check.html"])
+        dom = _chromium(
+            ["--virtual-time-budget=15000", "--dump-dom", f"http://127.0.0.1:{server.server_port}/check.html"]
+        )
         server.shutdown()
     found = json.loads(html.unescape(re.search(r'<pre id="result">(.*?)</pre>', dom.stdout, re.S).group(1)))
     assert found["images"] == 4 * s3_job["done"] and found["loaded"] == found["images"], found
@@ -107,7 +122,9 @@ def test_report_renders_in_headless_chromium(s3_job, redis_url, s3_client, tmp_p
     assert found["svg"] >= 1
 
     shot = tmp_path / "shot.png"
-    _chromium(["--hide-scrollbars", f"--screenshot={shot}", "--window-size=1200,1400", (tmp_path / "report.html").as_uri()])
+    _chromium(
+        ["--hide-scrollbars", f"--screenshot={shot}", "--window-size=1200,1400", (tmp_path / "report.html").as_uri()]
+    )
     img = Image.open(shot).convert("L")
     assert img.size == (1200, 1400)
     lo, hi = img.getextrema()
@@ -166,17 +183,32 @@ print(json.dumps({"seconds": time.monotonic() - started, "items": report.items, 
 
 
 def _done_row(i: int, src: str, dst: str) -> dict:
-    return {"index": i, "input": src, "output": dst, "status": "done", "outcome": "processed",
-            "description": {"text": "<script>alert(1)</script> a test image " + "x" * 200,
-                            "metrics": {"noise_sigma": 3.5}},
-            "plan": {"operations": [{"name": "denoise", "strength": 0.5}], "scale": 2,
-                     "output_format": "png", "rationale": "<img src=x onerror=alert(2)>"},
-            "timings": {"encode_s": 0.01, "plan_s": 0.001, "decode_s": 0.05}}
+    return {
+        "index": i,
+        "input": src,
+        "output": dst,
+        "status": "done",
+        "outcome": "processed",
+        "description": {"text": "<script>alert(1)</script> a test image " + "x" * 200, "metrics": {"noise_sigma": 3.5}},
+        "plan": {
+            "operations": [{"name": "denoise", "strength": 0.5}],
+            "scale": 2,
+            "output_format": "png",
+            "rationale": "<img src=x onerror=alert(2)>",
+        },
+        "timings": {"encode_s": 0.01, "plan_s": 0.001, "decode_s": 0.05},
+    }
 
 
 def _failed_row(i: int, src: str) -> dict:
-    return {"index": i, "input": f"{src}?<script>alert({i})</script>", "output": None, "status": "failed",
-            "error": f"decode: <b>bad</b> pixels #{i % 3}", "timings": {"encode_s": 0.01}}
+    return {
+        "index": i,
+        "input": f"{src}?<script>alert({i})</script>",
+        "output": None,
+        "status": "failed",
+        "error": f"decode: <b>bad</b> pixels #{i % 3}",
+        "timings": {"encode_s": 0.01},
+    }
 
 
 def _big_job(root: Path) -> tuple[str, str]:
@@ -194,13 +226,19 @@ def _big_job(root: Path) -> tuple[str, str]:
         photo_like(128, 96, i).save(dst)
         pics.append((str(src), str(dst)))
     created = time.time() - 3600
-    write_spec(storage, JobSpec(job_id=job_id, input=str(root / "in"), output=output, total=N_BIG, chunk_size=16,
-                                created_at=created))
+    write_spec(
+        storage,
+        JobSpec(job_id=job_id, input=str(root / "in"), output=output, total=N_BIG, chunk_size=16, created_at=created),
+    )
     # Each row is a template with its index and picture filled in (json.dumps per row is slow).
     done = [json.dumps(_done_row(123456789, s, d)) for s, d in pics]
     with open(manifest_uri(output, job_id), "w") as f:
         for i in range(N_BIG):
-            line = json.dumps(_failed_row(i, pics[i % 6][0])) if i % 97 == 0 else done[i % 6].replace("123456789", str(i), 1)
+            line = (
+                json.dumps(_failed_row(i, pics[i % 6][0]))
+                if i % 97 == 0
+                else done[i % 6].replace("123456789", str(i), 1)
+            )
             f.write(line + "\n")
     for chunk in range(0, N_BIG // 16, 50):  # spread over the hour
         part = Path(part_uri(output, job_id, chunk, 1))
@@ -214,8 +252,9 @@ def test_report_of_100k_items_streams_and_stays_small(tmp_path):
     output, job_id = _big_job(tmp_path)
     manifest_size = os.path.getsize(manifest_uri(output, job_id))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-c", MEASURE, output, job_id], capture_output=True, text=True, env=env,
-                         timeout=240)
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE, output, job_id], capture_output=True, text=True, env=env, timeout=240
+    )
     assert run.returncode == 0, run.stderr
     measured = json.loads(run.stdout.splitlines()[-1])
     page = Path(measured["html"]).read_text()
@@ -267,14 +306,29 @@ def test_an_edit_plans_grading_and_generative_edit_are_on_its_card():
     from the manifest is), and says so when the manifest's edit does not read as one."""
     from pixelrelay.producer.report import Views, _card
 
-    edit = {"grading": [{"name": "warmth", "strength": 0.4}, {"name": "vignette", "strength": 0.3}],
-            "generative": {"prompt": "a <b>watercolour</b> painting", "negative_prompt": "blurry", "strength": 0.6,
-                           "guidance": 7.5, "steps": 20, "seed": 7}}
-    row = {"index": 3, "input": "/in/a.png", "output": "/out/a.png", "status": "done",
-           "plan": {"operations": [], "scale": 1, "output_format": "png", "edit": edit}}
+    edit = {
+        "grading": [{"name": "warmth", "strength": 0.4}, {"name": "vignette", "strength": 0.3}],
+        "generative": {
+            "prompt": "a <b>watercolour</b> painting",
+            "negative_prompt": "blurry",
+            "strength": 0.6,
+            "guidance": 7.5,
+            "steps": 20,
+            "seed": 7,
+        },
+    }
+    row = {
+        "index": 3,
+        "input": "/in/a.png",
+        "output": "/out/a.png",
+        "status": "done",
+        "plan": {"operations": [], "scale": 1, "output_format": "png", "edit": edit},
+    }
     card = _card(row, Views())
     assert "<b>edit</b> warmth +0.4, vignette 0.3; generative edit" in card
-    assert "a &lt;b&gt;watercolour&lt;/b&gt; painting; not: blurry (strength 0.6, guidance 7.5, 20 steps, seed 7)" in card
+    assert (
+        "a &lt;b&gt;watercolour&lt;/b&gt; painting; not: blurry (strength 0.6, guidance 7.5, 20 steps, seed 7)" in card
+    )
     assert "<b>watercolour</b>" not in card
 
     forged = dict(row, plan=dict(row["plan"], edit={"grading": [{"name": "rm -rf", "strength": 9}]}))

@@ -41,8 +41,9 @@ def _inputs(folder: Path) -> None:
 def _start_run(tmp_path: Path, log: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pixelrelay", "run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *SLOW]
     err = open(tmp_path / log, "w")
-    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
-                            start_new_session=True)  # its own process group, with its workers and Redis
+    return subprocess.Popen(
+        cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+    )  # its own process group, with its workers and Redis
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -83,8 +84,11 @@ def _check(tmp_path: Path, job_id: str, max_redone: int) -> None:
     assert all(r["status"] == "done" for r in rows), [r["error"] for r in rows]
     outcomes = [r["outcome"] for r in rows]
     assert set(outcomes) <= {"processed", "reused"} and outcomes.count("reused") <= max_redone, outcomes
-    images = sorted(str(p) for p in out.rglob("*") if p.is_file() and not str(p.relative_to(out)).startswith("_")
-                    and not p.name.startswith("."))
+    images = sorted(
+        str(p)
+        for p in out.rglob("*")
+        if p.is_file() and not str(p.relative_to(out)).startswith("_") and not p.name.startswith(".")
+    )
     assert images == sorted(r["output"] for r in rows)  # one output per item
     assert not list(out.glob("**/.pixelrelay-*"))  # nothing partial
 
@@ -120,8 +124,10 @@ def test_run_resumes_after_being_killed_and_restarts_a_killed_worker(tmp_path):
     assert f"resuming job {job_id}" in err
     assert "the decode worker exited with code -9; starting it again" in err
     _check(tmp_path, job_id, max_redone=4)  # at most the window (2 chunks of 2) was done twice
-    print(f"\nrun: resumed run finished in {time.monotonic() - started_at:.1f} s; killed decode worker restarted "
-          f"in {restarted_s:.1f} s, job done {time.monotonic() - killed_at:.1f} s after the kill")
+    print(
+        f"\nrun: resumed run finished in {time.monotonic() - started_at:.1f} s; killed decode worker restarted "
+        f"in {restarted_s:.1f} s, job done {time.monotonic() - killed_at:.1f} s after the kill"
+    )
 
 
 def test_run_sigterm_leaves_no_orphans(tmp_path):

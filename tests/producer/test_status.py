@@ -27,8 +27,7 @@ from pixelrelay.jobs.state import Counts, JobState, stalled_for
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.producer.status import ProgressDisplay, WaitTimeout, plain_line, wait_for_job
-from tests.conftest import REPO, worker_env
-from tests.conftest import TEST_SIGNER
+from tests.conftest import REPO, TEST_SIGNER, worker_env
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -63,8 +62,15 @@ def test_progress_fits_the_width_with_huge_counts(width):
 def test_plain_line_is_key_value_and_exact():
     line = plain_line(Counts(total=200, done=90, failed=10), rate=5.0)
     fields = dict(pair.split("=", 1) for pair in line.split())
-    assert fields == {"done": "90", "failed": "10", "pending": "100", "total": "200", "percent": "50.0",
-                      "rate": "5.00/s", "eta": "0:00:20"}
+    assert fields == {
+        "done": "90",
+        "failed": "10",
+        "pending": "100",
+        "total": "200",
+        "percent": "50.0",
+        "rate": "5.00/s",
+        "eta": "0:00:20",
+    }
     assert dict(p.split("=", 1) for p in plain_line(Counts(3, 0, 0), 0.0).split())["eta"] == "--:--"
 
 
@@ -97,15 +103,24 @@ def test_plain_output_is_occasional(redis_url):
         wait_for_job(state, Settings.from_env(redis_url=url), stream, poll_s=0.05, timeout_s=1.0)
     lines = stream.getvalue().splitlines()  # ~20 ticks: the first line and the last only
     assert [line.split(" percent=")[0] for line in lines] == [
-        "done=0 failed=0 pending=4 total=4", "done=1 failed=1 pending=2 total=4"]
+        "done=0 failed=0 pending=4 total=4",
+        "done=1 failed=1 pending=2 total=4",
+    ]
 
 
 def _run_in_pty(args: list[str], env: dict[str, str], columns: int = 80) -> tuple[int, str]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     env = dict(env, COLUMNS=str(columns), LINES="24", TERM="xterm-256color")
-    proc = subprocess.Popen([sys.executable, "-m", "pixelrelay", *args], env=env, cwd=REPO,
-                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pixelrelay", *args],
+        env=env,
+        cwd=REPO,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
     os.close(slave)
     chunks = []
     while True:

@@ -12,8 +12,25 @@ from pixelrelay.exitcodes import ExitCode
 from tests.conftest import run_cli, worker_env
 from tests.images import bad_and_odd_images, good_images
 
-FIELDS = {"job_id", "state", "done", "failed", "cancelled", "missing", "pending", "total", "percent", "rate",
-          "eta_s", "stalled_s", "submitted_at", "finished_at", "manifest", "ended", "exit_code"}
+FIELDS = {
+    "job_id",
+    "state",
+    "done",
+    "failed",
+    "cancelled",
+    "missing",
+    "pending",
+    "total",
+    "percent",
+    "rate",
+    "eta_s",
+    "stalled_s",
+    "submitted_at",
+    "finished_at",
+    "manifest",
+    "ended",
+    "exit_code",
+}
 
 
 def _folder(path: Path, files: dict[str, bytes]) -> Path:
@@ -41,7 +58,13 @@ def test_wait_json_prints_the_final_object_only(stage_workers, redis_url, tmp_pa
     waited = run_cli(["status", job.job_id, "--wait", "--json"], env, timeout=180)
     assert waited.returncode == ExitCode.FAILED_ITEMS, waited.stderr + stage_workers.logs()
     final = _one_object(waited.stdout)
-    assert (final["state"], final["done"], final["failed"], final["pending"], final["total"]) == ("failed-items", 2, 1, 0, 3)
+    assert (final["state"], final["done"], final["failed"], final["pending"], final["total"]) == (
+        "failed-items",
+        2,
+        1,
+        0,
+        3,
+    )
     assert final["percent"] == 100.0 and final["eta_s"] == 0 and final["ended"] and final["exit_code"] == 1
     assert final["manifest"] == str(tmp_path / "out" / "_jobs" / job.job_id / "manifest.jsonl")
     assert final["finished_at"] >= final["submitted_at"] > 0

@@ -23,9 +23,29 @@ def data_dir(tmp_path_factory):
 
 def test_bench_quality_runs_on_tiny_images(data_dir, tmp_path):
     figures_path = tmp_path / "figures.json"
-    result = run_cli(["bench", "quality", "--data", str(data_dir), "--split", "all", "--limit", "2", "--scale", "2",
-                      "--degradation", "bicubic", "--no-speed", "--threads", "1", "--json", str(figures_path)],
-                     worker_env(""), timeout=120)
+    result = run_cli(
+        [
+            "bench",
+            "quality",
+            "--data",
+            str(data_dir),
+            "--split",
+            "all",
+            "--limit",
+            "2",
+            "--scale",
+            "2",
+            "--degradation",
+            "bicubic",
+            "--no-speed",
+            "--threads",
+            "1",
+            "--json",
+            str(figures_path),
+        ],
+        worker_env(""),
+        timeout=120,
+    )
     assert result.returncode == ExitCode.OK, result.stderr
     assert "2 all images" in result.stdout and "bicubic x2 (2 images)" in result.stdout
     figures = json.loads(figures_path.read_text())
@@ -47,8 +67,11 @@ def test_train_runs_a_few_steps(kind, data_dir, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(dict(TINY[kind], steps=2, val_every=2, log_every=1)))
     out = tmp_path / f"{kind}.safetensors"
-    result = run_cli(["train", kind, "--data", str(data_dir), "--out", str(out), "--config", str(config), "--quiet"],
-                     worker_env(""), timeout=120)
+    result = run_cli(
+        ["train", kind, "--data", str(data_dir), "--out", str(out), "--config", str(config), "--quiet"],
+        worker_env(""),
+        timeout=120,
+    )
     assert result.returncode == ExitCode.OK, result.stderr
     _, meta = nets.load_model(str(out), kind=kind)
     assert meta["kind"] == kind and json.loads(meta["step"]) == 2

@@ -47,8 +47,9 @@ def test_effective_noise_sigma_matches_added_noise():
 
 def test_noise_before_downscale_is_weakened():
     flat = np.full((128, 128, 3), 128, np.uint8)
-    cfg = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=0, p_poisson=0, p_gray_noise=0,
-                              noise_sigma=(20, 20), resize_modes=("area",))
+    cfg = D.DegradationConfig(
+        p_blur=0, p_noise=1, p_jpeg=0, p_poisson=0, p_gray_noise=0, noise_sigma=(20, 20), resize_modes=("area",)
+    )
     for seed in range(20):
         _, p = D.degrade(flat, 4, np.random.default_rng(seed), cfg)
         if p.order == ["noise", "downscale"]:
@@ -94,8 +95,16 @@ def test_early_jpeg_puts_noise_or_blur_on_top_and_reports_noise_without_jpeg():
     """p_jpeg_early: JPEG before the last step (noise or blur), never before a downscale; the
     noise is reported as added (JPEG never counts), and the output is not on a JPEG grid."""
     img = _image(128, 128)
-    cfg = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=1, p_jpeg_early=1, p_poisson=0, p_gray_noise=0,
-                              noise_sigma=(10, 10), jpeg_quality=(30, 30))
+    cfg = D.DegradationConfig(
+        p_blur=0,
+        p_noise=1,
+        p_jpeg=1,
+        p_jpeg_early=1,
+        p_poisson=0,
+        p_gray_noise=0,
+        noise_sigma=(10, 10),
+        jpeg_quality=(30, 30),
+    )
     out, p = D.degrade(img, 1, np.random.default_rng(5), cfg)
     assert p.order == ["jpeg", "noise"] and p.jpeg_quality == 30
     assert p.noise_sigma == pytest.approx(10, abs=0.6)

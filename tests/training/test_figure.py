@@ -40,8 +40,10 @@ def test_figure_grid_from_the_validation_part(tmp_path):
     assert rc == ExitCode.OK and out.is_file()
     png = np.asarray(Image.open(out).convert("RGB"))
     rows = len(F.CASES)
-    assert png.shape[:2] == (F.HEAD_H + rows * (CROP + F.TEXT_H + F.PAD) + F.PAD + F.FOOT_H,
-                             F.LABEL_W + len(F.COLUMNS) * (CROP + F.PAD) + F.PAD)
+    assert png.shape[:2] == (
+        F.HEAD_H + rows * (CROP + F.TEXT_H + F.PAD) + F.PAD + F.FOOT_H,
+        F.LABEL_W + len(F.COLUMNS) * (CROP + F.PAD) + F.PAD,
+    )
     val, train = data.load_images(val_files), data.load_images(train_files)
     gt_col, in_col = F.COLUMNS.index("ground truth"), F.COLUMNS.index("input (nearest)")
     bic_col, classic_col, builtin_col = (F.COLUMNS.index(c) for c in ("bicubic", "classic", "builtin"))

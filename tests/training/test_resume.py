@@ -75,8 +75,11 @@ def test_sigterm_saves_and_the_next_run_ends_where_an_unbroken_one_does(tmp_path
 def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
     args = ["decoder", *_setup(tmp_path, steps=160, val_every=80, log_every=10, checkpoint_every=10)]
     out = tmp_path / "killed.safetensors"
-    proc = subprocess.Popen([sys.executable, "-m", "pixelrelay", "train", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pixelrelay", "train", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     ckpt = checkpoint.path_for(out)
     deadline = time.monotonic() + 120
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -48,8 +48,10 @@ def test_grow_keeps_the_function_and_adds_the_context_branch(tmp_path):
     for p in small.parameters():  # non-zero heads, so the output depends on every weight
         torch.nn.init.normal_(p, std=0.05)
     nets.save_model(small, "decoder", str(tmp_path / "small.safetensors"))
-    cfg = {"init": str(tmp_path / "small.safetensors"),
-           "grow": {"context_channels": [8, 16], "context_blocks": [1, 1], "context_after": 1}}
+    cfg = {
+        "init": str(tmp_path / "small.safetensors"),
+        "grow": {"context_channels": [8, 16], "context_blocks": [1, 1], "context_after": 1},
+    }
     grown = train.build_net("decoder", cfg).eval()
     assert cfg["net"]["context_channels"] == [8, 16] and grown.context is not None
     x, cond = torch.rand(2, 3, 18, 22), torch.rand(2, nets.COND_DIM)
@@ -64,14 +66,37 @@ def test_grow_keeps_the_function_and_adds_the_context_branch(tmp_path):
 
 
 TINY = {
-    "decoder": {"seed": 1, "threads": 1, "steps": 4, "batch": 2, "lr": 1e-3, "warmup": 1,
-                "lr_patch": 12, "scale_probs": {"1": 1, "2": 1, "4": 1},
-                "p_clean": {"1": 0.2, "2": 0.3, "4": 0.3}, "cond_jitter": {"noise": 1.0},
-                "net": {"channels": 8, "blocks": 1, "hidden": 8}, "val_crop": 48,
-                "log_every": 2, "val_every": 2},
-    "encoder": {"seed": 1, "threads": 1, "steps": 4, "batch": 4, "lr": 1e-3, "warmup": 1,
-                "patch": 16, "scale_probs": {"1": 1, "2": 1}, "p_clean": 0.2,
-                "net": {"channels": 8, "hidden": 8}, "val_samples": 4, "log_every": 2, "val_every": 2},
+    "decoder": {
+        "seed": 1,
+        "threads": 1,
+        "steps": 4,
+        "batch": 2,
+        "lr": 1e-3,
+        "warmup": 1,
+        "lr_patch": 12,
+        "scale_probs": {"1": 1, "2": 1, "4": 1},
+        "p_clean": {"1": 0.2, "2": 0.3, "4": 0.3},
+        "cond_jitter": {"noise": 1.0},
+        "net": {"channels": 8, "blocks": 1, "hidden": 8},
+        "val_crop": 48,
+        "log_every": 2,
+        "val_every": 2,
+    },
+    "encoder": {
+        "seed": 1,
+        "threads": 1,
+        "steps": 4,
+        "batch": 4,
+        "lr": 1e-3,
+        "warmup": 1,
+        "patch": 16,
+        "scale_probs": {"1": 1, "2": 1},
+        "p_clean": 0.2,
+        "net": {"channels": 8, "hidden": 8},
+        "val_samples": 4,
+        "log_every": 2,
+        "val_every": 2,
+    },
 }
 
 
@@ -82,8 +107,20 @@ def test_tiny_training_run(tmp_path, kind):
     cfg_path.write_text(json.dumps(TINY[kind]))
     out = tmp_path / "out" / f"{kind}.safetensors"
     log = tmp_path / "log.jsonl"
-    rc = train.main([kind, "--data", str(tmp_path / "data"), "--out", str(out), "--config", str(cfg_path),
-                     "--log", str(log), "--quiet"])
+    rc = train.main(
+        [
+            kind,
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg_path),
+            "--log",
+            str(log),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     net, meta = nets.load_model(str(out), kind=kind)
     assert meta["kind"] == kind and json.loads(meta["step"]) == 4
@@ -103,8 +140,20 @@ def test_training_is_reproducible(tmp_path):
     losses = []
     for run in ("a", "b"):
         log = tmp_path / f"{run}.jsonl"
-        train.main(["decoder", "--data", str(tmp_path / "data"), "--out", str(tmp_path / f"{run}.safetensors"),
-                    "--config", str(cfg_path), "--log", str(log), "--quiet"])
+        train.main(
+            [
+                "decoder",
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / f"{run}.safetensors"),
+                "--config",
+                str(cfg_path),
+                "--log",
+                str(log),
+                "--quiet",
+            ]
+        )
         losses.append([json.loads(line).get("loss") for line in log.read_text().splitlines()])
     assert losses[0] == losses[1]
 
@@ -134,8 +183,23 @@ def test_bfloat16_autocast_trains_in_float32_weights(tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(dict(TINY["decoder"], steps=2, val_every=2, autocast="bfloat16")))
     out = tmp_path / "bf16.safetensors"
-    assert train.main(["decoder", "--data", str(tmp_path / "data"), "--out", str(out),
-                       "--config", str(cfg_path), "--log", str(tmp_path / "log.jsonl"), "--quiet"]) == 0
+    assert (
+        train.main(
+            [
+                "decoder",
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(out),
+                "--config",
+                str(cfg_path),
+                "--log",
+                str(tmp_path / "log.jsonl"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     net, _ = nets.load_model(str(out))
     assert all(p.dtype == torch.float32 for p in net.parameters())
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -168,20 +232,30 @@ def test_pipeline_condition_reads_the_degraded_region_like_the_deployed_path(tmp
     assert D.psnr_y(lr, down) > D.psnr_y(lr, shifted) + 3
     # A region whose plan has no operation (the upscaler's) is redrawn, then given up on.
     calls = []
-    *_, cond = train.decoder_sample(imgs, 1, cfg, noisy, np.random.default_rng(0),
-                                    lambda lr, scale: calls.append(lr.shape))
+    *_, cond = train.decoder_sample(
+        imgs, 1, cfg, noisy, np.random.default_rng(0), lambda lr, scale: calls.append(lr.shape)
+    )
     assert cond == nets.cond_vector(0.0, 0.0, None)
     assert calls == [(96, 96, 3)] * train.MAX_CONDITION_REDRAWS
 
 
 def test_tiny_training_run_with_pipeline_conditions(tmp_path):
     _write_images(tmp_path / "data" / "set", 6)
-    cfg = dict(TINY["decoder"], steps=2, val_every=2, cond_source="pipeline", cond_context=32,
-               p_clean={"1": 0, "2": 0, "4": 0})
+    cfg = dict(
+        TINY["decoder"], steps=2, val_every=2, cond_source="pipeline", cond_context=32, p_clean={"1": 0, "2": 0, "4": 0}
+    )
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
-    args = ["decoder", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o.safetensors"),
-            "--config", str(cfg_path), "--quiet"]
+    args = [
+        "decoder",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "o.safetensors"),
+        "--config",
+        str(cfg_path),
+        "--quiet",
+    ]
     assert train.main(args) == 0
     cfg_path.write_text(json.dumps(dict(cfg, cond_source="estimates")))
     with pytest.raises(ValueError, match="cond_source"):
@@ -235,6 +309,10 @@ def test_the_mild_mix_and_the_overshoot_term_train(tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(dict(TINY["decoder"], steps=2, val_every=2, p_mild=0.5, overshoot_weight=1.0)))
     out = tmp_path / "m.safetensors"
-    assert train.main(["decoder", "--data", str(tmp_path / "data"), "--out", str(out), "--config", str(cfg_path),
-                       "--quiet"]) == 0
+    assert (
+        train.main(
+            ["decoder", "--data", str(tmp_path / "data"), "--out", str(out), "--config", str(cfg_path), "--quiet"]
+        )
+        == 0
+    )
     assert out.exists()

@@ -31,20 +31,26 @@ def _manifest(s3_client, bucket: str, out: str, job_id: str) -> dict[str, dict]:
 
 
 def _read(s3_client, uri: str) -> Image.Image:
-    bucket, key = uri[len("s3://"):].split("/", 1)
+    bucket, key = uri[len("s3://") :].split("/", 1)
     return Image.open(io.BytesIO(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()))
 
 
 def _submit(redis_url, bucket, out, job_id, *flags):
-    return run_cli(["submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/{out}", "--job-id", job_id, "--wait",
-                    *flags], worker_env(redis_url))
+    return run_cli(
+        ["submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/{out}", "--job-id", job_id, "--wait", *flags],
+        worker_env(redis_url),
+    )
 
 
 JOBS = {  # out prefix -> flags, {input: (output size, native scale, final scale)}
-    "x1.5": (["--task", "upscale", "--scale", "1.5"],
-             {"a.png": ((44, 56), 2, 1.5), "b.jpg": ((62, 35), 2, 1.5), "c.png": ((45, 41), 2, 1.5)}),
-    "w50": (["--width", "50"],  # 37*50/29 = 63.8; 23*50/41 = 28.05; 27*50/30 = 45
-            {"a.png": ((50, 64), 2, 1.72414), "b.jpg": ((50, 28), 2, 1.21951), "c.png": ((50, 45), 2, 1.66667)}),
+    "x1.5": (
+        ["--task", "upscale", "--scale", "1.5"],
+        {"a.png": ((44, 56), 2, 1.5), "b.jpg": ((62, 35), 2, 1.5), "c.png": ((45, 41), 2, 1.5)},
+    ),
+    "w50": (
+        ["--width", "50"],  # 37*50/29 = 63.8; 23*50/41 = 28.05; 27*50/30 = 45
+        {"a.png": ((50, 64), 2, 1.72414), "b.jpg": ((50, 28), 2, 1.21951), "c.png": ((50, 45), 2, 1.66667)},
+    ),
 }
 
 
@@ -64,8 +70,10 @@ def test_any_scale_jobs_through_real_workers(stage_workers, redis_url, s3_bucket
             assert tuple(row["output_size"]) == size and row["native_scale"] == native
             assert row["final_scale"] == final
             assert row["plan"]["target"] == ({"scale": 1.5} if out == "x1.5" else {"width": 50})
-            assert any(n.startswith(f"output {'x1.5' if out == 'x1.5' else 'width 50'}: decoder ran x{native}")
-                       for n in row["notes"]), row["notes"]
+            assert any(
+                n.startswith(f"output {'x1.5' if out == 'x1.5' else 'width 50'}: decoder ran x{native}")
+                for n in row["notes"]
+            ), row["notes"]
             image = _read(s3_client, row["output"])
             assert image.size == size
             if rel == "c.png":  # alpha kept, resampled with the rest
@@ -75,7 +83,7 @@ def test_any_scale_jobs_through_real_workers(stage_workers, redis_url, s3_bucket
         # The report reads the manifest and shows the request and each item's scales.
         assert main(["report", job_id, "--redis-url", redis_url]) == ExitCode.OK
         html_uri = capsys.readouterr().out.split()[0]
-        bucket, key = html_uri[len("s3://"):].split("/", 1)
+        bucket, key = html_uri[len("s3://") :].split("/", 1)
         page = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         assert ("upscale output x1.5" if out == "x1.5" else "restore output width 50") in page
         assert "scale &times;2 native, &times;" in page

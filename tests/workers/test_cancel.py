@@ -23,8 +23,8 @@ from pixelrelay.workers.policy import Cancelled, Delivery
 from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.sweep import sweep_once
 from pixelrelay.workers.tasks import STAGE_BODIES
-from tests.workers.test_policy import Job, client, make_job  # noqa: F401 (fixtures)
 from tests.conftest import TEST_SIGNER
+from tests.workers.test_policy import Job, client, make_job  # noqa: F401 (fixtures)
 
 ON_RESTORE: list = []  # callables the ``cancelling`` decoder runs after each batch
 
@@ -47,7 +47,9 @@ register("decoder", "cancelling", f"{__name__}:CancellingDecoder")
 @pytest.fixture()
 def rt(redis_url):
     ON_RESTORE.clear()
-    yield Runtime(Settings.from_env(redis_url=redis_url, encoder="analysis", planner="rules", decoder="cancelling", batch_size=1))
+    yield Runtime(
+        Settings.from_env(redis_url=redis_url, encoder="analysis", planner="rules", decoder="cancelling", batch_size=1)
+    )
     ON_RESTORE.clear()
 
 
@@ -66,7 +68,11 @@ def run_chain(job: Job, rt: Runtime, msg: ChunkMessage):
 def outputs(job: Job) -> set[str]:
     """Every file in the output folder but the job's own (and the outputs' sidecars)."""
     out = Path(job.output)
-    return {p.name for p in out.iterdir() if p.is_file() and not p.name.endswith(".pixelrelay.json")} if out.exists() else set()
+    return (
+        {p.name for p in out.iterdir() if p.is_file() and not p.name.endswith(".pixelrelay.json")}
+        if out.exists()
+        else set()
+    )
 
 
 def test_a_cancelled_job_feeds_nothing_and_its_chains_end_at_their_next_stage(make_job, rt):

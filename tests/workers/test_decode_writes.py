@@ -33,8 +33,15 @@ def test_each_batch_is_stored_as_one_group_and_a_bad_write_fails_alone(tmp_path,
 
     rt = Runtime(Settings.from_env(redis_url=redis_url, batch_size=3, io_threads=2))
     job_id = "grp-" + uuid.uuid4().hex[:8]
-    msg = ChunkMessage(job_id=job_id, seq=1, chunk=0, output=out, options=JobOptions(task="upscale"),
-                       backends=Backends(encoder="null", planner="null", decoder="null"), records=records)
+    msg = ChunkMessage(
+        job_id=job_id,
+        seq=1,
+        chunk=0,
+        output=out,
+        options=JobOptions(task="upscale"),
+        backends=Backends(encoder="null", planner="null", decoder="null"),
+        records=records,
+    )
     state = JobState(rt.redis, job_id, TEST_SIGNER)
     for stage in (encode_chunk, plan_chunk):
         stage(rt, state, msg)
@@ -62,8 +69,15 @@ def _run_chunk(tmp_path, redis_url, name: str) -> tuple[int, dict[str, bytes]]:
         records.append(ItemRecord(index=i, input=f"{src}/{i}.png", output=f"{out}/{i}.png"))
     rt = Runtime(Settings.from_env(redis_url=redis_url, batch_size=3, io_threads=2))
     job_id = "inl-" + uuid.uuid4().hex[:8]
-    msg = ChunkMessage(job_id=job_id, seq=1, chunk=0, output=str(out), options=JobOptions(task="upscale"),
-                       backends=Backends(encoder="null", planner="null", decoder="null"), records=records)
+    msg = ChunkMessage(
+        job_id=job_id,
+        seq=1,
+        chunk=0,
+        output=str(out),
+        options=JobOptions(task="upscale"),
+        backends=Backends(encoder="null", planner="null", decoder="null"),
+        records=records,
+    )
     state = JobState(rt.redis, job_id, TEST_SIGNER)
     io_tasks = []
     real_submit = ThreadPoolExecutor.submit

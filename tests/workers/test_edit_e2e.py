@@ -37,7 +37,7 @@ def _manifest(s3_client, bucket: str, out: str, job_id: str) -> list[dict]:
 
 
 def _read(s3_client, uri: str) -> Image.Image:
-    bucket, key = uri[len("s3://"):].split("/", 1)
+    bucket, key = uri[len("s3://") :].split("/", 1)
     return Image.open(io.BytesIO(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()))
 
 
@@ -55,8 +55,19 @@ def test_edit_jobs_through_real_workers(stage_workers, redis_url, s3_bucket, s3_
     }
     for out, flags in jobs.items():
         job_id = f"{out}-{uuid.uuid4().hex[:6]}"
-        result = run_cli(["submit", f"s3://{s3_bucket}/in", "--out", f"s3://{s3_bucket}/{out}", "--job-id", job_id,
-                          "--wait", *flags], worker_env(redis_url))
+        result = run_cli(
+            [
+                "submit",
+                f"s3://{s3_bucket}/in",
+                "--out",
+                f"s3://{s3_bucket}/{out}",
+                "--job-id",
+                job_id,
+                "--wait",
+                *flags,
+            ],
+            worker_env(redis_url),
+        )
         assert result.returncode == 0, result.stderr + stage_workers.logs()
         rows = _manifest(s3_client, s3_bucket, out, job_id)
         assert len(rows) == len(files) and all(r["status"] == "done" for r in rows)
@@ -77,16 +88,22 @@ def test_edit_jobs_through_real_workers(stage_workers, redis_url, s3_bucket, s3_
                 assert np.array_equal(np.asarray(output)[..., 3], np.asarray(source)[..., 3])
 
 
-def test_an_instruction_no_planner_maps_fails_its_items_with_the_reason(stage_workers, redis_url, s3_bucket,
-                                                                         s3_client, monkeypatch):
+def test_an_instruction_no_planner_maps_fails_its_items_with_the_reason(
+    stage_workers, redis_url, s3_bucket, s3_client, monkeypatch
+):
     _upload(s3_client, s3_bucket, "in", {"a.png": _files()["p0.png"]})
     # submit refuses it; a job that got past it anyway (another submitter's planner setting,
     # a forged message) meets the rules planner in the worker, which refuses it again.
     monkeypatch.setattr(submit_module, "check_instruction", lambda options, planner: None)
     settings = Settings.from_env(redis_url=redis_url)
     job_id = "edit-refused-" + uuid.uuid4().hex[:6]
-    submit_module.submit(settings, f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/refused",
-                         JobOptions(task="edit", instruction="add a hat"), job_id=job_id)
+    submit_module.submit(
+        settings,
+        f"s3://{s3_bucket}/in",
+        f"s3://{s3_bucket}/refused",
+        JobOptions(task="edit", instruction="add a hat"),
+        job_id=job_id,
+    )
     waited = run_cli(["status", job_id, "--wait"], worker_env(redis_url), timeout=120)
     assert waited.returncode == 1, waited.stdout + waited.stderr + stage_workers.logs()
     (row,) = _manifest(s3_client, s3_bucket, "refused", job_id)

@@ -31,9 +31,8 @@ from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.pipeline.storage.local import sidecar_path
 from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.tasks import _store, decode_chunk, encode_chunk, plan_chunk
-from tests.conftest import REPO, WorkerPool, run_cli, wait_until, worker_env
+from tests.conftest import REPO, TEST_SIGNER, WorkerPool, run_cli, wait_until, worker_env
 from tests.images import encode, photo_like
-from tests.conftest import TEST_SIGNER
 from tests.tagged import TAG_ENV
 
 N = 3
@@ -49,7 +48,18 @@ class Pool(WorkerPool):
         decode.wait(30)
         self.env[TAG_ENV] = tag
         log = open(self.logdir / f"decode-{tag}.log", "wb")
-        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", "decode", "--decoder", "tagged", "--loglevel", "WARNING"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pixelrelay",
+            "worker",
+            "--stage",
+            "decode",
+            "--decoder",
+            "tagged",
+            "--loglevel",
+            "WARNING",
+        ]
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
 
 
@@ -59,7 +69,9 @@ def pool(redis_url, s3_server, tmp_path_factory):
     client = redis.Redis.from_url(isolated)
     client.flushdb()
     env = worker_env(isolated, PIXELRELAY_PLUGINS="tests.tagged", **{TAG_ENV: "a"})
-    workers = Pool(env, tmp_path_factory.mktemp("fp-logs"), {"encoder": "analysis", "planner": "rules", "decoder": "tagged"})
+    workers = Pool(
+        env, tmp_path_factory.mktemp("fp-logs"), {"encoder": "analysis", "planner": "rules", "decoder": "tagged"}
+    )
     workers.start()
     workers.client = client
     try:
@@ -72,8 +84,10 @@ def pool(redis_url, s3_server, tmp_path_factory):
 def _wait_published(client: redis.Redis, decoder_identity: str) -> None:
     """Until the plan and decode workers' identities are known to the encode stage."""
     wait_until(
-        lambda: identities.lookup(client, "plan", None) is not None
-        and getattr(identities.lookup(client, "decode", None), "identity", None) == decoder_identity,
+        lambda: (
+            identities.lookup(client, "plan", None) is not None
+            and getattr(identities.lookup(client, "decode", None), "identity", None) == decoder_identity
+        ),
         timeout=60,
     )
 
@@ -151,7 +165,9 @@ def test_s3_scale_change_then_the_same_request_again(pool, s3_bucket, s3_client)
         return s3_client.head_object(Bucket=s3_bucket, Key=row["output"].split("/", 3)[3])
 
     def width(row):
-        return Image.open(io.BytesIO(s3_client.get_object(Bucket=s3_bucket, Key=row["output"].split("/", 3)[3])["Body"].read())).width
+        return Image.open(
+            io.BytesIO(s3_client.get_object(Bucket=s3_bucket, Key=row["output"].split("/", 3)[3])["Body"].read())
+        ).width
 
     first, _ = _submit(pool, src, out, "--scale", "2")
     for row in rows(first):
@@ -230,8 +246,15 @@ def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, over
     seen = [storage.head(r.output) for r in records]
     job_id = "dup-" + uuid.uuid4().hex[:8]
     options = JobOptions(task="upscale", overwrite=overwrite)
-    msg = ChunkMessage(job_id=job_id, seq=1, chunk=0, output=out, options=options,
-                       backends=Backends(encoder="analysis", planner="rules", decoder="noisy"), records=records)
+    msg = ChunkMessage(
+        job_id=job_id,
+        seq=1,
+        chunk=0,
+        output=out,
+        options=options,
+        backends=Backends(encoder="analysis", planner="rules", decoder="noisy"),
+        records=records,
+    )
     state = JobState(rt.redis, job_id, TEST_SIGNER)
     encode_chunk(rt, state, msg)
     plan_chunk(rt, state, msg)

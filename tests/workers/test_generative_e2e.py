@@ -54,8 +54,9 @@ def _files(root) -> dict[str, Image.Image]:
 def test_style_jobs_through_the_generative_decoders(hub_cache, redis_url, tmp_path):
     isolated = redis_url.rsplit("/", 1)[0] + "/10"
     redis.Redis.from_url(isolated).flushdb()
-    env = worker_env(isolated, HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1",
-                     PIXELRELAY_ALLOWED_BACKENDS="instruct-pix2pix")
+    env = worker_env(
+        isolated, HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1", PIXELRELAY_ALLOWED_BACKENDS="instruct-pix2pix"
+    )
     files = _files(tmp_path)
     pool = WorkerPool(env, tmp_path, {"encoder": "analysis", "planner": "hf-llm", "decoder": "sd-img2img"}).start()
     jobs = {"sd-img2img": 1, "instruct-pix2pix": 2}  # decoder -> scale
@@ -63,9 +64,29 @@ def test_style_jobs_through_the_generative_decoders(hub_cache, redis_url, tmp_pa
     try:
         for decoder, scale in jobs.items():
             ids[decoder] = f"gen-{decoder}-{uuid.uuid4().hex[:6]}"
-            result = run_cli(["submit", str(tmp_path / "in"), "--out", str(tmp_path / decoder), "--job-id", ids[decoder],
-                              "--task", "style", "--instruction", INSTRUCTION, "--planner", "hf-llm",
-                              "--decoder", decoder, "--scale", str(scale), "--wait"], env, timeout=400)
+            result = run_cli(
+                [
+                    "submit",
+                    str(tmp_path / "in"),
+                    "--out",
+                    str(tmp_path / decoder),
+                    "--job-id",
+                    ids[decoder],
+                    "--task",
+                    "style",
+                    "--instruction",
+                    INSTRUCTION,
+                    "--planner",
+                    "hf-llm",
+                    "--decoder",
+                    decoder,
+                    "--scale",
+                    str(scale),
+                    "--wait",
+                ],
+                env,
+                timeout=400,
+            )
             assert result.returncode == 0, result.stdout + result.stderr + pool.logs()
     finally:
         pool.stop()

@@ -39,8 +39,10 @@ def test_job_through_hf_caption_llm_and_sr(hub_cache, redis_url, s3_server, s3_b
     isolated = redis_url.rsplit("/", 1)[0] + "/4"
     redis.Redis.from_url(isolated).flushdb()
     env = worker_env(isolated, HF_HUB_CACHE=str(hub_cache), HF_HUB_OFFLINE="1")
-    backends = {stage: f"{kind}:{HUB_IDS[stage]}" for stage, kind in
-                (("encoder", "hf-caption"), ("planner", "hf-llm"), ("decoder", "hf-sr"))}
+    backends = {
+        stage: f"{kind}:{HUB_IDS[stage]}"
+        for stage, kind in (("encoder", "hf-caption"), ("planner", "hf-llm"), ("decoder", "hf-sr"))
+    }
     files = {k: v for k, v in list(good_images(6).items())}
     for rel, data in files.items():
         s3_client.put_object(Bucket=s3_bucket, Key=f"in/{rel}", Body=data)
@@ -49,8 +51,21 @@ def test_job_through_hf_caption_llm_and_sr(hub_cache, redis_url, s3_server, s3_b
     try:
         job_id = "hf-" + uuid.uuid4().hex[:6]
         result = run_cli(
-            ["submit", f"s3://{s3_bucket}/in", "--out", f"s3://{s3_bucket}/out", "--job-id", job_id,
-             "--task", "upscale", "--scale", "2", "--instruction", "restore gently", "--wait"],
+            [
+                "submit",
+                f"s3://{s3_bucket}/in",
+                "--out",
+                f"s3://{s3_bucket}/out",
+                "--job-id",
+                job_id,
+                "--task",
+                "upscale",
+                "--scale",
+                "2",
+                "--instruction",
+                "restore gently",
+                "--wait",
+            ],
             env,
         )
         assert result.returncode == 0, result.stderr + pool.logs()

@@ -50,7 +50,8 @@ def test_incremental_rerun_sends_only_new_and_changed(stage_workers, redis_url, 
     rows = _manifest(out, job2)
     assert len(rows) == 11  # exactly the new and the changed went through the stages
     assert sorted(os.path.basename(r["input"]) for r in rows) == sorted(
-        ["img007.png"] + [f"img{i:03d}.png" for i in range(200, 210)])
+        ["img007.png"] + [f"img{i:03d}.png" for i in range(200, 210)]
+    )
     assert all(r["status"] == "done" and "encode_s" in r["timings"] for r in rows), rows[:2]
     assert [r["index"] for r in rows] == list(range(11))
     assert all(r["outcome"] == "processed" for r in rows)  # the changed input's old output is not reused

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import part_uri
@@ -66,7 +65,9 @@ def test_a_hung_model_call_loses_its_lease_after_its_budget_and_its_items_time_o
 def test_a_redelivered_message_of_a_finished_chain_is_dropped(client, tmp_path):
     job = Job(client, tmp_path, [20, 21], 4, Limits())
     ran = []
-    first = job.policy.deliver(Delivery("decode", job.message([0, 1])), lambda m: [r.__setattr__("status", "done") for r in m.records])
+    first = job.policy.deliver(
+        Delivery("decode", job.message([0, 1])), lambda m: [r.__setattr__("status", "done") for r in m.records]
+    )
     assert isinstance(first, ChunkMessage) and job.state.counts().done == 2
     part = part_uri(job.output, job.state.job_id, 0, job.seq)
     part_before = job.storage.get(part)

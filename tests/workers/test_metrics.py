@@ -28,8 +28,11 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
     """``/metrics`` as {(sample name, sorted labels): value}."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels) -> float:
@@ -50,8 +53,21 @@ def start_workers(env: dict, logdir: Path, ports: dict[str, int]) -> WorkerPool:
     names = {"encode": "encoder", "plan": "planner", "decode": "decoder"}
     for stage, port in ports.items():
         extra = ["--concurrency", "2"] if stage == "decode" else []
-        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, "--loglevel", "WARNING",
-               backend[stage], TEST_BACKENDS[names[stage]], "--metrics-port", str(port), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pixelrelay",
+            "worker",
+            "--stage",
+            stage,
+            "--loglevel",
+            "WARNING",
+            backend[stage],
+            TEST_BACKENDS[names[stage]],
+            "--metrics-port",
+            str(port),
+            *extra,
+        ]
         log = open(logdir / f"{stage}.log", "wb")
         pool.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
     return pool
@@ -93,12 +109,19 @@ def test_metrics_add_up_to_the_job_and_the_exporter_serves_the_true_backlog(tmp_
                         during.append({stage: scrape(p) for stage, p in ports.items()})
                     time.sleep(0.3)
                 assert state.counts().complete, pool.logs()
-                wait_until(lambda: value(scrape(ports["decode"]), "pixelrelay_items_total",
-                                         stage="decode", status="done") == N_ITEMS, timeout=10)
+                wait_until(
+                    lambda: (
+                        value(scrape(ports["decode"]), "pixelrelay_items_total", stage="decode", status="done")
+                        == N_ITEMS
+                    ),
+                    timeout=10,
+                )
                 after = {stage: scrape(p) for stage, p in ports.items()}
             finally:
                 pool.stop()
-            wait_until(lambda: value(scrape(exporter_port), "pixelrelay_backlog_items", stage="decode") == 0, timeout=20)
+            wait_until(
+                lambda: value(scrape(exporter_port), "pixelrelay_backlog_items", stage="decode") == 0, timeout=20
+            )
             assert value(scrape(exporter_port), "pixelrelay_active_jobs") == 0
         finally:
             stop.set()

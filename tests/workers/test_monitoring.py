@@ -45,8 +45,10 @@ def test_an_events_receiver_sees_tasks_succeed_at_all_three_stages(stage_workers
     names: dict[str, str] = {}
     succeeded: list[str] = []
     with app.connection() as conn:
-        handlers = {"task-received": lambda e: names.__setitem__(e["uuid"], e["name"]),
-                    "task-succeeded": lambda e: succeeded.append(e["uuid"])}
+        handlers = {
+            "task-received": lambda e: names.__setitem__(e["uuid"], e["name"]),
+            "task-succeeded": lambda e: succeeded.append(e["uuid"]),
+        }
         receiver = app.events.Receiver(conn, handlers=handlers)
         before = _subscriptions(redis_url)
         thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True)
@@ -84,12 +86,27 @@ def json_encode_worker(redis_url, s3_server, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("json-worker")
     url = redis_url.rsplit("/", 1)[0] + "/1"
     health_file = tmp_path / "encode.health"
-    env = worker_env(url, PIXELRELAY_LOG_FORMAT="json", PIXELRELAY_HEALTH_FILE=str(health_file),
-                     PIXELRELAY_HEALTH_INTERVAL_S="0.5", PIXELRELAY_SWEEP_INTERVAL_S="0")
+    env = worker_env(
+        url,
+        PIXELRELAY_LOG_FORMAT="json",
+        PIXELRELAY_HEALTH_FILE=str(health_file),
+        PIXELRELAY_HEALTH_INTERVAL_S="0.5",
+        PIXELRELAY_SWEEP_INTERVAL_S="0",
+    )
     log_path = tmp_path / "encode.log"
     with open(log_path, "wb") as log:
-        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", "encode", "--encoder", "analysis",
-               "--loglevel", "INFO"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pixelrelay",
+            "worker",
+            "--stage",
+            "encode",
+            "--encoder",
+            "analysis",
+            "--loglevel",
+            "INFO",
+        ]
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         yield proc, env, log_path, health_file

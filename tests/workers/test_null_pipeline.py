@@ -32,8 +32,21 @@ def test_null_backends_give_back_the_inputs_pixel_for_pixel(stage_workers, redis
     src.mkdir()
     arrays = _inputs(src)
     job_id = "null-" + uuid.uuid4().hex[:8]
-    args = ["submit", str(src), "--out", str(out), "--job-id", job_id, "--encoder", "null", "--planner", "null",
-            "--decoder", "null", "--wait"]
+    args = [
+        "submit",
+        str(src),
+        "--out",
+        str(out),
+        "--job-id",
+        job_id,
+        "--encoder",
+        "null",
+        "--planner",
+        "null",
+        "--decoder",
+        "null",
+        "--wait",
+    ]
     result = run_cli(args, worker_env(redis_url))
     assert result.returncode == 0, result.stderr + stage_workers.logs()
 

@@ -19,7 +19,9 @@ def test_item_that_kills_its_worker_fails_alone(redis_url, tmp_path):
     # A broker of its own (another Redis database), so no other worker takes these tasks.
     isolated = redis_url.rsplit("/", 1)[0] + "/3"
     redis.Redis.from_url(isolated).flushdb()
-    env = worker_env(isolated, PIXELRELAY_PLUGINS="tests.faults", PIXELRELAY_CHUNK_SIZE="4", PIXELRELAY_MAX_DELIVERIES="2")
+    env = worker_env(
+        isolated, PIXELRELAY_PLUGINS="tests.faults", PIXELRELAY_CHUNK_SIZE="4", PIXELRELAY_MAX_DELIVERIES="2"
+    )
     src = tmp_path / "in"
     src.mkdir()
     for i in range(6):
@@ -33,7 +35,10 @@ def test_item_that_kills_its_worker_fails_alone(redis_url, tmp_path):
         assert result.returncode == 1, result.stderr + pool.logs()
     finally:
         pool.stop()
-    rows = {r["input"].rsplit("/", 1)[1]: r for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())}
+    rows = {
+        r["input"].rsplit("/", 1)[1]: r
+        for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())
+    }
     assert rows["2.png"]["status"] == "failed"
     assert "worker process died" in rows["2.png"]["error"]
     assert all(rows[f"{i}.png"]["status"] == "done" for i in (0, 1, 3, 4, 5))
@@ -45,8 +50,14 @@ def test_a_poison_item_that_kills_a_solo_worker_fails_alone_through_sweep_resend
     A supervisor loop stands in for systemd / Kubernetes restarting the dead worker."""
     isolated = redis_url.rsplit("/", 1)[0] + "/10"
     redis.Redis.from_url(isolated).flushdb()
-    env = worker_env(isolated, PIXELRELAY_PLUGINS="tests.faults", PIXELRELAY_CHUNK_SIZE="3", PIXELRELAY_MAX_DELIVERIES="1",
-                     PIXELRELAY_LEASE_S="1", PIXELRELAY_SWEEP_INTERVAL_S="0.3")
+    env = worker_env(
+        isolated,
+        PIXELRELAY_PLUGINS="tests.faults",
+        PIXELRELAY_CHUNK_SIZE="3",
+        PIXELRELAY_MAX_DELIVERIES="1",
+        PIXELRELAY_LEASE_S="1",
+        PIXELRELAY_SWEEP_INTERVAL_S="0.3",
+    )
     src = tmp_path / "in"
     src.mkdir()
     for i in range(3):
@@ -62,7 +73,18 @@ def test_a_poison_item_that_kills_a_solo_worker_fails_alone_through_sweep_resend
             if decode.poll() is not None and not stopping.is_set():
                 deaths.append(decode.returncode)
                 log = open(tmp_path / f"decode-{len(deaths)}.log", "wb")
-                cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", "decode", "--decoder", "crashing", "--loglevel", "WARNING"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pixelrelay",
+                    "worker",
+                    "--stage",
+                    "decode",
+                    "--decoder",
+                    "crashing",
+                    "--loglevel",
+                    "WARNING",
+                ]
                 pool.procs[2] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
             time.sleep(0.05)
 
@@ -71,16 +93,26 @@ def test_a_poison_item_that_kills_a_solo_worker_fails_alone_through_sweep_resend
     supervisor.start()
     try:
         job_id = "poison-solo-" + uuid.uuid4().hex[:6]
-        result = run_cli(["submit", str(src), "--out", str(tmp_path / "out"), "--job-id", job_id, "--wait"], env, timeout=120)
+        result = run_cli(
+            ["submit", str(src), "--out", str(tmp_path / "out"), "--job-id", job_id, "--wait"], env, timeout=120
+        )
         assert result.returncode == 1, result.stderr + pool.logs()
     finally:
         stopping.set()
         supervisor.join(10)
         pool.stop()
     assert deaths == [137, 137]  # the whole chunk once, then the poison item's own part once
-    rows = {r["input"].rsplit("/", 1)[1]: r for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())}
+    rows = {
+        r["input"].rsplit("/", 1)[1]: r
+        for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())
+    }
     assert len(rows) == 3
     assert rows["1.png"]["status"] == "failed" and "worker process died 1 times" in rows["1.png"]["error"]
     assert rows["0.png"]["status"] == rows["2.png"]["status"] == "done"
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != "_jobs")
-    assert names == [".0.png.pixelrelay.json", ".2.png.pixelrelay.json", "0.png", "2.png"]  # outputs, fingerprint sidecars
+    assert names == [
+        ".0.png.pixelrelay.json",
+        ".2.png.pixelrelay.json",
+        "0.png",
+        "2.png",
+    ]  # outputs, fingerprint sidecars

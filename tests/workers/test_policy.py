@@ -28,8 +28,8 @@ from pixelrelay.pipeline.storage import TransientStorageError, open_storage
 from pixelrelay.workers.policy import Delivery, DeliveryPolicy, Limits, Retry, Split, finish_chunk
 from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.tasks import STAGE_BODIES
-from tests.images import photo_like
 from tests.conftest import TEST_SIGNER
+from tests.images import photo_like
 
 BAD_WIDTH = 13
 
@@ -67,7 +67,9 @@ class Job:
         self.output = str(root / "out")
         self.storage = open_storage(self.output)
         total = write_listing(self.storage, self.output, self.state.job_id, items)
-        self.spec = JobSpec(job_id=self.state.job_id, input=str(root / "in"), output=self.output, total=total, chunk_size=chunk_size)
+        self.spec = JobSpec(
+            job_id=self.state.job_id, input=str(root / "in"), output=self.output, total=total, chunk_size=chunk_size
+        )
         write_spec(self.storage, self.spec)
         self.seq = self.state.start_submission(self.spec)
         self.policy = DeliveryPolicy(self.state, self.sent.append, lambda uri: self.storage, limits)
@@ -76,9 +78,19 @@ class Job:
         feed(self.sent.append, self.state, self.storage, self.spec, self.seq, window)
 
     def message(self, indices: list[int], **update) -> ChunkMessage:
-        records = [ItemRecord(index=i, input=str(self.root / "in" / f"{i}.png"), output=str(self.root / "out" / f"{i}.png")) for i in indices]
-        fields = dict(job_id=self.state.job_id, seq=self.seq, chunk=0, output=self.output, options=self.spec.options,
-                      backends=Backends(), records=records)
+        records = [
+            ItemRecord(index=i, input=str(self.root / "in" / f"{i}.png"), output=str(self.root / "out" / f"{i}.png"))
+            for i in indices
+        ]
+        fields = dict(
+            job_id=self.state.job_id,
+            seq=self.seq,
+            chunk=0,
+            output=self.output,
+            options=self.spec.options,
+            backends=Backends(),
+            records=records,
+        )
         return ChunkMessage(**{**fields, **update})
 
     def manifest(self) -> dict[int, dict]:
@@ -117,7 +129,9 @@ def run_chains(job: Job, rt: Runtime) -> None:
 
 def test_an_item_that_fails_its_batch_fails_alone(make_job, redis_url):
     job = make_job([20, 21, BAD_WIDTH, 23, 24, 25], chunk_size=4)
-    rt = Runtime(Settings.from_env(redis_url=redis_url, encoder="analysis", planner="rules", decoder="raising", batch_size=4))
+    rt = Runtime(
+        Settings.from_env(redis_url=redis_url, encoder="analysis", planner="rules", decoder="raising", batch_size=4)
+    )
     job.feed(window=1)  # one chain at a time: finishing chunk 0 must send chunk 1
     run_chains(job, rt)
 
@@ -183,8 +197,11 @@ def test_transient_errors_retry_with_growing_backoff_then_give_up(make_job):
 
     outcomes = [job.policy.deliver(Delivery("plan", msg, retries), flaky) for retries in range(4)]
 
-    assert outcomes[:3] == [Retry(2.0, "TransientStorageError: read timed out"), Retry(4.0, "TransientStorageError: read timed out"),
-                            Retry(5.0, "TransientStorageError: read timed out")]
+    assert outcomes[:3] == [
+        Retry(2.0, "TransientStorageError: read timed out"),
+        Retry(4.0, "TransientStorageError: read timed out"),
+        Retry(5.0, "TransientStorageError: read timed out"),
+    ]
     assert len(calls) == 4  # every delivery ran the work
     final = outcomes[3]
     assert isinstance(final, ChunkMessage)

@@ -44,8 +44,9 @@ def _restart_empty(srv: EmbeddedRedis, down_s: float = 0.0) -> None:
 
 @pytest.fixture()
 def env(server, s3_server, tmp_path):
-    return worker_env(server.url, **SETTINGS, PIXELRELAY_STATE_URI=str(tmp_path / "state"),
-                      PIXELRELAY_REGISTRY_SCAN_S="0.5")
+    return worker_env(
+        server.url, **SETTINGS, PIXELRELAY_STATE_URI=str(tmp_path / "state"), PIXELRELAY_REGISTRY_SCAN_S="0.5"
+    )
 
 
 @pytest.fixture()
@@ -107,8 +108,18 @@ def test_redis_restarted_empty_under_a_waiting_submit(server, env, stages, s3_cl
     env = {k: v for k, v in env.items() if k != "PIXELRELAY_STATE_URI"}  # only the producer may rebuild
     files = _inputs(s3_client, s3_bucket)
     job_id = "lost-" + uuid.uuid4().hex[:8]
-    cmd = [sys.executable, "-m", "pixelrelay", "submit", f"s3://{s3_bucket}/in", "--out", f"s3://{s3_bucket}/out",
-           "--job-id", job_id, "--wait"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pixelrelay",
+        "submit",
+        f"s3://{s3_bucket}/in",
+        "--out",
+        f"s3://{s3_bucket}/out",
+        "--job-id",
+        job_id,
+        "--wait",
+    ]
     waiting = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = redis.Redis.from_url(server.url)
     try:
@@ -146,7 +157,9 @@ def test_the_workers_sweep_rebuilds_a_registered_job(server, env, stages, s3_cli
     _check(client, s3_client, s3_bucket, job_id, files)
     assert "rebuilt from storage" in stages.logs()
     wait_until(lambda: not (env_state(env) / "active" / f"{job_id}.json").exists(), timeout=10)  # unlisted
-    print(f"\nRedis restarted empty, no producer: the sweep's rebuild finished the job {recovered_s:.1f} s after the restart")
+    print(
+        f"\nRedis restarted empty, no producer: the sweep's rebuild finished the job {recovered_s:.1f} s after the restart"
+    )
 
 
 def test_status_with_out_rebuilds_a_job_by_hand(server, s3_server, s3_client, s3_bucket, tmp_path):

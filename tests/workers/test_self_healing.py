@@ -58,7 +58,17 @@ class Stages:
         self.started += 1
         log = open(self.logdir / f"{stage}-{self.started}.log", "wb")
         flag = {"encode": "--encoder", "plan": "--planner", "decode": "--decoder"}[stage]
-        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, *(backend or (flag, "slow")), "--loglevel", "WARNING"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pixelrelay",
+            "worker",
+            "--stage",
+            stage,
+            *(backend or (flag, "slow")),
+            "--loglevel",
+            "WARNING",
+        ]
         self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
     def supervise(self, stage: str, backend: tuple[str, ...], exits: list[int]) -> threading.Event:
@@ -128,8 +138,22 @@ def _submit(stages: Stages, s3_client, bucket: str):
     for rel, data in files.items():
         s3_client.put_object(Bucket=bucket, Key=f"in/{rel}", Body=data)
     job_id = "heal-" + uuid.uuid4().hex[:8]
-    cmd = [sys.executable, "-m", "pixelrelay", "submit", f"s3://{bucket}/in", "--out", f"s3://{bucket}/out", "--job-id", job_id]
-    return job_id, files, subprocess.Popen(cmd, env=stages.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pixelrelay",
+        "submit",
+        f"s3://{bucket}/in",
+        "--out",
+        f"s3://{bucket}/out",
+        "--job-id",
+        job_id,
+    ]
+    return (
+        job_id,
+        files,
+        subprocess.Popen(cmd, env=stages.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
+    )
 
 
 def _running(client: redis.Redis, job_id: str, stage: str, pid: int) -> str | None:
@@ -172,7 +196,7 @@ def _check_job(client: redis.Redis, s3_client, bucket: str, job_id: str, files: 
     assert [r["index"] for r in rows] == list(range(N_ITEMS))  # every item exactly once
     assert all(r["status"] == "done" for r in rows), [r["error"] for r in rows]
     listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]
-    outputs = {o["Key"] for o in listed if not o["Key"].startswith(f"out/_jobs/")}
+    outputs = {o["Key"] for o in listed if not o["Key"].startswith("out/_jobs/")}
     assert outputs == {f"out/{rel}" for rel in files}  # one object per item, nothing partial or extra
     assert {r["output"] for r in rows} == {f"s3://{bucket}/out/{rel}" for rel in files}
     counts = JobState(client, job_id).counts()
@@ -184,8 +208,14 @@ def _check_job(client: redis.Redis, s3_client, bucket: str, job_id: str, files: 
 
 @pytest.mark.parametrize(
     "stage,sig",
-    [("decode", signal.SIGKILL), ("encode", signal.SIGKILL), ("plan", signal.SIGKILL),
-     ("decode", signal.SIGTERM), ("encode", signal.SIGTERM), ("plan", signal.SIGTERM)],
+    [
+        ("decode", signal.SIGKILL),
+        ("encode", signal.SIGKILL),
+        ("plan", signal.SIGKILL),
+        ("decode", signal.SIGTERM),
+        ("encode", signal.SIGTERM),
+        ("plan", signal.SIGTERM),
+    ],
     ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name,
 )
 def test_a_worker_stopped_mid_chunk_is_replaced_and_the_job_finishes(stages, client, s3_client, s3_bucket, stage, sig):
@@ -234,8 +264,14 @@ def test_a_hung_model_call_times_out_its_item_and_the_worker_restarts(redis_url,
     in for systemd / Kubernetes) restarts it and the job finishes."""
     url = redis_url.rsplit("/", 1)[0] + "/11"
     redis.Redis.from_url(url).flushdb()
-    env = worker_env(url, PIXELRELAY_PLUGINS="tests.faults", PIXELRELAY_CHUNK_SIZE="1", PIXELRELAY_ITEM_BUDGET_S="1",
-                     PIXELRELAY_LEASE_S="1", PIXELRELAY_SWEEP_INTERVAL_S="0.3")
+    env = worker_env(
+        url,
+        PIXELRELAY_PLUGINS="tests.faults",
+        PIXELRELAY_CHUNK_SIZE="1",
+        PIXELRELAY_ITEM_BUDGET_S="1",
+        PIXELRELAY_LEASE_S="1",
+        PIXELRELAY_SWEEP_INTERVAL_S="0.3",
+    )
     src = tmp_path / "in"
     src.mkdir()
     for i in range(3):
@@ -248,12 +284,17 @@ def test_a_hung_model_call_times_out_its_item_and_the_worker_restarts(redis_url,
     pool.supervise("decode", ("--decoder", "hanging"), exits)
     try:
         job_id = "hung-" + uuid.uuid4().hex[:6]
-        result = run_cli(["submit", str(src), "--out", str(tmp_path / "out"), "--job-id", job_id, "--wait"], env, timeout=120)
+        result = run_cli(
+            ["submit", str(src), "--out", str(tmp_path / "out"), "--job-id", job_id, "--wait"], env, timeout=120
+        )
         assert result.returncode == 1, result.stderr + pool.logs()
     finally:
         pool.stop_all()
     assert exits[:1] == [WATCHDOG_EXIT_CODE], pool.logs()
-    rows = {r["input"].rsplit("/", 1)[1]: r for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())}
+    rows = {
+        r["input"].rsplit("/", 1)[1]: r
+        for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())
+    }
     assert rows["1.png"]["status"] == "failed" and rows["1.png"]["error"] == "decode: timed out after 1 s"
     assert rows["0.png"]["status"] == rows["2.png"]["status"] == "done"
     names = sorted(p.name for p in (tmp_path / "out").iterdir())

@@ -51,10 +51,32 @@ def test_jobs_through_spandrel_models_from_the_hub_and_s3(redis_url, s3_server, 
     pool = WorkerPool(env, tmp_path, {"encoder": "analysis", "planner": "rules", "decoder": decoder}).start()
     jobs = {scale: (tmp_path / f"out{scale}", f"sp{scale}-" + uuid.uuid4().hex[:6]) for scale in (2, 4)}
     try:  # both jobs at once, each waited for by its own submit
-        submits = [subprocess.Popen(
-            [sys.executable, "-m", "pixelrelay", "submit", str(tmp_path / "in"), "--out", str(out), "--job-id", job_id,
-             "--task", "upscale", "--scale", str(scale), "--wait"], env=env, cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True) for scale, (out, job_id) in jobs.items()]
+        submits = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pixelrelay",
+                    "submit",
+                    str(tmp_path / "in"),
+                    "--out",
+                    str(out),
+                    "--job-id",
+                    job_id,
+                    "--task",
+                    "upscale",
+                    "--scale",
+                    str(scale),
+                    "--wait",
+                ],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for scale, (out, job_id) in jobs.items()
+        ]
         for proc in submits:
             _, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, err + pool.logs()

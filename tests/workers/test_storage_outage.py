@@ -38,9 +38,17 @@ def test_s3_unreachable_for_20_s_mid_job_while_writing(redis_url, s3_server, s3_
     url = redis_url.rsplit("/", 1)[0] + "/12"
     client = redis.Redis.from_url(url)
     client.flushdb()
-    env = worker_env(url, PIXELRELAY_S3_ENDPOINT_URL=proxy.url, PIXELRELAY_PLUGINS="tests.faults",
-                     PIXELRELAY_TEST_SLOW_S="1.0", PIXELRELAY_CHUNK_SIZE="2", PIXELRELAY_BATCH_SIZE="2",
-                     PIXELRELAY_WINDOW="2", PIXELRELAY_LEASE_S="5", PIXELRELAY_SWEEP_INTERVAL_S="1")
+    env = worker_env(
+        url,
+        PIXELRELAY_S3_ENDPOINT_URL=proxy.url,
+        PIXELRELAY_PLUGINS="tests.faults",
+        PIXELRELAY_TEST_SLOW_S="1.0",
+        PIXELRELAY_CHUNK_SIZE="2",
+        PIXELRELAY_BATCH_SIZE="2",
+        PIXELRELAY_WINDOW="2",
+        PIXELRELAY_LEASE_S="5",
+        PIXELRELAY_SWEEP_INTERVAL_S="1",
+    )
     s3 = boto3.client("s3", endpoint_url=s3_server)
     files = good_images(N_ITEMS)
     for rel, data in files.items():
@@ -50,7 +58,9 @@ def test_s3_unreachable_for_20_s_mid_job_while_writing(redis_url, s3_server, s3_
     pool = WorkerPool(env, tmp_path, {"encoder": "analysis", "planner": "rules", "decoder": "slow"}).start()
     job_id = "outage-" + uuid.uuid4().hex[:6]
     try:
-        submitted = run_cli(["submit", f"s3://{s3_bucket}/in", "--out", f"s3://{s3_bucket}/out", "--job-id", job_id], env)
+        submitted = run_cli(
+            ["submit", f"s3://{s3_bucket}/in", "--out", f"s3://{s3_bucket}/out", "--job-id", job_id], env
+        )
         assert submitted.returncode == 0, submitted.stderr
         wait_until(lambda: _outputs(s3, s3_bucket), timeout=120, interval=0.05)  # writing has begun
         written_before = len(_outputs(s3, s3_bucket))
@@ -62,7 +72,8 @@ def test_s3_unreachable_for_20_s_mid_job_while_writing(redis_url, s3_server, s3_
         recovered_s = time.monotonic() - down_at - OUTAGE_S
         assert waited.returncode == 0, waited.stdout + waited.stderr + pool.logs()
         assert "transient error" in pool.logs(tail=None), (  # the outage was felt, and retried
-            f"outputs before the outage {written_before}/{N_ITEMS}, resets {proxy.resets}\n{pool.logs()}")
+            f"outputs before the outage {written_before}/{N_ITEMS}, resets {proxy.resets}\n{pool.logs()}"
+        )
     finally:
         pool.stop()
         proxy.close()

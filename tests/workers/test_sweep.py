@@ -22,8 +22,8 @@ from pixelrelay.workers.celery_app import create_app
 from pixelrelay.workers.flow import chunk_chain, signed_body
 from pixelrelay.workers.policy import Limits
 from pixelrelay.workers.sweep import sweep_once
-from tests.workers.test_policy import Job
 from tests.conftest import TEST_SIGNER
+from tests.workers.test_policy import Job
 
 LEASE_S = 1.0
 DB = 7
@@ -61,7 +61,9 @@ def age(job: Job, slot: Slot, stage: str, feeds: bool = True, by: float = 10 * L
 
 
 def sweep(job: Job, send=None):
-    return sweep_once(job.state.r, send or job.sent.append, lambda uri: job.storage, LEASE_S, confirm_s=0, signer=TEST_SIGNER)
+    return sweep_once(
+        job.state.r, send or job.sent.append, lambda uri: job.storage, LEASE_S, confirm_s=0, signer=TEST_SIGNER
+    )
 
 
 def test_a_leased_chunk_is_left_alone(job):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -19,9 +19,8 @@ from pixelrelay.pipeline.settings import Settings
 from pixelrelay.producer import submit as submit_module
 from pixelrelay.workers import tasks
 from pixelrelay.workers.celery_app import create_app, queue_name, task_name
-from tests.conftest import run_cli, worker_env
+from tests.conftest import TEST_SIGNER, run_cli, worker_env
 from tests.images import good_images
-from tests.conftest import TEST_SIGNER
 
 
 def _v1_body(msg: ChunkMessage) -> dict:
@@ -34,9 +33,20 @@ def _v1_body(msg: ChunkMessage) -> dict:
         "options": {"task": "restore", "scale": None, "instruction": "", "format": None},
         "backends": {"encoder": None, "planner": None, "decoder": None},
         "records": [
-            {"index": r.index, "input": r.input, "output": r.output, "status": None, "error": None, "notes": [],
-             "description": None, "plan": None, "timings": {}, "backends": {}, "output_size": None,
-             "source_size": None}
+            {
+                "index": r.index,
+                "input": r.input,
+                "output": r.output,
+                "status": None,
+                "error": None,
+                "notes": [],
+                "description": None,
+                "plan": None,
+                "timings": {},
+                "backends": {},
+                "output_size": None,
+                "source_size": None,
+            }
             for r in msg.records
         ],
         "feeds": True,
@@ -68,7 +78,7 @@ def test_a_version_1_chunk_completes_on_upgraded_workers(stage_workers, redis_ur
     rows = [json.loads(line) for line in manifest.splitlines()]
     assert [(r["index"], r["status"]) for r in rows] == [(0, "done"), (1, "done"), (2, "done")]
     for row in rows:
-        bucket, key = row["output"][len("s3://"):].split("/", 1)
+        bucket, key = row["output"][len("s3://") :].split("/", 1)
         assert s3_client.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
 
 
@@ -83,7 +93,11 @@ def test_a_newer_wire_version_is_requeued_with_its_chain(redis_url):
     body = TEST_SIGNER.sign("chunk:encode", body)
     rest = [app.signature(task_name("decode")), app.signature(task_name("plan"))]  # Celery's order
     task.push_request(
-        id="task-1", retries=2, args=[body], kwargs={}, chain=[dict(s) for s in rest],
+        id="task-1",
+        retries=2,
+        args=[body],
+        kwargs={},
+        chain=[dict(s) for s in rest],
         delivery_info={"exchange": "", "routing_key": queue_name("encode")},
     )
     try:
@@ -99,7 +113,7 @@ def test_a_newer_wire_version_is_requeued_with_its_chain(redis_url):
     headers = message["headers"]
     assert headers["id"] == "task-1" and headers["task"] == task_name("encode")
     assert headers["retries"] == 2  # the policy's transient-error retries are not spent
-    wait = datetime.fromisoformat(headers["eta"]) - datetime.now(timezone.utc)  # not at once
+    wait = datetime.fromisoformat(headers["eta"]) - datetime.now(UTC)  # not at once
     assert C.WIRE_REQUEUE_DELAY_S - 10 < wait.total_seconds() <= C.WIRE_REQUEUE_DELAY_S
     raw = message["body"]  # as the message's own body_encoding says (ours: none, kombu's default: base64)
     if message["properties"].get("body_encoding") == "base64":

@@ -33,8 +33,14 @@ def test_importing_the_workers_needs_no_settings_and_the_app_comes_on_first_use(
 
 
 def _celery(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "celery", "-A", "pixelrelay.workers", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "pixelrelay.workers", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_celery_cli_finds_the_app_and_the_stage_workers_ignore_remote_control(stage_workers, redis_url):

@@ -23,8 +23,9 @@ memory cost per pixel, so an image runs whole when it fits the memory budget.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -132,7 +133,7 @@ class BuiltinDecoder(LearnedDecoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         tiles: TileConfig | None = None,
         dtype: Any = None,
     ) -> None:
@@ -204,7 +205,7 @@ class BuiltinDecoder(LearnedDecoder):
             return "no operation planned at x1, image unchanged"
         return None
 
-    def forward(self, m: str, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+    def forward(self, m: str, x: torch.Tensor, plans: Sequence[Plan], items: Sequence[int]) -> torch.Tensor:
         import torch
 
         scale = plans[0].scale  # a group shares its native scale

@@ -23,7 +23,8 @@ Ties go to the model listed first. Nothing here imports torch.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from pixelrelay.pipeline.messages import Plan
 

@@ -27,7 +27,8 @@ bilinear, uniform alpha exact). torch is imported lazily (``pixelrelay models li
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class _Canvas:
         self.widths_t = w_limit.view(-1, 1, 1, 1) + 1
         self.heights_t = h_limit.view(-1, 1, 1, 1) + 1
 
-    def scaled(self, scale: int) -> "_Canvas":
+    def scaled(self, scale: int) -> _Canvas:
         return _Canvas([h * scale for h in self.heights], [w * scale for w in self.widths], self.row_index.device)
 
     def repad(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ class ClassicDecoder(Decoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         batch_size: int = 8,
         max_batch_pixels: int = 32 * 1024 * 1024,
     ) -> None:
@@ -322,12 +323,8 @@ class ClassicDecoder(Decoder):
             x = grade(x, gradings, list(zip(canvas.heights, canvas.widths)))
 
         out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [
-            np.ascontiguousarray(out[i, : h, : w])
-            for i, (h, w) in enumerate(zip(canvas.heights, canvas.widths))
-        ]
+        return [np.ascontiguousarray(out[i, :h, :w]) for i, (h, w) in enumerate(zip(canvas.heights, canvas.widths))]
 
     def _unsharp(self, x: torch.Tensor, sigmas: list[float], amounts: list[float], canvas: _Canvas) -> torch.Tensor:
         blurred = canvas.repad(_gaussian_blur(x, _gaussian_taps(sigmas, self.torch_device)))
         return (x + self._per_item(amounts) * (x - blurred)).clamp_(0, 1)
-

@@ -23,7 +23,7 @@ an item it cannot serve, the exception (the worker fails that item with its mess
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.imageio import DecodedImage

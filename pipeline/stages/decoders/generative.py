@@ -59,8 +59,9 @@ from __future__ import annotations
 import logging
 import math
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -138,7 +139,7 @@ class GenerativeDecoder(Decoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         dtype: Any = None,
         attention_slicing: bool = True,
         vae_tiling: bool = True,
@@ -183,7 +184,9 @@ class GenerativeDecoder(Decoder):
         """The positive prompt of a restoration request."""
 
     def describe_request(self, request: Request) -> str:
-        return f"strength {request.strength:g}, guidance {request.guidance:g}, {request.steps} steps, seed {request.seed}"
+        return (
+            f"strength {request.strength:g}, guidance {request.guidance:g}, {request.steps} steps, seed {request.seed}"
+        )
 
     # -- models
 
@@ -200,8 +203,10 @@ class GenerativeDecoder(Decoder):
 
     def compute_identity(self) -> str:
         s = self.settings
-        return (f"{super().compute_identity()};native={self.native};{COMPOSITION};"
-                f"restore=steps{s.sd_steps},guidance{s.sd_guidance}")
+        return (
+            f"{super().compute_identity()};native={self.native};{COMPOSITION};"
+            f"restore=steps{s.sd_steps},guidance{s.sd_guidance}"
+        )
 
     # -- what runs for a plan
 
@@ -210,15 +215,23 @@ class GenerativeDecoder(Decoder):
         terms = _join(*(RESTORATION_NEGATIVES[op.name] for op in plan.operations if op.strength > 0))
         gen = plan.edit.generative if plan.edit is not None else None
         if gen is not None:
-            return Request("edit", gen.prompt, _join(gen.negative_prompt, terms), gen.strength, gen.guidance,
-                           gen.steps, gen.seed)
+            return Request(
+                "edit", gen.prompt, _join(gen.negative_prompt, terms), gen.strength, gen.guidance, gen.steps, gen.seed
+            )
         strongest = max((op.strength for op in plan.operations), default=0.0)
         if strongest <= 0:
             return None
         strength = round(RESTORE_BASE + RESTORE_SPAN * strongest, 3)
         negative = _join(plan.negative_prompt or FALLBACK_NEGATIVE, terms)
-        return Request("restoration", self.restoration_prompt(plan), negative, strength, self.settings.sd_guidance,
-                       self.settings.sd_steps, 0)
+        return Request(
+            "restoration",
+            self.restoration_prompt(plan),
+            negative,
+            strength,
+            self.settings.sd_guidance,
+            self.settings.sd_steps,
+            0,
+        )
 
     def native_scales(self) -> tuple[int, ...]:
         return (1,)  # it edits, it does not upscale: any other output size is a resample (pipeline.outsize)
@@ -256,7 +269,7 @@ class GenerativeDecoder(Decoder):
         x = _stack(images)
         height, width = x.shape[-2:]
 
-        def run(batch: int, side: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+        def run(batch: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
             # clamped: bicubic overshoots, and diffusers reads a tensor below 0 as [-1, 1]
             small = tensors.resize(x, working_size(height, width, side)).clamp(0, 1)
             edits = [self._call(small[k : k + batch], requests[k : k + batch]) for k in range(0, len(images), batch)]
@@ -264,18 +277,29 @@ class GenerativeDecoder(Decoder):
 
         with torch.inference_mode():
             (edit, small), batch, side, retries = with_oom_fallback(
-                run, batch_size=min(self.batch, len(images)), tile=self.native, min_tile=self.min_side, align=ALIGN,
+                run,
+                batch_size=min(self.batch, len(images)),
+                tile=self.native,
+                min_tile=self.min_side,
+                align=ALIGN,
                 what=f"{self.kind} {self.model_id} edit",
             )
         oom = [f"{self.kind}: out of memory, finished with batch {batch}, working side {side}px"] if retries else []
         where = f"at {small.shape[-1]}x{small.shape[-2]} (native {self.native}x{self.native})"
         return [
-            self._finish(image, plan, x[k : k + 1], small[k : k + 1], edit[k : k + 1], request,
-                         [f"{self.kind}: {self.model_id}, {request.what} {where}, {self.describe_request(request)}", *oom])
+            self._finish(
+                image,
+                plan,
+                x[k : k + 1],
+                small[k : k + 1],
+                edit[k : k + 1],
+                request,
+                [f"{self.kind}: {self.model_id}, {request.what} {where}, {self.describe_request(request)}", *oom],
+            )
             for k, (image, plan, request) in enumerate(zip(images, plans, requests))
         ]
 
-    def _call(self, x: "torch.Tensor", requests: Sequence[Request]) -> "torch.Tensor":
+    def _call(self, x: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """One pipeline call: (B,3,h,w) float [0,1] CPU -> (B,3,h,w) float32 [0,1] CPU."""
         import torch
 
@@ -296,8 +320,16 @@ class GenerativeDecoder(Decoder):
             )
         return out.images.to("cpu", torch.float32).clamp(0, 1)
 
-    def _finish(self, image: DecodedImage, plan: Plan, source: "torch.Tensor", small: "torch.Tensor",
-                edit: "torch.Tensor", request: Request, notes: list[str]) -> RestoredImage:
+    def _finish(
+        self,
+        image: DecodedImage,
+        plan: Plan,
+        source: torch.Tensor,
+        small: torch.Tensor,
+        edit: torch.Tensor,
+        request: Request,
+        notes: list[str],
+    ) -> RestoredImage:
         from pixelrelay.pipeline import tensors
 
         size = (image.height * plan.scale, image.width * plan.scale)
@@ -321,7 +353,7 @@ class GenerativeDecoder(Decoder):
         return RestoredImage(rgb=rgb, alpha=alpha, notes=(note,))
 
 
-def _stack(images: Sequence[DecodedImage]) -> "torch.Tensor":
+def _stack(images: Sequence[DecodedImage]) -> torch.Tensor:
     """Same-size images -> (B,3,H,W) float32 in [0,1] on the CPU."""
     import torch
 

@@ -18,8 +18,9 @@ from ``LearnedDecoder``. The model's own padding to the window size is cropped o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pixelrelay.pipeline import hf
 from pixelrelay.pipeline.messages import Plan
@@ -75,7 +76,7 @@ class HFSuperResolutionDecoder(LearnedDecoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         tiles: TileConfig | None = None,
         dtype: Any = None,
     ) -> None:
@@ -124,8 +125,9 @@ class HFSuperResolutionDecoder(LearnedDecoder):
         return tuple(sorted({m.upscale for m in self.models}))
 
     def choose(self, plan: Plan) -> _Loaded:
-        return choice.pick(self.models, plan, name=lambda m: m.model_id, scale=lambda m: m.upscale,
-                           variant=lambda m: m.variant)
+        return choice.pick(
+            self.models, plan, name=lambda m: m.model_id, scale=lambda m: m.upscale, variant=lambda m: m.variant
+        )
 
     # -- LearnedDecoder hooks
 
@@ -151,7 +153,7 @@ class HFSuperResolutionDecoder(LearnedDecoder):
     def notes(self, m: _Loaded, plan: Plan) -> list[str]:
         return [f"hf-sr: {m.model_id} (x{m.upscale}, {m.variant})"]
 
-    def forward(self, m: _Loaded, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+    def forward(self, m: _Loaded, x: torch.Tensor, plans: Sequence[Plan], items: Sequence[int]) -> torch.Tensor:
         pixels = x * (m.rescale * 255.0) if m.rescale != 1.0 / 255.0 else x  # the processor's rescale
         out = m.net(pixel_values=pixels.to(self.torch_device, self.dtype)).reconstruction
         h, w = x.shape[-2:]

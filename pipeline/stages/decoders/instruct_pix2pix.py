@@ -52,12 +52,17 @@ class InstructPix2PixDecoder(GenerativeDecoder):
         return StableDiffusionInstructPix2PixPipeline.from_pretrained(path, local_files_only=True, **kwargs)
 
     def call_kwargs(self, request: Request) -> dict[str, Any]:
-        return dict(image_guidance_scale=image_guidance(request.strength), guidance_scale=request.guidance,
-                    num_inference_steps=request.steps)
+        return dict(
+            image_guidance_scale=image_guidance(request.strength),
+            guidance_scale=request.guidance,
+            num_inference_steps=request.steps,
+        )
 
     def describe_request(self, request: Request) -> str:
-        return (f"image guidance {image_guidance(request.strength):g} (strength {request.strength:g}), "
-                f"guidance {request.guidance:g}, {request.steps} steps, seed {request.seed}")
+        return (
+            f"image guidance {image_guidance(request.strength):g} (strength {request.strength:g}), "
+            f"guidance {request.guidance:g}, {request.steps} steps, seed {request.seed}"
+        )
 
     def restoration_prompt(self, plan: Plan) -> str:
         ops = sorted(plan.operations, key=lambda op: -op.strength)

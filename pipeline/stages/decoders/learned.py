@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -74,18 +75,24 @@ class TileConfig:
     memory_fraction: float = 0.8
 
     def __post_init__(self) -> None:
-        if (self.tile < 0 or self.overlap < 0 or self.tile_batch < 1 or self.min_tile < 1 or self.memory_mb < 0
-                or not 0.0 < self.memory_fraction <= 1.0):
+        if (
+            self.tile < 0
+            or self.overlap < 0
+            or self.tile_batch < 1
+            or self.min_tile < 1
+            or self.memory_mb < 0
+            or not 0.0 < self.memory_fraction <= 1.0
+        ):
             raise ValueError(f"bad tile settings: {self}")
 
     @classmethod
-    def from_settings(cls, settings: "Settings", name: str) -> "TileConfig":
+    def from_settings(cls, settings: Settings, name: str) -> TileConfig:
         """``settings.<name>_tile`` & co, e.g. name "sr" for PIXELRELAY_SR_TILE, and the
         shared budget (PIXELRELAY_TILE_MEMORY_MB, PIXELRELAY_TILE_MEMORY_FRACTION)."""
         fields = {f: getattr(settings, f"{name}_{f}") for f in ("tile", "overlap", "tile_batch", "min_tile")}
         return cls(**fields, memory_mb=settings.tile_memory_mb, memory_fraction=settings.tile_memory_fraction)
 
-    def with_(self, **overrides: float | None) -> "TileConfig":
+    def with_(self, **overrides: float | None) -> TileConfig:
         """A copy with the given (non-None) fields replaced."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -101,7 +108,7 @@ class LearnedDecoder(Decoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         tiles: TileConfig | None = None,
         dtype: Any = None,
     ) -> None:
@@ -109,12 +116,13 @@ class LearnedDecoder(Decoder):
         import torch
 
         from pixelrelay.pipeline.hf import choose_dtype, cpu_autocast_dtype
-
         from pixelrelay.pipeline.tiling import PixelCostMeter
 
         self.tiles = tiles or TileConfig.from_settings(self.settings, self.tile_settings)
         self.dtype = dtype or choose_dtype(device, self.settings.dtype)
-        self.autocast_dtype = cpu_autocast_dtype(device, self.settings.dtype) if self.cpu_autocast and not dtype else None
+        self.autocast_dtype = (
+            cpu_autocast_dtype(device, self.settings.dtype) if self.cpu_autocast and not dtype else None
+        )
         self.torch_device = torch.device(device)
         self.meter = PixelCostMeter()  # CUDA: what forward calls really cost per pixel
 
@@ -137,7 +145,7 @@ class LearnedDecoder(Decoder):
         return 1
 
     @abstractmethod
-    def forward(self, m: Any, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+    def forward(self, m: Any, x: torch.Tensor, plans: Sequence[Plan], items: Sequence[int]) -> torch.Tensor:
         """Run one batch of tiles: x is (B,3,h,w) float32 in [0,1] on the CPU, tile k comes
         from the item whose plan is ``plans[items[k]]``; returns (B,3,h*s,w*s) in [0,1],
         s being the native scale (any device and float dtype)."""
@@ -212,8 +220,8 @@ class LearnedDecoder(Decoder):
         return self.model_name(m), scale, str(self.dtype)
 
     def upscale_tensor(
-        self, m: Any, x: "torch.Tensor", plans: Sequence[Plan], **overrides: float
-    ) -> tuple["torch.Tensor", "TileSettings"]:
+        self, m: Any, x: torch.Tensor, plans: Sequence[Plan], **overrides: float
+    ) -> tuple[torch.Tensor, TileSettings]:
         """(B,3,H,W) float [0,1] (CPU), one plan per row -> ((B,3,H*s,W*s) float32 CPU at the
         native scale s, the tile settings that worked). ``overrides``: TileConfig fields."""
         import torch
@@ -229,12 +237,21 @@ class LearnedDecoder(Decoder):
 
         with torch.inference_mode():
             return run_tiled_with_fallback(
-                fn, x, scale, tiles.tile, tiles.overlap, batch_size=tiles.tile_batch, min_tile=tiles.min_tile,
-                max_pixels=self.forward_pixels(m, scale, tiles), align=self.window(m, scale),
-                what=f"{self.kind} {self.model_name(m)} tile", pass_items=True, pad_mode=self.pad_mode,
+                fn,
+                x,
+                scale,
+                tiles.tile,
+                tiles.overlap,
+                batch_size=tiles.tile_batch,
+                min_tile=tiles.min_tile,
+                max_pixels=self.forward_pixels(m, scale, tiles),
+                align=self.window(m, scale),
+                what=f"{self.kind} {self.model_name(m)} tile",
+                pass_items=True,
+                pad_mode=self.pad_mode,
             )
 
-    def _forward(self, m: Any, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+    def _forward(self, m: Any, x: torch.Tensor, plans: Sequence[Plan], items: Sequence[int]) -> torch.Tensor:
         if self.autocast_dtype is None:
             return self.forward(m, x, plans, items)
         import torch
@@ -242,7 +259,7 @@ class LearnedDecoder(Decoder):
         with torch.autocast("cpu", dtype=self.autocast_dtype):
             return self.forward(m, x, plans, items).float()
 
-    def _finish(self, image: DecodedImage, plan: Plan, m: Any, y: "torch.Tensor", used: "TileSettings") -> RestoredImage:
+    def _finish(self, image: DecodedImage, plan: Plan, m: Any, y: torch.Tensor, used: TileSettings) -> RestoredImage:
         from pixelrelay.pipeline import tensors
 
         native = self.native_scale(m, plan)
@@ -257,7 +274,7 @@ class LearnedDecoder(Decoder):
         return RestoredImage(rgb=tensors.to_uint8(y), alpha=alpha, notes=tuple(notes))
 
 
-def _stack(images: Sequence[DecodedImage]) -> "torch.Tensor":
+def _stack(images: Sequence[DecodedImage]) -> torch.Tensor:
     """Same-size images -> (B,3,H,W) float32 in [0,1] on the CPU."""
     import torch
 

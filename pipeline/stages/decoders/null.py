@@ -9,7 +9,7 @@ for measuring pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,4 +31,6 @@ class NullDecoder(Decoder):
 
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
         check_batch(images, plans)
-        return [RestoredImage(rgb=_repeat(i.rgb, p.scale), alpha=_repeat(i.alpha, p.scale)) for i, p in zip(images, plans)]
+        return [
+            RestoredImage(rgb=_repeat(i.rgb, p.scale), alpha=_repeat(i.alpha, p.scale)) for i, p in zip(images, plans)
+        ]

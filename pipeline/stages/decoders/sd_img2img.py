@@ -43,8 +43,11 @@ class SDImg2ImgDecoder(GenerativeDecoder):
         return AutoPipelineForImage2Image.from_pretrained(path, local_files_only=True, **kwargs)
 
     def call_kwargs(self, request: Request) -> dict[str, Any]:
-        return dict(strength=request.strength, guidance_scale=request.guidance,
-                    num_inference_steps=img2img_steps(request.steps, request.strength))
+        return dict(
+            strength=request.strength,
+            guidance_scale=request.guidance,
+            num_inference_steps=img2img_steps(request.steps, request.strength),
+        )
 
     def restoration_prompt(self, plan: Plan) -> str:
         return plan.prompt.strip() or FALLBACK_PROMPT

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pixelrelay.pipeline import hf
 from pixelrelay.pipeline.messages import Plan
@@ -81,7 +82,7 @@ class SDUpscaleDecoder(LearnedDecoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         tiles: TileConfig | None = None,
         dtype: Any = None,
         steps: int | None = None,
@@ -164,7 +165,7 @@ class SDUpscaleDecoder(LearnedDecoder):
     def _prompts(plan: Plan) -> tuple[str, str]:
         return plan.prompt.strip() or FALLBACK_PROMPT, plan.negative_prompt.strip() or FALLBACK_NEGATIVE
 
-    def forward(self, m: str, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+    def forward(self, m: str, x: torch.Tensor, plans: Sequence[Plan], items: Sequence[int]) -> torch.Tensor:
         import torch
 
         prompt, negative = self._prompts(plans[items[0]])
@@ -183,13 +184,13 @@ class SDUpscaleDecoder(LearnedDecoder):
             output_type="pt",
         ).images
 
-    def _tile_seed(self, tile: "torch.Tensor") -> int:
+    def _tile_seed(self, tile: torch.Tensor) -> int:
         import torch
 
         data = (tile.clamp(0, 1) * 255).round().to("cpu", dtype=torch.uint8).numpy().tobytes()
         return zlib.crc32(data, self.seed) & 0x7FFFFFFF
 
-    def _latents(self, x: "torch.Tensor", generators: Sequence["torch.Generator"]) -> "torch.Tensor":
+    def _latents(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         import torch
 
         channels = self.pipe.vae.config.latent_channels

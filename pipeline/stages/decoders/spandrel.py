@@ -42,9 +42,10 @@ without them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pixelrelay.pipeline import checkpoints
 from pixelrelay.pipeline.checkpoints import CheckpointError
@@ -151,12 +152,18 @@ def _build(path: Path, name: str, max_bytes: int) -> Any:
         raise CheckpointError(f"checkpoint {name!r}: spandrel recognises no supported architecture in it") from None
     except Exception as exc:  # keys of a known architecture with wrong shapes, ...
         first = next((line for line in str(exc).splitlines() if line.strip()), "")
-        raise CheckpointError(f"checkpoint {name!r}: spandrel cannot build it ({type(exc).__name__}: {first[:160]})") from None
+        raise CheckpointError(
+            f"checkpoint {name!r}: spandrel cannot build it ({type(exc).__name__}: {first[:160]})"
+        ) from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
-        raise CheckpointError(f"checkpoint {name!r} is a {descriptor.purpose} model ({descriptor.architecture.id}), not image-to-image")
+        raise CheckpointError(
+            f"checkpoint {name!r} is a {descriptor.purpose} model ({descriptor.architecture.id}), not image-to-image"
+        )
     ins, outs = descriptor.input_channels, descriptor.output_channels
     if (ins, outs) not in ((3, 3), (1, 1)):
-        raise CheckpointError(f"checkpoint {name!r}: {ins} input and {outs} output channels (want RGB->RGB or gray->gray)")
+        raise CheckpointError(
+            f"checkpoint {name!r}: {ins} input and {outs} output channels (want RGB->RGB or gray->gray)"
+        )
     return descriptor
 
 
@@ -170,7 +177,7 @@ class SpandrelDecoder(LearnedDecoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         tiles: TileConfig | None = None,
         dtype: Any = None,
     ) -> None:
@@ -258,10 +265,18 @@ class SpandrelDecoder(LearnedDecoder):
         d.to(self.torch_device, dtype).eval()
         tiling = getattr(d.tiling, "name", "SUPPORTED")
         return _Loaded(
-            name=name, descriptor=d, architecture=str(d.architecture.id), scale=int(d.scale), purpose=str(d.purpose),
-            variant=variant_for(name, str(d.architecture.id), str(d.purpose)), channels=int(d.input_channels),
-            align=_alignment(d), untiled=tiling != "SUPPORTED" or d.purpose == "FaceSR",
-            dtype=dtype, params=sum(p.numel() for p in d.model.parameters()), nbytes=path.stat().st_size,
+            name=name,
+            descriptor=d,
+            architecture=str(d.architecture.id),
+            scale=int(d.scale),
+            purpose=str(d.purpose),
+            variant=variant_for(name, str(d.architecture.id), str(d.purpose)),
+            channels=int(d.input_channels),
+            align=_alignment(d),
+            untiled=tiling != "SUPPORTED" or d.purpose == "FaceSR",
+            dtype=dtype,
+            params=sum(p.numel() for p in d.model.parameters()),
+            nbytes=path.stat().st_size,
             sha256=file_sha256(path),
         )
 
@@ -283,7 +298,9 @@ class SpandrelDecoder(LearnedDecoder):
         return tuple(sorted({m.scale for m in self.models}))
 
     def choose(self, plan: Plan) -> _Loaded:
-        return choice.pick(self.models, plan, name=lambda m: m.name, scale=lambda m: m.scale, variant=lambda m: m.variant)
+        return choice.pick(
+            self.models, plan, name=lambda m: m.name, scale=lambda m: m.scale, variant=lambda m: m.variant
+        )
 
     def model_name(self, m: _Loaded) -> str:
         return m.name
@@ -298,12 +315,12 @@ class SpandrelDecoder(LearnedDecoder):
         precision = "" if m.dtype == self.dtype else f", {str(m.dtype).replace('torch.', '')}"
         return [f"spandrel: {m.name} ({m.architecture} x{m.scale}, {m.purpose}, {m.variant}{precision})"]
 
-    def upscale_tensor(self, m: _Loaded, x: "torch.Tensor", plans: Sequence[Plan], **overrides: int):
+    def upscale_tensor(self, m: _Loaded, x: torch.Tensor, plans: Sequence[Plan], **overrides: int):
         if m.untiled and "tile" not in overrides:
             overrides["tile"] = max(self.tiles.tile, *x.shape[-2:]) + m.align  # one tile, even once aligned
         return super().upscale_tensor(m, x, plans, **overrides)
 
-    def forward(self, m: _Loaded, x: "torch.Tensor", plans: Sequence[Plan], items: Sequence[int]) -> "torch.Tensor":
+    def forward(self, m: _Loaded, x: torch.Tensor, plans: Sequence[Plan], items: Sequence[int]) -> torch.Tensor:
         b, c, h, w = x.shape
         t = x.to(self.torch_device, m.dtype)
         if m.channels == 1:  # each RGB channel as its own gray image

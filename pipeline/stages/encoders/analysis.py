@@ -30,7 +30,7 @@ Metric keys (all floats):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -217,9 +217,7 @@ def _boundary_ratios(profile: np.ndarray) -> list[float]:
         inside = np.concatenate([profile[lo:boundary], profile[boundary + 1 : hi]])
         if inside.size == 0:
             continue
-        ratios.append(
-            (float(profile[boundary]) + BLOCKINESS_FLOOR) / (float(np.median(inside)) + BLOCKINESS_FLOOR)
-        )
+        ratios.append((float(profile[boundary]) + BLOCKINESS_FLOOR) / (float(np.median(inside)) + BLOCKINESS_FLOOR))
     return ratios
 
 
@@ -278,7 +276,9 @@ def sample_tiles(height: int, width: int, max_pixels: int | None) -> list[tuple[
 
 def sampled_blockiness(rgb: np.ndarray, max_pixels: int | None = None) -> float:
     """``blockiness`` pooled over ``sample_tiles`` (what ``measure`` reports with that budget)."""
-    ratios = [r for ys, xs in sample_tiles(*rgb.shape[:2], max_pixels) for r in _blockiness_ratios(_luminance(rgb[ys, xs]))]
+    ratios = [
+        r for ys, xs in sample_tiles(*rgb.shape[:2], max_pixels) for r in _blockiness_ratios(_luminance(rgb[ys, xs]))
+    ]
     return float(np.median(ratios)) if ratios else 1.0
 
 
@@ -307,8 +307,9 @@ def measure(image: DecodedImage, max_pixels: int | None = None) -> dict[str, flo
 
     noise = noise_sigma_tiles(tiles)
     lap_var = float(np.mean([laplacian_variance(luma) for _, luma in tiles]))
-    blur, edge_density = _combine_edges([_edge_sigmas(luma, noise) for _, luma in tiles],
-                                        sum(luma.size for _, luma in tiles))
+    blur, edge_density = _combine_edges(
+        [_edge_sigmas(luma, noise) for _, luma in tiles], sum(luma.size for _, luma in tiles)
+    )
     ratios = [r for _, luma in tiles for r in _blockiness_ratios(luma)]
     metrics = {
         "width": float(width),

@@ -25,8 +25,9 @@ through the CNN together, on the encoder's device; results equal per-item calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -196,7 +197,7 @@ class BuiltinEncoder(Encoder):
 
     kind = "builtin"
 
-    def __init__(self, model: str | None = None, device: str = "cpu", settings: "Settings | None" = None) -> None:
+    def __init__(self, model: str | None = None, device: str = "cpu", settings: Settings | None = None) -> None:
         super().__init__(model=model, device=device, settings=settings)
         from pixelrelay.pipeline import nets
         from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
@@ -228,7 +229,9 @@ class BuiltinEncoder(Encoder):
             )
 
     def estimate(
-        self, images: Sequence[DecodedImage], blockiness: Sequence[float] | None = None,
+        self,
+        images: Sequence[DecodedImage],
+        blockiness: Sequence[float] | None = None,
         measured_noise: Sequence[float] | None = None,
     ) -> list[dict[str, float | None]]:
         """Raw estimates per image: noise_sigma, blur_sigma, jpeg_quality (None), p_jpeg, p_downscaled.
@@ -251,7 +254,9 @@ class BuiltinEncoder(Encoder):
         return torch.cat(outs).numpy().astype(np.float64), torch.cat(grids).numpy()
 
     def _estimate(
-        self, images: Sequence[DecodedImage], blockiness: Sequence[float] | None,
+        self,
+        images: Sequence[DecodedImage],
+        blockiness: Sequence[float] | None,
         measured_noise: Sequence[float] | None = None,
     ) -> list[dict[str, float | None]]:
         from pixelrelay.pipeline.stages.encoders.analysis import sampled_blockiness
@@ -266,13 +271,22 @@ class BuiltinEncoder(Encoder):
             p, g = pred[start : start + n], grid[start : start + n]
             start += n
             blocks = blockiness[index] if blockiness is not None else sampled_blockiness(image.rgb, ANALYSIS_MAX_PIXELS)
-            measured = (measured_noise[index] if measured_noise is not None
-                        else (lambda rgb=image.rgb: sampled_noise_sigma(rgb, ANALYSIS_MAX_PIXELS)))
+            measured = (
+                measured_noise[index]
+                if measured_noise is not None
+                else (lambda rgb=image.rgb: sampled_noise_sigma(rgb, ANALYSIS_MAX_PIXELS))
+            )
             results.append(self._combine(image, p, g, blocks, measured))
         return results
 
-    def _combine(self, image: DecodedImage, p: np.ndarray, grid: np.ndarray, blocks: float,
-                 measured_noise: "float | Callable[[], float]" = 0.0) -> dict[str, float | None]:
+    def _combine(
+        self,
+        image: DecodedImage,
+        p: np.ndarray,
+        grid: np.ndarray,
+        blocks: float,
+        measured_noise: float | Callable[[], float] = 0.0,
+    ) -> dict[str, float | None]:
         q_noise = 50.0 if len(p) >= N_CROPS else NOISE_FEW_CROPS_PERCENTILE
         noise = max(0.0, float(np.percentile(p[:, 0], q_noise)) * 50.0)
         blur = max(0.0, float(np.median(p[:, 1])) * 3.0)
@@ -298,8 +312,9 @@ class BuiltinEncoder(Encoder):
     def describe(self, images: Sequence[DecodedImage]) -> list[Description]:
         base = self.analysis.describe(images)
         out = []
-        estimates = self.estimate(images, [d.metrics["blockiness"] for d in base],
-                                  [d.metrics["noise_sigma"] for d in base])
+        estimates = self.estimate(
+            images, [d.metrics["blockiness"] for d in base], [d.metrics["noise_sigma"] for d in base]
+        )
         for d, est in zip(base, estimates):
             metrics = dict(d.metrics)
             metrics.update(
@@ -310,9 +325,16 @@ class BuiltinEncoder(Encoder):
             )
             if est["jpeg_quality"] is not None:
                 metrics["est_jpeg_quality"] = float(est["jpeg_quality"])
-            text = d.text + "; " + _describe_estimates(
-                float(est["noise_sigma"]), float(est["blur_sigma"]), est["jpeg_quality"],
-                float(est["p_jpeg"]), float(est["p_downscaled"]),
+            text = (
+                d.text
+                + "; "
+                + _describe_estimates(
+                    float(est["noise_sigma"]),
+                    float(est["blur_sigma"]),
+                    est["jpeg_quality"],
+                    float(est["p_jpeg"]),
+                    float(est["p_downscaled"]),
+                )
             )
             out.append(
                 Description(

@@ -16,7 +16,8 @@ gives the same captions as N single calls); on CUDA out-of-memory the batch is h
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class HFCaptionEncoder(Encoder):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_new_tokens: int = MAX_NEW_TOKENS,
         dtype: Any = None,

@@ -7,7 +7,7 @@ bookkeeping (``benchmarks/bench_overhead.py``). Deterministic, weight-free, no t
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Description

@@ -31,8 +31,8 @@ How it reads (one pass over the words, so time is linear in the instruction's le
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from pixelrelay.pipeline.messages import SIGNED_GRADING, GradingName, GradingOp
 
@@ -41,7 +41,14 @@ GENTLE, STRONG, EXTREME, FULL = 0.5, 2.0, 2.5, 3.0
 BASE = 0.35  # the strength of a plain "warmer", "brighter", "more contrast"...
 MIN_STRENGTH = 0.005  # a sum smaller than this is no operation
 ORDER: tuple[GradingName, ...] = (
-    "white_balance", "exposure", "warmth", "contrast", "saturation", "grayscale", "sepia", "vignette",
+    "white_balance",
+    "exposure",
+    "warmth",
+    "contrast",
+    "saturation",
+    "grayscale",
+    "sepia",
+    "vignette",
 )  # the same as pipeline.grading.ORDER (a test checks), kept here so this module needs no torch
 
 
@@ -94,14 +101,59 @@ for _phrases, _effect in (
     (("muted", "desaturated", "desaturate", "dull", "duller"), LESS_SATURATED),
     (("contrasty", "crisp contrast"), CONTRAST_UP),
     (("flat", "flatter"), CONTRAST_DOWN),
-    (("black and white", "black white", "b and w", "b w", "bw", "monochrome", "monochromatic", "mono",
-      "grayscale", "greyscale", "gray scale", "grey scale", "colorless", "colourless"), GRAYSCALE),
+    (
+        (
+            "black and white",
+            "black white",
+            "b and w",
+            "b w",
+            "bw",
+            "monochrome",
+            "monochromatic",
+            "mono",
+            "grayscale",
+            "greyscale",
+            "gray scale",
+            "grey scale",
+            "colorless",
+            "colourless",
+        ),
+        GRAYSCALE,
+    ),
     (("sepia",), SEPIA),
-    (("vignette", "vignetting", "vignetted", "dark corners", "darker corners", "darken the corners",
-      "darken corners", "darker edges", "darken the edges", "darken edges"), VIGNETTE),
-    (("white balance", "neutral white balance", "neutral colors", "neutral colours", "neutral color",
-      "neutral colour", "neutral tones", "color cast", "colour cast", "neutralize", "neutralise",
-      "gray world", "grey world"), WHITE_BALANCE),
+    (
+        (
+            "vignette",
+            "vignetting",
+            "vignetted",
+            "dark corners",
+            "darker corners",
+            "darken the corners",
+            "darken corners",
+            "darker edges",
+            "darken the edges",
+            "darken edges",
+        ),
+        VIGNETTE,
+    ),
+    (
+        (
+            "white balance",
+            "neutral white balance",
+            "neutral colors",
+            "neutral colours",
+            "neutral color",
+            "neutral colour",
+            "neutral tones",
+            "color cast",
+            "colour cast",
+            "neutralize",
+            "neutralise",
+            "gray world",
+            "grey world",
+        ),
+        WHITE_BALANCE,
+    ),
     (("vintage", "retro", "antique", "old photo", "old fashioned"), VINTAGE),
     (("film", "analog", "analogue", "film look"), FILM),
     (("noir", "film noir"), NOIR),
@@ -116,19 +168,70 @@ for _phrases, _effect in (
 ):
     for _words_ in _words(*_phrases):
         PHRASES[_words_] = _effect
-for _noun, _name in (("contrast", "contrast"), ("saturation", "saturation"), ("vibrance", "saturation"),
-                     ("colorfulness", "saturation"), ("brightness", "exposure"), ("exposure", "exposure"),
-                     ("lightness", "exposure"), ("warmth", "warmth")):
+for _noun, _name in (
+    ("contrast", "contrast"),
+    ("saturation", "saturation"),
+    ("vibrance", "saturation"),
+    ("colorfulness", "saturation"),
+    ("brightness", "exposure"),
+    ("exposure", "exposure"),
+    ("lightness", "exposure"),
+    ("warmth", "warmth"),
+):
     PHRASES[(_noun,)] = _e((_name, BASE), noun=True)
 for _noun in ("color", "colour", "colors", "colours"):
     PHRASES[(_noun,)] = _e(("saturation", BASE), noun=True, needs_direction=True)
 
 INTENSITY: dict[tuple[str, ...], float] = {}
 for _phrases, _factor in (
-    (("slightly", "slight", "a bit", "a little", "a touch", "a tad", "bit", "little", "touch", "tad", "somewhat",
-      "subtly", "subtle", "gently", "gentle", "lightly", "light", "mild", "mildly", "barely", "softly"), GENTLE),
-    (("much", "a lot", "lot", "lots", "very", "really", "way", "significantly", "strongly", "strong",
-      "heavily", "heavy", "considerably", "far", "dramatically", "noticeably", "clearly"), STRONG),
+    (
+        (
+            "slightly",
+            "slight",
+            "a bit",
+            "a little",
+            "a touch",
+            "a tad",
+            "bit",
+            "little",
+            "touch",
+            "tad",
+            "somewhat",
+            "subtly",
+            "subtle",
+            "gently",
+            "gentle",
+            "lightly",
+            "light",
+            "mild",
+            "mildly",
+            "barely",
+            "softly",
+        ),
+        GENTLE,
+    ),
+    (
+        (
+            "much",
+            "a lot",
+            "lot",
+            "lots",
+            "very",
+            "really",
+            "way",
+            "significantly",
+            "strongly",
+            "strong",
+            "heavily",
+            "heavy",
+            "considerably",
+            "far",
+            "dramatically",
+            "noticeably",
+            "clearly",
+        ),
+        STRONG,
+    ),
     (("extremely", "super", "hugely", "massively", "intensely"), EXTREME),
     (("fully", "completely", "entirely", "totally"), FULL),
 ):
@@ -137,10 +240,54 @@ for _phrases, _factor in (
 
 DIRECTION: dict[tuple[str, ...], int] = {}
 for _phrases, _sign in (
-    (("more", "increase", "increased", "boost", "boosted", "raise", "raised", "higher", "high", "add", "added",
-      "enhance", "enhanced", "stronger", "up", "extra", "lift", "turn up", "bump up", "crank up"), 1),
-    (("less", "reduce", "reduced", "decrease", "decreased", "lower", "lowered", "low", "lessen", "weaker",
-      "down", "remove", "fewer", "drop", "cut", "too", "tone down", "turn down"), -1),
+    (
+        (
+            "more",
+            "increase",
+            "increased",
+            "boost",
+            "boosted",
+            "raise",
+            "raised",
+            "higher",
+            "high",
+            "add",
+            "added",
+            "enhance",
+            "enhanced",
+            "stronger",
+            "up",
+            "extra",
+            "lift",
+            "turn up",
+            "bump up",
+            "crank up",
+        ),
+        1,
+    ),
+    (
+        (
+            "less",
+            "reduce",
+            "reduced",
+            "decrease",
+            "decreased",
+            "lower",
+            "lowered",
+            "low",
+            "lessen",
+            "weaker",
+            "down",
+            "remove",
+            "fewer",
+            "drop",
+            "cut",
+            "too",
+            "tone down",
+            "turn down",
+        ),
+        -1,
+    ),
 ):
     for _words_ in _words(*_phrases):
         DIRECTION[_words_] = _sign
@@ -148,13 +295,47 @@ for _phrases, _sign in (
 NEGATION = frozenset({"no", "not", "don't", "dont", "without", "never", "avoid", "skip", "nor"})
 SEPARATORS = frozenset({",", ";", ":", ".", "!", "?", "and", "but", "then", "plus", "also", "with", "while", "yet"})
 # Words that name a part of the image: global grading cannot honour them.
-REGIONS = frozenset({
-    "background", "backgrounds", "foreground", "sky", "skies", "face", "faces", "skin", "eyes", "eye", "hair",
-    "teeth", "person", "people", "subject", "shadows", "shadow", "highlights", "highlight", "midtones", "object",
-    "objects", "logo", "text", "watermark", "left", "right", "top", "bottom", "centre", "center", "water",
-    "grass", "trees", "clouds",
-})
-FILLERS = frozenset("""
+REGIONS = frozenset(
+    {
+        "background",
+        "backgrounds",
+        "foreground",
+        "sky",
+        "skies",
+        "face",
+        "faces",
+        "skin",
+        "eyes",
+        "eye",
+        "hair",
+        "teeth",
+        "person",
+        "people",
+        "subject",
+        "shadows",
+        "shadow",
+        "highlights",
+        "highlight",
+        "midtones",
+        "object",
+        "objects",
+        "logo",
+        "text",
+        "watermark",
+        "left",
+        "right",
+        "top",
+        "bottom",
+        "centre",
+        "center",
+        "water",
+        "grass",
+        "trees",
+        "clouds",
+    }
+)
+FILLERS = frozenset(
+    """
 a an the this that these those it its it's them their my our your me us i we you all every each whole entire
 photo photos photograph photographs image images picture pictures pic pics shot shots frame frames product
 products catalogue catalog item items please make makes making made look looks looking feel feeling give
@@ -163,7 +344,8 @@ filters tone tones toned toning tint grade grading graded correct corrected corr
 adjusted adjustment balance balanced auto automatic natural set turn apply applied use using want need would
 could should can be is are was were do does be been have has keep version result vibe aesthetic treatment
 mood kind sort type one ones same thanks thank little bit lot lots way much very quite rather bit's
-""".split())
+""".split()
+)
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*|[,;:.!?]")
 
 
@@ -214,7 +396,6 @@ class _Clause:
     negated: bool = False
     noun: int | None = None  # the contribution of a noun this clause raised by default
 
-
     def text(self) -> str:
         return " ".join(self.words)
 
@@ -240,8 +421,10 @@ class _Reader:
 
     def _step(self, words: list[str], i: int) -> int:
         clause, word = self.clauses[-1], words[i]
-        sizes = {name: _longest(words, i, table) for name, table in
-                 (("phrase", PHRASES), ("intensity", INTENSITY), ("direction", DIRECTION))}
+        sizes = {
+            name: _longest(words, i, table)
+            for name, table in (("phrase", PHRASES), ("intensity", INTENSITY), ("direction", DIRECTION))
+        }
         kind = max(sizes, key=lambda k: (sizes[k], k == "phrase"))  # longest; a phrase wins ties
         size = sizes[kind]
         if size == 0:
@@ -358,6 +541,19 @@ def known_words(task: str = "edit") -> str:
     if task == "style":
         names = sorted({" ".join(k) for k, v in PHRASES.items() if v.style} | {"sepia", "black and white"})
     else:
-        names = ["warmer", "cooler", "brighter", "darker", "more/less contrast", "more/less saturated", "vivid",
-                 "muted", "black and white", "sepia", "vintage", "vignette", "neutral white balance"]
+        names = [
+            "warmer",
+            "cooler",
+            "brighter",
+            "darker",
+            "more/less contrast",
+            "more/less saturated",
+            "vivid",
+            "muted",
+            "black and white",
+            "sepia",
+            "vintage",
+            "vignette",
+            "neutral white balance",
+        ]
     return ", ".join(names)

@@ -33,8 +33,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pixelrelay.pipeline import hf, outsize
 from pixelrelay.pipeline.messages import (
@@ -52,6 +53,8 @@ from pixelrelay.pipeline.messages import (
 from pixelrelay.pipeline.stages.base import Planner, check_batch
 from pixelrelay.pipeline.stages.planners.edits import (
     ORDER as GRADING_ORDER,
+)
+from pixelrelay.pipeline.stages.planners.edits import (
     EmptyEditPlanError,
     PlanningError,
     UnmappableInstructionError,
@@ -186,10 +189,13 @@ class _Grammar:
                 if free_mask[seg.close]:
                     raise ValueError("closing token is allowed inside free text")
         self.free_mask = free_mask
-        self.max_tokens = sum(
-            len(s.tokens) if s.kind == "lit" else s.limit + 1 if s.kind == "free" else _depth(s.trie)
-            for s in self.segs
-        ) + 1
+        self.max_tokens = (
+            sum(
+                len(s.tokens) if s.kind == "lit" else s.limit + 1 if s.kind == "free" else _depth(s.trie)
+                for s in self.segs
+            )
+            + 1
+        )
 
 
 def _depth(trie: dict) -> int:
@@ -287,7 +293,7 @@ class HFLLMPlanner(Planner):
         self,
         model: str | None = None,
         device: str = "cpu",
-        settings: "Settings | None" = None,
+        settings: Settings | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         dtype: Any = None,
     ) -> None:
@@ -356,8 +362,11 @@ class HFLLMPlanner(Planner):
     def _grammar(self, scale_choices: tuple[int, ...], op_choices: tuple[tuple[str, ...], ...]) -> _Grammar:
         key = (scale_choices, op_choices)
         if key not in self._grammars:
-            template: list[tuple] = [("lit", '{"degradation": "'), ("choice", "degradation", list(DEGRADATIONS)),
-                                     ("lit", '", ')]
+            template: list[tuple] = [
+                ("lit", '{"degradation": "'),
+                ("choice", "degradation", list(DEGRADATIONS)),
+                ("lit", '", '),
+            ]
             for name, choices in zip(OPERATION_ORDER, op_choices):
                 template.append(("lit", f'"{name}": '))
                 template.append(("choice", name, list(choices)))
@@ -378,12 +387,19 @@ class HFLLMPlanner(Planner):
             template: list[tuple] = [("lit", "{")]
             for name, allowed in zip(GRADING_ORDER, choices):
                 template += [("lit", f'"{name}": '), ("choice", name, list(allowed)), ("lit", ", ")]
-            template += [("lit", '"scale": '), ("choice", "scale", [str(s) for s in scale_choices]),
-                         ("lit", ', "generative": "'), ("choice", "generative", ["no", "yes"]),
-                         ("lit", '", "edit_strength": '), ("choice", "edit_strength", list(EDIT_STRENGTH_CHOICES)),
-                         ("lit", ', "prompt": "'), ("free", "prompt", PROMPT_MAX_TOKENS),
-                         ("lit", '", "negative_prompt": "'), ("free", "negative_prompt", NEGATIVE_MAX_TOKENS),
-                         ("lit", '"}')]
+            template += [
+                ("lit", '"scale": '),
+                ("choice", "scale", [str(s) for s in scale_choices]),
+                ("lit", ', "generative": "'),
+                ("choice", "generative", ["no", "yes"]),
+                ("lit", '", "edit_strength": '),
+                ("choice", "edit_strength", list(EDIT_STRENGTH_CHOICES)),
+                ("lit", ', "prompt": "'),
+                ("free", "prompt", PROMPT_MAX_TOKENS),
+                ("lit", '", "negative_prompt": "'),
+                ("free", "negative_prompt", NEGATIVE_MAX_TOKENS),
+                ("lit", '"}'),
+            ]
             self._grammars[key] = _Grammar(self.tokenizer, _merge_literals(template), self._free_mask)
         return self._grammars[key]
 
@@ -474,7 +490,7 @@ class HFLLMPlanner(Planner):
         )
         with torch.inference_mode():
             out = self.lm.generate(**enc, generation_config=config, logits_processor=LogitsProcessorList([proc]))
-        new = out[:, enc["input_ids"].shape[1]:]
+        new = out[:, enc["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def _plan_batch(self, items: Sequence[tuple[Description, JobOptions, Plan]]) -> list[Plan]:
@@ -483,7 +499,9 @@ class HFLLMPlanner(Planner):
         raws = self._generate(prompts, grammars)
         return [self._to_plan_or_error(raw, d, o, p) for raw, (d, o, p) in zip(raws, items)]
 
-    def _to_plan_or_error(self, raw: str, description: Description, options: JobOptions, prior: Plan) -> Plan | PlanningError:
+    def _to_plan_or_error(
+        self, raw: str, description: Description, options: JobOptions, prior: Plan
+    ) -> Plan | PlanningError:
         try:
             if options.task in EDIT_TASKS:
                 return self._to_edit_plan(raw, options, prior)
@@ -563,13 +581,16 @@ class HFLLMPlanner(Planner):
         edit = Edit(grading=grading, generative=generative)
         scale = int(data["scale"]) if _is_int(data.get("scale")) and int(data["scale"]) in scales else scales[0]
         restoration = ", ".join(f"{op.name} {op.strength:g}" for op in prior.operations)
-        return prior.model_copy(update={
-            "scale": scale,
-            "edit": edit,
-            "raw": raw,
-            "rationale": f"LLM ({self.model_id}): {options.task}: {edit.describe()}"
-                         + (f"; restoration as asked: {restoration}" if restoration else "") + f"; x{scale}",
-        })
+        return prior.model_copy(
+            update={
+                "scale": scale,
+                "edit": edit,
+                "raw": raw,
+                "rationale": f"LLM ({self.model_id}): {options.task}: {edit.describe()}"
+                + (f"; restoration as asked: {restoration}" if restoration else "")
+                + f"; x{scale}",
+            }
+        )
 
 
 def _fixed_scale(options: JobOptions) -> tuple[int, ...]:

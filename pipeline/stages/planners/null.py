@@ -8,7 +8,7 @@ For measuring pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pixelrelay.pipeline.messages import Description, JobOptions, Plan
 from pixelrelay.pipeline.stages.base import Planner, check_batch
@@ -24,6 +24,5 @@ class NullPlanner(Planner):
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
         check_batch(descriptions, options, "descriptions/options")
         return [
-            Plan(scale=o.effective_scale(), output_format=o.format or "png", rationale=NULL_RATIONALE)
-            for o in options
+            Plan(scale=o.effective_scale(), output_format=o.format or "png", rationale=NULL_RATIONALE) for o in options
         ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.messages import EDIT_TASKS, Description, Edit, JobOptions, Operation, OperationName, Plan
@@ -252,8 +252,10 @@ class RulesPlanner(Planner):
         if target is None:
             reasons.append(f"scale x{scale} ({options.task}{', as asked' if options.scale is not None else ''})")
         else:
-            reasons.append(f"output {target.describe()} (as asked): the decoder runs its native scale for it "
-                           f"(x{scale} on 1, 2, 4) and resamples")
+            reasons.append(
+                f"output {target.describe()} (as asked): the decoder runs its native scale for it "
+                f"(x{scale} on 1, 2, 4) and resamples"
+            )
         return Plan(
             operations=operations,
             scale=scale,  # type: ignore[arg-type]

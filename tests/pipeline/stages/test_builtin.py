@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pixelrelay.training import degradations as D
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Description, JobOptions, Operation, Plan
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder, plan_condition, route, weights_paths
 from pixelrelay.pipeline.stages.encoders.builtin import BuiltinEncoder
+from pixelrelay.training import degradations as D
 
 torch.set_num_threads(2)
 
@@ -69,8 +69,16 @@ def test_whole_pipeline_beats_bicubic_on_noisy_jpeg(encoder, decoder):
     from pixelrelay.pipeline.stages.planners.rules import RulesPlanner
 
     hr = scene()
-    cfg = D.DegradationConfig(p_blur=0, p_noise=1, p_jpeg=1, p_poisson=0, noise_sigma=(15, 15),
-                              jpeg_quality=(50, 50), shuffle=False, resize_modes=("bicubic",))
+    cfg = D.DegradationConfig(
+        p_blur=0,
+        p_noise=1,
+        p_jpeg=1,
+        p_poisson=0,
+        noise_sigma=(15, 15),
+        jpeg_quality=(50, 50),
+        shuffle=False,
+        resize_modes=("bicubic",),
+    )
     lr, _ = D.degrade(hr, 2, np.random.default_rng(0), cfg)
     im = DecodedImage(rgb=lr)
     plan = RulesPlanner().plan(encoder.describe([im]), [JobOptions(task="upscale", scale=2)])[0]
@@ -114,8 +122,11 @@ def test_decoder_batch_equals_singles(decoder):
     a, b = scene(64), scene(64)[::-1].copy()
     c = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     ims = [DecodedImage(rgb=x) for x in (a, b, c)]
-    plans = [Plan(scale=2), Plan(scale=2, noise_sigma=10, operations=[Operation(name="denoise", strength=0.5)]),
-             Plan(scale=2)]
+    plans = [
+        Plan(scale=2),
+        Plan(scale=2, noise_sigma=10, operations=[Operation(name="denoise", strength=0.5)]),
+        Plan(scale=2),
+    ]
     batch = decoder.restore(ims, plans)
     for im, plan, out in zip(ims, plans, batch):
         single = decoder.restore([im], [plan])[0]
@@ -141,8 +152,11 @@ def test_decoder_sizes_alpha_and_tiny_images(decoder, scale):
             assert out.alpha.shape == (h * scale, w * scale) and (out.alpha == 200).all()
 
 
-@pytest.mark.parametrize("plan", [Plan(scale=2), Plan(scale=2, noise_sigma=8, operations=[
-    Operation(name="denoise", strength=0.4)])], ids=["upscaler", "restorer"])
+@pytest.mark.parametrize(
+    "plan",
+    [Plan(scale=2), Plan(scale=2, noise_sigma=8, operations=[Operation(name="denoise", strength=0.4)])],
+    ids=["upscaler", "restorer"],
+)
 def test_decoder_tiles_large_images(decoder, plan):
     img = np.tile(scene(128), (3, 3, 1))[:300, :290]  # bigger than one tile
     out = decoder.restore([DecodedImage(rgb=img)], [plan])[0].rgb
@@ -160,17 +174,35 @@ def test_clean_plan_changes_nothing_at_x1(decoder):
 def test_plan_condition_gates_on_operations():
     # Estimates alone (a clean image's small readings) do not switch anything on.
     assert plan_condition(Plan(scale=2, noise_sigma=3.0, blur_sigma=0.6, jpeg_quality=92)) == [0, 0, 0, 0]
-    c = plan_condition(Plan(scale=2, noise_sigma=20, jpeg_quality=40, blur_sigma=1.6, operations=[
-        Operation(name="denoise", strength=1.0), Operation(name="deblock", strength=0.9),
-        Operation(name="deblur", strength=0.3)]))
+    c = plan_condition(
+        Plan(
+            scale=2,
+            noise_sigma=20,
+            jpeg_quality=40,
+            blur_sigma=1.6,
+            operations=[
+                Operation(name="denoise", strength=1.0),
+                Operation(name="deblock", strength=0.9),
+                Operation(name="deblur", strength=0.3),
+            ],
+        )
+    )
     assert c == pytest.approx([20 / 50, 1.6 / 3, 1.0, 0.6])
     # A JPEG with mild noise: the sub-threshold noise estimate is passed on too.
-    c = plan_condition(Plan(scale=2, noise_sigma=3.0, blur_sigma=0.5, jpeg_quality=40,
-                            operations=[Operation(name="deblock", strength=0.9)]))
+    c = plan_condition(
+        Plan(
+            scale=2,
+            noise_sigma=3.0,
+            blur_sigma=0.5,
+            jpeg_quality=40,
+            operations=[Operation(name="deblock", strength=0.9)],
+        )
+    )
     assert c == pytest.approx([3 / 50, 0.5 / 3, 1.0, 0.6])
     # Turned down on purpose (e.g. "no denoising"): noise past the threshold without denoise.
-    c = plan_condition(Plan(scale=2, noise_sigma=20, jpeg_quality=40,
-                            operations=[Operation(name="deblock", strength=0.9)]))
+    c = plan_condition(
+        Plan(scale=2, noise_sigma=20, jpeg_quality=40, operations=[Operation(name="deblock", strength=0.9)])
+    )
     assert c[0] == 0 and c[2] == 1.0
 
 
@@ -210,8 +242,10 @@ def test_decoder_tiled_equals_untiled(decoder):
     """The upscaler's receptive field fits in the tile margins: tiled equals untiled to float
     rounding. The restorer's context branch sees further, so tiles differ a little."""
     x = torch.from_numpy(np.tile(scene(128), (2, 2, 1))[:200, :190]).permute(2, 0, 1)[None].float() / 255
-    for plan, mean_levels in ((Plan(scale=2), 0.01), (Plan(scale=2, noise_sigma=8, operations=[
-            Operation(name="denoise", strength=0.4)]), 1.0)):
+    for plan, mean_levels in (
+        (Plan(scale=2), 0.01),
+        (Plan(scale=2, noise_sigma=8, operations=[Operation(name="denoise", strength=0.4)]), 1.0),
+    ):
         m = decoder.choose(plan)
         untiled, whole = decoder.upscale_tensor(m, x, [plan])
         tiled, tiles = decoder.upscale_tensor(m, x, [plan], tile=96, overlap=32)

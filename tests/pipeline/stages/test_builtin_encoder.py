@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from pixelrelay.pipeline.imageio import DecodedImage, decode_image
-from pixelrelay.pipeline.stages.encoders import analysis
-from pixelrelay.pipeline.stages.encoders import builtin
+from pixelrelay.pipeline.stages.encoders import analysis, builtin
 from pixelrelay.pipeline.stages.encoders.builtin import BuiltinEncoder
 from tests.images import add_noise, clean_photo
 from tests.pipeline.stages.test_builtin import scene
@@ -112,7 +111,8 @@ def test_batch_equals_per_item(encoder):
         for key in ("noise_sigma", "blur_sigma", "downscaled"):  # conv batching may move the last bit
             assert getattr(b, key) == pytest.approx(getattr(single, key), abs=0.02)
         assert {k: v for k, v in b.metrics.items() if not k.startswith("est_")} == {
-            k: v for k, v in single.metrics.items() if not k.startswith("est_")}
+            k: v for k, v in single.metrics.items() if not k.startswith("est_")
+        }
     assert batch[1].jpeg_quality == pytest.approx(55, abs=2)
 
 
@@ -120,7 +120,8 @@ def test_separable_filters_equal_the_3x3_kernels():
     rng = np.random.default_rng(2)
     luma = rng.uniform(0, 255, (37, 41)).astype(np.float32)
     ref_sobel = np.abs(analysis._filter3x3_valid(luma, analysis.SOBEL_X)) + np.abs(
-        analysis._filter3x3_valid(luma, analysis.SOBEL_X.T))
+        analysis._filter3x3_valid(luma, analysis.SOBEL_X.T)
+    )
     np.testing.assert_allclose(analysis._sobel_abs_sum(luma), ref_sobel, rtol=1e-5, atol=1e-3)
     ref_imm = np.abs(analysis._filter3x3_valid(luma, analysis.IMMERKAER_KERNEL))
     np.testing.assert_allclose(analysis._immerkaer_abs(luma), ref_imm, rtol=1e-5, atol=1e-3)

@@ -18,15 +18,6 @@ from tests.images import add_noise, clean_photo, smooth_field
 ALL_OPS = [Operation(name=n, strength=0.7) for n in ("deblock", "denoise", "deblur", "sharpen")]
 
 
-
-
-
-
-
-
-
-
-
 def random_image(height: int, width: int, seed: int, alpha: bool = False) -> DecodedImage:
     rng = np.random.default_rng(seed)
     rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)

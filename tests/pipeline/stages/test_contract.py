@@ -36,9 +36,19 @@ torch.set_num_threads(2)
 TILE = 32  # every learned decoder's tile here: the 40x36 test image runs as several tiles
 SETTINGS = Settings.defaults().model_copy(
     update=dict(
-        builtin_tile=TILE, builtin_overlap=16, builtin_tile_batch=4, builtin_min_tile=8,
-        sr_tile=TILE, sr_overlap=16, sr_tile_batch=4, sr_min_tile=8,
-        sd_tile=TILE, sd_overlap=16, sd_tile_batch=4, sd_min_tile=8, sd_steps=1,  # sd_*: the generative ones too
+        builtin_tile=TILE,
+        builtin_overlap=16,
+        builtin_tile_batch=4,
+        builtin_min_tile=8,
+        sr_tile=TILE,
+        sr_overlap=16,
+        sr_tile_batch=4,
+        sr_min_tile=8,
+        sd_tile=TILE,
+        sd_overlap=16,
+        sd_tile_batch=4,
+        sd_min_tile=8,
+        sd_steps=1,  # sd_*: the generative ones too
     )
 )
 # Largest per-pixel difference (uint8) allowed between a batched and a single call.
@@ -54,7 +64,9 @@ def _sd_spec(factory) -> str:
 
 def _generative_spec(kind: str, builder, name: str):
     def spec(factory) -> str:
-        pytest.importorskip("diffusers", reason=f"{kind} needs the diffusers extra: pip install 'pixelrelay[diffusers]'")
+        pytest.importorskip(
+            "diffusers", reason=f"{kind} needs the diffusers extra: pip install 'pixelrelay[diffusers]'"
+        )
         return f"{kind}:{fx.tiny_model(factory, builder, name)}"
 
     return spec
@@ -67,7 +79,9 @@ def _sr_spec(factory) -> str:
 
 
 def _spandrel_spec(factory) -> str:
-    pytest.importorskip("spandrel", reason="the spandrel decoder needs the spandrel extra: pip install 'pixelrelay[spandrel]'")
+    pytest.importorskip(
+        "spandrel", reason="the spandrel decoder needs the spandrel extra: pip install 'pixelrelay[spandrel]'"
+    )
     from tests.pipeline import spandrel_fixtures as sf
 
     x2 = sf.checkpoint(factory, "compact", "realesr-compact-x2.pth", scale=2)
@@ -224,7 +238,7 @@ class _MemoryLimit:
             raise torch.OutOfMemoryError(f"simulated: out of memory for tiles {tuple(x.shape)}")
         return self.real(m, x, plans, items)
 
-    def __enter__(self) -> "_MemoryLimit":
+    def __enter__(self) -> _MemoryLimit:
         self.dec.forward = self
         return self
 

@@ -142,13 +142,17 @@ def test_plans_without_a_generative_edit(dec):
         assert len(calls) == 1 and "restoration at" in restored.notes[0]
     finally:
         dec.pipe = real
-    req = dec.request(Plan(operations=[Operation(name="denoise", strength=0.6), Operation(name="deblock", strength=0.2)]))
+    req = dec.request(
+        Plan(operations=[Operation(name="denoise", strength=0.6), Operation(name="deblock", strength=0.2)])
+    )
     assert req.what == "restoration" and req.strength == pytest.approx(0.3) and req.seed == 0
     assert "noise, grain" in req.negative and "jpeg artifacts" in req.negative and req.steps == SETTINGS.sd_steps
     if dec.kind == "instruct-pix2pix":
         assert req.prompt == "remove the noise and remove the jpeg artifacts"
     edit = dec.request(_edit().model_copy(update={"operations": [Operation(name="deblur", strength=0.5)]}))
-    assert edit.what == "edit" and edit.prompt == "a watercolour painting" and edit.negative == "blur, blur, out of focus"
+    assert (
+        edit.what == "edit" and edit.prompt == "a watercolour painting" and edit.negative == "blur, blur, out of focus"
+    )
     assert edit.strength == 0.75 and edit.seed == 7
 
 

@@ -81,8 +81,12 @@ def test_other_random_weights_still_valid(tmp_path_factory):
 def test_any_output_scale_is_a_hard_constraint(planner):
     """The LLM's scale is pinned to the native scale proposed for the job's target, and the
     plan carries the target itself (edit plans too)."""
-    options = [JobOptions(task="upscale", scale=1.5), JobOptions(scale=3), JobOptions(width=640, height=480),
-               JobOptions(task="edit", instruction="make it warmer", scale=0.5)]
+    options = [
+        JobOptions(task="upscale", scale=1.5),
+        JobOptions(scale=3),
+        JobOptions(width=640, height=480),
+        JobOptions(task="edit", instruction="make it warmer", scale=0.5),
+    ]
     plans = planner.plan([DESCRIPTIONS[0]] * len(options), options)
     for plan, o, scale in zip(plans, options, (2, 4, 1, 1)):
         Plan.model_validate(plan.model_dump())
@@ -162,7 +166,8 @@ def _check_edit(plan, options: JobOptions) -> dict:
     data = json.loads(plan.raw)
     assert set(data) == EDIT_KEYS
     assert {op.name: op.strength for op in plan.edit.grading} == {
-        name: float(data[name]) for name in GRADING_ORDER if float(data[name]) != 0}
+        name: float(data[name]) for name in GRADING_ORDER if float(data[name]) != 0
+    }
     assert (plan.edit.generative is not None) == (data["generative"] == "yes")
     if plan.edit.generative is not None:
         assert plan.edit.generative.seed == edit_seed(options.instruction)
@@ -185,13 +190,30 @@ def test_random_llm_gives_valid_edit_plans_within_the_rules_reading(planner):
 def test_an_edit_plan_that_changes_nothing_fails_the_item(planner):
     options = EDIT_OPTIONS[1]
     prior = planner.rules.plan_one(DESCRIPTIONS[1], options, map_edit=False)
-    nothing = json.dumps({**{name: 0 for name in GRADING_ORDER}, "scale": 1, "generative": "no",
-                          "edit_strength": 0.5, "prompt": "a photo", "negative_prompt": "blur"})
+    nothing = json.dumps(
+        {
+            **{name: 0 for name in GRADING_ORDER},
+            "scale": 1,
+            "generative": "no",
+            "edit_strength": 0.5,
+            "prompt": "a photo",
+            "negative_prompt": "blur",
+        }
+    )
     result = planner._to_plan_or_error(nothing, DESCRIPTIONS[1], options, prior)
     assert isinstance(result, EmptyEditPlanError) and "the plan has no edit operations" in str(result)
     # off-schema values (a forged or broken text) fall back to the allowed choices, never past them
-    wild = json.dumps({"exposure": 7, "warmth": "hot", "vignette": -3, "generative": "yes", "edit_strength": 9,
-                       "prompt": "x" * 900, "scale": 4})
+    wild = json.dumps(
+        {
+            "exposure": 7,
+            "warmth": "hot",
+            "vignette": -3,
+            "generative": "yes",
+            "edit_strength": 9,
+            "prompt": "x" * 900,
+            "scale": 4,
+        }
+    )
     plan = planner._to_plan_or_error(wild, DESCRIPTIONS[1], options, prior)
     assert plan.edit.grading == [] and plan.edit.generative.strength == 0.5
     assert len(plan.edit.generative.prompt) <= 500 and plan.scale == 1

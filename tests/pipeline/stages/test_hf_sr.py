@@ -27,7 +27,9 @@ def sr_x4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decoder(sr_x2, sr_x4):
-    return HFSuperResolutionDecoder(f"{sr_x2},{sr_x4}", tiles=TileConfig(tile=64, overlap=32, tile_batch=4, min_tile=16))
+    return HFSuperResolutionDecoder(
+        f"{sr_x2},{sr_x4}", tiles=TileConfig(tile=64, overlap=32, tile_batch=4, min_tile=16)
+    )
 
 
 def _image(h, w, seed=0, alpha=False):

@@ -99,11 +99,16 @@ def test_hf_sr_uses_the_same_policy_with_window_aligned_tiles(tmp_path_factory):
     assert float((tiled - whole).abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize("name,value", [
-    ("PIXELRELAY_TILE_MEMORY_MB", "lots"), ("PIXELRELAY_TILE_MEMORY_MB", "-1"),
-    ("PIXELRELAY_TILE_MEMORY_FRACTION", "1.5"), ("PIXELRELAY_TILE_MEMORY_FRACTION", "0"),
-    ("PIXELRELAY_BUILTIN_TILE", "8"),
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("PIXELRELAY_TILE_MEMORY_MB", "lots"),
+        ("PIXELRELAY_TILE_MEMORY_MB", "-1"),
+        ("PIXELRELAY_TILE_MEMORY_FRACTION", "1.5"),
+        ("PIXELRELAY_TILE_MEMORY_FRACTION", "0"),
+        ("PIXELRELAY_BUILTIN_TILE", "8"),
+    ],
+)
 def test_budget_settings_fail_fast_and_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):

@@ -22,7 +22,11 @@ def test_null_encoder_describes_every_image_alike():
 
 def test_null_planner_plans_nothing_but_the_asked_scale():
     planner = registry.create_planner("null")
-    options = [JobOptions(task="restore"), JobOptions(task="upscale"), JobOptions(task="upscale", scale=4, format="webp")]
+    options = [
+        JobOptions(task="restore"),
+        JobOptions(task="upscale"),
+        JobOptions(task="upscale", scale=4, format="webp"),
+    ]
     plans = planner.plan([Description(text="anything", noise_sigma=40.0)] * 3, options)
     assert [p.scale for p in plans] == [1, 2, 4]
     assert all(p.operations == [] and p.prompt == "" and p.noise_sigma == 0.0 for p in plans)
@@ -32,7 +36,9 @@ def test_null_planner_plans_nothing_but_the_asked_scale():
 def test_null_decoder_is_the_identity_at_scale_1_and_repeats_pixels_above():
     dec = registry.create_decoder("null")
     rng = np.random.default_rng(0)
-    image = DecodedImage(rgb=rng.integers(0, 256, (3, 4, 3), dtype=np.uint8), alpha=rng.integers(0, 256, (3, 4), dtype=np.uint8))
+    image = DecodedImage(
+        rgb=rng.integers(0, 256, (3, 4, 3), dtype=np.uint8), alpha=rng.integers(0, 256, (3, 4), dtype=np.uint8)
+    )
     same, double = dec.restore([image, image], [Plan(scale=1), Plan(scale=2)])
     assert same.rgb is image.rgb and same.alpha is image.alpha  # not even copied
     assert double.rgb.shape == (6, 8, 3) and double.alpha.shape == (6, 8)

@@ -15,7 +15,7 @@ from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.stages import registry
 from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
 
-PLUGIN = '''
+PLUGIN = """
 from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
 
 
@@ -27,7 +27,7 @@ class EchoDecoder(ClassicDecoder):
     @classmethod
     def models_for(cls, model):
         return (model or cls.default_model).split("+")
-'''
+"""
 
 
 @pytest.fixture
@@ -53,8 +53,13 @@ def install_distribution(root, name: str, entry_points: dict[str, str], module: 
 def test_entry_point_plugin_registers_lazily_and_builds(tmp_path, monkeypatch, isolated_registry):
     import sys
 
-    install_distribution(tmp_path, "acme_echo", {"decoder.echo": "acme_echo_plugin:EchoDecoder"},
-                         module="acme_echo_plugin", source=PLUGIN)
+    install_distribution(
+        tmp_path,
+        "acme_echo",
+        {"decoder.echo": "acme_echo_plugin:EchoDecoder"},
+        module="acme_echo_plugin",
+        source=PLUGIN,
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "echo" in registry.known_backends("decoder")
     assert "acme_echo_plugin" not in sys.modules  # registered by name, imported on first use
@@ -101,7 +106,9 @@ def test_backends_describe_themselves():
 def test_backends_never_read_the_environment(monkeypatch):
     monkeypatch.setenv("PIXELRELAY_BUILTIN_TILE", "64")
     monkeypatch.setenv("PIXELRELAY_DTYPE", "fp32")
-    assert registry.create_decoder("builtin").tiles.tile == Settings.defaults().builtin_tile == 0  # defaults, not the env
+    assert (
+        registry.create_decoder("builtin").tiles.tile == Settings.defaults().builtin_tile == 0
+    )  # defaults, not the env
     assert registry.create_decoder("builtin", settings=Settings.from_env()).tiles.tile == 64
     # dtype: only what the caller passes
     assert hf.choose_dtype("cuda", "fp16") is torch.float16

@@ -96,16 +96,19 @@ def test_negated_sharpen_removes_sharpening(planner, instruction):
     assert op_names(plan_for(planner, blurry, instruction=instruction)) == []
 
 
-@pytest.mark.parametrize("instruction,expected", [
-    ("denoise", ["denoise"]),
-    ("please remove noise", ["denoise"]),
-    ("sharpen", ["sharpen"]),
-    ("make it sharper", ["sharpen"]),
-    ("denoise and sharpen", ["denoise", "sharpen"]),
-    ("sharpen but don't denoise", ["sharpen"]),
-    ("remove jpeg artifacts", ["deblock"]),
-    ("upscale nicely", []),
-])
+@pytest.mark.parametrize(
+    "instruction,expected",
+    [
+        ("denoise", ["denoise"]),
+        ("please remove noise", ["denoise"]),
+        ("sharpen", ["sharpen"]),
+        ("make it sharper", ["sharpen"]),
+        ("denoise and sharpen", ["denoise", "sharpen"]),
+        ("sharpen but don't denoise", ["sharpen"]),
+        ("remove jpeg artifacts", ["deblock"]),
+        ("upscale nicely", []),
+    ],
+)
 def test_instruction_forces_operations_on_a_clean_image(planner, instruction, expected):
     clean = Description(text="clean", metrics={"noise_sigma": 0.3, "blur_sigma": 0.2, "blockiness": 1.0})
     plan = plan_for(planner, clean, instruction=instruction)
@@ -116,6 +119,7 @@ def test_instruction_forces_operations_on_a_clean_image(planner, instruction, ex
 def test_gentle_and_strong_scale_strengths(planner):
     noisy = Description(text="noisy", noise_sigma=10.0)
     normal = plan_for(planner, noisy).strength("denoise")
+
     def denoise_strength(instruction: str) -> float:
         return plan_for(planner, noisy, instruction=instruction).strength("denoise")
 
@@ -174,14 +178,17 @@ def test_mismatched_batch_is_an_error(planner):
         planner.plan([Description(text="a")], [])
 
 
-@pytest.mark.parametrize("options, scale, target", [
-    ({"task": "upscale", "scale": 1.5}, 2, {"scale": 1.5}),
-    ({"scale": 3}, 4, {"scale": 3}),
-    ({"scale": 0.5}, 1, {"scale": 0.5}),
-    ({"scale": 8}, 4, {"scale": 8}),
-    ({"width": 800}, 1, {"width": 800}),
-    ({"task": "upscale", "width": 800, "height": 600}, 2, {"width": 800, "height": 600}),
-])
+@pytest.mark.parametrize(
+    "options, scale, target",
+    [
+        ({"task": "upscale", "scale": 1.5}, 2, {"scale": 1.5}),
+        ({"scale": 3}, 4, {"scale": 3}),
+        ({"scale": 0.5}, 1, {"scale": 0.5}),
+        ({"scale": 8}, 4, {"scale": 8}),
+        ({"width": 800}, 1, {"width": 800}),
+        ({"task": "upscale", "width": 800, "height": 600}, 2, {"width": 800, "height": 600}),
+    ],
+)
 def test_any_output_scale_is_carried_as_the_plans_target(planner, options, scale, target):
     plan = plan_for(planner, Description(text="clean"), **options)
     assert plan.scale == scale and plan.target.model_dump() == target

@@ -234,8 +234,12 @@ def test_torchscript_and_non_state_dicts_are_refused(tmp_path, files):
 
 def test_corrupt_files_are_refused(tmp_path, files):
     good = files["esrgan"][".pth"].read_bytes()
-    for name, data in (("junk.pth", b"junk" * 10), ("cut.pth", good[: len(good) // 2]),
-                       ("junk.safetensors", b"junk" * 10), ("empty.safetensors", b"")):
+    for name, data in (
+        ("junk.pth", b"junk" * 10),
+        ("cut.pth", good[: len(good) // 2]),
+        ("junk.safetensors", b"junk" * 10),
+        ("empty.safetensors", b""),
+    ):
         (tmp_path / name).write_bytes(data)
         _refused(tmp_path / name, "not a readable (torch|safetensors) file")
 
@@ -287,7 +291,9 @@ def test_an_s3_checkpoint_is_cached_once_and_bounded(s3_server, s3_bucket, s3_cl
     with redirect_stdout(out):  # `models pull` fetches an S3 checkpoint into the cache; `list` then reads it
         assert models_cli.main(["pull", f"spandrel:{other}"]) == 0
         assert models_cli.main(["list", "--check", "--decoder", f"spandrel:{uri},{other}"]) == 0
-    assert re.search(rf"{re.escape(other)} +present: SwinIR x2 SR, 5.7k params, .* \(cached copy\)", out.getvalue()), out.getvalue()
+    assert re.search(rf"{re.escape(other)} +present: SwinIR x2 SR, 5.7k params, .* \(cached copy\)", out.getvalue()), (
+        out.getvalue()
+    )
     assert len(list(cached[0].parent.iterdir())) == 2
     big = f"s3://{s3_bucket}/models/big.pth"
     s3_client.put_object(Bucket=s3_bucket, Key="models/big.pth", Body=b"x" * 5000)
@@ -313,7 +319,9 @@ def test_hub_checkpoints_load_from_the_cache_offline(tmp_path, monkeypatch, file
         SpandrelDecoder.check_available(name)
         dec = registry.create_decoder(f"spandrel:{name}")
         assert dec.models[0].architecture == "Compact" and dec.identity().startswith(f"spandrel:{name}=sha256:")
-    with pytest.raises(ModelUnavailableError, match="not in the Hugging Face cache.*models pull spandrel:someone/other/x.pth"):
+    with pytest.raises(
+        ModelUnavailableError, match="not in the Hugging Face cache.*models pull spandrel:someone/other/x.pth"
+    ):
         SpandrelDecoder.check_available("someone/other/x.pth")
     out = io.StringIO()
     with redirect_stdout(out):  # `models pull`: present in the cache; offline, a missing one is reported
@@ -356,8 +364,11 @@ def test_models_list_shows_architecture_scale_and_size(files, monkeypatch):
     text = out.getvalue()
     assert code == 0, text
     kb = lambda p: f"{p.stat().st_size / 1024:.1f} KiB"  # noqa: E731
-    row = lambda path, status: re.search(rf"^decoder +spandrel\* +{re.escape(str(path))} +{re.escape(status)} +configured$",  # noqa: E731
-                                         text, re.M)
+    row = lambda path, status: re.search(
+        rf"^decoder +spandrel\* +{re.escape(str(path))} +{re.escape(status)} +configured$",  # noqa: E731
+        text,
+        re.M,
+    )
     assert row(x2, f"present: ESRGAN x2 SR, 0.23M params, {kb(x2)}"), text
     assert row(swin, f"present: SwinIR x2 SR, 5.7k params, {kb(swin)}"), text
     out = io.StringIO()
