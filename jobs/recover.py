@@ -32,8 +32,9 @@ import redis
 from pydantic import ValidationError
 
 from pixelrelay.jobs import keys
-from pixelrelay.jobs.feed import Send, feed, finalize_if_complete
+from pixelrelay.jobs.feed import Send, feed
 from pixelrelay.jobs.files import latest_seq, read_cancel, read_spec
+from pixelrelay.jobs.finish import finalize_if_complete
 from pixelrelay.jobs.merge import iter_rows
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import JobSpec

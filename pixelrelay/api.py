@@ -14,7 +14,7 @@ Invariants:
   submit`` runs), ``Job.wait`` is ``producer.status.wait_for_job`` with the same ``Keeper``
   (Redis lost the job: rebuilt from storage; lost chains: swept), ``Job.status`` is
   ``producer.status.job_info`` (what ``status --json`` prints), ``Job.cancel`` is
-  ``producer.jobs.cancel_job`` (what ``pixelrelay cancel`` runs), and
+  ``producer.control.cancel_job`` (what ``pixelrelay cancel`` runs), and
   ``JobStatusInfo.exit_code`` is ``producer.status.exit_code_for`` (what ``status`` exits
   with). The CLI and the API cannot disagree.
 * Quiet: nothing is printed unless ``wait(progress=stream)`` asks for it.
@@ -41,7 +41,7 @@ from pixelrelay.jobs.state import JobState, JobStatus, is_finished
 from pixelrelay.pipeline.messages import DEFAULT_QUALITY, Backends, ItemRecord, JobOptions
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.storage import StorageError, open_storage
-from pixelrelay.producer.jobs import DEFAULT_GRACE_S, CancelOutcome, JobFinishedError, UnknownJobError, cancel_job
+from pixelrelay.producer.control import DEFAULT_GRACE_S, CancelOutcome, JobFinishedError, UnknownJobError, cancel_job
 from pixelrelay.producer.keeper import Keeper
 from pixelrelay.producer.listing import InputError
 from pixelrelay.producer.status import JobStatusInfo, WaitTimeout, job_info, wait_for_job

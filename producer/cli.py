@@ -3,7 +3,7 @@
 Every command exits with a code from ``pixelrelay.exitcodes.ExitCode`` (0 every item done,
 1 some items failed, 2 usage or configuration error, 3 gave up waiting, 4 cancelled,
 5 a ``run`` worker exited early, 130 interrupted). ``cancel`` and ``jobs`` are job control
-(``producer.jobs``). ``report``, ``gc`` and the ``--report`` / ``--notify`` flags of
+(``producer.control``). ``report``, ``gc`` and the ``--report`` / ``--notify`` flags of
 ``submit --wait`` and ``run`` live in ``producer.report``, ``producer.gc`` and
 ``producer.notify``. ``submit``, ``status``, ``cancel`` and ``jobs`` never import torch. ``models``, ``train`` and
 ``bench`` keep their parsers with their code; ``--help`` works at every level.
@@ -429,7 +429,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from pixelrelay.jobs.state import JobState
-    from pixelrelay.producer.jobs import CancelOutcome, cancel_job
+    from pixelrelay.producer.control import CancelOutcome, cancel_job
     from pixelrelay.producer.status import summarize
     from pixelrelay.producer.submit import redis_client
 
@@ -445,7 +445,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 def _cmd_jobs(args: argparse.Namespace) -> int:
     import json
 
-    from pixelrelay.producer.jobs import jobs_table, recent_jobs
+    from pixelrelay.producer.control import jobs_table, recent_jobs
     from pixelrelay.producer.submit import redis_client
 
     settings = _settings(args)

@@ -24,7 +24,7 @@ Invariants:
 
 ``status`` never reads a job's parts: counts come from Redis, the failures it lists from
 the manifest (streamed, up to ``max_failures``), and a job whose manifest is overdue is
-finished through ``jobs.feed.finalize_if_complete``, which reads the group files
+finished through ``jobs.finish.finalize_if_complete``, which reads the group files
 (``jobs.merge``: one object per 10,000 items or more).
 
 Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
@@ -48,8 +48,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pixelrelay.exitcodes import ExitCode
-from pixelrelay.jobs.feed import finalize_if_complete
 from pixelrelay.jobs.files import manifest_uri
+from pixelrelay.jobs.finish import finalize_if_complete
 from pixelrelay.jobs.recover import RebuildError
 from pixelrelay.jobs.state import Counts, JobState, JobStatus, is_finished, job_status, stalled_for
 from pixelrelay.pipeline.settings import Settings

@@ -18,7 +18,7 @@ policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware)
    there ends the same way. Ending a chain of a cancelled job (``end_cancelled``) writes
    the part of its items that finished (done or failed, with their outputs already
    written atomically), marks them, untracks the chain and writes the job's manifest if it
-   was the last chain in flight (``jobs.feed.finalize_cancelled``). Pending items get no
+   was the last chain in flight (``jobs.finish.finalize_cancelled``). Pending items get no
    line in the part: the manifest lists them as ``cancelled``.
 1. **Poison pills.** Every delivery is counted in Redis (``JobState.count_delivery``) under
    the chunk, its part and its retry number; a count that survives is a worker that died
@@ -59,8 +59,9 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Entry, Slot, tracked
-from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete
+from pixelrelay.jobs.feed import Send, feed
 from pixelrelay.jobs.files import part_uri, write_part
+from pixelrelay.jobs.finish import finalize_cancelled, finalize_if_complete
 from pixelrelay.jobs.merge import merge_group_if_complete
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C

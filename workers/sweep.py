@@ -65,8 +65,9 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Entry, Slot, TaskRef, parse_entries, parse_task_id, tracked
-from pixelrelay.jobs.feed import Send, feed, finalize_cancelled, finalize_if_complete, finish_pending
+from pixelrelay.jobs.feed import Send, feed
 from pixelrelay.jobs.files import read_chunk, read_part, record_for
+from pixelrelay.jobs.finish import finalize_cancelled, finalize_if_complete, finish_pending
 from pixelrelay.jobs.merge import merge_group_if_complete
 from pixelrelay.jobs.recover import RebuildError, rebuild
 from pixelrelay.jobs.registry import Registry

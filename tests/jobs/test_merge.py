@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from pixelrelay.jobs import merge
-from pixelrelay.jobs.feed import finalize_if_complete, finish_pending
 from pixelrelay.jobs.files import manifest_uri, merge_manifest, write_listing, write_part, write_spec
+from pixelrelay.jobs.finish import finalize_if_complete, finish_pending
 from pixelrelay.jobs.merge import Groups, group_uri, merge_group_if_complete, write_manifest
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import Item, ItemRecord, JobSpec

@@ -161,7 +161,7 @@ def test_progress_time_moves_only_when_an_item_finishes(make_job):
 
 
 def test_cancel_without_workers_writes_the_manifest_after_its_grace(make_job, redis_url):
-    from pixelrelay.producer.jobs import CancelOutcome, cancel_job
+    from pixelrelay.producer.control import CancelOutcome, cancel_job
 
     settings = Settings.from_env(redis_url=redis_url)
     job = make_job([20, 21, 22], chunk_size=2)
@@ -177,7 +177,7 @@ def test_cancel_without_workers_writes_the_manifest_after_its_grace(make_job, re
 
 
 def test_a_job_that_finished_cannot_be_cancelled(make_job, rt, redis_url):
-    from pixelrelay.producer.jobs import JobFinishedError, cancel_job
+    from pixelrelay.producer.control import JobFinishedError, cancel_job
 
     job = make_job([20, 21], chunk_size=2)
     job.feed(window=1)

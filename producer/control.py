@@ -1,20 +1,11 @@
-"""Job control: ``pixelrelay cancel`` and ``pixelrelay jobs``.
+"""Job control: ``pixelrelay cancel`` (``cancel_job``) and ``pixelrelay jobs`` (``recent_jobs``).
 
-Cancelling needs no Celery remote control (no ``revoke``, so it works with
-``worker_enable_remote_control`` off and with messages still in the broker). Invariants:
-
-* the cancel is recorded in storage first (``OUTPUT/_jobs/<id>/cancelled``), then in Redis
-  (``JobState.cancel``): a failed storage write leaves the job untouched, and a job rebuilt
-  from storage after Redis lost it is cancelled too;
-* from then on no chain starts (``jobs.feed.feed`` sends nothing), and every chain in flight
-  ends at its next stage, or before its next decode batch, writing the part of the items it
-  finished (``workers.policy.end_cancelled``); outputs are written atomically, so none is
-  ever partial;
-* when ``cancel_job`` returns, the job's manifest is written (state ``cancelled``): by the
-  last chain in flight as it ends, by the sweep if that chain was lost, or, after
-  ``grace_s``, by ``cancel_job`` itself (``forced``). A model call cannot be interrupted:
-  a chain still inside one after the grace may write its outputs later; the manifest
-  lists those items as cancelled all the same.
+A cancel needs no Celery remote control. It is recorded in storage first
+(``OUTPUT/_jobs/<id>/cancelled``, so a job rebuilt from storage is cancelled too), then in
+Redis (``JobState.cancel``); a failed storage write leaves the job untouched. ``cancel_job``
+returns once the manifest is written: by the last chain in flight as it ends, by the sweep,
+or after ``grace_s`` by ``cancel_job`` itself (``forced``, ``jobs.finish.finalize_cancelled``).
+What a cancel guarantees: ``docs/design.md``, "Failure and recovery".
 
 ``recent_jobs`` reads the ``pixelrelay:jobs`` sorted set (newest submission first) and each
 job's hash; a job whose keys expired (7 days after its manifest) is left out.
@@ -30,8 +21,8 @@ from enum import Enum
 import redis
 
 from pixelrelay.jobs import keys
-from pixelrelay.jobs.feed import finalize_cancelled
 from pixelrelay.jobs.files import read_cancel, write_cancel
+from pixelrelay.jobs.finish import finalize_cancelled
 from pixelrelay.jobs.state import Counts, JobState, JobStatus, is_finished, job_status
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.storage import open_storage
@@ -164,4 +155,4 @@ def jobs_table(rows: list[JobRow]) -> str:
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table)
