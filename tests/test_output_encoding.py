@@ -1,5 +1,5 @@
 """The decode stage writes outputs with the job's quality options and the right
-Content-Type (``workers.tasks._write_output``, through real local and S3 storage)."""
+Content-Type (``workers.outputs._write_output``, through real local and S3 storage)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ RT = SimpleNamespace(storage=open_storage)  # the one Runtime method _write_outp
 
 @pytest.fixture(scope="module")
 def write_output(redis_url):
-    """``workers.tasks`` builds its Celery app on import, which needs a broker URL."""
+    """``workers.outputs`` builds its Celery app on import, which needs a broker URL."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PIXELRELAY_REDIS_URL", redis_url)
-        from pixelrelay.workers.tasks import _write_output
+        from pixelrelay.workers.outputs import _write_output
 
     return _write_output
 

@@ -42,9 +42,10 @@ from pixelrelay.pipeline.messages import (
 )
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.planners.rules import NEGATION, _Negations, instruction_requests
+from pixelrelay.workers.batching import prefetched
 from pixelrelay.workers.celery_app import configure, configure_pool
 from pixelrelay.workers.runtime import DecodeBudget, Runtime
-from pixelrelay.workers.tasks import _prefetched, decode_chunk, encode_chunk
+from pixelrelay.workers.stages import decode_chunk, encode_chunk
 from tests.conftest import run_cli, worker_env
 from tests.pipeline.test_colour import cmyk_profile
 
@@ -246,7 +247,7 @@ def _held_while_running(rt: Runtime, records: list[ItemRecord], budget: DecodeBu
     prefetch thread had its chance to decode the next batch."""
     held = []
     batches = len(records) // rt.settings.batch_size
-    for i, (_, loaded) in enumerate(_prefetched(rt, records, "encode", budget=budget)):
+    for i, (_, loaded) in enumerate(prefetched(rt, records, "encode", budget=budget)):
         assert len(loaded) == rt.settings.batch_size
         settle(budget, i == batches - 1)
         held.append(_live_decoded_images())

@@ -38,7 +38,7 @@ Delivery guarantee: **at-least-once**. Every stage task is therefore idempotent.
   the encode stage skips items whose done-bit is set; an output whose fingerprint answers
   the same request and models is reused, and a new output is written conditionally (S3
   ``If-None-Match: *``, local ``link``), so a duplicate delivery never replaces it with
-  other bytes (``tasks`` docstring); manifest parts are overwritten whole. Job counts are
+  other bytes (``reuse``, ``outputs``); manifest parts are overwritten whole. Job counts are
   bitmaps (one bit per item), so a duplicate delivery cannot count an item twice.
 - A message that kills its worker repeatedly (a poison pill) is delivered at most
   ``PIXELRELAY_MAX_DELIVERIES`` times (default 3); then a chunk of several items is split into
@@ -60,7 +60,10 @@ Modules:
   ``get_app()``, the workers' app, created on first use with the tasks registered;
 * ``policy``     what happens to a delivery (poison pills, retries, finishing a chunk),
   without Celery: ``DeliveryPolicy.deliver`` returns the message, a ``Retry`` or a ``Split``;
-* ``tasks``      the stage bodies and the thin Celery tasks around the policy;
+* ``tasks``      the thin Celery tasks around the policy (``run_stage``, ``register``);
+* ``stages``     the stage bodies (encode, plan, decode), on top of ``batching`` (batches loaded
+  ahead of the model, the I/O threads), ``reuse`` (fingerprints, reuse of existing outputs)
+  and ``outputs`` (encoding and conditional group writes of the outputs);
 * ``guard``      what a message may ask: checked against its job before any work (a message
   that asks for anything else is dropped);
 * ``flow``       a chunk as a Celery chain (task ids naming the chain, bodies signed), and

@@ -9,7 +9,7 @@ the encode stage can tell which models the later stages will run. A Redis error 
 publishing is logged, never fatal: an unpublished identity only costs a reuse.
 
 ``DecodeBudget`` bounds the bytes of decoded source images a stage holds at once (its
-batch plus the prefetched next one); ``workers.tasks`` makes one per chunk.
+batch plus the prefetched next one); ``workers.batching`` makes one per chunk.
 
 Backends are built only from allowed specs (``allowed``): the worker's own spec for the
 stage and its variants, plus ``PIXELRELAY_ALLOWED_BACKENDS`` (``stages.registry.spec_allowed``).

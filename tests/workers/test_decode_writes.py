@@ -12,7 +12,7 @@ from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.pipeline.storage.local import LocalStorage
 from pixelrelay.workers.runtime import Runtime
-from pixelrelay.workers.tasks import decode_chunk, encode_chunk, plan_chunk
+from pixelrelay.workers.stages import decode_chunk, encode_chunk, plan_chunk
 from tests.conftest import TEST_SIGNER
 from tests.images import encode, photo_like
 
@@ -101,11 +101,11 @@ def test_small_local_work_runs_on_the_calling_thread_with_the_same_outputs(tmp_p
     """Reading local files and decoding or encoding small images is cheaper than a hop to
     an I/O thread: those run where they are called, and the I/O threads get one task per
     decode batch (its group write). Forced onto the threads, the outputs are the same bytes."""
-    from pixelrelay.workers import tasks
+    from pixelrelay.workers import batching, outputs
 
     inline_tasks, inline_outputs = _run_chunk(tmp_path, redis_url, "inline")
-    monkeypatch.setattr(tasks, "INLINE_BYTES", 0)
-    monkeypatch.setattr(tasks, "INLINE_PIXELS", 0)
+    monkeypatch.setattr(batching, "INLINE_BYTES", 0)
+    monkeypatch.setattr(outputs, "INLINE_PIXELS", 0)
     spread_tasks, spread_outputs = _run_chunk(tmp_path, redis_url, "spread")
     assert inline_tasks == 3  # the three decode batches' group writes
     assert spread_tasks > inline_tasks  # decodes and encodes fanned out as well

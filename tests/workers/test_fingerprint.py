@@ -29,8 +29,9 @@ from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
 from pixelrelay.pipeline.stages.registry import BACKENDS, register
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.pipeline.storage.local import sidecar_path
+from pixelrelay.workers.outputs import _store
 from pixelrelay.workers.runtime import Runtime
-from pixelrelay.workers.tasks import _store, decode_chunk, encode_chunk, plan_chunk
+from pixelrelay.workers.stages import decode_chunk, encode_chunk, plan_chunk
 from tests.conftest import REPO, TEST_SIGNER, WorkerPool, run_cli, wait_until, worker_env
 from tests.images import encode, photo_like
 from tests.tagged import TAG_ENV

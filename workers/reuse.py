@@ -1,0 +1,118 @@
+"""Reuse of existing outputs: an item whose output already answers this request goes
+straight to done instead of being made again.
+
+Every output carries the fingerprint of the request and models that made it
+(``pipeline.fingerprint``). The encode stage checks it with its own encoder and the
+identities the plan and decode workers published (``jobs.identities``): if any is unknown
+it processes the item (``reuse_existing``). The decode stage checks again with its own
+decoder before running the model, and picks how to write each other output
+(``write_actions``). ``overwrite`` in the job's options skips reuse, except of an output this
+very job wrote (a duplicate delivery). Why this makes a duplicate delivery harmless:
+``docs/design.md``, "Delivery guarantees".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pixelrelay.jobs import identities
+from pixelrelay.pipeline import fingerprint as fp
+from pixelrelay.pipeline.imageio import format_for_uri
+from pixelrelay.pipeline.messages import ChunkMessage, Fingerprint, ItemRecord
+from pixelrelay.pipeline.stages.base import Encoder, StageSpec
+from pixelrelay.pipeline.storage import StorageError
+from pixelrelay.workers.batching import all_local, io_map
+from pixelrelay.workers.runtime import Runtime
+
+log = logging.getLogger("pixelrelay.worker")
+
+Planned = tuple[ItemRecord, fp.Decision, str | None]  # an item to decode: the write it needs, over which version
+
+
+@dataclass(frozen=True)
+class Existing:
+    """An output as found: whether it exists, its validated fingerprint, its version."""
+
+    present: bool
+    stored: fp.Stored | None = None
+    version: str | None = None
+
+
+def existing(rt: Runtime, uri: str) -> Existing:
+    """Read an output's fingerprint. A permanent error reading it counts as an output of
+    unknown fingerprint and version: never reused, replaced unconditionally."""
+    try:
+        head = rt.storage(uri).head(uri)
+    except StorageError as exc:
+        log.warning("cannot read the fingerprint of %s: %s", uri, exc)
+        return Existing(True)
+    if head is None:
+        return Existing(False)
+    return Existing(True, fp.from_metadata(head.metadata), head.version)
+
+
+def expected(msg: ChunkMessage, record: ItemRecord, specs: dict[str, str], ids: dict[str, str]) -> Fingerprint:
+    """The fingerprint this job gives the item's output, with these specs and identities."""
+    request = fp.request_fingerprint(msg.options, msg.backends, record.input, format_for_uri(record.output))
+    return Fingerprint(request=request, model=fp.model_fingerprint(specs, ids))
+
+
+def _existing_all(rt: Runtime, records: list[ItemRecord]) -> list[Existing]:
+    return io_map(rt, lambda r: existing(rt, r.output), records, inline=all_local(r.output for r in records))
+
+
+def _mark_reused(record: ItemRecord, stored: fp.Stored | None, job_id: str, stage: str) -> None:
+    record.status = "done"
+    record.outcome = fp.reuse_outcome(stored, job_id)
+    record.notes.append(f"output already answers this request ({stage} stage): {record.outcome}, not redone")
+
+
+def _published_models(rt: Runtime, msg: ChunkMessage, encoder: Encoder) -> tuple[dict[str, str], dict[str, str]] | None:
+    """Specs and identities of the three stages as they would run this chunk now, or None
+    when the plan or decode workers' identities are not known (not published, or disagreeing)."""
+    specs, ids = {"encoder": encoder.spec}, {"encoder": encoder.identity()}
+    stages = (("plan", "planner"), ("decode", "decoder"))
+    wanted = [
+        (stage, str(StageSpec.parse(w)) if (w := getattr(msg.backends, name)) else None) for stage, name in stages
+    ]
+    for (_, name), entry in zip(stages, identities.lookup_many(rt.redis, wanted), strict=True):  # one round trip
+        if entry is None:
+            return None
+        specs[name], ids[name] = entry.spec, entry.identity
+    return specs, ids
+
+
+def reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], encoder: Encoder) -> list[ItemRecord]:
+    """Pass items whose output already answers this request straight to done, before any
+    work; returns the others. Unknown identities or ``overwrite``: everything is processed."""
+    if not records or msg.options.overwrite:
+        return records
+    known = _published_models(rt, msg, encoder)
+    if known is None:
+        return records
+    specs, ids = known
+    rest = []
+    for record, found in zip(records, _existing_all(rt, records), strict=True):
+        fingerprint = expected(msg, record, specs, ids)
+        if fp.decide(found.present, found.stored, fingerprint, msg.job_id, overwrite=False) != "reuse":
+            rest.append(record)
+            continue
+        record.backends.update(specs)
+        record.models.update(ids)
+        record.fingerprint = fingerprint
+        _mark_reused(record, found.stored, msg.job_id, "encode")
+    return rest
+
+
+def write_actions(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord]) -> list[Planned]:
+    """The decode stage's check, each record's ``fingerprint`` set: items whose output
+    answers this request pass to done; the others are returned with the write each needs."""
+    planned: list[Planned] = []
+    for record, found in zip(records, _existing_all(rt, records), strict=True):
+        action = fp.decide(found.present, found.stored, record.fingerprint, msg.job_id, msg.options.overwrite)
+        if action == "reuse":  # an earlier job, or an earlier delivery of this chain
+            _mark_reused(record, found.stored, msg.job_id, "decode")
+        else:
+            planned.append((record, action, found.version))
+    return planned
