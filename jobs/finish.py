@@ -1,13 +1,16 @@
-"""Finishing a job: its manifest written once every item is done or failed, or once a
-cancelled job has no chain in flight.
+"""Finishing a job: its manifest, written once by one caller, when every item is done or failed
+or a cancelled job has no chain in flight.
 
 The manifest is the concatenation of the job's group files (``jobs.merge``): one object read
 per 10,000 items or more, not every part. Exactly one caller writes it: the claim
 (``JobState.claim_finalize``) is a lease the writer keeps alive, released if the write fails
 (a later caller retries) and given up by a writer that died. ``finish_pending`` tells the
-sweep to keep the chain that would finish the job. Items no part names are written as
-``cancelled``: one line per item, always. Who finishes a job, and when:
-``docs/design.md``, "Failure and recovery".
+sweep to keep the chain that would finish the job. A cancelled job's manifest is written by
+whoever sees no chain of its submission in flight: the last chain to end (it untracks itself
+first, so of two chains ending together at least one sees none left), the sweep, or
+``pixelrelay cancel`` after its grace (``force``). Items no part names are written as
+``cancelled``: one line per item, always. Who finishes a job, and when: ``docs/design.md``,
+"Failure and recovery".
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""A chunk's items in model batches: sources read and decoded ahead of the model, work spread
-over the I/O threads, and the batched model call that lets one bad item fail alone.
+"""A chunk's items in model batches: loaded ahead of the model, spread over the I/O threads.
+
+``call_isolated`` runs a batched model call so that one bad item fails alone.
 
 The decoded images a worker holds (the batch the model runs, plus the next one prefetched)
 stay within ``PIXELRELAY_PREFETCH_BYTES`` (``runtime.DecodeBudget``). A source over the

@@ -1,5 +1,4 @@
-"""The decode stage's outputs: encoded in the plan's format, then stored conditionally, a
-batch at a time as one group.
+"""The decode stage's outputs: encoded in the plan's format, then stored conditionally, one group a batch.
 
 A batch's outputs are encoded on the I/O threads while the next batch runs, then stored as
 one group (``Storage.put_many``): on local storage one sync makes the whole batch durable

@@ -1,5 +1,4 @@
-"""Reuse of existing outputs: an item whose output already answers this request goes
-straight to done instead of being made again.
+"""Reuse of existing outputs: an item whose output already answers this request is not made again.
 
 Every output carries the fingerprint of the request and models that made it
 (``pipeline.fingerprint``). The encode stage checks it with its own encoder and the

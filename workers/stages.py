@@ -1,5 +1,4 @@
-"""The three stage bodies, encode -> plan -> decode: each does one stage's work on a chunk's
-pending items, in model batches, and records the results on them.
+"""The three stage bodies, encode -> plan -> decode: one stage's work on a chunk's pending items.
 
 A body runs inside a delivery (``tasks.run_stage``, under ``workers.policy``) and must be
 idempotent: delivery is at-least-once (``docs/design.md``, "Delivery guarantees"). Items

@@ -1,5 +1,7 @@
-"""The Celery adapter: the three stage tasks, registered by ``register(app)`` when the app is
-created (``celery_app.get_app``), so importing this module needs no settings and no broker.
+"""The Celery adapter: the three stage tasks around the delivery policy (``run_stage``).
+
+``register(app)`` registers them when the app is created (``celery_app.get_app``), so
+importing this module needs no settings and no broker.
 
 Each task takes and returns a ``ChunkMessage`` as JSON: ids, keys and text only. A delivery
 (``run_stage``) checks the body's signature (kind ``chunk:<stage>``, ``verify_body``: one
