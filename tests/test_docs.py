@@ -221,3 +221,48 @@ def test_dotted_pixelrelay_names_exist():
     missing = [f"{name} (in {', '.join(sorted(files))})" for name, files in sorted(_names_in_docs().items())]
     missing = [m for m in missing if not resolves(m.split(" ")[0])]
     assert missing == [], "names that are no module or attribute:\n" + "\n".join(missing)
+
+
+# --- the docs against the code ----------------------------------------------------------
+
+
+def test_readme_shows_the_ci_test_command_and_the_quick_start():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    ci_test = [line.strip() for line in ci.splitlines() if line.strip().startswith("python -m pytest")]
+    assert ci_test and all(cmd in readme for cmd in ci_test)
+    assert 'python -m pytest -m "not e2e"' in readme
+    assert "pixelrelay demo demo-in && pixelrelay run demo-in --out demo-out --task upscale --scale 2" in readme
+
+
+def documented_commands() -> list[tuple[list[str], list[str]]]:
+    """(command words, options) of each row of the CLI reference in docs/operations.md."""
+    text = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = text[text.index("## CLI reference") : text.index("## Exit codes")]
+    rows = []
+    for line in section.splitlines():
+        m = re.match(r"^\| `pixelrelay ([^`]*)`", line)
+        if not m:
+            continue
+        words = []
+        for token in m.group(1).split():
+            if not re.fullmatch(r"[a-z]+(\\\|[a-z]+)*", token):
+                break
+            words.append(token.split("\\|")[0])
+        rows.append((words, re.findall(r"--[a-z][a-z0-9-]*", m.group(1))))
+    return rows
+
+
+def test_documented_cli_options_exist(capsys):
+    from pixelrelay.producer.cli import main
+
+    rows = documented_commands()
+    assert len(rows) >= 15
+    unknown = []
+    for words, options in rows:
+        with pytest.raises(SystemExit):
+            main([*words, "--help"])
+        help_text = capsys.readouterr().out
+        listed = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text))
+        unknown += [f"pixelrelay {' '.join(words)} {opt}" for opt in options if opt not in listed]
+    assert unknown == [], "documented options that --help does not list:\n" + "\n".join(unknown)
