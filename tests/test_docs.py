@@ -207,7 +207,7 @@ def _names_in_docs() -> dict[str, set[str]]:
     for path in markdown_files():
         for name in dotted_names(path.read_text(encoding="utf-8")):
             where.setdefault(name, set()).add(str(path.relative_to(REPO)))
-    for folder in PACKAGE_FOLDERS:
+    for folder in (*PACKAGE_FOLDERS, "benchmarks", "examples"):
         for path in sorted((REPO / folder).rglob("*.py")):
             if SKIPPED_PARTS & set(path.parts):
                 continue
