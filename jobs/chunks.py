@@ -1,25 +1,13 @@
 """Chunks in flight: where each chain of a job is, from the moment its message is sent until
-its manifest part is written. The sweep (``workers.sweep``) reads this to find lost chains.
+its manifest part is written. The sweep reads this to find lost chains.
 
     pixelrelay:job:<id>:chunks   hash   slot -> JSON {"stage", "since", "wait", "feeds"}
     pixelrelay:jobs:active       set    ids of jobs that have chunks in flight
 
-A *slot* names one chain of one submission: ``<seq>:<chunk>``, or ``<seq>:<chunk>:<part>``
-for the single-item chains of a split chunk (the part is the item's index).
-
-Invariants:
-
-* an entry is written *before* its chain's message is sent (feed, split, sweep re-send), so
-  a chain in the broker always has an entry, and its job is in the active set;
-* each stage rewrites the entry when it starts, when it waits for a retry (``wait`` is the
-  countdown) and when it hands off to the next stage; ``since`` is the time of that write;
-* the entry is deleted only after the chain's manifest part is written (``finish_chunk``);
-* a job leaves the active set when its manifest is written (or when the sweep finds it
-  finished or gone).
-
-Every stage message has a task id that names its slot (``task_id``), so the sweep can tell
-which slots wait in a queue without decoding message bodies. Values read from Redis are
-untrusted input: entries that are not the expected JSON are ignored (and dropped by the sweep).
+A slot is ``<seq>:<chunk>``, or ``<seq>:<chunk>:<part>`` for a split chunk's single items.
+Invariants: an entry is written before its chain's message is sent; each stage rewrites it
+when it starts, waits for a retry and hands off; it is deleted only after the manifest part
+is written. Entries read back are untrusted: malformed ones are ignored.
 """
 
 from __future__ import annotations

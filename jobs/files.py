@@ -3,21 +3,12 @@
     OUTPUT/_jobs/<job_id>/job.json                   the JobSpec
     OUTPUT/_jobs/<job_id>/inputs/<shard>.jsonl       the listing: Items, in index order
     OUTPUT/_jobs/<job_id>/parts/<chunk>-<seq>.jsonl  one ItemRecord per line, per chain
-    OUTPUT/_jobs/<job_id>/groups/<group>-<seq>.jsonl merged parts of ~10,000 items (``jobs.merge``)
-    OUTPUT/_jobs/<job_id>/manifest.jsonl             merged parts, one line per item
-    OUTPUT/_jobs/<job_id>/cancelled                  {"cancelled_at": t}: the job was cancelled
+    OUTPUT/_jobs/<job_id>/groups/<group>-<seq>.jsonl merged parts (pixelrelay.jobs.merge)
+    OUTPUT/_jobs/<job_id>/manifest.jsonl             one line per item
+    OUTPUT/_jobs/<job_id>/cancelled                  {"cancelled_at": t}
 
-Parts are written whole and never appended, so a redelivered chain just rewrites its part.
-A resubmission (``seq`` + 1) writes new parts; the merge keeps the newest line per item.
-The manifest of a cancelled job still has one line per item: an item that no part names
-gets a ``cancelled`` line (``output`` null, ``error`` "job cancelled").
-
-The finish writes the manifest from the group files (``jobs.merge.write_manifest``), not
-from the parts; ``merge_manifest`` here is the one-pass merge of every part, the reference
-that the group files must equal (tests, ``benchmarks/bench_finish.py``).
-
-A listed item with an ``error`` (the listing rejected it: see ``producer.listing``) enters its
-chain as a failed record (``record_for``); no stage writes anything for it.
+Parts are written whole, never appended, and the merge keeps the newest line per item.
+``merge_manifest`` is the one-pass reference merge that the group files must equal.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Which model identity each stage runs, published by the workers in Redis.
 
-A stage worker publishes, for every backend it has built, ``(spec, identity)`` under
-``keys.models(stage, spec)`` and, for its own default backend, also under
-``keys.models(stage, None)``. Each hash field is the JSON ``{"spec", "identity"}``, its
-value the unix time it is valid until (``keys.MODELS_TTL_S`` after the last refresh); the
-key itself expires too. ``lookup`` answers only when exactly one live, well-formed entry
-is there: no worker (yet), a malformed value, or workers that disagree (a rolling model
-change) all mean "unknown", and an unknown identity never lets an item be reused.
+``lookup`` answers only when exactly one live, well-formed entry is there: no worker, a
+malformed value or workers that disagree all mean "unknown", and an unknown identity never
+lets an item be reused.
 """
 
 from __future__ import annotations

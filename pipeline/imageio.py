@@ -1,33 +1,11 @@
 """Safe image decode and encode.
 
-``decode_image`` turns untrusted bytes into an upright 8-bit RGB array (+ alpha), or raises
-``ImageDecodeError`` with a one-line reason. It never returns a half-decoded image:
-truncated files, non-images, empty files and decompression bombs are all errors.
-``encode_image`` writes RGB(+alpha) back out, carrying the ICC profile and EXIF
-(less orientation, since the pixels are already upright). JPEG and WebP are lossy at
-``quality`` (1..100); WebP is lossless, pixel for pixel, with ``lossless=True``; PNG is
-always lossless.
-
-Limits (all checked from the header, before any pixel is decoded):
-
-* ``max_pixels`` (``PIXELRELAY_MAX_IMAGE_PIXELS``) bounds the source. It is authoritative
-  both ways: Pillow's own process-wide guard (``Image.MAX_IMAGE_PIXELS``) is raised to the
-  largest limit asked for, never lowered below it, so it only still catches what our check
-  cannot see (an image nested in another, as an ICO's PNG); the size is checked again after
-  the decode for formats whose size changes while decoding.
-* ``max_output_pixels`` (``PIXELRELAY_MAX_OUTPUT_PIXELS``) bounds the output the decoder
-  stage would write: ``width x height x scale^2``, or, where ``scale`` is the output size as
-  a function of the source's (an output target: ``pipeline.outsize``), that size.
-
-Colour and metadata: every output is RGB(A). An ICC profile is carried only when it
-describes RGB; a CMYK or grey source with an embedded CMYK or grey profile is converted
-to sRGB through it (the output then carries no profile: sRGB is the default), one with a
-mismatching or unreadable profile has it dropped with a note. The carried EXIF loses the
-orientation, the TIFF structural tags (``TIFF_STRUCTURAL_TAGS``: strip and tile layout,
-sample format, compression, sub-IFDs, embedded ICC and layer data) and the pixel
-dimensions. An ICC profile over ``MAX_ICC_BYTES`` or an EXIF over ``MAX_EXIF_BYTES`` is not
-carried (a note says so): the item still runs, and never fails at write time after its
-decode, as it did when a JPEG output could not hold the EXIF.
+``decode_image`` turns untrusted bytes into an upright 8-bit RGB array (+ alpha) or raises
+``ImageDecodeError``, never returning a half-decoded image. ``max_pixels`` and
+``max_output_pixels`` are checked from the header, before any pixel is decoded (Pillow's
+own guard is only ever raised to ours). ``encode_image`` writes RGB(A) with the source's RGB
+ICC profile and its EXIF less orientation and TIFF structural tags; an oversized profile or
+EXIF is left out with a note, so that an item never fails at write time.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The two builtin networks (pure torch): a degradation estimator and a conditional restorer.
 
-* ``DegradationNet`` (encoder): a small CNN over 64x64 RGB crops, plus fixed JPEG
-  quantisation-periodicity features of the crop's 8x8 luma DCT, -> noise sigma, blur sigma,
-  JPEG yes/no and quality, downscaled yes/no.
-* ``RestoreNet`` (decoder): a compact residual CNN in low-resolution space, FiLM-conditioned
-  on the degradation estimates (and the scale), predicting a residual over bicubic, with
-  pixel-shuffle heads for x1 (pixel-unshuffled input), x2 and x4. One shared body.
+``DegradationNet`` (encoder): a small CNN over 64x64 crops plus 8x8 DCT features -> noise,
+blur, JPEG and downscale estimates. ``RestoreNet`` (decoder): a residual CNN over bicubic,
+FiLM-conditioned on those estimates, with heads for x1, x2 and x4 on one body.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """``--notify``: POST a JSON summary of a job to a webhook when waiting for it ends.
 
-The URL comes from ``PIXELRELAY_NOTIFY_URL``, or from the file that
-``PIXELRELAY_NOTIFY_URL_FILE`` names (a mounted secret), never from argv: webhook URLs carry
-tokens. Invariants:
-
-* the URL is never printed, logged, or written to job.json or any other file; messages
-  name it by ``redact`` (scheme and host only), and error texts are built from status codes
-  and exception types, never from a text that might quote the URL;
-* delivery is tried ``ATTEMPTS`` times, backing off ``BACKOFF_S`` doubling, on connection
-  errors, timeouts, 408, 429 and 5xx; another 4xx is not retried;
-* an undeliverable notification prints a warning and changes nothing else: the job and the
-  command's exit code stay as they were (``post_summary`` returns False and never raises).
-
-``after_wait`` runs what ``--report`` and ``--notify`` ask for once ``submit --wait`` or
-``run`` stops waiting: the report (only if the job's manifest is written), then the POST.
+Invariants: the URL (``PIXELRELAY_NOTIFY_URL`` or ``_FILE``, never argv) is never printed,
+logged or stored (``redact``); delivery is retried ``ATTEMPTS`` times on connection errors,
+timeouts, 408, 429 and 5xx; a failed notification warns and changes nothing else
+(``post_summary`` never raises). ``after_wait`` runs ``--report``, then ``--notify``.
 """
 
 from __future__ import annotations

@@ -1,34 +1,11 @@
 """Job status: counts per state, progress with rate and ETA, and waiting for the end.
 
-Invariants:
-
-* On a terminal (stderr a TTY) progress is one line redrawn in place by ``rich``: it is
-  built for the console's current width, so it never wraps or leaves stale characters.
-* Elsewhere (a pipe, a log file) progress is plain text, one ``key=value`` line at most
-  every ``PLAIN_EVERY_S`` seconds while the counts change, plus the first and the last.
-* ``--timeout`` never touches the job: waiting stops (``WaitTimeout``), the job goes on.
-* Waiting survives Redis: while it is unreachable the progress shows "Redis unreachable,
-  retrying" and the loop retries with a backoff (0.5 s doubling to 5 s); a job Redis lost
-  is rebuilt from storage by the loop's ``Keeper`` (``producer.keeper``), which also sweeps
-  for lost chains every ``PIXELRELAY_SWEEP_INTERVAL_S``.
-* The ETA never claims the job is nearly done while nothing moves: once no item has
-  finished for ``Settings.stall_s`` seconds (``jobs.state.stalled_for``, from the
-  ``progress_at`` time that marking an item writes), the rich line shows "stalled N s"
-  instead of the ETA, and the plain line ``eta=--:-- stalled=N``.
-* A cancelled job ends with exit code 4 (``ExitCode.CANCELLED``), whatever its items did.
-  ``exit_code_for`` is the one mapping from a job's state to the exit code of ``status``
-  (and of ``submit --wait`` / ``run`` once the job ended); the Python API shares it.
-* ``job_info`` builds the machine-readable status (``JobStatusInfo``) that both
-  ``status --json`` and the Python API (``pixelrelay.api``) return: one source of truth.
-  With ``--json`` stdout holds exactly one JSON object and nothing else (no progress).
-
-``status`` never reads a job's parts: counts come from Redis, the failures it lists from
-the manifest (streamed, up to ``max_failures``), and a job whose manifest is overdue is
-finished through ``jobs.feed.finalize_if_complete``, which reads the group files
-(``jobs.merge``: one object per 10,000 items or more).
-
-Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
-are not kept there, so the display shows done / failed / pending.
+Invariants: a TTY gets one ``rich`` line redrawn to the console's width, anything else a
+``key=value`` line at most every ``PLAIN_EVERY_S``; ``--timeout`` stops the wait, never the
+job; waiting survives Redis outages (``pixelrelay.producer.keeper``); a job with no progress
+for ``Settings.stall_s`` shows "stalled" instead of an ETA; ``exit_code_for`` and ``job_info``
+are the one exit-code mapping and status record that the CLI and the API share. ``status``
+never reads a job's parts.
 """
 
 from __future__ import annotations

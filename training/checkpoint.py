@@ -1,19 +1,10 @@
 """Resumable training: a run that stops mid-way loses nothing, and the next run picks it up.
 
-A checkpoint (``OUT`` with the suffix ``.ckpt``, beside the weights) holds everything the
-loop needs to go on exactly as if it had never stopped: the net's and the optimiser's
-state, the step, the numpy generator that draws the crops and degradations, torch's CPU RNG,
-the losses of the current logging window and the training seconds so far, plus the run's
-identity (kind, seed, config) so that a checkpoint is never continued under another config.
-
-* Written atomically (a temporary file, fsync, ``os.replace``) every ``checkpoint_every``
-  steps (default: ``val_every``), at the end, and when SIGTERM or SIGINT stops the run (it
-  saves at the end of the step under way, then exits 143 / 130): a SIGKILL loses at most
-  the steps since the last checkpoint.
-* Read with ``torch.load(weights_only=True)``: tensors and plain values only, no pickle
-  code, whoever wrote the file.
-* A resumed run, with the same thread count on the same torch build, ends with the same
-  weights as an uninterrupted one (tests/training/test_resume.py checks it bit for bit).
+The checkpoint (``OUT`` + ``.ckpt``) holds the net, optimiser, step, RNGs, logging window and
+the run's identity (never continued under another config). Written atomically every
+``checkpoint_every`` steps, at the end and on SIGTERM/SIGINT; read with
+``torch.load(weights_only=True)``. A resumed run ends with the weights of an uninterrupted
+one (same torch build and thread count).
 """
 
 from __future__ import annotations

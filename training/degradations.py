@@ -1,21 +1,9 @@
 """The one degradation synthesis module, shared by training and evaluation.
 
-A Real-ESRGAN / BSRGAN style one-stage model: Gaussian blur, a downscale (bicubic, bilinear
-or area), Gaussian or Poisson noise in random order, then JPEG at a random quality (the final
-save). Everything is driven by an explicit ``numpy.random.Generator``, so a seed reproduces
-the exact degraded image.
-
-Each call returns the degraded image (HxWx3 uint8) and the *true* parameters, expressed
-where the encoder sees them, i.e. on the output (low-resolution) pixel grid:
-
-* ``noise_sigma``: the standard deviation (0-255) of the noise as it is present in the
-  output before JPEG. Noise added before a blur or a downscale is weakened by them; we track a
-  clean copy through the same linear steps and measure the difference, so this is exact.
-  JPEG never counts: the noise JPEG smears is reported as it was before the JPEG step (what
-  the restorer must undo), also when JPEG comes earlier (``p_jpeg_early``).
-* ``blur_sigma``: the Gaussian blur sigma in output pixels (0: none).
-* ``jpeg_quality``: the JPEG quality (None: not compressed).
-* ``downscaled``: whether a downscale step happened; ``scale`` the factor.
+Blur, downscale and noise in random order, then JPEG, driven by an explicit
+``numpy.random.Generator`` (a seed reproduces the image). Each call also returns the true
+parameters on the output pixel grid; ``noise_sigma`` is exact (a clean copy goes through the
+same linear steps) and never counts what JPEG smears.
 """
 
 from __future__ import annotations

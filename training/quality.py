@@ -1,35 +1,10 @@
 """``pixelrelay bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild] [--encoder-model FILE]``
 
-Measures restoration quality on the validation part of DIR (every fifth file of each folder,
-see ``pipeline.training.data``; ``--split all`` for every file) and prints a table.
-
-Each validation image is the ground truth; its degraded version comes from the one synthesis
-module (``pipeline.degradations``), seeded per image:
-
-* ``bicubic``: bicubic (anti-aliased) downscale by the scale;
-* ``realistic``: Gaussian blur, downscale (bicubic/bilinear/area) and Gaussian/Poisson noise
-  in random order, then JPEG at a random quality: all three of blur, noise and JPEG always
-  applied, the training distribution otherwise;
-* ``mild``: everyday files (``degradations.MILD``): light blur (sigma 0.3-1), bicubic
-  downscale, noise sigma 2-15, then JPEG quality 40-95.
-
-Three whole pipelines restore it back to full size:
-
-* ``bicubic``: plain bicubic upscaling (the baseline);
-* ``classic``: analysis encoder -> rules planner -> classic decoder;
-* ``builtin``: builtin encoder -> rules planner -> builtin decoder;
-
-and, for reference, ``builtin-net (true params)``: the bare network the plan would route to
-(the restorer for a degraded image, the upscaler for a clean one) given the true degradation.
-PSNR and SSIM are on the Y channel (BT.601), with ``scale`` pixels of border cropped.
-The encoder's estimates are checked against the true parameters (on the realistic images,
-and on extra noise-only, JPEG-only and blur-only versions of each image, and JPEG with noise
-or blur on top), and the builtin decoder is
-timed at batch 8 on 512x512 outputs, on a clean plan (the upscaler) and on a degraded one
-(the restorer, the slower network, which the speed floor is checked on). Edge overshoot
-(``degradations.edge_overshoot``: halos and ringing beyond the ground truth's local range
-on strong edges) is reported for every pipeline. Floors from the issues are checked and
-reported.
+Measures restoration quality on DIR's validation part (``pixelrelay.training.data``;
+``--split all`` for every file), degraded by ``pixelrelay.training.degradations``, for the
+bicubic, classic and builtin pipelines and the bare network given the true degradation:
+PSNR and SSIM on Y, edge overshoot, the encoder's estimates against the true parameters and
+the decoder's speed, checked against the floors.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""The Celery app and its configuration (see the ``workers`` package docstring for the
-delivery semantics). Importing this module imports no torch and needs no settings.
+"""The Celery app and its configuration. Importing this module imports no torch and needs no
+settings.
 
-* ``create_app(settings)`` a configured app that can send chains (the producer's);
-* ``get_app()``            the workers' app: created on first use from the environment,
-  once per process, with the stage tasks registered on it. ``celery -A pixelrelay.workers``
-  finds it through the package's ``app`` attribute.
-* ``configure_pool(app, settings, concurrency)`` a prefork pool's time limits and memory
-  ceiling per child (``workers.main`` applies it before starting the pool).
-
-This module is not called ``app``: a submodule of that name would shadow the package's
-``app`` attribute that ``celery -A`` looks up.
+Not called ``app``: a submodule of that name would shadow the package's ``app`` attribute
+that ``celery -A pixelrelay.workers`` looks up.
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """Stage interfaces.
 
-Each backend is constructed once per worker process (it may load a model) and then called
-with batches. Constructors take ``(model, device, settings)``: ``device`` is a torch device
-string (default CPU, fp32) and ``settings`` a ``Settings`` (default: its declared defaults).
-A backend never reads the environment; the caller (``Runtime.stage``) passes the settings.
-
-A backend class describes itself with class attributes the registry and
-``pixelrelay models`` read without building it: ``default_model`` (loaded when the spec
-names no MODEL), ``extra`` (the pip extra it needs, e.g. "diffusers") and
-``models_for(model)`` (what ``models pull`` fetches for a spec). Importing a built-in
-backend's module must not import torch (``pixelrelay models list`` stays light).
-
-Every stage refuses a batch whose parallel inputs differ in length (``BatchMismatchError``).
-
-``identity()`` names the weights a built backend runs (part of every output's fingerprint,
-``pipeline.fingerprint``): the kind for weight-free backends, the hub commit or a local
-folder's file stamps for Hugging Face backends; backends with shipped weights hash them.
-It is computed once per backend and must change whenever the outputs may.
+A backend is built once per worker process as ``Class(model=, device=, settings=)`` and never
+reads the environment. It describes itself through class attributes read without building
+it (``default_model``, ``extra``, ``models_for``), and importing its module must not import
+torch. Every stage refuses a batch whose inputs differ in length (``BatchMismatchError``).
+``identity()`` names the weights a backend runs (part of every output's fingerprint) and must
+change whenever its outputs may.
 """
 
 from __future__ import annotations

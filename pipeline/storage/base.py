@@ -1,36 +1,11 @@
 """The storage interface, its errors, and URI helpers.
 
-Every object is addressed by a full URI (a local path or ``s3://bucket/key``). Writes are
-atomic: readers never see a partial object (local: temp file + rename; S3: one PUT or a
-completed multipart upload). Local files get the mode the process umask allows (0644 under
-umask 022), as if created by ``open``; S3 objects get a Content-Type, the one given or else
-the one their key's extension names (``binary/octet-stream``, S3's own default, otherwise).
-
-``put`` may attach ``metadata`` (ASCII str -> str; S3 user metadata, a hidden sidecar for
-local files) that ``head`` reads back, and may be conditional: ``if_absent=True`` writes
-only where no object exists yet (S3 ``If-None-Match: *``, local ``link`` with O_EXCL
-semantics) and raises ``StorageConflictError`` otherwise, leaving the existing bytes alone;
-``if_version=V`` replaces the object only if it is still the version ``head`` saw (S3
-``If-Match: ETAG``, atomic; local: inode/size/mtime compared just before the rename, which
-narrows the race to that instant but cannot close it).
-
-``iter_lines`` streams a text object line by line (a manifest of millions of lines is never
-held whole). A local storage may have a **root** (``open_storage(..., root=...)``): it then
-refuses, with ``StorageEscapeError``, every write or delete whose real path (symlinks of the
-parent folders resolved) leaves the root's real path. Local ``OSError``s never escape the
-interface: ``os_error`` maps them to ``StorageNotFoundError``, ``StorageFullError`` (ENOSPC,
-EDQUOT, EFBIG: permanent, so the item fails at once rather than retrying into a full disk),
-``StorageAccessError`` (EACCES, EPERM, EROFS), ``TransientStorageError`` (timeouts, EAGAIN,
-EBUSY, a stale or unreachable network mount) or else ``StorageError``; each message names the
-path and the system's reason.
-``put_many`` writes a group of ``PutRequest``s, each exactly as ``put`` would, and answers
-one outcome per request (None, or the exception that request met: one failing never stops
-the others). A backend may commit the group together: local storage makes all the group's
-bytes durable with one file-system sync before any name points at them (``storage.local``);
-S3 puts them one by one.
-``list_info`` is ``list`` with each object's size and last-modified time (local: mtime; S3:
-LastModified, from the same listing pages); the base class derives it from ``list`` and
-``get`` for other backends (correct, not cheap).
+Contracts of every backend: objects are addressed by full URI; writes are atomic (never a
+partial object); ``put(if_absent=True)`` raises ``StorageConflictError`` where an object
+exists, leaving it alone, and ``if_version`` replaces only the version ``head`` saw;
+``put_many`` answers one outcome per request; ``iter_lines`` streams. A local root refuses
+escaping writes (``StorageEscapeError``), and ``os_error`` maps every local ``OSError`` to a
+storage error (a full disk is permanent).
 """
 
 from __future__ import annotations

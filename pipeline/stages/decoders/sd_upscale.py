@@ -1,20 +1,9 @@
-"""Stable Diffusion x4 upscaler decoder (``sd-upscale:MODEL``), an optional extra.
+"""Stable Diffusion x4 upscaler decoder (``sd-upscale:MODEL``, the ``diffusers`` extra).
 
-Needs diffusers: ``pip install 'pixelrelay[diffusers]'``. MODEL defaults to
-stabilityai/stable-diffusion-x4-upscaler (a hub id or a local ``save_pretrained`` folder).
-
-The plan drives it: ``plan.prompt`` / ``plan.negative_prompt`` guide the diffusion (the
-caption-based rules prompt when the plan has none), and the plan's noise estimate raises the
-pipeline's ``noise_level`` (how much it is allowed to re-imagine). The model is natively
-x4: a x2 plan is downscaled with antialiasing, a x1 plan back to the input size.
-
-Like every learned decoder (``LearnedDecoder``): tiled inference under the memory budget
-(``PIXELRELAY_SD_TILE`` caps tiles at 128 px by default, the model's training crop, since
-bigger tiles diffuse worse; tiles are multiples of 8, feathered blending hides the seams
-between independently diffused tiles), the out-of-memory fallback, fp16/bf16 on GPU, alpha upscaled separately
-and re-attached. Attention slicing and VAE tiling are on by default. Items share a pipeline
-call only with the same prompts and noise level. The diffusion noise of each tile is seeded
-from the tile's own pixels, so results do not depend on batching or on neighbouring items.
+The plan's prompts guide it and its noise estimate raises ``noise_level``. Natively x4.
+Tiles are capped at 128 px (``PIXELRELAY_SD_TILE``, the model's training crop); items share
+a call only with the same prompts and noise level; each tile's noise is seeded from its own
+pixels, so results do not depend on batching.
 """
 
 from __future__ import annotations
