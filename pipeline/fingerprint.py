@@ -36,7 +36,10 @@ def _digest(value: object) -> str:
 
 
 def request_fingerprint(options: JobOptions, backends: Backends, input_uri: str, output_format: str) -> str:
-    """What was asked of one item (see the module docstring for the fields)."""
+    """What was asked of one item: task, effective scale (an int where integral, None for a
+    box), instruction, output format, quality, lossless, the job's backend specs (None: the
+    worker's default) and the input URI, plus ``strip_metadata``, ``width`` and ``height``
+    when set. Not ``overwrite``, nor the package version."""
     fields = {
         "task": options.task,
         "scale": options.effective_scale(),
@@ -47,7 +50,7 @@ def request_fingerprint(options: JobOptions, backends: Backends, input_uri: str,
         "backends": {name: getattr(backends, name) for name in STAGE_BACKENDS},
         "input": input_uri,
     }
-    if options.strip_metadata:  # only when set: the fingerprints of earlier requests stay
+    if options.strip_metadata:  # only when set: requests without it keep their fingerprints
         fields["strip_metadata"] = True
     for name in ("width", "height"):  # likewise (a box's scale is None)
         if getattr(options, name) is not None:

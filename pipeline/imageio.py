@@ -331,7 +331,9 @@ def _grey_to_rgb(img: Image.Image, profile: bytes, notes: list[str]) -> Image.Im
 
 
 def _to_output_colour(img: Image.Image, icc: bytes | None, notes: list[str]) -> tuple[Image.Image, bytes | None]:
-    """The image and the ICC profile to carry for an RGB output (see the module docstring)."""
+    """The image and the ICC profile to carry for an RGB output: an RGB profile is carried; a
+    CMYK or grey source with a profile of its own space is converted to sRGB through it (no
+    profile carried then); a mismatching or unreadable profile is dropped with a note."""
     if not icc:
         return img, None
     if len(icc) > MAX_ICC_BYTES:

@@ -105,7 +105,11 @@ class Incremental:
         self.db.executemany(sql, batch)
 
     def fold(self) -> None:
-        """Merge every ended job's results into the index, and store it (see **Folding**)."""
+        """Merge every ended job's results into the index, and store it. A pending jobs file
+        whose job has a manifest is merged in, oldest job first (``job.json``'s
+        ``created_at``), then deleted; one whose job has no manifest yet stays pending; one
+        whose job has no ``job.json`` is deleted. An item is marked done only when its
+        manifest line is ``done`` with this request's fingerprint."""
         pending = []
         for uri in self.storage.list(self._jobs_prefix()):
             job_id = uri.rsplit("/", 1)[-1].removesuffix(".jsonl")
@@ -177,14 +181,16 @@ class Incremental:
             self.counts.sent += 1
 
     def _drop_stale(self, output: str) -> None:
-        """Delete a changed input's old output (see **Changed inputs**)."""
+        """Delete the output of an input whose bytes changed under the same request (and its
+        sidecar): the output fingerprint does not cover the input's bytes, so the encode stage
+        would otherwise reuse it."""
         try:
             self.storage.delete(output)
         except StorageNotFoundError:
             pass
 
     def record(self, job_id: str) -> None:
-        """Store what this job is sent (before its spec: see **Folding**)."""
+        """Store what this job is sent, before its spec, for ``fold`` to merge once it ends."""
         self._sent.seek(0)
         self.storage.put_file(join_uri(self._jobs_prefix(), f"{job_id}.jsonl"), self._sent, "application/x-ndjson")
 

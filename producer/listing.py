@@ -44,7 +44,8 @@ class InputError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def listed_extensions() -> tuple[str, ...]:
-    """The extensions a folder or prefix listing takes (see the module docstring)."""
+    """The extensions a folder or prefix listing takes: ``constants.INPUT_EXTENSIONS``, plus
+    ``.avif`` when this Pillow reads AVIF and ``.heic``/``.heif`` with ``pillow-heif``."""
     extensions = C.INPUT_EXTENSIONS
     if features.check("avif"):
         extensions += C.AVIF_EXTENSIONS
@@ -389,7 +390,10 @@ def list_items(
 def list_versioned_items(
     input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool = False
 ) -> Iterator[tuple[Item, str]]:
-    """``list_items`` as (item, version) pairs (see **Versions** in the module docstring)."""
+    """``list_items`` as (item, version) pairs, for ``submit --incremental``. A version
+    changes when the source's bytes are replaced: an S3 object's ETag (from the listing pages:
+    no extra request), a local file's ``<size>:<mtime_ns>``; a manifest's entries are
+    ``stat``-ed or ``HEAD``-ed one by one; a rejected source's version is ""."""
     return _list(input_uri, output_uri, storage, fmt, follow_symlinks, versions=True)
 
 

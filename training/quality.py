@@ -126,7 +126,7 @@ def evaluate(hrs, scale: int, degradation: str, pipes, log=print) -> dict[str, A
     return res
 
 
-# JPEG with something on top (#15): an edited and re-saved JPEG, x1, the other step mild.
+# JPEG with something on top: an edited and re-saved JPEG, x1, the other step mild.
 JPEG_THEN_NOISE = D.DegradationConfig(
     p_blur=0, p_noise=1, p_jpeg=1, p_jpeg_early=1, jpeg_quality=(10, 95), noise_sigma=(2.0, 15.0), p_poisson=0.0
 )
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{clean_s:.3f} s per output on a clean plan (upscaler), {degraded_s:.3f} s on a "
             f"degraded one (restorer)"
         )
-    # Floors (the builtin-models issues; #15's where it raised them)
+    # Floors: the quality the builtin models must reach
     checks = []
     gains = (
         ("bicubic_x2", "x2 over bicubic >= 3.2 dB", "builtin_gain_over_bicubic_db", 3.2),

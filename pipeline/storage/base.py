@@ -98,7 +98,11 @@ _TRANSIENT_ERRNOS = {
 
 
 def os_error(exc: OSError, path: str) -> Exception:
-    """A local ``OSError`` as the storage error it means (see the module docstring)."""
+    """A local ``OSError`` as the storage error it means, its message naming the path and the
+    system's reason: ``StorageNotFoundError``; ``StorageFullError`` (ENOSPC, EDQUOT, EFBIG:
+    permanent, so the item fails at once rather than retrying into a full disk);
+    ``StorageAccessError`` (EACCES, EPERM, EROFS); ``TransientStorageError`` (timeouts,
+    EAGAIN, EBUSY, a stale or unreachable network mount); else ``StorageError``."""
     what = exc.strerror or str(exc) or type(exc).__name__
     message = f"{what}: {path}"
     if isinstance(exc, FileNotFoundError):

@@ -69,7 +69,7 @@ def crop_positions(length: int, crop: int = CROP, n_max: int = MAX_CROPS_PER_AXI
 def select_crops(n_candidates: int, n: int = N_CROPS) -> list[int]:
     """Indices (row-major) of the candidates the CNN sees: all of them up to ``n``, else ``n``
     evenly spread ones. Depends on the count only, so it is deterministic. (Picking crops by
-    texture was tried: on the validation images it made the noise estimate worse.)"""
+    texture makes the noise estimate worse on the validation images.)"""
     if n_candidates <= n:
         return list(range(n_candidates))
     return sorted({int(round(i)) for i in np.linspace(0, n_candidates - 1, n)})
@@ -199,9 +199,9 @@ class BuiltinEncoder(Encoder):
     def compute_identity(self) -> str:
         from pixelrelay.pipeline.fingerprint import file_sha256
 
-        # The estimate's own version beside the weights: v2 reads 8 crops and fits JPEG tables
-        # only on pixel evidence (#14), so its plans, and outputs, may differ from v1's; v3
-        # reads strong noise from the measured sigma (#15).
+        # The estimate's own version beside the weights: how the estimate is computed from the
+        # CNN (crops, the JPEG table fit, the measured noise) changes plans and outputs, so a
+        # change there bumps ESTIMATE_VERSION, as new weights change the hash.
         return f"builtin:sha256:{file_sha256(_weights_path(self.model))}:estimate-v{ESTIMATE_VERSION}"
 
     @classmethod
