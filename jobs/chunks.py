@@ -108,7 +108,16 @@ class ChunksInFlight:
         now: float | None = None,
         pipe: redis.client.Pipeline | None = None,
     ) -> None:
-        """Set the chain's entry to ``stage``; queued on ``pipe`` when given (its caller runs it)."""
+        """Set the chain's entry to ``stage``, written before its message is sent.
+
+        Args:
+            slot: the chain.
+            stage: the stage the chain is at, or is sent to.
+            feeds: whether finishing the chain feeds the job's next chunk.
+            wait: a retry's countdown in seconds (the sweep leaves the chain alone meanwhile).
+            now: the entry's ``since``; None: the current time.
+            pipe: queue the write on this pipeline (its caller runs it) instead of writing now.
+        """
         entry = Entry(stage, time.time() if now is None else now, wait, feeds)
         own = pipe is None
         pipe = self.r.pipeline() if own else pipe

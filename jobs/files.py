@@ -126,6 +126,17 @@ def read_chunk(storage: Storage, output: str, job_id: str, chunk: int, chunk_siz
 def write_part(
     storage: Storage, output: str, job_id: str, chunk: int, seq: int, records: list[ItemRecord], part: str = ""
 ) -> None:
+    """Write a chain's manifest part, whole (a redelivered chain rewrites it).
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        chunk: the chain's chunk.
+        seq: the submission that wrote it.
+        records: one ``ItemRecord`` per line.
+        part: the item's index for a split chunk's single-item chain, else "".
+    """
     lines = [manifest_line(r) for r in records]
     storage.put(part_uri(output, job_id, chunk, seq, part), _lines(lines), "application/x-ndjson")
 
@@ -133,7 +144,19 @@ def write_part(
 def read_part(
     storage: Storage, output: str, job_id: str, chunk: int, seq: int, part: str = ""
 ) -> list[ItemRecord] | None:
-    """A chain's manifest part as written, or None if it was not written."""
+    """A chain's manifest part as written.
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        chunk: the chain's chunk.
+        seq: the submission that wrote it.
+        part: the item's index for a split chunk's single-item chain, else "".
+
+    Returns:
+        The part's records, or None if it was not written.
+    """
     try:
         body = storage.get(part_uri(output, job_id, chunk, seq, part))
     except StorageNotFoundError:

@@ -219,9 +219,22 @@ def merge_group(
     keepalive: Keepalive = _nothing,
     parts: PartLister | None = None,
 ) -> Merged:
-    """Merge the group's lines as of submission ``seq``: its newest older group file (from
-    ``older``, ``list_group_files``' answer; None: list now) plus the parts of later
-    submissions up to ``seq``. Reads nothing it does not need; writes nothing."""
+    """Merge the group's lines as of submission ``seq``. Reads nothing it does not need; writes
+    nothing.
+
+    Args:
+        storage: the job's output storage.
+        spec: the job.
+        geo: the job's group geometry.
+        group: the group to merge.
+        seq: the submission merged up to.
+        older: ``list_group_files``' answer, to find the group's newest older file; None: list it.
+        keepalive: called now and then, to keep a claim alive during a long merge.
+        parts: lists the group's parts; None: a lister for ``storage``.
+
+    Returns:
+        The group's rows: its newest older group file plus the parts of later submissions.
+    """
     items = geo.items(group)
     older = list_group_files(storage, spec.output, spec.job_id) if older is None else older
     base_seq = max((s for s in older.get(group, ()) if s < seq), default=0)

@@ -70,9 +70,24 @@ def start(state: JobState, storage: Storage, spec: JobSpec, send: Send, window: 
 def rebuild(
     client: redis.Redis, storage: Storage, output: str, job_id: str, send: Send, window: int, *, signer: Signer
 ) -> int | None:
-    """Rebuild job ``job_id`` of ``output`` if Redis does not know it; returns the new seq,
-    or None when Redis knows the job (or another process is rebuilding it right now). The
-    spec it writes to Redis is signed with ``signer``."""
+    """Rebuild job ``job_id`` of ``output`` from storage if Redis does not know it.
+
+    Args:
+        client: Redis.
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        send: sends a chain (the feed's first ``window`` chains).
+        window: chains of the job kept in the broker.
+        signer: signs the spec written to Redis.
+
+    Returns:
+        The new submission's seq, or None when Redis knows the job (or another process is
+        rebuilding it).
+
+    Raises:
+        RebuildError: the job's spec in storage is missing or invalid.
+    """
     state = JobState(client, job_id, signer)
     if state.exists():
         return None

@@ -353,6 +353,16 @@ class JobState:
         return ((bits >> (size * 8 - hi)) & ((1 << (hi - lo)) - 1)).bit_count()
 
     def finish(self, seq: int, manifest: str, done: int, failed: int, missing: int = 0, cancelled: int = 0) -> None:
+        """Record that the manifest of submission ``seq`` is written, and let the job's keys expire.
+
+        Args:
+            seq: the submission.
+            manifest: the manifest's URI.
+            done: items done.
+            failed: items failed.
+            missing: the job's items that the manifest has no row for.
+            cancelled: items left unfinished by a cancel.
+        """
         pipe = self.r.pipeline()
         pipe.hset(
             self.key,

@@ -398,9 +398,20 @@ def encode_image(
     quality: int = DEFAULT_QUALITY,
     lossless: bool = False,
 ) -> tuple[bytes, list[str]]:
-    """Encode to ``fmt`` (png|jpg|webp). Returns the bytes and any notes (e.g. alpha dropped).
+    """Encode an image, carrying its ICC profile and EXIF where the format can.
 
-    ``quality`` (1..100) applies to JPEG and to WebP unless ``lossless``."""
+    Args:
+        rgb: HxWx3 uint8 pixels.
+        fmt: png, jpg or webp.
+        alpha: HxW uint8 alpha, or None (JPEG drops it, with a note).
+        icc_profile: the ICC profile to carry, or None.
+        exif: the EXIF to carry (orientation reset), or None.
+        quality: 1..100, for JPEG and for WebP unless ``lossless``.
+        lossless: lossless WebP.
+
+    Returns:
+        The encoded bytes and the notes (e.g. alpha dropped, EXIF too large).
+    """
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"unsupported output format {fmt!r}")
     if not 1 <= quality <= 100:

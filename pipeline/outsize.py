@@ -153,8 +153,18 @@ def _resampled(
     device,
     model: str | None = None,
 ) -> RestoredImage:
-    """``result`` resampled to ``size``, with its notes; ``model``: the plan's model where it
-    ran at a scale of its own."""
+    """``result`` resampled to ``size``, with its notes.
+
+    Args:
+        result: the decoder's output at its native scale.
+        image: the source.
+        target: the plan's output target.
+        native: the scale the decoder ran.
+        size: the exact output size.
+        natives: the decoder's native scales (for the note).
+        device: where the resample runs.
+        model: the plan's model where it ran at a scale of its own, else None.
+    """
     from pixelrelay.pipeline import tensors
 
     got = (result.rgb.shape[1], result.rgb.shape[0])

@@ -143,7 +143,21 @@ def collect(
     stream: TextIO | None = None,
     now: float | None = None,
 ) -> GcResult:
-    """Remove (or, ``dry_run``, list) old jobs' parts, listings and reports under ``output``."""
+    """Remove (or list) old jobs' parts, listings and reports under ``output``.
+
+    Args:
+        settings: for Redis, to tell running jobs apart.
+        output: the output root.
+        older_than_s: collect jobs whose newest object is older than this.
+        dry_run: delete nothing; report what would go.
+        include_manifests: remove whole job folders, manifests included.
+        force: without Redis, collect jobs that may still be running.
+        stream: where to print what is removed; None: nowhere.
+        now: the current time (tests).
+
+    Returns:
+        What was removed, and the jobs kept with the reason.
+    """
     stream = stream or sys.stdout
     storage = open_storage(output, settings.s3_endpoint_url, settings)
     cutoff = (time.time() if now is None else now) - older_than_s

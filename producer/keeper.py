@@ -33,6 +33,16 @@ class Keeper:
         send: Send | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Keep one job alive while a producer waits for it.
+
+        Args:
+            client: Redis.
+            settings: sweep interval, window and signing key.
+            job_id: the job.
+            output: its output root (where it is rebuilt from).
+            send: sends a chain; None: a Celery app's sender, made on first use.
+            clock: monotonic seconds (tests).
+        """
         self.client, self.settings, self.job_id, self.output = client, settings, job_id, output
         self._send, self.clock = send, clock
         self.last_sweep = clock()

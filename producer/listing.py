@@ -349,8 +349,19 @@ def iter_sources(
     root: _ManifestRoot | None = None,
     versions: bool = False,
 ) -> Iterator[Source]:
-    """The input's sources, streaming, in listing order. A manifest's entries carry their
-    full path; ``root`` (when given) learns their common folder."""
+    """The input's sources, streaming, in listing order.
+
+    Args:
+        input_uri: a folder, an ``s3://`` prefix or a manifest file.
+        storage: storage for ``input_uri``.
+        output_uri: the output root, never listed as an input.
+        follow_symlinks: follow symlinked files and folders.
+        root: learns a manifest's common folder, when given.
+        versions: read each source's version too.
+
+    Returns:
+        The sources; a manifest's entries carry their full path.
+    """
     if _is_manifest(input_uri, storage):
         return _manifest_sources(input_uri, storage, root or _ManifestRoot(), versions)
     if is_s3(input_uri):

@@ -89,7 +89,19 @@ def post_summary(
     backoff_s: float = BACKOFF_S,
     timeout_s: float = TIMEOUT_S,
 ) -> bool:
-    """POST ``summary`` as JSON; True once a 2xx came back. Never raises."""
+    """POST ``summary`` as JSON to the webhook. Never raises.
+
+    Args:
+        url: the webhook (never printed: see ``redact``).
+        summary: the JSON body.
+        stream: where warnings go; None: stderr.
+        attempts: tries in all, on connection errors, timeouts, 408, 429 and 5xx.
+        backoff_s: the first wait between tries, doubling.
+        timeout_s: per request.
+
+    Returns:
+        True once a 2xx came back.
+    """
     stream = stream or sys.stderr
     body = json.dumps(summary).encode()
     where = redact(url)
@@ -167,8 +179,18 @@ def after_wait(
     url: str | None,
     stream: TextIO | None = None,
 ) -> None:
-    """``--report`` and ``--notify`` once waiting ended with ``exit_code``; never raises and
-    never changes the exit code (problems are printed as warnings)."""
+    """Run ``--report`` and ``--notify`` once waiting for a job ended. Never raises and never
+    changes the exit code: problems are printed as warnings.
+
+    Args:
+        settings: for Redis and storage.
+        job_id: the job.
+        output: its output root.
+        exit_code: how the wait ended.
+        report: write the job's report (only if its manifest is written).
+        url: the webhook to POST a summary to, or None.
+        stream: where messages go; None: stderr.
+    """
     stream = stream or sys.stderr
     from pixelrelay.jobs.state import JobState, is_finished
     from pixelrelay.producer.report import write_report

@@ -206,14 +206,28 @@ def wait_for_job(
     plain_every_s: float = PLAIN_EVERY_S,
     keeper: Keeper | None = None,
 ) -> Counts:
-    """Block until the job's manifest is written, showing progress on ``console`` (default:
-    one for ``stream``; ``stream=None`` and no console: no progress at all). ``health`` may
-    return a reason to give up (e.g. a local worker died): WaitAborted. After ``timeout_s``
-    seconds: WaitTimeout.
+    """Block until the job's manifest is written, showing progress.
 
-    ``keeper`` (``producer.keeper``) keeps the job alive on every tick: it rebuilds the job
-    when Redis lost it and sweeps for lost chains. While Redis is unreachable the loop shows
-    "Redis unreachable, retrying" and retries with a backoff (health and timeout still apply).
+    While Redis is unreachable the loop shows "Redis unreachable, retrying" and retries with a
+    backoff (``health`` and ``timeout_s`` still apply).
+
+    Args:
+        state: the job.
+        settings: stall time and Redis settings.
+        stream: progress goes here; None (and no ``console``): no progress at all.
+        poll_s: seconds between reads of the counts.
+        health: returns a reason to give up (e.g. a local worker died), or None.
+        timeout_s: give up waiting after this long; the job goes on.
+        console: a rich console for the progress line; None: one for ``stream``.
+        plain_every_s: at most one plain progress line this often.
+        keeper: rebuilds the job when Redis lost it, and sweeps (``pixelrelay.producer.keeper``).
+
+    Returns:
+        The job's final counts.
+
+    Raises:
+        WaitAborted: ``health`` gave a reason.
+        WaitTimeout: ``timeout_s`` passed.
     """
     view = _QuietView() if console is None and stream is None else _view(console or Console(file=stream), plain_every_s)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -409,10 +423,21 @@ def show_status(
     output: str | None = None,
     as_json: bool = False,
 ) -> int:
-    """Print the job's progress (``wait``: until it ends). With ``output``, a job that Redis
-    does not know is rebuilt from its files there first (``jobs.recover``). ``as_json``:
-    no progress; ``stream`` gets one JSON object (``JobStatusInfo.to_json``), the job's
-    status at the end (on a timeout too), and messages go to stderr."""
+    """Print the job's progress.
+
+    Args:
+        settings: Redis, storage and signing settings.
+        job_id: the job.
+        wait: follow the job until it ends.
+        stream: where the status goes.
+        timeout_s: stop waiting after this long.
+        output: the job's output root: a job Redis does not know is rebuilt from it first.
+        as_json: no progress; ``stream`` gets exactly one JSON object (``JobStatusInfo.to_json``),
+            the job's status at the end (on a timeout too); messages go to stderr.
+
+    Returns:
+        The exit code (``exit_code_for``).
+    """
     client = redis_client(settings)
     state = JobState(client, job_id, settings.signer())
     messages = sys.stderr if as_json else stream

@@ -53,6 +53,16 @@ def save(
     rng: np.random.Generator,
     progress: Progress,
 ) -> None:
+    """Write the checkpoint atomically (temporary file, fsync, ``os.replace``).
+
+    Args:
+        path: the checkpoint file.
+        run_id: the run's identity (kind, seed, config); a resume checks it.
+        net: the network.
+        opt: its optimiser.
+        rng: the generator that draws crops and degradations.
+        progress: the step, the logging window and the training seconds.
+    """
     state = {
         "format": FORMAT,
         "identity": run_id,

@@ -251,11 +251,21 @@ def edge_overshoot(
     edge_quantile: float = 0.9,
     min_gradient: float = 20.0,
 ) -> float:
-    """Mean overshoot on strong edges, in Y levels (0-255 scale): how far ``out`` goes above
-    the ground truth's local maximum or below its local minimum (a (2·radius+1)² window),
-    averaged over the pixels within ``radius`` of a strong edge of ``gt`` (Sobel magnitude
-    above its ``edge_quantile`` and above ``min_gradient``). Halos and ringing raise it; a
-    faithful or a blurry output keeps it near 0."""
+    """Mean overshoot on strong edges, in Y levels (0-255 scale): how far ``out`` goes above the
+    ground truth's local maximum or below its local minimum. Halos and ringing raise it; a
+    faithful or a blurry output keeps it near 0.
+
+    Args:
+        out: the restored image.
+        gt: the ground truth, the same size.
+        border: pixels cropped from each side first.
+        radius: the local window is (2·radius+1)², and pixels within ``radius`` of an edge count.
+        edge_quantile: an edge's Sobel magnitude is above this quantile of ``gt``'s...
+        min_gradient: ...and above this.
+
+    Returns:
+        The mean overshoot over the pixels near strong edges.
+    """
     from scipy.ndimage import binary_dilation, maximum_filter, minimum_filter, sobel
 
     y, o = _crop_border(rgb_to_y(gt), border), _crop_border(rgb_to_y(out), border)

@@ -225,8 +225,16 @@ def degraded_plan(scale: int):
 def time_decoder(
     dec, batch: int = 8, out_size: int = 512, scale: int = 2, repeats: int = 2, degraded: bool = False
 ) -> float:
-    """Best-of-``repeats`` seconds per output of ``dec.restore`` on a batch of ``batch`` images:
-    a clean plan (the upscaler), or with ``degraded`` a plan with operations (the restorer)."""
+    """Best-of-``repeats`` seconds per output of ``dec.restore``.
+
+    Args:
+        dec: the builtin decoder.
+        batch: images per call.
+        out_size: the outputs' side in pixels.
+        scale: the plan's scale.
+        repeats: timed calls; the best counts.
+        degraded: a plan with operations (the restorer) instead of a clean one (the upscaler).
+    """
     from pixelrelay.pipeline.messages import Plan
 
     rng = np.random.default_rng(0)

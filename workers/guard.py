@@ -144,10 +144,22 @@ def _under_jobs_dir(root: str, uri: str) -> bool:
 def transient_retry(
     state: JobState, stage: str, msg: ChunkMessage, retries: int, exc: BaseException, limits: Limits = Limits()
 ) -> float:
-    """The countdown before checking ``msg`` again after a transient error (Redis, storage),
-    as the delivery policy would retry it; logged "transient error". The wait is written into
-    the chain's entry when the chain is tracked, so that the sweep does not re-send it
-    meanwhile; an entry is never created for an unchecked message."""
+    """The countdown before checking ``msg`` again after a transient error (Redis, storage), as the
+    delivery policy would retry it; logged "transient error". The wait is written into the
+    chain's entry when the chain is tracked, so that the sweep does not re-send it meanwhile;
+    an entry is never created for an unchecked message.
+
+    Args:
+        state: the message's job.
+        stage: the stage checking it.
+        msg: the message.
+        retries: retries spent so far.
+        exc: the transient error.
+        limits: the backoff.
+
+    Returns:
+        Seconds to wait.
+    """
     countdown = limits.countdown(retries)
     log.warning(
         "%s chunk %s/%d: transient error (%s) checking the message, retry %d in %.1fs",

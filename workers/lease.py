@@ -59,6 +59,17 @@ class Lease:
         on_timeout: Callable[[float], None],
         owner: str | None = None,
     ) -> None:
+        """A lease on one slot, armed by ``with``.
+
+        Args:
+            client: Redis.
+            job_id: the job.
+            slot: the chain.
+            timing: lease length, renewal and per-item budget.
+            items: pending items: the budget is ``items x item_budget_s``.
+            on_timeout: called with the budget in the heartbeat thread once the budget is spent.
+            owner: the lease's value; None: this worker's id.
+        """
         self.r, self.key, self.timing = client, keys.lease(job_id, slot.name), timing
         self.owner = owner or worker_id()
         self.budget_s = timing.budget(items)

@@ -33,6 +33,17 @@ def quiet_task_success() -> None:
 
 
 def chunk_done(stage: str, job_id: str, chunk: int, items: int, seconds: float, failed: int, outcome: str) -> None:
+    """Log the one INFO line of a chunk's stage.
+
+    Args:
+        stage: the stage.
+        job_id: the job.
+        chunk: the chunk.
+        items: items the stage handled.
+        seconds: how long it took.
+        failed: items of the chunk that are failed.
+        outcome: how the delivery ended ("done", or the outcome's kind: "retry", "split"...).
+    """
     log.info(
         "%s: job %s chunk %d: %s, %d items in %.2fs, %d failed", stage, job_id, chunk, outcome, items, seconds, failed
     )

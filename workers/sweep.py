@@ -75,7 +75,20 @@ def sweep_once(
     *,
     signer: Signer,
 ) -> SweepReport:
-    """One sweep over every active job (see the module docstring); returns what it did."""
+    """One sweep over every active job (see the module docstring).
+
+    Args:
+        client: Redis.
+        send: sends a re-built chain.
+        open_storage: opens a job's output storage.
+        lease_s: how long a chain may go unleased and unqueued before it is lost.
+        confirm_s: the pause before a lost chain is confirmed; None: min(1 s, lease_s / 4).
+        now: the clock (tests).
+        signer: checks each job's spec and cursor.
+
+    Returns:
+        What the sweep did: chains re-sent, finishes completed, entries dropped.
+    """
     report = SweepReport()
     candidates = _candidates(client, lease_s, now(), report)
     report.candidates = len(candidates)
@@ -317,8 +330,19 @@ def _finish(state: JobState, storage: Storage, send: Send, item: Lost) -> None:
 def rebuild_registered(
     client: redis.Redis, registry: Registry, send: Send, open_storage: OpenStorage, window: int, *, signer: Signer
 ) -> list[str]:
-    """Rebuild every registered job Redis does not know; unlist the finished ones. Returns
-    the ids of the jobs rebuilt."""
+    """Rebuild every registered job Redis does not know; unlist the finished ones.
+
+    Args:
+        client: Redis.
+        registry: the storage registry of active jobs.
+        send: sends a rebuilt job's chains.
+        open_storage: opens a job's output storage.
+        window: chains per job in the broker.
+        signer: signs a rebuilt job's spec.
+
+    Returns:
+        The ids of the jobs rebuilt.
+    """
     rebuilt = []
     for entry in registry.entries():
         try:
@@ -368,6 +392,19 @@ class Sweeper(threading.Thread):
         *,
         signer: Signer,
     ) -> None:
+        """A daemon thread that sweeps, and scans the registry.
+
+        Args:
+            client: Redis.
+            send: sends a re-built chain.
+            open_storage: opens a job's output storage.
+            interval_s: seconds between sweeps (jittered).
+            lease_s: passed to ``sweep_once``.
+            registry: the storage registry of active jobs; None: no scan.
+            registry_scan_s: at most one registry scan this often.
+            window: chains per job in the broker, for a rebuilt job.
+            signer: checks and signs job specs and cursors.
+        """
         super().__init__(name="pixelrelay-sweep", daemon=True)
         self.client, self.send, self.open_storage, self.signer = client, send, open_storage, signer
         self.interval_s, self.lease_s = interval_s, lease_s

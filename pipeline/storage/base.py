@@ -170,9 +170,20 @@ class Storage(ABC):
         if_absent: bool = False,
         if_version: str | None = None,
     ) -> None:
-        """Write one object atomically; ``content_type`` defaults to ``content_type_for(uri)``.
-        ``metadata`` travels with the object (``head``); ``if_absent`` / ``if_version`` raise
-        ``StorageConflictError`` instead of replacing an existing / another version."""
+        """Write one object atomically.
+
+        Args:
+            uri: the object.
+            data: its bytes.
+            content_type: None: ``content_type_for(uri)``.
+            metadata: ASCII str -> str that travels with the object (``head`` reads it back).
+            if_absent: write only where no object exists yet.
+            if_version: replace the object only if it is still this version (``head``'s).
+
+        Raises:
+            StorageConflictError: ``if_absent`` or ``if_version`` does not hold; nothing written.
+            StorageError: any other failure (``TransientStorageError`` when worth retrying).
+        """
 
     def put_many(self, requests: Sequence[PutRequest]) -> list[Exception | None]:
         """Write every request as ``put`` would; per request, None or the exception it met
