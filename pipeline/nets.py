@@ -100,6 +100,16 @@ class RestoreNet(nn.Module):
         context_blocks: Sequence[int] = (),
         context_after: int = 0,
     ) -> None:
+        """The network's shape (kept in ``self.config``, saved with the weights).
+
+        Args:
+            channels: the body's width.
+            blocks: FiLM blocks in the body.
+            hidden: the condition MLP's width.
+            context_channels: widths of the multi-scale context branch's levels; empty: no branch.
+            context_blocks: FiLM blocks per context level.
+            context_after: the index of the body block before which the context branch's output joins.
+        """
         super().__init__()
         c = channels
         self.config: dict[str, Any] = {"channels": channels, "blocks": blocks, "hidden": hidden}

@@ -104,9 +104,21 @@ class GenerativeDecoder(Decoder):
         attention_slicing: bool = True,
         vae_tiling: bool = True,
     ) -> None:
-        """``PIXELRELAY_SD_TILE_BATCH`` items per call, ``_SD_MIN_TILE`` the smallest working
-        side on out-of-memory (at least native / 4), ``_SD_STEPS`` / ``_SD_GUIDANCE`` for
-        restoration; ``PIXELRELAY_DTYPE`` (auto: fp16 on CUDA)."""
+        """Load the pipeline (from a local folder or the Hugging Face cache only).
+
+        Args:
+            model: a hub id or a local folder; None: the class's ``default_model``.
+            device: a torch device string.
+            settings: ``PIXELRELAY_SD_TILE_BATCH`` (items per call), ``_SD_MIN_TILE`` (the smallest
+                working side on out-of-memory, at least native / 4), ``_SD_STEPS`` / ``_SD_GUIDANCE``
+                (restoration), ``PIXELRELAY_DTYPE`` (auto: fp16 on CUDA).
+            dtype: overrides the settings' dtype.
+            attention_slicing: slice attention (less memory).
+            vae_tiling: decode the VAE in tiles (less memory).
+
+        Raises:
+            ModelUnavailableError: diffusers is not installed, or the model is not present.
+        """
         if not diffusers_available():
             raise ModelUnavailableError(self.install_hint)
         super().__init__(model=model, device=device, settings=settings)

@@ -80,8 +80,23 @@ class SDUpscaleDecoder(LearnedDecoder):
         vae_tiling: bool = True,
         seed: int = 0,
     ) -> None:
-        """Defaults from ``settings``: PIXELRELAY_SD_TILE / _OVERLAP / _TILE_BATCH / _MIN_TILE,
-        PIXELRELAY_SD_STEPS and PIXELRELAY_SD_GUIDANCE."""
+        """Load the pipeline (from a local folder or the Hugging Face cache only).
+
+        Args:
+            model: a hub id or a local folder; None: ``DEFAULT_MODEL``.
+            device: a torch device string.
+            settings: defaults for the rest (``PIXELRELAY_SD_*``).
+            tiles: tiling; None: ``PIXELRELAY_SD_TILE`` / ``_OVERLAP`` / ``_TILE_BATCH`` / ``_MIN_TILE``.
+            dtype: None: ``LearnedDecoder``'s choice.
+            steps: diffusion steps; None: ``PIXELRELAY_SD_STEPS``.
+            guidance_scale: None: ``PIXELRELAY_SD_GUIDANCE``.
+            attention_slicing: slice attention (less memory).
+            vae_tiling: decode the VAE in tiles (less memory).
+            seed: mixed into each tile's seed, which is derived from its pixels.
+
+        Raises:
+            ModelUnavailableError: diffusers is not installed, or the model is not present.
+        """
         if not diffusers_available():
             raise ModelUnavailableError(INSTALL_HINT)
         super().__init__(model=model, device=device, settings=settings, tiles=tiles, dtype=dtype)

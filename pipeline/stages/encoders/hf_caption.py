@@ -44,6 +44,16 @@ class HFCaptionEncoder(Encoder):
         max_new_tokens: int = MAX_NEW_TOKENS,
         dtype: Any = None,
     ) -> None:
+        """Load the captioner (from a local folder or the Hugging Face cache only).
+
+        Args:
+            model: a hub id or a local folder; None: ``DEFAULT_MODEL``.
+            device: a torch device string.
+            settings: the worker's settings (dtype).
+            batch_size: images per generate call (halved on CUDA out-of-memory).
+            max_new_tokens: the caption's length bound.
+            dtype: overrides the settings' dtype.
+        """
         super().__init__(model=model, device=device, settings=settings)
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
