@@ -84,7 +84,17 @@ def read_cancel(storage: Storage, output: str, job_id: str) -> float | None:
 
 
 def write_listing(storage: Storage, output: str, job_id: str, items: Iterable[Item]) -> int:
-    """Stream items into listing shards; returns how many were written."""
+    """Stream a job's items into its listing shards.
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        items: the items, in index order.
+
+    Returns:
+        How many items were written.
+    """
     total = 0
     shard: list[str] = []
     for item in items:
@@ -109,6 +119,21 @@ def _read_shard(storage: Storage, uri: str) -> tuple[Item, ...]:
 
 
 def read_chunk(storage: Storage, output: str, job_id: str, chunk: int, chunk_size: int) -> list[Item]:
+    """The listed items of one chunk, from the listing shards (the last chunk may hold fewer).
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        chunk: the chunk.
+        chunk_size: the job's items per chunk.
+
+    Returns:
+        The chunk's items, in index order.
+
+    Raises:
+        StorageNotFoundError: the chunk's first shard is missing.
+    """
     start, stop = chunk * chunk_size, (chunk + 1) * chunk_size
     items: list[Item] = []
     for shard in range(start // LISTING_SHARD_SIZE, (stop - 1) // LISTING_SHARD_SIZE + 1):
@@ -237,9 +262,19 @@ def with_cancelled(rows: Iterable[dict], items: Iterable[Item]) -> Iterator[dict
 
 
 def merge_manifest(storage: Storage, output: str, job_id: str, cancelled_total: int | None = None) -> dict[str, int]:
-    """Merge every part into manifest.jsonl (atomically), reading each one (one pass: the
-    reference for ``jobs.merge``, not the finish); returns counts by status. With
-    ``cancelled_total`` (a cancelled job's item count), items no part names are ``cancelled``."""
+    """Merge every part into manifest.jsonl (atomically), reading each one: the one-pass
+    reference that the group files of ``pixelrelay.jobs.merge`` must equal, not the finish.
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        cancelled_total: a cancelled job's item count: items no part names get a ``cancelled``
+            line; None: the job was not cancelled.
+
+    Returns:
+        Counts by status.
+    """
     counts = {"done": 0, "failed": 0, CANCELLED: 0}
     rows = iter_part_records(storage, output, job_id)
     if cancelled_total is not None:

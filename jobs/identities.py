@@ -29,7 +29,15 @@ class Published(BaseModel):
 
 
 def publish(client: redis.Redis, stage: str, entry: Published, default: bool, now: float | None = None) -> None:
-    """Publish (or refresh) ``entry`` for ``stage``; ``default``: also as the stage's default."""
+    """Publish (or refresh) a built backend's identity for its stage.
+
+    Args:
+        client: Redis.
+        stage: the stage.
+        entry: the spec and its identity.
+        default: also publish it as the stage's default (the worker's own backend).
+        now: the current time (tests); entries stay valid ``keys.MODELS_TTL_S`` after it.
+    """
     now = now or time.time()
     pipe = client.pipeline(transaction=False)
     for key in [keys.models(stage, entry.spec)] + ([keys.models(stage, None)] if default else []):
@@ -51,7 +59,17 @@ def withdraw(client: redis.Redis, stage: str, entry: Published, default: bool) -
 
 
 def lookup(client: redis.Redis, stage: str, spec: str | None, now: float | None = None) -> Published | None:
-    """The one live identity published for ``spec`` (None: the stage's default), else None."""
+    """The identity the workers publish for one spec.
+
+    Args:
+        client: Redis.
+        stage: the stage.
+        spec: the backend spec; None: the stage's default.
+        now: the current time (tests).
+
+    Returns:
+        The one live identity, or None when there is none, a malformed one, or several.
+    """
     return lookup_many(client, [(stage, spec)], now)[0]
 
 

@@ -270,8 +270,19 @@ def write_group(storage: Storage, spec: JobSpec, group: int, seq: int, merged: M
 
 def merge_group_if_complete(state: JobState, storage: Storage, spec: JobSpec, seq: int, chunk: int) -> bool:
     """Merge and write the group of ``chunk`` if every one of its items is done or failed in
-    submission ``seq`` (the current one) and nobody claimed it yet. Never raises: a group
-    left unmerged is merged by the finish. Returns True if this call wrote the group."""
+    submission ``seq`` and nobody claimed it yet. Never raises: a group left unmerged is
+    merged by the finish.
+
+    Args:
+        state: the job's Redis state (bitmaps and claims).
+        storage: the job's output storage.
+        spec: the job.
+        seq: the current submission.
+        chunk: a chunk whose items were just marked.
+
+    Returns:
+        True if this call wrote the group.
+    """
     try:
         geo = Groups.of(spec)
         group = geo.of_chunk(chunk)
@@ -333,9 +344,19 @@ def write_manifest(
     cancelled: bool = False,
     keepalive: Keepalive = _nothing,
 ) -> dict[str, int]:
-    """Write manifest.jsonl (atomically) from the group files of submission ``seq``,
-    merging any group that has none; returns counts by status. ``cancelled``: items no
-    part names get a ``cancelled`` line. ``keepalive`` is called now and then (the claim)."""
+    """Write manifest.jsonl (atomically) from the group files of submission ``seq``, merging any
+    group that has none.
+
+    Args:
+        storage: the job's output storage.
+        spec: the job.
+        seq: the submission.
+        cancelled: items no part names get a ``cancelled`` line.
+        keepalive: called now and then, to keep the manifest claim alive.
+
+    Returns:
+        Counts by status.
+    """
     geo = Groups.of(spec)
     keepalive = _Throttled(keepalive)
     counts = {"done": 0, "failed": 0, CANCELLED: 0}

@@ -60,7 +60,18 @@ def restore_done(state: JobState, storage: Storage, spec: JobSpec) -> int:
 
 
 def start(state: JobState, storage: Storage, spec: JobSpec, send: Send, window: int) -> int:
-    """Begin the job's next submission and feed its first ``window`` chunks; returns the seq."""
+    """Begin the job's next submission and feed its first chunks.
+
+    Args:
+        state: the job's Redis state.
+        storage: the job's output storage.
+        spec: the job.
+        send: sends a chain.
+        window: chunks to feed.
+
+    Returns:
+        The new submission's seq.
+    """
     seq = state.start_submission(spec)
     if feed(send, state, storage, spec, seq, window) == 0:
         finalize_if_complete(state, storage, spec, seq)  # nothing left to do

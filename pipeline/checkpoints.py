@@ -124,7 +124,21 @@ def pull(name: str, storage_for: Callable[[str], Storage], max_bytes: int) -> Pa
 
 
 def fetch_s3(uri: str, storage: Storage, max_bytes: int, folder: Path | None = None) -> Path:
-    """The cached copy of ``uri`` (downloaded when absent or when the object changed)."""
+    """The cached copy of an S3 checkpoint, downloaded when absent or when the object changed.
+
+    Args:
+        uri: the ``s3://`` object.
+        storage: storage for ``uri``.
+        max_bytes: refuse a larger object, before the download.
+        folder: the cache folder; None: ``cache_dir()``.
+
+    Returns:
+        The cached file's path.
+
+    Raises:
+        ModelUnavailableError: no such object.
+        CheckpointError: the object is over ``max_bytes``.
+    """
     info = next((i for i in storage.list_info(uri) if i.uri == uri), None)
     if info is None:
         raise ModelUnavailableError(f"checkpoint {uri!r} is not available: no such object")

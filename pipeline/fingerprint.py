@@ -110,6 +110,16 @@ def decide(present: bool, stored: Stored | None, expected: Fingerprint, job_id: 
       any job: keep it, never write over it;
     * ``replace`` anything else (another request, other models, no or bad fingerprint,
       ``overwrite``): re-process and write over it.
+
+    Args:
+        present: whether the output exists.
+        stored: the fingerprint and job id read back with it, or None.
+        expected: the fingerprint this request and these models give.
+        job_id: the job asking.
+        overwrite: the job's ``--overwrite``.
+
+    Returns:
+        The decision.
     """
     if not present:
         return "create"

@@ -186,8 +186,18 @@ def output_size(width: int, height: int, scale: OutputScale = 1) -> tuple[int, i
 
 
 def check_size(width: int, height: int, max_pixels: int, scale: OutputScale = 1, max_output_pixels: int = 0) -> None:
-    """Raise ImageDecodeError when a ``width`` x ``height`` source, or its output at
-    ``scale`` (``output_size``), is over its limit (0: no limit)."""
+    """Check a source's size, and its output's, against their limits.
+
+    Args:
+        width: the source's width.
+        height: the source's height.
+        max_pixels: the source's limit (0: none).
+        scale: the output scale, or a function of the source's size giving the output's.
+        max_output_pixels: the output's limit (0: none).
+
+    Raises:
+        ImageDecodeError: a size is over its limit.
+    """
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid dimensions {width}x{height}")
     if max_pixels and width * height > max_pixels:
@@ -224,9 +234,21 @@ def decode_image(
     scale: OutputScale = 1,
     max_output_pixels: int = 0,
 ) -> DecodedImage:
-    """Decode untrusted bytes. Raises ImageDecodeError with a short reason on any problem,
-    among them a source over ``max_pixels`` or an output (at ``scale``) over
-    ``max_output_pixels``: both are checked from the header, before the decode."""
+    """Decode untrusted bytes into an upright 8-bit RGB image (+ alpha).
+
+    Args:
+        data: the file's bytes.
+        max_pixels: the source's limit, checked from the header before the decode.
+        scale: the output scale, or a function of the source's size giving the output's.
+        max_output_pixels: the output's limit (0: none), checked from the header too.
+
+    Returns:
+        The decoded image, its ICC profile and EXIF, and any notes.
+
+    Raises:
+        ImageDecodeError: with a short reason, on any problem (truncated, not an image, empty,
+            a bomb, a size over its limit).
+    """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:

@@ -364,8 +364,16 @@ def build(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
 def save_model(
     net: nn.Module, kind: str, path: str, extra: dict[str, Any] | None = None, dtype: str = "float32"
 ) -> None:
-    """Weights as safetensors, floating tensors stored as ``dtype`` ("float16" halves the file;
-    ``load_model`` always returns a float32 net)."""
+    """Save a network's weights as safetensors, its config in the metadata.
+
+    Args:
+        net: the network.
+        kind: "encoder" or "decoder" (checked by ``load_model``).
+        path: the file.
+        extra: more metadata (non-strings are stored as JSON).
+        dtype: how floating tensors are stored ("float16" halves the file; ``load_model`` always
+            returns a float32 net).
+    """
     import json
 
     from safetensors.torch import save_file

@@ -85,9 +85,16 @@ def native_for(natives: Sequence[int], wanted: float) -> int:
 
 
 def native_scale(natives: Sequence[int], target: OutputTarget, width: int, height: int) -> int:
-    """The native scale a decoder with ``natives`` runs for ``target`` on a ``width`` x
-    ``height`` source. From the factor before rounding: at or above it, the rounded size
-    is within ``native`` x the source on both sides."""
+    """The native scale a decoder runs for an output target: equal to the target's factor, else
+    the smallest above it, else the largest. At or above the factor, the rounded size is within
+    ``native`` x the source on both sides.
+
+    Args:
+        natives: the decoder's native scales.
+        target: the output target.
+        width: the source's width.
+        height: the source's height.
+    """
     return native_for(natives, factor(target, width, height))
 
 

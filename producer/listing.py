@@ -392,9 +392,19 @@ def _nothing_listed(input_uri: str, storage: Storage) -> InputError:
 def list_items(
     input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool = False
 ) -> Iterator[Item]:
-    """The job's items, in index order; InputError (raised here, before any item) when the
-    input can't be listed or lists nothing. The sources are read before this returns; the
-    items stream from a temporary SQLite file, removed once they are consumed."""
+    """The job's items, in index order. The sources are read before this returns; the items
+    stream from a temporary SQLite file, removed once they are consumed.
+
+    Args:
+        input_uri: a folder, an ``s3://`` prefix or a manifest file.
+        output_uri: the output root (output keys are under it).
+        storage: storage for ``input_uri``.
+        fmt: the output format; None: each source's own.
+        follow_symlinks: follow symlinked files and folders.
+
+    Raises:
+        InputError: the input cannot be listed or lists nothing (before any item).
+    """
     return _list(input_uri, output_uri, storage, fmt, follow_symlinks, versions=False)
 
 

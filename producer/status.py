@@ -348,7 +348,15 @@ class JobStatusInfo:
 def job_info(
     job_id: str, info: dict[str, str], counts: Counts, settings: Settings, now: float | None = None
 ) -> JobStatusInfo:
-    """The status of a job from one read of its hash (``JobState.info``) and its counts."""
+    """The status of a job, as ``status --json`` and the Python API return it.
+
+    Args:
+        job_id: the job.
+        info: one read of its hash (``JobState.info``).
+        counts: its counts.
+        settings: the stall time.
+        now: the current time (tests).
+    """
     now = time.time() if now is None else now
     ended = is_finished(info)
     cancelled = int(info.get("manifest_cancelled", 0) or 0) if ended else 0
@@ -384,8 +392,17 @@ def status_line(info: dict[str, str], counts: Counts, settings: Settings) -> str
 
 
 def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures: int = 10) -> int:
-    """Print the outcome of a job that ended; returns its exit code (``exit_code_for``:
-    CANCELLED the job was cancelled, else OK all done, FAILED_ITEMS some failed)."""
+    """Print the outcome of a job that ended.
+
+    Args:
+        state: the job.
+        settings: for storage (the failures are read from the manifest).
+        stream: where to print.
+        max_failures: failures listed at most.
+
+    Returns:
+        The exit code (``exit_code_for``: CANCELLED, else OK or FAILED_ITEMS).
+    """
     info = state.info()
     spec = state.spec()
     done, failed = int(info.get("manifest_done", 0)), int(info.get("manifest_failed", 0))

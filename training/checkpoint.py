@@ -85,7 +85,21 @@ def save(
 def load(
     path: Path, run_id: str, net: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator
 ) -> Progress:
-    """Restore ``net``, ``opt`` and ``rng`` from ``path``; the loop's progress."""
+    """Restore a run from its checkpoint.
+
+    Args:
+        path: the checkpoint.
+        run_id: this run's identity: it must be the checkpoint's.
+        net: restored in place.
+        opt: restored in place.
+        rng: restored in place.
+
+    Returns:
+        The loop's progress.
+
+    Raises:
+        CheckpointMismatch: not a training checkpoint, or another run's.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointMismatch(f"{path}: not a pixelrelay training checkpoint (format {FORMAT})")

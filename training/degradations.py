@@ -152,10 +152,17 @@ def degrade(
     config: DegradationConfig | None = None,
     force: Sequence[str] = (),
 ) -> tuple[np.ndarray, DegradationParams]:
-    """Degrade an HR image (HxWx3 uint8, cropped to a multiple of ``scale``).
+    """Degrade an HR image.
 
-    ``force`` names steps ("blur", "noise", "jpeg") applied with probability 1.
-    Returns the degraded image (H/scale x W/scale x 3 uint8) and its true parameters.
+    Args:
+        hr: HxWx3 uint8 (cropped here to a multiple of ``scale``).
+        scale: the downscale factor.
+        rng: draws every random choice.
+        config: the step probabilities and ranges; None: the default.
+        force: steps ("blur", "noise", "jpeg") applied with probability 1.
+
+    Returns:
+        The degraded image (H/scale x W/scale x 3 uint8) and its true parameters.
     """
     cfg = config or DegradationConfig()
     hr = crop_to_multiple(hr, scale)

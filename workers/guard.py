@@ -30,10 +30,20 @@ class ForgedMessage(ValueError):
 
 
 def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str, seen: Seen | None = None) -> None:
-    """Raise ``ForgedMessage`` unless ``msg`` asks only for what its job does (see the module
-    docstring). ``storage_for(uri)`` opens the job's output storage. ``seen``: the job as the
-    delivery read it already (``workers.policy.look``), else its spec is read here. Fails, in
-    place, the records whose listing entry carries an error."""
+    """Check that ``msg`` asks only for what its job does; fails, in place, the records whose
+    listing entry carries an error.
+
+    Args:
+        state: the message's job.
+        storage_for: opens the job's output storage, given its URI.
+        msg: the message.
+        stage: the stage it was delivered to.
+        seen: the job as the delivery read it already (``pixelrelay.workers.policy.look``); None:
+            its spec is read here.
+
+    Raises:
+        ForgedMessage: the message asks for anything else.
+    """
     spec = _job_spec(state, seen)
     _check_job_fields(spec, msg)
     listing = _listing(storage_for(spec.output), spec, msg.chunk)

@@ -129,6 +129,21 @@ class _RefusedCommandNote(logging.Filter):
 def run_worker(
     stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False, events: bool = True
 ) -> int:
+    """Run one stage's worker until it is stopped.
+
+    Args:
+        stage: encode, plan or decode.
+        concurrency: 1: the solo pool; more: a prefork pool.
+        loglevel: the log level; None: the settings' ``log_level``.
+        remote_control: allow ``celery inspect`` / ``control``.
+        events: send task events and heartbeats.
+
+    Returns:
+        The exit code: 2 (``ExitCode.USAGE``) at start-up for a missing model or device.
+
+    Raises:
+        ConfigError: a bad stage or setting, no Redis URL, or no signing key.
+    """
     if stage not in C.STAGES:
         raise ConfigError(f"--stage: must be one of {', '.join(C.STAGES)}")
     settings = Settings.from_env()

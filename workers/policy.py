@@ -164,9 +164,19 @@ def split_chunk(msg: ChunkMessage, send: Send) -> int:
 
 
 def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage, spec: JobSpec | None = None) -> bool:
-    """End a chain: write its manifest part, count its items, feed the next chunk, and
-    write the manifest if the job is complete. Returns True if this call wrote it.
-    ``spec``: the job's, when the caller has it checked already (else it is read)."""
+    """End a chain: write its manifest part, mark its items, feed the next chunk, merge its group
+    if complete, and write the manifest if the job is complete.
+
+    Args:
+        state: the job's Redis state.
+        storage: the job's output storage.
+        send: sends the next chunk.
+        msg: the chain's last message.
+        spec: the job's, when the caller has checked it already; None: read here.
+
+    Returns:
+        True if this call wrote the manifest.
+    """
     fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
     try:
         if msg.records:  # a duplicate whose items were all done must not blank the part

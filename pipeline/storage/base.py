@@ -231,10 +231,19 @@ class Storage(ABC):
 
 
 def open_storage(uri: str, endpoint_url: str | None = None, settings=None, root: str | None = None) -> Storage:
-    """The storage that serves ``uri``. S3 clients are configured by ``settings`` (a
-    ``Settings``; None: the environment's) with ``endpoint_url`` overriding its endpoint,
-    and cached per configuration. A local storage with ``root`` refuses writes whose real
-    path leaves it (S3 keys have no real path: the workers check keys under the root)."""
+    """The storage that serves ``uri``.
+
+    Args:
+        uri: a local path or ``s3://bucket/key``.
+        endpoint_url: overrides the settings' S3 endpoint.
+        settings: configures the S3 client (a ``Settings``; None: the environment's); clients
+            are cached per configuration.
+        root: a local storage refuses writes whose real path leaves it (S3 keys have no real
+            path: the workers check keys under the root).
+
+    Returns:
+        A ``LocalStorage`` or an ``S3Storage``.
+    """
     if is_s3(uri):
         from pixelrelay.pipeline.storage.s3 import S3Storage
 

@@ -61,7 +61,18 @@ def pick(
     scale: Callable[[T], float],
     variant: Callable[[T], str],
 ) -> T:
-    """The model of ``models`` (at least one) that serves ``plan``."""
+    """The model that serves ``plan``, by the rule of the module docstring.
+
+    Args:
+        models: the loaded models (at least one).
+        plan: the item's plan.
+        name: a model's name (its spec piece).
+        scale: a model's native scale.
+        variant: a model's variant.
+
+    Returns:
+        The model.
+    """
     if not models:
         raise ValueError("no models to choose from")
     named = _named(models, plan, name)
