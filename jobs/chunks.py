@@ -182,7 +182,7 @@ def tracked(send: Callable[[ChunkMessage], None], client: redis.Redis) -> Callab
 def task_id(msg: ChunkMessage, stage: str) -> str:
     """A stage message's task id: ``pr:<job>:<seq>:<chunk>:<part or ->:<stage>:<random>``.
 
-    Job ids never contain ':' (see ``producer.submit``), so the id splits back unambiguously."""
+    Job ids never contain ':' (see ``pixelrelay.producer.submit``), so the id splits back unambiguously."""
     return ":".join(
         [TASK_ID_PREFIX, msg.job_id, str(msg.seq), str(msg.chunk), msg.part or "-", stage, secrets.token_hex(6)]
     )

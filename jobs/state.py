@@ -207,7 +207,7 @@ class JobState:
     def restore(self, last_seq: int, done_indices: list[int], cancelled_at: float | None = None) -> None:
         """Rebuild the job from storage (its Redis state was lost): the submission counter
         continues after the newest part, done items get their bits back, and a job
-        cancelled in storage (``jobs.files.read_cancel``) is cancelled again."""
+        cancelled in storage (``pixelrelay.jobs.files.read_cancel``) is cancelled again."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(self.key, "seq", last_seq)
         for index in done_indices:
@@ -330,7 +330,7 @@ class JobState:
 
     def claim_group(self, seq: int, group: int) -> bool:
         """True for one caller per group of submission ``seq``: that one merges the group's
-        parts (``jobs.merge``). Never released but on an error: a merger that died leaves
+        parts (``pixelrelay.jobs.merge``). Never released but on an error: a merger that died leaves
         its group to the finish, which merges what has no file."""
         return bool(self.r.set(keys.group_claim(self.job_id, seq, group), "1", nx=True, ex=keys.JOB_TTL_S))
 

@@ -201,7 +201,7 @@ MAX_SEED = 2**32 - 1
 class GradingOp(_Model):
     """One global colour/tone operation. ``strength`` is in [-1, 1] for the signed ones
     (``SIGNED_GRADING``: exposure, warmth, contrast, saturation; 0 is no change) and in
-    [0, 1] for the others; what a unit of strength does is ``pipeline.grading``'s."""
+    [0, 1] for the others; what a unit of strength does is ``pixelrelay.pipeline.grading``'s."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -234,7 +234,7 @@ class GenerativeEdit(_Model):
 
 class Edit(_Model):
     """What an edit or style plan changes: grading operations (each name at most once; the
-    order they run in is ``pipeline.grading``'s, not the list's) and optionally a generative
+    order they run in is ``pixelrelay.pipeline.grading``'s, not the list's) and optionally a generative
     edit. Never empty: a plan that changes nothing is no edit plan."""
 
     grading: list[GradingOp] = Field(default_factory=list, max_length=len(SIGNED_GRADING) + 4)
@@ -273,7 +273,7 @@ class OutputTarget(_Model):
     """The output size a job asks for beyond a native scale (wire version 4): a scale factor
     in (0, 8], or a width and/or height to fit inside keeping the aspect ratio. What size it
     gives an image, and which native scale a decoder runs for it, is
-    ``pipeline.outsize``'s."""
+    ``pixelrelay.pipeline.outsize``'s."""
 
     scale: ScaleFactor | None = _omitted_when_none()  # the unset ones are left out of the JSON
     width: Side | None = _omitted_when_none()
@@ -302,7 +302,7 @@ class Plan(_Model):
     a ``target`` (wire version 4: a job's scale other than 1, 2, 4, or a width/height) the
     output is the target's size instead: ``scale`` is then the planner's proposal, and the
     decode stage runs the decoder's own native scale for the target and resamples to the
-    exact size (``pipeline.outsize``)."""
+    exact size (``pixelrelay.pipeline.outsize``)."""
 
     operations: list[Operation] = Field(default_factory=list)
     scale: Scale = 1
@@ -326,7 +326,7 @@ class Plan(_Model):
 
 
 class Fingerprint(_Model):
-    """What an output answers (see ``pipeline.fingerprint``): sha256 hex digests of the
+    """What an output answers (see ``pixelrelay.pipeline.fingerprint``): sha256 hex digests of the
     request (options, backend specs, input, output format) and of the model identity."""
 
     request: str = Field(pattern=_SHA256_HEX)

@@ -386,7 +386,7 @@ def job_info(
 
 
 def status_line(info: dict[str, str], counts: Counts, settings: Settings) -> str:
-    """One-shot ``status``: the plain line with the job's state (``jobs.state.JobStatus``)."""
+    """One-shot ``status``: the plain line with the job's state (``pixelrelay.jobs.state.JobStatus``)."""
     state = job_status(info, counts, time.time(), settings.stall_s)
     return plain_line(counts, _rate(info, counts), _stalled(info, settings), state.value)
 

@@ -108,7 +108,7 @@ _reporter: Reporter | None = None
 
 
 def after_chunk(stage: str, items: int) -> None:
-    """Called by ``workers.tasks.run_stage`` after every chunk; a no-op unless balancing is on."""
+    """Called by ``pixelrelay.workers.tasks.run_stage`` after every chunk; a no-op unless balancing is on."""
     global _reporter
     folder = os.environ.get(ENV_DIR)
     if not folder:

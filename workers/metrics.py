@@ -162,7 +162,7 @@ def entering(client, stage: str, msg) -> set[int]:
 
 @_guarded
 def observe_queue_wait(stage: str, entry, now: float | None = None) -> None:
-    """``entry``: the chain's ``jobs.chunks.Entry`` as read before the stage rewrote it."""
+    """``entry``: the chain's ``pixelrelay.jobs.chunks.Entry`` as read before the stage rewrote it."""
     if entry is None or entry.stage != stage:
         return
     wait = (time.time() if now is None else now) - entry.since - entry.wait

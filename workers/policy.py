@@ -125,7 +125,7 @@ def look(state: JobState, slot: Slot) -> Seen:
 class Delivery:
     """One delivery of ``msg`` to ``stage``; ``retries`` is how many retries came before.
     ``seen``: what was read for it already (else the policy reads it); ``lease``: the lease
-    (``workers.lease.Lease``) whose first write joins the policy's admission transaction."""
+    (``pixelrelay.workers.lease.Lease``) whose first write joins the policy's admission transaction."""
 
     stage: str
     msg: ChunkMessage
@@ -156,7 +156,7 @@ def fail_pending(msg: ChunkMessage, stage: str, why: str) -> None:
 
 def split_chunk(msg: ChunkMessage, send: Send) -> int:
     """Re-send every pending item as its own chain; returns how many were sent. (``send``
-    should track each part: see ``jobs.chunks.tracked``.)"""
+    should track each part: see ``pixelrelay.jobs.chunks.tracked``.)"""
     pending = [r for r in msg.records if r.status is None]
     for i, record in enumerate(pending):
         send(msg.model_copy(update={"records": [record], "feeds": msg.feeds and i == 0, "part": str(record.index)}))

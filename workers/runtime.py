@@ -89,7 +89,7 @@ class Runtime:
 
     @functools.cached_property
     def signer(self):
-        """The ``pipeline.signing.Signer`` of this worker's settings (its key, or insecure)."""
+        """The ``pixelrelay.pipeline.signing.Signer`` of this worker's settings (its key, or insecure)."""
         return self.settings.signer()
 
     @property

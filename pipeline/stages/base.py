@@ -142,18 +142,18 @@ class Decoder(_Stage):
     generative: ClassVar[bool] = False  # restore() runs Plan.edit.generative
 
     def native_scales(self) -> tuple[int, ...]:
-        """The scales ``restore`` runs without resampling of its own: ``pipeline.outsize``
+        """The scales ``restore`` runs without resampling of its own: ``pixelrelay.pipeline.outsize``
         runs the one at or above a plan's target (default: a Plan's native scales)."""
         return NATIVE_SCALES
 
     def runs_at(self, plan: Plan) -> int:
         """The scale ``restore`` runs natively for ``plan`` (default: the plan's own). A
         decoder whose model is picked per plan says the picked model's, which differs where
-        ``plan.model`` names a model of another scale: ``pipeline.outsize`` then asks for that
+        ``plan.model`` names a model of another scale: ``pixelrelay.pipeline.outsize`` then asks for that
         scale, so the output is resampled once, to the target, not twice."""
         return plan.scale
 
     @abstractmethod
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
         """Restore a batch; output i is exactly plans[i].scale x the size of images[i]
-        (the decode stage meets a plan's target around it: ``pipeline.outsize``)."""
+        (the decode stage meets a plan's target around it: ``pixelrelay.pipeline.outsize``)."""

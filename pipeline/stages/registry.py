@@ -249,7 +249,7 @@ def names_local_path(spec: str | StageSpec) -> bool:
 
 def is_local_path(name: str) -> bool:
     """One piece of a spec's MODEL names a local path (see ``names_local_path``); backends
-    that read files by name (``pipeline.checkpoints``) use this same test."""
+    that read files by name (``pixelrelay.pipeline.checkpoints``) use this same test."""
     if name.startswith("s3://"):
         return False
     if os.path.isabs(name) or name.startswith(("~", "./", ".\\")):

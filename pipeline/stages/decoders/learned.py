@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 class TileConfig:
     """Tiled-inference settings of one decoder, in input pixels: ``tile`` caps the tile side
     (0: no cap), ``memory_mb`` / ``memory_fraction`` set the memory budget of a forward call
-    (``pipeline.tiling.memory_budget``; memory_mb 0: the device's default)."""
+    (``pixelrelay.pipeline.tiling.memory_budget``; memory_mb 0: the device's default)."""
 
     tile: int = 0
     overlap: int = 32
