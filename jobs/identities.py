@@ -36,7 +36,7 @@ def publish(client: redis.Redis, stage: str, entry: Published, default: bool, no
         stage: the stage.
         entry: the spec and its identity.
         default: also publish it as the stage's default (the worker's own backend).
-        now: the current time (tests); entries stay valid ``keys.MODELS_TTL_S`` after it.
+        now: the current time (tests); entries stay valid ``pixelrelay.jobs.keys.MODELS_TTL_S`` after it.
     """
     now = now or time.time()
     pipe = client.pipeline(transaction=False)

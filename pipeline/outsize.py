@@ -56,7 +56,7 @@ def plan_size(plan: Plan, width: int, height: int) -> Size:
 
 
 def sizer(target: OutputTarget | None, scale: int) -> int | Callable[[int, int], Size]:
-    """What ``imageio.decode_image`` checks the output against: the native ``scale`` where
+    """What ``pixelrelay.pipeline.imageio.decode_image`` checks the output against: the native ``scale`` where
     there is no target (as before), else the target's size as a function of the source's."""
     if target is None:
         return scale
@@ -78,7 +78,7 @@ def options_sizer(options: JobOptions) -> int | Callable[[int, int], Size]:
 
 def native_for(natives: Sequence[int], wanted: float) -> int:
     """The native scale that serves ``wanted``: equal, else the smallest above, else the
-    largest (``decoders.choice.native_for``, the model rule)."""
+    largest (``pixelrelay.pipeline.stages.decoders.choice.native_for``, the model rule)."""
     from pixelrelay.pipeline.stages.decoders.choice import native_for as rule
 
     return int(rule([int(n) for n in natives], wanted))

@@ -44,7 +44,7 @@ class InputError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def listed_extensions() -> tuple[str, ...]:
-    """The extensions a folder or prefix listing takes: ``constants.INPUT_EXTENSIONS``, plus
+    """The extensions a folder or prefix listing takes: ``pixelrelay.pipeline.constants.INPUT_EXTENSIONS``, plus
     ``.avif`` when this Pillow reads AVIF and ``.heic``/``.heif`` with ``pillow-heif``."""
     extensions = C.INPUT_EXTENSIONS
     if features.check("avif"):

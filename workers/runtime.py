@@ -101,7 +101,7 @@ class Runtime:
 
     def storage(self, uri: str, root: str | None = None) -> Storage:
         """The storage of ``uri``; with ``root`` (the job's output root), a local one refuses
-        writes whose real path leaves it (``storage.local``)."""
+        writes whose real path leaves it (``pixelrelay.pipeline.storage.local``)."""
         return open_storage(uri, self.settings.s3_endpoint_url, self.settings, root=root)
 
     def default_spec(self, stage: str) -> str:

@@ -117,7 +117,7 @@ class Planner(_Stage):
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
         """Plan a batch; returns schema-valid Plans, one per input, in order. An item it
         cannot plan (an edit instruction that maps to nothing) gets the exception instead
-        of a Plan in its slot (``planners.edits.PlanningError``): the plan worker fails
+        of a Plan in its slot (``pixelrelay.pipeline.stages.planners.edits.PlanningError``): the plan worker fails
         that item with its message, and its neighbours go on."""
 
 
@@ -133,7 +133,7 @@ class Decoder(_Stage):
     """source image + plan -> restored image.
 
     Edits (``Plan.edit``, tasks edit and style) reach a decoder through
-    ``decoders.edits.restore_with_edits``: a decoder with ``grades`` applies the plan's
+    ``pixelrelay.pipeline.stages.decoders.edits.restore_with_edits``: a decoder with ``grades`` applies the plan's
     grading itself (inside its own batch); for any other the grading is applied to its
     output. Only a decoder with ``generative`` runs a generative edit; elsewhere the item
     fails with the reason."""

@@ -170,7 +170,7 @@ class GenerativeDecoder(Decoder):
 
     @classmethod
     def pull_model(cls, model: str) -> str:
-        """Fetch the pipeline's folders into the hub cache (``hf.pull_diffusers``)."""
+        """Fetch the pipeline's folders into the hub cache (``pixelrelay.pipeline.hf.pull_diffusers``)."""
         return hf.pull_diffusers(model, cls.kind)
 
     def compute_identity(self) -> str:

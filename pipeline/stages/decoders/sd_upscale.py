@@ -63,7 +63,7 @@ class SDUpscaleDecoder(LearnedDecoder):
 
     @classmethod
     def pull_model(cls, model: str) -> str:
-        """Fetch the pipeline's folders (``hf.pull_diffusers``), not the whole repository: the
+        """Fetch the pipeline's folders (``pixelrelay.pipeline.hf.pull_diffusers``), not the whole repository: the
         x4 upscaler's repo also holds fp16 copies and a single-file checkpoint."""
         return hf.pull_diffusers(model, cls.kind)
 

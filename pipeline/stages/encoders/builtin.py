@@ -166,7 +166,7 @@ def _describe_estimates(noise: float, blur: float, quality: float | None, p_jpeg
 
 def sampled_noise_sigma(rgb: np.ndarray, max_pixels: int | None = ANALYSIS_MAX_PIXELS) -> float:
     """The analysis encoder's ``noise_sigma`` with the same pixel budget (what ``describe``
-    gets from ``analysis.measure``), for ``estimate`` called on its own."""
+    gets from ``pixelrelay.pipeline.stages.encoders.analysis.measure``), for ``estimate`` called on its own."""
     from pixelrelay.pipeline.stages.encoders.analysis import _luminance, noise_sigma_tiles, sample_tiles
 
     regions = sample_tiles(*rgb.shape[:2], max_pixels)

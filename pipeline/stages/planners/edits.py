@@ -479,8 +479,9 @@ def map_instruction(instruction: str, task: str = "edit") -> EditMapping:
     """The grading operations an edit/style instruction asks for (see the module docstring).
 
     Raises ``UnmappableInstructionError`` for a clause it cannot map, or when nothing maps.
-    Restoration phrasings ("remove the noise") are recognised (``rules.instruction_requests``)
-    so their clauses are not refused; the rules planner plans them as for ``restore``."""
+    Restoration phrasings ("remove the noise") are recognised
+    (``pixelrelay.pipeline.stages.planners.rules.instruction_requests``) so their clauses are
+    not refused; the rules planner plans them as for ``restore``."""
     from pixelrelay.pipeline.stages.planners.rules import instruction_requests
 
     reader = _Reader()
