@@ -57,9 +57,10 @@ def split_models(model: str | None) -> list[str]:
 
 def variant_for(name: str, architecture: str, purpose: str) -> str:
     """A model's variant for ``pixelrelay.pipeline.stages.decoders.choice.pick``, from the
-    file's own name (not its folders): FaceSR -> ``face``; FBCNN or jpeg/jpg/compress/deblock/artifact -> ``compressed``;
-    real/realworld/denoise/noise/deblur/blur/bsrgan -> ``realworld``; lite/light ->
-    ``lightweight``; else a Restoration model -> ``realworld``, an SR model -> ``classical``."""
+    file's own name (not its folders): FaceSR -> ``face``; FBCNN or
+    jpeg/jpg/compress/deblock/artifact -> ``compressed``; real/realworld/denoise/noise/deblur/
+    blur/bsrgan -> ``realworld``; lite/light -> ``lightweight``; else a Restoration model ->
+    ``realworld``, an SR model -> ``classical``."""
     if purpose == "FaceSR":
         return "face"
     if architecture == "FBCNN":
