@@ -107,7 +107,7 @@ def variants(dec: BuiltinDecoder, size: int, scale: int) -> dict:
 
 
 def describe(used, size: int) -> str:
-    if used is None:  # the old grid
+    if used is None:  # the fixed grid
         n = len(range(0, size - OLD_TILE, OLD_TILE - OLD_OVERLAP)) + 1 if size > OLD_TILE else 1
         return f"{n * n} x {min(size, OLD_TILE)}²" + (
             f" (+{n * n * min(size, OLD_TILE) ** 2 / size**2 - 1:.0%} px)" if n > 1 else ""
