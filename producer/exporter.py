@@ -1,6 +1,6 @@
 """``pixelrelay exporter --port N``: an always-on process that serves the backlog, computed from
 Redis at each scrape (``pixelrelay.jobs.backlog``), since workers may scale to zero. The
-series are listed in the README, "Metrics".
+series are listed in docs/operations.md, "Metrics".
 
 Invariant: a Redis error fails the scrape (HTTP 500), so a stale value is never served.
 Without the signing key every pending item counts at every stage.

@@ -1,6 +1,6 @@
 """Prometheus metrics of a stage worker (``--metrics-port N``, ``PIXELRELAY_METRICS_PORT``).
 
-The series are listed in the README, "Metrics". Queue wait is ``now - since - wait`` of the
+The series are listed in docs/operations.md, "Metrics". Queue wait is ``now - since - wait`` of the
 chain's entry (``pixelrelay.jobs.chunks``): a Celery message carries no send time.
 
 Invariants: nothing is created, and prometheus_client is not imported, until ``serve``; a

@@ -2,7 +2,7 @@
 
 Third-party backends join through entry points (group ``ENTRY_POINT_GROUP``, named
 ``STAGE.KIND``) or modules in ``PIXELRELAY_PLUGINS`` that call ``register``: trusted
-configuration, as the README's "Backends" says. Specs arrive in messages and are not trusted:
+configuration, as docs/backends.md ("Third-party backends") says. Specs arrive in messages and are not trusted:
 ``spec_allowed`` checks one against an allowlist and ``names_local_path`` finds local paths;
 neither loads a model or lists a folder.
 """

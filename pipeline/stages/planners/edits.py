@@ -70,7 +70,7 @@ def _words(*phrases: str) -> list[tuple[str, ...]]:
     return [tuple(p.split()) for p in phrases]
 
 
-# phrase (a tuple of words) -> effect. The README's table is written from this one.
+# phrase (a tuple of words) -> effect. docs/editing.md's phrasebook table is written from this one.
 PHRASES: dict[tuple[str, ...], Effect] = {}
 for _phrases, _effect in (
     (("brighter", "brighten", "brightened", "bright", "lighter", "lighten", "lightened"), EXPOSURE_UP),
