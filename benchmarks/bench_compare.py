@@ -12,7 +12,7 @@ decoder), as the pipeline does.
 * **direct**: one process, one batch after another, torch on all cores.
 * **warm**: pixelrelay's production path (embedded Redis, one ``pixelrelay worker`` per stage
   as subprocesses), warmed up by a small job first so models are loaded and the thread split
-  (``workers.balance``, the same one ``pixelrelay run`` uses) has been measured; timed from
+  (``pixelrelay.workers.balance``, the same one ``pixelrelay run`` uses) has been measured; timed from
   submit to manifest.
 * **run (cold)**: ``pixelrelay run`` as a user types it: start-up, model loading and
   shutdown included.

@@ -1,5 +1,5 @@
 """Cost of the builtin encoder per image, on one thread: the current code against the code
-before #14 (loaded from git), side by side, with a breakdown by part.
+at a git ref (``--old-ref``, loaded from git), side by side, with a breakdown by part.
 
     python benchmarks/bench_encoder.py [--sizes 256,512,1024] [--repeat 7] [--old-ref ae8ba15]
 

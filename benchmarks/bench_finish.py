@@ -6,11 +6,11 @@
 For each size it generates the parts a job at chunk 16 leaves behind (one ``parts/`` object
 per chunk, manifest lines shaped like the decode stage's, every 97th item failed), then:
 
-* **old**: ``jobs.files.merge_manifest``, the one-pass merge that reads every part;
-* **groups**: ``jobs.merge.merge_group`` + ``write_group`` for every group: the work the
+* **old** (the one-pass reference): ``pixelrelay.jobs.files.merge_manifest``, the merge that reads every part;
+* **groups**: ``pixelrelay.jobs.merge.merge_group`` + ``write_group`` for every group: the work the
   decode workers do as the job runs (spread over the job, one group per ~16,000 items), shown
   in total and for the one group merged last (on the finishing worker's path);
-* **new**: ``jobs.merge.write_manifest``, the finish: it reads only the group files.
+* **new** (the finish): ``pixelrelay.jobs.merge.write_manifest``: it reads only the group files.
 
 Each row prints items, parts, objects read (``get`` / ``iter_lines`` calls, counted by a
 wrapper around the real storage) and seconds (median of ``--repeats``, old and new

@@ -5,8 +5,8 @@
 
 For each size it writes a manifest of N lines (relative paths, a few per folder, every 1000th
 line a duplicate and every 5000th a ``..`` escape, so that the dedup and rejection paths run),
-then runs the submit path's listing (``producer.listing.list_items`` into
-``jobs.files.write_listing``, local output; no Redis is needed for it) in a fresh subprocess,
+then runs the submit path's listing (``pixelrelay.producer.listing.list_items`` into
+``pixelrelay.jobs.files.write_listing``, local output; no Redis is needed for it) in a fresh subprocess,
 and prints lines, items, seconds and the child's peak RSS (``ru_maxrss``). The target is a
 flat RSS: 10,000,000 lines within 300 MB.
 """

@@ -1,5 +1,5 @@
 """What any output scale costs: the decoder at its native scale vs the same call through
-``pipeline.outsize`` (native scale, then the antialiased resample to the exact size).
+``pixelrelay.pipeline.outsize`` (native scale, then the antialiased resample to the exact size).
 
     python benchmarks/bench_outsize.py [--size 256] [--batch 4] [--repeat 5] [--decoders classic,builtin]
 

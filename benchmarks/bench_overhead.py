@@ -7,7 +7,7 @@ folder), read from and written to a local folder, with the ``null`` encoder, pla
 decoder (``pipeline/stages/*/null.py``): the models cost nothing, so what is left is
 pixelrelay itself: broker, storage, image decode / encode, signing, validation and
 bookkeeping. It runs like ``bench_pipeline.py``: an embedded Redis, one real ``pixelrelay
-worker`` subprocess per stage (``producer.run.LocalWorkers``, solo pools), warmed up on a
+worker`` subprocess per stage (``pixelrelay.producer.run.LocalWorkers``, solo pools), warmed up on a
 small job first; this process is the producer (``submit`` + ``wait_for_job``, as
 ``pixelrelay submit --wait`` runs them).
 
@@ -66,7 +66,7 @@ from pixelrelay.producer.submit import submit  # noqa: E402
 
 NULL = {"encoder": "null", "planner": "null", "decoder": "null"}
 TICKS = os.sysconf("SC_CLK_TCK")
-TARGET_MS = 2.0  # issue 14: producer + all workers, user + system, per item, at chunk 16
+TARGET_MS = 2.0  # the target: producer + all workers, user + system, per item, at chunk 16
 
 
 def make_inputs(folder: Path, n: int, size: int) -> None:

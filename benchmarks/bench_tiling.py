@@ -1,5 +1,5 @@
 """Tiling only where it pays: the builtin decoder untiled, tiled under a forced small memory
-budget, and on the old fixed grid of 256 px tiles, at 256, 512 and 1024 px, x2 and x4.
+budget, and on a fixed grid of 256 px tiles, at 256, 512 and 1024 px, x2 and x4.
 
     python benchmarks/bench_tiling.py [--sizes 256,512,1024] [--scales 2,4] [--repeats 3]
 
@@ -10,8 +10,8 @@ torch thread. Rows:
 * ``untiled``: a budget big enough for the whole image: one forward call;
 * ``budget 1/4``: a budget of a quarter of the image's pixels (forced, the image would fit
   whole): the balanced grid of fewest pixels under it;
-* ``budget 256²``: a budget of 256x256 input pixels per call (the old tile's area);
-* ``old fixed 256``: the previous policy: 256 px tiles at a fixed step, the last one pushed
+* ``budget 256²``: a budget of 256x256 input pixels per call (the fixed grid's tile area);
+* ``old fixed 256``: the fixed grid, for comparison: 256 px tiles at a fixed step, the last one pushed
   back to the edge, overlap 32, 8 tiles per call.
 
 Repeats are interleaved (every row of a case once per round, in a rotating order) and
@@ -23,7 +23,7 @@ are noisy, ratios within one run are what count.
 glibc serves allocations over its mmap threshold (at most 32 MB) with fresh pages that the
 kernel zeroes on every call; a whole 1024² image's feature maps are 128 MB each, so its
 forward pays that in system time, and tiles do not. Workers raise the threshold
-(``pipeline.memory``, ``PIXELRELAY_ALLOCATOR=tuned``); so does this benchmark, unless
+(``pixelrelay.pipeline.memory``, ``PIXELRELAY_ALLOCATOR=tuned``); so does this benchmark, unless
 ``--allocator default``.
 """
 
@@ -107,7 +107,7 @@ def variants(dec: BuiltinDecoder, size: int, scale: int) -> dict:
 
 
 def describe(used, size: int) -> str:
-    if used is None:  # the old grid
+    if used is None:  # the fixed grid
         n = len(range(0, size - OLD_TILE, OLD_TILE - OLD_OVERLAP)) + 1 if size > OLD_TILE else 1
         return f"{n * n} x {min(size, OLD_TILE)}²" + (
             f" (+{n * n * min(size, OLD_TILE) ** 2 / size**2 - 1:.0%} px)" if n > 1 else ""

@@ -1,18 +1,8 @@
 """The true backlog: items of active jobs not yet through each stage, from Redis job state.
 
-Windowed feeding keeps at most ``window`` chains of a job in the broker, so queue length
-says nothing about the work left; this does. For each job in ``keys.ACTIVE_JOBS``:
-
-* ``pending`` = total - done - failed (``JobState.counts``): items without a final status;
-* an item is *past* a stage when its chain's entry (``jobs.chunks``, current submission only)
-  names a later stage; a chain holds ``chunk_size`` items (the last chunk fewer), a split
-  part one;
-* backlog(stage) = pending - items past it (never below 0); for decode that is ``pending``.
-
-It is an estimate by design, cheap to compute (one ``SMEMBERS`` plus a few reads per active
-job): items that failed early count until their chain's manifest part is written, and a
-job whose spec fails its signature check counts all its pending items at every stage.
-Values read from Redis are untrusted: malformed entries are ignored (``parse_entries``).
+backlog(stage) = pending items - items whose chain's entry names a later stage (never below
+0). An estimate by design, a few reads per active job: malformed entries are ignored, and a
+job whose spec fails its signature counts all its pending items at every stage.
 """
 
 from __future__ import annotations

@@ -1,25 +1,13 @@
 """Chunks in flight: where each chain of a job is, from the moment its message is sent until
-its manifest part is written. The sweep (``workers.sweep``) reads this to find lost chains.
+its manifest part is written. The sweep reads this to find lost chains.
 
     pixelrelay:job:<id>:chunks   hash   slot -> JSON {"stage", "since", "wait", "feeds"}
     pixelrelay:jobs:active       set    ids of jobs that have chunks in flight
 
-A *slot* names one chain of one submission: ``<seq>:<chunk>``, or ``<seq>:<chunk>:<part>``
-for the single-item chains of a split chunk (the part is the item's index).
-
-Invariants:
-
-* an entry is written *before* its chain's message is sent (feed, split, sweep re-send), so
-  a chain in the broker always has an entry, and its job is in the active set;
-* each stage rewrites the entry when it starts, when it waits for a retry (``wait`` is the
-  countdown) and when it hands off to the next stage; ``since`` is the time of that write;
-* the entry is deleted only after the chain's manifest part is written (``finish_chunk``);
-* a job leaves the active set when its manifest is written (or when the sweep finds it
-  finished or gone).
-
-Every stage message has a task id that names its slot (``task_id``), so the sweep can tell
-which slots wait in a queue without decoding message bodies. Values read from Redis are
-untrusted input: entries that are not the expected JSON are ignored (and dropped by the sweep).
+A slot is ``<seq>:<chunk>``, or ``<seq>:<chunk>:<part>`` for a split chunk's single items.
+Invariants: an entry is written before its chain's message is sent; each stage rewrites it
+when it starts, waits for a retry and hands off; it is deleted only after the manifest part
+is written. Entries read back are untrusted: malformed ones are ignored.
 """
 
 from __future__ import annotations
@@ -120,7 +108,16 @@ class ChunksInFlight:
         now: float | None = None,
         pipe: redis.client.Pipeline | None = None,
     ) -> None:
-        """Set the chain's entry to ``stage``; queued on ``pipe`` when given (its caller runs it)."""
+        """Set the chain's entry to ``stage``, written before its message is sent.
+
+        Args:
+            slot: the chain.
+            stage: the stage the chain is at, or is sent to.
+            feeds: whether finishing the chain feeds the job's next chunk.
+            wait: a retry's countdown in seconds (the sweep leaves the chain alone meanwhile).
+            now: the entry's ``since``; None: the current time.
+            pipe: queue the write on this pipeline (its caller runs it) instead of writing now.
+        """
         entry = Entry(stage, time.time() if now is None else now, wait, feeds)
         own = pipe is None
         pipe = self.r.pipeline() if own else pipe
@@ -185,7 +182,7 @@ def tracked(send: Callable[[ChunkMessage], None], client: redis.Redis) -> Callab
 def task_id(msg: ChunkMessage, stage: str) -> str:
     """A stage message's task id: ``pr:<job>:<seq>:<chunk>:<part or ->:<stage>:<random>``.
 
-    Job ids never contain ':' (see ``producer.submit``), so the id splits back unambiguously."""
+    Job ids never contain ':' (see ``pixelrelay.producer.submit``), so the id splits back unambiguously."""
     return ":".join(
         [TASK_ID_PREFIX, msg.job_id, str(msg.seq), str(msg.chunk), msg.part or "-", stage, secrets.token_hex(6)]
     )

@@ -3,21 +3,12 @@
     OUTPUT/_jobs/<job_id>/job.json                   the JobSpec
     OUTPUT/_jobs/<job_id>/inputs/<shard>.jsonl       the listing: Items, in index order
     OUTPUT/_jobs/<job_id>/parts/<chunk>-<seq>.jsonl  one ItemRecord per line, per chain
-    OUTPUT/_jobs/<job_id>/groups/<group>-<seq>.jsonl merged parts of ~10,000 items (``jobs.merge``)
-    OUTPUT/_jobs/<job_id>/manifest.jsonl             merged parts, one line per item
-    OUTPUT/_jobs/<job_id>/cancelled                  {"cancelled_at": t}: the job was cancelled
+    OUTPUT/_jobs/<job_id>/groups/<group>-<seq>.jsonl merged parts (pixelrelay.jobs.merge)
+    OUTPUT/_jobs/<job_id>/manifest.jsonl             one line per item
+    OUTPUT/_jobs/<job_id>/cancelled                  {"cancelled_at": t}
 
-Parts are written whole and never appended, so a redelivered chain just rewrites its part.
-A resubmission (``seq`` + 1) writes new parts; the merge keeps the newest line per item.
-The manifest of a cancelled job still has one line per item: an item that no part names
-gets a ``cancelled`` line (``output`` null, ``error`` "job cancelled").
-
-The finish writes the manifest from the group files (``jobs.merge.write_manifest``), not
-from the parts; ``merge_manifest`` here is the one-pass merge of every part, the reference
-that the group files must equal (tests, ``benchmarks/bench_finish.py``).
-
-A listed item with an ``error`` (the listing rejected it: see ``producer.listing``) enters its
-chain as a failed record (``record_for``); no stage writes anything for it.
+Parts are written whole, never appended, and the merge keeps the newest line per item.
+``merge_manifest`` is the one-pass reference merge that the group files must equal.
 """
 
 from __future__ import annotations
@@ -93,7 +84,17 @@ def read_cancel(storage: Storage, output: str, job_id: str) -> float | None:
 
 
 def write_listing(storage: Storage, output: str, job_id: str, items: Iterable[Item]) -> int:
-    """Stream items into listing shards; returns how many were written."""
+    """Stream a job's items into its listing shards.
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        items: the items, in index order.
+
+    Returns:
+        How many items were written.
+    """
     total = 0
     shard: list[str] = []
     for item in items:
@@ -118,6 +119,21 @@ def _read_shard(storage: Storage, uri: str) -> tuple[Item, ...]:
 
 
 def read_chunk(storage: Storage, output: str, job_id: str, chunk: int, chunk_size: int) -> list[Item]:
+    """The listed items of one chunk, from the listing shards (the last chunk may hold fewer).
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        chunk: the chunk.
+        chunk_size: the job's items per chunk.
+
+    Returns:
+        The chunk's items, in index order.
+
+    Raises:
+        StorageNotFoundError: the chunk's first shard is missing.
+    """
     start, stop = chunk * chunk_size, (chunk + 1) * chunk_size
     items: list[Item] = []
     for shard in range(start // LISTING_SHARD_SIZE, (stop - 1) // LISTING_SHARD_SIZE + 1):
@@ -135,6 +151,17 @@ def read_chunk(storage: Storage, output: str, job_id: str, chunk: int, chunk_siz
 def write_part(
     storage: Storage, output: str, job_id: str, chunk: int, seq: int, records: list[ItemRecord], part: str = ""
 ) -> None:
+    """Write a chain's manifest part, whole (a redelivered chain rewrites it).
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        chunk: the chain's chunk.
+        seq: the submission that wrote it.
+        records: one ``ItemRecord`` per line.
+        part: the item's index for a split chunk's single-item chain, else "".
+    """
     lines = [manifest_line(r) for r in records]
     storage.put(part_uri(output, job_id, chunk, seq, part), _lines(lines), "application/x-ndjson")
 
@@ -142,7 +169,19 @@ def write_part(
 def read_part(
     storage: Storage, output: str, job_id: str, chunk: int, seq: int, part: str = ""
 ) -> list[ItemRecord] | None:
-    """A chain's manifest part as written, or None if it was not written."""
+    """A chain's manifest part as written.
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        chunk: the chain's chunk.
+        seq: the submission that wrote it.
+        part: the item's index for a split chunk's single-item chain, else "".
+
+    Returns:
+        The part's records, or None if it was not written.
+    """
     try:
         body = storage.get(part_uri(output, job_id, chunk, seq, part))
     except StorageNotFoundError:
@@ -223,9 +262,19 @@ def with_cancelled(rows: Iterable[dict], items: Iterable[Item]) -> Iterator[dict
 
 
 def merge_manifest(storage: Storage, output: str, job_id: str, cancelled_total: int | None = None) -> dict[str, int]:
-    """Merge every part into manifest.jsonl (atomically), reading each one (one pass: the
-    reference for ``jobs.merge``, not the finish); returns counts by status. With
-    ``cancelled_total`` (a cancelled job's item count), items no part names are ``cancelled``."""
+    """Merge every part into manifest.jsonl (atomically), reading each one: the one-pass
+    reference that the group files of ``pixelrelay.jobs.merge`` must equal, not the finish.
+
+    Args:
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        cancelled_total: a cancelled job's item count: items no part names get a ``cancelled``
+            line; None: the job was not cancelled.
+
+    Returns:
+        Counts by status.
+    """
     counts = {"done": 0, "failed": 0, CANCELLED: 0}
     rows = iter_part_records(storage, output, job_id)
     if cancelled_total is not None:

@@ -1,12 +1,8 @@
 """Which model identity each stage runs, published by the workers in Redis.
 
-A stage worker publishes, for every backend it has built, ``(spec, identity)`` under
-``keys.models(stage, spec)`` and, for its own default backend, also under
-``keys.models(stage, None)``. Each hash field is the JSON ``{"spec", "identity"}``, its
-value the unix time it is valid until (``keys.MODELS_TTL_S`` after the last refresh); the
-key itself expires too. ``lookup`` answers only when exactly one live, well-formed entry
-is there: no worker (yet), a malformed value, or workers that disagree (a rolling model
-change) all mean "unknown", and an unknown identity never lets an item be reused.
+``lookup`` answers only when exactly one live, well-formed entry is there: no worker, a
+malformed value or workers that disagree all mean "unknown", and an unknown identity never
+lets an item be reused.
 """
 
 from __future__ import annotations
@@ -33,7 +29,15 @@ class Published(BaseModel):
 
 
 def publish(client: redis.Redis, stage: str, entry: Published, default: bool, now: float | None = None) -> None:
-    """Publish (or refresh) ``entry`` for ``stage``; ``default``: also as the stage's default."""
+    """Publish (or refresh) a built backend's identity for its stage.
+
+    Args:
+        client: Redis.
+        stage: the stage.
+        entry: the spec and its identity.
+        default: also publish it as the stage's default (the worker's own backend).
+        now: the current time (tests); entries stay valid ``pixelrelay.jobs.keys.MODELS_TTL_S`` after it.
+    """
     now = now or time.time()
     pipe = client.pipeline(transaction=False)
     for key in [keys.models(stage, entry.spec)] + ([keys.models(stage, None)] if default else []):
@@ -55,7 +59,17 @@ def withdraw(client: redis.Redis, stage: str, entry: Published, default: bool) -
 
 
 def lookup(client: redis.Redis, stage: str, spec: str | None, now: float | None = None) -> Published | None:
-    """The one live identity published for ``spec`` (None: the stage's default), else None."""
+    """The identity the workers publish for one spec.
+
+    Args:
+        client: Redis.
+        stage: the stage.
+        spec: the backend spec; None: the stage's default.
+        now: the current time (tests).
+
+    Returns:
+        The one live identity, or None when there is none, a malformed one, or several.
+    """
     return lookup_many(client, [(stage, spec)], now)[0]
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 PREFIX = "pixelrelay:"
 JOB = PREFIX + "job:{job_id}"  # hash: spec, total, seq, n_chunks, timestamps (progress_at,
-# cancelled_at, ...), manifest counts: see ``jobs.state``
+# cancelled_at, ...), manifest counts: see ``pixelrelay.jobs.state``
 DONE_BITS = JOB + ":done"  # bitmap, bit i set = item i done
 FAILED_BITS = JOB + ":failed"  # bitmap, failed in the current submission
 CURSOR = JOB + ":cursor"  # next chunk to enqueue
 FINALIZED = JOB + ":finalized:{seq}"  # "writing" (a lease, FINALIZE_LEASE_S, kept alive while
 # writing) or "written": the manifest of submission seq is being / was written
-GROUP_CLAIM = JOB + ":group:{seq}:{group}"  # SET NX: one merger writes a group file (``jobs.merge``)
+GROUP_CLAIM = JOB + ":group:{seq}:{group}"  # SET NX: one merger writes a group file (``pixelrelay.jobs.merge``)
 DELIVERIES = JOB + ":deliveries:{stage}:{seq}:{chunk}"  # deliveries of one chain (poison pills)
 CHUNKS = JOB + ":chunks"  # hash: slot -> JSON {stage, since, wait, feeds}, chunks in flight
 LEASE = JOB + ":lease:{slot}"  # string: worker id, PX lease; the worker running that slot
@@ -33,7 +33,7 @@ KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
 
-# Model identities that stage workers run (``jobs.identities``): a hash per stage and spec,
+# Model identities that stage workers run (``pixelrelay.jobs.identities``): a hash per stage and spec,
 # and one per stage for "the worker's own default"; field = JSON {spec, identity}, value =
 # the unix time it stays valid until. Workers refresh their fields every MODELS_REFRESH_S.
 MODELS = PREFIX + "models:{stage}:{spec}"

@@ -1,42 +1,12 @@
 """The finish that scales: parts are folded into group files while the job runs, and the
 manifest is the concatenation of the group files.
 
-    OUTPUT/_jobs/<job_id>/groups/<group>-<seq>.jsonl   the merged parts of one group of chunks
-
-**Geometry** (``Groups``). A group is ``per_group`` consecutive chunks: the smallest of 1, 2
-or 5 x 10^k with ``per_group * chunk_size >= GROUP_ITEMS`` (10,000). So a job has at most
-ceil(total / 10,000) groups, of 10,000 to 25,000 items each (the last one may be smaller),
-and the part names of a group share 1, 2 or 5 name prefixes (one S3 listing each; local
-storage looks up the names a group's parts can have: ``PartLister``).
-
-Invariants:
-
-* A group file holds exactly the lines the one-pass merge (``jobs.files.merge_manifest``)
-  writes for the group's items, from the parts that existed when it was merged: the newest
-  line per item (parts in (seq, name) order), in index order, one line per item a part
-  names. It is written whole (one atomic put), so merging a group again is idempotent.
-* Group ``g`` of submission ``s`` is merged once every item of the group is done or failed
-  in ``s`` (``JobState.marked_in`` over the bitmaps): by whoever marks its last item (the
-  decode stage's finish, or the sweep finishing a lost chain: ``merge_group_if_complete``),
-  under a claim per (seq, group) so that it is merged once. A failure releases the claim and
-  is only logged; a merger that dies leaves no file. Neither loses anything: see the next.
-* The finish (``write_manifest``) reads one group file per group: at most ceil(total /
-  10,000) objects for a job whose groups were all merged. A group with no file of this
-  submission (its merger died or failed, a resumed job's group that got no chain in this
-  submission, a cancelled job's unfinished group) is merged there and then, from its newest
-  older group file plus the parts of later submissions. So the finish may crash at any
-  point and a re-run writes the same manifest.
-* A cancelled job's manifest still has one line per item: a group whose rows do not cover
-  its items gets a ``cancelled`` row for each item it lacks, from the listing shards of that
-  group only. Such a group is not written as a group file.
-* Every line read back is checked: a part's line is parsed (a JSON object with an integer
-  ``index`` in the group's range and a known ``status``) and kept as written (parts are
-  ``manifest_line``'s compact JSON, what ``_row_line`` would write again); a group file's line, as written
-  by ``_row_line``, has its index and status read without a full parse, in increasing
-  index order (any other line is parsed in full). A line that fails is logged and skipped.
-
-A part written after its group was merged (a duplicate of a chain already counted) is not
-in the manifest, exactly as a part written after the one-pass merge would not be.
+A group is ``per_group`` consecutive chunks (``Groups``: 1, 2 or 5 x 10^k, at least
+``GROUP_ITEMS`` items). Invariants: a group file holds what the one-pass merge
+(``pixelrelay.jobs.files.merge_manifest``) writes for its items and is written whole; it is
+merged once, under a claim per (seq, group), by whoever marks its last item; the finish
+(``write_manifest``) merges any group that has no file of this submission, so a re-run after
+a crash writes the same manifest. Every line read back is checked; a bad one is skipped.
 """
 
 from __future__ import annotations
@@ -249,9 +219,22 @@ def merge_group(
     keepalive: Keepalive = _nothing,
     parts: PartLister | None = None,
 ) -> Merged:
-    """Merge the group's lines as of submission ``seq``: its newest older group file (from
-    ``older``, ``list_group_files``' answer; None: list now) plus the parts of later
-    submissions up to ``seq``. Reads nothing it does not need; writes nothing."""
+    """Merge the group's lines as of submission ``seq``. Reads nothing it does not need; writes
+    nothing.
+
+    Args:
+        storage: the job's output storage.
+        spec: the job.
+        geo: the job's group geometry.
+        group: the group to merge.
+        seq: the submission merged up to.
+        older: ``list_group_files``' answer, to find the group's newest older file; None: list it.
+        keepalive: called now and then, to keep a claim alive during a long merge.
+        parts: lists the group's parts; None: a lister for ``storage``.
+
+    Returns:
+        The group's rows: its newest older group file plus the parts of later submissions.
+    """
     items = geo.items(group)
     older = list_group_files(storage, spec.output, spec.job_id) if older is None else older
     base_seq = max((s for s in older.get(group, ()) if s < seq), default=0)
@@ -287,8 +270,19 @@ def write_group(storage: Storage, spec: JobSpec, group: int, seq: int, merged: M
 
 def merge_group_if_complete(state: JobState, storage: Storage, spec: JobSpec, seq: int, chunk: int) -> bool:
     """Merge and write the group of ``chunk`` if every one of its items is done or failed in
-    submission ``seq`` (the current one) and nobody claimed it yet. Never raises: a group
-    left unmerged is merged by the finish. Returns True if this call wrote the group."""
+    submission ``seq`` and nobody claimed it yet. Never raises: a group left unmerged is
+    merged by the finish.
+
+    Args:
+        state: the job's Redis state (bitmaps and claims).
+        storage: the job's output storage.
+        spec: the job.
+        seq: the current submission.
+        chunk: a chunk whose items were just marked.
+
+    Returns:
+        True if this call wrote the group.
+    """
     try:
         geo = Groups.of(spec)
         group = geo.of_chunk(chunk)
@@ -350,9 +344,19 @@ def write_manifest(
     cancelled: bool = False,
     keepalive: Keepalive = _nothing,
 ) -> dict[str, int]:
-    """Write manifest.jsonl (atomically) from the group files of submission ``seq``,
-    merging any group that has none; returns counts by status. ``cancelled``: items no
-    part names get a ``cancelled`` line. ``keepalive`` is called now and then (the claim)."""
+    """Write manifest.jsonl (atomically) from the group files of submission ``seq``, merging any
+    group that has none.
+
+    Args:
+        storage: the job's output storage.
+        spec: the job.
+        seq: the submission.
+        cancelled: items no part names get a ``cancelled`` line.
+        keepalive: called now and then, to keep the manifest claim alive.
+
+    Returns:
+        Counts by status.
+    """
     geo = Groups.of(spec)
     keepalive = _Throttled(keepalive)
     counts = {"done": 0, "failed": 0, CANCELLED: 0}

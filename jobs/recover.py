@@ -1,27 +1,9 @@
 """Rebuilding a job whose Redis state vanished, from its files in storage (Celery-free).
 
-Storage is the source of truth (``jobs.files``): ``job.json`` holds the spec and the manifest
-parts hold every finished item. ``rebuild`` turns those back into Redis state and starts the
-job moving again, so that losing Redis (a restart without persistence, a flush, a failover to
-an empty replica) is never losing the job. Whoever still knows the job calls it: ``submit``
-on a re-submission, a waiting ``submit --wait`` / ``status --wait`` / ``run``, ``status JOB
---out OUTPUT`` by hand, and the workers' sweep for the jobs listed in the storage registry
-(``jobs.registry``).
-
-Invariants:
-
-* the spec read from storage is validated (JSON schema, and its job id and output must be
-  the ones asked for) before anything is written to Redis: ``RebuildError`` otherwise;
-* one rebuilder per job at a time: a ``SET NX PX`` lock (``keys.rebuild_lock``); a caller
-  that does not get it, or finds the job hash back once it holds it, does nothing (None);
-* a rebuild that fails half-way deletes the job hash again, so that the next try starts
-  over (chains it fed belong to a submission the next one makes stale);
-* the new submission's seq follows the newest part in storage, so parts of older
-  submissions still in flight are recognised as stale; done bits come back from the
-  group files and the parts written after them (``jobs.merge.iter_rows``), not every part;
-* the feed starts over from chunk 0 and skips done items (``jobs.feed``): chains lost with
-  the broker are sent again, and one that survived is a harmless duplicate (counts are
-  bitmaps, stages are idempotent).
+Invariants: the spec read from storage is validated before anything is written
+(``RebuildError``); one rebuilder per job (a ``SET NX PX`` lock); a rebuild that fails deletes
+the job hash again; the new seq follows the newest part in storage, so older chains are
+stale; the feed starts over from chunk 0 and skips done items.
 """
 
 from __future__ import annotations
@@ -79,7 +61,18 @@ def restore_done(state: JobState, storage: Storage, spec: JobSpec) -> int:
 
 
 def start(state: JobState, storage: Storage, spec: JobSpec, send: Send, window: int) -> int:
-    """Begin the job's next submission and feed its first ``window`` chunks; returns the seq."""
+    """Begin the job's next submission and feed its first chunks.
+
+    Args:
+        state: the job's Redis state.
+        storage: the job's output storage.
+        spec: the job.
+        send: sends a chain.
+        window: chunks to feed.
+
+    Returns:
+        The new submission's seq.
+    """
     seq = state.start_submission(spec)
     if feed(send, state, storage, spec, seq, window) == 0:
         finalize_if_complete(state, storage, spec, seq)  # nothing left to do
@@ -89,9 +82,24 @@ def start(state: JobState, storage: Storage, spec: JobSpec, send: Send, window: 
 def rebuild(
     client: redis.Redis, storage: Storage, output: str, job_id: str, send: Send, window: int, *, signer: Signer
 ) -> int | None:
-    """Rebuild job ``job_id`` of ``output`` if Redis does not know it; returns the new seq,
-    or None when Redis knows the job (or another process is rebuilding it right now). The
-    spec it writes to Redis is signed with ``signer``."""
+    """Rebuild job ``job_id`` of ``output`` from storage if Redis does not know it.
+
+    Args:
+        client: Redis.
+        storage: the job's output storage.
+        output: the job's output root.
+        job_id: the job.
+        send: sends a chain (the feed's first ``window`` chains).
+        window: chains of the job kept in the broker.
+        signer: signs the spec written to Redis.
+
+    Returns:
+        The new submission's seq, or None when Redis knows the job (or another process is
+        rebuilding it).
+
+    Raises:
+        RebuildError: the job's spec in storage is missing or invalid.
+    """
     state = JobState(client, job_id, signer)
     if state.exists():
         return None

@@ -1,12 +1,7 @@
-"""The registry of active jobs in storage, so that a job whose Redis state vanished can be
-rebuilt with no producer waiting for it (the workers' sweep reads it).
+"""The registry of active jobs in storage (``STATE_URI/active/<job_id>.json``), from which the
+workers' sweep rebuilds a job whose Redis state vanished.
 
-    STATE_URI/active/<job_id>.json   {"job_id": ..., "output": ...}   one per active job
-
-``STATE_URI`` is ``PIXELRELAY_STATE_URI`` (a local folder or ``s3://bucket/prefix``); unset,
-there is no registry. ``submit`` writes the entry before it feeds the job; whoever sees the
-job finished (a waiting producer, the sweep) deletes it. Entries are read as untrusted input:
-one that is not the expected JSON, or whose job id is not its file name, is skipped.
+No ``PIXELRELAY_STATE_URI``, no registry. Entries are untrusted: a malformed one is skipped.
 """
 
 from __future__ import annotations

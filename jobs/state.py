@@ -1,30 +1,10 @@
 """Job state in Redis: a small hash per job plus two bitmaps (one bit per item).
 
-Counts are BITCOUNTs, so they stay exact however often a message is delivered: marking an
-item done twice sets the same bit twice. Finished items cost one bit each in Redis; their
-results live in storage. Keys get a TTL once the job's manifest is written.
-
-Invariants of the hash's time fields (unix seconds, each writer's clock):
-
-* ``progress_at`` is the last time an item's bit changed (``mark``, inside the same script:
-  no extra round trip); a duplicate delivery that sets no new bit does not move it;
-* ``cancelled_at`` is set once (``cancel``: HSETNX) and never cleared: a cancelled job stays
-  cancelled, and a new submission of it is refused (``JobCancelledError``). Storage keeps
-  the same fact (``jobs.files.write_cancel``), so a job rebuilt from storage is cancelled too;
-* a job's state (``JobStatus``) is derived from the hash and counts (``job_status``), never
-  stored, so it cannot disagree with them.
-
-Signed fields (``pipeline.signing``; the ``Signer`` is passed in, never read from the
-environment here): the hash's ``spec`` (kind ``spec``; ``spec()`` also checks that it names
-this job) and the chunk cursor (kind ``cursor``, stored ``"<n>:<hmac of job id and n>"``,
-advanced by an optimistic ``WATCH``/``MULTI`` transaction). Either one failing its check
-raises ``SignatureError``: a forged spec or cursor never drives a read or a write. A rewound
-cursor (an older signed value of the same job) only sends chunks again: harmless duplicates.
-An insecure signer stores the spec unsigned and the cursor as a plain ``INCR`` counter. A
-``JobState`` built without a signer (counts, info) refuses to read or write either one.
-
-Every job id is also in the ``pixelrelay:jobs`` sorted set (score: its latest submission),
-trimmed to the newest ``keys.JOBS_KEEP``: the ``pixelrelay jobs`` listing.
+Invariants: counts are BITCOUNTs, exact under duplicate delivery; ``progress_at`` moves only
+when an item's bit changes; ``cancelled_at`` is set once and never cleared; the job's state
+(``job_status``) is derived, never stored. The hash's ``spec`` and the chunk cursor are
+signed (kinds ``spec`` and ``cursor``, with the ``Signer`` passed in): a failed check raises
+``SignatureError``, and a ``JobState`` without a signer reads and writes neither.
 """
 
 from __future__ import annotations
@@ -227,7 +207,7 @@ class JobState:
     def restore(self, last_seq: int, done_indices: list[int], cancelled_at: float | None = None) -> None:
         """Rebuild the job from storage (its Redis state was lost): the submission counter
         continues after the newest part, done items get their bits back, and a job
-        cancelled in storage (``jobs.files.read_cancel``) is cancelled again."""
+        cancelled in storage (``pixelrelay.jobs.files.read_cancel``) is cancelled again."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(self.key, "seq", last_seq)
         for index in done_indices:
@@ -350,7 +330,7 @@ class JobState:
 
     def claim_group(self, seq: int, group: int) -> bool:
         """True for one caller per group of submission ``seq``: that one merges the group's
-        parts (``jobs.merge``). Never released but on an error: a merger that died leaves
+        parts (``pixelrelay.jobs.merge``). Never released but on an error: a merger that died leaves
         its group to the finish, which merges what has no file."""
         return bool(self.r.set(keys.group_claim(self.job_id, seq, group), "1", nx=True, ex=keys.JOB_TTL_S))
 
@@ -373,6 +353,16 @@ class JobState:
         return ((bits >> (size * 8 - hi)) & ((1 << (hi - lo)) - 1)).bit_count()
 
     def finish(self, seq: int, manifest: str, done: int, failed: int, missing: int = 0, cancelled: int = 0) -> None:
+        """Record that the manifest of submission ``seq`` is written, and let the job's keys expire.
+
+        Args:
+            seq: the submission.
+            manifest: the manifest's URI.
+            done: items done.
+            failed: items failed.
+            missing: the job's items that the manifest has no row for.
+            cancelled: items left unfinished by a cancel.
+        """
         pipe = self.r.pipeline()
         pipe.hset(
             self.key,

@@ -1,27 +1,10 @@
 """Single-file checkpoints named in a spec: where each one comes from, and reading it safely.
 
-A checkpoint is named (``spandrel:NAME[,NAME...]``) in one of three ways (``source_of``):
-
-* a **local file**: what ``registry.is_local_path`` calls local (absolute, ``~``, ``./``,
-  ``..`` in it, or a path that exists), so the allowlist and ``submit`` judge exactly the
-  names this module reads from disk;
-* an **S3 object** ``s3://bucket/key``: downloaded once into a cache file
-  (``cache_dir()/<hash of URI>-<hash of ETag>-<name>``, written atomically; one version per
-  URI is kept), its size checked against the bound *before* the download;
-* a **Hugging Face hub file** ``org/repo/path/in/repo.pth``, or ``org/repo`` for a repo
-  holding exactly one weights file: read from the hub cache only (``local_files_only``);
-  ``pull`` downloads it (``pixelrelay models pull``), nothing else touches the hub.
-
-Invariants of ``read_state_dict``:
-
-* no pickled code runs: ``.safetensors`` through safetensors; ``.pth``/``.pt``/``.ckpt``/
-  ``.bin`` through ``torch.load(weights_only=True)`` (tensors, dicts, lists and plain values
-  only; a TorchScript archive is refused too); any other extension is refused;
-* a file over ``max_bytes`` is refused unread;
-* what comes back is a dict (wrapping dicts allowed, see ``require_tensors``), or a
-  ``CheckpointError`` whose message names the checkpoint as the spec names it.
-
-torch, safetensors and huggingface_hub are imported lazily.
+A name is a local file (as ``pixelrelay.pipeline.stages.registry.is_local_path`` judges it),
+an ``s3://`` object (cached once per ETag, its size checked before the download) or a hub file
+(read from the cache only; ``pull`` downloads it). ``read_state_dict`` never runs pickled
+code (safetensors, or ``torch.load(weights_only=True)``; other extensions refused), refuses a
+file over ``max_bytes`` unread and raises ``CheckpointError`` naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -141,7 +124,21 @@ def pull(name: str, storage_for: Callable[[str], Storage], max_bytes: int) -> Pa
 
 
 def fetch_s3(uri: str, storage: Storage, max_bytes: int, folder: Path | None = None) -> Path:
-    """The cached copy of ``uri`` (downloaded when absent or when the object changed)."""
+    """The cached copy of an S3 checkpoint, downloaded when absent or when the object changed.
+
+    Args:
+        uri: the ``s3://`` object.
+        storage: storage for ``uri``.
+        max_bytes: refuse a larger object, before the download.
+        folder: the cache folder; None: ``cache_dir()``.
+
+    Returns:
+        The cached file's path.
+
+    Raises:
+        ModelUnavailableError: no such object.
+        CheckpointError: the object is over ``max_bytes``.
+    """
     info = next((i for i in storage.list_info(uri) if i.uri == uri), None)
     if info is None:
         raise ModelUnavailableError(f"checkpoint {uri!r} is not available: no such object")

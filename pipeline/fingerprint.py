@@ -1,24 +1,10 @@
 """Output fingerprints: whether an existing output answers a request, and may be reused.
 
-A fingerprint has two parts, each a sha256 hex digest over canonical JSON (sorted keys,
-no whitespace), so it is stable across dict order, processes and machines:
-
-* **request** (``request_fingerprint``): task, effective scale (an int where integral, so
-  ``2`` hashes as it always did; None for a width/height box), instruction, the item's
-  output format, quality, lossless, the job's backend specs (None: "the stage worker's own
-  default") and the input URI, plus ``strip_metadata``, ``width`` and ``height`` when they
-  are set (so requests without them keep the fingerprints they had before they existed). ``overwrite`` is not part of it, nor is the package version.
-* **model** (``model_fingerprint``): per stage, the spec the worker actually ran and its
-  backend's ``identity()`` (weights hashes, hub commit, or just the kind for weight-free
-  backends), plus ``DECODE_PATH_VERSION``. A job that left a stage to the worker's default
-  is pinned here, by what ran.
-
-Outputs carry it as metadata (``to_metadata``): S3 user metadata
-(``x-amz-meta-pixelrelay-fingerprint``), a hidden sidecar for local files (see
-``storage.local``), together with the job id that wrote it. ``decide`` is the one rule
-both the encode stage (before any work) and the decode stage (before writing) apply.
-Anything read back (``from_metadata``) is validated; a malformed value counts as no
-fingerprint, and an output without one is never reused.
+Two sha256 digests over canonical JSON: the request (``request_fingerprint``; a field added
+to it hashes only when set, so older requests keep their fingerprints) and the models
+(``model_fingerprint``: each stage's spec and identity, plus ``DECODE_PATH_VERSION``).
+``decide`` is the one rule that encode and decode both apply; a missing or malformed
+fingerprint is never reused.
 """
 
 from __future__ import annotations
@@ -50,7 +36,10 @@ def _digest(value: object) -> str:
 
 
 def request_fingerprint(options: JobOptions, backends: Backends, input_uri: str, output_format: str) -> str:
-    """What was asked of one item (see the module docstring for the fields)."""
+    """What was asked of one item: task, effective scale (an int where integral, None for a
+    box), instruction, output format, quality, lossless, the job's backend specs (None: the
+    worker's default) and the input URI, plus ``strip_metadata``, ``width`` and ``height``
+    when set. Not ``overwrite``, nor the package version."""
     fields = {
         "task": options.task,
         "scale": options.effective_scale(),
@@ -61,7 +50,7 @@ def request_fingerprint(options: JobOptions, backends: Backends, input_uri: str,
         "backends": {name: getattr(backends, name) for name in STAGE_BACKENDS},
         "input": input_uri,
     }
-    if options.strip_metadata:  # only when set: the fingerprints of earlier requests stay
+    if options.strip_metadata:  # only when set: requests without it keep their fingerprints
         fields["strip_metadata"] = True
     for name in ("width", "height"):  # likewise (a box's scale is None)
         if getattr(options, name) is not None:
@@ -121,6 +110,16 @@ def decide(present: bool, stored: Stored | None, expected: Fingerprint, job_id: 
       any job: keep it, never write over it;
     * ``replace`` anything else (another request, other models, no or bad fingerprint,
       ``overwrite``): re-process and write over it.
+
+    Args:
+        present: whether the output exists.
+        stored: the fingerprint and job id read back with it, or None.
+        expected: the fingerprint this request and these models give.
+        job_id: the job asking.
+        overwrite: the job's ``--overwrite``.
+
+    Returns:
+        The decision.
     """
     if not present:
         return "create"

@@ -1,33 +1,10 @@
 """Global colour and tone grading, batched in torch: the one implementation every decoder uses.
 
-``grade(x, gradings, sizes)`` takes a (B,3,H,W) float tensor in [0, 1] and one list of
-``GradingOp`` per row (``Plan.edit.grading``; an empty list leaves its row as it is) and
-returns the graded tensor, clamped to [0, 1]. ``grade_images`` does the same for HxWx3
-uint8 arrays: same-size images are stacked into one tensor, mixed sizes are grouped.
-
-Invariants:
-
-* **Order.** Operations run in ``ORDER`` whatever the order of the list: white balance,
-  exposure and warmth in linear light (the sRGB transfer curve), then contrast, saturation,
-  black-and-white, sepia and vignette on the encoded values. The same plan always gives the
-  same image.
-* **Per item.** Every parameter is per row, and the statistics some operations need (the
-  gray-world channel means, the contrast pivot) and the vignette's geometry come from each
-  item's own pixels: ``sizes`` gives each row's own (height, width) when the batch is padded
-  to a larger canvas (the classic decoder's mixed-size batches), so padding never leaks into
-  a result. An item's result is the same whatever it is batched with (float rounding aside).
-* **Colour.** Grading works on the decoded RGB values, in whatever RGB space the source's
-  ICC profile says; the decoders carry that profile to the output, as for restoration.
-* **Alpha** is never an input here: callers keep it as it is.
-* **Units**, at strength 1 (signed operations go the other way at -1; 0 is no change):
-  exposure +``EXPOSURE_STOPS`` stops; warmth red x2^``WARMTH_STOPS`` and blue x2^-``WARMTH_STOPS``
-  (linear light); contrast x2 around the item's mean luma; saturation x2 (at -1: grey);
-  black-and-white, sepia: fully; white balance: fully gray-world (gains clamped to
-  ``WB_GAIN_RANGE``); vignette: corners darkened by ``VIGNETTE_DARKEN``. A strength between
-  moves part of the way.
-
-Changing what an operation does changes outputs: bump ``constants.DECODE_PATH_VERSION``.
-torch is imported lazily (importing this module stays light).
+Invariants: operations run in ``ORDER`` whatever the list's order; every statistic is per
+item, from its own ``sizes``, so batching and padding change nothing; alpha is never an
+input. Strength 1 of each operation is set by the module's constants (``EXPOSURE_STOPS``
+...). Changing what an operation does changes outputs: bump
+``pixelrelay.pipeline.constants.DECODE_PATH_VERSION``. torch is imported lazily.
 """
 
 from __future__ import annotations

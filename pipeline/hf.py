@@ -1,14 +1,8 @@
 """Shared helpers for the Hugging Face backends.
 
-A backend ``MODEL`` is either a local folder (anything that exists on disk, or starts with
-``/``, ``./``, ``../`` or ``~``) or a hub id such as ``caidas/swin2SR-classical-sr-x2-64``.
-Weights are only ever *loaded* from that folder or from the Hugging Face cache
-(``local_files_only=True``): the network is touched by ``pixelrelay models pull`` and by
-nothing else, so a worker never downloads mid-batch, and with ``HF_HUB_OFFLINE=1`` nothing
-touches the network at all.
-
-torch and transformers are imported lazily so that ``pixelrelay models list`` and the
-producer stay light.
+A MODEL is a local folder or a hub id; weights load only from that folder or the Hugging
+Face cache (``local_files_only=True``): only ``pixelrelay models pull`` touches the network.
+torch and transformers are imported lazily.
 """
 
 from __future__ import annotations

@@ -1,33 +1,11 @@
 """Safe image decode and encode.
 
-``decode_image`` turns untrusted bytes into an upright 8-bit RGB array (+ alpha), or raises
-``ImageDecodeError`` with a one-line reason. It never returns a half-decoded image:
-truncated files, non-images, empty files and decompression bombs are all errors.
-``encode_image`` writes RGB(+alpha) back out, carrying the ICC profile and EXIF
-(less orientation, since the pixels are already upright). JPEG and WebP are lossy at
-``quality`` (1..100); WebP is lossless, pixel for pixel, with ``lossless=True``; PNG is
-always lossless.
-
-Limits (all checked from the header, before any pixel is decoded):
-
-* ``max_pixels`` (``PIXELRELAY_MAX_IMAGE_PIXELS``) bounds the source. It is authoritative
-  both ways: Pillow's own process-wide guard (``Image.MAX_IMAGE_PIXELS``) is raised to the
-  largest limit asked for, never lowered below it, so it only still catches what our check
-  cannot see (an image nested in another, as an ICO's PNG); the size is checked again after
-  the decode for formats whose size changes while decoding.
-* ``max_output_pixels`` (``PIXELRELAY_MAX_OUTPUT_PIXELS``) bounds the output the decoder
-  stage would write: ``width x height x scale^2``, or, where ``scale`` is the output size as
-  a function of the source's (an output target: ``pipeline.outsize``), that size.
-
-Colour and metadata: every output is RGB(A). An ICC profile is carried only when it
-describes RGB; a CMYK or grey source with an embedded CMYK or grey profile is converted
-to sRGB through it (the output then carries no profile: sRGB is the default), one with a
-mismatching or unreadable profile has it dropped with a note. The carried EXIF loses the
-orientation, the TIFF structural tags (``TIFF_STRUCTURAL_TAGS``: strip and tile layout,
-sample format, compression, sub-IFDs, embedded ICC and layer data) and the pixel
-dimensions. An ICC profile over ``MAX_ICC_BYTES`` or an EXIF over ``MAX_EXIF_BYTES`` is not
-carried (a note says so): the item still runs, and never fails at write time after its
-decode, as it did when a JPEG output could not hold the EXIF.
+``decode_image`` turns untrusted bytes into an upright 8-bit RGB array (+ alpha) or raises
+``ImageDecodeError``, never returning a half-decoded image. ``max_pixels`` and
+``max_output_pixels`` are checked from the header, before any pixel is decoded (Pillow's
+own guard is only ever raised to ours). ``encode_image`` writes RGB(A) with the source's RGB
+ICC profile and its EXIF less orientation and TIFF structural tags; an oversized profile or
+EXIF is left out with a note, so that an item never fails at write time.
 """
 
 from __future__ import annotations
@@ -208,8 +186,18 @@ def output_size(width: int, height: int, scale: OutputScale = 1) -> tuple[int, i
 
 
 def check_size(width: int, height: int, max_pixels: int, scale: OutputScale = 1, max_output_pixels: int = 0) -> None:
-    """Raise ImageDecodeError when a ``width`` x ``height`` source, or its output at
-    ``scale`` (``output_size``), is over its limit (0: no limit)."""
+    """Check a source's size, and its output's, against their limits.
+
+    Args:
+        width: the source's width.
+        height: the source's height.
+        max_pixels: the source's limit (0: none).
+        scale: the output scale, or a function of the source's size giving the output's.
+        max_output_pixels: the output's limit (0: none).
+
+    Raises:
+        ImageDecodeError: a size is over its limit.
+    """
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"invalid dimensions {width}x{height}")
     if max_pixels and width * height > max_pixels:
@@ -246,9 +234,21 @@ def decode_image(
     scale: OutputScale = 1,
     max_output_pixels: int = 0,
 ) -> DecodedImage:
-    """Decode untrusted bytes. Raises ImageDecodeError with a short reason on any problem,
-    among them a source over ``max_pixels`` or an output (at ``scale``) over
-    ``max_output_pixels``: both are checked from the header, before the decode."""
+    """Decode untrusted bytes into an upright 8-bit RGB image (+ alpha).
+
+    Args:
+        data: the file's bytes.
+        max_pixels: the source's limit, checked from the header before the decode.
+        scale: the output scale, or a function of the source's size giving the output's.
+        max_output_pixels: the output's limit (0: none), checked from the header too.
+
+    Returns:
+        The decoded image, its ICC profile and EXIF, and any notes.
+
+    Raises:
+        ImageDecodeError: with a short reason, on any problem (truncated, not an image, empty,
+            a bomb, a size over its limit).
+    """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -353,7 +353,9 @@ def _grey_to_rgb(img: Image.Image, profile: bytes, notes: list[str]) -> Image.Im
 
 
 def _to_output_colour(img: Image.Image, icc: bytes | None, notes: list[str]) -> tuple[Image.Image, bytes | None]:
-    """The image and the ICC profile to carry for an RGB output (see the module docstring)."""
+    """The image and the ICC profile to carry for an RGB output: an RGB profile is carried; a
+    CMYK or grey source with a profile of its own space is converted to sRGB through it (no
+    profile carried then); a mismatching or unreadable profile is dropped with a note."""
     if not icc:
         return img, None
     if len(icc) > MAX_ICC_BYTES:
@@ -418,9 +420,20 @@ def encode_image(
     quality: int = DEFAULT_QUALITY,
     lossless: bool = False,
 ) -> tuple[bytes, list[str]]:
-    """Encode to ``fmt`` (png|jpg|webp). Returns the bytes and any notes (e.g. alpha dropped).
+    """Encode an image, carrying its ICC profile and EXIF where the format can.
 
-    ``quality`` (1..100) applies to JPEG and to WebP unless ``lossless``."""
+    Args:
+        rgb: HxWx3 uint8 pixels.
+        fmt: png, jpg or webp.
+        alpha: HxW uint8 alpha, or None (JPEG drops it, with a note).
+        icc_profile: the ICC profile to carry, or None.
+        exif: the EXIF to carry (orientation reset), or None.
+        quality: 1..100, for JPEG and for WebP unless ``lossless``.
+        lossless: lossless WebP.
+
+    Returns:
+        The encoded bytes and the notes (e.g. alpha dropped, EXIF too large).
+    """
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"unsupported output format {fmt!r}")
     if not 1 <= quality <= 100:

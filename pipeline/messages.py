@@ -1,43 +1,17 @@
 """Pydantic message models: everything that crosses a process boundary is one of these.
 
-Messages carry storage keys, ids and text, never pixels. They serialise to JSON only.
+Messages carry storage keys, ids and text, never pixels, and are JSON only. Wire format
+(``ChunkMessage.v``; none is version 1): ``upgrade_message`` reads every version up to
+``WIRE_VERSION`` and raises ``WireVersionError`` on a newer one; a message is written in the
+oldest version that carries it (``ChunkMessage.wire_version``); a body that claims an older
+version yet uses a newer field is refused (``WireFormatError``). ``sig``
+(``pixelrelay.pipeline.signing``) is checked and removed before parsing.
 
-**Wire format.** A ``ChunkMessage`` (a stage task's body) carries its wire-format version in
-``v``; a body without ``v`` is version 1, the format of the releases before ``v`` existed.
-
-* Reading: ``upgrade_message(body)`` validates a body of any version up to ``WIRE_VERSION``
-  and upgrades it, so a worker takes the previous release's messages during a rolling
-  upgrade. A newer version raises ``WireVersionError`` (the worker re-queues the message for
-  an upgraded worker: see ``workers.tasks.run_stage``); a body that is no message at all
-  raises ``WireFormatError`` (or pydantic's ``ValidationError`` for bad fields).
-* Writing: a message is written in the *oldest* version that can carry it
-  (``ChunkMessage.wire_version``): version 1 unless the job uses a field that version 1 lacks.
-  So while workers are being upgraded, an upgraded worker's output (the next stage's body,
-  the job's next chunk) is still read by the workers not yet upgraded.
-
-* Signing (``pipeline.signing``): on the wire a body is ``model_dump(mode="json")`` plus a
-  ``sig`` field, the HMAC of the rest (kind ``chunk:<stage>``). The signature is over exactly
-  the dict that goes on the wire, in whatever version it was written, and is checked, and
-  ``sig`` removed, before ``upgrade_message`` sees the body (which refuses ``sig`` itself).
-
-Versions: 1: no ``v``. 2: ``v``; ``JobOptions.quality``, ``.lossless`` and ``.overwrite``
-(their defaults, 92, False and False, are what version 1 jobs got); ``ItemRecord.models``,
-``.fingerprint`` and ``.outcome`` (the output fingerprint, written from the encode stage on).
-3: ``JobOptions.strip_metadata`` (False, the default, is what older jobs got); a message is
-written as version 3 only when it is set. 4: the tasks ``edit`` and ``style`` and ``Plan.edit``
-(grading operations and an optional generative edit); any output scale:
-``JobOptions.scale`` any factor in (0, 8] (was 1, 2 or 4), ``JobOptions.width`` /
-``.height``, ``Plan.target`` and ``ItemRecord.native_scale`` / ``.final_scale``. A message is
-written as version 4 only when it needs one of these: an edit task or a plan with an edit, a
-scale other than 1, 2 or 4, a width or height, a plan with a target, a record with scales.
-``Plan.edit``, ``Plan.target`` and the record's scales are left out of the JSON when None,
-and an integral scale is a JSON integer (2, never 2.0), so the plans, manifests, messages and
-request fingerprints of every other job are byte for byte what version 3 wrote. A body that
-says it is older than version 4 yet uses a version-4 field is refused (``WireFormatError``):
-no writer makes one, and an old worker never silently gets a message it cannot serve.
-Old workers reject fields they do not know, so **upgrade the stages downstream first
-(decode, then plan, then encode), then the producers** (producers also write the job's
-``JobSpec``, which workers read): a newer message then only ever reaches a newer worker.
+Versions: 2 adds ``v``, ``JobOptions.quality`` / ``.lossless`` / ``.overwrite`` and
+``ItemRecord.models`` / ``.fingerprint`` / ``.outcome``; 3 ``JobOptions.strip_metadata``; 4
+the edit and style tasks, ``Plan.edit`` and any output scale (``JobOptions.scale`` /
+``.width`` / ``.height``, ``Plan.target``, ``ItemRecord.native_scale`` / ``.final_scale``).
+The rolling-upgrade order: docs/design.md, "Delivery guarantees".
 """
 
 from __future__ import annotations
@@ -227,7 +201,7 @@ MAX_SEED = 2**32 - 1
 class GradingOp(_Model):
     """One global colour/tone operation. ``strength`` is in [-1, 1] for the signed ones
     (``SIGNED_GRADING``: exposure, warmth, contrast, saturation; 0 is no change) and in
-    [0, 1] for the others; what a unit of strength does is ``pipeline.grading``'s."""
+    [0, 1] for the others; what a unit of strength does is ``pixelrelay.pipeline.grading``'s."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -260,7 +234,7 @@ class GenerativeEdit(_Model):
 
 class Edit(_Model):
     """What an edit or style plan changes: grading operations (each name at most once; the
-    order they run in is ``pipeline.grading``'s, not the list's) and optionally a generative
+    order they run in is ``pixelrelay.pipeline.grading``'s, not the list's) and optionally a generative
     edit. Never empty: a plan that changes nothing is no edit plan."""
 
     grading: list[GradingOp] = Field(default_factory=list, max_length=len(SIGNED_GRADING) + 4)
@@ -299,7 +273,7 @@ class OutputTarget(_Model):
     """The output size a job asks for beyond a native scale (wire version 4): a scale factor
     in (0, 8], or a width and/or height to fit inside keeping the aspect ratio. What size it
     gives an image, and which native scale a decoder runs for it, is
-    ``pipeline.outsize``'s."""
+    ``pixelrelay.pipeline.outsize``'s."""
 
     scale: ScaleFactor | None = _omitted_when_none()  # the unset ones are left out of the JSON
     width: Side | None = _omitted_when_none()
@@ -328,7 +302,7 @@ class Plan(_Model):
     a ``target`` (wire version 4: a job's scale other than 1, 2, 4, or a width/height) the
     output is the target's size instead: ``scale`` is then the planner's proposal, and the
     decode stage runs the decoder's own native scale for the target and resamples to the
-    exact size (``pipeline.outsize``)."""
+    exact size (``pixelrelay.pipeline.outsize``)."""
 
     operations: list[Operation] = Field(default_factory=list)
     scale: Scale = 1
@@ -352,7 +326,7 @@ class Plan(_Model):
 
 
 class Fingerprint(_Model):
-    """What an output answers (see ``pipeline.fingerprint``): sha256 hex digests of the
+    """What an output answers (see ``pixelrelay.pipeline.fingerprint``): sha256 hex digests of the
     request (options, backend specs, input, output format) and of the model identity."""
 
     request: str = Field(pattern=_SHA256_HEX)

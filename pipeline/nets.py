@@ -1,11 +1,8 @@
 """The two builtin networks (pure torch): a degradation estimator and a conditional restorer.
 
-* ``DegradationNet`` (encoder): a small CNN over 64x64 RGB crops, plus fixed JPEG
-  quantisation-periodicity features of the crop's 8x8 luma DCT, -> noise sigma, blur sigma,
-  JPEG yes/no and quality, downscaled yes/no.
-* ``RestoreNet`` (decoder): a compact residual CNN in low-resolution space, FiLM-conditioned
-  on the degradation estimates (and the scale), predicting a residual over bicubic, with
-  pixel-shuffle heads for x1 (pixel-unshuffled input), x2 and x4. One shared body.
+``DegradationNet`` (encoder): a small CNN over 64x64 crops plus 8x8 DCT features -> noise,
+blur, JPEG and downscale estimates. ``RestoreNet`` (decoder): a residual CNN over bicubic,
+FiLM-conditioned on those estimates, with heads for x1, x2 and x4 on one body.
 """
 
 from __future__ import annotations
@@ -103,6 +100,16 @@ class RestoreNet(nn.Module):
         context_blocks: Sequence[int] = (),
         context_after: int = 0,
     ) -> None:
+        """The network's shape (kept in ``self.config``, saved with the weights).
+
+        Args:
+            channels: the body's width.
+            blocks: FiLM blocks in the body.
+            hidden: the condition MLP's width.
+            context_channels: widths of the multi-scale context branch's levels; empty: no branch.
+            context_blocks: FiLM blocks per context level.
+            context_after: the index of the body block before which the context branch's output joins.
+        """
         super().__init__()
         c = channels
         self.config: dict[str, Any] = {"channels": channels, "blocks": blocks, "hidden": hidden}
@@ -357,8 +364,16 @@ def build(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
 def save_model(
     net: nn.Module, kind: str, path: str, extra: dict[str, Any] | None = None, dtype: str = "float32"
 ) -> None:
-    """Weights as safetensors, floating tensors stored as ``dtype`` ("float16" halves the file;
-    ``load_model`` always returns a float32 net)."""
+    """Save a network's weights as safetensors, its config in the metadata.
+
+    Args:
+        net: the network.
+        kind: "encoder" or "decoder" (checked by ``load_model``).
+        path: the file.
+        extra: more metadata (non-strings are stored as JSON).
+        dtype: how floating tensors are stored ("float16" halves the file; ``load_model`` always
+            returns a float32 net).
+    """
     import json
 
     from safetensors.torch import save_file

@@ -1,52 +1,11 @@
 """Any output scale: the one policy for an output's size and how a decoder reaches it.
 
-A plan asks for its output in one of two ways (``pipeline.messages``):
-
-* **A native scale** (``Plan.scale`` 1, 2 or 4, no ``Plan.target``): the decoder's output is
-  exactly ``scale`` x the input, as it always was. Nothing here touches such an item: its
-  pixels, notes and manifest row are what they were before any output scale existed.
-* **A target** (``Plan.target``, wire version 4): a scale factor in (0, 8] other than 1, 2
-  or 4 (``--scale 1.5``, ``3``, ``0.5``, ``8``), or a width and/or height to fit inside.
-
-Size (``final_size``), exact for every source size:
-
-* scale ``s``: ``(round(w * s), round(h * s))``, halves rounded up, at least 1 pixel;
-* width ``W`` only: ``(W, round(h * W / w))``; height ``H`` only: ``(round(w * H / h), H)``;
-* both: the largest size that fits inside ``W`` x ``H`` keeping the aspect ratio: the side
-  that binds is exact, the other rounded (half up), never over the box. A box larger than
-  the image scales it up (as ImageMagick's ``WxH`` geometry does).
-
-Boxes are computed in integers. ``factor`` is the scale before rounding (``s``, or the
-binding side's ratio); the manifest records it as ``ItemRecord.final_scale``.
-
-Native scale (``native_scale``), the rule of ``decoders.choice`` applied to the target:
-the decoder's native scale (``Decoder.native_scales()``: 1, 2, 4 for ``builtin`` and
-``classic``, the models' scales for ``hf-sr`` and ``spandrel``, 4 for ``sd-upscale``) equal to
-the target's ``factor``, else the smallest above it, else the largest. (At or above the
-factor, the rounded size is within native x the source on both sides.) The decoder runs the plan at that scale (``restore`` hands it a
-copy of the plan with ``scale`` set to it and no target), and its result is resampled to the
-exact size: bicubic, antialiased when it shrinks (``tensors.resize``); alpha bilinear on its
-own (``tensors.resize_alpha_to``). Where no native scale reaches the target (x8 on
-``builtin``), the largest runs and a note says the rest was resized; every resampled item
-gets a note naming the native scale and the final size, and its record the native scale
-(``ItemRecord.native_scale``).
-
-A plan whose ``model`` names a model of another scale (``hf-sr``, ``spandrel``: the named
-model wins the choice) runs at that model's scale instead (``Decoder.runs_at``), so its
-output is resampled once, to the exact size, and not first inside the decoder to the scale
-above; a note names the model. (Its native result is then that model's scale times the
-source, as it was inside the decoder before.)
-
-Bounds: ``PIXELRELAY_MAX_OUTPUT_PIXELS`` is checked against the final size (``sizer``), from
-the header, at encode (the job's options) and at decode (the plan). The decoder's native
-result, resampled from, is at most 4x the final size's pixels (a factor just above 1 runs
-x2), or the source's size when the target shrinks.
-
-Planners (``planned``): ``Plan.scale`` is the native scale the planner proposes (the
-smallest of 1, 2, 4 at or above a scale target, the task's default for a box, whose factor
-depends on each image); the decode stage decides with the decoder's own native scales.
-
-torch is imported lazily (the producer validates sizes without it).
+A plan without ``Plan.target`` is left alone. With one, ``final_size`` gives the exact size
+(a scale: halves rounded up, at least 1 pixel; a box: the binding side exact, never over it;
+integer arithmetic); ``native_scale`` picks the decoder's scale to run (equal to the factor,
+else the smallest above, else the largest); ``restore`` runs the decoder at it and resamples
+the result (bicubic, antialiased when shrinking; alpha bilinear), with a note. A plan's own
+model runs at its own scale and is resampled once. torch is imported lazily.
 """
 
 from __future__ import annotations
@@ -97,7 +56,7 @@ def plan_size(plan: Plan, width: int, height: int) -> Size:
 
 
 def sizer(target: OutputTarget | None, scale: int) -> int | Callable[[int, int], Size]:
-    """What ``imageio.decode_image`` checks the output against: the native ``scale`` where
+    """What ``pixelrelay.pipeline.imageio.decode_image`` checks the output against: the native ``scale`` where
     there is no target (as before), else the target's size as a function of the source's."""
     if target is None:
         return scale
@@ -119,16 +78,23 @@ def options_sizer(options: JobOptions) -> int | Callable[[int, int], Size]:
 
 def native_for(natives: Sequence[int], wanted: float) -> int:
     """The native scale that serves ``wanted``: equal, else the smallest above, else the
-    largest (``decoders.choice.native_for``, the model rule)."""
+    largest (``pixelrelay.pipeline.stages.decoders.choice.native_for``, the model rule)."""
     from pixelrelay.pipeline.stages.decoders.choice import native_for as rule
 
     return int(rule([int(n) for n in natives], wanted))
 
 
 def native_scale(natives: Sequence[int], target: OutputTarget, width: int, height: int) -> int:
-    """The native scale a decoder with ``natives`` runs for ``target`` on a ``width`` x
-    ``height`` source. From the factor before rounding: at or above it, the rounded size
-    is within ``native`` x the source on both sides."""
+    """The native scale a decoder runs for an output target: equal to the target's factor, else
+    the smallest above it, else the largest. At or above the factor, the rounded size is within
+    ``native`` x the source on both sides.
+
+    Args:
+        natives: the decoder's native scales.
+        target: the output target.
+        width: the source's width.
+        height: the source's height.
+    """
     return native_for(natives, factor(target, width, height))
 
 
@@ -194,8 +160,18 @@ def _resampled(
     device,
     model: str | None = None,
 ) -> RestoredImage:
-    """``result`` resampled to ``size``, with its notes; ``model``: the plan's model where it
-    ran at a scale of its own."""
+    """``result`` resampled to ``size``, with its notes.
+
+    Args:
+        result: the decoder's output at its native scale.
+        image: the source.
+        target: the plan's output target.
+        native: the scale the decoder ran.
+        size: the exact output size.
+        natives: the decoder's native scales (for the note).
+        device: where the resample runs.
+        model: the plan's model where it ran at a scale of its own, else None.
+    """
     from pixelrelay.pipeline import tensors
 
     got = (result.rgb.shape[1], result.rgb.shape[0])

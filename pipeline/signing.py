@@ -1,34 +1,13 @@
 """Signed job data: an HMAC-SHA256 over every message body and every value in Redis that
-drives work, so that write access to Redis alone cannot make a worker read or write
-anything the job's producer did not ask for (issue #11, section 1). Stdlib only.
+drives work, so that write access to Redis alone cannot make a worker read or write anything
+the job's producer did not ask for. Stdlib only.
 
-**Key.** ``PIXELRELAY_SIGNING_KEY`` (the key itself, at least ``MIN_KEY_CHARS`` characters)
-or ``PIXELRELAY_SIGNING_KEY_FILE`` (a file holding it); see ``pipeline.settings``. The key
-lives in the environment or a file only: never in argv, Redis, storage or a log line
-(``Signer``'s repr hides it).
-
-**What is signed.** A JSON object ``obj`` of kind ``kind`` (a purpose tag) is signed as
-
-    HMAC-SHA256(key, b"pixelrelay:" + kind + b"\\0" + canonical(obj))
-
-where ``canonical`` is ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
-ensure_ascii=True)``, so the signature survives any JSON round trip (kombu's serializer, a
-Redis string) that keeps the values. The kind tags keep a signature of one kind of object
-from being replayed as another: ``chunk:<stage>`` (a stage task's body, bound to the stage
-that is to run it), ``spec`` (the job hash's ``spec`` field, which also names its job id),
-``cursor`` (a job's chunk cursor, bound to its job id).
-
-**Wire form.** A signed object is the object plus one field, ``sig``: the lowercase hex
-digest over the object *without* ``sig`` (``sign`` / ``verify``). A chunk message on the
-wire is therefore ``ChunkMessage.model_dump(mode="json")`` (its oldest wire version: see
-``pipeline.messages``) plus ``sig``; ``verify`` strips ``sig`` before ``upgrade_message``
-parses the body, which (``extra="forbid"``) would refuse it otherwise. The empty body ``{}``
-(a split chain's later stages: nothing to do) is never signed.
-
-**Insecure mode** (``Signer.insecure()``, no key: ``--insecure-no-signing``): ``sign``
-returns the object unchanged and ``verify`` accepts it with or without ``sig`` (stripped,
-not checked). A signer *with* a key refuses (``SignatureError``) an object without ``sig``
-or with a wrong one. Comparisons are constant-time (``hmac.compare_digest``).
+An object of kind ``kind`` is signed as ``HMAC(key, b"pixelrelay:" + kind + b"\\0" +
+canonical(obj))`` (sorted keys, compact, ASCII) and carries it in ``sig``. The kinds
+(``chunk:<stage>``, ``spec``, ``cursor``) keep one kind from being replayed as another. The
+empty body ``{}`` is never signed. A keyed signer refuses a missing or wrong ``sig``
+(constant-time); an insecure one strips ``sig`` unchecked. The key never reaches argv,
+Redis, storage or a log.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """pixelrelay: a distributed batch processor for learned image restoration and upscaling.
 
-The installed package is one namespace. Its subpackages live in folders at the repository
-root and are mapped into it by ``pyproject.toml`` (``[tool.setuptools] package-dir``):
-
-    pixelrelay.pipeline   pipeline/   the compute path workers run (no Celery, no Redis)
-    pixelrelay.jobs       jobs/       job bookkeeping: storage layout, Redis keys, state, feed
-    pixelrelay.workers    workers/    the Celery app, the stage tasks, delivery policy
-    pixelrelay.producer   producer/   listing, submit, status, ``pixelrelay run``, the CLI
-    pixelrelay.training   training/   training, degradation synthesis, quality benchmark
-
-The Python API (``pixelrelay.api``): ``pixelrelay.submit(...) -> Job``, ``Job.attach``,
-``Job.status() / .wait() / .manifest() / .cancel()``. Its names are exported here lazily, so
-that ``import pixelrelay`` itself stays cheap (no Celery, Redis or pydantic import).
+The subpackages live in folders at the repository root, mapped into this namespace by
+``pyproject.toml`` (docs/design.md, "Architecture"). The Python API's names
+(``pixelrelay.api``) are exported here lazily, so ``import pixelrelay`` stays cheap.
 """
 
 from __future__ import annotations

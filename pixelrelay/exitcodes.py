@@ -1,7 +1,7 @@
 """The one table of exit codes that every ``pixelrelay`` command uses.
 
 Codes are never reused: a new outcome gets a new number at the end of the table, and the
-README's table is kept in step with this one (a test compares them).
+table in docs/operations.md ("Exit codes") is kept in step with this one (a test compares them).
 """
 
 from __future__ import annotations

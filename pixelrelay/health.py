@@ -1,11 +1,7 @@
 """``pixelrelay health``: is this container's worker alive and consuming?
 
-A worker touches its heartbeat file (``PIXELRELAY_HEALTH_FILE``, default
-``<tmp>/pixelrelay-worker.health``: one worker per container) from its consumer's event loop
-every ``PIXELRELAY_HEALTH_INTERVAL_S`` while it is connected and consuming, and between
-batches while a chunk runs (``workers.observe``). ``check`` reads only the file's mtime: no
-Redis, no Celery remote control. Older than ``max_age`` (or missing) means unhealthy.
-Importing this module imports nothing outside the standard library.
+``check`` reads only the heartbeat file's mtime (``PIXELRELAY_HEALTH_FILE``, touched by
+``pixelrelay.workers.observe``): no Redis, no Celery remote control. Stdlib only.
 """
 
 from __future__ import annotations

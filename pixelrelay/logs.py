@@ -1,14 +1,8 @@
 """Log output for every ``pixelrelay`` command: text (default) or JSON lines.
 
-``configure(fmt, level)`` installs the one root handler (stderr). ``PIXELRELAY_LOG_FORMAT``
-(``text`` | ``json``) or ``--log-format`` picks the format; ``json`` writes one JSON object
-per line with ``ts``, ``level``, ``logger``, ``message`` and, when known, ``job``, ``chunk``
-and ``stage`` (set by ``context(...)`` around a chunk's delivery: ``workers.tasks.run_stage``),
-plus ``exc`` for a traceback. Python warnings go through logging too in ``json``.
-
-Invariant: no secret reaches a log line through this handler: the password of any
-``scheme://user:password@host`` URL in a message is replaced by ``***`` (``redact``).
-Importing this module imports nothing outside the standard library.
+``configure`` installs the one root handler; ``context`` adds job, chunk and stage to JSON
+lines. Invariant: the password of any ``scheme://user:password@host`` URL in a message is
+replaced by ``***`` (``redact``). Stdlib only.
 """
 
 from __future__ import annotations

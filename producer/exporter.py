@@ -1,19 +1,9 @@
-"""``pixelrelay exporter --port N``: a small always-on process that serves the backlog.
+"""``pixelrelay exporter --port N``: an always-on process that serves the backlog, computed from
+Redis at each scrape (``pixelrelay.jobs.backlog``), since workers may scale to zero. The
+series are listed in docs/operations.md, "Metrics".
 
-Workers may scale to zero, so the signal an autoscaler needs cannot come from them. This
-serves, computed from Redis at each scrape (``jobs.backlog``):
-
-* ``pixelrelay_backlog_items{stage}``: items of active jobs not yet through that stage
-  (the autoscaling signal; KEDA reads it through the Prometheus or metrics-api scaler);
-* ``pixelrelay_job_pending_items{job}``: items of each active job without a final status;
-* ``pixelrelay_chains_in_flight{stage}``: chains of active jobs at each stage;
-* ``pixelrelay_queue_length{stage}``: ``LLEN`` of the stage's Celery queue (the windowed
-  part only: shown for comparison, not for scaling);
-* ``pixelrelay_active_jobs``.
-
-Invariant: a scrape only reads Redis; a Redis error makes the scrape fail (HTTP 500), so a
-stale value is never served as a fresh one. It needs the signing key to read a job's chunk
-size (its spec is signed); without one it counts every pending item at every stage.
+Invariant: a Redis error fails the scrape (HTTP 500), so a stale value is never served.
+Without the signing key every pending item counts at every stage.
 """
 
 from __future__ import annotations

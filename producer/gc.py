@@ -1,22 +1,9 @@
 """``pixelrelay gc``: remove old jobs' bookkeeping files from an output, keeping manifests.
 
-For every job folder ``OUTPUT/_jobs/<job_id>/`` whose newest object is older than
-``--older-than`` (its last activity: job.json, a listing shard, a part or the manifest,
-by last-modified time), gc removes ``parts/``, ``groups/``, ``inputs/`` (the listing shards),
-``report.html`` and ``contact-sheet.jpg``. It keeps ``manifest.jsonl``, ``job.json`` and the
-``cancelled`` marker, unless ``--include-manifests`` (then the whole job folder goes).
-
-Invariants:
-
-* Only objects under ``OUTPUT/_jobs/<job_id>/`` are ever deleted: never the outputs (the
-  restored images) nor ``OUTPUT/_state/``; a folder whose name is not a valid job id is left
-  alone.
-* A running job is never touched. With Redis reachable, a job Redis knows and whose manifest
-  is not written (``jobs.state.is_finished``) is running. Without Redis, a job that has no
-  manifest, or has parts newer than its manifest (a later submission under way), is skipped
-  unless ``--force``.
-* ``--dry-run`` deletes nothing and prints what would go, with sizes.
-* A collected job can no longer be resumed (``--job-id`` again): its listing and parts are gone.
+Invariants: only objects under ``OUTPUT/_jobs/<job_id>/`` are deleted (never outputs, never
+``_state/``; a folder whose name is not a job id is left alone); a running job is never
+touched (without Redis, a job with no manifest or with parts newer than it is skipped unless
+``--force``); ``--dry-run`` deletes nothing. A collected job can no longer be resumed.
 """
 
 from __future__ import annotations
@@ -156,7 +143,21 @@ def collect(
     stream: TextIO | None = None,
     now: float | None = None,
 ) -> GcResult:
-    """Remove (or, ``dry_run``, list) old jobs' parts, listings and reports under ``output``."""
+    """Remove (or list) old jobs' parts, listings and reports under ``output``.
+
+    Args:
+        settings: for Redis, to tell running jobs apart.
+        output: the output root.
+        older_than_s: collect jobs whose newest object is older than this.
+        dry_run: delete nothing; report what would go.
+        include_manifests: remove whole job folders, manifests included.
+        force: without Redis, collect jobs that may still be running.
+        stream: where to print what is removed; None: nowhere.
+        now: the current time (tests).
+
+    Returns:
+        What was removed, and the jobs kept with the reason.
+    """
     stream = stream or sys.stdout
     storage = open_storage(output, settings.s3_endpoint_url, settings)
     cutoff = (time.time() if now is None else now) - older_than_s

@@ -1,57 +1,14 @@
 """``submit --incremental``: a job sends only the inputs that are new or changed since the
-last jobs into this output, or whose request changed (nightly runs over a growing bucket).
+last jobs into this output, or whose request changed.
 
-**State**, written through ``Storage`` (so an ``s3://`` output works as a local one), per
-input (``<source>``: the first 16 hex digits of the sha256 of the normalised input URI):
-
-    OUTPUT/_state/incremental/<source>/index.jsonl       {"input", "version", "request", "done"},
-                                                        one line per input a job was sent,
-                                                        sorted by input
-    OUTPUT/_state/incremental/<source>/jobs/<job>.jsonl  what an incremental job was sent:
-                                                        {"input", "version", "request"} per
-                                                        item, in the job's index order
-    OUTPUT/_jobs/<job>/incremental.json                  the job's counts: sent, new, changed,
-                                                        retried, skipped (unchanged)
-
-``version`` is what the listing saw (``producer.listing``, **Versions**): an S3 ETag, or a
-local file's ``<size>:<mtime_ns>``; ``request`` is the item's request fingerprint
-(``pipeline.fingerprint.request_fingerprint``: options, backend specs, input, format).
-
-**The rule.** An item is skipped only when the index holds its input with the same version
-and the same request fingerprint, marked ``done``; it is marked so only when the last job
-that was sent it ended with its manifest line ``done`` and that line's fingerprint has that
-request (any other line marks it not done: retried next time). Anything else is sent: new
-inputs, changed ones, a changed request, items that failed or were cancelled, items the
-listing rejects. Skipped items are left out of the new
-job's listing (its items are renumbered 0..n-1; keys and collisions are those of the full
-listing), so the job's total, and its manifest, count only what was sent; the counts of
-what was skipped are in ``incremental.json`` and on the submit's stderr.
-
-**Changed inputs.** The output fingerprint covers the request, not the input's bytes, so
-the encode stage would reuse the old output of an input replaced in place. ``select`` so
-deletes the output of every input whose version changed under the same request before the
-job is sent (its sidecar with it); the stage then creates it anew. If the job then fails,
-that item has no output (rather than a stale one), and is sent again next time. Inputs whose
-request changed need no delete: their fingerprint differs, and the stage replaces them.
-
-**Folding.** The index is brought up to date at the next ``--incremental`` submit, not when
-a job ends, so it works with or without ``--wait``: each pending ``jobs/<job>.jsonl`` whose
-job has a manifest (it ended: done, failed or cancelled) is merged in, oldest job first
-(its ``job.json``'s ``created_at``), then deleted. One whose job has no manifest yet (still
-running, or lost) stays pending, and the inputs it holds are sent again: the encode stage
-then reuses the outputs already written with the same fingerprint. A file whose job has no
-``job.json`` (a submit that died before starting it) is deleted.
-
-The model part of the output fingerprint is not compared: a submitter cannot know which
-weights the workers will load. After a model change, run once without ``--incremental``
-(done outputs whose model fingerprint differs are re-processed), or with ``--overwrite``.
-
-**Nothing new**: no job is created; ``submit`` prints ``nothing new: N unchanged items
-skipped`` and exits 0. Two ``--incremental`` submits into one output at the same time are
-not supported (the second may send again what the first sends; nothing is lost).
-
-**Memory** stays flat: the index is streamed into a temporary SQLite file (lookups by
-input) and written back sorted from it; jobs files and manifests are read line by line.
+State, in storage: ``OUTPUT/_state/incremental/<source>/index.jsonl`` (per input: version,
+request fingerprint, done), ``.../jobs/<job>.jsonl`` (what each job was sent) and
+``OUTPUT/_jobs/<job>/incremental.json`` (the counts). Invariants: an item is skipped only
+when the index has it done with the same version and request fingerprint; an input whose
+version changed under the same request has its output deleted before the job is sent (the
+fingerprint does not cover the input's bytes); the index is folded at the next submit, from
+jobs that have a manifest, oldest first; memory stays flat (a temporary SQLite index). A
+model change is not detected: run once without ``--incremental``.
 """
 
 from __future__ import annotations
@@ -148,7 +105,11 @@ class Incremental:
         self.db.executemany(sql, batch)
 
     def fold(self) -> None:
-        """Merge every ended job's results into the index, and store it (see **Folding**)."""
+        """Merge every ended job's results into the index, and store it. A pending jobs file
+        whose job has a manifest is merged in, oldest job first (``job.json``'s
+        ``created_at``), then deleted; one whose job has no manifest yet stays pending; one
+        whose job has no ``job.json`` is deleted. An item is marked done only when its
+        manifest line is ``done`` with this request's fingerprint."""
         pending = []
         for uri in self.storage.list(self._jobs_prefix()):
             job_id = uri.rsplit("/", 1)[-1].removesuffix(".jsonl")
@@ -220,14 +181,16 @@ class Incremental:
             self.counts.sent += 1
 
     def _drop_stale(self, output: str) -> None:
-        """Delete a changed input's old output (see **Changed inputs**)."""
+        """Delete the output of an input whose bytes changed under the same request (and its
+        sidecar): the output fingerprint does not cover the input's bytes, so the encode stage
+        would otherwise reuse it."""
         try:
             self.storage.delete(output)
         except StorageNotFoundError:
             pass
 
     def record(self, job_id: str) -> None:
-        """Store what this job is sent (before its spec: see **Folding**)."""
+        """Store what this job is sent, before its spec, for ``fold`` to merge once it ends."""
         self._sent.seek(0)
         self.storage.put_file(join_uri(self._jobs_prefix(), f"{job_id}.jsonl"), self._sent, "application/x-ndjson")
 

@@ -1,17 +1,9 @@
 """What a waiting producer does besides showing progress: it keeps the job alive.
 
-``submit --wait``, ``status --wait`` and ``run`` know the job id and its output, so each
-tick of their wait loop (``Keeper.tick``):
-
-* rebuilds the job from storage when Redis does not know it any more (``jobs.recover``: a
-  Redis restarted empty, a flush); the rebuild is locked per job, so racing keepers and
-  sweepers feed it once;
-* runs the sweep for lost chains (``workers.sweep.sweep_once``) every ``sweep_interval_s``
-  (0: never), so a job heals even where every worker is busy or none runs a sweep.
-
-Redis errors are not handled here: the wait loop retries them with a backoff. A storage
-error while rebuilding is logged and tried again on the next tick; a job that cannot be
-rebuilt at all (no valid ``job.json``) raises ``jobs.recover.RebuildError``.
+Each tick of a wait loop (``Keeper.tick``) rebuilds a job Redis lost
+(``pixelrelay.jobs.recover``, locked per job) and sweeps for lost chains every
+``sweep_interval_s``. Redis errors are the wait loop's to retry; a storage error while
+rebuilding is logged and tried again on the next tick.
 """
 
 from __future__ import annotations
@@ -41,6 +33,16 @@ class Keeper:
         send: Send | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Keep one job alive while a producer waits for it.
+
+        Args:
+            client: Redis.
+            settings: sweep interval, window and signing key.
+            job_id: the job.
+            output: its output root (where it is rebuilt from).
+            send: sends a chain; None: a Celery app's sender, made on first use.
+            clock: monotonic seconds (tests).
+        """
         self.client, self.settings, self.job_id, self.output = client, settings, job_id, output
         self._send, self.clock = send, clock
         self.last_sweep = clock()

@@ -1,55 +1,13 @@
 """Input listing: a local folder, an ``s3://`` prefix or a manifest file -> Items, streaming.
 
-**Order and indices.** A folder is walked in the lexicographic order of its paths (each
-folder's entries sorted, a folder counting as its name plus ``/``: the same order as S3's
-listing, without collecting the paths); an ``s3://`` prefix is paged in S3's order; a manifest
-keeps its line order. An item's index is its position in that order.
-
-**Output keys.** Each source maps to ``OUTPUT/<key>``, the key being its path relative to
-the input root (a folder or prefix: the input itself; a manifest: the deepest folder common
-to all its entries, or, when it mixes local paths and S3 URIs, the full path) with the output
-format's extension. Keys are normalised at listing time: empty and ``.`` segments are dropped
-(``p//x.png`` is ``p/x.png``). A source whose key cannot be made safe is **rejected**: it
-becomes an item with ``error`` set and no output, which enters its chain already failed
-(``listing: <reason>``) and lands in the manifest; the job goes on and ends with exit 1.
-Rejected: a ``..`` segment anywhere in a manifest entry (relative or absolute) or in an S3
-key, a NUL byte, an empty name. Absolute local paths and ``s3://`` URIs in a manifest are
-inputs like any other: only their key, relative to the common root, names their output, so
-no output ever lands outside ``OUTPUT``.
-
-**Collisions**, deterministic: an item takes its natural key (``stem`` + output extension)
-unless another item has the same natural key; then all of those keep their source extension
-(``a.jpg`` -> ``a.jpg.png``, ``a.png`` -> ``a.png.png``). If the final key is still held by
-several items (``a.jpg``'s ``a.jpg.png`` and a source named ``a.jpg.png``; S3 keys ``p//x.png``
-and ``p/x.png``), the one with the lowest index keeps it and every later one is rejected with
-a reason naming that item. No two items ever share an output.
-
-**Duplicates.** A manifest that lists one input twice (``p//x.png`` and ``p/x.png`` are one
-local file) yields one item, at its first line.
-
-**Symlinks.** A folder listing never follows a symlink unless ``follow_symlinks`` is set
-(``--follow-symlinks``): a symlinked image file is rejected ("symlink not followed"), a
-symlinked folder is not entered. With it, both are followed (a loop is entered once); the key
-is still the link's own path under the input folder. Manifest entries are explicit paths:
-they are read as given.
-
-**Extensions.** ``listed_extensions()``: ``constants.INPUT_EXTENSIONS``, plus ``.avif`` when
-this Pillow reads AVIF, plus ``.heic``/``.heif`` when ``pillow-heif`` (the ``heic`` extra)
-is installed.
-
-**Memory** stays flat whatever the size: sources stream (folders walked, S3 paged, manifests
-read line by line, twice: once for the common root, once for the items) into a SQLite file
-in a temporary folder, which also finds duplicates (a unique index) and collisions (SQLite's
-own external sort); the items then stream out of it in index order into the listing shards.
-
-**Versions** (``list_versioned_items``, for ``submit --incremental``: ``producer.incremental``):
-each accepted source also carries a version that changes when its bytes are replaced: an S3
-object's ETag from the listing pages themselves (``ObjectInfo.etag``: no extra request), a
-local file's ``<size>:<mtime_ns>`` (one ``stat`` per file); a manifest's entries are
-``stat``-ed or, on S3, ``HEAD``-ed one by one. A rejected source has the version "".
-
-An input that lists no images is an ``InputError`` (a usage error): most often a wrong path
-or prefix.
+Invariants: an item's index is its position in S3's lexicographic order (a manifest keeps
+its line order); its output key is its normalised path under the input root, with the output
+format's extension; a source whose key cannot be made safe (``..``, NUL, empty) becomes an
+item with ``error``, failed in its chain; colliding keys keep their source extension, and a
+key still shared goes to the lowest index, the others rejected: no two items share an output.
+A manifest's duplicate inputs give one item; symlinks are followed only with
+``follow_symlinks``. Memory stays flat (a temporary SQLite file sorts and deduplicates).
+``list_versioned_items`` adds each source's version (S3 ETag, local ``<size>:<mtime_ns>``).
 """
 
 from __future__ import annotations
@@ -86,7 +44,8 @@ class InputError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def listed_extensions() -> tuple[str, ...]:
-    """The extensions a folder or prefix listing takes (see the module docstring)."""
+    """The extensions a folder or prefix listing takes: ``pixelrelay.pipeline.constants.INPUT_EXTENSIONS``, plus
+    ``.avif`` when this Pillow reads AVIF and ``.heic``/``.heif`` with ``pillow-heif``."""
     extensions = C.INPUT_EXTENSIONS
     if features.check("avif"):
         extensions += C.AVIF_EXTENSIONS
@@ -390,8 +349,19 @@ def iter_sources(
     root: _ManifestRoot | None = None,
     versions: bool = False,
 ) -> Iterator[Source]:
-    """The input's sources, streaming, in listing order. A manifest's entries carry their
-    full path; ``root`` (when given) learns their common folder."""
+    """The input's sources, streaming, in listing order.
+
+    Args:
+        input_uri: a folder, an ``s3://`` prefix or a manifest file.
+        storage: storage for ``input_uri``.
+        output_uri: the output root, never listed as an input.
+        follow_symlinks: follow symlinked files and folders.
+        root: learns a manifest's common folder, when given.
+        versions: read each source's version too.
+
+    Returns:
+        The sources; a manifest's entries carry their full path.
+    """
     if _is_manifest(input_uri, storage):
         return _manifest_sources(input_uri, storage, root or _ManifestRoot(), versions)
     if is_s3(input_uri):
@@ -422,16 +392,29 @@ def _nothing_listed(input_uri: str, storage: Storage) -> InputError:
 def list_items(
     input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool = False
 ) -> Iterator[Item]:
-    """The job's items, in index order; InputError (raised here, before any item) when the
-    input can't be listed or lists nothing. The sources are read before this returns; the
-    items stream from a temporary SQLite file, removed once they are consumed."""
+    """The job's items, in index order. The sources are read before this returns; the items
+    stream from a temporary SQLite file, removed once they are consumed.
+
+    Args:
+        input_uri: a folder, an ``s3://`` prefix or a manifest file.
+        output_uri: the output root (output keys are under it).
+        storage: storage for ``input_uri``.
+        fmt: the output format; None: each source's own.
+        follow_symlinks: follow symlinked files and folders.
+
+    Raises:
+        InputError: the input cannot be listed or lists nothing (before any item).
+    """
     return _list(input_uri, output_uri, storage, fmt, follow_symlinks, versions=False)
 
 
 def list_versioned_items(
     input_uri: str, output_uri: str, storage: Storage, fmt: str | None, follow_symlinks: bool = False
 ) -> Iterator[tuple[Item, str]]:
-    """``list_items`` as (item, version) pairs (see **Versions** in the module docstring)."""
+    """``list_items`` as (item, version) pairs, for ``submit --incremental``. A version
+    changes when the source's bytes are replaced: an S3 object's ETag (from the listing pages:
+    no extra request), a local file's ``<size>:<mtime_ns>``; a manifest's entries are
+    ``stat``-ed or ``HEAD``-ed one by one; a rejected source's version is ""."""
     return _list(input_uri, output_uri, storage, fmt, follow_symlinks, versions=True)
 
 

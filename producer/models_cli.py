@@ -1,22 +1,8 @@
 """``pixelrelay models list|pull``: see and fetch the weights the stage backends need.
 
-    pixelrelay models list [--encoder SPEC] [--planner SPEC] [--decoder SPEC] [--check]
-    pixelrelay models pull SPEC [SPEC ...]
-
-``list`` shows every backend, its default model, what is configured (flags, else
-``PIXELRELAY_ENCODER`` / ``_PLANNER`` / ``_DECODER``, else the defaults) and whether each model
-is present locally (a folder, or the Hugging Face cache). It never touches the network;
-``--check`` exits 1 when a configured model is missing.
-
-``pull`` fills the Hugging Face cache ahead of time, so workers start offline
-(``HF_HUB_OFFLINE=1``). SPEC is ``KIND[:MODEL]`` as given to ``--encoder`` & co, e.g.
-``hf-sr:caidas/swin2SR-classical-sr-x2-64,caidas/swin2SR-classical-sr-x4-64``; without a
-MODEL the backend's default is pulled.
-
-What a backend loads, its default model and the extra it needs come from the backend class
-itself (``default_model``, ``extra``, ``models_for``), through the registry, so plugin
-backends are listed and pulled like built-in ones. Listing imports the backend modules but
-not torch (they import it lazily).
+``list`` never touches the network; ``pull`` fills the Hugging Face cache so that workers
+start offline. What a backend loads comes from its class (``default_model``, ``extra``,
+``models_for``), so plugins are listed like built-ins; listing imports no torch.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """``--notify``: POST a JSON summary of a job to a webhook when waiting for it ends.
 
-The URL comes from ``PIXELRELAY_NOTIFY_URL``, or from the file that
-``PIXELRELAY_NOTIFY_URL_FILE`` names (a mounted secret), never from argv: webhook URLs carry
-tokens. Invariants:
-
-* the URL is never printed, logged, or written to job.json or any other file; messages
-  name it by ``redact`` (scheme and host only), and error texts are built from status codes
-  and exception types, never from a text that might quote the URL;
-* delivery is tried ``ATTEMPTS`` times, backing off ``BACKOFF_S`` doubling, on connection
-  errors, timeouts, 408, 429 and 5xx; another 4xx is not retried;
-* an undeliverable notification prints a warning and changes nothing else: the job and the
-  command's exit code stay as they were (``post_summary`` returns False and never raises).
-
-``after_wait`` runs what ``--report`` and ``--notify`` ask for once ``submit --wait`` or
-``run`` stops waiting: the report (only if the job's manifest is written), then the POST.
+Invariants: the URL (``PIXELRELAY_NOTIFY_URL`` or ``_FILE``, never argv) is never printed,
+logged or stored (``redact``); delivery is retried ``ATTEMPTS`` times on connection errors,
+timeouts, 408, 429 and 5xx; a failed notification warns and changes nothing else
+(``post_summary`` never raises). ``after_wait`` runs ``--report``, then ``--notify``.
 """
 
 from __future__ import annotations
@@ -99,7 +89,19 @@ def post_summary(
     backoff_s: float = BACKOFF_S,
     timeout_s: float = TIMEOUT_S,
 ) -> bool:
-    """POST ``summary`` as JSON; True once a 2xx came back. Never raises."""
+    """POST ``summary`` as JSON to the webhook. Never raises.
+
+    Args:
+        url: the webhook (never printed: see ``redact``).
+        summary: the JSON body.
+        stream: where warnings go; None: stderr.
+        attempts: tries in all, on connection errors, timeouts, 408, 429 and 5xx.
+        backoff_s: the first wait between tries, doubling.
+        timeout_s: per request.
+
+    Returns:
+        True once a 2xx came back.
+    """
     stream = stream or sys.stderr
     body = json.dumps(summary).encode()
     where = redact(url)
@@ -177,8 +179,18 @@ def after_wait(
     url: str | None,
     stream: TextIO | None = None,
 ) -> None:
-    """``--report`` and ``--notify`` once waiting ended with ``exit_code``; never raises and
-    never changes the exit code (problems are printed as warnings)."""
+    """Run ``--report`` and ``--notify`` once waiting for a job ended. Never raises and never
+    changes the exit code: problems are printed as warnings.
+
+    Args:
+        settings: for Redis and storage.
+        job_id: the job.
+        output: its output root.
+        exit_code: how the wait ended.
+        report: write the job's report (only if its manifest is written).
+        url: the webhook to POST a summary to, or None.
+        stream: where messages go; None: stderr.
+    """
     stream = stream or sys.stderr
     from pixelrelay.jobs.state import JobState, is_finished
     from pixelrelay.producer.report import write_report

@@ -1,34 +1,11 @@
 """Job status: counts per state, progress with rate and ETA, and waiting for the end.
 
-Invariants:
-
-* On a terminal (stderr a TTY) progress is one line redrawn in place by ``rich``: it is
-  built for the console's current width, so it never wraps or leaves stale characters.
-* Elsewhere (a pipe, a log file) progress is plain text, one ``key=value`` line at most
-  every ``PLAIN_EVERY_S`` seconds while the counts change, plus the first and the last.
-* ``--timeout`` never touches the job: waiting stops (``WaitTimeout``), the job goes on.
-* Waiting survives Redis: while it is unreachable the progress shows "Redis unreachable,
-  retrying" and the loop retries with a backoff (0.5 s doubling to 5 s); a job Redis lost
-  is rebuilt from storage by the loop's ``Keeper`` (``producer.keeper``), which also sweeps
-  for lost chains every ``PIXELRELAY_SWEEP_INTERVAL_S``.
-* The ETA never claims the job is nearly done while nothing moves: once no item has
-  finished for ``Settings.stall_s`` seconds (``jobs.state.stalled_for``, from the
-  ``progress_at`` time that marking an item writes), the rich line shows "stalled N s"
-  instead of the ETA, and the plain line ``eta=--:-- stalled=N``.
-* A cancelled job ends with exit code 4 (``ExitCode.CANCELLED``), whatever its items did.
-  ``exit_code_for`` is the one mapping from a job's state to the exit code of ``status``
-  (and of ``submit --wait`` / ``run`` once the job ended); the Python API shares it.
-* ``job_info`` builds the machine-readable status (``JobStatusInfo``) that both
-  ``status --json`` and the Python API (``pixelrelay.api``) return: one source of truth.
-  With ``--json`` stdout holds exactly one JSON object and nothing else (no progress).
-
-``status`` never reads a job's parts: counts come from Redis, the failures it lists from
-the manifest (streamed, up to ``max_failures``), and a job whose manifest is overdue is
-finished through ``jobs.finish.finalize_if_complete``, which reads the group files
-(``jobs.merge``: one object per 10,000 items or more).
-
-Redis holds, per job, the items done and failed (bitmaps) and the total; per-stage counts
-are not kept there, so the display shows done / failed / pending.
+Invariants: a TTY gets one ``rich`` line redrawn to the console's width, anything else a
+``key=value`` line at most every ``PLAIN_EVERY_S``; ``--timeout`` stops the wait, never the
+job; waiting survives Redis outages (``pixelrelay.producer.keeper``); a job with no progress
+for ``Settings.stall_s`` shows "stalled" instead of an ETA; ``exit_code_for`` and ``job_info``
+are the one exit-code mapping and status record that the CLI and the API share. ``status``
+never reads a job's parts.
 """
 
 from __future__ import annotations
@@ -229,14 +206,28 @@ def wait_for_job(
     plain_every_s: float = PLAIN_EVERY_S,
     keeper: Keeper | None = None,
 ) -> Counts:
-    """Block until the job's manifest is written, showing progress on ``console`` (default:
-    one for ``stream``; ``stream=None`` and no console: no progress at all). ``health`` may
-    return a reason to give up (e.g. a local worker died): WaitAborted. After ``timeout_s``
-    seconds: WaitTimeout.
+    """Block until the job's manifest is written, showing progress.
 
-    ``keeper`` (``producer.keeper``) keeps the job alive on every tick: it rebuilds the job
-    when Redis lost it and sweeps for lost chains. While Redis is unreachable the loop shows
-    "Redis unreachable, retrying" and retries with a backoff (health and timeout still apply).
+    While Redis is unreachable the loop shows "Redis unreachable, retrying" and retries with a
+    backoff (``health`` and ``timeout_s`` still apply).
+
+    Args:
+        state: the job.
+        settings: stall time and Redis settings.
+        stream: progress goes here; None (and no ``console``): no progress at all.
+        poll_s: seconds between reads of the counts.
+        health: returns a reason to give up (e.g. a local worker died), or None.
+        timeout_s: give up waiting after this long; the job goes on.
+        console: a rich console for the progress line; None: one for ``stream``.
+        plain_every_s: at most one plain progress line this often.
+        keeper: rebuilds the job when Redis lost it, and sweeps (``pixelrelay.producer.keeper``).
+
+    Returns:
+        The job's final counts.
+
+    Raises:
+        WaitAborted: ``health`` gave a reason.
+        WaitTimeout: ``timeout_s`` passed.
     """
     view = _QuietView() if console is None and stream is None else _view(console or Console(file=stream), plain_every_s)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -357,7 +348,15 @@ class JobStatusInfo:
 def job_info(
     job_id: str, info: dict[str, str], counts: Counts, settings: Settings, now: float | None = None
 ) -> JobStatusInfo:
-    """The status of a job from one read of its hash (``JobState.info``) and its counts."""
+    """The status of a job, as ``status --json`` and the Python API return it.
+
+    Args:
+        job_id: the job.
+        info: one read of its hash (``JobState.info``).
+        counts: its counts.
+        settings: the stall time.
+        now: the current time (tests).
+    """
     now = time.time() if now is None else now
     ended = is_finished(info)
     cancelled = int(info.get("manifest_cancelled", 0) or 0) if ended else 0
@@ -387,14 +386,23 @@ def job_info(
 
 
 def status_line(info: dict[str, str], counts: Counts, settings: Settings) -> str:
-    """One-shot ``status``: the plain line with the job's state (``jobs.state.JobStatus``)."""
+    """One-shot ``status``: the plain line with the job's state (``pixelrelay.jobs.state.JobStatus``)."""
     state = job_status(info, counts, time.time(), settings.stall_s)
     return plain_line(counts, _rate(info, counts), _stalled(info, settings), state.value)
 
 
 def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures: int = 10) -> int:
-    """Print the outcome of a job that ended; returns its exit code (``exit_code_for``:
-    CANCELLED the job was cancelled, else OK all done, FAILED_ITEMS some failed)."""
+    """Print the outcome of a job that ended.
+
+    Args:
+        state: the job.
+        settings: for storage (the failures are read from the manifest).
+        stream: where to print.
+        max_failures: failures listed at most.
+
+    Returns:
+        The exit code (``exit_code_for``: CANCELLED, else OK or FAILED_ITEMS).
+    """
     info = state.info()
     spec = state.spec()
     done, failed = int(info.get("manifest_done", 0)), int(info.get("manifest_failed", 0))
@@ -432,10 +440,21 @@ def show_status(
     output: str | None = None,
     as_json: bool = False,
 ) -> int:
-    """Print the job's progress (``wait``: until it ends). With ``output``, a job that Redis
-    does not know is rebuilt from its files there first (``jobs.recover``). ``as_json``:
-    no progress; ``stream`` gets one JSON object (``JobStatusInfo.to_json``), the job's
-    status at the end (on a timeout too), and messages go to stderr."""
+    """Print the job's progress.
+
+    Args:
+        settings: Redis, storage and signing settings.
+        job_id: the job.
+        wait: follow the job until it ends.
+        stream: where the status goes.
+        timeout_s: stop waiting after this long.
+        output: the job's output root: a job Redis does not know is rebuilt from it first.
+        as_json: no progress; ``stream`` gets exactly one JSON object (``JobStatusInfo.to_json``),
+            the job's status at the end (on a timeout too); messages go to stderr.
+
+    Returns:
+        The exit code (``exit_code_for``).
+    """
     client = redis_client(settings)
     state = JobState(client, job_id, settings.signer())
     messages = sys.stderr if as_json else stream

@@ -1,6 +1,6 @@
 """The layout and its import rules, checked on the source (AST) and on a built wheel.
 
-Which folder may import which (README, "Architecture"):
+Which folder may import which (docs/design.md, "Architecture"):
 
     pipeline/  (compute path)   no Celery, no Redis, nothing of jobs/workers/producer/training
     jobs/      (bookkeeping)    no Celery, no torch; may use pipeline's messages and storage
@@ -140,10 +140,10 @@ def test_wheel_installs_one_top_level_name(tmp_path):
         assert needed in names
 
 
-def test_readme_exit_code_table_matches_the_enum():
+def test_docs_exit_code_table_matches_the_enum():
     from pixelrelay.exitcodes import DESCRIPTIONS, ExitCode
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "operations.md").read_text()
     table = text[text.index("**Exit codes**") :]
     table = table[: table.index("\n\n", table.index("| code |"))]
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "code" not in line]

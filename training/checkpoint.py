@@ -1,19 +1,10 @@
 """Resumable training: a run that stops mid-way loses nothing, and the next run picks it up.
 
-A checkpoint (``OUT`` with the suffix ``.ckpt``, beside the weights) holds everything the
-loop needs to go on exactly as if it had never stopped: the net's and the optimiser's
-state, the step, the numpy generator that draws the crops and degradations, torch's CPU RNG,
-the losses of the current logging window and the training seconds so far, plus the run's
-identity (kind, seed, config) so that a checkpoint is never continued under another config.
-
-* Written atomically (a temporary file, fsync, ``os.replace``) every ``checkpoint_every``
-  steps (default: ``val_every``), at the end, and when SIGTERM or SIGINT stops the run (it
-  saves at the end of the step under way, then exits 143 / 130): a SIGKILL loses at most
-  the steps since the last checkpoint.
-* Read with ``torch.load(weights_only=True)``: tensors and plain values only, no pickle
-  code, whoever wrote the file.
-* A resumed run, with the same thread count on the same torch build, ends with the same
-  weights as an uninterrupted one (tests/training/test_resume.py checks it bit for bit).
+The checkpoint (``OUT`` + ``.ckpt``) holds the net, optimiser, step, RNGs, logging window and
+the run's identity (never continued under another config). Written atomically every
+``checkpoint_every`` steps, at the end and on SIGTERM/SIGINT; read with
+``torch.load(weights_only=True)``. A resumed run ends with the weights of an uninterrupted
+one (same torch build and thread count).
 """
 
 from __future__ import annotations
@@ -62,6 +53,16 @@ def save(
     rng: np.random.Generator,
     progress: Progress,
 ) -> None:
+    """Write the checkpoint atomically (temporary file, fsync, ``os.replace``).
+
+    Args:
+        path: the checkpoint file.
+        run_id: the run's identity (kind, seed, config); a resume checks it.
+        net: the network.
+        opt: its optimiser.
+        rng: the generator that draws crops and degradations.
+        progress: the step, the logging window and the training seconds.
+    """
     state = {
         "format": FORMAT,
         "identity": run_id,
@@ -84,7 +85,21 @@ def save(
 def load(
     path: Path, run_id: str, net: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator
 ) -> Progress:
-    """Restore ``net``, ``opt`` and ``rng`` from ``path``; the loop's progress."""
+    """Restore a run from its checkpoint.
+
+    Args:
+        path: the checkpoint.
+        run_id: this run's identity: it must be the checkpoint's.
+        net: restored in place.
+        opt: restored in place.
+        rng: restored in place.
+
+    Returns:
+        The loop's progress.
+
+    Raises:
+        CheckpointMismatch: not a training checkpoint, or another run's.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointMismatch(f"{path}: not a pixelrelay training checkpoint (format {FORMAT})")

@@ -1,21 +1,9 @@
 """The one degradation synthesis module, shared by training and evaluation.
 
-A Real-ESRGAN / BSRGAN style one-stage model: Gaussian blur, a downscale (bicubic, bilinear
-or area), Gaussian or Poisson noise in random order, then JPEG at a random quality (the final
-save). Everything is driven by an explicit ``numpy.random.Generator``, so a seed reproduces
-the exact degraded image.
-
-Each call returns the degraded image (HxWx3 uint8) and the *true* parameters, expressed
-where the encoder sees them, i.e. on the output (low-resolution) pixel grid:
-
-* ``noise_sigma``: the standard deviation (0-255) of the noise as it is present in the
-  output before JPEG. Noise added before a blur or a downscale is weakened by them; we track a
-  clean copy through the same linear steps and measure the difference, so this is exact.
-  JPEG never counts: the noise JPEG smears is reported as it was before the JPEG step (what
-  the restorer must undo), also when JPEG comes earlier (``p_jpeg_early``).
-* ``blur_sigma``: the Gaussian blur sigma in output pixels (0: none).
-* ``jpeg_quality``: the JPEG quality (None: not compressed).
-* ``downscaled``: whether a downscale step happened; ``scale`` the factor.
+Blur, downscale and noise in random order, then JPEG, driven by an explicit
+``numpy.random.Generator`` (a seed reproduces the image). Each call also returns the true
+parameters on the output pixel grid; ``noise_sigma`` is exact (a clean copy goes through the
+same linear steps) and never counts what JPEG smears.
 """
 
 from __future__ import annotations
@@ -164,10 +152,17 @@ def degrade(
     config: DegradationConfig | None = None,
     force: Sequence[str] = (),
 ) -> tuple[np.ndarray, DegradationParams]:
-    """Degrade an HR image (HxWx3 uint8, cropped to a multiple of ``scale``).
+    """Degrade an HR image.
 
-    ``force`` names steps ("blur", "noise", "jpeg") applied with probability 1.
-    Returns the degraded image (H/scale x W/scale x 3 uint8) and its true parameters.
+    Args:
+        hr: HxWx3 uint8 (cropped here to a multiple of ``scale``).
+        scale: the downscale factor.
+        rng: draws every random choice.
+        config: the step probabilities and ranges; None: the default.
+        force: steps ("blur", "noise", "jpeg") applied with probability 1.
+
+    Returns:
+        The degraded image (H/scale x W/scale x 3 uint8) and its true parameters.
     """
     cfg = config or DegradationConfig()
     hr = crop_to_multiple(hr, scale)
@@ -263,11 +258,21 @@ def edge_overshoot(
     edge_quantile: float = 0.9,
     min_gradient: float = 20.0,
 ) -> float:
-    """Mean overshoot on strong edges, in Y levels (0-255 scale): how far ``out`` goes above
-    the ground truth's local maximum or below its local minimum (a (2·radius+1)² window),
-    averaged over the pixels within ``radius`` of a strong edge of ``gt`` (Sobel magnitude
-    above its ``edge_quantile`` and above ``min_gradient``). Halos and ringing raise it; a
-    faithful or a blurry output keeps it near 0."""
+    """Mean overshoot on strong edges, in Y levels (0-255 scale): how far ``out`` goes above the
+    ground truth's local maximum or below its local minimum. Halos and ringing raise it; a
+    faithful or a blurry output keeps it near 0.
+
+    Args:
+        out: the restored image.
+        gt: the ground truth, the same size.
+        border: pixels cropped from each side first.
+        radius: the local window is (2·radius+1)², and pixels within ``radius`` of an edge count.
+        edge_quantile: an edge's Sobel magnitude is above this quantile of ``gt``'s...
+        min_gradient: ...and above this.
+
+    Returns:
+        The mean overshoot over the pixels near strong edges.
+    """
     from scipy.ndimage import binary_dilation, maximum_filter, minimum_filter, sobel
 
     y, o = _crop_border(rgb_to_y(gt), border), _crop_border(rgb_to_y(out), border)

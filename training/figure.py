@@ -1,20 +1,9 @@
 """``pixelrelay bench figure --data DIR --out docs/quality-before-after.png``
 
-A small before/after figure from the validation part of DIR (``training.data.split``): one
-row per case, the degraded image made by the same synthesis and seeds as ``bench quality``
-(``quality.make_set``):
-
-    mild x2 | realistic x2 | bicubic-downscaled x2 (clean) | bicubic-downscaled x4 (clean)
-
-and one column per output, restored by the same pipelines (``quality.run_pipeline``) on the
-whole image, then cropped to the same ``--crop`` window:
-
-    input (nearest-neighbour enlarged, so its pixels show) | bicubic | classic | builtin | ground truth
-
-``classic`` is analysis encoder -> rules planner -> classic decoder, ``builtin`` the whole
-builtin path (builtin encoder -> rules planner -> builtin decoder). Each output tile is labelled
-with its PSNR on the Y channel (``degradations.psnr_y``) over the crop. The images and the crop
-windows are a fixed, seeded choice (among a few seeded windows, the most detailed one).
+A before/after figure from DIR's validation part: one row per degradation case (the seeds of
+``pixelrelay.training.quality.make_set``), one column per pipeline
+(``pixelrelay.training.quality.run_pipeline``), each tile labelled with its Y-channel PSNR
+over a fixed, seeded crop.
 """
 
 from __future__ import annotations

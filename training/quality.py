@@ -1,35 +1,10 @@
 """``pixelrelay bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild] [--encoder-model FILE]``
 
-Measures restoration quality on the validation part of DIR (every fifth file of each folder,
-see ``pipeline.training.data``; ``--split all`` for every file) and prints a table.
-
-Each validation image is the ground truth; its degraded version comes from the one synthesis
-module (``pipeline.degradations``), seeded per image:
-
-* ``bicubic``: bicubic (anti-aliased) downscale by the scale;
-* ``realistic``: Gaussian blur, downscale (bicubic/bilinear/area) and Gaussian/Poisson noise
-  in random order, then JPEG at a random quality: all three of blur, noise and JPEG always
-  applied, the training distribution otherwise;
-* ``mild``: everyday files (``degradations.MILD``): light blur (sigma 0.3-1), bicubic
-  downscale, noise sigma 2-15, then JPEG quality 40-95.
-
-Three whole pipelines restore it back to full size:
-
-* ``bicubic``: plain bicubic upscaling (the baseline);
-* ``classic``: analysis encoder -> rules planner -> classic decoder;
-* ``builtin``: builtin encoder -> rules planner -> builtin decoder;
-
-and, for reference, ``builtin-net (true params)``: the bare network the plan would route to
-(the restorer for a degraded image, the upscaler for a clean one) given the true degradation.
-PSNR and SSIM are on the Y channel (BT.601), with ``scale`` pixels of border cropped.
-The encoder's estimates are checked against the true parameters (on the realistic images,
-and on extra noise-only, JPEG-only and blur-only versions of each image, and JPEG with noise
-or blur on top), and the builtin decoder is
-timed at batch 8 on 512x512 outputs, on a clean plan (the upscaler) and on a degraded one
-(the restorer, the slower network, which the speed floor is checked on). Edge overshoot
-(``degradations.edge_overshoot``: halos and ringing beyond the ground truth's local range
-on strong edges) is reported for every pipeline. Floors from the issues are checked and
-reported.
+Measures restoration quality on DIR's validation part (``pixelrelay.training.data``;
+``--split all`` for every file), degraded by ``pixelrelay.training.degradations``, for the
+bicubic, classic and builtin pipelines and the bare network given the true degradation:
+PSNR and SSIM on Y, edge overshoot, the encoder's estimates against the true parameters and
+the decoder's speed, checked against the floors.
 """
 
 from __future__ import annotations
@@ -151,7 +126,7 @@ def evaluate(hrs, scale: int, degradation: str, pipes, log=print) -> dict[str, A
     return res
 
 
-# JPEG with something on top (#15): an edited and re-saved JPEG, x1, the other step mild.
+# JPEG with something on top: an edited and re-saved JPEG, x1, the other step mild.
 JPEG_THEN_NOISE = D.DegradationConfig(
     p_blur=0, p_noise=1, p_jpeg=1, p_jpeg_early=1, jpeg_quality=(10, 95), noise_sigma=(2.0, 15.0), p_poisson=0.0
 )
@@ -250,8 +225,16 @@ def degraded_plan(scale: int):
 def time_decoder(
     dec, batch: int = 8, out_size: int = 512, scale: int = 2, repeats: int = 2, degraded: bool = False
 ) -> float:
-    """Best-of-``repeats`` seconds per output of ``dec.restore`` on a batch of ``batch`` images:
-    a clean plan (the upscaler), or with ``degraded`` a plan with operations (the restorer)."""
+    """Best-of-``repeats`` seconds per output of ``dec.restore``.
+
+    Args:
+        dec: the builtin decoder.
+        batch: images per call.
+        out_size: the outputs' side in pixels.
+        scale: the plan's scale.
+        repeats: timed calls; the best counts.
+        degraded: a plan with operations (the restorer) instead of a clean one (the upscaler).
+    """
     from pixelrelay.pipeline.messages import Plan
 
     rng = np.random.default_rng(0)
@@ -412,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{clean_s:.3f} s per output on a clean plan (upscaler), {degraded_s:.3f} s on a "
             f"degraded one (restorer)"
         )
-    # Floors (the builtin-models issues; #15's where it raised them)
+    # Floors: the quality the builtin models must reach
     checks = []
     gains = (
         ("bicubic_x2", "x2 over bicubic >= 3.2 dB", "builtin_gain_over_bicubic_db", 3.2),

@@ -1,23 +1,10 @@
 """Cores where the work is: ``pixelrelay run`` shares the machine's threads between its three
-local workers by what each stage costs, measured while the job runs.
+local workers in proportion to each stage's measured CPU seconds per item.
 
-Off unless ``PIXELRELAY_BALANCE_DIR`` names a folder (``run`` sets it to its private worker
-log folder, mode 0700; a cluster sizes its pools instead, see deploy/README.md). Then:
-
-* each worker, after every chunk but its first (so model loading and warm-up are left out),
-  records its cost in ``cost-<stage>.json`` in that folder: the items it handled and the CPU
-  seconds its process spent (``time.process_time``: the model's threads, the I/O threads and
-  the codecs, everything the stage costs), written by atomic replace (one small file per
-  chunk);
-* ``run`` (``Balancer.tick``, on its wait loop) reads the three costs and, once each busy
-  stage has handled ``MIN_ITEMS``, splits ``threads`` (the machine's cores) in proportion to
-  CPU seconds per item, at least one each (``split``); it writes ``threads.json`` only when
-  the split changes, and looks again ``EVERY_S`` after a split;
-* each worker, after every chunk, applies its stage's count from ``threads.json`` with
-  ``torch.set_num_threads`` when the file changed (a stat per chunk).
-
-Everything read is validated: a missing, partial or malformed file, or a count out of
-``1..MAX_THREADS``, is ignored (the worker keeps its threads); nothing here can fail a chunk.
+Off unless ``PIXELRELAY_BALANCE_DIR`` names a folder. Each worker writes ``cost-<stage>.json``
+after every chunk but its first; ``Balancer.tick`` writes ``threads.json`` (``split``); each
+worker applies its count with ``torch.set_num_threads``. Every file read is validated:
+nothing here can fail a chunk.
 """
 
 from __future__ import annotations
@@ -121,7 +108,7 @@ _reporter: Reporter | None = None
 
 
 def after_chunk(stage: str, items: int) -> None:
-    """Called by ``workers.tasks.run_stage`` after every chunk; a no-op unless balancing is on."""
+    """Called by ``pixelrelay.workers.tasks.run_stage`` after every chunk; a no-op unless balancing is on."""
     global _reporter
     folder = os.environ.get(ENV_DIR)
     if not folder:

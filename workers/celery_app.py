@@ -1,15 +1,8 @@
-"""The Celery app and its configuration (see the ``workers`` package docstring for the
-delivery semantics). Importing this module imports no torch and needs no settings.
+"""The Celery app and its configuration. Importing this module imports no torch and needs no
+settings.
 
-* ``create_app(settings)`` a configured app that can send chains (the producer's);
-* ``get_app()``            the workers' app: created on first use from the environment,
-  once per process, with the stage tasks registered on it. ``celery -A pixelrelay.workers``
-  finds it through the package's ``app`` attribute.
-* ``configure_pool(app, settings, concurrency)`` a prefork pool's time limits and memory
-  ceiling per child (``workers.main`` applies it before starting the pool).
-
-This module is not called ``app``: a submodule of that name would shadow the package's
-``app`` attribute that ``celery -A`` looks up.
+Not called ``app``: a submodule of that name would shadow the package's ``app`` attribute
+that ``celery -A pixelrelay.workers`` looks up.
 """
 
 from __future__ import annotations
@@ -72,7 +65,7 @@ def time_limits(settings: Settings) -> tuple[float, float]:
     """Celery's (soft, hard) time limits per task for a prefork pool. The hard limit is
     ``PIXELRELAY_TASK_TIME_LIMIT_S`` or, when 0, a full chunk's watchdog budget
     (``item_budget_s x chunk_size``) plus two leases and a minute: the lease watchdog
-    (``workers.lease``) always acts first and finishes the chunk cleanly; these limits only
+    (``pixelrelay.workers.lease``) always acts first and finishes the chunk cleanly; these limits only
     end a child that the watchdog could not. The soft limit is 30 s before the hard one."""
     hard = settings.task_time_limit_s or settings.longest_batch_s()
     return max(1.0, hard - 30), hard

@@ -1,20 +1,10 @@
 """A chunk as a Celery chain: encode -> plan -> decode, one message per stage.
 
-Every stage message gets a task id that names its job, submission, chunk, part and stage
-(``jobs.chunks.task_id``) plus a random suffix; a retry keeps its id. The sweep reads these
-ids from the queue lists to tell a waiting chain from a lost one.
-
-Every body sent is signed (``pipeline.signing``, kind ``chunk:encode``); each stage signs
-the body it returns for the next one (``workers.tasks.run_stage``).
-
-Each message's ``argsrepr`` (what Celery's "Task received" log line, task events and Flower
-show as its arguments) is a short ``job <id> seq <n> chunk <n>[ part <i>] <stage>``
-(``args_repr``), given up front: Celery would otherwise walk the whole signed body with its
-``saferepr`` for every message it publishes, a cost per chunk and stage for a repr that is
-cut at 1 kB anyway.
-
-The Celery-free rest of the flow (which chunk goes next, finishing a job) is
-``pixelrelay.jobs.feed``; ``sender`` adapts it to a Celery app.
+Each message's task id names its slot (``pixelrelay.jobs.chunks.task_id``; a retry keeps
+it), so the sweep tells a waiting chain from a lost one. Bodies are signed (kind
+``chunk:encode``). ``argsrepr`` is set up front (``args_repr``) so that Celery never walks
+the signed body with ``saferepr``. ``sender`` adapts the Celery-free ``pixelrelay.jobs.feed``
+to an app.
 """
 
 from __future__ import annotations

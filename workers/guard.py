@@ -1,39 +1,11 @@
 """What a stage message may tell a worker to do: checked before the worker does any of it.
 
-A message is input from the broker, signed or not: whoever can write to Redis can push one.
-So a worker runs a stage body only for a message that asks for nothing the job itself does
-not. ``check_message`` reads the job as its submitter recorded it (the ``JobSpec`` in the
-job's Redis hash, through ``JobState.spec`` only, and the listing shards written at submit,
-``OUTPUT/_jobs/<id>/inputs/``, through ``jobs.files.read_chunk``) and refuses, with
-``ForgedMessage``, a message:
-
-* for a job Redis does not know (or whose spec cannot be read);
-* whose ``job_id`` is not the submit rule's (pydantic already refuses it, with a full match);
-* whose ``output`` root, ``options`` or ``backends`` differ from the job's;
-* whose chunk is not one of the job's, or whose records repeat an index or hold one that is
-  not in that chunk;
-* with a record whose ``(index, input, output)`` is not the job's listing entry at that
-  index. This one rule covers "a local input must be under the job's input root or in the
-  manifest file's listed set, an S3 input must be in the listing": the listing is that set;
-* with a record whose output does not stay under the output root once normalised (no
-  ``..`` part, no absolute escape, not inside ``_jobs/``), or, for an input folder or prefix
-  (not a manifest file), whose input is not under it (defence in depth, should a listing
-  have been written by an older release).
-
-A record whose listing entry carries an error (``Item.error``: a listing line refused at
-submit) is failed here with that error: it is never read or written.
-
-Nothing is read from the message's own locations: only from the job's output root, as the
-job records it. A refused message is dropped by ``tasks.run_stage`` (acked, never retried,
-logged at WARNING with the job, the chunk and the reason). Nothing of the genuine chain is
-lost with it: a chain is tracked in Redis (``jobs.chunks``) from the moment it is sent, so
-should the dropped message have been the genuine one, the sweep (``workers.sweep``) finds the
-chain neither leased nor queued and re-sends it, rebuilt from the listing in storage.
-
-Transient errors (Redis, storage) reading the job propagate; ``transient_retry`` then says
-when to retry, as the delivery policy would (logged "transient error", and the wait written
-into the chain's entry, when the chain is tracked, so that the sweep does not re-send it
-meanwhile; an entry is never created for an unchecked message).
+Whoever can write to Redis can push a message, so ``check_message`` compares it with the job
+as its submitter recorded it (the signed ``JobSpec`` and the listing shards in storage, never
+the message's own locations) and raises ``ForgedMessage`` for an unknown job; another output
+root, options or backends; a chunk or index that is not the job's; a record that differs from
+its listing entry; or an output that leaves the output root. A listed item with an ``error``
+fails here, unread. A dropped genuine message is re-sent by the sweep, from storage.
 """
 
 from __future__ import annotations
@@ -58,10 +30,20 @@ class ForgedMessage(ValueError):
 
 
 def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str, seen: Seen | None = None) -> None:
-    """Raise ``ForgedMessage`` unless ``msg`` asks only for what its job does (see the module
-    docstring). ``storage_for(uri)`` opens the job's output storage. ``seen``: the job as the
-    delivery read it already (``workers.policy.look``), else its spec is read here. Fails, in
-    place, the records whose listing entry carries an error."""
+    """Check that ``msg`` asks only for what its job does; fails, in place, the records whose
+    listing entry carries an error.
+
+    Args:
+        state: the message's job.
+        storage_for: opens the job's output storage, given its URI.
+        msg: the message.
+        stage: the stage it was delivered to.
+        seen: the job as the delivery read it already (``pixelrelay.workers.policy.look``); None:
+            its spec is read here.
+
+    Raises:
+        ForgedMessage: the message asks for anything else.
+    """
     spec = _job_spec(state, seen)
     _check_job_fields(spec, msg)
     listing = _listing(storage_for(spec.output), spec, msg.chunk)
@@ -172,8 +154,22 @@ def _under_jobs_dir(root: str, uri: str) -> bool:
 def transient_retry(
     state: JobState, stage: str, msg: ChunkMessage, retries: int, exc: BaseException, limits: Limits = Limits()
 ) -> float:
-    """The countdown before checking ``msg`` again after a transient error (see the module
-    docstring); the chain's entry, if tracked, waits that long."""
+    """The countdown before checking ``msg`` again after a transient error (Redis, storage), as the
+    delivery policy would retry it; logged "transient error". The wait is written into the
+    chain's entry when the chain is tracked, so that the sweep does not re-send it meanwhile;
+    an entry is never created for an unchecked message.
+
+    Args:
+        state: the message's job.
+        stage: the stage checking it.
+        msg: the message.
+        retries: retries spent so far.
+        exc: the transient error.
+        limits: the backoff.
+
+    Returns:
+        Seconds to wait.
+    """
     countdown = limits.countdown(retries)
     log.warning(
         "%s chunk %s/%d: transient error (%s) checking the message, retry %d in %.1fs",

@@ -1,26 +1,11 @@
-"""A worker's lease on the chunk it runs, renewed while the chunk is within its time budget,
-and the watchdog that ends a chunk whose budget is spent.
+"""A worker's lease on the chunk it runs, its heartbeat, and the watchdog.
 
-Invariants:
-
-* While a stage body runs, its worker holds ``pixelrelay:job:<id>:lease:<slot>`` (value: the
-  worker's id, ``PX lease_s``), taken *before* the chain's entry is set to this stage. A
-  heartbeat thread (one per process, for every lease it holds) renews it every
-  ``lease_s / 3``, also while the main thread is inside a long model call, so a live lease
-  means a live worker making progress.
-* Renewal is bounded by progress, not by the clock alone: a delivery earns a budget of
-  ``pending items x item_budget_s`` seconds (``PIXELRELAY_ITEM_BUDGET_S``) and the heartbeat
-  stops renewing once it is spent. A hung call therefore loses its lease after at most
-  budget + ``lease_s``, and the sweep can take the chunk over.
-* When the budget is spent the watchdog (the heartbeat thread) fails the delivery's pending
-  items with "timed out after N s", finishes the chunk (part written, bits marked, next
-  chunk fed: ``DeliveryPolicy.time_out``) and then ends the worker process with
-  ``os._exit(WATCHDOG_EXIT_CODE)``: a model call cannot be interrupted, so the process that
-  runs it is given up, and its supervisor (systemd, Kubernetes, compose ``restart:``, the
-  prefork pool for a child) starts a new one. The message it held is dropped on redelivery
-  as a stale duplicate (its part is written).
-* The lease is not deleted when the body returns: it runs out by itself, covering the
-  moment in which Celery sends the chain's next message.
+Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is taken before
+the chain's entry is set to this stage; one heartbeat thread per process renews its leases
+every ``lease_s / 3``, only while the delivery's budget (pending items x ``item_budget_s``)
+lasts; once it is spent the watchdog fails the pending items, finishes the chunk
+(``DeliveryPolicy.time_out``) and ends the process (``WATCHDOG_EXIT_CODE``). A lease is never
+deleted: it runs out, covering the hand-off to the next stage.
 """
 
 from __future__ import annotations
@@ -74,6 +59,17 @@ class Lease:
         on_timeout: Callable[[float], None],
         owner: str | None = None,
     ) -> None:
+        """A lease on one slot, armed by ``with``.
+
+        Args:
+            client: Redis.
+            job_id: the job.
+            slot: the chain.
+            timing: lease length, renewal and per-item budget.
+            items: pending items: the budget is ``items x item_budget_s``.
+            on_timeout: called with the budget in the heartbeat thread once the budget is spent.
+            owner: the lease's value; None: this worker's id.
+        """
         self.r, self.key, self.timing = client, keys.lease(job_id, slot.name), timing
         self.owner = owner or worker_id()
         self.budget_s = timing.budget(items)

@@ -1,26 +1,10 @@
 """``pixelrelay worker --stage S``: run one stage's pool on this machine.
 
-concurrency 1 runs Celery's solo pool and loads the model before taking tasks; higher
-concurrency runs a prefork pool whose children each load the model after fork (so the
-parent never initialises CUDA). A missing model, or a ``--device`` this machine has not
-got, stops the worker here, at start-up, with one line and exit code 2 (``ExitCode.USAGE``).
-
-Every worker process that runs tasks (the solo worker itself, or each prefork child) also
-runs the sweep for lost chunks on a timer thread (``workers.sweep.Sweeper``, every
-``PIXELRELAY_SWEEP_INTERVAL_S``; 0 turns it off); the prefork parent runs no threads of ours,
-so forking a child never copies a lock held by one.
-
-Without a signing key (``PIXELRELAY_SIGNING_KEY`` / ``_FILE``) a worker refuses to start
-(exit 2, one line) unless ``--insecure-no-signing``; with one, it drops every message body
-that fails its signature check (``workers.tasks.verify_body``). Celery remote control is
-off unless ``--remote-control``.
-
-Monitoring (``workers.observe``): task events (``-E``) and worker heartbeats are on unless
-``--no-events``, so Flower / ``celery events`` see the workers and their tasks without remote
-control; gossip and mingle stay off. Celery's per-task result dump is replaced by one INFO
-line per chunk. The worker touches its heartbeat file (``PIXELRELAY_HEALTH_FILE``) for
-``pixelrelay health``. ``--log-format json`` / ``PIXELRELAY_LOG_FORMAT=json`` makes every
-line on stderr a JSON object (``pixelrelay.logs``; the banner is then left out).
+Concurrency 1 runs the solo pool (the model loads before any task); more runs a prefork pool
+whose children load it after fork, so the parent never initialises CUDA and runs no threads
+of ours (a fork never copies a held lock). Every task-running process runs the sweep
+(``pixelrelay.workers.sweep.Sweeper``). A missing model, an absent ``--device`` or no signing
+key (without ``--insecure-no-signing``) stops the worker at start-up with exit 2.
 """
 
 from __future__ import annotations
@@ -145,6 +129,21 @@ class _RefusedCommandNote(logging.Filter):
 def run_worker(
     stage: str, concurrency: int = 1, loglevel: str | None = None, remote_control: bool = False, events: bool = True
 ) -> int:
+    """Run one stage's worker until it is stopped.
+
+    Args:
+        stage: encode, plan or decode.
+        concurrency: 1: the solo pool; more: a prefork pool.
+        loglevel: the log level; None: the settings' ``log_level``.
+        remote_control: allow ``celery inspect`` / ``control``.
+        events: send task events and heartbeats.
+
+    Returns:
+        The exit code: 2 (``ExitCode.USAGE``) at start-up for a missing model or device.
+
+    Raises:
+        ConfigError: a bad stage or setting, no Redis URL, or no signing key.
+    """
     if stage not in C.STAGES:
         raise ConfigError(f"--stage: must be one of {', '.join(C.STAGES)}")
     settings = Settings.from_env()

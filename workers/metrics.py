@@ -1,34 +1,11 @@
-"""Prometheus metrics of a stage worker (``pixelrelay worker --metrics-port N``, also
-``PIXELRELAY_METRICS_PORT``; 0 or unset: off).
+"""Prometheus metrics of a stage worker (``--metrics-port N``, ``PIXELRELAY_METRICS_PORT``).
 
-Series (labels in braces):
+The series are listed in docs/operations.md, "Metrics". Queue wait is ``now - since - wait`` of the
+chain's entry (``pixelrelay.jobs.chunks``): a Celery message carries no send time.
 
-* ``pixelrelay_items_total{stage,status}`` counter: items that left a stage, counted once per
-  stage that handled them (items already failed or done upstream are not counted again).
-  ``status`` is ``done`` (passed this stage; at decode: written), ``failed`` (failed at this
-  stage), ``reused`` (an existing output answered the request) or ``cancelled``.
-* ``pixelrelay_batch_seconds{stage}`` histogram: seconds per model call (one batch).
-* ``pixelrelay_batch_size{stage}`` histogram: items per model call.
-* ``pixelrelay_queue_wait_seconds{stage}`` histogram: from enqueue to start. The enqueue time
-  is the chain's entry in Redis (``jobs.chunks``): its ``since`` is written just before the
-  message is sent (feed, hand-off from the previous stage, sweep re-send) and ``wait`` is a
-  retry's countdown, so the wait is ``now - since - wait``. Celery's message carries no send
-  time, so the entry is the clock. A delivery whose entry names another stage (a duplicate)
-  is not observed.
-* ``pixelrelay_model_loaded{stage,backend}`` gauge: 1 once the process built that backend.
-* ``pixelrelay_gpu_memory_bytes{device}`` gauge: ``torch.cuda.memory_reserved`` after each
-  batch, only in a process where CUDA is already initialised (never initialises it).
-
-The backlog (``pixelrelay_backlog_items``) is not here: workers may scale to zero, so it is
-served by ``pixelrelay exporter`` (``producer.exporter``).
-
-Invariants: nothing here is created until ``serve`` turned metrics on, so a worker without a
-port pays one boolean test per hook and never imports prometheus_client. A prefork pool
-(concurrency > 1) uses prometheus_client's multiprocess mode: ``serve`` sets
-``PROMETHEUS_MULTIPROC_DIR`` to a fresh temporary folder *before* prometheus_client is first
-imported and before the fork; the parent serves a ``MultiProcessCollector`` registry, each
-child writes its own files, and a child that exits is marked dead
-(``worker_process_shutdown``). A metrics error never fails a task: hooks log and go on.
+Invariants: nothing is created, and prometheus_client is not imported, until ``serve``; a
+prefork pool uses multiprocess mode, its folder set before the first import and the fork; a
+metrics error never fails a task.
 """
 
 from __future__ import annotations
@@ -185,7 +162,7 @@ def entering(client, stage: str, msg) -> set[int]:
 
 @_guarded
 def observe_queue_wait(stage: str, entry, now: float | None = None) -> None:
-    """``entry``: the chain's ``jobs.chunks.Entry`` as read before the stage rewrote it."""
+    """``entry``: the chain's ``pixelrelay.jobs.chunks.Entry`` as read before the stage rewrote it."""
     if entry is None or entry.stage != stage:
         return
     wait = (time.time() if now is None else now) - entry.since - entry.wait

@@ -1,14 +1,8 @@
-"""What a worker shows its operators besides its work: Celery events (see ``workers.main``),
-one INFO line per chunk instead of Celery's result dump, and the health heartbeat file.
+"""What a worker shows its operators besides its work: one INFO line per chunk (``chunk_done``,
+in place of Celery's result dump: ``quiet_task_success``) and the health heartbeat file.
 
-* ``quiet_task_success()`` drops Celery's "Task ... succeeded in Xs: {result}" line
-  (``celery.app.trace.LOG_SUCCESS``, about 1.2 kB of signed body per task); ``chunk_done``
-  logs the line that replaces it: job, chunk, stage, items, seconds, failures.
-* ``enable_health(app, path, interval_s)`` adds a consumer bootstep that touches the
-  heartbeat file (``pixelrelay.health``) from the consumer's event loop: only while the
-  consumer is connected and its loop turns, so a worker that lost Redis, is stopped
-  (SIGSTOP) or hung goes stale. ``beat()`` touches it between batches of a running chunk
-  (a solo pool's loop waits while a task runs). Neither uses Celery remote control.
+The heartbeat is touched from the consumer's event loop, so a worker that lost Redis, is
+stopped or hung goes stale, and between batches of a running chunk (``beat``).
 """
 
 from __future__ import annotations
@@ -39,6 +33,17 @@ def quiet_task_success() -> None:
 
 
 def chunk_done(stage: str, job_id: str, chunk: int, items: int, seconds: float, failed: int, outcome: str) -> None:
+    """Log the one INFO line of a chunk's stage.
+
+    Args:
+        stage: the stage.
+        job_id: the job.
+        chunk: the chunk.
+        items: items the stage handled.
+        seconds: how long it took.
+        failed: items of the chunk that are failed.
+        outcome: how the delivery ended ("done", or the outcome's kind: "retry", "split"...).
+    """
     log.info(
         "%s: job %s chunk %d: %s, %d items in %.2fs, %d failed", stage, job_id, chunk, outcome, items, seconds, failed
     )

@@ -1,50 +1,20 @@
 """What happens to one delivery of a chunk to a stage: the retry, poison-pill and finish
-policy, in one place, free of Celery (compare dramatiq's ``Retries`` middleware).
+policy, in one place, free of Celery.
 
 ``DeliveryPolicy.deliver(delivery, work)`` decides, in this order:
 
-0. **Stale duplicates.** A delivery whose chain is no longer in flight (no entry in
-   ``jobs.chunks``) and whose manifest part is already written (or whose job's manifest is)
-   belongs to a chain that was
-   finished (a Redis visibility-timeout redelivery of a message the sweep replaced, or of a
-   chunk the watchdog ended): it ends here (``Stale``) and writes nothing. Otherwise the
-   chain's entry is set to this stage (``jobs.chunks``), before any work, in one
-   transaction with the delivery's count and the lease's first write (``_enter``). What
-   this step and 0b read (the job hash's fields and the chain's entry) is one round trip
-   (``look``), shared with the guard (``workers.guard``) when ``run_stage`` reads it.
-0b. **Cancelled jobs.** If the job is cancelled (read with the same ``HMGET``: no extra
-   round trip), the chain ends here (``Cancelled``): no work, nothing sent on. The decode
-   stage also looks before each model batch and after its body; a decode that stopped
-   there ends the same way. Ending a chain of a cancelled job (``end_cancelled``) writes
-   the part of its items that finished (done or failed, with their outputs already
-   written atomically), marks them, untracks the chain and writes the job's manifest if it
-   was the last chain in flight (``jobs.finish.finalize_cancelled``). Pending items get no
-   line in the part: the manifest lists them as ``cancelled``.
-1. **Poison pills.** Every delivery is counted in Redis (``JobState.count_delivery``) under
-   the chunk, its part and its retry number; a count that survives is a worker that died
-   mid-task. Past ``Limits.max_deliveries`` a chunk of several pending items is split: each
-   pending item is re-sent as its own chain through ``send`` (only the first keeps
-   ``feeds``, so the job's window stays the same) and this chain ends (``Split``). A single
-   pending item past the limit fails with "worker process died N times ...".
-2. **The work.** ``work(msg)`` runs the stage body. A transient error (``TRANSIENT_ERRORS``)
-   gives a ``Retry`` with exponential backoff, or, once ``max_retries`` retries were spent,
-   fails the pending items with "gave up after N retries: <reason>". Any other exception
-   fails the pending items with "internal error: <reason>". Items always leave with a reason.
-3. **The finish** (decode stage only, ``finish_chunk``): write the chunk's manifest part,
-   mark its items' bits, feed the job's next chunk, merge the chunk's group of parts if
-   all of its items are in (``jobs.merge``), and write the manifest if the job is
-   complete. Exactly one finisher claims the manifest (``finalize_if_complete``). A transient
-   error here retries too; past ``max_retries`` it is raised (the chain ends unfinished and
-   ``pixelrelay status --wait`` can still finish the job). Only then is the chain's entry
-   deleted, so a worker that dies before that point leaves the chain for the sweep.
-4. **The hand-off.** A retry records its countdown in the chain's entry; a message passed to
-   the next stage records that stage, so the sweep knows where to look for it.
+0. a chain no longer in flight whose part is written ends as ``Stale``; otherwise its entry
+   is set to this stage before any work, with the delivery count and the lease (``_enter``);
+1. a cancelled job's chain ends as ``Cancelled`` (``end_cancelled``);
+2. past ``Limits.max_deliveries`` a chunk is split into single-item chains (``Split``), or its
+   one item fails;
+3. ``work(msg)``: a transient error gives a ``Retry`` until ``max_retries``; any failure
+   leaves every pending item with a reason;
+4. the finish (decode only, ``finish_chunk``); the chain's entry is deleted only after it, so
+   a worker that dies earlier leaves the chain for the sweep;
+5. the hand-off writes a retry's countdown, or the next stage, into the chain's entry.
 
-``time_out`` is the watchdog's end of a delivery whose time budget is spent (see
-``workers.lease``): its pending items fail with "timed out after N s" and the chunk finishes.
-
-The outcome is the message to pass down the chain, a ``Retry`` or a ``Split``. Everything
-here is idempotent under redelivery: see the ``workers`` package docstring.
+``time_out`` is the watchdog's end of a delivery. See docs/design.md, "Delivery guarantees".
 """
 
 from __future__ import annotations
@@ -156,7 +126,7 @@ def look(state: JobState, slot: Slot) -> Seen:
 class Delivery:
     """One delivery of ``msg`` to ``stage``; ``retries`` is how many retries came before.
     ``seen``: what was read for it already (else the policy reads it); ``lease``: the lease
-    (``workers.lease.Lease``) whose first write joins the policy's admission transaction."""
+    (``pixelrelay.workers.lease.Lease``) whose first write joins the policy's admission transaction."""
 
     stage: str
     msg: ChunkMessage
@@ -187,7 +157,7 @@ def fail_pending(msg: ChunkMessage, stage: str, why: str) -> None:
 
 def split_chunk(msg: ChunkMessage, send: Send) -> int:
     """Re-send every pending item as its own chain; returns how many were sent. (``send``
-    should track each part: see ``jobs.chunks.tracked``.)"""
+    should track each part: see ``pixelrelay.jobs.chunks.tracked``.)"""
     pending = [r for r in msg.records if r.status is None]
     for i, record in enumerate(pending):
         send(msg.model_copy(update={"records": [record], "feeds": msg.feeds and i == 0, "part": str(record.index)}))
@@ -195,9 +165,19 @@ def split_chunk(msg: ChunkMessage, send: Send) -> int:
 
 
 def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage, spec: JobSpec | None = None) -> bool:
-    """End a chain: write its manifest part, count its items, feed the next chunk, and
-    write the manifest if the job is complete. Returns True if this call wrote it.
-    ``spec``: the job's, when the caller has it checked already (else it is read)."""
+    """End a chain: write its manifest part, mark its items, feed the next chunk, merge its group
+    if complete, and write the manifest if the job is complete.
+
+    Args:
+        state: the job's Redis state.
+        storage: the job's output storage.
+        send: sends the next chunk.
+        msg: the chain's last message.
+        spec: the job's, when the caller has checked it already; None: read here.
+
+    Returns:
+        True if this call wrote the manifest.
+    """
     fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
     try:
         if msg.records:  # a duplicate whose items were all done must not blank the part

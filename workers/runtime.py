@@ -1,25 +1,11 @@
 """Per-process state of a stage worker: settings, Redis, storage and the loaded models.
 
-A model is built once per process and reused for every batch. In a prefork pool this
-happens in each child after fork, so the parent never touches CUDA.
-
-Every backend built is published with its model identity in Redis (``jobs.identities``),
-and re-published every ``keys.MODELS_REFRESH_S`` by a daemon thread of the process, so
-the encode stage can tell which models the later stages will run. A Redis error while
-publishing is logged, never fatal: an unpublished identity only costs a reuse.
-
-``DecodeBudget`` bounds the bytes of decoded source images a stage holds at once (its
-batch plus the prefetched next one); ``workers.batching`` makes one per chunk.
-
-Backends are built only from allowed specs (``allowed``): the worker's own spec for the
-stage and its variants, plus ``PIXELRELAY_ALLOWED_BACKENDS`` (``stages.registry.spec_allowed``).
-A spec outside the list raises ``BackendNotAllowedError`` before anything is imported,
-loaded or listed. Specs are cached in their one spelling (``canonical_spec``), so the cache
-holds at most one backend per allowed spec: a message cannot make it grow.
-
-A backend that fails to load raises ``BackendLoadError``: its own ``ModelUnavailableError``
-message (the path and the reason), or the first line of a library's error, cut short, so
-that no error quotes a folder's contents back to whoever named the folder.
+Invariants: a backend is built once per process (after fork in a prefork child) and only from
+an allowed spec (``BackendNotAllowedError`` before anything is imported), cached under its
+canonical spelling so that no message can grow the cache. Built backends' identities are
+published in Redis (``pixelrelay.jobs.identities``) and refreshed by a daemon thread; a
+publish error is only logged. ``BackendLoadError`` never quotes a folder's contents.
+``DecodeBudget`` bounds the decoded source bytes a stage holds at once.
 """
 
 from __future__ import annotations
@@ -103,7 +89,7 @@ class Runtime:
 
     @functools.cached_property
     def signer(self):
-        """The ``pipeline.signing.Signer`` of this worker's settings (its key, or insecure)."""
+        """The ``pixelrelay.pipeline.signing.Signer`` of this worker's settings (its key, or insecure)."""
         return self.settings.signer()
 
     @property
@@ -115,7 +101,7 @@ class Runtime:
 
     def storage(self, uri: str, root: str | None = None) -> Storage:
         """The storage of ``uri``; with ``root`` (the job's output root), a local one refuses
-        writes whose real path leaves it (``storage.local``)."""
+        writes whose real path leaves it (``pixelrelay.pipeline.storage.local``)."""
         return open_storage(uri, self.settings.s3_endpoint_url, self.settings, root=root)
 
     def default_spec(self, stage: str) -> str:

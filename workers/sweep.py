@@ -1,54 +1,14 @@
 """The sweep: find chains that are neither running nor waiting in a queue, and send them again.
 
-``rebuild_registered`` (Celery-free too) lists the storage registry of active jobs
-(``jobs.registry``, ``PIXELRELAY_STATE_URI``) and rebuilds every listed job that Redis does
-not know (``jobs.recover``: Redis restarted empty), or unlists one Redis says is finished; the
-``Sweeper`` runs it at most every ``PIXELRELAY_REGISTRY_SCAN_S``.
-
-``sweep_once`` is Celery-free (it gets a ``send`` callable), so any process that can reach
-Redis and storage may call it: every worker runs it on a timer thread (``Sweeper``), and
-``pixelrelay run`` / ``status --wait`` may call it too. Decisions, per chain in flight
-(``jobs.chunks``) of a job in the active set:
-
-* an entry of an older submission, or not valid JSON, is dropped; a job that is finished or
-  gone is retired;
-* **young**: its entry was written less than ``lease_s`` (plus a retry countdown) ago: left
-  alone (this covers the hand-off between stages and a message just taken by a worker);
-* **leased**: its slot has a live lease: a worker runs it: left alone;
-* **queued**: a message for its slot is in one of the three queue lists (kombu's Redis
-  transport stores each message as a JSON envelope whose ``headers.id`` is the task id, and
-  every stage's task id names its slot: ``jobs.chunks.task_id``): left alone, however long
-  it waits (a chain may wait an hour behind a slow GPU);
-* **taken**: a message for its slot is in kombu's ``unacked`` hash, delivered to a worker
-  less than ``lease_s`` ago (the worker has not taken the lease yet): left alone;
-* otherwise it is **lost**: its worker died (an unacked message with no live lease), or its
-  message was purged or lost with Redis. After a short confirmation pause (the move from a
-  queue list to ``unacked`` is not atomic) the chain is re-sent, once, under a per-slot
-  lock (``SET NX PX``) so that concurrent sweepers send it once. The dead worker's message
-  is then removed from ``unacked``, so that kombu does not restore it after the visibility
-  timeout (were it restored anyway, the policy drops it as a stale duplicate).
-
-The queue lists and ``unacked`` are read only when some chain is neither young nor leased, so
-the common case costs two or three Redis round trips.
-
-A lost chain is rebuilt from **storage**, never from a copy in Redis: its items come from the
-job's listing (``jobs.files.read_chunk``; the one item of a split part), less the items
-whose done bit is set, and the chain is sent from encode: the descriptions and plans of the
-earlier stages live only in messages, and the stages are idempotent (decode skips outputs
-that exist). If the chain's manifest part is already written (its worker died between
-writing the part and the end of the finish), the sweep completes the finish itself: it
-marks the part's items, feeds the next chunk if the chain fed one, merges the chunk's group
-of parts if it is complete (``jobs.merge``) and writes the manifest if the job is complete.
-Should the job be complete with no manifest still (another finisher holds the claim: it may
-have died; its lease on the claim runs out), the chain stays tracked, so a later sweep
-tries again. A re-sent chain counts as a delivery exactly as a redelivery does:
-the dead delivery's count (``JobState.count_delivery``) was never cleared, so a poison item
-still ends up split off and failing alone. A lost chain of a **cancelled** job is never
-re-sent: it is untracked, and the job's manifest is written if it was the last in flight.
-
-The job's spec and cursor are read through ``JobState`` with the ``Signer`` the sweep is
-given (``pipeline.signing``): a job whose spec or cursor fails its check is logged and
-skipped, so a forged spec in Redis never makes the sweep read or write under its roots.
+``sweep_once`` is Celery-free (it is given a ``send``). A chain in flight is left alone when
+it is young (its entry is under ``lease_s`` plus its retry wait old), leased, queued (its
+task id in a queue list) or just taken (in kombu's ``unacked`` under ``lease_s`` ago).
+Otherwise it is lost: after a short confirmation pause it is re-sent once, under a per-slot
+lock, rebuilt from the job's listing in storage and sent from encode; its dead message is
+removed from ``unacked``. A lost chain whose part is written has its finish completed
+instead; one of a cancelled job is untracked. A job whose spec or cursor fails its signature
+is skipped. ``rebuild_registered`` rebuilds the registry's jobs that Redis lost. See
+docs/design.md, "Failure and recovery".
 """
 
 from __future__ import annotations
@@ -116,7 +76,20 @@ def sweep_once(
     *,
     signer: Signer,
 ) -> SweepReport:
-    """One sweep over every active job (see the module docstring); returns what it did."""
+    """One sweep over every active job (see the module docstring).
+
+    Args:
+        client: Redis.
+        send: sends a re-built chain.
+        open_storage: opens a job's output storage.
+        lease_s: how long a chain may go unleased and unqueued before it is lost.
+        confirm_s: the pause before a lost chain is confirmed; None: min(1 s, lease_s / 4).
+        now: the clock (tests).
+        signer: checks each job's spec and cursor.
+
+    Returns:
+        What the sweep did: chains re-sent, finishes completed, entries dropped.
+    """
     report = SweepReport()
     candidates = _candidates(client, lease_s, now(), report)
     report.candidates = len(candidates)
@@ -358,8 +331,19 @@ def _finish(state: JobState, storage: Storage, send: Send, item: Lost) -> None:
 def rebuild_registered(
     client: redis.Redis, registry: Registry, send: Send, open_storage: OpenStorage, window: int, *, signer: Signer
 ) -> list[str]:
-    """Rebuild every registered job Redis does not know; unlist the finished ones. Returns
-    the ids of the jobs rebuilt."""
+    """Rebuild every registered job Redis does not know; unlist the finished ones.
+
+    Args:
+        client: Redis.
+        registry: the storage registry of active jobs.
+        send: sends a rebuilt job's chains.
+        open_storage: opens a job's output storage.
+        window: chains per job in the broker.
+        signer: signs a rebuilt job's spec.
+
+    Returns:
+        The ids of the jobs rebuilt.
+    """
     rebuilt = []
     for entry in registry.entries():
         try:
@@ -409,6 +393,19 @@ class Sweeper(threading.Thread):
         *,
         signer: Signer,
     ) -> None:
+        """A daemon thread that sweeps, and scans the registry.
+
+        Args:
+            client: Redis.
+            send: sends a re-built chain.
+            open_storage: opens a job's output storage.
+            interval_s: seconds between sweeps (jittered).
+            lease_s: passed to ``sweep_once``.
+            registry: the storage registry of active jobs; None: no scan.
+            registry_scan_s: at most one registry scan this often.
+            window: chains per job in the broker, for a rebuilt job.
+            signer: checks and signs job specs and cursors.
+        """
         super().__init__(name="pixelrelay-sweep", daemon=True)
         self.client, self.send, self.open_storage, self.signer = client, send, open_storage, signer
         self.interval_s, self.lease_s = interval_s, lease_s

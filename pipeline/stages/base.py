@@ -1,22 +1,11 @@
 """Stage interfaces.
 
-Each backend is constructed once per worker process (it may load a model) and then called
-with batches. Constructors take ``(model, device, settings)``: ``device`` is a torch device
-string (default CPU, fp32) and ``settings`` a ``Settings`` (default: its declared defaults).
-A backend never reads the environment; the caller (``Runtime.stage``) passes the settings.
-
-A backend class describes itself with class attributes the registry and
-``pixelrelay models`` read without building it: ``default_model`` (loaded when the spec
-names no MODEL), ``extra`` (the pip extra it needs, e.g. "diffusers") and
-``models_for(model)`` (what ``models pull`` fetches for a spec). Importing a built-in
-backend's module must not import torch (``pixelrelay models list`` stays light).
-
-Every stage refuses a batch whose parallel inputs differ in length (``BatchMismatchError``).
-
-``identity()`` names the weights a built backend runs (part of every output's fingerprint,
-``pipeline.fingerprint``): the kind for weight-free backends, the hub commit or a local
-folder's file stamps for Hugging Face backends; backends with shipped weights hash them.
-It is computed once per backend and must change whenever the outputs may.
+A backend is built once per worker process as ``Class(model=, device=, settings=)`` and never
+reads the environment. It describes itself through class attributes read without building
+it (``default_model``, ``extra``, ``models_for``), and importing its module must not import
+torch. Every stage refuses a batch whose inputs differ in length (``BatchMismatchError``).
+``identity()`` names the weights a backend runs (part of every output's fingerprint) and must
+change whenever its outputs may.
 """
 
 from __future__ import annotations
@@ -128,7 +117,7 @@ class Planner(_Stage):
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
         """Plan a batch; returns schema-valid Plans, one per input, in order. An item it
         cannot plan (an edit instruction that maps to nothing) gets the exception instead
-        of a Plan in its slot (``planners.edits.PlanningError``): the plan worker fails
+        of a Plan in its slot (``pixelrelay.pipeline.stages.planners.edits.PlanningError``): the plan worker fails
         that item with its message, and its neighbours go on."""
 
 
@@ -144,7 +133,7 @@ class Decoder(_Stage):
     """source image + plan -> restored image.
 
     Edits (``Plan.edit``, tasks edit and style) reach a decoder through
-    ``decoders.edits.restore_with_edits``: a decoder with ``grades`` applies the plan's
+    ``pixelrelay.pipeline.stages.decoders.edits.restore_with_edits``: a decoder with ``grades`` applies the plan's
     grading itself (inside its own batch); for any other the grading is applied to its
     output. Only a decoder with ``generative`` runs a generative edit; elsewhere the item
     fails with the reason."""
@@ -153,18 +142,18 @@ class Decoder(_Stage):
     generative: ClassVar[bool] = False  # restore() runs Plan.edit.generative
 
     def native_scales(self) -> tuple[int, ...]:
-        """The scales ``restore`` runs without resampling of its own: ``pipeline.outsize``
+        """The scales ``restore`` runs without resampling of its own: ``pixelrelay.pipeline.outsize``
         runs the one at or above a plan's target (default: a Plan's native scales)."""
         return NATIVE_SCALES
 
     def runs_at(self, plan: Plan) -> int:
         """The scale ``restore`` runs natively for ``plan`` (default: the plan's own). A
         decoder whose model is picked per plan says the picked model's, which differs where
-        ``plan.model`` names a model of another scale: ``pipeline.outsize`` then asks for that
+        ``plan.model`` names a model of another scale: ``pixelrelay.pipeline.outsize`` then asks for that
         scale, so the output is resampled once, to the target, not twice."""
         return plan.scale
 
     @abstractmethod
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
         """Restore a batch; output i is exactly plans[i].scale x the size of images[i]
-        (the decode stage meets a plan's target around it: ``pipeline.outsize``)."""
+        (the decode stage meets a plan's target around it: ``pixelrelay.pipeline.outsize``)."""

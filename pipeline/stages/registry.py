@@ -1,35 +1,10 @@
-"""Backend registry: ``STAGE`` -> ``KIND`` -> the class implementing it ("module:Class"),
-imported lazily.
+"""Backend registry: ``STAGE`` -> ``KIND`` -> "module:Class", imported lazily.
 
-Lazy imports keep torch/transformers out of processes that only need the names (the
-producer, ``pixelrelay models list``); built-in backend modules import torch lazily too, so
-``backend_class`` can be used to read a class's self-description (``default_model``,
-``extra``, ``models_for``; see ``stages.base``) without it.
-
-Third-party backends join in two ways, both read once per process before any lookup:
-
-* **Entry points** of the group ``pixelrelay.backends`` (``ENTRY_POINT_GROUP``) in any
-  installed distribution. The entry's name is ``STAGE.KIND`` (stage: encoder, planner or
-  decoder) and its value ``module:Class``, e.g. in ``pyproject.toml``::
-
-      [project.entry-points."pixelrelay.backends"]
-      "decoder.my-sr" = "my_package.decoders:MySRDecoder"
-
-  The module is imported only when the backend is first used. A malformed name raises
-  ``PluginError``.
-* **Modules** named in ``PIXELRELAY_PLUGINS`` (comma-separated) are imported; they call
-  ``register(stage, kind, "module:Class")``.
-
-A registered class is built as ``Class(model=..., device=..., settings=...)`` (see
-``stages.base``). Built-in kinds can be replaced the same way. Both mechanisms are trusted
-configuration: the code they name runs inside every worker, with the worker's credentials,
-so only install or name plugins you would run yourself.
-
-Specs are not: they arrive in job messages. ``spec_allowed`` says whether a spec is covered
-by an allowlist (a worker's own spec plus ``PIXELRELAY_ALLOWED_BACKENDS``, read with
-``parse_allowlist``); ``names_local_path`` whether a spec names a local path (``submit``
-refuses those unless allowed). Neither imports more than a backend's module, loads a model
-or lists a folder.
+Third-party backends join through entry points (group ``ENTRY_POINT_GROUP``, named
+``STAGE.KIND``) or modules in ``PIXELRELAY_PLUGINS`` that call ``register``: trusted
+configuration, as docs/backends.md ("Third-party backends") says. Specs arrive in messages and are not trusted:
+``spec_allowed`` checks one against an allowlist and ``names_local_path`` finds local paths;
+neither loads a model or lists a folder.
 """
 
 from __future__ import annotations
@@ -274,7 +249,7 @@ def names_local_path(spec: str | StageSpec) -> bool:
 
 def is_local_path(name: str) -> bool:
     """One piece of a spec's MODEL names a local path (see ``names_local_path``); backends
-    that read files by name (``pipeline.checkpoints``) use this same test."""
+    that read files by name (``pixelrelay.pipeline.checkpoints``) use this same test."""
     if name.startswith("s3://"):
         return False
     if os.path.isabs(name) or name.startswith(("~", "./", ".\\")):

@@ -1,36 +1,11 @@
 """The storage interface, its errors, and URI helpers.
 
-Every object is addressed by a full URI (a local path or ``s3://bucket/key``). Writes are
-atomic: readers never see a partial object (local: temp file + rename; S3: one PUT or a
-completed multipart upload). Local files get the mode the process umask allows (0644 under
-umask 022), as if created by ``open``; S3 objects get a Content-Type, the one given or else
-the one their key's extension names (``binary/octet-stream``, S3's own default, otherwise).
-
-``put`` may attach ``metadata`` (ASCII str -> str; S3 user metadata, a hidden sidecar for
-local files) that ``head`` reads back, and may be conditional: ``if_absent=True`` writes
-only where no object exists yet (S3 ``If-None-Match: *``, local ``link`` with O_EXCL
-semantics) and raises ``StorageConflictError`` otherwise, leaving the existing bytes alone;
-``if_version=V`` replaces the object only if it is still the version ``head`` saw (S3
-``If-Match: ETAG``, atomic; local: inode/size/mtime compared just before the rename, which
-narrows the race to that instant but cannot close it).
-
-``iter_lines`` streams a text object line by line (a manifest of millions of lines is never
-held whole). A local storage may have a **root** (``open_storage(..., root=...)``): it then
-refuses, with ``StorageEscapeError``, every write or delete whose real path (symlinks of the
-parent folders resolved) leaves the root's real path. Local ``OSError``s never escape the
-interface: ``os_error`` maps them to ``StorageNotFoundError``, ``StorageFullError`` (ENOSPC,
-EDQUOT, EFBIG: permanent, so the item fails at once rather than retrying into a full disk),
-``StorageAccessError`` (EACCES, EPERM, EROFS), ``TransientStorageError`` (timeouts, EAGAIN,
-EBUSY, a stale or unreachable network mount) or else ``StorageError``; each message names the
-path and the system's reason.
-``put_many`` writes a group of ``PutRequest``s, each exactly as ``put`` would, and answers
-one outcome per request (None, or the exception that request met: one failing never stops
-the others). A backend may commit the group together: local storage makes all the group's
-bytes durable with one file-system sync before any name points at them (``storage.local``);
-S3 puts them one by one.
-``list_info`` is ``list`` with each object's size and last-modified time (local: mtime; S3:
-LastModified, from the same listing pages); the base class derives it from ``list`` and
-``get`` for other backends (correct, not cheap).
+Contracts of every backend: objects are addressed by full URI; writes are atomic (never a
+partial object); ``put(if_absent=True)`` raises ``StorageConflictError`` where an object
+exists, leaving it alone, and ``if_version`` replaces only the version ``head`` saw;
+``put_many`` answers one outcome per request; ``iter_lines`` streams. A local root refuses
+escaping writes (``StorageEscapeError``), and ``os_error`` maps every local ``OSError`` to a
+storage error (a full disk is permanent).
 """
 
 from __future__ import annotations
@@ -123,7 +98,11 @@ _TRANSIENT_ERRNOS = {
 
 
 def os_error(exc: OSError, path: str) -> Exception:
-    """A local ``OSError`` as the storage error it means (see the module docstring)."""
+    """A local ``OSError`` as the storage error it means, its message naming the path and the
+    system's reason: ``StorageNotFoundError``; ``StorageFullError`` (ENOSPC, EDQUOT, EFBIG:
+    permanent, so the item fails at once rather than retrying into a full disk);
+    ``StorageAccessError`` (EACCES, EPERM, EROFS); ``TransientStorageError`` (timeouts,
+    EAGAIN, EBUSY, a stale or unreachable network mount); else ``StorageError``."""
     what = exc.strerror or str(exc) or type(exc).__name__
     message = f"{what}: {path}"
     if isinstance(exc, FileNotFoundError):
@@ -191,9 +170,20 @@ class Storage(ABC):
         if_absent: bool = False,
         if_version: str | None = None,
     ) -> None:
-        """Write one object atomically; ``content_type`` defaults to ``content_type_for(uri)``.
-        ``metadata`` travels with the object (``head``); ``if_absent`` / ``if_version`` raise
-        ``StorageConflictError`` instead of replacing an existing / another version."""
+        """Write one object atomically.
+
+        Args:
+            uri: the object.
+            data: its bytes.
+            content_type: None: ``content_type_for(uri)``.
+            metadata: ASCII str -> str that travels with the object (``head`` reads it back).
+            if_absent: write only where no object exists yet.
+            if_version: replace the object only if it is still this version (``head``'s).
+
+        Raises:
+            StorageConflictError: ``if_absent`` or ``if_version`` does not hold; nothing written.
+            StorageError: any other failure (``TransientStorageError`` when worth retrying).
+        """
 
     def put_many(self, requests: Sequence[PutRequest]) -> list[Exception | None]:
         """Write every request as ``put`` would; per request, None or the exception it met
@@ -241,10 +231,19 @@ class Storage(ABC):
 
 
 def open_storage(uri: str, endpoint_url: str | None = None, settings=None, root: str | None = None) -> Storage:
-    """The storage that serves ``uri``. S3 clients are configured by ``settings`` (a
-    ``Settings``; None: the environment's) with ``endpoint_url`` overriding its endpoint,
-    and cached per configuration. A local storage with ``root`` refuses writes whose real
-    path leaves it (S3 keys have no real path: the workers check keys under the root)."""
+    """The storage that serves ``uri``.
+
+    Args:
+        uri: a local path or ``s3://bucket/key``.
+        endpoint_url: overrides the settings' S3 endpoint.
+        settings: configures the S3 client (a ``Settings``; None: the environment's); clients
+            are cached per configuration.
+        root: a local storage refuses writes whose real path leaves it (S3 keys have no real
+            path: the workers check keys under the root).
+
+    Returns:
+        A ``LocalStorage`` or an ``S3Storage``.
+    """
     if is_s3(uri):
         from pixelrelay.pipeline.storage.s3 import S3Storage
 

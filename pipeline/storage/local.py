@@ -1,47 +1,11 @@
-"""Local-folder storage. Writes go to a temp file in the same folder, then ``os.replace``.
+"""Local-folder storage. Writes go to a temp file in the same folder, then a rename or link.
 
-**Durability (group commit).** ``put_many`` (and ``put``, a group of one) writes in three
-steps: (1) every request's bytes and metadata go to temp files, unsynced; (2) one ``syncfs``
-per file system makes all of them durable at once (an ``fsync`` per file where there is no
-``syncfs``, or for a single file); (3) only then are they named (rename / link) and each
-folder that got a name is fsynced, so the names are durable too. A crash at any point
-leaves either the old state or complete, durable new files: never a name over bytes that
-were not on disk. A decode batch is one group, so its outputs cost two syncs, not two per
-file. ``syncfs`` flushes the whole file system: on a disk shared with heavy unrelated
-writes, each batch waits for those as well. ``put_file`` (streamed, large) fsyncs its one
-file.
-
-The temp file is created with ``O_CREAT | O_EXCL`` and mode 0666, so the kernel applies the
-process umask as it does for any new file (0644 under umask 022); ``mkstemp``'s fixed 0600
-would leave outputs unreadable to everyone else. Content types do not apply here.
-
-Metadata lives in a hidden sidecar next to the file, ``.<name>.pixelrelay.json`` (a JSON
-object of strings); listings of inputs skip it (hidden, and not an image name). Invariant:
-a sidecar never describes bytes it was not written for. A write that replaces a file
-removes its sidecar first and writes the new one after the new bytes are in place, so a
-crash in between leaves a file without metadata (never reused), not one with stale
-metadata. A conditional write (``if_absent``) writes the sidecar, then ``os.link``s the
-temp file to the name, which fails if the name exists (O_EXCL semantics): the existing
-file is never replaced. ``if_version`` compares the file's inode, size and mtime just
-before the rename: that narrows a replace race to an instant, without closing it.
-
-**Root.** ``LocalStorage(root)`` refuses (``StorageEscapeError``) a write or delete whose real
-path leaves the root's real path: the parent folder of the target is resolved with
-``os.path.realpath`` (symlinks and ``..`` in order, as the kernel would), checked, and the
-write then goes to that resolved folder, so the path checked is the path written (in a
-``put_many`` group, each folder is resolved, checked and created once). Folders are
-created below it only after the check, and checked again once they exist. The target name
-itself is never followed: a rename or link replaces a symlink there, it does not write
-through it. (A folder swapped for a symlink between the second check and the write is a race
-this cannot close; the output root is the job's own folder.) Without a root, writes go
-anywhere (the producer's own files, tests). Reads are never restricted by the root.
-
-**Errors.** Every ``OSError`` becomes a storage error (``base.os_error``): a full disk is a
-``StorageFullError`` naming the path, never a bare ``OSError`` that a worker would treat as a bug.
-
-**Listing** (``list``) streams a sorted walk: the entries of each folder are sorted by name,
-a folder counting as its name plus ``/``, which yields exactly the lexicographic order of the
-full paths (S3's order) without collecting them. Symlinked folders are not entered.
+Invariants: a name never points at bytes not yet on disk (``put_many``: temp files, one
+``syncfs``, then the names, then an fsync of each folder); temp files are created 0666 under
+the umask; a hidden sidecar (``SIDECAR_SUFFIX``) never describes bytes it was not written
+for (removed before a replace, written after); ``if_absent`` links, so an existing file is
+never replaced; with a root, the resolved parent folder is checked and written to, and the
+target name is never followed. ``list`` yields S3's order without collecting paths.
 """
 
 from __future__ import annotations
@@ -70,7 +34,7 @@ SIDECAR_SUFFIX = ".pixelrelay.json"
 
 
 def sidecar_path(uri: str) -> str:
-    """Where the metadata of the file ``uri`` is kept: ``.<name>.pixelrelay.json`` beside it."""
+    """Where the metadata of the file ``uri`` is kept: a hidden file beside it, ``.<name>`` + ``SIDECAR_SUFFIX``."""
     folder, name = os.path.split(uri)
     return os.path.join(folder, f".{name}{SIDECAR_SUFFIX}")
 

@@ -1,26 +1,10 @@
 """S3-compatible storage (AWS S3, MinIO, Ceph, R2) through boto3.
 
-Credentials come from the standard AWS chain (``AWS_*`` variables, profiles, roles); the
-endpoint from ``PIXELRELAY_S3_ENDPOINT_URL`` for non-AWS services. Single objects are one
-PUT; large files go through boto3's managed multipart upload, which is only visible once
-completed. Errors are mapped to StorageError (permanent) or TransientStorageError (retry).
-
-The client is configured by ``S3Options`` (from the ``PIXELRELAY_S3_*`` settings):
-
-* checksums: ``when_required`` by default. botocore >= 1.36 otherwise adds a CRC checksum
-  (and an ``aws-chunked`` body) to every PUT and validates response checksums, which many
-  S3-compatible stores reject or do not send;
-* botocore's own retries (``standard`` mode, 4 attempts in all by default): 500, 502, 503 (e.g.
-  ``SlowDown``), 504, throttling codes and connection errors are retried with jittered
-  exponential backoff inside one storage call. What still fails is a TransientStorageError,
-  which the worker's policy retries with its own, longer backoff;
-* server-side encryption (``AES256`` or ``aws:kms`` with an optional key id) is added to
-  every request that writes an object (PutObject, CreateMultipartUpload, CopyObject).
-
-``put(..., if_absent=True)`` sends ``If-None-Match: *``, ``if_version=ETAG`` sends
-``If-Match``; the 412 (or 409, a concurrent conditional write in flight; or 404 for
-If-Match) becomes ``StorageConflictError``. Metadata is S3 user metadata. ``put_many``
-sends a group's PUTs concurrently (``PUT_CONCURRENCY``), each as ``put``.
+Credentials come from the standard AWS chain; ``S3Options`` sets the endpoint, checksums
+(``when_required``: many S3-compatible stores reject botocore's default CRC), botocore's own
+retries and server-side encryption. Errors map to ``StorageError`` or
+``TransientStorageError``, a failed condition (412, 409; 404 for If-Match) to
+``StorageConflictError``.
 """
 
 from __future__ import annotations

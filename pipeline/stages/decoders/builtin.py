@@ -1,24 +1,11 @@
 """The builtin learned decoder: conditional restoration + upscaling for x1, x2, x4.
 
-Two ``pipeline.nets.RestoreNet`` networks ship in ``pipeline/weights/``, and the plan picks
-one per item (``route``):
-
-* the **upscaler** (``builtin_upscaler.safetensors``) for a plan without operations: a clean
-  image gets plain super-resolution at x2/x4 (and at x1 is returned untouched). It is trained
-  on clean inputs only, so it never denoises, deblocks or sharpens;
-* the **restorer** (``builtin_restorer.safetensors``) for a plan with operations: it removes
-  noise, JPEG blocking and blur while upscaling, FiLM-conditioned on the plan's estimates of
-  the degradations it is asked to remove (``plan_condition``). It adds a multi-scale context
-  branch (a wide receptive field for heavy noise) and is trained on degraded inputs only.
-
-Edit and style plans: the networks restore / upscale as the plan's operations say (an edit
-plan has operations only where its instruction asks for restoration), then
-``decoders.edits`` grades the output with ``pipeline.grading``. Both predict a residual over bicubic. ``model`` may name one weights file (used for every
-item) or ``UPSCALER,RESTORER``. A clean plan at x1 returns the image untouched. Grouping,
-tiling (``PIXELRELAY_BUILTIN_TILE`` & co), the out-of-memory fallback, bf16/fp16 on GPU,
-alpha and the exact output size come from ``LearnedDecoder``; each tile batch carries the
-condition vectors of the items its tiles came from. ``pixel_bytes`` states the networks'
-memory cost per pixel, so an image runs whole when it fits the memory budget.
+Two ``RestoreNet`` weights ship in ``pipeline/weights/``; ``route`` picks one per item: the
+upscaler (trained on clean inputs: it never denoises) for a plan without operations, the
+restorer, FiLM-conditioned on the plan's estimates (``plan_condition``), for the rest. A
+clean plan at x1 returns the image untouched. ``model`` may name one file or
+``UPSCALER,RESTORER``. Each tile batch carries its items' condition vectors; the rest is
+``LearnedDecoder``'s.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
-"""Which of several loaded models serves a plan: the one rule of the multi-model decoders.
+"""Which of several loaded models serves a plan: the one rule of the multi-model decoders
+(``hf-sr:A,B``, ``spandrel:A,B``).
 
-``hf-sr:A,B`` and ``spandrel:A,B`` load every listed model and pick one per item with
-``pick``. Each model offers a name (its spec piece), a native scale and a *variant*, what it
-was trained for: ``classical`` (clean super-resolution), ``realworld`` (noise, blur),
-``compressed`` (JPEG), ``lightweight``, or a backend's own (``face``). How a model's variant
-is found is the backend's business (a hub id's words, a checkpoint's metadata); the choice
-is this module's:
-
-1. ``plan.model`` naming a model exactly, or as a unique substring of one name (and not a
-   variant name), wins;
-2. else by scale: a model whose native scale equals the plan's; failing that the smallest
-   native scale above it (the decoder then downscales with antialiasing), or the largest
-   below it (the rest is bicubic);
-3. among the models of that scale, by degradation (``wanted_variant``): ``plan.model`` as a
-   variant name (as the hf-llm planner writes), else JPEG quality below
-   ``JPEG_COMPRESSED_BELOW`` or a deblock operation -> ``compressed``; noise above
-   ``NOISY_ABOVE_SIGMA`` or a denoise / deblur operation -> ``realworld``; else
-   ``classical``. The wanted variant first, then ``FALLBACK_ORDER``, then the first listed.
-
-Ties go to the model listed first. Nothing here imports torch.
+``pick``: ``plan.model`` naming a model (exactly, or a unique substring) wins; else by native
+scale (equal, else the smallest above, else the largest below); then by the wanted variant
+(``wanted_variant``, from the plan's degradations), then ``FALLBACK_ORDER``; ties go to the
+model listed first. Each backend finds its own models' variants. No torch.
 """
 
 from __future__ import annotations
@@ -75,7 +61,18 @@ def pick(
     scale: Callable[[T], float],
     variant: Callable[[T], str],
 ) -> T:
-    """The model of ``models`` (at least one) that serves ``plan``."""
+    """The model that serves ``plan``, by the rule of the module docstring.
+
+    Args:
+        models: the loaded models (at least one).
+        plan: the item's plan.
+        name: a model's name (its spec piece).
+        scale: a model's native scale.
+        variant: a model's variant.
+
+    Returns:
+        The model.
+    """
     if not models:
         raise ValueError("no models to choose from")
     named = _named(models, plan, name)

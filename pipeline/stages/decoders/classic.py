@@ -1,27 +1,10 @@
 """Weight-free classic restoration decoder, batched in torch.
 
-Runs a Plan's operations on ``self.device`` in fp32, in this order:
-
-    deblock -> denoise -> resize (x1/x2/x4) -> deblur -> sharpen -> grade
-
-* deblock: an H.264-style loop filter across the 8x8 JPEG grid, gated so real edges survive.
-* denoise: a self-guided filter (He et al.) per channel, eps from the plan's noise sigma.
-* resize: bicubic with antialias (``F.interpolate``), clamped to [0, 1].
-* deblur / sharpen: unsharp masks (wide for deblur, narrow for sharpen).
-* grade (edit and style plans, ``Plan.edit.grading``): ``pipeline.grading.grade`` on the
-  same padded batch, before the one rounding to uint8; each item's statistics and vignette
-  come from its own pixels (``sizes``), so batching changes nothing here either. A plan
-  without an edit skips it: restore and upscale outputs are what they were.
-
-Batching: one call may mix image sizes and plans. Items are grouped by scale and size into
-sub-batches (at most ``batch_size`` items and ``max_batch_pixels`` output pixels), each item
-padded right/bottom to the sub-batch's largest size by replicating its edge pixels. Every
-filter keeps that padding equal to a replicate extension of each item's own pixels (see
-``_Canvas.repad``), so an item's result is the same whatever it was batched with, and the
-same as a single call: only float rounding may differ, never more than 1/255 after uint8.
-
-Alpha follows the policy of every decoder (``tensors.resize_alpha``: resized on its own,
-bilinear, uniform alpha exact). torch is imported lazily (``pixelrelay models list``).
+Runs ``deblock -> denoise -> resize -> deblur -> sharpen -> grade`` in fp32. One call may mix
+sizes and plans: items are grouped by scale and size and padded by edge replication, and
+every filter keeps that padding a replicate extension of each item's own pixels
+(``_Canvas.repad``), so an item's result does not depend on its batch (float rounding
+aside). torch is imported lazily.
 """
 
 from __future__ import annotations

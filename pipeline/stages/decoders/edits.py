@@ -1,23 +1,11 @@
 """How edit plans (``Plan.edit``, tasks edit and style) reach a decoder: the one routing policy.
 
-``restore_with_edits(decoder, images, plans)`` is what the decode stage calls instead of
-``decoder.restore``. It returns one result per item, in order: a ``RestoredImage`` or, for
-an item it cannot serve, the exception (the worker fails that item with its message).
-
-* A plan without an edit goes to ``decoder.restore`` unchanged (through
-  ``pipeline.outsize.restore``, which meets a plan's output target, if any, around it):
-  restore and upscale jobs see exactly what they saw before edits existed.
-* Grading: a decoder whose class sets ``grades`` (``classic``) applies it inside its own
-  batch; for any other (``builtin``, ``hf-sr``, plugins...) the decoder restores / upscales
-  first, then ``pipeline.grading.grade_images`` grades its output (same-size outputs as one
-  tensor). Either way the grading is the one implementation in ``pipeline.grading``, and
-  alpha is the decoder's (grading never touches it).
-* A generative edit runs only on a decoder whose class sets ``generative`` (``sd-img2img``,
-  ``instruct-pix2pix``: ``decoders.generative``); on any other the item fails with
-  ``EditUnsupportedError``, before any model runs. The generative decoders do not grade
-  themselves: their edited output is graded here like any other decoder's. It is never dropped
-  quietly: a job never returns an image that lacks part of its edit.
-* Every graded output gets a note naming what was applied (the manifest also holds the plan).
+``restore_with_edits`` is what the decode stage calls instead of ``decoder.restore``: one
+``RestoredImage`` or exception per item. A plan without an edit reaches the decoder
+unchanged (through ``pixelrelay.pipeline.outsize.restore``). Grading runs inside a decoder
+that sets ``grades``, else on its output (``pixelrelay.pipeline.grading``). A generative
+edit on a decoder without ``generative`` fails with ``EditUnsupportedError`` before any model
+runs: an edit is never dropped quietly.
 """
 
 from __future__ import annotations

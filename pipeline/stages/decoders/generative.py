@@ -1,57 +1,17 @@
 """The base of the generative decoders (``sd-img2img``, ``instruct-pix2pix``): diffusers
-pipelines that edit an image as the plan's generative edit says. An optional extra:
-``pip install 'pixelrelay[diffusers]'``.
+pipelines that edit an image as the plan's generative edit says.
 
-What an item's plan asks for decides what runs (``request``), one rule for both decoders:
-
-* **A generative edit** (``Plan.edit.generative``, written by the hf-llm planner for tasks
-  edit and style): its prompt, negative prompt, strength, guidance, steps and seed drive the
-  pipeline. Restoration operations in the same plan (an instruction "denoise it and ...")
-  add their terms to the negative prompt ("noise, grain", "jpeg artifacts, blocky", ...).
-* **No generative edit, restoration operations** (a restore job, or "denoise it and make it
-  warmer"): a gentle SDEdit-style restoration, strength 0.15 + 0.25 x the strongest
-  operation (at most 0.4), the plan's prompts (or the sd-upscale fallbacks), the worker's
-  ``PIXELRELAY_SD_STEPS`` / ``_GUIDANCE`` and seed 0. Rough: ``builtin``, ``hf-sr`` and
-  ``spandrel`` are the restoration decoders.
-* **Neither** (a grading-only edit, a clean image): no model runs; the image passes through,
-  resized to the plan's scale (bicubic), with a note. The decode stage grades every output
-  (``decoders.edits``: these decoders do not set ``grades``), so grading applies on all paths.
-
-**Native size, and back to full resolution.** Every image is edited at the model's native
-pixel count (``unet.sample_size x vae_scale_factor`` squared: 512^2 for SD 1.x, 768^2 for
-SD 2.x), its aspect kept, sides multiples of 8 (``working_size``); larger images are
-downscaled for the edit (antialiased), smaller ones upscaled (the model cannot draw at
-64 px). The output, at ``plan.scale`` x the input, is then
+``request`` decides what runs: the plan's generative edit; else, for restoration operations,
+a gentle SDEdit pass (strength 0.15 + 0.25 x the strongest operation, at most 0.4); else
+nothing (the image is resized, with a note). Images are edited whole (no tiles) at the
+model's native pixel count (``working_size``), and the edit's change is added to the
+full-resolution source as a low-frequency delta:
 
     out = resize(source) + resize(edit - resize(source, working size))
 
-(bicubic): the edit's change is applied to the full-resolution source as a low-frequency
-delta. Equivalently, the output's bands below the working resolution are the edit's and the
-bands above it the source's, so a 4000 px photo keeps its own fine detail while colours,
-tones, light and shapes at the 512 px scale follow the edit. At the working size itself it
-is exactly the edit. What this cannot do: detail the edit invents finer than the working
-resolution is lost, and where an edit moves an edge the source's fine edge shows faintly in
-the old place.
-
-**No tiles.** An edit must see the whole picture (independent tiles would each be edited
-differently), so a group of same-size, same-request items runs as whole images, at most
-``PIXELRELAY_SD_TILE_BATCH`` per pipeline call. **Out of memory** (the shared policy,
-``tiling.with_oom_fallback``): the batch is halved, then the working size (side halved,
-area / 4), down to ``max(PIXELRELAY_SD_MIN_TILE, native / 4)``; the item completes with a
-note naming what worked, or fails with ``TileOutOfMemoryError``.
-
-**Reproducible.** Each item's noise comes from its own ``torch.Generator`` seeded with the
-plan's seed. Generators live on the CPU (diffusers draws there and moves the noise), so the
-same seed gives the same noise on every device and in every batch composition; a batch
-equals its singles. Precision: fp16 on CUDA unless ``PIXELRELAY_DTYPE`` says otherwise,
-fp32 on CPU; attention slicing and VAE tiling are on, as in sd-upscale.
-
-**Safety checker.** A pipeline that ships one (SD 1.5 and InstructPix2Pix do) keeps it: an
-output it flags fails its item ("flagged by the model's safety checker"); nothing is written
-for it. (The batch raises; the worker reruns its items one by one, so only flagged items fail.)
-
-Alpha is resized on its own (``tensors.resize_alpha``) and re-attached; the ICC profile and
-EXIF are the worker's, as for every decoder. torch and diffusers are imported lazily.
+Out of memory halves the batch, then the working size. Each item's noise comes from its own
+CPU ``torch.Generator`` (the plan's seed), so a batch equals its singles. An output the
+safety checker flags fails its item.
 """
 
 from __future__ import annotations
@@ -144,9 +104,21 @@ class GenerativeDecoder(Decoder):
         attention_slicing: bool = True,
         vae_tiling: bool = True,
     ) -> None:
-        """``PIXELRELAY_SD_TILE_BATCH`` items per call, ``_SD_MIN_TILE`` the smallest working
-        side on out-of-memory (at least native / 4), ``_SD_STEPS`` / ``_SD_GUIDANCE`` for
-        restoration; ``PIXELRELAY_DTYPE`` (auto: fp16 on CUDA)."""
+        """Load the pipeline (from a local folder or the Hugging Face cache only).
+
+        Args:
+            model: a hub id or a local folder; None: the class's ``default_model``.
+            device: a torch device string.
+            settings: ``PIXELRELAY_SD_TILE_BATCH`` (items per call), ``_SD_MIN_TILE`` (the smallest
+                working side on out-of-memory, at least native / 4), ``_SD_STEPS`` / ``_SD_GUIDANCE``
+                (restoration), ``PIXELRELAY_DTYPE`` (auto: fp16 on CUDA).
+            dtype: overrides the settings' dtype.
+            attention_slicing: slice attention (less memory).
+            vae_tiling: decode the VAE in tiles (less memory).
+
+        Raises:
+            ModelUnavailableError: diffusers is not installed, or the model is not present.
+        """
         if not diffusers_available():
             raise ModelUnavailableError(self.install_hint)
         super().__init__(model=model, device=device, settings=settings)
@@ -198,7 +170,7 @@ class GenerativeDecoder(Decoder):
 
     @classmethod
     def pull_model(cls, model: str) -> str:
-        """Fetch the pipeline's folders into the hub cache (``hf.pull_diffusers``)."""
+        """Fetch the pipeline's folders into the hub cache (``pixelrelay.pipeline.hf.pull_diffusers``)."""
         return hf.pull_diffusers(model, cls.kind)
 
     def compute_identity(self) -> str:

@@ -1,18 +1,8 @@
 """Learned super-resolution decoder (``hf-sr:MODEL[,MODEL...]``): Swin2SR via transformers.
 
-MODEL is one checkpoint or a comma-separated list (hub ids or local folders), e.g.
-``hf-sr:caidas/swin2SR-classical-sr-x2-64,caidas/swin2SR-realworld-sr-x4-64-bsrgan-psnr``.
-Every listed model is loaded once, at start-up. Per item the plan picks one by the rule of
-``decoders.choice`` (shared with the spandrel decoder): ``plan.model`` naming a model, else
-by native scale (equal, else the smallest above, else the largest below), then by the
-degradations the plan carries. A model's variant ("classical", "realworld", "compressed",
-"lightweight") is read from its id.
-
-Tiling only where it pays (the memory budget and ``pixel_bytes``; ``PIXELRELAY_SR_TILE``
-& co; tiles are multiples of the model's window and aligned to it, so peak device memory
-depends on the budget and the tile settings, not on the image), the
-out-of-memory fallback, bf16/fp16 on GPU, resizing to exactly scale x input and alpha come
-from ``LearnedDecoder``. The model's own padding to the window size is cropped off.
+Every listed model loads at start-up, and ``pixelrelay.pipeline.stages.decoders.choice``
+picks one per item (a model's variant is read from its id). Tiles are multiples of the
+model's window; its own padding is cropped off. The rest is ``LearnedDecoder``'s.
 """
 
 from __future__ import annotations

@@ -1,22 +1,8 @@
-"""InstructPix2Pix decoder (``instruct-pix2pix[:MODEL]``), an optional extra.
+"""InstructPix2Pix decoder (``instruct-pix2pix[:MODEL]``, the ``diffusers`` extra).
 
-Needs diffusers: ``pip install 'pixelrelay[diffusers]'``. MODEL defaults to
-timbrooks/instruct-pix2pix (a hub id or a local ``save_pretrained`` folder of a
-``StableDiffusionInstructPix2PixPipeline``).
-
-InstructPix2Pix takes an instruction ("make it a watercolour painting") rather than a
-description, and instead of img2img's strength an *image guidance* scale (how closely the
-result follows the source; 1 is loosest). The plan's fields map so:
-
-* prompt -> the instruction; negative prompt as is;
-* ``strength`` s (0 < s <= 1, how far to move from the source) -> ``image_guidance_scale =
-  2 - s``: the plans' default 0.5 gives diffusers' default 1.5, 1.0 the loosest (1.0), 0.25
-  a close 1.75;
-* guidance -> ``guidance_scale`` (text guidance), steps -> ``num_inference_steps`` (all
-  of them run: no share of the schedule is skipped), seed as is.
-
-A restoration request (restoration operations, no generative edit) becomes an instruction
-from the operations ("remove the noise and remove the jpeg artifacts"). Everything else is
+The plan maps so: prompt -> the instruction; ``strength`` s -> ``image_guidance_scale =
+2 - s`` (0.5 gives diffusers' default 1.5); guidance -> ``guidance_scale``; every step runs. A
+restoration request becomes an instruction from its operations. The rest is
 ``GenerativeDecoder``'s.
 """
 

@@ -1,44 +1,12 @@
 """The base of every learned decoder: grouping, tiled inference, precision, resize, alpha.
 
-A subclass says only what differs: which model serves a plan (``choose``), that model's
-name, native scale and window alignment, and how one batch of tiles runs through it
-(``forward``); optionally what a pixel costs it in memory (``pixel_bytes``; the default is
-a generic estimate for a 64-channel conv upscaler), plans that must not share a forward
-call (``batch_key``), extra notes, and plans it returns untouched (``unchanged``). Everything else happens here, once,
-and is the same for every learned decoder:
-
-* **Grouping.** Items whose plans choose the same model at the same native scale, have the
-  same size and the same ``batch_key`` form one (B,3,H,W) tensor, so their tiles share
-  device batches. ``forward`` learns which item each tile came from (``items``), so
-  per-item conditioning (the builtin decoder's condition vector) needs no extra grouping.
-* **Tiling only where it pays** (``pipeline.tiling``, the one policy): a forward call may
-  use a memory budget (``PIXELRELAY_TILE_MEMORY_MB`` / ``_FRACTION``: on CUDA a fraction of
-  the memory available, on CPU a setting), and ``pixel_bytes`` (what one input pixel costs
-  this model at this scale and precision; on CUDA the measured cost of earlier calls when
-  it is higher) turns it into pixels per call. An image that fits runs whole, and
-  same-size images that fit share a call (at most ``_TILE_BATCH``); a bigger one runs as
-  the balanced grid of fewest pixels whose tiles fit (``_TILE`` caps the side, 0: no cap;
-  ``_OVERLAP``; sides multiples of ``window``). Only one batch of tiles is ever on the
-  device. On out-of-memory the batch is halved, then the tile, down to ``_MIN_TILE``; the
-  item then completes with a note naming the settings that worked, or fails with
-  ``TileOutOfMemoryError`` when one ``min_tile`` tile alone does not fit. Tiles reach
-  ``forward`` on the CPU in float32 [0, 1]; ``forward`` moves them to the device in
-  ``self.dtype``.
-* **Precision.** ``self.dtype`` is fp32 on CPU; on CUDA bf16 (fp16 where bf16 is
-  unsupported) unless ``Settings.dtype`` forces one. A decoder whose outputs were measured
-  against fp32 may set ``cpu_autocast``: on a CPU that computes bf16 natively (AMX,
-  AVX512-BF16) its forward then runs under bf16 autocast (``hf.cpu_autocast_dtype``;
-  weights, tiles and outputs stay fp32), about half the time. Settings are passed in, never
-  read from the environment.
-* **Size.** The output is exactly ``plan.scale`` x the input: the model's native result is
-  resized bicubically (antialiased when downscaling), with a note when the native scale
-  differs from the plan's.
-* **Alpha** (one policy, shared with the classic decoder): upscaled on its own with
-  ``tensors.resize_alpha`` (bilinear; a uniform alpha stays exact) and re-attached.
-* **Output** RGB is HxWx3 uint8, rounded, C-contiguous.
-
-torch is imported lazily, so that ``pixelrelay models list`` can read a backend's class
-attributes without it.
+A subclass supplies ``choose``, its model's name, native scale and window, and ``forward``
+(tiles arrive on the CPU in float32 [0, 1]; it moves them to the device in ``self.dtype``);
+optionally ``pixel_bytes``, ``batch_key`` and ``unchanged``. Here, once for all: items with
+the same model, scale, size and ``batch_key`` share tile batches (``forward`` learns each
+tile's item); tiling follows ``pixelrelay.pipeline.tiling``; fp32 on CPU (bf16 autocast where
+``cpu_autocast`` and the CPU computes bf16), bf16/fp16 on CUDA; the output is exactly
+``plan.scale`` x the input; alpha is resized on its own. torch is imported lazily.
 """
 
 from __future__ import annotations
@@ -65,7 +33,7 @@ if TYPE_CHECKING:
 class TileConfig:
     """Tiled-inference settings of one decoder, in input pixels: ``tile`` caps the tile side
     (0: no cap), ``memory_mb`` / ``memory_fraction`` set the memory budget of a forward call
-    (``pipeline.tiling.memory_budget``; memory_mb 0: the device's default)."""
+    (``pixelrelay.pipeline.tiling.memory_budget``; memory_mb 0: the device's default)."""
 
     tile: int = 0
     overlap: int = 32

@@ -1,10 +1,7 @@
-"""The ``null`` decoder: identity. The output is the source image as it was decoded.
+"""The ``null`` decoder: identity, pixel-repeated to the plan's scale; no torch, no model.
 
-At scale 1 the pixels (and alpha) are returned as they are, the very arrays; at scale 2 or
-4 every pixel is repeated ``scale`` x ``scale`` times (nearest neighbour), as a decoder's
-output must be exactly ``scale`` x the input. The output still goes through the normal
-output path (encode, fingerprint, conditional write) like any decoder's. No torch, no model:
-for measuring pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``).
+Its output still takes the normal output path, so a job on the null backends measures
+pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``).
 """
 
 from __future__ import annotations

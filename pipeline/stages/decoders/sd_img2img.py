@@ -1,16 +1,8 @@
-"""Stable Diffusion img2img decoder (``sd-img2img[:MODEL]``), an optional extra.
+"""Stable Diffusion img2img decoder (``sd-img2img[:MODEL]``, the ``diffusers`` extra).
 
-Needs diffusers: ``pip install 'pixelrelay[diffusers]'``. MODEL defaults to
-stable-diffusion-v1-5/stable-diffusion-v1-5 (a hub id or a local ``save_pretrained`` folder
-of a text-to-image or img2img pipeline; diffusers' ``AutoPipelineForImage2Image`` builds the
-img2img pipeline from it, so SD 1.x and 2.x repos load as they are).
-
-The plan's fields map one to one: prompt, negative prompt, ``strength`` (how far the result
-may move from the source: the share of the noise schedule that is re-run), guidance
-(classifier-free guidance scale), steps (the schedule's length; img2img runs
-``strength x steps`` of them, so steps are raised where that would be under one) and seed.
-Everything else (what runs for which plan, the native size and the way back to full
-resolution, out-of-memory, seeds, safety checker) is ``GenerativeDecoder``'s.
+Loads any SD 1.x/2.x repo or folder through ``AutoPipelineForImage2Image``. The plan's
+prompt, negative prompt, strength, guidance, steps (raised so that ``strength x steps`` is at
+least one) and seed map one to one; the rest is ``GenerativeDecoder``'s.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""Stable Diffusion x4 upscaler decoder (``sd-upscale:MODEL``), an optional extra.
+"""Stable Diffusion x4 upscaler decoder (``sd-upscale:MODEL``, the ``diffusers`` extra).
 
-Needs diffusers: ``pip install 'pixelrelay[diffusers]'``. MODEL defaults to
-stabilityai/stable-diffusion-x4-upscaler (a hub id or a local ``save_pretrained`` folder).
-
-The plan drives it: ``plan.prompt`` / ``plan.negative_prompt`` guide the diffusion (the
-caption-based rules prompt when the plan has none), and the plan's noise estimate raises the
-pipeline's ``noise_level`` (how much it is allowed to re-imagine). The model is natively
-x4: a x2 plan is downscaled with antialiasing, a x1 plan back to the input size.
-
-Like every learned decoder (``LearnedDecoder``): tiled inference under the memory budget
-(``PIXELRELAY_SD_TILE`` caps tiles at 128 px by default, the model's training crop, since
-bigger tiles diffuse worse; tiles are multiples of 8, feathered blending hides the seams
-between independently diffused tiles), the out-of-memory fallback, fp16/bf16 on GPU, alpha upscaled separately
-and re-attached. Attention slicing and VAE tiling are on by default. Items share a pipeline
-call only with the same prompts and noise level. The diffusion noise of each tile is seeded
-from the tile's own pixels, so results do not depend on batching or on neighbouring items.
+The plan's prompts guide it and its noise estimate raises ``noise_level``. Natively x4.
+Tiles are capped at 128 px (``PIXELRELAY_SD_TILE``, the model's training crop); items share
+a call only with the same prompts and noise level; each tile's noise is seeded from its own
+pixels, so results do not depend on batching.
 """
 
 from __future__ import annotations
@@ -74,7 +63,7 @@ class SDUpscaleDecoder(LearnedDecoder):
 
     @classmethod
     def pull_model(cls, model: str) -> str:
-        """Fetch the pipeline's folders (``hf.pull_diffusers``), not the whole repository: the
+        """Fetch the pipeline's folders (``pixelrelay.pipeline.hf.pull_diffusers``), not the whole repository: the
         x4 upscaler's repo also holds fp16 copies and a single-file checkpoint."""
         return hf.pull_diffusers(model, cls.kind)
 
@@ -91,8 +80,23 @@ class SDUpscaleDecoder(LearnedDecoder):
         vae_tiling: bool = True,
         seed: int = 0,
     ) -> None:
-        """Defaults from ``settings``: PIXELRELAY_SD_TILE / _OVERLAP / _TILE_BATCH / _MIN_TILE,
-        PIXELRELAY_SD_STEPS and PIXELRELAY_SD_GUIDANCE."""
+        """Load the pipeline (from a local folder or the Hugging Face cache only).
+
+        Args:
+            model: a hub id or a local folder; None: ``DEFAULT_MODEL``.
+            device: a torch device string.
+            settings: defaults for the rest (``PIXELRELAY_SD_*``).
+            tiles: tiling; None: ``PIXELRELAY_SD_TILE`` / ``_OVERLAP`` / ``_TILE_BATCH`` / ``_MIN_TILE``.
+            dtype: None: ``LearnedDecoder``'s choice.
+            steps: diffusion steps; None: ``PIXELRELAY_SD_STEPS``.
+            guidance_scale: None: ``PIXELRELAY_SD_GUIDANCE``.
+            attention_slicing: slice attention (less memory).
+            vae_tiling: decode the VAE in tiles (less memory).
+            seed: mixed into each tile's seed, which is derived from its pixels.
+
+        Raises:
+            ModelUnavailableError: diffusers is not installed, or the model is not present.
+        """
         if not diffusers_available():
             raise ModelUnavailableError(INSTALL_HINT)
         super().__init__(model=model, device=device, settings=settings, tiles=tiles, dtype=dtype)

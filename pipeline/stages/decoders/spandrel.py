@@ -1,42 +1,13 @@
 """Community restoration models through spandrel (``spandrel:NAME[,NAME...]``), an optional extra.
 
-Needs ``pip install 'pixelrelay[spandrel]'``. NAME is a single-file checkpoint (``.pth``,
-``.pt``, ``.ckpt``, ``.bin`` or ``.safetensors``) as ``pipeline.checkpoints`` reads it: a
-local path, an ``s3://`` URI (cached, size-bounded) or a hub file ``org/repo/file.pth``
-(``org/repo`` for a repo with one weights file). spandrel detects the architecture
-(Real-ESRGAN / ESRGAN, SwinIR, HAT, DAT, SCUNet, NAFNet, GFPGAN, ...) from the state dict.
-
-Invariants:
-
-* **No pickled code runs.** The file is read by ``checkpoints.read_state_dict``
-  (``torch.load(weights_only=True)`` or safetensors) and unwrapped with spandrel's
-  ``canonicalize_state_dict``; every value must be a tensor; only then does spandrel build
-  the network, with ``ModelLoader.load_from_state_dict`` (never ``load_from_file``, which
-  reads pickles with its own unpickler and TorchScript with ``torch.jit.load``). A refused
-  checkpoint raises ``CheckpointError`` naming it; the worker fails its items with that.
-* **Metadata from the model.** Each model's scale, purpose (SR, FaceSR, Restoration),
-  architecture, size requirements, tiling advice and precision support come from spandrel's
-  ``ImageModelDescriptor``. Inpainting models (they need a mask) and channel layouts other
-  than RGB->RGB or gray->gray are refused at load.
-* **One model per item**, by ``decoders.choice`` (the hf-sr rule): ``plan.model`` naming
-  one, else native scale, else degradation. A model's variant: FaceSR -> ``face``; FBCNN or
-  a file name with jpeg/jpg/compress/deblock/artifact -> ``compressed``; real/realworld/
-  denoise/noise/deblur/blur/bsrgan -> ``realworld``; lite/light -> ``lightweight``; else a
-  Restoration model -> ``realworld`` and an SR model -> ``classical``. Only the file's own
-  name is read (not its folders).
-* **Precision.** The decoder's dtype (``LearnedDecoder``) where the model supports it; a
-  model without fp16 (bf16) support runs the other half type on CUDA when it supports that,
-  else fp32.
-* **Tiling** (``PIXELRELAY_SR_TILE`` & co, shared with hf-sr; the out-of-memory fallback,
-  resize to exactly scale x input, alpha and ICC come from ``LearnedDecoder``): tile sizes
-  and starts are multiples of the model's ``multiple_of`` and of its attention window
-  (``window_size``), so a tile's windows are the image's; spandrel pads a tile to the
-  model's minimum and crops. A model whose descriptor discourages tiling or tiles internally, and every face
-  model, starts untiled (the whole image as one tile); only out-of-memory splits it.
-* Gray models (1 channel in and out) run on each RGB channel as its own image.
-
-torch and spandrel are imported lazily, so ``pixelrelay models list`` reads the class
-without them.
+Invariants: no pickled code runs (the file is read by
+``pixelrelay.pipeline.checkpoints.read_state_dict`` and built with
+``ModelLoader.load_from_state_dict``, never ``load_from_file``); scale, purpose, tiling advice
+and precision come from spandrel's descriptor; inpainting models and layouts other than
+RGB->RGB or gray->gray are refused at load; one model per item by
+``pixelrelay.pipeline.stages.decoders.choice``, a model's variant read from its file's own
+name; tiles align to ``multiple_of`` and the attention window, and models that discourage
+tiling start untiled. Gray models run per channel. torch and spandrel are imported lazily.
 """
 
 from __future__ import annotations
@@ -85,7 +56,11 @@ def split_models(model: str | None) -> list[str]:
 
 
 def variant_for(name: str, architecture: str, purpose: str) -> str:
-    """A model's variant for ``choice.pick`` (see the module docstring)."""
+    """A model's variant for ``pixelrelay.pipeline.stages.decoders.choice.pick``, from the
+    file's own name (not its folders): FaceSR -> ``face``; FBCNN or
+    jpeg/jpg/compress/deblock/artifact -> ``compressed``; real/realworld/denoise/noise/deblur/
+    blur/bsrgan -> ``realworld``; lite/light -> ``lightweight``; else a Restoration model ->
+    ``realworld``, an SR model -> ``classical``."""
     if purpose == "FaceSR":
         return "face"
     if architecture == "FBCNN":

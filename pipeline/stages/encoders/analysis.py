@@ -1,12 +1,8 @@
-"""Weight-free image analysis encoder.
+"""Weight-free image analysis encoder: classic no-reference statistics, as a short sentence.
 
-Measures each image with classic no-reference statistics (noise, blur, JPEG blocking,
-exposure, contrast, colourfulness, alpha) and turns the numbers into a short sentence.
-Everything is plain numpy on the CPU and fully deterministic. Measures that are undefined
-for tiny images (a Laplacian of a 1x1 image, say) fall back to neutral values, never NaN.
-The 3x3 filters run separably. With a pixel budget (``measure(image, max_pixels)``, which the
-builtin encoder sets; the ``analysis`` encoder alone measures every pixel), a larger image is
-measured on evenly spread 8-aligned tiles (local statistics) and a strided grid (global ones).
+Plain numpy, deterministic; a measure undefined on a tiny image falls back to a neutral
+value, never NaN. With a pixel budget (``measure(image, max_pixels)``) a larger image is
+sampled on spread 8-aligned tiles and a strided grid.
 
 Metric keys (all floats):
   width, height

@@ -1,26 +1,11 @@
 """The builtin learned encoder: estimates how each image was degraded.
 
-A small CNN (``pipeline.nets.DegradationNet``, weights shipped in ``pipeline/weights/``)
-looks at up to ``N_CROPS`` 64x64 crops per image: candidates on an evenly spread grid of up to
-4x4 positions on the 8x8 JPEG grid, of which a fixed, evenly spread subset is kept (the choice
-depends only on the image's size, so it is deterministic). It estimates the Gaussian-equivalent
-noise sigma (0-255), the Gaussian blur sigma (pixels), whether the image was JPEG-compressed
-and at what quality, and whether it was downscaled. Per-crop estimates are combined by median
-(noise, blur, quality; noise on small images, with few crops, by a lower percentile) and
-mean (probabilities). Strong noise on an image that is not JPEG
-(CNN estimate past ``NOISE_MEASURED_FROM``) is read from the measured sigma (the analysis
-encoder's estimator, which the CNN's crop median trails there), blended in linearly.
-
-JPEG quality from the quantisation grid: only when the pixels show JPEG evidence (the crops'
-DCT coefficients line up on some IJG grid, ``JpegFeatures``, or the image is visibly blocky),
-never from the file format, the image's own 8x8 luma DCT coefficients are fitted against the
-IJG tables (``jpeg_table_fit``); when they sit on a grid (a JPEG that was not resized or
-noised afterwards), that grid's quality replaces the CNN's estimate. Clean images skip it.
-
-Cost is bounded per image: the CNN sees at most ``N_CROPS`` crops, the table fit at most
-``MAX_FIT_BLOCKS`` blocks, and the ``analysis`` measurements, which ride along in ``metrics``
-and in the text, sample at most ``ANALYSIS_MAX_PIXELS`` pixels. Crops of a whole batch go
-through the CNN together, on the encoder's device; results equal per-item calls.
+``pixelrelay.pipeline.nets.DegradationNet`` sees at most ``N_CROPS`` 64x64 crops per image (a
+subset of a grid on the 8x8 JPEG grid that depends only on the image's size), combined by
+median and mean; strong noise on a non-JPEG blends toward the measured sigma
+(``NOISE_MEASURED_FROM``). Where the pixels show JPEG evidence, the IJG table fit
+(``jpeg_table_fit``) replaces the CNN's quality. Cost per image is bounded (``N_CROPS``,
+``MAX_FIT_BLOCKS``, ``ANALYSIS_MAX_PIXELS``); a batch equals its per-item calls.
 """
 
 from __future__ import annotations
@@ -84,7 +69,7 @@ def crop_positions(length: int, crop: int = CROP, n_max: int = MAX_CROPS_PER_AXI
 def select_crops(n_candidates: int, n: int = N_CROPS) -> list[int]:
     """Indices (row-major) of the candidates the CNN sees: all of them up to ``n``, else ``n``
     evenly spread ones. Depends on the count only, so it is deterministic. (Picking crops by
-    texture was tried: on the validation images it made the noise estimate worse.)"""
+    texture makes the noise estimate worse on the validation images.)"""
     if n_candidates <= n:
         return list(range(n_candidates))
     return sorted({int(round(i)) for i in np.linspace(0, n_candidates - 1, n)})
@@ -181,7 +166,7 @@ def _describe_estimates(noise: float, blur: float, quality: float | None, p_jpeg
 
 def sampled_noise_sigma(rgb: np.ndarray, max_pixels: int | None = ANALYSIS_MAX_PIXELS) -> float:
     """The analysis encoder's ``noise_sigma`` with the same pixel budget (what ``describe``
-    gets from ``analysis.measure``), for ``estimate`` called on its own."""
+    gets from ``pixelrelay.pipeline.stages.encoders.analysis.measure``), for ``estimate`` called on its own."""
     from pixelrelay.pipeline.stages.encoders.analysis import _luminance, noise_sigma_tiles, sample_tiles
 
     regions = sample_tiles(*rgb.shape[:2], max_pixels)
@@ -214,9 +199,9 @@ class BuiltinEncoder(Encoder):
     def compute_identity(self) -> str:
         from pixelrelay.pipeline.fingerprint import file_sha256
 
-        # The estimate's own version beside the weights: v2 reads 8 crops and fits JPEG tables
-        # only on pixel evidence (#14), so its plans, and outputs, may differ from v1's; v3
-        # reads strong noise from the measured sigma (#15).
+        # The estimate's own version beside the weights: how the estimate is computed from the
+        # CNN (crops, the JPEG table fit, the measured noise) changes plans and outputs, so a
+        # change there bumps ESTIMATE_VERSION, as new weights change the hash.
         return f"builtin:sha256:{file_sha256(_weights_path(self.model))}:estimate-v{ESTIMATE_VERSION}"
 
     @classmethod

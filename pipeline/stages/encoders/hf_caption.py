@@ -1,16 +1,9 @@
 """Encoder that captions images with a vision-language model (``hf-caption:MODEL``).
 
-Any transformers image-text-to-text captioner loads here through AutoProcessor +
-AutoModelForImageTextToText (transformers 5 has no image-to-text pipeline), e.g.
-Salesforce/blip-image-captioning-base. Plain captioners (BLIP) get the image alone; chat
-VLMs (a processor with a chat template) get a one-line "describe the image" prompt.
-
-The caption joins the AnalysisEncoder's measurements: Description.metrics and the
-degradation estimates come from the analysis, Description.caption is the model's caption,
-and Description.text is "<caption>. <analysis sentence>".
-
-Images are captioned in batches on the worker's device (greedy decoding, so a batch of N
-gives the same captions as N single calls); on CUDA out-of-memory the batch is halved.
+Any ``AutoModelForImageTextToText`` captioner loads; chat VLMs get a one-line prompt. The
+caption joins the analysis measurements (``Description.text`` is "<caption>. <analysis
+sentence>"). Greedy and batched, so a batch equals its singles; on CUDA out-of-memory the
+batch is halved.
 """
 
 from __future__ import annotations
@@ -51,6 +44,16 @@ class HFCaptionEncoder(Encoder):
         max_new_tokens: int = MAX_NEW_TOKENS,
         dtype: Any = None,
     ) -> None:
+        """Load the captioner (from a local folder or the Hugging Face cache only).
+
+        Args:
+            model: a hub id or a local folder; None: ``DEFAULT_MODEL``.
+            device: a torch device string.
+            settings: the worker's settings (dtype).
+            batch_size: images per generate call (halved on CUDA out-of-memory).
+            max_new_tokens: the caption's length bound.
+            dtype: overrides the settings' dtype.
+        """
         super().__init__(model=model, device=device, settings=settings)
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -1,8 +1,6 @@
-"""The ``null`` encoder: a pass-through that describes every image the same way.
+"""The ``null`` encoder: the same minimal description for every image; it measures nothing.
 
-It measures nothing, so a job run with the null backends (``null`` / ``null`` / ``null``)
-costs only what pixelrelay itself costs per item: broker, storage, image codecs and
-bookkeeping (``benchmarks/bench_overhead.py``). Deterministic, weight-free, no torch.
+For measuring pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``). No torch.
 """
 
 from __future__ import annotations

@@ -1,31 +1,11 @@
 """Edit and style instructions -> grading operations: the rules planner's phrasebook.
 
-``map_instruction(text, task)`` reads an instruction such as "make every product photo
-brighter with a neutral white balance" and returns the grading operations it asks for
-(``GradingOp``s, in ``pipeline.grading.ORDER``), or raises ``UnmappableInstructionError``
-naming the part it cannot map. ``submit`` calls it before a job exists (exit 2), and the
-rules planner calls it again for every item: the broker is not trusted. It needs no torch.
-
-How it reads (one pass over the words, so time is linear in the instruction's length):
-
-* The text is lower-cased and cut into words; ``&`` reads as "and", hyphens as spaces.
-  At each word the longest phrase of ``PHRASES`` (up to ``MAX_PHRASE`` words) that starts
-  there is taken: "black and white" is one phrase, so its "and" separates nothing.
-* Clauses end at punctuation and at "and", "but", "then", "with"... (``SEPARATORS``).
-* A phrase adds signed strengths to one or more operations (a style such as "vintage" adds
-  several). Before it, in its clause: an intensity word ("slightly" x0.5, "much" x2...)
-  scales it; a direction word ("more" / "less", "increase" / "reduce", "too" = less) sets
-  or flips its sign ("less saturated" lowers saturation; a noun such as "contrast" is raised
-  unless a direction word says otherwise); a negation ("no", "not", "without"...) forbids
-  its operations outright (they are left out of the plan, whatever else asks for them). An
-  intensity word left over at the end of a clause applies to the phrase before ("brighter,
-  but only slightly").
-* Contributions to one operation add up; the sum is clamped to the operation's range.
-* A clause that names no operation is fine when it holds only known filler words ("please",
-  "the whole photo"); otherwise the instruction is refused, quoting the clause: the rules
-  planner never drops part of what it was asked. A clause naming a region ("the sky", "the
-  background", "faces") is refused too: grading is global. A clause that asks for
-  restoration ("remove the noise") is left to ``rules.instruction_requests``.
+``map_instruction`` returns the ``GradingOp``s an instruction asks for, or raises
+``UnmappableInstructionError`` quoting the part it cannot map; ``submit`` and the rules
+planner both call it (the broker is not trusted). One linear pass: the longest phrase of
+``PHRASES`` at each word, clauses cut at ``SEPARATORS``; intensity, direction and negation
+words act on the phrases of their clause; contributions add up and are clamped. A clause it
+cannot read, or one naming a region ("the sky"), is refused: nothing asked for is dropped.
 """
 
 from __future__ import annotations
@@ -90,7 +70,7 @@ def _words(*phrases: str) -> list[tuple[str, ...]]:
     return [tuple(p.split()) for p in phrases]
 
 
-# phrase (a tuple of words) -> effect. The README's table is written from this one.
+# phrase (a tuple of words) -> effect. docs/editing.md's phrasebook table is written from this one.
 PHRASES: dict[tuple[str, ...], Effect] = {}
 for _phrases, _effect in (
     (("brighter", "brighten", "brightened", "bright", "lighter", "lighten", "lightened"), EXPOSURE_UP),
@@ -499,8 +479,9 @@ def map_instruction(instruction: str, task: str = "edit") -> EditMapping:
     """The grading operations an edit/style instruction asks for (see the module docstring).
 
     Raises ``UnmappableInstructionError`` for a clause it cannot map, or when nothing maps.
-    Restoration phrasings ("remove the noise") are recognised (``rules.instruction_requests``)
-    so their clauses are not refused; the rules planner plans them as for ``restore``."""
+    Restoration phrasings ("remove the noise") are recognised
+    (``pixelrelay.pipeline.stages.planners.rules.instruction_requests``) so their clauses are
+    not refused; the rules planner plans them as for ``restore``."""
     from pixelrelay.pipeline.stages.planners.rules import instruction_requests
 
     reader = _Reader()

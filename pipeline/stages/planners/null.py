@@ -1,9 +1,5 @@
-"""The ``null`` planner: the same plan for every item, whatever its description.
-
-The plan runs no operation and carries no prompt or estimate; only the scale follows the
-job's options (``JobOptions.effective_scale``), so an upscale job still gets outputs of
-the asked size. (The output format is the output key's, set by the plan stage itself.)
-For measuring pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``).
+"""The ``null`` planner: the same empty plan for every item; only the scale follows the job
+(``JobOptions.effective_scale``). For measuring pixelrelay's own per-item cost.
 """
 
 from __future__ import annotations

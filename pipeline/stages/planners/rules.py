@@ -1,19 +1,9 @@
-"""Deterministic rule-based planner.
+"""Deterministic rule-based planner: Description + job options -> Plan, with a rationale.
 
-Turns a Description (its degradation estimates and metrics) plus the job's options into a
-Plan: which classic operations to run and how hard, the output scale and format, prompts for
-text-guided decoders, and a rationale naming the reason for every choice. Same input, same
-plan, always; no model and no randomness.
-
-Thresholds are set so that a clean image (noise ~0-2, no blocking, sharp or smooth) gets no
-operation at all: restoring what isn't broken only does harm.
-
-Tasks ``edit`` and ``style``: the instruction's grading phrasings become ``Plan.edit``
-(``planners.edits.map_instruction``); restoration runs only where the instruction asks for
-it ("denoise it and make it warmer"), at the measured strength. An instruction it cannot
-map fails the item with ``UnmappableInstructionError`` in the item's slot (``submit``
-refuses it before that, exit 2): the planner never guesses, and never plans an edit that
-changes nothing.
+No model, no randomness; the thresholds give a clean image no operation at all. Edit and
+style instructions go through ``pixelrelay.pipeline.stages.planners.edits.map_instruction``;
+restoration runs only where the instruction asks for it, and an instruction it cannot map
+fails the item (``UnmappableInstructionError``).
 """
 
 from __future__ import annotations
