@@ -61,7 +61,7 @@ def direct(folder: Path, out: Path, options: JobOptions, specs: dict, batch: int
         descriptions = encoder.describe(images)
         plans = planner.plan(descriptions, [options] * len(images))
         images = [decode_image(p.read_bytes()) for p in group]  # the pipeline decodes twice too
-        for p, restored in zip(group, decoder.restore(images, plans)):
+        for p, restored in zip(group, decoder.restore(images, plans), strict=True):
             data, _ = encode_image(restored.rgb, "png", alpha=restored.alpha)
             (out / p.name).write_bytes(data)
     return time.perf_counter() - started

@@ -302,7 +302,7 @@ class DeliveryPolicy:
         "timed out after N s" and finish the chunk (part, bits, next chunk, manifest)."""
         msg = snapshot(delivery.msg)
         done = self.state.done_flags([r.index for r in msg.records])
-        msg.records = [r for r, d in zip(msg.records, done) if not d or r.status == "done"]
+        msg.records = [r for r, d in zip(msg.records, done, strict=True) if not d or r.status == "done"]
         fail_pending(msg, delivery.stage, f"timed out after {budget_s:g} s")
         log.error(
             "%s chunk %s/%d%s timed out after %g s",
