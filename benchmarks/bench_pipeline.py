@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.items
     done = sum(r["status"] == "done" for r in result["rows"])
     print(
-        f"{n} items of {args.size}x{args.size} px, task {args.task}, backends {specs}, batch {args.batch_size}, chunk {args.chunk_size}"
+        f"{n} items of {args.size}x{args.size} px, task {args.task}, backends {specs}, "
+        f"batch {args.batch_size}, chunk {args.chunk_size}"
     )
     print(f"{'measure':<40}{'value':>12}")
     print("-" * 52)

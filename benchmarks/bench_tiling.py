@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     table = {c: variants(dec, *c) for c in cases}
     images = {size: scene(size) for size, _ in cases}
     for case, rows in table.items():  # warm-up, and the grids each row uses
-        for name, run in rows.items():
+        for run in rows.values():
             run(images[case[0]][:, :, :64, :64])
     times: dict[tuple, list[float]] = {}
     grids: dict[tuple, str] = {}

@@ -7,7 +7,8 @@ no whitespace), so it is stable across dict order, processes and machines:
   ``2`` hashes as it always did; None for a width/height box), instruction, the item's
   output format, quality, lossless, the job's backend specs (None: "the stage worker's own
   default") and the input URI, plus ``strip_metadata``, ``width`` and ``height`` when they
-  are set (so requests without them keep the fingerprints they had before they existed). ``overwrite`` is not part of it, nor is the package version.
+  are set (so requests without them keep the fingerprints they had before they existed).
+  ``overwrite`` is not part of it, nor is the package version.
 * **model** (``model_fingerprint``): per stage, the spec the worker actually ran and its
   backend's ``identity()`` (weights hashes, hub commit, or just the kind for weight-free
   backends), plus ``DECODE_PATH_VERSION``. A job that left a stage to the worker's default

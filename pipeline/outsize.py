@@ -23,8 +23,9 @@ Native scale (``native_scale``), the rule of ``decoders.choice`` applied to the 
 the decoder's native scale (``Decoder.native_scales()``: 1, 2, 4 for ``builtin`` and
 ``classic``, the models' scales for ``hf-sr`` and ``spandrel``, 4 for ``sd-upscale``) equal to
 the target's ``factor``, else the smallest above it, else the largest. (At or above the
-factor, the rounded size is within native x the source on both sides.) The decoder runs the plan at that scale (``restore`` hands it a
-copy of the plan with ``scale`` set to it and no target), and its result is resampled to the
+factor, the rounded size is within native x the source on both sides.) The decoder runs
+the plan at that scale (``restore`` hands it a copy of the plan with ``scale`` set to it and
+no target), and its result is resampled to the
 exact size: bicubic, antialiased when it shrinks (``tensors.resize``); alpha bilinear on its
 own (``tensors.resize_alpha_to``). Where no native scale reaches the target (x8 on
 ``builtin``), the largest runs and a note says the rest was resized; every resampled item

@@ -53,7 +53,6 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
 
 import redis
 
@@ -102,7 +101,7 @@ class Cancelled:
     dropped: int
 
 
-Outcome = Union[ChunkMessage, Retry, Split, Stale, Cancelled]
+Outcome = ChunkMessage | Retry | Split | Stale | Cancelled
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ one per item (``route``):
 
 Edit and style plans: the networks restore / upscale as the plan's operations say (an edit
 plan has operations only where its instruction asks for restoration), then
-``decoders.edits`` grades the output with ``pipeline.grading``. Both predict a residual over bicubic. ``model`` may name one weights file (used for every
-item) or ``UPSCALER,RESTORER``. A clean plan at x1 returns the image untouched. Grouping,
+``decoders.edits`` grades the output with ``pipeline.grading``. Both predict a residual
+over bicubic. ``model`` may name one weights file (used for every item) or
+``UPSCALER,RESTORER``. A clean plan at x1 returns the image untouched. Grouping,
 tiling (``PIXELRELAY_BUILTIN_TILE`` & co), the out-of-memory fallback, bf16/fp16 on GPU,
 alpha and the exact output size come from ``LearnedDecoder``; each tile batch carries the
 condition vectors of the items its tiles came from. ``pixel_bytes`` states the networks'
