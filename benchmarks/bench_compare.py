@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -112,7 +113,7 @@ def _direct_pass(paths, out: Path, encoder, planner, decoder, batch: int) -> Non
         descriptions = encoder.describe([decode_image(p.read_bytes()) for p in group])
         plans = planner.plan(descriptions, [OPTIONS] * len(group))
         images = [decode_image(p.read_bytes()) for p in group]
-        for p, restored in zip(group, decoder.restore(images, plans)):
+        for p, restored in zip(group, decoder.restore(images, plans), strict=True):
             (out / p.name).write_bytes(encode_image(restored.rgb, "png", alpha=restored.alpha)[0])
 
 
@@ -250,7 +251,7 @@ class _Decode:
     def __call__(self, batch: dict) -> dict:
         images = [decode_image(Path(p).read_bytes()) for p in batch["path"]]
         plans = [Plan.model_validate_json(p) for p in batch["plan"]]
-        for p, restored in zip(batch["path"], self.decoder.restore(images, plans)):
+        for p, restored in zip(batch["path"], self.decoder.restore(images, plans), strict=True):
             (self.out / Path(p).name).write_bytes(encode_image(restored.rgb, "png", alpha=restored.alpha)[0])
         return {"path": batch["path"]}
 
@@ -291,7 +292,7 @@ def ray_job(ray, folder: Path, out: Path, batch: int, threads: dict[str, int]) -
 # --- the table -------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=96)
     parser.add_argument("--size", type=int, default=256)
@@ -299,54 +300,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    args = parser.parse_args(argv)
-    os.environ.setdefault("PIXELRELAY_SIGNING_KEY", secrets.token_urlsafe(32))
-    systems = list(args.systems)
-    ray = None
-    if "ray" in systems:
-        try:
-            import ray  # noqa: F811
-            import ray.data  # noqa: F401
-        except ImportError:
-            print("ray is not installed (pip install -e '.[bench]'): the Ray Data row is skipped", file=sys.stderr)
-            systems.remove("ray")
-    times: dict[str, list[float]] = {s: [] for s in systems}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        source = make_inputs(tmp / "in", args.items, args.size)
-        make_inputs(tmp / "warm-in", args.chunk_size * 2, args.size)
-        warm = None
-        if "warm" in systems or "ray" in systems:  # ray takes the warm workers' thread split
-            warm = WarmPixelrelay(tmp, args.batch_size, args.chunk_size)
-            warm.warm_up(tmp / "warm-in")
-        threads = dict(warm.balancer.current) if warm else balance.prior(os.cpu_count() or 1)
-        if ray is not None:
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, sum(threads.values())),
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            ray_job(ray, tmp / "warm-in", tmp / "ray-warm", args.batch_size, threads)
-        try:
-            for r in range(args.repeats):
-                order = systems[r % len(systems) :] + systems[: r % len(systems)]
-                for system in order:
-                    out = tmp / f"out-{system}-{r}"
-                    if system == "direct":
-                        wall = direct(tmp / "in", out, args.batch_size)
-                    elif system == "warm":
-                        wall = warm.job(tmp / "in", out)[0]
-                    elif system == "run":
-                        wall = run_cold(tmp / "in", out, args.batch_size, args.chunk_size)
-                    else:
-                        wall = ray_job(ray, tmp / "in", out, args.batch_size, threads)
-                    times[system].append(wall)
-                    print(f"round {r + 1}: {system:<7}{args.items / wall:8.2f} items/s", file=sys.stderr, flush=True)
-        finally:
-            if warm is not None:
-                warm.close()
+    return parser.parse_args(argv)
+
+
+def _import_ray(systems: list[str]) -> ModuleType | None:
+    """The ``ray`` module, or None (and "ray" dropped from ``systems``) where it is not installed."""
+    if "ray" not in systems:
+        return None
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        print("ray is not installed (pip install -e '.[bench]'): the Ray Data row is skipped", file=sys.stderr)
+        systems.remove("ray")
+        return None
+    return ray
+
+
+def _start_ray(ray: ModuleType, tmp: Path, batch: int, threads: dict[str, int]) -> None:
+    """Ray started with the warm workers' thread split, and warmed up on ``tmp/warm-in``."""
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, sum(threads.values())),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_job(ray, tmp / "warm-in", tmp / "ray-warm", batch, threads)
+
+
+def _run_system(
+    system: str,
+    args: argparse.Namespace,
+    tmp: Path,
+    out: Path,
+    warm: WarmPixelrelay | None,
+    ray: ModuleType | None,
+    threads: dict[str, int],
+) -> float:
+    """One timed run of ``system`` over ``tmp/in``: its wall seconds."""
+    if system == "direct":
+        return direct(tmp / "in", out, args.batch_size)
+    if system == "warm":
+        assert warm is not None
+        return warm.job(tmp / "in", out)[0]
+    if system == "run":
+        return run_cold(tmp / "in", out, args.batch_size, args.chunk_size)
+    return ray_job(ray, tmp / "in", out, args.batch_size, threads)
+
+
+def _print_table(
+    args: argparse.Namespace, source: str, threads: dict[str, int], systems: list[str], times: dict[str, list[float]]
+) -> None:
+    """The markdown table of items/s per system, and the ratios between them."""
     rates = {s: args.items / statistics.median(t) for s, t in times.items()}
     names = {
         "direct": "direct loop, one process, all cores",
@@ -369,6 +375,36 @@ def main(argv: list[str] | None = None) -> int:
     for a, b in (("warm", "ray"), ("warm", "direct"), ("run", "direct"), ("run", "ray")):
         if a in rates and b in rates:
             print(f"{a} / {b}: {rates[a] / rates[b]:.2f}×")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    os.environ.setdefault("PIXELRELAY_SIGNING_KEY", secrets.token_urlsafe(32))
+    systems = list(args.systems)
+    ray = _import_ray(systems)
+    times: dict[str, list[float]] = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source = make_inputs(tmp / "in", args.items, args.size)
+        make_inputs(tmp / "warm-in", args.chunk_size * 2, args.size)
+        warm = None
+        if "warm" in systems or "ray" in systems:  # ray takes the warm workers' thread split
+            warm = WarmPixelrelay(tmp, args.batch_size, args.chunk_size)
+            warm.warm_up(tmp / "warm-in")
+        threads = dict(warm.balancer.current) if warm else balance.prior(os.cpu_count() or 1)
+        if ray is not None:
+            _start_ray(ray, tmp, args.batch_size, threads)
+        try:
+            for r in range(args.repeats):
+                order = systems[r % len(systems) :] + systems[: r % len(systems)]
+                for system in order:
+                    wall = _run_system(system, args, tmp, tmp / f"out-{system}-{r}", warm, ray, threads)
+                    times[system].append(wall)
+                    print(f"round {r + 1}: {system:<7}{args.items / wall:8.2f} items/s", file=sys.stderr, flush=True)
+        finally:
+            if warm is not None:
+                warm.close()
+    _print_table(args, source, threads, systems, times)
     return 0
 
 

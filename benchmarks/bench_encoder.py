@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import types
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -130,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     ims = {s: inputs(s) for s in sizes}
     times: dict[tuple, list[float]] = {}
-    for name, enc in versions.items():  # warm-up
+    for enc in versions.values():  # warm-up
         enc.describe([ims[sizes[0]]["clean"]])
     for _ in range(args.repeat):
         for s in sizes:
             for kind, im in ims[s].items():
                 for name, enc in versions.items():
-                    times.setdefault((s, kind, name, "describe"), []).append(_ms(lambda: enc.describe([im])))
+                    times.setdefault((s, kind, name, "describe"), []).append(_ms(partial(enc.describe, [im])))
                     parts = parts_new(enc, im) if name == "new" else parts_old(enc, *old_modules, im)
                     for part, ms in parts.items():
                         times.setdefault((s, kind, name, part), []).append(ms)

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from pixelrelay.jobs.files import manifest_uri, merge_manifest, part_uri
 from pixelrelay.jobs.merge import Groups, merge_group, write_group, write_manifest
@@ -140,8 +141,8 @@ def run_size(name: str, output: str, total: int, repeats: int, old: bool) -> lis
     per_group, reads = [], []
     for group in range(geo.count):  # what the decode workers do as the job runs
         storage.reads = 0
-        seconds, merged = timed(lambda: merge_group(storage, spec, geo, group, 1))
-        seconds += timed(lambda: write_group(storage, spec, group, 1, merged))[0]
+        seconds, merged = timed(partial(merge_group, storage, spec, geo, group, 1))
+        seconds += timed(partial(write_group, storage, spec, group, 1, merged))[0]
         per_group.append(seconds)
         reads.append(storage.reads)
     rows.append((name, total, parts, f"groups: all {geo.count} merges (over the job)", sum(reads), sum(per_group)))

@@ -15,6 +15,7 @@ import argparse
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +71,13 @@ def bench(
     enc = HFCaptionEncoder(str(folders["caption"]), device=device, batch_size=max(batches))
     for b in batches:
         ims = _images(b, image_size)
-        rate, peak = _time(lambda: enc.caption(ims), b, device, repeat)
+        rate, peak = _time(partial(enc.caption, ims), b, device, repeat)
         rows.append((label, "encoder hf-caption", b, rate, peak))
     del enc
     planner = HFLLMPlanner(str(folders["llm"]), device=device, batch_size=max(batches))
     for b in batches:
         descs, opts = _descriptions(b)
-        rate, peak = _time(lambda: planner.plan(descs, opts), b, device, repeat)
+        rate, peak = _time(partial(planner.plan, descs, opts), b, device, repeat)
         rows.append((label, "planner hf-llm", b, rate, peak))
     del planner
     dec = HFSuperResolutionDecoder(
@@ -85,7 +86,7 @@ def bench(
     for b in batches:
         ims = _images(b, image_size, seed=1)
         plans = [Plan(scale=dec.models[0].upscale)] * b
-        rate, peak = _time(lambda: dec.restore(ims, plans), b, device, repeat)
+        rate, peak = _time(partial(dec.restore, ims, plans), b, device, repeat)
         rows.append((label, f"decoder hf-sr x{dec.models[0].upscale} @{image_size}px", b, rate, peak))
     del dec
     if device.startswith("cuda"):

@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,10 @@ def main() -> None:
             decoder.restore(images[:1], plain[:1])  # warm-up
             a, b = [], []
             for _ in range(args.repeat):
-                a.append(_time(lambda: decoder.restore(images, plain)))
-                b.append(_time(lambda: restore_with_edits(decoder, images, target)))
+                a.append(_time(partial(decoder.restore, images, plain)))
+                b.append(_time(partial(restore_with_edits, decoder, images, target)))
             ma, mb = statistics.median(a), statistics.median(b)
-            print(f"{kind:<8} {'x%g' % scale:>6} {'x%d' % native:>6} {ma:>11.3f} {mb:>12.3f} {(mb - ma) / mb:>14.0%}")
+            print(f"{kind:<8} {f'x{scale:g}':>6} {f'x{native:d}':>6} {ma:>11.3f} {mb:>12.3f} {(mb - ma) / mb:>14.0%}")
 
 
 if __name__ == "__main__":

@@ -283,7 +283,8 @@ def table(args: argparse.Namespace, runs: list[dict]) -> list[str]:
     rows += [(f"  {name}", [r["commands"].get(name, 0) / n for r in runs]) for name in names]
     width = max(len(name) for name, _ in rows) + 2
     lines = [
-        f"{n} items of {args.size}x{args.size} px PNG, null backends, chunk {args.chunk_size}, batch {args.batch_size}, "
+        f"{n} items of {args.size}x{args.size} px PNG, null backends, "
+        f"chunk {args.chunk_size}, batch {args.batch_size}, "
         f"task events {'off' if args.no_events else 'on'}, {args.repeats} repeat(s): median (min-max)",
         f"{'measure':<{width}}value",
         "-" * (width + 24),

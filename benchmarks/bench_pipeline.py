@@ -61,7 +61,7 @@ def direct(folder: Path, out: Path, options: JobOptions, specs: dict, batch: int
         descriptions = encoder.describe(images)
         plans = planner.plan(descriptions, [options] * len(images))
         images = [decode_image(p.read_bytes()) for p in group]  # the pipeline decodes twice too
-        for p, restored in zip(group, decoder.restore(images, plans)):
+        for p, restored in zip(group, decoder.restore(images, plans), strict=True):
             data, _ = encode_image(restored.rgb, "png", alpha=restored.alpha)
             (out / p.name).write_bytes(data)
     return time.perf_counter() - started
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.items
     done = sum(r["status"] == "done" for r in result["rows"])
     print(
-        f"{n} items of {args.size}x{args.size} px, task {args.task}, backends {specs}, batch {args.batch_size}, chunk {args.chunk_size}"
+        f"{n} items of {args.size}x{args.size} px, task {args.task}, backends {specs}, "
+        f"batch {args.batch_size}, chunk {args.chunk_size}"
     )
     print(f"{'measure':<40}{'value':>12}")
     print("-" * 52)

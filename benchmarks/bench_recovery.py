@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.redis.stop()
     base = rows[0][1]
     print(
-        f"\n{args.items} items, chunk 4, {args.slow} s per item per stage, default lease and sweep settings; logs in {logdir}\n"
+        f"\n{args.items} items, chunk 4, {args.slow} s per item per stage, "
+        f"default lease and sweep settings; logs in {logdir}\n"
     )
     print("| fault | job wall (s) | fault → job done (s) | recovery: wall − baseline (s) | exit | check |")
     print("|---|---|---|---|---|---|")

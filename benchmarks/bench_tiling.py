@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     table = {c: variants(dec, *c) for c in cases}
     images = {size: scene(size) for size, _ in cases}
     for case, rows in table.items():  # warm-up, and the grids each row uses
-        for name, run in rows.items():
+        for run in rows.values():
             run(images[case[0]][:, :, :64, :64])
     times: dict[tuple, list[float]] = {}
     grids: dict[tuple, str] = {}
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         base = [statistics.median(t[i] for t in times[(case, "untiled")]) for i in range(2)]
         for name in rows:
             cpu, wall, sys_ms = (statistics.median(t[i] for t in times[(case, name)]) for i in range(3))
-            vs = ["" if name == "untiled" else f"{v / b - 1:+.0%}" for v, b in zip((cpu, wall), base)]
+            vs = ["" if name == "untiled" else f"{v / b - 1:+.0%}" for v, b in zip((cpu, wall), base, strict=True)]
             print(
                 f"| x{case[1]} | {case[0]}² | {name} | {grids[(case, name)]} | {cpu:,.0f} ({sys_ms:,.0f}) | {vs[0]} "
                 f"| {wall:,.0f} | {vs[1]} |"

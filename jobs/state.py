@@ -44,7 +44,7 @@ return {redis.call('BITCOUNT', KEYS[2]), redis.call('BITCOUNT', KEYS[3])}
 """
 
 
-class JobStatus(str, Enum):
+class JobStatus(str, Enum):  # noqa: UP042 (public API: StrEnum would change str() and format() to the bare value)
     """A job's state, as ``pixelrelay jobs`` and ``status`` show it (derived: ``job_status``)."""
 
     QUEUED = "queued"  # submitted; no item finished yet (and not for long: else stalled)

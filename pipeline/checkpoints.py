@@ -245,7 +245,8 @@ def require_tensors(state_dict: Mapping[str, Any], name: str, unwrap: Callable[[
     for key, value in flat.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(
-                f"checkpoint {name!r} is not a state dict (entry {str(key)[:60]!r} is a {type(value).__name__}, not a tensor)"
+                f"checkpoint {name!r} is not a state dict "
+                f"(entry {str(key)[:60]!r} is a {type(value).__name__}, not a tensor)"
             )
     return flat
 

@@ -182,7 +182,7 @@ def grade_images(
         raise ValueError(f"{len(rgbs)} images but {len(gradings)} gradings")
     out: list[np.ndarray] = list(rgbs)
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, (rgb, ops) in enumerate(zip(rgbs, gradings)):
+    for i, (rgb, ops) in enumerate(zip(rgbs, gradings, strict=True)):
         if ops:
             groups.setdefault(tuple(rgb.shape[:2]), []).append(i)
     for (height, width), idx in groups.items():

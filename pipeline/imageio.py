@@ -16,7 +16,6 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -175,7 +174,7 @@ def _allow_pillow(max_pixels: int) -> None:
             Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-OutputScale = Union[int, Callable[[int, int], tuple[int, int]]]  # x scale, or (w, h) -> output (w, h)
+OutputScale = int | Callable[[int, int], tuple[int, int]]  # x scale, or (w, h) -> output (w, h)
 
 
 def output_size(width: int, height: int, scale: OutputScale = 1) -> tuple[int, int]:

@@ -64,7 +64,7 @@ class ContextBranch(nn.Module):
         self.levels = nn.ModuleList()
         self.ups = nn.ModuleList()
         prev = c
-        for ch, n in zip(channels, blocks):
+        for ch, n in zip(channels, blocks, strict=True):
             self.downs.append(nn.Conv2d(prev, ch, 3, stride=2, padding=1))
             self.levels.append(nn.ModuleList(FiLMBlock(ch, hidden) for _ in range(n)))
             self.ups.append(nn.Conv2d(ch, 4 * prev, 3, padding=1))  # pixel-shuffled back to prev
@@ -78,7 +78,7 @@ class ContextBranch(nn.Module):
         ph, pw = (-h0) % m, (-w0) % m
         y = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
         skips = []
-        for down, blocks in zip(self.downs, self.levels):
+        for down, blocks in zip(self.downs, self.levels, strict=True):
             skips.append(y)
             y = F.leaky_relu(down(y), 0.1)
             for blk in blocks:

@@ -127,7 +127,7 @@ def restore(decoder: Decoder, images: Sequence[DecodedImage], plans: Sequence[Pl
     runs: list[Plan] = []
     sizes: list[Size | None] = []
     named: list[str | None] = []  # the plan's model, where it picked a scale other than the target's
-    for image, plan in zip(images, plans):
+    for image, plan in zip(images, plans, strict=True):
         named.append(None)
         if plan.target is None:
             runs.append(plan)
@@ -146,7 +146,7 @@ def restore(decoder: Decoder, images: Sequence[DecodedImage], plans: Sequence[Pl
     device = getattr(decoder, "torch_device", None) or "cpu"
     return [
         result if size is None else _resampled(result, image, plan.target, run.scale, size, natives, device, model)
-        for result, image, plan, run, size, model in zip(results, images, plans, runs, sizes, named)
+        for result, image, plan, run, size, model in zip(results, images, plans, runs, sizes, named, strict=True)
     ]
 
 

@@ -38,5 +38,8 @@ def problem(path: str, max_age_s: float, now: float | None = None) -> str | None
         return f"cannot read heartbeat file {path}: {exc}"
     age = (time.time() if now is None else now) - mtime
     if age > max_age_s:
-        return f"heartbeat file {path} is {age:.0f}s old (over {max_age_s:g}s): the worker is stuck, stopped or not consuming"
+        return (
+            f"heartbeat file {path} is {age:.0f}s old (over {max_age_s:g}s): "
+            "the worker is stuck, stopped or not consuming"
+        )
     return None

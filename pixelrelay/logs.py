@@ -15,11 +15,16 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONTEXT_FIELDS = ("job", "chunk", "stage")
-_context: contextvars.ContextVar[dict] = contextvars.ContextVar("pixelrelay_log_context", default={})
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "pixelrelay_log_context", default=MappingProxyType({})
+)
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
 
 

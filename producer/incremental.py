@@ -133,7 +133,7 @@ class Incremental:
         rows = (json.loads(line) for line in self.storage.iter_lines(manifest_uri(self.output, job_id)) if line.strip())
 
         def folded() -> Iterator[tuple[str, str, str, int]]:
-            for listed, row in zip(sent, rows):  # both in the job's index order, one line per item
+            for listed, row in zip(sent, rows, strict=True):  # both in the job's index order, one line per item
                 fingerprint = row.get("fingerprint") or {}
                 done = (
                     row.get("status") == "done"

@@ -145,6 +145,87 @@ def _uniform(rng: np.random.Generator, lo_hi: Sequence[float]) -> float:
     return float(rng.uniform(lo, hi))
 
 
+@dataclass
+class _Draw:
+    """The random choices of one degradation (see ``_draw``)."""
+
+    steps: list[str]
+    do_jpeg: bool
+    blur_lr: float
+    mode: str
+    noise_added: float
+    u_kind: float
+    u_gray: float
+    quality: int
+    noise_seed: int
+    jpeg_at: int  # the index in ``steps`` JPEG runs before; len(steps): after all of them
+
+
+def _draw_steps(scale: int, rng: np.random.Generator, cfg: DegradationConfig, force: Sequence[str]) -> list[str]:
+    """Which of blur, downscale and noise run, in which order."""
+    steps = []
+    if "blur" in force or rng.random() < cfg.p_blur:
+        steps.append("blur")
+    if scale > 1:
+        steps.append("downscale")
+    if "noise" in force or rng.random() < cfg.p_noise:
+        steps.append("noise")
+    if cfg.shuffle:
+        steps = [steps[i] for i in rng.permutation(len(steps))]
+    return steps
+
+
+def _draw(scale: int, rng: np.random.Generator, cfg: DegradationConfig, force: Sequence[str]) -> _Draw:
+    """Every random choice of one degradation. Parameters are drawn in a fixed order, so the
+    RNG stream does not depend on the order of the steps."""
+    steps = _draw_steps(scale, rng, cfg, force)
+    do_jpeg = "jpeg" in force or rng.random() < cfg.p_jpeg
+    blur_lr = _uniform(rng, cfg.blur_sigma)
+    mode = cfg.resize_modes[int(rng.integers(len(cfg.resize_modes)))]
+    noise_added = _uniform(rng, cfg.noise_sigma)
+    u_kind = rng.random()
+    u_gray = rng.random()
+    quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
+    noise_seed = int(rng.integers(2**31 - 1))
+    jpeg_at = len(steps)  # JPEG after all the other steps...
+    if do_jpeg and cfg.p_jpeg_early > 0 and rng.random() < cfg.p_jpeg_early and steps and steps[-1] != "downscale":
+        jpeg_at = len(steps) - 1  # ...or just before the last one (noise or blur)
+    return _Draw(steps, do_jpeg, blur_lr, mode, noise_added, u_kind, u_gray, quality, noise_seed, jpeg_at)
+
+
+def _run_steps(x: torch.Tensor, scale: int, d: _Draw, cfg: DegradationConfig, p: DegradationParams) -> torch.Tensor:
+    """``x`` through the drawn steps (an early JPEG included, a final one not), recording
+    them and the effective noise in ``p``."""
+    clean = x.clone()  # the same linear steps, without noise: measures the effective noise
+    bare = None  # with an early JPEG: x without it (the noise as the restorer must undo it)
+    at_lr = False
+    for index, step in enumerate(d.steps):
+        if index == d.jpeg_at:
+            bare = x.clone()
+            x = to_tensor(jpeg(to_uint8(x), d.quality))
+            p.jpeg_quality = d.quality
+            p.order.append("jpeg")
+        if step == "blur":
+            s = d.blur_lr if (at_lr or scale == 1) else d.blur_lr * scale
+            x, clean = gaussian_blur(x, s), gaussian_blur(clean, s)
+            bare = None if bare is None else gaussian_blur(bare, s)
+            p.blur_sigma = d.blur_lr
+        elif step == "downscale":
+            x, clean = downscale(x, scale, d.mode), downscale(clean, scale, d.mode)
+            bare = None if bare is None else downscale(bare, scale, d.mode)
+            at_lr = True
+            p.downscaled, p.resize_mode = True, d.mode
+        elif step == "noise":
+            x, p.noise_kind = _add_noise(x, d.noise_added / 255.0, d.noise_seed, d.u_kind, d.u_gray, cfg)
+            if bare is not None:  # the same noise on the JPEG-free copy
+                bare, _ = _add_noise(bare, d.noise_added / 255.0, d.noise_seed, d.u_kind, d.u_gray, cfg)
+            p.noise_added = d.noise_added
+        p.order.append(step)
+    if "noise" in p.order:  # ``clean`` and ``bare`` never went through JPEG
+        p.noise_sigma = float(((x if bare is None else bare) - clean).std().item() * 255.0)
+    return x
+
+
 def degrade(
     hr: np.ndarray,
     scale: int,
@@ -167,60 +248,11 @@ def degrade(
     cfg = config or DegradationConfig()
     hr = crop_to_multiple(hr, scale)
     p = DegradationParams(scale=scale)
-    steps = []
-    if "blur" in force or rng.random() < cfg.p_blur:
-        steps.append("blur")
-    if scale > 1:
-        steps.append("downscale")
-    if "noise" in force or rng.random() < cfg.p_noise:
-        steps.append("noise")
-    if cfg.shuffle:
-        steps = [steps[i] for i in rng.permutation(len(steps))]
-    do_jpeg = "jpeg" in force or rng.random() < cfg.p_jpeg
-    # Parameters are drawn in a fixed order so the RNG stream does not depend on the order.
-    blur_lr = _uniform(rng, cfg.blur_sigma)
-    mode = cfg.resize_modes[int(rng.integers(len(cfg.resize_modes)))]
-    noise_added = _uniform(rng, cfg.noise_sigma)
-    u_kind = rng.random()
-    u_gray = rng.random()
-    quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
-    noise_seed = int(rng.integers(2**31 - 1))
-    jpeg_at = len(steps)  # JPEG after all the other steps...
-    if do_jpeg and cfg.p_jpeg_early > 0 and rng.random() < cfg.p_jpeg_early and steps and steps[-1] != "downscale":
-        jpeg_at = len(steps) - 1  # ...or just before the last one (noise or blur)
-
-    x = to_tensor(hr)
-    clean = x.clone()  # the same linear steps, without noise: measures the effective noise
-    bare = None  # with an early JPEG: x without it (the noise as the restorer must undo it)
-    at_lr = False
-    for index, step in enumerate(steps):
-        if index == jpeg_at:
-            bare = x.clone()
-            x = to_tensor(jpeg(to_uint8(x), quality))
-            p.jpeg_quality = quality
-            p.order.append("jpeg")
-        if step == "blur":
-            s = blur_lr if (at_lr or scale == 1) else blur_lr * scale
-            x, clean = gaussian_blur(x, s), gaussian_blur(clean, s)
-            bare = None if bare is None else gaussian_blur(bare, s)
-            p.blur_sigma = blur_lr
-        elif step == "downscale":
-            x, clean = downscale(x, scale, mode), downscale(clean, scale, mode)
-            bare = None if bare is None else downscale(bare, scale, mode)
-            at_lr = True
-            p.downscaled, p.resize_mode = True, mode
-        elif step == "noise":
-            x, p.noise_kind = _add_noise(x, noise_added / 255.0, noise_seed, u_kind, u_gray, cfg)
-            if bare is not None:  # the same noise on the JPEG-free copy
-                bare, _ = _add_noise(bare, noise_added / 255.0, noise_seed, u_kind, u_gray, cfg)
-            p.noise_added = noise_added
-        p.order.append(step)
-    if "noise" in p.order:  # ``clean`` and ``bare`` never went through JPEG
-        p.noise_sigma = float(((x if bare is None else bare) - clean).std().item() * 255.0)
-    out = to_uint8(x)
-    if do_jpeg and jpeg_at == len(steps):
-        out = jpeg(out, quality)
-        p.jpeg_quality = quality
+    d = _draw(scale, rng, cfg, force)
+    out = to_uint8(_run_steps(to_tensor(hr), scale, d, cfg, p))
+    if d.do_jpeg and d.jpeg_at == len(d.steps):
+        out = jpeg(out, d.quality)
+        p.jpeg_quality = d.quality
         p.order.append("jpeg")
     return out, p
 

@@ -138,7 +138,7 @@ def render(rows: list[dict]) -> Image.Image:
         top = HEAD_H + r * (crop + TEXT_H + PAD) + PAD
         draw.text((4, top), row["label"], fill="black", font=font)
         draw.multiline_text((4, top + 14), row["detail"], fill=(90, 90, 90), font=font, spacing=2)
-        for c, (tile, psnr) in enumerate(zip(row["tiles"], row["psnrs"])):
+        for c, (tile, psnr) in enumerate(zip(row["tiles"], row["psnrs"], strict=True)):
             left = LABEL_W + PAD + c * (crop + PAD)
             canvas.paste(Image.fromarray(tile), (left, top))
             if psnr is not None:
@@ -193,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     render(rows).save(out, optimize=True)
-    for row, i in zip(rows, picks):
-        scores = ", ".join(f"{name} {p:.2f}" for name, p in zip(COLUMNS, row["psnrs"]) if p is not None)
+    for row, i in zip(rows, picks, strict=True):
+        scores = ", ".join(f"{name} {p:.2f}" for name, p in zip(COLUMNS, row["psnrs"], strict=True) if p is not None)
         print(
             f"{row['label']:13s} {val_files[i].parent.name}/{val_files[i].name}: PSNR-Y {scores} dB; "
             f"builtin plan: {row['ops']}"

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,12 +78,12 @@ def make_set(hrs: list[np.ndarray], scale: int, degradation: str, seed: int = SE
 
 
 def overshoot(outs, hrs, scale) -> float:
-    return float(np.mean([D.edge_overshoot(o, h, border=scale) for o, h in zip(outs, hrs)]))
+    return float(np.mean([D.edge_overshoot(o, h, border=scale) for o, h in zip(outs, hrs, strict=True)]))
 
 
 def score(outs, hrs, scale) -> tuple[float, float]:
-    ps = [D.psnr_y(o, h, border=scale) for o, h in zip(outs, hrs)]
-    ss = [D.ssim_y(o, h, border=scale) for o, h in zip(outs, hrs)]
+    ps = [D.psnr_y(o, h, border=scale) for o, h in zip(outs, hrs, strict=True)]
+    ss = [D.ssim_y(o, h, border=scale) for o, h in zip(outs, hrs, strict=True)]
     return float(np.mean(ps)), float(np.mean(ss))
 
 
@@ -94,7 +95,7 @@ def bare_net(dec, lrs, params, scale) -> list[np.ndarray]:
     from pixelrelay.pipeline.stages.decoders.builtin import route
 
     outs = []
-    for lr, p in zip(lrs, params):
+    for lr, p in zip(lrs, params, strict=True):
         c = cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality) if p is not None else cond_vector(0, 0, None)
         net = dec.nets[route(c)]
         outs.append(D.to_uint8(net(D.to_tensor(lr), torch.tensor([c]), scale).float()[0]))
@@ -186,11 +187,14 @@ def encoder_errors(hrs, enc, seed: int = SEED) -> dict[str, Any]:
 def realistic_encoder_errors(res: dict[str, Any]) -> dict[str, float]:
     ests = res["builtin_descs"]
     params = res["params"]
-    n_err = np.array([abs((d.noise_sigma or 0.0) - p.noise_sigma) for d, p in zip(ests, params)])
+    n_err = np.array([abs((d.noise_sigma or 0.0) - p.noise_sigma) for d, p in zip(ests, params, strict=True)])
     q_err = np.array(
-        [abs((d.jpeg_quality if d.jpeg_quality is not None else 100.0) - p.jpeg_quality) for d, p in zip(ests, params)]
+        [
+            abs((d.jpeg_quality if d.jpeg_quality is not None else 100.0) - p.jpeg_quality)
+            for d, p in zip(ests, params, strict=True)
+        ]
     )
-    b_err = np.array([abs((d.blur_sigma or 0.0) - p.blur_sigma) for d, p in zip(ests, params)])
+    b_err = np.array([abs((d.blur_sigma or 0.0) - p.blur_sigma) for d, p in zip(ests, params, strict=True)])
     return {
         "noise_mae": float(n_err.mean()),
         "noise_within3": float((n_err <= 3).mean()),
@@ -257,7 +261,7 @@ def _fmt_row(name: str, ps: tuple[float, float], ref: tuple[float, float] | None
     return f"  {name:28s} {ps[0]:7.2f} dB {ps[1]:7.4f}   {gain}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pixelrelay bench quality", description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--scale", type=int, choices=(2, 4), default=None, help="default: 2 and 4")
@@ -291,12 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="score these builtin encoder weights instead of the shipped ones (a candidate)",
     )
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    return ap
 
+
+def _files(args: argparse.Namespace) -> list[Path] | None:
+    """The image files to score (``--split``, ``--limit``), or None (explained on stderr)."""
     parts = data.split_or_explain(args.data, "pixelrelay bench quality")
     if parts is None:
-        return ExitCode.USAGE
+        return None
     train_files, val_files = parts
     files = {"val": val_files, "train": train_files, "all": sorted(train_files + val_files)}[args.split]
     if args.limit:
@@ -307,95 +313,100 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(every fifth file of a folder is validation; --split all uses every file)",
             file=sys.stderr,
         )
-        return ExitCode.USAGE
-    hrs = data.load_images(files)
+        return None
+    return files
+
+
+def _configs(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The (degradation, scale) pairs to score."""
     if args.degradation is None and args.scale is None:
-        configs = [("bicubic", 2), ("bicubic", 4), ("realistic", 2), ("mild", 2)]
-    else:
-        degs = [args.degradation] if args.degradation else ["bicubic", "realistic", "mild"]
-        scales = [args.scale] if args.scale else [2, 4]
-        configs = [(d, s) for d in degs for s in scales]
-    pipes = _pipelines(args.device, args.builtin_model, args.encoder_model)
-    print(f"pixelrelay quality bench: {len(files)} {args.split} images from {args.data}")
-    figures: dict[str, Any] = {}
-    lines = []
-    for deg, scale in configs:
-        res = evaluate(hrs, scale, deg, pipes)
-        lines.append(f"{deg} x{scale} ({res['images']} images)          PSNR-Y     SSIM-Y   vs bicubic")
-        lines.append(_fmt_row("bicubic", res["bicubic"]))
-        lines.append(_fmt_row("classic (analysis/rules)", res["classic"], res["bicubic"]))
-        lines.append(_fmt_row("builtin (builtin/rules)", res["builtin"], res["bicubic"]))
-        if "builtin-net (true params)" in res:
-            lines.append(_fmt_row("builtin-net (true params)", res["builtin-net (true params)"], res["bicubic"]))
-        key = f"{deg}_x{scale}"
-        figures[key] = {k: res[k] for k in ("bicubic", "classic", "builtin") if k in res}
-        figures[key]["builtin_gain_over_bicubic_db"] = res["builtin"][0] - res["bicubic"][0]
-        figures[key]["builtin_gain_over_classic_db"] = res["builtin"][0] - res["classic"][0]
-        if "builtin-net (true params)" in res:
-            figures[key]["builtin_net_true_params"] = res["builtin-net (true params)"]
-        lines.append(
-            f"  builtin - classic: {figures[key]['builtin_gain_over_classic_db']:+.2f} dB; "
-            f"plans with operations: builtin {res['builtin_ops_count']}/{res['images']}, "
-            f"classic {res['classic_ops_count']}/{res['images']}"
-        )
-        figures[key]["overshoot"] = {name: res[f"{name}_overshoot"] for name in ("bicubic", "classic", "builtin")}
-        lines.append(
-            "  edge overshoot (Y levels beyond the local range on strong edges): "
-            + ", ".join(f"{name} {value:.2f}" for name, value in figures[key]["overshoot"].items())
-        )
-        if deg != "bicubic":
-            e = realistic_encoder_errors(res)
-            figures[key]["encoder"] = e
-            lines.append(
-                f"  encoder on these: noise |err| {e['noise_mae']:.2f} (within 3: {e['noise_within3']:.0%}), "
-                f"JPEG quality |err| {e['jpeg_mae']:.1f} (within 10: {e['jpeg_within10']:.0%}), "
-                f"blur |err| {e['blur_mae']:.2f} (within 0.5: {e['blur_within05']:.0%})"
-            )
-        else:
-            c = clean_estimates(res)
-            figures[key]["clean"] = c
-            figures[key]["clean_with_ops_count"] = res["builtin_ops_count"]
-            lines.append(
-                f"  encoder on clean inputs: mean noise estimate {c['clean_noise_mean']:.2f}, "
-                f"JPEG flagged {c['clean_jpeg_flagged']:.0%}, "
-                f"plans with operations {res['builtin_ops_count']}/{res['images']}"
-            )
-        lines.append("")
-    enc_err = encoder_errors(hrs, pipes["builtin"][0])
-    figures["encoder"] = enc_err
-    lines.append("encoder estimation errors (x1, one degradation at a time)")
+        return [("bicubic", 2), ("bicubic", 4), ("realistic", 2), ("mild", 2)]
+    degs = [args.degradation] if args.degradation else ["bicubic", "realistic", "mild"]
+    scales = [args.scale] if args.scale else [2, 4]
+    return [(d, s) for d in degs for s in scales]
+
+
+def _config_lines(deg: str, scale: int, res: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    """One degradation and scale's table, its figures added to ``figures``."""
+    lines = [f"{deg} x{scale} ({res['images']} images)          PSNR-Y     SSIM-Y   vs bicubic"]
+    lines.append(_fmt_row("bicubic", res["bicubic"]))
+    lines.append(_fmt_row("classic (analysis/rules)", res["classic"], res["bicubic"]))
+    lines.append(_fmt_row("builtin (builtin/rules)", res["builtin"], res["bicubic"]))
+    if "builtin-net (true params)" in res:
+        lines.append(_fmt_row("builtin-net (true params)", res["builtin-net (true params)"], res["bicubic"]))
+    key = f"{deg}_x{scale}"
+    figures[key] = {k: res[k] for k in ("bicubic", "classic", "builtin") if k in res}
+    figures[key]["builtin_gain_over_bicubic_db"] = res["builtin"][0] - res["bicubic"][0]
+    figures[key]["builtin_gain_over_classic_db"] = res["builtin"][0] - res["classic"][0]
+    if "builtin-net (true params)" in res:
+        figures[key]["builtin_net_true_params"] = res["builtin-net (true params)"]
     lines.append(
+        f"  builtin - classic: {figures[key]['builtin_gain_over_classic_db']:+.2f} dB; "
+        f"plans with operations: builtin {res['builtin_ops_count']}/{res['images']}, "
+        f"classic {res['classic_ops_count']}/{res['images']}"
+    )
+    figures[key]["overshoot"] = {name: res[f"{name}_overshoot"] for name in ("bicubic", "classic", "builtin")}
+    lines.append(
+        "  edge overshoot (Y levels beyond the local range on strong edges): "
+        + ", ".join(f"{name} {value:.2f}" for name, value in figures[key]["overshoot"].items())
+    )
+    lines.append(_estimate_line(deg, res, figures[key]))
+    lines.append("")
+    return lines
+
+
+def _estimate_line(deg: str, res: dict[str, Any], figures: dict[str, Any]) -> str:
+    """The encoder's estimates on one degradation's images (true parameters or clean)."""
+    if deg != "bicubic":
+        e = realistic_encoder_errors(res)
+        figures["encoder"] = e
+        return (
+            f"  encoder on these: noise |err| {e['noise_mae']:.2f} (within 3: {e['noise_within3']:.0%}), "
+            f"JPEG quality |err| {e['jpeg_mae']:.1f} (within 10: {e['jpeg_within10']:.0%}), "
+            f"blur |err| {e['blur_mae']:.2f} (within 0.5: {e['blur_within05']:.0%})"
+        )
+    c = clean_estimates(res)
+    figures["clean"] = c
+    figures["clean_with_ops_count"] = res["builtin_ops_count"]
+    return (
+        f"  encoder on clean inputs: mean noise estimate {c['clean_noise_mean']:.2f}, "
+        f"JPEG flagged {c['clean_jpeg_flagged']:.0%}, "
+        f"plans with operations {res['builtin_ops_count']}/{res['images']}"
+    )
+
+
+def _encoder_lines(enc_err: dict[str, float]) -> list[str]:
+    """The encoder's estimation errors, one degradation at a time."""
+    return [
+        "encoder estimation errors (x1, one degradation at a time)",
         f"  noise sigma 0-50 (Gaussian/Poisson): mean |err| {enc_err['noise_only_mae']:.2f}, "
-        f"within +-3: {enc_err['noise_only_within3']:.0%}"
-    )
-    lines.append(
+        f"within +-3: {enc_err['noise_only_within3']:.0%}",
         f"  JPEG quality 10-95:                  mean |err| {enc_err['jpeg_only_mae']:.2f}, "
-        f"within +-10: {enc_err['jpeg_only_within10']:.0%}"
-    )
-    lines.append(
+        f"within +-10: {enc_err['jpeg_only_within10']:.0%}",
         f"  blur sigma 0.3-2:                    mean |err| {enc_err['blur_only_mae']:.2f}, "
-        f"within +-0.5: {enc_err['blur_only_within05']:.0%}"
-    )
-    lines.append(
+        f"within +-0.5: {enc_err['blur_only_within05']:.0%}",
         f"  JPEG quality, noise 2-15 after it:  mean |err| {enc_err['jpeg_then_noise_mae']:.2f}, "
-        f"within +-10: {enc_err['jpeg_then_noise_within10']:.0%}"
-    )
-    lines.append(
+        f"within +-10: {enc_err['jpeg_then_noise_within10']:.0%}",
         f"  JPEG quality, blur 0.3-1 after it:  mean |err| {enc_err['jpeg_then_blur_mae']:.2f}, "
-        f"within +-10: {enc_err['jpeg_then_blur_within10']:.0%}"
-    )
-    if not args.no_speed:
-        dec = pipes["builtin"][2]
-        clean_s, degraded_s = time_decoder(dec), time_decoder(dec, degraded=True)
-        figures["seconds_per_512_output_clean"] = clean_s
-        figures["seconds_per_512_output"] = max(clean_s, degraded_s)
-        lines.append("")
-        lines.append(
-            f"speed: builtin decoder x2, batch 8, 512x512 outputs, {torch.get_num_threads()} threads: "
-            f"{clean_s:.3f} s per output on a clean plan (upscaler), {degraded_s:.3f} s on a "
-            f"degraded one (restorer)"
-        )
-    # Floors: the quality the builtin models must reach
+        f"within +-10: {enc_err['jpeg_then_blur_within10']:.0%}",
+    ]
+
+
+def _speed_lines(dec, figures: dict[str, Any]) -> list[str]:
+    """The builtin decoder timed on a clean and a degraded plan, into ``figures``."""
+    clean_s, degraded_s = time_decoder(dec), time_decoder(dec, degraded=True)
+    figures["seconds_per_512_output_clean"] = clean_s
+    figures["seconds_per_512_output"] = max(clean_s, degraded_s)
+    return [
+        "",
+        f"speed: builtin decoder x2, batch 8, 512x512 outputs, {torch.get_num_threads()} threads: "
+        f"{clean_s:.3f} s per output on a clean plan (upscaler), {degraded_s:.3f} s on a "
+        f"degraded one (restorer)",
+    ]
+
+
+def _floor_lines(figures: dict[str, Any], enc_err: dict[str, float], n_files: int) -> list[str]:
+    """Each floor of the builtin models, PASS or MISS."""
     checks = []
     gains = (
         ("bicubic_x2", "x2 over bicubic >= 3.2 dB", "builtin_gain_over_bicubic_db", 3.2),
@@ -409,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("bicubic_x2", "bicubic_x4"):
         if key in figures:
             n = figures[key]["clean_with_ops_count"]
-            checks.append((f"clean {key[-2:]}: no operation on >= 35/36", 1 - n / len(files), 35 / 36, True))
+            checks.append((f"clean {key[-2:]}: no operation on >= 35/36", 1 - n / n_files, 35 / 36, True))
     checks.append(("noise sigma mean |err| <= 3", enc_err["noise_only_mae"], 3.0, False))
     checks.append(("noise sigma within 3 on >= 95%", enc_err["noise_only_within3"], 0.95, True))
     checks.append(("JPEG quality mean |err| <= 10", enc_err["jpeg_only_mae"], 10.0, False))
@@ -419,11 +430,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks.append(("blur sigma within 0.5 on >= 80%", enc_err["blur_only_within05"], 0.80, True))
     if "seconds_per_512_output" in figures:
         checks.append(("s per 512x512 output <= 0.5 (slower net)", figures["seconds_per_512_output"], 0.5, False))
-    lines.append("")
-    lines.append("floors")
+    lines = ["", "floors"]
     for name, value, floor, higher in checks:
         ok = value >= floor if higher else value <= floor
         lines.append(f"  {'PASS' if ok else 'MISS'}  {name:36s} {value:8.3f}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    files = _files(args)
+    if files is None:
+        return ExitCode.USAGE
+    hrs = data.load_images(files)
+    pipes = _pipelines(args.device, args.builtin_model, args.encoder_model)
+    print(f"pixelrelay quality bench: {len(files)} {args.split} images from {args.data}")
+    figures: dict[str, Any] = {}
+    lines = []
+    for deg, scale in _configs(args):
+        lines += _config_lines(deg, scale, evaluate(hrs, scale, deg, pipes), figures)
+    enc_err = encoder_errors(hrs, pipes["builtin"][0])
+    figures["encoder"] = enc_err
+    lines += _encoder_lines(enc_err)
+    if not args.no_speed:
+        lines += _speed_lines(pipes["builtin"][2], figures)
+    lines += _floor_lines(figures, enc_err, len(files))
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:

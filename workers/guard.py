@@ -23,6 +23,7 @@ from pixelrelay.pipeline.storage import Storage, StorageError, is_s3, split_uri
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Limits, Seen
 
 log = logging.getLogger("pixelrelay.worker")
+DEFAULT_LIMITS = Limits()
 
 
 class ForgedMessage(ValueError):
@@ -152,7 +153,7 @@ def _under_jobs_dir(root: str, uri: str) -> bool:
 
 
 def transient_retry(
-    state: JobState, stage: str, msg: ChunkMessage, retries: int, exc: BaseException, limits: Limits = Limits()
+    state: JobState, stage: str, msg: ChunkMessage, retries: int, exc: BaseException, limits: Limits = DEFAULT_LIMITS
 ) -> float:
     """The countdown before checking ``msg`` again after a transient error (Redis, storage), as the
     delivery policy would retry it; logged "transient error". The wait is written into the

@@ -23,7 +23,6 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Union
 
 import redis
 
@@ -73,7 +72,7 @@ class Cancelled:
     dropped: int
 
 
-Outcome = Union[ChunkMessage, Retry, Split, Stale, Cancelled]
+Outcome = ChunkMessage | Retry | Split | Stale | Cancelled
 
 
 @dataclass(frozen=True)
@@ -283,7 +282,7 @@ class DeliveryPolicy:
         "timed out after N s" and finish the chunk (part, bits, next chunk, manifest)."""
         msg = snapshot(delivery.msg)
         done = self.state.done_flags([r.index for r in msg.records])
-        msg.records = [r for r, d in zip(msg.records, done) if not d or r.status == "done"]
+        msg.records = [r for r, d in zip(msg.records, done, strict=True) if not d or r.status == "done"]
         fail_pending(msg, delivery.stage, f"timed out after {budget_s:g} s")
         log.error(
             "%s chunk %s/%d%s timed out after %g s",

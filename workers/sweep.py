@@ -139,7 +139,7 @@ def _unleased(client: redis.Redis, items: list[Lost]) -> list[Lost]:
     pipe = client.pipeline(transaction=False)
     for item in items:
         pipe.exists(keys.lease(item.job_id, item.slot.name))
-    return [item for item, leased in zip(items, pipe.execute()) if not leased]
+    return [item for item, leased in zip(items, pipe.execute(), strict=True) if not leased]
 
 
 def _still_candidates(client: redis.Redis, items: list[Lost], lease_s: float, at: float) -> list[Lost]:
@@ -148,7 +148,7 @@ def _still_candidates(client: redis.Redis, items: list[Lost], lease_s: float, at
     for item in items:
         pipe.hget(keys.chunks(item.job_id), item.slot.name)
     fresh = []
-    for item, raw in zip(items, pipe.execute()):
+    for item, raw in zip(items, pipe.execute(), strict=True):
         entry = Entry.from_json(raw) if raw is not None else None
         if entry is not None and entry.quiet_until(lease_s) <= at:
             fresh.append(Lost(item.job_id, item.slot, entry))
@@ -287,7 +287,7 @@ def _rebuild(state: JobState, storage: Storage, item: Lost) -> ChunkMessage | No
     if item.slot.part:
         items = [i for i in items if str(i.index) == item.slot.part]
     done = state.done_flags([i.index for i in items])
-    records = [record_for(i) for i, d in zip(items, done) if not d]
+    records = [record_for(i) for i, d in zip(items, done, strict=True) if not d]
     if not records:
         return None
     return ChunkMessage(

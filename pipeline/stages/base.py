@@ -80,7 +80,9 @@ class _Stage(ABC):
     @classmethod
     def check_available(cls, model: str | None) -> None:
         """Cheap start-up check (no model load, no CUDA): raise ModelUnavailableError when the
-        weights are not present locally. Workers call it before taking any task."""
+        weights are not present locally. Workers call it before taking any task. The default
+        checks nothing (weights that ship with pixelrelay, or none)."""
+        return None
 
     @property
     def spec(self) -> str:

@@ -49,7 +49,7 @@ def weights_paths(model: str | None) -> dict[str, Path]:
         names *= 2
     if len(names) != 2 or not all(names):
         raise ModelUnavailableError(f"builtin decoder model {model!r}: give one weights file or UPSCALER,RESTORER")
-    return {role: _weights_file(n) for role, n in zip(ROLES, names)}
+    return {role: _weights_file(n) for role, n in zip(ROLES, names, strict=True)}
 
 
 def route(cond: Sequence[float]) -> str:

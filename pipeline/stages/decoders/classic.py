@@ -97,7 +97,7 @@ def _gaussian_taps(sigmas: Sequence[float], device: torch.device) -> torch.Tenso
     radii = [max(1, math.ceil(3.0 * s)) for s in sigmas]
     widest = max(radii)
     taps = torch.zeros(len(sigmas), 2 * widest + 1, dtype=torch.float32)
-    for i, (sigma, radius) in enumerate(zip(sigmas, radii)):
+    for i, (sigma, radius) in enumerate(zip(sigmas, radii, strict=True)):
         offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
         kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
         taps[i, widest - radius : widest + radius + 1] = kernel / kernel.sum()
@@ -205,7 +205,7 @@ class ClassicDecoder(Decoder):
         for group in self._sub_batches(images, plans):
             with torch.inference_mode():
                 rgbs = self._restore_rgb([images[i] for i in group], [plans[i] for i in group])
-            for i, rgb in zip(group, rgbs):
+            for i, rgb in zip(group, rgbs, strict=True):
                 alpha = images[i].alpha
                 results[i] = RestoredImage(
                     rgb=rgb, alpha=None if alpha is None else resize_alpha(alpha, plans[i].scale, self.torch_device)
@@ -269,7 +269,7 @@ class ClassicDecoder(Decoder):
             eps = self._per_item([(DENOISE_EPS_FACTOR * s / 255.0) ** 2 for s in sigmas])
             filtered = torch.zeros_like(x)
             radii = [_denoise_radius(s) for s in sigmas]
-            for radius in sorted({r for r, s in zip(radii, denoise) if s > 0}):
+            for radius in sorted({r for r, s in zip(radii, denoise, strict=True) if s > 0}):
                 chosen = self._per_item([float(r == radius) for r in radii]).bool()
                 filtered = torch.where(chosen, _self_guided_filter(x, radius, eps, canvas), filtered)
             x = (x + self._per_item(denoise) * (filtered - x)).clamp_(0, 1)
@@ -303,10 +303,13 @@ class ClassicDecoder(Decoder):
         if any(gradings):
             from pixelrelay.pipeline.grading import grade
 
-            x = grade(x, gradings, list(zip(canvas.heights, canvas.widths)))
+            x = grade(x, gradings, list(zip(canvas.heights, canvas.widths, strict=True)))
 
         out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [np.ascontiguousarray(out[i, :h, :w]) for i, (h, w) in enumerate(zip(canvas.heights, canvas.widths))]
+        return [
+            np.ascontiguousarray(out[i, :h, :w])
+            for i, (h, w) in enumerate(zip(canvas.heights, canvas.widths, strict=True))
+        ]
 
     def _unsharp(self, x: torch.Tensor, sigmas: list[float], amounts: list[float], canvas: _Canvas) -> torch.Tensor:
         blurred = canvas.repad(_gaussian_blur(x, _gaussian_taps(sigmas, self.torch_device)))

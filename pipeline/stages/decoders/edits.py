@@ -41,7 +41,7 @@ def restore_with_edits(
         restored = outsize.restore(decoder, [images[i] for i in todo], [plans[i] for i in todo])
         if not decoder.grades:
             restored = _grade_outputs(decoder, restored, [plans[i] for i in todo])
-        for i, result in zip(todo, restored):
+        for i, result in zip(todo, restored, strict=True):
             results[i] = _noted(result, plans[i])
     return results  # type: ignore[return-value]
 
@@ -53,7 +53,7 @@ def _grade_outputs(decoder: Decoder, restored: list[RestoredImage], plans: Seque
     if not any(gradings):
         return restored
     rgbs = grade_images([r.rgb for r in restored], gradings, getattr(decoder, "torch_device", decoder.device))
-    return [dataclasses.replace(r, rgb=rgb) for r, rgb in zip(restored, rgbs)]
+    return [dataclasses.replace(r, rgb=rgb) for r, rgb in zip(restored, rgbs, strict=True)]
 
 
 def _noted(result: RestoredImage, plan: Plan) -> RestoredImage:

@@ -213,7 +213,7 @@ class GenerativeDecoder(Decoder):
         results: list[RestoredImage | None] = [None] * len(images)
         groups: dict[tuple, list[int]] = {}
         requests: dict[int, Request] = {}
-        for i, (image, plan) in enumerate(zip(images, plans)):
+        for i, (image, plan) in enumerate(zip(images, plans, strict=True)):
             req = self.request(plan)
             if req is None:
                 results[i] = self._pass_through(image, plan)
@@ -222,7 +222,7 @@ class GenerativeDecoder(Decoder):
             groups.setdefault((image.height, image.width, req.key()), []).append(i)
         for idx in groups.values():
             outs = self._edit_group([images[i] for i in idx], [plans[i] for i in idx], [requests[i] for i in idx])
-            for i, out in zip(idx, outs):
+            for i, out in zip(idx, outs, strict=True):
                 results[i] = out
         return results  # type: ignore[return-value]
 
@@ -268,7 +268,7 @@ class GenerativeDecoder(Decoder):
                 request,
                 [f"{self.kind}: {self.model_id}, {request.what} {where}, {self.describe_request(request)}", *oom],
             )
-            for k, (image, plan, request) in enumerate(zip(images, plans, requests))
+            for k, (image, plan, request) in enumerate(zip(images, plans, requests, strict=True))
         ]
 
     def _call(self, x: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:

@@ -151,7 +151,7 @@ class LearnedDecoder(Decoder):
         check_batch(images, plans)
         results: list[RestoredImage | None] = [None] * len(images)
         groups: dict[tuple, tuple[Any, list[int]]] = {}
-        for i, (image, plan) in enumerate(zip(images, plans)):
+        for i, (image, plan) in enumerate(zip(images, plans, strict=True)):
             reason = self.unchanged(plan)
             if reason is not None:
                 results[i] = _untouched(image, f"{self.kind}: {reason}")

@@ -29,5 +29,6 @@ class NullDecoder(Decoder):
     def restore(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[RestoredImage]:
         check_batch(images, plans)
         return [
-            RestoredImage(rgb=_repeat(i.rgb, p.scale), alpha=_repeat(i.alpha, p.scale)) for i, p in zip(images, plans)
+            RestoredImage(rgb=_repeat(i.rgb, p.scale), alpha=_repeat(i.alpha, p.scale))
+            for i, p in zip(images, plans, strict=True)
         ]

@@ -204,7 +204,8 @@ class SpandrelDecoder(LearnedDecoder):
             return f"refused: {exc}"
         params = sum(p.numel() for p in d.model.parameters())
         cached = " (cached copy)" if source.kind == "s3" else ""
-        return f"present: {d.architecture.id} x{d.scale} {d.purpose}, {_params(params)} params, {_bytes(path.stat().st_size)}{cached}"
+        size = _bytes(path.stat().st_size)
+        return f"present: {d.architecture.id} x{d.scale} {d.purpose}, {_params(params)} params, {size}{cached}"
 
     @classmethod
     def pull_model(cls, name: str) -> str:

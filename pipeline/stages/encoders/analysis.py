@@ -145,7 +145,7 @@ def noise_sigma_tiles(tiles: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
     sigmas = []
     for channel in range(3):
         total, count = 0.0, 0
-        for (rgb, _), keep in zip(tiles, keeps):
+        for (rgb, _), keep in zip(tiles, keeps, strict=True):
             response = _immerkaer_abs(rgb[..., channel].astype(np.float32)).reshape(-1)[keep]
             total, count = total + float(response.sum(dtype=np.float64)), count + response.size
         sigmas.append(math.sqrt(math.pi / 2.0) * total / max(count, 1) / 6.0)

@@ -252,7 +252,7 @@ class BuiltinEncoder(Encoder):
         pred, grid = self._run_net(np.concatenate(crops))
         results = []
         start = 0
-        for index, (image, n) in enumerate(zip(images, (len(c) for c in crops))):
+        for index, (image, n) in enumerate(zip(images, (len(c) for c in crops), strict=True)):
             p, g = pred[start : start + n], grid[start : start + n]
             start += n
             blocks = blockiness[index] if blockiness is not None else sampled_blockiness(image.rgb, ANALYSIS_MAX_PIXELS)
@@ -300,7 +300,7 @@ class BuiltinEncoder(Encoder):
         estimates = self.estimate(
             images, [d.metrics["blockiness"] for d in base], [d.metrics["noise_sigma"] for d in base]
         )
-        for d, est in zip(base, estimates):
+        for d, est in zip(base, estimates, strict=True):
             metrics = dict(d.metrics)
             metrics.update(
                 est_noise_sigma=float(est["noise_sigma"]),

@@ -132,7 +132,7 @@ class HFCaptionEncoder(Encoder):
         captions = self.caption(images)
         descriptions = self.analysis.describe(images)
         out = []
-        for caption, desc in zip(captions, descriptions):
+        for caption, desc in zip(captions, descriptions, strict=True):
             desc.caption = caption or None
             if caption:
                 desc.text = f"{caption.rstrip('.')}. {desc.text}"

@@ -171,7 +171,7 @@ class RulesPlanner(Planner):
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan | PlanningError]:
         check_batch(descriptions, options, "descriptions/option sets")
         out: list[Plan | PlanningError] = []
-        for description, option in zip(descriptions, options):
+        for description, option in zip(descriptions, options, strict=True):
             try:
                 out.append(self.plan_one(description, option))
             except PlanningError as exc:  # this item fails alone, with the reason
