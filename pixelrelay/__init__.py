@@ -10,7 +10,8 @@ root and are mapped into it by ``pyproject.toml`` (``[tool.setuptools] package-d
     pixelrelay.training   training/   training, degradation synthesis, quality benchmark
 
 The Python API (``pixelrelay.api``): ``pixelrelay.submit(...) -> Job``, ``Job.attach``,
-``Job.status() / .wait() / .manifest() / .cancel()``. Its names are exported here lazily, so
+``Job.status() / .wait() / .manifest() / .cancel()``, ``pixelrelay.local_services()`` (Redis
+and the stage workers on this machine). Its names are exported here lazily, so
 that ``import pixelrelay`` itself stays cheap (no Celery, Redis or pydantic import).
 """
 
@@ -30,7 +31,16 @@ except PackageNotFoundError:  # pragma: no cover - running from an uninstalled t
     __version__ = "0+unknown"
 
 # Names of ``pixelrelay.api`` exported from the package root, imported on first use.
-_API = ("submit", "Job", "JobStatusInfo", "JobStatus", "ManifestRow", "ManifestNotReady", "WaitTimeout")
+_API = (
+    "submit",
+    "Job",
+    "JobStatusInfo",
+    "JobStatus",
+    "ManifestRow",
+    "ManifestNotReady",
+    "WaitTimeout",
+    "local_services",
+)
 
 __all__ = ["__version__", *_API]
 
