@@ -675,6 +675,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _unreachable(args: argparse.Namespace, exc: Exception) -> str:
+    """Why a command could not reach Redis, naming the URL (its password hidden)."""
+    from pixelrelay.pipeline.settings import redact_url
+
+    try:
+        where = " at " + redact_url(_settings(args).redis)
+    except ConfigError:
+        where = ""
+    return f"cannot reach Redis{where} ({exc}): is PIXELRELAY_REDIS_URL (--redis-url) right, and Redis running?"
+
+
 # Commands whose own parser lives with their code: ``pixelrelay NAME ...`` -> module.main(argv).
 DELEGATED = {
     "models": "pixelrelay.producer.models_cli",
@@ -759,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     except logs.LogFormatError as exc:
         print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     from pixelrelay.pipeline.signing import SignatureError
     from pixelrelay.pipeline.storage import StorageError
     from pixelrelay.producer.listing import InputError
@@ -767,6 +780,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (ConfigError, InputError, StorageError, SignatureError) as exc:
         print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except RedisConnectionError as exc:
+        print(f"pixelrelay {args.command}: {_unreachable(args, exc)}", file=sys.stderr)
         return ExitCode.USAGE
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED

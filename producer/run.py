@@ -434,7 +434,8 @@ def run_local(settings: Settings, run: RunOptions) -> int:
         workers = LocalWorkers(env, {stage: list(args) for stage, args in run.worker_args.items()})
         balancer = _balance(env, workers)
         # Runs after the workers stop (callbacks unwind last-in first-out), whatever happened.
-        stack.callback(lambda: workers.finish_logs(outcome == [ExitCode.OK], run.keep_logs))
+        # A run refused before its job was submitted has no logs worth keeping.
+        stack.callback(lambda: workers.finish_logs(outcome == [ExitCode.OK] or not created.submitted, run.keep_logs))
         stack.callback(workers.stop)
         print(f"worker logs: {workers.logdir}", file=sys.stderr, flush=True)
         workers.start()
