@@ -132,6 +132,8 @@ def _settings(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
     if not overrides:
         return settings
     current = {name: getattr(settings, name) for name in Settings.model_fields}
+    if current["signing_key_file"]:  # the key was read from it: read it again, not both
+        current.pop("signing_key")
     return Settings.from_env("argument", **{**current, **overrides})
 
 

@@ -237,3 +237,15 @@ def test_api_example_runs_on_its_own(tmp_path):
     assert lines[0].startswith("submitted ") and lines[1].startswith("state=finished done=2 failed=0")
     assert len(lines) == 4 and all(line.startswith("done ") for line in lines[2:])
     assert len(list(out.glob("*.png"))) == 2
+
+
+def test_api_settings_from_a_key_file_take_overrides(tmp_path, monkeypatch):
+    from pixelrelay.api import _settings
+    from pixelrelay.pipeline.settings import Settings
+
+    monkeypatch.delenv("PIXELRELAY_SIGNING_KEY", raising=False)
+    (tmp_path / "key").write_text("k" * 24 + "\n")
+    base = Settings.from_env(signing_key_file=str(tmp_path / "key"))
+    settings = _settings(base, {"chunk_size": 3})
+    assert settings.chunk_size == 3 and settings.signer().secure
+    assert settings.signing_key.get_secret_value() == "k" * 24
