@@ -7,8 +7,14 @@ The signing key (``pipeline.signing``) comes from ``PIXELRELAY_SIGNING_KEY`` (th
 ``PIXELRELAY_SIGNING_KEY_FILE`` (a file holding it, read here, once; a trailing newline is
 dropped). Setting both is an error, as is a key under 16 characters or an unreadable file;
 the error names the variable, never the key. The key is a SecretStr: no repr, dump or log
-shows it. ``signer()`` builds the ``Signer``; without a key it raises ``ConfigError`` unless
-``insecure_no_signing`` (``--insecure-no-signing``, ``PIXELRELAY_INSECURE_NO_SIGNING=1``).
+shows it. ``signer()`` builds the ``Signer``; without a key it raises ``MissingSigningKey``
+(a ``ConfigError``) unless ``insecure_no_signing`` (``--insecure-no-signing``,
+``PIXELRELAY_INSECURE_NO_SIGNING=1``).
+
+``from_env`` warns once per process (log ``pixelrelay.settings``, stderr by default) about
+each ``PIXELRELAY_*`` variable in the environment that no setting or component reads, with
+the nearest known name: a misspelt variable is otherwise silently ignored. The warning names
+variables only, never their values.
 
 The broker's visibility timeout must outlast the longest batch (``longest_batch_s``), or
 Redis delivers a slow batch a second time while the first still runs: unset, it is derived
@@ -17,8 +23,12 @@ from the item budget, chunk size and lease (``visibility_s``); set shorter, it i
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
+import os
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,10 +39,32 @@ from pixelrelay.pipeline import constants as C
 
 ENV_PREFIX = "PIXELRELAY_"
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+# PIXELRELAY_* variables read outside ``Settings``: by components (plugins, health file,
+# notify, the run's thread balance) and by deploy/compose.yaml.
+OTHER_ENV = frozenset(
+    ENV_PREFIX + name
+    for name in (
+        "PLUGINS",
+        "HEALTH_FILE",
+        "NOTIFY_URL",
+        "NOTIFY_URL_FILE",
+        "BALANCE_DIR",
+        "BUCKET",
+        "TAG",
+        "TORCH",
+        "DATA",
+    )
+)
+_log = logging.getLogger("pixelrelay.settings")
+_env_checked = False
 
 
 class ConfigError(ValueError):
     """A bad setting; the message names it."""
+
+
+class MissingSigningKey(ConfigError):
+    """No signing key is configured and unsigned running is not allowed."""
 
 
 class Settings(BaseSettings):
@@ -41,7 +73,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr(C.DEFAULT_REDIS_URL)
     s3_endpoint_url: str | None = None
     max_image_pixels: int = Field(C.DEFAULT_MAX_IMAGE_PIXELS, ge=1)
-    # Bounded resources (#11): an item whose output (source pixels x scale^2) is over this
+    # Bounded resources: an item whose output (source pixels x scale^2) is over this
     # fails before any model runs; decoded source images a worker holds (the batch it runs
     # plus the next one, prefetched) stay within this many bytes, except one batch alone.
     max_output_pixels: int = Field(256_000_000, ge=1)
@@ -73,7 +105,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Prometheus /metrics of a worker (``workers.metrics``) or ``pixelrelay exporter``; 0: off.
     metrics_port: int = Field(0, ge=0, le=65535)
-    # Operations (#12): log lines as text or JSON objects (pixelrelay.logs); how often a
+    # Operations: log lines as text or JSON objects (pixelrelay.logs); how often a
     # worker touches its health file (PIXELRELAY_HEALTH_FILE, read by pixelrelay.health).
     log_format: Literal["text", "json"] = "text"
     health_interval_s: float = Field(5.0, gt=0)
@@ -252,8 +284,11 @@ class Settings(BaseSettings):
         return cls.model_construct()
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> Settings:
-        """Build from the environment plus explicit overrides (None values are ignored)."""
+    def from_env(cls, naming: Literal["flag", "argument"] = "flag", /, **overrides: Any) -> Settings:
+        """Build from the environment plus explicit overrides (None values are ignored). A bad
+        override is named as a CLI flag (``--chunk-size``) or, with ``naming="argument"``, as
+        a keyword argument (``chunk_size=``); a bad variable by its name."""
+        warn_unknown_env()
         given = {k: v for k, v in overrides.items() if v is not None}
         try:
             return cls(**given)
@@ -264,21 +299,21 @@ class Settings(BaseSettings):
                     problems.append(str(err.get("ctx", {}).get("error", err["msg"])))
                     continue
                 name = str(err["loc"][0])
-                source = "--" + name.replace("_", "-") if name in given else ENV_PREFIX + name.upper()
-                problems.append(f"{source}: {err['msg']}")
+                problems.append(f"{_source(name, name in given, naming)}: {err['msg']}")
             raise ConfigError("bad setting: " + "; ".join(problems)) from None
 
     def signer(self):
-        """The ``Signer`` of this configuration: keyed, or insecure only when allowed."""
+        """The ``Signer`` of this configuration: keyed, or insecure only when allowed
+        (``MissingSigningKey`` otherwise)."""
         from pixelrelay.pipeline.signing import Signer
 
         if self.signing_key is not None:
             return Signer(self.signing_key.get_secret_value())
         if self.insecure_no_signing:
             return Signer.insecure()
-        raise ConfigError(
-            f"no signing key: set {ENV_PREFIX}SIGNING_KEY or {ENV_PREFIX}SIGNING_KEY_FILE "
-            "(the same key on every worker and producer), or pass --insecure-no-signing"
+        raise MissingSigningKey(
+            f"no signing key: set {ENV_PREFIX}SIGNING_KEY (the key) or {ENV_PREFIX}SIGNING_KEY_FILE (a file "
+            "holding it), the same on every worker and producer, or pass --insecure-no-signing"
         )
 
     @property
@@ -288,6 +323,42 @@ class Settings(BaseSettings):
     @property
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis)
+
+
+def _source(name: str, given: bool, naming: str) -> str:
+    """How a user set field ``name``: its flag or keyword argument when given, else its variable."""
+    if not given:
+        return ENV_PREFIX + name.upper()
+    return name if naming == "argument" else "--" + name.replace("_", "-")
+
+
+def known_env() -> frozenset[str]:
+    """Every ``PIXELRELAY_*`` variable pixelrelay reads."""
+    return frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields) | OTHER_ENV
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``(variable, nearest known name or None)`` for each ``PIXELRELAY_*`` variable in
+    ``environ`` that pixelrelay does not read; values are never looked at."""
+    known = {name.removeprefix(ENV_PREFIX): name for name in known_env()}
+    found = sorted(name for name in environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in known_env())
+    return [(name, _nearest(name.upper().removeprefix(ENV_PREFIX), known)) for name in found]
+
+
+def _nearest(suffix: str, known: dict[str, str]) -> str | None:
+    near = difflib.get_close_matches(suffix, known, n=1, cutoff=0.75)
+    return known[near[0]] if near else None
+
+
+def warn_unknown_env() -> None:
+    """Log a warning for each unknown ``PIXELRELAY_*`` variable, once per process."""
+    global _env_checked
+    if _env_checked:
+        return
+    _env_checked = True
+    for name, near in unknown_env(os.environ):
+        hint = f"; did you mean {near}?" if near else ""
+        _log.warning("%s is not a pixelrelay setting and is ignored%s", name, hint)
 
 
 def read_key_file(path: str) -> str:

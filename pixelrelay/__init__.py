@@ -2,7 +2,8 @@
 
 The subpackages live in folders at the repository root, mapped into this namespace by
 ``pyproject.toml`` (docs/design.md, "Architecture"). The Python API's names
-(``pixelrelay.api``) are exported here lazily, so ``import pixelrelay`` stays cheap.
+(``pixelrelay.api``) (``submit``, ``Job``,
+``local_services``) are exported here lazily, so ``import pixelrelay`` stays cheap.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ except PackageNotFoundError:  # pragma: no cover - running from an uninstalled t
     __version__ = "0+unknown"
 
 # Names of ``pixelrelay.api`` exported from the package root, imported on first use.
-_API = ("submit", "Job", "JobStatusInfo", "JobStatus", "ManifestRow", "ManifestNotReady", "WaitTimeout")
+_API = (
+    "submit",
+    "Job",
+    "JobStatusInfo",
+    "JobStatus",
+    "ManifestRow",
+    "ManifestNotReady",
+    "WaitTimeout",
+    "local_services",
+)
 
 __all__ = ["__version__", *_API]
 

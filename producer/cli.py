@@ -7,23 +7,102 @@ Every command exits with a code from ``pixelrelay.exitcodes.ExitCode`` (0 every 
 ``submit --wait`` and ``run`` live in ``producer.report``, ``producer.gc`` and
 ``producer.notify``. ``submit``, ``status``, ``cancel`` and ``jobs`` never import torch. ``models``, ``train`` and
 ``bench`` keep their parsers with their code; ``--help`` works at every level.
+
+Usage errors (``Parser``) are one line, ``pixelrelay CMD: error: --flag: why``, exit 2; a
+mistyped option, command or choice names the nearest one (``did you mean --scale?``). Only a
+missing argument also prints the usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
+import re
 import sys
+import textwrap
+from typing import NoReturn
 
 from pixelrelay import __version__
 from pixelrelay.exitcodes import DESCRIPTIONS, ExitCode
 from pixelrelay.pipeline.messages import DEFAULT_QUALITY, MAX_INSTRUCTION_CHARS, MAX_SCALE, MAX_SIDE
 from pixelrelay.pipeline.settings import ConfigError, Settings
 
+_CHOICE_RE = re.compile(r"^argument (?P<arg>\S+): invalid choice: (?P<value>'.*?') \(choose from (?P<choices>.*)\)$")
+_ARGUMENT_RE = re.compile(r"^argument (\S+): ")
+
+
+def nearest(word: str, candidates) -> str | None:
+    """The candidate closest to a mistyped ``word``, if any is close."""
+    found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help text wrapped at spaces only (``hf-caption`` stays whole)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors and the nearest option, command or choice to a
+    mistyped one (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {_reworded(message)}\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = _chosen(self, parsed)
+            parser.error(_unrecognized(extras, parser))
+        return parsed
+
+
+def _reworded(message: str) -> str:
+    """argparse's ``argument --x: ...`` as ``--x: ...``; an invalid choice names the nearest."""
+    choice = _CHOICE_RE.match(message)
+    if choice is None:
+        return _ARGUMENT_RE.sub(r"\1: ", message)
+    value = choice["value"][1:-1]
+    choices = re.findall(r"'([^']*)'", choice["choices"])
+    near = nearest(value, choices)
+    hint = f"did you mean {near!r}?" if near else "choose from " + ", ".join(choices)
+    if choice["arg"] == "COMMAND":
+        return f"unknown command {value!r}; {hint}"
+    return f"{choice['arg']}: invalid choice {value!r}; {hint}"
+
+
+def _chosen(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that ``parsed`` went through last."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(parsed, action.dest, None) or "")
+            return _chosen(sub, parsed) if sub is not None else parser
+    return parser
+
+
+def _unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's 'unrecognized arguments', naming the nearest option to a mistyped one."""
+    for extra in extras:
+        if extra.startswith("--"):
+            options = {option.lstrip("-"): option for option in parser._option_string_actions}
+            near = nearest(extra.partition("=")[0].lstrip("-"), options)
+            if near:
+                return f"unrecognized option {extra}; did you mean {options[near]}?"
+    return "unrecognized arguments: " + " ".join(extras)
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="broker Redis URL (env PIXELRELAY_REDIS_URL)")
+    parser.add_argument("--redis-url", metavar="URL", help="broker Redis URL (env PIXELRELAY_REDIS_URL)")
     parser.add_argument(
         "--insecure-no-signing",
         action="store_true",
@@ -32,7 +111,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "Redis then controls what workers read and write. The key: env PIXELRELAY_SIGNING_KEY or "
         "PIXELRELAY_SIGNING_KEY_FILE",
     )
-    parser.add_argument("--s3-endpoint-url", help="S3 endpoint for MinIO/Ceph/R2 (env PIXELRELAY_S3_ENDPOINT_URL)")
+    parser.add_argument(
+        "--s3-endpoint-url", metavar="URL", help="S3 endpoint for MinIO/Ceph/R2 (env PIXELRELAY_S3_ENDPOINT_URL)"
+    )
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
@@ -40,20 +121,32 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _backend_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoder", metavar="KIND[:MODEL]", help="encoder backend")
-    parser.add_argument("--planner", metavar="KIND[:MODEL]", help="planner backend")
-    parser.add_argument("--decoder", metavar="KIND[:MODEL]", help="decoder backend")
+def _backend_flags(parser: argparse.ArgumentParser, job: bool = False) -> None:
+    """``--encoder/--planner/--decoder`` with their kinds (from the registry, plugins included)
+    and defaults; ``job``: the flags of ``submit`` (a job's backends: default the workers' own)."""
+    from pixelrelay.pipeline import constants as C
+    from pixelrelay.pipeline.stages.registry import known_backends
+
+    defaults = {"encoder": C.DEFAULT_ENCODER, "planner": C.DEFAULT_PLANNER, "decoder": C.DEFAULT_DECODER}
+    for stage, default in defaults.items():
+        when = "default: the workers' own" if job else f"default {default}; env PIXELRELAY_{stage.upper()}"
+        parser.add_argument(
+            f"--{stage}",
+            metavar="KIND[:MODEL]",
+            help=f"{stage} backend, KIND one of {', '.join(known_backends(stage))} ({when}); MODEL: a hub id "
+            "or local folder (see `pixelrelay models list`)",
+        )
 
 
 def _job_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="local folder, s3://bucket/prefix, or a manifest file")
+    parser.add_argument("input", help="the images: a local folder, s3://bucket/prefix, or a manifest file")
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     parser.add_argument(
         "--task",
         choices=["restore", "upscale", "edit", "style"],
         default="restore",
-        help="edit / style: grade (and, with a generative decoder, edit) as --instruction says",
+        help="what to do (default restore): restore, upscale, or edit / style: grade (and, with a "
+        "generative decoder, edit) as --instruction says",
     )
     parser.add_argument(
         "--scale",
@@ -95,7 +188,9 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="outputs carry no EXIF (GPS included) or other metadata; an RGB colour profile stays",
     )
-    parser.add_argument("--job-id", help="job id; re-submitting an id resumes that job")
+    parser.add_argument(
+        "--job-id", metavar="ID", help="job id (default: a new one); re-submitting an id resumes that job"
+    )
     parser.add_argument(
         "--incremental",
         action="store_true",
@@ -107,8 +202,8 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="follow symlinked files and folders in a folder input (default: a symlinked image fails its item)",
     )
-    parser.add_argument("--chunk-size", type=int, help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
-    parser.add_argument("--window", type=int, help="chains in flight per job (env PIXELRELAY_WINDOW)")
+    parser.add_argument("--chunk-size", type=int, metavar="N", help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
+    parser.add_argument("--window", type=int, metavar="N", help="chains in flight per job (env PIXELRELAY_WINDOW)")
     _common(parser)
 
 
@@ -189,34 +284,38 @@ def _end_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _worker_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, help="items per model call (env PIXELRELAY_BATCH_SIZE)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (env PIXELRELAY_DEVICE)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="items per model call (env PIXELRELAY_BATCH_SIZE)")
+    parser.add_argument("--device", help="cpu (default), cuda, cuda:N or mps (env PIXELRELAY_DEVICE)")
+
+
+JOB_ID_HELP = "the job's id (what submit or run printed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="pixelrelay",
         description="Batch image restoration and upscaling.",
         epilog="exit codes: " + "; ".join(f"{int(code)} {text}" for code, text in DESCRIPTIONS.items()),
     )
     parser.add_argument("--version", action="version", version=f"pixelrelay {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("submit", help="enqueue a job and print its id")
+    what = "enqueue a job and print its id (task restore unless --task)"
+    p = sub.add_parser("submit", help=what, description=what[0].upper() + what[1:] + ".")
     _job_flags(p)
-    _backend_flags(p)
+    _backend_flags(p, job=True)
     _wait_flags(p, "exit 0/1 by its outcome")
     _end_flags(p)
 
     p = sub.add_parser("status", help="show a job's progress")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help=JOB_ID_HELP)
     p.add_argument("--out", help="the job's output: rebuild the job from its files there if Redis lost it")
     _wait_flags(p, "exit 0/1 by its outcome")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout, for machines (no progress)")
     _common(p)
 
     p = sub.add_parser("cancel", help="cancel a job: no new chains, chains in flight end; manifest written")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help=JOB_ID_HELP)
     p.add_argument(
         "--grace",
         type=_seconds,
@@ -227,14 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("jobs", help="list recent jobs, newest first, with their state and counts")
-    p.add_argument("--limit", type=int, default=20, help="at most this many jobs (default 20)")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most this many jobs (default 20)")
     p.add_argument("--json", action="store_true", help="one JSON array, for machines")
     _common(p)
 
     p = sub.add_parser("worker", help="run one stage's worker pool")
-    p.add_argument("--stage", required=True, choices=["encode", "plan", "decode"])
-    p.add_argument("--concurrency", type=int, default=1, help="worker processes (1: solo pool)")
-    p.add_argument("--loglevel", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--stage", required=True, choices=["encode", "plan", "decode"], help="the stage this worker runs")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N", help="worker processes (default 1: solo pool)")
+    p.add_argument("--loglevel", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (env PIXELRELAY_LOG_LEVEL)")
     p.add_argument(
         "--remote-control",
         action="store_true",
@@ -273,10 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="unhealthy when the worker's heartbeat file (env PIXELRELAY_HEALTH_FILE) is older (default 60)",
     )
     p.add_argument(
-        "--file", help="the heartbeat file (default: $PIXELRELAY_HEALTH_FILE or <tmp>/pixelrelay-worker.health)"
+        "--file",
+        metavar="PATH",
+        help="the heartbeat file (default: $PIXELRELAY_HEALTH_FILE or <tmp>/pixelrelay-worker.health)",
     )
 
-    p = sub.add_parser("run", help="run the whole system on this machine for one job")
+    what = "run the whole system on this machine for one job (task restore unless --task)"
+    p = sub.add_parser(
+        "run", help=what, description=what[0].upper() + what[1:] + ": Redis, one worker per stage, the job."
+    )
     _job_flags(p)
     _worker_flags(p)
     _backend_flags(p)
@@ -288,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _end_flags(p)
 
     p = sub.add_parser("report", help="write a job's report.html and contact-sheet.jpg beside its manifest")
-    p.add_argument("job_id")
+    p.add_argument("job_id", help=JOB_ID_HELP)
     p.add_argument("--out", help="the job's output (default: the one Redis records for the job)")
     p.add_argument("--sample", type=int, default=48, metavar="N", help="done items shown with pictures (default 48)")
     _common(p)
@@ -311,12 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in DELEGATED_HELP.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=f"the arguments of `pixelrelay {name}` (see its --help)")
 
     p = sub.add_parser("demo", help="write generated sample images to a folder")
-    p.add_argument("folder")
-    p.add_argument("--count", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("folder", help="where to write them (made if missing)")
+    p.add_argument("--count", type=int, default=24, metavar="N", help="how many images (default 24)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed: the same seed, the same images")
     return parser
 
 
@@ -496,8 +600,7 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pixelrelay.pipeline.messages import Backends
-    from pixelrelay.producer.run import run_local
+    from pixelrelay.producer.run import RunOptions, run_local
 
     settings = _settings(args)
     on_end = _end_hooks(args)
@@ -506,21 +609,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         value = getattr(args, flag, None)
         if value is not None:
             worker_args += ["--" + flag.replace("_", "-"), str(value)]
-    per_stage = {stage: worker_args for stage in ("encode", "plan", "decode")}
     # The workers load the chosen backends at start-up; the job itself uses their defaults.
-    return run_local(
-        settings,
-        args.input,
-        args.out,
-        _job_options(args),
-        Backends(),
-        args.job_id,
-        per_stage,
+    run = RunOptions(
+        input=args.input,
+        output=args.out,
+        options=_job_options(args),
+        job_id=args.job_id,
+        worker_args={stage: worker_args for stage in ("encode", "plan", "decode")},
         keep_logs=args.keep_logs,
         follow_symlinks=args.follow_symlinks,
-        on_end=on_end,
         incremental=args.incremental,
+        on_end=on_end,
     )
+    return run_local(settings, run)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -574,6 +675,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _unreachable(args: argparse.Namespace, exc: Exception) -> str:
+    """Why a command could not reach Redis, naming the URL (its password hidden)."""
+    from pixelrelay.pipeline.settings import redact_url
+
+    try:
+        where = " at " + redact_url(_settings(args).redis)
+    except ConfigError:
+        where = ""
+    return f"cannot reach Redis{where} ({exc}): is PIXELRELAY_REDIS_URL (--redis-url) right, and Redis running?"
+
+
 # Commands whose own parser lives with their code: ``pixelrelay NAME ...`` -> module.main(argv).
 DELEGATED = {
     "models": "pixelrelay.producer.models_cli",
@@ -583,7 +695,8 @@ DELEGATED = {
 DELEGATED_HELP = {
     "models": "list the backends and their weights; pull weights into the cache",
     "train": "train the builtin encoder or decoder: train encoder|decoder --data DIR --out PATH",
-    "bench": "benchmarks: bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild]; bench figure --data DIR --out PNG",
+    "bench": "benchmarks: bench quality --data DIR [--scale 2|4] [--degradation bicubic|realistic|mild]; "
+    "bench figure --data DIR --out PNG",
 }
 
 
@@ -657,6 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     except logs.LogFormatError as exc:
         print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     from pixelrelay.pipeline.signing import SignatureError
     from pixelrelay.pipeline.storage import StorageError
     from pixelrelay.producer.listing import InputError
@@ -665,6 +780,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (ConfigError, InputError, StorageError, SignatureError) as exc:
         print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except RedisConnectionError as exc:
+        print(f"pixelrelay {args.command}: {_unreachable(args, exc)}", file=sys.stderr)
         return ExitCode.USAGE
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED

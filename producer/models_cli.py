@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 
 from pixelrelay.exitcodes import ExitCode
@@ -87,10 +88,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                 rows.append((stage, kind + mark, model, status, ", ".join(tags)))
                 if model in conf_models and (needs or not status.startswith("present")):
                     missing_configured.append(f"{stage} {kind}:{model}")
-    widths = [max(len(r[i]) for r in rows + [("stage", "backend", "model", "status", "")]) for i in range(4)]
-    print(f"{'stage':<{widths[0]}}  {'backend':<{widths[1]}}  {'model':<{widths[2]}}  {'status':<{widths[3]}}")
-    for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip())
+    for line in table(rows, _width()):
+        print(line)
     print()
     print("configured (*): " + "  ".join(f"{s}={configured[s]}" for s in STAGES))
     print(f"hub cache: {hf.hub_cache_dir()}{'  (HF_HUB_OFFLINE=1)' if hf.hub_offline() else ''}")
@@ -99,6 +98,37 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.check:
             return ExitCode.MODELS_MISSING
     return ExitCode.OK
+
+
+HEADER = ("stage", "backend", "model", "status", "")
+
+
+def _width() -> int | None:
+    """The width to fit the table in: ``COLUMNS``, else the terminal's; None (one line per
+    row, for scripts) when stdout is not a terminal and ``COLUMNS`` is not set."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def table(rows: list[tuple[str, str, str, str, str]], width: int | None) -> list[str]:
+    """``rows`` as aligned columns; wider than ``width``, each model goes on a line of its
+    own under its row (stage, backend, status, tags)."""
+    widths = [max(len(r[i]) for r in [*rows, HEADER]) for i in range(4)]
+    wide = [
+        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip()
+        for r in [HEADER, *rows]
+    ]
+    if width is None or max(map(len, wide)) <= width:
+        return wide
+    lines = [f"{'stage':<{widths[0]}}  {'backend':<{widths[1]}}  status"]
+    indent = " " * (widths[0] + 4)
+    for r in rows:
+        lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {'  '.join(x for x in (r[3], r[4]) if x)}".rstrip())
+        if r[2] != "-":
+            lines.append(f"{indent}model {r[2]}")
+    return lines
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -160,11 +190,19 @@ def _pull_own(cls: type, stage: str, kind: str, model: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixelrelay models", description="List and fetch backend model weights.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from pixelrelay.producer.cli import Parser
+
+    parser = Parser(prog="pixelrelay models", description="List and fetch backend model weights.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_list = sub.add_parser("list", help="backends, configured specs and which models are present")
     for stage in STAGES:
-        p_list.add_argument(f"--{stage}", metavar="SPEC", help=f"{stage} spec KIND[:MODEL] (default: env/defaults)")
+        kinds = ", ".join(registry.known_backends(stage))
+        p_list.add_argument(
+            f"--{stage}",
+            metavar="SPEC",
+            help=f"{stage} spec KIND[:MODEL], KIND one of {kinds} "
+            f"(default: env PIXELRELAY_{stage.upper()}, else {DEFAULTS[stage]})",
+        )
     p_list.add_argument("--check", action="store_true", help="exit 1 when a configured model is missing")
     p_pull = sub.add_parser("pull", help="download models into the Hugging Face cache")
     p_pull.add_argument("specs", nargs="+", metavar="SPEC", help="KIND[:MODEL], e.g. hf-llm:Qwen/Qwen2.5-0.5B-Instruct")

@@ -6,6 +6,10 @@ everything down.
 
 Invariants:
 
+* ``run`` checks what it can before it starts anything (``preflight``): a local input exists,
+  a local output is a folder it can make or write, the device is usable here (``--device
+  cuda`` without a GPU: exit 2 at once). A run that ends before its job is submitted removes
+  the folders it made (``OUT/_state/``, the signing key): a refused run leaves nothing behind.
 * The embedded Redis keeps an append-only file (``appendfsync everysec``) in the run's
   state folder: ``<output>/_state/run-redis/`` for a local output, else
   ``$XDG_STATE_HOME/pixelrelay/run-<hash of the output>/`` (default ``~/.local/state``).
@@ -53,8 +57,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.jobs.files import manifest_uri
@@ -62,10 +67,11 @@ from pixelrelay.jobs.recover import RebuildError
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.messages import Backends, JobOptions
-from pixelrelay.pipeline.settings import Settings, read_key_file
+from pixelrelay.pipeline.settings import ConfigError, Settings, read_key_file
 from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.embedded import EmbeddedRedis
 from pixelrelay.producer.keeper import Keeper
+from pixelrelay.producer.listing import InputError
 from pixelrelay.producer.status import WaitAborted, is_finished, summarize, wait_for_job
 from pixelrelay.producer.submit import check_instruction, normalize_location, redis_client, submit
 from pixelrelay.workers import balance
@@ -197,14 +203,18 @@ def _unfinished(settings: Settings, job_id: str, output: str) -> bool:
     return not open_storage(output, settings.s3_endpoint_url).exists(manifest_uri(output, job_id))
 
 
-def own_allowlist(settings: Settings, backends: Backends, worker_args: dict[str, list[str]]) -> str:
+def own_allowlist(settings: Settings, backends: Backends, worker_args: Mapping[str, Sequence[str]]) -> str:
     """``PIXELRELAY_ALLOWED_BACKENDS`` for this run: what is allowed already, plus every spec
     ``run`` starts its own workers with or submits its job with (they are the user's own)."""
     specs = [settings.allowed_backends] if settings.allowed_backends else []
     specs += [getattr(settings, name) for name in ("encoder", "planner", "decoder")]
     specs += [spec for spec in (backends.encoder, backends.planner, backends.decoder) if spec]
     for args in worker_args.values():
-        specs += [value for flag, value in zip(args, args[1:]) if flag in ("--encoder", "--planner", "--decoder")]
+        specs += [
+            value
+            for flag, value in zip(args, args[1:], strict=False)
+            if flag in ("--encoder", "--planner", "--decoder")
+        ]
     return " ".join(dict.fromkeys(spec.strip() for spec in specs if spec.strip()))
 
 
@@ -227,98 +237,228 @@ def _on_signal(signum, frame) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
-def run_local(
-    settings: Settings,
-    input_uri: str,
-    output_uri: str,
-    options: JobOptions,
-    backends: Backends,
-    job_id: str | None,
-    worker_args: dict[str, list[str]],
-    keep_logs: bool = False,
-    follow_symlinks: bool = False,
-    on_end: Callable[[Settings, str, str, int], None] | None = None,
-    incremental: bool = False,
+@dataclass(frozen=True)
+class RunOptions:
+    """What one ``pixelrelay run`` does, beside its settings.
+
+    Attributes:
+        input: The input: a local folder or manifest file, or ``s3://bucket/prefix``.
+        output: The output folder or ``s3://bucket/prefix``.
+        options: The job's options (task, output size, format).
+        backends: Backends the job itself asks for (default: the workers' own).
+        job_id: The job's id; None resumes the job the state folder records for this input
+            and output while it is unfinished, else starts a new one.
+        worker_args: ``pixelrelay worker`` flags per stage (``--device``, ``--decoder``, ...).
+        keep_logs: Keep the workers' log folder after a run with every item done.
+        follow_symlinks: Follow symlinked files and folders in a folder input.
+        incremental: Send only inputs new or changed since the last jobs into the output.
+        on_end: Called as ``on_end(settings, job_id, output, exit_code)`` when waiting ends,
+            while the embedded Redis still runs (``--report``, ``--notify``).
+    """
+
+    input: str
+    output: str
+    options: JobOptions
+    backends: Backends = field(default_factory=Backends)
+    job_id: str | None = None
+    worker_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    keep_logs: bool = False
+    follow_symlinks: bool = False
+    incremental: bool = False
+    on_end: Callable[[Settings, str, str, int], None] | None = None
+
+
+# --- checks before anything starts ---------------------------------------------------------
+
+
+# Device files of a GPU that torch can reach as "cuda" (NVIDIA, ROCm, WSL 2); on Linux,
+# none of them means no GPU, known without importing torch.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def _no_gpu_device_files() -> bool:
+    return sys.platform == "linux" and not any(os.path.exists(path) for path in GPU_DEVICE_FILES)
+
+
+def check_device(device: str) -> None:
+    """ConfigError unless ``device`` (cpu, cuda, cuda:N, mps) is usable here. torch is
+    imported only for a device other than cpu, and not at all on a Linux host with no GPU
+    device files."""
+    if device == "cpu":
+        return
+    if device.startswith("cuda") and _no_gpu_device_files():
+        raise ConfigError(
+            f"--device {device}: no GPU on this machine (no {', '.join(GPU_DEVICE_FILES)}); use --device cpu"
+        )
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(f"--device {device}: torch is not installed") from None
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("--device mps: no MPS device here; use --device cpu")
+        return
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        seen = f"{count} CUDA device(s)" if count else "no CUDA GPU (torch.cuda.is_available() is False)"
+        raise ConfigError(f"--device {device}: torch sees {seen} here; use --device cpu")
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_locations(input_uri: str, output_uri: str) -> None:
+    """InputError for a local input that does not exist; ConfigError for a local output that
+    is not a folder or cannot be made (S3 locations are checked when they are read)."""
+    if not is_s3(input_uri) and not os.path.exists(input_uri):
+        raise InputError(f"input {input_uri}: no such folder or manifest file")
+    if is_s3(output_uri):
+        return
+    if os.path.exists(output_uri) and not os.path.isdir(output_uri):
+        raise ConfigError(f"--out {output_uri}: not a folder")
+    parent = _nearest_existing(output_uri)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {output_uri}: cannot create or write it (in {parent})")
+
+
+def preflight(settings: Settings, run: RunOptions) -> None:
+    """Everything ``run`` can check before it starts Redis or a worker."""
+    check_locations(run.input, run.output)
+    check_instruction(run.options, run.backends.planner or settings.planner)
+    check_device(settings.device)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class _Created:
+    """The folders a run creates on the way to its state folder, removed again when the run
+    ends before its job was submitted (a refused run leaves nothing behind)."""
+
+    def __init__(self, folder: str) -> None:
+        top = None
+        while not os.path.exists(folder):
+            top, folder = folder, os.path.dirname(folder)
+        self.top = top  # the outermost folder that did not exist; None: all did
+        self.submitted = False
+
+    def undo(self) -> None:
+        if self.top is not None and not self.submitted:
+            shutil.rmtree(self.top, ignore_errors=True)
+
+
+def _trap_signals(stack: ExitStack) -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        stack.callback(signal.signal, signum, signal.signal(signum, _on_signal))
+
+
+def _embedded(stack: ExitStack, settings: Settings, env: dict[str, str], folder: str) -> tuple[Settings, EmbeddedRedis]:
+    """Start the embedded Redis on ``folder`` with the run's key; the settings that reach it."""
+    key_path = run_key_file(folder)
+    env.pop("PIXELRELAY_SIGNING_KEY", None)
+    env["PIXELRELAY_SIGNING_KEY_FILE"] = key_path
+    server = stack.enter_context(EmbeddedRedis(data_dir=folder, own_session=False))
+    env["PIXELRELAY_REDIS_URL"] = server.url
+    secret = type(settings.redis_url)
+    settings = settings.model_copy(
+        update={
+            "redis_url": secret(server.url),
+            "signing_key_file": key_path,
+            "signing_key": secret(read_key_file(key_path)),
+        }
+    )
+    return settings, server
+
+
+def _resumable(settings: Settings, folder: str, run: RunOptions) -> str | None:
+    """The job ``run.json`` records for this input and output, while it is unfinished."""
+    recorded = recorded_job(folder, run.input, run.output)
+    if run.job_id is None and recorded and _unfinished(settings, recorded, run.output):
+        print(f"pixelrelay run: resuming job {recorded} (state in {folder})", file=sys.stderr, flush=True)
+        return recorded
+    return run.job_id
+
+
+def _wait(
+    settings: Settings, job_id: str, output: str, server: EmbeddedRedis | None, workers: LocalWorkers, balancer
 ) -> int:
-    outcome: int | None = None
-    input_uri, output_uri = normalize_location(input_uri), normalize_location(output_uri)
-    check_instruction(options, backends.planner or settings.planner)  # before any worker starts
+    """Wait for the job, keeping Redis, the workers and the thread split healthy; its exit code."""
+    client = redis_client(settings)
+    state = JobState(client, job_id, settings.signer())
+
+    def health() -> str | None:
+        if server is not None and not server.alive():
+            print("pixelrelay run: the embedded Redis exited; starting it again", file=sys.stderr, flush=True)
+            server.start()
+        if balancer is not None and (shares := balancer.tick()):
+            print(f"pixelrelay run: torch threads by measured cost: {_shares(shares)}", file=sys.stderr, flush=True)
+        return workers.problem()
+
+    try:
+        wait_for_job(state, settings, sys.stderr, health=health, keeper=Keeper(client, settings, job_id, output))
+    except WaitAborted as exc:  # a worker cannot run; the message has its log tail
+        print(f"pixelrelay run: {exc}", file=sys.stderr, flush=True)
+        return ExitCode.WORKER_EXITED
+    except RebuildError as exc:
+        print(f"pixelrelay run: Redis lost the job and it cannot be rebuilt: {exc}", file=sys.stderr, flush=True)
+        return ExitCode.USAGE
+    return summarize(state, settings, sys.stderr)
+
+
+def run_local(settings: Settings, run: RunOptions) -> int:
+    """Run one job on this machine (see the module docstring); its exit code. ConfigError or
+    InputError (exit 2) before anything starts when the input, output or device is wrong."""
+    run = replace(run, input=normalize_location(run.input), output=normalize_location(run.output))
+    preflight(settings, run)
+    outcome: list[int] = []
     with ExitStack() as stack:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            stack.callback(signal.signal, signum, signal.signal(signum, _on_signal))
+        _trap_signals(stack)
         env = dict(os.environ)
         server: EmbeddedRedis | None = None
-        folder = state_dir(output_uri)
+        job_id = run.job_id
+        folder = state_dir(run.output)
+        created = _Created(folder)
+        stack.callback(created.undo)  # runs last: after Redis and the workers stopped
         if not settings.redis:
-            key_path = run_key_file(folder)
-            env.pop("PIXELRELAY_SIGNING_KEY", None)
-            env["PIXELRELAY_SIGNING_KEY_FILE"] = key_path
-            server = stack.enter_context(EmbeddedRedis(data_dir=folder, own_session=False))
-            env["PIXELRELAY_REDIS_URL"] = server.url
-            secret = type(settings.redis_url)
-            settings = settings.model_copy(
-                update={
-                    "redis_url": secret(server.url),
-                    "signing_key_file": key_path,
-                    "signing_key": secret(read_key_file(key_path)),
-                }
-            )
-            recorded = recorded_job(folder, input_uri, output_uri)
-            if job_id is None and recorded and _unfinished(settings, recorded, output_uri):
-                job_id = recorded
-                print(f"pixelrelay run: resuming job {job_id} (state in {folder})", file=sys.stderr, flush=True)
+            settings, server = _embedded(stack, settings, env, folder)
+            job_id = _resumable(settings, folder, run)
         elif not settings.signer().secure:  # no key: ConfigError (exit 2) unless --insecure-no-signing
             env["PIXELRELAY_INSECURE_NO_SIGNING"] = "1"
-        allowed = own_allowlist(settings, backends, worker_args)
+        allowed = own_allowlist(settings, run.backends, run.worker_args)
         env["PIXELRELAY_ALLOWED_BACKENDS"] = allowed
         settings = settings.model_copy(update={"allowed_backends": allowed})
-        workers = LocalWorkers(env, worker_args)
+        workers = LocalWorkers(env, {stage: list(args) for stage, args in run.worker_args.items()})
         balancer = _balance(env, workers)
         # Runs after the workers stop (callbacks unwind last-in first-out), whatever happened.
-        stack.callback(lambda: workers.finish_logs(outcome == ExitCode.OK, keep_logs))
+        # A run refused before its job was submitted has no logs worth keeping.
+        stack.callback(lambda: workers.finish_logs(outcome == [ExitCode.OK] or not created.submitted, run.keep_logs))
         stack.callback(workers.stop)
         print(f"worker logs: {workers.logdir}", file=sys.stderr, flush=True)
         workers.start()
         submission = submit(
             settings,
-            input_uri,
-            output_uri,
-            options,
-            backends,
+            run.input,
+            run.output,
+            run.options,
+            run.backends,
             job_id,
-            follow_symlinks=follow_symlinks,
-            incremental=incremental,
+            follow_symlinks=run.follow_symlinks,
+            incremental=run.incremental,
         )
+        created.submitted = True
         if submission.incremental:
             print(submission.incremental, file=sys.stderr, flush=True)
         if submission.nothing_new:  # --incremental: no job to run
-            outcome = ExitCode.OK
-            return outcome
+            outcome.append(ExitCode.OK)
+            return ExitCode.OK
         if server is not None:
-            record_job(folder, submission.job_id, input_uri, output_uri)
+            record_job(folder, submission.job_id, run.input, run.output)
         print(submission.job_id, flush=True)
-        client = redis_client(settings)
-        state = JobState(client, submission.job_id, settings.signer())
-        keeper = Keeper(client, settings, submission.job_id, submission.output)
-
-        def health() -> str | None:
-            if server is not None and not server.alive():
-                print("pixelrelay run: the embedded Redis exited; starting it again", file=sys.stderr, flush=True)
-                server.start()
-            if balancer is not None and (shares := balancer.tick()):
-                print(f"pixelrelay run: torch threads by measured cost: {_shares(shares)}", file=sys.stderr, flush=True)
-            return workers.problem()
-
-        try:
-            wait_for_job(state, settings, sys.stderr, health=health, keeper=keeper)
-        except WaitAborted as exc:  # a worker cannot run; the message has its log tail
-            print(f"pixelrelay run: {exc}", file=sys.stderr, flush=True)
-            outcome = ExitCode.WORKER_EXITED
-        except RebuildError as exc:
-            print(f"pixelrelay run: Redis lost the job and it cannot be rebuilt: {exc}", file=sys.stderr, flush=True)
-            outcome = ExitCode.USAGE
-        else:
-            outcome = summarize(state, settings, sys.stderr)
-        if on_end is not None:  # --report / --notify, while the embedded Redis still runs
-            on_end(settings, submission.job_id, submission.output, outcome)
-    return outcome
+        outcome.append(_wait(settings, submission.job_id, submission.output, server, workers, balancer))
+        if run.on_end is not None:  # --report / --notify, while the embedded Redis still runs
+            run.on_end(settings, submission.job_id, submission.output, outcome[0])
+    return outcome[0]
