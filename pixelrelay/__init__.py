@@ -2,7 +2,8 @@
 
 The subpackages live in folders at the repository root, mapped into this namespace by
 ``pyproject.toml`` (docs/design.md, "Architecture"). The Python API's names
-(``pixelrelay.api``: ``submit``, ``Job``, ``local_services``) are exported here lazily, so ``import pixelrelay`` stays cheap.
+(``pixelrelay.api``: ``submit``, ``Job``, ``local_services``) are exported here
+lazily, so ``import pixelrelay`` stays cheap.
 """
 
 from __future__ import annotations
