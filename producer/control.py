@@ -44,7 +44,7 @@ class JobFinishedError(ConfigError):
         self.job_id = job_id
 
 
-class CancelOutcome(str, Enum):
+class CancelOutcome(str, Enum):  # noqa: UP042 (public API: StrEnum would change str() and format() to the bare value)
     ENDED = "ended"  # the last chain in flight (or the sweep) wrote the manifest
     FORCED = "forced"  # the grace ran out: the canceller wrote the manifest
     ALREADY = "already"  # the job was cancelled (and its manifest written) before
