@@ -78,9 +78,17 @@ class TileOutOfMemoryError(RuntimeError):
 
 @dataclass
 class TileSettings:
-    """What a tiled run used: ``tile`` is the largest tile side it allowed (the budget's, or
-    the decoder's cap, or what the OOM fallback left), ``tile_h`` x ``tile_w`` the tiles it
-    cut, ``tiles`` how many per image (1: the image ran whole)."""
+    """What a tiled run used (``run_tiled_with_fallback`` returns it; ``TilePlan`` is what it took).
+
+    Attributes:
+        tile: the largest tile side it allowed (the budget's, the decoder's cap, or what the
+            OOM fallback left).
+        overlap: the overlap used (0 when the image ran whole).
+        batch_size: tiles per forward call.
+        oom_retries: out-of-memory retries it took.
+        tile_h, tile_w: the tiles it cut.
+        tiles: tiles per image (1: the image ran whole).
+    """
 
     tile: int
     overlap: int
@@ -270,6 +278,14 @@ def balanced_tile(length: int, tile: int, overlap: int, align: int = 1) -> int:
 
 
 def _grid(height: int, width: int, th: int, tw: int, overlap: int, align: int) -> TileGrid:
+    """The balanced grid of tiles at most ``th`` x ``tw`` over the input.
+
+    Args:
+        height, width: the (padded) input's size.
+        th, tw: the largest tile height and width.
+        overlap: input pixels neighbouring tiles share.
+        align: tile sides and starts are multiples of it.
+    """
     th, tw = balanced_tile(height, th, overlap, align), balanced_tile(width, tw, overlap, align)
     return TileGrid(th, tw, len(tile_starts(height, th, overlap, align)), len(tile_starts(width, tw, overlap, align)))
 
@@ -290,7 +306,16 @@ def plan_grid(
     ``max(min_tile, 2 * overlap + align)`` on a side while that fits the budget; under a
     budget smaller than that, square tiles of the budget's side (at least ``min_tile``):
     the out-of-memory fallback has the last word. Sizes are of the input padded to
-    ``align``, as ``run_tiled`` pads it."""
+    ``align``, as ``run_tiled`` pads it.
+
+    Args:
+        height, width: the input's size.
+        max_pixels: input pixels per forward call (None: no budget).
+        max_tile: the largest tile side allowed (0: no cap).
+        overlap: input pixels neighbouring tiles share.
+        align: tile sides are multiples of it.
+        min_tile: the smallest tile side wanted.
+    """
     H, W = _align_up(height, align), _align_up(width, align)
     cap = _align_down(max_tile, align) if max_tile else max(H, W)
     budget = max_pixels if max_pixels is not None else H * W
@@ -340,7 +365,16 @@ def _ramp(n: int, fade: int, margin: int) -> torch.Tensor:
 def axis_weights(
     length: int, starts: Sequence[int], tile: int, overlap: int, margin: int, scale: int
 ) -> list[torch.Tensor]:
-    """Per-tile 1-D weights in output pixels, normalised so they sum to 1 everywhere."""
+    """Per-tile 1-D weights in output pixels, normalised so they sum to 1 everywhere.
+
+    Args:
+        length: the axis' input length.
+        starts: each tile's first input pixel on the axis.
+        tile: the tiles' input length on the axis.
+        overlap: input pixels neighbouring tiles share.
+        margin: outer overlap pixels given weight 0.
+        scale: output pixels per input pixel.
+    """
     size = tile * scale
     fade, m = overlap * scale, margin * scale
     total = torch.zeros(length * scale, dtype=torch.float64)
@@ -428,7 +462,16 @@ def with_oom_fallback(
 ) -> tuple[R, int, int, int]:
     """Call ``run(batch_size, tile)``; on out-of-memory halve the batch, then the tile
     (never below ``min_tile``), and retry. Returns (result, batch_size, tile, retries).
-    Raises TileOutOfMemoryError when ``run(1, min_tile)`` itself runs out of memory."""
+    Raises TileOutOfMemoryError when ``run(1, min_tile)`` itself runs out of memory.
+
+    Args:
+        run: the work, given a batch size and a tile side.
+        batch_size: the first batch size tried.
+        tile: the first tile side tried.
+        min_tile: the smallest tile side tried (rounded up to ``align``).
+        align: tile sides stay multiples of it.
+        what: names the work in logs and errors.
+    """
     retries = 0
     min_tile = max(align, _align_up(min_tile, align))
     while True:

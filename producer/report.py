@@ -707,7 +707,16 @@ def write_report(
     workers: int = 4,
 ) -> ReportFiles:
     """Write the job's report.html and contact-sheet.jpg beside its manifest; ReportError
-    when the job has no manifest yet or its job.json cannot be read."""
+    when the job has no manifest yet or its job.json cannot be read.
+
+    Args:
+        settings: storage access and image limits.
+        output: the job's output (folder or ``s3://`` prefix).
+        job_id: the job (checked against ``JOB_ID_PATTERN``: it names a folder).
+        sample_cap: done items shown with pictures.
+        state: the job's state to show (None: as the manifest tells it).
+        workers: threads that load and shrink the sampled pictures.
+    """
     if not re.fullmatch(JOB_ID_PATTERN, job_id):  # it names a folder: no "..", no "/"
         raise ReportError("job id: use letters, digits, '.', '_' and '-' (at most 128)")
     storage = open_storage(output, settings.s3_endpoint_url)

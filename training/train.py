@@ -147,7 +147,16 @@ def overshoot_penalty(
     counterpart of ``degradations.edge_overshoot``). Zero wherever the output stays in range.
     With ``edges_only`` it is averaged, as the measure is, over the pixels within ``radius``
     of a strong edge of the target (luma Sobel magnitude above its ``edge_quantile`` in each
-    sample and above ``min_gradient``), so texture elsewhere is left to the L1 term."""
+    sample and above ``min_gradient``), so texture elsewhere is left to the L1 term.
+
+    Args:
+        out: the network's output, (B, 3, H, W).
+        target: the high-res target, same shape.
+        radius: the local window's radius, in pixels.
+        edges_only: average over the pixels near strong target edges only.
+        edge_quantile: per sample, the Sobel-magnitude quantile above which a pixel is an edge.
+        min_gradient: the smallest Sobel magnitude that counts as an edge.
+    """
     size = 2 * radius + 1
     hi = F.max_pool2d(target, size, stride=1, padding=radius)
     lo = -F.max_pool2d(-target, size, stride=1, padding=radius)
@@ -179,7 +188,16 @@ def pipeline_conditioned_sample(
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """A degraded patch with the pipeline's condition: a ``cond_context``-pixel (low-res)
     region is degraded and read as a whole, as the encoder reads an image, and an
-    ``lr_patch`` crop of it is trained on. Regions the plan sends to the upscaler are redrawn."""
+    ``lr_patch`` crop of it is trained on. Regions the plan sends to the upscaler are redrawn.
+
+    Args:
+        imgs: the training images (HWC uint8).
+        scale: the upscaling factor trained.
+        cfg: the training config (``lr_patch``, ``cond_context``).
+        dcfg: the degradations drawn.
+        rng: the run's generator (crops and degradations).
+        condition: the pipeline's encoder and planner, which read the degraded region.
+    """
     p_lr = cfg["lr_patch"]
     ctx = max(p_lr, int(cfg.get("cond_context", 96)))
     for _ in range(MAX_CONDITION_REDRAWS):
@@ -205,7 +223,16 @@ def decoder_sample(
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """A (low-res, high-res, condition) training triple: a clean pair with the zero condition
     (``p_clean``), else a degraded one conditioned on its jittered true parameters, or with
-    ``condition`` (the config's ``"cond_source": "pipeline"``) on what the pipeline reads."""
+    ``condition`` (the config's ``"cond_source": "pipeline"``) on what the pipeline reads.
+
+    Args:
+        imgs: the training images (HWC uint8).
+        scale: the upscaling factor trained.
+        cfg: the training config (``lr_patch``, ``p_clean``, the condition's jitter).
+        dcfg: the degradations drawn.
+        rng: the run's generator (crops, degradations, jitter).
+        condition: the pipeline's reading, or None for the true parameters.
+    """
     if condition is not None:
         return pipeline_conditioned_sample(imgs, scale, cfg, dcfg, rng, condition)
     p_lr = cfg["lr_patch"]
