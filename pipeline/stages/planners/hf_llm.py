@@ -131,6 +131,8 @@ def edit_seed(instruction: str) -> int:
 
 
 class HFLLMPlanner(Planner):
+    """Plans with a causal LM whose output is held to the plan's JSON template (``pipeline.constrained``)."""
+
     kind = "hf-llm"
     default_model = DEFAULT_MODEL
 
