@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from pixelrelay.pipeline.memory import tune_allocator  # noqa: E402
 from pixelrelay.pipeline.messages import Plan  # noqa: E402
 from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder  # noqa: E402
-from pixelrelay.pipeline.tiling import MIB, run_tiled  # noqa: E402
+from pixelrelay.pipeline.tiling import MIB, TilePlan, run_tiled  # noqa: E402
 
 MODEL = "upscaler"  # a clean plan's network
 OLD_TILE, OLD_OVERLAP, OLD_BATCH = 256, 32, 8
@@ -86,9 +86,7 @@ def variants(dec: BuiltinDecoder, size: int, scale: int) -> dict:
             return dec._forward(MODEL, crops, plans, items)  # the same precision policy as the new path
 
         with torch.inference_mode():
-            return run_tiled(
-                fn,
-                x,
+            plan = TilePlan(
                 scale,
                 OLD_TILE,
                 OLD_OVERLAP,
@@ -96,7 +94,8 @@ def variants(dec: BuiltinDecoder, size: int, scale: int) -> dict:
                 pass_items=True,
                 pad_mode=dec.pad_mode,
                 balance=False,
-            ), None
+            )
+            return run_tiled(fn, x, plan), None
 
     return {
         "untiled": budget(4 * area),

@@ -17,7 +17,7 @@ budget is a pixel count per forward call (``max_forward_pixels``). Then ``plan_g
   the overlap costs only what it must; a 512 px side at a 256 cap is 3 tiles of 192, not
   256, 256 and 256 (the fixed grid repeated 224 of the 512 pixels on each axis).
 
-**Blending.** ``run_tiled(fn, x, scale, tile, overlap)`` runs an upscaling function ``fn``
+**Blending.** ``run_tiled(fn, x, TilePlan(scale, tile, overlap))`` runs an upscaling function ``fn``
 (a (B,C,h,w) float tensor -> (B,C,h*scale,w*scale)) over overlapping crops of ``x`` and
 blends the results:
 
@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -78,9 +78,17 @@ class TileOutOfMemoryError(RuntimeError):
 
 @dataclass
 class TileSettings:
-    """What a tiled run used: ``tile`` is the largest tile side it allowed (the budget's, or
-    the decoder's cap, or what the OOM fallback left), ``tile_h`` x ``tile_w`` the tiles it
-    cut, ``tiles`` how many per image (1: the image ran whole)."""
+    """What a tiled run used (``run_tiled_with_fallback`` returns it; ``TilePlan`` is what it took).
+
+    Attributes:
+        tile: the largest tile side it allowed (the budget's, the decoder's cap, or what the
+            OOM fallback left).
+        overlap: the overlap used (0 when the image ran whole).
+        batch_size: tiles per forward call.
+        oom_retries: out-of-memory retries it took.
+        tile_h, tile_w: the tiles it cut.
+        tiles: tiles per image (1: the image ran whole).
+    """
 
     tile: int
     overlap: int
@@ -95,6 +103,44 @@ class TileSettings:
             return f"whole image (tile cap {self.tile}px), batch {self.batch_size}"
         grid = f" ({self.tiles} tiles of {self.tile_h}x{self.tile_w})" if self.tiles else ""
         return f"tile {self.tile}px{grid}, overlap {self.overlap}px, batch {self.batch_size}"
+
+
+@dataclass(frozen=True, slots=True)
+class TilePlan:
+    """How to run a network tile by tile: what ``run_tiled`` and ``run_tiled_with_fallback`` take.
+
+    Attributes:
+        scale: output pixels per input pixel, per side.
+        tile: the largest tile side, or (height, width) of the largest tile; for
+            ``run_tiled_with_fallback`` a cap on the budget's tiles (an int; 0: no cap).
+        overlap: input pixels neighbouring tiles share (at least).
+        batch_size: tiles (from any image of the batch) per forward call.
+        margin: outer overlap pixels of a tile given weight 0 (None: ``overlap // 4``).
+        align: tile sizes and starts are multiples of it (a transformer's window); the input
+            is padded on the bottom/right to a multiple of it and the output cropped.
+        min_tile: the out-of-memory fallback's smallest tile side.
+        max_pixels: input pixels per forward call the memory budget allows (None: no budget).
+        device: where tiles are sent before the network (None: the input's device).
+        out_dtype: the accumulator's and output's dtype.
+        pad_mode: "reflect" (where the image is big enough, else "replicate") or "replicate".
+        pass_items: call ``fn(tiles, items)``, ``items[k]`` the index of tile k's image.
+        balance: shrink tiles to the smallest size that needs no more of them (False: the
+            fixed grid of full-size tiles, for benchmarks to compare against).
+    """
+
+    scale: int
+    tile: int | tuple[int, int] = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    batch_size: int = DEFAULT_TILE_BATCH
+    margin: int | None = None
+    align: int = 1
+    min_tile: int = DEFAULT_MIN_TILE
+    max_pixels: int | None = None
+    device: torch.device | str | None = None
+    out_dtype: torch.dtype = torch.float32
+    pad_mode: str = "reflect"
+    pass_items: bool = False
+    balance: bool = True
 
 
 @dataclass(frozen=True)
@@ -232,6 +278,14 @@ def balanced_tile(length: int, tile: int, overlap: int, align: int = 1) -> int:
 
 
 def _grid(height: int, width: int, th: int, tw: int, overlap: int, align: int) -> TileGrid:
+    """The balanced grid of tiles at most ``th`` x ``tw`` over the input.
+
+    Args:
+        height, width: the (padded) input's size.
+        th, tw: the largest tile height and width.
+        overlap: input pixels neighbouring tiles share.
+        align: tile sides and starts are multiples of it.
+    """
     th, tw = balanced_tile(height, th, overlap, align), balanced_tile(width, tw, overlap, align)
     return TileGrid(th, tw, len(tile_starts(height, th, overlap, align)), len(tile_starts(width, tw, overlap, align)))
 
@@ -252,7 +306,16 @@ def plan_grid(
     ``max(min_tile, 2 * overlap + align)`` on a side while that fits the budget; under a
     budget smaller than that, square tiles of the budget's side (at least ``min_tile``):
     the out-of-memory fallback has the last word. Sizes are of the input padded to
-    ``align``, as ``run_tiled`` pads it."""
+    ``align``, as ``run_tiled`` pads it.
+
+    Args:
+        height, width: the input's size.
+        max_pixels: input pixels per forward call (None: no budget).
+        max_tile: the largest tile side allowed (0: no cap).
+        overlap: input pixels neighbouring tiles share.
+        align: tile sides are multiples of it.
+        min_tile: the smallest tile side wanted.
+    """
     H, W = _align_up(height, align), _align_up(width, align)
     cap = _align_down(max_tile, align) if max_tile else max(H, W)
     budget = max_pixels if max_pixels is not None else H * W
@@ -302,7 +365,16 @@ def _ramp(n: int, fade: int, margin: int) -> torch.Tensor:
 def axis_weights(
     length: int, starts: Sequence[int], tile: int, overlap: int, margin: int, scale: int
 ) -> list[torch.Tensor]:
-    """Per-tile 1-D weights in output pixels, normalised so they sum to 1 everywhere."""
+    """Per-tile 1-D weights in output pixels, normalised so they sum to 1 everywhere.
+
+    Args:
+        length: the axis' input length.
+        starts: each tile's first input pixel on the axis.
+        tile: the tiles' input length on the axis.
+        overlap: input pixels neighbouring tiles share.
+        margin: outer overlap pixels given weight 0.
+        scale: output pixels per input pixel.
+    """
     size = tile * scale
     fade, m = overlap * scale, margin * scale
     total = torch.zeros(length * scale, dtype=torch.float64)
@@ -317,56 +389,34 @@ def axis_weights(
         total[s * scale : s * scale + size] += w
     if bool((total <= 0).any()):  # cannot happen for overlap >= 2*margin; guard anyway
         raise ValueError(f"tiling leaves gaps: tile={tile} overlap={overlap} margin={margin}")
-    return [w / total[s * scale : s * scale + size] for s, w in zip(starts, weights)]
+    return [w / total[s * scale : s * scale + size] for s, w in zip(starts, weights, strict=True)]
 
 
-def run_tiled(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    scale: int,
-    tile: int | tuple[int, int],
-    overlap: int,
-    *,
-    batch_size: int = DEFAULT_TILE_BATCH,
-    margin: int | None = None,
-    align: int = 1,
-    device: torch.device | str | None = None,
-    out_dtype: torch.dtype = torch.float32,
-    pass_items: bool = False,
-    pad_mode: str = "reflect",
-    balance: bool = True,
-) -> torch.Tensor:
+def run_tiled(fn: Callable[..., torch.Tensor], x: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     """Apply ``fn`` tile by tile and blend; returns (B, C, H*scale, W*scale) on x's device.
 
-    ``tile``: the largest tile side, or (height, width) of the largest tile; ``balance``
-    shrinks tiles to the smallest size that needs no more of them (False: the fixed grid of
-    full-size tiles, kept for benchmarks to compare against).
-    ``batch_size`` tiles (from any of the B images) go through ``fn`` per call.
-    ``align``: tile sizes and starts are multiples of it (e.g. a transformer's window); the
-    input is padded on the bottom/right to a multiple of it (``pad_mode``: "reflect" where
-    the image is big enough, else "replicate"; or always "replicate") and the output cropped.
-    ``device``: where tiles are sent before ``fn`` (default: x's device); results come back.
-    ``pass_items``: call ``fn(tiles, items)``, ``items[k]`` being the index in ``x`` of the
-    image tile k was cut from (for per-image conditioning).
+    ``plan.tile`` is used as given (``max_pixels`` and ``min_tile`` are the fallback's); the
+    overlap shrinks to fit tiles smaller than twice it. Results come back to x's device.
     OOM errors propagate; see ``run_tiled_with_fallback``.
     """
     if x.dim() != 4:
         raise ValueError(f"run_tiled wants a (B,C,H,W) tensor, got shape {tuple(x.shape)}")
-    th, tw = (tile, tile) if isinstance(tile, int) else tile
+    scale, overlap, batch_size, align, out_dtype = plan.scale, plan.overlap, plan.batch_size, plan.align, plan.out_dtype
+    th, tw = (plan.tile, plan.tile) if isinstance(plan.tile, int) else plan.tile
     if min(th, tw) < 1 or overlap < 0 or batch_size < 1 or scale < 1:
-        raise ValueError(f"bad tiling parameters tile={tile} overlap={overlap} batch={batch_size}")
+        raise ValueError(f"bad tiling parameters tile={plan.tile} overlap={overlap} batch={batch_size}")
     b, c, h, w = x.shape
-    device = torch.device(device) if device is not None else x.device
+    device = torch.device(plan.device) if plan.device is not None else x.device
     ph, pw = _align_up(h, align) - h, _align_up(w, align) - w
     if ph or pw:
-        mode = "reflect" if pad_mode == "reflect" and ph < h and pw < w else "replicate"
+        mode = "reflect" if plan.pad_mode == "reflect" and ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)
     H, W = h + ph, w + pw
     th, tw = min(_align_down(th, align), H), min(_align_down(tw, align), W)
     tiled = [t for t, length in ((th, H), (tw, W)) if t < length]
     overlap = min(overlap, max(min(tiled) - align, 0)) if tiled else 0
-    margin = overlap // 4 if margin is None else max(0, min(margin, overlap // 2))
-    if balance:
+    margin = overlap // 4 if plan.margin is None else max(0, min(plan.margin, overlap // 2))
+    if plan.balance:
         th, tw = balanced_tile(H, th, overlap, align), balanced_tile(W, tw, overlap, align)
     ys, xs = tile_starts(H, th, overlap, align), tile_starts(W, tw, overlap, align)
     wy = axis_weights(H, ys, th, overlap, margin, scale)
@@ -382,7 +432,7 @@ def run_tiled(
         else:
             crops = torch.stack([x[bi, :, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] for bi, i, j in group])
         crops = crops.to(device)
-        result = fn(crops, [bi for bi, _, _ in group]) if pass_items else fn(crops)
+        result = fn(crops, [bi for bi, _, _ in group]) if plan.pass_items else fn(crops)
         expected = (len(group), c, th * scale, tw * scale)
         if tuple(result.shape) != expected:
             raise RuntimeError(f"tile function returned {tuple(result.shape)}, expected {expected}")
@@ -412,7 +462,16 @@ def with_oom_fallback(
 ) -> tuple[R, int, int, int]:
     """Call ``run(batch_size, tile)``; on out-of-memory halve the batch, then the tile
     (never below ``min_tile``), and retry. Returns (result, batch_size, tile, retries).
-    Raises TileOutOfMemoryError when ``run(1, min_tile)`` itself runs out of memory."""
+    Raises TileOutOfMemoryError when ``run(1, min_tile)`` itself runs out of memory.
+
+    Args:
+        run: the work, given a batch size and a tile side.
+        batch_size: the first batch size tried.
+        tile: the first tile side tried.
+        min_tile: the smallest tile side tried (rounded up to ``align``).
+        align: tile sides stay multiples of it.
+        what: names the work in logs and errors.
+    """
     retries = 0
     min_tile = max(align, _align_up(min_tile, align))
     while True:
@@ -437,32 +496,21 @@ def with_oom_fallback(
 
 
 def run_tiled_with_fallback(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    scale: int,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    *,
-    batch_size: int = DEFAULT_TILE_BATCH,
-    min_tile: int = DEFAULT_MIN_TILE,
-    max_pixels: int | None = None,
-    margin: int | None = None,
-    align: int = 1,
-    device: torch.device | str | None = None,
-    out_dtype: torch.dtype = torch.float32,
-    what: str = "image",
-    pass_items: bool = False,
-    pad_mode: str = "reflect",
+    fn: Callable[..., torch.Tensor], x: torch.Tensor, plan: TilePlan, *, what: str = "image"
 ) -> tuple[torch.Tensor, TileSettings]:
-    """``run_tiled`` on the grid ``plan_grid`` picks for ``max_pixels`` input pixels per
-    forward call (None: no budget) and the tile cap ``tile`` (0: none), under the OOM
+    """``run_tiled`` on the grid ``plan_grid`` picks for ``plan.max_pixels`` input pixels per
+    forward call (None: no budget) and the tile cap ``plan.tile`` (0: none), under the OOM
     policy: the fallback starts from that grid's largest side and from the batch the budget
-    allows. Returns the output and the settings that worked (callers may keep them)."""
+    allows. ``what`` names the work in logs and errors. Returns the output and the settings
+    that worked (callers may keep them)."""
+    if not isinstance(plan.tile, int):
+        raise ValueError(f"run_tiled_with_fallback takes a tile cap (an int), got {plan.tile!r}")
     H, W = x.shape[-2:]
+    align, max_pixels, min_tile, overlap = plan.align, plan.max_pixels, plan.min_tile, plan.overlap
     budget_grid = plan_grid(H, W, max_pixels, overlap=overlap, align=align, min_tile=min_tile)
     first_tile = max(budget_grid.tile_h, budget_grid.tile_w)
-    if tile:  # the caller's cap, where it is tighter than the budget
-        first_tile = min(first_tile, max(align, _align_down(tile, align)))
+    if plan.tile:  # the caller's cap, where it is tighter than the budget
+        first_tile = min(first_tile, max(align, _align_down(plan.tile, align)))
     grids: dict[int, tuple[TileGrid, int]] = {}
 
     def grid_for(t: int) -> tuple[TileGrid, int]:
@@ -473,23 +521,13 @@ def run_tiled_with_fallback(
 
     def run(bs: int, t: int) -> torch.Tensor:
         g, ov = grid_for(t)
-        mg = None if margin is None else min(margin, ov // 2)
-        return run_tiled(
-            fn,
-            x,
-            scale,
-            (g.tile_h, g.tile_w),
-            ov,
-            batch_size=min(bs, fit_batch(g, max_pixels, bs)),
-            margin=mg,
-            align=align,
-            device=device,
-            out_dtype=out_dtype,
-            pass_items=pass_items,
-            pad_mode=pad_mode,
+        margin = None if plan.margin is None else min(plan.margin, ov // 2)
+        tiles = replace(
+            plan, tile=(g.tile_h, g.tile_w), overlap=ov, batch_size=min(bs, fit_batch(g, max_pixels, bs)), margin=margin
         )
+        return run_tiled(fn, x, tiles)
 
-    first_batch = fit_batch(grid_for(first_tile)[0], max_pixels, batch_size)
+    first_batch = fit_batch(grid_for(first_tile)[0], max_pixels, plan.batch_size)
     out, bs, t, retries = with_oom_fallback(
         run, batch_size=first_batch, tile=first_tile, min_tile=min(min_tile, first_tile), align=align, what=what
     )

@@ -22,16 +22,18 @@ Invariants:
 
 * The manifest is streamed (``Storage.iter_lines``) in one pass; memory is bounded by the
   sample, the failure groups and one small tuple per chain, whatever the job's size.
-* Everything from the manifest (input names, reasons, descriptions, plans) is untrusted and
-  goes through ``html.escape``; images are re-encoded JPEG ``data:`` URIs. The page loads
-  nothing from anywhere and its Content-Security-Policy allows no script at all.
+* Everything from the manifest (input names, reasons, descriptions, plans) is untrusted: it
+  is passed to the page as plain text, truncated (``MAX_TEXT``), and the Jinja2 template
+  (``templates/report.html.j2``, autoescape on) escapes it; no value is marked safe. Images
+  are re-encoded JPEG ``data:`` URIs. The page loads nothing from anywhere and its
+  Content-Security-Policy allows no script at all.
 * Producer code: no torch (images are decoded with ``pipeline.imageio``).
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import math
@@ -43,6 +45,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import jinja2
 import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
@@ -68,6 +71,8 @@ CHART_BINS = 30
 STAGES = (("encode", "encode_s", "#1f77b4"), ("plan", "plan_s", "#ff7f0e"), ("decode", "decode_s", "#2ca02c"))
 STATUSES = ("done", "failed", "cancelled")
 OUTCOMES = ("processed", "reused", "overwritten")
+TEMPLATE_NAME = "report.html.j2"  # in producer/templates/, shipped as package data
+PARTS_NAME = "report_parts.html.j2"  # its macros (image, card, chart)
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -291,7 +296,7 @@ def contact_sheet(sample: list[dict], views: list[Views]) -> bytes:
     rows = max(1, -(-len(sample) // cols))
     sheet = Image.new("RGB", (cols * (cell_w + 8) + 8, rows * (SHEET_CELL_PX + label + 8) + 8), (34, 34, 34))
     draw = ImageDraw.Draw(sheet)
-    for n, (row, view) in enumerate(zip(sample, views)):
+    for n, (row, view) in enumerate(zip(sample, views, strict=True)):
         x0 = 8 + (n % cols) * (cell_w + 8)
         y0 = 8 + (n // cols) * (SHEET_CELL_PX + label + 8)
         draw.text((x0, y0), f"#{int(row['index'])}", fill=(220, 220, 220))
@@ -302,16 +307,23 @@ def contact_sheet(sample: list[dict], views: list[Views]) -> bytes:
 
 
 # --- the page ---------------------------------------------------------------------------
+# Python gathers plain text and numbers; templates/report.html.j2 lays them out, escaping
+# every value (autoescape on). No value here is pre-escaped HTML.
 
 
-def _e(value: object) -> str:
-    return html.escape(_text(value), quote=True)
+@functools.cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("pixelrelay.producer", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
 
 
-def _img(data: bytes | None, alt: str) -> str:
-    if not data:
-        return f'<div class="missing">{_e(alt)}: none</div>'
-    return f'<img alt="{_e(alt)}" src="data:image/jpeg;base64,{base64.b64encode(data).decode()}">'
+def _data_uri(data: bytes | None) -> str | None:
+    return f"data:image/jpeg;base64,{base64.b64encode(data).decode()}" if data else None
 
 
 def _duration(seconds: float) -> str:
@@ -319,12 +331,73 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def throughput_svg(points: list[tuple[float, list[float]]], start: float, end: float) -> str:
+@dataclass(frozen=True, slots=True)
+class Axes:
+    """One chart panel's axes.
+
+    Attributes:
+        left: x of the vertical axis; top: y of the panel's top; plot_w, h: the plot's size.
+        max_label, min_label: the vertical axis' end labels; title: the panel's title.
+    """
+
+    left: int
+    top: float
+    plot_w: int
+    h: int
+    max_label: str
+    min_label: str
+    title: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    """One bar of the items-per-minute panel (coordinates already formatted)."""
+
+    x: str
+    y: str
+    width: str
+    height: str
+    title: str
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One stage's line on the rate panel: ``points`` for the polyline, ``coords`` for its dots."""
+
+    color: str
+    points: str
+    coords: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """The throughput chart's geometry, drawn by the template's ``chart`` macro.
+
+    Attributes:
+        width, height, pad: the SVG's size and right padding.
+        bar_axes, bars: the items-per-minute panel.
+        rate_axes, series: the per-stage rate panel (log scale).
+        legend: (stage, color, x, y) per stage.
+        span: the time axis' length, as text.
+    """
+
+    width: int
+    height: int
+    pad: int
+    bar_axes: Axes
+    bars: list[Bar]
+    rate_axes: Axes
+    series: list[Series]
+    legend: list[tuple[str, str, int, float]]
+    span: str
+
+
+def throughput_chart(points: list[tuple[float, list[float]]], start: float, end: float) -> Chart | None:
     """Two small panels over wall time: items finished per minute, and per stage items per
     busy second (log scale: stages differ by orders of magnitude). ``points``: (chain end
-    time, [items, encode_s, plan_s, decode_s])."""
+    time, [items, encode_s, plan_s, decode_s]). None without points."""
     if not points:
-        return '<p class="note">No chain times: the job\'s parts are gone (removed by gc) or were never written.</p>'
+        return None
     end = max(end, max(t for t, _ in points))
     span = max(1.0, end - start)
     bins = CHART_BINS
@@ -345,19 +418,20 @@ def throughput_svg(points: list[tuple[float, list[float]]], start: float, end: f
     def x_of(b: float) -> float:
         return left + plot_w * (b + 0.5) / bins
 
-    parts = [
-        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{2 * h + 80}" '
-        f'viewBox="0 0 {w} {2 * h + 80}" role="img" aria-label="throughput over time">'
-    ]
     top = max(per_min) or 1.0
-    parts.append(_axes(left, 20, plot_w, h, f"{top:.3g}", "0", "items finished / min"))
     bar_w = max(1.0, plot_w / bins - 2)
+    bars = []
     for b, value in enumerate(per_min):
         if value > 0:
             bh = max(1.0, h * value / top)
-            parts.append(
-                f'<rect x="{x_of(b) - bar_w / 2:.1f}" y="{20 + h - bh:.1f}" width="{bar_w:.1f}" '
-                f'height="{bh:.1f}" fill="#888"><title>{value:.1f} items/min</title></rect>'
+            bars.append(
+                Bar(
+                    f"{x_of(b) - bar_w / 2:.1f}",
+                    f"{20 + h - bh:.1f}",
+                    f"{bar_w:.1f}",
+                    f"{bh:.1f}",
+                    f"{value:.1f} items/min",
+                )
             )
     y0 = h + 60
     values = [r for series in rates.values() for r in series if r is not None]
@@ -367,96 +441,85 @@ def throughput_svg(points: list[tuple[float, list[float]]], start: float, end: f
     def y_of(rate: float) -> float:
         return y0 + h - h * (math.log10(rate) - lo) / (hi - lo)
 
-    parts.append(_axes(left, y0, plot_w, h, f"{10.0**hi:g}", f"{10.0**lo:g}", "items / busy s per stage (log)"))
+    series = []
     for stage, _, color in STAGES:
-        coords = [(x_of(b), y_of(r)) for b, r in enumerate(rates[stage]) if r is not None]
+        coords = [(f"{x_of(b):.1f}", f"{y_of(r):.1f}") for b, r in enumerate(rates[stage]) if r is not None]
         if coords:
-            parts.append(
-                f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in coords)}"/>'
-            )
-            parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in coords]
-    for i, (stage, _, color) in enumerate(STAGES):
-        parts.append(
-            f'<text x="{left + 260 + i * 70}" y="{y0 - 6}" fill="{color}" font-size="12">&#9679; {stage}</text>'
-        )
-    parts.append(f'<text x="{left}" y="{2 * h + 76}" font-size="11">0</text>')
-    parts.append(
-        f'<text x="{w - pad}" y="{2 * h + 76}" font-size="11" text-anchor="end">'
-        f"{_duration(span)} after the job was created</text>"
+            series.append(Series(color, " ".join(f"{x},{y}" for x, y in coords), coords))
+    return Chart(
+        width=w,
+        height=2 * h + 80,
+        pad=pad,
+        bar_axes=Axes(left, 20, plot_w, h, f"{top:.3g}", "0", "items finished / min"),
+        bars=bars,
+        rate_axes=Axes(left, y0, plot_w, h, f"{10.0**hi:g}", f"{10.0**lo:g}", "items / busy s per stage (log)"),
+        series=series,
+        legend=[(stage, color, left + 260 + i * 70, y0 - 6) for i, (stage, _, color) in enumerate(STAGES)],
+        span=_duration(span),
     )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _axes(left: int, top: float, plot_w: int, h: int, max_label: str, min_label: str, title: str) -> str:
-    return (
-        f'<line x1="{left}" y1="{top + h}" x2="{left + plot_w}" y2="{top + h}" stroke="#444"/>'
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="#444"/>'
-        f'<text x="{left - 4}" y="{top + 10}" font-size="11" text-anchor="end">{max_label}</text>'
-        f'<text x="{left - 4}" y="{top + h}" font-size="11" text-anchor="end">{min_label}</text>'
-        f'<text x="{left}" y="{top - 6}" font-size="12" font-weight="bold">{html.escape(title)}</text>'
-    )
-
-
-STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:20px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse}td,th{padding:3px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top}
-.num{text-align:right;font-variant-numeric:tabular-nums}.note{color:#666}.bad{color:#b00}
-.grid{display:flex;flex-wrap:wrap;gap:14px}
-.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;width:680px}
-.pics{display:flex;gap:6px;align-items:flex-start}.pics figure{margin:0;text-align:center;font-size:11px;color:#666}
-.pics img{display:block;max-width:160px;image-rendering:auto}.zoom img{image-rendering:pixelated}
-.missing{width:160px;height:60px;background:#eee;color:#999;font-size:11px;padding:4px}
-.meta{font-size:12px;word-break:break-all}.meta b{color:#444}
-code{font-size:12px;word-break:break-all}
-"""
 
 
 @dataclass
 class Page:
+    """What one report shows (the inputs of ``render``)."""
+
     spec: JobSpec
     scan: Scan
     views: list[Views]
-    chart: str
+    chart: Chart | None
     wall_s: float | None
     manifest: str
     sheet: str
     state: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A summary table row: its label, its value's lines (shown as code when ``code``), its cell class."""
+
+    label: str
+    lines: list[str]
+    cls: str = ""
+    code: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MetaLine:
+    """A line of a card's caption: a bold label, then text (as code when ``code``)."""
+
+    label: str
+    text: str
+    code: bool = False
+
+
 def render(page: Page) -> str:
-    spec, scan = page.spec, page.scan
-    title = f"pixelrelay report: job {spec.job_id}"
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
-        '<meta name="viewport" content="width=device-width">',
-        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        _summary_table(page),
-        "<h2>Throughput over time</h2>",
-        '<p class="note">Each chain is placed at the time its manifest part was written (its end). '
-        "Top: items finished per minute. Bottom: per stage, items per second of that stage's busy "
-        "time (the items' summed <code>timings</code>); queue waits are not recorded.</p>",
-        page.chart,
-        _stage_table(scan),
-        _failures(scan),
-        _samples(page),
-        f'<p class="note">Manifest: <code>{_e(page.manifest)}</code> &middot; contact sheet: '
-        f"<code>{_e(page.sheet)}</code> &middot; written {_e(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>",
-        "</body></html>",
-    ]
-    return "\n".join(out)
+    """The report page as HTML text."""
+    scan = page.scan
+    shown = len(scan.sample)
+    what = "every done item" if shown == scan.done_seen else f"{shown} of {scan.done_seen} done items, a fixed sample"
+    return (
+        _environment()
+        .get_template(TEMPLATE_NAME)
+        .render(
+            csp=CSP,
+            title=f"pixelrelay report: job {_text(page.spec.job_id)}",
+            summary=_summary_rows(page),
+            chart_data=page.chart,
+            stages=_stage_rows(scan),
+            failed=scan.statuses.get("failed", 0),
+            failures=_failure_rows(scan),
+            other_failures=scan.other_failures,
+            max_reasons=MAX_REASONS,
+            sample_title=what,
+            cards=[_card_data(row, view) for row, view in zip(scan.sample, page.views, strict=True)],
+            manifest=_text(page.manifest),
+            sheet=_text(page.sheet),
+            written=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        )
+    )
 
 
-def _row(label: str, value: str, cls: str = "") -> str:
-    return f'<tr><th>{html.escape(label)}</th><td class="{cls}">{value}</td></tr>'
-
-
-def _summary_table(page: Page) -> str:
+def _summary_rows(page: Page) -> list[Row]:
     spec, scan = page.spec, page.scan
     st = scan.statuses
     missing = max(0, spec.total - scan.lines)
@@ -466,35 +529,36 @@ def _summary_table(page: Page) -> str:
         finished = st.get("done", 0) + st.get("failed", 0)
         rate = (finished / page.wall_s) if page.wall_s > 0 else 0.0
         wall = f"{_duration(page.wall_s)} ({rate:.2f} items/s)"
-    outcomes = ", ".join(f"{_e(k)} {v}" for k, v in sorted(scan.outcomes.items())) or "none"
+    outcomes = ", ".join(f"{_text(k)} {v}" for k, v in sorted(scan.outcomes.items())) or "none"
     options = spec.options
     target = options.target()
-    size = f"&times;{options.effective_scale()}" if target is None else f"output {_e(target.describe())}"
-    request = f"{_e(options.task)} {size}, format {_e(options.format or 'kept')}" + (
-        f", instruction: {_e(options.instruction)}" if options.instruction else ""
+    size = f"\u00d7{options.effective_scale()}" if target is None else f"output {_text(target.describe())}"
+    request = f"{_text(options.task)} {size}, format {_text(options.format or 'kept')}" + (
+        f", instruction: {_text(options.instruction)}" if options.instruction else ""
     )
-    backends = ", ".join(f"{k} {_e(v)}" for k, v in spec.backends.model_dump().items() if v) or "workers' defaults"
+    asked = ", ".join(f"{k} {_text(v)}" for k, v in spec.backends.model_dump().items() if v) or "workers' defaults"
+    used = [f"{_text(k)} ({v} items)" for k, v in scan.backends.most_common()] or ["-"]
     rows = [
-        _row("state", _e(page.state or _state(st, missing))),
-        _row("input", f"<code>{_e(spec.input)}</code>"),
-        _row("output", f"<code>{_e(spec.output)}</code>"),
-        _row("request", request),
-        _row("backends asked", backends),
-        _row("backends used", "<br>".join(f"{_e(k)} ({v} items)" for k, v in scan.backends.most_common()) or "-"),
-        _row("created", _e(created)),
-        _row("wall time", _e(wall)),
-        _row("items", str(spec.total), "num"),
-        _row("done", str(st.get("done", 0)), "num"),
-        _row("failed", str(st.get("failed", 0)), "num bad" if st.get("failed") else "num"),
-        _row("cancelled", str(st.get("cancelled", 0)), "num"),
-        _row("without a manifest line", str(missing), "num bad" if missing else "num"),
-        _row("done items by outcome", outcomes),
+        Row("state", [_text(page.state or _state(st, missing))]),
+        Row("input", [_text(spec.input)], code=True),
+        Row("output", [_text(spec.output)], code=True),
+        Row("request", [request]),
+        Row("backends asked", [asked]),
+        Row("backends used", used),
+        Row("created", [created]),
+        Row("wall time", [wall]),
+        Row("items", [str(spec.total)], "num"),
+        Row("done", [str(st.get("done", 0))], "num"),
+        Row("failed", [str(st.get("failed", 0))], "num bad" if st.get("failed") else "num"),
+        Row("cancelled", [str(st.get("cancelled", 0))], "num"),
+        Row("without a manifest line", [str(missing)], "num bad" if missing else "num"),
+        Row("done items by outcome", [outcomes]),
     ]
     if st.get("other"):
-        rows.append(_row("lines with an unknown status", str(st["other"]), "num bad"))
+        rows.append(Row("lines with an unknown status", [str(st["other"])], "num bad"))
     if scan.unreadable:
-        rows.append(_row("unreadable manifest lines", str(scan.unreadable), "num bad"))
-    return "<table>" + "".join(rows) + "</table>"
+        rows.append(Row("unreadable manifest lines", [str(scan.unreadable)], "num bad"))
+    return rows
 
 
 def _state(statuses: Counter, missing: int) -> str:
@@ -504,101 +568,95 @@ def _state(statuses: Counter, missing: int) -> str:
     return "failed-items" if statuses.get("failed") or missing else "finished"
 
 
-def _stage_table(scan: Scan) -> str:
-    rows = ["<table><tr><th>stage</th><th>busy s (all workers)</th><th>ms per item</th><th>items / busy s</th></tr>"]
-    n = scan.lines
+def _stage_rows(scan: Scan) -> list[dict[str, str]]:
+    n, rows = scan.lines, []
     for stage, _, _ in STAGES:
         busy = scan.stage_s[stage]
-        per = f"{1000 * busy / n:.1f}" if n else "-"
-        rate = f"{n / busy:.2f}" if busy > 0 else "-"
         rows.append(
-            f'<tr><td>{stage}</td><td class="num">{busy:.2f}</td><td class="num">{per}</td>'
-            f'<td class="num">{rate}</td></tr>'
+            {
+                "stage": stage,
+                "busy": f"{busy:.2f}",
+                "per_item": f"{1000 * busy / n:.1f}" if n else "-",
+                "rate": f"{n / busy:.2f}" if busy > 0 else "-",
+            }
         )
-    return "".join(rows) + "</table>"
+    return rows
 
 
-def _failures(scan: Scan) -> str:
-    failed = scan.statuses.get("failed", 0)
-    out = [f'<h2 id="failures">Failures ({failed})</h2>']
-    if not failed:
-        return out[0] + '<p class="note">No item failed.</p>'
-    out.append("<table><tr><th>items</th><th>reason</th><th>inputs</th></tr>")
-    for reason, group in sorted(scan.failures.items(), key=lambda kv: (-kv[1].count, kv[0])):
-        inputs = "<br>".join(f"<code>{_e(i)}</code>" for i in group.inputs)
-        more = group.count - len(group.inputs)
-        if more > 0:
-            inputs += f'<br><span class="note">and {more} more (see the manifest)</span>'
-        out.append(
-            f'<tr><td class="num">{group.count}</td><td class="reason bad">{_e(reason)}</td><td>{inputs}</td></tr>'
-        )
-    out.append("</table>")
-    if scan.other_failures:
-        out.append(
-            f'<p class="note">{scan.other_failures} more failures with other reasons '
-            f"(only the first {MAX_REASONS} reasons are listed; see the manifest).</p>"
-        )
-    return "".join(out)
-
-
-def _samples(page: Page) -> str:
-    scan = page.scan
-    shown = len(scan.sample)
-    what = "every done item" if shown == scan.done_seen else f"{shown} of {scan.done_seen} done items, a fixed sample"
-    out = [f"<h2>Items ({_e(what)})</h2>", '<div class="grid">']
-    for row, view in zip(scan.sample, page.views):
-        out.append(_card(row, view))
-    out.append("</div>")
-    return "".join(out)
+def _failure_rows(scan: Scan) -> list[dict[str, object]]:
+    """Failure groups, most frequent first: count, reason, the inputs kept and how many more."""
+    groups = sorted(scan.failures.items(), key=lambda kv: (-kv[1].count, kv[0]))
+    return [
+        {
+            "count": g.count,
+            "reason": _text(reason),
+            "inputs": [_text(i) for i in g.inputs],
+            "more": g.count - len(g.inputs),
+        }
+        for reason, g in groups
+    ]
 
 
 def _card(row: dict, view: Views) -> str:
-    pics = (
-        f"<figure>{_img(view.before, 'before')}before</figure>"
-        f"<figure>{_img(view.after, 'after')}after</figure>"
-        f'<figure class="zoom">{_img(view.zoom_before, "zoom before")}zoom before</figure>'
-        f'<figure class="zoom">{_img(view.zoom_after, "zoom after")}zoom after</figure>'
-    )
-    problem = f'<div class="bad">{_e(view.problem)}</div>' if view.problem else ""
+    """One sampled item's card, as HTML (the template's ``card`` macro)."""
+    parts = _environment().get_template(PARTS_NAME).module
+    return str(parts.card(_card_data(row, view)))  # type: ignore[attr-defined]
+
+
+def _card_data(row: dict, view: Views) -> dict[str, object]:
+    return {
+        "before": _data_uri(view.before),
+        "after": _data_uri(view.after),
+        "zoom_before": _data_uri(view.zoom_before),
+        "zoom_after": _data_uri(view.zoom_after),
+        "problem": _text(view.problem) if view.problem else "",
+        "meta": _meta_lines(row),
+    }
+
+
+def _meta_lines(row: dict) -> list[MetaLine]:
+    """A done row's caption: where it came from and went, its description, plan, timings."""
     meta = [
-        f"<b>#{int(row['index'])}</b> <code>{_e(row.get('input', ''))}</code>",
-        f"<b>output</b> <code>{_e(row.get('output', ''))}</code>",
+        MetaLine(f"#{int(row['index'])}", _text(row.get("input", "")), code=True),
+        MetaLine("output", _text(row.get("output", "")), code=True),
     ]
     desc = row.get("description") if isinstance(row.get("description"), dict) else {}
     if desc:
-        meta.append(f"<b>description</b> {_e(desc.get('text', ''))}")
+        meta.append(MetaLine("description", _text(desc.get("text", ""))))
         if desc.get("caption"):
-            meta.append(f"<b>caption</b> {_e(desc['caption'])}")
+            meta.append(MetaLine("caption", _text(desc["caption"])))
         metrics = desc.get("metrics") if isinstance(desc.get("metrics"), dict) else {}
         if metrics:
-            meta.append("<b>metrics</b> " + ", ".join(f"{_e(k)} {_e(_fmt(v))}" for k, v in list(metrics.items())[:10]))
+            meta.append(MetaLine("metrics", ", ".join(f"{_text(k)} {_fmt(v)}" for k, v in list(metrics.items())[:10])))
     plan = row.get("plan") if isinstance(row.get("plan"), dict) else {}
     if plan:
-        ops = plan.get("operations") if isinstance(plan.get("operations"), list) else []
-        ops_text = ", ".join(f"{_e(o.get('name'))} {_e(_fmt(o.get('strength')))}" for o in ops if isinstance(o, dict))
-        scale = f"scale &times;{_e(plan.get('scale'))}"
-        if row.get("native_scale") is not None:  # an output target (pipeline.outsize): what ran, what came out
-            scale = (
-                f"scale &times;{_e(row.get('native_scale'))} native, &times;{_e(_fmt(row.get('final_scale')))} final"
-            )
-        bits = [f"operations: {ops_text or 'none'}", scale, f"format {_e(plan.get('output_format'))}"]
-        if plan.get("model"):
-            bits.append(f"model {_e(plan['model'])}")
-        meta.append("<b>plan</b> " + "; ".join(bits))
-        if plan.get("rationale"):
-            meta.append(f"<b>rationale</b> {_e(plan['rationale'])}")
-        if plan.get("prompt"):
-            meta.append(f"<b>prompt</b> {_e(plan['prompt'])}")
-        meta += _edit_lines(plan.get("edit"))
+        meta += _plan_lines(row, plan)
     timings = row.get("timings") if isinstance(row.get("timings"), dict) else {}
     if timings:
-        meta.append("<b>timings</b> " + ", ".join(f"{_e(k)} {_e(_fmt(v))}" for k, v in timings.items()))
+        meta.append(MetaLine("timings", ", ".join(f"{_text(k)} {_fmt(v)}" for k, v in timings.items())))
     if row.get("outcome"):
-        meta.append(f"<b>outcome</b> {_e(row['outcome'])}")
-    return f'<div class="card"><div class="pics">{pics}</div>{problem}<div class="meta">{"<br>".join(meta)}</div></div>'
+        meta.append(MetaLine("outcome", _text(row["outcome"])))
+    return meta
 
 
-def _edit_lines(raw: object) -> list[str]:
+def _plan_lines(row: dict, plan: dict) -> list[MetaLine]:
+    ops = plan.get("operations") if isinstance(plan.get("operations"), list) else []
+    ops_text = ", ".join(f"{_text(o.get('name'))} {_fmt(o.get('strength'))}" for o in ops if isinstance(o, dict))
+    scale = f"scale \u00d7{_text(plan.get('scale'))}"
+    if row.get("native_scale") is not None:  # an output target (pipeline.outsize): what ran, what came out
+        scale = f"scale \u00d7{_text(row.get('native_scale'))} native, \u00d7{_fmt(row.get('final_scale'))} final"
+    bits = [f"operations: {ops_text or 'none'}", scale, f"format {_text(plan.get('output_format'))}"]
+    if plan.get("model"):
+        bits.append(f"model {_text(plan['model'])}")
+    lines = [MetaLine("plan", "; ".join(bits))]
+    if plan.get("rationale"):
+        lines.append(MetaLine("rationale", _text(plan["rationale"])))
+    if plan.get("prompt"):
+        lines.append(MetaLine("prompt", _text(plan["prompt"])))
+    return lines + _edit_lines(plan.get("edit"))
+
+
+def _edit_lines(raw: object) -> list[MetaLine]:
     """An edit or style plan's edit (``Plan.edit``), checked like any manifest value: its
     grading operations and its generative edit, or a note that it does not read as one."""
     if raw is None:
@@ -606,14 +664,17 @@ def _edit_lines(raw: object) -> list[str]:
     try:
         edit = Edit.model_validate(raw)
     except ValidationError:
-        return ["<b>edit</b> (not a valid edit)"]
-    lines = [f"<b>edit</b> {_e(edit.describe())}"]
+        return [MetaLine("edit", "(not a valid edit)")]
+    lines = [MetaLine("edit", _text(edit.describe()))]
     g = edit.generative
     if g is not None:
-        negative = f"; not: {_e(g.negative_prompt)}" if g.negative_prompt else ""
+        negative = f"; not: {_text(g.negative_prompt)}" if g.negative_prompt else ""
         lines.append(
-            f"<b>generative</b> {_e(g.prompt)}{negative} (strength {g.strength:g}, guidance {g.guidance:g}, "
-            f"{g.steps} steps, seed {g.seed})"
+            MetaLine(
+                "generative",
+                f"{_text(g.prompt)}{negative} (strength {g.strength:g}, guidance {g.guidance:g}, "
+                f"{g.steps} steps, seed {g.seed})",
+            )
         )
     return lines
 
@@ -646,7 +707,16 @@ def write_report(
     workers: int = 4,
 ) -> ReportFiles:
     """Write the job's report.html and contact-sheet.jpg beside its manifest; ReportError
-    when the job has no manifest yet or its job.json cannot be read."""
+    when the job has no manifest yet or its job.json cannot be read.
+
+    Args:
+        settings: storage access and image limits.
+        output: the job's output (folder or ``s3://`` prefix).
+        job_id: the job (checked against ``JOB_ID_PATTERN``: it names a folder).
+        sample_cap: done items shown with pictures.
+        state: the job's state to show (None: as the manifest tells it).
+        workers: threads that load and shrink the sampled pictures.
+    """
     if not re.fullmatch(JOB_ID_PATTERN, job_id):  # it names a folder: no "..", no "/"
         raise ReportError("job id: use letters, digits, '.', '_' and '-' (at most 128)")
     storage = open_storage(output, settings.s3_endpoint_url)
@@ -667,7 +737,7 @@ def write_report(
         spec=spec,
         scan=scan,
         views=views,
-        chart=throughput_svg(points, start, manifest_at),
+        chart=throughput_chart(points, start, manifest_at),
         wall_s=(manifest_at - spec.created_at) if spec.created_at else None,
         manifest=manifest,
         sheet=sheet_uri(output, job_id),

@@ -37,6 +37,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -48,11 +49,16 @@ from pixelrelay.pipeline.messages import EDIT_TASKS, JOB_ID_PATTERN, Backends, J
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.base import StageSpec
 from pixelrelay.pipeline.stages.registry import names_local_path, parse_allowlist, spec_allowed, validate_spec
-from pixelrelay.pipeline.storage import is_s3, open_storage
+from pixelrelay.pipeline.storage import Storage, is_s3, open_storage
 from pixelrelay.producer.incremental import Incremental
 from pixelrelay.producer.listing import list_items, list_versioned_items
 from pixelrelay.workers.celery_app import create_app
 from pixelrelay.workers.flow import sender
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from pixelrelay.pipeline.signing import Signer
 
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
@@ -67,6 +73,58 @@ class Submission:
     output: str = ""  # the job's output, normalised
     incremental: str = ""  # --incremental: the line that says what was sent and skipped
     nothing_new: bool = False  # --incremental found nothing to send: no job was created
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A new job as asked for, its locations and backend specs normalised.
+
+    Attributes:
+        job_id: the job's id (checked against ``JOB_ID_PATTERN``).
+        input_uri, output_uri: the input and output, normalised (``normalize_location``).
+        options: the job's options.
+        backends: the job's backend specs (``normalize_backends``).
+        follow_symlinks: whether the first listing follows symlinks (not part of the spec).
+    """
+
+    job_id: str
+    input_uri: str
+    output_uri: str
+    options: JobOptions
+    backends: Backends
+    follow_symlinks: bool = False
+
+    def spec(self, total: int, chunk_size: int) -> JobSpec:
+        """The job's spec, for a listing of ``total`` items, created now."""
+        return JobSpec(
+            job_id=self.job_id,
+            input=self.input_uri,
+            output=self.output_uri,
+            options=self.options,
+            backends=self.backends,
+            total=total,
+            chunk_size=chunk_size,
+            created_at=time.time(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitContext:
+    """What one submission talks to.
+
+    Attributes:
+        settings: the submitter's configuration.
+        state: the job's Redis state.
+        out_storage: the output's storage, rooted at the output (writes stay under it).
+        app: the Celery app the first window is sent with.
+        signer: signs the messages sent.
+    """
+
+    settings: Settings
+    state: JobState
+    out_storage: Storage
+    app: Celery
+    signer: Signer
 
 
 def new_job_id() -> str:
@@ -138,6 +196,18 @@ def submit(
     follow_symlinks: bool = False,
     incremental: bool = False,
 ) -> Submission:
+    """Submit a new job, or resume ``job_id``; ConfigError (exit 2) for what is refused.
+
+    Args:
+        settings: the submitter's configuration (Redis, storage, signing, chunk and window sizes).
+        input_uri: the input folder, ``s3://`` prefix or manifest file.
+        output_uri: the output folder or ``s3://`` prefix.
+        options: the job's options.
+        backends: the job's backend specs (None: the workers' defaults).
+        job_id: the job's id (None: a new one); an existing job is resumed.
+        follow_symlinks: whether the first listing follows symlinks.
+        incremental: leave out inputs done and unchanged since the last jobs into the output.
+    """
     if incremental and options.overwrite:
         raise ConfigError("--incremental: not with --overwrite (which re-processes every item)")
     backends = normalize_backends(backends or Backends(), settings.allowed_backends)
@@ -151,6 +221,7 @@ def submit(
     app = create_app(settings)
     out_storage = open_storage(output_uri, settings.s3_endpoint_url, root=output_uri)  # writes stay under it
     state = JobState(client, job_id, signer)
+    context = SubmitContext(settings, state, out_storage, app, signer)
     resumed = True
     if state.exists():
         spec = state.spec()
@@ -162,41 +233,19 @@ def submit(
     else:
         resumed = False
         in_storage = open_storage(input_uri, settings.s3_endpoint_url)
+        request = JobRequest(job_id, input_uri, output_uri, options, backends, follow_symlinks)
         if incremental:
-            return _submit_incremental(
-                settings,
-                state,
-                out_storage,
-                in_storage,
-                app,
-                signer,
-                job_id,
-                input_uri,
-                output_uri,
-                options,
-                backends,
-                follow_symlinks,
-            )
+            return _submit_incremental(context, in_storage, request)
         items = list_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
-        total = write_listing(out_storage, output_uri, job_id, items)
-        spec = JobSpec(
-            job_id=job_id,
-            input=input_uri,
-            output=output_uri,
-            options=options,
-            backends=backends,
-            total=total,
-            chunk_size=settings.chunk_size,
-            created_at=time.time(),
-        )
+        spec = request.spec(write_listing(out_storage, output_uri, job_id, items), settings.chunk_size)
         write_spec(out_storage, spec)
-    return _start(settings, state, out_storage, app, signer, spec, resumed)
+    return _start(context, spec, resumed)
 
 
-def _start(settings: Settings, state: JobState, out_storage, app, signer, spec: JobSpec, resumed: bool) -> Submission:
-    already_done = state.counts().done
-    seq = start(state, out_storage, spec, sender(app, signer), settings.window)
-    registry = open_registry(settings.state_uri, settings.s3_endpoint_url)
+def _start(context: SubmitContext, spec: JobSpec, resumed: bool) -> Submission:
+    already_done = context.state.counts().done
+    seq = start(context.state, context.out_storage, spec, sender(context.app, context.signer), context.settings.window)
+    registry = open_registry(context.settings.state_uri, context.settings.s3_endpoint_url)
     if registry is not None:  # after the job hash exists: a sweep never rebuilds a job being submitted
         registry.add(spec.job_id, spec.output)
     return Submission(
@@ -204,26 +253,14 @@ def _start(settings: Settings, state: JobState, out_storage, app, signer, spec: 
     )
 
 
-def _submit_incremental(
-    settings: Settings,
-    state: JobState,
-    out_storage,
-    in_storage,
-    app,
-    signer,
-    job_id: str,
-    input_uri: str,
-    output_uri: str,
-    options: JobOptions,
-    backends: Backends,
-    follow_symlinks: bool,
-) -> Submission:
+def _submit_incremental(context: SubmitContext, in_storage: Storage, request: JobRequest) -> Submission:
     """A new job of what is new or changed (``producer.incremental``); none when nothing is."""
-    index = Incremental(out_storage, output_uri, input_uri)
+    out_storage, output_uri, job_id, options = context.out_storage, request.output_uri, request.job_id, request.options
+    index = Incremental(out_storage, output_uri, request.input_uri)
     try:
         index.fold()
-        pairs = list_versioned_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
-        total = write_listing(out_storage, output_uri, job_id, index.select(pairs, options, backends))
+        pairs = list_versioned_items(request.input_uri, output_uri, in_storage, options.format, request.follow_symlinks)
+        total = write_listing(out_storage, output_uri, job_id, index.select(pairs, options, request.backends))
         line = index.counts.line()
         if not total:
             return Submission(
@@ -237,20 +274,11 @@ def _submit_incremental(
                 nothing_new=True,
             )
         index.record(job_id)
-        spec = JobSpec(
-            job_id=job_id,
-            input=input_uri,
-            output=output_uri,
-            options=options,
-            backends=backends,
-            total=total,
-            chunk_size=settings.chunk_size,
-            created_at=time.time(),
-        )
+        spec = request.spec(total, context.settings.chunk_size)
         write_spec(out_storage, spec)
         index.write_summary(job_id)
     finally:
         index.close()
-    submission = _start(settings, state, out_storage, app, signer, spec, resumed=False)
+    submission = _start(context, spec, resumed=False)
     submission.incremental = line
     return submission

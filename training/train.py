@@ -20,7 +20,8 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,16 @@ def overshoot_penalty(
     counterpart of ``degradations.edge_overshoot``). Zero wherever the output stays in range.
     With ``edges_only`` it is averaged, as the measure is, over the pixels within ``radius``
     of a strong edge of the target (luma Sobel magnitude above its ``edge_quantile`` in each
-    sample and above ``min_gradient``), so texture elsewhere is left to the L1 term."""
+    sample and above ``min_gradient``), so texture elsewhere is left to the L1 term.
+
+    Args:
+        out: the network's output, (B, 3, H, W).
+        target: the high-res target, same shape.
+        radius: the local window's radius, in pixels.
+        edges_only: average over the pixels near strong target edges only.
+        edge_quantile: per sample, the Sobel-magnitude quantile above which a pixel is an edge.
+        min_gradient: the smallest Sobel magnitude that counts as an edge.
+    """
     size = 2 * radius + 1
     hi = F.max_pool2d(target, size, stride=1, padding=radius)
     lo = -F.max_pool2d(-target, size, stride=1, padding=radius)
@@ -178,7 +188,16 @@ def pipeline_conditioned_sample(
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """A degraded patch with the pipeline's condition: a ``cond_context``-pixel (low-res)
     region is degraded and read as a whole, as the encoder reads an image, and an
-    ``lr_patch`` crop of it is trained on. Regions the plan sends to the upscaler are redrawn."""
+    ``lr_patch`` crop of it is trained on. Regions the plan sends to the upscaler are redrawn.
+
+    Args:
+        imgs: the training images (HWC uint8).
+        scale: the upscaling factor trained.
+        cfg: the training config (``lr_patch``, ``cond_context``).
+        dcfg: the degradations drawn.
+        rng: the run's generator (crops and degradations).
+        condition: the pipeline's encoder and planner, which read the degraded region.
+    """
     p_lr = cfg["lr_patch"]
     ctx = max(p_lr, int(cfg.get("cond_context", 96)))
     for _ in range(MAX_CONDITION_REDRAWS):
@@ -204,7 +223,16 @@ def decoder_sample(
 ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """A (low-res, high-res, condition) training triple: a clean pair with the zero condition
     (``p_clean``), else a degraded one conditioned on its jittered true parameters, or with
-    ``condition`` (the config's ``"cond_source": "pipeline"``) on what the pipeline reads."""
+    ``condition`` (the config's ``"cond_source": "pipeline"``) on what the pipeline reads.
+
+    Args:
+        imgs: the training images (HWC uint8).
+        scale: the upscaling factor trained.
+        cfg: the training config (``lr_patch``, ``p_clean``, the condition's jitter).
+        dcfg: the degradations drawn.
+        rng: the run's generator (crops, degradations, jitter).
+        condition: the pipeline's reading, or None for the true parameters.
+    """
     if condition is not None:
         return pipeline_conditioned_sample(imgs, scale, cfg, dcfg, rng, condition)
     p_lr = cfg["lr_patch"]
@@ -322,17 +350,51 @@ class Stopped(Exception):
         self.code = code
 
 
-def optimise(
-    kind: str, net, cfg, seed: int, log, out: Path, batch_loss, validate, rng: np.random.Generator, fresh: bool = False
-) -> dict[str, float]:
+@dataclass(frozen=True, slots=True)
+class TrainRun:
+    """One training run: what it trains, how, and where the weights go.
+
+    Attributes:
+        kind: "encoder" or "decoder" (the model saved; part of the checkpoint's identity).
+        cfg: the training config (``configs/<kind>.json`` with the command line's overrides).
+        seed: fixes the crops, the degradations and the initialisation.
+        out: the weights' path; the checkpoint lies beside it (``checkpoint.path_for``).
+        fresh: start over, replacing the checkpoint, rather than resume from it.
+    """
+
+    kind: str
+    cfg: dict[str, Any]
+    seed: int
+    out: Path
+    fresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Objective:
+    """What ``optimise`` trains and how it scores it.
+
+    Attributes:
+        net: the module trained.
+        batch_loss: draws a training batch and returns its loss (a scalar tensor).
+        validate: the validation metrics, by name.
+    """
+
+    net: torch.nn.Module
+    batch_loss: Callable[[], torch.Tensor]
+    validate: Callable[[], dict[str, float]]
+
+
+def optimise(run: TrainRun, objective: Objective, rng: np.random.Generator, log: Log) -> dict[str, float]:
     """The loop both models share: Adam on the config's schedule with gradient clipping, the
     mean loss logged every ``log_every`` steps, validation and the weights every ``val_every``,
     a checkpoint (``training.checkpoint``) every ``checkpoint_every``. It resumes from the
-    checkpoint beside ``out`` unless ``fresh``."""
+    checkpoint beside ``run.out`` unless ``run.fresh``; ``rng`` is saved with it."""
+    cfg, net, out, seed, kind = run.cfg, objective.net, run.out, run.seed, run.kind
+    batch_loss, validate = objective.batch_loss, objective.validate
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.99))
     ckpt, run_id = checkpoint.path_for(out), checkpoint.identity(kind, seed, cfg)
     progress = checkpoint.Progress()
-    if ckpt.exists() and not fresh:
+    if ckpt.exists() and not run.fresh:
         progress = checkpoint.load(ckpt, run_id, net, opt, rng)
         log.write(event="resume", step=progress.step, checkpoint=str(ckpt))
     every = cfg.get("checkpoint_every", cfg.get("val_every", 500))
@@ -374,7 +436,9 @@ def optimise(
     return metrics or validate()  # a run resumed at its last step validates once
 
 
-def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool = False) -> dict[str, float]:
+def train_decoder(run: TrainRun, train_imgs: list, val_imgs: list, log: Log) -> dict[str, float]:
+    """Train the builtin decoder on ``train_imgs``, validating on ``val_imgs``; its last metrics."""
+    cfg, seed = run.cfg, run.seed
     dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -398,13 +462,13 @@ def train_decoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool =
         with autocast(cfg):
             out = net(x.contiguous(memory_format=torch.channels_last), cond, scale)
         loss = F.l1_loss(out.float(), y)
-        if cfg.get("overshoot_weight"):  # against halos on edges (#15); off in older configs
+        if cfg.get("overshoot_weight"):  # against halos on edges; off unless the config sets it
             loss = loss + cfg["overshoot_weight"] * overshoot_penalty(
                 out.float(), y, cfg.get("overshoot_radius", 2), edges_only=cfg.get("overshoot_edges", False)
             )
         return loss
 
-    return optimise("decoder", net, cfg, seed, log, out, batch_loss, lambda: decoder_validate(net, groups), rng, fresh)
+    return optimise(run, Objective(net, batch_loss, lambda: decoder_validate(net, groups)), rng, log)
 
 
 # --- encoder ---------------------------------------------------------------------------
@@ -472,7 +536,9 @@ def encoder_validate(net, x: torch.Tensor, tgt: torch.Tensor) -> dict[str, float
     }
 
 
-def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool = False) -> dict[str, float]:
+def train_encoder(run: TrainRun, train_imgs: list, val_imgs: list, log: Log) -> dict[str, float]:
+    """Train the builtin encoder on ``train_imgs``, validating on ``val_imgs``; its last metrics."""
+    cfg, seed = run.cfg, run.seed
     dcfg = D.DegradationConfig.from_dict(cfg.get("degradation"))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -492,7 +558,7 @@ def train_encoder(cfg, train_imgs, val_imgs, seed, log, out: Path, fresh: bool =
             pred = net(x)
         return encoder_loss(pred.float(), tgt, weights)
 
-    return optimise("encoder", net, cfg, seed, log, out, batch_loss, lambda: encoder_validate(net, vx, vt), rng, fresh)
+    return optimise(run, Objective(net, batch_loss, lambda: encoder_validate(net, vx, vt)), rng, log)
 
 
 # --- entry -----------------------------------------------------------------------------
@@ -554,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_imgs, val_imgs = data.load_images(train_files), data.load_images(val_files)
     fn = train_decoder if args.kind == "decoder" else train_encoder
     try:
-        metrics = fn(cfg, train_imgs, val_imgs, seed, log, out, args.fresh)
+        metrics = fn(TrainRun(args.kind, cfg, seed, out, args.fresh), train_imgs, val_imgs, log)
     except checkpoint.CheckpointMismatch as exc:
         print(f"pixelrelay train: {exc}", file=sys.stderr)
         return ExitCode.USAGE

@@ -14,6 +14,7 @@ from pixelrelay.pipeline.tiling import (
     MIB,
     TileGrid,
     TileOutOfMemoryError,
+    TilePlan,
     axis_weights,
     balanced_tile,
     map_batches_with_oom,
@@ -88,7 +89,7 @@ def test_tiled_equals_untiled_for_bounded_receptive_field(size):
     net = SmallSR()
     x = torch.rand(2, 3, *size)
     full = net(x)
-    tiled = run_tiled(net, x, 2, tile=24, overlap=12, batch_size=3)  # margin 3 >= RF 2
+    tiled = run_tiled(net, x, TilePlan(2, tile=24, overlap=12, batch_size=3))  # margin 3 >= RF 2
     assert tiled.shape == full.shape == (2, 3, size[0] * 2, size[1] * 2)
     assert float((tiled - full).abs().max()) < 1e-5
 
@@ -96,7 +97,7 @@ def test_tiled_equals_untiled_for_bounded_receptive_field(size):
 def test_tiled_with_alignment_pads_and_crops():
     net = SmallSR()
     x = torch.rand(1, 3, 45, 37)
-    tiled = run_tiled(net, x, 2, tile=20, overlap=12, align=4)
+    tiled = run_tiled(net, x, TilePlan(2, tile=20, overlap=12, align=4))
     padded = F.pad(x, (0, 3, 0, 3), mode="reflect")  # what align=4 does to the input
     full = net(padded)[:, :, :90, :74]
     assert tiled.shape == (1, 3, 90, 74)
@@ -113,7 +114,7 @@ def test_blending_is_seam_free_when_tiles_disagree():
         return up + torch.tensor([next(offsets) for _ in range(t.shape[0])]).view(-1, 1, 1, 1)
 
     x = torch.full((1, 3, 64, 64), 0.25)
-    out = run_tiled(inconsistent, x, 2, tile=32, overlap=16, batch_size=1)
+    out = run_tiled(inconsistent, x, TilePlan(2, tile=32, overlap=16, batch_size=1))
     jumps_x = (out[..., 1:] - out[..., :-1]).abs().max()
     jumps_y = (out[..., 1:, :] - out[..., :-1, :]).abs().max()
     # tile offsets differ by up to ~0.01; a ramp over 16 output px leaves steps < 0.01/16*2
@@ -126,7 +127,7 @@ def test_oom_fallback_halves_batch_then_tile():
     net = SmallSR()
     x = torch.rand(1, 3, 72, 56)
     limited = MemoryLimited(net, limit=32 * 32)  # one 32x32 tile fits, nothing bigger
-    out, settings = run_tiled_with_fallback(limited, x, 2, tile=128, overlap=16, batch_size=8, min_tile=16)
+    out, settings = run_tiled_with_fallback(limited, x, TilePlan(2, tile=128, overlap=16, batch_size=8, min_tile=16))
     assert limited.failures > 0
     assert settings.batch_size == 1 and settings.tile <= 32 and settings.oom_retries == limited.failures
     # every call that succeeded respected the limit
@@ -140,7 +141,7 @@ def test_oom_fallback_keeps_batch_when_only_batch_is_too_big():
     net = SmallSR()
     x = torch.rand(1, 3, 64, 64)
     limited = MemoryLimited(net, limit=2 * 32 * 32)
-    out, settings = run_tiled_with_fallback(limited, x, 2, tile=32, overlap=8, batch_size=8, min_tile=16)
+    out, settings = run_tiled_with_fallback(limited, x, TilePlan(2, tile=32, overlap=8, batch_size=8, min_tile=16))
     assert settings.tile == 32 and settings.batch_size == 2
     assert out.shape == (1, 3, 128, 128)
 
@@ -150,7 +151,7 @@ def test_oom_when_min_tile_alone_does_not_fit():
     x = torch.rand(1, 3, 64, 64)
     limited = MemoryLimited(net, limit=15 * 15)
     with pytest.raises(TileOutOfMemoryError, match="minimum"):
-        run_tiled_with_fallback(limited, x, 2, tile=64, overlap=8, batch_size=4, min_tile=16)
+        run_tiled_with_fallback(limited, x, TilePlan(2, tile=64, overlap=8, batch_size=4, min_tile=16))
     assert limited.calls[-1][0] == 1 and limited.calls[-1][1] == 16  # it did try 1 x min tile
 
 
@@ -159,7 +160,7 @@ def test_non_oom_errors_propagate_unchanged():
         raise ValueError("not memory")
 
     with pytest.raises(ValueError, match="not memory"):
-        run_tiled_with_fallback(broken, torch.rand(1, 3, 16, 16), 2, tile=16, overlap=4)
+        run_tiled_with_fallback(broken, torch.rand(1, 3, 16, 16), TilePlan(2, tile=16, overlap=4))
 
 
 def test_map_batches_with_oom_halves_and_keeps_order():
@@ -251,10 +252,10 @@ def test_small_budget_tiles_and_equals_untiled():
         calls.append(tuple(t.shape))
         return net(t)
 
-    whole, used = run_tiled_with_fallback(fn, x, 2, overlap=12, batch_size=4, max_pixels=90 * 70 * 2)
+    whole, used = run_tiled_with_fallback(fn, x, TilePlan(2, overlap=12, batch_size=4, max_pixels=90 * 70 * 2))
     assert calls == [(2, 3, 90, 70)] and used.tiles == 1  # both images, whole, in one call
     calls.clear()
-    tiled, used = run_tiled_with_fallback(fn, x, 2, overlap=12, batch_size=4, max_pixels=40 * 40)
+    tiled, used = run_tiled_with_fallback(fn, x, TilePlan(2, overlap=12, batch_size=4, max_pixels=40 * 40))
     assert used.tiles > 1 and all(b * h * w <= 40 * 40 for b, _, h, w in calls)
     assert float((tiled - whole).abs().max()) < 1e-5  # margin 3 >= the net's receptive field
 
@@ -263,7 +264,9 @@ def test_oom_fallback_starts_from_the_budget_grid():
     net = SmallSR()
     x = torch.rand(1, 3, 96, 96)
     limited = MemoryLimited(net, limit=30 * 30)  # the budget says 48x48 tiles; 30x30 fit
-    out, used = run_tiled_with_fallback(limited, x, 2, overlap=8, batch_size=4, max_pixels=50 * 50, min_tile=16)
+    out, used = run_tiled_with_fallback(
+        limited, x, TilePlan(2, overlap=8, batch_size=4, max_pixels=50 * 50, min_tile=16)
+    )
     b, h, w = limited.calls[0]
     assert b == 1 and 30 * 30 < h * w <= 50 * 50  # the budget's grid and batch first, refused
     assert used.oom_retries > 0 and used.tile < 50 and used.tile_h * used.tile_w <= 30 * 30

@@ -4,6 +4,7 @@ that never stopped; a checkpoint from another config is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -49,16 +50,14 @@ def test_sigterm_saves_and_the_next_run_ends_where_an_unbroken_one_does(tmp_path
     real_loss = train.optimise
     calls = {"n": 0}
 
-    def optimise_with_sigterm(*a, **kw):
-        batch_loss = a[6]
-
+    def optimise_with_sigterm(run, objective, *a, **kw):
         def loss_then_signal():
             calls["n"] += 1
             if calls["n"] == 5:  # mid-run, between checkpoints (every 2 steps)
                 os.kill(os.getpid(), signal.SIGTERM)
-            return batch_loss()
+            return objective.batch_loss()
 
-        return real_loss(*a[:6], loss_then_signal, *a[7:], **kw)
+        return real_loss(run, dataclasses.replace(objective, batch_loss=loss_then_signal), *a, **kw)
 
     monkeypatch.setattr(train, "optimise", optimise_with_sigterm)
     assert train.main(args + ["--out", str(out)]) == 128 + signal.SIGTERM

@@ -194,30 +194,28 @@ class LearnedDecoder(Decoder):
         native scale s, the tile settings that worked). ``overrides``: TileConfig fields."""
         import torch
 
-        from pixelrelay.pipeline.tiling import run_tiled_with_fallback
+        from pixelrelay.pipeline.tiling import TilePlan, run_tiled_with_fallback
 
         tiles = self.tiles.with_(**overrides)
         scale = self.native_scale(m, plans[0])
         key = self._meter_key(m, scale)
+        plan = TilePlan(
+            scale=scale,
+            tile=tiles.tile,
+            overlap=tiles.overlap,
+            batch_size=tiles.tile_batch,
+            min_tile=tiles.min_tile,
+            max_pixels=self.forward_pixels(m, scale, tiles),
+            align=self.window(m, scale),
+            pass_items=True,
+            pad_mode=self.pad_mode,
+        )
 
         def fn(crops: torch.Tensor, items: list[int]) -> torch.Tensor:
             return self.meter.run(key, self.torch_device, crops, lambda: self._forward(m, crops, plans, items))
 
         with torch.inference_mode():
-            return run_tiled_with_fallback(
-                fn,
-                x,
-                scale,
-                tiles.tile,
-                tiles.overlap,
-                batch_size=tiles.tile_batch,
-                min_tile=tiles.min_tile,
-                max_pixels=self.forward_pixels(m, scale, tiles),
-                align=self.window(m, scale),
-                what=f"{self.kind} {self.model_name(m)} tile",
-                pass_items=True,
-                pad_mode=self.pad_mode,
-            )
+            return run_tiled_with_fallback(fn, x, plan, what=f"{self.kind} {self.model_name(m)} tile")
 
     def _forward(self, m: Any, x: torch.Tensor, plans: Sequence[Plan], items: Sequence[int]) -> torch.Tensor:
         if self.autocast_dtype is None:

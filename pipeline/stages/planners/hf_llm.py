@@ -5,14 +5,16 @@ and a rule-based prior, and writes a JSON plan. Decoding is *constrained to the 
 schema*: the JSON skeleton is forced token by token, every closed field (degradation
 class, operation strengths, scale) can only take one of its allowed values, and the two
 free-text fields (prompt, negative prompt) may only use tokens that keep the JSON string
-valid and are cut at a token budget. Whatever the model's weights, the text it writes
-parses, and maps onto a schema-valid Plan; the raw text is kept in ``Plan.raw``.
+valid and are cut at a token budget (the engine: ``pipeline.constrained``; this module only
+writes the templates). Whatever the model's weights, the text it writes parses, and maps onto
+a schema-valid Plan; the raw text is kept in ``Plan.raw``.
 
 Fields the LLM does not choose come from the RulesPlanner prior (degradation estimates,
 output format, rationale). The user's explicit wishes are hard constraints, not hints:
 ``--scale`` fixes the scale (any other than 1, 2, 4, and ``--width``/``--height``, fix the
-plan's target and the native scale ``pipeline.outsize.planned`` proposes); an instruction that forbids an operation ("no sharpening")
-pins its strength to 0, one that asks for it excludes 0.
+plan's target and the native scale ``pipeline.outsize.planned`` proposes); an instruction
+that forbids an operation ("no sharpening") pins its strength to 0, one that asks for it
+excludes 0. A change to a template changes the JSON keys the ``_to_plan`` mappers read.
 
 Tasks ``edit`` and ``style`` use a second template: a strength for each grading operation
 (signed ones from -1 to 1), whether a generative edit is needed, its strength, and the
@@ -34,10 +36,10 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pixelrelay.pipeline import hf, outsize
+from pixelrelay.pipeline.constrained import Grammar, SchemaLogitsProcessor, merge_literals, string_token_mask
 from pixelrelay.pipeline.messages import (
     EDIT_TASKS,
     MAX_SEED,
@@ -128,164 +130,9 @@ def edit_seed(instruction: str) -> int:
     return int.from_bytes(hashlib.sha256(instruction.encode()).digest()[:4], "big") % (MAX_SEED + 1)
 
 
-# --- the constrained-decoding grammar ----------------------------------------------------
-
-
-@dataclass
-class _Seg:
-    kind: str  # "lit" | "choice" | "free"
-    key: str = ""
-    tokens: list[int] = field(default_factory=list)  # lit
-    trie: dict | None = None  # choice: token -> subtrie; {} marks the end of an option
-    limit: int = 0  # free: max tokens
-    close: int = -1  # free: the token that ends the string (first token of the next literal)
-
-
-def _build_trie(seqs: Sequence[Sequence[int]]) -> dict:
-    root: dict = {}
-    for seq in seqs:
-        node = root
-        for i, tok in enumerate(seq):
-            if tok in node and (node[tok] == {} or i == len(seq) - 1):
-                raise ValueError("choice options must be prefix-free")
-            node = node.setdefault(tok, {})
-    return root
-
-
-class _Grammar:
-    """A flat JSON template of literals, closed choices and bounded free strings."""
-
-    def __init__(self, tokenizer: Any, template: list[tuple], free_mask: Any) -> None:
-        # Merge the first character of the literal after each choice into the options,
-        # so no option is a prefix of another ("0," vs "0.25,").
-        parts = [list(p) for p in template]
-        for i, part in enumerate(parts):
-            if part[0] == "choice":
-                nxt = parts[i + 1]
-                assert nxt[0] == "lit" and nxt[1], "a choice must be followed by a literal"
-                delim = nxt[1][0]
-                part[2] = [opt + delim for opt in part[2]]
-                nxt[1] = nxt[1][1:]
-        self.segs: list[_Seg] = []
-        encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        for i, part in enumerate(parts):
-            if part[0] == "lit":
-                if part[1]:
-                    self.segs.append(_Seg("lit", tokens=encode(part[1])))
-            elif part[0] == "choice":
-                opts = part[2]
-                seqs = [encode(o) for o in opts]
-                self.segs.append(_Seg("choice", key=part[1], trie=_build_trie(seqs)))
-            elif part[0] == "free":
-                nxt = parts[i + 1]
-                assert nxt[0] == "lit" and nxt[1].startswith('"')
-                self.segs.append(_Seg("free", key=part[1], limit=part[2]))
-        # A free string ends with the first token of the following literal, which must
-        # start with the closing quote; keep that token out of the literal's rest.
-        for i, seg in enumerate(self.segs):
-            if seg.kind == "free":
-                lit = self.segs[i + 1]
-                seg.close = lit.tokens[0]
-                if free_mask[seg.close]:
-                    raise ValueError("closing token is allowed inside free text")
-        self.free_mask = free_mask
-        self.max_tokens = (
-            sum(
-                len(s.tokens) if s.kind == "lit" else s.limit + 1 if s.kind == "free" else _depth(s.trie)
-                for s in self.segs
-            )
-            + 1
-        )
-
-
-def _depth(trie: dict) -> int:
-    return 0 if not trie else 1 + max(_depth(t) for t in trie.values())
-
-
-class _RowState:
-    __slots__ = ("seg", "pos", "node", "count", "done")
-
-    def __init__(self) -> None:
-        self.seg, self.pos, self.node, self.count, self.done = 0, 0, None, 0, False
-
-
-class SchemaLogitsProcessor:
-    """Masks logits so that each row's continuation follows its grammar."""
-
-    def __init__(self, grammars: Sequence[_Grammar], eos_token_id: int) -> None:
-        self.grammars = list(grammars)
-        self.eos = eos_token_id
-        self.states = [_RowState() for _ in grammars]
-        self.prompt_len: int | None = None
-        for g, st in zip(self.grammars, self.states):
-            self._enter(g, st)
-
-    def _enter(self, g: _Grammar, st: _RowState) -> None:
-        while st.seg < len(g.segs):
-            seg = g.segs[st.seg]
-            st.pos, st.count, st.node = 0, 0, seg.trie if seg.kind == "choice" else None
-            if seg.kind == "lit" and not seg.tokens:
-                st.seg += 1
-                continue
-            return
-        st.done = True
-
-    def _advance(self, g: _Grammar, st: _RowState, tok: int) -> None:
-        if st.done:
-            return
-        seg = g.segs[st.seg]
-        if seg.kind == "lit":
-            st.pos += 1
-            if st.pos >= len(seg.tokens):
-                st.seg += 1
-                self._enter(g, st)
-        elif seg.kind == "choice":
-            st.node = st.node[tok]
-            if not st.node:
-                st.seg += 1
-                self._enter(g, st)
-        else:  # free
-            if tok == seg.close:
-                st.seg += 1
-                self._enter(g, st)
-                lit = g.segs[st.seg]  # the closing literal; its first token is consumed
-                st.pos = 1
-                if st.pos >= len(lit.tokens):
-                    st.seg += 1
-                    self._enter(g, st)
-            else:
-                st.count += 1
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1]
-        elif input_ids.shape[1] > self.prompt_len:
-            last = input_ids[:, -1].tolist()
-            for g, st, tok in zip(self.grammars, self.states, last):
-                self._advance(g, st, tok)
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-        for row, (g, st) in enumerate(zip(self.grammars, self.states)):
-            if st.done:
-                mask[row, self.eos] = True
-                continue
-            seg = g.segs[st.seg]
-            if seg.kind == "lit":
-                mask[row, seg.tokens[st.pos]] = True
-            elif seg.kind == "choice":
-                mask[row, list(st.node.keys())] = True
-            else:
-                if st.count < seg.limit:
-                    mask[row] = g.free_mask.to(scores.device)
-                mask[row, seg.close] = True
-        return scores.masked_fill(~mask, float("-inf"))
-
-
-# --- the planner -------------------------------------------------------------------------
-
-
 class HFLLMPlanner(Planner):
+    """Plans with a causal LM whose output is held to the plan's JSON template (``pipeline.constrained``)."""
+
     kind = "hf-llm"
     default_model = DEFAULT_MODEL
 
@@ -316,7 +163,7 @@ class HFLLMPlanner(Planner):
         self.eos_token_id = self._eos_id()
         self.rules = RulesPlanner()
         self._free_mask = self._make_free_mask()
-        self._grammars: dict[tuple, _Grammar] = {}
+        self._grammars: dict[tuple, Grammar] = {}
 
     @classmethod
     def check_available(cls, model: str | None) -> None:
@@ -334,32 +181,10 @@ class HFLLMPlanner(Planner):
         return int(eos)
 
     def _make_free_mask(self) -> Any:
-        """Tokens allowed inside a JSON string: printable, no quote/backslash/newline."""
-        import torch
+        """Tokens allowed inside a JSON string, over the model's output vocabulary."""
+        return string_token_mask(self.tokenizer, int(self.lm.get_output_embeddings().weight.shape[0]))
 
-        vocab_out = int(self.lm.get_output_embeddings().weight.shape[0])
-        n = min(len(self.tokenizer), vocab_out)
-        special = set(self.tokenizer.all_special_ids)
-        texts = self.tokenizer.batch_decode([[i] for i in range(n)])
-        mask = torch.zeros(vocab_out, dtype=torch.bool)
-        for i, text in enumerate(texts):
-            if (
-                i in special
-                or not text
-                or '"' in text
-                or "\\" in text
-                or "\ufffd" in text
-                or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text)
-            ):
-                continue
-            mask[i] = True
-        # Added (non-special) tokens such as chat markers are not text either.
-        for tok_id in getattr(self.tokenizer, "added_tokens_decoder", {}) or {}:
-            if tok_id < vocab_out:
-                mask[tok_id] = False
-        return mask
-
-    def _grammar(self, scale_choices: tuple[int, ...], op_choices: tuple[tuple[str, ...], ...]) -> _Grammar:
+    def _grammar(self, scale_choices: tuple[int, ...], op_choices: tuple[tuple[str, ...], ...]) -> Grammar:
         key = (scale_choices, op_choices)
         if key not in self._grammars:
             template: list[tuple] = [
@@ -367,7 +192,7 @@ class HFLLMPlanner(Planner):
                 ("choice", "degradation", list(DEGRADATIONS)),
                 ("lit", '", '),
             ]
-            for name, choices in zip(OPERATION_ORDER, op_choices):
+            for name, choices in zip(OPERATION_ORDER, op_choices, strict=True):
                 template.append(("lit", f'"{name}": '))
                 template.append(("choice", name, list(choices)))
                 template.append(("lit", ", "))
@@ -378,14 +203,14 @@ class HFLLMPlanner(Planner):
             template.append(("lit", '", "negative_prompt": "'))
             template.append(("free", "negative_prompt", NEGATIVE_MAX_TOKENS))
             template.append(("lit", '"}'))
-            self._grammars[key] = _Grammar(self.tokenizer, _merge_literals(template), self._free_mask)
+            self._grammars[key] = Grammar(self.tokenizer, merge_literals(template), self._free_mask)
         return self._grammars[key]
 
-    def _edit_grammar(self, scale_choices: tuple[int, ...], choices: tuple[tuple[str, ...], ...]) -> _Grammar:
+    def _edit_grammar(self, scale_choices: tuple[int, ...], choices: tuple[tuple[str, ...], ...]) -> Grammar:
         key = ("edit", scale_choices, choices)
         if key not in self._grammars:
             template: list[tuple] = [("lit", "{")]
-            for name, allowed in zip(GRADING_ORDER, choices):
+            for name, allowed in zip(GRADING_ORDER, choices, strict=True):
                 template += [("lit", f'"{name}": '), ("choice", name, list(allowed)), ("lit", ", ")]
             template += [
                 ("lit", '"scale": '),
@@ -400,7 +225,7 @@ class HFLLMPlanner(Planner):
                 ("free", "negative_prompt", NEGATIVE_MAX_TOKENS),
                 ("lit", '"}'),
             ]
-            self._grammars[key] = _Grammar(self.tokenizer, _merge_literals(template), self._free_mask)
+            self._grammars[key] = Grammar(self.tokenizer, merge_literals(template), self._free_mask)
         return self._grammars[key]
 
     # -- planning
@@ -414,7 +239,7 @@ class HFLLMPlanner(Planner):
             return scales, grading_choices(None, set())
         return scales, grading_choices({op.name: op.strength for op in mapping.grading}, mapping.forbidden)
 
-    def _grammar_for(self, options: JobOptions) -> _Grammar:
+    def _grammar_for(self, options: JobOptions) -> Grammar:
         if options.task in EDIT_TASKS:
             return self._edit_grammar(*self._edit_constraints(options))
         return self._grammar(*self._constraints(options))
@@ -467,7 +292,7 @@ class HFLLMPlanner(Planner):
         ]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _generate(self, prompts: Sequence[str], grammars: Sequence[_Grammar]) -> list[str]:
+    def _generate(self, prompts: Sequence[str], grammars: Sequence[Grammar]) -> list[str]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -497,7 +322,7 @@ class HFLLMPlanner(Planner):
         prompts = [self._prompt_text(d, o, p) for d, o, p in items]
         grammars = [self._grammar_for(o) for _, o, _ in items]
         raws = self._generate(prompts, grammars)
-        return [self._to_plan_or_error(raw, d, o, p) for raw, (d, o, p) in zip(raws, items)]
+        return [self._to_plan_or_error(raw, d, o, p) for raw, (d, o, p) in zip(raws, items, strict=True)]
 
     def _to_plan_or_error(
         self, raw: str, description: Description, options: JobOptions, prior: Plan
@@ -514,8 +339,8 @@ class HFLLMPlanner(Planner):
 
         check_batch(descriptions, options, "descriptions/option sets")
         # The rules prior: restoration, estimates, format (an edit's grading is the LLM's).
-        priors = [self.rules.plan_one(d, o, map_edit=False) for d, o in zip(descriptions, options)]
-        items = list(zip(descriptions, options, priors))
+        priors = [self.rules.plan_one(d, o, map_edit=False) for d, o in zip(descriptions, options, strict=True)]
+        items = list(zip(descriptions, options, priors, strict=True))
         return map_batches_with_oom(self._plan_batch, items, self.batch_size, what="planner")
 
     def _to_plan(self, raw: str, description: Description, options: JobOptions, prior: Plan) -> Plan:
@@ -529,7 +354,7 @@ class HFLLMPlanner(Planner):
             return plan
 
         operations: list[Operation] = []
-        for name, allowed in zip(OPERATION_ORDER, op_choices):
+        for name, allowed in zip(OPERATION_ORDER, op_choices, strict=True):
             value = _as_choice(data.get(name), allowed)
             strength = float(value)
             if strength > 0:
@@ -560,7 +385,7 @@ class HFLLMPlanner(Planner):
         scales, choices = self._edit_constraints(options)
         data = _json_object(raw) or {}
         grading = []
-        for name, allowed in zip(GRADING_ORDER, choices):
+        for name, allowed in zip(GRADING_ORDER, choices, strict=True):
             strength = float(_as_choice(data.get(name), allowed))
             if strength != 0:
                 grading.append(GradingOp(name=name, strength=strength))
@@ -602,21 +427,10 @@ def _fixed_scale(options: JobOptions) -> tuple[int, ...]:
 
 
 def _size_text(options: JobOptions) -> str:
-    """The prompt's words for the output size ("scale x2", as before, or "output x1.5")."""
+    """The prompt's words for the output size ("scale x2", or "output x1.5" for a target size)."""
     if options.target() is None:
         return f"scale x{options.effective_scale()}"
     return f"output {outsize.describe(options)}"
-
-
-def _merge_literals(template: list[tuple]) -> list[tuple]:
-    """Merge adjacent literals so each is tokenized once."""
-    merged: list[tuple] = []
-    for part in template:
-        if part[0] == "lit" and merged and merged[-1][0] == "lit":
-            merged[-1] = ("lit", merged[-1][1] + part[1])
-        else:
-            merged.append(part)
-    return merged
 
 
 def _json_object(raw: str) -> dict | None:

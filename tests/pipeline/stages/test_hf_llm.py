@@ -10,11 +10,12 @@ import json
 import pytest
 import torch
 
+from pixelrelay.pipeline.constrained import SchemaLogitsProcessor
 from pixelrelay.pipeline.messages import Description, JobOptions, Plan
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.planners.edits import ORDER as GRADING_ORDER
 from pixelrelay.pipeline.stages.planners.edits import EmptyEditPlanError
-from pixelrelay.pipeline.stages.planners.hf_llm import DEGRADATIONS, HFLLMPlanner, SchemaLogitsProcessor, edit_seed
+from pixelrelay.pipeline.stages.planners.hf_llm import DEGRADATIONS, HFLLMPlanner, edit_seed
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_qwen2, tiny_model
 
 
