@@ -87,7 +87,7 @@ class InputError(ValueError):
 @functools.lru_cache(maxsize=1)
 def listed_extensions() -> tuple[str, ...]:
     """The extensions a folder or prefix listing takes (see the module docstring)."""
-    extensions = C.INPUT_EXTENSIONS
+    extensions: tuple[str, ...] = C.INPUT_EXTENSIONS
     if features.check("avif"):
         extensions += C.AVIF_EXTENSIONS
     if imageio.HEIF_READABLE:
@@ -315,7 +315,7 @@ class _Listing:
         self.count = 0
 
     def fill(self, sources: Iterator[Source], fmt: str | None) -> int:
-        rows = []
+        rows: list[tuple[str, str | None, str | None, str | None, str | None, str]] = []
         for source in sources:
             if source.error is not None:
                 rows.append((source.input, None, None, None, source.error, ""))

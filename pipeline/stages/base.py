@@ -125,7 +125,7 @@ class Planner(_Stage):
     """description + job options -> Plan."""
 
     @abstractmethod
-    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
+    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> Sequence[Plan | Exception]:
         """Plan a batch; returns schema-valid Plans, one per input, in order. An item it
         cannot plan (an edit instruction that maps to nothing) gets the exception instead
         of a Plan in its slot (``planners.edits.PlanningError``): the plan worker fails

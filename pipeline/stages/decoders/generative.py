@@ -134,6 +134,7 @@ class GenerativeDecoder(Decoder):
     generative = True  # runs Plan.edit.generative (decoders.edits routes such plans here)
     extra = "diffusers"
     install_hint: ClassVar[str]
+    default_model: ClassVar[str]  # each pipeline names the hub model it loads by default
 
     def __init__(
         self,

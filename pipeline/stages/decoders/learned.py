@@ -92,8 +92,8 @@ class TileConfig:
         fields = {f: getattr(settings, f"{name}_{f}") for f in ("tile", "overlap", "tile_batch", "min_tile")}
         return cls(**fields, memory_mb=settings.tile_memory_mb, memory_fraction=settings.tile_memory_fraction)
 
-    def with_(self, **overrides: float | None) -> TileConfig:
-        """A copy with the given (non-None) fields replaced."""
+    def with_(self, **overrides: int | None) -> TileConfig:
+        """A copy with the given (non-None) integer fields replaced."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -220,7 +220,7 @@ class LearnedDecoder(Decoder):
         return self.model_name(m), scale, str(self.dtype)
 
     def upscale_tensor(
-        self, m: Any, x: torch.Tensor, plans: Sequence[Plan], **overrides: float
+        self, m: Any, x: torch.Tensor, plans: Sequence[Plan], **overrides: int
     ) -> tuple[torch.Tensor, TileSettings]:
         """(B,3,H,W) float [0,1] (CPU), one plan per row -> ((B,3,H*s,W*s) float32 CPU at the
         native scale s, the tile settings that worked). ``overrides``: TileConfig fields."""
