@@ -68,7 +68,7 @@ import numpy as np
 from pixelrelay.pipeline import hf
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage, check_batch
+from pixelrelay.pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage, check_batch, filled
 from pixelrelay.pipeline.stages.decoders.sd_upscale import FALLBACK_NEGATIVE, _dtype_kwarg, diffusers_available
 
 if TYPE_CHECKING:
@@ -253,7 +253,7 @@ class GenerativeDecoder(Decoder):
             outs = self._edit_group([images[i] for i in idx], [plans[i] for i in idx], [requests[i] for i in idx])
             for i, out in zip(idx, outs):
                 results[i] = out
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     # -- the shared machinery
 

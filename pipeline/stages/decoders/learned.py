@@ -52,7 +52,7 @@ import numpy as np
 
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch, filled
 
 if TYPE_CHECKING:
     import torch
@@ -197,7 +197,7 @@ class LearnedDecoder(Decoder):
             out, used = self.upscale_tensor(m, x, group_plans)
             for k, i in enumerate(idx):
                 results[i] = self._finish(images[i], plans[i], m, out[k : k + 1], used)
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     @property
     def itemsize(self) -> int:
