@@ -24,8 +24,8 @@ from tests.conftest import REPO
 CACHE = REPO / ".mypy_cache"
 TREE = CACHE / "pixelrelay-tree"
 
-# Modules being restructured: their errors are fixed as that work lands, and each line goes
-# then. learned.py's one error is the call into pipeline/tiling.py's ``fn`` type.
+# Modules exempt from the gate until their own errors are fixed: each leaves the set once it
+# checks clean. learned.py's one error is its call into pipeline/tiling.py's ``fn`` type.
 PENDING = {
     "jobs/feed.py",
     "pipeline/settings.py",
@@ -93,13 +93,13 @@ def links() -> dict[Path, Path]:
     return _link_tree()
 
 
+@pytest.mark.timeout(900)  # a cold run reads torch, transformers and diffusers: minutes on a busy machine
 def test_the_package_type_checks(links):
     code, output = _mypy("-p", "pixelrelay")
     output = _to_repo_paths(output, links)
-    errors = re.findall(r"^(\S+\.py):\d+: error: .*$", output, flags=re.M)
+    errors = [line for line in output.splitlines() if re.match(r"\S+\.py:\d+: error:", line)]
     assert code in (0, 1) and (code == 0) == (not errors), output  # 2: mypy itself failed
-    unexpected = [line for line in output.splitlines() if re.match(r"\S+\.py:\d+: error:", line)]
-    unexpected = [line for line in unexpected if line.split(":")[0] not in PENDING]
+    unexpected = [line for line in errors if line.split(":")[0] not in PENDING]
     assert not unexpected, "\n".join(unexpected)
     checked = re.search(r"(?:no issues found in|checked) (\d+) source files", output)
     modules = [p for folder in _package_dirs().values() for p in folder.rglob("*.py")]
@@ -107,6 +107,7 @@ def test_the_package_type_checks(links):
     assert checked and int(checked[1]) >= len(modules), f"{output}\nthe package has {len(modules)} modules"
 
 
+@pytest.mark.timeout(900)
 def test_the_check_catches_a_type_error(links):
     """A module of the namespace that misuses another's typed API is flagged: the package's
     imports resolve to its own hints (an unresolved import would read as Any and pass)."""
