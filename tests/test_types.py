@@ -9,6 +9,7 @@ root, beside the tree) keeps a rerun to seconds; a cold run takes a minute or mo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -118,3 +119,18 @@ def test_the_check_catches_a_type_error(links):
     finally:
         probe.unlink()
     assert code == 1 and re.search(r"_probe\.py:3: error: Incompatible types in assignment", output), output
+
+
+def test_the_install_exposes_every_module():
+    """A strict editable install (the one type checkers and editors resolve) links each file
+    as it was at install time: a module added since is missing, at run time too, until the
+    install is run again (``pip install --no-deps -e . --config-settings editable_mode=strict``)."""
+    missing = []
+    for name, folder in _package_dirs().items():
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations, name
+        places = [Path(p) for p in spec.submodule_search_locations]
+        for path in folder.rglob("*.py"):
+            if not any((place / path.relative_to(folder)).is_file() for place in places):
+                missing.append(str(path.relative_to(REPO)))
+    assert not missing, f"not in the installed package (install again): {missing}"
