@@ -55,5 +55,5 @@ def job_backlog(client: redis.Redis, job_id: str, signer: Signer | None) -> JobB
 
 def active_backlogs(client: redis.Redis, signer: Signer | None) -> list[JobBacklog]:
     """The backlog of every active job (jobs with chains in flight), by job id."""
-    ids = sorted(m.decode(errors="replace") for m in client.smembers(keys.ACTIVE_JOBS))
+    ids = sorted(keys.text(m) for m in client.smembers(keys.ACTIVE_JOBS))
     return [job_backlog(client, job_id, signer) for job_id in ids if re.match(JOB_ID_PATTERN, job_id)]

@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import redis
 
@@ -58,6 +59,10 @@ class Slot:
         return cls(int(fields[0]), int(fields[1]), part)
 
 
+def _number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Entry:
     """Where a slot's chain was last seen: ``stage`` since ``since`` (epoch seconds)."""
@@ -80,7 +85,7 @@ class Entry:
         if not isinstance(data, dict) or data.get("stage") not in STAGES:
             return None
         since, wait, feeds = data.get("since"), data.get("wait", 0.0), data.get("feeds", True)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (since, wait)):
+        if not (_number(since) and _number(wait)):
             return None
         if not isinstance(feeds, bool) or wait < 0:
             return None
@@ -120,7 +125,8 @@ class ChunksInFlight:
         """
         entry = Entry(stage, time.time() if now is None else now, wait, feeds)
         own = pipe is None
-        pipe = self.r.pipeline() if own else pipe
+        if pipe is None:
+            pipe = self.r.pipeline()
         pipe.hset(self.key, slot.name, entry.to_json())
         pipe.expire(self.key, keys.CHUNKS_TTL_S)
         pipe.sadd(keys.ACTIVE_JOBS, self.job_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -95,7 +96,7 @@ def _one_live(raw: dict, now: float) -> Published | None:
     return live.pop() if len(live) == 1 else None
 
 
-def _parse(field: bytes, until: bytes, now: float) -> Published | None | bool:
+def _parse(field: bytes | str, until: bytes | str, now: float) -> Published | None | Literal[False]:
     """The entry if live, None if expired, False if malformed."""
     try:
         expires = float(until)

@@ -47,6 +47,17 @@ CHUNKS_TTL_S = 7 * 24 * 3600  # refreshed on every write: a forgotten job's hash
 DELIVERIES_TTL_S = 7 * 24 * 3600
 
 
+def text(reply: bytes | str) -> str:
+    """A Redis reply as text: the package's clients read bytes, which redis-py types as
+    ``bytes | str`` (a client made with ``decode_responses`` reads str)."""
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+
+
+def raw(reply: bytes | str) -> bytes:
+    """A Redis reply as bytes (see ``text``)."""
+    return reply if isinstance(reply, bytes) else reply.encode()
+
+
 def job(job_id: str) -> str:
     return JOB.format(job_id=job_id)
 

@@ -240,14 +240,14 @@ def merge_group(
     base_seq = max((s for s in older.get(group, ()) if s < seq), default=0)
     newest: dict[int, tuple[str, bytes]] = {}  # index -> (status, the line as written)
     if base_seq:
-        body = storage.get(group_uri(spec.output, spec.job_id, group, base_seq))
-        _fold(newest, body, items)
+        _fold(newest, storage.get(group_uri(spec.output, spec.job_id, group, base_seq)), items)
     lister = parts or PartLister(storage, spec, geo)
     for body in _fetch(storage, [uri for _, uri in lister.of(group, seq, after=base_seq)]):
         if body is not None:  # gone since the listing (gc): as if never written
             _fold(newest, body, items)
         keepalive()
-    lines, counts = [], {}
+    lines: list[bytes] = []
+    counts: dict[str, int] = {}
     for index in sorted(newest):
         status, line = newest[index]
         counts[status] = counts.get(status, 0) + 1
@@ -414,7 +414,9 @@ def _index_status(line: bytes, items: range) -> tuple[int, str] | None:
 
 
 def _parse_group(body: bytes, items: range) -> Merged:
-    lines, counts, last = [], {}, -1
+    lines: list[bytes] = []
+    counts: dict[str, int] = {}
+    last = -1
     for line in body.splitlines():
         if not line.strip():
             continue

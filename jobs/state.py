@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -157,14 +158,14 @@ class JobState:
         signer = self.signer
         return self.parse_spec(self.r.hget(self.key, "spec"), signer)
 
-    def parse_spec(self, raw: bytes | None, signer: Signer | None = None) -> JobSpec:
+    def parse_spec(self, raw: bytes | str | None, signer: Signer | None = None) -> JobSpec:
         """The spec from the hash's raw ``spec`` field (``KeyError`` when None), checked as
         ``spec`` checks it. A raw value seen before (the same bytes, this job, this signer) is
         not checked and parsed again: a worker reads the same spec at every delivery."""
         signer = signer or self.signer
         if raw is None:
             raise KeyError(f"unknown job {self.job_id!r}")
-        return _checked_spec(signer, self.job_id, bytes(raw)).model_copy()
+        return _checked_spec(signer, self.job_id, keys.raw(raw)).model_copy()
 
     def _signed_spec(self, spec: JobSpec) -> str:
         return json.dumps(self.signer.sign("spec", spec.model_dump(mode="json")), separators=(",", ":"))
@@ -248,7 +249,7 @@ class JobState:
             pipe.getbit(self.done_key, index)
         return [bool(bit) for bit in pipe.execute()]
 
-    def mark(self, seq: int, results: list[tuple[int, str]]) -> tuple[int, int]:
+    def mark(self, seq: int, results: Sequence[tuple[int, str]]) -> tuple[int, int]:
         """Record (index, 'done'|'failed') pairs; returns (done, failed) counts."""
         args: list = [seq, round(time.time(), 3)]
         for index, status in results:
@@ -286,10 +287,10 @@ class JobState:
         raw = self.r.get(self.cursor_key)
         return self._cursor_value(raw) if self.signer.secure else int(raw or 0)
 
-    def _cursor_value(self, raw: bytes | None) -> int:
+    def _cursor_value(self, raw: bytes | str | None) -> int:
         if raw is None:
             return 0
-        text, _, sig = raw.decode(errors="replace").partition(":")
+        text, _, sig = keys.text(raw).partition(":")
         try:
             n = int(text)
             self.signer.check("cursor", [self.job_id, n], sig)
@@ -305,7 +306,8 @@ class JobState:
         count is then the first result of that pipeline's ``execute`` from here)."""
         key = keys.deliveries(self.job_id, stage, seq, chunk)
         own = pipe is None
-        pipe = self.r.pipeline() if own else pipe
+        if pipe is None:
+            pipe = self.r.pipeline()
         pipe.incr(key)
         pipe.expire(key, keys.DELIVERIES_TTL_S)
         return int(pipe.execute()[0]) if own else None
@@ -382,4 +384,4 @@ class JobState:
         pipe.execute()
 
     def info(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.r.hgetall(self.key).items() if k != b"spec"}
+        return {keys.text(k): keys.text(v) for k, v in self.r.hgetall(self.key).items() if k != b"spec"}

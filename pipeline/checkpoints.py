@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from pixelrelay.pipeline.stages.base import ModelUnavailableError
 
@@ -91,6 +91,14 @@ def require_file(source: Source, hint: str) -> Path:
     return path
 
 
+@overload
+def _hub_file(source: Source, download: Literal[True]) -> Path: ...
+
+
+@overload
+def _hub_file(source: Source, download: Literal[False]) -> Path | None: ...
+
+
 def _hub_file(source: Source, download: bool) -> Path | None:
     from huggingface_hub import hf_hub_download, snapshot_download
 
@@ -117,7 +125,7 @@ def pull(name: str, storage_for: Callable[[str], Storage], max_bytes: int) -> Pa
     S3 object into the checkpoint cache; a local file is only looked up."""
     source = source_of(name)
     if source.kind == "hub":
-        return _hub_file(source, download=True)  # type: ignore[return-value]
+        return _hub_file(source, download=True)
     if source.kind == "s3":
         return fetch_s3(name, storage_for(name), max_bytes)
     return require_file(source, "nothing to pull")

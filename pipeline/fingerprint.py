@@ -151,7 +151,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
-def folder_identity(folder: str | os.PathLike) -> str:
+def folder_identity(folder: str | os.PathLike[str]) -> str:
     """A cheap identity for a local model folder: sha256 over its files' relative paths,
     sizes and mtimes (a changed or replaced weights file changes it)."""
     rows = []

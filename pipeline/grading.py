@@ -193,7 +193,7 @@ def grade_images(
             with torch.inference_mode():
                 x = torch.from_numpy(stacked).to(device).permute(0, 3, 1, 2).float().div_(255.0)
                 y = grade(x, [gradings[i] for i in part])
-                y = y.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                graded = y.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for k, i in enumerate(part):
-                out[i] = np.ascontiguousarray(y[k])
+                out[i] = np.ascontiguousarray(graded[k])
     return out

@@ -335,6 +335,13 @@ def _icc_space(icc: bytes) -> str | None:
         return None
 
 
+def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image:
+    """``img`` converted from the ICC profile ``icc`` to sRGB, as a new RGB image."""
+    out = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb(), outputMode="RGB")
+    assert out is not None  # None only for an in-place conversion
+    return out
+
+
 def _grey_to_rgb(img: Image.Image, profile: bytes, notes: list[str]) -> Image.Image:
     """A grey image (any grey mode, alpha kept) converted to sRGB through its grey profile."""
     alpha = None
@@ -345,7 +352,7 @@ def _grey_to_rgb(img: Image.Image, profile: bytes, notes: list[str]) -> Image.Im
         notes.append(f"{img.mode} high-bit-depth input reduced to 8 bits")
     else:
         grey = img.convert("L")
-    rgb = ImageCms.profileToProfile(grey, ImageCms.ImageCmsProfile(io.BytesIO(profile)), _srgb(), outputMode="RGB")
+    rgb = _to_srgb(grey, profile)
     if alpha is not None:
         rgb.putalpha(alpha)
     return rgb
@@ -372,9 +379,7 @@ def _to_output_colour(img: Image.Image, icc: bytes | None, notes: list[str]) -> 
         return img, icc
     try:
         if family == "CMYK":
-            converted = ImageCms.profileToProfile(
-                img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb(), outputMode="RGB"
-            )
+            converted = _to_srgb(img, icc)
         else:
             converted = _grey_to_rgb(img, icc, notes)
     except (ImageCms.PyCMSError, OSError, ValueError) as exc:

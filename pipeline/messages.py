@@ -17,7 +17,7 @@ The rolling-upgrade order: docs/design.md, "Delivery guarantees".
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeGuard
 
 from pydantic import (
     BaseModel,
@@ -36,6 +36,13 @@ Task = Literal["restore", "upscale", "edit", "style"]
 EDIT_TASKS: tuple[str, ...] = ("edit", "style")  # tasks whose plan carries an ``Edit``
 Scale = Literal[1, 2, 4]  # a plan's native scale (what a decoder runs, see Plan.scale)
 NATIVE_SCALES: tuple[int, ...] = (1, 2, 4)  # the values of Scale
+
+
+def is_scale(value: object) -> TypeGuard[Scale]:
+    """Whether ``value`` is a native scale (an int of ``NATIVE_SCALES``)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in NATIVE_SCALES
+
+
 MAX_SCALE = 8  # the largest output scale a job may ask for
 MAX_SIDE = 65535  # the largest output width or height a job may ask for
 MAX_NATIVE_SCALE = 32  # bounds a record's native scale (a decoder's model may be x8, x16)

@@ -35,6 +35,15 @@ def cond_vector(noise_sigma: float, blur_sigma: float, jpeg_quality: float | Non
 # --- decoder ----------------------------------------------------------------------------
 
 
+def _zero_init(*convs: nn.Module) -> None:
+    """Zero the weight and bias of each conv: a branch that starts out adding nothing."""
+    for conv in convs:
+        assert isinstance(conv, nn.Conv2d)
+        nn.init.zeros_(conv.weight)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+
+
 class FiLMBlock(nn.Module):
     def __init__(self, c: int, hidden: int) -> None:
         super().__init__()
@@ -69,8 +78,7 @@ class ContextBranch(nn.Module):
             self.levels.append(nn.ModuleList(FiLMBlock(ch, hidden) for _ in range(n)))
             self.ups.append(nn.Conv2d(ch, 4 * prev, 3, padding=1))  # pixel-shuffled back to prev
             prev = ch
-        nn.init.zeros_(self.ups[0].weight)
-        nn.init.zeros_(self.ups[0].bias)
+        _zero_init(self.ups[0])
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         h0, w0 = x.shape[-2:]
@@ -81,7 +89,7 @@ class ContextBranch(nn.Module):
         for down, blocks in zip(self.downs, self.levels, strict=True):
             skips.append(y)
             y = F.leaky_relu(down(y), 0.1)
-            for blk in blocks:
+            for blk in blocks.children():
                 y = blk(y, h)
         for i in reversed(range(len(self.downs))):
             y = F.pixel_shuffle(self.ups[i](y), 2)
@@ -148,11 +156,9 @@ class RestoreNet(nn.Module):
                 ),
             }
         )
-        for k in ("x1", "x2"):
-            nn.init.zeros_(self.heads[k].weight)
-            nn.init.zeros_(self.heads[k].bias)
-        nn.init.zeros_(self.heads["x4"][-1].weight)
-        nn.init.zeros_(self.heads["x4"][-1].bias)
+        x4 = self.heads["x4"]
+        assert isinstance(x4, nn.Sequential)
+        _zero_init(self.heads["x1"], self.heads["x2"], x4[-1])
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, scale: int) -> torch.Tensor:
         """x: Bx3xHxW in [0,1] (H, W even for scale 1); cond: BxCOND_DIM. Returns Bx3x(sH)x(sW)."""
@@ -212,6 +218,10 @@ class JpegFeatures(nn.Module):
     DCT coefficients line up on that quality's quantisation grid (mean cos(2 pi c / step) over
     coefficients that quantise to non-zero). Crops must be aligned to the 8x8 JPEG grid."""
 
+    dct: torch.Tensor
+    steps: torch.Tensor
+    freqs: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("dct", _dct_matrix(8), persistent=False)
@@ -250,6 +260,9 @@ class StatFeatures(nn.Module):
     """
 
     dim = 10
+    immerkaer: torch.Tensor
+    lap: torch.Tensor
+    gauss: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from pixelrelay.pipeline.messages import NATIVE_SCALES, JobOptions, OutputTarget, Plan
+from pixelrelay.pipeline.messages import NATIVE_SCALES, JobOptions, OutputTarget, Plan, Scale, is_scale
 
 if TYPE_CHECKING:
     from pixelrelay.pipeline.imageio import DecodedImage
@@ -98,17 +98,19 @@ def native_scale(natives: Sequence[int], target: OutputTarget, width: int, heigh
     return native_for(natives, factor(target, width, height))
 
 
-def planned(options: JobOptions) -> tuple[int, OutputTarget | None]:
+def planned(options: JobOptions) -> tuple[Scale, OutputTarget | None]:
     """(``Plan.scale``, ``Plan.target``) for a job: the native scale the planner proposes
     and the target, None where the job's scale is native (1, 2, 4)."""
     target = options.target()
+    scale: object
     if target is None:
         scale = options.effective_scale()
-        assert isinstance(scale, int)
-        return scale, None
-    if target.scale is not None:
-        return native_for(NATIVE_SCALES, target.scale), target
-    return (2 if options.task == "upscale" else 1), target
+    elif target.scale is not None:
+        scale = native_for(NATIVE_SCALES, target.scale)
+    else:
+        scale = 2 if options.task == "upscale" else 1
+    assert is_scale(scale), scale  # without a target the job's scale is native; native_for picks one
+    return scale, target
 
 
 def describe(options: JobOptions) -> str:

@@ -9,6 +9,16 @@ lazily, so ``import pixelrelay`` stays cheap.
 from __future__ import annotations
 
 from pkgutil import extend_path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # type checkers read the lazy exports below as pixelrelay.api's own
+    from pixelrelay.api import Job as Job
+    from pixelrelay.api import JobStatus as JobStatus
+    from pixelrelay.api import JobStatusInfo as JobStatusInfo
+    from pixelrelay.api import ManifestNotReady as ManifestNotReady
+    from pixelrelay.api import ManifestRow as ManifestRow
+    from pixelrelay.api import WaitTimeout as WaitTimeout
+    from pixelrelay.api import submit as submit
 
 # Run from a source checkout, the folder ``pixelrelay/`` holds only this package root; the
 # mapped subpackages are found beside the installed copy (or through the editable finder).
@@ -36,7 +46,7 @@ _API = (
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _API:
         from pixelrelay import api
 

@@ -21,8 +21,8 @@ def synthetic_scene(rng: np.random.Generator, width: int, height: int) -> Image.
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(pil)
     for _ in range(rng.integers(3, 8)):
-        x0, y0 = rng.integers(0, width), rng.integers(0, height)
-        x1, y1 = x0 + rng.integers(8, width // 2 + 9), y0 + rng.integers(8, height // 2 + 9)
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(8, width // 2 + 9)), y0 + int(rng.integers(8, height // 2 + 9))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         if rng.random() < 0.5:
             draw.ellipse([x0, y0, x1, y1], fill=colour)
@@ -44,7 +44,7 @@ def degrade(img: Image.Image, rng: np.random.Generator, kind: str) -> Image.Imag
         img.save(buf, "JPEG", quality=int(rng.integers(8, 30)))
         return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     if kind == "lowres":
-        return img.resize((img.width // 2, img.height // 2), Image.BICUBIC)
+        return img.resize((img.width // 2, img.height // 2), Image.Resampling.BICUBIC)
     return img
 
 

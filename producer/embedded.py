@@ -80,7 +80,8 @@ class EmbeddedRedis:
         client = redis.Redis(port=self.port, socket_timeout=1)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"embedded redis-server exited: {self.process.stderr.read().decode()[-500:]}")
+                stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"embedded redis-server exited: {stderr[-500:]}")
             try:
                 client.ping()
                 return self

@@ -46,7 +46,7 @@ class InputError(ValueError):
 def listed_extensions() -> tuple[str, ...]:
     """The extensions a folder or prefix listing takes: ``pixelrelay.pipeline.constants.INPUT_EXTENSIONS``, plus
     ``.avif`` when this Pillow reads AVIF and ``.heic``/``.heif`` with ``pillow-heif``."""
-    extensions = C.INPUT_EXTENSIONS
+    extensions: tuple[str, ...] = C.INPUT_EXTENSIONS
     if features.check("avif"):
         extensions += C.AVIF_EXTENSIONS
     if imageio.HEIF_READABLE:
@@ -274,7 +274,7 @@ class _Listing:
         self.count = 0
 
     def fill(self, sources: Iterator[Source], fmt: str | None) -> int:
-        rows = []
+        rows: list[tuple[str, str | None, str | None, str | None, str | None, str]] = []
         for source in sources:
             if source.error is not None:
                 rows.append((source.input, None, None, None, source.error, ""))

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Callable
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.pipeline import constants as C
@@ -152,9 +153,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
         needs = _missing_extra(cls)
         if needs:
             print(f"note: {spec.kind} also needs the {needs} package (pip install 'pixelrelay[{needs}]')")
+        pull_own = getattr(cls, "pull_model", None)  # a backend that fetches its own (single-file checkpoints)
         for model in models:
-            if hasattr(cls, "pull_model"):  # the backend fetches its own (single-file checkpoints)
-                status = max(status, _pull_own(cls, stage, spec.kind, model))
+            if pull_own is not None:
+                status = max(status, _pull_own(pull_own, stage, spec.kind, model))
                 continue
             if hf.model_present(model):
                 print(f"{stage} {spec.kind}:{model}: present at {hf.local_snapshot(model)}")
@@ -179,9 +181,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return status
 
 
-def _pull_own(cls: type, stage: str, kind: str, model: str) -> int:
+def _pull_own(pull_model: Callable[[str], str], stage: str, kind: str, model: str) -> ExitCode:
     try:
-        path = cls.pull_model(model)
+        path = pull_model(model)
     except Exception as exc:  # network, auth, unknown repo or file: report and go on
         print(f"{stage} {kind}:{model}: not pulled: {type(exc).__name__}: {exc}", file=sys.stderr)
         return ExitCode.MODELS_MISSING

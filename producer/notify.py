@@ -209,7 +209,11 @@ def after_wait(
     if url is not None:
         try:
             summary = job_summary(
-                settings, job_id, exit_code, written and written.html, written and written.contact_sheet
+                settings,
+                job_id,
+                exit_code,
+                written.html if written else None,
+                written.contact_sheet if written else None,
             )
         except Exception as exc:  # noqa: BLE001 - e.g. Redis gone: still tell the webhook
             stream.write(f"pixelrelay: warning: job state unavailable for the notification: {type(exc).__name__}\n")

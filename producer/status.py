@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TextIO
+from typing import IO, TextIO
 
 import redis
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -76,7 +76,7 @@ def plain_line(counts: Counts, rate: float, stalled_s: float | None = None, stat
         f"done={counts.done} failed={counts.failed} pending={counts.pending} total={counts.total} "
         f"percent={_percent(counts):.1f} rate={rate:.2f}/s eta={eta}"
     )
-    if stalled:
+    if stalled and stalled_s is not None:
         line += f" stalled={int(stalled_s)}"
     return line + (f" state={state}" if state else "")
 
@@ -132,7 +132,7 @@ class _LiveView:
 
 
 class _PlainView:
-    def __init__(self, stream: TextIO, every_s: float) -> None:
+    def __init__(self, stream: IO[str], every_s: float) -> None:
         self.stream, self.every_s = stream, every_s
         self.last: tuple[Counts, bool] | None = None
         self.last_at = float("-inf")
@@ -251,7 +251,7 @@ def wait_for_job(
             problem = health() if health is not None else None
             if problem:
                 raise WaitAborted(problem)
-            if deadline is not None and time.monotonic() >= deadline:
+            if timeout_s is not None and deadline is not None and time.monotonic() >= deadline:
                 ticker.show_final()
                 raise WaitTimeout(state.job_id, timeout_s)
             time.sleep(wait_s if deadline is None else max(0.0, min(wait_s, deadline - time.monotonic())))
@@ -362,6 +362,7 @@ def job_info(
     cancelled = int(info.get("manifest_cancelled", 0) or 0) if ended else 0
     rate, stalled = _rate(info, counts), stalled_for(info, now, settings.stall_s)
     pending = max(0, counts.pending - cancelled)
+    eta: float | None
     if pending == 0:
         eta = 0.0
     else:

@@ -22,7 +22,7 @@ import torch
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.pipeline.imageio import DecodedImage
-from pixelrelay.pipeline.messages import JobOptions
+from pixelrelay.pipeline.messages import JobOptions, Scale
 from pixelrelay.training import data
 from pixelrelay.training import degradations as D
 
@@ -62,7 +62,7 @@ def run_pipeline(stages, lrs: Sequence[np.ndarray], scale: int, batch: int = 8):
 
 def make_set(hrs: list[np.ndarray], scale: int, degradation: str, seed: int = SEED):
     """[(hr, lr, params or None)] for the given degradation, seeded per image."""
-    out = []
+    out: list[tuple[np.ndarray, np.ndarray, D.DegradationParams | None]] = []
     for i, hr in enumerate(hrs):
         if degradation == "bicubic":
             h, lr = D.bicubic_pair(hr, scale)
@@ -136,9 +136,10 @@ JPEG_THEN_BLUR = D.DegradationConfig(
 )
 
 
-def _quality_error(enc, lr: np.ndarray, true_quality: int) -> float:
+def _quality_error(enc, lr: np.ndarray, true_quality: int | None) -> float:
+    """How far the estimated JPEG quality is off (no JPEG reads as quality 100, either side)."""
     e = enc.estimate([DecodedImage(rgb=lr)])[0]["jpeg_quality"]
-    return abs((100.0 if e is None else e) - true_quality)
+    return abs((100.0 if e is None else e) - (100.0 if true_quality is None else true_quality))
 
 
 def encoder_errors(hrs, enc, seed: int = SEED) -> dict[str, Any]:
@@ -214,7 +215,7 @@ def clean_estimates(res: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def degraded_plan(scale: int):
+def degraded_plan(scale: Scale):
     """A plan with operations: the builtin decoder runs its restorer (the slower network)."""
     from pixelrelay.pipeline.messages import Operation, Plan
 
@@ -227,7 +228,7 @@ def degraded_plan(scale: int):
 
 
 def time_decoder(
-    dec, batch: int = 8, out_size: int = 512, scale: int = 2, repeats: int = 2, degraded: bool = False
+    dec, batch: int = 8, out_size: int = 512, scale: Scale = 2, repeats: int = 2, degraded: bool = False
 ) -> float:
     """Best-of-``repeats`` seconds per output of ``dec.restore``.
 

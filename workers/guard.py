@@ -48,11 +48,11 @@ def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str, s
     spec = _job_spec(state, seen)
     _check_job_fields(spec, msg)
     listing = _listing(storage_for(spec.output), spec, msg.chunk)
-    seen: set[int] = set()
+    indices: set[int] = set()
     for record in msg.records:
-        if record.index in seen:
+        if record.index in indices:
             raise ForgedMessage(f"item {record.index} is in the message twice")
-        seen.add(record.index)
+        indices.add(record.index)
         entry = listing.get(record.index)
         if entry is None:
             raise ForgedMessage(f"item {record.index} is not in chunk {msg.chunk} of the job's listing")

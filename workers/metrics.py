@@ -41,7 +41,7 @@ def serve(port: int, concurrency: int = 1) -> None:
         folder = tempfile.mkdtemp(prefix="pixelrelay-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
         owner = os.getpid()
-        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+        atexit.register(_remove_in, owner, folder)
         _mark_dead_children()
     else:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # an inherited one would split the values
@@ -56,6 +56,12 @@ def serve(port: int, concurrency: int = 1) -> None:
     else:
         start_http_server(port)
     log.info("metrics on :%d/metrics%s", port, " (multiprocess)" if concurrency > 1 else "")
+
+
+def _remove_in(owner: int, folder: str) -> None:
+    """Remove ``folder`` at exit of the process ``owner`` only (forked children inherit the hook)."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _mark_dead_children() -> None:

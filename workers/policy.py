@@ -23,6 +23,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
 
 import redis
 
@@ -34,8 +35,11 @@ from pixelrelay.jobs.finish import finalize_cancelled, finalize_if_complete
 from pixelrelay.jobs.merge import merge_group_if_complete
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
-from pixelrelay.pipeline.messages import ChunkMessage, JobSpec
+from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord, ItemStatus, JobSpec
 from pixelrelay.pipeline.storage import Storage, StorageError, TransientStorageError
+
+if TYPE_CHECKING:
+    from pixelrelay.workers.lease import Lease
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -131,14 +135,14 @@ class Delivery:
     msg: ChunkMessage
     retries: int = 0
     seen: Seen | None = None
-    lease: object | None = None
+    lease: Lease | None = None
 
     @property
     def key(self) -> str:
         """Names this delivery in the poison-pill count (one count per retry)."""
         return f"{self.msg.chunk}:{self.msg.part or 'all'}:{self.retries}"
 
-    def pending(self) -> list:
+    def pending(self) -> list[ItemRecord]:
         return [r for r in self.msg.records if r.status is None]
 
 
@@ -187,7 +191,7 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
         log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
         for record in msg.records:
             record.fail("decode", f"manifest part not written: {exc}")
-    state.mark(msg.seq, [(r.index, r.status) for r in msg.records])
+    state.mark(msg.seq, results(msg.records))
     spec = spec or state.spec()
     if msg.feeds:
         feed(send, state, storage, spec, state.seq(), 1)
@@ -195,6 +199,11 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
     wrote = finalize_if_complete(state, storage, spec, msg.seq)
     ChunksInFlight(state.r, msg.job_id).untrack(Slot.of(msg))
     return wrote or finalize_cancelled(state, storage, spec)  # the watchdog's end of a cancelled job's last chain
+
+
+def results(records: list[ItemRecord]) -> list[tuple[int, ItemStatus]]:
+    """The (index, status) pairs of the records that have a result."""
+    return [(r.index, r.status) for r in records if r.status is not None]
 
 
 def end_cancelled(state: JobState, storage: Storage, msg: ChunkMessage) -> bool:
@@ -209,7 +218,7 @@ def end_cancelled(state: JobState, storage: Storage, msg: ChunkMessage) -> bool:
         log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
         finished = []
     if finished:
-        state.mark(msg.seq, [(r.index, r.status) for r in finished])
+        state.mark(msg.seq, results(finished))
     ChunksInFlight(state.r, msg.job_id).untrack(Slot.of(msg))
     return finalize_cancelled(state, storage, state.spec())
 

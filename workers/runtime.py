@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
@@ -23,7 +24,7 @@ from pixelrelay.jobs import identities, keys
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.memory import tune_allocator
 from pixelrelay.pipeline.settings import Settings
-from pixelrelay.pipeline.stages.base import ModelUnavailableError, StageSpec
+from pixelrelay.pipeline.stages.base import Decoder, Encoder, ModelUnavailableError, Planner, StageSpec
 from pixelrelay.pipeline.stages.registry import (
     BackendNotAllowedError,
     canonical_spec,
@@ -38,7 +39,11 @@ from pixelrelay.workers import metrics
 
 log = logging.getLogger("pixelrelay.worker")
 
-_FACTORIES = {"encode": create_encoder, "plan": create_planner, "decode": create_decoder}
+_FACTORIES: dict[str, Callable[..., Encoder | Planner | Decoder]] = {
+    "encode": create_encoder,
+    "plan": create_planner,
+    "decode": create_decoder,
+}
 MAX_LOAD_ERROR_CHARS = 300
 
 
@@ -62,7 +67,7 @@ def load_error(exc: BaseException) -> BackendLoadError:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._stages: dict[tuple[str, str], object] = {}
+        self._stages: dict[tuple[str, str], Encoder | Planner | Decoder] = {}
         self._lock = threading.Lock()
         self._redis: redis.Redis | None = None
         self._redis_pid = 0

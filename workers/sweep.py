@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 
@@ -107,7 +108,7 @@ def sweep_once(
 
 
 def _candidates(client: redis.Redis, lease_s: float, at: float, report: SweepReport) -> list[Lost]:
-    jobs = sorted(m.decode() for m in client.smembers(keys.ACTIVE_JOBS) if _is_text(m))
+    jobs = sorted(_text(m) for m in client.smembers(keys.ACTIVE_JOBS) if _is_text(m))
     report.jobs = len(jobs)
     if not jobs:
         return []
@@ -189,7 +190,9 @@ def _queued(client: redis.Redis, wanted: set[tuple[str, Slot]]) -> set[tuple[str
 def _taken(client: redis.Redis, wanted: set[tuple[str, Slot]], since: float):
     """Slots of messages workers took (``unacked``) at or after ``since``, and the delivery
     tags of those taken before it, by slot."""
-    delivered = {_text(tag): score for tag, score in client.zrange(keys.KOMBU_UNACKED_INDEX, 0, -1, withscores=True)}
+    # redis-py types ZRANGE's reply as either form; WITHSCORES gives (member, score) pairs
+    scored = cast(list[tuple[bytes, float]], client.zrange(keys.KOMBU_UNACKED_INDEX, 0, -1, withscores=True))
+    delivered = {_text(tag): score for tag, score in scored}
     recent: set[tuple[str, Slot]] = set()
     dead: dict[tuple[str, Slot], list[str]] = {}
     for tag, raw in client.hgetall(keys.KOMBU_UNACKED).items():
@@ -215,7 +218,7 @@ def _forget_unacked(client: redis.Redis, tags: Iterable[str]) -> None:
         pipe.execute()
 
 
-def _task_refs(raws: Iterable[bytes]) -> Iterable[TaskRef]:
+def _task_refs(raws: Iterable[bytes | str]) -> Iterable[TaskRef]:
     for raw in raws:
         ref = _ref(_json(raw))
         if ref is not None:
@@ -231,14 +234,16 @@ def _slot_of(ref: TaskRef) -> tuple[str, Slot]:
     return (ref.job_id, ref.slot)
 
 
-def _json(raw: bytes) -> object:
+def _json(raw: bytes | str) -> object:
     try:
         return json.loads(raw)
     except (ValueError, TypeError):
         return None
 
 
-def _is_text(value: bytes) -> bool:
+def _is_text(value: bytes | str) -> bool:
+    if isinstance(value, str):
+        return True
     try:
         value.decode()
         return True

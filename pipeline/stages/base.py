@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,9 @@ class ModelUnavailableError(RuntimeError):
     """A backend's weights are missing; the message names the model and how to get it."""
 
 
+T = TypeVar("T")
+
+
 class BatchMismatchError(ValueError):
     """A batch's parallel inputs (images and plans, descriptions and options) differ in length."""
 
@@ -55,6 +58,16 @@ def check_batch(first: Sequence, second: Sequence, names: str = "images/plans") 
     if len(first) != len(second):
         a, b = names.split("/")
         raise BatchMismatchError(f"{len(first)} {a} but {len(second)} {b}")
+
+
+def filled(results: Sequence[T | None]) -> list[T]:
+    """A batch's per-item results, filled slot by slot from ``None`` placeholders, once every
+    slot is set (one left ``None`` is a bug of the stage: raises)."""
+    out = [r for r in results if r is not None]
+    if len(out) != len(results):
+        missing = [i for i, r in enumerate(results) if r is None]
+        raise RuntimeError(f"no result for items {missing} of the batch")
+    return out
 
 
 class _Stage(ABC):
@@ -116,7 +129,7 @@ class Planner(_Stage):
     """description + job options -> Plan."""
 
     @abstractmethod
-    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
+    def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> Sequence[Plan | Exception]:
         """Plan a batch; returns schema-valid Plans, one per input, in order. An item it
         cannot plan (an edit instruction that maps to nothing) gets the exception instead
         of a Plan in its slot (``pixelrelay.pipeline.stages.planners.edits.PlanningError``): the plan worker fails

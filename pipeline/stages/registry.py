@@ -105,7 +105,7 @@ def _unknown(stage: str, kind: str) -> UnknownBackendError:
     return UnknownBackendError(f"unknown {stage} backend {kind!r}; known: {', '.join(known_backends(stage))}")
 
 
-def backend_class(stage: str, spec: str | StageSpec) -> type:
+def backend_class(stage: str, spec: str | StageSpec) -> type[Encoder | Planner | Decoder]:
     """The class behind a spec (imports its module; built-in modules do not import torch)."""
     _load_plugins()
     parsed = spec if isinstance(spec, StageSpec) else StageSpec.parse(spec)

@@ -16,8 +16,8 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO, Literal
 
 from pixelrelay.pipeline.storage.base import (
     ObjectHead,
@@ -83,6 +83,8 @@ class _Staged:
         """Name the (durable) temp files as ``put`` says: the bytes at the target, the
         metadata in the sidecar, keeping the sidecar invariant of the module docstring."""
         r, uri, sidecar = self.request, self.target, sidecar_path(self.target)
+        data_tmp = self.data_tmp
+        assert data_tmp is not None  # staged: the bytes were written
         if r.if_absent:
             if os.path.lexists(uri):
                 raise StorageConflictError(f"already exists: {uri}")
@@ -91,14 +93,14 @@ class _Staged:
             else:
                 _unlink(sidecar)  # one left by a crash between a sidecar and its link
             try:
-                os.link(self.data_tmp, uri)  # fails if the name exists: O_EXCL semantics
+                os.link(data_tmp, uri)  # fails if the name exists: O_EXCL semantics
             except FileExistsError:
                 raise StorageConflictError(f"already exists: {uri}") from None
             return
         if r.if_version is not None and _version(uri) != r.if_version:
             raise StorageConflictError(f"changed since it was read: {uri}")
         _unlink(sidecar)  # never let old metadata describe the new bytes
-        os.replace(self.data_tmp, uri)
+        os.replace(data_tmp, uri)
         if self.meta_tmp:
             os.replace(self.meta_tmp, sidecar)
 
@@ -108,16 +110,18 @@ class _Staged:
             _unlink(path)
 
 
-_libc_syncfs = None
+_libc_syncfs: Callable[..., int] | Literal[False] | None = None  # None: not looked up yet
 
 
-def _syncfs():
+def _syncfs() -> Callable[..., int] | None:
     """libc's ``syncfs`` (Linux), or None where there is none."""
     global _libc_syncfs
     if _libc_syncfs is None:
+        fn: Callable[..., int] | Literal[False]
         try:
-            fn = ctypes.CDLL(None, use_errno=True).syncfs
-            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            found = ctypes.CDLL(None, use_errno=True).syncfs
+            found.argtypes, found.restype = [ctypes.c_int], ctypes.c_int
+            fn = found
         except (AttributeError, OSError):
             fn = False
         _libc_syncfs = fn
@@ -163,7 +167,7 @@ def _as_storage_error(exc: Exception, path: str) -> Exception:
     return _mapped(exc, path) if isinstance(exc, OSError) else exc
 
 
-def _mapped(exc: OSError, path: str) -> BaseException:
+def _mapped(exc: OSError, path: str) -> Exception:
     """The storage error for an OSError the system raised (it has an errno); one raised by
     other code (a caller's file object) is passed on as it is."""
     return os_error(exc, path) if exc.errno is not None else exc

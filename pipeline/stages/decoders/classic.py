@@ -17,7 +17,7 @@ import numpy as np
 
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch, filled
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +210,7 @@ class ClassicDecoder(Decoder):
                 results[i] = RestoredImage(
                     rgb=rgb, alpha=None if alpha is None else resize_alpha(alpha, plans[i].scale, self.torch_device)
                 )
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     def _sub_batches(self, images: Sequence[DecodedImage], plans: Sequence[Plan]) -> list[list[int]]:
         """Group by scale, then by size (less padding), capped by count and output pixels."""

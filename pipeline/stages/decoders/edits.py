@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch, filled
 
 
 class EditUnsupportedError(ValueError):
@@ -43,7 +43,7 @@ def restore_with_edits(
             restored = _grade_outputs(decoder, restored, [plans[i] for i in todo])
         for i, result in zip(todo, restored, strict=True):
             results[i] = _noted(result, plans[i])
-    return results  # type: ignore[return-value]
+    return filled(results)
 
 
 def _grade_outputs(decoder: Decoder, restored: list[RestoredImage], plans: Sequence[Plan]) -> list[RestoredImage]:

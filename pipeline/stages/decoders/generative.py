@@ -28,7 +28,7 @@ import numpy as np
 from pixelrelay.pipeline import hf
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage, check_batch
+from pixelrelay.pipeline.stages.base import Decoder, ModelUnavailableError, RestoredImage, check_batch, filled
 from pixelrelay.pipeline.stages.decoders.sd_upscale import FALLBACK_NEGATIVE, _dtype_kwarg, diffusers_available
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ class GenerativeDecoder(Decoder):
     generative = True  # runs Plan.edit.generative (decoders.edits routes such plans here)
     extra = "diffusers"
     install_hint: ClassVar[str]
+    default_model: ClassVar[str]  # each pipeline names the hub model it loads by default
 
     def __init__(
         self,
@@ -224,7 +225,7 @@ class GenerativeDecoder(Decoder):
             outs = self._edit_group([images[i] for i in idx], [plans[i] for i in idx], [requests[i] for i in idx])
             for i, out in zip(idx, outs, strict=True):
                 results[i] = out
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     # -- the shared machinery
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
-from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
+from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch, filled
 
 if TYPE_CHECKING:
     import torch
@@ -60,8 +60,8 @@ class TileConfig:
         fields = {f: getattr(settings, f"{name}_{f}") for f in ("tile", "overlap", "tile_batch", "min_tile")}
         return cls(**fields, memory_mb=settings.tile_memory_mb, memory_fraction=settings.tile_memory_fraction)
 
-    def with_(self, **overrides: float | None) -> TileConfig:
-        """A copy with the given (non-None) fields replaced."""
+    def with_(self, **overrides: int | None) -> TileConfig:
+        """A copy with the given (non-None) integer fields replaced."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -165,7 +165,7 @@ class LearnedDecoder(Decoder):
             out, used = self.upscale_tensor(m, x, group_plans)
             for k, i in enumerate(idx):
                 results[i] = self._finish(images[i], plans[i], m, out[k : k + 1], used)
-        return results  # type: ignore[return-value]
+        return filled(results)
 
     @property
     def itemsize(self) -> int:
@@ -188,7 +188,7 @@ class LearnedDecoder(Decoder):
         return self.model_name(m), scale, str(self.dtype)
 
     def upscale_tensor(
-        self, m: Any, x: torch.Tensor, plans: Sequence[Plan], **overrides: float
+        self, m: Any, x: torch.Tensor, plans: Sequence[Plan], **overrides: int
     ) -> tuple[torch.Tensor, TileSettings]:
         """(B,3,H,W) float [0,1] (CPU), one plan per row -> ((B,3,H*s,W*s) float32 CPU at the
         native scale s, the tile settings that worked). ``overrides``: TileConfig fields."""

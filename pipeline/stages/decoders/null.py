@@ -7,12 +7,21 @@ pixelrelay's own per-item cost (``benchmarks/bench_overhead.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 
 from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import Plan
 from pixelrelay.pipeline.stages.base import Decoder, RestoredImage, check_batch
+
+
+@overload
+def _repeat(pixels: np.ndarray, scale: int) -> np.ndarray: ...
+
+
+@overload
+def _repeat(pixels: None, scale: int) -> None: ...
 
 
 def _repeat(pixels: np.ndarray | None, scale: int) -> np.ndarray | None:

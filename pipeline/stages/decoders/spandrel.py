@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from pixelrelay.pipeline.settings import Settings
+    from pixelrelay.pipeline.tiling import TileSettings
 
 log = logging.getLogger("pixelrelay.decoder.spandrel")
 
@@ -291,7 +292,9 @@ class SpandrelDecoder(LearnedDecoder):
         precision = "" if m.dtype == self.dtype else f", {str(m.dtype).replace('torch.', '')}"
         return [f"spandrel: {m.name} ({m.architecture} x{m.scale}, {m.purpose}, {m.variant}{precision})"]
 
-    def upscale_tensor(self, m: _Loaded, x: torch.Tensor, plans: Sequence[Plan], **overrides: int):
+    def upscale_tensor(
+        self, m: _Loaded, x: torch.Tensor, plans: Sequence[Plan], **overrides: int
+    ) -> tuple[torch.Tensor, TileSettings]:
         if m.untiled and "tile" not in overrides:
             overrides["tile"] = max(self.tiles.tile, *x.shape[-2:]) + m.align  # one tile, even once aligned
         return super().upscale_tensor(m, x, plans, **overrides)

@@ -272,8 +272,9 @@ def sample_tiles(height: int, width: int, max_pixels: int | None) -> list[tuple[
 
 def sampled_blockiness(rgb: np.ndarray, max_pixels: int | None = None) -> float:
     """``blockiness`` pooled over ``sample_tiles`` (what ``measure`` reports with that budget)."""
+    height, width = rgb.shape[:2]
     ratios = [
-        r for ys, xs in sample_tiles(*rgb.shape[:2], max_pixels) for r in _blockiness_ratios(_luminance(rgb[ys, xs]))
+        r for ys, xs in sample_tiles(height, width, max_pixels) for r in _blockiness_ratios(_luminance(rgb[ys, xs]))
     ]
     return float(np.median(ratios)) if ratios else 1.0
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -104,6 +104,16 @@ FIT_COARSE_BLOCKS = 256  # the first pass ranks all qualities on this many block
 FIT_SHORTLIST = 8  # ...and the best this many are scored exactly on all blocks
 
 
+class Estimate(TypedDict):
+    """What the net estimates for one image (``jpeg_quality``: None when it is not a JPEG)."""
+
+    noise_sigma: float
+    blur_sigma: float
+    jpeg_quality: float | None
+    p_jpeg: float
+    p_downscaled: float
+
+
 def _grid_scores(coef: np.ndarray, steps: np.ndarray, min_count: int) -> np.ndarray:
     """Q scores: per quality (a row of ``steps``), the mean of cos(2 pi c / step) over the
     coefficients ``coef`` (N x K) that quantise to non-zero; 0 with fewer than ``min_count``."""
@@ -169,7 +179,8 @@ def sampled_noise_sigma(rgb: np.ndarray, max_pixels: int | None = ANALYSIS_MAX_P
     gets from ``pixelrelay.pipeline.stages.encoders.analysis.measure``), for ``estimate`` called on its own."""
     from pixelrelay.pipeline.stages.encoders.analysis import _luminance, noise_sigma_tiles, sample_tiles
 
-    regions = sample_tiles(*rgb.shape[:2], max_pixels)
+    height, width = rgb.shape[:2]
+    regions = sample_tiles(height, width, max_pixels)
     return noise_sigma_tiles([(rgb[ys, xs], _luminance(rgb[ys, xs])) for ys, xs in regions])
 
 
@@ -188,7 +199,9 @@ class BuiltinEncoder(Encoder):
         from pixelrelay.pipeline.stages.encoders.analysis import AnalysisEncoder
 
         self.check_available(model)
-        self.net, self.meta = nets.load_model(str(_weights_path(model)), kind="encoder", device=device)
+        net, self.meta = nets.load_model(str(_weights_path(model)), kind="encoder", device=device)
+        assert isinstance(net, nets.DegradationNet)  # what kind="encoder" builds
+        self.net = net
         self.analysis = AnalysisEncoder(device=device, settings=self.settings)
         self.analysis.max_pixels = ANALYSIS_MAX_PIXELS
         # the conv trunk in bf16 on CPUs that compute it natively (pipeline.hf): about half the
@@ -218,7 +231,7 @@ class BuiltinEncoder(Encoder):
         images: Sequence[DecodedImage],
         blockiness: Sequence[float] | None = None,
         measured_noise: Sequence[float] | None = None,
-    ) -> list[dict[str, float | None]]:
+    ) -> list[Estimate]:
         """Raw estimates per image: noise_sigma, blur_sigma, jpeg_quality (None), p_jpeg, p_downscaled.
         ``blockiness`` and ``measured_noise`` (analysis metrics per image) are measured here
         when not given."""
@@ -243,7 +256,7 @@ class BuiltinEncoder(Encoder):
         images: Sequence[DecodedImage],
         blockiness: Sequence[float] | None,
         measured_noise: Sequence[float] | None = None,
-    ) -> list[dict[str, float | None]]:
+    ) -> list[Estimate]:
         from pixelrelay.pipeline.stages.encoders.analysis import sampled_blockiness
 
         if not images:
@@ -271,7 +284,7 @@ class BuiltinEncoder(Encoder):
         grid: np.ndarray,
         blocks: float,
         measured_noise: float | Callable[[], float] = 0.0,
-    ) -> dict[str, float | None]:
+    ) -> Estimate:
         q_noise = 50.0 if len(p) >= N_CROPS else NOISE_FEW_CROPS_PERCENTILE
         noise = max(0.0, float(np.percentile(p[:, 0], q_noise)) * 50.0)
         blur = max(0.0, float(np.median(p[:, 1])) * 3.0)

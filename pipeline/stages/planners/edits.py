@@ -11,7 +11,7 @@ cannot read, or one naming a region ("the sky"), is refused: nothing asked for i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pixelrelay.pipeline.messages import SIGNED_GRADING, GradingName, GradingOp
@@ -72,6 +72,7 @@ def _words(*phrases: str) -> list[tuple[str, ...]]:
 
 # phrase (a tuple of words) -> effect. docs/editing.md's phrasebook table is written from this one.
 PHRASES: dict[tuple[str, ...], Effect] = {}
+_phrases: tuple[str, ...]  # each table below is built from (phrases, value) rows of any length
 for _phrases, _effect in (
     (("brighter", "brighten", "brightened", "bright", "lighter", "lighten", "lightened"), EXPOSURE_UP),
     (("darker", "darken", "darkened", "dark", "dimmer", "dim"), EXPOSURE_DOWN),
@@ -148,7 +149,7 @@ for _phrases, _effect in (
 ):
     for _words_ in _words(*_phrases):
         PHRASES[_words_] = _effect
-for _noun, _name in (
+_NOUNS: tuple[tuple[str, GradingName], ...] = (
     ("contrast", "contrast"),
     ("saturation", "saturation"),
     ("vibrance", "saturation"),
@@ -157,7 +158,8 @@ for _noun, _name in (
     ("exposure", "exposure"),
     ("lightness", "exposure"),
     ("warmth", "warmth"),
-):
+)
+for _noun, _name in _NOUNS:
     PHRASES[(_noun,)] = _e((_name, BASE), noun=True)
 for _noun in ("color", "colour", "colors", "colours"):
     PHRASES[(_noun,)] = _e(("saturation", BASE), noun=True, needs_direction=True)
@@ -357,7 +359,7 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-def _longest(words: list[str], i: int, table: dict[tuple[str, ...], object]) -> int:
+def _longest(words: list[str], i: int, table: Mapping[tuple[str, ...], object]) -> int:
     """The length of the longest phrase of ``table`` at ``words[i]`` (0: none)."""
     for size in range(min(MAX_PHRASE, len(words) - i), 0, -1):
         if tuple(words[i : i + size]) in table:

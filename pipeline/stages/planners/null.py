@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.messages import Description, JobOptions, Plan
 from pixelrelay.pipeline.stages.base import Planner, check_batch
 
@@ -19,6 +20,9 @@ class NullPlanner(Planner):
 
     def plan(self, descriptions: Sequence[Description], options: Sequence[JobOptions]) -> list[Plan]:
         check_batch(descriptions, options, "descriptions/options")
-        return [
-            Plan(scale=o.effective_scale(), output_format=o.format or "png", rationale=NULL_RATIONALE) for o in options
-        ]
+        return [_plan(o) for o in options]
+
+
+def _plan(options: JobOptions) -> Plan:
+    scale, target = outsize.planned(options)
+    return Plan(scale=scale, target=target, output_format=options.format or "png", rationale=NULL_RATIONALE)

@@ -248,7 +248,7 @@ class RulesPlanner(Planner):
             )
         return Plan(
             operations=operations,
-            scale=scale,  # type: ignore[arg-type]
+            scale=scale,
             target=target,
             output_format=options.format or "png",
             prompt=self._prompt(description),

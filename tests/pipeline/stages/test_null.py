@@ -44,3 +44,13 @@ def test_null_decoder_is_the_identity_at_scale_1_and_repeats_pixels_above():
     assert double.rgb.shape == (6, 8, 3) and double.alpha.shape == (6, 8)
     assert np.array_equal(double.rgb[::2, ::2], image.rgb) and np.array_equal(double.rgb[1::2, 1::2], image.rgb)
     assert np.array_equal(double.alpha[1::2, ::2], image.alpha)
+
+
+def test_null_planner_plans_an_output_size_as_a_native_scale_and_its_target():
+    """A scale other than 1, 2, 4, or a width, is the plan's target; its scale is native."""
+    planner = registry.create_planner("null")
+    options = [JobOptions(task="upscale", scale=3), JobOptions(task="upscale", width=800)]
+    plans = planner.plan([Description(text="anything")] * 2, options)
+    assert [p.scale for p in plans] == [4, 2]
+    assert [p.target == o.target() for p, o in zip(plans, options, strict=True)] == [True, True]
+    assert all(p.target is not None for p in plans)
