@@ -11,7 +11,7 @@ shows it. ``signer()`` builds the ``Signer``; without a key it raises ``MissingS
 (a ``ConfigError``) unless ``insecure_no_signing`` (``--insecure-no-signing``,
 ``PIXELRELAY_INSECURE_NO_SIGNING=1``).
 
-``from_env`` warns once per process (log ``pixelrelay.settings``, stderr by default) about
+``from_env`` warns once per process (log ``pixelrelay.pipeline.settings``, stderr by default) about
 each ``PIXELRELAY_*`` variable in the environment that no setting or component reads, with
 the nearest known name: a misspelt variable is otherwise silently ignored. The warning names
 variables only, never their values.
@@ -55,7 +55,7 @@ OTHER_ENV = frozenset(
         "DATA",
     )
 )
-_log = logging.getLogger("pixelrelay.settings")
+_log = logging.getLogger(__name__)
 _env_checked = False
 
 
