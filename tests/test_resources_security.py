@@ -417,6 +417,7 @@ def test_strip_metadata_is_wire_version_3_and_older_bodies_upgrade_without_it():
 # --- row 17: unix:// -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_row17_a_unix_socket_redis_url_is_refused_cleanly(monkeypatch, tmp_path):
     for url in ("unix:///var/run/redis.sock", "redis+socket:///var/run/redis.sock"):
         monkeypatch.setenv("PIXELRELAY_REDIS_URL", url)

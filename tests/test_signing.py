@@ -261,6 +261,7 @@ def test_a_forged_cursor_sends_nothing(job, client):
 # --- starting workers: the key, and remote control ---------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_worker_without_a_key_refuses_to_start(redis_url):
     env = worker_env(redis_url)
     env.pop("PIXELRELAY_SIGNING_KEY")

@@ -13,6 +13,8 @@ from pixelrelay.pipeline import nets
 from tests.conftest import run_cli, worker_env
 from tests.training.test_train import TINY, _write_images
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -72,6 +72,7 @@ def test_sigterm_saves_and_the_next_run_ends_where_an_unbroken_one_does(tmp_path
     _assert_same(_weights(out), _weights(tmp_path / "straight.safetensors"))
 
 
+@pytest.mark.e2e
 def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
     args = ["decoder", *_setup(tmp_path, steps=160, val_every=80, log_every=10, checkpoint_every=10)]
     out = tmp_path / "killed.safetensors"

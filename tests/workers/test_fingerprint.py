@@ -115,6 +115,7 @@ def _size(path: str) -> tuple[int, int]:
     return Image.open(path).size
 
 
+@pytest.mark.e2e
 def test_local_reuse_scale_change_and_overwrite(pool, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     _inputs(src)
@@ -150,6 +151,7 @@ def test_local_reuse_scale_change_and_overwrite(pool, tmp_path):
         assert fp.from_metadata(json.loads(Path(sidecar_path(row["output"])).read_text())).job == forced
 
 
+@pytest.mark.e2e
 def test_s3_scale_change_then_the_same_request_again(pool, s3_bucket, s3_client):
     for i in range(N):
         s3_client.put_object(Bucket=s3_bucket, Key=f"in/{i}.png", Body=encode(photo_like(24 + 4 * i, 16, i), "PNG"))
@@ -184,6 +186,7 @@ def test_s3_scale_change_then_the_same_request_again(pool, s3_bucket, s3_client)
         assert head(row)["LastModified"] == stamp
 
 
+@pytest.mark.e2e
 def test_a_changed_model_identity_is_reprocessed(pool, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     _inputs(src)

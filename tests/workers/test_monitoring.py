@@ -26,6 +26,8 @@ from pixelrelay.workers.celery_app import create_app, task_name
 from tests.conftest import REPO, run_cli, wait_until, worker_env
 from tests.images import good_images
 
+pytestmark = pytest.mark.e2e
+
 STAGES = ("encode", "plan", "decode")
 
 

@@ -25,6 +25,8 @@ from tests.conftest import REPO, run_cli, wait_until, worker_env
 from tests.images import good_images
 from tests.workers.test_self_healing import SETTINGS, Stages
 
+pytestmark = pytest.mark.e2e
+
 N_ITEMS = 8
 
 

@@ -29,6 +29,8 @@ from pixelrelay.workers.lease import WATCHDOG_EXIT_CODE
 from tests.conftest import REPO, run_cli, wait_until, worker_env
 from tests.images import good_images, photo_like
 
+pytestmark = pytest.mark.e2e
+
 DB = 8
 N_ITEMS = 6
 QUEUES = [f"pixelrelay.{stage}" for stage in ("encode", "plan", "decode")]

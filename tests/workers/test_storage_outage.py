@@ -16,6 +16,7 @@ import time
 import uuid
 
 import boto3
+import pytest
 import redis
 from PIL import Image
 
@@ -23,6 +24,8 @@ from pixelrelay.jobs.state import JobState
 from tests.conftest import WorkerPool, run_cli, wait_until, worker_env
 from tests.images import good_images
 from tests.netfaults import FlakyProxy
+
+pytestmark = pytest.mark.e2e
 
 N_ITEMS = 12
 OUTAGE_S = 20.0
