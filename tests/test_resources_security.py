@@ -46,7 +46,7 @@ from pixelrelay.workers.celery_app import configure, configure_pool
 from pixelrelay.workers.runtime import DecodeBudget, Runtime
 from pixelrelay.workers.tasks import _prefetched, decode_chunk, encode_chunk
 from tests.conftest import run_cli, worker_env
-from tests.pipeline.test_colour import cmyk_profile
+from tests.iccprofiles import cmyk_profile
 
 # --- helpers -------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from pixelrelay.workers.policy import Limits, finish_chunk
 from pixelrelay.workers.sweep import sweep_once
 from tests.conftest import REPO, TEST_SIGNER, TEST_SIGNING_KEY, wait_until, worker_env
 from tests.images import photo_like
-from tests.workers.test_policy import Job
+from tests.workers.policy_jobs import Job
 
 DB = 11  # the in-process attacks' own database: no worker's sweeper sees their jobs
 

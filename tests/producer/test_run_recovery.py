@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import REPO, wait_until, worker_env
 from tests.images import good_images
-from tests.workers.test_self_healing import SETTINGS
+from tests.workers.stages import SETTINGS
 
 pytestmark = pytest.mark.e2e
 

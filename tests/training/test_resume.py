@@ -16,13 +16,13 @@ import torch
 
 from pixelrelay.pipeline import nets
 from pixelrelay.training import checkpoint, train
-from tests.training.test_train import TINY, _write_images
+from tests.training.helpers import TINY, write_images
 
 STEPS = 12
 
 
 def _setup(tmp_path, kind="decoder", **overrides):
-    _write_images(tmp_path / "data" / "set", 6)
+    write_images(tmp_path / "data" / "set", 6)
     cfg = {**TINY[kind], "steps": STEPS, "val_every": 4, "log_every": 2, "checkpoint_every": 2, **overrides}
     path = tmp_path / f"{kind}.json"
     path.write_text(json.dumps(cfg))

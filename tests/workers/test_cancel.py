@@ -1,6 +1,6 @@
 """Cancelling a job, in-process: a real Redis and ``JobState``, local-folder storage, the
 real delivery policy and stage bodies, and a list's ``append`` for the broker (see
-``tests/workers/test_policy.py``). The end-to-end run through real workers is
+``tests/workers/policy_jobs.py``). The end-to-end run through real workers is
 ``tests/producer/test_job_control.py``."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.sweep import sweep_once
 from pixelrelay.workers.tasks import STAGE_BODIES
 from tests.conftest import TEST_SIGNER
-from tests.workers.test_policy import Job, client, make_job  # noqa: F401 (fixtures)
+from tests.workers.policy_jobs import Job
 
 ON_RESTORE: list = []  # callables the ``cancelling`` decoder runs after each batch
 

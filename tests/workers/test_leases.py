@@ -14,7 +14,7 @@ from pixelrelay.pipeline.messages import ChunkMessage
 from pixelrelay.workers.lease import WATCHDOG_EXIT_CODE, LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import Delivery, Limits, Stale
 from tests.conftest import wait_until
-from tests.workers.test_policy import Job, WorkerDied, client  # noqa: F401  (client: the policy tests' Redis fixture)
+from tests.workers.policy_jobs import Job, WorkerDied
 
 
 def test_a_hung_model_call_loses_its_lease_after_its_budget_and_its_items_time_out(client, tmp_path):

@@ -23,7 +23,7 @@ from pixelrelay.jobs.state import JobState
 from pixelrelay.producer.embedded import EmbeddedRedis, free_port
 from tests.conftest import REPO, run_cli, wait_until, worker_env
 from tests.images import good_images
-from tests.workers.test_self_healing import SETTINGS, Stages
+from tests.workers.stages import SETTINGS, Stages
 
 pytestmark = pytest.mark.e2e
 

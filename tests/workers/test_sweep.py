@@ -23,7 +23,7 @@ from pixelrelay.workers.flow import chunk_chain, signed_body
 from pixelrelay.workers.policy import Limits
 from pixelrelay.workers.sweep import sweep_once
 from tests.conftest import TEST_SIGNER
-from tests.workers.test_policy import Job
+from tests.workers.policy_jobs import Job
 
 LEASE_S = 1.0
 DB = 7

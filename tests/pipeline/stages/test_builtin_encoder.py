@@ -14,8 +14,7 @@ from PIL import Image
 from pixelrelay.pipeline.imageio import DecodedImage, decode_image
 from pixelrelay.pipeline.stages.encoders import analysis, builtin
 from pixelrelay.pipeline.stages.encoders.builtin import BuiltinEncoder
-from tests.images import add_noise, clean_photo
-from tests.pipeline.stages.test_builtin import scene
+from tests.images import add_noise, clean_photo, scene
 
 torch.set_num_threads(2)
 
