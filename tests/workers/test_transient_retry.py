@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import boto3
@@ -33,15 +32,16 @@ def test_storage_outage_is_retried_with_backoff(redis_url, s3_server, s3_bucket,
     pool = WorkerPool(env, tmp_path, {"encoder": "analysis", "planner": "rules", "decoder": "classic"})
     pool.start()
     try:
-        wait_until(lambda: "transient error" in pool.logs(tail=None), timeout=120)
-        time.sleep(1.0)
+        wait_until(lambda: "transient error" in pool.logs(tail=None), timeout=120)  # a task's own retry
+        met = len(proxy.met)
+        wait_until(lambda: len(proxy.met) > met, timeout=60)  # and a request after it met the outage too
         proxy.come_up()
         waited = run_cli(["status", job_id, "--wait"], env)
         assert waited.returncode == 0, waited.stdout + waited.stderr + pool.logs()
     finally:
         pool.stop()
         proxy.close()
-    assert proxy.resets > 0
+    assert proxy.resets > 0 and set(proxy.met) <= set(proxy.passed), (proxy.met, proxy.passed)  # each sent again
     body = s3.get_object(Bucket=s3_bucket, Key=f"out/_jobs/{job_id}/manifest.jsonl")["Body"].read()
     rows = [json.loads(line) for line in body.splitlines()]
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
