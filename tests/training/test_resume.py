@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from pixelrelay.pipeline import nets
 from pixelrelay.training import checkpoint, train
+from tests.conftest import wait_until
 from tests.training.helpers import TINY, write_images
 
 STEPS = 12
@@ -82,9 +82,7 @@ def test_sigkill_loses_only_the_steps_since_the_last_checkpoint(tmp_path):
         stderr=subprocess.PIPE,
     )
     ckpt = checkpoint.path_for(out)
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: ckpt.exists() or proc.poll() is not None, timeout=120, interval=0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
