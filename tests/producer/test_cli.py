@@ -38,6 +38,7 @@ def test_missing_input_is_a_usage_error(redis_url, tmp_path):
     assert result.returncode == 2 and "not a folder" in result.stderr
 
 
+@pytest.mark.e2e
 def test_submit_never_imports_torch(redis_url, tmp_path):
     (tmp_path / "in").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")

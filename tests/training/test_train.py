@@ -127,7 +127,7 @@ def test_second_stage_starts_from_init_weights(tmp_path):
     train.main(args + ["--out", str(second), "--init", str(first)])
     a, _ = nets.load_model(str(first))
     b, _ = nets.load_model(str(second))
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and np.allclose(va.numpy(), vb.numpy(), atol=1e-6)  # lr 0: unchanged
 
 

@@ -132,7 +132,7 @@ def test_local_reuse_scale_change_and_overwrite(pool, tmp_path):
     # The same request under a new job id: reused before the encode stage ran.
     same, result = _submit(pool, str(src), str(out), "--scale", "2")
     assert "0 failed" in result.stderr
-    for row, before in zip(_local_rows(out, same), rows):
+    for row, before in zip(_local_rows(out, same), rows, strict=True):
         assert row["outcome"] == "reused" and row["fingerprint"] == before["fingerprint"]
         assert "encode_s" not in row["timings"] and row["description"] is None
         assert Path(row["output"]).stat().st_mtime_ns == stamps[row["output"]]
@@ -181,7 +181,7 @@ def test_s3_scale_change_then_the_same_request_again(pool, s3_bucket, s3_client)
         assert row["outcome"] == "overwritten" and width(row) == (24 + 4 * index) * 4
     stamps = [head(row)["LastModified"] for row in after]
     third, _ = _submit(pool, src, out, "--scale", "4")
-    for row, stamp in zip(rows(third), stamps):
+    for row, stamp in zip(rows(third), stamps, strict=True):
         assert row["outcome"] == "reused" and "encode_s" not in row["timings"]
         assert head(row)["LastModified"] == stamp
 
@@ -274,7 +274,7 @@ def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, over
     assert [storage.get(r.output) for r in second.records] == written
 
     # A delivery that checked before the first one wrote: its conditional write loses.
-    for record, before in zip(second.records, seen):
+    for record, before in zip(second.records, seen, strict=True):
         action, version = ("replace", before.version) if before else ("create", None)
         outcome = _store(rt, record, b"other bytes", "image/png", options, job_id, action, version)
         assert outcome == "processed" and any("another delivery" in n for n in record.notes)

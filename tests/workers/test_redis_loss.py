@@ -159,9 +159,7 @@ def test_the_workers_sweep_rebuilds_a_registered_job(server, env, stages, s3_cli
     _check(client, s3_client, s3_bucket, job_id, files)
     assert "rebuilt from storage" in stages.logs()
     wait_until(lambda: not (env_state(env) / "active" / f"{job_id}.json").exists(), timeout=10)  # unlisted
-    print(
-        f"\nRedis restarted empty, no producer: the sweep's rebuild finished the job {recovered_s:.1f} s after the restart"
-    )
+    print(f"\nRedis restarted empty, no producer: the sweep's rebuild finished the job {recovered_s:.1f} s later")
 
 
 def test_status_with_out_rebuilds_a_job_by_hand(server, s3_server, s3_client, s3_bucket, tmp_path):

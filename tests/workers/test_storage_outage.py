@@ -26,7 +26,7 @@ from tests.conftest import WorkerPool, run_cli, worker_env
 from tests.images import good_images
 from tests.netfaults import FlakyProxy
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 N_ITEMS = 12
 OUTAGE_S = 20.0

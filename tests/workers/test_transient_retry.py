@@ -13,7 +13,7 @@ from tests.conftest import WorkerPool, run_cli, wait_until, worker_env
 from tests.images import good_images
 from tests.netfaults import FlakyProxy
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_storage_outage_is_retried_with_backoff(redis_url, s3_server, s3_bucket, tmp_path):

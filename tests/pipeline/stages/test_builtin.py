@@ -94,7 +94,7 @@ def test_encoder_batch_equals_singles(encoder):
     ims.append(DecodedImage(rgb=np.zeros((3, 5, 3), np.uint8)))
     batch = encoder.estimate(ims)
     singles = [encoder.estimate([im])[0] for im in ims]
-    for b, s in zip(batch, singles):
+    for b, s in zip(batch, singles, strict=True):
         assert b["noise_sigma"] == pytest.approx(s["noise_sigma"], abs=0.02)
         assert b["p_jpeg"] == pytest.approx(s["p_jpeg"], abs=0.002)
 
@@ -110,12 +110,13 @@ def test_decoder_batch_equals_singles(decoder):
         Plan(scale=2),
     ]
     batch = decoder.restore(ims, plans)
-    for im, plan, out in zip(ims, plans, batch):
+    for im, plan, out in zip(ims, plans, batch, strict=True):
         single = decoder.restore([im], [plan])[0]
         assert np.abs(single.rgb.astype(int) - out.rgb.astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("scale", [1, 2, 4])
+@pytest.mark.slow
 def test_decoder_sizes_alpha_and_tiny_images(decoder, scale):
     sizes = [(1, 1), (3, 5), (17, 9), (40, 300)]
     ims = []
@@ -126,7 +127,7 @@ def test_decoder_sizes_alpha_and_tiny_images(decoder, scale):
         ims.append(im)
     plans = [Plan(scale=scale, noise_sigma=12, operations=[Operation(name="denoise", strength=0.6)])] * len(ims)
     outs = decoder.restore(ims, plans)
-    for (h, w), im, out in zip(sizes, ims, outs):
+    for (h, w), im, out in zip(sizes, ims, outs, strict=True):
         assert out.rgb.shape == (h * scale, w * scale, 3) and out.rgb.dtype == np.uint8
         if im.alpha is None:
             assert out.alpha is None
@@ -208,6 +209,7 @@ def test_model_names_one_file_or_a_pair(tmp_path):
         BuiltinDecoder.check_available(f"builtin_upscaler,{tmp_path / 'missing.safetensors'}")
 
 
+@pytest.mark.slow
 def test_plan_routes_clean_to_upscaler_and_degraded_to_restorer(decoder):
     clean = Plan(scale=2)
     noisy = Plan(scale=2, noise_sigma=15, operations=[Operation(name="denoise", strength=0.6)])
@@ -220,6 +222,7 @@ def test_plan_routes_clean_to_upscaler_and_degraded_to_restorer(decoder):
     assert not np.array_equal(both[1].rgb, up_only.restore([im], [noisy])[0].rgb)
 
 
+@pytest.mark.slow
 def test_decoder_tiled_equals_untiled(decoder):
     """The upscaler's receptive field fits in the tile margins: tiled equals untiled to float
     rounding. The restorer's context branch sees further, so tiles differ a little."""
@@ -235,6 +238,7 @@ def test_decoder_tiled_equals_untiled(decoder):
         assert float((tiled - untiled).abs().mean()) * 255 < mean_levels, m
 
 
+@pytest.mark.slow
 def test_tile_settings_and_dtype_come_from_settings():
     from pixelrelay.pipeline.settings import Settings
 
@@ -246,6 +250,7 @@ def test_tile_settings_and_dtype_come_from_settings():
     assert dec.restore([DecodedImage(rgb=img)], [Plan(scale=2)])[0].rgb.shape == (200, 180, 3)
 
 
+@pytest.mark.slow
 def test_cpu_bf16_autocast_follows_the_setting_and_keeps_the_outputs(monkeypatch):
     """On a CPU with native bf16 the builtin decoder's forward runs under bf16 autocast
     (``hf.cpu_autocast_dtype``) unless ``Settings.dtype`` asks for fp32; it is never used on
