@@ -242,7 +242,7 @@ def test_a_forged_spec_in_redis_drives_no_read_or_write(job, client, tmp_path, f
     # The sweep finds chunk 1 lost and would rebuild it from the spec's listing: skipped, logged.
     ChunksInFlight(client, job.state.job_id).track(Slot(job.seq, 1), "encode", True, now=time.time() - 60)
     report = sweep_once(client, job.sent.append, open_storage, 1.0, confirm_s=0, signer=TEST_SIGNER)
-    assert report.resent == [] and job.sent == []
+    assert report.candidates == 1 and report.resent == [] and job.sent == []  # found lost, and not re-sent
     assert any("skipped" in r.getMessage() and job.state.job_id in r.getMessage() for r in caplog.records)
     assert _files(forged) == before and not loot.exists() and not (tmp_path / "loot").exists()
 
