@@ -137,6 +137,7 @@ _RSS_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_listing_rss_stays_flat_from_50k_to_200k_lines(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
