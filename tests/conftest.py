@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import boto3
@@ -43,11 +44,16 @@ class SpawnOutsideE2E(RuntimeError):
     """A test not marked ``e2e`` started a ``pixelrelay`` process."""
 
 
-def _runs_pixelrelay(args) -> bool:
+def _runs_pixelrelay(args: str | os.PathLike | Sequence[str | os.PathLike]) -> bool:
     """Whether a command line runs the ``pixelrelay`` CLI (``-m pixelrelay``, the console
-    script, or ``-c`` code calling a ``pixelrelay`` entry point)."""
-    argv = shlex.split(args) if isinstance(args, str) else [os.fspath(a) for a in args]
+    script, or ``-c`` code calling a CLI's ``main``) or a benchmark script (each starts its
+    own workers)."""
+    if isinstance(args, str | os.PathLike):
+        args = shlex.split(os.fspath(args))
+    argv = [os.fspath(a) for a in args]
     if argv and Path(argv[0]).name == "pixelrelay":
+        return True
+    if len(argv) > 1 and Path(argv[1]).resolve().is_relative_to(REPO / "benchmarks"):
         return True
     pairs = zip(argv, argv[1:], strict=False)
     return any(
@@ -65,7 +71,7 @@ class _SpawnGuard:
 
     @classmethod
     def install(cls) -> None:
-        def init(popen, args, *rest, **kwargs):
+        def init(popen: subprocess.Popen, args, *rest, **kwargs) -> None:
             if not cls.allowed and _runs_pixelrelay(args):
                 raise SpawnOutsideE2E(f"mark this test e2e: it starts {args!r}")
             cls.real_init(popen, args, *rest, **kwargs)
