@@ -99,4 +99,4 @@ def test_s3_unreachable_for_20_s_mid_job_while_writing(redis_url, s3_server, s3_
             assert out.size == src.size
     counts = JobState(client, job_id).counts()
     assert (counts.total, counts.done, counts.failed) == (N_ITEMS, N_ITEMS, 0)
-    print(f"recovered {recovered_s:.1f} s after the endpoint came back")
+    print(f"{len(proxy.met)} requests met the outage; recovered {recovered_s:.1f} s after the endpoint came back")
