@@ -2,16 +2,23 @@
 real Celery stage workers as subprocesses.
 
 Every test process and worker subprocess shares one signing key (``TEST_SIGNING_KEY``, put
-in the environment at import: ``pipeline.signing``); ``TEST_SIGNER`` signs with it."""
+in the environment at import: ``pipeline.signing``); ``TEST_SIGNER`` signs with it.
+
+Markers: ``e2e`` marks a test that starts ``pixelrelay`` processes (stage workers, the CLI,
+``pixelrelay run``); a test asking for a fixture in ``E2E_FIXTURES`` is marked on collection.
+A test without the mark that starts such a process fails with ``SpawnOutsideE2E``, so
+``-m "not e2e"`` never runs one unnoticed. ``slow`` marks the long tests of either kind."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import boto3
@@ -30,6 +37,62 @@ os.environ.pop("PIXELRELAY_SIGNING_KEY_FILE", None)
 os.environ.pop("PIXELRELAY_INSECURE_NO_SIGNING", None)
 TEST_SIGNER = Signer(TEST_SIGNING_KEY)
 TEST_BACKENDS = {"encoder": "analysis", "planner": "rules", "decoder": "classic"}
+E2E_FIXTURES = frozenset({"stage_workers"})
+
+
+class SpawnOutsideE2E(RuntimeError):
+    """A test not marked ``e2e`` started a ``pixelrelay`` process."""
+
+
+def _runs_pixelrelay(args: str | os.PathLike | Sequence[str | os.PathLike]) -> bool:
+    """Whether a command line runs the ``pixelrelay`` CLI (``-m pixelrelay``, the console
+    script, or ``-c`` code calling a CLI's ``main``) or a benchmark script (each starts its
+    own workers)."""
+    if isinstance(args, str | os.PathLike):
+        args = shlex.split(os.fspath(args))
+    argv = [os.fspath(a) for a in args]
+    if argv and Path(argv[0]).name == "pixelrelay":
+        return True
+    if len(argv) > 1 and Path(argv[1]).resolve().is_relative_to(REPO / "benchmarks"):
+        return True
+    pairs = zip(argv, argv[1:], strict=False)
+    return any(
+        (flag == "-m" and value.split(".")[0] == "pixelrelay")
+        or (flag == "-c" and "main(" in value and ("pixelrelay" in value or "cli import" in value))
+        for flag, value in pairs
+    )
+
+
+class _SpawnGuard:
+    """Wraps ``subprocess.Popen`` so that only ``e2e`` tests start ``pixelrelay`` processes."""
+
+    allowed = True
+    real_init = subprocess.Popen.__init__
+
+    @classmethod
+    def install(cls) -> None:
+        def init(popen: subprocess.Popen, args, *rest, **kwargs) -> None:
+            if not cls.allowed and _runs_pixelrelay(args):
+                raise SpawnOutsideE2E(f"mark this test e2e: it starts {args!r}")
+            cls.real_init(popen, args, *rest, **kwargs)
+
+        subprocess.Popen.__init__ = init
+
+
+_SpawnGuard.install()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _SpawnGuard.allowed = item.get_closest_marker("e2e") is not None
+    yield
+    _SpawnGuard.allowed = True
 
 
 @pytest.fixture(scope="session")

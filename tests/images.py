@@ -100,3 +100,22 @@ def clean_photo(height: int, width: int, period: float = 20.0) -> np.ndarray:
 def add_noise(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.clip(image + rng.normal(0.0, sigma, image.shape), 0, 255).round().astype(np.uint8)
+
+
+def scene(size: int = 128) -> np.ndarray:
+    """A fixed synthetic photo-like scene: gradient sky, hard-edged shapes, stripes, texture."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.stack([0.3 + 0.4 * yy, 0.5 + 0.2 * xx, 0.8 - 0.3 * yy], -1)
+    disc = (xx - 0.3) ** 2 + (yy - 0.35) ** 2 < 0.04
+    img[disc] = [0.9, 0.25, 0.2]
+    box = (xx > 0.55) & (xx < 0.9) & (yy > 0.2) & (yy < 0.5)
+    img[box] = [0.15, 0.2, 0.3]
+    stripes = (yy > 0.6) & (np.sin(xx * size / 3.0) > 0)
+    img[stripes] = [0.95, 0.95, 0.85]
+    ring = np.abs(np.hypot(xx - 0.7, yy - 0.8) - 0.12) < 0.02
+    img[ring] = [0.1, 0.6, 0.1]
+    rng = np.random.default_rng(0)
+    tex = rng.normal(0, 1, (size // 4, size // 4))
+    tex = np.kron(tex, np.ones((4, 4)))
+    img = img + 0.03 * tex[..., None] * (yy < 0.6)[..., None]
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -110,6 +110,7 @@ def test_every_package_folder_is_declared():
     assert sorted(on_disk) == sorted(_declared_packages())
 
 
+@pytest.mark.slow
 def test_wheel_installs_one_top_level_name(tmp_path):
     """`pip install .` puts `pixelrelay` (and its dist-info) in site-packages, nothing else:
     no `pipeline`, `workers` or `producer` to collide with other distributions."""

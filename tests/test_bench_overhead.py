@@ -9,9 +9,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_bench_overhead_runs_and_prints_its_table():
     cmd = [
         sys.executable,

@@ -337,6 +337,7 @@ def test_submit_takes_hub_ids_and_s3_but_not_a_local_folder(tmp_path, monkeypatc
         normalize_backends(Backends(decoder="hf-sr:org/model"))
 
 
+@pytest.mark.e2e
 def test_submit_with_a_path_spec_exits_2(redis_url, tmp_path):
     _images(tmp_path / "in", 1)
     result = run_cli(

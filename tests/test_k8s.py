@@ -598,6 +598,7 @@ def test_redis_statefulset_keeps_an_aof_on_a_claim_and_never_evicts():
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
 
 
+@pytest.mark.slow
 def test_the_redis_command_requires_the_password_and_keeps_it_off_the_command_line(tmp_path):
     from pixelrelay.producer.embedded import free_port, redis_server_binary
 

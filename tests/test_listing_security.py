@@ -89,7 +89,7 @@ def test_manifest_escapes_fail_with_reasons_and_nothing_lands_outside_out(stage_
 def test_colliding_outputs_never_report_done(stage_workers, redis_url, s3_bucket, s3_client):
     images = list(good_images(5).values())
     keys = ["in/a.jpg", "in/a.png", "in/a.jpg.png", "in/p//x.png", "in/p/x.png"]
-    for key, data in zip(keys, images):
+    for key, data in zip(keys, images, strict=True):
         s3_client.put_object(Bucket=s3_bucket, Key=key, Body=data)
 
     code, rows = _run_job(redis_url, f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", fmt="png")
@@ -137,6 +137,7 @@ _RSS_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_listing_rss_stays_flat_from_50k_to_200k_lines(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(

@@ -46,8 +46,8 @@ from pixelrelay.workers.batching import prefetched
 from pixelrelay.workers.celery_app import configure, configure_pool
 from pixelrelay.workers.runtime import DecodeBudget, Runtime
 from pixelrelay.workers.stages import decode_chunk, encode_chunk
-from tests.conftest import run_cli, worker_env
-from tests.pipeline.test_colour import cmyk_profile
+from tests.conftest import run_cli, wait_until, worker_env
+from tests.iccprofiles import cmyk_profile
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -268,7 +268,12 @@ def test_row11_the_prefetch_holds_at_most_its_byte_budget_of_decoded_images(redi
     # A budget for two batches: the next batch is decoded while this one runs (the test sees it).
     rt = _runtime(redis_url, batch_size=2, prefetch_bytes=2 * batch_bytes)
     roomy = DecodeBudget(rt.settings.prefetch_bytes)
-    held = _held_while_running(rt, records, roomy, lambda b, last: last or _until(lambda: b.held == 2 * batch_bytes))
+    held = _held_while_running(
+        rt,
+        records,
+        roomy,
+        lambda b, last: last or wait_until(lambda: b.held == 2 * batch_bytes, timeout=5, interval=0.01),
+    )
     assert [h - baseline for h in held] == [4, 4, 2]
 
     # A budget for one batch: the next one waits until this one is done with.
@@ -283,12 +288,6 @@ def test_row11_the_prefetch_holds_at_most_its_byte_budget_of_decoded_images(redi
     alone = DecodeBudget(rt.settings.prefetch_bytes)
     held = _held_while_running(rt, records, alone, lambda b, last: time.sleep(0.1))
     assert [h - baseline for h in held] == [2, 2, 2] and alone.peak == batch_bytes
-
-
-def _until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 # --- row 12: prefork limits ----------------------------------------------------------------
@@ -418,6 +417,7 @@ def test_strip_metadata_is_wire_version_3_and_older_bodies_upgrade_without_it():
 # --- row 17: unix:// -----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_row17_a_unix_socket_redis_url_is_refused_cleanly(monkeypatch, tmp_path):
     for url in ("unix:///var/run/redis.sock", "redis+socket:///var/run/redis.sock"):
         monkeypatch.setenv("PIXELRELAY_REDIS_URL", url)

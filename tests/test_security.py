@@ -46,6 +46,7 @@ def test_a_bad_job_id_is_refused_in_messages_and_specs(job_id, tmp_path):
         JobSpec(job_id=job_id, input="in", output="out")
 
 
+@pytest.mark.e2e
 def test_a_job_id_with_a_newline_is_a_usage_error(redis_url, tmp_path):
     (tmp_path / "in").mkdir()
     result = run_cli(
@@ -54,6 +55,7 @@ def test_a_job_id_with_a_newline_is_a_usage_error(redis_url, tmp_path):
     assert result.returncode == ExitCode.USAGE and "--job-id" in result.stderr
 
 
+@pytest.mark.e2e
 def test_a_huge_instruction_is_a_usage_error(redis_url, tmp_path):
     (tmp_path / "in").mkdir()
     result = run_cli(
@@ -65,6 +67,7 @@ def test_a_huge_instruction_is_a_usage_error(redis_url, tmp_path):
         upgrade_message(_body("ok", str(tmp_path)) | {"options": {"instruction": "a" * 2001}})
 
 
+@pytest.mark.e2e
 def test_run_never_imports_modules_from_the_folder_it_was_started_in(tmp_path):
     """An ``argparse.py`` in the current folder must not run in the workers."""
     marker = tmp_path / "pwned"

@@ -39,7 +39,7 @@ from pixelrelay.workers.policy import Limits, finish_chunk
 from pixelrelay.workers.sweep import sweep_once
 from tests.conftest import REPO, TEST_SIGNER, TEST_SIGNING_KEY, wait_until, worker_env
 from tests.images import photo_like
-from tests.workers.test_policy import Job
+from tests.workers.policy_jobs import Job
 
 DB = 11  # the in-process attacks' own database: no worker's sweeper sees their jobs
 
@@ -146,20 +146,23 @@ def test_forged_chains_pushed_to_the_broker_are_dropped_and_logged(stage_workers
         ).apply_async()
     attacker.close()
     log = stage_workers.logdir / "encode.log"
-    wait_until(lambda: all(f"atk-{how}-" in log.read_text(errors="replace") for how in bodies), timeout=60)
-    time.sleep(1.0)  # were anything passed on, plan and decode would be on it now
+    client = redis.Redis.from_url(redis_url)
+    job_ids = [b["job_id"].encode() for b in bodies.values()]
+
+    def settled() -> bool:  # each body dropped, off the encode queue and acked: any chain step sent is queued
+        text = log.read_text(errors="replace").encode()
+        held = b"".join(client.hvals(keys.KOMBU_UNACKED)) + b"".join(client.lrange("pixelrelay.encode", 0, -1))
+        return all(j in text and j not in held for j in job_ids)
+
+    wait_until(settled, timeout=60, interval=0.05)
     text = log.read_text(errors="replace")
-    for how, body in bodies.items():
+    for body in bodies.values():
         line = next(line for line in text.splitlines() if body["job_id"] in line)
         assert "WARNING" in line and "dropped" in line and f"{body['job_id']}-encode" in line, line
     assert not (tmp_path / "loot").exists()  # nothing written, not even a folder
     assert not any((tmp_path / "private").glob("_jobs*"))
-    client = redis.Redis.from_url(redis_url)
     assert not any(client.exists(keys.job(b["job_id"]), keys.chunks(b["job_id"])) for b in bodies.values())
     assert client.llen("pixelrelay.plan") == 0 and client.llen("pixelrelay.decode") == 0  # the chains ended
-    unacked = b"".join(client.hvals(keys.KOMBU_UNACKED))
-    assert not any(b["job_id"].encode() in unacked for b in bodies.values())  # acked, not held for redelivery
-    assert not any(b["job_id"].encode() in b"".join(client.lrange("pixelrelay.encode", 0, -1)) for b in bodies.values())
     assert TEST_SIGNING_KEY not in stage_workers.logs()
 
 
@@ -239,7 +242,7 @@ def test_a_forged_spec_in_redis_drives_no_read_or_write(job, client, tmp_path, f
     # The sweep finds chunk 1 lost and would rebuild it from the spec's listing: skipped, logged.
     ChunksInFlight(client, job.state.job_id).track(Slot(job.seq, 1), "encode", True, now=time.time() - 60)
     report = sweep_once(client, job.sent.append, open_storage, 1.0, confirm_s=0, signer=TEST_SIGNER)
-    assert report.resent == [] and job.sent == []
+    assert report.candidates == 1 and report.resent == [] and job.sent == []  # found lost, and not re-sent
     assert any("skipped" in r.getMessage() and job.state.job_id in r.getMessage() for r in caplog.records)
     assert _files(forged) == before and not loot.exists() and not (tmp_path / "loot").exists()
 
@@ -261,6 +264,7 @@ def test_a_forged_cursor_sends_nothing(job, client):
 # --- starting workers: the key, and remote control ---------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_worker_without_a_key_refuses_to_start(redis_url):
     env = worker_env(redis_url)
     env.pop("PIXELRELAY_SIGNING_KEY")
@@ -281,8 +285,9 @@ def test_remote_control_is_off_by_default_and_on_with_the_flag(stage_workers, re
     attacker = Celery("attacker", broker=redis_url)
     replies = attacker.control.ping(timeout=1.0)  # every command is refused: remote control is off
     assert all(set(reply) == {"error"} for row in replies for reply in row.values()), replies
-    attacker.control.shutdown()
-    time.sleep(1.0)
+    refused = attacker.control.broadcast("shutdown", reply=True, timeout=30, limit=len(stage_workers.procs))
+    assert len(refused) == len(stage_workers.procs), refused  # each answered: the command was read, and refused
+    assert all(set(reply) == {"error"} for row in refused for reply in row.values()), refused
     assert stage_workers.alive()
     attacker.close()
 

@@ -191,6 +191,7 @@ def test_marked_in_counts_done_or_failed_bits_of_a_range(client):
 # --- the finish against the one-pass merge ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_finish_reads_one_object_per_group_and_equals_the_one_pass_merge(client, tmp_path):
     """25,000 items at chunk 64 (391 parts, 2 groups): a resubmission retries the failures
     and the item that had no line, one chunk ends split into single-item parts."""
@@ -298,6 +299,7 @@ def test_finalize_claims_the_finish_as_a_lease_and_reads_only_group_files(client
     )
 
 
+@pytest.mark.slow
 def test_on_s3_a_group_lists_its_name_prefixes_only(client, s3_bucket, monkeypatch):
     """S3 (moto over HTTP), with groups of 200 items (5 name prefixes per group) so that a
     small job has several."""
@@ -345,6 +347,7 @@ def test_the_decode_finish_merges_each_group_as_its_last_chunk_ends(client, tmp_
     assert [r["index"] for r in _lines(job.storage.inner.get(manifest_uri(job.output, job.job_id)))] == list(range(100))
 
 
+@pytest.mark.slow
 def test_a_job_rebuilt_from_storage_reads_group_files_not_every_part(client, tmp_path, monkeypatch):
     """Redis lost the job: its done bits come back from the group files of the groups that
     completed and from the parts of the one that did not."""

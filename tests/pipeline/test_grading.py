@@ -114,7 +114,7 @@ def test_batched_equals_single_with_mixed_sizes_and_plans(kind):
         Plan(),
     ]
     batch = restore_with_edits(_decoder(kind), images, plans)
-    for image, plan, got in zip(images, plans, batch):
+    for image, plan, got in zip(images, plans, batch, strict=True):
         single = restore_with_edits(_decoder(kind), [image], [plan])[0]
         assert np.abs(_f(single.rgb) - _f(got.rgb)).max() <= 1
     assert np.array_equal(batch[3].rgb, _decoder(kind).restore([images[3]], [plans[3]])[0].rgb)  # no edit: as before
@@ -131,7 +131,7 @@ def test_grade_images_groups_sizes_and_equals_the_tensor_path():
     out = grading.grade_images(rgbs, ops, max_batch_pixels=30 * 20)  # one image per tensor
     together = grading.grade_images(rgbs, ops)
     assert out[1] is rgbs[1]  # nothing to do: the same array
-    for a, b in zip(out, together):
+    for a, b in zip(out, together, strict=True):
         assert np.abs(_f(a) - _f(b)).max() <= 1
     assert _chroma(out[3]) <= 1.0
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 # glibc's mallinfo2: (arena, ordblks, smblks, hblks, hblkhd, usmblks, fsmblks, uordblks,
 # fordblks, keepcost), size_t each. fordblks: free bytes kept in the heap.
 PROBE = """
@@ -14,8 +16,9 @@ import numpy as np
 from pixelrelay.pipeline.memory import tune_allocator
 
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+    )]
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
@@ -35,6 +38,7 @@ def _probe(mode: str) -> tuple[int, int]:
     return int(mmapped), int(kept)
 
 
+@pytest.mark.slow
 def test_a_freed_feature_map_stays_in_the_heap_only_when_tuned():
     mmapped, kept = _probe("default")
     assert mmapped >= 128 << 20 and kept < 16 << 20  # its own mapping, returned on free

@@ -127,6 +127,7 @@ NATIVES = {
 
 
 @pytest.mark.parametrize("kind", ["builtin", "classic"])
+@pytest.mark.slow
 def test_every_target_comes_out_at_its_exact_size(kind, request):
     decoder = request.getfixturevalue(kind)
     image = _image()
@@ -139,7 +140,7 @@ def test_every_target_comes_out_at_its_exact_size(kind, request):
         for t, _ in SIZES
     ]
     results = restore_with_edits(decoder, [image] * len(plans), plans)
-    for (target, size), result in zip(SIZES, results):
+    for (target, size), result in zip(SIZES, results, strict=True):
         assert (result.rgb.shape[1], result.rgb.shape[0]) == size and result.rgb.dtype == np.uint8
         assert result.alpha is not None and (result.alpha.shape[1], result.alpha.shape[0]) == size
         assert result.native_scale == NATIVES[target.describe()], target
@@ -188,7 +189,7 @@ def test_plans_without_a_target_are_untouched(builtin, classic):
     for decoder in (builtin, classic):
         direct = decoder.restore([image] * 3, plans)
         routed = restore_with_edits(decoder, [image] * 3, plans)
-        for d, r, plan in zip(direct, routed, plans):
+        for d, r, plan in zip(direct, routed, plans, strict=True):
             assert np.array_equal(d.rgb, r.rgb) and np.array_equal(d.alpha, r.alpha) and d.notes == r.notes
             assert r.native_scale is None and r.rgb.shape[:2] == (16 * plan.scale, 20 * plan.scale)
 

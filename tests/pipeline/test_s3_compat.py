@@ -122,6 +122,7 @@ def test_bad_s3_settings_fail_fast_naming_the_setting(monkeypatch, env, bad):
 
 
 @pytest.mark.parametrize("checksums, sent", [("when_required", False), ("when_supported", True)])
+@pytest.mark.slow
 def test_checksums_are_sent_only_when_the_setting_says(fake_s3, checksums, sent):
     fake = fake_s3([])
     storage = S3Storage(options=S3Options(endpoint_url=fake.url, checksums=checksums))

@@ -67,7 +67,7 @@ def test_tile_starts_cover_and_align(length, tile, overlap, align):
     starts = tile_starts(length, min(tile, length), overlap, align)
     t = min(tile, length)
     assert starts[0] == 0 and starts[-1] + t == length
-    for a, b in zip(starts, starts[1:]):
+    for a, b in zip(starts, starts[1:], strict=False):
         assert a + t - b >= overlap  # consecutive tiles overlap at least `overlap`
         assert b % align == 0
 
@@ -76,7 +76,7 @@ def test_weights_are_a_partition_of_unity():
     starts = tile_starts(100, 32, 12)
     ws = axis_weights(100, starts, 32, 12, 3, 2)
     total = torch.zeros(200, dtype=torch.float64)
-    for s, w in zip(starts, ws):
+    for s, w in zip(starts, ws, strict=True):
         assert (w >= 0).all()
         total[s * 2 : s * 2 + 64] += w
     assert torch.allclose(total, torch.ones_like(total))
@@ -123,6 +123,7 @@ def test_blending_is_seam_free_when_tiles_disagree():
     assert 0.25 <= float(out.min()) and float(out.max()) <= 0.25 + 0.41
 
 
+@pytest.mark.slow
 def test_oom_fallback_halves_batch_then_tile():
     net = SmallSR()
     x = torch.rand(1, 3, 72, 56)
@@ -146,6 +147,7 @@ def test_oom_fallback_keeps_batch_when_only_batch_is_too_big():
     assert out.shape == (1, 3, 128, 128)
 
 
+@pytest.mark.slow
 def test_oom_when_min_tile_alone_does_not_fit():
     net = SmallSR()
     x = torch.rand(1, 3, 64, 64)
@@ -163,6 +165,7 @@ def test_non_oom_errors_propagate_unchanged():
         run_tiled_with_fallback(broken, torch.rand(1, 3, 16, 16), TilePlan(2, tile=16, overlap=4))
 
 
+@pytest.mark.slow
 def test_map_batches_with_oom_halves_and_keeps_order():
     seen = []
 
@@ -260,6 +263,7 @@ def test_small_budget_tiles_and_equals_untiled():
     assert float((tiled - whole).abs().max()) < 1e-5  # margin 3 >= the net's receptive field
 
 
+@pytest.mark.slow
 def test_oom_fallback_starts_from_the_budget_grid():
     net = SmallSR()
     x = torch.rand(1, 3, 96, 96)

@@ -20,6 +20,7 @@ from pixelrelay.producer.cli import main
 from tests.conftest import REPO, run_cli, worker_env
 
 
+@pytest.mark.e2e
 def test_bad_setting_fails_fast_and_names_itself(tmp_path):
     env = worker_env("redis://127.0.0.1:1/0", PIXELRELAY_REDIS_URL="http://nope", PIXELRELAY_WINDOW="0")
     result = run_cli(["submit", str(tmp_path), "--out", str(tmp_path / "o")], env, timeout=60)
@@ -29,6 +30,7 @@ def test_bad_setting_fails_fast_and_names_itself(tmp_path):
     assert result.returncode == 2 and "--device" in result.stderr
 
 
+@pytest.mark.e2e
 def test_missing_input_is_a_usage_error(redis_url, tmp_path):
     result = run_cli(
         ["submit", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], worker_env(redis_url), timeout=60
@@ -36,6 +38,7 @@ def test_missing_input_is_a_usage_error(redis_url, tmp_path):
     assert result.returncode == 2 and "not a folder" in result.stderr
 
 
+@pytest.mark.e2e
 def test_submit_never_imports_torch(redis_url, tmp_path):
     (tmp_path / "in").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
@@ -51,11 +54,13 @@ def test_submit_never_imports_torch(redis_url, tmp_path):
     assert result.stdout.strip()  # the job id
 
 
+@pytest.mark.e2e
 def test_status_of_unknown_job(redis_url):
     result = run_cli(["status", "no-such-job-" + uuid.uuid4().hex[:6]], worker_env(redis_url), timeout=60)
     assert result.returncode == 2 and "unknown job" in result.stdout
 
 
+@pytest.mark.e2e
 def test_run_local_folder_with_embedded_redis_and_default_backends(tmp_path):
     env = worker_env("")
     env.pop("PIXELRELAY_REDIS_URL")
@@ -111,6 +116,7 @@ def _exit_code(argv: list[str]) -> int:
         return int(exc.code or 0)
 
 
+@pytest.mark.e2e
 def test_version(capsys):
     assert _exit_code(["--version"]) == ExitCode.OK
     assert capsys.readouterr().out.strip() == f"pixelrelay {importlib.metadata.version('pixelrelay')}"
@@ -160,6 +166,7 @@ def _idle(redis_url: str) -> str:
     return redis_url.rsplit("/", 1)[0] + "/7"  # no stage worker listens on this database
 
 
+@pytest.mark.e2e
 def test_submit_wait_timeout_exits_3_and_the_job_goes_on(redis_url, tmp_path):
     (tmp_path / "in").mkdir()
     for name in ("a.png", "b.jpg"):
@@ -178,6 +185,7 @@ def test_submit_wait_timeout_exits_3_and_the_job_goes_on(redis_url, tmp_path):
     assert status.returncode == ExitCode.OK and "pending=2 total=2" in status.stdout
 
 
+@pytest.mark.e2e
 def test_empty_local_folder_is_a_usage_error(redis_url, tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
@@ -190,6 +198,7 @@ def test_empty_local_folder_is_a_usage_error(redis_url, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written for a job that has nothing to do
 
 
+@pytest.mark.e2e
 def test_empty_s3_prefix_is_a_usage_error(redis_url, s3_bucket, s3_client, tmp_path):
     s3_client.put_object(Bucket=s3_bucket, Key="photos/a.png", Body=b"x")
     env = worker_env(redis_url)
@@ -199,6 +208,7 @@ def test_empty_s3_prefix_is_a_usage_error(redis_url, s3_bucket, s3_client, tmp_p
     assert "Contents" not in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="out/")
 
 
+@pytest.mark.e2e
 def test_run_keeps_and_prints_worker_logs_when_a_worker_fails(tmp_path):
     env = worker_env("", HF_HUB_OFFLINE="1")
     env.pop("PIXELRELAY_REDIS_URL")

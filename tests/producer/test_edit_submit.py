@@ -43,6 +43,7 @@ def test_unmappable_or_missing_instruction_exits_2(folder, argv, message, capsys
     assert not (folder / "out").exists()  # no job was created
 
 
+@pytest.mark.e2e
 def test_an_edit_job_is_submitted_without_torch_and_other_planners_are_not_second_guessed(folder, redis_url):
     code = (
         "import sys; from producer.cli import main; "

@@ -26,6 +26,8 @@ from pixelrelay.jobs.state import JobState
 from tests.conftest import REPO, TEST_SIGNER, WorkerPool, run_cli, wait_until, worker_env
 from tests.images import good_images
 
+pytestmark = pytest.mark.e2e
+
 DB = 12
 N_ITEMS = 16
 SETTINGS = {

@@ -71,6 +71,7 @@ def test_pull(offline_cache, sr_x2, capsys):
     assert str(offline_cache) in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_list_reads_backend_classes_without_importing_torch(offline_cache):
     import subprocess
     import sys

@@ -17,9 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, wait_until, worker_env
 from tests.images import good_images
-from tests.workers.test_self_healing import SETTINGS
+from tests.workers.stages import SETTINGS
+
+pytestmark = pytest.mark.e2e
 
 N_ITEMS = 8
 SLOW = ["--encoder", "slow", "--planner", "slow", "--decoder", "slow"]

@@ -135,6 +135,7 @@ def _run_in_pty(args: list[str], env: dict[str, str], columns: int = 80) -> tupl
     return proc.wait(30), b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.e2e
 def test_status_wait_timeout_in_an_80_column_terminal(redis_url):
     url = _idle_redis(redis_url)
     state = _new_job(url, total=7)

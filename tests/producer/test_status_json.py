@@ -7,10 +7,14 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
+
 import pixelrelay
 from pixelrelay.exitcodes import ExitCode
 from tests.conftest import run_cli, worker_env
 from tests.images import bad_and_odd_images, good_images
+
+pytestmark = pytest.mark.e2e
 
 FIELDS = {
     "job_id",

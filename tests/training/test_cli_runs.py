@@ -11,13 +11,15 @@ import pytest
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.pipeline import nets
 from tests.conftest import run_cli, worker_env
-from tests.training.test_train import TINY, _write_images
+from tests.training.helpers import TINY, write_images
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-data")
-    _write_images(root / "set", 6)  # 5 training files, 1 validation file
+    write_images(root / "set", 6)  # 5 training files, 1 validation file
     return root
 
 

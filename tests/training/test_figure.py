@@ -10,7 +10,7 @@ from pixelrelay.exitcodes import ExitCode
 from pixelrelay.producer import cli
 from pixelrelay.training import data
 from pixelrelay.training import figure as F
-from tests.training.test_train import _write_images
+from tests.training.helpers import write_images
 
 CROP = 32
 
@@ -33,7 +33,7 @@ def _found_in(tile: np.ndarray, images: list[np.ndarray]) -> bool:
 
 def test_figure_grid_from_the_validation_part(tmp_path):
     root = tmp_path / "data"
-    _write_images(root / "set", 10, size=(96, 80))  # files 4 and 9 are the validation part
+    write_images(root / "set", 10, size=(96, 80))  # files 4 and 9 are the validation part
     train_files, val_files = data.split(root)
     out = tmp_path / "docs" / "fig.png"
     rc = cli.main(["bench", "figure", "--data", str(root), "--out", str(out), "--crop", str(CROP), "--threads", "1"])
@@ -71,6 +71,6 @@ def _tile_bottom(row: int, crop: int = CROP) -> int:
 
 
 def test_figure_without_validation_images_is_a_usage_error(tmp_path):
-    _write_images(tmp_path / "set", 3)  # fewer than five files: no validation part
+    write_images(tmp_path / "set", 3)  # fewer than five files: no validation part
     rc = F.main(["--data", str(tmp_path), "--out", str(tmp_path / "fig.png")])
     assert rc == ExitCode.USAGE and not (tmp_path / "fig.png").exists()

@@ -4,25 +4,15 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pixelrelay.pipeline import nets
 from pixelrelay.training import data, train
-
-
-def _write_images(folder, n, size=(96, 80), seed=0):
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        yy, xx = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
-        f = rng.uniform(3, 12, 3)
-        rgb = np.stack([0.5 + 0.4 * np.sin(xx / f[c] + yy / (f[c] + 3)) for c in range(3)], -1)
-        Image.fromarray((rgb * 255).astype(np.uint8)).save(folder / f"img_{i:02d}.png")
+from tests.training.helpers import TINY, write_images
 
 
 def test_split_every_fifth_file_per_folder(tmp_path):
-    _write_images(tmp_path / "a", 11)
-    _write_images(tmp_path / "b", 5)
+    write_images(tmp_path / "a", 11)
+    write_images(tmp_path / "b", 5)
     tr, va = data.split(tmp_path)
     assert [p.name for p in va] == ["img_04.png", "img_09.png", "img_04.png"]
     assert [p.parent.name for p in va] == ["a", "a", "b"]
@@ -65,44 +55,9 @@ def test_grow_keeps_the_function_and_adds_the_context_branch(tmp_path):
     assert y.shape == (2, 3, 36, 44) and not torch.allclose(y, small(x, cond, 2), atol=1e-4)
 
 
-TINY = {
-    "decoder": {
-        "seed": 1,
-        "threads": 1,
-        "steps": 4,
-        "batch": 2,
-        "lr": 1e-3,
-        "warmup": 1,
-        "lr_patch": 12,
-        "scale_probs": {"1": 1, "2": 1, "4": 1},
-        "p_clean": {"1": 0.2, "2": 0.3, "4": 0.3},
-        "cond_jitter": {"noise": 1.0},
-        "net": {"channels": 8, "blocks": 1, "hidden": 8},
-        "val_crop": 48,
-        "log_every": 2,
-        "val_every": 2,
-    },
-    "encoder": {
-        "seed": 1,
-        "threads": 1,
-        "steps": 4,
-        "batch": 4,
-        "lr": 1e-3,
-        "warmup": 1,
-        "patch": 16,
-        "scale_probs": {"1": 1, "2": 1},
-        "p_clean": 0.2,
-        "net": {"channels": 8, "hidden": 8},
-        "val_samples": 4,
-        "log_every": 2,
-        "val_every": 2,
-    },
-}
-
-
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
 def test_tiny_training_run(tmp_path, kind):
-    _write_images(tmp_path / "data" / "set", 6)
+    write_images(tmp_path / "data" / "set", 6)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(TINY[kind]))
     out = tmp_path / "out" / f"{kind}.safetensors"
@@ -134,7 +89,7 @@ def test_tiny_training_run(tmp_path, kind):
 
 
 def test_training_is_reproducible(tmp_path):
-    _write_images(tmp_path / "data" / "set", 6)
+    write_images(tmp_path / "data" / "set", 6)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(dict(TINY["decoder"], steps=2, val_every=2)))
     losses = []
@@ -159,7 +114,7 @@ def test_training_is_reproducible(tmp_path):
 
 
 def test_second_stage_starts_from_init_weights(tmp_path):
-    _write_images(tmp_path / "data" / "set", 6)
+    write_images(tmp_path / "data" / "set", 6)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(dict(TINY["decoder"], steps=2, val_every=2)))
     first, second = tmp_path / "s1.safetensors", tmp_path / "s2.safetensors"
@@ -172,14 +127,14 @@ def test_second_stage_starts_from_init_weights(tmp_path):
     train.main(args + ["--out", str(second), "--init", str(first)])
     a, _ = nets.load_model(str(first))
     b, _ = nets.load_model(str(second))
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and np.allclose(va.numpy(), vb.numpy(), atol=1e-6)  # lr 0: unchanged
 
 
 def test_bfloat16_autocast_trains_in_float32_weights(tmp_path):
     import torch
 
-    _write_images(tmp_path / "data" / "set", 6)
+    write_images(tmp_path / "data" / "set", 6)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(dict(TINY["decoder"], steps=2, val_every=2, autocast="bfloat16")))
     out = tmp_path / "bf16.safetensors"
@@ -217,7 +172,7 @@ def test_bfloat16_autocast_trains_in_float32_weights(tmp_path):
 def test_pipeline_condition_reads_the_degraded_region_like_the_deployed_path(tmp_path):
     from pixelrelay.training import degradations as D
 
-    _write_images(tmp_path / "set", 2, size=(200, 200))
+    write_images(tmp_path / "set", 2, size=(200, 200))
     imgs = data.load_images(sorted((tmp_path / "set").iterdir()))
     condition = train.PipelineCondition()
     cfg = {"lr_patch": 24, "cond_context": 96}
@@ -240,7 +195,7 @@ def test_pipeline_condition_reads_the_degraded_region_like_the_deployed_path(tmp
 
 
 def test_tiny_training_run_with_pipeline_conditions(tmp_path):
-    _write_images(tmp_path / "data" / "set", 6)
+    write_images(tmp_path / "data" / "set", 6)
     cfg = dict(
         TINY["decoder"], steps=2, val_every=2, cond_source="pipeline", cond_context=32, p_clean={"1": 0, "2": 0, "4": 0}
     )
@@ -305,7 +260,7 @@ def test_the_mild_mix_and_the_overshoot_term_train(tmp_path):
     rng = np.random.default_rng(0)
     picks = [train.pick_degradation({"p_mild": 0.5}, D.DegradationConfig(), rng) is D.MILD for _ in range(200)]
     assert 60 < sum(picks) < 140
-    _write_images(tmp_path / "data" / "set", 6)
+    write_images(tmp_path / "data" / "set", 6)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(dict(TINY["decoder"], steps=2, val_every=2, p_mild=0.5, overshoot_weight=1.0)))
     out = tmp_path / "m.safetensors"

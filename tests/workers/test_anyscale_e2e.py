@@ -9,12 +9,15 @@ import json
 import uuid
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pixelrelay.exitcodes import ExitCode
 from pixelrelay.producer.cli import main
 from tests.conftest import run_cli, worker_env
 from tests.images import encode, photo_like
+
+pytestmark = pytest.mark.e2e
 
 
 def _files() -> dict[str, bytes]:

@@ -1,6 +1,6 @@
 """Cancelling a job, in-process: a real Redis and ``JobState``, local-folder storage, the
 real delivery policy and stage bodies, and a list's ``append`` for the broker (see
-``tests/workers/test_policy.py``). The end-to-end run through real workers is
+``tests/workers/policy_jobs.py``). The end-to-end run through real workers is
 ``tests/producer/test_job_control.py``."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pixelrelay.workers.policy import Cancelled, Delivery
 from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.sweep import sweep_once
 from pixelrelay.workers.tasks import STAGE_BODIES
-from tests.conftest import TEST_SIGNER
-from tests.workers.test_policy import Job, client, make_job  # noqa: F401 (fixtures)
+from tests.conftest import TEST_SIGNER, wait_until
+from tests.workers.policy_jobs import Job
 
 ON_RESTORE: list = []  # callables the ``cancelling`` decoder runs after each batch
 
@@ -150,7 +150,7 @@ def test_progress_time_moves_only_when_an_item_finishes(make_job):
     job.state.mark(job.seq, [(0, "done")])
     first = float(info()["progress_at"])
     assert job_status(info(), job.state.counts(), time.time(), 30) == JobStatus.RUNNING
-    time.sleep(0.02)
+    wait_until(lambda: time.time() > first + 0.001, timeout=1, interval=0.001)  # the clock moved on
     job.state.mark(job.seq, [(0, "done")])  # a duplicate: no bit changes
     assert float(info()["progress_at"]) == first
     job.state.mark(job.seq, [(1, "failed")])

@@ -9,6 +9,7 @@ import json
 import uuid
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pixelrelay.pipeline.messages import JobOptions
@@ -16,6 +17,8 @@ from pixelrelay.pipeline.settings import Settings
 from pixelrelay.producer import submit as submit_module
 from tests.conftest import run_cli, worker_env
 from tests.images import encode, photo_like
+
+pytestmark = pytest.mark.e2e
 
 
 def _files() -> dict[str, bytes]:

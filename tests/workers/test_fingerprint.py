@@ -116,6 +116,7 @@ def _size(path: str) -> tuple[int, int]:
     return Image.open(path).size
 
 
+@pytest.mark.e2e
 def test_local_reuse_scale_change_and_overwrite(pool, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     _inputs(src)
@@ -132,7 +133,7 @@ def test_local_reuse_scale_change_and_overwrite(pool, tmp_path):
     # The same request under a new job id: reused before the encode stage ran.
     same, result = _submit(pool, str(src), str(out), "--scale", "2")
     assert "0 failed" in result.stderr
-    for row, before in zip(_local_rows(out, same), rows):
+    for row, before in zip(_local_rows(out, same), rows, strict=True):
         assert row["outcome"] == "reused" and row["fingerprint"] == before["fingerprint"]
         assert "encode_s" not in row["timings"] and row["description"] is None
         assert Path(row["output"]).stat().st_mtime_ns == stamps[row["output"]]
@@ -151,6 +152,7 @@ def test_local_reuse_scale_change_and_overwrite(pool, tmp_path):
         assert fp.from_metadata(json.loads(Path(sidecar_path(row["output"])).read_text())).job == forced
 
 
+@pytest.mark.e2e
 def test_s3_scale_change_then_the_same_request_again(pool, s3_bucket, s3_client):
     for i in range(N):
         s3_client.put_object(Bucket=s3_bucket, Key=f"in/{i}.png", Body=encode(photo_like(24 + 4 * i, 16, i), "PNG"))
@@ -180,11 +182,12 @@ def test_s3_scale_change_then_the_same_request_again(pool, s3_bucket, s3_client)
         assert row["outcome"] == "overwritten" and width(row) == (24 + 4 * index) * 4
     stamps = [head(row)["LastModified"] for row in after]
     third, _ = _submit(pool, src, out, "--scale", "4")
-    for row, stamp in zip(rows(third), stamps):
+    for row, stamp in zip(rows(third), stamps, strict=True):
         assert row["outcome"] == "reused" and "encode_s" not in row["timings"]
         assert head(row)["LastModified"] == stamp
 
 
+@pytest.mark.e2e
 def test_a_changed_model_identity_is_reprocessed(pool, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     _inputs(src)
@@ -272,7 +275,7 @@ def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, over
     assert [storage.get(r.output) for r in second.records] == written
 
     # A delivery that checked before the first one wrote: its conditional write loses.
-    for record, before in zip(second.records, seen):
+    for record, before in zip(second.records, seen, strict=True):
         action, version = ("replace", before.version) if before else ("create", None)
         outcome = _store(rt, record, b"other bytes", "image/png", options, job_id, action, version)
         assert outcome == "processed" and any("another delivery" in n for n in record.notes)

@@ -20,6 +20,8 @@ from tests.conftest import WorkerPool, run_cli, worker_env
 from tests.images import encode, photo_like
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_instruct_pix2pix, make_tiny_qwen2, make_tiny_sd
 
+pytestmark = pytest.mark.e2e
+
 pytest.importorskip("diffusers", reason="the generative decoders need the diffusers extra")
 
 HUB_IDS = {

@@ -18,6 +18,8 @@ from tests.conftest import WorkerPool, run_cli, worker_env
 from tests.images import good_images
 from tests.pipeline.hf_fixtures import install_in_hub_cache, make_tiny_blip, make_tiny_qwen2, make_tiny_swin2sr
 
+pytestmark = pytest.mark.e2e
+
 HUB_IDS = {
     "encoder": "Salesforce/blip-image-captioning-base",
     "planner": "Qwen/Qwen2.5-0.5B-Instruct",

@@ -7,8 +7,12 @@ import json
 import os
 import uuid
 
+import pytest
+
 from tests.conftest import run_cli, worker_env
 from tests.images import encode, photo_like
+
+pytestmark = pytest.mark.e2e
 
 
 def _write(folder, name: str, seed: int) -> None:

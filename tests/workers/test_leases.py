@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
+import redis
+
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import part_uri
@@ -14,7 +16,15 @@ from pixelrelay.pipeline.messages import ChunkMessage
 from pixelrelay.workers.lease import WATCHDOG_EXIT_CODE, LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import Delivery, Limits, Stale
 from tests.conftest import wait_until
-from tests.workers.test_policy import Job, WorkerDied, client  # noqa: F401  (client: the policy tests' Redis fixture)
+from tests.workers.policy_jobs import Job, WorkerDied
+
+
+def renewed(client: redis.Redis, key: str, times: int = 1) -> None:
+    """Let the lease at ``key`` lapse (deleted) and wait for the heartbeat to write it again,
+    ``times`` over: only a renewal brings it back."""
+    for _ in range(times):
+        client.delete(key)
+        wait_until(lambda: client.exists(key), timeout=5, interval=0.005)
 
 
 def test_a_hung_model_call_loses_its_lease_after_its_budget_and_its_items_time_out(client, tmp_path):
@@ -44,8 +54,9 @@ def test_a_hung_model_call_loses_its_lease_after_its_budget_and_its_items_time_o
     thread = threading.Thread(target=worker)
     thread.start()
     try:
-        time.sleep(0.9)
-        assert client.exists(lease) and not exits  # renewed well past lease_s while it hangs
+        wait_until(lambda: client.exists(lease), timeout=5, interval=0.005)  # taken with the entry
+        renewed(client, lease, times=3)  # renewed while it hangs
+        assert not exits
         wait_until(lambda: exits, timeout=5, interval=0.02)
         assert exits[0][0] == WATCHDOG_EXIT_CODE
         assert 1.1 <= exits[0][1] - started <= 2.0
@@ -109,7 +120,7 @@ def test_deliveries_share_one_heartbeat_thread_and_take_the_lease_with_the_entry
         key = keys.lease(job.state.job_id, Slot.of(m).name)
         entry = ChunksInFlight(client, job.state.job_id).get(Slot.of(m))
         seen.append((client.get(key) is not None, entry.stage))
-        time.sleep(0.5)  # past lease_s: only renewal keeps it
+        renewed(client, key)
         seen.append((client.get(key) is not None, None))
 
     for msg in list(job.sent):
@@ -132,7 +143,6 @@ def test_one_leases_failing_renewal_does_not_stop_the_heartbeat_for_the_others(c
     bad = Lease(Broken(), "hb-bad", Slot(1, 0), timing, 1, lambda budget: None)
     with bad, good:
         good.renew()  # what the policy's admission transaction writes first
-        time.sleep(0.8)  # past lease_s: only renewal keeps it, with the broken one failing beside it
-        assert client.get(good.key) is not None
+        renewed(client, good.key, times=3)  # with the broken one failing beside it
     assert [t for t in threading.enumerate() if t.name == "pixelrelay-lease" and t.is_alive()]
     client.delete(good.key)

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pixelrelay.jobs.state import JobState
@@ -20,6 +21,8 @@ from pixelrelay.producer import exporter
 from pixelrelay.producer.embedded import EmbeddedRedis, free_port
 from tests.conftest import REPO, TEST_BACKENDS, TEST_SIGNER, WorkerPool, run_cli, wait_until, worker_env
 from tests.images import good_images
+
+pytestmark = pytest.mark.e2e
 
 N_ITEMS, CHUNK = 12, 2
 

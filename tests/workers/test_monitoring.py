@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -25,6 +26,8 @@ from pixelrelay.pipeline.settings import Settings
 from pixelrelay.workers.celery_app import create_app, task_name
 from tests.conftest import REPO, run_cli, wait_until, worker_env
 from tests.images import good_images
+
+pytestmark = pytest.mark.e2e
 
 STAGES = ("encode", "plan", "decode")
 
@@ -67,16 +70,13 @@ def test_an_events_receiver_sees_tasks_succeed_at_all_three_stages(stage_workers
     assert wanted <= {names.get(u) for u in succeeded}
     # Flower asks every worker to enable events every few seconds: refused (remote control is
     # off), noted once per command, not an ERROR traceback each time.
-    for _ in range(3):
-        app.control.enable_events()
+    workers = len(stage_workers.procs)
+    for _ in range(3):  # each worker's error reply comes after its log line
+        refused = app.control.broadcast("enable_events", reply=True, timeout=30, limit=workers)
+        assert len(refused) == workers and all(set(r) == {"error"} for row in refused for r in row.values()), refused
     note = "refused Celery remote-control command 'enable_events'"
-
-    def logs() -> str:
-        return "".join(p.read_text(errors="replace") for p in stage_workers.logdir.glob("*.log"))
-
-    wait_until(lambda: logs().count(note) == 3, timeout=20)
-    time.sleep(0.5)
-    assert logs().count(note) == 3 and "pidbox command error" not in logs()
+    logs = "".join(p.read_text(errors="replace") for p in stage_workers.logdir.glob("*.log"))
+    assert logs.count(note) == workers and "pidbox command error" not in logs
 
 
 @pytest.fixture(scope="module")
@@ -142,17 +142,31 @@ def test_worker_logs_one_json_line_per_chunk_and_no_result_body(json_encode_work
     assert "testing-secret" not in text and env["PIXELRELAY_SIGNING_KEY"] not in text
 
 
+def backdate(path: Path, seconds: float) -> None:
+    """Age a file's mtime by ``seconds``, as that long without a touch would."""
+    then = path.stat().st_mtime - seconds
+    os.utime(path, (then, then))
+
+
+def stopped_state(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (SIGSTOP delivered)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return all(Path(f"{t}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks)
+
+
 def test_health_is_0_while_the_worker_consumes_and_1_once_it_is_stopped(json_encode_worker):
     proc, env, log_path, health_file = json_encode_worker
     try:
         wait_until(health_file.exists, timeout=60)
     except TimeoutError:
         pytest.fail(log_path.read_text())
-    time.sleep(1.5)  # older than --max-age 1 unless touched again by a live consumer
+    backdate(health_file, 5)  # older than --max-age 1 unless touched again by a live consumer
+    wait_until(lambda: time.time() - health_file.stat().st_mtime < 1, timeout=10, interval=0.05)
     alive = run_cli(["health", "--max-age", "1"], env)
     assert alive.returncode == 0, alive.stderr
     os.kill(proc.pid, signal.SIGSTOP)
-    time.sleep(1.5)
+    wait_until(lambda: stopped_state(proc.pid), timeout=10, interval=0.01)
+    backdate(health_file, 5)  # no consumer touches it again
     stopped = run_cli(["health", "--max-age", "1"], env)
     assert stopped.returncode == 1
     assert stopped.stderr.count("\n") == 1 and "heartbeat file" in stopped.stderr

@@ -9,9 +9,12 @@ import json
 import uuid
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import run_cli, worker_env
+
+pytestmark = pytest.mark.e2e
 
 ITEMS = 8  # two chunks of 4 (worker_env's PIXELRELAY_CHUNK_SIZE)
 

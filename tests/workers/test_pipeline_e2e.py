@@ -7,11 +7,14 @@ import json
 import uuid
 
 import numpy as np
+import pytest
 import redis
 from PIL import Image
 
 from tests.conftest import run_cli, worker_env
 from tests.images import bad_and_odd_images, good_images
+
+pytestmark = pytest.mark.e2e
 
 MANIFEST_FIELDS = {"input", "output", "status", "error", "description", "plan", "timings", "backends"}
 

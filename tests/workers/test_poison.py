@@ -9,10 +9,13 @@ import threading
 import time
 import uuid
 
+import pytest
 import redis
 
 from tests.conftest import REPO, WorkerPool, run_cli, worker_env
 from tests.images import photo_like
+
+pytestmark = pytest.mark.e2e
 
 
 def test_item_that_kills_its_worker_fails_alone(redis_url, tmp_path):

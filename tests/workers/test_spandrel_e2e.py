@@ -19,6 +19,8 @@ from tests.conftest import REPO, WorkerPool, worker_env
 from tests.images import good_images
 from tests.pipeline.hf_fixtures import install_in_hub_cache
 
+pytestmark = pytest.mark.e2e
+
 pytest.importorskip("spandrel", reason="the spandrel decoder needs the spandrel extra")
 
 HUB_FILE = "someone/compact-sr/2x-compact.safetensors"

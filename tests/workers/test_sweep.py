@@ -22,8 +22,8 @@ from pixelrelay.workers.celery_app import create_app
 from pixelrelay.workers.flow import chunk_chain, signed_body
 from pixelrelay.workers.policy import Limits
 from pixelrelay.workers.sweep import sweep_once
-from tests.conftest import TEST_SIGNER
-from tests.workers.test_policy import Job
+from tests.conftest import TEST_SIGNER, wait_until
+from tests.workers.policy_jobs import Job
 
 LEASE_S = 1.0
 DB = 7
@@ -58,6 +58,14 @@ def job(client, tmp_path) -> Job:
 
 def age(job: Job, slot: Slot, stage: str, feeds: bool = True, by: float = 10 * LEASE_S) -> None:
     ChunksInFlight(job.state.r, job.state.job_id).track(slot, stage, feeds, now=time.time() - by)
+
+
+def lapse(client: redis.Redis, *names: str) -> None:
+    """Let leases run out: each key must carry a TTL, and expires in 1 ms."""
+    for name in names:
+        assert client.pttl(name) > 0, name
+        client.pexpire(name, 1)
+    wait_until(lambda: not client.exists(*names), timeout=5, interval=0.005)
 
 
 def sweep(job: Job, send=None):
@@ -200,7 +208,7 @@ def test_a_finisher_that_died_holding_the_finish_claim_is_taken_over_once_its_le
     age(job, Slot(job.seq, 2), "decode", feeds=False)
     assert sweep(job).finished == [f"{job.state.job_id}/{job.seq}:2"]
     assert chunks.get(Slot(job.seq, 2)) is not None and "finished_at" not in job.state.info()  # kept
-    time.sleep(2.1)  # the claim's lease (and the sweep's re-send lock) lapse
+    lapse(job.state.r, keys.finalized(job.state.job_id, job.seq), keys.resend_lock(job.state.job_id, f"{job.seq}:2"))
     sweep(job)
     info = job.state.info()
     assert info["finished_seq"] == str(job.seq) and info["manifest_done"] == "10"

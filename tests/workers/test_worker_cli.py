@@ -52,6 +52,7 @@ def test_celery_cli_finds_the_app_and_the_stage_workers_ignore_remote_control(st
     assert "Unable to load celery application" not in replies.stdout + replies.stderr
 
 
+@pytest.mark.e2e
 def test_worker_on_a_machine_without_cuda_exits_2_with_one_line(redis_url):
     import torch
 

@@ -12,27 +12,9 @@ from pixelrelay.pipeline.stages.base import ModelUnavailableError
 from pixelrelay.pipeline.stages.decoders.builtin import BuiltinDecoder, plan_condition, route, weights_paths
 from pixelrelay.pipeline.stages.encoders.builtin import BuiltinEncoder
 from pixelrelay.training import degradations as D
+from tests.images import scene
 
 torch.set_num_threads(2)
-
-
-def scene(size=128):
-    """A fixed synthetic photo-like scene: gradient sky, hard-edged shapes, stripes, texture."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = np.stack([0.3 + 0.4 * yy, 0.5 + 0.2 * xx, 0.8 - 0.3 * yy], -1)
-    disc = (xx - 0.3) ** 2 + (yy - 0.35) ** 2 < 0.04
-    img[disc] = [0.9, 0.25, 0.2]
-    box = (xx > 0.55) & (xx < 0.9) & (yy > 0.2) & (yy < 0.5)
-    img[box] = [0.15, 0.2, 0.3]
-    stripes = (yy > 0.6) & (np.sin(xx * size / 3.0) > 0)
-    img[stripes] = [0.95, 0.95, 0.85]
-    ring = np.abs(np.hypot(xx - 0.7, yy - 0.8) - 0.12) < 0.02
-    img[ring] = [0.1, 0.6, 0.1]
-    rng = np.random.default_rng(0)
-    tex = rng.normal(0, 1, (size // 4, size // 4))
-    tex = np.kron(tex, np.ones((4, 4)))
-    img = img + 0.03 * tex[..., None] * (yy < 0.6)[..., None]
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +94,7 @@ def test_encoder_batch_equals_singles(encoder):
     ims.append(DecodedImage(rgb=np.zeros((3, 5, 3), np.uint8)))
     batch = encoder.estimate(ims)
     singles = [encoder.estimate([im])[0] for im in ims]
-    for b, s in zip(batch, singles):
+    for b, s in zip(batch, singles, strict=True):
         assert b["noise_sigma"] == pytest.approx(s["noise_sigma"], abs=0.02)
         assert b["p_jpeg"] == pytest.approx(s["p_jpeg"], abs=0.002)
 
@@ -128,12 +110,13 @@ def test_decoder_batch_equals_singles(decoder):
         Plan(scale=2),
     ]
     batch = decoder.restore(ims, plans)
-    for im, plan, out in zip(ims, plans, batch):
+    for im, plan, out in zip(ims, plans, batch, strict=True):
         single = decoder.restore([im], [plan])[0]
         assert np.abs(single.rgb.astype(int) - out.rgb.astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("scale", [1, 2, 4])
+@pytest.mark.slow
 def test_decoder_sizes_alpha_and_tiny_images(decoder, scale):
     sizes = [(1, 1), (3, 5), (17, 9), (40, 300)]
     ims = []
@@ -144,7 +127,7 @@ def test_decoder_sizes_alpha_and_tiny_images(decoder, scale):
         ims.append(im)
     plans = [Plan(scale=scale, noise_sigma=12, operations=[Operation(name="denoise", strength=0.6)])] * len(ims)
     outs = decoder.restore(ims, plans)
-    for (h, w), im, out in zip(sizes, ims, outs):
+    for (h, w), im, out in zip(sizes, ims, outs, strict=True):
         assert out.rgb.shape == (h * scale, w * scale, 3) and out.rgb.dtype == np.uint8
         if im.alpha is None:
             assert out.alpha is None
@@ -226,6 +209,7 @@ def test_model_names_one_file_or_a_pair(tmp_path):
         BuiltinDecoder.check_available(f"builtin_upscaler,{tmp_path / 'missing.safetensors'}")
 
 
+@pytest.mark.slow
 def test_plan_routes_clean_to_upscaler_and_degraded_to_restorer(decoder):
     clean = Plan(scale=2)
     noisy = Plan(scale=2, noise_sigma=15, operations=[Operation(name="denoise", strength=0.6)])
@@ -238,6 +222,7 @@ def test_plan_routes_clean_to_upscaler_and_degraded_to_restorer(decoder):
     assert not np.array_equal(both[1].rgb, up_only.restore([im], [noisy])[0].rgb)
 
 
+@pytest.mark.slow
 def test_decoder_tiled_equals_untiled(decoder):
     """The upscaler's receptive field fits in the tile margins: tiled equals untiled to float
     rounding. The restorer's context branch sees further, so tiles differ a little."""
@@ -253,6 +238,7 @@ def test_decoder_tiled_equals_untiled(decoder):
         assert float((tiled - untiled).abs().mean()) * 255 < mean_levels, m
 
 
+@pytest.mark.slow
 def test_tile_settings_and_dtype_come_from_settings():
     from pixelrelay.pipeline.settings import Settings
 
@@ -264,6 +250,7 @@ def test_tile_settings_and_dtype_come_from_settings():
     assert dec.restore([DecodedImage(rgb=img)], [Plan(scale=2)])[0].rgb.shape == (200, 180, 3)
 
 
+@pytest.mark.slow
 def test_cpu_bf16_autocast_follows_the_setting_and_keeps_the_outputs(monkeypatch):
     """On a CPU with native bf16 the builtin decoder's forward runs under bf16 autocast
     (``hf.cpu_autocast_dtype``) unless ``Settings.dtype`` asks for fp32; it is never used on

@@ -14,8 +14,7 @@ from PIL import Image
 from pixelrelay.pipeline.imageio import DecodedImage, decode_image
 from pixelrelay.pipeline.stages.encoders import analysis, builtin
 from pixelrelay.pipeline.stages.encoders.builtin import BuiltinEncoder
-from tests.images import add_noise, clean_photo
-from tests.pipeline.stages.test_builtin import scene
+from tests.images import add_noise, clean_photo, scene
 
 torch.set_num_threads(2)
 
@@ -100,12 +99,13 @@ def test_crop_selection_is_deterministic_and_bounded():
     assert builtin.image_crops(np.zeros((20, 30, 3), np.uint8)).shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_batch_equals_per_item(encoder):
     jpeg = np.asarray(Image.open(io.BytesIO(_encode(scene(160), "JPEG", quality=55))))
     big = np.tile(scene(128), (5, 5, 1))[:600, :620]  # over the analysis budget: measured on tiles
     ims = [DecodedImage(rgb=x) for x in (scene(96), jpeg, big, np.zeros((3, 5, 3), np.uint8))]
     batch = encoder.describe(ims)
-    for im, b in zip(ims, batch):
+    for im, b in zip(ims, batch, strict=True):
         (single,) = encoder.describe([im])
         assert b.metrics.keys() == single.metrics.keys() and b.jpeg_quality == single.jpeg_quality
         for key in ("noise_sigma", "blur_sigma", "downscaled"):  # conv batching may move the last bit
@@ -143,6 +143,7 @@ def test_analysis_pixel_budget_samples_large_images_only():
     assert sampled["blockiness"] == pytest.approx(full["blockiness"], abs=0.05)
 
 
+@pytest.mark.slow
 def test_bf16_trunk_reads_like_fp32(encoder, monkeypatch):
     """Where the CPU has native bf16 the conv trunk runs in it; the estimates stay put."""
     noisy = DecodedImage(rgb=add_noise(clean_photo(256, 256), 15, seed=5))
@@ -151,7 +152,7 @@ def test_bf16_trunk_reads_like_fp32(encoder, monkeypatch):
     half = encoder.estimate([noisy, jpeg])
     monkeypatch.setattr(encoder, "trunk_dtype", None)
     full = encoder.estimate([noisy, jpeg])
-    for h, f in zip(half, full):
+    for h, f in zip(half, full, strict=True):
         assert h["noise_sigma"] == pytest.approx(f["noise_sigma"], abs=0.5)
         assert h["blur_sigma"] == pytest.approx(f["blur_sigma"], abs=0.1)
         assert h["jpeg_quality"] == f["jpeg_quality"]

@@ -75,7 +75,7 @@ def test_mixed_batch_equals_single_calls():
     # batch_size=3 also exercises the sub-batching and the regrouping by scale and size.
     for decoder in (ClassicDecoder(batch_size=8), ClassicDecoder(batch_size=3)):
         batch = decoder.restore(images, plans)
-        for image, plan, result in zip(images, plans, batch):
+        for image, plan, result in zip(images, plans, batch, strict=True):
             (single,) = decoder.restore([image], [plan])
             assert result.rgb.shape == single.rgb.shape == (image.height * plan.scale, image.width * plan.scale, 3)
             diff = np.abs(result.rgb.astype(np.int16) - single.rgb.astype(np.int16)).max()

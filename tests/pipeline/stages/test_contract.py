@@ -115,8 +115,21 @@ def build(stage: str, kind: str, factory):
     return _BUILT[key]
 
 
+SLOW_BACKENDS = {
+    "hf-caption",
+    "hf-llm",
+    "hf-sr",
+    "sd-upscale",
+    "sd-img2img",
+    "instruct-pix2pix",
+}  # tiny HF models: seconds
+
+
 def _params(stage: str) -> list:
-    return [pytest.param(kind, id=f"{stage}-{kind}") for kind in registry.known_backends(stage)]
+    return [
+        pytest.param(kind, id=f"{stage}-{kind}", marks=[pytest.mark.slow] if kind in SLOW_BACKENDS else [])
+        for kind in registry.known_backends(stage)
+    ]
 
 
 def _images(seed: int = 0) -> list[DecodedImage]:
@@ -147,7 +160,7 @@ def test_encoder_batch_equals_singles(kind, tmp_path_factory):
     images = _images()
     batch = enc.describe(images)
     assert len(batch) == len(images) and enc.describe([]) == []
-    for image, got in zip(images, batch):
+    for image, got in zip(images, batch, strict=True):
         single = enc.describe([image])[0]
         assert got.caption == single.caption
         for field in ("noise_sigma", "blur_sigma", "jpeg_quality", "downscaled"):
@@ -172,7 +185,7 @@ OPTIONS = [
 def test_planner_batch_equals_singles_and_refuses_mismatch(kind, tmp_path_factory):
     planner = build("planner", kind, tmp_path_factory)
     batch = planner.plan(DESCRIPTIONS, OPTIONS)
-    assert batch == [planner.plan([d], [o])[0] for d, o in zip(DESCRIPTIONS, OPTIONS)]
+    assert batch == [planner.plan([d], [o])[0] for d, o in zip(DESCRIPTIONS, OPTIONS, strict=True)]
     assert planner.plan([], []) == []
     with pytest.raises(BatchMismatchError, match="3 descriptions but 2"):
         planner.plan(DESCRIPTIONS, OPTIONS[:2])
@@ -187,7 +200,7 @@ def test_decoder_batch_equals_singles_and_refuses_mismatch(kind, tmp_path_factor
     images, plans = _images(), _plans()
     batch = dec.restore(images, plans)
     assert len(batch) == len(images) and dec.restore([], []) == []
-    for image, plan, got in zip(images, plans, batch):
+    for image, plan, got in zip(images, plans, batch, strict=True):
         single = dec.restore([image], [plan])[0]
         diff = np.abs(single.rgb.astype(int) - got.rgb.astype(int))
         assert diff.max() <= BATCH_TOLERANCE["decoder"], (plan, diff.max())
@@ -204,7 +217,7 @@ def test_decoder_output_size_dtype_and_alpha(kind, scale, tmp_path_factory):
     dec = build("decoder", kind, tmp_path_factory)
     images = _images(1) + [DecodedImage(rgb=np.full((1, 1, 3), 77, np.uint8), alpha=np.zeros((1, 1), np.uint8))]
     plans = [p.model_copy(update={"scale": scale}) for p in _plans()] + [Plan(scale=scale)]
-    for image, got in zip(images, dec.restore(images, plans)):
+    for image, got in zip(images, dec.restore(images, plans), strict=True):
         h, w = image.height * scale, image.width * scale
         assert got.rgb.shape == (h, w, 3) and got.rgb.dtype == np.uint8
         if image.alpha is None:

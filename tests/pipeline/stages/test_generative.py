@@ -196,6 +196,7 @@ def img2img(tmp_path_factory):
     return _DECODERS["sd-img2img"]
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_batch_then_the_working_size(img2img, monkeypatch):
     dec = img2img
     monkeypatch.setattr("pixelrelay.pipeline.tiling.empty_cache", lambda: None)  # gc is slow
@@ -206,7 +207,7 @@ def test_out_of_memory_halves_the_batch_then_the_working_size(img2img, monkeypat
         got = dec.restore(images, plans)
     assert limit.refused == [(2, 3, 32, 32)]
     assert any("out of memory, finished with batch 1, working side 32px" in n for n in got[0].notes), got[0].notes
-    for a, b in zip(reference, got):
+    for a, b in zip(reference, got, strict=True):
         assert np.abs(a.rgb.astype(int) - b.rgb.astype(int)).max() <= 1
     with _MemoryLimit(dec, 300):  # not even one at native size: the working side is halved
         got = dec.restore(images, plans)

@@ -33,7 +33,7 @@ def test_caption_joins_analysis(encoder):
     images = _images()
     descs = encoder.describe(images)
     assert len(descs) == len(images)
-    for d, img in zip(descs, images):
+    for d, img in zip(descs, images, strict=True):
         assert d.caption and isinstance(d.caption, str)
         assert d.text.startswith(d.caption.rstrip("."))
         # the analysis measurements are all there

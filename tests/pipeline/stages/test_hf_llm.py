@@ -63,7 +63,7 @@ def _check(plan: Plan, options: JobOptions) -> dict:
 def test_random_llm_gives_valid_plans(planner):
     plans = planner.plan(DESCRIPTIONS, OPTIONS)
     assert len(plans) == 3
-    for plan, options in zip(plans, OPTIONS):
+    for plan, options in zip(plans, OPTIONS, strict=True):
         _check(plan, options)
     # the instruction's hard constraints: denoise asked for, sharpen (and deblur) forbidden
     assert plans[1].strength("denoise") > 0
@@ -72,13 +72,15 @@ def test_random_llm_gives_valid_plans(planner):
     assert plans[0].noise_sigma == pytest.approx(14.0) and plans[2].jpeg_quality == pytest.approx(30.0)
 
 
+@pytest.mark.slow
 def test_other_random_weights_still_valid(tmp_path_factory):
     other = tiny_model(tmp_path_factory, make_tiny_qwen2, "tiny-qwen2-b", seed=7, layers=1)
     planner = HFLLMPlanner(str(other))
-    for plan, options in zip(planner.plan(DESCRIPTIONS, OPTIONS), OPTIONS):
+    for plan, options in zip(planner.plan(DESCRIPTIONS, OPTIONS), OPTIONS, strict=True):
         _check(plan, options)
 
 
+@pytest.mark.slow
 def test_any_output_scale_is_a_hard_constraint(planner):
     """The LLM's scale is pinned to the native scale proposed for the job's target, and the
     plan carries the target itself (edit plans too)."""
@@ -89,7 +91,7 @@ def test_any_output_scale_is_a_hard_constraint(planner):
         JobOptions(task="edit", instruction="make it warmer", scale=0.5),
     ]
     plans = planner.plan([DESCRIPTIONS[0]] * len(options), options)
-    for plan, o, scale in zip(plans, options, (2, 4, 1, 1)):
+    for plan, o, scale in zip(plans, options, (2, 4, 1, 1), strict=True):
         Plan.model_validate(plan.model_dump())
         assert plan.scale == scale and plan.target == o.target() and json.loads(plan.raw)["scale"] == scale
     assert "output fit 640x480" in planner._user_message(DESCRIPTIONS[0], options[2], plans[2])
@@ -98,7 +100,7 @@ def test_any_output_scale_is_a_hard_constraint(planner):
 
 def test_batch_equals_single_calls(planner):
     batch = planner.plan(DESCRIPTIONS, OPTIONS)
-    singles = [planner.plan([d], [o])[0] for d, o in zip(DESCRIPTIONS, OPTIONS)]
+    singles = [planner.plan([d], [o])[0] for d, o in zip(DESCRIPTIONS, OPTIONS, strict=True)]
     assert batch == singles
 
 
@@ -132,7 +134,7 @@ def test_grammar_holds_against_adversarial_logits(planner):
         grammars = [planner._grammar(*planner._constraints(o)) for o in OPTIONS]
         # odd seeds: the model "wants" to break out of strings
         ids = _decode_adversarially(planner, grammars, vocab, seed, quote_ids if seed % 2 else [])
-        for row, options in zip(ids[:, 1:], OPTIONS):
+        for row, options in zip(ids[:, 1:], OPTIONS, strict=True):
             text = planner.tokenizer.decode(row, skip_special_tokens=True)
             plan = planner._to_plan(text, DESCRIPTIONS[0], options, planner.rules.plan_one(DESCRIPTIONS[0], options))
             _check(plan, options)
@@ -177,9 +179,10 @@ def _check_edit(plan, options: JobOptions) -> dict:
     return data
 
 
+@pytest.mark.slow
 def test_random_llm_gives_valid_edit_plans_within_the_rules_reading(planner):
     plans = planner.plan([DESCRIPTIONS[1]] * len(EDIT_OPTIONS), EDIT_OPTIONS)
-    for plan, options in zip(plans, EDIT_OPTIONS):
+    for plan, options in zip(plans, EDIT_OPTIONS, strict=True):
         _check_edit(plan, options)
     catalogue, _, vintage = plans
     assert catalogue.edit.strength("exposure") > 0 and catalogue.edit.strength("white_balance") > 0
@@ -224,7 +227,7 @@ def test_edit_grammar_holds_against_adversarial_logits(planner):
     vocab = planner.lm.get_output_embeddings().weight.shape[0]
     grammars = [planner._grammar_for(o) for o in EDIT_OPTIONS]
     ids = _decode_adversarially(planner, grammars, vocab, 3)
-    for row, options in zip(ids[:, 1:], EDIT_OPTIONS):
+    for row, options in zip(ids[:, 1:], EDIT_OPTIONS, strict=True):
         text = planner.tokenizer.decode(row, skip_special_tokens=True)
         prior = planner.rules.plan_one(DESCRIPTIONS[1], options, map_edit=False)
         result = planner._to_plan_or_error(text, DESCRIPTIONS[1], options, prior)

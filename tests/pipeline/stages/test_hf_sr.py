@@ -43,7 +43,7 @@ def test_output_is_exactly_scale_times_input(decoder, sr_x2, sr_x4):
     img = _image(37, 29)
     plans = [Plan(scale=1), Plan(scale=2), Plan(scale=4)]
     out = decoder.restore([img] * 3, plans)
-    for res, plan in zip(out, plans):
+    for res, plan in zip(out, plans, strict=True):
         assert res.rgb.shape == (37 * plan.scale, 29 * plan.scale, 3) and res.rgb.dtype == np.uint8
         assert res.alpha is None
     # x1 and x2 ran the x2 model, x4 the x4 one; x1 was downscaled back
@@ -121,6 +121,7 @@ def sd_folder(tmp_path_factory):
     return tiny_model(tmp_path_factory, make_tiny_sd_upscaler, "sd-x4-upscaler")
 
 
+@pytest.mark.slow
 def test_sd_upscale_tiny_pipeline(sd_folder):
     from pixelrelay.pipeline.stages.decoders.sd_upscale import SDUpscaleDecoder
 

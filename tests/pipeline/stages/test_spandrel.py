@@ -9,6 +9,7 @@ import io
 import re
 import uuid
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_batch_equals_singles_with_mixed_models_sizes_and_alpha(tmp_path_factory
     images = [_image(20, 26, 1, alpha=True), _image(20, 26, 2), _image(9, 14, 3), _image(20, 26, 4)]
     plans = [Plan(scale=2), Plan(scale=4), Plan(scale=2), Plan(scale=2, noise_sigma=10)]
     batch = dec.restore(images, plans)
-    for image, plan, got in zip(images, plans, batch):
+    for image, plan, got in zip(images, plans, batch, strict=True):
         single = dec.restore([image], [plan])[0]
         assert _diff(single.rgb, got.rgb) <= 1 and single.notes == got.notes
         assert got.rgb.shape == (image.height * plan.scale, image.width * plan.scale, 3)
@@ -107,6 +108,7 @@ def test_batch_equals_singles_with_mixed_models_sizes_and_alpha(tmp_path_factory
 
 
 @pytest.mark.parametrize("arch", ["compact", "esrgan", "swinir"])
+@pytest.mark.slow
 def test_tiled_equals_untiled(arch, files):
     """Small tiles (several per image, cross-faded) give the untiled result. SwinIR's descriptor
     discourages tiling, so the decoder runs it whole; forced to tile, its tiles follow its
@@ -363,12 +365,13 @@ def test_models_list_shows_architecture_scale_and_size(files, monkeypatch):
         code = models_cli.main(["list", "--decoder", f"spandrel:{x2},{swin}"])
     text = out.getvalue()
     assert code == 0, text
-    kb = lambda p: f"{p.stat().st_size / 1024:.1f} KiB"  # noqa: E731
-    row = lambda path, status: re.search(
-        rf"^decoder +spandrel\* +{re.escape(str(path))} +{re.escape(status)} +configured$",  # noqa: E731
-        text,
-        re.M,
-    )
+
+    def kb(path: Path) -> str:
+        return f"{path.stat().st_size / 1024:.1f} KiB"
+
+    def row(path: Path, status: str) -> re.Match | None:
+        return re.search(rf"^decoder +spandrel\* +{re.escape(str(path))} +{re.escape(status)} +configured$", text, re.M)
+
     assert row(x2, f"present: ESRGAN x2 SR, 0.23M params, {kb(x2)}"), text
     assert row(swin, f"present: SwinIR x2 SR, 5.7k params, {kb(swin)}"), text
     out = io.StringIO()
