@@ -55,12 +55,20 @@ def _runs_pixelrelay(args: str | os.PathLike | Sequence[str | os.PathLike]) -> b
         return True
     if len(argv) > 1 and Path(argv[1]).resolve().is_relative_to(REPO / "benchmarks"):
         return True
-    pairs = zip(argv, argv[1:], strict=False)
-    return any(
-        (flag == "-m" and value.split(".")[0] == "pixelrelay")
-        or (flag == "-c" and "main(" in value and ("pixelrelay" in value or "cli import" in value))
-        for flag, value in pairs
+    flag, value = _interpreter_target(argv)
+    return (flag == "-m" and value.split(".")[0] == "pixelrelay") or (
+        flag == "-c" and "main(" in value and ("pixelrelay" in value or "cli import" in value)
     )
+
+
+def _interpreter_target(argv: list[str]) -> tuple[str, str]:
+    """The interpreter's own ``-m MODULE`` or ``-c CODE`` (not an option of the program it runs)."""
+    for i, arg in enumerate(argv[1:-1], start=1):
+        if not arg.startswith("-"):
+            break
+        if arg in ("-m", "-c"):
+            return arg, argv[i + 1]
+    return "", ""
 
 
 class _SpawnGuard:

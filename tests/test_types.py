@@ -94,6 +94,7 @@ def links() -> dict[Path, Path]:
     return _link_tree()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # a cold run reads torch, transformers and diffusers: minutes on a busy machine
 def test_the_package_type_checks(links):
     code, output = _mypy("-p", "pixelrelay")
@@ -108,6 +109,7 @@ def test_the_package_type_checks(links):
     assert checked and int(checked[1]) >= len(modules), f"{output}\nthe package has {len(modules)} modules"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_check_catches_a_type_error(links):
     """A module of the namespace that misuses another's typed API is flagged: the package's

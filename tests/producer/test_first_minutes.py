@@ -57,7 +57,7 @@ def test_backend_flags_list_their_kinds_and_default(stage):
     from pixelrelay.pipeline import constants as C
     from pixelrelay.pipeline.stages.registry import known_backends
 
-    run = next(p for p in ALL_PARSERS if p.prog == "pixelrelay run")
+    run = next(p for p in _parsers(build_parser()) if p.prog == "pixelrelay run")  # the kinds registered now
     text = " ".join(run._option_string_actions[f"--{stage}"].help.split())
     assert all(kind in text for kind in known_backends(stage)), text
     assert f"default {getattr(C, 'DEFAULT_' + stage.upper())}" in text
@@ -131,6 +131,7 @@ def test_a_missing_argument_shows_the_usage(capsys):
     assert err.startswith("usage: pixelrelay cancel") and "required: job_id" in err
 
 
+@pytest.mark.e2e
 def test_unknown_env_is_warned_once_with_the_nearest_name_never_its_value(redis_url, tmp_path):
     env = worker_env(redis_url, PIXELRELAY_CHUNKSIZE="secret-value-4", PIXELRELAY_ZZZ="other-secret")
     code = "from pixelrelay.pipeline.settings import Settings; Settings.from_env(); Settings.from_env(chunk_size=2)"
@@ -148,6 +149,7 @@ def test_unknown_env_is_warned_once_with_the_nearest_name_never_its_value(redis_
     assert result.stderr.count("did you mean PIXELRELAY_CHUNK_SIZE?") == 1 and "secret" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_unreachable_redis_is_one_line(tmp_path):
     (tmp_path / "in").mkdir()
     env = worker_env("redis://127.0.0.1:1/0")
@@ -177,6 +179,7 @@ def _refused(result: subprocess.CompletedProcess, out: Path, why: str) -> None:
     assert not out.exists()  # no OUT/_state/, no signing key
 
 
+@pytest.mark.e2e
 def test_run_refuses_a_wrong_input_before_starting_anything(tmp_path):
     out = tmp_path / "out"
     result = run_cli(["run", str(tmp_path / "no-such"), "--out", str(out)], _run_env(), timeout=60)
@@ -186,6 +189,7 @@ def test_run_refuses_a_wrong_input_before_starting_anything(tmp_path):
     assert result.returncode == ExitCode.USAGE and "not a folder" in result.stderr
 
 
+@pytest.mark.e2e
 def test_run_refused_after_start_leaves_nothing_behind(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
@@ -196,6 +200,7 @@ def test_run_refused_after_start_leaves_nothing_behind(tmp_path):
     assert not os.path.exists(logdir)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
 def test_run_device_cuda_without_a_gpu_refuses_at_once(tmp_path):
     (tmp_path / "in").mkdir()
@@ -220,6 +225,7 @@ def test_api_without_a_key_names_variables_and_arguments(tmp_path, monkeypatch):
         pixelrelay.submit(str(tmp_path), str(tmp_path / "out"), redis_url="")
 
 
+@pytest.mark.e2e
 def test_api_example_runs_on_its_own(tmp_path):
     """The example as its docstring says to run it, with no Redis, workers or key around."""
     env = {k: v for k, v in worker_env("").items() if k not in ("PIXELRELAY_REDIS_URL", "PIXELRELAY_SIGNING_KEY")}
