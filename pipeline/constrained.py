@@ -155,10 +155,14 @@ def _depth(trie: dict) -> int:
 
 
 class _RowState:
+    """A row's place in its grammar: the segment, the token within a literal, the subtrie of
+    a choice's tokens so far (``{}`` outside a choice), the tokens of a free string so far."""
+
     __slots__ = ("seg", "pos", "node", "count", "done")
 
     def __init__(self) -> None:
-        self.seg, self.pos, self.node, self.count, self.done = 0, 0, None, 0, False
+        self.seg, self.pos, self.count, self.done = 0, 0, 0, False
+        self.node: dict = {}
 
 
 class SchemaLogitsProcessor:
@@ -180,7 +184,7 @@ class SchemaLogitsProcessor:
     def _enter(self, g: Grammar, st: _RowState) -> None:
         while st.seg < len(g.segs):
             seg = g.segs[st.seg]
-            st.pos, st.count, st.node = 0, 0, seg.trie if seg.kind == "choice" else None
+            st.pos, st.count, st.node = 0, 0, (seg.trie or {}) if seg.kind == "choice" else {}
             if seg.kind == "lit" and not seg.tokens:
                 st.seg += 1
                 continue

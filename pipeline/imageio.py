@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from pixelrelay.pipeline.constants import DEFAULT_MAX_IMAGE_PIXELS
-from pixelrelay.pipeline.messages import DEFAULT_QUALITY
+from pixelrelay.pipeline.messages import DEFAULT_QUALITY, OutputFormat
 
 EXIF_ORIENTATION_TAG = 0x0112
 # Formats we write, by output format name -> Pillow format, file extension.
@@ -398,13 +398,15 @@ def output_extension(fmt: str) -> str:
     return OUTPUT_FORMATS[fmt][1]
 
 
-def format_for_extension(ext: str) -> str:
+_KEPT_FORMATS: dict[str, OutputFormat] = {"jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+
+
+def format_for_extension(ext: str) -> OutputFormat:
     """The output format that keeps an input's extension (png for ones we don't write)."""
-    ext = ext.lower().lstrip(".")
-    return {"jpg": "jpg", "jpeg": "jpg", "webp": "webp"}.get(ext, "png")
+    return _KEPT_FORMATS.get(ext.lower().lstrip("."), "png")
 
 
-def format_for_uri(uri: str) -> str:
+def format_for_uri(uri: str) -> OutputFormat:
     """The format of an output URI, from its extension."""
     name = uri.rsplit("/", 1)[-1]
     return format_for_extension(name.rpartition(".")[2] if "." in name else "png")

@@ -50,7 +50,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,11 @@ METER_MIN_PIXELS = 128 * 128  # smaller calls are dominated by fixed costs (work
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+TileFn = Callable[[torch.Tensor], torch.Tensor]
+"""A network on a batch of tiles: (n, C, h, w) -> (n, C, h*scale, w*scale)."""
+ItemsTileFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
+"""A ``TileFn`` also given ``items``, ``items[k]`` the index of tile k's image (``TilePlan.pass_items``)."""
 
 
 class TileOutOfMemoryError(RuntimeError):
@@ -392,8 +397,16 @@ def axis_weights(
     return [w / total[s * scale : s * scale + size] for s, w in zip(starts, weights, strict=True)]
 
 
-def run_tiled(fn: Callable[..., torch.Tensor], x: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+def _call_tile_fn(fn: TileFn | ItemsTileFn, tiles: torch.Tensor, items: list[int], pass_items: bool) -> torch.Tensor:
+    """``fn`` on a batch of tiles: an ``ItemsTileFn`` where the plan says ``pass_items``, else a ``TileFn``."""
+    if pass_items:
+        return cast(ItemsTileFn, fn)(tiles, items)
+    return cast(TileFn, fn)(tiles)
+
+
+def run_tiled(fn: TileFn | ItemsTileFn, x: torch.Tensor, plan: TilePlan) -> torch.Tensor:
     """Apply ``fn`` tile by tile and blend; returns (B, C, H*scale, W*scale) on x's device.
+    ``fn`` is an ``ItemsTileFn`` where ``plan.pass_items``, else a ``TileFn``.
 
     ``plan.tile`` is used as given (``max_pixels`` and ``min_tile`` are the fallback's); the
     overlap shrinks to fit tiles smaller than twice it. Results come back to x's device.
@@ -432,7 +445,7 @@ def run_tiled(fn: Callable[..., torch.Tensor], x: torch.Tensor, plan: TilePlan) 
         else:
             crops = torch.stack([x[bi, :, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] for bi, i, j in group])
         crops = crops.to(device)
-        result = fn(crops, [bi for bi, _, _ in group]) if plan.pass_items else fn(crops)
+        result = _call_tile_fn(fn, crops, [bi for bi, _, _ in group], plan.pass_items)
         expected = (len(group), c, th * scale, tw * scale)
         if tuple(result.shape) != expected:
             raise RuntimeError(f"tile function returned {tuple(result.shape)}, expected {expected}")
@@ -496,7 +509,7 @@ def with_oom_fallback(
 
 
 def run_tiled_with_fallback(
-    fn: Callable[..., torch.Tensor], x: torch.Tensor, plan: TilePlan, *, what: str = "image"
+    fn: TileFn | ItemsTileFn, x: torch.Tensor, plan: TilePlan, *, what: str = "image"
 ) -> tuple[torch.Tensor, TileSettings]:
     """``run_tiled`` on the grid ``plan_grid`` picks for ``plan.max_pixels`` input pixels per
     forward call (None: no budget) and the tile cap ``plan.tile`` (0: none), under the OOM

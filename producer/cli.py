@@ -59,7 +59,7 @@ class Parser(argparse.ArgumentParser):
             self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {_reworded(message)}\n")
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             parser = _chosen(self, parsed)

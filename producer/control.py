@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import cast
 
 import redis
 
@@ -106,7 +107,9 @@ class JobRow:
 def recent_jobs(client: redis.Redis, limit: int, stall_s: float, now: float | None = None) -> list[JobRow]:
     """The ``limit`` most recently submitted jobs, newest first."""
     now = time.time() if now is None else now
-    ids = [m.decode() for m, _ in client.zrevrange(keys.JOBS, 0, max(0, limit - 1), withscores=True)]
+    # redis-py types ZREVRANGE's reply as either form; without WITHSCORES it lists the members
+    members = cast(list[bytes | str], client.zrevrange(keys.JOBS, 0, max(0, limit - 1)))
+    ids = [keys.text(m) for m in members]
     pipe = client.pipeline(transaction=False)
     for job_id in ids:
         pipe.hgetall(keys.job(job_id))

@@ -640,7 +640,8 @@ def _meta_lines(row: dict) -> list[MetaLine]:
 
 
 def _plan_lines(row: dict, plan: dict) -> list[MetaLine]:
-    ops = plan.get("operations") if isinstance(plan.get("operations"), list) else []
+    listed = plan.get("operations")
+    ops = listed if isinstance(listed, list) else []
     ops_text = ", ".join(f"{_text(o.get('name'))} {_fmt(o.get('strength'))}" for o in ops if isinstance(o, dict))
     scale = f"scale \u00d7{_text(plan.get('scale'))}"
     if row.get("native_scale") is not None:  # an output target (pipeline.outsize): what ran, what came out

@@ -162,14 +162,15 @@ def normalize_backends(backends: Backends, allowed: str = "") -> Backends:
     for name in ("encoder", "planner", "decoder"):
         value = getattr(backends, name)
         try:
-            specs[name] = validate_spec(name, value) if value else None
+            spec = validate_spec(name, value) if value else None
         except ValueError as exc:
             raise ConfigError(f"--{name}: {exc}") from None
-        if specs[name] and names_local_path(specs[name]) and not spec_allowed(name, specs[name], allowlist):
+        if spec and names_local_path(spec) and not spec_allowed(name, spec, allowlist):
             raise ConfigError(
-                f"--{name}: {specs[name]} names a local path; workers load it only if their "
+                f"--{name}: {spec} names a local path; workers load it only if their "
                 "PIXELRELAY_ALLOWED_BACKENDS allows it: allow it there and here, or use a hub id"
             )
+        specs[name] = spec
     return Backends(**specs)
 
 

@@ -25,24 +25,6 @@ from tests.conftest import REPO
 CACHE = REPO / ".mypy_cache"
 TREE = CACHE / "pixelrelay-tree"
 
-# Modules exempt from the gate until their own errors are fixed: each leaves the set once it
-# checks clean. learned.py's one error is its call into pipeline/tiling.py's ``fn`` type.
-PENDING = {
-    "jobs/feed.py",
-    "pipeline/settings.py",
-    "pipeline/stages/decoders/learned.py",
-    "pipeline/stages/planners/hf_llm.py",
-    "pipeline/tiling.py",
-    "pixelrelay/api.py",
-    "producer/cli.py",
-    "producer/jobs.py",
-    "producer/report.py",
-    "producer/run.py",
-    "producer/submit.py",
-    "training/train.py",
-    "workers/tasks.py",
-}
-
 
 def _package_dirs() -> dict[str, Path]:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -101,8 +83,7 @@ def test_the_package_type_checks(links):
     output = _to_repo_paths(output, links)
     errors = [line for line in output.splitlines() if re.match(r"\S+\.py:\d+: error:", line)]
     assert code in (0, 1) and (code == 0) == (not errors), output  # 2: mypy itself failed
-    unexpected = [line for line in errors if line.split(":")[0] not in PENDING]
-    assert not unexpected, "\n".join(unexpected)
+    assert not errors, "\n".join(errors)
     checked = re.search(r"(?:no issues found in|checked) (\d+) source files", output)
     modules = [p for folder in _package_dirs().values() for p in folder.rglob("*.py")]
     # mypy counts the data folders (pipeline/weights, ...) as namespace packages too

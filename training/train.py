@@ -90,7 +90,7 @@ def jittered_cond(p: D.DegradationParams, rng: np.random.Generator, jit: dict[st
     """The conditioning a decoder would get from an (imperfect) encoder for these params."""
     noise = p.noise_sigma + rng.normal(0, jit.get("noise", 0.0)) if p.noise_sigma > 0 else 0.0
     blur = p.blur_sigma + rng.normal(0, jit.get("blur", 0.0)) if p.blur_sigma > 0 else 0.0
-    q = p.jpeg_quality
+    q: float | None = p.jpeg_quality
     if q is not None:
         q = float(np.clip(q + rng.normal(0, jit.get("quality", 0.0)), 1, 100))
     return nets.cond_vector(max(0.0, noise), max(0.0, blur), q)
@@ -274,11 +274,9 @@ def decoder_val_set(
     for c in crops:
         lr, p = D.degrade(c, 2, rng, dcfg, force=("blur", "noise", "jpeg"))
         read = condition(lr, 2) if condition is not None else None
-        (
-            lrs.append(lr),
-            hrs.append(D.crop_to_multiple(c, 2)),
-            conds.append(read if read is not None else nets.cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality)),
-        )
+        lrs.append(lr)
+        hrs.append(D.crop_to_multiple(c, 2))
+        conds.append(read if read is not None else nets.cond_vector(p.noise_sigma, p.blur_sigma, p.jpeg_quality))
     groups.append(("realistic_x2", 2, lrs, hrs, conds))
     return groups
 
@@ -295,11 +293,20 @@ def decoder_validate(net: torch.nn.Module, groups) -> dict[str, float]:
         for i, hr in enumerate(hrs):
             p_net = D.psnr_y(D.to_uint8(y[i]), hr, border=scale)
             p_bic = D.psnr_y(D.to_uint8(base[i]), hr, border=scale)
-            ps.append(p_net), gains.append(p_net - p_bic)
+            ps.append(p_net)
+            gains.append(p_net - p_bic)
         out[f"{name}_psnr"] = float(np.mean(ps))
         out[f"{name}_gain_db"] = float(np.mean(gains))
     net.train()
     return out
+
+
+def _net_config(net: torch.nn.Module) -> dict[str, Any]:
+    """A builtin network's shape (``nets`` keeps it in ``config``, a dict)."""
+    config = getattr(net, "config", None)
+    if not isinstance(config, dict):
+        raise TypeError(f"{type(net).__name__} keeps no net config (a dict in .config)")
+    return config
 
 
 def build_net(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
@@ -315,14 +322,14 @@ def build_net(kind: str, cfg: dict[str, Any]) -> torch.nn.Module:
         path = Path(__file__).resolve().parents[1] / init
     net, _ = nets.load_model(str(path), kind=kind)
     if cfg.get("grow"):
-        grown = nets.build(kind, {**net.config, **cfg["grow"]})
+        grown = nets.build(kind, {**_net_config(net), **cfg["grow"]})
         result = grown.load_state_dict(net.state_dict(), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"grow: {path} has weights the grown net lacks: {result.unexpected_keys[:5]}")
         new = sorted({k.split(".")[0] for k in result.missing_keys})
         print(f"grow: new modules {new} ({len(result.missing_keys)} tensors) start fresh", file=sys.stderr)
         net = grown
-    cfg["net"] = net.config
+    cfg["net"] = _net_config(net)
     return net.train()
 
 
@@ -491,8 +498,7 @@ def encoder_sample(imgs, cfg, dcfg, rng) -> tuple[np.ndarray, list[float]]:
     patch = cfg["patch"]
     hr = data.random_crop(imgs[int(rng.integers(len(imgs)))], patch * scale, rng)
     if rng.random() < cfg.get("p_clean", 0.15):
-        lr = hr if scale == 1 else D.downscale(D.to_tensor(hr), scale, "bicubic")
-        lr = lr if scale == 1 else D.to_uint8(lr)
+        lr = hr if scale == 1 else D.to_uint8(D.downscale(D.to_tensor(hr), scale, "bicubic"))
         return lr, encoder_target(D.DegradationParams(scale=scale, downscaled=scale > 1))
     lr, params = D.degrade(hr, scale, rng, pick_degradation(cfg, dcfg, rng))
     return lr, encoder_target(params)

@@ -1,6 +1,7 @@
 """A chunk's items in model batches: loaded ahead of the model, spread over the I/O threads.
 
-``call_isolated`` runs a batched model call so that one bad item fails alone.
+``call_isolated`` runs a batched model call so that one bad item fails alone. ``described``,
+``planned`` and ``fingerprinted`` give what an earlier stage set on a pending item.
 
 The decoded images a worker holds (the batch the model runs, plus the next one prefetched)
 stay within ``PIXELRELAY_PREFETCH_BYTES`` (``runtime.DecodeBudget``). A source over the
@@ -23,7 +24,7 @@ from pixelrelay.pipeline.imageio import (
     output_size,
     probe_size,
 )
-from pixelrelay.pipeline.messages import ItemRecord
+from pixelrelay.pipeline.messages import Description, Fingerprint, ItemRecord, Plan
 from pixelrelay.pipeline.storage import StorageError, is_s3
 from pixelrelay.workers import observe
 from pixelrelay.workers.policy import TRANSIENT_ERRORS
@@ -41,6 +42,35 @@ Loaded = list[tuple[ItemRecord, DecodedImage]]  # the records of a batch that lo
 # image takes (``benchmarks/bench_overhead.py``). Storage round trips (S3) always use the
 # threads. Outputs have their own threshold: ``outputs.INLINE_PIXELS``.
 INLINE_BYTES = 256 * 1024  # encoded bytes of the sources a batch decodes
+
+
+class MissingStageResultError(RuntimeError):
+    """A pending item lacks what an earlier stage sets on it (a fault of the chain, not of the item)."""
+
+
+def _missing(record: ItemRecord, what: str, stage: str) -> MissingStageResultError:
+    return MissingStageResultError(f"item {record.index} ({record.input}) reached the {stage} stage with no {what}")
+
+
+def described(record: ItemRecord) -> Description:
+    """A pending item's description (the encode stage sets it)."""
+    if record.description is None:
+        raise _missing(record, "description", "plan")
+    return record.description
+
+
+def planned(record: ItemRecord) -> Plan:
+    """A pending item's plan (the plan stage sets it)."""
+    if record.plan is None:
+        raise _missing(record, "plan", "decode")
+    return record.plan
+
+
+def fingerprinted(record: ItemRecord) -> Fingerprint:
+    """A pending item's expected fingerprint (the decode stage sets it before its check)."""
+    if record.fingerprint is None:
+        raise _missing(record, "fingerprint", "decode")
+    return record.fingerprint
 
 
 def batches(seq: Sequence[In], size: int) -> list[Sequence[In]]:
@@ -68,9 +98,12 @@ def all_local(uris: Iterable[str]) -> bool:
     return not any(is_s3(uri) for uri in uris)
 
 
-def call_isolated(fn: Callable[[Sequence[In]], list[Out]], batch: Sequence[In]) -> list[Out | Exception]:
+def call_isolated(
+    fn: Callable[[Sequence[In]], Sequence[Out | Exception]], batch: Sequence[In]
+) -> list[Out | Exception]:
     """Run a batched model call; if the batch fails, retry item by item so that one bad
-    item fails alone. Transient errors propagate (the whole task retries)."""
+    item fails alone. ``fn`` may also return an exception in an item's slot (that item
+    failed alone). Transient errors propagate (the whole task retries)."""
     try:
         results = fn(batch)
         if len(results) != len(batch):
@@ -159,11 +192,14 @@ def prefetched(
     budget = budget or DecodeBudget(rt.settings.prefetch_bytes)
     chunks = batches(records, rt.settings.batch_size)
     load = functools.partial(_load_images, rt, stage=stage, scale_of=scale_of, budget=budget)
-    upcoming = rt.prefetch.submit(load, chunks[0]) if chunks else None
     try:
+        if not chunks:
+            return
+        upcoming = rt.prefetch.submit(load, chunks[0])
         for i, batch in enumerate(chunks):
             loaded, held = upcoming.result()
-            upcoming = rt.prefetch.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+            if i + 1 < len(chunks):
+                upcoming = rt.prefetch.submit(load, chunks[i + 1])
             try:
                 yield batch, loaded
             finally:

@@ -22,6 +22,7 @@ from pixelrelay.pipeline.imageio import DecodedImage, content_type, encode_image
 from pixelrelay.pipeline.messages import ChunkMessage, ItemOutcome, ItemRecord, JobOptions
 from pixelrelay.pipeline.stages.base import RestoredImage
 from pixelrelay.pipeline.storage import PutRequest, Storage, StorageConflictError, is_s3
+from pixelrelay.workers.batching import planned
 from pixelrelay.workers.policy import TRANSIENT_ERRORS
 from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.reuse import existing
@@ -97,6 +98,8 @@ def _pixels(restored: object) -> int:
     """A decoder output's pixel count; one it cannot tell (a malformed output, which its
     encode then fails alone) counts as too many to encode inline."""
     shape = getattr(getattr(restored, "rgb", None), "shape", None)
+    if shape is None:
+        return INLINE_PIXELS
     try:
         return int(shape[0]) * int(shape[1])
     except (TypeError, ValueError, IndexError):
@@ -132,21 +135,22 @@ def _encode_output(
 ) -> _Encoded:
     """Check the decoder's output size and encode it in the plan's format."""
     options = options or JobOptions()
-    width, height = outsize.plan_size(record.plan, image.width, image.height)
+    plan = planned(record)
+    width, height = outsize.plan_size(plan, image.width, image.height)
     if tuple(restored.rgb.shape[:2]) != (height, width):
         raise RuntimeError(
             f"decoder returned {restored.rgb.shape[1]}x{restored.rgb.shape[0]}, expected {width}x{height}"
         )
     data, notes = encode_image(
         restored.rgb,
-        record.plan.output_format,
+        plan.output_format,
         alpha=restored.alpha,
         icc_profile=image.icc_profile,
         exif=None if options.strip_metadata else image.exif,
         quality=options.quality,
         lossless=options.lossless,
     )
-    return _Encoded(data, content_type(record.plan.output_format), notes)
+    return _Encoded(data, content_type(plan.output_format), notes)
 
 
 def _mark_written(
@@ -154,11 +158,12 @@ def _mark_written(
 ) -> None:
     record.outcome = outcome
     record.notes.extend([*restored.notes, *enc.notes])
-    width, height = outsize.plan_size(record.plan, image.width, image.height)
+    plan = planned(record)
+    width, height = outsize.plan_size(plan, image.width, image.height)
     record.output_size = (width, height)
-    if record.plan.target is not None:  # what ran, and what came out (wire version 4)
+    if plan.target is not None:  # what ran, and what came out (wire version 4)
         record.native_scale = restored.native_scale
-        record.final_scale = float(f"{outsize.factor(record.plan.target, image.width, image.height):.6g}")
+        record.final_scale = float(f"{outsize.factor(plan.target, image.width, image.height):.6g}")
     record.status = "done"
 
 

@@ -21,7 +21,7 @@ from pixelrelay.pipeline.imageio import format_for_uri
 from pixelrelay.pipeline.messages import ChunkMessage, Fingerprint, ItemRecord
 from pixelrelay.pipeline.stages.base import Encoder, StageSpec
 from pixelrelay.pipeline.storage import StorageError
-from pixelrelay.workers.batching import all_local, io_map
+from pixelrelay.workers.batching import all_local, fingerprinted, io_map
 from pixelrelay.workers.runtime import Runtime
 
 log = logging.getLogger("pixelrelay.worker")
@@ -109,7 +109,7 @@ def write_actions(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord]) -> 
     answers this request pass to done; the others are returned with the write each needs."""
     planned: list[Planned] = []
     for record, found in zip(records, _existing_all(rt, records), strict=True):
-        action = fp.decide(found.present, found.stored, record.fingerprint, msg.job_id, msg.options.overwrite)
+        action = fp.decide(found.present, found.stored, fingerprinted(record), msg.job_id, msg.options.overwrite)
         if action == "reuse":  # an earlier job, or an earlier delivery of this chain
             _mark_reused(record, found.stored, msg.job_id, "decode")
         else:

@@ -24,7 +24,7 @@ from pixelrelay.pipeline.stages.base import Decoder, Encoder, Planner, RestoredI
 from pixelrelay.pipeline.stages.decoders.edits import restore_with_edits
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.workers import metrics
-from pixelrelay.workers.batching import Loaded, batches, call_isolated, prefetched
+from pixelrelay.workers.batching import Loaded, batches, call_isolated, described, planned, prefetched
 from pixelrelay.workers.outputs import Output, Written, wait_written, write_in_background
 from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.reuse import Planned, expected, reuse_existing, write_actions
@@ -94,7 +94,7 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         return
     for batch in batches(pending, rt.settings.batch_size):
         started = time.perf_counter()
-        results = call_isolated(lambda rs: planner.plan([r.description for r in rs], [msg.options] * len(rs)), batch)
+        results = call_isolated(lambda rs: planner.plan([described(r) for r in rs], [msg.options] * len(rs)), batch)
         share = (time.perf_counter() - started) / max(1, len(batch))
         metrics.observe_batch("plan", time.perf_counter() - started, len(batch))
         for record, result in zip(batch, results, strict=True):
@@ -132,13 +132,13 @@ def _decode_batches(
     writes_as = {id(record): (action, version) for record, action, version in todo}
     writes: list[Future[Written]] = []
     for batch, loaded in prefetched(
-        rt, [record for record, _, _ in todo], "decode", lambda r: outsize.plan_sizer(r.plan)
+        rt, [record for record, _, _ in todo], "decode", lambda r: outsize.plan_sizer(planned(r))
     ):
         if state.cancelled():  # the rest stays pending: the policy ends the chain (cancelled)
             break
         started = time.perf_counter()
         results = call_isolated(
-            lambda pairs: restore_with_edits(decoder, [img for _, img in pairs], [r.plan for r, _ in pairs]), loaded
+            lambda pairs: restore_with_edits(decoder, [img for _, img in pairs], [planned(r) for r, _ in pairs]), loaded
         )
         share = (time.perf_counter() - started) / max(1, len(batch))
         metrics.observe_batch("decode", time.perf_counter() - started, len(loaded))

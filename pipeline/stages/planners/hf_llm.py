@@ -115,7 +115,7 @@ def grading_choices(mapped: dict[str, float] | None, forbidden: set[str]) -> tup
     planner's reading of the instruction (None: it has none)."""
     out = []
     for name in GRADING_ORDER:
-        choices = SIGNED_CHOICES if name in SIGNED_GRADING else UNSIGNED_CHOICES
+        choices: tuple[str, ...] = SIGNED_CHOICES if name in SIGNED_GRADING else UNSIGNED_CHOICES
         if name in forbidden:
             choices = ("0",)
         elif mapped and name in mapped:
@@ -159,7 +159,9 @@ class HFLLMPlanner(Planner):
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"planner model {self.model_id!r} has no chat template")
         self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, local_files_only=True)
-        self.lm.to(torch.device(device)).eval()
+        # transformers declares ``to`` with functools.wraps(Module.to), whose typing takes the
+        # bound method's first argument for ``self``
+        self.lm.to(torch.device(device)).eval()  # type: ignore[arg-type]
         self.eos_token_id = self._eos_id()
         self.rules = RulesPlanner()
         self._free_mask = self._make_free_mask()
@@ -254,7 +256,7 @@ class HFLLMPlanner(Planner):
         else:
             scales = (1,)
         requests, _, _ = instruction_requests(options.instruction)
-        ops = []
+        ops: list[tuple[str, ...]] = []
         for name in OPERATION_ORDER:
             wanted = requests.get(name)
             if wanted is False:
@@ -290,7 +292,10 @@ class HFLLMPlanner(Planner):
             {"role": "system", "content": EDIT_SYSTEM_PROMPT if options.task in EDIT_TASKS else SYSTEM_PROMPT},
             {"role": "user", "content": self._user_message(description, options, prior)},
         ]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not isinstance(text, str):  # tokenize=False renders text
+            raise TypeError(f"chat template of {self.model_id!r} rendered {type(text).__name__}, not text")
+        return text
 
     def _generate(self, prompts: Sequence[str], grammars: Sequence[Grammar]) -> list[str]:
         import torch
@@ -318,7 +323,7 @@ class HFLLMPlanner(Planner):
         new = out[:, enc["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
-    def _plan_batch(self, items: Sequence[tuple[Description, JobOptions, Plan]]) -> list[Plan]:
+    def _plan_batch(self, items: Sequence[tuple[Description, JobOptions, Plan]]) -> list[Plan | PlanningError]:
         prompts = [self._prompt_text(d, o, p) for d, o, p in items]
         grammars = [self._grammar_for(o) for _, o, _ in items]
         raws = self._generate(prompts, grammars)
@@ -359,8 +364,9 @@ class HFLLMPlanner(Planner):
             strength = float(value)
             if strength > 0:
                 operations.append(Operation(name=name, strength=strength))
-        scale = int(data.get("scale")) if _is_int(data.get("scale")) and int(data["scale"]) in scales else scales[0]
-        degradation = data.get("degradation") if data.get("degradation") in DEGRADATIONS else "clean"
+        scale = _scale_choice(data.get("scale"), scales)
+        chosen = data.get("degradation")
+        degradation = chosen if isinstance(chosen, str) and chosen in DEGRADATIONS else "clean"
         prompt = _clean_text(data.get("prompt")) or prior.prompt
         negative = _clean_text(data.get("negative_prompt")) or prior.negative_prompt
         summary = ", ".join(f"{op.name} {op.strength:g}" for op in operations) or "no operation"
@@ -404,7 +410,7 @@ class HFLLMPlanner(Planner):
                 "and no generative edit; rephrase it"
             )
         edit = Edit(grading=grading, generative=generative)
-        scale = int(data["scale"]) if _is_int(data.get("scale")) and int(data["scale"]) in scales else scales[0]
+        scale = _scale_choice(data.get("scale"), scales)
         restoration = ", ".join(f"{op.name} {op.strength:g}" for op in prior.operations)
         return prior.model_copy(
             update={
@@ -454,6 +460,11 @@ def _as_choice(value: Any, allowed: Sequence[str]) -> str:
         except (TypeError, ValueError):
             break
     return allowed[0]
+
+
+def _scale_choice(value: Any, allowed: Sequence[int]) -> int:
+    """The scale the LLM wrote, if ``allowed``; else the first allowed."""
+    return int(value) if _is_int(value) and int(value) in allowed else allowed[0]
 
 
 def _is_int(value: Any) -> bool:
