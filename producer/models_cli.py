@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{stage} spec KIND[:MODEL], KIND one of {kinds} "
             f"(default: env PIXELRELAY_{stage.upper()}, else {DEFAULTS[stage]})",
         )
-    p_list.add_argument("--check", action="store_true", help="exit 1 when a configured model is missing")
+    p_list.add_argument("--check", action="store_true", help="exit 6 when a configured model is missing")
     p_pull = sub.add_parser("pull", help="download models into the Hugging Face cache")
     p_pull.add_argument("specs", nargs="+", metavar="SPEC", help="KIND[:MODEL], e.g. hf-llm:Qwen/Qwen2.5-0.5B-Instruct")
     return parser
