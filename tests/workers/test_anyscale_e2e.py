@@ -89,7 +89,7 @@ def test_any_scale_jobs_through_real_workers(stage_workers, redis_url, s3_bucket
         bucket, key = html_uri[len("s3://") :].split("/", 1)
         page = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         assert ("upscale output x1.5" if out == "x1.5" else "restore output width 50") in page
-        assert "scale &times;2 native, &times;" in page
+        assert "scale \u00d72 native, \u00d7" in page
 
         # The same request again: every output already answers it (the target is in the fingerprint).
         again = f"{job_id}-again"
