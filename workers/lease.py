@@ -2,10 +2,12 @@
 
 Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is taken before
 the chain's entry is set to this stage; one heartbeat thread per process renews its leases
-every ``lease_s / 3``, only while the delivery's budget (pending items x ``item_budget_s``)
-lasts; once it is spent the watchdog fails the pending items, finishes the chunk
-(``DeliveryPolicy.time_out``) and ends the process (``WATCHDOG_EXIT_CODE``). A lease is never
-deleted: it runs out, covering the hand-off to the next stage.
+every ``lease_s / 3``, only while the delivery's budget lasts: pending items x
+``item_budget_s`` at first, then retimed by each model call (``workers.watch``: the call's
+items while it runs, the items still to run after it). Once it is spent the watchdog ends
+the delivery (``DeliveryPolicy.time_out``: the item that hung fails, the others go on in
+chains of their own) and the process (``WATCHDOG_EXIT_CODE``), since a model call cannot be
+interrupted. A lease is never deleted: it runs out, covering the hand-off to the next stage.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import Slot
+from pixelrelay.workers.watch import Watch, watching
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -94,6 +97,10 @@ class Lease:
     def renew(self) -> None:
         self.take(self.r)
 
+    def retime(self, items: int) -> None:
+        """The budget from now on: ``items x item_budget_s`` (the items still to run)."""
+        _heartbeat().retime(self, self.timing.budget(items))
+
     def due(self) -> float:
         return min(self.next_renew, self.deadline)
 
@@ -122,6 +129,15 @@ class _Heartbeat:
     def release(self, lease: Lease) -> None:
         with self._cond:
             self._held.discard(lease)
+
+    def retime(self, lease: Lease, budget_s: float) -> None:
+        """Move a held lease's deadline to ``budget_s`` from now (a spent one stays spent)."""
+        with self._cond:
+            if lease not in self._held:
+                return
+            lease.budget_s, lease.deadline = budget_s, time.monotonic() + budget_s
+            if lease.due() < self._wake_at:
+                self._cond.notify()
 
     def _next(self) -> tuple[list[Lease], list[Lease]]:
         """Wait until some lease is due: (leases to renew, leases whose budget is spent).
@@ -175,12 +191,14 @@ os.register_at_fork(after_in_child=_forget_heartbeat)
 
 def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[int], None] = os._exit):
     """``policy.deliver(delivery, work)`` under a lease on the delivery's slot, with the
-    watchdog armed; ``exit`` ends the process once the watchdog finished the chunk."""
+    watchdog armed and told of the model calls (``workers.watch``); ``exit`` ends the process
+    once the watchdog finished the chunk."""
     msg = delivery.msg
+    watch = Watch(len(delivery.pending()))
 
     def on_timeout(budget_s: float) -> None:
         try:
-            policy.time_out(delivery, budget_s)
+            policy.time_out(delivery, budget_s, watch.suspects)
         except BaseException:
             log.exception("watchdog: cannot finish chunk %s/%d; the sweep will re-send it", msg.job_id, msg.chunk)
         finally:
@@ -197,5 +215,6 @@ def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[
                     pass
             exit(WATCHDOG_EXIT_CODE)
 
-    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, len(delivery.pending()), on_timeout) as lease:
-        return policy.deliver(replace(delivery, lease=lease), work)
+    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, watch.remaining, on_timeout) as lease:
+        with watching(watch, lease):
+            return policy.deliver(replace(delivery, lease=lease), work)
