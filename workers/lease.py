@@ -4,10 +4,11 @@ Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is 
 the chain's entry is set to this stage; one heartbeat thread per process renews its leases
 every ``lease_s / 3``, only while the delivery's budget lasts: pending items x
 ``item_budget_s`` at first, then retimed by each model call (``workers.watch``: the call's
-items while it runs, the items still to run after it). Once it is spent the watchdog ends
-the delivery (``DeliveryPolicy.time_out``: the item that hung fails, the others go on in
-chains of their own) and the process (``WATCHDOG_EXIT_CODE``), since a model call cannot be
-interrupted. A lease is never deleted: it runs out, covering the hand-off to the next stage.
+items while it runs, the items still to run after it; never past the first deadline). Once
+it is spent the watchdog ends the delivery (``DeliveryPolicy.time_out``: the item that hung
+fails, the others go on in chains of their own) and the process (``WATCHDOG_EXIT_CODE``),
+since a model call cannot be interrupted. A lease is never deleted: it runs out, covering
+the hand-off to the next stage.
 """
 
 from __future__ import annotations
@@ -77,13 +78,14 @@ class Lease:
         self.owner = owner or worker_id()
         self.budget_s = timing.budget(items)
         self.on_timeout = on_timeout
-        self.deadline = self.next_renew = 0.0
+        self.deadline = self.limit = self.next_renew = 0.0  # limit: the first deadline, never passed
 
     def __enter__(self) -> Lease:
         """Arm the heartbeat and the watchdog. The lease itself is first written by ``take``,
         in the delivery policy's admission transaction, with the chain's entry."""
         now = time.monotonic()
         self.deadline, self.next_renew = now + self.budget_s, now + self.timing.renew_every_s
+        self.limit = self.deadline
         _heartbeat().hold(self)
         return self
 
@@ -98,7 +100,8 @@ class Lease:
         self.take(self.r)
 
     def retime(self, items: int) -> None:
-        """The budget from now on: ``items x item_budget_s`` (the items still to run)."""
+        """The budget from now on: ``items x item_budget_s`` (the items still to run), never past
+        the first deadline (the bound the visibility timeout and Celery's limits derive from)."""
         _heartbeat().retime(self, self.timing.budget(items))
 
     def due(self) -> float:
@@ -131,11 +134,12 @@ class _Heartbeat:
             self._held.discard(lease)
 
     def retime(self, lease: Lease, budget_s: float) -> None:
-        """Move a held lease's deadline to ``budget_s`` from now (a spent one stays spent)."""
+        """Move a held lease's deadline to ``budget_s`` from now, at most to its limit (a spent
+        one stays spent)."""
         with self._cond:
             if lease not in self._held:
                 return
-            lease.budget_s, lease.deadline = budget_s, time.monotonic() + budget_s
+            lease.budget_s, lease.deadline = budget_s, min(lease.limit, time.monotonic() + budget_s)
             if lease.due() < self._wake_at:
                 self._cond.notify()
 
