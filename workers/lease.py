@@ -163,16 +163,21 @@ class _Heartbeat:
         while True:
             renew, spent = self._next()
             for lease in spent:
+                self._renew(lease)  # one last time: the chain stays leased while the watchdog ends it
                 try:
                     lease.on_timeout(lease.budget_s)
                 except Exception:  # never the end of the thread: the other leases still need it
                     log.exception("watchdog of lease %s failed", lease.key)
             for lease in renew:
                 lease.next_renew = time.monotonic() + lease.timing.renew_every_s
-                try:
-                    lease.renew()
-                except Exception as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
-                    log.warning("cannot renew lease %s: %s", lease.key, exc)
+                self._renew(lease)
+
+    @staticmethod
+    def _renew(lease: Lease) -> None:
+        try:
+            lease.renew()
+        except Exception as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
+            log.warning("cannot renew lease %s: %s", lease.key, exc)
 
 
 _beat: _Heartbeat | None = None
