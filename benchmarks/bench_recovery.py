@@ -1,6 +1,6 @@
 """Recovery time of a job from each fault, with **default** lease and sweep settings.
 
-    python benchmarks/bench_recovery.py [--items 24] [--slow 0.25] [--only decode-SIGKILL,...]
+    python benchmarks/bench_recovery.py [--items 24] [--slow 0.25] [--only decode-SIGKILL,hang,...]
 
 Real parts throughout: an embedded redis-server on a port of its own, moto's S3 server over
 HTTP behind a proxy that can reset every connection, and one solo ``pixelrelay worker``
@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -42,7 +43,8 @@ from pixelrelay.jobs import keys  # noqa: E402
 from pixelrelay.jobs.chunks import parse_entries  # noqa: E402
 from pixelrelay.jobs.state import JobState  # noqa: E402
 from pixelrelay.producer.embedded import EmbeddedRedis, free_port  # noqa: E402
-from tests.images import good_images  # noqa: E402
+from tests.faults import POISON_WIDTH  # noqa: E402
+from tests.images import encode, good_images, photo_like  # noqa: E402
 from tests.netfaults import FlakyProxy  # noqa: E402
 
 STAGES = ("encode", "plan", "decode")
@@ -88,12 +90,14 @@ class Bench:
         self.files = good_images(args.items)
 
     # -- workers
-    def start(self, stage: str) -> None:
+    def start(self, stage: str, backend: str = "slow", **env: str) -> None:
         self.started += 1
         log = open(self.logdir / f"{stage}-{self.started}.log", "wb")
         flag = {"encode": "--encoder", "plan": "--planner", "decode": "--decoder"}[stage]
-        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, flag, "slow", "--loglevel", "WARNING"]
-        self.procs[stage] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", stage, flag, backend, "--loglevel", "WARNING"]
+        self.procs[stage] = subprocess.Popen(
+            cmd, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
@@ -244,6 +248,54 @@ def cancel(bench: Bench) -> Callable[[str, str], None]:
     return fault
 
 
+def hang(bench: Bench) -> tuple:
+    """One item hangs the decode model call (``tests.faults`` ``hanging``: an image 13 px
+    wide), the item budget scaled down to ``--hang-budget``; a supervisor loop (systemd or
+    Kubernetes in production) restarts the decode worker whenever it exits. The row's check:
+    only that item failed, every other item once, nobody acting."""
+    job_id = f"rec-hang-{uuid.uuid4().hex[:4]}"
+    bucket = bench.bucket(job_id)
+    bench.s3.create_bucket(Bucket=bucket)
+    hung = sorted(bench.files)[len(bench.files) // 2]
+    for rel, data in bench.files.items():
+        body = encode(photo_like(POISON_WIDTH, 16, 1), "PNG") if rel == hung else data
+        bench.s3.put_object(Bucket=bucket, Key=f"in/{rel}", Body=body)
+    settings = {"PIXELRELAY_ITEM_BUDGET_S": str(bench.args.hang_budget)}
+    stop_worker(bench, "decode")
+    bench.start("decode", "hanging", **settings)
+    exits: list[int] = []
+    stopping = threading.Event()
+
+    def supervise() -> None:
+        while not stopping.wait(0.05):
+            if bench.procs["decode"].poll() is not None:
+                exits.append(bench.procs["decode"].returncode)
+                bench.start("decode", "hanging", **settings)
+
+    supervisor = threading.Thread(target=supervise, daemon=True)
+    supervisor.start()
+    try:
+        row = bench.run("hang", None, job_id=job_id)
+    finally:
+        stopping.set()
+        supervisor.join(10)
+        stop_worker(bench, "decode")
+        bench.start("decode")
+    body = bench.s3.get_object(Bucket=bucket, Key=f"out/_jobs/{job_id}/manifest.jsonl")["Body"].read()
+    failed = [r["input"].split("/in/", 1)[1] for r in map(json.loads, body.splitlines()) if r["status"] != "done"]
+    alone = "only the hanging item failed" if failed == [hung] else f"FAILED: {failed}"
+    return (*row[:4], f"{row[4]}; {alone}; decode exits {exits}")
+
+
+def stop_worker(bench: Bench, stage: str) -> None:
+    proc = bench.procs.pop(stage)
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def rescale(bench: Bench) -> tuple:
     """A finished x2 job, then a new job id with --scale 4 into the same output: every item
     must be re-processed (outcome ``overwritten``) and come out at x4."""
@@ -279,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", type=float, default=0.25, help="seconds per item per stage")
     parser.add_argument("--only", default="", help="comma-separated row names")
     parser.add_argument("--row-timeout", type=float, default=600, help="give a row up after this many seconds")
+    parser.add_argument("--hang-budget", type=float, default=3, help="the hang row's PIXELRELAY_ITEM_BUDGET_S")
     args = parser.parse_args(argv)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     logdir = Path(tempfile.mkdtemp(prefix="pixelrelay-bench-recovery-"))
@@ -303,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append(bench.run(name, fault, target))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+        if not only or "hang" in only:
+            rows.append(hang(bench))
+            print(f"# {rows[-1]}", file=sys.stderr, flush=True)
         if not only or "rescale-x2-to-x4" in only:
             rows.append(rescale(bench))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
@@ -320,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for name, wall, after, rc, check in rows:
         after_text = "" if after is None else f"{after:.1f}"
-        extra = "" if name in ("baseline", "rescale-x2-to-x4") else f"{wall - base:+.1f}"
+        extra = "" if name in ("baseline", "rescale-x2-to-x4", "hang") else f"{wall - base:+.1f}"
         print(f"| {name} | {wall:.1f} | {after_text} | {extra} | {rc} | {check} |")
     return 0
 

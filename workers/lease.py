@@ -2,10 +2,13 @@
 
 Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is taken before
 the chain's entry is set to this stage; one heartbeat thread per process renews its leases
-every ``lease_s / 3``, only while the delivery's budget (pending items x ``item_budget_s``)
-lasts; once it is spent the watchdog fails the pending items, finishes the chunk
-(``DeliveryPolicy.time_out``) and ends the process (``WATCHDOG_EXIT_CODE``). A lease is never
-deleted: it runs out, covering the hand-off to the next stage.
+every ``lease_s / 3``, only while the delivery's budget lasts: pending items x
+``item_budget_s`` at first, then retimed by each model call (``workers.watch``: the call's
+items while it runs, the items still to run after it; never past the first deadline). Once
+it is spent the watchdog ends the delivery (``DeliveryPolicy.time_out``: the item that hung
+fails, the others go on in chains of their own) and the process (``WATCHDOG_EXIT_CODE``),
+since a model call cannot be interrupted. A lease is never deleted: it runs out, covering
+the hand-off to the next stage.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import Slot
+from pixelrelay.workers.watch import Watch, watching
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -74,13 +78,14 @@ class Lease:
         self.owner = owner or worker_id()
         self.budget_s = timing.budget(items)
         self.on_timeout = on_timeout
-        self.deadline = self.next_renew = 0.0
+        self.deadline = self.limit = self.next_renew = 0.0  # limit: the first deadline, never passed
 
     def __enter__(self) -> Lease:
         """Arm the heartbeat and the watchdog. The lease itself is first written by ``take``,
         in the delivery policy's admission transaction, with the chain's entry."""
         now = time.monotonic()
         self.deadline, self.next_renew = now + self.budget_s, now + self.timing.renew_every_s
+        self.limit = self.deadline
         _heartbeat().hold(self)
         return self
 
@@ -93,6 +98,11 @@ class Lease:
 
     def renew(self) -> None:
         self.take(self.r)
+
+    def retime(self, items: int) -> None:
+        """The budget from now on: ``items x item_budget_s`` (the items still to run), never past
+        the first deadline (the bound the visibility timeout and Celery's limits derive from)."""
+        _heartbeat().retime(self, self.timing.budget(items))
 
     def due(self) -> float:
         return min(self.next_renew, self.deadline)
@@ -123,6 +133,16 @@ class _Heartbeat:
         with self._cond:
             self._held.discard(lease)
 
+    def retime(self, lease: Lease, budget_s: float) -> None:
+        """Move a held lease's deadline to ``budget_s`` from now, at most to its limit (a spent
+        one stays spent)."""
+        with self._cond:
+            if lease not in self._held:
+                return
+            lease.budget_s, lease.deadline = budget_s, min(lease.limit, time.monotonic() + budget_s)
+            if lease.due() < self._wake_at:
+                self._cond.notify()
+
     def _next(self) -> tuple[list[Lease], list[Lease]]:
         """Wait until some lease is due: (leases to renew, leases whose budget is spent).
         The spent ones are released here, so they are timed out once."""
@@ -143,16 +163,21 @@ class _Heartbeat:
         while True:
             renew, spent = self._next()
             for lease in spent:
+                self._renew(lease)  # one last time: the chain stays leased while the watchdog ends it
                 try:
                     lease.on_timeout(lease.budget_s)
                 except Exception:  # never the end of the thread: the other leases still need it
                     log.exception("watchdog of lease %s failed", lease.key)
             for lease in renew:
                 lease.next_renew = time.monotonic() + lease.timing.renew_every_s
-                try:
-                    lease.renew()
-                except Exception as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
-                    log.warning("cannot renew lease %s: %s", lease.key, exc)
+                self._renew(lease)
+
+    @staticmethod
+    def _renew(lease: Lease) -> None:
+        try:
+            lease.renew()
+        except Exception as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
+            log.warning("cannot renew lease %s: %s", lease.key, exc)
 
 
 _beat: _Heartbeat | None = None
@@ -175,12 +200,14 @@ os.register_at_fork(after_in_child=_forget_heartbeat)
 
 def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[int], None] = os._exit):
     """``policy.deliver(delivery, work)`` under a lease on the delivery's slot, with the
-    watchdog armed; ``exit`` ends the process once the watchdog finished the chunk."""
+    watchdog armed and told of the model calls (``workers.watch``); ``exit`` ends the process
+    once the watchdog finished the chunk."""
     msg = delivery.msg
+    watch = Watch(len(delivery.pending()))
 
     def on_timeout(budget_s: float) -> None:
         try:
-            policy.time_out(delivery, budget_s)
+            policy.time_out(delivery, budget_s, watch.suspects)
         except BaseException:
             log.exception("watchdog: cannot finish chunk %s/%d; the sweep will re-send it", msg.job_id, msg.chunk)
         finally:
@@ -197,5 +224,6 @@ def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[
                     pass
             exit(WATCHDOG_EXIT_CODE)
 
-    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, len(delivery.pending()), on_timeout) as lease:
-        return policy.deliver(replace(delivery, lease=lease), work)
+    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, watch.remaining, on_timeout) as lease:
+        with watching(watch, lease):
+            return policy.deliver(replace(delivery, lease=lease), work)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -167,6 +167,25 @@ def split_chunk(msg: ChunkMessage, send: Send) -> int:
     return len(pending)
 
 
+def hung_items(msg: ChunkMessage, suspects: Collection[int]) -> tuple[list[ItemRecord], list[ItemRecord]]:
+    """A hung delivery's pending items as (the one that fails, those sent on one by one).
+
+    The suspects are the items of the model call that overran (all pending items if it hung
+    outside one). One suspect fails; several are all sent on, each in a chain of its own, so
+    the next hang names one item. Pending items that are no suspect are sent on too."""
+    pending = [r for r in msg.records if r.status is None]
+    suspected = [r for r in pending if r.index in suspects] or pending
+    hung = suspected if len(suspected) == 1 else []
+    return hung, [r for r in pending if not any(r is h for h in hung)]
+
+
+def resend_singly(msg: ChunkMessage, records: list[ItemRecord], send: Send) -> None:
+    """Send each of ``records`` on as a single-item chain of ``msg``'s chunk (part: its
+    index), from encode. None feeds the job: ``msg``'s own finish does, once."""
+    for record in records:
+        send(msg.model_copy(update={"records": [record], "feeds": False, "part": str(record.index)}))
+
+
 def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage, spec: JobSpec | None = None) -> bool:
     """End a chain: write its manifest part, mark its items, feed the next chunk, merge its group
     if complete, and write the manifest if the job is complete.
@@ -286,22 +305,34 @@ class DeliveryPolicy:
             chunks.track(Slot.of(msg), delivery.stage, msg.feeds, pipe=pipe)
         return int(pipe.execute()[0])
 
-    def time_out(self, delivery: Delivery, budget_s: float) -> None:
-        """The watchdog's end of a delivery that spent its budget: fail what is pending with
-        "timed out after N s" and finish the chunk (part, bits, next chunk, manifest)."""
+    def time_out(self, delivery: Delivery, budget_s: float, suspects: Collection[int] = ()) -> None:
+        """The watchdog's end of a delivery that spent its budget (see ``hung_items``): the one
+        item that hung fails with "timed out after N s", the other pending items go on as
+        single-item chains, and the chain finishes with what it holds (part, bits, next chunk,
+        manifest). ``suspects``: the indices of the items in the model call that overran."""
         msg = snapshot(delivery.msg)
         done = self.state.done_flags([r.index for r in msg.records])
         msg.records = [r for r, d in zip(msg.records, done, strict=True) if not d or r.status == "done"]
-        fail_pending(msg, delivery.stage, f"timed out after {budget_s:g} s")
+        hung, resent = hung_items(msg, suspects)
+        for record in hung:
+            record.fail(delivery.stage, f"timed out after {budget_s:g} s")
         log.error(
-            "%s chunk %s/%d%s timed out after %g s",
+            "%s chunk %s/%d%s timed out after %g s%s; %d item(s) go on one by one",
             delivery.stage,
             msg.job_id,
             msg.chunk,
             f" part {msg.part}" if msg.part else "",
             budget_s,
+            f" on item {hung[0].index}" if hung else "",
+            len(resent),
         )
-        finish_chunk(self.state, self.storage(msg.output), self.send, msg)
+        resend_singly(msg, resent, tracked(self.send, self.state.r))  # tracked before the chain's entry goes
+        storage = self.storage(msg.output)
+        gone = {id(r) for r in resent}
+        msg.records = [r for r in msg.records if id(r) not in gone]
+        if not msg.records and not self._part_written(msg):  # a redelivery of this chain is then stale
+            write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, [], msg.part)
+        finish_chunk(self.state, storage, self.send, msg)
 
     def _admit(self, delivery: Delivery) -> ChunksInFlight | Stale | Cancelled | None:
         """``Stale`` for a duplicate of a finished chain, ``Cancelled`` for a chain of a

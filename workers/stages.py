@@ -5,7 +5,8 @@ idempotent: delivery is at-least-once (``docs/design.md``, "Delivery guarantees"
 fail one by one, with a reason, and their neighbours go on; a transient error propagates
 (the task retries). A source whose output is over ``PIXELRELAY_MAX_OUTPUT_PIXELS`` fails
 from its header twice: at the encode stage with the job's options, at the decode stage with
-the plan's, before the model (``batching``). Each model call is timed (``workers.metrics``).
+the plan's, before the model (``batching``). Each model call is timed (``workers.metrics``)
+and told to the watchdog (``workers.watch.model_call``: its items are the suspects of a hang).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pixelrelay.workers.outputs import Output, Written, wait_written, write_in_b
 from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.reuse import Planned, expected, reuse_existing, write_actions
 from pixelrelay.workers.runtime import Runtime
+from pixelrelay.workers.watch import model_call
 
 
 @overload
@@ -74,7 +76,8 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         for record, image in loaded:
             record.notes.extend(image.notes)
             record.source_size = (image.width, image.height)
-        results = call_isolated(encoder.describe, [image for _, image in loaded])
+        with model_call([record for record, _ in loaded]):
+            results = call_isolated(encoder.describe, [image for _, image in loaded])
         share = (time.perf_counter() - started) / max(1, len(batch))
         metrics.observe_batch("encode", time.perf_counter() - started, len(loaded))
         for (record, _), result in zip(loaded, results, strict=True):
@@ -94,7 +97,8 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         return
     for batch in batches(pending, rt.settings.batch_size):
         started = time.perf_counter()
-        results = call_isolated(lambda rs: planner.plan([described(r) for r in rs], [msg.options] * len(rs)), batch)
+        with model_call(batch):
+            results = call_isolated(lambda rs: planner.plan([described(r) for r in rs], [msg.options] * len(rs)), batch)
         share = (time.perf_counter() - started) / max(1, len(batch))
         metrics.observe_batch("plan", time.perf_counter() - started, len(batch))
         for record, result in zip(batch, results, strict=True):
@@ -137,9 +141,11 @@ def _decode_batches(
         if state.cancelled():  # the rest stays pending: the policy ends the chain (cancelled)
             break
         started = time.perf_counter()
-        results = call_isolated(
-            lambda pairs: restore_with_edits(decoder, [img for _, img in pairs], [planned(r) for r, _ in pairs]), loaded
-        )
+        with model_call([record for record, _ in loaded]):
+            results = call_isolated(
+                lambda pairs: restore_with_edits(decoder, [img for _, img in pairs], [planned(r) for r, _ in pairs]),
+                loaded,
+            )
         share = (time.perf_counter() - started) / max(1, len(batch))
         metrics.observe_batch("decode", time.perf_counter() - started, len(loaded))
         writes += write_in_background(rt, _decoded(loaded, results, writes_as), msg)  # while the next batch runs

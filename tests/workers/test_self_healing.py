@@ -186,47 +186,58 @@ def test_purged_queues_are_healed_by_the_sweep(stages, client, s3_client, s3_buc
     print(f"\npurge: job finished {recovered_s:.1f} s after the purge")
 
 
-def test_a_hung_model_call_times_out_its_item_and_the_worker_restarts(redis_url, tmp_path):
-    """A real solo decode worker hangs on one item: after its budget the watchdog fails that
-    chunk's item with "timed out", finishes the chunk, and exits 75; a supervisor loop (standing
-    in for systemd / Kubernetes) restarts it and the job finishes."""
+HUNG_ITEMS, HUNG_CHUNK, HUNG_BATCH, HUNG_INDEX = 12, 6, 3, 7  # item 7 hangs in the model call on items 6-8
+
+
+def test_a_hung_model_call_fails_only_its_item_and_the_job_finishes(redis_url, tmp_path):
+    """A real solo decode worker hangs on one item of a 12-item job: after the call's budget
+    the watchdog sends that chunk's pending items on one by one and exits 75; a supervisor
+    loop (standing in for systemd / Kubernetes) restarts it; the hanging item hangs again
+    alone and fails alone, with the timeout; every other item is done, each exactly once, and
+    the job finishes with nobody acting."""
     url = redis_url.rsplit("/", 1)[0] + "/11"
     redis.Redis.from_url(url).flushdb()
     env = worker_env(
         url,
         PIXELRELAY_PLUGINS="tests.faults",
-        PIXELRELAY_CHUNK_SIZE="1",
-        PIXELRELAY_ITEM_BUDGET_S="1",
+        PIXELRELAY_CHUNK_SIZE=str(HUNG_CHUNK),
+        PIXELRELAY_BATCH_SIZE=str(HUNG_BATCH),
+        PIXELRELAY_ITEM_BUDGET_S="2",
         PIXELRELAY_LEASE_S="1",
         PIXELRELAY_SWEEP_INTERVAL_S="0.3",
     )
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(3):
-        photo_like(13 if i == 1 else 20 + i, 16, i).save(src / f"{i}.png")
+    for i in range(HUNG_ITEMS):
+        photo_like(13 if i == HUNG_INDEX else 20 + i, 16, i).save(src / f"{i:02d}.png")
     pool = Stages(env, tmp_path)
     for stage, flag, backend in (("encode", "--encoder", "analysis"), ("plan", "--planner", "rules")):
         pool.start(stage, flag, backend)
     pool.start("decode", "--decoder", "hanging")
     exits: list[int] = []
     pool.supervise("decode", ("--decoder", "hanging"), exits)
+    started = time.monotonic()
     try:
         job_id = "hung-" + uuid.uuid4().hex[:6]
         result = run_cli(
             ["submit", str(src), "--out", str(tmp_path / "out"), "--job-id", job_id, "--wait"], env, timeout=120
         )
+        waited_s = time.monotonic() - started  # worker start-up included
         assert result.returncode == 1, result.stderr + pool.logs()
     finally:
         pool.stop_all()
-    assert exits[:1] == [WATCHDOG_EXIT_CODE], pool.logs()
-    rows = {
-        r["input"].rsplit("/", 1)[1]: r
-        for r in map(json.loads, (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines())
-    }
-    assert rows["1.png"]["status"] == "failed" and rows["1.png"]["error"] == "decode: timed out after 1 s"
-    assert rows["0.png"]["status"] == rows["2.png"]["status"] == "done"
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == [".0.png.pixelrelay.json", ".2.png.pixelrelay.json", "0.png", "2.png", "_jobs"]  # with sidecars
+    print(f"\nhung model call: submit --wait returned after {waited_s:.1f} s, decode exits {exits}")
+    assert exits[:2] == [WATCHDOG_EXIT_CODE] * 2, pool.logs()  # the chunk's call of 3, then item 7 alone
+    lines = (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["index"] for r in rows] == list(range(HUNG_ITEMS))  # every item exactly once
+    failed = {r["input"].rsplit("/", 1)[1]: r["error"] for r in rows if r["status"] != "done"}
+    assert failed == {f"{HUNG_INDEX:02d}.png": "decode: timed out after 2 s"}, failed
+    good = [f"{i:02d}.png" for i in range(HUNG_ITEMS) if i != HUNG_INDEX]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert names == [*good, "_jobs"]
     client = redis.Redis.from_url(url)
     counts = JobState(client, job_id).counts()
-    assert (counts.done, counts.failed) == (2, 1)
+    assert (counts.total, counts.done, counts.failed) == (HUNG_ITEMS, HUNG_ITEMS - 1, 1)
+    info = JobState(client, job_id).info()
+    assert (info["manifest_done"], info["manifest_failed"], info["manifest_missing"]) == ("11", "1", "0")
