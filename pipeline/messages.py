@@ -164,6 +164,7 @@ class JobSpec(_Model):
     total: int = 0
     chunk_size: int = 16
     created_at: float = 0.0
+    follow_symlinks: bool = False  # workers read a folder input's files through symlinks (else: none followed)
 
 
 class Item(_Model):

@@ -14,6 +14,7 @@ target name is never followed. ``list`` yields S3's order without collecting pat
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
@@ -447,6 +448,64 @@ class LocalStorage(Storage):
             except FileNotFoundError:  # gone since the walk
                 continue
             yield ObjectInfo(uri, st.st_size, st.st_mtime)
+
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_NOT_FOLLOWED = "a symlink, not followed (submit with --follow-symlinks to follow it)"
+
+
+def read_nofollow(path: str, beneath: str | None = None) -> bytes:
+    """The bytes of the regular file ``path``, no symlink followed: with ``beneath`` (a folder
+    ``path`` lies lexically under), in no folder from ``beneath`` down either, each one opened
+    relative to the last, so a link swapped in anywhere below ``beneath`` is refused; without,
+    in the last component only. ``beneath`` itself is opened as named.
+
+    Raises:
+        StorageEscapeError: ``path`` is not under ``beneath``, or a symlink is on its way.
+        StorageError: it cannot be read, or is not a regular file.
+    """
+    folder, name = os.path.split(path)
+    parts = [name]
+    if beneath is not None:
+        rel = os.path.relpath(path, beneath)
+        parts = rel.split(os.sep)
+        if not os.path.isabs(path) or rel.startswith(os.pardir) or os.pardir in parts or os.curdir in parts:
+            raise StorageEscapeError(f"refused: {path} is not under {beneath}")
+        folder = beneath
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _mapped(exc, path) from None
+    try:
+        for i, part in enumerate(parts):
+            child = _open_below(fd, part, i == len(parts) - 1, os.path.join(folder, *parts[: i + 1]))
+            os.close(fd)
+            fd = child
+        return _read_regular(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _open_below(dir_fd: int, name: str, last: bool, shown: str) -> int:
+    """Open ``name`` in the folder ``dir_fd`` without following a link."""
+    flags = _READ_FLAGS | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK) and os.path.islink(shown):
+            raise StorageEscapeError(f"refused: {shown} is {_NOT_FOLLOWED}") from None
+        raise _mapped(exc, shown) from None
+
+
+def _read_regular(fd: int, path: str) -> bytes:
+    """All the bytes of the open file ``fd``, once it is a regular file."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise StorageError(f"not a regular file: {path}")
+    os.set_blocking(fd, True)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def sorted_walk(folder: str, follow_symlinks: bool = False, skip=None) -> Iterator[tuple[str, os.DirEntry]]:
