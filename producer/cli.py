@@ -630,6 +630,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.sample < 0:
         raise ConfigError("--sample: 0 or more")
+    spec = None
     if args.out:
         from pixelrelay.producer.submit import normalize_location
 
@@ -641,9 +642,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         state = JobState(redis_client(settings), args.job_id, settings.signer())
         if not state.exists():
             raise ConfigError(f"unknown job {args.job_id} (give --out OUTPUT to read it from storage)")
-        output = state.spec().output
+        spec = state.spec()
+        output = spec.output
     try:
-        written = write_report(settings, output, args.job_id, sample_cap=args.sample)
+        written = write_report(settings, output, args.job_id, sample_cap=args.sample, signed_spec=spec)
     except ReportError as exc:
         raise ConfigError(str(exc)) from None
     print(written.html)
