@@ -200,7 +200,10 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--follow-symlinks",
         action="store_true",
-        help="follow symlinked files and folders in a folder input (default: a symlinked image fails its item)",
+        help=(
+            "list and read symlinked files and folders in a folder input (default: a symlinked image, "
+            "or one swapped for a link after the listing, fails its item)"
+        ),
     )
     parser.add_argument("--chunk-size", type=int, metavar="N", help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
     parser.add_argument("--window", type=int, metavar="N", help="chains in flight per job (env PIXELRELAY_WINDOW)")

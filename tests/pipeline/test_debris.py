@@ -90,3 +90,30 @@ def test_the_end_of_a_job_leaves_outputs_and_job_files_only(tmp_path, redis_url)
     state.mark(seq, [(r.index, r.status) for r in records])
     assert finalize_if_complete(state, storage, spec, seq)
     assert _left(files) == {"live", "fresh-other-host", "job-live", "job-fresh-other-host"}
+
+
+WRITER = """
+import sys
+from pixelrelay.pipeline.storage.local import LocalStorage
+LocalStorage(sys.argv[1]).put_file(sys.argv[2], sys.stdin.buffer)  # streams until stdin ends
+"""
+
+
+def test_a_writer_sigkilled_mid_write_leaves_nothing_past_the_next_write(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(out / "big.png")], stdin=subprocess.PIPE)
+    try:
+        assert writer.stdin is not None
+        writer.stdin.write(b"x" * (2 << 20))  # more than one copy buffer: the temp file holds some of it
+        writer.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not any(p.name.endswith(".part") for p in out.iterdir()):
+            assert time.monotonic() < deadline and writer.poll() is None
+            time.sleep(0.02)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert [p.name for p in out.iterdir() if p.name.endswith(".part")]  # what the kill left
+    LocalStorage(str(out)).put(str(out / "next.png"), b"pixels")
+    assert sorted(p.name for p in out.iterdir()) == ["next.png"]
