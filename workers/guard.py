@@ -9,8 +9,8 @@ fails here, unread. A dropped genuine message is re-sent by the sweep, from stor
 
 ``InputRoot`` says how the stages then read a local input: below the job's input folder with
 no symlink followed (a link swapped in after the listing fails its item), unless the job was
-submitted with ``follow_symlinks``; a manifest's entries are read as named, their last
-component not followed.
+submitted with ``follow_symlinks``. A manifest's entries are read as named, as its listing
+took them (links followed).
 """
 
 from __future__ import annotations
@@ -50,10 +50,8 @@ NAME_NOT_FOLLOWED = InputRoot()  # a source's own name is never a symlink follow
 
 def input_root(spec: JobSpec) -> InputRoot:
     """How the job ``spec``'s local inputs are read (see the module docstring)."""
-    if spec.follow_symlinks:
-        return InputRoot(follow=True)
-    if is_s3(spec.input) or spec.input.lower().endswith(C.MANIFEST_EXTENSIONS) or not os.path.isabs(spec.input):
-        return NAME_NOT_FOLLOWED
+    if spec.follow_symlinks or is_s3(spec.input) or not os.path.isabs(spec.input) or not os.path.isdir(spec.input):
+        return InputRoot(follow=True)  # as listed: a manifest's entries are read as named, links and all
     return InputRoot(folder=spec.input)
 
 
