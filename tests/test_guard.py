@@ -482,6 +482,10 @@ def test_inputs_swapped_for_links_after_the_listing_are_not_read(client, tmp_pat
             read_nofollow(f"{spec.input}/{name}", root.folder)
     assert read_nofollow(f"{spec.input}/img0.png", root.folder).startswith(b"\x89PNG")
     assert input_root(spec.model_copy(update={"follow_symlinks": True})).follow
+    from pixelrelay.producer.submit import JobRequest
+
+    asked = JobRequest(spec.job_id, spec.input, spec.output, spec.options, spec.backends, follow_symlinks=True)
+    assert input_root(asked.spec(2, 4)).follow  # --follow-symlinks reaches the signed spec
     assert input_root(spec.model_copy(update={"input": str(tmp_path / "list.txt")})).follow  # a manifest: as named
 
 
