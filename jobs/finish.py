@@ -15,12 +15,16 @@ first, so of two chains ending together at least one sees none left), the sweep,
 
 from __future__ import annotations
 
+import logging
+
 from pixelrelay.jobs.chunks import ChunksInFlight
 from pixelrelay.jobs.files import CANCELLED, manifest_uri
 from pixelrelay.jobs.merge import write_manifest
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.storage import Storage
+
+log = logging.getLogger("pixelrelay.finish")
 
 
 def finalize_if_complete(state: JobState, storage: Storage, spec: JobSpec, seq: int) -> bool:
@@ -67,4 +71,17 @@ def _write_manifest(state: JobState, storage: Storage, spec: JobSpec, seq: int) 
     missing = spec.total - done - failed - dropped
     state.finish(seq, manifest_uri(spec.output, spec.job_id), done, failed, missing, dropped)
     ChunksInFlight(state.r, spec.job_id).retire()
+    _remove_debris(storage, spec.output)
     return True
+
+
+def _remove_debris(storage: Storage, output: str) -> None:
+    """Remove the temp files killed writers left in the output (``Storage.remove_debris``);
+    a failure is logged, the job is finished either way."""
+    try:
+        removed = storage.remove_debris(output)
+    except Exception as exc:
+        log.warning("cannot remove stale temp files under %s: %s", output, exc)
+        return
+    if removed:
+        log.info("removed %d stale temp files under %s", removed, output)

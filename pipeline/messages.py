@@ -93,6 +93,10 @@ def _is_none(value: Any) -> bool:
     return value is None
 
 
+def _is_false(value: Any) -> bool:
+    return value is False
+
+
 def _omitted_when_none(**kwargs: Any) -> Any:
     """A field that defaults to None and is left out of the JSON while None (so older
     messages stay byte for byte). pydantic's own serializer leaves it out (``exclude_if``):
@@ -164,6 +168,9 @@ class JobSpec(_Model):
     total: int = 0
     chunk_size: int = 16
     created_at: float = 0.0
+    # Workers read a folder input's files through symlinks (else: none followed below it).
+    # Left out of the JSON while False, so specs stay as older workers read them.
+    follow_symlinks: bool = Field(default=False, exclude_if=_is_false)
 
 
 class Item(_Model):

@@ -343,6 +343,7 @@ def submit(
     planner: str | None = None,
     decoder: str | None = None,
     job_id: str | None = None,
+    follow_symlinks: bool = False,
     settings: Settings | None = None,
     **setting_overrides: Any,
 ) -> Job:
@@ -367,6 +368,8 @@ def submit(
         planner: Planner backend ``KIND[:MODEL]`` (default: the workers' own).
         decoder: Decoder backend ``KIND[:MODEL]`` (default: the workers' own).
         job_id: The job's id (default: a new one); an existing id resumes that job.
+        follow_symlinks: List and read a folder input's symlinked files and folders (default: a
+            symlink fails its item, also one swapped in after the listing).
         settings: Settings to start from (default: the environment, ``PIXELRELAY_*``).
         **setting_overrides: ``Settings`` fields by name, applied last: ``redis_url=``,
             ``signing_key=``, ``signing_key_file=``, ``chunk_size=``, ``window=``, ...
@@ -398,7 +401,7 @@ def submit(
         ) from None
     backends = Backends(encoder=encoder, planner=planner, decoder=decoder)
     try:
-        submission = _submit(_checked(settings), input, out, options, backends, job_id)
+        submission = _submit(_checked(settings), input, out, options, backends, job_id, follow_symlinks=follow_symlinks)
     except MissingSigningKey:
         raise MissingSigningKey(NO_KEY) from None
     except ConfigError as exc:

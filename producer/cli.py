@@ -200,7 +200,10 @@ def _job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--follow-symlinks",
         action="store_true",
-        help="follow symlinked files and folders in a folder input (default: a symlinked image fails its item)",
+        help=(
+            "list and read symlinked files and folders in a folder input (default: a symlinked image, "
+            "or one swapped for a link after the listing, fails its item)"
+        ),
     )
     parser.add_argument("--chunk-size", type=int, metavar="N", help="items per chain (env PIXELRELAY_CHUNK_SIZE)")
     parser.add_argument("--window", type=int, metavar="N", help="chains in flight per job (env PIXELRELAY_WINDOW)")
@@ -630,6 +633,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.sample < 0:
         raise ConfigError("--sample: 0 or more")
+    spec = None
     if args.out:
         from pixelrelay.producer.submit import normalize_location
 
@@ -641,9 +645,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         state = JobState(redis_client(settings), args.job_id, settings.signer())
         if not state.exists():
             raise ConfigError(f"unknown job {args.job_id} (give --out OUTPUT to read it from storage)")
-        output = state.spec().output
+        spec = state.spec()
+        output = spec.output
     try:
-        written = write_report(settings, output, args.job_id, sample_cap=args.sample)
+        written = write_report(settings, output, args.job_id, sample_cap=args.sample, signed_spec=spec)
     except ReportError as exc:
         raise ConfigError(str(exc)) from None
     print(written.html)

@@ -4,12 +4,16 @@ Invariants: only objects under ``OUTPUT/_jobs/<job_id>/`` are deleted (never out
 ``_state/``; a folder whose name is not a job id is left alone); a running job is never
 touched (without Redis, a job with no manifest or with parts newer than it is skipped unless
 ``--force``); ``--dry-run`` deletes nothing. A collected job can no longer be resumed.
+Locally no symlink is followed: a linked ``_jobs`` or job folder is skipped with a warning,
+and a delete whose real path leaves the output is refused. Temp files killed writers left
+anywhere in a local output are removed too (``Storage.remove_debris``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +26,8 @@ from pixelrelay.jobs.files import CANCEL_NAME, JOB_SPEC_NAME, JOBS_DIR, MANIFEST
 from pixelrelay.pipeline.messages import JOB_ID_PATTERN
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.storage import is_s3, join_uri, open_storage
-from pixelrelay.pipeline.storage.base import ObjectInfo
+from pixelrelay.pipeline.storage.base import ObjectInfo, StorageEscapeError
+from pixelrelay.pipeline.storage.local import sorted_walk
 
 KEPT = (MANIFEST_NAME, JOB_SPEC_NAME, CANCEL_NAME)  # kept unless --include-manifests
 REMOVED_FOLDERS = ("parts", "groups", "inputs")  # groups: merged parts (jobs.merge)
@@ -75,12 +80,14 @@ class JobFiles:
         return out
 
 
-def iter_jobs(storage, output: str) -> Iterator[JobFiles]:
+def iter_jobs(storage, output: str, stream: TextIO | None = None) -> Iterator[JobFiles]:
     """Each job folder under ``OUTPUT/_jobs/`` with its objects (the listing is sorted, so
-    one job's objects are held at a time)."""
+    one job's objects are held at a time); locally without following a symlink, each one
+    met is named on ``stream``."""
     base = join_uri(output, JOBS_DIR).rstrip("/") + "/"  # not "_jobsX/...": only under _jobs/
+    infos = storage.list_info(base) if is_s3(output) else _local_infos(base, stream or sys.stdout)
     current: JobFiles | None = None
-    for info in storage.list_info(base):
+    for info in infos:
         job_id = info.uri[len(base) :].lstrip("/").split("/", 1)[0]
         if current is None or current.job_id != job_id:
             if current is not None:
@@ -89,6 +96,34 @@ def iter_jobs(storage, output: str) -> Iterator[JobFiles]:
         current.objects.append(info)
     if current is not None:
         yield current
+
+
+def _local_infos(base: str, stream: TextIO) -> Iterator[ObjectInfo]:
+    """The files under the local folder ``base``, sorted, no symlinked folder entered (nor
+    ``base`` itself when it is a link): each link skipped is named on ``stream``."""
+    folder = base.rstrip("/")
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        stream.write(f"pixelrelay gc: skipped {folder}: a symlink, not followed\n")
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+
+    def linked_folder(path: str, entry: os.DirEntry) -> bool:
+        if entry.is_symlink() and entry.is_dir():
+            stream.write(f"pixelrelay gc: skipped {path}: a symlink, not followed\n")
+            return True
+        return False
+
+    for path, entry in sorted_walk(folder, True, linked_folder):
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:  # gone since the walk
+            continue
+        yield ObjectInfo(path, info.st_size, info.st_mtime)
 
 
 class RunningCheck:
@@ -130,6 +165,7 @@ class GcResult:
     objects: int = 0
     bytes: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # job id -> why it was kept
+    debris: int = 0  # temp files left by killed writers, removed
 
 
 def collect(
@@ -159,12 +195,12 @@ def collect(
         What was removed, and the jobs kept with the reason.
     """
     stream = stream or sys.stdout
-    storage = open_storage(output, settings.s3_endpoint_url, settings)
+    storage = open_storage(output, settings.s3_endpoint_url, settings, root=output)  # deletes stay under it
     cutoff = (time.time() if now is None else now) - older_than_s
     check = RunningCheck(settings, stream)
     result = GcResult()
     verb = "would remove" if dry_run else "removed"
-    for job in iter_jobs(storage, output):
+    for job in iter_jobs(storage, output, stream):
         if not _JOB_ID.fullmatch(job.job_id):
             continue
         if job.newest > cutoff:
@@ -182,7 +218,7 @@ def collect(
             if dry_run:
                 stream.write(f"  {verb} {info.uri} ({human_size(info.size)})\n")
             else:
-                storage.delete(info.uri)
+                _delete(storage, info.uri, stream)
         if not dry_run and not is_s3(output):
             _prune_folders(job.root, include_manifests)
         result.jobs, result.objects, result.bytes = (
@@ -194,6 +230,10 @@ def collect(
             f"{verb} {len(removable)} objects, {human_size(size)} of job {job.job_id} "
             f"(last written {time.strftime('%Y-%m-%d %H:%M', time.localtime(job.newest))})\n"
         )
+    if not dry_run:
+        result.debris = storage.remove_debris(output)
+        if result.debris:
+            stream.write(f"removed {result.debris} temp files left by killed writers\n")
     stream.write(
         f"{verb} {result.objects} objects, {human_size(result.bytes)}, from {result.jobs} jobs"
         + (f"; kept {len(result.skipped)} jobs that may be running" if result.skipped else "")
@@ -203,10 +243,24 @@ def collect(
     return result
 
 
+def _delete(storage, uri: str, stream: TextIO) -> None:
+    """Delete one object; one whose real path leaves the output (a folder swapped for a link
+    meanwhile) is refused and named on ``stream``."""
+    try:
+        storage.delete(uri)
+    except StorageEscapeError as exc:
+        stream.write(f"pixelrelay gc: not deleted: {exc}\n")
+
+
 def _prune_folders(root: str, whole: bool) -> None:
-    """Remove the job's now-empty local folders (S3 has none)."""
+    """Remove the job's now-empty local folders (S3 has none); no symlink is followed."""
+    if os.path.islink(root):
+        return
     for name in REMOVED_FOLDERS:
-        for dirpath, _, _ in sorted(os.walk(os.path.join(root, name)), key=lambda x: -len(x[0])):
+        top = os.path.join(root, name)
+        if os.path.islink(top):
+            continue
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda x: -len(x[0])):
             try:
                 os.rmdir(dirpath)
             except OSError:

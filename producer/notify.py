@@ -199,10 +199,11 @@ def after_wait(
     written = None
     if report:
         try:
-            if not is_finished(JobState(redis_client(settings), job_id).info()):
+            state = JobState(redis_client(settings), job_id, settings.signer())
+            if not is_finished(state.info()):
                 stream.write(f"pixelrelay: job {job_id} has not ended: no report\n")
             else:
-                written = write_report(settings, output, job_id)
+                written = write_report(settings, output, job_id, signed_spec=state.spec())
                 stream.write(f"report: {written.html}\ncontact sheet: {written.contact_sheet}\n")
         except Exception as exc:  # noqa: BLE001 - a report problem must not change the outcome
             stream.write(f"pixelrelay: warning: could not write the report: {type(exc).__name__}: {exc}\n")

@@ -27,6 +27,11 @@ Invariants:
   (``templates/report.html.j2``, autoescape on) escapes it; no value is marked safe. Images
   are re-encoded JPEG ``data:`` URIs. The page loads nothing from anywhere and its
   Content-Security-Policy allows no script at all.
+* A sampled row's pictures are read only where the job may read and write (``Roots``: the
+  row is its listing entry, under the job's input and the given output, as the workers'
+  guard checks it), locally with no symlink followed below those roots (unless the job
+  follows them); any other row shows "outside the job's roots" and nothing it names is
+  opened, so the page tells nothing of it, not even whether it exists.
 * Producer code: no torch (images are decoded with ``pipeline.imageio``).
 """
 
@@ -50,11 +55,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
-from pixelrelay.jobs.files import job_root, manifest_uri, read_spec
+from pixelrelay.jobs.files import job_root, manifest_uri, read_chunk, read_spec
 from pixelrelay.pipeline.imageio import decode_image
-from pixelrelay.pipeline.messages import JOB_ID_PATTERN, Edit, JobSpec
+from pixelrelay.pipeline.messages import JOB_ID_PATTERN, Edit, Item, JobSpec
 from pixelrelay.pipeline.settings import Settings
-from pixelrelay.pipeline.storage import StorageError, join_uri, open_storage
+from pixelrelay.pipeline.storage import Storage, StorageError, is_s3, join_uri, open_storage
+from pixelrelay.pipeline.storage.local import read_nofollow
+from pixelrelay.workers.guard import input_root, location_problem
 
 REPORT_NAME = "report.html"
 SHEET_NAME = "contact-sheet.jpg"
@@ -74,6 +81,7 @@ OUTCOMES = ("processed", "reused", "overwritten")
 TEMPLATE_NAME = "report.html.j2"  # in producer/templates/, shipped as package data
 PARTS_NAME = "report_parts.html.j2"  # its macros (image, card, chart)
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+OUTSIDE = "outside the job's roots: not opened"
 
 
 class ReportError(Exception):
@@ -259,12 +267,63 @@ def detail_window(rgb: np.ndarray, side: int) -> tuple[int, int]:
     return min(int(x) * step, w - side), min(int(y) * step, h - side)
 
 
-def _views(row: dict, settings: Settings) -> Views:
-    """Thumbnails and zoomed crops of one done item; ``problem`` says why there are none."""
+class Roots:
+    """Where the report may read a job's pictures: its listing entries, under its roots.
+
+    ``spec`` is the job's, its output the one the report was asked for. A row is allowed when
+    its index, input and output are its listing entry's (a listing removed by ``gc``: when
+    they are under the roots) and the entry is where the job may read and write
+    (``workers.guard.location_problem``). Local files are read with no symlink followed below
+    the input root (``workers.guard.input_root``) or the output root."""
+
+    def __init__(self, storage: Storage, spec: JobSpec) -> None:
+        self.storage, self.spec = storage, spec
+        self.inputs = input_root(spec)
+        self._chunks: dict[int, dict[int, Item] | None] = {}
+
+    def allows(self, row: dict) -> bool:
+        """Whether ``row``'s input and output may be opened."""
+        index, source, target = row.get("index"), row.get("input"), row.get("output")
+        if not isinstance(index, int) or not isinstance(source, str) or not isinstance(target, str):
+            return False
+        if not 0 <= index < self.spec.total:
+            return False
+        listed = self._entry(index)
+        if listed is not None and (listed.input, listed.output, listed.error) != (source, target, None):
+            return False
+        return location_problem(self.spec, Item(index=index, input=source, output=target)) is None
+
+    def _entry(self, index: int) -> Item | None:
+        """The listing entry of ``index``; None when the listing is gone (``gc``)."""
+        size = max(1, self.spec.chunk_size)
+        chunk = index // size
+        if chunk not in self._chunks:
+            try:
+                items = read_chunk(self.storage, self.spec.output, self.spec.job_id, chunk, size)
+                self._chunks[chunk] = {item.index: item for item in items}
+            except (StorageError, ValueError):
+                self._chunks[chunk] = None
+        entries = self._chunks[chunk]
+        return None if entries is None else entries.get(index, Item(index=index, input="", output=""))
+
+    def read_input(self, uri: str, settings: Settings) -> bytes:
+        if is_s3(uri) or self.inputs.follow:
+            return open_storage(uri, settings.s3_endpoint_url, settings).get(uri)
+        return read_nofollow(uri, self.inputs.folder)
+
+    def read_output(self, uri: str, settings: Settings) -> bytes:
+        if is_s3(uri):
+            return open_storage(uri, settings.s3_endpoint_url, settings).get(uri)
+        return read_nofollow(uri, self.spec.output)
+
+
+def _views(row: dict, settings: Settings, roots: Roots) -> Views:
+    """Thumbnails and zoomed crops of one done item (``roots`` allowed it); ``problem`` says
+    why there are none."""
     views = Views()
     try:
-        before = _load(row.get("input"), settings.max_image_pixels, settings)
-        after = _load(row.get("output"), settings.max_image_pixels * 16, settings)  # an output is at most 4x per side
+        before = _load(roots.read_input(row["input"], settings), settings.max_image_pixels)
+        after = _load(roots.read_output(row["output"], settings), settings.max_image_pixels * 16)  # at most 4x per side
     except Exception as exc:  # noqa: BLE001 - one unreadable picture must not sink the report
         views.problem = _text(f"image unavailable: {type(exc).__name__}: {exc}", 300)
         return views
@@ -282,10 +341,8 @@ def _views(row: dict, settings: Settings) -> Views:
     return views
 
 
-def _load(uri: object, max_pixels: int, settings: Settings) -> Image.Image:
-    if not isinstance(uri, str) or not uri:
-        raise ValueError("no URI")
-    decoded = decode_image(open_storage(uri, settings.s3_endpoint_url, settings).get(uri), max_pixels)
+def _load(data: bytes, max_pixels: int) -> Image.Image:
+    decoded = decode_image(data, max_pixels)
     return Image.fromarray(decoded.rgb, "RGB")
 
 
@@ -706,6 +763,7 @@ def write_report(
     sample_cap: int = SAMPLE_CAP,
     state: str | None = None,
     workers: int = 4,
+    signed_spec: JobSpec | None = None,
 ) -> ReportFiles:
     """Write the job's report.html and contact-sheet.jpg beside its manifest; ReportError
     when the job has no manifest yet or its job.json cannot be read.
@@ -717,6 +775,8 @@ def write_report(
         sample_cap: done items shown with pictures.
         state: the job's state to show (None: as the manifest tells it).
         workers: threads that load and shrink the sampled pictures.
+        signed_spec: the job's spec as Redis holds it, signed: its roots bound what is read
+            (None: job.json's, which whoever can write the output can edit).
     """
     if not re.fullmatch(JOB_ID_PATTERN, job_id):  # it names a folder: no "..", no "/"
         raise ReportError("job id: use letters, digits, '.', '_' and '-' (at most 128)")
@@ -730,8 +790,15 @@ def write_report(
     if manifest_at is None:
         raise ReportError(f"job {job_id} has no manifest yet ({manifest}): wait for it to end")
     scan = scan_manifest(storage.iter_lines(manifest), spec.chunk_size, sample_cap, seed=job_id)
+    roots = Roots(storage, (signed_spec or spec).model_copy(update={"output": output}))
+    allowed = [roots.allows(row) for row in scan.sample]  # listing shards read here, once each
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        views = list(pool.map(lambda row: _views(row, settings), scan.sample))
+        views = list(
+            pool.map(
+                lambda pair: _views(pair[0], settings, roots) if pair[1] else Views(problem=OUTSIDE),
+                zip(scan.sample, allowed, strict=True),
+            )
+        )
     start = spec.created_at or min(times.values(), default=manifest_at)
     points = sorted((times[c], v) for c, v in scan.chains.items() if c in times)
     page = Page(

@@ -13,8 +13,9 @@ unset runs the stage worker's own default, which the fingerprint's model part re
 
 The listing (``producer.listing``) streams into the listing shards with bounded memory;
 sources it rejects (a path escaping ``--out``, a colliding output, a symlink not followed)
-are items that fail with their reason. ``follow_symlinks`` (``--follow-symlinks``) is not
-part of the job's spec: it only shapes the first listing.
+are items that fail with their reason. ``follow_symlinks`` (``--follow-symlinks``) is part of
+the job's spec: without it the workers read a folder input's files following no symlink
+(``workers.guard.InputRoot``), so a link swapped in after the listing fails its item.
 
 ``incremental`` (``--incremental``) leaves out of a new job's listing every input that is
 done and unchanged since the last jobs into this output (``producer.incremental``); when
@@ -84,7 +85,7 @@ class JobRequest:
         input_uri, output_uri: the input and output, normalised (``normalize_location``).
         options: the job's options.
         backends: the job's backend specs (``normalize_backends``).
-        follow_symlinks: whether the first listing follows symlinks (not part of the spec).
+        follow_symlinks: whether the listing and the workers' reads follow symlinks.
     """
 
     job_id: str
@@ -105,6 +106,7 @@ class JobRequest:
             total=total,
             chunk_size=chunk_size,
             created_at=time.time(),
+            follow_symlinks=self.follow_symlinks,
         )
 
 
@@ -206,7 +208,7 @@ def submit(
         options: the job's options.
         backends: the job's backend specs (None: the workers' defaults).
         job_id: the job's id (None: a new one); an existing job is resumed.
-        follow_symlinks: whether the first listing follows symlinks.
+        follow_symlinks: whether the listing and the workers' reads follow symlinks (a folder input).
         incremental: leave out inputs done and unchanged since the last jobs into the output.
     """
     if incremental and options.overwrite:

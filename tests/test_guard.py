@@ -438,3 +438,69 @@ def test_forged_backends_are_refused_in_messages_and_jobs(stage_workers, client,
     for row in rows:
         assert row["error"] == "decode: backend hf-sr:/ is not allowed on this worker (PIXELRELAY_ALLOWED_BACKENDS)"
     assert stage_workers.alive(), stage_workers.logs()
+
+
+# --- inputs are read where they were listed ------------------------------------------------------
+
+
+def _swap_for_link(path: Path, target: Path) -> None:
+    """Replace ``path`` (listed already) by a symlink to ``target``, as the input folder's writer can."""
+    if path.is_dir():
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+    else:
+        path.unlink()
+    path.symlink_to(target)
+
+
+def _private_folder(home: Path) -> Path:
+    """A file only its owner may read: ``secret.png`` in a 0700 folder."""
+    private = home / "private" / "secret.png"
+    _private_image(private)
+    private.parent.chmod(0o700)
+    return private
+
+
+def test_inputs_swapped_for_links_after_the_listing_are_not_read(client, tmp_path):
+    """In process, as the stages read: a file or a folder swapped for a link fails with its reason;
+    a job submitted with follow_symlinks reads through it."""
+    from pixelrelay.pipeline.storage import StorageEscapeError
+    from pixelrelay.pipeline.storage.local import read_nofollow
+    from pixelrelay.workers.guard import input_root
+
+    private = _private_folder(tmp_path)
+    state, spec = _job(client, tmp_path / "work", n=2)
+    (tmp_path / "work" / "in" / "sub").mkdir()
+    (tmp_path / "work" / "in" / "sub" / "img.png").write_bytes(b"listed")
+    root = input_root(spec)
+    assert root.folder == spec.input and not root.follow
+    _swap_for_link(Path(spec.input) / "img1.png", private)
+    _swap_for_link(Path(spec.input) / "sub", private.parent)
+    for name in ("img1.png", "sub/secret.png"):
+        with pytest.raises(StorageEscapeError, match="a symlink, not followed"):
+            read_nofollow(f"{spec.input}/{name}", root.folder)
+    assert read_nofollow(f"{spec.input}/img0.png", root.folder).startswith(b"\x89PNG")
+    assert input_root(spec.model_copy(update={"follow_symlinks": True})).follow
+    from pixelrelay.producer.submit import JobRequest
+
+    asked = JobRequest(spec.job_id, spec.input, spec.output, spec.options, spec.backends, follow_symlinks=True)
+    assert input_root(asked.spec(2, 4)).follow  # --follow-symlinks reaches the signed spec
+    assert input_root(spec.model_copy(update={"input": str(tmp_path / "list.txt")})).follow  # a manifest: as named
+
+
+@pytest.mark.e2e
+def test_an_input_swapped_for_a_link_after_submit_fails_and_leaks_nothing(stage_workers, client, redis_url, tmp_path):
+    """Through real workers: the listing saw a plain file; the attacker, who can write the
+    input folder, swaps it for a link to a file in a 0700 folder before the workers read it."""
+    settings = _settings(redis_url)
+    private = _private_folder(tmp_path / "home")
+    state, spec = _job(client, tmp_path / "work", n=3)
+    _swap_for_link(Path(spec.input) / "img1.png", private)
+    submit(settings, spec.input, spec.output, spec.options, spec.backends, job_id=spec.job_id)  # fed now
+    wait_until(lambda: _finished(state), timeout=60)
+    rows = {Path(r["input"]).name: r for r in _manifest(spec.output, spec.job_id)}
+    assert [rows[f"img{i}.png"]["status"] for i in range(3)] == ["done", "failed", "done"], stage_workers.logs()
+    assert "a symlink, not followed" in rows["img1.png"]["error"]
+    written = sorted(p.name for p in Path(spec.output).iterdir() if p.is_file() and not p.name.startswith("."))
+    assert written == ["img0.png", "img2.png"]  # nothing of the private file reached the output

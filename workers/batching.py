@@ -6,7 +6,8 @@
 The decoded images a worker holds (the batch the model runs, plus the next one prefetched)
 stay within ``PIXELRELAY_PREFETCH_BYTES`` (``runtime.DecodeBudget``). A source over the
 image or output pixel limit (``PIXELRELAY_MAX_OUTPUT_PIXELS``; ``pipeline.outsize`` gives an
-output target's real size) fails from its header, before its decode.
+output target's real size) fails from its header, before its decode. A local source is read
+as the job's ``workers.guard.InputRoot`` says (no symlink followed, unless the job follows them).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pixelrelay.pipeline.imageio import (
 )
 from pixelrelay.pipeline.messages import Description, Fingerprint, ItemRecord, Plan
 from pixelrelay.pipeline.storage import StorageError, is_s3
+from pixelrelay.pipeline.storage.local import read_nofollow
 from pixelrelay.workers import observe
+from pixelrelay.workers.guard import NAME_NOT_FOLLOWED, InputRoot
 from pixelrelay.workers.policy import TRANSIENT_ERRORS
 from pixelrelay.workers.runtime import DecodeBudget, Runtime
 
@@ -126,9 +129,12 @@ def call_isolated(
     return out
 
 
-def _read_one(rt: Runtime, record: ItemRecord, stage: str) -> bytes | None:
+def _read_one(rt: Runtime, record: ItemRecord, stage: str, inputs: InputRoot) -> bytes | None:
+    """The source's bytes, read as ``inputs`` says; None, the record failed, when it can't be."""
     try:
-        return rt.storage(record.input).get(record.input)
+        if inputs.follow or is_s3(record.input):
+            return rt.storage(record.input).get(record.input)
+        return read_nofollow(record.input, inputs.folder)
     except StorageError as exc:
         record.fail(stage, f"cannot read input: {exc}")
     return None
@@ -164,11 +170,13 @@ def _load_images(
     stage: str,
     scale_of: Callable[[ItemRecord], OutputScale] = lambda r: 1,
     budget: DecodeBudget | None = None,
+    inputs: InputRoot = NAME_NOT_FOLLOWED,
 ) -> tuple[Loaded, int]:
-    """Read, then decode sources in parallel threads, once ``budget`` admits their decoded
-    size; records that can't be read or decoded fail here. Returns the loaded pairs and the
-    bytes taken from ``budget`` for them (nothing is loaded once the budget is closed)."""
-    raw = io_map(rt, lambda r: _read_one(rt, r, stage), records, inline=all_local(r.input for r in records))
+    """Read (as ``inputs`` says), then decode sources in parallel threads, once ``budget``
+    admits their decoded size; records that can't be read or decoded fail here. Returns the
+    loaded pairs and the bytes taken from ``budget`` for them (nothing is loaded once the
+    budget is closed)."""
+    raw = io_map(rt, lambda r: _read_one(rt, r, stage, inputs), records, inline=all_local(r.input for r in records))
     todo = [(r, data) for r, data in zip(records, raw, strict=True) if data is not None]
     held = sum(_decoded_bytes(rt, data, scale_of(r)) for r, data in todo)
     if budget is not None and not budget.take(held):
@@ -184,14 +192,16 @@ def prefetched(
     stage: str,
     scale_of: Callable[[ItemRecord], OutputScale] = lambda r: 1,
     budget: DecodeBudget | None = None,
+    inputs: InputRoot = NAME_NOT_FOLLOWED,
 ) -> Iterator[tuple[Sequence[ItemRecord], Loaded]]:
     """Yield (batch, loaded images) per model batch while the next batch loads, so the
     model (the GPU) does not wait for storage. The decoded images held (this batch and the
     next) stay within ``PIXELRELAY_PREFETCH_BYTES`` (``runtime.DecodeBudget``): the next
-    batch is decoded ahead only when it fits beside this one."""
+    batch is decoded ahead only when it fits beside this one. Sources are read as ``inputs``
+    says (the job's ``workers.guard.input_root``)."""
     budget = budget or DecodeBudget(rt.settings.prefetch_bytes)
     chunks = batches(records, rt.settings.batch_size)
-    load = functools.partial(_load_images, rt, stage=stage, scale_of=scale_of, budget=budget)
+    load = functools.partial(_load_images, rt, stage=stage, scale_of=scale_of, budget=budget, inputs=inputs)
     try:
         if not chunks:
             return

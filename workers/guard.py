@@ -6,6 +6,11 @@ the message's own locations) and raises ``ForgedMessage`` for an unknown job; an
 root, options or backends; a chunk or index that is not the job's; a record that differs from
 its listing entry; or an output that leaves the output root. A listed item with an ``error``
 fails here, unread. A dropped genuine message is re-sent by the sweep, from storage.
+
+``InputRoot`` says how the stages then read a local input: below the job's input folder with
+no symlink followed (a link swapped in after the listing fails its item), unless the job was
+submitted with ``follow_symlinks``. A manifest's entries are read as named, as its listing
+took them (links followed).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+from dataclasses import dataclass
 
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import JOBS_DIR, read_chunk
@@ -30,9 +36,28 @@ class ForgedMessage(ValueError):
     """A message that asks for something its job does not: it is dropped, never run."""
 
 
-def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str, seen: Seen | None = None) -> None:
+@dataclass(frozen=True)
+class InputRoot:
+    """How a job's local inputs are read: with ``follow``, as named; else no symlink is
+    followed, in any folder below ``folder`` (None: in the file's own name only)."""
+
+    folder: str | None = None
+    follow: bool = False
+
+
+NAME_NOT_FOLLOWED = InputRoot()  # a source's own name is never a symlink followed
+
+
+def input_root(spec: JobSpec) -> InputRoot:
+    """How the job ``spec``'s local inputs are read (see the module docstring)."""
+    if spec.follow_symlinks or is_s3(spec.input) or not os.path.isabs(spec.input) or not os.path.isdir(spec.input):
+        return InputRoot(follow=True)  # as listed: a manifest's entries are read as named, links and all
+    return InputRoot(folder=spec.input)
+
+
+def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str, seen: Seen | None = None) -> JobSpec:
     """Check that ``msg`` asks only for what its job does; fails, in place, the records whose
-    listing entry carries an error.
+    listing entry carries an error. Returns the job's spec.
 
     Args:
         state: the message's job.
@@ -65,6 +90,7 @@ def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str, s
         problem = location_problem(spec, entry)
         if problem:
             raise ForgedMessage(f"item {record.index}: {problem}")
+    return spec
 
 
 def _job_spec(state: JobState, seen: Seen | None) -> JobSpec:

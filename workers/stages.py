@@ -7,6 +7,7 @@ fail one by one, with a reason, and their neighbours go on; a transient error pr
 from its header twice: at the encode stage with the job's options, at the decode stage with
 the plan's, before the model (``batching``). Each model call is timed (``workers.metrics``)
 and told to the watchdog (``workers.watch.model_call``: its items are the suspects of a hang).
+A body reads its sources as ``inputs`` says (``workers.guard.input_root`` of the job's spec).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pixelrelay.pipeline.stages.decoders.edits import restore_with_edits
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
 from pixelrelay.workers import metrics
 from pixelrelay.workers.batching import Loaded, batches, call_isolated, described, planned, prefetched
+from pixelrelay.workers.guard import NAME_NOT_FOLLOWED, InputRoot
 from pixelrelay.workers.outputs import Output, Written, wait_written, write_in_background
 from pixelrelay.workers.policy import reason as _reason
 from pixelrelay.workers.reuse import Planned, expected, reuse_existing, write_actions
@@ -61,7 +63,7 @@ def _stage_backend(
         return None
 
 
-def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
+def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage, inputs: InputRoot = NAME_NOT_FOLLOWED) -> None:
     # Items already done (an earlier submission or a duplicate chain) leave the chain here.
     done = state.done_flags([r.index for r in msg.records])
     msg.records = [r for r, d in zip(msg.records, done, strict=True) if not d]
@@ -71,7 +73,7 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         return
     pending = reuse_existing(rt, msg, pending, encoder)
     scale = outsize.options_sizer(msg.options)  # the plan's may differ: the decode stage checks again
-    for batch, loaded in prefetched(rt, pending, "encode", lambda r: scale):
+    for batch, loaded in prefetched(rt, pending, "encode", lambda r: scale, inputs=inputs):
         started = time.perf_counter()
         for record, image in loaded:
             record.notes.extend(image.notes)
@@ -90,7 +92,7 @@ def encode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
                 record.description = result
 
 
-def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
+def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage, inputs: InputRoot = NAME_NOT_FOLLOWED) -> None:
     pending = [r for r in msg.records if r.status is None]
     planner = _stage_backend(rt, "plan", msg.backends.planner, pending)
     if planner is None:
@@ -113,7 +115,7 @@ def plan_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
             record.plan = result
 
 
-def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
+def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage, inputs: InputRoot = NAME_NOT_FOLLOWED) -> None:
     pending = [r for r in msg.records if r.status is None]
     decoder = _stage_backend(rt, "decode", msg.backends.decoder, pending)
     if decoder is None:
@@ -122,21 +124,21 @@ def decode_chunk(rt: Runtime, state: JobState, msg: ChunkMessage) -> None:
         record.backends["decoder"] = decoder.spec
         record.models["decoder"] = decoder.identity()
         record.fingerprint = expected(msg, record, record.backends, record.models)
-    wait_written(_decode_batches(rt, state, msg, decoder, write_actions(rt, msg, pending)))
+    wait_written(_decode_batches(rt, state, msg, decoder, write_actions(rt, msg, pending), inputs))
     for record in pending:
         if record.failed:  # a failed item answers nothing
             record.fingerprint = record.outcome = None
 
 
 def _decode_batches(
-    rt: Runtime, state: JobState, msg: ChunkMessage, decoder: Decoder, todo: list[Planned]
+    rt: Runtime, state: JobState, msg: ChunkMessage, decoder: Decoder, todo: list[Planned], inputs: InputRoot
 ) -> list[Future[Written]]:
-    """Run the model on ``todo`` batch by batch, each batch's outputs written while the next
-    one runs."""
+    """Run the model on ``todo`` batch by batch (sources read as ``inputs`` says), each
+    batch's outputs written while the next one runs."""
     writes_as = {id(record): (action, version) for record, action, version in todo}
     writes: list[Future[Written]] = []
     for batch, loaded in prefetched(
-        rt, [record for record, _, _ in todo], "decode", lambda r: outsize.plan_sizer(planned(r))
+        rt, [record for record, _, _ in todo], "decode", lambda r: outsize.plan_sizer(planned(r)), inputs=inputs
     ):
         if state.cancelled():  # the rest stays pending: the policy ends the chain (cancelled)
             break

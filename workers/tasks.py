@@ -35,7 +35,7 @@ from pixelrelay.pipeline.storage import Storage
 from pixelrelay.workers import balance, metrics, observe
 from pixelrelay.workers.celery_app import task_name
 from pixelrelay.workers.flow import sender, signed_body
-from pixelrelay.workers.guard import ForgedMessage, check_message, transient_retry
+from pixelrelay.workers.guard import ForgedMessage, InputRoot, check_message, input_root, transient_retry
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import (
     TRANSIENT_ERRORS,
@@ -54,7 +54,7 @@ from pixelrelay.workers.stages import decode_chunk, encode_chunk, plan_chunk
 
 log = logging.getLogger("pixelrelay.worker")
 
-StageBody = Callable[[Runtime, JobState, ChunkMessage], None]
+StageBody = Callable[[Runtime, JobState, ChunkMessage, InputRoot], None]
 STAGE_BODIES: dict[str, StageBody] = {"encode": encode_chunk, "plan": plan_chunk, "decode": decode_chunk}
 NEXT_STAGE = {"encode": "plan", "plan": "decode"}  # whose body a stage returns (decode: a summary)
 RESULT_REPR_CHARS = 96  # of a stage's return value in Celery's success log line and event (its default: 1,024)
@@ -116,13 +116,13 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
     state = JobState(rt.redis, msg.job_id, rt.signer)
     try:  # before anything is read or written (see workers.guard)
         seen = look(state, Slot.of(msg))  # the job and the chain's entry, one round trip for the guard and the policy
-        check_message(state, functools.partial(output_storage, rt), msg, stage, seen)
+        spec = check_message(state, functools.partial(output_storage, rt), msg, stage, seen)
     except ForgedMessage as exc:  # dropped (acked): the sweep re-sends a genuine chain from storage
         log.warning("%s: dropped a message for job %s chunk %d: %s", stage, msg.job_id, msg.chunk, exc)
         return {}
     except TRANSIENT_ERRORS as exc:
         raise task.retry(exc=exc, countdown=transient_retry(state, stage, msg, task.request.retries, exc)) from exc
-    work = functools.partial(STAGE_BODIES[stage], rt, state)
+    work = functools.partial(_run_body, STAGE_BODIES[stage], rt, state, input_root(spec))
     timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries, seen=seen)
     entering = metrics.entering(rt.redis, stage, msg)  # counts queue wait; {} while metrics are off
@@ -139,6 +139,10 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
     if stage not in NEXT_STAGE:
         return chunk_summary(outcome)
     return signed_body(rt.signer, NEXT_STAGE[stage], outcome)
+
+
+def _run_body(body: StageBody, rt: Runtime, state: JobState, inputs: InputRoot, msg: ChunkMessage) -> None:
+    body(rt, state, msg, inputs)
 
 
 def chunk_summary(msg: ChunkMessage) -> dict:

@@ -229,6 +229,11 @@ class Storage(ABC):
         for uri in self.list(prefix):
             yield ObjectInfo(uri, len(self.get(uri)), 0.0)
 
+    def remove_debris(self, prefix: str) -> int:
+        """Remove what killed writers left under ``prefix`` (local temp files; S3 writes leave
+        none): how many objects. Never one a live writer uses."""
+        return 0
+
 
 def open_storage(uri: str, endpoint_url: str | None = None, settings=None, root: str | None = None) -> Storage:
     """The storage that serves ``uri``.

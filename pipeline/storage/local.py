@@ -2,7 +2,10 @@
 
 Invariants: a name never points at bytes not yet on disk (``put_many``: temp files, one
 ``syncfs``, then the names, then an fsync of each folder); temp files are created 0666 under
-the umask; a hidden sidecar (``SIDECAR_SUFFIX``) never describes bytes it was not written
+the umask and named for their writer (``.pixelrelay-<host>-<pid>-<token>.part``), so that
+one left by a killed writer is removed (``remove_stale_parts``) by the next write into its
+folder, by the end of a job and by ``pixelrelay gc``, never one a live writer still uses; a
+hidden sidecar (``SIDECAR_SUFFIX``) never describes bytes it was not written
 for (removed before a replace, written after); ``if_absent`` links, so an existing file is
 never replaced; with a root, the resolved parent folder is checked and written to, and the
 target name is never followed. ``list`` yields S3's order without collecting paths.
@@ -11,11 +14,15 @@ target name is never followed. ``list`` yields S3's order without collecting pat
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Literal
 
@@ -40,12 +47,95 @@ def sidecar_path(uri: str) -> str:
 
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+STALE_PART_S = 3600.0  # a temp file untouched this long is stale, whoever wrote it
+SWEEP_EVERY_S = 300.0  # a process looks for stale temp files in a folder it writes to at most this often
+_PART_NAME = re.compile(r"^\.pixelrelay-(?:(?P<owner>.+)-(?P<pid>\d+)-)?[0-9a-f]{16}\.part$")
+_swept: dict[str, float] = {}  # folder -> when this process last removed stale temp files there
+
+
+def _owner() -> str:
+    """This host and pid namespace, as a name part: a pid in a temp file's name is checked
+    for life only by a process that sees the same pids."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        namespace = ""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", f"{socket.gethostname()}.{namespace}")[:80]
+
+
+_OWNER = _owner()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def is_stale_part(name: str, mtime: float, now: float) -> bool:
+    """Whether the temp file ``name`` (last modified at ``mtime``) is left by a writer that is
+    gone: its pid, on this host, is dead, or it is older than ``STALE_PART_S``."""
+    match = _PART_NAME.match(name)
+    if match is None:
+        return False
+    if now - mtime > STALE_PART_S:
+        return True
+    return match["owner"] == _OWNER and not _alive(int(match["pid"]))
+
+
+def remove_stale_parts(folder: str, now: float | None = None) -> int:
+    """Remove the stale temp files (``is_stale_part``) directly in ``folder``: how many."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".pixelrelay-"):
+                    continue
+                try:
+                    if is_stale_part(entry.name, entry.stat(follow_symlinks=False).st_mtime, now):
+                        os.unlink(entry.path)
+                        removed += 1
+                except OSError:
+                    continue  # gone meanwhile, or not ours to remove
+    except OSError:
+        return removed
+    return removed
+
+
+def remove_stale_parts_under(root: str) -> int:
+    """``remove_stale_parts`` in ``root`` and every folder below it (symlinked folders are
+    not entered): how many were removed."""
+    removed = 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        removed += remove_stale_parts(folder)
+        try:
+            with os.scandir(folder) as entries:
+                stack += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+    return removed
+
+
+def _sweep_folder(folder: str) -> None:
+    """Remove stale temp files in ``folder`` unless this process did so recently."""
+    now = time.monotonic()
+    if now - _swept.get(folder, -SWEEP_EVERY_S) < SWEEP_EVERY_S:
+        return
+    _swept[folder] = now
+    remove_stale_parts(folder)
 
 
 def _create_temp(folder: str) -> tuple[int, str]:
     """A new, empty, uniquely named temp file in ``folder``: (fd, path), mode 0666 & ~umask."""
     for _ in range(100):
-        path = os.path.join(folder, f".pixelrelay-{secrets.token_hex(8)}.part")
+        path = os.path.join(folder, f".pixelrelay-{_OWNER}-{os.getpid()}-{secrets.token_hex(8)}.part")
         try:
             return os.open(path, _TEMP_FLAGS, 0o666), path
         except FileExistsError:
@@ -225,6 +315,7 @@ class LocalStorage(Storage):
         os.makedirs(folder, exist_ok=True)
         if os.path.realpath(folder) != folder:  # a folder turned into a symlink meanwhile
             raise StorageEscapeError(f"refused: {folder} changed while it was created")
+        _sweep_folder(folder)
         if made is not None:
             made.add(folder)
         return folder
@@ -347,6 +438,9 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise _mapped(exc, uri) from None
 
+    def remove_debris(self, prefix: str) -> int:
+        return remove_stale_parts_under(prefix) if os.path.isdir(prefix) else 0
+
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         for uri in self.list(prefix):
             try:
@@ -354,6 +448,64 @@ class LocalStorage(Storage):
             except FileNotFoundError:  # gone since the walk
                 continue
             yield ObjectInfo(uri, st.st_size, st.st_mtime)
+
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_NOT_FOLLOWED = "a symlink, not followed (submit with --follow-symlinks to follow it)"
+
+
+def read_nofollow(path: str, beneath: str | None = None) -> bytes:
+    """The bytes of the regular file ``path``, no symlink followed: with ``beneath`` (a folder
+    ``path`` lies lexically under), in no folder from ``beneath`` down either, each one opened
+    relative to the last, so a link swapped in anywhere below ``beneath`` is refused; without,
+    in the last component only. ``beneath`` itself is opened as named.
+
+    Raises:
+        StorageEscapeError: ``path`` is not under ``beneath``, or a symlink is on its way.
+        StorageError: it cannot be read, or is not a regular file.
+    """
+    folder, name = os.path.split(path)
+    parts = [name]
+    if beneath is not None:
+        rel = os.path.relpath(path, beneath)
+        parts = rel.split(os.sep)
+        if not os.path.isabs(path) or rel.startswith(os.pardir) or os.pardir in parts or os.curdir in parts:
+            raise StorageEscapeError(f"refused: {path} is not under {beneath}")
+        folder = beneath
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _mapped(exc, path) from None
+    try:
+        for i, part in enumerate(parts):
+            child = _open_below(fd, part, i == len(parts) - 1, os.path.join(folder, *parts[: i + 1]))
+            os.close(fd)
+            fd = child
+        return _read_regular(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _open_below(dir_fd: int, name: str, last: bool, shown: str) -> int:
+    """Open ``name`` in the folder ``dir_fd`` without following a link."""
+    flags = _READ_FLAGS | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK) and os.path.islink(shown):
+            raise StorageEscapeError(f"refused: {shown} is {_NOT_FOLLOWED}") from None
+        raise _mapped(exc, shown) from None
+
+
+def _read_regular(fd: int, path: str) -> bytes:
+    """All the bytes of the open file ``fd``, once it is a regular file."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise StorageError(f"not a regular file: {path}")
+    os.set_blocking(fd, True)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def sorted_walk(folder: str, follow_symlinks: bool = False, skip=None) -> Iterator[tuple[str, os.DirEntry]]:

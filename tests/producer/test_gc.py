@@ -166,6 +166,59 @@ def test_gc_on_s3(s3_bucket, s3_client, redis_url, capsys):
     assert {"_jobs/s3old/job.json", "_jobs/s3old/manifest.jsonl", "s3old-0.png"} <= keys()
 
 
+def _victim(root: Path) -> set[str]:
+    """A folder laid out as a job state folder, outside the output: what a planted link names."""
+    _job(str(root), "victim")
+    _age(root, 40)
+    return _files(root)
+
+
+def test_gc_never_follows_a_symlinked_jobs_folder(tmp_path, redis_url, capsys):
+    """An attacker who can write the output swaps ``_jobs`` for a link to someone else's folder."""
+    victim = tmp_path / "private"
+    before = _victim(victim)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_jobs").symlink_to(victim / "_jobs")
+    args = ["gc", "--out", str(out), "--older-than", "30d", "--include-manifests", "--redis-url", redis_url]
+    assert main(args) == ExitCode.OK
+    assert _files(victim) == before
+    assert f"skipped {out / '_jobs'}: a symlink, not followed" in capsys.readouterr().out
+
+
+def test_gc_never_follows_a_symlinked_job_folder(tmp_path, redis_url, capsys):
+    victim = tmp_path / "private"
+    before = _victim(victim)
+    out = tmp_path / "out"
+    _job(str(out), "old")
+    _age(out, 40)
+    (out / "_jobs" / "linked").symlink_to(victim / "_jobs" / "victim")
+    (out / "_jobs" / "old" / "groups").symlink_to(victim / "_jobs" / "victim" / "parts")
+    assert main(["gc", "--out", str(out), "--older-than", "30d", "--redis-url", redis_url]) == ExitCode.OK
+    assert _files(victim) == before
+    text = capsys.readouterr().out
+    assert f"skipped {out / '_jobs' / 'linked'}: a symlink" in text
+    assert f"skipped {out / '_jobs' / 'old' / 'groups'}: a symlink" in text
+    assert _files(out / "_jobs" / "old") == KEPT  # the job itself is collected
+
+
+def test_gc_removes_temp_files_killed_writers_left(tmp_path, redis_url, capsys):
+    out = tmp_path / "out"
+    _job(str(out), "recent")
+    stale = [
+        out / ".pixelrelay-0123456789abcdef.part",
+        out / "_jobs" / "recent" / "parts" / ".pixelrelay-h.1-7-0123456789abcdef.part",
+    ]
+    fresh = out / ".pixelrelay-otherhost.1-7-0123456789abcdef.part"
+    for path in [*stale, fresh]:
+        path.write_bytes(b"partial")
+    for path in stale:
+        os.utime(path, (time.time() - 2 * 3600,) * 2)
+    assert main(["gc", "--out", str(out), "--older-than", "30d", "--redis-url", redis_url]) == ExitCode.OK
+    assert not any(p.exists() for p in stale) and fresh.exists()
+    assert "removed 2 temp files left by killed writers" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("text,seconds", [("30d", 30 * DAY), ("12h", 12 * 3600), ("90m", 90 * 60), ("1.5d", 1.5 * DAY)])
 def test_ages(text, seconds):
     assert parse_age(text) == seconds

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from pixelrelay.exitcodes import ExitCode
-from pixelrelay.jobs.files import manifest_uri, part_uri, write_spec
-from pixelrelay.pipeline.messages import JobSpec
+from pixelrelay.jobs.files import manifest_uri, part_uri, write_listing, write_spec
+from pixelrelay.pipeline.messages import Item, JobSpec
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.cli import main
@@ -335,3 +335,41 @@ def test_an_edit_plans_grading_and_generative_edit_are_on_its_card():
     assert "<b>edit</b> (not a valid edit)" in _card(forged, Views())
     plain = dict(row, plan={k: v for k, v in row["plan"].items() if k != "edit"})
     assert "<b>edit</b>" not in _card(plain, Views())
+
+
+def _pictures_on(page: str) -> int:
+    return page.count("data:image/jpeg;base64,")
+
+
+def test_report_opens_only_what_the_jobs_listing_and_roots_allow(tmp_path):
+    """An attacker who can write the output tree edits the manifest: a row naming an image in
+    a folder only the operator can read, a row naming a path to learn whether it exists, and a
+    listed output swapped for a link to the private image. None of them is opened."""
+    private = tmp_path / "home" / "private" / "secret.png"
+    private.parent.mkdir(parents=True)
+    photo_like(40, 30, 7).save(private)
+    private.parent.chmod(0o700)
+    root, output, job_id = tmp_path / "job", str(tmp_path / "job" / "out"), "roots-job"
+    items = [Item(index=i, input=str(root / "in" / f"{i}.png"), output=f"{output}/{i}.png") for i in range(4)]
+    for i, item in enumerate(items):
+        Path(item.input).parent.mkdir(parents=True, exist_ok=True)
+        Path(item.output).parent.mkdir(parents=True, exist_ok=True)
+        photo_like(32, 24, i).save(item.input)
+        photo_like(64, 48, i).save(item.output)
+    storage = open_storage(output)
+    write_listing(storage, output, job_id, items)
+    write_spec(storage, JobSpec(job_id=job_id, input=str(root / "in"), output=output, total=4, chunk_size=4))
+    Path(items[3].output).unlink()
+    Path(items[3].output).symlink_to(private)
+    rows = [
+        _done_row(0, items[0].input, items[0].output),  # genuine
+        _done_row(1, str(private), items[1].output),  # not its listing entry
+        _done_row(2, str(tmp_path / "home" / "private" / "maybe.txt"), items[2].output),  # an existence probe
+        _done_row(3, items[3].input, items[3].output),  # its entry, the output a link
+    ]
+    Path(manifest_uri(output, job_id)).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = Path(write_report(Settings.from_env(), output, job_id).html).read_text()
+    assert _pictures_on(page) == 4  # row 0: before, after and their zooms; nothing of the others
+    assert page.count("outside the job&#39;s roots: not opened") == 2
+    assert "a symlink, not followed" in page
+    assert "NotFound" not in page and "no such file" not in page.lower()
