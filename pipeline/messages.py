@@ -164,6 +164,9 @@ class JobSpec(_Model):
     total: int = 0
     chunk_size: int = 16
     created_at: float = 0.0
+    # Seconds each item may take in any stage (``pixelrelay.pipeline.limits``); None (a job
+    # submitted without it): each worker's own ``item_budget_s``. Left out of the JSON when None.
+    item_budget_s: float | None = _omitted_when_none(gt=0, allow_inf_nan=False)
 
 
 class Item(_Model):

@@ -2,8 +2,10 @@
 
 Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is taken before
 the chain's entry is set to this stage; one heartbeat thread per process renews its leases
-every ``lease_s / 3``, only while the delivery's budget (pending items x ``item_budget_s``)
-lasts; once it is spent the watchdog fails the pending items, finishes the chunk
+every ``lease_s / 3``, only while the delivery's budget (pending items x the job's
+``item_budget_s``) lasts, and with it the broker's delivery time of the chunk's message
+(``pixelrelay.workers.transport.touch``), so no visibility timeout restores a renewed one;
+once it is spent the watchdog fails the pending items, finishes the chunk
 (``DeliveryPolicy.time_out``) and ends the process (``WATCHDOG_EXIT_CODE``). A lease is never
 deleted: it runs out, covering the hand-off to the next stage.
 """
@@ -22,6 +24,7 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import Slot
+from pixelrelay.workers.transport import delivery_tags, touch
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -58,6 +61,7 @@ class Lease:
         items: int,
         on_timeout: Callable[[float], None],
         owner: str | None = None,
+        task_id: str | None = None,
     ) -> None:
         """A lease on one slot, armed by ``with``.
 
@@ -69,12 +73,15 @@ class Lease:
             items: pending items: the budget is ``items x item_budget_s``.
             on_timeout: called with the budget in the heartbeat thread once the budget is spent.
             owner: the lease's value; None: this worker's id.
+            task_id: the delivery's Celery task id, whose unacked message each renewal
+                touches; None: none is.
         """
         self.r, self.key, self.timing = client, keys.lease(job_id, slot.name), timing
         self.owner = owner or worker_id()
         self.budget_s = timing.budget(items)
         self.on_timeout = on_timeout
         self.deadline = self.next_renew = 0.0
+        self.task_id, self.tags = task_id, list[str]() if task_id is None else None
 
     def __enter__(self) -> Lease:
         """Arm the heartbeat and the watchdog. The lease itself is first written by ``take``,
@@ -92,7 +99,14 @@ class Lease:
         pipe.set(self.key, self.owner, px=max(1, int(self.timing.lease_s * 1000)))
 
     def renew(self) -> None:
-        self.take(self.r)
+        """Renew the lease and move its message's delivery time to now (its tags are looked
+        up at the first renewal: most deliveries end before it)."""
+        if self.tags is None and self.task_id is not None:
+            self.tags = delivery_tags(self.r, self.task_id)
+        pipe = self.r.pipeline(transaction=False)
+        self.take(pipe)
+        touch(pipe, self.tags or [], time.time())
+        pipe.execute()
 
     def due(self) -> float:
         return min(self.next_renew, self.deadline)
@@ -173,9 +187,12 @@ def _forget_heartbeat() -> None:  # in a forked child: the parent's thread and l
 os.register_at_fork(after_in_child=_forget_heartbeat)
 
 
-def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[int], None] = os._exit):
+def deliver_leased(
+    policy, delivery, work, timing: LeaseTiming, exit: Callable[[int], None] = os._exit, task_id: str | None = None
+):
     """``policy.deliver(delivery, work)`` under a lease on the delivery's slot, with the
-    watchdog armed; ``exit`` ends the process once the watchdog finished the chunk."""
+    watchdog armed; ``exit`` ends the process once the watchdog finished the chunk;
+    ``task_id``: the Celery task whose unacked message the renewals touch."""
     msg = delivery.msg
 
     def on_timeout(budget_s: float) -> None:
@@ -197,5 +214,6 @@ def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[
                     pass
             exit(WATCHDOG_EXIT_CODE)
 
-    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, len(delivery.pending()), on_timeout) as lease:
+    pending = len(delivery.pending())
+    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, pending, on_timeout, task_id=task_id) as lease:
         return policy.deliver(replace(delivery, lease=lease), work)
