@@ -2,7 +2,7 @@
 
 Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is taken before
 the chain's entry is set to this stage; one heartbeat thread per process renews its leases
-every ``lease_s / 3``, only while the delivery's budget (pending items x the job's
+every ``lease_s / 3`` (at most ``RENEW_MAX_S``), only while the delivery's budget (pending items x the job's
 ``item_budget_s``) lasts, and with it the broker's delivery time of the chunk's message
 (``pixelrelay.workers.transport.touch``), so no visibility timeout restores a renewed one;
 once it is spent the watchdog fails the pending items, finishes the chunk
@@ -29,6 +29,10 @@ from pixelrelay.workers.transport import delivery_tags, touch
 log = logging.getLogger("pixelrelay.worker")
 
 WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL: a chunk overran its budget; restart this worker
+# The longest between two renewals whatever the lease: a third of the shortest visibility
+# timeout any worker accepts (``Settings.min_visibility_s``: over 60 s), so no client of a
+# fleet restores a message whose lease is being renewed.
+RENEW_MAX_S = 20.0
 
 
 def worker_id() -> str:
@@ -45,7 +49,7 @@ class LeaseTiming:
 
     @property
     def renew_every_s(self) -> float:
-        return self.lease_s / 3
+        return min(self.lease_s / 3, RENEW_MAX_S)
 
 
 class Lease:

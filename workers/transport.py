@@ -46,7 +46,7 @@ def delivery_tags(client: redis.Redis, task_id: str) -> list[str]:
     input: entries that are not kombu's envelope are passed over)."""
     needle = json.dumps(task_id).encode()
     tags = []
-    for tag, raw in client.hgetall(keys.KOMBU_UNACKED).items():
+    for tag, raw in client.hscan_iter(keys.KOMBU_UNACKED, count=64):  # in pages: Redis is never held long
         if needle not in raw:  # most entries: no JSON decoded
             continue
         try:
