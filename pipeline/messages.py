@@ -171,6 +171,9 @@ class JobSpec(_Model):
     # Workers read a folder input's files through symlinks (else: none followed below it).
     # Left out of the JSON while False, so specs stay as older workers read them.
     follow_symlinks: bool = Field(default=False, exclude_if=_is_false)
+    # Seconds each item may take in any stage (``pixelrelay.pipeline.limits``); None (a job
+    # submitted without it): each worker's own ``item_budget_s``. Left out of the JSON when None.
+    item_budget_s: float | None = _omitted_when_none(gt=0, allow_inf_nan=False)
 
 
 class Item(_Model):

@@ -16,16 +16,16 @@ each ``PIXELRELAY_*`` variable in the environment that no setting or component r
 the nearest known name: a misspelt variable is otherwise silently ignored. The warning names
 variables only, never their values.
 
-The broker's visibility timeout must outlast the longest batch (``longest_batch_s``), or
-Redis delivers a slow batch a second time while the first still runs: unset, it is derived
-from the item budget, chunk size and lease (``visibility_s``); set shorter, it is refused.
+The broker's visibility timeout (``visibility_s``) is a backstop, not a bound on a batch: a
+lease's renewals keep its message's delivery time fresh (``pixelrelay.workers.lease``), so it
+only has to outlast two leases and a minute (``min_visibility_s``); a chunk's time limits come
+from its job (``pixelrelay.pipeline.limits``).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     chunk_size: int = Field(C.DEFAULT_CHUNK_SIZE, ge=1, le=4096)
     window: int = Field(C.DEFAULT_WINDOW, ge=1)
     batch_size: int = Field(C.DEFAULT_BATCH_SIZE, ge=1, le=1024)
-    # None: derived (``visibility_s``); an explicit value must outlast ``longest_batch_s``.
+    # None: ``DEFAULT_VISIBILITY_TIMEOUT_S``; a value set must outlast ``min_visibility_s``.
     visibility_timeout_s: int | None = Field(None, ge=1)
     max_retries: int = Field(C.DEFAULT_MAX_RETRIES, ge=0, le=100)
     max_deliveries: int = Field(C.DEFAULT_MAX_DELIVERIES, ge=1, le=100)
@@ -254,28 +254,33 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_visibility_timeout(self) -> Settings:
-        longest = self.longest_batch_s()
-        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= longest:
+        least = self.min_visibility_s()
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= least:
             raise ValueError(
-                f"{ENV_PREFIX}VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} is not longer than the longest "
-                f"batch ({longest:.0f} s: {ENV_PREFIX}ITEM_BUDGET_S x {ENV_PREFIX}CHUNK_SIZE + 2 x "
-                f"{ENV_PREFIX}LEASE_S + 60), so Redis would deliver a slow batch twice: raise it, or unset it "
-                "to have it derived"
+                f"{ENV_PREFIX}VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} is not longer than two leases and "
+                f"a minute ({least:.0f} s: 2 x {ENV_PREFIX}LEASE_S + 60), so Redis could deliver a message "
+                "twice between two renewals of its lease: raise it, or unset it"
             )
         return self
 
+    def min_visibility_s(self) -> float:
+        """The shortest visibility timeout allowed: two leases and a minute (a renewed lease
+        moves its message's delivery time to now at least once a lease)."""
+        return 2 * self.lease_s + 60
+
     def longest_batch_s(self) -> float:
-        """The longest a chunk may run holding its message: a full chunk's watchdog budget
-        (``item_budget_s x chunk_size``, ``workers.lease``) plus two leases and a minute."""
+        """The longest a chunk of a job without an item budget in its spec may run at this
+        worker: ``item_budget_s x chunk_size`` plus two leases and a minute (Celery's hard
+        time limit for such a chunk, ``workers.celery_app.time_limits``)."""
         return self.item_budget_s * self.chunk_size + 2 * self.lease_s + 60
 
     def visibility_s(self) -> int:
-        """The broker's visibility timeout: the one set, else the longest batch plus ten
-        minutes and at least two hours (Redis redelivers an unacked message after it; the
+        """The broker's visibility timeout: the one set, else ``DEFAULT_VISIBILITY_TIMEOUT_S``
+        (kombu delivers again an unacked message whose lease nobody renewed for that long; the
         sweep, not this, recovers a dead worker's chunk)."""
         if self.visibility_timeout_s is not None:
             return self.visibility_timeout_s
-        return max(C.DEFAULT_VISIBILITY_TIMEOUT_S, math.ceil(self.longest_batch_s()) + 600)
+        return C.DEFAULT_VISIBILITY_TIMEOUT_S
 
     @classmethod
     def defaults(cls) -> Settings:

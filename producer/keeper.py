@@ -52,9 +52,10 @@ class Keeper:
     def send(self) -> Send:
         if self._send is None:
             from pixelrelay.workers.celery_app import create_app
-            from pixelrelay.workers.flow import sender
+            from pixelrelay.workers.flow import sender, stored_budgets
 
-            self._send = sender(create_app(self.settings), self.settings.signer())
+            signer = self.settings.signer()
+            self._send = sender(create_app(self.settings), signer, stored_budgets(self.client, signer))
         return self._send
 
     def _storage(self, uri: str):

@@ -46,6 +46,7 @@ from pixelrelay.jobs.files import spec_uri, write_listing, write_spec
 from pixelrelay.jobs.recover import load_spec, restore_done, start
 from pixelrelay.jobs.registry import open_registry
 from pixelrelay.jobs.state import JobState
+from pixelrelay.pipeline.limits import check_chunk
 from pixelrelay.pipeline.messages import EDIT_TASKS, JOB_ID_PATTERN, Backends, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.stages.base import StageSpec
@@ -54,7 +55,7 @@ from pixelrelay.pipeline.storage import Storage, is_s3, open_storage
 from pixelrelay.producer.incremental import Incremental
 from pixelrelay.producer.listing import list_items, list_versioned_items
 from pixelrelay.workers.celery_app import create_app
-from pixelrelay.workers.flow import sender
+from pixelrelay.workers.flow import job_budget, sender
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -95,8 +96,9 @@ class JobRequest:
     backends: Backends
     follow_symlinks: bool = False
 
-    def spec(self, total: int, chunk_size: int) -> JobSpec:
-        """The job's spec, for a listing of ``total`` items, created now."""
+    def spec(self, total: int, settings: Settings) -> JobSpec:
+        """The job's spec, for a listing of ``total`` items, created now, with the
+        submitter's chunk size and item budget (``pixelrelay.pipeline.limits``)."""
         return JobSpec(
             job_id=self.job_id,
             input=self.input_uri,
@@ -104,7 +106,8 @@ class JobRequest:
             options=self.options,
             backends=self.backends,
             total=total,
-            chunk_size=chunk_size,
+            chunk_size=settings.chunk_size,
+            item_budget_s=settings.item_budget_s,
             created_at=time.time(),
             follow_symlinks=self.follow_symlinks,
         )
@@ -213,6 +216,7 @@ def submit(
     """
     if incremental and options.overwrite:
         raise ConfigError("--incremental: not with --overwrite (which re-processes every item)")
+    check_chunk(settings.chunk_size, settings.item_budget_s)
     backends = normalize_backends(backends or Backends(), settings.allowed_backends)
     check_instruction(options, backends.planner or settings.planner)
     job_id = job_id or new_job_id()
@@ -240,14 +244,20 @@ def submit(
         if incremental:
             return _submit_incremental(context, in_storage, request)
         items = list_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
-        spec = request.spec(write_listing(out_storage, output_uri, job_id, items), settings.chunk_size)
+        spec = request.spec(write_listing(out_storage, output_uri, job_id, items), settings)
         write_spec(out_storage, spec)
     return _start(context, spec, resumed)
 
 
 def _start(context: SubmitContext, spec: JobSpec, resumed: bool) -> Submission:
     already_done = context.state.counts().done
-    seq = start(context.state, context.out_storage, spec, sender(context.app, context.signer), context.settings.window)
+    seq = start(
+        context.state,
+        context.out_storage,
+        spec,
+        sender(context.app, context.signer, job_budget(spec)),
+        context.settings.window,
+    )
     registry = open_registry(context.settings.state_uri, context.settings.s3_endpoint_url)
     if registry is not None:  # after the job hash exists: a sweep never rebuilds a job being submitted
         registry.add(spec.job_id, spec.output)
@@ -277,7 +287,7 @@ def _submit_incremental(context: SubmitContext, in_storage: Storage, request: Jo
                 nothing_new=True,
             )
         index.record(job_id)
-        spec = request.spec(total, context.settings.chunk_size)
+        spec = request.spec(total, context.settings)
         write_spec(out_storage, spec)
         index.write_summary(job_id)
     finally:

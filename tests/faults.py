@@ -8,7 +8,9 @@ kernel's OOM killer would) on any image exactly 13 pixels wide.
 
 ``slow`` (an encoder, a planner and a decoder) works like ``analysis`` / ``rules`` /
 ``classic`` but sleeps ``PIXELRELAY_TEST_SLOW_S`` seconds (default 0.3) per item first, so a
-test can stop a worker while it is inside a chunk.
+test can stop a worker while it is inside a chunk. With ``PIXELRELAY_TEST_CALL_LOG`` set, the
+``slow`` decoder appends a line per image it restores to that file (``<pid> <width>x<height>``),
+so a test can count how often each item was decoded, and by which process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pixelrelay.pipeline.stages.registry import register
 
 POISON_WIDTH = 13
 SLOW_ENV = "PIXELRELAY_TEST_SLOW_S"
+CALL_LOG_ENV = "PIXELRELAY_TEST_CALL_LOG"
 
 
 class CrashingDecoder(ClassicDecoder):
@@ -68,7 +71,12 @@ class SlowDecoder(ClassicDecoder):
 
     def restore(self, images, plans):
         _nap(len(images))
-        return super().restore(images, plans)
+        restored = super().restore(images, plans)
+        log = os.environ.get(CALL_LOG_ENV)
+        if log:
+            with open(log, "a", encoding="ascii") as f:  # one append per call: processes' lines never mix
+                f.write("".join(f"{os.getpid()} {image.width}x{image.height}\n" for image in images))
+        return restored
 
 
 register("decoder", "crashing", "tests.faults:CrashingDecoder")

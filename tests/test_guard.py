@@ -485,7 +485,8 @@ def test_inputs_swapped_for_links_after_the_listing_are_not_read(client, tmp_pat
     from pixelrelay.producer.submit import JobRequest
 
     asked = JobRequest(spec.job_id, spec.input, spec.output, spec.options, spec.backends, follow_symlinks=True)
-    assert input_root(asked.spec(2, 4)).follow  # --follow-symlinks reaches the signed spec
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", chunk_size=4, insecure_no_signing=True)
+    assert input_root(asked.spec(2, settings)).follow  # --follow-symlinks reaches the signed spec
     assert input_root(spec.model_copy(update={"input": str(tmp_path / "list.txt")})).follow  # a manifest: as named
 
 

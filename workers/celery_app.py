@@ -62,11 +62,13 @@ def configure(app: Celery, settings: Settings) -> Celery:
 
 
 def time_limits(settings: Settings) -> tuple[float, float]:
-    """Celery's (soft, hard) time limits per task for a prefork pool. The hard limit is
-    ``PIXELRELAY_TASK_TIME_LIMIT_S`` or, when 0, a full chunk's watchdog budget
-    (``item_budget_s x chunk_size``) plus two leases and a minute: the lease watchdog
-    (``pixelrelay.workers.lease``) always acts first and finishes the chunk cleanly; these limits only
-    end a child that the watchdog could not. The soft limit is 30 s before the hard one."""
+    """Celery's default (soft, hard) time limits per task for a prefork pool: for a message
+    without limits of its own (a job whose spec has no item budget; a job's messages carry
+    theirs, ``pixelrelay.pipeline.limits``). The hard limit is ``PIXELRELAY_TASK_TIME_LIMIT_S``
+    or, when 0, this worker's full chunk's watchdog budget (``item_budget_s x chunk_size``)
+    plus two leases and a minute: the lease watchdog (``pixelrelay.workers.lease``) always acts
+    first and finishes the chunk cleanly; these limits only end a child that the watchdog
+    could not. The soft limit is 30 s before the hard one."""
     hard = settings.task_time_limit_s or settings.longest_batch_s()
     return max(1.0, hard - 30), hard
 

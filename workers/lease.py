@@ -2,13 +2,15 @@
 
 Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is taken before
 the chain's entry is set to this stage; one heartbeat thread per process renews its leases
-every ``lease_s / 3``, only while the delivery's budget lasts: pending items x
-``item_budget_s`` at first, then retimed by each model call (``workers.watch``: the call's
-items while it runs, the items still to run after it; never past the first deadline). Once
-it is spent the watchdog ends the delivery (``DeliveryPolicy.time_out``: the item that hung
-fails, the others go on in chains of their own) and the process (``WATCHDOG_EXIT_CODE``),
-since a model call cannot be interrupted. A lease is never deleted: it runs out, covering
-the hand-off to the next stage.
+every ``lease_s / 3`` (at most ``RENEW_MAX_S``), only while the delivery's budget lasts:
+pending items x the job's ``item_budget_s`` at first, then retimed by each model call
+(``workers.watch``: the call's items while it runs, the items still to run after it; never
+past the first deadline). Each renewal also moves the broker's delivery time of the chunk's
+message (``pixelrelay.workers.transport.touch``), so no visibility timeout restores a renewed
+one. Once the budget is spent the watchdog ends the delivery (``DeliveryPolicy.time_out``: the
+item that hung fails, the others go on in chains of their own) and the process
+(``WATCHDOG_EXIT_CODE``), since a model call cannot be interrupted. A lease is never deleted:
+it runs out, covering the hand-off to the next stage.
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import Slot
+from pixelrelay.workers.transport import delivery_tags, touch
 from pixelrelay.workers.watch import Watch, watching
 
 log = logging.getLogger("pixelrelay.worker")
 
 WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL: a chunk overran its budget; restart this worker
+# The longest between two renewals whatever the lease: a third of the shortest visibility
+# timeout any worker accepts (``Settings.min_visibility_s``: over 60 s), so no client of a
+# fleet restores a message whose lease is being renewed.
+RENEW_MAX_S = 20.0
 
 
 def worker_id() -> str:
@@ -46,7 +53,7 @@ class LeaseTiming:
 
     @property
     def renew_every_s(self) -> float:
-        return self.lease_s / 3
+        return min(self.lease_s / 3, RENEW_MAX_S)
 
 
 class Lease:
@@ -62,6 +69,7 @@ class Lease:
         items: int,
         on_timeout: Callable[[float], None],
         owner: str | None = None,
+        task_id: str | None = None,
     ) -> None:
         """A lease on one slot, armed by ``with``.
 
@@ -73,12 +81,15 @@ class Lease:
             items: pending items: the budget is ``items x item_budget_s``.
             on_timeout: called with the budget in the heartbeat thread once the budget is spent.
             owner: the lease's value; None: this worker's id.
+            task_id: the delivery's Celery task id, whose unacked message each renewal
+                touches; None: none is.
         """
         self.r, self.key, self.timing = client, keys.lease(job_id, slot.name), timing
         self.owner = owner or worker_id()
         self.budget_s = timing.budget(items)
         self.on_timeout = on_timeout
         self.deadline = self.limit = self.next_renew = 0.0  # limit: the first deadline, never passed
+        self.task_id, self.tags = task_id, list[str]() if task_id is None else None
 
     def __enter__(self) -> Lease:
         """Arm the heartbeat and the watchdog. The lease itself is first written by ``take``,
@@ -97,7 +108,14 @@ class Lease:
         pipe.set(self.key, self.owner, px=max(1, int(self.timing.lease_s * 1000)))
 
     def renew(self) -> None:
-        self.take(self.r)
+        """Renew the lease and move its message's delivery time to now (its tags are looked
+        up at the first renewal: most deliveries end before it)."""
+        if self.tags is None and self.task_id is not None:
+            self.tags = delivery_tags(self.r, self.task_id)
+        pipe = self.r.pipeline(transaction=False)
+        self.take(pipe)
+        touch(pipe, self.tags or [], time.time())
+        pipe.execute()
 
     def retime(self, items: int) -> None:
         """The budget from now on: ``items x item_budget_s`` (the items still to run), never past
@@ -198,10 +216,13 @@ def _forget_heartbeat() -> None:  # in a forked child: the parent's thread and l
 os.register_at_fork(after_in_child=_forget_heartbeat)
 
 
-def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[int], None] = os._exit):
+def deliver_leased(
+    policy, delivery, work, timing: LeaseTiming, exit: Callable[[int], None] = os._exit, task_id: str | None = None
+):
     """``policy.deliver(delivery, work)`` under a lease on the delivery's slot, with the
     watchdog armed and told of the model calls (``workers.watch``); ``exit`` ends the process
-    once the watchdog finished the chunk."""
+    once the watchdog finished the chunk; ``task_id``: the Celery task whose unacked message
+    the renewals touch."""
     msg = delivery.msg
     watch = Watch(len(delivery.pending()))
 
@@ -224,6 +245,6 @@ def deliver_leased(policy, delivery, work, timing: LeaseTiming, exit: Callable[[
                     pass
             exit(WATCHDOG_EXIT_CODE)
 
-    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, watch.remaining, on_timeout) as lease:
+    with Lease(policy.state.r, msg.job_id, Slot.of(msg), timing, watch.remaining, on_timeout, task_id=task_id) as lease:
         with watching(watch, lease):
             return policy.deliver(replace(delivery, lease=lease), work)

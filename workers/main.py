@@ -60,7 +60,7 @@ def export_settings(**values) -> None:
 
 def start_sweeper():
     """Start this process's sweep thread (None when ``sweep_interval_s`` is 0)."""
-    from pixelrelay.workers.flow import sender
+    from pixelrelay.workers.flow import sender, stored_budgets
     from pixelrelay.workers.runtime import runtime
     from pixelrelay.workers.sweep import Sweeper
 
@@ -73,7 +73,7 @@ def start_sweeper():
     registry = open_registry(settings.state_uri, settings.s3_endpoint_url, settings)
     sweeper = Sweeper(
         rt.redis,
-        sender(get_app(), rt.signer),
+        sender(get_app(), rt.signer, stored_budgets(rt.redis, rt.signer)),
         rt.storage,
         settings.sweep_interval_s,
         settings.lease_s,

@@ -29,12 +29,12 @@ from pixelrelay import logs
 from pixelrelay.jobs.chunks import Slot
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
-from pixelrelay.pipeline.messages import ChunkMessage, WireVersionError, upgrade_message
+from pixelrelay.pipeline.messages import ChunkMessage, JobSpec, WireVersionError, upgrade_message
 from pixelrelay.pipeline.signing import SignatureError, Signer
 from pixelrelay.pipeline.storage import Storage
 from pixelrelay.workers import balance, metrics, observe
 from pixelrelay.workers.celery_app import task_name
-from pixelrelay.workers.flow import sender, signed_body
+from pixelrelay.workers.flow import job_budget, sender, signed_body
 from pixelrelay.workers.guard import ForgedMessage, InputRoot, check_message, input_root, transient_retry
 from pixelrelay.workers.lease import LeaseTiming, deliver_leased
 from pixelrelay.workers.policy import (
@@ -70,9 +70,10 @@ def output_storage(rt: Runtime, output: str) -> Storage:
     return rt.storage(output, root=output)
 
 
-def policy_for(rt: Runtime, state: JobState, app: Celery) -> DeliveryPolicy:
+def policy_for(rt: Runtime, state: JobState, app: Celery, spec: JobSpec) -> DeliveryPolicy:
     limits = Limits(max_deliveries=rt.settings.max_deliveries, max_retries=rt.settings.max_retries)
-    return DeliveryPolicy(state, sender(app, rt.signer), functools.partial(output_storage, rt), limits)
+    send = sender(app, rt.signer, job_budget(spec))
+    return DeliveryPolicy(state, send, functools.partial(output_storage, rt), limits)
 
 
 def requeue_for_newer_worker(task: Task, stage: str, exc: WireVersionError) -> CeleryRetry:
@@ -123,12 +124,13 @@ def run_stage(task: Task, stage: str, body: dict) -> dict:
     except TRANSIENT_ERRORS as exc:
         raise task.retry(exc=exc, countdown=transient_retry(state, stage, msg, task.request.retries, exc)) from exc
     work = functools.partial(_run_body, STAGE_BODIES[stage], rt, state, input_root(spec))
-    timing = LeaseTiming(rt.settings.lease_s, rt.settings.item_budget_s)
+    timing = LeaseTiming(rt.settings.lease_s, spec.item_budget_s or rt.settings.item_budget_s)
     delivery = Delivery(stage, msg, task.request.retries, seen=seen)
     entering = metrics.entering(rt.redis, stage, msg)  # counts queue wait; {} while metrics are off
     started = time.monotonic()
     with logs.context(job=msg.job_id, chunk=msg.chunk, stage=stage):
-        outcome = deliver_leased(policy_for(rt, state, task.app), delivery, work, timing)
+        policy = policy_for(rt, state, task.app, spec)
+        outcome = deliver_leased(policy, delivery, work, timing, task_id=task.request.id)
         _log_chunk(stage, msg, outcome, time.monotonic() - started)
     metrics.observe_items(stage, entering, outcome)
     balance.after_chunk(stage, len(msg.records))  # pixelrelay run's thread balance; off elsewhere
