@@ -2,9 +2,10 @@
 
 Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is taken before
 the chain's entry is set to this stage; one heartbeat thread per process renews its leases
-every ``lease_s / 3``, only while the delivery's budget (pending items x ``item_budget_s``)
-lasts; once it is spent the watchdog fails the pending items, finishes the chunk
-(``DeliveryPolicy.time_out``) and ends the process (``WATCHDOG_EXIT_CODE``). A lease is never
+(and marks the worker seen: ``observe.present``) every ``lease_s / 3``, only while the
+delivery's budget (pending items x ``item_budget_s``) lasts; once it is spent the watchdog
+fails the pending items, finishes the chunk (``DeliveryPolicy.time_out``) and ends the
+process (``WATCHDOG_EXIT_CODE``). A lease is never
 deleted: it runs out, covering the hand-off to the next stage.
 """
 
@@ -22,6 +23,7 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import Slot
+from pixelrelay.workers import observe
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -153,6 +155,8 @@ class _Heartbeat:
                     lease.renew()
                 except Exception as exc:  # the lease may lapse; the chunk may be re-sent (idempotent)
                     log.warning("cannot renew lease %s: %s", lease.key, exc)
+            if renew:
+                observe.present(renew[0].r)  # a worker deep in a long call is still seen
 
 
 _beat: _Heartbeat | None = None

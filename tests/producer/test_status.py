@@ -23,6 +23,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from pixelrelay.exitcodes import ExitCode
+from pixelrelay.jobs.activity import mark_seen
 from pixelrelay.jobs.state import Counts, JobState, stalled_for
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.settings import Settings
@@ -43,7 +44,10 @@ def _idle_redis(redis_url: str) -> str:
 
 
 def _new_job(url: str, total: int) -> JobState:
+    """A job in ``url``'s database, whose stages each have a worker seen just now."""
     state = JobState(redis.Redis.from_url(url), "st-" + uuid.uuid4().hex[:8], TEST_SIGNER)
+    for stage in ("encode", "plan", "decode"):
+        mark_seen(state.r, stage, "host:1")
     state.start_submission(JobSpec(job_id=state.job_id, input="/in", output="/out", total=total, chunk_size=4))
     return state
 
