@@ -429,6 +429,7 @@ class JobStatusInfo:
             "rate": round(self.rate, 3),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
             "stalled_s": None if self.stalled_s is None else round(self.stalled_s, 1),
+            "workers_missing": list(self.workers_missing),
             "ended": self.ended,
             "exit_code": int(self.exit_code),
         }
