@@ -19,6 +19,7 @@ from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.settings import Settings
+from pixelrelay.producer.control import recent_jobs
 from pixelrelay.producer.status import show_status
 from tests.conftest import TEST_SIGNER, wait_until
 
@@ -67,6 +68,8 @@ def test_a_job_mid_chunk_with_a_live_lease_is_running_and_stalls_once_the_lease_
     line = _status(url, state.job_id)
     assert "state=running" in line and "stalled=" not in line, line
     assert json.loads(_status(url, state.job_id, as_json=True))["stalled_s"] is None
+    row = next(r for r in recent_jobs(state.r, keys.JOBS_KEEP, stall_s=30) if r.job_id == state.job_id)
+    assert row.state.value == "running"  # ``pixelrelay jobs`` agrees
     state.r.pexpire(lease, 1)  # the worker died: its lease runs out
     wait_until(lambda: not state.r.exists(lease), timeout=5, interval=0.01)
     line = _status(url, state.job_id)
