@@ -49,7 +49,7 @@ return {redis.call('BITCOUNT', KEYS[2]), redis.call('BITCOUNT', KEYS[3])}
 class JobStatus(str, Enum):  # noqa: UP042 (public API: StrEnum would change str() and format() to the bare value)
     """A job's state, as ``pixelrelay jobs`` and ``status`` show it (derived: ``job_status``)."""
 
-    QUEUED = "queued"  # submitted; no worker took any of its chains yet (and not for long: else stalled)
+    QUEUED = "queued"  # submitted; no worker took any of its chains yet
     RUNNING = "running"  # a worker holds a chain's lease, or the job moved within ``stall_s``
     STALLED = "stalled"  # nothing moved for ``stall_s`` seconds and no chain's lease is live
     CANCELLING = "cancelling"  # cancelled; chains in flight are ending, no manifest yet
@@ -93,13 +93,19 @@ def idle_since(info: dict[str, str], activity: Activity | None = None) -> float:
     return max(moved, activity.moved_at) if activity is not None else moved
 
 
+def _waiting(info: dict[str, str], activity: Activity) -> bool:
+    """No worker took a chain of this submission yet and none of its items finished: queued
+    (behind other jobs, or for a stage with no worker, which ``status`` names), not stalled."""
+    return not activity.started and float(info.get("progress_at", 0) or 0) < float(info.get("submitted_at", 0) or 0)
+
+
 def stalled_for(info: dict[str, str], now: float, stall_s: float, activity: Activity | None = None) -> float | None:
     """Seconds since the job last moved, once that is ``stall_s`` or more and no worker holds a
     live lease on one of its chains (``activity``); else None. A finished or cancelled job
-    never stalls."""
+    never stalls, nor (``activity``) one still queued."""
     if is_finished(info) or info.get("cancelled_at"):
         return None
-    if activity is not None and activity.live_leases:
+    if activity is not None and (activity.live_leases or _waiting(info, activity)):
         return None
     idle = now - idle_since(info, activity)
     return idle if idle >= stall_s else None

@@ -77,9 +77,10 @@ def test_a_job_mid_chunk_with_a_live_lease_is_running_and_stalls_once_the_lease_
 
 
 def test_a_job_is_queued_only_until_a_worker_takes_a_chain(url):
-    state, slot = _job(url, age_s=5)
+    state, slot = _job(url, age_s=100)  # behind other jobs for 100 s: waiting, not stalled
     _all_seen(state.r)
-    assert "state=queued" in _status(url, state.job_id)
+    line = _status(url, state.job_id)
+    assert "state=queued" in line and "stalled=" not in line, line
     state.r.hset(state.key, "started_at", time.time())  # what the delivery policy writes with the lease
     state.r.set(keys.lease(state.job_id, slot.name), "host:1", px=60_000)
     assert "state=running" in _status(url, state.job_id)  # no item finished yet
