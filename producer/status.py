@@ -266,7 +266,10 @@ def snapshot(state: JobState, settings: Settings, now: float | None = None) -> S
     activity = read_activity(state.r, state.job_id, seq, now)
     missing: tuple[MissingStage, ...] = ()
     if not is_finished(info) and not info.get("cancelled_at"):
-        missing = tuple(missing_stages(last_seen(state.r, C.STAGES, now), now, gone_after_s(settings)))
+        gone_s = gone_after_s(settings)
+        young = now - float(info.get("submitted_at", 0) or 0) < gone_s  # its workers may be starting
+        seen = last_seen(state.r, C.STAGES, now)
+        missing = tuple(m for m in missing_stages(seen, now, gone_s) if not (young and m.gone_s is None))
     return Snapshot(info, counts, activity, missing, now)
 
 

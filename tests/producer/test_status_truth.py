@@ -87,7 +87,7 @@ def test_a_job_is_queued_only_until_a_worker_takes_a_chain(url):
 
 
 def test_a_stage_with_no_worker_seen_is_named(url):
-    state, _ = _job(url, age_s=5)
+    state, _ = _job(url, age_s=120)
     _all_seen(state.r, {"encode": 90.0})  # the encode worker stopped 90 s ago
     text = _status(url, state.job_id)
     assert "no_worker=encode" in text and "no encode worker seen for 90 s" in text, text
