@@ -149,7 +149,7 @@ class ChunksInFlight:
     def retire(self) -> None:
         """The job's manifest is written: forget its chunks and take it off the active set."""
         pipe = self.r.pipeline()
-        pipe.delete(self.key)
+        pipe.delete(self.key, keys.batches(self.job_id))
         pipe.srem(keys.ACTIVE_JOBS, self.job_id)
         pipe.execute()
 

@@ -18,11 +18,16 @@ GROUP_CLAIM = JOB + ":group:{seq}:{group}"  # SET NX: one merger writes a group 
 DELIVERIES = JOB + ":deliveries:{stage}:{seq}:{chunk}"  # deliveries of one chain (poison pills)
 CHUNKS = JOB + ":chunks"  # hash: slot -> JSON {stage, since, wait, feeds}, chunks in flight
 LEASE = JOB + ":lease:{slot}"  # string: worker id, PX lease; the worker running that slot
+BATCHES = JOB + ":batches"  # hash: slot -> JSON {done, failed, at}: the decode stage's items of
+# a chain in flight, per batch, before its part and bits are written (display only)
 RESEND_LOCK = JOB + ":resend:{slot}"  # SET NX PX: one sweeper re-sends a lost slot
 REBUILD_LOCK = JOB + ":rebuild"  # SET NX PX: one process rebuilds a job whose state was lost
 ACTIVE_JOBS = PREFIX + "jobs:active"  # set of job ids with chunks in flight (the sweep's list)
 JOBS = PREFIX + "jobs"  # sorted set: job id -> time of its latest submission (``pixelrelay jobs``)
 JOBS_KEEP = 1000  # the newest this many ids are kept in JOBS
+WORKERS = PREFIX + "workers:{stage}"  # sorted set: worker id -> when it was last seen consuming
+WORKERS_KEEP = 1000  # the most recently seen this many ids are kept per stage
+WORKERS_TTL_S = 24 * 3600  # a stage nobody has run for this long loses its set
 
 # Kombu's Redis transport (not pixelrelay's keys, read by the sweep only): a queue is a list
 # named after it (plus ``<queue>\x06\x16<priority>`` variants), a message taken by a worker
@@ -99,6 +104,14 @@ def chunks(job_id: str) -> str:
 
 def lease(job_id: str, slot: str) -> str:
     return LEASE.format(job_id=job_id, slot=slot)
+
+
+def batches(job_id: str) -> str:
+    return BATCHES.format(job_id=job_id)
+
+
+def workers(stage: str) -> str:
+    return WORKERS.format(stage=stage)
 
 
 def resend_lock(job_id: str, slot: str) -> str:

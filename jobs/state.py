@@ -19,6 +19,7 @@ from enum import Enum
 import redis
 
 from pixelrelay.jobs import keys
+from pixelrelay.jobs.activity import Activity
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.settings import ConfigError
 from pixelrelay.pipeline.signing import SignatureError, Signer
@@ -48,9 +49,9 @@ return {redis.call('BITCOUNT', KEYS[2]), redis.call('BITCOUNT', KEYS[3])}
 class JobStatus(str, Enum):  # noqa: UP042 (public API: StrEnum would change str() and format() to the bare value)
     """A job's state, as ``pixelrelay jobs`` and ``status`` show it (derived: ``job_status``)."""
 
-    QUEUED = "queued"  # submitted; no item finished yet (and not for long: else stalled)
-    RUNNING = "running"  # items are finishing
-    STALLED = "stalled"  # no item finished for ``stall_s`` seconds
+    QUEUED = "queued"  # submitted; no worker took any of its chains yet
+    RUNNING = "running"  # a worker holds a chain's lease, or the job moved within ``stall_s``
+    STALLED = "stalled"  # nothing moved for ``stall_s`` seconds and no chain's lease is live
     CANCELLING = "cancelling"  # cancelled; chains in flight are ending, no manifest yet
     CANCELLED = "cancelled"  # cancelled; manifest written (finished items + cancelled ones)
     FINISHED = "finished"  # manifest written, every item done
@@ -85,30 +86,49 @@ def is_finished(info: dict[str, str]) -> bool:
     return bool(info.get("finished_at")) and info.get("finished_seq") == info.get("seq")
 
 
-def idle_since(info: dict[str, str]) -> float:
-    """When the job last moved: its last finished item, or its submission if later."""
-    return max(float(info.get("progress_at", 0) or 0), float(info.get("submitted_at", 0) or 0))
+def idle_since(info: dict[str, str], activity: Activity | None = None) -> float:
+    """When the job last moved: its last finished item, its submission, or (``activity``) a
+    chain entering a stage or a decoded batch, whichever is latest."""
+    moved = max(float(info.get("progress_at", 0) or 0), float(info.get("submitted_at", 0) or 0))
+    return max(moved, activity.moved_at) if activity is not None else moved
 
 
-def stalled_for(info: dict[str, str], now: float, stall_s: float) -> float | None:
-    """Seconds since an item last finished, once that is ``stall_s`` or more; else None.
-    A finished or cancelled job never stalls."""
+def _waiting(info: dict[str, str], activity: Activity) -> bool:
+    """No worker took a chain of this submission yet and none of its items finished: queued
+    (behind other jobs, or for a stage with no worker, which ``status`` names), not stalled."""
+    return not activity.started and float(info.get("progress_at", 0) or 0) < float(info.get("submitted_at", 0) or 0)
+
+
+def stalled_for(info: dict[str, str], now: float, stall_s: float, activity: Activity | None = None) -> float | None:
+    """Seconds since the job last moved, once that is ``stall_s`` or more and no worker holds a
+    live lease on one of its chains (``activity``); else None. A finished or cancelled job
+    never stalls, nor (``activity``) one still queued."""
     if is_finished(info) or info.get("cancelled_at"):
         return None
-    idle = now - idle_since(info)
+    if activity is not None and (activity.live_leases or _waiting(info, activity)):
+        return None
+    idle = now - idle_since(info, activity)
     return idle if idle >= stall_s else None
 
 
-def job_status(info: dict[str, str], counts: Counts, now: float, stall_s: float) -> JobStatus:
+def job_status(
+    info: dict[str, str], counts: Counts, now: float, stall_s: float, activity: Activity | None = None
+) -> JobStatus:
+    """The job's state. With ``activity`` (``pixelrelay.jobs.activity.read_activity``): running
+    while a lease is live, queued only until a worker took a chain; without it, from the
+    hash alone."""
     if info.get("cancelled_at"):
         return JobStatus.CANCELLED if is_finished(info) else JobStatus.CANCELLING
     if is_finished(info):
         bad = int(info.get("manifest_failed", 0) or 0) + int(info.get("manifest_missing", 0) or 0)
         return JobStatus.FAILED_ITEMS if bad else JobStatus.FINISHED
-    if stalled_for(info, now, stall_s) is not None:
+    if stalled_for(info, now, stall_s, activity) is not None:
         return JobStatus.STALLED
     moved = float(info.get("progress_at", 0) or 0) >= float(info.get("submitted_at", 0) or 0)
-    return JobStatus.RUNNING if moved and counts.done + counts.failed else JobStatus.QUEUED
+    finished_some = moved and counts.done + counts.failed > 0
+    if activity is not None and (activity.started or activity.live_leases):
+        return JobStatus.RUNNING
+    return JobStatus.RUNNING if finished_some else JobStatus.QUEUED
 
 
 @functools.lru_cache(maxsize=64)
@@ -195,7 +215,7 @@ class JobState:
                 "done_at_submit": self.r.bitcount(self.done_key),
             },
         )
-        pipe.hdel(self.key, "finished_at")
+        pipe.hdel(self.key, "finished_at", "started_at")
         pipe.hincrby(self.key, "seq", 1)
         pipe.delete(self.failed_key, self.cursor_key)
         for key in (self.key, self.done_key):
@@ -249,12 +269,20 @@ class JobState:
             pipe.getbit(self.done_key, index)
         return [bool(bit) for bit in pipe.execute()]
 
-    def mark(self, seq: int, results: Sequence[tuple[int, str]]) -> tuple[int, int]:
-        """Record (index, 'done'|'failed') pairs; returns (done, failed) counts."""
+    def mark(self, seq: int, results: Sequence[tuple[int, str]], slot: str | None = None) -> tuple[int, int]:
+        """Record (index, 'done'|'failed') pairs; returns (done, failed) counts. ``slot``: the
+        chain's per-batch progress (``pixelrelay.jobs.activity``) goes with it, atomically."""
         args: list = [seq, round(time.time(), 3)]
         for index, status in results:
             args += [index, status]
-        done, failed = self._mark(keys=[self.key, self.done_key, self.failed_key], args=args)
+        mark_keys = [self.key, self.done_key, self.failed_key]
+        if slot is None:
+            done, failed = self._mark(keys=mark_keys, args=args)
+            return int(done), int(failed)
+        pipe = self.r.pipeline()
+        self._mark(keys=mark_keys, args=args, client=pipe)
+        pipe.hdel(keys.batches(self.job_id), slot)
+        done, failed = pipe.execute()[0]
         return int(done), int(failed)
 
     def counts(self) -> Counts:

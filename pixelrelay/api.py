@@ -64,7 +64,7 @@ from pixelrelay.pipeline.storage import StorageError, open_storage
 from pixelrelay.producer.control import DEFAULT_GRACE_S, CancelOutcome, JobFinishedError, UnknownJobError, cancel_job
 from pixelrelay.producer.keeper import Keeper
 from pixelrelay.producer.listing import InputError
-from pixelrelay.producer.status import JobStatusInfo, WaitTimeout, job_info, wait_for_job
+from pixelrelay.producer.status import JobStatusInfo, WaitTimeout, snapshot_info, wait_for_job
 from pixelrelay.producer.submit import Submission, normalize_location, redis_client
 from pixelrelay.producer.submit import submit as _submit
 
@@ -239,7 +239,7 @@ class Job:
             RebuildError: Redis lost the job and its ``job.json`` in storage is not valid.
         """
         state = self._known()
-        return job_info(self.job_id, state.info(), state.counts(), self.settings)
+        return snapshot_info(state, self.settings)
 
     def wait(self, timeout: float | None = None, poll_s: float = 0.5, progress: TextIO | None = None) -> JobStatusInfo:
         """Block until the job ended (finished, some items failed, or cancelled: its manifest

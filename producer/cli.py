@@ -375,9 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="unhealthy when the worker's heartbeat file (env PIXELRELAY_HEALTH_FILE) is older (default 60)",
     )
     p.add_argument(
+        "--stage",
+        choices=["encode", "plan", "decode"],
+        help="check this stage's worker (its own heartbeat file); default: every worker started here",
+    )
+    p.add_argument(
         "--file",
         metavar="PATH",
-        help="the heartbeat file (default: $PIXELRELAY_HEALTH_FILE or <tmp>/pixelrelay-worker.health)",
+        help="check this heartbeat file (default: the stage's, from $PIXELRELAY_HEALTH_FILE "
+        "or <tmp>/pixelrelay-worker.health: <tmp>/pixelrelay-worker-decode.health for decode)",
     )
 
     what = "run the whole system on this machine for one job (task restore unless --task)"
@@ -585,9 +591,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from pixelrelay.health import health_path, problem
+    from pixelrelay.health import problem, stage_problem
 
-    why = problem(args.file or health_path(), args.max_age)
+    why = problem(args.file, args.max_age) if args.file else stage_problem(args.stage, args.max_age)
     if why:
         print(f"pixelrelay health: {why}", file=sys.stderr)
         return 1  # unhealthy

@@ -22,6 +22,7 @@ from typing import cast
 import redis
 
 from pixelrelay.jobs import keys
+from pixelrelay.jobs.activity import Activity, read_activity
 from pixelrelay.jobs.files import read_cancel, write_cancel
 from pixelrelay.jobs.finish import finalize_cancelled
 from pixelrelay.jobs.state import Counts, JobState, JobStatus, is_finished, job_status
@@ -120,20 +121,30 @@ def recent_jobs(client: redis.Redis, limit: int, stall_s: float, now: float | No
     for i, job_id in enumerate(ids):
         raw, done, failed = replies[3 * i : 3 * i + 3]
         if raw:
-            rows.append(
-                _row(
-                    job_id, {k.decode(): v.decode() for k, v in raw.items() if k != b"spec"}, done, failed, now, stall_s
-                )
-            )
+            info = {k.decode(): v.decode() for k, v in raw.items() if k != b"spec"}
+            activity = None if is_finished(info) else read_activity(client, job_id, _seq(info), now)
+            rows.append(_row(job_id, info, done, failed, now, stall_s, activity))
     return rows
 
 
-def _row(job_id: str, info: dict[str, str], done: int, failed: int, now: float, stall_s: float) -> JobRow:
+def _seq(info: dict[str, str]) -> int:
+    return int(info["seq"]) if info.get("seq", "").isdigit() else 0
+
+
+def _row(
+    job_id: str,
+    info: dict[str, str],
+    done: int,
+    failed: int,
+    now: float,
+    stall_s: float,
+    activity: Activity | None = None,
+) -> JobRow:
     counts = Counts(int(info.get("total", 0) or 0), int(done), int(failed))
     submitted = float(info.get("submitted_at", 0) or 0)
     return JobRow(
         job_id=job_id,
-        state=job_status(info, counts, now, stall_s),
+        state=job_status(info, counts, now, stall_s, activity),
         done=counts.done,
         failed=counts.failed,
         cancelled=int(info.get("manifest_cancelled", 0) or 0),

@@ -137,6 +137,7 @@ def job_summary(
     settings: Settings, job_id: str, exit_code: int, report: str | None = None, contact_sheet: str | None = None
 ) -> dict:
     """The JSON the webhook gets, from the job's Redis state."""
+    from pixelrelay.jobs.activity import read_activity
     from pixelrelay.jobs.files import manifest_uri
     from pixelrelay.jobs.state import JobState, is_finished, job_status
     from pixelrelay.producer.submit import redis_client
@@ -144,7 +145,8 @@ def job_summary(
     state = JobState(redis_client(settings), job_id, settings.signer())
     spec, info, counts = state.spec(), state.info(), state.counts()
     finished = is_finished(info)
-    status = job_status(info, counts, time.time(), settings.stall_s)
+    activity = None if finished else read_activity(state.r, job_id, state.seq())
+    status = job_status(info, counts, time.time(), settings.stall_s, activity)
     end = float(info.get("finished_at") or 0) if finished else time.time()
 
     def count(name: str, fallback: int) -> int:

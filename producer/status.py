@@ -3,9 +3,11 @@
 Invariants: a TTY gets one ``rich`` line redrawn to the console's width, anything else a
 ``key=value`` line at most every ``PLAIN_EVERY_S``; ``--timeout`` stops the wait, never the
 job; waiting survives Redis outages (``pixelrelay.producer.keeper``); a job with no progress
-for ``Settings.stall_s`` shows "stalled" instead of an ETA; ``exit_code_for`` and ``job_info``
-are the one exit-code mapping and status record that the CLI and the API share. ``status``
-never reads a job's parts.
+for ``Settings.stall_s`` while no worker holds a lease on one of its chains shows "stalled"
+instead of an ETA (``pixelrelay.jobs.activity``); counts include the decode stage's batches of
+chains not yet marked; a stage with no worker seen lately is named; ``exit_code_for`` and
+``job_info`` are the one exit-code mapping and status record that the CLI and the API share.
+``status`` never reads a job's parts.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from rich.table import Table
 from rich.text import Text
 
 from pixelrelay.exitcodes import ExitCode
+from pixelrelay.jobs.activity import WORKER_GONE_S, Activity, MissingStage, last_seen, missing_stages, read_activity
 from pixelrelay.jobs.files import manifest_uri
 from pixelrelay.jobs.finish import finalize_if_complete
 from pixelrelay.jobs.recover import RebuildError
 from pixelrelay.jobs.state import Counts, JobState, JobStatus, is_finished, job_status, stalled_for
+from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.keeper import Keeper
@@ -67,9 +71,16 @@ def _percent(counts: Counts) -> float:
     return 100.0 * (counts.done + counts.failed) / counts.total if counts.total else 100.0
 
 
-def plain_line(counts: Counts, rate: float, stalled_s: float | None = None, state: str | None = None) -> str:
+def plain_line(
+    counts: Counts,
+    rate: float,
+    stalled_s: float | None = None,
+    state: str | None = None,
+    missing: tuple[MissingStage, ...] = (),
+) -> str:
     """One parseable ``key=value`` line (pipes, logs and one-shot ``status``). While stalled,
-    ``eta=--:--`` and ``stalled=N`` (seconds); one-shot ``status`` adds ``state=``."""
+    ``eta=--:--`` and ``stalled=N`` (seconds); one-shot ``status`` adds ``state=``; a stage
+    with no worker seen lately, ``no_worker=decode`` (comma-separated)."""
     stalled = stalled_s is not None and counts.pending > 0
     eta = "--:--" if stalled else eta_text(counts, rate)
     line = (
@@ -78,15 +89,25 @@ def plain_line(counts: Counts, rate: float, stalled_s: float | None = None, stat
     )
     if stalled and stalled_s is not None:
         line += f" stalled={int(stalled_s)}"
-    return line + (f" state={state}" if state else "")
+    line += f" state={state}" if state else ""
+    return line + (" no_worker=" + ",".join(m.stage for m in missing) if missing else "")
 
 
-def stats_text(counts: Counts, rate: float, stalled_s: float | None = None) -> str:
+def stats_text(
+    counts: Counts, rate: float, stalled_s: float | None = None, missing: tuple[MissingStage, ...] = ()
+) -> str:
     eta = eta_text(counts, rate, stalled_s)
     return (
         f"{_percent(counts):5.1f}%  done {counts.done}  failed {counts.failed}  pending {counts.pending}"
         f"  of {counts.total}  {rate:.2f}/s  {eta if eta.startswith('stalled') else 'ETA ' + eta}"
-    )
+    ) + (f"  {missing_text(missing)}" if missing else "")
+
+
+def missing_text(missing: tuple[MissingStage, ...]) -> str:
+    """The stages with no worker seen lately, in a few words."""
+    if len(missing) == 1:
+        return missing[0].text()
+    return f"no {', '.join(m.stage for m in missing)} worker seen"
 
 
 @dataclass
@@ -96,12 +117,15 @@ class ProgressDisplay:
     counts: Counts
     rate: float
     stalled_s: float | None = None
+    missing: tuple[MissingStage, ...] = ()
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
-        stats = Text(stats_text(self.counts, self.rate, self.stalled_s), no_wrap=True, overflow="ellipsis")
+        text = stats_text(self.counts, self.rate, self.stalled_s, self.missing)
+        stats = Text(text, no_wrap=True, overflow="ellipsis")
         stats.highlight_regex(r"failed [1-9]\d*", "bold red")
         stats.highlight_regex(r"stalled \d+ s", "bold yellow")
+        stats.highlight_regex(r"no [\w, ]+ worker seen( for \d+ s)?", "bold yellow")
         bar_width = width - len(stats) - 1
         grid = Table.grid(padding=(0, 1) if bar_width >= MIN_BAR_WIDTH else 0)
         if bar_width >= MIN_BAR_WIDTH:
@@ -121,8 +145,15 @@ class _LiveView:
         self.live = Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
         self.live.start()
 
-    def show(self, counts: Counts, rate: float, final: bool = False, stalled_s: float | None = None) -> None:
-        self.live.update(ProgressDisplay(counts, rate, stalled_s), refresh=True)
+    def show(
+        self,
+        counts: Counts,
+        rate: float,
+        final: bool = False,
+        stalled_s: float | None = None,
+        missing: tuple[MissingStage, ...] = (),
+    ) -> None:
+        self.live.update(ProgressDisplay(counts, rate, stalled_s, missing), refresh=True)
 
     def note(self, text: str) -> None:
         self.live.update(Text(text, style="yellow", no_wrap=True, overflow="ellipsis"), refresh=True)
@@ -134,15 +165,23 @@ class _LiveView:
 class _PlainView:
     def __init__(self, stream: IO[str], every_s: float) -> None:
         self.stream, self.every_s = stream, every_s
-        self.last: tuple[Counts, bool] | None = None
+        self.last: tuple[Counts, bool, tuple[str, ...]] | None = None
         self.last_at = float("-inf")
 
-    def show(self, counts: Counts, rate: float, final: bool = False, stalled_s: float | None = None) -> None:
-        """A line when the counts changed, or a stall began or ended (at most every ``every_s``)."""
-        key = (counts, stalled_s is not None)
+    def show(
+        self,
+        counts: Counts,
+        rate: float,
+        final: bool = False,
+        stalled_s: float | None = None,
+        missing: tuple[MissingStage, ...] = (),
+    ) -> None:
+        """A line when the counts changed, a stall began or ended, or a stage's workers went
+        or came back (at most every ``every_s``)."""
+        key = (counts, stalled_s is not None, tuple(m.stage for m in missing))
         due = time.monotonic() - self.last_at >= self.every_s
         if key != self.last and (final or due):
-            self.stream.write(plain_line(counts, rate, stalled_s) + "\n")
+            self.stream.write(plain_line(counts, rate, stalled_s, missing=missing) + "\n")
             self.stream.flush()
             self.last, self.last_at = key, time.monotonic()
 
@@ -158,7 +197,14 @@ class _PlainView:
 class _QuietView:
     """No progress at all (``status --json``, the Python API unless asked)."""
 
-    def show(self, counts: Counts, rate: float, final: bool = False, stalled_s: float | None = None) -> None:
+    def show(
+        self,
+        counts: Counts,
+        rate: float,
+        final: bool = False,
+        stalled_s: float | None = None,
+        missing: tuple[MissingStage, ...] = (),
+    ) -> None:
         pass
 
     def note(self, text: str) -> None:
@@ -181,8 +227,50 @@ def _rate(info: dict[str, str], counts: Counts) -> float:
     return max(0, counts.done + counts.failed - base) / elapsed
 
 
-def _stalled(info: dict[str, str], settings: Settings) -> float | None:
-    return stalled_for(info, time.time(), settings.stall_s)
+@dataclass(frozen=True)
+class Snapshot:
+    """One read of a job for display: its hash, its counts, what its chains are doing, and
+    the stages with no worker seen lately (none once the job ended or was cancelled)."""
+
+    info: dict[str, str]
+    counts: Counts  # the bits: the one account
+    activity: Activity
+    missing: tuple[MissingStage, ...]
+    at: float
+
+    @property
+    def shown(self) -> Counts:
+        """The counts to show: the bits plus the decode stage's batches not yet marked."""
+        c, a = self.counts, self.activity
+        done = min(c.done + a.batch_done, max(0, c.total - c.failed))
+        return Counts(c.total, done, min(c.failed + a.batch_failed, max(0, c.total - done)))
+
+    def stalled(self, settings: Settings) -> float | None:
+        return stalled_for(self.info, self.at, settings.stall_s, self.activity)
+
+    def status(self, settings: Settings) -> JobStatus:
+        return job_status(self.info, self.counts, self.at, settings.stall_s, self.activity)
+
+
+def gone_after_s(settings: Settings) -> float:
+    """How long a stage goes unseen before ``status`` names it: past the workers' beat
+    (``health_interval_s``) and lease renewals (``lease_s / 3``) with room to spare."""
+    return max(WORKER_GONE_S, settings.lease_s, 3 * settings.health_interval_s)
+
+
+def snapshot(state: JobState, settings: Settings, now: float | None = None) -> Snapshot:
+    """Read the job once for display (any Redis error propagates)."""
+    now = time.time() if now is None else now
+    counts, info = state.counts(), state.info()
+    seq = int(info["seq"]) if info.get("seq", "").isdigit() else 0
+    activity = read_activity(state.r, state.job_id, seq, now)
+    missing: tuple[MissingStage, ...] = ()
+    if not is_finished(info) and not info.get("cancelled_at"):
+        gone_s = gone_after_s(settings)
+        young = now - float(info.get("submitted_at", 0) or 0) < gone_s  # its workers may be starting
+        seen = last_seen(state.r, C.STAGES, now)
+        missing = tuple(m for m in missing_stages(seen, now, gone_s) if not (young and m.gone_s is None))
+    return Snapshot(info, counts, activity, missing, now)
 
 
 def _finalize_if_stalled(state: JobState, settings: Settings) -> None:
@@ -266,15 +354,15 @@ class _Ticker:
         self.state, self.settings, self.view, self.keeper = state, settings, view, keeper
         self.complete_since: float | None = None
         self.finished = False
-        self.last: tuple[Counts, dict[str, str]] | None = None
+        self.last: Snapshot | None = None
 
     def tick(self) -> Counts:
         if self.keeper is not None:
             self.keeper.tick()
-        counts, info = self.state.counts(), self.state.info()  # one read of the job hash per tick
-        self.last = (counts, info)
+        snap = self.last = snapshot(self.state, self.settings)  # one read of the job hash per tick
+        counts, info = snap.counts, snap.info
         self.finished = is_finished(info)
-        self.view.show(counts, _rate(info, counts), final=self.finished, stalled_s=_stalled(info, self.settings))
+        self._show(snap, final=self.finished)
         if self.finished:
             return self.state.counts()
         if counts.complete and counts.total > 0:
@@ -283,10 +371,13 @@ class _Ticker:
                 _finalize_if_stalled(self.state, self.settings)
         return counts
 
+    def _show(self, snap: Snapshot, final: bool) -> None:
+        shown = snap.shown
+        self.view.show(shown, _rate(snap.info, shown), final, snap.stalled(self.settings), snap.missing)
+
     def show_final(self) -> None:
         if self.last is not None:
-            counts, info = self.last
-            self.view.show(counts, _rate(info, counts), final=True, stalled_s=_stalled(info, self.settings))
+            self._show(self.last, final=True)
 
 
 # The exit code of ``status`` per state; a state not named here (the job has not ended, or
@@ -321,6 +412,7 @@ class JobStatusInfo:
     submitted_at: float
     finished_at: float | None
     manifest: str | None  # the manifest's URI, once written
+    workers_missing: tuple[str, ...] = ()  # stages with no worker seen lately (``gone_after_s``)
 
     @property
     def ended(self) -> bool:
@@ -340,15 +432,23 @@ class JobStatusInfo:
             "rate": round(self.rate, 3),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
             "stalled_s": None if self.stalled_s is None else round(self.stalled_s, 1),
+            "workers_missing": list(self.workers_missing),
             "ended": self.ended,
             "exit_code": int(self.exit_code),
         }
 
 
 def job_info(
-    job_id: str, info: dict[str, str], counts: Counts, settings: Settings, now: float | None = None
+    job_id: str,
+    info: dict[str, str],
+    counts: Counts,
+    settings: Settings,
+    now: float | None = None,
+    activity: Activity | None = None,
+    missing: tuple[MissingStage, ...] = (),
 ) -> JobStatusInfo:
-    """The status of a job, as ``status --json`` and the Python API return it.
+    """The status of a job, as ``status --json`` and the Python API return it
+    (``snapshot_info`` reads all of it).
 
     Args:
         job_id: the job.
@@ -356,11 +456,14 @@ def job_info(
         counts: its counts.
         settings: the stall time.
         now: the current time (tests).
+        activity: its chains (``read_activity``); None: judged from the hash alone.
+        missing: the stages with no worker seen lately.
     """
-    now = time.time() if now is None else now
+    snap = Snapshot(info, counts, activity or Activity(), missing, time.time() if now is None else now)
     ended = is_finished(info)
     cancelled = int(info.get("manifest_cancelled", 0) or 0) if ended else 0
-    rate, stalled = _rate(info, counts), stalled_for(info, now, settings.stall_s)
+    counts = snap.shown
+    rate, stalled = _rate(info, counts), snap.stalled(settings)
     pending = max(0, counts.pending - cancelled)
     eta: float | None
     if pending == 0:
@@ -369,7 +472,7 @@ def job_info(
         eta = pending / rate if rate > 0 and stalled is None else None
     return JobStatusInfo(
         job_id=job_id,
-        state=job_status(info, counts, now, settings.stall_s),
+        state=snap.status(settings),
         done=counts.done,
         failed=counts.failed,
         cancelled=cancelled,
@@ -383,13 +486,22 @@ def job_info(
         submitted_at=float(info.get("submitted_at", 0) or 0),
         finished_at=float(info["finished_at"]) if ended else None,
         manifest=info.get("manifest") if ended else None,
+        workers_missing=tuple(m.stage for m in missing),
     )
 
 
-def status_line(info: dict[str, str], counts: Counts, settings: Settings) -> str:
-    """One-shot ``status``: the plain line with the job's state (``pixelrelay.jobs.state.JobStatus``)."""
-    state = job_status(info, counts, time.time(), settings.stall_s)
-    return plain_line(counts, _rate(info, counts), _stalled(info, settings), state.value)
+def snapshot_info(state: JobState, settings: Settings) -> JobStatusInfo:
+    """``job_info`` from one read of the job (``snapshot``)."""
+    snap = snapshot(state, settings)
+    return job_info(state.job_id, snap.info, snap.counts, settings, snap.at, snap.activity, snap.missing)
+
+
+def status_line(snap: Snapshot, settings: Settings) -> str:
+    """One-shot ``status``: the plain line with the job's state (``pixelrelay.jobs.state.JobStatus``),
+    then a line per stage with no worker seen lately."""
+    shown = snap.shown
+    line = plain_line(shown, _rate(snap.info, shown), snap.stalled(settings), snap.status(settings).value, snap.missing)
+    return line + "".join(f"\n  {m.text()}: its chains wait in the queue" for m in snap.missing)
 
 
 def summarize(state: JobState, settings: Settings, stream: TextIO, max_failures: int = 10) -> int:
@@ -484,12 +596,12 @@ def show_status(
             if not as_json:
                 return ExitCode.TIMEOUT
             timed_out = True
-    counts, info = state.counts(), state.info()
+    snap = snapshot(state, settings)
     if as_json:
-        status = job_info(job_id, info, counts, settings)
+        status = job_info(job_id, snap.info, snap.counts, settings, snap.at, snap.activity, snap.missing)
         stream.write(json.dumps(status.to_json()) + "\n")
         return ExitCode.TIMEOUT if timed_out else status.exit_code
-    stream.write(status_line(info, counts, settings) + "\n")
-    if is_finished(info):
+    stream.write(status_line(snap, settings) + "\n")
+    if is_finished(snap.info):
         return summarize(state, settings, stream)
     return ExitCode.OK

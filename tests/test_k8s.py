@@ -275,6 +275,7 @@ def test_worker_probes_run_pixelrelay_health_and_the_metrics_port_is_exposed(tar
     for stage, (dep, c) in worker_deployments(render(target)).items():
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["exec"]["command"][:2] == ["pixelrelay", "health"], (stage, probe)
+            assert parse_cli(c[probe]["exec"]["command"][1:]).stage == stage, "each pod checks its own worker"
         assert c["livenessProbe"].get("terminationGracePeriodSeconds", 1e9) <= 60, "a stuck worker is not waited on"
         port = parse_cli(c["args"]).metrics_port
         assert port and {"name": "metrics", "containerPort": port} in c["ports"], stage

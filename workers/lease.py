@@ -2,12 +2,13 @@
 
 Invariants: the lease (``pixelrelay:job:<id>:lease:<slot>``, ``PX lease_s``) is taken before
 the chain's entry is set to this stage; one heartbeat thread per process renews its leases
-every ``lease_s / 3`` (at most ``RENEW_MAX_S``), only while the delivery's budget lasts:
-pending items x the job's ``item_budget_s`` at first, then retimed by each model call
-(``workers.watch``: the call's items while it runs, the items still to run after it; never
-past the first deadline). Each renewal also moves the broker's delivery time of the chunk's
-message (``pixelrelay.workers.transport.touch``), so no visibility timeout restores a renewed
-one. Once the budget is spent the watchdog ends the delivery (``DeliveryPolicy.time_out``: the
+(and marks the worker seen: ``observe.present``) every ``lease_s / 3`` (at most
+``RENEW_MAX_S``), only while the delivery's budget lasts: pending items x the job's
+``item_budget_s`` at first, then retimed by each model call (``workers.watch``: the call's
+items while it runs, the items still to run after it; never past the first deadline). Each
+renewal also moves the broker's delivery time of the chunk's message
+(``pixelrelay.workers.transport.touch``), so no visibility timeout restores a renewed one.
+Once the budget is spent the watchdog ends the delivery (``DeliveryPolicy.time_out``: the
 item that hung fails, the others go on in chains of their own) and the process
 (``WATCHDOG_EXIT_CODE``), since a model call cannot be interrupted. A lease is never deleted:
 it runs out, covering the hand-off to the next stage.
@@ -27,6 +28,7 @@ import redis
 
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import Slot
+from pixelrelay.workers import observe
 from pixelrelay.workers.transport import delivery_tags, touch
 from pixelrelay.workers.watch import Watch, watching
 
@@ -189,6 +191,8 @@ class _Heartbeat:
             for lease in renew:
                 lease.next_renew = time.monotonic() + lease.timing.renew_every_s
                 self._renew(lease)
+            if renew:
+                observe.present(renew[0].r)  # a worker deep in a long call is still seen
 
     @staticmethod
     def _renew(lease: Lease) -> None:

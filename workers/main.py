@@ -215,6 +215,6 @@ def run_worker(
     app = get_app()
     app.conf.worker_send_task_events = events
     quiet_task_success()
-    enable_health(app, health_path(), settings.health_interval_s)
+    enable_health(app, health_path(stage), settings.health_interval_s, stage)
     configure_pool(app, settings, concurrency).worker_main(argv)
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -210,7 +211,7 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
         log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
         for record in msg.records:
             record.fail("decode", f"manifest part not written: {exc}")
-    state.mark(msg.seq, results(msg.records))
+    state.mark(msg.seq, results(msg.records), slot=Slot.of(msg).name)
     spec = spec or state.spec()
     if msg.feeds:
         feed(send, state, storage, spec, state.seq(), 1)
@@ -303,6 +304,7 @@ class DeliveryPolicy:
             delivery.lease.take(pipe)
         if chunks:
             chunks.track(Slot.of(msg), delivery.stage, msg.feeds, pipe=pipe)
+            pipe.hsetnx(self.state.key, "started_at", round(time.time(), 3))  # ``status``: no longer queued
         return int(pipe.execute()[0])
 
     def time_out(self, delivery: Delivery, budget_s: float, suspects: Collection[int] = ()) -> None:

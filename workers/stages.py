@@ -25,7 +25,7 @@ from pixelrelay.pipeline.messages import ChunkMessage, ItemRecord
 from pixelrelay.pipeline.stages.base import Decoder, Encoder, Planner, RestoredImage
 from pixelrelay.pipeline.stages.decoders.edits import restore_with_edits
 from pixelrelay.pipeline.stages.registry import BackendNotAllowedError
-from pixelrelay.workers import metrics
+from pixelrelay.workers import metrics, observe
 from pixelrelay.workers.batching import Loaded, batches, call_isolated, described, planned, prefetched
 from pixelrelay.workers.guard import NAME_NOT_FOLLOWED, InputRoot
 from pixelrelay.workers.outputs import Output, Written, wait_written, write_in_background
@@ -137,6 +137,7 @@ def _decode_batches(
     batch's outputs written while the next one runs."""
     writes_as = {id(record): (action, version) for record, action, version in todo}
     writes: list[Future[Written]] = []
+    processed: list[ItemRecord] = []
     for batch, loaded in prefetched(
         rt, [record for record, _, _ in todo], "decode", lambda r: outsize.plan_sizer(planned(r)), inputs=inputs
     ):
@@ -153,6 +154,8 @@ def _decode_batches(
         writes += write_in_background(rt, _decoded(loaded, results, writes_as), msg)  # while the next batch runs
         for record in batch:
             record.timings["decode_s"] = round(share, 6)
+        processed += batch
+        observe.batch_progress(state.r, msg, processed)  # ``status`` counts move per batch
     return writes
 
 

@@ -23,6 +23,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from pixelrelay.exitcodes import ExitCode
+from pixelrelay.jobs.activity import mark_seen
 from pixelrelay.jobs.state import Counts, JobState, stalled_for
 from pixelrelay.pipeline.messages import JobSpec
 from pixelrelay.pipeline.settings import Settings
@@ -43,7 +44,10 @@ def _idle_redis(redis_url: str) -> str:
 
 
 def _new_job(url: str, total: int) -> JobState:
+    """A job in ``url``'s database, whose stages each have a worker seen just now."""
     state = JobState(redis.Redis.from_url(url), "st-" + uuid.uuid4().hex[:8], TEST_SIGNER)
+    for stage in ("encode", "plan", "decode"):
+        mark_seen(state.r, stage, "host:1")
     state.start_submission(JobSpec(job_id=state.job_id, input="/in", output="/out", total=total, chunk_size=4))
     return state
 
@@ -173,9 +177,9 @@ def test_waiting_on_a_job_that_does_not_move_prints_a_stalled_line(redis_url):
     state = _new_job(url, total=4)
     state.mark(state.seq(), [(0, "done")])
     stream = io.StringIO()  # not a TTY: plain lines
-    settings = Settings.from_env(redis_url=url, stall_s=0.4)
+    settings = Settings.from_env(redis_url=url, stall_s=1.0)  # room for a busy machine before the first line
     with pytest.raises(WaitTimeout):
-        wait_for_job(state, settings, stream, poll_s=0.05, timeout_s=1.0, plain_every_s=0.2)
+        wait_for_job(state, settings, stream, poll_s=0.05, timeout_s=2.0, plain_every_s=0.2)
     lines = stream.getvalue().splitlines()
     assert "stalled=" not in lines[0] and "eta=" in lines[0]
     assert lines[-1].startswith("done=1 failed=0 pending=3") and " eta=--:-- stalled=" in lines[-1], lines

@@ -32,6 +32,7 @@ FIELDS = {
     "submitted_at",
     "finished_at",
     "manifest",
+    "workers_missing",
     "ended",
     "exit_code",
 }

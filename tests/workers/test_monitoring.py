@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from pixelrelay.jobs import keys
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.workers.celery_app import create_app, task_name
 from tests.conftest import REPO, run_cli, wait_until, worker_env
@@ -85,11 +86,11 @@ def json_encode_worker(redis_url, s3_server, tmp_path_factory):
     (the health test, last, stops it)."""
     tmp_path = tmp_path_factory.mktemp("json-worker")
     url = redis_url.rsplit("/", 1)[0] + "/1"
-    health_file = tmp_path / "encode.health"
+    health_file = tmp_path / "worker-encode.health"  # the encode worker's own (PIXELRELAY_HEALTH_FILE + stage)
     env = worker_env(
         url,
         PIXELRELAY_LOG_FORMAT="json",
-        PIXELRELAY_HEALTH_FILE=str(health_file),
+        PIXELRELAY_HEALTH_FILE=str(tmp_path / "worker.health"),
         PIXELRELAY_HEALTH_INTERVAL_S="0.5",
         PIXELRELAY_SWEEP_INTERVAL_S="0",
     )
@@ -164,6 +165,9 @@ def test_health_is_0_while_the_worker_consumes_and_1_once_it_is_stopped(json_enc
     wait_until(lambda: time.time() - health_file.stat().st_mtime < 1, timeout=10, interval=0.05)
     alive = run_cli(["health", "--max-age", "1"], env)
     assert alive.returncode == 0, alive.stderr
+    assert run_cli(["health", "--stage", "decode"], env).returncode == 1  # no decode worker here
+    seen = redis.Redis.from_url(env["PIXELRELAY_REDIS_URL"]).zrange(keys.workers("encode"), 0, -1, withscores=True)
+    assert seen and time.time() - seen[-1][1] < 30, seen  # its presence, which ``status`` reads
     os.kill(proc.pid, signal.SIGSTOP)
     wait_until(lambda: stopped_state(proc.pid), timeout=10, interval=0.01)
     backdate(health_file, 5)  # no consumer touches it again
