@@ -5,10 +5,11 @@ Redis's password and data, and ``run.json``, and the lock that lets one run at a
   the hash of the output's identity (an S3 URI, or a local folder's resolved path): the same
   output finds the same state again, so a killed run resumes. Nothing is kept in the output
   tree, where whoever can write the output could plant a key.
-* The folder is made 0700; one that is a symlink or owned by another user is refused
-  (``ConfigError``). Every file in it is opened without following a symlink (``O_NOFOLLOW``)
-  and refused unless it is a regular file owned by the current user with mode 0600; files are
-  made 0600, and the embedded Redis runs with umask 077.
+* The folder is made 0700; one that is a symlink, owned by another user, or in a parent
+  others may write (not sticky) is refused (``ConfigError``). Every file in it is opened
+  without following a symlink (``O_NOFOLLOW``) and refused unless it is a regular file owned
+  by the current user with mode 0600; files are made 0600, and the embedded Redis runs with
+  umask 077.
 * ``RunLock``: ``flock`` on ``run.lock``, held for the run's life and inherited by the embedded
   ``redis-server`` (so a Redis that outlived its run still holds it). A second run while the
   holder is alive is refused; when the holder is gone but its Redis is not, that Redis is
@@ -44,9 +45,21 @@ def state_dir(output: str) -> str:
     return os.path.join(base, "pixelrelay", "run-" + hashlib.sha256(identity.encode()).hexdigest()[:16])
 
 
+def _check_parent(parent: str) -> None:
+    """Others must not be able to swap the state folder: its parent is writable by the user
+    alone, or sticky (like /tmp)."""
+    st = os.stat(parent)
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(f"run state: {parent} is writable by other users; use a folder of your own")
+
+
 def own_folder(folder: str) -> str:
-    """Make ``folder`` (0700) or check it is the user's own: not a symlink, owned by the user;
-    its mode is narrowed to 0700."""
+    """Make ``folder`` (0700, and its parent if missing) or check it is the user's own: not a
+    symlink, owned by the user, in a parent others cannot write; its mode is narrowed to 0700."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.exists(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    _check_parent(parent)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     st = os.lstat(folder)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
