@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +105,26 @@ def _redis_servers(folder: Path) -> list[int]:
     return _alive(found)
 
 
+class _MostRedis:
+    """The most redis-server processes seen at once on a state folder, sampled in a thread."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path, self.most, self.done = tmp_path, 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.1):
+            root = self.tmp_path / "state" / "pixelrelay"
+            for folder in root.iterdir() if root.exists() else ():
+                self.most = max(self.most, len(_redis_servers(folder)))
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join(5)
+        return self.most
+
+
 def _in_group(pgid: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -146,6 +167,7 @@ def _kill_decode_worker(run: subprocess.Popen) -> tuple[int, float]:
 
 def test_run_resumes_after_being_killed_and_restarts_a_killed_worker(tmp_path):
     _inputs(tmp_path / "in")
+    redis_servers = _MostRedis(tmp_path)
     first = _start_run(tmp_path, "run1.log")
     job_id = first.stdout.readline().strip()
     assert job_id, (tmp_path / "run1.log").read_text()
@@ -174,7 +196,7 @@ def test_run_resumes_after_being_killed_and_restarts_a_killed_worker(tmp_path):
     logdir = err.split("worker logs kept in ", 1)[1].split()[0]  # a worker died: its log is kept
     assert (Path(logdir) / "decode.log").exists()
     _check(tmp_path, job_id, max_redone=4)  # at most the window (2 chunks of 2) was done twice
-    assert not _redis_servers(_state(tmp_path))
+    assert not _redis_servers(_state(tmp_path)) and redis_servers.stop() == 1  # never two on the folder
     print(
         f"\nrun: SIGKILLed run's workers and Redis gone {orphans_s:.1f} s after; resumed run finished in "
         f"{time.monotonic() - started_at:.1f} s; killed decode worker restarted in {restarted_s:.1f} s, job done "
