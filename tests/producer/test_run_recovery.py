@@ -7,8 +7,9 @@ behind. The embedded Redis is the run's alone: another local user can neither us
 read its state, and its password is in no process's argv. Real subprocesses, local folders,
 slow test backends.
 
-Measured on a 2-core machine: a killed decode worker is back and the job done about 5-10 s
-later; the resumed run finishes the job about 10-15 s after it starts (worker start-up).
+Measured on a shared, loaded 2-core machine: a SIGKILLed run's workers and Redis are gone
+0.1-0.2 s later; a killed decode worker is back in 0.5 s and the job done 15-25 s later; the
+resumed run finishes the job 35-55 s after it starts (worker start-up, lease expiry).
 """
 
 from __future__ import annotations
