@@ -156,6 +156,23 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not). A reused pid reads as alive: the run
+    is then refused, never another's Redis stopped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunLock:
     """One run at a time on a state folder (see the module docstring); ``fd`` is passed to the
     embedded Redis."""
@@ -187,7 +204,7 @@ class RunLock:
         deadline = time.monotonic() + wait_s
         while not self._try():
             holder = _pid_in(self.path)
-            if holder is not None and holder != os.getpid() and "pixelrelay" in _cmdline(holder):
+            if holder is not None and holder != os.getpid() and _alive(holder):
                 self.release()
                 raise ConfigError(
                     f"another pixelrelay run (pid {holder}) is using this output (state in {self.folder}): "
