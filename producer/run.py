@@ -9,26 +9,32 @@ Invariants:
 * ``run`` checks what it can before it starts anything (``preflight``): a local input exists,
   a local output is a folder it can make or write, the device is usable here (``--device
   cuda`` without a GPU: exit 2 at once). A run that ends before its job is submitted removes
-  the folders it made (``OUT/_state/``, the signing key): a refused run leaves nothing behind.
+  the folders it made (its state folder, the signing key): a refused run leaves nothing behind.
 * The embedded Redis keeps an append-only file (``appendfsync everysec``) in the run's
-  state folder: ``<output>/_state/run-redis/`` for a local output, else
-  ``$XDG_STATE_HOME/pixelrelay/run-<hash of the output>/`` (default ``~/.local/state``).
-  ``run.json`` there records the job of the last run (``{job_id, input, output}``); a run
-  of the same input and output, without ``--job-id``, resumes that job while it is not
-  finished, instead of starting a new one (so a killed ``run`` just runs again).
+  state folder, ``$XDG_STATE_HOME/pixelrelay/run-<hash of the output>/`` (default
+  ``~/.local/state``; ``producer.runstate``: 0700, every file 0600 and the user's own, never
+  in the output tree). ``run.json`` there records the job of the last run (``{job_id,
+  input, output}``); a run of the same input and output, without ``--job-id``, resumes that
+  job while it is not finished, instead of starting a new one (so a killed ``run`` just runs
+  again). One run at a time holds the folder's lock (``RunLock``); a second is refused (exit 2).
+* The embedded Redis is the run's alone: loopback only, a password (``redis.password`` in the
+  state folder, in a config file, never argv), and no ``CONFIG``, ``DEBUG``, ``MODULE``,
+  ``SAVE`` (``producer.embedded``). Its URL carries the password: it reaches the workers in
+  their environment, and logs only redacted.
 * Signing (``pipeline.signing``): with the embedded Redis, the run's key is
   ``signing.key`` in the state folder (``secrets.token_urlsafe(32)``, made with mode 0600 on
-  first use, made 0600 again if found wider, reused by a run that resumes); the workers get
-  its path as ``PIXELRELAY_SIGNING_KEY_FILE`` in their environment, never the key in argv,
-  and any ``PIXELRELAY_SIGNING_KEY`` of the caller is not passed on. With an external Redis,
-  the configured key is used; without one, ``run`` refuses (exit 2) unless
+  first use, refused unless the user's own with mode 0600, reused by a run that resumes); the
+  workers get its path as ``PIXELRELAY_SIGNING_KEY_FILE`` in their environment, never the key
+  in argv, and any ``PIXELRELAY_SIGNING_KEY`` of the caller is not passed on. With an external
+  Redis, the configured key is used; without one, ``run`` refuses (exit 2) unless
   ``--insecure-no-signing``, which its workers then get too.
 * Threads (``workers.balance``): unless ``PIXELRELAY_TORCH_THREADS`` is set, the workers start
   with a prior split of the machine's cores (decode most) and ``run`` re-splits them by each
   stage's measured CPU cost per item while the job runs.
-* The embedded Redis and the workers stay in ``run``'s process group (``kill -9 -PGID``
-  ends them all); SIGTERM and SIGHUP end the run like Ctrl-C: workers are stopped (warm
-  shutdown), then Redis, and the exit code is 130.
+* The embedded Redis and the workers end with ``run`` (``producer.orphans``): killed by
+  SIGKILL or the OOM killer, ``run`` takes its workers (SIGKILL) and Redis (SIGTERM) with it.
+  SIGTERM and SIGHUP end the run like Ctrl-C: workers are stopped (warm shutdown), then
+  Redis, and the exit code is 130.
 * A worker that exits while the job runs (SIGKILL, OOM, the watchdog's exit 75) is started
   again, and its chunk comes back through its lease and the sweep; ``run`` gives up (exit 5,
   logs kept) only when a worker exits ``MAX_DEATHS`` times within ``DEATHS_WINDOW_S``, or
@@ -41,16 +47,13 @@ Invariants:
 
 The workers log to ``<tmp>/pixelrelay-workers-XXXX/{encode,plan,decode}.log``; the folder is
 printed (stderr) when the workers start. It is deleted after a run that ends with every item
-done, unless ``--keep-logs``, and kept, and printed again, after anything else (items failed,
-a worker gave up, an error, Ctrl-C).
+done and no worker started again, unless ``--keep-logs``, and kept, and printed again, after
+anything else (a worker exited, items failed, an error, Ctrl-C).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -72,6 +75,17 @@ from pixelrelay.pipeline.storage import is_s3, open_storage
 from pixelrelay.producer.embedded import EmbeddedRedis
 from pixelrelay.producer.keeper import Keeper
 from pixelrelay.producer.listing import InputError
+from pixelrelay.producer.orphans import bound_to_parent
+from pixelrelay.producer.runstate import (
+    KEY_FILE,
+    PASSWORD_FILE,
+    RunLock,
+    read_secret,
+    record_job,
+    recorded_job,
+    secret_file,
+    state_dir,
+)
 from pixelrelay.producer.status import WaitAborted, is_finished, summarize, wait_for_job
 from pixelrelay.producer.submit import check_instruction, normalize_location, redis_client, submit
 from pixelrelay.workers import balance
@@ -79,8 +93,6 @@ from pixelrelay.workers.balance import Balancer
 
 MAX_DEATHS = 3  # a worker exiting this often within DEATHS_WINDOW_S cannot run: give up
 DEATHS_WINDOW_S = 60.0
-RUN_RECORD = "run.json"
-KEY_FILE = "signing.key"
 
 
 class Terminated(KeyboardInterrupt):
@@ -96,6 +108,7 @@ class LocalWorkers:
         self.stage_env = stage_env or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.deaths: dict[str, list[float]] = {}
+        self.restarts = 0  # workers started again after exiting: their logs are kept
         self.logdir = tempfile.mkdtemp(prefix="pixelrelay-workers-")
 
     def start(self) -> None:
@@ -108,7 +121,10 @@ class LocalWorkers:
         cmd = [sys.executable, "-P", "-m", "pixelrelay", "worker", "--stage", stage, *self.worker_args.get(stage, [])]
         with open(os.path.join(self.logdir, f"{stage}.log"), "ab") as log:
             env = {**self.env, **self.stage_env.get(stage, {})}
-            self.procs[stage] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # SIGKILL when `run` dies: its chunk comes back through its lease, as after any kill.
+            self.procs[stage] = subprocess.Popen(
+                bound_to_parent(cmd, signal.SIGKILL), env=env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def _tail(self, stage: str) -> str:
         with open(os.path.join(self.logdir, f"{stage}.log"), "rb") as log:
@@ -129,12 +145,14 @@ class LocalWorkers:
                 file=sys.stderr,
                 flush=True,
             )
+            self.restarts += 1
             self._start(stage)
         return None
 
     def finish_logs(self, ok: bool, keep: bool) -> None:
-        """Delete the log folder after a clean run (unless ``keep``); else say where it is."""
-        if ok and not keep:
+        """Delete the log folder after a clean run with no worker restarted (unless ``keep``);
+        else say where it is."""
+        if ok and not keep and not self.restarts:
             shutil.rmtree(self.logdir, ignore_errors=True)
         else:
             print(f"worker logs kept in {self.logdir}", file=sys.stderr, flush=True)
@@ -151,47 +169,9 @@ class LocalWorkers:
                 proc.wait()
 
 
-def state_dir(output: str) -> str:
-    """The run's state folder for ``output`` (see the module docstring)."""
-    if not is_s3(output):
-        return os.path.join(output, "_state", "run-redis")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "pixelrelay", "run-" + hashlib.sha256(output.encode()).hexdigest()[:16])
-
-
 def run_key_file(folder: str) -> str:
-    """The path of the run's signing key in ``folder``: made (mode 0600) if there is none."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, KEY_FILE)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if os.stat(path).st_mode & 0o077:
-            os.chmod(path, 0o600)
-        return path
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32))
-    return path
-
-
-def recorded_job(folder: str, input_uri: str, output_uri: str) -> str | None:
-    """The job id ``run.json`` records for this input and output (validated), if any."""
-    try:
-        with open(os.path.join(folder, RUN_RECORD)) as f:
-            row = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(row, dict) or row.get("input") != input_uri or row.get("output") != output_uri:
-        return None
-    job_id = row.get("job_id")
-    return job_id if isinstance(job_id, str) and job_id else None
-
-
-def record_job(folder: str, job_id: str, input_uri: str, output_uri: str) -> None:
-    tmp = os.path.join(folder, RUN_RECORD + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"job_id": job_id, "input": input_uri, "output": output_uri}, f)
-    os.replace(tmp, os.path.join(folder, RUN_RECORD))
+    """The path of the run's signing key in ``folder`` (``producer.runstate.secret_file``)."""
+    return secret_file(folder, KEY_FILE)
 
 
 def _unfinished(settings: Settings, job_id: str, output: str) -> bool:
@@ -336,14 +316,12 @@ def preflight(settings: Settings, run: RunOptions) -> None:
 
 
 class _Created:
-    """The folders a run creates on the way to its state folder, removed again when the run
-    ends before its job was submitted (a refused run leaves nothing behind)."""
+    """The run's state folder, removed again when the run made it and ended before its job was
+    submitted (a refused run leaves nothing behind). Its parents are shared by other runs:
+    they stay."""
 
     def __init__(self, folder: str) -> None:
-        top = None
-        while not os.path.exists(folder):
-            top, folder = folder, os.path.dirname(folder)
-        self.top = top  # the outermost folder that did not exist; None: all did
+        self.top = None if os.path.lexists(folder) else folder  # None: it was there
         self.submitted = False
 
     def undo(self) -> None:
@@ -358,10 +336,13 @@ def _trap_signals(stack: ExitStack) -> None:
 
 def _embedded(stack: ExitStack, settings: Settings, env: dict[str, str], folder: str) -> tuple[Settings, EmbeddedRedis]:
     """Start the embedded Redis on ``folder`` with the run's key; the settings that reach it."""
+    lock = stack.enter_context(RunLock(folder))
     key_path = run_key_file(folder)
     env.pop("PIXELRELAY_SIGNING_KEY", None)
     env["PIXELRELAY_SIGNING_KEY_FILE"] = key_path
-    server = stack.enter_context(EmbeddedRedis(data_dir=folder, own_session=False))
+    password = read_secret(secret_file(folder, PASSWORD_FILE))
+    server = EmbeddedRedis(data_dir=folder, own_session=False, password=password, locked=True, keep_fds=[lock.fd])
+    stack.enter_context(server)
     env["PIXELRELAY_REDIS_URL"] = server.url
     secret = type(settings.redis_url)
     settings = settings.model_copy(

@@ -11,11 +11,14 @@ A test without the mark that starts such a process fails with ``SpawnOutsideE2E`
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,6 +38,9 @@ TEST_SIGNING_KEY = "pixelrelay-tests-only-signing-key"
 os.environ["PIXELRELAY_SIGNING_KEY"] = TEST_SIGNING_KEY
 os.environ.pop("PIXELRELAY_SIGNING_KEY_FILE", None)
 os.environ.pop("PIXELRELAY_INSECURE_NO_SIGNING", None)
+# `pixelrelay run` keeps its state under $XDG_STATE_HOME: the tests' own, never the user's.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="pixelrelay-test-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 TEST_SIGNER = Signer(TEST_SIGNING_KEY)
 TEST_BACKENDS = {"encoder": "analysis", "planner": "rules", "decoder": "classic"}
 E2E_FIXTURES = frozenset({"stage_workers"})

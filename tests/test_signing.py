@@ -35,6 +35,7 @@ from pixelrelay.pipeline.settings import ConfigError, Settings
 from pixelrelay.pipeline.signing import SignatureError, Signer
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.run import run_key_file
+from pixelrelay.producer.runstate import state_dir
 from pixelrelay.workers.policy import Limits, finish_chunk
 from pixelrelay.workers.sweep import sweep_once
 from tests.conftest import REPO, TEST_SIGNER, TEST_SIGNING_KEY, wait_until, worker_env
@@ -91,15 +92,48 @@ def test_the_key_comes_from_the_environment_or_a_file_and_never_shows(tmp_path, 
     assert not Settings.from_env(insecure_no_signing=True).signer().secure
 
 
-def test_run_keeps_its_key_beside_its_redis_data_mode_0600_and_reuses_it(tmp_path):
-    folder = tmp_path / "_state" / "run-redis"
+def test_run_keeps_its_key_in_the_users_state_folder_mode_0600_and_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    out = tmp_path / "out"
+    folder = Path(state_dir(str(out)))
+    assert folder.parent == tmp_path / "state" / "pixelrelay" and state_dir(str(out) + "/.") == str(folder)
     path = run_key_file(str(folder))
     assert Path(path).parent == folder and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700 and not out.exists()  # nothing in the output tree
     key = Path(path).read_text()
-    assert len(key) >= 32
-    os.chmod(path, 0o644)  # someone widened it: a resumed run narrows it again, same key
-    assert run_key_file(str(folder)) == path and Path(path).read_text() == key
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert len(key) >= 32 and run_key_file(str(folder)) == path and Path(path).read_text() == key
+    os.chmod(path, 0o644)  # widened: whoever could read it may have it
+    with pytest.raises(ConfigError, match="must be a file of yours with mode 0600"):
+        run_key_file(str(folder))
+
+
+def test_a_planted_or_symlinked_run_key_is_refused(tmp_path):
+    """Someone who can write where the run state lives plants a key (theirs, or a symlink to
+    a file whose content they know): the run refuses it rather than sign with it."""
+    folder = tmp_path / "st"
+    folder.mkdir(mode=0o700)
+    known = tmp_path / "known.txt"
+    known.write_text("a key the attacker knows well")
+    os.chmod(known, 0o644)
+    (folder / "signing.key").symlink_to(known)
+    with pytest.raises(ConfigError, match="a symlink"):
+        run_key_file(str(folder))
+    assert stat.S_IMODE(os.stat(known).st_mode) == 0o644  # the target was not chmod'ed
+    (folder / "signing.key").unlink()
+    (folder / "signing.key").write_text("the attacker's own key, 0600")
+    os.chmod(folder / "signing.key", 0o600)
+    if os.geteuid() != 0:
+        pytest.skip("planting a file owned by another user needs root")
+    os.chown(folder / "signing.key", 65534, 65534)
+    with pytest.raises(ConfigError, match="owner uid 65534"):
+        run_key_file(str(folder))
+    os.chown(folder, 65534, 65534)  # the folder itself is someone else's
+    with pytest.raises(ConfigError, match="not by you"):
+        run_key_file(str(folder))
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    with pytest.raises(ConfigError, match="symlink"):
+        run_key_file(str(link))
 
 
 # --- row 1 over the wire: real workers ----------------------------------------------------

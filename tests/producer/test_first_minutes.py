@@ -19,6 +19,7 @@ from pixelrelay.pipeline.settings import ConfigError, unknown_env
 from pixelrelay.producer import models_cli
 from pixelrelay.producer.cli import build_parser, main
 from pixelrelay.producer.run import check_device
+from pixelrelay.producer.runstate import state_dir
 from tests.conftest import REPO, run_cli, worker_env
 
 
@@ -195,7 +196,7 @@ def test_run_refused_after_start_leaves_nothing_behind(tmp_path):
     out = tmp_path / "out"
     result = run_cli(["run", str(tmp_path / "empty"), "--out", str(out)], _run_env(), timeout=120)
     assert result.returncode == ExitCode.USAGE and "lists no images" in result.stderr
-    assert not out.exists()
+    assert not out.exists() and not os.path.exists(state_dir(str(out)))  # no state folder, no key
     logdir = result.stderr.split("worker logs: ", 1)[1].split()[0]
     assert not os.path.exists(logdir)
 

@@ -1,19 +1,28 @@
-"""``pixelrelay run`` survives its own parts dying: a worker SIGKILLed mid-job is started
-again; the whole run (its process group: run, workers, embedded Redis) SIGKILLed and run
-again resumes the same job from the embedded Redis's append-only file; SIGTERM leaves no
-redis-server or worker behind. Real subprocesses, local folders, slow test backends.
+"""``pixelrelay run`` survives its own parts dying and leaves nothing behind: a worker
+SIGKILLed mid-job is started again (its log is kept); ``run`` itself SIGKILLed takes its
+workers and embedded Redis with it, and run again resumes the same job from the embedded
+Redis's append-only file, with one Redis on the state folder at any time; a second run on
+the same output is refused while one holds it; SIGTERM leaves no redis-server or worker
+behind. The embedded Redis is the run's alone: another local user can neither use it nor
+read its state, and its password is in no process's argv. Real subprocesses, local folders,
+slow test backends.
 
-Measured on a 2-core machine: a killed decode worker is back and the job done about 5-10 s
-later; the resumed run finishes the job about 10-15 s after it starts (worker start-up).
+Measured on a shared, loaded 2-core machine: a SIGKILLed run's workers and Redis are gone
+0.1-0.2 s later; a killed decode worker is back in 0.5 s and the job done 15-25 s later; the
+resumed run finishes the job 35-55 s after it starts (worker start-up, lease expiry).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,10 +38,25 @@ N_ITEMS = 8
 SLOW = ["--encoder", "slow", "--planner", "slow", "--decoder", "slow"]
 
 
-def _env() -> dict[str, str]:
-    env = worker_env("", **SETTINGS)
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = worker_env("", XDG_STATE_HOME=str(tmp_path / "state"), **SETTINGS)
     env.pop("PIXELRELAY_REDIS_URL")
     return env
+
+
+def _state(tmp_path: Path) -> Path:
+    (folder,) = (tmp_path / "state" / "pixelrelay").iterdir()
+    return folder
+
+
+@pytest.fixture
+def open_tmp(tmp_path):
+    """A tmp_path any local user can reach (pytest's own is 0700): only the run's own
+    permissions then stand between another user and its state."""
+    top = Path(tempfile.mkdtemp(prefix="pixelrelay-open-"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
 
 
 def _inputs(folder: Path) -> None:
@@ -46,7 +70,7 @@ def _start_run(tmp_path: Path, log: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pixelrelay", "run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *SLOW]
     err = open(tmp_path / log, "w")
     return subprocess.Popen(
-        cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+        cmd, env=_env(tmp_path), cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
     )  # its own process group, with its workers and Redis
 
 
@@ -63,6 +87,43 @@ def _children(pid: int) -> dict[int, str]:
         except (OSError, IndexError, ValueError):
             continue
     return found
+
+
+def _alive(pids) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+
+
+def _redis_servers(folder: Path) -> list[int]:
+    """Live redis-server processes working in ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and "redis-server" in (entry / "cmdline").read_text(errors="replace"):
+                if os.readlink(entry / "cwd") == str(folder):
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return _alive(found)
+
+
+class _MostRedis:
+    """The most redis-server processes seen at once on a state folder, sampled in a thread."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path, self.most, self.done = tmp_path, 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.1):
+            root = self.tmp_path / "state" / "pixelrelay"
+            for folder in root.iterdir() if root.exists() else ():
+                self.most = max(self.most, len(_redis_servers(folder)))
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join(5)
+        return self.most
 
 
 def _in_group(pgid: int) -> list[int]:
@@ -107,18 +168,24 @@ def _kill_decode_worker(run: subprocess.Popen) -> tuple[int, float]:
 
 def test_run_resumes_after_being_killed_and_restarts_a_killed_worker(tmp_path):
     _inputs(tmp_path / "in")
+    redis_servers = _MostRedis(tmp_path)
     first = _start_run(tmp_path, "run1.log")
     job_id = first.stdout.readline().strip()
     assert job_id, (tmp_path / "run1.log").read_text()
     wait_until(lambda: _parts(tmp_path, job_id) >= 1, timeout=60, interval=0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the run and everything it started, mid-job
+    children = _children(first.pid)
+    assert len(children) == 4 and len(_redis_servers(_state(tmp_path))) == 1, children  # 3 workers, Redis
+    killed_at = time.monotonic()
+    os.kill(first.pid, signal.SIGKILL)  # `run` alone, mid-job, as the OOM killer would
     first.wait(10)
-    wait_until(lambda: not _in_group(first.pid), timeout=10)
+    wait_until(lambda: not _alive(children), timeout=10, interval=0.05)
+    orphans_s = time.monotonic() - killed_at
     assert not (tmp_path / "out" / "_jobs" / job_id / "manifest.jsonl").exists()
 
     started_at = time.monotonic()
     second = _start_run(tmp_path, "run2.log")
     assert second.stdout.readline().strip() == job_id  # the same job, not a new one
+    assert len(_redis_servers(_state(tmp_path))) == 1
     parts = _parts(tmp_path, job_id)
     wait_until(lambda: _parts(tmp_path, job_id) > parts, timeout=60, interval=0.05)  # mid-job again
     _, restarted_s = _kill_decode_worker(second)
@@ -127,11 +194,90 @@ def test_run_resumes_after_being_killed_and_restarts_a_killed_worker(tmp_path):
     err = (tmp_path / "run2.log").read_text()
     assert f"resuming job {job_id}" in err
     assert "the decode worker exited with code -9; starting it again" in err
+    logdir = err.split("worker logs kept in ", 1)[1].split()[0]  # a worker died: its log is kept
+    assert (Path(logdir) / "decode.log").exists()
     _check(tmp_path, job_id, max_redone=4)  # at most the window (2 chunks of 2) was done twice
+    assert not _redis_servers(_state(tmp_path)) and redis_servers.stop() == 1  # never two on the folder
     print(
-        f"\nrun: resumed run finished in {time.monotonic() - started_at:.1f} s; killed decode worker restarted "
-        f"in {restarted_s:.1f} s, job done {time.monotonic() - killed_at:.1f} s after the kill"
+        f"\nrun: SIGKILLed run's workers and Redis gone {orphans_s:.1f} s after; resumed run finished in "
+        f"{time.monotonic() - started_at:.1f} s; killed decode worker restarted in {restarted_s:.1f} s, job done "
+        f"{time.monotonic() - killed_at:.1f} s after the kill"
     )
+
+
+_NOBODY = r"""
+import json, os, socket, sys
+folder, port = sys.argv[1], int(sys.argv[2])
+seen = {}
+for name in ("signing.key", "redis.password", "run.json", "appendonlydir", "redis.conf"):
+    try:
+        open(os.path.join(folder, name)).read()
+        seen[name] = "read"
+    except OSError as exc:
+        seen[name] = type(exc).__name__
+with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    for cmd in (b"PING", b"KEYS *", b"CONFIG SET dir /tmp", b"LPUSH pixelrelay.encode x"):
+        s.sendall(cmd + b"\r\n")
+        seen[cmd.decode()] = s.recv(200).decode(errors="replace").split(" ")[0].strip()
+print(json.dumps(seen))
+"""
+
+
+PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), "")
+
+
+def _as_nobody(folder: Path, port: int) -> dict[str, str]:
+    def drop() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+
+    result = subprocess.run(
+        [PYTHON, "-I", "-c", _NOBODY, str(folder), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=drop,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another local user (nobody) needs root")
+@pytest.mark.skipif(not PYTHON, reason="no system python3 that the user nobody can run")
+def test_run_redis_and_state_are_the_operators_alone_and_one_run_at_a_time(open_tmp):
+    tmp_path = open_tmp
+    _inputs(tmp_path / "in")
+    run = _start_run(tmp_path, "run.log")
+    assert run.stdout.readline().strip()
+    folder = _state(tmp_path)
+    password = (folder / "redis.password").read_text()
+    assert len(password) >= 32 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir() if p.is_file()), list(folder.iterdir())
+    port = int(next(line for line in (folder / "redis.conf").read_text().splitlines() if line.startswith("port "))[5:])
+    seen = _as_nobody(folder, port)
+    assert all(seen[name] == "PermissionError" for name in ("signing.key", "redis.password", "run.json")), seen
+    assert {seen[cmd] for cmd in ("PING", "KEYS *", "LPUSH pixelrelay.encode x")} == {"-NOAUTH"}, seen
+    assert seen["CONFIG SET dir /tmp"] in ("-NOAUTH", "-ERR"), seen  # renamed away: unknown before auth
+    for entry in Path("/proc").iterdir():  # no process shows the password in its argv
+        if entry.name.isdigit():
+            try:
+                assert password not in (entry / "cmdline").read_text(errors="replace"), entry
+            except OSError:
+                continue
+    second = subprocess.run(
+        [sys.executable, "-m", "pixelrelay", "run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *SLOW],
+        env=_env(tmp_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2 and f"another pixelrelay run (pid {run.pid}) is using this output" in second.stderr
+    assert len(_redis_servers(folder)) == 1
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 130
+    logdir = (tmp_path / "run.log").read_text().split("worker logs kept in ", 1)[1].split()[0]
+    assert not any(password in p.read_text(errors="replace") for p in Path(logdir).iterdir())
 
 
 def test_run_sigterm_leaves_no_orphans(tmp_path):
