@@ -172,7 +172,9 @@ def run_worker(
     from pixelrelay.workers import metrics
     from pixelrelay.workers.runtime import runtime
 
-    metrics.serve(settings.metrics_port, concurrency)  # before the model loads and before any fork
+    metrics.serve(
+        settings.metrics_port, concurrency, settings.metrics_addr
+    )  # before the model loads and before any fork
     if concurrency <= 1:
         runtime().stage(stage)  # load the model now, in this very process (publishes its identity)
         worker_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)
