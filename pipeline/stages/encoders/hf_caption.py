@@ -65,8 +65,7 @@ class HFCaptionEncoder(Encoder):
         self.dtype = dtype or hf.choose_dtype(device, self.settings.dtype)
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         self.vlm = hf.load_pretrained(AutoModelForImageTextToText, path, self.model_id, "encoder", dtype=self.dtype)
-        # transformers types its wrapped ``.to`` as taking the model first: a bound call passes it
-        self.vlm.to(torch.device(device)).eval()  # type: ignore[arg-type]
+        self.vlm.to(torch.device(device)).eval()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"

@@ -159,9 +159,7 @@ class HFLLMPlanner(Planner):
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"planner model {self.model_id!r} has no chat template")
         self.lm = hf.load_pretrained(AutoModelForCausalLM, path, self.model_id, "planner", dtype=self.dtype)
-        # transformers declares ``to`` with functools.wraps(Module.to), whose typing takes the
-        # bound method's first argument for ``self``
-        self.lm.to(torch.device(device)).eval()  # type: ignore[arg-type]
+        self.lm.to(torch.device(device)).eval()
         self.eos_token_id = self._eos_id()
         self.rules = RulesPlanner()
         self._free_mask = self._make_free_mask()
