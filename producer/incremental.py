@@ -41,7 +41,7 @@ _SENT_FIELDS = ("input", "version", "request")
 _INDEX_FIELDS = _SENT_FIELDS
 
 
-def _lines(lines: Iterable[str]) -> Iterator[object]:
+def _lines(lines: Iterable[bytes]) -> Iterator[object]:
     """Each non-blank line's JSON value; None for a line that is not JSON (files in storage
     may have been edited by anyone who can write there)."""
     for line in lines:
@@ -56,7 +56,7 @@ def _has(row: object, fields: tuple[str, ...]) -> TypeGuard[dict]:
     return isinstance(row, dict) and all(isinstance(row.get(name), str) for name in fields)
 
 
-def _rows(lines: Iterable[str], fields: tuple[str, ...]) -> Iterator[dict]:
+def _rows(lines: Iterable[bytes], fields: tuple[str, ...]) -> Iterator[dict]:
     """The lines that are JSON objects with a string at each of ``fields``; the others are
     skipped, so their inputs count as new and are sent again."""
     for row in _lines(lines):
