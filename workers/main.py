@@ -173,9 +173,8 @@ def run_worker(
     from pixelrelay.workers import metrics
     from pixelrelay.workers.runtime import BackendLoadError, runtime
 
-    metrics.serve(
-        settings.metrics_port, concurrency, settings.metrics_addr
-    )  # before the model loads and before any fork
+    # before the model loads and before any fork
+    metrics.serve(settings.metrics_port, concurrency, settings.metrics_addr)
     if concurrency <= 1:
         try:
             runtime().stage(stage)  # load the model now, in this very process (publishes its identity)
