@@ -65,3 +65,21 @@ def test_an_edited_index_and_a_swapped_output_cost_a_reprocess_not_the_planted_b
     assert row["input"] == str(src / "img0.png") and row["status"] == "done"
     assert row["outcome"] == "overwritten", row  # not "reused": the planted fingerprint is another input's
     assert (out / "img0.png").read_bytes() == genuine != planted
+
+
+def test_a_manifest_edited_before_its_job_is_folded_costs_a_reprocess(stage_workers, redis_url, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(2):
+        (src / f"img{i}.png").write_bytes(encode(photo_like(16, 16, i), "PNG"))
+    first = _submit(redis_url, src, out)
+    assert first.returncode == 0, first.stderr + stage_workers.logs()
+    manifest = out / "_jobs" / first.stdout.strip() / "manifest.jsonl"
+    manifest.write_text("not json\n" + manifest.read_text())  # one line more, and out of step
+
+    second = _submit(redis_url, src, out)
+
+    assert second.returncode == 0, second.stderr + stage_workers.logs()
+    assert "2 items to process (0 new, 0 changed, 2 retried); 0 unchanged items skipped" in second.stderr
+    rows = _manifest(out, second.stdout.strip())
+    assert [r["status"] for r in rows] == ["done", "done"]
