@@ -43,3 +43,4 @@ DEFAULT_REDIS_URL = ""  # empty: `pixelrelay run` starts an embedded Redis
 DEFAULT_ENCODER = "builtin"  # pixelrelay's own trained models, shipped in the package
 DEFAULT_PLANNER = "rules"
 DEFAULT_DECODER = "builtin"
+DEFAULT_METRICS_ADDR = "127.0.0.1"  # /metrics listens on loopback unless told otherwise

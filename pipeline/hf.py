@@ -7,9 +7,11 @@ torch and transformers are imported lazily.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,67 @@ def require_model(model: str, stage_kind: str, kind: str | None = None) -> Path:
 def load_path(model: str, stage_kind: str, kind: str | None = None) -> str:
     """The path to hand to ``from_pretrained`` (always a local folder)."""
     return str(require_model(model, stage_kind, kind))
+
+
+class ModelMismatchError(ModelUnavailableError):
+    """A model whose weights do not fit its architecture (missing, unexpected or mis-shaped
+    tensors): it would run partly randomly initialised, so it is never built."""
+
+
+def _not_a_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    # transformers logs a mismatch as a many-line WARNING table (the refusal says it in one
+    # line) and draws a progress bar on stderr. A filter, not a level: transformers runs extra
+    # checks when that logger's level is raised.
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    bars = hf_logging.is_progress_bar_enabled()
+    logger.addFilter(_not_a_load_report)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_a_load_report)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(loader: Any, path: str, model: str, stage_kind: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(path, **kwargs)`` from local files only, refused
+    (``ModelMismatchError``) unless every weight of the architecture came from the checkpoint,
+    in its shape, and the checkpoint holds no other."""
+    with _quiet_load_report():
+        net, info = loader.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    check_loading_info(info, model, stage_kind)
+    return net
+
+
+def check_loading_info(info: Mapping[str, Any], model: str, stage_kind: str) -> None:
+    """Raise ``ModelMismatchError`` when transformers' loading info lists any missing,
+    mis-shaped or unexpected weight, or a load error. Only counts and the first missing name
+    (the architecture's, never the checkpoint's) are quoted."""
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    counts = {
+        "missing": len(missing),
+        "of the wrong shape": len(info.get("mismatched_keys") or ()),
+        "unexpected": len(info.get("unexpected_keys") or ()),
+        "unreadable": len(info.get("error_msgs") or ()),
+    }
+    if not any(counts.values()):
+        return
+    found = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    example = f", first missing {missing[0][:80]!r}" if missing else ""
+    raise ModelMismatchError(
+        f"{stage_kind} model {model!r}: its weights do not match its config ({found}{example}); "
+        "refused, as missing weights would run randomly initialised"
+    )
 
 
 def pull_model(model: str, extra_patterns: Iterable[str] = ()) -> str:

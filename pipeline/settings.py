@@ -25,6 +25,7 @@ from its job (``pixelrelay.pipeline.limits``).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import logging
 import os
 import re
@@ -39,6 +40,9 @@ from pixelrelay.pipeline import constants as C
 
 ENV_PREFIX = "PIXELRELAY_"
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 # PIXELRELAY_* variables read outside ``Settings``: by components (plugins, health file,
 # notify, the run's thread balance) and by deploy/compose.yaml.
 OTHER_ENV = frozenset(
@@ -104,7 +108,9 @@ class Settings(BaseSettings):
     allowed_backends: str = ""
     log_level: str = "INFO"
     # Prometheus /metrics of a worker (``workers.metrics``) or ``pixelrelay exporter``; 0: off.
+    # The address it listens on: loopback unless set (0.0.0.0 inside a container Prometheus scrapes).
     metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_addr: str = C.DEFAULT_METRICS_ADDR
     # Operations: log lines as text or JSON objects (pixelrelay.logs); how often a
     # worker touches its health file (PIXELRELAY_HEALTH_FILE, read by pixelrelay.health).
     log_format: Literal["text", "json"] = "text"
@@ -196,6 +202,17 @@ class Settings(BaseSettings):
     def _check_tile_cap(cls, value: int) -> int:
         if 0 < value < 16:
             raise ValueError("must be 0 (no cap: the memory budget decides) or at least 16")
+        return value
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _check_metrics_addr(cls, value: str) -> str:
+        value = value.strip()
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOSTNAME_RE.match(value):
+                raise ValueError("must be an IP address (127.0.0.1, 0.0.0.0, ::) or a host name") from None
         return value
 
     @field_validator("device")

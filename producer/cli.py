@@ -349,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus /metrics on port N (env PIXELRELAY_METRICS_PORT; 0: off)",
     )
     p.add_argument(
+        "--metrics-addr",
+        metavar="ADDR",
+        help="listen for /metrics on ADDR (env PIXELRELAY_METRICS_ADDR; default 127.0.0.1; 0.0.0.0: every interface)",
+    )
+    p.add_argument(
         "--no-events",
         action="store_true",
         help="send no Celery task events or worker heartbeats (Flower, celery events); on by default",
@@ -364,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="listen on port N (env PIXELRELAY_METRICS_PORT; default 9808)",
+    )
+    p.add_argument(
+        "--addr",
+        dest="metrics_addr",
+        metavar="ADDR",
+        help="listen on ADDR (env PIXELRELAY_METRICS_ADDR; default 127.0.0.1; 0.0.0.0: every interface)",
     )
     _common(p)
     p = sub.add_parser("health", help="exit 0 when this container's worker is alive and consuming (health checks)")
@@ -446,6 +457,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "decoder",
         "insecure_no_signing",
         "metrics_port",
+        "metrics_addr",
     )
     return Settings.from_env(**{name: getattr(args, name, None) for name in fields})
 
@@ -583,6 +595,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         decoder=args.decoder,
         insecure_no_signing=args.insecure_no_signing,
         metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
         log_format=args.log_format,
     )
     return run_worker(
@@ -604,7 +617,7 @@ def _cmd_exporter(args: argparse.Namespace) -> int:
     from pixelrelay.producer import exporter
 
     settings = _settings(args)
-    exporter.serve(settings, args.port or settings.metrics_port or exporter.DEFAULT_PORT)
+    exporter.serve(settings, args.port or settings.metrics_port or exporter.DEFAULT_PORT, addr=settings.metrics_addr)
     return ExitCode.OK
 
 

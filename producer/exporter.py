@@ -69,15 +69,17 @@ def signer_or_none(settings: Settings):
         return None
 
 
-def serve(settings: Settings, port: int, stop: threading.Event | None = None) -> None:
-    """Serve ``/metrics`` on ``port`` until ``stop`` is set (forever without one)."""
+def serve(settings: Settings, port: int, stop: threading.Event | None = None, addr: str | None = None) -> None:
+    """Serve ``/metrics`` on ``addr:port`` until ``stop`` is set (forever without one); ``addr``
+    None: the settings' ``metrics_addr`` (loopback unless set)."""
     from prometheus_client import start_http_server
 
     if not settings.redis:
         raise ConfigError("PIXELRELAY_REDIS_URL: not set; the exporter reads the job broker's Redis")
     client = redis.Redis.from_url(settings.redis, socket_timeout=10)
-    server, thread = start_http_server(port, registry=registry_for(client, signer_or_none(settings)))
-    log.info("exporter: backlog metrics on :%d/metrics, from %s", port, settings.redacted_redis_url)
+    addr = addr or settings.metrics_addr
+    server, thread = start_http_server(port, addr, registry=registry_for(client, signer_or_none(settings)))
+    log.info("exporter: backlog metrics on %s:%d/metrics, from %s", addr, port, settings.redacted_redis_url)
     try:
         (stop or threading.Event()).wait()
     finally:

@@ -8,12 +8,15 @@ when the index has it done with the same version and request fingerprint; an inp
 version changed under the same request has its output deleted before the job is sent (the
 fingerprint does not cover the input's bytes); the index is folded at the next submit, from
 jobs that have a manifest, oldest first; memory stays flat (a temporary SQLite index). A
-model change is not detected: run once without ``--incremental``.
+model change is not detected: run once without ``--incremental``. These files are as
+trusted as the output storage: a line that is not a well-formed row is skipped (its input is
+sent again), and nothing read from them names a file to read or delete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -21,6 +24,7 @@ import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from pixelrelay.jobs.files import job_root, manifest_uri, read_spec
 from pixelrelay.pipeline.fingerprint import request_fingerprint
@@ -33,6 +37,31 @@ INCREMENTAL_DIR = "incremental"
 INDEX_NAME = "index.jsonl"
 SUMMARY_NAME = "incremental.json"
 _BATCH = 10_000
+_SENT_FIELDS = ("input", "version", "request")
+_INDEX_FIELDS = _SENT_FIELDS
+
+
+def _lines(lines: Iterable[bytes]) -> Iterator[object]:
+    """Each non-blank line's JSON value; None for a line that is not JSON (files in storage
+    may have been edited by anyone who can write there)."""
+    for line in lines:
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                yield None
+
+
+def _has(row: object, fields: tuple[str, ...]) -> TypeGuard[dict]:
+    return isinstance(row, dict) and all(isinstance(row.get(name), str) for name in fields)
+
+
+def _rows(lines: Iterable[bytes], fields: tuple[str, ...]) -> Iterator[dict]:
+    """The lines that are JSON objects with a string at each of ``fields``; the others are
+    skipped, so their inputs count as new and are sent again."""
+    for row in _lines(lines):
+        if _has(row, fields):
+            yield row
 
 
 def state_root(output: str, input_uri: str) -> str:
@@ -89,8 +118,8 @@ class Incremental:
 
     def _load(self) -> None:
         try:
-            rows = (json.loads(line) for line in self.storage.iter_lines(self._index_uri()) if line.strip())
-            self._upsert((r["input"], r["version"], r["request"], int(bool(r.get("done")))) for r in rows)
+            rows = _rows(self.storage.iter_lines(self._index_uri()), _INDEX_FIELDS)
+            self._upsert((r["input"], r["version"], r["request"], int(r.get("done") is True)) for r in rows)
         except StorageNotFoundError:
             pass
 
@@ -129,14 +158,20 @@ class Incremental:
                 self.counts.folded_jobs.append(job_id)
 
     def _fold_job(self, job_id: str, uri: str) -> None:
-        sent = (json.loads(line) for line in self.storage.iter_lines(uri) if line.strip())
-        rows = (json.loads(line) for line in self.storage.iter_lines(manifest_uri(self.output, job_id)) if line.strip())
+        sent = _lines(self.storage.iter_lines(uri))
+        rows = _lines(self.storage.iter_lines(manifest_uri(self.output, job_id)))
 
         def folded() -> Iterator[tuple[str, str, str, int]]:
-            for listed, row in zip(sent, rows, strict=True):  # both in the job's index order, one line per item
-                fingerprint = row.get("fingerprint") or {}
+            # Both in the job's index order, one line per item; an edited file that no longer
+            # pairs up marks nothing done (its items are sent again), it never fails the submit.
+            for listed, row in itertools.zip_longest(sent, rows):
+                if not _has(listed, _SENT_FIELDS):
+                    continue
+                fingerprint = row.get("fingerprint") if isinstance(row, dict) else None
                 done = (
-                    row.get("status") == "done"
+                    isinstance(row, dict)
+                    and isinstance(fingerprint, dict)
+                    and row.get("status") == "done"
                     and row.get("input") == listed["input"]
                     and fingerprint.get("request") == listed["request"]
                 )

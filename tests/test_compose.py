@@ -106,7 +106,9 @@ def test_the_worker_commands_parse_with_the_real_cli(spec):
     for name in (*STAGES, "decode-gpu"):
         args = parser.parse_args(spec["services"][name]["command"])
         assert args.command == "worker" and args.stage == name.split("-")[0]
-    assert parser.parse_args(spec["services"]["exporter"]["command"]).command == "exporter"
+        assert args.metrics_addr == "0.0.0.0", f"{name}: /metrics must reach the compose network"
+    exporter = parser.parse_args(spec["services"]["exporter"]["command"])
+    assert exporter.command == "exporter" and exporter.metrics_addr == "0.0.0.0"
     health = spec["services"]["decode"]["healthcheck"]["test"]
     assert health[:3] == ["CMD", "pixelrelay", "health"]
     assert parser.parse_args(health[2:]).command == "health"

@@ -277,8 +277,10 @@ def test_worker_probes_run_pixelrelay_health_and_the_metrics_port_is_exposed(tar
             assert c[probe]["exec"]["command"][:2] == ["pixelrelay", "health"], (stage, probe)
             assert parse_cli(c[probe]["exec"]["command"][1:]).stage == stage, "each pod checks its own worker"
         assert c["livenessProbe"].get("terminationGracePeriodSeconds", 1e9) <= 60, "a stuck worker is not waited on"
-        port = parse_cli(c["args"]).metrics_port
+        args = parse_cli(c["args"])
+        port = args.metrics_port
         assert port and {"name": "metrics", "containerPort": port} in c["ports"], stage
+        assert args.metrics_addr == "0.0.0.0", f"{stage}: /metrics on loopback only is out of Prometheus' reach"
         notes = dep["spec"]["template"]["metadata"]["annotations"]
         assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == str(port)
 
@@ -492,6 +494,7 @@ def test_the_exporter_is_always_on_behind_a_service():
     (c,) = pod_spec(dep)["containers"]
     args = parse_cli(c["args"])
     assert args.command == "exporter" and args.port == 9808
+    assert args.metrics_addr == "0.0.0.0", "the exporter on loopback only is out of Prometheus' reach"
     assert dep["spec"]["replicas"] >= 1
     assert dep["metadata"]["name"] not in {
         so["spec"]["scaleTargetRef"]["name"] for so in objects(docs, "ScaledObject").values()

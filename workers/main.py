@@ -139,7 +139,8 @@ def run_worker(
         events: send task events and heartbeats.
 
     Returns:
-        The exit code: 2 (``ExitCode.USAGE``) at start-up for a missing model or device.
+        The exit code: 2 (``ExitCode.USAGE``) at start-up for a missing model or device, or (solo
+        pool) a model that cannot be built: a refused checkpoint, weights that do not fit it.
 
     Raises:
         ConfigError: a bad stage or setting, no Redis URL, or no signing key.
@@ -170,11 +171,16 @@ def run_worker(
     from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
     from pixelrelay.workers import metrics
-    from pixelrelay.workers.runtime import runtime
+    from pixelrelay.workers.runtime import BackendLoadError, runtime
 
-    metrics.serve(settings.metrics_port, concurrency)  # before the model loads and before any fork
+    # before the model loads and before any fork
+    metrics.serve(settings.metrics_port, concurrency, settings.metrics_addr)
     if concurrency <= 1:
-        runtime().stage(stage)  # load the model now, in this very process (publishes its identity)
+        try:
+            runtime().stage(stage)  # load the model now, in this very process (publishes its identity)
+        except BackendLoadError as exc:  # a refused checkpoint, weights that do not fit the model, ...
+            print(f"pixelrelay worker: stage {stage}: backend {spec} not loaded: {exc}", file=sys.stderr, flush=True)
+            return ExitCode.USAGE
         worker_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)
         start_sweeper()
     else:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a stage worker (``--metrics-port N``, ``PIXELRELAY_METRICS_PORT``).
+"""Prometheus metrics of a stage worker (``--metrics-port N``, ``PIXELRELAY_METRICS_PORT``), on
+``--metrics-addr`` (``PIXELRELAY_METRICS_ADDR``; loopback unless set).
 
 The series are listed in docs/operations.md, "Metrics". Queue wait is ``now - since - wait`` of the
 chain's entry (``pixelrelay.jobs.chunks``): a Celery message carries no send time.
@@ -18,6 +19,10 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger("pixelrelay.worker")
 
@@ -31,12 +36,12 @@ def enabled() -> bool:
     return _enabled
 
 
-def serve(port: int, concurrency: int = 1) -> None:
-    """Turn metrics on and serve ``/metrics`` on ``port`` (0: off). Call it in the worker's
-    main process before Celery forks (see the module docstring)."""
+def serve(port: int, concurrency: int = 1, addr: str = "127.0.0.1") -> WSGIServer | None:
+    """Turn metrics on and serve ``/metrics`` on ``addr:port`` (port 0: off, None returned). Call
+    it in the worker's main process before Celery forks (see the module docstring)."""
     global _enabled
     if not port:
-        return
+        return None
     if concurrency > 1:
         folder = tempfile.mkdtemp(prefix="pixelrelay-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
@@ -52,10 +57,11 @@ def serve(port: int, concurrency: int = 1) -> None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         _series()  # the parent's own series (none observed there) keep their names listed
-        start_http_server(port, registry=registry)
+        server, _ = start_http_server(port, addr, registry=registry)
     else:
-        start_http_server(port)
-    log.info("metrics on :%d/metrics%s", port, " (multiprocess)" if concurrency > 1 else "")
+        server, _ = start_http_server(port, addr)
+    log.info("metrics on %s:%d/metrics%s", addr, port, " (multiprocess)" if concurrency > 1 else "")
+    return server
 
 
 def _remove_in(owner: int, folder: str) -> None:

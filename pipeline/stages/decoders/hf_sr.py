@@ -78,7 +78,7 @@ class HFSuperResolutionDecoder(LearnedDecoder):
         self.models: list[_Loaded] = []
         for model_id in self.models_for(model):
             path = hf.load_path(model_id, "decoder", self.kind)
-            net = AutoModelForImageToImage.from_pretrained(path, dtype=self.dtype, local_files_only=True)
+            net = hf.load_pretrained(AutoModelForImageToImage, path, model_id, "decoder", dtype=self.dtype)
             net.to(self.torch_device).eval()
             rescale = 1.0 / 255.0
             try:

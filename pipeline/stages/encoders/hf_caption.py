@@ -64,9 +64,8 @@ class HFCaptionEncoder(Encoder):
         self.max_new_tokens = max_new_tokens
         self.dtype = dtype or hf.choose_dtype(device, self.settings.dtype)
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=self.dtype, local_files_only=True)
-        # transformers types its wrapped ``.to`` as taking the model first: a bound call passes it
-        self.vlm.to(torch.device(device)).eval()  # type: ignore[arg-type]
+        self.vlm = hf.load_pretrained(AutoModelForImageTextToText, path, self.model_id, "encoder", dtype=self.dtype)
+        self.vlm.to(torch.device(device)).eval()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"

@@ -158,10 +158,8 @@ class HFLLMPlanner(Planner):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"planner model {self.model_id!r} has no chat template")
-        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, local_files_only=True)
-        # transformers declares ``to`` with functools.wraps(Module.to), whose typing takes the
-        # bound method's first argument for ``self``
-        self.lm.to(torch.device(device)).eval()  # type: ignore[arg-type]
+        self.lm = hf.load_pretrained(AutoModelForCausalLM, path, self.model_id, "planner", dtype=self.dtype)
+        self.lm.to(torch.device(device)).eval()
         self.eos_token_id = self._eos_id()
         self.rules = RulesPlanner()
         self._free_mask = self._make_free_mask()
