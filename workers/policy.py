@@ -6,8 +6,9 @@ policy, in one place, free of Celery.
 0. a chain no longer in flight whose part is written ends as ``Stale``; otherwise its entry
    is set to this stage before any work, with the delivery count and the lease (``_enter``);
 1. a cancelled job's chain ends as ``Cancelled`` (``end_cancelled``);
-2. past ``Limits.max_deliveries`` a chunk is split into single-item chains (``Split``), or its
-   one item fails;
+2. past ``Limits.max_deliveries`` a chunk is split: its pending items go on as single-item
+   chains and the chain itself finishes the items that already have a result (``Split``),
+   or its one item fails;
 3. ``work(msg)``: a transient error gives a ``Retry`` until ``max_retries``; any failure
    leaves every pending item with a reason;
 4. the finish (decode only, ``finish_chunk``); the chain's entry is deleted only after it, so
@@ -167,6 +168,12 @@ def split_chunk(msg: ChunkMessage, send: Send) -> int:
     return len(pending)
 
 
+def ended(msg: ChunkMessage) -> ChunkMessage:
+    """The chain with only the items that have a result (done, reused or failed), feeding
+    nothing: what a split chain's own part holds (``split_chunk`` sends the others on)."""
+    return msg.model_copy(update={"records": [r for r in msg.records if r.status is not None], "feeds": False})
+
+
 def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage, spec: JobSpec | None = None) -> bool:
     """End a chain: write its manifest part, mark its items, feed the next chunk, merge its group
     if complete, and write the manifest if the job is complete.
@@ -250,7 +257,7 @@ class DeliveryPolicy:
         deliveries = self._enter(delivery, chunks)
         if deliveries > self.limits.max_deliveries:
             if len(delivery.pending()) > 1:
-                return self._split(delivery, chunks, deliveries - 1)
+                return self._split(delivery, deliveries - 1)
             fail_pending(
                 msg, stage, f"worker process died {deliveries - 1} times on this item (crash or out of memory)"
             )
@@ -338,12 +345,18 @@ class DeliveryPolicy:
         end_cancelled(self.state, self.storage(msg.output), msg)
         return Cancelled(len(delivery.pending()))
 
-    def _split(self, delivery: Delivery, chunks: ChunksInFlight | None, deaths: int) -> Split:
+    def _split(self, delivery: Delivery, deaths: int) -> Split:
+        """Send the pending items on as single-item chains, then finish this chain with the
+        items an earlier attempt ended (``ended``), so each gets its part line and its bit.
+        In that order: a death in between leaves the chain tracked, and the sweep re-sends
+        what is not done."""
         msg = delivery.msg
         log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, delivery.stage, deaths)
         parts = split_chunk(msg, tracked(self.send, self.state.r))  # the parts are tracked before they are sent
-        if chunks:
-            chunks.untrack(Slot.of(msg))
+        try:
+            finish_chunk(self.state, self.storage(msg.output), self.send, ended(msg), self._spec(delivery))
+        except TRANSIENT_ERRORS as exc:  # the chain stays tracked: the sweep finishes it
+            log.warning("chunk %s/%d: cannot finish its ended items yet (%s)", msg.job_id, msg.chunk, exc)
         return Split(parts)
 
     def _part_written(self, msg: ChunkMessage) -> bool:
