@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -174,6 +175,37 @@ def ended(msg: ChunkMessage) -> ChunkMessage:
     return msg.model_copy(update={"records": [r for r in msg.records if r.status is not None], "feeds": False})
 
 
+class PartNotWritten(TransientStorageError):
+    """A chain's manifest part could not be written (a full disk, a denied write): its items
+    stay unmarked and the chain in flight; the delivery is retried, then the sweep sends the
+    chain again, until the part is durable."""
+
+
+@dataclass(frozen=True)
+class PartWrites:
+    """How a finish tries to write its part: ``tries`` writes, ``backoff_s`` x 2^n apart."""
+
+    tries: int = 3
+    backoff_s: float = 0.5
+
+
+def write_part_durably(storage: Storage, msg: ChunkMessage, writes: PartWrites = PartWrites()) -> None:
+    """Write the chain's manifest part, retrying a failed write a few times (bounded); then
+    ``PartNotWritten``. Never turns the items into failures: their reasons wait for the part."""
+    for attempt in range(writes.tries):
+        try:
+            write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
+            return
+        except (StorageError, TransientStorageError) as exc:
+            error: Exception = exc
+            log.warning(
+                "cannot write the manifest part of chunk %s/%d (try %d): %s", msg.job_id, msg.chunk, attempt + 1, exc
+            )
+            if attempt + 1 < writes.tries:
+                time.sleep(writes.backoff_s * 2**attempt)
+    raise PartNotWritten(f"manifest part of chunk {msg.job_id}/{msg.chunk} not written: {reason(error)}") from error
+
+
 def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage, spec: JobSpec | None = None) -> bool:
     """End a chain: write its manifest part, mark its items, feed the next chunk, merge its group
     if complete, and write the manifest if the job is complete.
@@ -189,15 +221,8 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
         True if this call wrote the manifest.
     """
     fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
-    try:
-        if msg.records:  # a duplicate whose items were all done must not blank the part
-            write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
-    except StorageError as exc:
-        # Permanent (e.g. access denied): count the items anyway so the job can end; the
-        # manifest then reports them as missing, and a re-submission retries them.
-        log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
-        for record in msg.records:
-            record.fail("decode", f"manifest part not written: {exc}")
+    if msg.records:  # a duplicate whose items were all done must not blank the part
+        write_part_durably(storage, msg)  # before any bit: an item is marked only once its line is durable
     state.mark(msg.seq, results(msg.records))
     spec = spec or state.spec()
     if msg.feeds:

@@ -234,8 +234,8 @@ class _DiesOnPartWrite:
         return self.storage.put(uri, *args, **kwargs)
 
 
-def test_a_chunk_whose_splitting_worker_died_before_its_finish_is_recovered_whole(client, tmp_path, redis_url):
-    rt = Runtime(Settings.from_env(redis_url=redis_url, encoder="analysis", planner="rules", decoder="classic"))
+def test_a_chunk_whose_splitting_worker_died_before_its_finish_is_recovered_whole(client, tmp_path, db_url):
+    rt = Runtime(Settings.from_env(redis_url=db_url, encoder="analysis", planner="rules", decoder="classic"))
     job = Job(client, tmp_path, [20] * 4, 4, Limits(max_deliveries=1))
     msg = job.message([0, 1, 2, 3], feeds=False)
     for stage in ("encode", "plan"):
