@@ -43,7 +43,7 @@ def run(input: str, output: str, timeout: float, settings=None) -> int:
     )
     for row in job.manifest():  # one validated row per item, streamed from storage
         print(f"{row.status:9} {row.input} -> {row.output or row.error}")
-    return int(status.exit_code)  # 0 ok, 1 failed items, 4 cancelled
+    return int(status.exit_code or 0)  # 0 ok, 1 failed items, 4 cancelled (None: not ended; wait returns once it has)
 
 
 def main(argv: list[str] | None = None) -> int:

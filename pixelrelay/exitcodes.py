@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     CANCELLED = 4  # the job was cancelled
     WORKER_EXITED = 5  # ``pixelrelay run``: a local worker exited early (its log is kept)
     MODELS_MISSING = 6  # ``pixelrelay models``: a configured model is missing or could not be pulled
+    STORAGE = 7  # the input or output storage refused a read or write (full, denied, unreachable)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
@@ -28,5 +29,6 @@ DESCRIPTIONS: dict[ExitCode, str] = {
     ExitCode.CANCELLED: "the job was cancelled",
     ExitCode.WORKER_EXITED: "`pixelrelay run`: a local worker exited early; its log folder is kept and printed",
     ExitCode.MODELS_MISSING: "`pixelrelay models list --check` / `pull`: a model is missing or could not be pulled",
+    ExitCode.STORAGE: "storage error: the input or output storage refused a read or write (full, denied, unreachable)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }

@@ -2,9 +2,9 @@
 
 Every command exits with a code from ``pixelrelay.exitcodes.ExitCode`` (0 every item done,
 1 some items failed, 2 usage or configuration error, 3 gave up waiting, 4 cancelled,
-5 a ``run`` worker exited early, 130 interrupted). ``cancel`` and ``jobs`` are job control
-(``producer.control``). ``report``, ``gc`` and the ``--report`` / ``--notify`` flags of
-``submit --wait`` and ``run`` live in ``producer.report``, ``producer.gc`` and
+5 a ``run`` worker exited early, 6 a model missing, 7 a storage error, 130 interrupted).
+``cancel`` and ``jobs`` are job control (``producer.control``). ``report``, ``gc`` and the
+``--report`` / ``--notify`` flags of ``submit --wait`` and ``run`` live in ``producer.report``, ``producer.gc`` and
 ``producer.notify``. ``submit``, ``status``, ``cancel`` and ``jobs`` never import torch. ``models``, ``train`` and
 ``bench`` keep their parsers with their code; ``--help`` works at every level.
 
@@ -802,7 +802,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, InputError, StorageError, SignatureError) as exc:
+    except StorageError as exc:
+        print(f"pixelrelay {args.command}: storage error: {exc}", file=sys.stderr)
+        return ExitCode.STORAGE
+    except (ConfigError, InputError, SignatureError) as exc:
         print(f"pixelrelay {args.command}: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except RedisConnectionError as exc:

@@ -420,9 +420,10 @@ class JobStatusInfo:
         return self.finished_at is not None
 
     @property
-    def exit_code(self) -> ExitCode:
-        """The exit code ``pixelrelay status`` gives this job (``exit_code_for``)."""
-        return exit_code_for(self.state)
+    def exit_code(self) -> ExitCode | None:
+        """The exit code ``pixelrelay status`` gives this job once it ended (``exit_code_for``);
+        None until then."""
+        return exit_code_for(self.state) if self.ended else None
 
     def to_json(self) -> dict:
         return {
@@ -434,7 +435,7 @@ class JobStatusInfo:
             "stalled_s": None if self.stalled_s is None else round(self.stalled_s, 1),
             "workers_missing": list(self.workers_missing),
             "ended": self.ended,
-            "exit_code": int(self.exit_code),
+            "exit_code": None if self.exit_code is None else int(self.exit_code),
         }
 
 
@@ -600,7 +601,7 @@ def show_status(
     if as_json:
         status = job_info(job_id, snap.info, snap.counts, settings, snap.at, snap.activity, snap.missing)
         stream.write(json.dumps(status.to_json()) + "\n")
-        return ExitCode.TIMEOUT if timed_out else status.exit_code
+        return ExitCode.TIMEOUT if timed_out else exit_code_for(status.state)
     stream.write(status_line(snap, settings) + "\n")
     if is_finished(snap.info):
         return summarize(state, settings, stream)

@@ -6,8 +6,9 @@ policy, in one place, free of Celery.
 0. a chain no longer in flight whose part is written ends as ``Stale``; otherwise its entry
    is set to this stage before any work, with the delivery count and the lease (``_enter``);
 1. a cancelled job's chain ends as ``Cancelled`` (``end_cancelled``);
-2. past ``Limits.max_deliveries`` a chunk is split into single-item chains (``Split``), or its
-   one item fails;
+2. past ``Limits.max_deliveries`` a chunk is split: its pending items go on as single-item
+   chains and the chain itself finishes the items that already have a result (``Split``),
+   or its one item fails;
 3. ``work(msg)``: a transient error gives a ``Retry`` until ``max_retries``; any failure
    leaves every pending item with a reason;
 4. the finish (decode only, ``finish_chunk``); the chain's entry is deleted only after it, so
@@ -187,6 +188,43 @@ def resend_singly(msg: ChunkMessage, records: list[ItemRecord], send: Send) -> N
         send(msg.model_copy(update={"records": [record], "feeds": False, "part": str(record.index)}))
 
 
+def ended(msg: ChunkMessage) -> ChunkMessage:
+    """The chain with only the items that have a result (done, reused or failed), feeding
+    nothing: what a split chain's own part holds (``split_chunk`` sends the others on)."""
+    return msg.model_copy(update={"records": [r for r in msg.records if r.status is not None], "feeds": False})
+
+
+class PartNotWritten(TransientStorageError):
+    """A chain's manifest part could not be written (a full disk, a denied write): its items
+    stay unmarked and the chain in flight; the delivery is retried, then the sweep sends the
+    chain again, until the part is durable."""
+
+
+@dataclass(frozen=True)
+class PartWrites:
+    """How a finish tries to write its part: ``tries`` writes, ``backoff_s`` x 2^n apart."""
+
+    tries: int = 3
+    backoff_s: float = 0.5
+
+
+def write_part_durably(storage: Storage, msg: ChunkMessage, writes: PartWrites = PartWrites()) -> None:
+    """Write the chain's manifest part, retrying a failed write a few times (bounded); then
+    ``PartNotWritten``. Never turns the items into failures: their reasons wait for the part."""
+    for attempt in range(writes.tries):
+        try:
+            write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
+            return
+        except (StorageError, TransientStorageError) as exc:
+            error: Exception = exc
+            log.warning(
+                "cannot write the manifest part of chunk %s/%d (try %d): %s", msg.job_id, msg.chunk, attempt + 1, exc
+            )
+            if attempt + 1 < writes.tries:
+                time.sleep(writes.backoff_s * 2**attempt)
+    raise PartNotWritten(f"manifest part of chunk {msg.job_id}/{msg.chunk} not written: {reason(error)}") from error
+
+
 def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessage, spec: JobSpec | None = None) -> bool:
     """End a chain: write its manifest part, mark its items, feed the next chunk, merge its group
     if complete, and write the manifest if the job is complete.
@@ -202,15 +240,8 @@ def finish_chunk(state: JobState, storage: Storage, send: Send, msg: ChunkMessag
         True if this call wrote the manifest.
     """
     fail_pending(msg, "decode", "item left the chain without a result")  # defensive: never lose one
-    try:
-        if msg.records:  # a duplicate whose items were all done must not blank the part
-            write_part(storage, msg.output, msg.job_id, msg.chunk, msg.seq, msg.records, msg.part)
-    except StorageError as exc:
-        # Permanent (e.g. access denied): count the items anyway so the job can end; the
-        # manifest then reports them as missing, and a re-submission retries them.
-        log.error("cannot write the manifest part of chunk %s/%d: %s", msg.job_id, msg.chunk, exc)
-        for record in msg.records:
-            record.fail("decode", f"manifest part not written: {exc}")
+    if msg.records:  # a duplicate whose items were all done must not blank the part
+        write_part_durably(storage, msg)  # before any bit: an item is marked only once its line is durable
     state.mark(msg.seq, results(msg.records), slot=Slot.of(msg).name)
     spec = spec or state.spec()
     if msg.feeds:
@@ -270,7 +301,7 @@ class DeliveryPolicy:
         deliveries = self._enter(delivery, chunks)
         if deliveries > self.limits.max_deliveries:
             if len(delivery.pending()) > 1:
-                return self._split(delivery, chunks, deliveries - 1)
+                return self._split(delivery, deliveries - 1)
             fail_pending(
                 msg, stage, f"worker process died {deliveries - 1} times on this item (crash or out of memory)"
             )
@@ -371,12 +402,18 @@ class DeliveryPolicy:
         end_cancelled(self.state, self.storage(msg.output), msg)
         return Cancelled(len(delivery.pending()))
 
-    def _split(self, delivery: Delivery, chunks: ChunksInFlight | None, deaths: int) -> Split:
+    def _split(self, delivery: Delivery, deaths: int) -> Split:
+        """Send the pending items on as single-item chains, then finish this chain with the
+        items an earlier attempt ended (``ended``), so each gets its part line and its bit.
+        In that order: a death in between leaves the chain tracked, and the sweep re-sends
+        what is not done."""
         msg = delivery.msg
         log.error("chunk %s/%d killed its %s worker %d times: splitting", msg.job_id, msg.chunk, delivery.stage, deaths)
         parts = split_chunk(msg, tracked(self.send, self.state.r))  # the parts are tracked before they are sent
-        if chunks:
-            chunks.untrack(Slot.of(msg))
+        try:
+            finish_chunk(self.state, self.storage(msg.output), self.send, ended(msg), self._spec(delivery))
+        except TRANSIENT_ERRORS as exc:  # the chain stays tracked: the sweep finishes it
+            log.warning("chunk %s/%d: cannot finish its ended items yet (%s)", msg.job_id, msg.chunk, exc)
         return Split(parts)
 
     def _part_written(self, msg: ChunkMessage) -> bool:

@@ -90,6 +90,7 @@ def test_json_on_a_queued_job_a_timeout_a_cancel_and_an_unknown_job(redis_url, t
     assert once.returncode == ExitCode.OK
     queued = _one_object(once.stdout)
     assert (queued["state"], queued["pending"], queued["manifest"], queued["ended"]) == ("queued", 2, None, False)
+    assert queued["exit_code"] is None  # not ended: no exit code yet
 
     timed_out = run_cli(["status", job.job_id, "--wait", "--timeout", "0.5", "--json"], env, timeout=60)
     assert timed_out.returncode == ExitCode.TIMEOUT

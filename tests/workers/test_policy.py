@@ -19,7 +19,7 @@ from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import ChunkMessage
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import TransientStorageError
-from pixelrelay.workers.policy import Delivery, Limits, Retry, Split, finish_chunk
+from pixelrelay.workers.policy import Delivery, Limits, Retry, Split, Stale, finish_chunk
 from pixelrelay.workers.runtime import Runtime
 from tests.conftest import TEST_SIGNER
 from tests.workers.policy_jobs import BAD_WIDTH, Job, WorkerDied, run_chains
@@ -64,6 +64,32 @@ def test_a_chunk_that_keeps_killing_its_worker_is_split_into_single_items(make_j
     assert [m.feeds for m in job.sent] == [True, False, False]
     assert [m.part for m in job.sent] == ["0", "2", "3"]
     assert {m.chunk for m in job.sent} == {0}
+
+
+def test_a_split_keeps_the_items_a_killed_attempt_already_ended(make_job, redis_url):
+    # Items 0 and 1 reached decode already done (their outputs written by a killed attempt
+    # and reused), item 2 failed: the split finishes them in the chain's own part.
+    job = make_job([20] * 5, chunk_size=5, max_deliveries=2)
+    msg = job.message([0, 1, 2, 3, 4], feeds=False)
+    for record in msg.records[:2]:
+        record.status = "done"
+    msg.records[2].fail("encode", "unreadable")
+    for _ in range(2):
+        with pytest.raises(WorkerDied):
+            job.policy.deliver(Delivery("decode", msg), _dies)
+
+    assert job.policy.deliver(Delivery("decode", msg), _dies) == Split(parts=2)
+    assert job.state.done_flags([0, 1]) == [True, True] and job.state.counts().failed == 1
+    assert isinstance(job.policy.deliver(Delivery("decode", msg), _dies), Stale)  # a redelivery of the split chain
+    rt = Runtime(Settings.from_env(redis_url=redis_url, encoder="analysis", planner="rules", decoder="classic"))
+    run_chains(job, rt)
+
+    rows = job.manifest()
+    assert sorted(rows) == [0, 1, 2, 3, 4]
+    assert [rows[i]["status"] for i in range(5)] == ["done", "done", "failed", "done", "done"]
+    counts = job.state.counts()
+    assert (counts.done, counts.failed) == (4, 1)
+    assert job.state.info().get("finished_seq") == str(job.seq)
 
 
 def test_a_single_item_that_keeps_killing_its_worker_fails_with_the_reason(make_job):

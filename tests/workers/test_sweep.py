@@ -7,6 +7,7 @@ through a list's ``append``), ages its chunk's entry, and asks ``sweep_once`` wh
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -17,13 +18,16 @@ import redis
 from pixelrelay.jobs import keys
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import read_part, write_part
+from pixelrelay.pipeline.messages import ChunkMessage
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.workers.celery_app import create_app
 from pixelrelay.workers.flow import chunk_chain, signed_body
-from pixelrelay.workers.policy import Limits
+from pixelrelay.workers.policy import Delivery, Limits
+from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.sweep import sweep_once
+from pixelrelay.workers.tasks import STAGE_BODIES
 from tests.conftest import TEST_SIGNER, wait_until
-from tests.workers.policy_jobs import Job
+from tests.workers.policy_jobs import Job, WorkerDied, run_chains
 
 LEASE_S = 1.0
 DB = 7
@@ -213,3 +217,50 @@ def test_a_finisher_that_died_holding_the_finish_claim_is_taken_over_once_its_le
     info = job.state.info()
     assert info["finished_seq"] == str(job.seq) and info["manifest_done"] == "10"
     assert sorted(job.manifest()) == list(range(10))
+
+
+class _DiesOnPartWrite:
+    """The job's storage, but writing a manifest part kills the worker (``WorkerDied``)."""
+
+    def __init__(self, storage) -> None:
+        self.storage = storage
+
+    def __getattr__(self, name: str):
+        return getattr(self.storage, name)
+
+    def put(self, uri: str, *args, **kwargs):
+        if "/parts/" in uri:
+            raise WorkerDied()
+        return self.storage.put(uri, *args, **kwargs)
+
+
+def test_a_chunk_whose_splitting_worker_died_before_its_finish_is_recovered_whole(client, tmp_path, db_url):
+    rt = Runtime(Settings.from_env(redis_url=db_url, encoder="analysis", planner="rules", decoder="classic"))
+    job = Job(client, tmp_path, [20] * 4, 4, Limits(max_deliveries=1))
+    msg = job.message([0, 1, 2, 3], feeds=False)
+    for stage in ("encode", "plan"):
+        msg = job.policy.deliver(Delivery(stage, msg), functools.partial(STAGE_BODIES[stage], rt, job.state))
+    planned = msg.model_copy(deep=True)
+
+    def decode_then_die(m: ChunkMessage) -> None:
+        STAGE_BODIES["decode"](rt, job.state, m)  # every output written
+        raise WorkerDied()
+
+    with pytest.raises(WorkerDied):
+        job.policy.deliver(Delivery("decode", msg), decode_then_die)
+    planned.records[0].status = "done"  # as a re-sent chain's encode stage finds it: reused
+    healthy = job.policy.storage
+    job.policy.storage = lambda uri: _DiesOnPartWrite(healthy(uri))
+    with pytest.raises(WorkerDied):  # split: items 1..3 sent on, then died finishing item 0
+        job.policy.deliver(Delivery("decode", planned), decode_then_die)
+    job.policy.storage = healthy
+    assert [m.part for m in job.sent] == ["1", "2", "3"]
+    age(job, Slot(job.seq, 0), "decode", feeds=False)
+
+    report = sweep(job)
+
+    assert report.resent == [f"{job.state.job_id}/{job.seq}:0"]
+    run_chains(job, rt)
+    rows = job.manifest()
+    assert sorted(rows) == [0, 1, 2, 3] and {r["status"] for r in rows.values()} == {"done"}, rows
+    assert job.state.counts().done == 4
