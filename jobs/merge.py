@@ -440,7 +440,7 @@ def _with_cancelled(storage: Storage, spec: JobSpec, geo: Groups, group: int, me
     group's listing shards are read: the group's span is one "chunk" of ``read_chunk``)."""
     have = {json.loads(line)["index"]: line for line in merged.lines}
     lines, counts = [], dict(merged.counts)
-    for item in read_chunk(storage, spec.output, spec.job_id, group, geo.per_group * geo.chunk_size):
+    for item in read_chunk(storage, spec, group, geo.per_group * geo.chunk_size):
         if item.index in have:
             lines.append(have.pop(item.index))
         else:

@@ -164,6 +164,10 @@ class JobSpec(_Model):
     total: int = 0
     chunk_size: int = 16
     created_at: float = 0.0
+    # The sha256 (hex) of each listing shard's exact bytes, in shard order (4,096 items a
+    # shard: about 16 kB per million items). Every reader of the listing checks it
+    # (``pixelrelay.jobs.files.read_chunk``); absent in specs written without it (not checked).
+    listing_sha256: list[Annotated[str, Field(pattern=_SHA256_HEX)]] | None = _omitted_when_none()
 
 
 class Item(_Model):

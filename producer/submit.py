@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from pixelrelay.jobs.files import spec_uri, write_listing, write_spec
+from pixelrelay.jobs.files import Listing, spec_uri, write_listing, write_spec
 from pixelrelay.jobs.recover import load_spec, restore_done, start
 from pixelrelay.jobs.registry import open_registry
 from pixelrelay.jobs.state import JobState
@@ -94,17 +94,18 @@ class JobRequest:
     backends: Backends
     follow_symlinks: bool = False
 
-    def spec(self, total: int, chunk_size: int) -> JobSpec:
-        """The job's spec, for a listing of ``total`` items, created now."""
+    def spec(self, listing: Listing, chunk_size: int) -> JobSpec:
+        """The job's spec, for the listing written, created now."""
         return JobSpec(
             job_id=self.job_id,
             input=self.input_uri,
             output=self.output_uri,
             options=self.options,
             backends=self.backends,
-            total=total,
+            total=listing.total,
             chunk_size=chunk_size,
             created_at=time.time(),
+            listing_sha256=list(listing.digests),
         )
 
 
@@ -261,9 +262,9 @@ def _submit_incremental(context: SubmitContext, in_storage: Storage, request: Jo
     try:
         index.fold()
         pairs = list_versioned_items(request.input_uri, output_uri, in_storage, options.format, request.follow_symlinks)
-        total = write_listing(out_storage, output_uri, job_id, index.select(pairs, options, request.backends))
+        listing = write_listing(out_storage, output_uri, job_id, index.select(pairs, options, request.backends))
         line = index.counts.line()
-        if not total:
+        if not listing.total:
             return Submission(
                 job_id="",
                 seq=0,
@@ -275,7 +276,7 @@ def _submit_incremental(context: SubmitContext, in_storage: Storage, request: Jo
                 nothing_new=True,
             )
         index.record(job_id)
-        spec = request.spec(total, context.settings.chunk_size)
+        spec = request.spec(listing, context.settings.chunk_size)
         write_spec(out_storage, spec)
         index.write_summary(job_id)
     finally:

@@ -82,7 +82,8 @@ def _job(client, tmp_path: Path, n: int = 6, backends: Backends | None = None) -
         chunk_size=4,
         created_at=time.time(),
     )
-    spec.total = write_listing(storage, spec.output, spec.job_id, list_items(spec.input, spec.output, storage, None))
+    listing = write_listing(storage, spec.output, spec.job_id, list_items(spec.input, spec.output, storage, None))
+    spec.total, spec.listing_sha256 = listing.total, list(listing.digests)
     write_spec(storage, spec)
     state = JobState(client, spec.job_id, TEST_SIGNER)
     state.start_submission(spec)
@@ -90,7 +91,7 @@ def _job(client, tmp_path: Path, n: int = 6, backends: Backends | None = None) -
 
 
 def _genuine(spec: JobSpec, chunk: int = 0) -> ChunkMessage:
-    items = read_chunk(open_storage(spec.output), spec.output, spec.job_id, chunk, spec.chunk_size)
+    items = read_chunk(open_storage(spec.output), spec, chunk)
     return ChunkMessage(
         job_id=spec.job_id,
         seq=1,
@@ -182,7 +183,7 @@ def test_a_listing_that_escapes_its_roots_is_refused_too(client, tmp_path):
         Item(index=1, input="/etc/passwd", output=str(tmp_path / "out" / "p.png")),
     ]
     job_id = spec.job_id + "-old"
-    spec = spec.model_copy(update={"job_id": job_id})
+    spec = spec.model_copy(update={"job_id": job_id, "listing_sha256": None})  # an older release's spec
     write_listing(storage, spec.output, job_id, rows)
     JobState(client, job_id, TEST_SIGNER).start_submission(spec)
     msg = _genuine(spec)
@@ -229,8 +230,9 @@ def test_a_listing_entry_with_an_error_is_never_read_or_written(client, tmp_path
             error="refused listing line",
         ),
     ]
-    spec = spec.model_copy(update={"job_id": spec.job_id + "-err"})
-    write_listing(storage, spec.output, spec.job_id, rows)
+    job_id = spec.job_id + "-err"
+    listing = write_listing(storage, spec.output, job_id, rows)
+    spec = spec.model_copy(update={"job_id": job_id, "listing_sha256": list(listing.digests)})
     JobState(client, spec.job_id, TEST_SIGNER).start_submission(spec)
     msg = _genuine(spec)
     check_message(JobState(client, spec.job_id, TEST_SIGNER), open_storage, msg, "encode")

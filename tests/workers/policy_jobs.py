@@ -62,9 +62,14 @@ class Job:
             items.append(Item(index=i, input=str(root / "in" / f"{i}.png"), output=str(root / "out" / f"{i}.png")))
         self.output = str(root / "out")
         self.storage = open_storage(self.output)
-        total = write_listing(self.storage, self.output, self.state.job_id, items)
+        listing = write_listing(self.storage, self.output, self.state.job_id, items)
         self.spec = JobSpec(
-            job_id=self.state.job_id, input=str(root / "in"), output=self.output, total=total, chunk_size=chunk_size
+            job_id=self.state.job_id,
+            input=str(root / "in"),
+            output=self.output,
+            total=listing.total,
+            chunk_size=chunk_size,
+            listing_sha256=list(listing.digests),
         )
         write_spec(self.storage, self.spec)
         self.seq = self.state.start_submission(self.spec)
