@@ -1,6 +1,6 @@
 """A job's files in its output storage: the source of truth, Redis being only a cache.
 
-    OUTPUT/_jobs/<job_id>/job.json                   the JobSpec
+    OUTPUT/_jobs/<job_id>/job.json                   the JobSpec, signed
     OUTPUT/_jobs/<job_id>/inputs/<shard>.jsonl       the listing: Items, in index order; each
                                                      shard's sha256 is in the signed spec
     OUTPUT/_jobs/<job_id>/parts/<chunk>-<seq>.jsonl  one ItemRecord per line, per chain
@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from pixelrelay.pipeline.messages import Item, ItemRecord, JobSpec
+from pixelrelay.pipeline.signing import SIG_FIELD, Signer
 from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, join_uri
 
 JOBS_DIR = "_jobs"  # OUTPUT/_jobs/<job_id>/...
@@ -62,12 +63,21 @@ def part_uri(output: str, job_id: str, chunk: int, seq: int, part: str = "") -> 
     return join_uri(job_root(output, job_id), "parts", f"{chunk:08d}-{seq:06d}{suffix}.jsonl")
 
 
-def write_spec(storage: Storage, spec: JobSpec) -> None:
-    storage.put(spec_uri(spec.output, spec.job_id), spec.model_dump_json(indent=2).encode(), "application/json")
+def write_spec(storage: Storage, spec: JobSpec, signer: Signer) -> None:
+    """Write ``job.json``, signed as the spec in Redis is (so its listing digests bind the
+    listing for a job rebuilt from storage too)."""
+    body = signer.sign("spec", spec.model_dump(mode="json"))
+    storage.put(spec_uri(spec.output, spec.job_id), json.dumps(body, indent=2).encode(), "application/json")
 
 
-def read_spec(storage: Storage, output: str, job_id: str) -> JobSpec:
-    return JobSpec.model_validate_json(storage.get(spec_uri(output, job_id)))
+def read_spec(storage: Storage, output: str, job_id: str, signer: Signer | None = None) -> JobSpec:
+    """``job.json``, its signature checked by ``signer`` (``SignatureError``); with None it is
+    stripped unchecked: for what is only shown (``report``), never for what a job reads or writes."""
+    body = json.loads(storage.get(spec_uri(output, job_id)))
+    if signer is None:
+        body = {k: v for k, v in body.items() if k != SIG_FIELD} if isinstance(body, dict) else body
+        return JobSpec.model_validate(body)
+    return JobSpec.model_validate(signer.verify("spec", body))
 
 
 def cancel_uri(output: str, job_id: str) -> str:

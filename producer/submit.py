@@ -118,7 +118,7 @@ class SubmitContext:
         state: the job's Redis state.
         out_storage: the output's storage, rooted at the output (writes stay under it).
         app: the Celery app the first window is sent with.
-        signer: signs the messages sent.
+        signer: signs the messages sent and job.json.
     """
 
     settings: Settings
@@ -229,7 +229,7 @@ def submit(
         spec = state.spec()
         _check_same(spec, input_uri, output_uri, options, backends)
     elif out_storage.exists(spec_uri(output_uri, job_id)):
-        spec = load_spec(out_storage, output_uri, job_id)
+        spec = load_spec(out_storage, output_uri, job_id, signer)
         _check_same(spec, input_uri, output_uri, options, backends)
         restore_done(state, out_storage, spec)
     else:
@@ -240,7 +240,7 @@ def submit(
             return _submit_incremental(context, in_storage, request)
         items = list_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
         spec = request.spec(write_listing(out_storage, output_uri, job_id, items), settings.chunk_size)
-        write_spec(out_storage, spec)
+        write_spec(out_storage, spec, signer)
     return _start(context, spec, resumed)
 
 
@@ -277,7 +277,7 @@ def _submit_incremental(context: SubmitContext, in_storage: Storage, request: Jo
             )
         index.record(job_id)
         spec = request.spec(listing, context.settings.chunk_size)
-        write_spec(out_storage, spec)
+        write_spec(out_storage, spec, context.signer)
         index.write_summary(job_id)
     finally:
         index.close()

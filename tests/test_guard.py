@@ -84,7 +84,7 @@ def _job(client, tmp_path: Path, n: int = 6, backends: Backends | None = None) -
     )
     listing = write_listing(storage, spec.output, spec.job_id, list_items(spec.input, spec.output, storage, None))
     spec.total, spec.listing_sha256 = listing.total, list(listing.digests)
-    write_spec(storage, spec)
+    write_spec(storage, spec, TEST_SIGNER)
     state = JobState(client, spec.job_id, TEST_SIGNER)
     state.start_submission(spec)
     return state, spec

@@ -18,6 +18,7 @@ import redis
 
 from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import _read_shard, _shard_uri, read_chunk
+from pixelrelay.jobs.finish import finalize_cancelled
 from pixelrelay.pipeline.messages import Item
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage.local import LocalStorage
@@ -142,3 +143,13 @@ def test_a_shard_the_spec_does_not_name_is_not_read(client, tmp_path):
     spec = job.spec.model_copy(update={"total": 4097})
     with pytest.raises(Exception, match="00000001"):
         read_chunk(job.storage, spec, 2048)
+
+
+def test_a_cancelled_jobs_rows_from_an_edited_shard_are_failed_with_the_reason(client, tmp_path, reads):
+    attack = Attack(client, tmp_path)
+    job = attack.job
+    attack.edit_shard()
+    assert job.state.cancel()
+    assert finalize_cancelled(job.state, job.storage, job.spec, force=True)  # nothing of it ever ran
+    attack.assert_nothing_leaked(reads)
+    attack.assert_failed_with_reason([0, 1, 2, 3])  # failed with the reason, not "cancelled" at a forged path

@@ -71,7 +71,7 @@ class Job:
             chunk_size=chunk_size,
             listing_sha256=list(listing.digests),
         )
-        write_spec(self.storage, self.spec)
+        write_spec(self.storage, self.spec, TEST_SIGNER)
         self.seq = self.state.start_submission(self.spec)
         self.policy = DeliveryPolicy(self.state, self.sent.append, lambda uri: self.storage, limits)
 
