@@ -153,3 +153,5 @@ def test_a_cancelled_jobs_rows_from_an_edited_shard_are_failed_with_the_reason(c
     assert finalize_cancelled(job.state, job.storage, job.spec, force=True)  # nothing of it ever ran
     attack.assert_nothing_leaked(reads)
     attack.assert_failed_with_reason([0, 1, 2, 3])  # failed with the reason, not "cancelled" at a forged path
+    info = job.state.info()
+    assert (info["manifest_failed"], info.get("manifest_cancelled", "0")) == ("4", "0"), info
