@@ -29,7 +29,7 @@ from pixelrelay.producer.listing import list_items
 manifest, out = sys.argv[1], sys.argv[2]
 started = time.perf_counter()
 items = list_items(manifest, out, open_storage(manifest), "png")
-total = write_listing(open_storage(out, root=out), out, "bench", items)
+total = write_listing(open_storage(out, root=out), out, "bench", items).total
 seconds = time.perf_counter() - started
 peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"items": total, "seconds": seconds, "peak_kib": peak_kib}))

@@ -41,7 +41,7 @@ def feed(send: Send, state: JobState, storage: Storage, spec: JobSpec, seq: int,
         # its listing fails (a storage outage), the chunk is not lost with the cursor but
         # re-sent by the sweep.
         in_flight.track(Slot(seq, chunk), "encode", feeds=True)
-        items = read_chunk(storage, spec.output, spec.job_id, chunk, spec.chunk_size)
+        items = read_chunk(storage, spec, chunk)
         done = state.done_flags([item.index for item in items])
         records = [record_for(i) for i, d in zip(items, done, strict=True) if not d]  # listing rejects: failed
         if not records:

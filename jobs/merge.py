@@ -440,11 +440,12 @@ def _with_cancelled(storage: Storage, spec: JobSpec, geo: Groups, group: int, me
     group's listing shards are read: the group's span is one "chunk" of ``read_chunk``)."""
     have = {json.loads(line)["index"]: line for line in merged.lines}
     lines, counts = [], dict(merged.counts)
-    for item in read_chunk(storage, spec.output, spec.job_id, group, geo.per_group * geo.chunk_size):
+    for item in read_chunk(storage, spec, group, geo.per_group * geo.chunk_size):
         if item.index in have:
             lines.append(have.pop(item.index))
         else:
-            lines.append(_row_line(cancelled_row(item)))
-            counts[CANCELLED] = counts.get(CANCELLED, 0) + 1
+            row = cancelled_row(item)  # failed instead, with the reason, where the listing refused it
+            lines.append(_row_line(row))
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
     lines.extend(have[i] for i in sorted(have))  # named by a part, not listed: cannot happen; kept
     return Merged(lines, counts)

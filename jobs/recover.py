@@ -1,7 +1,7 @@
 """Rebuilding a job whose Redis state vanished, from its files in storage (Celery-free).
 
-Invariants: the spec read from storage is validated before anything is written
-(``RebuildError``); one rebuilder per job (a ``SET NX PX`` lock); a rebuild that fails deletes
+Invariants: the spec read from storage is validated, and its signature checked, before
+anything is written (``RebuildError``); one rebuilder per job (a ``SET NX PX`` lock); a rebuild that fails deletes
 the job hash again; the new seq follows the newest part in storage, so older chains are
 stale; the feed starts over from chunk 0 and skips done items.
 """
@@ -20,7 +20,7 @@ from pixelrelay.jobs.finish import finalize_if_complete
 from pixelrelay.jobs.merge import iter_rows
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline.messages import JobSpec
-from pixelrelay.pipeline.signing import Signer
+from pixelrelay.pipeline.signing import SignatureError, Signer
 from pixelrelay.pipeline.storage import Storage, StorageError, StorageNotFoundError
 
 log = logging.getLogger("pixelrelay.recover")
@@ -32,12 +32,15 @@ class RebuildError(Exception):
     """The job cannot be rebuilt from storage: no ``job.json`` there, or not a valid one."""
 
 
-def load_spec(storage: Storage, output: str, job_id: str) -> JobSpec:
-    """The job's spec from storage, checked to be the job asked for (``RebuildError``)."""
+def load_spec(storage: Storage, output: str, job_id: str, signer: Signer) -> JobSpec:
+    """The job's spec from storage, checked to be the job asked for and signed with
+    ``signer``'s key (``RebuildError``)."""
     try:
-        spec = read_spec(storage, output, job_id)
+        spec = read_spec(storage, output, job_id, signer)
     except StorageNotFoundError:
         raise RebuildError(f"job {job_id}: no job.json under {output}") from None
+    except SignatureError as exc:
+        raise RebuildError(f"job {job_id}: job.json under {output} fails its check ({exc}): not used") from None
     except (ValidationError, ValueError, StorageError) as exc:
         raise RebuildError(f"job {job_id}: unreadable job.json under {output}: {exc}") from None
     if spec.job_id != job_id or spec.output.rstrip("/") != output.rstrip("/"):
@@ -109,7 +112,7 @@ def rebuild(
     try:
         if state.exists():
             return None
-        spec = load_spec(storage, output, job_id)
+        spec = load_spec(storage, output, job_id, signer)
         try:
             done = restore_done(state, storage, spec)
             seq = start(state, storage, spec, send, window)

@@ -174,6 +174,10 @@ class JobSpec(_Model):
     # Seconds each item may take in any stage (``pixelrelay.pipeline.limits``); None (a job
     # submitted without it): each worker's own ``item_budget_s``. Left out of the JSON when None.
     item_budget_s: float | None = _omitted_when_none(gt=0, allow_inf_nan=False)
+    # The sha256 (hex) of each listing shard's exact bytes, in shard order (4,096 items a
+    # shard: about 16 kB per million items). Every reader of the listing checks it
+    # (``pixelrelay.jobs.files.read_chunk``); absent in specs written without it (not checked).
+    listing_sha256: list[Annotated[str, Field(pattern=_SHA256_HEX)]] | None = _omitted_when_none()
 
 
 class Item(_Model):

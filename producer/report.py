@@ -299,7 +299,7 @@ class Roots:
         chunk = index // size
         if chunk not in self._chunks:
             try:
-                items = read_chunk(self.storage, self.spec.output, self.spec.job_id, chunk, size)
+                items = read_chunk(self.storage, self.spec, chunk, size)
                 self._chunks[chunk] = {item.index: item for item in items}
             except (StorageError, ValueError):
                 self._chunks[chunk] = None

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from pixelrelay.jobs.files import spec_uri, write_listing, write_spec
+from pixelrelay.jobs.files import Listing, spec_uri, write_listing, write_spec
 from pixelrelay.jobs.recover import load_spec, restore_done, start
 from pixelrelay.jobs.registry import open_registry
 from pixelrelay.jobs.state import JobState
@@ -96,20 +96,21 @@ class JobRequest:
     backends: Backends
     follow_symlinks: bool = False
 
-    def spec(self, total: int, settings: Settings) -> JobSpec:
-        """The job's spec, for a listing of ``total`` items, created now, with the
-        submitter's chunk size and item budget (``pixelrelay.pipeline.limits``)."""
+    def spec(self, listing: Listing, settings: Settings) -> JobSpec:
+        """The job's spec, for the listing written, created now, with the submitter's chunk
+        size and item budget (``pixelrelay.pipeline.limits``)."""
         return JobSpec(
             job_id=self.job_id,
             input=self.input_uri,
             output=self.output_uri,
             options=self.options,
             backends=self.backends,
-            total=total,
+            total=listing.total,
             chunk_size=settings.chunk_size,
             item_budget_s=settings.item_budget_s,
             created_at=time.time(),
             follow_symlinks=self.follow_symlinks,
+            listing_sha256=list(listing.digests),
         )
 
 
@@ -122,7 +123,7 @@ class SubmitContext:
         state: the job's Redis state.
         out_storage: the output's storage, rooted at the output (writes stay under it).
         app: the Celery app the first window is sent with.
-        signer: signs the messages sent.
+        signer: signs the messages sent and job.json.
     """
 
     settings: Settings
@@ -234,7 +235,7 @@ def submit(
         spec = state.spec()
         _check_same(spec, input_uri, output_uri, options, backends)
     elif out_storage.exists(spec_uri(output_uri, job_id)):
-        spec = load_spec(out_storage, output_uri, job_id)
+        spec = load_spec(out_storage, output_uri, job_id, signer)
         _check_same(spec, input_uri, output_uri, options, backends)
         restore_done(state, out_storage, spec)
     else:
@@ -245,7 +246,7 @@ def submit(
             return _submit_incremental(context, in_storage, request)
         items = list_items(input_uri, output_uri, in_storage, options.format, follow_symlinks)
         spec = request.spec(write_listing(out_storage, output_uri, job_id, items), settings)
-        write_spec(out_storage, spec)
+        write_spec(out_storage, spec, signer)
     return _start(context, spec, resumed)
 
 
@@ -273,9 +274,9 @@ def _submit_incremental(context: SubmitContext, in_storage: Storage, request: Jo
     try:
         index.fold()
         pairs = list_versioned_items(request.input_uri, output_uri, in_storage, options.format, request.follow_symlinks)
-        total = write_listing(out_storage, output_uri, job_id, index.select(pairs, options, request.backends))
+        listing = write_listing(out_storage, output_uri, job_id, index.select(pairs, options, request.backends))
         line = index.counts.line()
-        if not total:
+        if not listing.total:
             return Submission(
                 job_id="",
                 seq=0,
@@ -287,8 +288,8 @@ def _submit_incremental(context: SubmitContext, in_storage: Storage, request: Jo
                 nothing_new=True,
             )
         index.record(job_id)
-        spec = request.spec(total, context.settings)
-        write_spec(out_storage, spec)
+        spec = request.spec(listing, context.settings)
+        write_spec(out_storage, spec, context.signer)
         index.write_summary(job_id)
     finally:
         index.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from pixelrelay.exitcodes import ExitCode
-from pixelrelay.jobs.files import read_chunk, write_listing, write_spec
+from pixelrelay.jobs.files import Listing, read_chunk, write_listing, write_spec
 from pixelrelay.jobs.state import JobState, is_finished
 from pixelrelay.pipeline.messages import Backends, ChunkMessage, Item, ItemRecord, JobOptions, JobSpec
 from pixelrelay.pipeline.settings import ConfigError, Settings
@@ -82,15 +82,16 @@ def _job(client, tmp_path: Path, n: int = 6, backends: Backends | None = None) -
         chunk_size=4,
         created_at=time.time(),
     )
-    spec.total = write_listing(storage, spec.output, spec.job_id, list_items(spec.input, spec.output, storage, None))
-    write_spec(storage, spec)
+    listing = write_listing(storage, spec.output, spec.job_id, list_items(spec.input, spec.output, storage, None))
+    spec.total, spec.listing_sha256 = listing.total, list(listing.digests)
+    write_spec(storage, spec, TEST_SIGNER)
     state = JobState(client, spec.job_id, TEST_SIGNER)
     state.start_submission(spec)
     return state, spec
 
 
 def _genuine(spec: JobSpec, chunk: int = 0) -> ChunkMessage:
-    items = read_chunk(open_storage(spec.output), spec.output, spec.job_id, chunk, spec.chunk_size)
+    items = read_chunk(open_storage(spec.output), spec, chunk)
     return ChunkMessage(
         job_id=spec.job_id,
         seq=1,
@@ -182,7 +183,7 @@ def test_a_listing_that_escapes_its_roots_is_refused_too(client, tmp_path):
         Item(index=1, input="/etc/passwd", output=str(tmp_path / "out" / "p.png")),
     ]
     job_id = spec.job_id + "-old"
-    spec = spec.model_copy(update={"job_id": job_id})
+    spec = spec.model_copy(update={"job_id": job_id, "listing_sha256": None})  # an older release's spec
     write_listing(storage, spec.output, job_id, rows)
     JobState(client, job_id, TEST_SIGNER).start_submission(spec)
     msg = _genuine(spec)
@@ -229,8 +230,9 @@ def test_a_listing_entry_with_an_error_is_never_read_or_written(client, tmp_path
             error="refused listing line",
         ),
     ]
-    spec = spec.model_copy(update={"job_id": spec.job_id + "-err"})
-    write_listing(storage, spec.output, spec.job_id, rows)
+    job_id = spec.job_id + "-err"
+    listing = write_listing(storage, spec.output, job_id, rows)
+    spec = spec.model_copy(update={"job_id": job_id, "listing_sha256": list(listing.digests)})
     JobState(client, spec.job_id, TEST_SIGNER).start_submission(spec)
     msg = _genuine(spec)
     check_message(JobState(client, spec.job_id, TEST_SIGNER), open_storage, msg, "encode")
@@ -486,7 +488,7 @@ def test_inputs_swapped_for_links_after_the_listing_are_not_read(client, tmp_pat
 
     asked = JobRequest(spec.job_id, spec.input, spec.output, spec.options, spec.backends, follow_symlinks=True)
     settings = Settings(redis_url="redis://127.0.0.1:1/0", chunk_size=4, insecure_no_signing=True)
-    assert input_root(asked.spec(2, settings)).follow  # --follow-symlinks reaches the signed spec
+    assert input_root(asked.spec(Listing(2, ()), settings)).follow  # --follow-symlinks reaches the signed spec
     assert input_root(spec.model_copy(update={"input": str(tmp_path / "list.txt")})).follow  # a manifest: as named
 
 

@@ -126,7 +126,8 @@ _RSS_CHILD = textwrap.dedent(
         with open(manifest, "w") as f:
             for i in range(lines):
                 f.write(f"d{i // 64:06d}/img{i:08d}.jpg\\n")
-        total = write_listing(open_storage(out), out, "j", list_items(manifest, out, open_storage(manifest), "png"))
+        items = list_items(manifest, out, open_storage(manifest), "png")
+        total = write_listing(open_storage(out), out, "j", items).total
         assert total == lines, total
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 

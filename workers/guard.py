@@ -5,7 +5,9 @@ as its submitter recorded it (the signed ``JobSpec`` and the listing shards in s
 the message's own locations) and raises ``ForgedMessage`` for an unknown job; another output
 root, options or backends; a chunk or index that is not the job's; a record that differs from
 its listing entry; or an output that leaves the output root. A listed item with an ``error``
-fails here, unread. A dropped genuine message is re-sent by the sweep, from storage.
+fails here, unread, whatever the message names for it: so do the items of a listing shard that
+does not match the spec's signed digest (``read_chunk``). A dropped genuine message is re-sent
+by the sweep, from storage.
 
 ``InputRoot`` says how the stages then read a local input: below the job's input folder with
 no symlink followed (a link swapped in after the listing fails its item), unless the job was
@@ -24,7 +26,7 @@ from pixelrelay.jobs.chunks import ChunksInFlight, Slot
 from pixelrelay.jobs.files import JOBS_DIR, read_chunk
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import constants as C
-from pixelrelay.pipeline.messages import ChunkMessage, Item, JobSpec
+from pixelrelay.pipeline.messages import ChunkMessage, Item, ItemRecord, JobSpec
 from pixelrelay.pipeline.storage import Storage, StorageError, is_s3, split_uri
 from pixelrelay.workers.policy import TRANSIENT_ERRORS, Limits, Seen
 
@@ -81,16 +83,22 @@ def check_message(state: JobState, storage_for, msg: ChunkMessage, stage: str, s
         entry = listing.get(record.index)
         if entry is None:
             raise ForgedMessage(f"item {record.index} is not in chunk {msg.chunk} of the job's listing")
+        if entry.error:  # refused at listing (or its shard edited): never read or written
+            _fail_as_listed(record, entry, stage)
+            continue
         if (record.input, record.output) != (entry.input, entry.output):
             raise ForgedMessage(f"item {record.index}: input or output differs from the job's listing")
-        if entry.error:  # refused at listing: never read or written, whatever it names
-            if record.status is None:
-                record.fail(stage, str(entry.error))
-            continue
         problem = location_problem(spec, entry)
         if problem:
             raise ForgedMessage(f"item {record.index}: {problem}")
     return spec
+
+
+def _fail_as_listed(record: ItemRecord, entry: Item, stage: str) -> None:
+    """Fail ``record`` with its listing entry's error, naming only what the entry names."""
+    record.input, record.output = entry.input, entry.output
+    if record.status is None:
+        record.fail("listing", str(entry.error))
 
 
 def _job_spec(state: JobState, seen: Seen | None) -> JobSpec:
@@ -120,7 +128,7 @@ def _check_job_fields(spec: JobSpec, msg: ChunkMessage) -> None:
 
 def _listing(storage: Storage, spec: JobSpec, chunk: int) -> dict[int, Item]:
     try:
-        items = read_chunk(storage, spec.output, spec.job_id, chunk, spec.chunk_size)
+        items = read_chunk(storage, spec, chunk)
     except TRANSIENT_ERRORS:
         raise
     except StorageError as exc:

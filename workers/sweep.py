@@ -288,7 +288,7 @@ def _recover(
 
 def _rebuild(state: JobState, storage: Storage, item: Lost) -> ChunkMessage | None:
     spec = state.spec()
-    items = read_chunk(storage, spec.output, spec.job_id, item.slot.chunk, spec.chunk_size)
+    items = read_chunk(storage, spec, item.slot.chunk)
     if item.slot.part:
         items = [i for i in items if str(i.index) == item.slot.part]
     done = state.done_flags([i.index for i in items])

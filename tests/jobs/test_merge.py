@@ -77,7 +77,7 @@ class Job:
         self.items = [
             Item(index=i, input=f"/in/{i:07d}.png", output=join_uri(output, f"{i:07d}.png")) for i in range(total)
         ]
-        write_spec(storage.inner, self.spec)
+        write_spec(storage.inner, self.spec, TEST_SIGNER)
         write_listing(storage.inner, output, self.job_id, self.items)
         self.state = JobState(client, self.job_id, TEST_SIGNER)
         self.seq = self.state.start_submission(self.spec)

@@ -33,10 +33,11 @@ def _job(tmp_path, total: int = 10, chunk_size: int = 2) -> JobSpec:
     out = str(tmp_path / "out")
     spec = JobSpec(job_id="rb-" + uuid.uuid4().hex[:6], input="/in", output=out, total=total, chunk_size=chunk_size)
     storage = open_storage(out)
-    write_spec(storage, spec)
-    write_listing(
+    listing = write_listing(
         storage, out, spec.job_id, [Item(index=i, input=f"/in/{i}.png", output=f"{out}/{i}.png") for i in range(total)]
     )
+    spec.listing_sha256 = list(listing.digests)
+    write_spec(storage, spec, TEST_SIGNER)
     return spec
 
 
@@ -161,3 +162,24 @@ def test_a_chunk_whose_listing_cannot_be_read_stays_tracked_for_the_sweep(client
     entry = ChunksInFlight(client, spec.job_id).get(Slot(seq, 0))
     assert entry is not None and entry.stage == "encode"  # ...but chunk 0 is still tracked
     assert client.sismember(keys.ACTIVE_JOBS, spec.job_id)
+
+
+@pytest.mark.parametrize("forgery", ["signature-kept", "unsigned"])
+def test_a_job_json_edited_in_storage_is_not_rebuilt(client, tmp_path, forgery):
+    """A storage writer rewrites the job's listing and the digests in job.json to match."""
+    spec = _job(tmp_path, total=4)
+    storage = open_storage(spec.output)
+    private = str(tmp_path / "private.png")
+    listing = write_listing(
+        storage, spec.output, spec.job_id, [Item(index=i, input=private, output="") for i in range(4)]
+    )
+    path = tmp_path / "out" / "_jobs" / spec.job_id / "job.json"
+    body = json.loads(path.read_text())
+    body["listing_sha256"] = list(listing.digests)
+    if forgery == "unsigned":
+        del body["sig"]
+    path.write_text(json.dumps(body))
+    sent: list = []
+    with pytest.raises(RebuildError, match="job.json .* fails its check"):
+        rebuild(client, storage, spec.output, spec.job_id, sent.append, 2, signer=TEST_SIGNER)
+    assert sent == [] and not JobState(client, spec.job_id, TEST_SIGNER).exists()

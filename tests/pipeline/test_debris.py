@@ -76,7 +76,7 @@ def test_the_end_of_a_job_leaves_outputs_and_job_files_only(tmp_path, redis_url)
     storage = open_storage(out)
     items = [Item(index=i, input=f"/in/{i}.png", output=join_uri(out, f"sub/{i}.png")) for i in range(2)]
     spec = JobSpec(job_id="debris-" + os.urandom(4).hex(), input="/in", output=out, total=2, chunk_size=2)
-    write_spec(storage, spec)
+    write_spec(storage, spec, TEST_SIGNER)
     write_listing(storage, out, spec.job_id, items)
     state = JobState(redis.Redis.from_url(redis_url), spec.job_id, TEST_SIGNER)
     seq = state.start_submission(spec)

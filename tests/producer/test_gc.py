@@ -42,7 +42,9 @@ def _job(output: str, job_id: str, *, finished: bool = True, n: int = 4) -> None
         Item(index=i, input=f"/in/{job_id}-{i}.png", output=join_uri(output, f"{job_id}-{i}.png")) for i in range(n)
     ]
     write_spec(
-        storage, JobSpec(job_id=job_id, input="/in", output=output, total=n, chunk_size=2, created_at=time.time())
+        storage,
+        JobSpec(job_id=job_id, input="/in", output=output, total=n, chunk_size=2, created_at=time.time()),
+        TEST_SIGNER,
     )
     write_listing(storage, output, job_id, items)
     for chunk in range(n // 2):

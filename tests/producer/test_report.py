@@ -29,7 +29,7 @@ from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.cli import main
 from pixelrelay.producer.report import SAMPLE_CAP, scan_manifest, write_report
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_SIGNER
 from tests.images import encode, good_images, photo_like
 
 # An S3 key can hold "/" and "<": this input's URI carries a whole script element.
@@ -229,6 +229,7 @@ def _big_job(root: Path) -> tuple[str, str]:
     write_spec(
         storage,
         JobSpec(job_id=job_id, input=str(root / "in"), output=output, total=N_BIG, chunk_size=16, created_at=created),
+        TEST_SIGNER,
     )
     # Each row is a template with its index and picture filled in (json.dumps per row is slow).
     done = [json.dumps(_done_row(123456789, s, d)) for s, d in pics]
@@ -288,7 +289,7 @@ def test_the_sample_is_fixed_per_job_and_every_item_up_to_the_cap():
 
 def test_report_of_a_job_without_manifest_is_a_usage_error(tmp_path, capsys):
     output = str(tmp_path / "out")
-    write_spec(open_storage(output), JobSpec(job_id="unfinished", input="/in", output=output, total=3))
+    write_spec(open_storage(output), JobSpec(job_id="unfinished", input="/in", output=output, total=3), TEST_SIGNER)
     assert main(["report", "unfinished", "--out", output]) == ExitCode.USAGE
     assert "no manifest yet" in capsys.readouterr().err
     assert main(["report", "never-was", "--out", output]) == ExitCode.USAGE
@@ -358,7 +359,9 @@ def test_report_opens_only_what_the_jobs_listing_and_roots_allow(tmp_path):
         photo_like(64, 48, i).save(item.output)
     storage = open_storage(output)
     write_listing(storage, output, job_id, items)
-    write_spec(storage, JobSpec(job_id=job_id, input=str(root / "in"), output=output, total=4, chunk_size=4))
+    write_spec(
+        storage, JobSpec(job_id=job_id, input=str(root / "in"), output=output, total=4, chunk_size=4), TEST_SIGNER
+    )
     Path(items[3].output).unlink()
     Path(items[3].output).symlink_to(private)
     rows = [

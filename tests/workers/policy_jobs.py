@@ -62,11 +62,16 @@ class Job:
             items.append(Item(index=i, input=str(root / "in" / f"{i}.png"), output=str(root / "out" / f"{i}.png")))
         self.output = str(root / "out")
         self.storage = open_storage(self.output)
-        total = write_listing(self.storage, self.output, self.state.job_id, items)
+        listing = write_listing(self.storage, self.output, self.state.job_id, items)
         self.spec = JobSpec(
-            job_id=self.state.job_id, input=str(root / "in"), output=self.output, total=total, chunk_size=chunk_size
+            job_id=self.state.job_id,
+            input=str(root / "in"),
+            output=self.output,
+            total=listing.total,
+            chunk_size=chunk_size,
+            listing_sha256=list(listing.digests),
         )
-        write_spec(self.storage, self.spec)
+        write_spec(self.storage, self.spec, TEST_SIGNER)
         self.seq = self.state.start_submission(self.spec)
         self.policy = DeliveryPolicy(self.state, self.sent.append, lambda uri: self.storage, limits)
 
