@@ -177,9 +177,11 @@ def test_waiting_on_a_job_that_does_not_move_prints_a_stalled_line(redis_url):
     state = _new_job(url, total=4)
     state.mark(state.seq(), [(0, "done")])
     stream = io.StringIO()  # not a TTY: plain lines
-    settings = Settings.from_env(redis_url=url, stall_s=1.0)  # room for a busy machine before the first line
+    settings = Settings.from_env(redis_url=url, stall_s=0.5)
     with pytest.raises(WaitTimeout):
-        wait_for_job(state, settings, stream, poll_s=0.05, timeout_s=2.0, plain_every_s=0.2)
+        wait_for_job(
+            state, settings, stream, poll_s=0.05, timeout_s=3.0, plain_every_s=0.2
+        )  # stalled well before the end
     lines = stream.getvalue().splitlines()
     assert "stalled=" not in lines[0] and "eta=" in lines[0]
     assert lines[-1].startswith("done=1 failed=0 pending=3") and " eta=--:-- stalled=" in lines[-1], lines
