@@ -1,26 +1,86 @@
-"""kombu's Redis transport with one client per channel for its synchronous commands.
+"""kombu's Redis transport, with one client per channel for its synchronous commands and
+every entry it takes off a queue screened before anything decodes it.
 
 kombu builds a new ``redis.Redis`` for every synchronous command (about 5 % of a stage
 worker's CPU with the null backends: ``benchmarks/bench_overhead.py``); this channel builds
 one over its own pool and reuses it (again if the pool is rebuilt). Only ``redis://`` brokers
 use it; ``rediss://`` keeps kombu's stock transport, whose TLS defaults follow that scheme.
+
+Screening: the channel's clients check each raw entry that ``BRPOP`` (a consumer) or
+``RPOP`` (``basic_get``) returns against ``workers.screen`` before kombu decodes it. An entry
+that fails is logged (rate-limited) and dropped: it has left the list already and never
+reaches the unacked set, so kombu sees an empty read and the worker goes on. The limit in
+bytes is the transport option ``max_message_bytes`` (``celery_app.configure``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import redis
 from kombu.transport import redis as kombu_redis
+
+from pixelrelay.pipeline import constants as C
+from pixelrelay.workers.screen import DROPS, JunkEntry, Screen
+
+DEFAULT_MAX_MESSAGE_BYTES = C.DEFAULT_MAX_MESSAGE_BYTES
+
+
+def _queue_of(key: bytes | str) -> str:
+    """The queue a list key belongs to (kombu suffixes priority lists with ``sep`` + N)."""
+    name = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    return name.rsplit(kombu_redis.Channel.sep, 1)[0]
+
+
+class ScreeningRedis(redis.Redis):
+    """A Redis client whose ``BRPOP`` and ``RPOP`` replies pass ``screen`` or read as empty."""
+
+    screen = Screen(DEFAULT_MAX_MESSAGE_BYTES)
+
+    def parse_response(self, connection: Any, command_name: str | bytes, **options: Any) -> Any:
+        reply = super().parse_response(connection, command_name, **options)
+        if command_name == "BRPOP" and reply:
+            key, raw = reply
+            return reply if self._admits(_queue_of(key), raw) else None
+        return reply
+
+    def rpop(self, name: Any, count: int | None = None) -> Any:
+        raw = super().rpop(name, count)
+        if count is None and isinstance(raw, bytes) and not self._admits(_queue_of(name), raw):
+            return None
+        return raw
+
+    def _admits(self, queue: str, raw: bytes) -> bool:
+        try:
+            self.screen.check(queue, raw)
+        except JunkEntry as exc:
+            DROPS.drop(queue, raw, exc)
+            return False
+        return True
 
 
 class Channel(kombu_redis.Channel):
     _sync_client: tuple | None = None  # (the pool it was built over, the client)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "max_message_bytes")  # type: ignore[assignment]  # one more option than kombu's fixed-length tuple
+
+    def _get_client(self):
+        if self.global_keyprefix:  # kombu's prefixed client (pixelrelay sets no prefix): not screened
+            return super()._get_client()
+        return ScreeningRedis
 
     def _create_client(self, asynchronous: bool = False):
         if asynchronous:
-            return super()._create_client(asynchronous=True)
+            return self._screening(super()._create_client(asynchronous=True))
         pool, cached = self.pool, self._sync_client
         if cached is None or cached[0] is not pool:  # first use, or the channel rebuilt its pool
-            cached = self._sync_client = (pool, super()._create_client())
+            cached = self._sync_client = (pool, self._screening(super()._create_client()))
         return cached[1]
+
+    def _screening(self, client: Any) -> Any:
+        if isinstance(client, ScreeningRedis):
+            client.screen = Screen(int(self.max_message_bytes))
+        return client
 
 
 class Transport(kombu_redis.Transport):
