@@ -6,9 +6,14 @@ bounded in bytes before it is decoded (``max_bytes``: ``PIXELRELAY_MAX_MESSAGE_B
 4,096-item chunk with long texts is about 21 MB), must be UTF-8 JSON no deeper than
 ``MAX_DEPTH``, and must have the shape kombu reads (``properties.delivery_tag``,
 ``delivery_info``, a ``body`` string). On a stage queue (``pixelrelay.<stage>``) it must also
-name that stage's task, be JSON content, and carry a Celery protocol-2 body
-(``[args, kwargs, embed]``, bounded the same way): Celery's own tasks (``celery.map``, ...)
-and every other name never run there. The signature check (``workers.tasks.verify_body``)
+name that stage's task (Celery's own, ``celery.map`` and the rest, and every other name never
+run there), be JSON content, and carry a Celery protocol-2 body ``[[object], {}, embed]``
+(bounded the same way). Its headers and the body's ``embed`` hold only the fields Celery
+writes, each of the type Celery reads (Celery copies headers into the task's request, and a
+header of another type stopped the worker: ``HEADER_RULES``), an ``eta`` at most
+``MAX_ETA_AHEAD_S`` ahead, and a chain of stage tasks only (Celery sends it on after the
+task). A Celery upgrade that writes a new field needs it added here (the transport tests send
+real messages through these checks). The signature check (``workers.tasks.verify_body``)
 comes after this, on what passed. ``DropLog`` logs drops, rate-limited per reason.
 """
 
@@ -22,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from pixelrelay.pipeline import constants as C
@@ -29,6 +35,8 @@ from pixelrelay.pipeline import constants as C
 MAX_DEPTH = 32  # JSON nesting an entry or body may have (a chunk message's body: 8)
 DROP_LOG_INTERVAL_S = 60.0  # one log line per reason per interval; the rest are counted
 PREFIX_CHARS = 24  # of a dropped entry, shown in its log line
+MAX_ETA_AHEAD_S = 3600.0  # retries and re-queues wait minutes at most
+MAX_HEADER_CHARS = 1024  # of a text header or property (Celery logs some of them)
 STAGE_QUEUES = {C.QUEUE_PREFIX + stage: C.TASK_PREFIX + stage for stage in C.STAGES}
 
 log = logging.getLogger("pixelrelay.worker")
@@ -62,17 +70,33 @@ class Screen:
 
 
 def _check_task(envelope: dict[str, Any], task: str) -> None:
-    named = envelope["headers"].get("task") if isinstance(envelope.get("headers"), dict) else None
+    headers = envelope.get("headers")
+    named = headers.get("task") if isinstance(headers, dict) else None
     if named != task:
         raise JunkEntry("foreign task", f"{str(named)[:64]!r} is not {task!r}")
-    if envelope.get("content-type") != "application/json":
-        raise JunkEntry("not a task message", "content type is not JSON")
+    if envelope.get("content-type") != "application/json" or envelope.get("content-encoding") != "utf-8":
+        raise JunkEntry("not a task message", "not JSON content in UTF-8")
+    _check_fields("header", headers, HEADER_RULES, strict=True)  # Celery copies every header into the request
+    _check_fields("property", envelope["properties"], PROPERTY_RULES)
     body = _json(_body_bytes(envelope))
-    args_kwargs_embed = isinstance(body, list) and len(body) == 3
-    if not (
-        args_kwargs_embed and isinstance(body[0], list) and isinstance(body[1], dict) and isinstance(body[2], dict)
-    ):
+    if not (isinstance(body, list) and len(body) == 3):
         raise JunkEntry("not a task message", "the body is not [args, kwargs, embed]")
+    args, kwargs, embed = body
+    if not (isinstance(args, list) and len(args) == 1 and isinstance(args[0], dict) and kwargs == {}):
+        raise JunkEntry("not a task message", "a stage task takes one object")
+    _check_fields("embed", embed, EMBED_RULES, strict=True)
+
+
+def _check_fields(kind: str, fields: Any, rules: dict[str, Callable[[Any], bool]], strict: bool = False) -> None:
+    """Each known field as Celery reads it; an unknown one a scalar, or (``strict``) none."""
+    if not isinstance(fields, dict):
+        raise JunkEntry("not a task message", f"the {kind}s are not an object")
+    for name, value in fields.items():
+        rule = rules.get(name)
+        if rule is None and (strict or not _scalar(value)):
+            raise JunkEntry("not a task message", f"unexpected {kind} {str(name)[:32]!r}")
+        if rule is not None and not rule(value):
+            raise JunkEntry("not a task message", f"bad {kind} {name!r}")
 
 
 def _body_bytes(envelope: dict[str, Any]) -> bytes:
@@ -114,6 +138,106 @@ def _deeper_than(value: Any, limit: int) -> bool:
         if not level:
             return False
     return True
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _text(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and len(value) <= MAX_HEADER_CHARS)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 31
+
+
+def _when(value: Any) -> bool:
+    return value is None or _instant(value) is not None
+
+
+def _soon(value: Any) -> bool:
+    """An ``eta`` no further ahead than ``MAX_ETA_AHEAD_S`` (Celery holds such a message,
+    unacked, until then)."""
+    when = _instant(value)
+    return value is None or (when is not None and when.timestamp() <= time.time() + MAX_ETA_AHEAD_S)
+
+
+def _instant(value: Any) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _time_limits(value: Any) -> bool:
+    if not (isinstance(value, list) and len(value) == 2):
+        return False
+    return all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0) for v in value)
+
+
+def _chain(value: Any) -> bool:
+    """A chain's next tasks, as Celery serializes them: stage tasks only, their argument the
+    result of the one before."""
+    return value is None or (isinstance(value, list) and len(value) < len(C.STAGES) and all(map(_next_task, value)))
+
+
+def _next_task(sig: Any) -> bool:
+    if not (isinstance(sig, dict) and set(sig) <= SIGNATURE_FIELDS and sig.get("task") in STAGE_QUEUES.values()):
+        return False
+    options = sig.get("options", {})
+    return (
+        sig.get("args", []) == []
+        and sig.get("kwargs", {}) == {}
+        and isinstance(options, dict)
+        and all(map(_scalar, options.values()))
+        and sig.get("subtask_type") is None
+        and isinstance(sig.get("immutable", False), bool)
+    )
+
+
+def _delivery_info(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) <= {"exchange", "routing_key", "priority", "redelivered"}
+        and isinstance(value.get("exchange"), str)
+        and isinstance(value.get("routing_key"), str)
+        and (value.get("priority") is None or _count(value.get("priority")))
+        and value.get("redelivered") in (None, True, False)
+    )
+
+
+HEADER_RULES: dict[str, Callable[[Any], bool]] = {
+    "lang": lambda v: v in (None, "py"),
+    "task": lambda v: isinstance(v, str),
+    "id": lambda v: isinstance(v, str) and 0 < len(v) <= MAX_HEADER_CHARS,
+    **dict.fromkeys(("shadow", "group", "root_id", "parent_id", "origin", "argsrepr", "kwargsrepr"), _text),
+    "eta": _soon,
+    "expires": _when,
+    "group_index": lambda v: v is None or _count(v),
+    "retries": _count,
+    "replaced_task_nesting": _count,
+    "timelimit": _time_limits,
+    "ignore_result": lambda v: v is None or isinstance(v, bool),
+    "stamped_headers": lambda v: v is None or v == [],
+    "stamps": lambda v: v is None or v == {},
+}
+PROPERTY_RULES: dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(("correlation_id", "reply_to", "argsrepr", "kwargsrepr"), _text),
+    "delivery_tag": lambda v: isinstance(v, str) and 0 < len(v) <= MAX_HEADER_CHARS,
+    "delivery_info": _delivery_info,
+    "delivery_mode": lambda v: v is None or _count(v),
+    "priority": lambda v: v is None or _count(v),
+    "body_encoding": lambda v: v in (None, "base64"),
+}
+EMBED_RULES: dict[str, Callable[[Any], bool]] = {
+    "callbacks": lambda v: v is None,
+    "errbacks": lambda v: v is None,
+    "chain": _chain,
+    "chord": lambda v: v is None,
+}
+SIGNATURE_FIELDS = {"task", "args", "kwargs", "options", "subtask_type", "immutable"}
 
 
 def _is_envelope(value: Any) -> bool:

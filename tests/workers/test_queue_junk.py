@@ -134,6 +134,8 @@ def test_junk_entries_are_dropped_and_the_worker_stays_up(broker, workers, tmp_p
         _envelope("pixelrelay.encode", "[[{}], {}, " + "[" * 5000 + "]" * 5000 + "]").encode(),  # a body nested deep
         _envelope("pixelrelay.encode", "not json either").encode(),
         _envelope("evil.task", "[[], {}, {}]").encode(),
+        _envelope("pixelrelay.encode", "[[{}], {}, {}]").replace('"group": null', '"timelimit": "x"').encode(),
+        _envelope("pixelrelay.encode", '[[{}], {}, {"chain": [{"task": "pixelrelay.plan", "options": "x"}]}]').encode(),
         _envelope("pixelrelay.decode", "[[{}], {}, {}]").encode(),  # another stage's task on the encode queue
         *_celery_builtin_entries(broker),
     ]

@@ -102,7 +102,28 @@ def test_the_screen_passes_a_stage_task_and_refuses_junk_and_foreign_tasks(redis
     deep_body = {**envelope, "body": "[[" + "[" * 40 + "]" * 40 + "], {}, {}]"}
     not_json_body = {**envelope, "body": "[[{}], {}, {}"}
     wrong_shape = {**envelope, "body": '{"args": []}'}
+
+    def with_header(**headers) -> bytes:
+        return json.dumps({**envelope, "headers": {**envelope["headers"], **headers}}).encode()
+
+    def with_body(body: str) -> bytes:
+        return json.dumps({**envelope, "body": body}).encode()
+
+    next_task = {"task": "pixelrelay.plan", "args": [], "kwargs": {}, "options": {"task_id": "t"}}
+    screen.check("pixelrelay.encode", with_body(json.dumps([[{}], {}, {"chain": [next_task], "chord": None}])))
+    screen.check("pixelrelay.encode", with_header(eta="2026-01-01T00:00:00+00:00", retries=3))
     cases = {
+        with_header(timelimit="x"): "not a task message",  # each of these stopped a worker
+        with_header(chord="x"): "not a task message",
+        with_header(callbacks="x"): "not a task message",
+        with_body(json.dumps([[{}], {}, {"chain": [{**next_task, "options": "x"}]}])): "not a task message",
+        with_body(json.dumps([[{}], {}, {"chain": [{**next_task, "task": "celery.map"}]}])): "not a task message",
+        with_header(eta="2999-01-01T00:00:00"): "not a task message",  # held unacked until then
+        with_header(eta="soon"): "not a task message",
+        with_header(id=5): "not a task message",
+        with_header(argsrepr="x" * 5000): "not a task message",
+        with_body('[[{}], {"x": 1}, {}]'): "not a task message",
+        with_body("[[1, 2], {}, {}]"): "not a task message",
         b"this is not json": "not JSON",
         b"\xff\xfe": "not JSON",
         b"[" * 30_000: "nested deeper than",
