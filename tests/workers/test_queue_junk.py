@@ -167,7 +167,7 @@ def test_an_oversized_body_is_dropped_before_it_is_decoded(broker, workers, tmp_
     _genuine_job(broker, tmp_path, workers)  # taken after the big entry: that one was handled by then
 
     grown_mb = (_vm_hwm_kb(encode.pid) - before) / 1024
-    print(f"encode worker VmHWM grew by {grown_mb:.0f} MB for a {BIG_BODY_BYTES >> 20} MB body")
+    print(f"encode worker VmHWM {before >> 10} MB, then {_vm_hwm_kb(encode.pid) >> 10} MB: {grown_mb:.0f} MB more")
     assert workers.alive() and client.llen("pixelrelay.encode") == 0 and _unacked(client) == 0
     # redis-py's reply parser holds about 4 copies of the entry as it reads it; decoding it (kombu,
     # then Celery) took about 4 more: 808 MB for this body.
