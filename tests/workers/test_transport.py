@@ -4,7 +4,9 @@ synchronous commands (``workers.transport``), used for ``redis://`` and not ``re
 from __future__ import annotations
 
 import json
+from queue import Empty
 
+import pytest
 import redis
 
 from pixelrelay.pipeline.settings import Settings
@@ -41,6 +43,10 @@ def test_a_channel_builds_its_command_client_once_and_again_for_a_new_pool(redis
         channel._put(queue, _entry("again"))
         assert channel._get(queue)["body"] == "again"
         assert len(built) == 2 and built[1] is channel.pool and built[1] is not built[0]
+        redis.Redis.from_url(redis_url).lpush(queue, b"not json")  # basic_get's RPOP is screened too
+        with pytest.raises(Empty):
+            channel._get(queue)
+        assert redis.Redis.from_url(redis_url).llen(queue) == 0
 
 
 def test_a_tls_broker_keeps_kombus_own_transport(redis_url):
@@ -145,10 +151,14 @@ def test_the_screen_passes_a_stage_task_and_refuses_junk_and_foreign_tasks(redis
             raise AssertionError(f"{raw[:40]!r} passed")
 
 
-def test_junk_is_dropped_off_the_queue_and_the_next_message_comes_through(redis_url, caplog):
+def test_junk_is_dropped_off_the_queue_and_the_next_message_comes_through(redis_url, caplog, monkeypatch):
     """Through the transport, as a consumer reads: the junk entries leave the list, none is
     left unacked, one warning per reason is logged, and the message after them is delivered."""
     from kombu import Connection
+
+    from pixelrelay.workers.screen import DropLog
+
+    monkeypatch.setattr(transport, "DROPS", DropLog())  # this process's may hold a reason logged earlier
 
     app = create_app(Settings.from_env(redis_url=redis_url))
     options = {**app.conf.broker_transport_options, "max_message_bytes": 8192}
