@@ -46,15 +46,19 @@ class ScreeningRedis(redis.Redis):
 
     def rpop(self, name: Any, count: int | None = None) -> Any:
         raw = super().rpop(name, count)
-        if count is None and isinstance(raw, bytes) and not self._admits(_queue_of(name), raw):
+        if count is None and isinstance(raw, (bytes, str)) and not self._admits(_queue_of(name), raw):
             return None
         return raw
 
-    def _admits(self, queue: str, raw: bytes) -> bool:
+    def _admits(self, queue: str, raw: bytes | str) -> bool:
+        raw = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
         try:
             self.screen.check(queue, raw)
         except JunkEntry as exc:
             DROPS.drop(queue, raw, exc)
+            return False
+        except Exception as exc:  # whatever an entry does to the checks, the worker goes on
+            DROPS.drop(queue, raw, JunkEntry("unreadable", type(exc).__name__))
             return False
         return True
 
