@@ -3,7 +3,8 @@ decodes any of it, and one that fails is dropped (``JunkEntry``).
 
 The broker is not trusted: anyone who can write to Redis can push an entry. An entry is
 bounded in bytes before it is decoded (``max_bytes``: ``PIXELRELAY_MAX_MESSAGE_BYTES``; a
-4,096-item chunk with long texts is about 21 MB), must be UTF-8 JSON no deeper than
+4,096-item chunk with long texts is about 21 MB) and in JSON values (``MAX_VALUES``), must be
+UTF-8 JSON no deeper than
 ``MAX_DEPTH``, and must have the shape kombu reads (``properties.delivery_tag``,
 ``delivery_info``, a ``body`` string). On a stage queue (``pixelrelay.<stage>``) it must also
 name that stage's task (Celery's own, ``celery.map`` and the rest, and every other name never
@@ -33,6 +34,10 @@ from typing import Any
 from pixelrelay.pipeline import constants as C
 
 MAX_DEPTH = 32  # JSON nesting an entry or body may have (a chunk message's body: 8)
+# JSON values an entry may hold, counted before it is decoded: each costs about 60-100 bytes
+# once decoded, so a dense entry under the byte limit (``[[],[],...]``) would take 15-25 times
+# its size. A 4,096-item chunk with every record field set has about 530,000.
+MAX_VALUES = 2_000_000
 DROP_LOG_INTERVAL_S = 60.0  # one log line per reason per interval; the rest are counted
 PREFIX_CHARS = 24  # of a dropped entry, shown in its log line
 MAX_ETA_AHEAD_S = 3600.0  # retries and re-queues wait minutes at most
@@ -61,6 +66,8 @@ class Screen:
         """Raise ``JunkEntry`` unless ``raw``, taken from ``queue``, may be decoded and run."""
         if len(raw) > self.max_bytes:
             raise JunkEntry("over the limit", f"{len(raw)} bytes, PIXELRELAY_MAX_MESSAGE_BYTES is {self.max_bytes}")
+        if _values(raw) > MAX_VALUES:
+            raise JunkEntry("over the limit", f"more than {MAX_VALUES} JSON values")
         envelope = _json(raw)
         if not _is_envelope(envelope):
             raise JunkEntry("not a task message", "not a kombu envelope")
@@ -109,6 +116,12 @@ def _body_bytes(envelope: dict[str, Any]) -> bytes:
         except (binascii.Error, ValueError):
             raise JunkEntry("not JSON", "bad base64 body") from None
     raise JunkEntry("not a task message", "unknown body encoding")
+
+
+def _values(raw: bytes) -> int:
+    """About how many JSON values ``raw`` holds, counted without decoding it (an over-count:
+    commas and brackets inside strings count too)."""
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{")
 
 
 def _json(raw: bytes) -> Any:

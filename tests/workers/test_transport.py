@@ -142,6 +142,9 @@ def test_the_screen_passes_a_stage_task_and_refuses_junk_and_foreign_tasks(redis
         json.dumps(not_json_body).encode(): "not JSON",
         json.dumps(wrong_shape).encode(): "not a task message",
     }
+    dense = b"[" + b"[]," * 1_000_000 + b"[]]"  # 3 MB that would take about 60 MB decoded
+    with pytest.raises(JunkEntry, match="more than 2000000 JSON values"):
+        Screen(64 << 20).check("pixelrelay.encode", dense)
     for raw, reason in cases.items():
         try:
             screen.check("pixelrelay.encode", raw)
