@@ -211,13 +211,14 @@ def _next_task(sig: Any) -> bool:
 
 
 def _delivery_info(value: Any) -> bool:
+    """Where kombu delivered the message from (it marks a restored one ``redelivered``)."""
     return (
         isinstance(value, dict)
-        and set(value) <= {"exchange", "routing_key", "priority", "redelivered"}
         and isinstance(value.get("exchange"), str)
         and isinstance(value.get("routing_key"), str)
         and (value.get("priority") is None or _count(value.get("priority")))
         and value.get("redelivered") in (None, True, False)
+        and all(map(_scalar, value.values()))
     )
 
 
@@ -235,6 +236,7 @@ HEADER_RULES: dict[str, Callable[[Any], bool]] = {
     "ignore_result": lambda v: v is None or isinstance(v, bool),
     "stamped_headers": lambda v: v is None or v == [],
     "stamps": lambda v: v is None or v == {},
+    "redelivered": lambda v: v is None or isinstance(v, bool),  # kombu's mark on a restored message
 }
 PROPERTY_RULES: dict[str, Callable[[Any], bool]] = {
     **dict.fromkeys(("correlation_id", "reply_to", "argsrepr", "kwargsrepr"), _text),

@@ -118,6 +118,10 @@ def test_the_screen_passes_a_stage_task_and_refuses_junk_and_foreign_tasks(redis
     next_task = {"task": "pixelrelay.plan", "args": [], "kwargs": {}, "options": {"task_id": "t"}}
     screen.check("pixelrelay.encode", with_body(json.dumps([[{}], {}, {"chain": [next_task], "chord": None}])))
     screen.check("pixelrelay.encode", with_header(eta="2026-01-01T00:00:00+00:00", retries=3))
+    restored = with_header(redelivered=True)  # as kombu puts back a message a worker died with
+    restored_envelope = json.loads(restored)
+    restored_envelope["properties"]["delivery_info"]["redelivered"] = True
+    screen.check("pixelrelay.encode", json.dumps({**restored_envelope, "redelivered": True}).encode())
     cases = {
         with_header(timelimit="x"): "not a task message",  # each of these stopped a worker
         with_header(chord="x"): "not a task message",
