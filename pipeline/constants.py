@@ -31,6 +31,7 @@ STAGES = ("encode", "plan", "decode")
 STAGE_BACKEND = {"encode": "encoder", "plan": "planner", "decode": "decoder"}  # stage -> backend kind
 QUEUE_PREFIX = "pixelrelay."  # queue per stage: pixelrelay.encode, ...
 TASK_PREFIX = "pixelrelay."  # task names: pixelrelay.encode, ...
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # a queue entry's bytes (a 4,096-item chunk with long texts: ~21 MB)
 DEFAULT_VISIBILITY_TIMEOUT_S = 2 * 3600  # a backstop: renewed leases keep their messages fresh
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_MAX_DELIVERIES = 3  # a chunk whose worker died this often is split into single items

@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr(C.DEFAULT_REDIS_URL)
     s3_endpoint_url: str | None = None
     max_image_pixels: int = Field(C.DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    # A queue entry longer than this is dropped before it is decoded (workers.screen).
+    max_message_bytes: int = Field(C.DEFAULT_MAX_MESSAGE_BYTES, ge=4096)
     # Bounded resources: an item whose output (source pixels x scale^2) is over this
     # fails before any model runs; decoded source images a worker holds (the batch it runs
     # plus the next one, prefetched) stay within this many bytes, except one batch alone.

@@ -2,8 +2,10 @@
 
 Invariants: the URL (``PIXELRELAY_NOTIFY_URL`` or ``_FILE``, never argv) is never printed,
 logged or stored (``redact``); delivery is retried ``ATTEMPTS`` times on connection errors,
-timeouts, 408, 429 and 5xx; a failed notification warns and changes nothing else
-(``post_summary`` never raises). ``after_wait`` runs ``--report``, then ``--notify``.
+timeouts, 408, 429 and 5xx; a redirect is never followed (it fails the notification: the
+webhook's host must not steer the request to another address, internal ones included); a
+failed notification warns and changes nothing else (``post_summary`` never raises).
+``after_wait`` runs ``--report``, then ``--notify``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from typing import TextIO
+from http.client import HTTPMessage
+from typing import IO, TextIO
 from urllib.parse import urlsplit
 
 from pixelrelay import __version__
@@ -67,8 +70,22 @@ def redact(url: str) -> str:
         return "(the notify URL)"
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Turns every redirect into the ``HTTPError`` of its 3xx answer."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: HTTPMessage, newurl: str
+    ) -> urllib.request.Request | None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _problem(exc: BaseException) -> tuple[str, bool]:
     """(what went wrong, worth retrying), without quoting the URL."""
+    if isinstance(exc, urllib.error.HTTPError) and 300 <= exc.code < 400:
+        return f"HTTP {exc.code} (redirects are not followed)", False
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code}", exc.code in RETRY_STATUS or exc.code >= 500
     if isinstance(exc, urllib.error.URLError):
@@ -114,7 +131,7 @@ def post_summary(
             headers={"Content-Type": "application/json", "User-Agent": f"pixelrelay/{__version__}"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            with _OPENER.open(request, timeout=timeout_s) as response:
                 response.read(1 << 16)
             stream.write(f"pixelrelay: notified {where} (job {summary.get('job_id')})\n")
             stream.flush()

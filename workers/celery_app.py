@@ -49,7 +49,12 @@ def configure(app: Celery, settings: Settings) -> Celery:
         # not base64'd (kombu's default for every virtual transport): each message is ~20 %
         # smaller in Redis and cheaper to wrap and unwrap. Each message names its encoding
         # (``properties.body_encoding``), so either kind is read by any kombu version.
-        broker_transport_options={"visibility_timeout": settings.visibility_s(), "body_encoding": None},
+        # max_message_bytes: queue entries longer than this are dropped unread (workers.screen).
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_s(),
+            "body_encoding": None,
+            "max_message_bytes": settings.max_message_bytes,
+        },
         task_routes={task_name(stage): {"queue": queue_name(stage)} for stage in C.STAGES},
         task_default_queue=queue_name("encode"),
         worker_hijack_root_logger=False,

@@ -235,9 +235,11 @@ def _slot_of(ref: TaskRef) -> tuple[str, Slot]:
 
 
 def _json(raw: bytes | str) -> object:
+    """An entry of a queue or of ``unacked``, or None for junk (anyone who can write to Redis
+    may have put it there; ``workers.screen`` drops it when a worker takes it)."""
     try:
         return json.loads(raw)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
 
 

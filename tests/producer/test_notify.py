@@ -5,6 +5,7 @@ undeliverable notification never changes the exit code."""
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import logging
 import threading
@@ -23,19 +24,24 @@ TOKEN = "T0KEN-" + uuid.uuid4().hex  # what a webhook URL's secret looks like
 
 
 class Hook:
-    """A webhook: records each POST; answers with ``codes`` in turn, then 200."""
+    """A webhook: records each request; answers with ``codes`` in turn, then 200 (each with a
+    ``Location`` of ``redirect_to`` when given)."""
 
-    def __init__(self, codes: list[int] | None = None) -> None:
+    def __init__(self, codes: list[int] | None = None, redirect_to: str | None = None) -> None:
         self.codes, self.received = list(codes or []), []
         hook = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
                 hook.received.append({"path": self.path, "type": self.headers.get("Content-Type"), "body": body})
                 self.send_response(hook.codes.pop(0) if hook.codes else 200)
+                if redirect_to:
+                    self.send_header("Location", redirect_to)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            do_GET = do_PUT = do_POST
 
             def log_message(self, *args) -> None:
                 pass
@@ -191,3 +197,22 @@ def test_report_and_notify_need_wait_on_submit(redis_url, tmp_path, capsys):
     for flag in ("--report", "--notify"):
         assert main(["submit", str(tmp_path), "--out", str(tmp_path / "o"), flag, "--redis-url", redis_url]) == 2
         assert "only with --wait" in capsys.readouterr().err
+
+
+def test_the_webhook_does_not_follow_a_redirect():
+    """A webhook that answers with a redirect to an internal address: nothing reaches that
+    address, the notification fails without a retry, and the message says why."""
+    codes = [301, 302, 303, 307, 308]
+    internal = Hook()
+    webhook = Hook(codes=list(codes), redirect_to=internal.url.split("/hooks/")[0] + "/internal-admin?x=1")
+    try:
+        for code in codes:  # one request each: a redirect is not retried
+            stream = io.StringIO()
+            assert post_summary(webhook.url, {"job_id": "j"}, stream, backoff_s=0) is False
+            assert f"HTTP {code} (redirects are not followed)" in stream.getvalue()
+            _no_token(stream.getvalue())
+    finally:
+        webhook.close()
+        internal.close()
+    assert internal.received == []
+    assert len(webhook.received) == len(codes)

@@ -105,6 +105,15 @@ def test_a_chunk_waiting_in_a_queue_is_left_alone_however_old(job, db_url, stage
     assert report.candidates == 1 and report.resent == [] and job.sent == []
 
 
+def test_junk_in_a_queue_does_not_stop_the_sweep(job):
+    """Entries no worker has taken yet, pushed by whoever can write to Redis: the sweep reads
+    past them and still re-sends the lost chunk."""
+    job.sent.clear()
+    job.state.r.lpush("pixelrelay.plan", b"not json", b"[" * 100_000, b"\xff", b'{"headers": []}')
+    report = sweep(job)
+    assert report.resent and [m.chunk for m in job.sent] == [0]
+
+
 def _unacked(job: Job, db_url: str, delivered_at: float) -> None:
     """Put chunk 0's encode message where kombu puts a message a worker took."""
     app = create_app(Settings.from_env(redis_url=db_url))

@@ -59,7 +59,8 @@ def test_a_version_1_chunk_completes_on_upgraded_workers(stage_workers, redis_ur
         s3_client.put_object(Bucket=s3_bucket, Key=f"in/{rel}", Body=data)
     settings = Settings.from_env(redis_url=redis_url, chunk_size=2, window=1)
     sent: list[ChunkMessage] = []
-    monkeypatch.setattr(submit_module, "sender", lambda app, signer, budget=None: sent.append)  # hold the first chunk back
+    hold = lambda app, signer, budget=None: sent.append  # noqa: E731 (hold the first chunk back)
+    monkeypatch.setattr(submit_module, "sender", hold)
     job_id = "wire-v1-" + uuid.uuid4().hex[:6]
     submit_module.submit(settings, f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", JobOptions(), job_id=job_id)
     assert [m.chunk for m in sent] == [0]
