@@ -31,7 +31,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -174,13 +174,12 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: SecretStr) -> SecretStr:
         raw = value.get_secret_value()
         scheme = urlsplit(raw).scheme if raw else ""
-        if scheme in ("unix", "redis+socket"):  # kombu and redis-py spell sockets differently
+        if scheme == "unix":
+            check_unix_url(raw)
+        elif raw and scheme not in ("redis", "rediss"):
             raise ValueError(
-                f"{scheme}:// (a Unix socket) is not supported: give Redis a TCP listener and use "
-                "redis:// or rediss:// (or leave it empty for the embedded server)"
+                "must be a redis://, rediss:// or unix:///path/to/socket URL (or empty for the embedded server)"
             )
-        if raw and scheme not in ("redis", "rediss"):
-            raise ValueError("must be a redis:// or rediss:// URL (or empty for the embedded server)")
         return value
 
     @field_validator("s3_endpoint_url")
@@ -400,6 +399,16 @@ def read_key_file(path: str) -> str:
     if len(key) < MIN_KEY_CHARS:
         raise ValueError(f"{ENV_PREFIX}SIGNING_KEY_FILE: the key in {path} must be at least {MIN_KEY_CHARS} characters")
     return key
+
+
+def check_unix_url(url: str) -> None:
+    """A ``unix://[:PASSWORD@]/absolute/path[?db=N]`` URL (redis-py's spelling), or ValueError."""
+    parts = urlsplit(url)
+    if parts.hostname or parts.port or not parts.path.startswith("/") or parts.fragment:
+        raise ValueError("a unix:// URL is unix:///absolute/path/to/socket (or unix://:PASSWORD@/absolute/path)")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if set(query) - {"db"} or any(not v.isdigit() for v in query.get("db", [])) or len(query.get("db", [])) > 1:
+        raise ValueError("a unix:// URL takes one query parameter only, ?db=N (a number)")
 
 
 def redact_url(url: str) -> str:

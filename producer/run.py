@@ -341,7 +341,9 @@ def _embedded(stack: ExitStack, settings: Settings, env: dict[str, str], folder:
     env.pop("PIXELRELAY_SIGNING_KEY", None)
     env["PIXELRELAY_SIGNING_KEY_FILE"] = key_path
     password = read_secret(secret_file(folder, PASSWORD_FILE))
-    server = EmbeddedRedis(data_dir=folder, own_session=False, password=password, locked=True, keep_fds=[lock.fd])
+    server = EmbeddedRedis(
+        data_dir=folder, own_session=False, password=password, locked=True, keep_fds=[lock.fd], unix_socket=True
+    )
     stack.enter_context(server)
     env["PIXELRELAY_REDIS_URL"] = server.url
     secret = type(settings.redis_url)

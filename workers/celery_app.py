@@ -8,13 +8,13 @@ that ``celery -A pixelrelay.workers`` looks up.
 from __future__ import annotations
 
 import functools
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from celery import Celery
 
 from pixelrelay.pipeline import constants as C
 from pixelrelay.pipeline.settings import ConfigError, Settings
-from pixelrelay.workers.transport import TRANSPORT
+from pixelrelay.workers.transport import SOCKET_TRANSPORT, TRANSPORT
 
 
 def queue_name(stage: str) -> str:
@@ -25,9 +25,21 @@ def task_name(stage: str) -> str:
     return C.TASK_PREFIX + stage
 
 
+def broker(redis_url: str) -> tuple[str, str | None]:
+    """The broker URL and transport for a Redis URL. redis-py's ``unix://[:PW@]/path?db=N``
+    is kombu's ``socket://[:PW@]/path?virtual_host=N``; ``rediss://`` keeps kombu's own
+    transport (its TLS defaults)."""
+    parts = urlsplit(redis_url)
+    if parts.scheme == "unix":
+        db = parse_qs(parts.query).get("db", ["0"])[0]
+        return urlunsplit(parts._replace(scheme="socket", query=f"virtual_host={db}")), SOCKET_TRANSPORT
+    return redis_url, TRANSPORT if parts.scheme == "redis" else None
+
+
 def configure(app: Celery, settings: Settings) -> Celery:
+    broker_url, transport = broker(settings.redis)
     app.conf.update(
-        broker_url=settings.redis,
+        broker_url=broker_url,
         result_backend=None,
         task_ignore_result=True,
         task_serializer="json",
@@ -61,8 +73,8 @@ def configure(app: Celery, settings: Settings) -> Celery:
         worker_redirect_stdouts=False,
         broker_pool_limit=4,
     )
-    if urlsplit(settings.redis).scheme == "redis":  # rediss:// keeps kombu's own (its TLS defaults)
-        app.conf.broker_transport = TRANSPORT
+    if transport:
+        app.conf.broker_transport = transport
     return app
 
 

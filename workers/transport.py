@@ -99,7 +99,15 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SocketTransport(Transport):
+    """The same over a unix socket: kombu keeps the whole ``socket://`` URL as the host, which
+    its channel turns into a unix-socket connection (``celery_app.broker_url``)."""
+
+    can_parse_url = True
+
+
 TRANSPORT = f"{__name__}:Transport"
+SOCKET_TRANSPORT = f"{__name__}:SocketTransport"
 
 
 def delivery_tags(client: redis.Redis, task_id: str) -> list[str]:

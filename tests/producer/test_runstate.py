@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
@@ -82,3 +86,59 @@ def test_the_run_redis_wants_its_password_and_has_no_file_or_config_commands(bin
         assert server.process is not None
         argv = open(f"/proc/{server.process.pid}/cmdline", "rb").read()
         assert password.encode() not in argv
+
+
+def _tcp_listeners(pid: int) -> set[int]:
+    """Inodes of the TCP sockets in LISTEN (state 0A) that process ``pid`` holds."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            held.add(int(target[8:-1]))
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            with open(table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+            listening |= {int(row[9]) for row in rows if row[3] == "0A"}
+    return held & listening
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_the_run_redis_listens_on_no_tcp_port_and_only_its_user_reaches_its_socket(monkeypatch):
+    """``run``'s Redis (``producer.run._embedded``) listens on a unix socket in its 0700 folder
+    and on no TCP port; another local user cannot connect; the URL it hands on is a unix:// one."""
+    from contextlib import ExitStack
+
+    from pixelrelay.pipeline.settings import Settings
+    from pixelrelay.producer.run import _embedded
+
+    folder = tempfile.mkdtemp(prefix="prs-")  # under /tmp (1777): only the folder's own mode protects it
+    env: dict[str, str] = {}
+    try:
+        with ExitStack() as stack:
+            settings, server = _embedded(stack, Settings.from_env(), env, folder)
+            assert server.process is not None and server.socket
+            assert settings.redis.startswith("unix://:") and env["PIXELRELAY_REDIS_URL"] == settings.redis
+            assert redis.Redis.from_url(settings.redis, socket_timeout=2).ping()
+            assert _tcp_listeners(server.process.pid) == set()
+            assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+            if os.geteuid() == 0 and shutil.which("runuser"):
+                probe = (
+                    "import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+                    "try: s.connect(sys.argv[1])\nexcept OSError as e: print(type(e).__name__)\nelse: print('ok')"
+                )
+                python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+                out = subprocess.run(
+                    ["runuser", "-u", "nobody", "--", python, "-c", probe, server.socket],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    cwd="/",
+                )
+                assert out.stdout.strip() == "PermissionError", out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
