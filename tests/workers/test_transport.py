@@ -4,6 +4,8 @@ synchronous commands (``workers.transport``), used for ``redis://`` and not ``re
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from queue import Empty
 
 import pytest
@@ -205,3 +207,42 @@ def test_the_drop_log_holds_a_reason_for_its_interval_then_counts_what_it_held(c
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3
     assert "3 more dropped" in lines[1] and "foreign task" in lines[2] and "celery.map" in lines[2]
+
+
+def test_a_unix_socket_broker_reaches_its_socket_with_its_password_and_db(tmp_path):
+    """``unix://:PW@/path?db=N`` (redis-py's spelling) is handed to kombu as ``socket://``:
+    the channel connects over that socket, authenticates, uses db N, and screens entries."""
+    from pixelrelay.producer.embedded import EmbeddedRedis
+
+    folder = tempfile.mkdtemp(prefix="prt-")  # short: a socket path fits in 107 bytes
+    password = "p/w+@:x" * 5  # characters a URL must quote
+    try:
+        with EmbeddedRedis(data_dir=folder, password=password, unix_socket=True) as server:
+            url = server.url.replace("?db=0", "?db=3")
+            assert url.startswith("unix://") and server.port == 0
+            app = create_app(Settings.from_env(redis_url=url))
+            assert app.conf.broker_transport == transport.SOCKET_TRANSPORT
+            with app.connection_for_write() as conn:
+                assert password not in conn.as_uri()
+                channel = conn.default_channel
+                assert isinstance(channel, transport.Channel)
+                channel._put("pixelrelay-test-socket", _entry("one"))
+                assert channel._get("pixelrelay-test-socket")["body"] == "one"
+                server.client(db=3).lpush("pixelrelay-test-socket", b"not json")
+                with pytest.raises(Empty):
+                    channel._get("pixelrelay-test-socket")
+                channel._put("pixelrelay-test-socket", _entry("two"))
+            assert server.client(db=3).llen("pixelrelay-test-socket") == 1
+            assert server.client(db=0).dbsize() == 0
+            assert redis.Redis.from_url(url).llen("pixelrelay-test-socket") == 1  # redis-py's clients: same URL
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_socket_path_too_long_falls_back_to_loopback_tcp(tmp_path):
+    from pixelrelay.producer.embedded import EmbeddedRedis
+
+    deep = tmp_path / ("d" * 120)
+    with EmbeddedRedis(data_dir=str(deep), password="x" * 32, unix_socket=True) as server:
+        assert server.socket is None and server.port > 0 and server.url.startswith("redis://")
+        assert redis.Redis.from_url(server.url).ping()
