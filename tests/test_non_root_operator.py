@@ -103,8 +103,10 @@ def test_a_tiny_run_as_a_non_root_user_finishes_and_keeps_its_files_to_itself(ho
     assert done.returncode == 0, done.stderr
     assert "2 done, 0 failed" in done.stdout + done.stderr
     assert len(list(out.glob("*.png"))) == 2
-    key = out / "_state" / "run-redis" / "signing.key"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    (state,) = (home / ".local" / "state" / "pixelrelay").glob("run-*")  # the operator's, not the output's
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700 and state.stat().st_uid == user.pw_uid
+    assert stat.S_IMODE((state / "signing.key").stat().st_mode) == 0o600
+    assert "port 0" in (state / "redis.conf").read_text().splitlines()  # a unix socket there, no TCP port
     for path in [out, *out.rglob("*")]:
         st = path.lstat()
         assert st.st_uid == user.pw_uid, f"{path} is not the operator's"
