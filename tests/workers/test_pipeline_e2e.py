@@ -11,6 +11,7 @@ import pytest
 import redis
 from PIL import Image
 
+from pixelrelay.exitcodes import ExitCode
 from tests.conftest import run_cli, worker_env
 from tests.images import bad_and_odd_images, good_images
 
@@ -135,8 +136,8 @@ def test_resubmitting_with_other_options_is_a_usage_error(stage_workers, redis_u
     assert again.returncode == 2 and "different options" in again.stderr
 
 
-def test_unwritable_output_is_a_clear_usage_error(redis_url, s3_bucket, s3_client):
+def test_unwritable_output_is_a_clear_storage_error(redis_url, s3_bucket, s3_client):
     _upload(s3_client, s3_bucket, "in", good_images(1))
     result = run_cli(["submit", f"s3://{s3_bucket}/in", "--out", "s3://no-such-bucket-here/out"], worker_env(redis_url))
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.STORAGE
     assert "no-such-bucket-here" in result.stderr and "Traceback" not in result.stderr
