@@ -85,6 +85,25 @@ def expected(msg: ChunkMessage, record: ItemRecord, specs: dict[str, str], ids: 
     return Fingerprint(request=request, model=fp.model_fingerprint(specs, ids))
 
 
+def _decisions(
+    rt: Runtime,
+    records: list[ItemRecord],
+    founds: list[Existing],
+    fingerprints: list[Fingerprint],
+    job_id: str,
+    overwrite: bool,
+) -> list[fp.Decision]:
+    """``decision`` for each record, the outputs to reuse read on the I/O threads."""
+    actions = [fp.decide(f.present, f.stored, e, job_id, overwrite) for f, e in zip(founds, fingerprints, strict=True)]
+    check = [i for i, action in enumerate(actions) if action == "reuse"]
+    local = all_local(records[i].output for i in check)
+    genuine = io_map(rt, lambda i: _genuine(rt, records[i].output, founds[i].stored), check, inline=local)
+    for i, ok in zip(check, genuine, strict=True):
+        if not ok:
+            actions[i] = "replace"
+    return actions
+
+
 def _existing_all(rt: Runtime, records: list[ItemRecord]) -> list[Existing]:
     return io_map(rt, lambda r: existing(rt, r.output), records, inline=all_local(r.output for r in records))
 
@@ -120,9 +139,10 @@ def reuse_existing(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord], en
         return records
     specs, ids = known
     rest = []
-    for record, found in zip(records, _existing_all(rt, records), strict=True):
-        fingerprint = expected(msg, record, specs, ids)
-        if decision(rt, record.output, found, fingerprint, msg.job_id, overwrite=False) != "reuse":
+    founds, fingerprints = _existing_all(rt, records), [expected(msg, r, specs, ids) for r in records]
+    actions = _decisions(rt, records, founds, fingerprints, msg.job_id, overwrite=False)
+    for record, found, fingerprint, action in zip(records, founds, fingerprints, actions, strict=True):
+        if action != "reuse":
             rest.append(record)
             continue
         record.backends.update(specs)
@@ -136,8 +156,9 @@ def write_actions(rt: Runtime, msg: ChunkMessage, records: list[ItemRecord]) -> 
     """The decode stage's check, each record's ``fingerprint`` set: items whose output
     answers this request pass to done; the others are returned with the write each needs."""
     planned: list[Planned] = []
-    for record, found in zip(records, _existing_all(rt, records), strict=True):
-        action = decision(rt, record.output, found, fingerprinted(record), msg.job_id, msg.options.overwrite)
+    founds = _existing_all(rt, records)
+    actions = _decisions(rt, records, founds, [fingerprinted(r) for r in records], msg.job_id, msg.options.overwrite)
+    for record, found, action in zip(records, founds, actions, strict=True):
         if action == "reuse":  # an earlier job, or an earlier delivery of this chain
             _mark_reused(record, found.stored, msg.job_id, "decode")
         else:
