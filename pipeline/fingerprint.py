@@ -4,13 +4,17 @@ Two sha256 digests over canonical JSON: the request (``request_fingerprint``; a 
 to it hashes only when set, so older requests keep their fingerprints) and the models
 (``model_fingerprint``: each stage's spec and identity, plus ``DECODE_PATH_VERSION``).
 ``decide`` is the one rule that encode and decode both apply; a missing or malformed
-fingerprint is never reused.
+fingerprint is never reused. With a signing key an output also carries ``META_MAC``: the
+sha256 of its exact bytes and an HMAC (kind ``output``) over fingerprint, job and that
+digest, so that a writer of the storage without the key cannot forge a reusable output
+(``authentic``; the bytes are checked against the digest when reuse is considered).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -20,13 +24,17 @@ from typing import Literal
 
 from pixelrelay.pipeline.constants import DECODE_PATH_VERSION
 from pixelrelay.pipeline.messages import Backends, Fingerprint, ItemOutcome, JobOptions
+from pixelrelay.pipeline.signing import SignatureError, Signer
 
 META_FINGERPRINT = "pixelrelay-fingerprint"  # S3: x-amz-meta-pixelrelay-fingerprint
 META_JOB = "pixelrelay-job"  # the job that wrote the output
+META_MAC = "pixelrelay-mac"  # v1;sha256=<bytes digest>;mac=<HMAC>, with a signing key only
+MAC_KIND = "output"
 STAGE_BACKENDS = ("encoder", "planner", "decoder")
 UNKNOWN_IDENTITY = "unknown"
 
 _VALUE_RE = re.compile(r"^v1;request=([0-9a-f]{64});model=([0-9a-f]{64})$")
+_MAC_RE = re.compile(r"^v1;sha256=([0-9a-f]{64});mac=([0-9a-f]{64})$")
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -73,27 +81,70 @@ def model_fingerprint(specs: Mapping[str, str], identities: Mapping[str, str]) -
 
 @dataclass(frozen=True)
 class Stored:
-    """An output's fingerprint as read back from storage, and the job that wrote it."""
+    """An output's fingerprint as read back from storage, the job that wrote it and, when
+    written with a signing key, the sha256 of its bytes and the MAC over all three."""
 
     fingerprint: Fingerprint
     job: str
+    sha256: str | None = None
+    mac: str | None = None
 
 
-def to_metadata(fingerprint: Fingerprint, job_id: str) -> dict[str, str]:
-    """Object metadata for an output (ASCII only, as S3 headers require)."""
-    value = f"v1;request={fingerprint.request};model={fingerprint.model}"
-    return {META_FINGERPRINT: value, META_JOB: job_id}
+def _fingerprint_value(fingerprint: Fingerprint) -> str:
+    return f"v1;request={fingerprint.request};model={fingerprint.model}"
+
+
+def _mac_body(fingerprint: Fingerprint, job_id: str, sha256: str) -> dict[str, str]:
+    return {"fingerprint": _fingerprint_value(fingerprint), "job": job_id, "sha256": sha256}
+
+
+def to_metadata(
+    fingerprint: Fingerprint, job_id: str, data: bytes | None = None, signer: Signer | None = None
+) -> dict[str, str]:
+    """Object metadata for an output (ASCII only, as S3 headers require); with a keyed
+    ``signer`` and the output's ``data``, also its digest and MAC (``META_MAC``)."""
+    metadata = {META_FINGERPRINT: _fingerprint_value(fingerprint), META_JOB: job_id}
+    if signer is not None and signer.secure and data is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        mac = signer.mac(MAC_KIND, _mac_body(fingerprint, job_id, digest))
+        metadata[META_MAC] = f"v1;sha256={digest};mac={mac}"
+    return metadata
 
 
 def from_metadata(metadata: Mapping[str, str] | None) -> Stored | None:
-    """The fingerprint an output's metadata holds, or None (absent or malformed)."""
+    """The fingerprint an output's metadata holds, or None (absent or malformed); its MAC
+    is parsed, not checked (``authentic``)."""
     if not metadata:
         return None
     match = _VALUE_RE.match(str(metadata.get(META_FINGERPRINT, "")))
     job = str(metadata.get(META_JOB, ""))
     if match is None or not _JOB_RE.match(job):
         return None
-    return Stored(Fingerprint(request=match.group(1), model=match.group(2)), job)
+    signed = _MAC_RE.match(str(metadata.get(META_MAC, "")))
+    sha256, mac = (signed.group(1), signed.group(2)) if signed else (None, None)
+    return Stored(Fingerprint(request=match.group(1), model=match.group(2)), job, sha256, mac)
+
+
+def authentic(stored: Stored | None, signer: Signer) -> Stored | None:
+    """``stored`` if it may be trusted: any, for an insecure signer (no key, nothing to
+    check); with a key, only one whose MAC verifies (else None: never reused)."""
+    if stored is None or not signer.secure:
+        return stored
+    if stored.sha256 is None:
+        return None
+    try:
+        signer.check(MAC_KIND, _mac_body(stored.fingerprint, stored.job, stored.sha256), stored.mac)
+    except SignatureError:
+        return None
+    return stored
+
+
+def bytes_match(stored: Stored | None, data: bytes) -> bool:
+    """Whether ``data`` are the bytes ``stored``'s MAC covers (True when it covers none:
+    an insecure setup)."""
+    if stored is None or stored.sha256 is None:
+        return stored is not None
+    return hmac.compare_digest(hashlib.sha256(data).hexdigest(), stored.sha256)
 
 
 # --- the reuse rule -----------------------------------------------------------------------

@@ -8,9 +8,11 @@ when the index has it done with the same version and request fingerprint; an inp
 version changed under the same request has its output deleted before the job is sent (the
 fingerprint does not cover the input's bytes); the index is folded at the next submit, from
 jobs that have a manifest, oldest first; memory stays flat (a temporary SQLite index). A
-model change is not detected: run once without ``--incremental``. These files are as
-trusted as the output storage: a line that is not a well-formed row is skipped (its input is
-sent again), and nothing read from them names a file to read or delete.
+model change is not detected: run once without ``--incremental``. With a signing key each
+index and jobs-file row carries ``mac``, an HMAC over the row and its state folder: a line
+that is not a well-formed row, or whose MAC fails (edited, moved, unsigned, another key), is
+skipped, so its input is sent again; nothing read from these files names a file to read or
+delete. Without a key, rows are unsigned and trusted as the output storage is.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pixelrelay.jobs.files import job_root, manifest_uri, read_spec
 from pixelrelay.pipeline.fingerprint import request_fingerprint
 from pixelrelay.pipeline.imageio import format_for_uri
 from pixelrelay.pipeline.messages import Backends, Item, JobOptions
+from pixelrelay.pipeline.signing import SignatureError, Signer
 from pixelrelay.pipeline.storage import Storage, StorageNotFoundError, join_uri
 
 STATE_DIR = "_state"
@@ -39,6 +42,9 @@ SUMMARY_NAME = "incremental.json"
 _BATCH = 10_000
 _SENT_FIELDS = ("input", "version", "request")
 _INDEX_FIELDS = _SENT_FIELDS
+MAC_FIELD = "mac"
+UNTRUSTED = "\0untrusted"  # the version of an input whose index row failed its MAC: changed, output dropped
+_KIND_INDEX, _KIND_SENT = "incremental:index", "incremental:sent"
 
 
 def _lines(lines: Iterable[bytes]) -> Iterator[object]:
@@ -62,6 +68,34 @@ def _rows(lines: Iterable[bytes], fields: tuple[str, ...]) -> Iterator[dict]:
     for row in _lines(lines):
         if _has(row, fields):
             yield row
+
+
+@dataclass(frozen=True)
+class RowSigner:
+    """Signs and checks the rows of one state folder (``root``): a row's MAC covers its
+    fields and the folder, so no row is valid in another output's or source's index."""
+
+    signer: Signer
+    root: str
+
+    def _body(self, row: dict, fields: tuple[str, ...]) -> dict:
+        return {"root": self.root, **{name: row.get(name) for name in fields}}
+
+    def sign(self, kind: str, row: dict) -> dict:
+        """``row`` plus its ``mac`` (unchanged without a key)."""
+        if not self.signer.secure:
+            return row
+        return {**row, MAC_FIELD: self.signer.mac(kind, self._body(row, tuple(row)))}
+
+    def valid(self, kind: str, row: dict, fields: tuple[str, ...]) -> bool:
+        """Whether ``row``'s MAC covers its ``fields`` (always, without a key)."""
+        if not self.signer.secure:
+            return True
+        try:
+            self.signer.check(kind, self._body(row, fields), row.get(MAC_FIELD))
+        except SignatureError:
+            return False
+        return True
 
 
 def state_root(output: str, input_uri: str) -> str:
@@ -96,9 +130,10 @@ class Counts:
 class Incremental:
     """One ``--incremental`` submission's view of the index (see the module docstring)."""
 
-    def __init__(self, storage: Storage, output: str, input_uri: str) -> None:
+    def __init__(self, storage: Storage, output: str, input_uri: str, signer: Signer) -> None:
         self.storage, self.output = storage, output
         self.root = state_root(output, input_uri)
+        self.rows = RowSigner(signer, self.root)
         self.folder = tempfile.mkdtemp(prefix="pixelrelay-incremental-")
         self.db = sqlite3.connect(os.path.join(self.folder, "index.sqlite"))
         for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE"):
@@ -119,9 +154,15 @@ class Incremental:
     def _load(self) -> None:
         try:
             rows = _rows(self.storage.iter_lines(self._index_uri()), _INDEX_FIELDS)
-            self._upsert((r["input"], r["version"], r["request"], int(r.get("done") is True)) for r in rows)
+            self._upsert(self._loaded(r) for r in rows)
         except StorageNotFoundError:
             pass
+
+    def _loaded(self, row: dict) -> tuple[str, str, str, int]:
+        """An index row as stored; one whose MAC fails counts as a changed input."""
+        if not self.rows.valid(_KIND_INDEX, row, (*_INDEX_FIELDS, "done")):
+            return row["input"], UNTRUSTED, "", 1
+        return row["input"], row["version"], row["request"], int(row.get("done") is True)
 
     def _upsert(self, rows: Iterable[tuple[str, str, str, int]]) -> None:
         sql = "INSERT OR REPLACE INTO idx (input, version, request, done) VALUES (?, ?, ?, ?)"
@@ -165,7 +206,7 @@ class Incremental:
             # Both in the job's index order, one line per item; an edited file that no longer
             # pairs up marks nothing done (its items are sent again), it never fails the submit.
             for listed, row in itertools.zip_longest(sent, rows):
-                if not _has(listed, _SENT_FIELDS):
+                if not _has(listed, _SENT_FIELDS) or not self.rows.valid(_KIND_SENT, listed, _SENT_FIELDS):
                     continue
                 fingerprint = row.get("fingerprint") if isinstance(row, dict) else None
                 done = (
@@ -183,7 +224,9 @@ class Incremental:
         with tempfile.TemporaryFile(dir=self.folder) as tmp:
             query = "SELECT input, version, request, done FROM idx ORDER BY input"
             for input_uri, version, request, done in self.db.execute(query):
-                row = {"input": input_uri, "version": version, "request": request, "done": bool(done)}
+                row = self.rows.sign(
+                    _KIND_INDEX, {"input": input_uri, "version": version, "request": request, "done": bool(done)}
+                )
                 tmp.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
             tmp.seek(0)
             self.storage.put_file(self._index_uri(), tmp, "application/x-ndjson")
@@ -206,11 +249,11 @@ class Incremental:
                 self.counts.new += 1
             elif known[2]:
                 self.counts.changed += 1
-                if known[1] == request and item.output:
+                if (known[1] == request or known[0] == UNTRUSTED) and item.output:
                     self._drop_stale(item.output)
             else:
                 self.counts.retried += 1
-            row = {"input": item.input, "version": version, "request": request}
+            row = self.rows.sign(_KIND_SENT, {"input": item.input, "version": version, "request": request})
             self._sent.write(json.dumps(row, separators=(",", ":")).encode() + b"\n")
             yield item.model_copy(update={"index": self.counts.sent})
             self.counts.sent += 1

@@ -270,7 +270,7 @@ def _start(context: SubmitContext, spec: JobSpec, resumed: bool) -> Submission:
 def _submit_incremental(context: SubmitContext, in_storage: Storage, request: JobRequest) -> Submission:
     """A new job of what is new or changed (``producer.incremental``); none when nothing is."""
     out_storage, output_uri, job_id, options = context.out_storage, request.output_uri, request.job_id, request.options
-    index = Incremental(out_storage, output_uri, request.input_uri)
+    index = Incremental(out_storage, output_uri, request.input_uri, context.signer)
     try:
         index.fold()
         pairs = list_versioned_items(request.input_uri, output_uri, in_storage, options.format, request.follow_symlinks)

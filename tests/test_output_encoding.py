@@ -14,8 +14,9 @@ from pixelrelay.pipeline.imageio import DecodedImage
 from pixelrelay.pipeline.messages import ItemRecord, JobOptions, Plan
 from pixelrelay.pipeline.stages.base import RestoredImage
 from pixelrelay.pipeline.storage import open_storage
+from tests.conftest import TEST_SIGNER
 
-RT = SimpleNamespace(storage=open_storage)  # the one Runtime method _write_output uses
+RT = SimpleNamespace(storage=open_storage, signer=TEST_SIGNER)  # the Runtime members _write_output uses
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,13 @@ from pixelrelay.pipeline import fingerprint as fp
 from pixelrelay.pipeline import outsize
 from pixelrelay.pipeline.imageio import DecodedImage, content_type, encode_image
 from pixelrelay.pipeline.messages import ChunkMessage, ItemOutcome, ItemRecord, JobOptions
+from pixelrelay.pipeline.signing import Signer
 from pixelrelay.pipeline.stages.base import RestoredImage
 from pixelrelay.pipeline.storage import PutRequest, Storage, StorageConflictError, is_s3
 from pixelrelay.workers.batching import planned
 from pixelrelay.workers.policy import TRANSIENT_ERRORS
 from pixelrelay.workers.policy import reason as _reason
-from pixelrelay.workers.reuse import existing
+from pixelrelay.workers.reuse import decision, existing
 from pixelrelay.workers.runtime import Runtime
 
 # Outputs of fewer pixels than this per batch are encoded on the thread that stores them,
@@ -220,7 +221,7 @@ def _store_all(
         by_storage.setdefault(is_s3(w.record.output), []).append(i)
     for indices in by_storage.values():
         storage = rt.storage(writes[indices[0]].record.output, root=root)  # local: refuses a path outside the output
-        requests = [_request(writes[i], job_id) for i in indices]
+        requests = [_request(writes[i], job_id, rt.signer) for i in indices]
         for i, error in zip(indices, storage.put_many(requests), strict=True):
             w = writes[i]
             if error is None:
@@ -232,8 +233,9 @@ def _store_all(
     return outcomes
 
 
-def _request(w: _Write, job_id: str) -> PutRequest:
-    metadata = fp.to_metadata(w.record.fingerprint, job_id) if w.record.fingerprint and job_id else None
+def _request(w: _Write, job_id: str, signer: Signer) -> PutRequest:
+    fingerprint = w.record.fingerprint
+    metadata = fp.to_metadata(fingerprint, job_id, w.data, signer) if fingerprint and job_id else None
     if w.action == "create":
         return PutRequest(w.record.output, w.data, w.content_type, metadata, if_absent=True)
     return PutRequest(w.record.output, w.data, w.content_type, metadata, if_version=w.version)
@@ -248,11 +250,11 @@ def _after_conflict(
     now = existing(rt, record.output)
     if (
         record.fingerprint
-        and fp.decide(now.present, now.stored, record.fingerprint, job_id, options.overwrite) == "reuse"
+        and decision(rt, record.output, now, record.fingerprint, job_id, options.overwrite) == "reuse"
     ):
         record.notes.append("output written meanwhile by another delivery: kept")
         return fp.reuse_outcome(now.stored, job_id)
-    request = _request(replace(w, action="replace", version=None), job_id)  # unconditional
+    request = _request(replace(w, action="replace", version=None), job_id, rt.signer)  # unconditional
     try:
         storage.put(request.uri, request.data, request.content_type, metadata=request.metadata)
     except Exception as exc:

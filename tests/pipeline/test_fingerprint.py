@@ -11,6 +11,7 @@ from pixelrelay import __version__
 from pixelrelay.pipeline import constants
 from pixelrelay.pipeline import fingerprint as fp
 from pixelrelay.pipeline.messages import Backends, Fingerprint, JobOptions
+from pixelrelay.pipeline.signing import Signer
 from pixelrelay.pipeline.storage import StorageConflictError, open_storage
 from pixelrelay.pipeline.storage.local import sidecar_path
 from pixelrelay.producer.listing import list_sources
@@ -73,6 +74,29 @@ def test_metadata_round_trip_and_validation():
         {fp.META_FINGERPRINT: meta[fp.META_FINGERPRINT]},
     ):
         assert fp.from_metadata(bad) is None
+
+
+def test_the_mac_covers_fingerprint_job_and_bytes_and_only_with_a_key():
+    mark = Fingerprint(request=_request(), model=fp.model_fingerprint(SPECS, IDS))
+    other = Fingerprint(request=_request(scale=4), model=mark.model)
+    signer = Signer("the job's signing key")
+    meta = fp.to_metadata(mark, "job-1", b"bytes", signer)
+    stored = fp.authentic(fp.from_metadata(meta), signer)
+    assert stored is not None and fp.bytes_match(stored, b"bytes") and not fp.bytes_match(stored, b"other")
+    forged = [
+        {**meta, fp.META_FINGERPRINT: fp.to_metadata(other, "job-1")[fp.META_FINGERPRINT]},
+        {**meta, fp.META_JOB: "job-2"},
+        {**meta, fp.META_MAC: fp.to_metadata(mark, "job-1", b"other", Signer("another key entirely"))[fp.META_MAC]},
+        {k: v for k, v in meta.items() if k != fp.META_MAC},
+        {**meta, fp.META_MAC: "v1;sha256=" + "0" * 64 + ";mac=" + meta[fp.META_MAC][-64:]},
+    ]
+    for bad in forged:
+        assert fp.authentic(fp.from_metadata(bad), signer) is None
+    # Without a key: no MAC written, none asked for, the bytes not checked (as ever).
+    plain = fp.to_metadata(mark, "job-1", b"bytes", Signer.insecure())
+    assert fp.META_MAC not in plain
+    kept = fp.authentic(fp.from_metadata(plain), Signer.insecure())
+    assert kept == fp.Stored(mark, "job-1") and fp.bytes_match(kept, b"anything")
 
 
 def test_decide_applies_the_reuse_rules():

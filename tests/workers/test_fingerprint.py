@@ -22,14 +22,16 @@ from PIL import Image
 from pixelrelay.jobs import identities
 from pixelrelay.jobs.state import JobState
 from pixelrelay.pipeline import fingerprint as fp
-from pixelrelay.pipeline.messages import Backends, ChunkMessage, ItemRecord, JobOptions
+from pixelrelay.pipeline.messages import Backends, ChunkMessage, Fingerprint, ItemRecord, JobOptions
 from pixelrelay.pipeline.settings import Settings
+from pixelrelay.pipeline.signing import Signer
 from pixelrelay.pipeline.stages.base import RestoredImage
 from pixelrelay.pipeline.stages.decoders.classic import ClassicDecoder
 from pixelrelay.pipeline.stages.registry import BACKENDS, register
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.pipeline.storage.local import sidecar_path
 from pixelrelay.workers.outputs import _store
+from pixelrelay.workers.reuse import write_actions
 from pixelrelay.workers.runtime import Runtime
 from pixelrelay.workers.stages import decode_chunk, encode_chunk, plan_chunk
 from tests.conftest import REPO, TEST_SIGNER, WorkerPool, run_cli, wait_until, worker_env
@@ -202,6 +204,53 @@ def test_a_changed_model_identity_is_reprocessed(pool, tmp_path):
         assert row["outcome"] == "overwritten" and row["models"]["decoder"] == f"tagged:{new}"
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_forged_output_is_reprocessed_not_reused(pool, tmp_path, where, request):
+    """A writer of the storage without the key replaces output 0's bytes and replays its
+    metadata (fingerprint, job and MAC), and strips output 1's MAC (as an output written
+    without one): the same request again re-processes both, reuses only output 2."""
+    if where == "local":
+        src, out = tmp_path / "in", tmp_path / "out"
+        _inputs(src)
+        roots = (str(src), str(out))
+    else:
+        bucket, client = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_client")
+        for i in range(N):
+            client.put_object(Bucket=bucket, Key=f"in/{i}.png", Body=encode(photo_like(20 + 4 * i, 16, i), "PNG"))
+        roots = (f"s3://{bucket}/in", f"s3://{bucket}/out")
+    storage = open_storage(roots[1])
+    first, _ = _submit(pool, *roots)
+    outputs = [f"{roots[1]}/{i}.png" for i in range(N)]
+    genuine = [storage.get(uri) for uri in outputs]
+    metadata = [storage.head(uri).metadata for uri in outputs]
+    assert all(fp.META_MAC in m for m in metadata)
+
+    forged = encode(photo_like(40, 32, 9), "PNG")
+    stripped = {k: v for k, v in metadata[1].items() if k != fp.META_MAC}
+    if where == "local":
+        Path(outputs[0]).write_bytes(forged)
+        Path(sidecar_path(outputs[0])).write_text(json.dumps(metadata[0]))
+        Path(sidecar_path(outputs[1])).write_text(json.dumps(stripped))
+    else:
+        client.put_object(Bucket=bucket, Key="out/0.png", Body=forged, Metadata=metadata[0])
+        client.copy_object(
+            Bucket=bucket,
+            Key="out/1.png",
+            CopySource={"Bucket": bucket, "Key": "out/1.png"},
+            Metadata=stripped,
+            MetadataDirective="REPLACE",
+        )
+
+    again, _ = _submit(pool, *roots)
+    body = storage.get(f"{roots[1]}/_jobs/{again}/manifest.jsonl")
+    rows = sorted((json.loads(line) for line in body.splitlines()), key=lambda r: r["index"])
+    assert [r["status"] for r in rows] == ["done"] * N
+    assert [r["outcome"] for r in rows] == ["overwritten", "overwritten", "reused"]
+    assert [storage.get(uri) for uri in outputs] == genuine
+    assert fp.META_MAC in storage.head(outputs[1]).metadata
+
+
 # --- duplicate deliveries, in-process ---------------------------------------------------
 
 
@@ -280,3 +329,28 @@ def test_a_duplicate_delivery_never_changes_written_bytes(roots, redis_url, over
         outcome = _store(rt, record, b"other bytes", "image/png", options, job_id, action, version)
         assert outcome == "processed" and any("another delivery" in n for n in record.notes)
     assert [storage.get(r.output) for r in second.records] == written
+
+
+def test_the_decode_stage_reuses_only_a_genuine_signed_output(redis_url, tmp_path):
+    """The decode stage's check, in-process: replaced bytes under replayed metadata, an
+    output without a MAC and one signed with another key are re-processed; only the
+    genuine one is reused."""
+    out = str(tmp_path / "out")
+    rt = Runtime(Settings.from_env(redis_url=redis_url))
+    storage = open_storage(out)
+    mark = Fingerprint(request="a" * 64, model="b" * 64)
+    signers = [TEST_SIGNER, TEST_SIGNER, Signer("another key, not the job's"), TEST_SIGNER]
+    records = []
+    for i, signer in enumerate(signers):
+        uri = f"{out}/{i}.png"
+        metadata = fp.to_metadata(mark, "old-job", b"genuine", signer)
+        if i == 1:
+            metadata.pop(fp.META_MAC)
+        storage.put(uri, b"forged" if i == 0 else b"genuine", metadata=metadata)
+        records.append(ItemRecord(index=i, input=f"{out}/in{i}.png", output=uri, fingerprint=mark))
+    msg = ChunkMessage(
+        job_id="new-job", seq=1, chunk=0, output=out, options=JobOptions(), backends=Backends(), records=records
+    )
+    planned = write_actions(rt, msg, records)
+    assert [(record.index, action) for record, action, _ in planned] == [(0, "replace"), (1, "replace"), (2, "replace")]
+    assert records[3].status == "done" and records[3].outcome == "reused"

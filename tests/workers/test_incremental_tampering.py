@@ -7,10 +7,12 @@ done with its own bytes, never with the ones planted."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
 
+from pixelrelay.producer.listing import local_version
 from tests.conftest import run_cli, worker_env
 from tests.images import encode, photo_like
 
@@ -83,3 +85,33 @@ def test_a_manifest_edited_before_its_job_is_folded_costs_a_reprocess(stage_work
     assert "2 items to process (0 new, 0 changed, 2 retried); 0 unchanged items skipped" in second.stderr
     rows = _manifest(out, second.stdout.strip())
     assert [r["status"] for r in rows] == ["done", "done"]
+
+
+def test_an_index_row_edited_to_mark_a_changed_input_done_sends_it_again(stage_workers, redis_url, tmp_path):
+    """img0 changes; the attacker rewrites its index row to the new version, still done (the
+    row's MAC cannot follow): the re-run sends img0 again, and its output is made from the
+    new bytes, not reused from the old ones."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(2):
+        (src / f"img{i}.png").write_bytes(encode(photo_like(16, 16, i), "PNG"))
+    first = _submit(redis_url, src, out)
+    assert first.returncode == 0, first.stderr + stage_workers.logs()
+    old = (out / "img0.png").read_bytes()
+    folded = _submit(redis_url, src, out)
+    assert "nothing new: 2 unchanged items skipped" in folded.stderr, folded.stderr
+
+    (src / "img0.png").write_bytes(encode(photo_like(24, 20, 7), "PNG"))
+    (index,) = (out / "_state" / "incremental").glob("*/index.jsonl")
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
+    assert rows[0]["input"] == str(src / "img0.png") and rows[0]["done"] is True
+    rows[0]["version"] = local_version(os.stat(src / "img0.png"))
+    index.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    second = _submit(redis_url, src, out)
+
+    assert second.returncode == 0, second.stderr + stage_workers.logs()
+    assert "1 items to process (0 new, 1 changed, 0 retried); 1 unchanged items skipped" in second.stderr
+    (row,) = _manifest(out, second.stdout.strip())
+    assert row["input"] == str(src / "img0.png") and row["status"] == "done" and row["outcome"] == "processed"
+    assert (out / "img0.png").read_bytes() != old
