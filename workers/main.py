@@ -4,7 +4,9 @@ Concurrency 1 runs the solo pool (the model loads before any task); more runs a 
 whose children load it after fork, so the parent never initialises CUDA and runs no threads
 of ours (a fork never copies a held lock). Every task-running process runs the sweep
 (``pixelrelay.workers.sweep.Sweeper``). A missing model, an absent ``--device`` or no signing
-key (without ``--insecure-no-signing``) stops the worker at start-up with exit 2.
+key (without ``--insecure-no-signing``) stops the worker at start-up with exit 2, and so does
+a model that cannot be built (solo: before the pool starts; prefork: a child reports it through
+``pixelrelay.workers.refusal`` and the parent stops the pool).
 """
 
 from __future__ import annotations
@@ -139,8 +141,8 @@ def run_worker(
         events: send task events and heartbeats.
 
     Returns:
-        The exit code: 2 (``ExitCode.USAGE``) at start-up for a missing model or device, or (solo
-        pool) a model that cannot be built: a refused checkpoint, weights that do not fit it.
+        The exit code: 2 (``ExitCode.USAGE``) at start-up for a missing model or device, or a
+        model that cannot be built: a refused checkpoint, weights that do not fit it.
 
     Raises:
         ConfigError: a bad stage or setting, no Redis URL, or no signing key.
@@ -170,7 +172,7 @@ def run_worker(
 
     from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
-    from pixelrelay.workers import metrics
+    from pixelrelay.workers import metrics, refusal
     from pixelrelay.workers.runtime import BackendLoadError, runtime
 
     # before the model loads and before any fork
@@ -184,10 +186,14 @@ def run_worker(
         worker_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)
         start_sweeper()
     else:
+        refusal.open_pipe()
 
         @worker_process_init.connect(weak=False)
         def _load_in_child(**_):
-            runtime().stage(stage)
+            try:
+                runtime().stage(stage)
+            except BackendLoadError as exc:  # the parent stops the worker, as the solo pool does
+                refusal.report_and_exit(f"stage {stage}: backend {spec} not loaded: {exc}")
             start_sweeper()
 
         worker_process_shutdown.connect(lambda **_: runtime().withdraw_all(), weak=False)
@@ -222,5 +228,10 @@ def run_worker(
     app.conf.worker_send_task_events = events
     quiet_task_success()
     enable_health(app, health_path(stage), settings.health_interval_s, stage)
+    refusal.watch(app)  # a no-op for the solo pool, which opens no pipe
     configure_pool(app, settings, concurrency).worker_main(argv)
+    refused = refusal.reason()
+    if refused:
+        print(f"pixelrelay worker: {refused}", file=sys.stderr, flush=True)
+        return ExitCode.USAGE
     return 0

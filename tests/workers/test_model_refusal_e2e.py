@@ -5,6 +5,8 @@ stderr, no traceback, and the pickled code never runs."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -45,3 +47,30 @@ def test_the_worker_refuses_the_model_with_one_line_and_the_config_exit_code(red
     assert lines[0].startswith("pixelrelay worker: stage decode:") and says in lines[0]
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "model" / "PWNED").exists()
+
+
+def test_a_prefork_worker_stops_when_its_children_refuse_the_model(redis_url, tmp_path):
+    spec = _renamed_swin2sr(tmp_path / "model")
+    cmd = [sys.executable, "-m", "pixelrelay", "worker", "--stage", "decode", "--decoder", spec, "--concurrency", "2"]
+    proc = subprocess.Popen(
+        cmd,
+        env=worker_env(redis_url),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("a prefork worker whose children refuse the model kept running")
+    assert proc.returncode == ExitCode.USAGE, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("pixelrelay worker:")]
+    assert ours == lines[-1:], err  # one line, the last (Celery's start-up notes aside)
+    assert ours[0].startswith("pixelrelay worker: stage decode:") and "do not match its config" in ours[0]
+    assert not [line for line in lines if " ERROR " in line or " CRITICAL " in line], err
+    assert "Traceback" not in out + err
