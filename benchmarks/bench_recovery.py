@@ -584,7 +584,7 @@ def junk(bench: Bench) -> tuple:
 
 def churn(bench: Bench, seed: int = 2718) -> list[tuple]:
     """The suite's churn soak at bench scale: 4× the items into a local folder, leases of 2 s
-    and a sweep every 0.5 s, a random worker SIGKILLed or SIGTERMed every 2-4 s and replaced,
+    and a sweep every 0.5 s, a random worker SIGKILLed or SIGTERMed every 2-4 s and replaced (12 kills),
     decode kills timed to land while a file is being written, until the job ends. Its baseline:
     the same job on the same workers with no kill."""
     rng = random.Random(seed)
@@ -603,7 +603,7 @@ def churn(bench: Bench, seed: int = 2718) -> list[tuple]:
         base_row = ("churn-baseline", base, None, base_rc, check_local(bench, bench.logdir / "churn-base", base_id))
         t0 = time.monotonic()
         waiter = submit_local(bench, job_id, out)
-        while waiter.poll() is None and time.monotonic() - t0 < bench.args.row_timeout:
+        while waiter.poll() is None and len(kills) < 12 and time.monotonic() - t0 < bench.args.row_timeout:
             time.sleep(rng.uniform(2.0, 4.0))
             stage = rng.choice((*STAGES, "decode"))
             timed = stage == "decode"
@@ -623,7 +623,7 @@ def churn(bench: Bench, seed: int = 2718) -> list[tuple]:
             bench.start(stage, PIXELRELAY_LEASE_S="2", PIXELRELAY_SWEEP_INTERVAL_S="0.5")
             kills.append(f"{stage[0]}{'K' if sig == signal.SIGKILL else 'T'}")
         try:
-            rc = waiter.wait(5)
+            rc = waiter.wait(max(5.0, bench.args.row_timeout - (time.monotonic() - t0)))
         except subprocess.TimeoutExpired:
             waiter.kill()
             rc = "STALLED"
