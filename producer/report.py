@@ -776,15 +776,16 @@ def write_report(
         state: the job's state to show (None: as the manifest tells it).
         workers: threads that load and shrink the sampled pictures.
         signed_spec: the job's spec as Redis holds it, signed: its roots bound what is read
-            (None: job.json's, which whoever can write the output can edit).
+            (None: job.json's, its signature checked when ``settings`` has the signing key).
     """
     if not re.fullmatch(JOB_ID_PATTERN, job_id):  # it names a folder: no "..", no "/"
         raise ReportError("job id: use letters, digits, '.', '_' and '-' (at most 128)")
     storage = open_storage(output, settings.s3_endpoint_url)
     manifest = manifest_uri(output, job_id)
+    signer = settings.signer() if settings.signing_key is not None else None  # with a key, job.json is checked
     try:
-        spec = read_spec(storage, output, job_id)
-    except (StorageError, ValueError) as exc:
+        spec = read_spec(storage, output, job_id, signer)
+    except (StorageError, ValueError) as exc:  # SignatureError is a ValueError: an edited job.json
         raise ReportError(f"job {job_id}: cannot read its job.json under {output}: {exc}") from None
     times, manifest_at = chain_times(storage, output, job_id)
     if manifest_at is None:

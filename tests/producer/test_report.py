@@ -28,8 +28,8 @@ from pixelrelay.pipeline.messages import Item, JobSpec
 from pixelrelay.pipeline.settings import Settings
 from pixelrelay.pipeline.storage import open_storage
 from pixelrelay.producer.cli import main
-from pixelrelay.producer.report import SAMPLE_CAP, scan_manifest, write_report
-from tests.conftest import REPO, TEST_SIGNER
+from pixelrelay.producer.report import SAMPLE_CAP, ReportError, scan_manifest, write_report
+from tests.conftest import REPO, TEST_SIGNER, TEST_SIGNING_KEY
 from tests.images import encode, good_images, photo_like
 
 # An S3 key can hold "/" and "<": this input's URI carries a whole script element.
@@ -376,3 +376,28 @@ def test_report_opens_only_what_the_jobs_listing_and_roots_allow(tmp_path):
     assert page.count("outside the job&#39;s roots: not opened") == 2
     assert "a symlink, not followed" in page
     assert "NotFound" not in page and "no such file" not in page.lower()
+
+
+def test_report_refuses_an_edited_job_json_when_it_has_the_key(tmp_path):
+    """Without Redis, ``report --out`` reads the job's roots from job.json: an attacker who can
+    write the output tree widens them to a private folder. With the signing key the edit is
+    refused; the genuine file is read."""
+    root, output, job_id = tmp_path / "job", str(tmp_path / "job" / "out"), "edited-spec"
+    item = Item(index=0, input=str(root / "in" / "0.png"), output=f"{output}/0.png")
+    for path, size in ((item.input, (32, 24)), (item.output, (64, 48))):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        photo_like(*size, 0).save(path)
+    storage = open_storage(output)
+    write_listing(storage, output, job_id, [item])
+    write_spec(
+        storage, JobSpec(job_id=job_id, input=str(root / "in"), output=output, total=1, chunk_size=1), TEST_SIGNER
+    )
+    Path(manifest_uri(output, job_id)).write_text(json.dumps(_done_row(0, item.input, item.output)) + "\n")
+    keyed = Settings.from_env(signing_key=TEST_SIGNING_KEY)
+    assert Path(write_report(keyed, output, job_id).html).exists()
+    spec_file = Path(output) / "_jobs" / job_id / "job.json"
+    body = json.loads(spec_file.read_text())
+    body["input"] = str(tmp_path / "home")  # the signature kept, the roots widened
+    spec_file.write_text(json.dumps(body))
+    with pytest.raises(ReportError, match="job.json"):
+        write_report(keyed, output, job_id)
