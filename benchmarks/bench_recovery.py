@@ -497,11 +497,14 @@ def disk_full(bench: Bench) -> tuple:
 def long_chunk(bench: Bench) -> tuple:
     """Workers whose own settings assume one-item chunks at 0.5 s an item run a job submitted
     with 16-item chunks (0.8 s an item at decode), while a broker client with a 2 s visibility
-    timeout restores unacked messages as kombu does. Check: each item decoded once."""
+    timeout restores unacked messages as kombu does. The workers' leases are 1 s, so their
+    renewals (every lease / 3) come inside that window, as the settings require of any real
+    visibility timeout (over 2 x lease + 60 s). Check: each item decoded once."""
     from kombu import Connection
 
     calls = bench.logdir / "long-chunk-decoded.log"
     own = {"PIXELRELAY_CHUNK_SIZE": "1", "PIXELRELAY_ITEM_BUDGET_S": "0.5", "PIXELRELAY_BATCH_SIZE": "1"}
+    own["PIXELRELAY_LEASE_S"] = "1"
     own.update(PIXELRELAY_TEST_SLOW_S="0.8", PIXELRELAY_TEST_CALL_LOG=str(calls))
     bench.restart_all(**own)
     running = threading.Event()
