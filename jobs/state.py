@@ -211,7 +211,7 @@ class JobState:
                 "spec": signed,
                 "total": spec.total,
                 "n_chunks": n_chunks,
-                "submitted_at": now,
+                "submitted_at": round(now, 3),  # as precise as progress_at, so the two compare in order
                 "done_at_submit": self.r.bitcount(self.done_key),
             },
         )

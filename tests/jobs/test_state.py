@@ -101,3 +101,16 @@ def test_the_spec_is_checked_once_per_value_and_a_forged_one_still_fails(state, 
         state.spec()
     state.r.hset(state.key, "spec", json.dumps(genuine))
     assert state.spec().total == 8
+
+
+def test_an_item_marked_in_the_submissions_millisecond_counts_as_progress(state, monkeypatch):
+    """``progress_at`` is kept to the millisecond; ``submitted_at`` must be too, or an item
+    finished within the same millisecond reads as older than its submission (queued, never
+    stalled)."""
+    import pixelrelay.jobs.state as state_module
+
+    monkeypatch.setattr(state_module.time, "time", lambda: 1_800_000_000.0004)
+    seq = state.start_submission(_spec(state.job_id, 4))
+    state.mark(seq, [(0, "done")])
+    info = state.info()
+    assert float(info["progress_at"]) >= float(info["submitted_at"])
