@@ -14,22 +14,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from pixelrelay.pipeline.grading import ORDER  # torch-free: grading imports torch lazily
 from pixelrelay.pipeline.messages import SIGNED_GRADING, GradingName, GradingOp
 
 MAX_PHRASE = 4
 GENTLE, STRONG, EXTREME, FULL = 0.5, 2.0, 2.5, 3.0
 BASE = 0.35  # the strength of a plain "warmer", "brighter", "more contrast"...
 MIN_STRENGTH = 0.005  # a sum smaller than this is no operation
-ORDER: tuple[GradingName, ...] = (
-    "white_balance",
-    "exposure",
-    "warmth",
-    "contrast",
-    "saturation",
-    "grayscale",
-    "sepia",
-    "vignette",
-)  # the same as pipeline.grading.ORDER (a test checks), kept here so this module needs no torch
 
 
 @dataclass(frozen=True)
